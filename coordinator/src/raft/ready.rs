@@ -1,0 +1,215 @@
+//! What the core hands to its driver, and the errors of its inputs.
+
+use super::message::Message;
+use super::types::{Entry, HardState, Index, InvalidConfChange, NodeId, Role, SnapshotMeta, Term};
+
+/// Who leads, as this node sees it. Not persisted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SoftState {
+    /// The leader this node knows of, if any.
+    pub leader: Option<NodeId>,
+    /// This node's role.
+    pub role: Role,
+}
+
+/// A ReadIndex request that became safe to serve: once the local state
+/// machine has applied `index`, a read for `ctx` is linearizable (§6.4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadState {
+    /// The commit index the read must wait for.
+    pub index: Index,
+    /// The context given to [`super::Raft::read_index`].
+    pub ctx: Vec<u8>,
+}
+
+/// A batch of work for the driver. Handle it in this order, then call
+/// [`super::Raft::advance`], without calling any other input of the core in
+/// between:
+///
+/// 1. send `messages` (they do not depend on anything being durable);
+/// 2. if `snapshot` is set, install the state machine image received with it
+///    and persist its metadata (the log before it is gone);
+/// 3. persist `entries` — truncating any stored entries at or after
+///    `entries[0].index` first — and `hard_state`, durably (fsync);
+/// 4. send `persisted_messages`, which acknowledge what step 3 made durable;
+/// 5. apply `committed_entries` in order and serve `read_states` once their
+///    index is applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ready {
+    /// Set when the leader or role changed since the last batch.
+    pub soft_state: Option<SoftState>,
+    /// Set when term, vote or commit changed since the last batch.
+    pub hard_state: Option<HardState>,
+    /// A snapshot received from the leader, to install before `entries`.
+    pub snapshot: Option<SnapshotMeta>,
+    /// Entries to append to durable storage.
+    pub entries: Vec<Entry>,
+    /// Messages that may leave at once.
+    pub messages: Vec<Message>,
+    /// Messages that may only leave after `entries`, `hard_state` and
+    /// `snapshot` are durable.
+    pub persisted_messages: Vec<Message>,
+    /// Committed entries to apply to the state machine, in order.
+    pub committed_entries: Vec<Entry>,
+    /// ReadIndex requests that became safe.
+    pub read_states: Vec<ReadState>,
+}
+
+impl Ready {
+    /// Whether the batch holds nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.soft_state.is_none()
+            && self.hard_state.is_none()
+            && self.snapshot.is_none()
+            && self.entries.is_empty()
+            && self.messages.is_empty()
+            && self.persisted_messages.is_empty()
+            && self.committed_entries.is_empty()
+            && self.read_states.is_empty()
+    }
+}
+
+/// Where a proposal went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proposed {
+    /// Appended to this leader's log at `index` in `term`; it is committed
+    /// when an entry at `index` with `term` comes out in `committed_entries`.
+    /// If a different term comes out at `index`, the proposal was lost.
+    Appended {
+        /// Where the entry was appended.
+        index: Index,
+        /// The leader's term.
+        term: Term,
+    },
+    /// Forwarded to the leader `to`; this node learns its fate only from the
+    /// committed entries.
+    Forwarded {
+        /// The leader it was forwarded to.
+        to: NodeId,
+    },
+}
+
+/// Why a proposal, read or membership change was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProposeError {
+    /// No leader is known; retry once one is elected.
+    NoLeader,
+    /// This node is a follower and forwarding is disabled; ask `leader`.
+    NotLeader {
+        /// The known leader.
+        leader: NodeId,
+    },
+    /// The leader is handing over leadership and takes no proposals meanwhile.
+    TransferInProgress,
+    /// Too many bytes are proposed but not yet committed; retry later.
+    TooMuchUncommitted,
+    /// A membership change is already in flight; only one may be pending.
+    ConfChangePending,
+    /// The membership change makes no sense against the current membership.
+    InvalidConfChange(InvalidConfChange),
+}
+
+impl std::fmt::Display for ProposeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProposeError::NoLeader => write!(f, "no leader is known"),
+            ProposeError::NotLeader { leader } => {
+                write!(
+                    f,
+                    "not the leader and forwarding is off; node {leader} leads"
+                )
+            }
+            ProposeError::TransferInProgress => write!(f, "leadership transfer in progress"),
+            ProposeError::TooMuchUncommitted => write!(f, "too many uncommitted bytes"),
+            ProposeError::ConfChangePending => {
+                write!(f, "a membership change is already pending")
+            }
+            ProposeError::InvalidConfChange(e) => write!(f, "invalid membership change: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ProposeError {}
+
+/// Why a leadership transfer was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransferError {
+    /// No leader is known to forward the request to.
+    NoLeader,
+    /// The target is not a voter of the current configuration.
+    NotVoter(NodeId),
+}
+
+impl std::fmt::Display for TransferError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TransferError::NoLeader => write!(f, "no leader is known"),
+            TransferError::NotVoter(id) => write!(f, "node {id} is not a voter"),
+        }
+    }
+}
+
+impl std::error::Error for TransferError {}
+
+/// Why [`super::Raft::step`] refused a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StepError {
+    /// The message is addressed to another node.
+    WrongRecipient {
+        /// The id the message was for.
+        to: NodeId,
+    },
+    /// The message claims to come from node 0 or from this node itself.
+    BadSender {
+        /// The claimed sender.
+        from: NodeId,
+    },
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepError::WrongRecipient { to } => write!(f, "message addressed to node {to}"),
+            StepError::BadSender { from } => write!(f, "message from invalid sender {from}"),
+        }
+    }
+}
+
+impl std::error::Error for StepError {}
+
+/// Why [`super::Raft::compact`] refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompactError {
+    /// The index is not applied yet; only applied state can be snapshotted.
+    NotApplied {
+        /// The index asked for.
+        index: Index,
+        /// What is applied.
+        applied: Index,
+    },
+    /// The log is already compacted past the index.
+    AlreadyCompacted {
+        /// The index asked for.
+        index: Index,
+        /// The current snapshot index.
+        snapshot: Index,
+    },
+}
+
+impl std::fmt::Display for CompactError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CompactError::NotApplied { index, applied } => {
+                write!(f, "cannot snapshot at {index}: only {applied} is applied")
+            }
+            CompactError::AlreadyCompacted { index, snapshot } => {
+                write!(
+                    f,
+                    "cannot snapshot at {index}: already compacted to {snapshot}"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for CompactError {}
