@@ -357,7 +357,27 @@ impl Raft {
         }
         if self.heartbeat_elapsed >= self.cfg.heartbeat_tick {
             self.heartbeat_elapsed = 0;
+            self.expire_snapshots();
             self.bcast_heartbeat();
+        }
+    }
+
+    /// A snapshot neither acknowledged nor reported on within two election
+    /// timeouts is taken as lost, and the follower is probed again (which
+    /// sends a fresh snapshot if it still needs one). The driver normally
+    /// reports the outcome sooner through [`Raft::report_snapshot`].
+    fn expire_snapshots(&mut self) {
+        let limit = 2 * self.cfg.election_tick;
+        let step = self.cfg.heartbeat_tick;
+        for pr in self.progress.values_mut() {
+            if pr.state != super::progress::ProgressState::Snapshot {
+                continue;
+            }
+            pr.snapshot_elapsed += step;
+            if pr.snapshot_elapsed >= limit {
+                pr.pending_snapshot = 0;
+                pr.become_probe();
+            }
         }
     }
 

@@ -36,7 +36,9 @@ impl RaftLog {
         applied: Index,
     ) -> Self {
         let last = entries.last().map_or(snapshot.index, |e| e.index);
-        let committed = committed.clamp(snapshot.index, last);
+        // Whatever the application applied was committed, even if the
+        // durable commit index lags behind it.
+        let committed = committed.max(applied).clamp(snapshot.index, last);
         let applied = applied.clamp(snapshot.index, committed);
         RaftLog {
             entries,

@@ -75,6 +75,8 @@ pub(crate) struct Progress {
     pub(crate) recent_active: bool,
     /// In `Probe` state: a probe is out and unanswered.
     pub(crate) probe_sent: bool,
+    /// In `Snapshot` state: heartbeat intervals since the snapshot was sent.
+    pub(crate) snapshot_elapsed: u32,
     pub(crate) inflights: Inflights,
 }
 
@@ -87,12 +89,14 @@ impl Progress {
             pending_snapshot: 0,
             recent_active: false,
             probe_sent: false,
+            snapshot_elapsed: 0,
             inflights: Inflights::new(max_inflight),
         }
     }
 
     fn reset_state(&mut self, state: ProgressState) {
         self.probe_sent = false;
+        self.snapshot_elapsed = 0;
         self.pending_snapshot = 0;
         self.state = state;
         self.inflights.reset();
