@@ -552,6 +552,17 @@ impl Raft {
     /// (which it has applied) and drops the log up to it. Returns the
     /// metadata to store beside the snapshot image.
     pub fn compact(&mut self, index: Index) -> Result<SnapshotMeta, CompactError> {
+        self.compact_keeping(index, 0)
+    }
+
+    /// Like [`Raft::compact`], but keeps the last `keep` entries up to
+    /// `index` in the log, so followers only slightly behind can still be
+    /// sent entries instead of the whole snapshot.
+    pub fn compact_keeping(
+        &mut self,
+        index: Index,
+        keep: u64,
+    ) -> Result<SnapshotMeta, CompactError> {
         if index > self.log.applied {
             return Err(CompactError::NotApplied {
                 index,
@@ -570,7 +581,7 @@ impl Raft {
             term,
             conf_state: self.conf_at(index),
         };
-        self.log.compact(meta.clone());
+        self.log.compact(meta.clone(), index.saturating_sub(keep));
         self.conf_history.retain(|(i, _)| *i > index);
         Ok(meta)
     }

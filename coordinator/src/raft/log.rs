@@ -10,9 +10,14 @@ use super::types::{Entry, Index, SnapshotMeta, Term};
 
 #[derive(Debug)]
 pub(crate) struct RaftLog {
-    /// Everything at or below `snapshot.index` is compacted away.
+    /// The latest snapshot: it covers everything up to its index.
     pub(crate) snapshot: SnapshotMeta,
-    /// `entries[i].index == snapshot.index + 1 + i`.
+    /// Index of the entry just before `entries[0]` (at most `snapshot.index`;
+    /// entries between it and the snapshot are kept for slow followers).
+    base_index: Index,
+    /// Term of the entry at `base_index`.
+    base_term: Term,
+    /// `entries[i].index == base_index + 1 + i`.
     entries: Vec<Entry>,
     /// Highest index known to be committed.
     pub(crate) committed: Index,
@@ -47,32 +52,34 @@ impl RaftLog {
             persisted: last,
             unstable_from: last + 1,
             pending_snapshot: None,
+            base_index: snapshot.index,
+            base_term: snapshot.term,
             snapshot,
         }
     }
 
     pub(crate) fn first_index(&self) -> Index {
-        self.snapshot.index + 1
+        self.base_index + 1
     }
 
     pub(crate) fn last_index(&self) -> Index {
-        self.snapshot.index + self.entries.len() as u64
+        self.base_index + self.entries.len() as u64
     }
 
     pub(crate) fn last_term(&self) -> Term {
-        self.entries.last().map_or(self.snapshot.term, |e| e.term)
+        self.entries.last().map_or(self.base_term, |e| e.term)
     }
 
     /// The term of the entry at `index`, or `None` if it is compacted or
     /// beyond the end.
     pub(crate) fn term(&self, index: Index) -> Option<Term> {
-        if index == self.snapshot.index {
-            return Some(self.snapshot.term);
+        if index == self.base_index {
+            return Some(self.base_term);
         }
-        if index < self.snapshot.index || index > self.last_index() {
+        if index < self.base_index || index > self.last_index() {
             return None;
         }
-        Some(self.entries[(index - self.snapshot.index - 1) as usize].term)
+        Some(self.entries[(index - self.base_index - 1) as usize].term)
     }
 
     pub(crate) fn match_term(&self, index: Index, term: Term) -> bool {
@@ -93,7 +100,7 @@ impl RaftLog {
         if lo >= hi {
             return &[];
         }
-        let base = self.snapshot.index + 1;
+        let base = self.base_index + 1;
         &self.entries[(lo - base) as usize..(hi - base) as usize]
     }
 
@@ -128,7 +135,7 @@ impl RaftLog {
         let mut i = index.min(self.last_index());
         loop {
             match self.term(i) {
-                Some(t) if t > term && i > self.snapshot.index => i -= 1,
+                Some(t) if t > term && i > self.base_index => i -= 1,
                 Some(t) => return (i, t),
                 None => return (i, 0),
             }
@@ -165,7 +172,7 @@ impl RaftLog {
     /// first new index.
     pub(crate) fn truncate_and_append(&mut self, entries: &[Entry]) {
         let Some(first) = entries.first() else { return };
-        let keep = (first.index - self.snapshot.index - 1) as usize;
+        let keep = (first.index - self.base_index - 1) as usize;
         self.entries.truncate(keep);
         self.entries.extend_from_slice(entries);
         self.unstable_from = self.unstable_from.min(first.index);
@@ -175,6 +182,8 @@ impl RaftLog {
     /// Replaces the whole log with a snapshot received from the leader.
     pub(crate) fn restore(&mut self, meta: SnapshotMeta) {
         self.entries.clear();
+        self.base_index = meta.index;
+        self.base_term = meta.term;
         self.committed = meta.index;
         self.unstable_from = meta.index + 1;
         self.persisted = self.persisted.min(meta.index);
@@ -182,10 +191,18 @@ impl RaftLog {
         self.snapshot = meta;
     }
 
-    /// Drops entries at or below `index`, which a snapshot now covers.
-    pub(crate) fn compact(&mut self, meta: SnapshotMeta) {
-        let drop = (meta.index - self.snapshot.index) as usize;
-        self.entries.drain(..drop.min(self.entries.len()));
+    /// Records a snapshot covering everything up to `meta.index`, and drops
+    /// the entries at or below `drop_to` (at most `meta.index`).
+    pub(crate) fn compact(&mut self, meta: SnapshotMeta, drop_to: Index) {
+        let drop_to = drop_to.min(meta.index);
+        if drop_to > self.base_index
+            && let Some(term) = self.term(drop_to)
+        {
+            let drop = (drop_to - self.base_index) as usize;
+            self.entries.drain(..drop.min(self.entries.len()));
+            self.base_index = drop_to;
+            self.base_term = term;
+        }
         self.snapshot = meta;
     }
 
