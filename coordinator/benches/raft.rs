@@ -23,9 +23,16 @@ struct BenchNode {
 
 impl BenchNode {
     fn new(id: NodeId) -> Self {
-        let cfg = Config { max_inflight_msgs: 256, ..Config::new(id) };
+        let cfg = Config {
+            max_inflight_msgs: 256,
+            ..Config::new(id)
+        };
         let raft = Raft::new(cfg, InitialState::bootstrap([1, 2, 3])).expect("valid config");
-        BenchNode { raft, stored: Vec::new(), applied: 0 }
+        BenchNode {
+            raft,
+            stored: Vec::new(),
+            applied: 0,
+        }
     }
 
     /// One ready/advance cycle; returns the outgoing messages.
@@ -61,7 +68,8 @@ struct Outcome {
 }
 
 fn run(proposers: usize, duration: Duration, payload: usize) -> Outcome {
-    let mut nodes: BTreeMap<NodeId, BenchNode> = (1..=3).map(|id| (id, BenchNode::new(id))).collect();
+    let mut nodes: BTreeMap<NodeId, BenchNode> =
+        (1..=3).map(|id| (id, BenchNode::new(id))).collect();
     let mut wire: VecDeque<Message> = VecDeque::new();
     // Elect node 1.
     nodes.get_mut(&1).expect("node 1").raft.campaign();
@@ -111,22 +119,39 @@ fn run(proposers: usize, duration: Duration, payload: usize) -> Outcome {
         let now = Instant::now();
         for i in done {
             for (p, t) in pending.remove(&i).unwrap_or_default() {
-                latency.record((now - t).as_micros().max(1) as u64).expect("in range");
+                latency
+                    .record((now - t).as_micros().max(1) as u64)
+                    .expect("in range");
                 commits += 1;
                 free.push(p);
             }
         }
     }
-    Outcome { commits, elapsed: start.elapsed(), latency, rounds }
+    Outcome {
+        commits,
+        elapsed: start.elapsed(),
+        latency,
+        rounds,
+    }
 }
 
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` runs this quickly.
     let quick = std::env::args().any(|a| a == "--test" || a.starts_with("--list"));
-    let secs: f64 = std::env::var("RAFT_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
-    let duration = if quick { Duration::from_millis(50) } else { Duration::from_secs_f64(secs) };
+    let secs: f64 = std::env::var("RAFT_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    let duration = if quick {
+        Duration::from_millis(50)
+    } else {
+        Duration::from_secs_f64(secs)
+    };
     println!("raft core, 3 nodes in one process, in-memory storage, 100-byte proposals");
-    println!("{:>10} {:>14} {:>10} {:>10} {:>10} {:>10}", "proposers", "commits/s", "p50 µs", "p99 µs", "max µs", "batch");
+    println!(
+        "{:>10} {:>14} {:>10} {:>10} {:>10} {:>10}",
+        "proposers", "commits/s", "p50 µs", "p99 µs", "max µs", "batch"
+    );
     for proposers in [1, 64, 256] {
         let o = run(proposers, duration, 100);
         let rate = o.commits as f64 / o.elapsed.as_secs_f64();

@@ -6,4 +6,5 @@
 #![deny(missing_docs)]
 
 pub mod memory;
+pub mod node;
 pub mod raft;

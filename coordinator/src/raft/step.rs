@@ -37,19 +37,16 @@ impl Raft {
     /// further.
     fn step_term(&mut self, m: &Message) -> bool {
         if m.term > self.term {
-            match &m.kind {
-                MessageKind::Vote { transfer, .. } => {
-                    // A node that heard from its leader within the minimum
-                    // election timeout ignores vote requests (§6.2, §9.6),
-                    // unless the leader itself asked for the election.
-                    let in_lease = self.cfg.check_quorum
-                        && self.leader.is_some()
-                        && self.election_elapsed < self.cfg.election_tick;
-                    if in_lease && !transfer {
-                        return false;
-                    }
+            if let MessageKind::Vote { transfer, .. } = &m.kind {
+                // A node that heard from its leader within the minimum
+                // election timeout ignores vote requests (§6.2, §9.6),
+                // unless the leader itself asked for the election.
+                let in_lease = self.cfg.check_quorum
+                    && self.leader.is_some()
+                    && self.election_elapsed < self.cfg.election_tick;
+                if in_lease && !transfer {
+                    return false;
                 }
-                _ => {}
             }
             match &m.kind {
                 // A pre-vote never changes the voter's term.

@@ -1,0 +1,919 @@
+//! The node driver: runs one Raft core on tokio with durable storage, a peer
+//! transport and an application state machine.
+//!
+//! One task owns the core (and is the only one that touches it). It ticks on
+//! an interval, feeds inbound messages, and for every [`Ready`] sends what may
+//! leave at once, persists entries and hard state (one fsync for everything
+//! that queued up while the previous one ran: group commit), sends what
+//! depended on the persist, applies committed entries to the
+//! [`StateMachine`], and advances.
+//!
+//! The embedding service talks to the task through a [`Node`] handle:
+//! [`Node::propose`] resolves once the entry is applied, with the state
+//! machine's output; [`Node::read_index`] resolves once a linearizable read
+//! may be served from local state; membership changes, leadership transfer
+//! and status complete the API.
+//!
+//! Proposals carry a small header naming the node and the request, so the
+//! node that proposed an entry recognises it when it is applied, whether the
+//! core appended it locally or forwarded it to the leader.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::raft::{
+    ConfChange, Entry, EntryPayload, HardState, Index, InitialState, Message, MessageKind, NodeId,
+    ProposeError, Proposed, Raft, Ready, Role, SnapshotMeta, Status, Term,
+};
+
+/// An error from storage or the state machine, boxed at the boundary.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The durable storage the driver needs (the consumer declares its interface).
+/// Calls happen on a blocking thread, one at a time.
+pub trait LogStore: Send + 'static {
+    /// Writes entries, replacing any stored at or after the first one's index.
+    fn append(&mut self, entries: &[Entry]) -> Result<(), BoxError>;
+    /// Records the hard state; term and vote changes must be durable once
+    /// [`LogStore::sync`] returns.
+    fn set_hard_state(&mut self, hs: HardState) -> Result<(), BoxError>;
+    /// Makes everything written so far durable.
+    fn sync(&mut self) -> Result<(), BoxError>;
+    /// Stores a snapshot image durably.
+    fn save_snapshot(&mut self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), BoxError>;
+    /// Drops log entries at or below `index`.
+    fn compact(&mut self, index: Index) -> Result<(), BoxError>;
+    /// The latest snapshot, if any.
+    fn load_snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, BoxError>;
+}
+
+/// Where outgoing messages go (the consumer declares its interface). Neither
+/// call may block.
+pub trait PeerSender: Send + Sync + 'static {
+    /// Sends one message to `msg.to`.
+    fn send(&self, msg: Message);
+    /// Sends a snapshot message with its image.
+    fn send_snapshot(&self, msg: Message, data: Arc<Vec<u8>>);
+}
+
+/// What arrives from the peers (and the transport's feedback).
+#[derive(Debug)]
+pub enum Inbound {
+    /// A message from a peer.
+    Message(Message),
+    /// A snapshot message with its complete image.
+    Snapshot {
+        /// The `MessageKind::Snapshot` message.
+        msg: Message,
+        /// The state machine image.
+        data: Vec<u8>,
+    },
+    /// A message to this peer could not be sent.
+    Unreachable(NodeId),
+    /// How sending a snapshot to `to` went.
+    SnapshotStatus {
+        /// The follower.
+        to: NodeId,
+        /// Whether it arrived.
+        ok: bool,
+    },
+}
+
+/// A committed entry handed to the state machine.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// Its log index.
+    pub index: Index,
+    /// The term it was proposed in.
+    pub term: Term,
+    /// The application bytes.
+    pub data: Vec<u8>,
+}
+
+/// The application's replicated state machine.
+pub trait StateMachine: Send + 'static {
+    /// What applying one entry yields to its proposer.
+    type Output: Send + 'static;
+
+    /// The highest index already applied (durably) — entries at or below it
+    /// are not handed over again.
+    fn applied_index(&self) -> Index;
+
+    /// Applies `entries` in order, and records that everything up to
+    /// `last_index` (which may be beyond the last entry, for entries that
+    /// carried no application data) is applied. Returns one output per entry.
+    fn apply(
+        &mut self,
+        entries: Vec<Committed>,
+        last_index: Index,
+    ) -> impl Future<Output = Result<Vec<Self::Output>, BoxError>> + Send;
+
+    /// An image of the state as of [`StateMachine::applied_index`].
+    fn snapshot(&mut self) -> impl Future<Output = Result<Vec<u8>, BoxError>> + Send;
+
+    /// Replaces the whole state with a snapshot image.
+    fn restore(
+        &mut self,
+        meta: &SnapshotMeta,
+        data: Vec<u8>,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send;
+}
+
+/// Settings of the driver.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The core's settings (its id is this node's id).
+    pub raft: crate::raft::Config,
+    /// Length of one tick.
+    pub tick: Duration,
+    /// Take a snapshot after this many entries applied since the last one.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot, for slightly slow followers.
+    pub snapshot_keep: u64,
+    /// How long a proposal, read or membership change may take before it
+    /// fails with [`NodeError::Timeout`].
+    pub request_timeout: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults: 20 ms ticks, elections after 200–400 ms of silence,
+    /// heartbeats every 40 ms, a snapshot every 10,000 entries.
+    pub fn new(id: NodeId) -> Self {
+        let raft = crate::raft::Config {
+            election_tick: 10,
+            heartbeat_tick: 2,
+            ..crate::raft::Config::new(id)
+        };
+        NodeConfig {
+            raft,
+            tick: Duration::from_millis(20),
+            snapshot_every: 10_000,
+            snapshot_keep: 1_000,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a request to the node failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum NodeError {
+    /// No leader is known, so the request could not be placed.
+    #[error("no leader is known; the group may be electing one or have lost its quorum")]
+    NoLeader,
+    /// Only the leader takes this request; `leader` is the one known, if any.
+    #[error("this node is not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The known leader.
+        leader: Option<NodeId>,
+    },
+    /// The request did not complete in time; it may still take effect.
+    #[error("timed out; the request may or may not take effect")]
+    Timeout,
+    /// The entry was overwritten by a new leader; it did not take effect.
+    #[error("leadership changed before the entry committed; it did not take effect")]
+    Dropped,
+    /// The core refused the request.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The node is shutting down or has stopped.
+    #[error("the node is shut down")]
+    Shutdown,
+    /// Storage or the state machine failed; the node stopped.
+    #[error("the node stopped after a fatal error: {0}")]
+    Fatal(String),
+}
+
+/// A proposal that was applied.
+#[derive(Debug)]
+pub struct Applied<O> {
+    /// The log index it was applied at.
+    pub index: Index,
+    /// What the state machine returned.
+    pub output: O,
+}
+
+/// What the driver publishes after each cycle.
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    /// The core's status.
+    pub raft: Status,
+    /// Number of fsyncs (calls to [`LogStore::sync`]) so far.
+    pub syncs: u64,
+    /// Number of entries persisted so far.
+    pub entries_persisted: u64,
+    /// Set once the driver stopped after a fatal error.
+    pub fatal: Option<String>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
+
+enum Command<O> {
+    Propose(Vec<u8>, Reply<Applied<O>>),
+    ReadIndex(Reply<Index>),
+    ConfChange(ConfChange, Reply<Index>),
+    Transfer(NodeId, Reply<()>),
+    Shutdown,
+}
+
+/// Handle to a running node. Cheap to clone.
+#[derive(Debug)]
+pub struct Node<O> {
+    cmd: mpsc::Sender<Command<O>>,
+    status: watch::Receiver<NodeStatus>,
+    timeout: Duration,
+    task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+impl<O> Clone for Node<O> {
+    fn clone(&self) -> Self {
+        Node {
+            cmd: self.cmd.clone(),
+            status: self.status.clone(),
+            timeout: self.timeout,
+            task: self.task.clone(),
+        }
+    }
+}
+
+impl<O> std::fmt::Debug for Command<O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Propose(..) => "Propose",
+            Command::ReadIndex(..) => "ReadIndex",
+            Command::ConfChange(..) => "ConfChange",
+            Command::Transfer(..) => "Transfer",
+            Command::Shutdown => "Shutdown",
+        })
+    }
+}
+
+/// The proposal header: node id, incarnation, sequence number.
+const HEADER: usize = 24;
+
+fn encode_proposal(node: NodeId, incarnation: u64, seq: u64, data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HEADER + data.len());
+    v.extend_from_slice(&node.to_be_bytes());
+    v.extend_from_slice(&incarnation.to_be_bytes());
+    v.extend_from_slice(&seq.to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+fn decode_proposal(bytes: &[u8]) -> Option<(NodeId, u64, u64, &[u8])> {
+    if bytes.len() < HEADER {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&bytes[r]);
+        u64::from_be_bytes(b)
+    };
+    Some((n(0..8), n(8..16), n(16..24), &bytes[HEADER..]))
+}
+
+impl<O: Send + 'static> Node<O> {
+    /// Starts a node from what its storage recovered. `inbound` is the
+    /// transport's receiving end. If the state machine is behind the latest
+    /// snapshot it is restored from it first.
+    pub async fn start<S, P, M>(
+        cfg: NodeConfig,
+        recovered: InitialState,
+        storage: S,
+        peers: Arc<P>,
+        inbound: mpsc::Receiver<Inbound>,
+        mut sm: M,
+    ) -> Result<Node<O>, NodeError>
+    where
+        S: LogStore,
+        P: PeerSender,
+        M: StateMachine<Output = O>,
+    {
+        let mut init = recovered;
+        if sm.applied_index() < init.snapshot.index {
+            let snap = storage
+                .load_snapshot()
+                .map_err(|e| NodeError::Fatal(e.to_string()))?;
+            match snap {
+                Some((meta, data)) if meta.index == init.snapshot.index => {
+                    sm.restore(&meta, data)
+                        .await
+                        .map_err(|e| NodeError::Fatal(e.to_string()))?;
+                }
+                _ => {
+                    return Err(NodeError::Fatal(format!(
+                        "the log starts after snapshot {} but the snapshot image is missing",
+                        init.snapshot.index
+                    )));
+                }
+            }
+        }
+        init.applied = sm.applied_index().max(init.snapshot.index);
+        let latest_snapshot = storage
+            .load_snapshot()
+            .map_err(|e| NodeError::Fatal(e.to_string()))?
+            .map(|(m, d)| (m, Arc::new(d)));
+        let raft = Raft::new(cfg.raft.clone(), init)
+            .map_err(|e| NodeError::Refused(format!("invalid configuration: {e}")))?;
+        let (cmd_tx, cmd_rx) = mpsc::channel(4096);
+        let (status_tx, status_rx) = watch::channel(NodeStatus {
+            raft: raft.status(),
+            syncs: 0,
+            entries_persisted: 0,
+            fatal: None,
+        });
+        let mut incarnation = [0u8; 8];
+        getrandom::fill(&mut incarnation).map_err(|e| NodeError::Fatal(e.to_string()))?;
+        let driver = Driver {
+            id: cfg.raft.id,
+            incarnation: u64::from_be_bytes(incarnation),
+            raft,
+            storage: Some(storage),
+            peers,
+            sm,
+            cfg: cfg.clone(),
+            seq: 0,
+            proposals: HashMap::new(),
+            appended: BTreeMap::new(),
+            reads: HashMap::new(),
+            reads_waiting_apply: Vec::new(),
+            conf_waiters: BTreeMap::new(),
+            transfers: Vec::new(),
+            incoming_snapshot: None,
+            latest_snapshot,
+            status: status_tx,
+            syncs: 0,
+            entries_persisted: 0,
+            last_snapshot_index: 0,
+        };
+        let task = tokio::spawn(driver.run(cmd_rx, inbound));
+        Ok(Node {
+            cmd: cmd_tx,
+            status: status_rx,
+            timeout: cfg.request_timeout,
+            task: Arc::new(std::sync::Mutex::new(Some(task))),
+        })
+    }
+
+    async fn request<T>(&self, make: impl FnOnce(Reply<T>) -> Command<O>) -> Result<T, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(make(tx))
+            .await
+            .map_err(|_| NodeError::Shutdown)?;
+        match tokio::time::timeout(self.timeout + Duration::from_millis(100), rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(NodeError::Shutdown),
+            Err(_) => Err(NodeError::Timeout),
+        }
+    }
+
+    /// Proposes `data`; resolves once it is applied on this node, with the
+    /// state machine's output.
+    pub async fn propose(&self, data: Vec<u8>) -> Result<Applied<O>, NodeError> {
+        self.request(|tx| Command::Propose(data, tx)).await
+    }
+
+    /// Waits until a linearizable read may be served from this node's state
+    /// machine (ReadIndex, §6.4); returns the index the read observes.
+    pub async fn read_index(&self) -> Result<Index, NodeError> {
+        self.request(Command::ReadIndex).await
+    }
+
+    /// Proposes a membership change on the leader; resolves with its index
+    /// once it is committed.
+    pub async fn change_membership(&self, change: ConfChange) -> Result<Index, NodeError> {
+        self.request(|tx| Command::ConfChange(change, tx)).await
+    }
+
+    /// Hands leadership to `to`; resolves once this node sees `to` lead.
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<(), NodeError> {
+        self.request(|tx| Command::Transfer(to, tx)).await
+    }
+
+    /// The latest status.
+    pub fn status(&self) -> NodeStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that sees every new status.
+    pub fn watch_status(&self) -> watch::Receiver<NodeStatus> {
+        self.status.clone()
+    }
+
+    /// Waits until `applied_index >= index` on this node, or the timeout.
+    pub async fn wait_applied(&self, index: Index, timeout: Duration) -> Result<(), NodeError> {
+        let mut rx = self.status.clone();
+        let wait = rx.wait_for(|s| s.raft.applied >= index || s.fatal.is_some());
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(s)) if s.fatal.is_none() => Ok(()),
+            Ok(Ok(s)) => Err(NodeError::Fatal(s.fatal.clone().unwrap_or_default())),
+            Ok(Err(_)) => Err(NodeError::Shutdown),
+            Err(_) => Err(NodeError::Timeout),
+        }
+    }
+
+    /// Stops the driver: pending requests fail with [`NodeError::Shutdown`],
+    /// and the storage is synced and closed.
+    pub async fn shutdown(&self) {
+        let _ = self.cmd.send(Command::Shutdown).await;
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+struct PendingProposal<O> {
+    reply: Reply<Applied<O>>,
+    deadline: Instant,
+}
+
+struct Driver<S, P, M: StateMachine> {
+    id: NodeId,
+    incarnation: u64,
+    raft: Raft,
+    /// `None` only while a blocking storage call runs.
+    storage: Option<S>,
+    peers: Arc<P>,
+    sm: M,
+    cfg: NodeConfig,
+    seq: u64,
+    proposals: HashMap<u64, PendingProposal<M::Output>>,
+    /// Locally appended proposals: index → (term, seq), to fail fast when a
+    /// different entry commits at that index.
+    appended: BTreeMap<Index, (Term, u64)>,
+    reads: HashMap<Vec<u8>, (Reply<Index>, Instant)>,
+    reads_waiting_apply: Vec<(Index, Reply<Index>)>,
+    conf_waiters: BTreeMap<Index, (Term, Reply<Index>)>,
+    transfers: Vec<(NodeId, Reply<()>, Instant)>,
+    incoming_snapshot: Option<(SnapshotMeta, Vec<u8>)>,
+    latest_snapshot: Option<(SnapshotMeta, Arc<Vec<u8>>)>,
+    status: watch::Sender<NodeStatus>,
+    syncs: u64,
+    entries_persisted: u64,
+    last_snapshot_index: Index,
+}
+
+impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
+    async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Command<M::Output>>,
+        mut inbound: mpsc::Receiver<Inbound>,
+    ) {
+        self.last_snapshot_index = self.raft.snapshot_meta().index;
+        let mut ticker = tokio::time::interval(self.cfg.tick);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut inbound_open = true;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    self.raft.tick();
+                    self.expire(Instant::now());
+                }
+                cmd = cmds.recv() => match cmd {
+                    Some(Command::Shutdown) | None => break,
+                    Some(c) => self.handle_command(c),
+                },
+                msg = inbound.recv(), if inbound_open => match msg {
+                    Some(m) => self.handle_inbound(m),
+                    None => inbound_open = false,
+                },
+            }
+            // Take everything else that is already waiting, so one cycle
+            // (and one fsync) covers it all.
+            for _ in 0..4096 {
+                match inbound.try_recv() {
+                    Ok(m) => self.handle_inbound(m),
+                    Err(_) => break,
+                }
+            }
+            let mut stop = false;
+            for _ in 0..4096 {
+                match cmds.try_recv() {
+                    Ok(Command::Shutdown) => {
+                        stop = true;
+                        break;
+                    }
+                    Ok(c) => self.handle_command(c),
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = self.cycle().await {
+                tracing::error!(node = self.id, error = %e, "node stopped after a fatal error");
+                self.fail_all(NodeError::Fatal(e.to_string()));
+                self.status.send_modify(|s| s.fatal = Some(e.to_string()));
+                return;
+            }
+            if stop {
+                break;
+            }
+        }
+        self.fail_all(NodeError::Shutdown);
+        if let Some(mut storage) = self.storage.take() {
+            let hs = self.raft.hard_state();
+            let _ = tokio::task::spawn_blocking(move || {
+                storage.set_hard_state(hs)?;
+                storage.sync()
+            })
+            .await;
+        }
+    }
+
+    fn fail_all(&mut self, err: NodeError) {
+        for (_, p) in self.proposals.drain() {
+            let _ = p.reply.send(Err(err.clone()));
+        }
+        for (_, (r, _)) in self.reads.drain() {
+            let _ = r.send(Err(err.clone()));
+        }
+        for (_, r) in self.reads_waiting_apply.drain(..) {
+            let _ = r.send(Err(err.clone()));
+        }
+        for (_, (_, r)) in std::mem::take(&mut self.conf_waiters) {
+            let _ = r.send(Err(err.clone()));
+        }
+        for (_, r, _) in self.transfers.drain(..) {
+            let _ = r.send(Err(err.clone()));
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let expired: Vec<u64> = self
+            .proposals
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(&s, _)| s)
+            .collect();
+        for seq in expired {
+            if let Some(p) = self.proposals.remove(&seq) {
+                let _ = p.reply.send(Err(NodeError::Timeout));
+            }
+        }
+        let expired: Vec<Vec<u8>> = self
+            .reads
+            .iter()
+            .filter(|(_, (_, d))| *d <= now)
+            .map(|(c, _)| c.clone())
+            .collect();
+        for ctx in expired {
+            if let Some((r, _)) = self.reads.remove(&ctx) {
+                let _ = r.send(Err(NodeError::Timeout));
+            }
+        }
+        let mut i = 0;
+        while i < self.transfers.len() {
+            if self.transfers[i].2 <= now {
+                let (_, r, _) = self.transfers.swap_remove(i);
+                let _ = r.send(Err(NodeError::Timeout));
+            } else {
+                i += 1;
+            }
+        }
+        let oldest_pending = self.proposals.keys().min().copied().unwrap_or(u64::MAX);
+        self.appended.retain(|_, (_, seq)| *seq >= oldest_pending);
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.cfg.request_timeout
+    }
+
+    fn handle_command(&mut self, cmd: Command<M::Output>) {
+        match cmd {
+            Command::Propose(data, reply) => {
+                self.seq += 1;
+                let seq = self.seq;
+                let bytes = encode_proposal(self.id, self.incarnation, seq, &data);
+                match self.raft.propose(bytes) {
+                    Ok(proposed) => {
+                        if let Proposed::Appended { index, term } = proposed {
+                            self.appended.insert(index, (term, seq));
+                        }
+                        let deadline = self.deadline();
+                        self.proposals
+                            .insert(seq, PendingProposal { reply, deadline });
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(map_propose_error(e)));
+                    }
+                }
+            }
+            Command::ReadIndex(reply) => {
+                self.seq += 1;
+                let mut ctx = self.incarnation.to_be_bytes().to_vec();
+                ctx.extend_from_slice(&self.seq.to_be_bytes());
+                match self.raft.read_index(ctx.clone()) {
+                    Ok(()) => {
+                        let deadline = self.deadline();
+                        self.reads.insert(ctx, (reply, deadline));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(map_propose_error(e)));
+                    }
+                }
+            }
+            Command::ConfChange(change, reply) => {
+                if self.raft.role() != Role::Leader {
+                    let _ = reply.send(Err(NodeError::NotLeader {
+                        leader: self.raft.leader(),
+                    }));
+                    return;
+                }
+                match self.raft.propose_conf_change(change) {
+                    Ok(Proposed::Appended { index, term }) => {
+                        self.conf_waiters.insert(index, (term, reply));
+                    }
+                    Ok(Proposed::Forwarded { to }) => {
+                        let _ = reply.send(Err(NodeError::NotLeader { leader: Some(to) }));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(map_propose_error(e)));
+                    }
+                }
+            }
+            Command::Transfer(to, reply) => {
+                if self.raft.leader() == Some(to) {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                match self.raft.transfer_leader(to) {
+                    Ok(()) => {
+                        let deadline = self.deadline();
+                        self.transfers.push((to, reply, deadline));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NodeError::Refused(e.to_string())));
+                    }
+                }
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn handle_inbound(&mut self, inbound: Inbound) {
+        let result = match inbound {
+            Inbound::Message(m) => self.raft.step(m),
+            Inbound::Snapshot { msg, data } => {
+                if let MessageKind::Snapshot { meta } = &msg.kind {
+                    self.incoming_snapshot = Some((meta.clone(), data));
+                }
+                self.raft.step(msg)
+            }
+            Inbound::Unreachable(id) => {
+                self.raft.report_unreachable(id);
+                Ok(())
+            }
+            Inbound::SnapshotStatus { to, ok } => {
+                self.raft.report_snapshot(to, ok);
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(node = self.id, error = %e, "dropped a peer message");
+        }
+    }
+
+    async fn with_storage<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut S) -> Result<T, BoxError> + Send + 'static,
+    ) -> Result<T, BoxError> {
+        let mut storage = self
+            .storage
+            .take()
+            .ok_or("storage is gone after an earlier failure")?;
+        let (storage, result) = tokio::task::spawn_blocking(move || {
+            let r = f(&mut storage);
+            (storage, r)
+        })
+        .await
+        .map_err(|e| format!("storage thread panicked: {e}"))?;
+        self.storage = Some(storage);
+        result
+    }
+
+    fn send_all(&mut self, msgs: Vec<Message>) {
+        for m in msgs {
+            if matches!(m.kind, MessageKind::Snapshot { .. }) {
+                match &self.latest_snapshot {
+                    Some((_, data)) => self.peers.send_snapshot(m, data.clone()),
+                    None => {
+                        tracing::error!(
+                            node = self.id,
+                            "asked to send a snapshot but none is stored"
+                        );
+                        self.raft.report_snapshot(m.to, false);
+                    }
+                }
+            } else {
+                self.peers.send(m);
+            }
+        }
+    }
+
+    /// One `ready` / `advance` cycle, if there is work.
+    async fn cycle(&mut self) -> Result<(), BoxError> {
+        if !self.raft.has_ready() {
+            self.finish_transfers();
+            return Ok(());
+        }
+        let mut rd: Ready = self.raft.ready();
+        // 1. Messages that do not wait for the disk.
+        let msgs = std::mem::take(&mut rd.messages);
+        self.send_all(msgs);
+        // 2. A snapshot from the leader.
+        if let Some(meta) = rd.snapshot.clone() {
+            let data = match self.incoming_snapshot.take() {
+                Some((m, d)) if m.index == meta.index && m.term == meta.term => d,
+                _ => {
+                    return Err(format!("snapshot {} arrived without its image", meta.index).into());
+                }
+            };
+            self.sm.restore(&meta, data.clone()).await?;
+            let data = Arc::new(data);
+            let (m2, d2) = (meta.clone(), data.clone());
+            self.with_storage(move |s| {
+                s.save_snapshot(&m2, &d2)?;
+                s.compact(m2.index)
+            })
+            .await?;
+            self.last_snapshot_index = meta.index;
+            self.latest_snapshot = Some((meta, data));
+        }
+        // 3. Entries and hard state, with one fsync.
+        let entries = std::mem::take(&mut rd.entries);
+        let hs = rd.hard_state;
+        if !entries.is_empty() || hs.is_some() {
+            let n = entries.len() as u64;
+            self.with_storage(move |s| {
+                s.append(&entries)?;
+                if let Some(hs) = hs {
+                    s.set_hard_state(hs)?;
+                }
+                s.sync()
+            })
+            .await?;
+            self.syncs += 1;
+            self.entries_persisted += n;
+        }
+        // 4. Messages that acknowledge what is now durable.
+        let msgs = std::mem::take(&mut rd.persisted_messages);
+        self.send_all(msgs);
+        // 5. Apply.
+        let committed = std::mem::take(&mut rd.committed_entries);
+        self.apply(committed).await?;
+        for rs in std::mem::take(&mut rd.read_states) {
+            if let Some((reply, _)) = self.reads.remove(&rs.ctx) {
+                self.reads_waiting_apply.push((rs.index, reply));
+            }
+        }
+        let applied = self.sm.applied_index().max(self.raft.applied_index());
+        let mut i = 0;
+        while i < self.reads_waiting_apply.len() {
+            if self.reads_waiting_apply[i].0 <= applied {
+                let (index, reply) = self.reads_waiting_apply.swap_remove(i);
+                let _ = reply.send(Ok(index));
+            } else {
+                i += 1;
+            }
+        }
+        self.raft.advance();
+        self.maybe_snapshot().await?;
+        self.finish_transfers();
+        self.publish_status();
+        Ok(())
+    }
+
+    async fn apply(&mut self, committed: Vec<Entry>) -> Result<(), BoxError> {
+        let Some(last) = committed.last().map(|e| e.index) else {
+            return Ok(());
+        };
+        let mut batch = Vec::new();
+        // For each entry handed to the state machine: whose proposal it was.
+        let mut owners = Vec::new();
+        for e in committed {
+            if let Some((term, seq)) = self.appended.remove(&e.index)
+                && term != e.term
+            {
+                // Our entry at this index was overwritten by a new leader.
+                if let Some(p) = self.proposals.remove(&seq) {
+                    let _ = p.reply.send(Err(NodeError::Dropped));
+                }
+            }
+            if let Some((term, reply)) = self.conf_waiters.remove(&e.index) {
+                let r = if term == e.term {
+                    Ok(e.index)
+                } else {
+                    Err(NodeError::Dropped)
+                };
+                let _ = reply.send(r);
+            }
+            let EntryPayload::Normal(bytes) = e.payload else {
+                continue;
+            };
+            if e.index <= self.sm.applied_index() {
+                continue;
+            }
+            match decode_proposal(&bytes) {
+                Some((node, inc, seq, data)) => {
+                    let mine = node == self.id && inc == self.incarnation;
+                    owners.push(mine.then_some(seq));
+                    batch.push(Committed {
+                        index: e.index,
+                        term: e.term,
+                        data: data.to_vec(),
+                    });
+                }
+                None => {
+                    owners.push(None);
+                    batch.push(Committed {
+                        index: e.index,
+                        term: e.term,
+                        data: bytes,
+                    });
+                }
+            }
+        }
+        if last <= self.sm.applied_index() && batch.is_empty() {
+            return Ok(());
+        }
+        let indexes: Vec<Index> = batch.iter().map(|c| c.index).collect();
+        let outputs = self.sm.apply(batch, last).await?;
+        for ((owner, output), index) in owners.into_iter().zip(outputs).zip(indexes) {
+            if let Some(seq) = owner
+                && let Some(p) = self.proposals.remove(&seq)
+            {
+                let _ = p.reply.send(Ok(Applied { index, output }));
+            }
+        }
+        Ok(())
+    }
+
+    async fn maybe_snapshot(&mut self) -> Result<(), BoxError> {
+        let applied = self.raft.applied_index();
+        if applied < self.last_snapshot_index + self.cfg.snapshot_every {
+            return Ok(());
+        }
+        let data = Arc::new(self.sm.snapshot().await?);
+        let index = self.sm.applied_index().min(applied);
+        let meta = self.raft.compact_keeping(index, self.cfg.snapshot_keep)?;
+        let (m2, d2) = (meta.clone(), data.clone());
+        let keep = self.cfg.snapshot_keep;
+        self.with_storage(move |s| {
+            s.save_snapshot(&m2, &d2)?;
+            s.compact(m2.index.saturating_sub(keep))
+        })
+        .await?;
+        self.last_snapshot_index = meta.index;
+        self.latest_snapshot = Some((meta, data));
+        Ok(())
+    }
+
+    fn finish_transfers(&mut self) {
+        let leader = self.raft.leader();
+        let mut i = 0;
+        while i < self.transfers.len() {
+            if Some(self.transfers[i].0) == leader {
+                let (_, r, _) = self.transfers.swap_remove(i);
+                let _ = r.send(Ok(()));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn publish_status(&mut self) {
+        let raft = self.raft.status();
+        let (syncs, entries_persisted) = (self.syncs, self.entries_persisted);
+        self.status.send_modify(|s| {
+            s.raft = raft;
+            s.syncs = syncs;
+            s.entries_persisted = entries_persisted;
+        });
+    }
+}
+
+fn map_propose_error(e: ProposeError) -> NodeError {
+    match e {
+        ProposeError::NoLeader => NodeError::NoLeader,
+        ProposeError::NotLeader { leader } => NodeError::NotLeader {
+            leader: Some(leader),
+        },
+        other => NodeError::Refused(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proposal_header_round_trips() {
+        let b = encode_proposal(7, 9, 11, b"abc");
+        assert_eq!(decode_proposal(&b), Some((7, 9, 11, &b"abc"[..])));
+        assert_eq!(decode_proposal(&b[..10]), None);
+    }
+}
