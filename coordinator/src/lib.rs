@@ -8,3 +8,4 @@
 pub mod memory;
 pub mod node;
 pub mod raft;
+pub mod storage;

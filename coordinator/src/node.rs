@@ -50,6 +50,11 @@ pub trait LogStore: Send + 'static {
     fn compact(&mut self, index: Index) -> Result<(), BoxError>;
     /// The latest snapshot, if any.
     fn load_snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, BoxError>;
+    /// Makes everything durable, including a hard state whose write was
+    /// deferred; called on graceful shutdown.
+    fn flush(&mut self) -> Result<(), BoxError> {
+        self.sync()
+    }
 }
 
 /// Where outgoing messages go (the consumer declares its interface). Neither
@@ -516,11 +521,14 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         self.fail_all(NodeError::Shutdown);
         if let Some(mut storage) = self.storage.take() {
             let hs = self.raft.hard_state();
-            let _ = tokio::task::spawn_blocking(move || {
+            let done = tokio::task::spawn_blocking(move || {
                 storage.set_hard_state(hs)?;
-                storage.sync()
+                storage.flush()
             })
             .await;
+            if let Ok(Err(e)) = done {
+                tracing::error!(node = self.id, error = %e, "flushing storage on shutdown failed");
+            }
         }
     }
 
