@@ -364,7 +364,9 @@ impl Network {
             let mut any = false;
             for node in self.nodes.values_mut() {
                 let out = node.handle_ready();
-                any |= !out.is_empty();
+                // `advance` may leave more work without sending anything (a
+                // leader of one commits when its own entry is durable).
+                any |= !out.is_empty() || node.raft().has_ready();
                 queue.extend(out);
             }
             if !any && queue.is_empty() {

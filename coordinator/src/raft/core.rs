@@ -447,7 +447,7 @@ impl Raft {
         &mut self,
         payload: EntryPayload,
     ) -> Result<(Index, Term), ProposeError> {
-        if self.lead_transferee.is_some() {
+        if self.lead_transferee.is_some() || self.leaving() {
             return Err(ProposeError::TransferInProgress);
         }
         if let EntryPayload::ConfChange(change) = &payload {
@@ -481,6 +481,25 @@ impl Raft {
         self.bcast_append();
         // A group of one commits as soon as the entry is durable (see `advance`).
         Ok(at)
+    }
+
+    /// Whether an uncommitted membership change in the log removes or demotes
+    /// this leader. It then appends nothing after it, so when the change
+    /// commits every voter that acknowledged it holds the leader's whole log:
+    /// in a group of two, the remaining voter (which counts the leaving one
+    /// until it learns the change committed) can still win its vote.
+    fn leaving(&self) -> bool {
+        if self.pending_conf_index <= self.log.committed {
+            return false;
+        }
+        let me = self.id;
+        self.log
+            .slice(self.log.committed + 1, self.pending_conf_index + 1)
+            .iter()
+            .any(|e| {
+                matches!(e.payload, EntryPayload::ConfChange(
+                    ConfChange::RemoveNode(id) | ConfChange::AddLearner(id)) if id == me)
+            })
     }
 
     /// Asks for a linearizable read point (§6.4). When it is safe, a
@@ -736,8 +755,9 @@ impl Raft {
             self.progress.insert(id, pr);
         }
         // No membership change until an entry of this term commits
-        // (dissertation §4.1, the single-server change bug).
-        self.pending_conf_index = self.log.last_index();
+        // (dissertation §4.1, the single-server change bug): the no-op
+        // appended below is that entry, so changes wait until it commits.
+        self.pending_conf_index = next;
         let entry = Entry {
             term,
             index: next,
@@ -812,7 +832,12 @@ impl Raft {
             self.lead_transferee = None;
         }
         if !self.conf.voters.contains(&self.id) {
-            // Removed or demoted: a non-voter cannot lead.
+            // Removed or demoted: a non-voter cannot lead. First tell the
+            // others the change committed: they still count this node as a
+            // voter until they learn it, and once it is a follower nobody
+            // else can tell them (a group of two would be stuck for good).
+            self.bcast_append();
+            self.bcast_heartbeat();
             let term = self.term;
             self.become_follower(term, None);
             return;

@@ -36,7 +36,15 @@ impl Raft {
             return false;
         }
         let prev_index = pr.next - 1;
-        let Some(prev_term) = self.log.term(prev_index) else {
+        // A follower probed back to index 0 must know the membership the log
+        // starts from, which lives in snapshot metadata, not in the log. Only
+        // the members of a bootstrap configuration (snapshot at index 0) have
+        // it; anyone else, such as an empty node added later, gets the
+        // snapshot first, or it would apply the log's changes to nothing.
+        let needs_base_conf = prev_index == 0
+            && pr.state == ProgressState::Probe
+            && (self.log.snapshot.index > 0 || !self.log.snapshot.conf_state.contains(to));
+        let Some(prev_term) = self.log.term(prev_index).filter(|_| !needs_base_conf) else {
             // The entries are compacted: the follower needs the snapshot.
             let meta = self.log.snapshot.clone();
             let index = meta.index;
@@ -143,7 +151,10 @@ impl Raft {
     }
 
     pub(crate) fn handle_snapshot(&mut self, m: &Message, meta: &SnapshotMeta) {
-        if meta.index <= self.log.committed {
+        // A node added to the group starts with no membership; it takes the
+        // leader's snapshot whatever its index (even 0) to learn it.
+        let joining = self.conf.voters.is_empty() && self.conf.learners.is_empty();
+        if meta.index <= self.log.committed && !joining {
             let committed = self.log.committed;
             self.send(
                 m.from,
@@ -155,7 +166,7 @@ impl Raft {
             );
             return;
         }
-        if self.log.match_term(meta.index, meta.term) {
+        if !joining && self.log.match_term(meta.index, meta.term) {
             // We already hold the snapshot's last entry: just catch up the commit.
             self.commit_to(meta.index);
             let committed = self.log.committed;
@@ -215,7 +226,14 @@ impl Raft {
             }
             return;
         }
-        if !pr.maybe_update(index) {
+        // A follower skipped by `bcast_append` while paused may have missed
+        // a commit index advance.
+        let was_paused = pr.is_paused();
+        // A snapshot acknowledged at or past its index ends the snapshot state
+        // even when it tells nothing new (a snapshot at index 0, or one the
+        // follower already covered).
+        let snapshot_done = pr.state == ProgressState::Snapshot && index >= pr.pending_snapshot;
+        if !pr.maybe_update(index) && !snapshot_done {
             return;
         }
         match pr.state {
@@ -229,6 +247,9 @@ impl Raft {
         }
         if self.maybe_commit() {
             self.bcast_append();
+        } else if was_paused {
+            // Tell it the commit index now rather than at the next heartbeat.
+            self.send_append(from, true);
         }
         // Keep the pipeline full while there is more to send.
         while self.send_append(from, false) {}
