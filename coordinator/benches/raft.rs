@@ -45,7 +45,7 @@ impl BenchNode {
         if let Some(first) = rd.entries.first() {
             let keep = self.stored.partition_point(|e| e.index < first.index);
             self.stored.truncate(keep);
-            self.stored.extend(rd.entries.drain(..));
+            self.stored.append(&mut rd.entries);
         }
         out.append(&mut rd.persisted_messages);
         self.applied += rd.committed_entries.len() as u64;

@@ -9,3 +9,4 @@ pub mod memory;
 pub mod node;
 pub mod raft;
 pub mod storage;
+pub mod transport;

@@ -175,6 +175,10 @@ impl MemNode {
                 .unwrap_or_default();
             self.received_images.clear();
             self.applied = image.as_ref().clone();
+            // The core replaced its whole log with the snapshot (§7: discard
+            // the entire log); stored entries after it may conflict with the
+            // leader's and must not come back after a restart.
+            self.storage.entries.clear();
             self.storage.install_snapshot(meta.clone(), image);
         }
         self.storage.append(&rd.entries);

@@ -66,28 +66,7 @@ pub trait PeerSender: Send + Sync + 'static {
     fn send_snapshot(&self, msg: Message, data: Arc<Vec<u8>>);
 }
 
-/// What arrives from the peers (and the transport's feedback).
-#[derive(Debug)]
-pub enum Inbound {
-    /// A message from a peer.
-    Message(Message),
-    /// A snapshot message with its complete image.
-    Snapshot {
-        /// The `MessageKind::Snapshot` message.
-        msg: Message,
-        /// The state machine image.
-        data: Vec<u8>,
-    },
-    /// A message to this peer could not be sent.
-    Unreachable(NodeId),
-    /// How sending a snapshot to `to` went.
-    SnapshotStatus {
-        /// The follower.
-        to: NodeId,
-        /// Whether it arrived.
-        ok: bool,
-    },
-}
+pub use crate::transport::Inbound;
 
 /// A committed entry handed to the state machine.
 #[derive(Debug, Clone)]
@@ -121,7 +100,8 @@ pub trait StateMachine: Send + 'static {
     /// An image of the state as of [`StateMachine::applied_index`].
     fn snapshot(&mut self) -> impl Future<Output = Result<Vec<u8>, BoxError>> + Send;
 
-    /// Replaces the whole state with a snapshot image.
+    /// Replaces the whole state with a snapshot image. An empty image at
+    /// index 0 stands for the initial, empty state.
     fn restore(
         &mut self,
         meta: &SnapshotMeta,
@@ -705,10 +685,15 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
 
     fn send_all(&mut self, msgs: Vec<Message>) {
         for m in msgs {
-            if matches!(m.kind, MessageKind::Snapshot { .. }) {
+            if let MessageKind::Snapshot { meta } = &m.kind {
                 match &self.latest_snapshot {
-                    Some((_, data)) => self.peers.send_snapshot(m, data.clone()),
-                    None => {
+                    Some((stored, data)) if stored.index == meta.index => {
+                        self.peers.send_snapshot(m, data.clone())
+                    }
+                    // A member added to a group that never snapshotted is
+                    // sent the empty state at index 0 with the membership.
+                    _ if meta.index == 0 => self.peers.send_snapshot(m, Arc::new(Vec::new())),
+                    _ => {
                         tracing::error!(
                             node = self.id,
                             "asked to send a snapshot but none is stored"
@@ -789,9 +774,11 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
             }
         }
         self.raft.advance();
-        self.maybe_snapshot().await?;
-        self.finish_transfers();
         self.publish_status();
+        if self.maybe_snapshot().await? {
+            self.publish_status();
+        }
+        self.finish_transfers();
         Ok(())
     }
 
@@ -860,10 +847,11 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         Ok(())
     }
 
-    async fn maybe_snapshot(&mut self) -> Result<(), BoxError> {
+    /// Takes a snapshot if enough entries were applied since the last one.
+    async fn maybe_snapshot(&mut self) -> Result<bool, BoxError> {
         let applied = self.raft.applied_index();
         if applied < self.last_snapshot_index + self.cfg.snapshot_every {
-            return Ok(());
+            return Ok(false);
         }
         let data = Arc::new(self.sm.snapshot().await?);
         let index = self.sm.applied_index().min(applied);
@@ -877,7 +865,7 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         .await?;
         self.last_snapshot_index = meta.index;
         self.latest_snapshot = Some((meta, data));
-        Ok(())
+        Ok(true)
     }
 
     fn finish_transfers(&mut self) {

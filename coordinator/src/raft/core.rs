@@ -114,6 +114,8 @@ pub struct Raft {
     pub(crate) read_states: Vec<ReadState>,
     pub(crate) msgs: Vec<Message>,
     pub(crate) msgs_after_persist: Vec<Message>,
+    /// Proposals were appended since the last broadcast.
+    pub(crate) bcast_pending: bool,
     pub(crate) rng: SplitMix64,
     prev_hard_state: HardState,
     prev_soft_state: SoftState,
@@ -162,6 +164,7 @@ impl Raft {
             read_states: Vec::new(),
             msgs: Vec::new(),
             msgs_after_persist: Vec::new(),
+            bcast_pending: false,
             rng: SplitMix64::new(cfg.seed),
             prev_hard_state: HardState::default(),
             prev_soft_state: SoftState {
@@ -478,7 +481,9 @@ impl Raft {
         }
         let at = (entry.index, entry.term);
         self.log.truncate_and_append(std::slice::from_ref(&entry));
-        self.bcast_append();
+        // Appends go out when the driver next takes a `Ready`, so every
+        // proposal made until then travels in one message per follower.
+        self.bcast_pending = true;
         // A group of one commits as soon as the entry is durable (see `advance`).
         Ok(at)
     }
@@ -637,6 +642,9 @@ impl Raft {
     /// Takes the work accumulated since the last call; see [`Ready`] for
     /// what to do with it. Call [`Raft::advance`] when it is done.
     pub fn ready(&mut self) -> Ready {
+        if std::mem::take(&mut self.bcast_pending) && self.role == Role::Leader {
+            self.bcast_append();
+        }
         let ss = self.soft_state();
         let hs = self.hard_state();
         let snapshot = self.log.pending_snapshot.take();

@@ -28,7 +28,8 @@ pub struct ReadState {
 ///
 /// 1. send `messages` (they do not depend on anything being durable);
 /// 2. if `snapshot` is set, install the state machine image received with it
-///    and persist its metadata (the log before it is gone);
+///    and persist its metadata; it replaces the whole log, so discard every
+///    stored entry (§7), also those after its index;
 /// 3. persist `entries` — truncating any stored entries at or after
 ///    `entries[0].index` first — and `hard_state`, durably (fsync);
 /// 4. send `persisted_messages`, which acknowledge what step 3 made durable;

@@ -20,6 +20,7 @@ impl Raft {
     /// Sends pending entries (or, if there are none, the commit index) to
     /// every member that is not paused.
     pub(crate) fn bcast_append(&mut self) {
+        self.bcast_pending = false;
         for id in self.peers() {
             self.send_append(id, true);
         }

@@ -1,0 +1,206 @@
+//! The mutually authenticated handshake that opens every connection.
+//!
+//! ```text
+//! dialer                                          acceptor
+//!   Hello{version, cluster_id, from, to, stream, nonce_c} ->
+//!                                                 checks version, cluster id, `to`, `from`
+//!                         <- Challenge{nonce_s, mac_a = HMAC(secret, A | transcript)}
+//!   verifies mac_a
+//!   Auth{mac_d = HMAC(secret, D | transcript)} ->
+//!                                                 verifies mac_d
+//! ```
+//!
+//! `transcript` is every field of the `Hello` followed by `nonce_s`; `A` and
+//! `D` are distinct role labels, so neither MAC can be replayed as the other.
+//! Either side may answer `Refused{reason}` instead and close.
+
+use std::fmt;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::error::HandshakeError;
+use super::frame::{
+    Frame, Hello, MAC_LEN, MAX_HANDSHAKE_FRAME, NONCE_LEN, RefuseReason, StreamKind, read_frame,
+    send_frame,
+};
+use crate::raft::NodeId;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The protocol version this implementation speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Role label mixed into the acceptor's MAC.
+const LABEL_ACCEPTOR: &[u8] = b"entente/transport/handshake/acceptor";
+/// Role label mixed into the dialer's MAC.
+const LABEL_DIALER: &[u8] = b"entente/transport/handshake/dialer";
+
+/// Who this node is, as far as handshakes are concerned.
+#[derive(Clone)]
+pub(crate) struct Identity {
+    /// This node's id.
+    pub node_id: NodeId,
+    /// The cluster id.
+    pub cluster_id: String,
+    /// The cluster secret.
+    pub secret: Vec<u8>,
+    /// The protocol version to speak (always [`PROTOCOL_VERSION`] outside tests).
+    pub version: u32,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("node_id", &self.node_id)
+            .field("cluster_id", &self.cluster_id)
+            .field("secret", &"<redacted>")
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+/// The MAC over the handshake transcript for one role, ready to finalize or
+/// verify.
+fn transcript_mac(
+    secret: &[u8],
+    label: &[u8],
+    hello: &Hello,
+    acceptor_nonce: &[u8; NONCE_LEN],
+) -> Result<HmacSha256, HandshakeError> {
+    let mut mac = HmacSha256::new_from_slice(secret).map_err(|_| HandshakeError::Key)?;
+    mac.update(&(label.len() as u64).to_be_bytes());
+    mac.update(label);
+    mac.update(&hello.version.to_be_bytes());
+    mac.update(&(hello.cluster_id.len() as u64).to_be_bytes());
+    mac.update(hello.cluster_id.as_bytes());
+    mac.update(&hello.from.to_be_bytes());
+    mac.update(&hello.to.to_be_bytes());
+    mac.update(&[hello.stream.tag()]);
+    mac.update(&hello.nonce);
+    mac.update(acceptor_nonce);
+    Ok(mac)
+}
+
+fn tag(mac: HmacSha256) -> [u8; MAC_LEN] {
+    mac.finalize().into_bytes().into()
+}
+
+fn fresh_nonce() -> Result<[u8; NONCE_LEN], HandshakeError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(HandshakeError::Random)?;
+    Ok(nonce)
+}
+
+/// Best-effort refusal: tells the peer why before the connection closes.
+async fn refuse<S: AsyncWrite + Unpin>(s: &mut S, reason: RefuseReason) {
+    let _ = send_frame(s, &Frame::Refused { reason }, MAX_HANDSHAKE_FRAME).await;
+}
+
+/// Runs the dialer's side of the handshake: we are `local`, we want `to`.
+pub(crate) async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    local: &Identity,
+    to: NodeId,
+    stream: StreamKind,
+) -> Result<(), HandshakeError> {
+    let hello = Hello {
+        version: local.version,
+        cluster_id: local.cluster_id.clone(),
+        from: local.node_id,
+        to,
+        stream,
+        nonce: fresh_nonce()?,
+    };
+    send_frame(s, &Frame::Hello(hello.clone()), MAX_HANDSHAKE_FRAME).await?;
+    let (acceptor_nonce, acceptor_mac) = match read_frame(s, MAX_HANDSHAKE_FRAME).await? {
+        None => return Err(HandshakeError::Closed),
+        Some(Frame::Challenge { nonce, mac }) => (nonce, mac),
+        Some(Frame::Refused { reason }) => return Err(HandshakeError::Refused(reason)),
+        Some(other) => {
+            refuse(s, RefuseReason::Protocol).await;
+            return Err(HandshakeError::Unexpected(other.name()));
+        }
+    };
+    let expected = transcript_mac(&local.secret, LABEL_ACCEPTOR, &hello, &acceptor_nonce)?;
+    // `verify_slice` compares in constant time.
+    if expected.verify_slice(&acceptor_mac).is_err() {
+        refuse(s, RefuseReason::Authentication).await;
+        return Err(HandshakeError::BadMac);
+    }
+    let mine = transcript_mac(&local.secret, LABEL_DIALER, &hello, &acceptor_nonce)?;
+    send_frame(s, &Frame::Auth { mac: tag(mine) }, MAX_HANDSHAKE_FRAME).await?;
+    Ok(())
+}
+
+/// Runs the acceptor's side of the handshake. Returns the authenticated peer
+/// id and what the connection will carry.
+pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    local: &Identity,
+) -> Result<(NodeId, StreamKind), HandshakeError> {
+    let hello = match read_frame(s, MAX_HANDSHAKE_FRAME).await? {
+        None => return Err(HandshakeError::NoHello),
+        Some(Frame::Hello(hello)) => hello,
+        Some(other) => {
+            refuse(s, RefuseReason::Protocol).await;
+            return Err(HandshakeError::Unexpected(other.name()));
+        }
+    };
+    if hello.version != local.version {
+        refuse(
+            s,
+            RefuseReason::Version {
+                supported: local.version,
+            },
+        )
+        .await;
+        return Err(HandshakeError::Version {
+            ours: local.version,
+            theirs: hello.version,
+        });
+    }
+    if hello.cluster_id != local.cluster_id {
+        refuse(s, RefuseReason::ClusterId).await;
+        return Err(HandshakeError::ClusterId {
+            ours: local.cluster_id.clone(),
+            theirs: hello.cluster_id,
+        });
+    }
+    if hello.to != local.node_id {
+        refuse(s, RefuseReason::Target).await;
+        return Err(HandshakeError::Target {
+            target: hello.to,
+            local: local.node_id,
+        });
+    }
+    if hello.from == 0 || hello.from == local.node_id {
+        refuse(s, RefuseReason::Sender).await;
+        return Err(HandshakeError::Sender(hello.from));
+    }
+    let nonce = fresh_nonce()?;
+    let mac = tag(transcript_mac(
+        &local.secret,
+        LABEL_ACCEPTOR,
+        &hello,
+        &nonce,
+    )?);
+    send_frame(s, &Frame::Challenge { nonce, mac }, MAX_HANDSHAKE_FRAME).await?;
+    let dialer_mac = match read_frame(s, MAX_HANDSHAKE_FRAME).await? {
+        None => return Err(HandshakeError::Closed),
+        Some(Frame::Auth { mac }) => mac,
+        Some(Frame::Refused { reason }) => return Err(HandshakeError::Refused(reason)),
+        Some(other) => {
+            refuse(s, RefuseReason::Protocol).await;
+            return Err(HandshakeError::Unexpected(other.name()));
+        }
+    };
+    let expected = transcript_mac(&local.secret, LABEL_DIALER, &hello, &nonce)?;
+    // `verify_slice` compares in constant time.
+    if expected.verify_slice(&dialer_mac).is_err() {
+        refuse(s, RefuseReason::Authentication).await;
+        return Err(HandshakeError::BadMac);
+    }
+    Ok((hello.from, hello.stream))
+}

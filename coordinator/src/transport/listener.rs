@@ -1,0 +1,342 @@
+//! The accept loop and the read side of accepted connections.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use super::Inbound;
+use super::error::{FrameError, HandshakeError, SnapshotRecvError};
+use super::frame::{Frame, StreamKind, read_frame, send_frame};
+use super::handshake::accept;
+use super::shared::{Context, lock};
+use crate::raft::{MessageKind, NodeId};
+
+/// Read buffer per accepted connection.
+const READ_BUFFER: usize = 64 * 1024;
+/// Largest up-front allocation for an incoming snapshot image; beyond this
+/// the buffer grows with the bytes that actually arrive.
+const MAX_SNAPSHOT_PREALLOC: u64 = 64 * 1024 * 1024;
+
+/// The live authenticated inbound connections, one per peer and stream
+/// kind. A newer connection from the same peer supersedes the older one
+/// (which is then closed), so a peer that restarted does not leave a
+/// half-open connection behind.
+#[derive(Debug, Default)]
+struct Registry {
+    next_id: u64,
+    live: HashMap<(NodeId, StreamKind), (u64, oneshot::Sender<()>)>,
+}
+
+/// Removes a connection from the registry when its task ends (or is
+/// aborted), unless a newer connection has already replaced it.
+struct Registration {
+    registry: Arc<Mutex<Registry>>,
+    key: (NodeId, StreamKind),
+    id: u64,
+}
+
+impl Registration {
+    fn new(
+        registry: &Arc<Mutex<Registry>>,
+        key: (NodeId, StreamKind),
+    ) -> (Self, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let mut reg = lock(registry);
+        reg.next_id += 1;
+        let id = reg.next_id;
+        if let Some((_, older)) = reg.live.insert(key, (id, tx)) {
+            let _ = older.send(());
+        }
+        (
+            Registration {
+                registry: registry.clone(),
+                key,
+                id,
+            },
+            rx,
+        )
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut reg = lock(&self.registry);
+        if reg
+            .live
+            .get(&self.key)
+            .is_some_and(|(id, _)| *id == self.id)
+        {
+            reg.live.remove(&self.key);
+        }
+    }
+}
+
+/// Accepts connections until shutdown, then closes the listener and every
+/// accepted connection.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<Context>,
+    inbound: mpsc::Sender<Inbound>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut conns = JoinSet::new();
+    let pending = Arc::new(Semaphore::new(ctx.config.max_pending_handshakes));
+    let registry = Arc::new(Mutex::new(Registry::default()));
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            r = listener.accept() => match r {
+                Ok((stream, addr)) => {
+                    let Ok(permit) = pending.clone().try_acquire_owned() else {
+                        warn!(peer_addr = %addr, "too many connections in their handshake; closing");
+                        continue;
+                    };
+                    let ctx = ctx.clone();
+                    let inbound = inbound.clone();
+                    let registry = registry.clone();
+                    conns.spawn(async move {
+                        serve(stream, addr, ctx, inbound, registry, permit).await;
+                    });
+                }
+                Err(e) => {
+                    // E.g. out of file descriptors: pause rather than spin.
+                    warn!(error = %e, "accept failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            },
+        }
+    }
+    drop(listener);
+    conns.shutdown().await;
+}
+
+/// Handles one accepted connection: handshake, then the stream.
+async fn serve(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    ctx: Arc<Context>,
+    inbound: mpsc::Sender<Inbound>,
+    registry: Arc<Mutex<Registry>>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let _ = stream.set_nodelay(true);
+    let handshake = tokio::time::timeout(
+        ctx.config.handshake_timeout,
+        accept(&mut stream, &ctx.identity),
+    )
+    .await
+    .unwrap_or(Err(HandshakeError::Timeout));
+    drop(permit);
+    let (peer, kind) = match handshake {
+        Ok(ok) => ok,
+        Err(HandshakeError::NoHello) => {
+            debug!(peer_addr = %addr, "connection closed before the handshake");
+            return;
+        }
+        Err(e) => {
+            // Logged before the socket is dropped, so the log line precedes
+            // the close the peer observes.
+            warn!(peer_addr = %addr, reason = %e, "refused incoming connection");
+            return;
+        }
+    };
+    debug!(peer, peer_addr = %addr, ?kind, "accepted connection");
+    let (_registration, superseded) = Registration::new(&registry, (peer, kind));
+    match kind {
+        StreamKind::Messages => read_messages(stream, addr, peer, &ctx, &inbound, superseded).await,
+        StreamKind::Snapshot => {
+            tokio::select! {
+                _ = superseded => info!(peer, peer_addr = %addr, "snapshot stream superseded by a newer one"),
+                _ = receive_snapshot(stream, addr, peer, &ctx, &inbound) => {}
+            }
+        }
+    }
+}
+
+/// Reads message frames from an authenticated peer until the connection
+/// ends or misbehaves.
+async fn read_messages(
+    stream: TcpStream,
+    addr: SocketAddr,
+    peer: NodeId,
+    ctx: &Context,
+    inbound: &mpsc::Sender<Inbound>,
+    mut superseded: oneshot::Receiver<()>,
+) {
+    let local = ctx.identity.node_id;
+    let max = ctx.config.max_frame_size;
+    let mut reader = BufReader::with_capacity(READ_BUFFER, stream);
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = &mut superseded => {
+                info!(peer, peer_addr = %addr, "connection superseded by a newer one from the same peer");
+                return;
+            }
+            f = read_frame(&mut reader, max) => f,
+        };
+        let msg = match frame {
+            Ok(None) => {
+                debug!(peer, peer_addr = %addr, "peer closed the connection");
+                return;
+            }
+            Err(e) => {
+                warn!(peer, peer_addr = %addr, error = %e, "bad frame from peer; dropping connection");
+                return;
+            }
+            Ok(Some(Frame::Message(msg))) => msg,
+            Ok(Some(other)) => {
+                warn!(peer, peer_addr = %addr, frame = other.name(), "unexpected frame on a message stream; dropping connection");
+                return;
+            }
+        };
+        if msg.from != peer {
+            warn!(
+                peer,
+                peer_addr = %addr,
+                claimed_from = msg.from,
+                kind = msg.kind.name(),
+                "message claims another sender than the authenticated peer; dropped"
+            );
+            continue;
+        }
+        if matches!(msg.kind, MessageKind::Snapshot { .. }) {
+            // Without its image a snapshot message must never reach the core.
+            warn!(peer, peer_addr = %addr, "snapshot message without its image on a message stream; dropped");
+            continue;
+        }
+        if msg.to != local {
+            warn!(peer, peer_addr = %addr, to = msg.to, kind = msg.kind.name(), "message addressed to another node; dropped");
+            continue;
+        }
+        if inbound.send(Inbound::Message(msg)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Receives one snapshot, hands it to the driver and acknowledges it.
+async fn receive_snapshot(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    peer: NodeId,
+    ctx: &Context,
+    inbound: &mpsc::Sender<Inbound>,
+) {
+    let result = read_snapshot(&mut stream, peer, ctx, inbound).await;
+    let ok = match &result {
+        Ok(len) => {
+            info!(peer, peer_addr = %addr, bytes = len, "received snapshot");
+            true
+        }
+        Err(e) => {
+            warn!(peer, peer_addr = %addr, error = %e, "rejected incoming snapshot");
+            false
+        }
+    };
+    if !matches!(result, Err(SnapshotRecvError::InboundClosed)) {
+        let ack = Frame::SnapshotAck { ok };
+        let send = send_frame(&mut stream, &ack, ctx.config.max_frame_size);
+        let _ = tokio::time::timeout(ctx.config.io_timeout, send).await;
+    }
+}
+
+/// Reads one frame within the I/O timeout.
+async fn read_timed<S: AsyncRead + Unpin>(
+    s: &mut S,
+    ctx: &Context,
+) -> Result<Frame, SnapshotRecvError> {
+    match tokio::time::timeout(
+        ctx.config.io_timeout,
+        read_frame(s, ctx.config.max_frame_size),
+    )
+    .await
+    {
+        Err(_) => Err(FrameError::Timeout.into()),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(None)) => Err(SnapshotRecvError::Closed),
+        Ok(Ok(Some(frame))) => Ok(frame),
+    }
+}
+
+/// Reads, checks and delivers a snapshot; returns its length.
+async fn read_snapshot<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    peer: NodeId,
+    ctx: &Context,
+    inbound: &mpsc::Sender<Inbound>,
+) -> Result<u64, SnapshotRecvError> {
+    let (msg, total_len) = match read_timed(s, ctx).await? {
+        Frame::SnapshotBegin { msg, total_len } => (msg, total_len),
+        other => return Err(SnapshotRecvError::Unexpected(other.name())),
+    };
+    if msg.from != peer {
+        return Err(SnapshotRecvError::BadMessage(
+            "sender is not the authenticated peer",
+        ));
+    }
+    if msg.to != ctx.identity.node_id {
+        return Err(SnapshotRecvError::BadMessage("addressed to another node"));
+    }
+    if !matches!(msg.kind, MessageKind::Snapshot { .. }) {
+        return Err(SnapshotRecvError::BadMessage("not a snapshot message"));
+    }
+    if total_len > ctx.config.max_snapshot_size {
+        return Err(SnapshotRecvError::TooLarge {
+            len: total_len,
+            max: ctx.config.max_snapshot_size,
+        });
+    }
+    let prealloc = usize::try_from(total_len.min(MAX_SNAPSHOT_PREALLOC)).unwrap_or(0);
+    let mut data = Vec::with_capacity(prealloc);
+    let mut hasher = Sha256::new();
+    loop {
+        match read_timed(s, ctx).await? {
+            Frame::SnapshotChunk { data: chunk } => {
+                let got = (data.len() as u64).saturating_add(chunk.0.len() as u64);
+                if got > total_len {
+                    return Err(SnapshotRecvError::Length {
+                        expected: total_len,
+                        got,
+                    });
+                }
+                hasher.update(&chunk.0);
+                data.extend_from_slice(&chunk.0);
+            }
+            Frame::SnapshotEnd { digest } => {
+                let got = data.len() as u64;
+                if got != total_len {
+                    return Err(SnapshotRecvError::Length {
+                        expected: total_len,
+                        got,
+                    });
+                }
+                let actual: [u8; 32] = hasher.finalize().into();
+                if actual != digest {
+                    return Err(SnapshotRecvError::Digest);
+                }
+                break;
+            }
+            other => return Err(SnapshotRecvError::Unexpected(other.name())),
+        }
+    }
+    inbound
+        .send(Inbound::Snapshot { msg, data })
+        .await
+        .map_err(|_| SnapshotRecvError::InboundClosed)?;
+    Ok(total_len)
+}

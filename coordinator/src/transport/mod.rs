@@ -1,0 +1,569 @@
+//! The peer transport: carries Raft [`Message`]s and snapshot images between
+//! the members of a group over authenticated TCP connections.
+//!
+//! # Connections
+//!
+//! Every node listens on one address and **dials each of its peers for its
+//! own outbound traffic**: one long-lived *message connection* per peer,
+//! owned by that peer's writer task and fed from a bounded per-peer queue.
+//! Connections a node *accepts* are read-only streams of frames from the
+//! peer that dialed them (the acceptor writes only its handshake frames and,
+//! on a snapshot connection, one final acknowledgement). So between two
+//! nodes A and B there are two message connections, A→B and B→A.
+//!
+//! A writer that loses its connection, or cannot establish it, redials with
+//! capped exponential backoff and jitter (`backoff_min` doubling up to
+//! `backoff_max`, each delay drawn from `[base/2, base]`). While it is not
+//! connected, messages for that peer are dropped and the peer is reported
+//! [`Inbound::Unreachable`]; messages queued *during* a dial attempt are kept
+//! and sent once it succeeds. When a peer dials again, its newer connection
+//! replaces the older one on the accepting side.
+//!
+//! Each snapshot travels on a connection of its own (a *snapshot
+//! connection*), so a large image never delays the ordinary messages to the
+//! same peer.
+//!
+//! # Wire format
+//!
+//! A connection is a sequence of frames:
+//!
+//! ```text
+//! +----------------+-------------------------------+
+//! | len: u32, BE   | payload: len bytes            |
+//! +----------------+-------------------------------+
+//! ```
+//!
+//! The payload is one `Frame` enum value in [postcard] encoding (variant
+//! index as a varint, then the fields in order; integers are varints, byte
+//! strings and strings are length-prefixed, fixed-size arrays are raw
+//! bytes). The frames are:
+//!
+//! | variant | fields | used |
+//! |---|---|---|
+//! | 0 `Hello` | `version: u32, cluster_id: String, from: u64, to: u64, stream: {Messages, Snapshot}, nonce: [u8; 32]` | handshake, dialer |
+//! | 1 `Challenge` | `nonce: [u8; 32], mac: [u8; 32]` | handshake, acceptor |
+//! | 2 `Auth` | `mac: [u8; 32]` | handshake, dialer |
+//! | 3 `Refused` | `reason` | handshake, either side, then close |
+//! | 4 `Message` | a [`Message`] | message connections |
+//! | 5 `SnapshotBegin` | `msg: Message, total_len: u64` | snapshot connections |
+//! | 6 `SnapshotChunk` | `data: bytes` (at most `snapshot_chunk_size`) | snapshot connections |
+//! | 7 `SnapshotEnd` | `digest: [u8; 32]` (SHA-256 of the whole image) | snapshot connections |
+//! | 8 `SnapshotAck` | `ok: bool` | snapshot connections, acceptor |
+//!
+//! A payload longer than the maximum frame size (`max_frame_size`, default
+//! 16 MiB; 4 KiB until the handshake has completed), a stream that ends
+//! inside a frame, a payload that does not decode as exactly one `Frame`, or
+//! a frame out of place closes that connection, with a warning naming the
+//! peer address. Nothing a peer sends can stop the node or other
+//! connections.
+//!
+//! # Handshake
+//!
+//! Every connection starts with a handshake, before any other frame:
+//!
+//! 1. The dialer sends `Hello{version, cluster_id, from, to, stream, nonce_c}`
+//!    with 32 fresh bytes from the operating system's random source.
+//! 2. The acceptor checks the protocol version, the cluster id, that `to` is
+//!    its own id and that `from` is neither 0 nor its own id. If all hold, it
+//!    answers `Challenge{nonce_s, mac_a}` where
+//!    `mac_a = HMAC-SHA256(secret, "…/acceptor" ‖ transcript)` and the
+//!    transcript is every field of the `Hello` (length-prefixed where
+//!    variable) followed by `nonce_s`.
+//! 3. The dialer verifies `mac_a` and answers
+//!    `Auth{mac_d = HMAC-SHA256(secret, "…/dialer" ‖ transcript)}`.
+//! 4. The acceptor verifies `mac_d`; the peer is then authenticated as
+//!    `from`.
+//!
+//! MACs are compared in constant time. A side that refuses sends
+//! `Refused{reason}` (best effort) and closes; both sides log a warning with
+//! the peer address and the reason. Connecting plus the handshake must
+//! complete within `handshake_timeout`, and at most `max_pending_handshakes`
+//! accepted connections may be in their handshake at once, so idle or slow
+//! sockets cannot hold resources.
+//!
+//! After the handshake the acceptor drops (and logs) every message whose
+//! `from` is not the authenticated id, whose `to` is not its own id, or that
+//! is a `Snapshot` message arriving without its image on a message
+//! connection.
+//!
+//! The handshake authenticates the *endpoints*; it does not encrypt or
+//! integrity-protect the frames that follow. Run the transport on a trusted
+//! network, or underneath a secure tunnel, if that matters.
+//!
+//! # Snapshots
+//!
+//! [`Transport::send_snapshot`] dials the peer on a snapshot connection and
+//! sends `SnapshotBegin`, the image in `SnapshotChunk`s, and `SnapshotEnd`.
+//! The receiver checks sender, recipient, kind, length (at most
+//! `max_snapshot_size`) and digest, delivers [`Inbound::Snapshot`] to its
+//! driver, and answers `SnapshotAck{ok}`. The sender reports
+//! [`Inbound::SnapshotStatus`] — `ok: true` only once the receiver has
+//! acknowledged. A newer snapshot to the same peer cancels an older one
+//! still in flight (which then reports `ok: false`). Each send reports
+//! exactly once.
+//!
+//! # Delivery
+//!
+//! Delivery is at most once, as Raft expects: messages may be dropped (and
+//! are then reported as [`Inbound::Unreachable`], rate-limited), but never
+//! duplicated, and those from one peer arrive in the order it sent them
+//! while its connection lasts. A snapshot and the messages sent after it
+//! travel on different connections, so they may arrive in either order.
+//! A driver that falls behind slows the readers (the inbound channel is
+//! bounded), which backs up into TCP and finally into the senders' queues.
+//!
+//! # Driving it
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use coordinator::transport::{Inbound, Transport, TransportConfig};
+//!
+//! let mut config = TransportConfig::new(1, "cluster-a", b"secret".to_vec(), "0.0.0.0:7000".parse()?);
+//! config.peers.insert(2, "192.0.2.2:7000".parse()?);
+//! let (transport, mut inbound) = Transport::start(config)?;
+//! while let Some(event) = inbound.recv().await {
+//!     match event {
+//!         Inbound::Message(msg) => { /* raft.step(msg) */ }
+//!         Inbound::Snapshot { msg, data } => { /* keep `data`, then raft.step(msg) */ }
+//!         Inbound::Unreachable(id) => { /* raft.report_unreachable(id) */ }
+//!         Inbound::SnapshotStatus { to, ok } => { /* raft.report_snapshot(to, ok) */ }
+//!     }
+//! }
+//! transport.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod backoff;
+mod config;
+mod error;
+mod frame;
+mod handshake;
+mod listener;
+mod peer;
+mod shared;
+mod snapshot;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+pub use config::TransportConfig;
+pub use error::TransportError;
+pub use handshake::PROTOCOL_VERSION;
+
+use crate::raft::{Message, MessageKind, NodeId};
+use handshake::Identity;
+use peer::PeerHandle;
+use shared::{Context, Reporter, lock};
+use snapshot::SnapshotJob;
+
+/// What the transport hands to the driver.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// A message from an authenticated peer, addressed to this node.
+    Message(Message),
+    /// A complete, verified snapshot image with its
+    /// [`MessageKind::Snapshot`] message.
+    Snapshot {
+        /// The snapshot message.
+        msg: Message,
+        /// The state machine image.
+        data: Vec<u8>,
+    },
+    /// A message to this peer was dropped (its queue was full, it is not
+    /// connected, or it is unknown). Rate-limited per peer. The driver calls
+    /// `report_unreachable`.
+    Unreachable(NodeId),
+    /// The outcome of a [`Transport::send_snapshot`]. The driver calls
+    /// `report_snapshot`.
+    SnapshotStatus {
+        /// The peer the snapshot was for.
+        to: NodeId,
+        /// Whether the peer received and acknowledged it.
+        ok: bool,
+    },
+}
+
+impl fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Inbound::Message(m) => f.debug_tuple("Message").field(m).finish(),
+            Inbound::Snapshot { msg, data } => f
+                .debug_struct("Snapshot")
+                .field("msg", msg)
+                .field("data_len", &data.len())
+                .finish(),
+            Inbound::Unreachable(id) => f.debug_tuple("Unreachable").field(id).finish(),
+            Inbound::SnapshotStatus { to, ok } => f
+                .debug_struct("SnapshotStatus")
+                .field("to", to)
+                .field("ok", ok)
+                .finish(),
+        }
+    }
+}
+
+/// Mutable transport state, behind one short-held lock.
+#[derive(Debug)]
+struct State {
+    /// `None` once shut down.
+    reporter: Option<Reporter>,
+    peers: HashMap<NodeId, PeerHandle>,
+    snapshots: HashMap<NodeId, SnapshotJob>,
+    accept_task: Option<JoinHandle<()>>,
+}
+
+/// The peer transport. See the [module documentation](self).
+///
+/// All methods take `&self`; share it behind an `Arc` if several tasks send.
+/// Dropping it stops all its tasks abruptly; [`Transport::shutdown`] stops
+/// them gracefully.
+pub struct Transport {
+    node_id: NodeId,
+    local_addr: SocketAddr,
+    seed: u64,
+    ctx: Arc<Context>,
+    runtime: Handle,
+    shutdown_tx: watch::Sender<bool>,
+    state: Mutex<State>,
+}
+
+impl fmt::Debug for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Transport")
+            .field("node_id", &self.node_id)
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, TransportError> {
+    let err = |source| TransportError::Listen { addr, source };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    // Lets a restarted node listen again on its address at once.
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(1024).map_err(err)
+}
+
+impl Transport {
+    /// Starts listening and dialing the configured peers. Must be called from
+    /// within a Tokio runtime, on which the transport then runs.
+    ///
+    /// Returns the transport and the channel on which it delivers
+    /// [`Inbound`] events; the channel closes after [`Transport::shutdown`].
+    pub fn start(
+        config: TransportConfig,
+    ) -> Result<(Transport, mpsc::Receiver<Inbound>), TransportError> {
+        Self::start_with_version(config, PROTOCOL_VERSION)
+    }
+
+    /// [`Transport::start`], speaking protocol `version` (tests speak others).
+    fn start_with_version(
+        config: TransportConfig,
+        version: u32,
+    ) -> Result<(Transport, mpsc::Receiver<Inbound>), TransportError> {
+        config.validate()?;
+        let runtime = Handle::try_current().map_err(|_| TransportError::NoRuntime)?;
+        let listener = bind(config.listen_addr)?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| TransportError::Listen {
+                addr: config.listen_addr,
+                source,
+            })?;
+        let seed = match config.rng_seed {
+            Some(seed) => seed,
+            None => getrandom::u64().map_err(TransportError::Random)?,
+        };
+        let (inbound_tx, inbound_rx) = mpsc::channel(config.inbound_capacity);
+        let (shutdown_tx, _) = watch::channel(false);
+        let ctx = Arc::new(Context {
+            identity: Identity {
+                node_id: config.node_id,
+                cluster_id: config.cluster_id.clone(),
+                secret: config.cluster_secret.clone(),
+                version,
+            },
+            config: config.clone(),
+        });
+        let reporter = Reporter::new(
+            inbound_tx.clone(),
+            config.unreachable_report_interval,
+            runtime.clone(),
+        );
+        let accept_task = runtime.spawn(listener::accept_loop(
+            listener,
+            ctx.clone(),
+            inbound_tx,
+            shutdown_tx.subscribe(),
+        ));
+        let transport = Transport {
+            node_id: config.node_id,
+            local_addr,
+            seed,
+            ctx,
+            runtime,
+            shutdown_tx,
+            state: Mutex::new(State {
+                reporter: Some(reporter),
+                peers: HashMap::new(),
+                snapshots: HashMap::new(),
+                accept_task: Some(accept_task),
+            }),
+        };
+        for (&id, &addr) in &config.peers {
+            transport.set_peer(id, addr)?;
+        }
+        Ok((transport, inbound_rx))
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// The address the transport listens on (with the actual port when the
+    /// configuration asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The current peers and their addresses.
+    pub fn peers(&self) -> BTreeMap<NodeId, SocketAddr> {
+        lock(&self.state)
+            .peers
+            .iter()
+            .map(|(&id, p)| (id, *p.addr.borrow()))
+            .collect()
+    }
+
+    /// Adds a peer, or changes its address (its connection is then redialed).
+    /// For membership changes at run time.
+    pub fn set_peer(&self, id: NodeId, addr: SocketAddr) -> Result<(), TransportError> {
+        if id == 0 || id == self.node_id {
+            return Err(TransportError::InvalidPeer(id));
+        }
+        let mut state = lock(&self.state);
+        let Some(reporter) = state.reporter.clone() else {
+            return Err(TransportError::ShutDown);
+        };
+        if let Some(peer) = state.peers.get(&id) {
+            peer.addr.send_if_modified(|current| {
+                let changed = *current != addr;
+                *current = addr;
+                changed
+            });
+            return Ok(());
+        }
+        let seed = self.seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let handle = PeerHandle::spawn(
+            &self.runtime,
+            self.ctx.clone(),
+            reporter,
+            self.shutdown_tx.subscribe(),
+            id,
+            addr,
+            seed,
+        );
+        state.peers.insert(id, handle);
+        Ok(())
+    }
+
+    /// Removes a peer: its queued messages are dropped, its connection
+    /// closed, and a snapshot in flight to it cancelled. Returns whether it
+    /// was a peer. Connections it dials to us are still accepted (it may
+    /// still hold the cluster secret); the core ignores non-members.
+    pub fn remove_peer(&self, id: NodeId) -> bool {
+        let mut state = lock(&self.state);
+        if let Some(job) = state.snapshots.remove(&id) {
+            job.cancel(id, state.reporter.as_ref());
+        }
+        match state.peers.remove(&id) {
+            Some(peer) => {
+                peer.task.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Queues `msg` for `msg.to`. Never blocks and never waits.
+    ///
+    /// If the peer is unknown or its queue is full the message is dropped and
+    /// [`Inbound::Unreachable`] reported (at most once per
+    /// `unreachable_report_interval` per peer). Messages whose `from` is not
+    /// this node are dropped with a warning, since peers would drop them.
+    /// A [`MessageKind::Snapshot`] message belongs to
+    /// [`Transport::send_snapshot`]: here it is dropped and reported as
+    /// `SnapshotStatus { ok: false }`. After shutdown, messages are dropped
+    /// silently.
+    pub fn send(&self, msg: Message) {
+        let to = msg.to;
+        let state = lock(&self.state);
+        let Some(reporter) = state.reporter.as_ref() else {
+            return;
+        };
+        if msg.from != self.node_id {
+            warn!(
+                from = msg.from,
+                to,
+                kind = msg.kind.name(),
+                "message not from this node; dropped"
+            );
+            return;
+        }
+        if matches!(msg.kind, MessageKind::Snapshot { .. }) {
+            // The image would be missing: such a message must go through
+            // `send_snapshot`. Fail the snapshot so the leader retries.
+            warn!(
+                peer = to,
+                "snapshot message passed to send(); use send_snapshot()"
+            );
+            reporter.snapshot_status(to, false);
+            return;
+        }
+        match state.peers.get(&to) {
+            Some(peer) => match peer.queue.try_send(msg) {
+                Ok(()) => {}
+                Err(TrySendError::Full(msg)) => {
+                    debug!(
+                        peer = to,
+                        kind = msg.kind.name(),
+                        "peer queue full; message dropped"
+                    );
+                    reporter.unreachable(to);
+                }
+                Err(TrySendError::Closed(_)) => reporter.unreachable(to),
+            },
+            None => {
+                debug!(
+                    peer = to,
+                    kind = msg.kind.name(),
+                    "unknown peer; message dropped"
+                );
+                reporter.unreachable(to);
+            }
+        }
+    }
+
+    /// Sends a snapshot: `msg` (a [`MessageKind::Snapshot`] from this node)
+    /// with the image `data`, in chunks on a connection of its own. Never
+    /// blocks. The outcome arrives as exactly one [`Inbound::SnapshotStatus`]
+    /// for `msg.to` — immediately `ok: false` if the peer is unknown or `msg`
+    /// is not a snapshot message from this node.
+    pub fn send_snapshot(&self, msg: Message, data: Arc<Vec<u8>>) {
+        let to = msg.to;
+        let mut state = lock(&self.state);
+        let Some(reporter) = state.reporter.clone() else {
+            return;
+        };
+        if !matches!(msg.kind, MessageKind::Snapshot { .. }) || msg.from != self.node_id {
+            warn!(
+                from = msg.from,
+                to,
+                kind = msg.kind.name(),
+                "send_snapshot needs a snapshot message from this node"
+            );
+            reporter.snapshot_status(to, false);
+            return;
+        }
+        let Some(addr) = state.peers.get(&to).map(|p| *p.addr.borrow()) else {
+            warn!(peer = to, "snapshot for an unknown peer");
+            reporter.snapshot_status(to, false);
+            return;
+        };
+        if let Some(older) = state.snapshots.remove(&to) {
+            older.cancel(to, Some(&reporter));
+        }
+        let reported = Arc::new(AtomicBool::new(false));
+        let task = self.runtime.spawn(snapshot::send_job(
+            self.ctx.clone(),
+            addr,
+            msg,
+            data,
+            reporter,
+            reported.clone(),
+        ));
+        state.snapshots.insert(
+            to,
+            SnapshotJob {
+                abort: task.abort_handle(),
+                reported,
+            },
+        );
+    }
+
+    /// Stops the transport: closes the listener and every connection, lets
+    /// each writer flush what it has in hand (within a second), cancels
+    /// snapshot sends, and waits for its tasks. Afterwards the inbound
+    /// channel closes once its remaining events are read, and
+    /// [`Transport::send`] drops everything. Calling it again does nothing.
+    pub async fn shutdown(&self) {
+        let (peers, snapshots, accept_task) = {
+            let mut state = lock(&self.state);
+            state.reporter = None;
+            (
+                std::mem::take(&mut state.peers),
+                std::mem::take(&mut state.snapshots),
+                state.accept_task.take(),
+            )
+        };
+        self.shutdown_tx.send_replace(true);
+        for job in snapshots.values() {
+            job.abort.abort();
+        }
+        let deadline = tokio::time::Instant::now() + peer::SHUTDOWN_GRACE;
+        for (_, peer) in peers {
+            let PeerHandle { mut task, .. } = peer;
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+            }
+        }
+        if let Some(task) = accept_task {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        self.shutdown_tx.send_replace(true);
+        let state = lock(&self.state);
+        for peer in state.peers.values() {
+            peer.task.abort();
+        }
+        for job in state.snapshots.values() {
+            job.abort.abort();
+        }
+        if let Some(task) = &state.accept_task {
+            task.abort();
+        }
+    }
+}
+
+impl crate::node::PeerSender for Transport {
+    fn send(&self, msg: Message) {
+        Transport::send(self, msg);
+    }
+
+    fn send_snapshot(&self, msg: Message, data: Arc<Vec<u8>>) {
+        Transport::send_snapshot(self, msg, data);
+    }
+}

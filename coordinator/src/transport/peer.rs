@@ -1,0 +1,271 @@
+//! One outbound peer: its bounded queue and the writer task that owns the
+//! connection to it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::backoff::Backoff;
+use super::error::FrameError;
+use super::frame::{Frame, StreamKind, encode_frame};
+use super::shared::{Context, Reporter, connect};
+use crate::raft::{Message, NodeId};
+
+/// Most messages written between two flushes.
+const MAX_BATCH: usize = 256;
+/// Longest a writer spends flushing at shutdown.
+pub(crate) const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// Write buffer per connection.
+const WRITE_BUFFER: usize = 64 * 1024;
+
+/// The transport's handle on one peer's writer.
+#[derive(Debug)]
+pub(crate) struct PeerHandle {
+    /// The peer's queue.
+    pub queue: mpsc::Sender<Message>,
+    /// The peer's address; the writer redials when it changes.
+    pub addr: watch::Sender<SocketAddr>,
+    /// The writer task.
+    pub task: JoinHandle<()>,
+}
+
+impl PeerHandle {
+    /// Starts the writer for `peer` at `addr` on `runtime`.
+    pub(crate) fn spawn(
+        runtime: &tokio::runtime::Handle,
+        ctx: Arc<Context>,
+        reporter: Reporter,
+        shutdown: watch::Receiver<bool>,
+        peer: NodeId,
+        addr: SocketAddr,
+        seed: u64,
+    ) -> Self {
+        let (queue_tx, queue_rx) = mpsc::channel(ctx.config.peer_queue_capacity);
+        let (addr_tx, addr_rx) = watch::channel(addr);
+        let backoff = Backoff::new(ctx.config.backoff_min, ctx.config.backoff_max, seed);
+        let writer = Writer {
+            peer,
+            ctx,
+            reporter,
+            queue: queue_rx,
+            addr: addr_rx,
+            shutdown,
+            backoff,
+        };
+        PeerHandle {
+            queue: queue_tx,
+            addr: addr_tx,
+            task: runtime.spawn(writer.run()),
+        }
+    }
+}
+
+/// How a connected session ended.
+enum Exit {
+    /// Stop the writer: shutdown, or the peer was removed.
+    Stop,
+    /// Dial again.
+    Reconnect,
+}
+
+/// The writer task's state.
+struct Writer {
+    peer: NodeId,
+    ctx: Arc<Context>,
+    reporter: Reporter,
+    queue: mpsc::Receiver<Message>,
+    addr: watch::Receiver<SocketAddr>,
+    shutdown: watch::Receiver<bool>,
+    backoff: Backoff,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        let peer = self.peer;
+        let mut failures: u32 = 0;
+        loop {
+            if *self.shutdown.borrow() {
+                return;
+            }
+            let addr = *self.addr.borrow_and_update();
+            // Messages queued while we dial are kept and sent once connected.
+            let attempt = tokio::select! {
+                r = connect(&self.ctx, addr, peer, StreamKind::Messages) => Some(r),
+                _ = self.shutdown.changed() => return,
+                r = self.addr.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    None
+                }
+            };
+            match attempt {
+                // The address changed while dialing: dial the new one now.
+                None => continue,
+                Some(Ok(stream)) => {
+                    if failures > 0 {
+                        info!(peer, peer_addr = %addr, "connected to peer after {failures} failed attempts");
+                    } else {
+                        debug!(peer, peer_addr = %addr, "connected to peer");
+                    }
+                    failures = 0;
+                    self.backoff.reset();
+                    match self.pump(stream, addr).await {
+                        Exit::Stop => return,
+                        Exit::Reconnect => {}
+                    }
+                }
+                Some(Err(e)) => {
+                    if failures == 0 || e.is_refusal() {
+                        warn!(peer, peer_addr = %addr, reason = %e, "cannot connect to peer");
+                    } else {
+                        debug!(peer, peer_addr = %addr, reason = %e, "cannot connect to peer");
+                    }
+                    failures = failures.saturating_add(1);
+                }
+            }
+            // Whatever is queued now would be stale by the time we are back:
+            // drop it, and keep dropping while we wait to redial.
+            self.drop_queued();
+            let delay = self.backoff.next_delay();
+            let sleep = tokio::time::sleep(delay);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    _ = self.shutdown.changed() => return,
+                    r = self.addr.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                    m = self.queue.recv() => {
+                        if m.is_none() {
+                            return;
+                        }
+                        self.reporter.unreachable(peer);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops every queued message, reporting the peer unreachable if any.
+    fn drop_queued(&mut self) {
+        let mut dropped = false;
+        while self.queue.try_recv().is_ok() {
+            dropped = true;
+        }
+        if dropped {
+            self.reporter.unreachable(self.peer);
+        }
+    }
+
+    /// Sends queued messages on an established connection until it fails,
+    /// the peer closes it, the address changes or the transport stops.
+    async fn pump(&mut self, stream: TcpStream, addr: SocketAddr) -> Exit {
+        let peer = self.peer;
+        let io_timeout = self.ctx.config.io_timeout;
+        let (mut rd, wr) = stream.into_split();
+        let mut wr = BufWriter::with_capacity(WRITE_BUFFER, wr);
+        let mut probe = [0u8; 1];
+        loop {
+            tokio::select! {
+                _ = self.shutdown.changed() => {
+                    let _ = tokio::time::timeout(io_timeout.min(SHUTDOWN_GRACE), async {
+                        let _ = wr.flush().await;
+                        let _ = wr.shutdown().await;
+                    })
+                    .await;
+                    return Exit::Stop;
+                }
+                r = self.addr.changed() => {
+                    if r.is_err() {
+                        return Exit::Stop;
+                    }
+                    let new = *self.addr.borrow_and_update();
+                    if new != addr {
+                        info!(peer, old_addr = %addr, new_addr = %new, "peer address changed; redialing");
+                        return Exit::Reconnect;
+                    }
+                }
+                // The acceptor never writes on a message stream; this only
+                // notices that the connection went away.
+                r = rd.read(&mut probe) => {
+                    match r {
+                        Ok(0) => info!(peer, peer_addr = %addr, "peer closed the connection"),
+                        Ok(_) => warn!(peer, peer_addr = %addr, "peer wrote on a message stream; reconnecting"),
+                        Err(e) => info!(peer, peer_addr = %addr, error = %e, "connection to peer failed"),
+                    }
+                    return Exit::Reconnect;
+                }
+                m = self.queue.recv() => {
+                    let Some(first) = m else {
+                        return Exit::Stop;
+                    };
+                    let write = write_batch(&mut wr, first, &mut self.queue, &self.ctx, &self.reporter, peer);
+                    let written = tokio::select! {
+                        r = tokio::time::timeout(io_timeout, write) => r,
+                        // A stalled peer must not hold up shutdown.
+                        _ = self.shutdown.changed() => return Exit::Stop,
+                    };
+                    let err = match written {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(e)) => e,
+                        Err(_) => FrameError::Timeout,
+                    };
+                    warn!(peer, peer_addr = %addr, error = %err, "write to peer failed; reconnecting");
+                    self.reporter.unreachable(peer);
+                    return Exit::Reconnect;
+                }
+            }
+        }
+    }
+}
+
+/// Writes `first` and whatever else is queued (up to a batch), then flushes.
+async fn write_batch(
+    wr: &mut BufWriter<OwnedWriteHalf>,
+    first: Message,
+    queue: &mut mpsc::Receiver<Message>,
+    ctx: &Context,
+    reporter: &Reporter,
+    peer: NodeId,
+) -> Result<(), FrameError> {
+    write_one(wr, first, ctx, reporter, peer).await?;
+    for _ in 1..MAX_BATCH {
+        match queue.try_recv() {
+            Ok(m) => write_one(wr, m, ctx, reporter, peer).await?,
+            Err(_) => break,
+        }
+    }
+    wr.flush().await.map_err(FrameError::Io)
+}
+
+/// Writes one message frame into the buffer.
+async fn write_one(
+    wr: &mut BufWriter<OwnedWriteHalf>,
+    msg: Message,
+    ctx: &Context,
+    reporter: &Reporter,
+    peer: NodeId,
+) -> Result<(), FrameError> {
+    let kind = msg.kind.name();
+    match encode_frame(&Frame::Message(msg), ctx.config.max_frame_size) {
+        Ok(bytes) => wr.write_all(&bytes).await.map_err(FrameError::Io),
+        Err(e) => {
+            // A local problem with this one message: drop it, keep the
+            // connection.
+            warn!(peer, kind, error = %e, "cannot send message; dropped");
+            reporter.unreachable(peer);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! State shared by the transport's tasks.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+
+use super::Inbound;
+use super::config::TransportConfig;
+use super::error::ConnectError;
+use super::frame::StreamKind;
+use super::handshake::{Identity, dial};
+use crate::raft::NodeId;
+
+/// Immutable settings every task reads.
+#[derive(Debug)]
+pub(crate) struct Context {
+    /// Who we are in handshakes.
+    pub identity: Identity,
+    /// The configuration the transport started with (its `peers` field is
+    /// the initial set only).
+    pub config: TransportConfig,
+}
+
+/// Locks a mutex, ignoring poisoning: the data behind our locks stays
+/// consistent even if a holder panicked.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Feeds transport feedback into the driver's inbound channel.
+#[derive(Clone, Debug)]
+pub(crate) struct Reporter {
+    tx: mpsc::Sender<Inbound>,
+    last_unreachable: Arc<Mutex<HashMap<NodeId, Instant>>>,
+    interval: Duration,
+    runtime: Handle,
+}
+
+impl Reporter {
+    /// A reporter on `tx`, reporting each unreachable peer at most once per
+    /// `interval`.
+    pub(crate) fn new(tx: mpsc::Sender<Inbound>, interval: Duration, runtime: Handle) -> Self {
+        Reporter {
+            tx,
+            last_unreachable: Arc::new(Mutex::new(HashMap::new())),
+            interval,
+            runtime,
+        }
+    }
+
+    /// Reports that a message to `peer` was dropped, unless it was reported
+    /// within the interval. Never blocks: if the inbound channel is full the
+    /// report is skipped (and the next drop reports again).
+    pub(crate) fn unreachable(&self, peer: NodeId) {
+        let now = Instant::now();
+        let mut last = lock(&self.last_unreachable);
+        if let Some(at) = last.get(&peer)
+            && now.duration_since(*at) < self.interval
+        {
+            return;
+        }
+        match self.tx.try_send(Inbound::Unreachable(peer)) {
+            Ok(()) => {
+                last.insert(peer, now);
+            }
+            Err(TrySendError::Full(_)) => {
+                tracing::debug!(peer, "inbound channel full; unreachable report skipped");
+            }
+            Err(TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Reports the outcome of a snapshot send. The report is never lost to a
+    /// full channel: it is delivered by a small task that waits for room.
+    pub(crate) fn snapshot_status(&self, to: NodeId, ok: bool) {
+        let tx = self.tx.clone();
+        self.runtime.spawn(async move {
+            let _ = tx.send(Inbound::SnapshotStatus { to, ok }).await;
+        });
+    }
+}
+
+/// Dials `peer` at `addr` and runs the handshake for a `stream`
+/// connection, all within the handshake timeout.
+pub(crate) async fn connect(
+    ctx: &Context,
+    addr: std::net::SocketAddr,
+    peer: NodeId,
+    stream: StreamKind,
+) -> Result<TcpStream, ConnectError> {
+    let attempt = async {
+        let mut s = TcpStream::connect(addr).await.map_err(ConnectError::Io)?;
+        // Raft messages are latency-sensitive; we batch writes ourselves.
+        let _ = s.set_nodelay(true);
+        dial(&mut s, &ctx.identity, peer, stream).await?;
+        Ok::<_, ConnectError>(s)
+    };
+    match tokio::time::timeout(ctx.config.handshake_timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnectError::Timeout),
+    }
+}
