@@ -8,132 +8,18 @@
 //! the leader, and every second one also a follower).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
-use tokio::net::TcpStream;
+use example_kv::{Proc, find_leader, introduce, request, status};
 use tokio::sync::Mutex;
-use tokio::time::{Instant, timeout};
+use tokio::time::Instant;
 
 const BIN: &str = env!("CARGO_BIN_EXE_entente-kv");
-
-struct Proc {
-    id: u64,
-    child: Option<Child>,
-    raft: SocketAddr,
-    client: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Proc {
-    fn spawn(id: u64, dir: &Path, raft: SocketAddr) -> Proc {
-        let mut child = Command::new(BIN)
-            .args([
-                "--id",
-                &id.to_string(),
-                "--voters",
-                "1,2,3",
-                "--secret",
-                "kill-test-secret",
-            ])
-            .args([
-                "--raft-listen",
-                &raft.to_string(),
-                "--client-listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--snapshot-every", "500"])
-            .arg("--data-dir")
-            .arg(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start entente-kv");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("READY line");
-        let mut raft_addr = None;
-        let mut client = None;
-        for part in line.split_whitespace() {
-            if let Some(a) = part.strip_prefix("raft=") {
-                raft_addr = a.parse().ok();
-            }
-            if let Some(a) = part.strip_prefix("client=") {
-                client = a.parse().ok();
-            }
-        }
-        Proc {
-            id,
-            child: Some(child),
-            raft: raft_addr.unwrap_or_else(|| panic!("node {id} printed {line:?}")),
-            client: client.unwrap_or_else(|| panic!("node {id} printed {line:?}")),
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().expect("SIGKILL");
-            c.wait().expect("reap");
-        }
-    }
-
-    fn alive(&self) -> bool {
-        self.child.is_some()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// One request, one reply line (or several for DUMP).
-async fn request(addr: SocketAddr, line: &str) -> Result<Vec<String>, String> {
-    let fut = async {
-        let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let (r, mut w) = stream.into_split();
-        w.write_all(format!("{line}\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut lines = AsyncBufReader::new(r).lines();
-        let mut out = Vec::new();
-        while let Some(l) = lines.next_line().await.map_err(|e| e.to_string())? {
-            let done = !l.starts_with("ENTRY");
-            out.push(l);
-            if done {
-                break;
-            }
-        }
-        Ok(out)
-    };
-    timeout(Duration::from_secs(8), fut)
-        .await
-        .map_err(|_| "timed out".to_string())?
-}
-
-struct Status {
-    role: String,
-    applied: u64,
-}
-
-async fn status(addr: SocketAddr) -> Option<Status> {
-    let r = request(addr, "STATUS").await.ok()?;
-    let f: Vec<&str> = r.first()?.split_whitespace().collect();
-    Some(Status {
-        role: f.get(1)?.to_string(),
-        applied: f.get(5)?.parse().ok()?,
-    })
-}
+/// Snapshots often, so restarts and catch-up go through snapshots too.
+const ARGS: &[&str] = &["--snapshot-every", "500"];
 
 /// Acknowledged writes: key → (value, index).
 type Acked = Arc<Mutex<BTreeMap<String, (String, u64)>>>;
@@ -180,27 +66,6 @@ async fn await_progress(count: &AtomicU64, more: u64, limit: Duration, what: &st
     }
 }
 
-async fn find_leader(procs: &[Proc]) -> Option<usize> {
-    for (i, p) in procs.iter().enumerate() {
-        if p.alive() && status(p.client).await.is_some_and(|s| s.role == "leader") {
-            return Some(i);
-        }
-    }
-    None
-}
-
-async fn introduce(procs: &[Proc]) {
-    for p in procs.iter().filter(|p| p.alive()) {
-        for q in procs.iter().filter(|q| q.id != p.id) {
-            let r = request(p.client, &format!("PEER {} {}", q.id, q.raft)).await;
-            assert_eq!(
-                r.ok().and_then(|r| r.first().cloned()).as_deref(),
-                Some("OK")
-            );
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9_of_leader_and_followers() {
     let rounds: usize = std::env::var("KILL_ROUNDS")
@@ -210,7 +75,7 @@ async fn acknowledged_writes_survive_kill_9_of_leader_and_followers() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let mut procs: Vec<Proc> = (1..=3)
-        .map(|id| Proc::spawn(id, &tmp.path().join(format!("n{id}")), any))
+        .map(|id| Proc::spawn(BIN, id, &tmp.path().join(format!("n{id}")), any, ARGS))
         .collect();
     introduce(&procs).await;
 
@@ -261,7 +126,7 @@ async fn acknowledged_writes_survive_kill_9_of_leader_and_followers() {
         // No: that would leave a minority. Restart first, then kill a follower.
         let dir = procs[leader].dir.clone();
         let raft = procs[leader].raft;
-        procs[leader] = Proc::spawn(procs[leader].id, &dir, raft);
+        procs[leader] = Proc::spawn(BIN, procs[leader].id, &dir, raft, ARGS);
         nodes.lock().await[leader] = procs[leader].client;
         introduce(&procs).await;
         await_progress(
@@ -285,7 +150,7 @@ async fn acknowledged_writes_survive_kill_9_of_leader_and_followers() {
             .await;
             let dir = procs[follower].dir.clone();
             let raft = procs[follower].raft;
-            procs[follower] = Proc::spawn(procs[follower].id, &dir, raft);
+            procs[follower] = Proc::spawn(BIN, procs[follower].id, &dir, raft, ARGS);
             nodes.lock().await[follower] = procs[follower].client;
             introduce(&procs).await;
         }
