@@ -302,6 +302,7 @@ impl<O: Send + 'static> Node<O> {
             .load_snapshot()
             .map_err(|e| NodeError::Fatal(e.to_string()))?
             .map(|(m, d)| (m, Arc::new(d)));
+        let hard_state = init.hard_state;
         let raft = Raft::new(cfg.raft.clone(), init)
             .map_err(|e| NodeError::Refused(format!("invalid configuration: {e}")))?;
         let (cmd_tx, cmd_rx) = mpsc::channel(4096);
@@ -334,6 +335,8 @@ impl<O: Send + 'static> Node<O> {
             syncs: 0,
             entries_persisted: 0,
             last_snapshot_index: 0,
+            latest_hs: hard_state,
+            durable_term_vote: (hard_state.term, hard_state.vote),
         };
         let task = tokio::spawn(driver.run(cmd_rx, inbound));
         Ok(Node {
@@ -442,6 +445,10 @@ struct Driver<S, P, M: StateMachine> {
     syncs: u64,
     entries_persisted: u64,
     last_snapshot_index: Index,
+    /// The newest hard state handed out by the core.
+    latest_hs: HardState,
+    /// Term and vote as last synced.
+    durable_term_vote: (Term, Option<NodeId>),
 }
 
 impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
@@ -738,17 +745,21 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         }
         // 3. Entries and hard state, with one fsync.
         let entries = std::mem::take(&mut rd.entries);
-        let hs = rd.hard_state;
-        if !entries.is_empty() || hs.is_some() {
+        // A change of the commit index alone needs no fsync of its own (it is
+        // recovered from the applied index); it rides along with the next one.
+        if let Some(hs) = rd.hard_state {
+            self.latest_hs = hs;
+        }
+        let hs = self.latest_hs;
+        if !entries.is_empty() || (hs.term, hs.vote) != self.durable_term_vote {
             let n = entries.len() as u64;
             self.with_storage(move |s| {
                 s.append(&entries)?;
-                if let Some(hs) = hs {
-                    s.set_hard_state(hs)?;
-                }
+                s.set_hard_state(hs)?;
                 s.sync()
             })
             .await?;
+            self.durable_term_vote = (hs.term, hs.vote);
             self.syncs += 1;
             self.entries_persisted += n;
         }
