@@ -338,7 +338,12 @@ async fn start_node(
         args.secret.clone(),
         args.raft_listen,
     );
-    tcfg.peers = args.peers.clone();
+    tcfg.peers = args
+        .peers
+        .iter()
+        .filter(|(id, _)| **id != args.id)
+        .map(|(i, a)| (*i, *a))
+        .collect();
     let (transport, inbound) = Transport::start(tcfg)?;
     let transport = Arc::new(transport);
     let raft_addr = transport.local_addr();
