@@ -1,0 +1,361 @@
+//! `/v1/devices`: register, list, read, update, delete, rotate secrets.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use super::error::{ApiError, ENTENTE_INDEX, Problem};
+use super::extract::{
+    ApiJson, ApiPath, ApiQuery, Consistency, MinIndexHeader, read_barrier, reply, unexpected, write,
+};
+use super::validate;
+use crate::ops::{Device, Op, OpResult};
+use crate::state::{DeviceFilter, Page};
+use crate::{hash_secret, random_token};
+
+/// Body of `POST /v1/devices`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"id":"pump-7","labels":{"site":"north"},"attributes":{"model":"X2"}}))]
+pub struct NewDevice {
+    /// Device id: 1–64 characters from `A-Za-z0-9_.-`; also its MQTT client id.
+    pub id: String,
+    /// Labels for filtering (keys `[A-Za-z0-9_./-]{1,63}`, values ≤ 256 characters).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Free-form JSON object (default `{}`).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub attributes: Option<Value>,
+}
+
+/// Response of `POST /v1/devices`: the device and its MQTT password.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RegisteredDevice {
+    /// The registered device.
+    pub device: Device,
+    /// The device's secret (its MQTT password). Returned only now; only a
+    /// hash is stored.
+    pub secret: String,
+}
+
+/// Response of `POST /v1/devices/{id}/secret`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NewSecret {
+    /// Device id.
+    pub id: String,
+    /// The new secret; the old one no longer works. Returned only now.
+    pub secret: String,
+}
+
+/// Body of `PATCH /v1/devices/{id}`: each field given replaces the stored one.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"labels":{"site":"south"}}))]
+pub struct DeviceUpdate {
+    /// New labels (replace all labels).
+    pub labels: Option<BTreeMap<String, String>>,
+    /// New attributes (replace the object).
+    #[schema(value_type = Option<Object>)]
+    pub attributes: Option<Value>,
+}
+
+/// One page of devices.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DevicePage {
+    /// The devices, by id.
+    pub items: Vec<Device>,
+    /// Pass as `?after=` to get the next page; absent on the last page.
+    pub next: Option<String>,
+}
+
+/// Query of `GET /v1/devices`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ListDevicesQuery {
+    /// Only devices with this label, as `key=value`.
+    #[param(example = "site=north")]
+    pub label: Option<String>,
+    /// Only online (`true`) or offline (`false`) devices.
+    pub online: Option<bool>,
+    /// The `next` cursor of the previous page.
+    pub after: Option<String>,
+    /// Page size (default 100, at most the gateway's `max_page`, 1000 by default).
+    pub limit: Option<u32>,
+    /// `linearizable` (default) or `local`.
+    #[param(inline)]
+    pub consistency: Option<Consistency>,
+}
+
+/// Query of single-resource reads.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ReadQuery {
+    /// `linearizable` (default) or `local`.
+    #[param(inline)]
+    pub consistency: Option<Consistency>,
+}
+
+/// Generates a device secret; failure to read the OS random source is logged.
+pub(crate) fn new_secret() -> Result<String, ApiError> {
+    random_token().map_err(|e| {
+        tracing::error!(error = %e, "generating a secret");
+        ApiError::internal()
+    })
+}
+
+/// Register a device.
+///
+/// The response carries the device's secret (its MQTT password) — the only
+/// time it is shown.
+#[utoipa::path(
+    post, path = "/v1/devices", tag = "devices",
+    request_body = NewDevice,
+    responses(
+        (status = 201, description = "Registered", body = RegisteredDevice,
+            headers(("Entente-Index" = u64, description = "Log index of the write"))),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs the operator role", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The id is taken", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "No quorum or leader", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn create_device(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<NewDevice>,
+) -> Result<Response, ApiError> {
+    validate::body_device_id(&body.id)?;
+    validate::labels(&body.labels)?;
+    let attributes = body
+        .attributes
+        .unwrap_or_else(|| Value::Object(Default::default()));
+    validate::object("attributes", &attributes)?;
+    let secret = new_secret()?;
+    let op = Op::RegisterDevice {
+        id: body.id.clone(),
+        secret_hash: hash_secret(&secret),
+        labels: body.labels,
+        attributes,
+    };
+    let (index, result) = write(&state, op).await?;
+    match result {
+        OpResult::Device(device) => Ok(reply(
+            StatusCode::CREATED,
+            index,
+            &RegisteredDevice { device, secret },
+        )),
+        OpResult::Conflict(_) => Err(ApiError::conflict(format!(
+            "a device with id {:?} is already registered; choose another id, or rotate its \
+             secret with POST /v1/devices/{}/secret",
+            body.id, body.id
+        ))
+        .with_index(index)),
+        r => Err(unexpected("register device", &r, index)),
+    }
+}
+
+/// List devices.
+///
+/// Ordered by id; filter by one label and by presence; page with `after`/`next`.
+#[utoipa::path(
+    get, path = "/v1/devices", tag = "devices",
+    params(ListDevicesQuery, MinIndexHeader),
+    responses(
+        (status = 200, description = "One page", body = DevicePage,
+            headers(("Entente-Index" = u64, description = "Applied log index the read reflects"))),
+        (status = 400, description = "Invalid query", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "No leader for a linearizable read", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn list_devices(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<ListDevicesQuery>,
+) -> Result<Response, ApiError> {
+    let limit = validate::limit(q.limit, state.config.max_page)?;
+    let label = q.label.as_deref().map(validate::label_filter).transpose()?;
+    if let Some(after) = &q.after {
+        validate::path_device_id(after)?;
+    }
+    let ctx = read_barrier(&state, q.consistency, &headers).await?;
+    let filter = DeviceFilter {
+        label,
+        online: q.online,
+    };
+    let page = Page {
+        after: q.after,
+        limit: limit.saturating_add(1),
+    };
+    let mut items = state.db.list_devices(&filter, &page).await?;
+    let next = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(|d| d.id.clone())
+    } else {
+        None
+    };
+    Ok(reply(
+        StatusCode::OK,
+        ctx.index,
+        &DevicePage { items, next },
+    ))
+}
+
+/// Get a device.
+#[utoipa::path(
+    get, path = "/v1/devices/{id}", tag = "devices",
+    params(("id" = String, Path, description = "Device id"), ReadQuery, MinIndexHeader),
+    responses(
+        (status = 200, description = "The device", body = Device,
+            headers(("Entente-Index" = u64, description = "Applied log index the read reflects"))),
+        (status = 400, description = "Invalid id", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "No leader for a linearizable read", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn get_device(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<ReadQuery>,
+) -> Result<Response, ApiError> {
+    validate::path_device_id(&id)?;
+    let ctx = read_barrier(&state, q.consistency, &headers).await?;
+    match state.db.device(&id).await? {
+        Some(d) => Ok(reply(StatusCode::OK, ctx.index, &d)),
+        None => Err(device_not_found(&id).with_index(ctx.index)),
+    }
+}
+
+/// 404 for a device id.
+pub(crate) fn device_not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "no device with id {id:?} is registered (register it with POST /v1/devices)"
+    ))
+}
+
+/// Update a device's labels and/or attributes.
+#[utoipa::path(
+    patch, path = "/v1/devices/{id}", tag = "devices",
+    params(("id" = String, Path, description = "Device id")),
+    request_body = DeviceUpdate,
+    responses(
+        (status = 200, description = "The updated device", body = Device,
+            headers(("Entente-Index" = u64, description = "Log index of the write"))),
+        (status = 400, description = "Invalid id or malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs the operator role", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "No quorum or leader", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn update_device(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<DeviceUpdate>,
+) -> Result<Response, ApiError> {
+    validate::path_device_id(&id)?;
+    if body.labels.is_none() && body.attributes.is_none() {
+        return Err(ApiError::invalid(
+            "give labels, attributes or both; an empty update changes nothing",
+        ));
+    }
+    if let Some(l) = &body.labels {
+        validate::labels(l)?;
+    }
+    if let Some(a) = &body.attributes {
+        validate::object("attributes", a)?;
+    }
+    let op = Op::UpdateDevice {
+        id: id.clone(),
+        labels: body.labels,
+        attributes: body.attributes,
+    };
+    let (index, result) = write(&state, op).await?;
+    match result {
+        OpResult::Device(d) => Ok(reply(StatusCode::OK, index, &d)),
+        OpResult::NotFound(_) => Err(device_not_found(&id).with_index(index)),
+        r => Err(unexpected("update device", &r, index)),
+    }
+}
+
+/// Delete a device, with its shadow and commands.
+#[utoipa::path(
+    delete, path = "/v1/devices/{id}", tag = "devices",
+    params(("id" = String, Path, description = "Device id")),
+    responses(
+        (status = 204, description = "Deleted",
+            headers(("Entente-Index" = u64, description = "Log index of the write"))),
+        (status = 400, description = "Invalid id", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs the operator role", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "No quorum or leader", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn delete_device(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    validate::path_device_id(&id)?;
+    let (index, result) = write(&state, Op::DeleteDevice { id: id.clone() }).await?;
+    match result {
+        OpResult::Done | OpResult::Device(_) => {
+            Ok((StatusCode::NO_CONTENT, [(ENTENTE_INDEX, index)]).into_response())
+        }
+        OpResult::NotFound(_) | OpResult::Ignored => Err(device_not_found(&id).with_index(index)),
+        r => Err(unexpected("delete device", &r, index)),
+    }
+}
+
+/// Rotate a device's secret.
+///
+/// The new secret is returned once; the old one stops working (sessions
+/// already open are not closed by this call).
+#[utoipa::path(
+    post, path = "/v1/devices/{id}/secret", tag = "devices",
+    params(("id" = String, Path, description = "Device id")),
+    responses(
+        (status = 200, description = "The new secret", body = NewSecret,
+            headers(("Entente-Index" = u64, description = "Log index of the write"))),
+        (status = 400, description = "Invalid id", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs the operator role", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "No quorum or leader", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn rotate_secret(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    validate::path_device_id(&id)?;
+    let secret = new_secret()?;
+    let op = Op::RotateSecret {
+        id: id.clone(),
+        secret_hash: hash_secret(&secret),
+    };
+    let (index, result) = write(&state, op).await?;
+    match result {
+        OpResult::Done | OpResult::Device(_) => {
+            Ok(reply(StatusCode::OK, index, &NewSecret { id, secret }))
+        }
+        OpResult::NotFound(_) => Err(device_not_found(&id).with_index(index)),
+        r => Err(unexpected("rotate secret", &r, index)),
+    }
+}

@@ -1,0 +1,196 @@
+//! Extractors whose rejections are problem documents, the read barrier
+//! (consistency levels) and the write helper shared by the handlers.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{FromRequest, FromRequestParts};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use coordinator::node::NodeError;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use super::error::{ApiError, ENTENTE_INDEX, read_error, write_error};
+use crate::ops::{Op, OpResult};
+
+/// The request header asking a read to wait until this log index is applied.
+pub const ENTENTE_MIN_INDEX: HeaderName = HeaderName::from_static("entente-min-index");
+
+/// A JSON request body; malformed, mistyped or oversized bodies and a missing
+/// content type are rejected with a problem document.
+#[derive(Debug, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+/// A query string; anything that does not parse is a 400 problem.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
+
+/// Path parameters; anything that does not parse is a 400 problem.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// Confirmed with the leader (ReadIndex): reflects every write committed
+    /// before the read started. The default.
+    #[default]
+    Linearizable,
+    /// This gateway's applied state, at once; may be stale. Still answers in
+    /// a minority partition.
+    Local,
+}
+
+/// The `Entente-Min-Index` request header, for the OpenAPI document.
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct MinIndexHeader {
+    /// Wait (at most the gateway's max wait) until this gateway has applied
+    /// this log index — e.g. the `Entente-Index` of an earlier write — before
+    /// reading (read-your-writes).
+    #[param(rename = "Entente-Min-Index")]
+    entente_min_index: Option<u64>,
+}
+
+/// A read that passed its consistency barrier; `index` is the applied log
+/// index observed before the query (the response's `Entente-Index`).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadCtx {
+    /// The local applied index the read observes (at least).
+    pub index: u64,
+}
+
+/// Parses `Entente-Min-Index`.
+fn min_index(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get(ENTENTE_MIN_INDEX) else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "Entente-Min-Index must be a log index (a non-negative integer), e.g. the \
+                 Entente-Index of an earlier response",
+            )
+        })
+}
+
+/// The read barrier: waits for `Entente-Min-Index` (if given) to be applied
+/// locally, then for a linearizable read point (unless `consistency` is
+/// `local`). Returns the applied index to report.
+pub async fn read_barrier(
+    state: &AppState,
+    consistency: Option<Consistency>,
+    headers: &HeaderMap,
+) -> Result<ReadCtx, ApiError> {
+    let min = min_index(headers)?;
+    if let Some(n) = min {
+        let max = state.config.max_wait;
+        let mut shutdown = state.shutdown.clone();
+        let waited = tokio::select! {
+            r = state.node.wait_applied(n, max) => r,
+            _ = super::stopped(&mut shutdown) => Err(NodeError::Shutdown),
+        };
+        match waited {
+            Ok(()) => {}
+            Err(NodeError::Timeout) => {
+                let applied = state.db.applied_index();
+                return Err(ApiError::unavailable(
+                    "min-index-not-reached",
+                    format!(
+                        "this gateway has applied the log up to index {applied} and did not reach \
+                         the requested Entente-Min-Index {n} within {} ms; it may be cut off from \
+                         the group (retry, or ask another gateway), or the index was never \
+                         issued by this cluster",
+                        max.as_millis()
+                    ),
+                    1,
+                )
+                .with_index(applied));
+            }
+            Err(e) => return Err(read_error(e)),
+        }
+    }
+    if consistency.unwrap_or_default() == Consistency::Linearizable {
+        let mut r = state.node.read_index().await;
+        if r == Err(NodeError::NoLeader) && leader_known(state).await {
+            r = state.node.read_index().await;
+        }
+        r.map_err(read_error)?;
+    }
+    Ok(ReadCtx {
+        index: state.db.applied_index(),
+    })
+}
+
+/// Waits (at most the write timeout, and not past shutdown) until this
+/// gateway knows a leader; `false` if it still does not.
+async fn leader_known(state: &AppState) -> bool {
+    let mut status = state.node.watch_status();
+    let mut shutdown = state.shutdown.clone();
+    let known = async {
+        // `wait_for`'s guard must not outlive this expression.
+        status
+            .wait_for(|s| s.raft.leader.is_some() || s.fatal.is_some())
+            .await
+            .is_ok_and(|s| s.fatal.is_none())
+    };
+    tokio::select! {
+        r = tokio::time::timeout(state.config.write_timeout, known) => r.unwrap_or(false),
+        _ = super::stopped(&mut shutdown) => false,
+    }
+}
+
+/// Proposes `op` through the group and waits for its result; returns the log
+/// index it was applied at.
+pub async fn write(state: &AppState, op: Op) -> Result<(u64, OpResult), ApiError> {
+    let kind = op.kind();
+    let mut r = crate::propose(&state.node, op.clone()).await;
+    // Not placed at all: safe to retry once a leader is known (an election
+    // usually takes a fraction of a second).
+    if matches!(r, Err(NodeError::NoLeader)) && leader_known(state).await {
+        r = crate::propose(&state.node, op).await;
+    }
+    match r {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            tracing::debug!(error = %e, kind, "write failed");
+            Err(write_error(e, state.config.write_timeout))
+        }
+    }
+}
+
+/// An operation result this endpoint cannot produce (a bug): logged, 500.
+pub fn unexpected(endpoint: &'static str, r: &OpResult, index: u64) -> ApiError {
+    tracing::error!(endpoint, index, result = ?r, "unexpected operation result");
+    ApiError::internal().with_index(index)
+}
+
+/// A JSON response with the `Entente-Index` header.
+pub fn reply<T: Serialize>(status: StatusCode, index: u64, body: &T) -> Response {
+    let mut res = (status, Json(body)).into_response();
+    res.headers_mut()
+        .insert(ENTENTE_INDEX, HeaderValue::from(index));
+    res
+}
+
+/// A `?wait=` duration, checked against the configured maximum.
+pub fn wait_param(state: &AppState, wait_ms: Option<u64>) -> Result<Duration, ApiError> {
+    let wait = Duration::from_millis(wait_ms.unwrap_or(0));
+    if wait > state.config.max_wait {
+        return Err(ApiError::bad_request(format!(
+            "wait may be at most {} ms",
+            state.config.max_wait.as_millis()
+        )));
+    }
+    Ok(wait)
+}

@@ -1,0 +1,263 @@
+//! The operators' REST API (axum): DESIGN §6.
+//!
+//! `app(state)` builds the router; `gateway::start` serves it, and tests call
+//! it with `tower::ServiceExt::oneshot`.
+//!
+//! Layout:
+//! - [`routes`] — the one list of routes (method, path, least role); the
+//!   router is built from it, and tests check the OpenAPI document against it;
+//! - `error` — problem+json errors, including axum's own rejections;
+//! - `auth` — bearer tokens and roles; `extract` — extractors, the read
+//!   barrier (consistency levels) and the write helper;
+//! - `devices`, `shadow`, `commands`, `events` (SSE), `cluster`, `health`
+//!   (healthz, readyz, metrics), `openapi`.
+
+mod auth;
+mod cluster;
+mod commands;
+mod devices;
+mod error;
+mod events;
+mod extract;
+mod health;
+mod openapi;
+mod shadow;
+mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::handler::Handler;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodFilter, MethodRouter, on};
+use axum::{Extension, Router};
+use coordinator::node::Node;
+use tokio::sync::watch;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::ops::{OpResult, Role};
+use crate::state::StateDb;
+
+pub use error::{ENTENTE_INDEX, PROBLEM_JSON, Problem};
+pub use extract::ENTENTE_MIN_INDEX;
+pub use openapi::ApiDoc;
+
+/// Everything a handler needs.
+#[derive(Clone)]
+pub struct AppState {
+    /// The Raft node: writes go through `propose`, linearizable reads through `read_index`.
+    pub node: Node<OpResult>,
+    /// The local state database.
+    pub db: Arc<StateDb>,
+    /// Settings (limits, timeouts).
+    pub config: Arc<Config>,
+    /// Becomes `true` when the gateway shuts down (ends SSE streams and long polls).
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").finish_non_exhaustive()
+    }
+}
+
+/// One route the API serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteInfo {
+    /// HTTP method, upper case (`GET`, `POST`, `PATCH`, `DELETE`).
+    pub method: &'static str,
+    /// Path template as in the OpenAPI document (`/v1/devices/{id}`).
+    pub path: &'static str,
+    /// The least role a token needs; `None` for public routes.
+    pub role: Option<Role>,
+}
+
+type Entry = (RouteInfo, MethodRouter<AppState>);
+
+/// A method as the table spells it, with the filter that routes it.
+type Verb = (&'static str, MethodFilter);
+const GET: Verb = ("GET", MethodFilter::GET);
+const POST: Verb = ("POST", MethodFilter::POST);
+const PATCH: Verb = ("PATCH", MethodFilter::PATCH);
+const DELETE: Verb = ("DELETE", MethodFilter::DELETE);
+
+fn entry<H, T>(verb: Verb, path: &'static str, role: Option<Role>, handler: H) -> Entry
+where
+    H: Handler<T, AppState>,
+    T: 'static,
+{
+    let (method, filter) = verb;
+    (RouteInfo { method, path, role }, on(filter, handler))
+}
+
+/// The route table: the single source of the router and of the checks on the
+/// OpenAPI document.
+fn table() -> Vec<Entry> {
+    use Role::{Operator, Viewer};
+    vec![
+        entry(POST, "/v1/devices", Some(Operator), devices::create_device),
+        entry(GET, "/v1/devices", Some(Viewer), devices::list_devices),
+        entry(GET, "/v1/devices/{id}", Some(Viewer), devices::get_device),
+        entry(
+            PATCH,
+            "/v1/devices/{id}",
+            Some(Operator),
+            devices::update_device,
+        ),
+        entry(
+            DELETE,
+            "/v1/devices/{id}",
+            Some(Operator),
+            devices::delete_device,
+        ),
+        entry(
+            POST,
+            "/v1/devices/{id}/secret",
+            Some(Operator),
+            devices::rotate_secret,
+        ),
+        entry(
+            GET,
+            "/v1/devices/{id}/shadow",
+            Some(Viewer),
+            shadow::get_shadow,
+        ),
+        entry(
+            PATCH,
+            "/v1/devices/{id}/shadow",
+            Some(Operator),
+            shadow::patch_shadow,
+        ),
+        entry(
+            POST,
+            "/v1/devices/{id}/commands",
+            Some(Operator),
+            commands::issue_command,
+        ),
+        entry(
+            GET,
+            "/v1/devices/{id}/commands",
+            Some(Viewer),
+            commands::list_commands,
+        ),
+        entry(
+            GET,
+            "/v1/commands/{cid}",
+            Some(Viewer),
+            commands::get_command,
+        ),
+        entry(
+            POST,
+            "/v1/commands/{cid}/cancel",
+            Some(Operator),
+            commands::cancel_command,
+        ),
+        entry(GET, "/v1/events", Some(Viewer), events::events),
+        entry(GET, "/v1/cluster", Some(Viewer), cluster::cluster),
+        entry(GET, "/healthz", None, health::healthz),
+        entry(GET, "/readyz", None, health::readyz),
+        entry(GET, "/metrics", Some(Viewer), health::metrics),
+        entry(GET, "/openapi.json", None, openapi::openapi_json),
+    ]
+}
+
+/// Every route the router serves, with the role it needs.
+pub fn routes() -> Vec<RouteInfo> {
+    table().into_iter().map(|(info, _)| info).collect()
+}
+
+/// The REST API router.
+pub fn app(state: AppState) -> Router {
+    let metrics = Arc::new(health::Metrics::default());
+    let max_body = state.config.max_body_bytes;
+    let mut router = Router::new();
+    for (info, method_router) in table() {
+        let method_router = match info.role {
+            Some(role) => method_router.route_layer(middleware::from_fn_with_state(
+                (state.clone(), role),
+                auth::layer,
+            )),
+            None => method_router,
+        };
+        router = router.route(info.path, method_router);
+    }
+    router
+        .fallback(|| async { error::ApiError::from_status(StatusCode::NOT_FOUND) })
+        .layer(Extension(metrics.clone()))
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(state.clone(), deadline))
+        .layer(RequestBodyLimitLayer::new(max_body))
+        .layer(middleware::from_fn(bare_errors_as_problems))
+        .layer(middleware::from_fn_with_state(metrics, health::track))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Resolves when the gateway shuts down (or its shutdown sender is gone).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns must not live across the caller's awaits.
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// Whether a request may wait on purpose (`?wait=` or `Entente-Min-Index`).
+fn waits(req: &Request) -> bool {
+    req.uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv.starts_with("wait=")))
+        || req.headers().contains_key(ENTENTE_MIN_INDEX)
+}
+
+/// Middleware: bounds the time to a response head. Writes and linearizable
+/// reads are bounded by the node's request timeout already; this is the
+/// safety net, with room for a requested wait. Streams (SSE) are not cut:
+/// only the time until their head is bounded.
+async fn deadline(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let base = state.config.write_timeout * 2 + Duration::from_secs(1);
+    let budget = if waits(&req) {
+        base + state.config.max_wait
+    } else {
+        base
+    };
+    match tokio::time::timeout(budget, next.run(req)).await {
+        Ok(res) => res,
+        Err(_) => {
+            tracing::warn!(budget_ms = budget.as_millis() as u64, "request timed out");
+            error::ApiError::unavailable(
+                "request-timeout",
+                "the gateway did not finish this request in time; if it was a write it may or \
+                 may not have taken effect — read the resource before retrying",
+                1,
+            )
+            .into_response()
+        }
+    }
+}
+
+fn is_problem(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(PROBLEM_JSON))
+}
+
+/// Middleware: error responses produced outside the handlers (405, 413 of
+/// the body limit, …) get a problem body too.
+async fn bare_errors_as_problems(req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    let status = res.status();
+    if !(status.is_client_error() || status.is_server_error()) || is_problem(res.headers()) {
+        return res;
+    }
+    let mut problem = error::ApiError::from_status(status).into_response();
+    for name in [header::ALLOW, header::RETRY_AFTER, header::WWW_AUTHENTICATE] {
+        if let Some(v) = res.headers().get(&name) {
+            problem.headers_mut().insert(name, v.clone());
+        }
+    }
+    problem
+}

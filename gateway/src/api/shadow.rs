@@ -1,0 +1,170 @@
+//! `/v1/devices/{id}/shadow`: desired and reported state.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::devices::{ReadQuery, device_not_found};
+use super::error::{ApiError, Problem};
+use super::extract::{
+    ApiJson, ApiPath, ApiQuery, MinIndexHeader, read_barrier, reply, unexpected, write,
+};
+use super::validate;
+use crate::ops::{Op, OpResult, Shadow};
+
+/// Body of `PATCH /v1/devices/{id}/shadow`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"desired":{"speed":3,"mode":null}}))]
+pub struct ShadowPatch {
+    /// JSON merge patch (RFC 7386) of the desired state: keys set to `null`
+    /// are removed, objects merge recursively.
+    #[schema(value_type = Object)]
+    pub desired: Value,
+}
+
+fn with_etag(mut res: Response, version: u64) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        res.headers_mut().insert(header::ETAG, v);
+    }
+    res
+}
+
+/// Parses `If-Match`: `5`, `"5"` or `*` (no constraint). Weak tags never
+/// match (RFC 9110 §13.1.1 uses strong comparison), so they are refused.
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::bad_request(
+            "If-Match must be the shadow version you read, as 5 or \"5\" (its ETag), or *",
+        )
+    };
+    let s = v.to_str().map_err(|_| bad())?.trim();
+    if s == "*" {
+        return Ok(None);
+    }
+    let unquoted = s
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(s);
+    unquoted.parse::<u64>().map(Some).map_err(|_| bad())
+}
+
+/// Get a device's shadow.
+///
+/// Desired and reported state, their delta, the desired version (also the
+/// `ETag`) and per-key update times.
+#[utoipa::path(
+    get, path = "/v1/devices/{id}/shadow", tag = "shadow",
+    params(("id" = String, Path, description = "Device id"), ReadQuery, MinIndexHeader),
+    responses(
+        (status = 200, description = "The shadow", body = Shadow, headers(
+            ("Entente-Index" = u64, description = "Applied log index the read reflects"),
+            ("ETag" = String, description = "The desired version, quoted: use it in If-Match"))),
+        (status = 400, description = "Invalid id", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "No leader for a linearizable read", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn get_shadow(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<ReadQuery>,
+) -> Result<Response, ApiError> {
+    validate::path_device_id(&id)?;
+    let ctx = read_barrier(&state, q.consistency, &headers).await?;
+    match state.db.shadow(&id).await? {
+        Some(s) => Ok(with_etag(reply(StatusCode::OK, ctx.index, &s), s.version)),
+        None => Err(device_not_found(&id).with_index(ctx.index)),
+    }
+}
+
+/// Change a device's desired state.
+///
+/// A JSON merge patch of `desired`. With `If-Match: <version>` the change
+/// applies only if the shadow is still at that version (412 otherwise).
+#[utoipa::path(
+    patch, path = "/v1/devices/{id}/shadow", tag = "shadow",
+    params(
+        ("id" = String, Path, description = "Device id"),
+        ("If-Match" = Option<String>, Header, description = "The version you read (`5` or `\"5\"`); `*` for any"),
+    ),
+    request_body = ShadowPatch,
+    responses(
+        (status = 200, description = "The shadow after the change", body = Shadow, headers(
+            ("Entente-Index" = u64, description = "Log index of the write"),
+            ("ETag" = String, description = "The new desired version, quoted"))),
+        (status = 400, description = "Invalid id, If-Match or JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs the operator role", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The patch conflicts with the current state", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "The shadow is not at the If-Match version", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "desired is not an object", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "No quorum or leader", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn patch_shadow(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<ShadowPatch>,
+) -> Result<Response, ApiError> {
+    validate::path_device_id(&id)?;
+    let expected_version = if_match(&headers)?;
+    validate::object("desired", &body.desired)?;
+    let op = Op::SetDesired {
+        device: id.clone(),
+        patch: body.desired,
+        expected_version,
+    };
+    let (index, result) = write(&state, op).await?;
+    match result {
+        OpResult::Shadow(s) => Ok(with_etag(reply(StatusCode::OK, index, &s), s.version)),
+        OpResult::NotFound(_) => Err(device_not_found(&id).with_index(index)),
+        OpResult::VersionMismatch { current } => Err(ApiError::version_mismatch(
+            expected_version.unwrap_or_default(),
+            current,
+        )
+        .with_index(index)),
+        OpResult::Conflict(why) => Err(ApiError::conflict(format!(
+            "the desired-state patch cannot be applied: {why}"
+        ))
+        .with_index(index)),
+        r => Err(unexpected("set desired", &r, index)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(v: &str) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert(
+            header::IF_MATCH,
+            HeaderValue::from_str(v).unwrap_or(HeaderValue::from_static("x")),
+        );
+        m
+    }
+
+    #[test]
+    fn if_match_takes_bare_and_quoted_versions() {
+        assert_eq!(if_match(&HeaderMap::new()).ok(), Some(None));
+        assert_eq!(if_match(&h("7")).ok(), Some(Some(7)));
+        assert_eq!(if_match(&h("\"7\"")).ok(), Some(Some(7)));
+        assert_eq!(if_match(&h("*")).ok(), Some(None));
+        assert!(if_match(&h("W/\"7\"")).is_err());
+        assert!(if_match(&h("\"7\", \"8\"")).is_err());
+        assert!(if_match(&h("seven")).is_err());
+    }
+}

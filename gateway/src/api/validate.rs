@@ -1,0 +1,201 @@
+//! Input checks with messages a person can act on.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use super::error::ApiError;
+
+/// Longest id (devices, commands).
+pub const MAX_ID: usize = 64;
+/// Most labels per device.
+pub const MAX_LABELS: usize = 64;
+/// Longest label key.
+pub const MAX_LABEL_KEY: usize = 63;
+/// Longest label value.
+pub const MAX_LABEL_VALUE: usize = 256;
+/// Longest command name.
+pub const MAX_COMMAND_NAME: usize = 128;
+/// Longest idempotency key.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+fn id_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_ID
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+fn id_rule(what: &str, s: &str) -> String {
+    format!(
+        "{what} {s:?} is not valid: use 1 to {MAX_ID} characters from A-Z, a-z, 0-9, '_', '.' \
+         and '-'"
+    )
+}
+
+/// A device id in a path: `[A-Za-z0-9_.-]{1,64}` (400 otherwise).
+pub fn path_device_id(id: &str) -> Result<(), ApiError> {
+    if id_ok(id) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(id_rule("device id", id)))
+    }
+}
+
+/// A command id in a path (same alphabet as device ids; 400 otherwise).
+pub fn path_command_id(id: &str) -> Result<(), ApiError> {
+    if id_ok(id) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(id_rule("command id", id)))
+    }
+}
+
+/// A device id in a body (422 otherwise).
+pub fn body_device_id(id: &str) -> Result<(), ApiError> {
+    if id_ok(id) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(id_rule("id", id)))
+    }
+}
+
+fn printable(s: &str) -> bool {
+    !s.chars().any(char::is_control)
+}
+
+/// Label keys: 1–63 characters from `A-Za-z0-9_./-`; values: at most 256
+/// characters without control characters; at most 64 labels.
+pub fn labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if labels.len() > MAX_LABELS {
+        return Err(ApiError::invalid(format!(
+            "a device may have at most {MAX_LABELS} labels ({} given)",
+            labels.len()
+        )));
+    }
+    for (k, v) in labels {
+        label_key(k).map_err(ApiError::invalid)?;
+        label_value(k, v).map_err(ApiError::invalid)?;
+    }
+    Ok(())
+}
+
+fn label_key(k: &str) -> Result<(), String> {
+    let ok = !k.is_empty()
+        && k.len() <= MAX_LABEL_KEY
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'/'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "label key {k:?} is not valid: use 1 to {MAX_LABEL_KEY} characters from A-Z, a-z, \
+             0-9, '_', '.', '-' and '/'"
+        ))
+    }
+}
+
+fn label_value(k: &str, v: &str) -> Result<(), String> {
+    if v.chars().count() <= MAX_LABEL_VALUE && printable(v) {
+        Ok(())
+    } else {
+        Err(format!(
+            "the value of label {k:?} is not valid: use at most {MAX_LABEL_VALUE} characters and \
+             no control characters"
+        ))
+    }
+}
+
+/// A `?label=key=value` filter.
+pub fn label_filter(s: &str) -> Result<(String, String), ApiError> {
+    let (k, v) = s.split_once('=').ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "label filter {s:?} is not key=value (e.g. ?label=site=north)"
+        ))
+    })?;
+    label_key(k).map_err(ApiError::bad_request)?;
+    label_value(k, v).map_err(ApiError::bad_request)?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// A JSON value that must be an object (`what` names the field).
+pub fn object(what: &str, v: &Value) -> Result<(), ApiError> {
+    if v.is_object() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "{what} must be a JSON object, e.g. {{\"key\": \"value\"}}"
+        )))
+    }
+}
+
+/// A command name: 1–128 characters, no control characters.
+pub fn command_name(name: &str) -> Result<(), ApiError> {
+    let n = name.chars().count();
+    if n > 0 && n <= MAX_COMMAND_NAME && printable(name) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "name must be 1 to {MAX_COMMAND_NAME} characters without control characters"
+        )))
+    }
+}
+
+/// An idempotency key: 1–128 characters, no control characters.
+pub fn idempotency_key(key: &str) -> Result<(), ApiError> {
+    let n = key.chars().count();
+    if n > 0 && n <= MAX_IDEMPOTENCY_KEY && printable(key) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} characters without control \
+             characters"
+        )))
+    }
+}
+
+/// A page size: 1..=`max` (default 100, or `max` if smaller).
+pub fn limit(limit: Option<u32>, max: u32) -> Result<u32, ApiError> {
+    match limit {
+        None => Ok(100.min(max.max(1))),
+        Some(n) if n >= 1 && n <= max => Ok(n),
+        Some(_) => Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {max}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_follow_the_documented_alphabet() {
+        assert!(id_ok("pump-7.a_B"));
+        assert!(id_ok(&"x".repeat(64)));
+        assert!(!id_ok(&"x".repeat(65)));
+        assert!(!id_ok(""));
+        assert!(!id_ok("a/b"));
+        assert!(!id_ok("a b"));
+        assert!(!id_ok("é"));
+    }
+
+    #[test]
+    fn label_filters_split_at_the_first_equals_sign() {
+        assert_eq!(
+            label_filter("site=a=b").ok(),
+            Some(("site".into(), "a=b".into()))
+        );
+        assert!(label_filter("site").is_err());
+        assert!(label_filter("=x").is_err());
+    }
+
+    #[test]
+    fn limits_are_capped() {
+        assert_eq!(limit(None, 1000).ok(), Some(100));
+        assert_eq!(limit(None, 10).ok(), Some(10));
+        assert!(limit(Some(0), 1000).is_err());
+        assert!(limit(Some(1001), 1000).is_err());
+        assert_eq!(limit(Some(1000), 1000).ok(), Some(1000));
+    }
+}

@@ -1,0 +1,259 @@
+//! Gateway configuration: flags, a TOML file, or `ENTENTE_*` environment
+//! variables, with flags winning over the environment and both over the file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Command-line flags. Every flag can also come from an `ENTENTE_*`
+/// environment variable or the TOML file given with `--config`.
+#[derive(Debug, Parser, Default)]
+#[command(
+    name = "gateway",
+    version,
+    about = "Entente edge gateway: device registry, commands and shadows, agreed by Raft.",
+    long_about = "Entente edge gateway.\n\nWith no flags it runs a single-node group: data in ./data, REST on 0.0.0.0:8080, \
+peers on 127.0.0.1:7000. On first start it creates an admin token and prints the file it is in.\n\n\
+A cluster: start the same binary on each machine with --node-id, --peers (every member, \
+id=host:port of its peer listener) and the same --cluster-secret."
+)]
+pub struct Args {
+    /// TOML file with any of the settings below (keys as the long flag names with `_`).
+    #[arg(long, env = "ENTENTE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This gateway's id in the group (1, 2, 3, ...).
+    #[arg(long, env = "ENTENTE_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Every member of the group, `id=host:port` of its peer listener, comma-separated.
+    #[arg(long, env = "ENTENTE_PEERS")]
+    pub peers: Option<String>,
+    /// Where the Raft log and the state database live.
+    #[arg(long, env = "ENTENTE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// REST API listen address.
+    #[arg(long, env = "ENTENTE_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Peer (Raft) listen address.
+    #[arg(long, env = "ENTENTE_RAFT_LISTEN")]
+    pub raft_listen: Option<SocketAddr>,
+    /// Shared secret authenticating the gateways to each other.
+    #[arg(long, env = "ENTENTE_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// Name of the cluster; gateways of another cluster are refused.
+    #[arg(long, env = "ENTENTE_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+    /// How long a write may wait for the group before failing with 503 (ms).
+    #[arg(long, env = "ENTENTE_WRITE_TIMEOUT_MS")]
+    pub write_timeout_ms: Option<u64>,
+    /// Length of one Raft tick (ms).
+    #[arg(long, env = "ENTENTE_TICK_MS")]
+    pub tick_ms: Option<u64>,
+    /// Take a state snapshot every this many applied entries.
+    #[arg(long, env = "ENTENTE_SNAPSHOT_EVERY")]
+    pub snapshot_every: Option<u64>,
+}
+
+/// The settings file (same keys as the flags).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_id: Option<u64>,
+    peers: Option<String>,
+    data_dir: Option<PathBuf>,
+    http_listen: Option<SocketAddr>,
+    raft_listen: Option<SocketAddr>,
+    cluster_secret: Option<String>,
+    cluster_id: Option<String>,
+    write_timeout_ms: Option<u64>,
+    tick_ms: Option<u64>,
+    snapshot_every: Option<u64>,
+}
+
+/// Resolved settings of one gateway.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This gateway's node id.
+    pub node_id: u64,
+    /// Every voter of the initial group and its peer address (includes this node).
+    pub peers: BTreeMap<u64, SocketAddr>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// REST listen address (port 0 picks one).
+    pub http_listen: SocketAddr,
+    /// Peer listen address (port 0 picks one).
+    pub raft_listen: SocketAddr,
+    /// Cluster secret.
+    pub cluster_secret: String,
+    /// Cluster id.
+    pub cluster_id: String,
+    /// Bound on a write waiting for the group.
+    pub write_timeout: Duration,
+    /// Raft tick length.
+    pub tick: Duration,
+    /// Snapshot policy.
+    pub snapshot_every: u64,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Largest page size of list endpoints.
+    pub max_page: u32,
+    /// Longest `?wait=` a client may ask for.
+    pub max_wait: Duration,
+}
+
+impl Config {
+    /// A single-node gateway in `data_dir` listening on the given addresses:
+    /// the defaults of `cargo run -p gateway`, and what tests start from.
+    pub fn single(data_dir: PathBuf, http_listen: SocketAddr, raft_listen: SocketAddr) -> Config {
+        Config {
+            node_id: 1,
+            peers: BTreeMap::from([(1, raft_listen)]),
+            data_dir,
+            http_listen,
+            raft_listen,
+            cluster_secret: "entente-single-node".into(),
+            cluster_id: "entente".into(),
+            write_timeout: Duration::from_secs(5),
+            tick: Duration::from_millis(20),
+            snapshot_every: 10_000,
+            max_body_bytes: 64 * 1024,
+            max_page: 1000,
+            max_wait: Duration::from_secs(60),
+        }
+    }
+
+    /// Resolves flags, environment and file into settings.
+    pub fn from_args(args: Args) -> Result<Config, String> {
+        let file: FileConfig = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+                toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let http = args
+            .http_listen
+            .or(file.http_listen)
+            .unwrap_or(([0, 0, 0, 0], 8080).into());
+        let raft = args
+            .raft_listen
+            .or(file.raft_listen)
+            .unwrap_or(([127, 0, 0, 1], 7000).into());
+        let dir = args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("data"));
+        let mut c = Config::single(dir, http, raft);
+        c.node_id = args.node_id.or(file.node_id).unwrap_or(1);
+        if c.node_id == 0 {
+            return Err("--node-id must be at least 1".into());
+        }
+        if let Some(peers) = args.peers.or(file.peers) {
+            c.peers = parse_peers(&peers)?;
+            if !c.peers.contains_key(&c.node_id) {
+                return Err(format!("--peers must include this node ({})", c.node_id));
+            }
+        } else {
+            c.peers = BTreeMap::from([(c.node_id, raft)]);
+        }
+        if let Some(s) = args.cluster_secret.or(file.cluster_secret) {
+            c.cluster_secret = s;
+        } else if c.peers.len() > 1 {
+            return Err("a cluster needs --cluster-secret (the same on every gateway)".into());
+        }
+        if let Some(id) = args.cluster_id.or(file.cluster_id) {
+            c.cluster_id = id;
+        }
+        if let Some(ms) = args.write_timeout_ms.or(file.write_timeout_ms) {
+            c.write_timeout = Duration::from_millis(ms.max(1));
+        }
+        if let Some(ms) = args.tick_ms.or(file.tick_ms) {
+            c.tick = Duration::from_millis(ms.max(1));
+        }
+        if let Some(n) = args.snapshot_every.or(file.snapshot_every) {
+            c.snapshot_every = n.max(1);
+        }
+        Ok(c)
+    }
+}
+
+/// Parses `1=host:port,2=host:port`.
+pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, SocketAddr>, String> {
+    let mut peers = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| format!("peer {part:?} is not id=host:port"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("peer id {id:?} is not a number"))?;
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(addr.trim())
+            .map_err(|e| format!("peer {id} address {addr:?}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("peer {id} address {addr:?} resolves to nothing"))?;
+        if id == 0 || peers.insert(id, addr).is_some() {
+            return Err(format!("peer id {id} is 0 or given twice"));
+        }
+    }
+    if peers.is_empty() {
+        return Err("--peers is empty".into());
+    }
+    Ok(peers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file_and_defaults_are_single_node() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("g.toml");
+        std::fs::write(
+            &file,
+            "node_id = 2\npeers = \"1=127.0.0.1:7001,2=127.0.0.1:7002\"\ncluster_secret = \"s\"\n",
+        )
+        .expect("write");
+        let args = Args {
+            config: Some(file),
+            node_id: Some(1),
+            ..Args::default()
+        };
+        let c = Config::from_args(args).expect("config");
+        assert_eq!(c.node_id, 1);
+        assert_eq!(c.peers.len(), 2);
+        let c = Config::from_args(Args::default()).expect("defaults");
+        assert_eq!(c.http_listen.port(), 8080);
+        assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.data_dir, PathBuf::from("data"));
+    }
+
+    #[test]
+    fn bad_peers_are_refused_with_a_reason() {
+        assert!(parse_peers("1=127.0.0.1:1,1=127.0.0.1:2").is_err());
+        assert!(
+            parse_peers("x=127.0.0.1:1")
+                .unwrap_err()
+                .contains("not a number")
+        );
+        assert!(
+            parse_peers("1:127.0.0.1")
+                .unwrap_err()
+                .contains("id=host:port")
+        );
+        let args = Args {
+            peers: Some("1=127.0.0.1:1,2=127.0.0.1:2".into()),
+            ..Args::default()
+        };
+        assert!(
+            Config::from_args(args)
+                .unwrap_err()
+                .contains("cluster-secret")
+        );
+    }
+}

@@ -1,0 +1,326 @@
+//! Entente's edge gateway: embeds a `coordinator` node, keeps the replicated
+//! state in SQLite, and serves the operators' REST API.
+//!
+//! [`start`] brings a gateway up and returns a handle with its bound
+//! addresses; [`run`] is `start` plus waiting for a shutdown signal, which is
+//! what `main` calls. Tests call [`start`] with port-0 listeners and temp dirs.
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod config;
+pub mod ops;
+pub mod state;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use coordinator::node::{Node, NodeConfig, NodeError};
+use coordinator::raft::{ConfState, Role as RaftRole};
+use coordinator::storage::{Storage, StorageOptions};
+use coordinator::transport::{Transport, TransportConfig};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+pub use config::Config;
+use ops::{Op, OpResult, Proposal};
+use state::StateDb;
+
+/// Why the gateway could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The durable log could not be opened (the message names the file).
+    #[error("raft storage: {0}")]
+    Storage(#[from] coordinator::storage::StorageError),
+    /// The state database could not be opened.
+    #[error("state database: {0}")]
+    State(#[from] state::StateError),
+    /// The peer transport could not start.
+    #[error("peer transport: {0}")]
+    Transport(#[from] coordinator::transport::TransportError),
+    /// The node could not start.
+    #[error("raft node: {0}")]
+    Node(#[from] NodeError),
+    /// A listener or file failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> GatewayError {
+    let what = what.into();
+    move |source| GatewayError::Io { what, source }
+}
+
+/// Milliseconds since the Unix epoch (the proposer's stamp).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Hex SHA-256 of a secret or token (both are high-entropy random strings).
+pub fn hash_secret(secret: &str) -> String {
+    let digest = Sha256::digest(secret.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A random 32-byte token, hex-encoded.
+pub fn random_token() -> Result<String, GatewayError> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).map_err(|e| GatewayError::Io {
+        what: "reading the OS random source".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    /// Where the REST API listens.
+    pub http_addr: SocketAddr,
+    /// Where the peer transport listens.
+    pub raft_addr: SocketAddr,
+    /// The file holding the admin token created on first start, if this
+    /// gateway created it.
+    pub admin_token_file: Option<PathBuf>,
+    node: Node<OpResult>,
+    db: Arc<StateDb>,
+    transport: Arc<Transport>,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// The node handle (status, proposals).
+    pub fn node(&self) -> &Node<OpResult> {
+        &self.node
+    }
+
+    /// The state database.
+    pub fn db(&self) -> &Arc<StateDb> {
+        &self.db
+    }
+
+    /// Stops serving, ends streams, shuts the node down (flushing storage).
+    pub async fn stop(self) {
+        let _ = self.shutdown_tx.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.node.shutdown().await;
+        self.transport.shutdown().await;
+    }
+}
+
+/// Proposes `op` and waits for its result.
+pub async fn propose(node: &Node<OpResult>, op: Op) -> Result<(u64, OpResult), NodeError> {
+    let p = Proposal {
+        ts_ms: now_ms(),
+        op,
+    };
+    let applied = node.propose(p.encode()).await?;
+    Ok((applied.index, applied.output))
+}
+
+/// Starts a gateway: storage, state database, transport, node, REST API and
+/// the leader's background duties.
+pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(io(format!(
+        "creating data dir {}",
+        config.data_dir.display()
+    )))?;
+    let (storage, recovered) =
+        Storage::open(config.data_dir.join("raft"), StorageOptions::default())?;
+    let voters = ConfState::with_voters(config.peers.keys().copied());
+    let init = recovered.into_initial_state(voters);
+    let db = Arc::new(StateDb::open(&config.data_dir).await?);
+
+    let mut tcfg = TransportConfig::new(
+        config.node_id,
+        config.cluster_id.clone(),
+        config.cluster_secret.clone().into_bytes(),
+        config.raft_listen,
+    );
+    tcfg.peers = config
+        .peers
+        .iter()
+        .filter(|(id, _)| **id != config.node_id)
+        .map(|(i, a)| (*i, *a))
+        .collect();
+    let (transport, inbound) = Transport::start(tcfg)?;
+    let transport = Arc::new(transport);
+    let raft_addr = transport.local_addr();
+
+    let mut ncfg = NodeConfig::new(config.node_id);
+    ncfg.tick = config.tick;
+    ncfg.snapshot_every = config.snapshot_every;
+    ncfg.request_timeout = config.write_timeout;
+    ncfg.raft.seed ^= now_ms();
+    let node = Node::start(
+        ncfg,
+        init,
+        storage,
+        transport.clone(),
+        inbound,
+        state::Machine(db.clone()),
+    )
+    .await?;
+
+    let listener = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .map_err(io(format!(
+            "binding the REST listener {}",
+            config.http_listen
+        )))?;
+    let http_addr = listener
+        .local_addr()
+        .map_err(io("reading the REST address"))?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let config = Arc::new(config);
+    let app_state = api::AppState {
+        node: node.clone(),
+        db: db.clone(),
+        config: config.clone(),
+        shutdown: shutdown_rx.clone(),
+    };
+    let router = api::app(app_state);
+    let mut stop_http = shutdown_rx.clone();
+    let http = tokio::spawn(async move {
+        let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+            let _ = stop_http.wait_for(|s| *s).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "REST server failed");
+        }
+    });
+
+    let admin_token_file = bootstrap_admin(&node, &db, &config).await?;
+    let duties = tokio::spawn(leader_duties(node.clone(), db.clone(), shutdown_rx.clone()));
+    Ok(Gateway {
+        http_addr,
+        raft_addr,
+        admin_token_file,
+        node,
+        db,
+        transport,
+        shutdown_tx,
+        tasks: vec![http, duties],
+    })
+}
+
+/// On first start of a group, the gateway that leads creates an admin token
+/// (only if the group has none) and writes it to `<data-dir>/admin-token`.
+async fn bootstrap_admin(
+    node: &Node<OpResult>,
+    db: &StateDb,
+    config: &Config,
+) -> Result<Option<PathBuf>, GatewayError> {
+    let path = config.data_dir.join("admin-token");
+    if path.exists() {
+        return Ok(Some(path));
+    }
+    // Wait (bounded) for a leader; a cluster still forming is left alone.
+    // `wait_for` returns a guard on the node's status; it must be dropped at
+    // once (kept across the proposal below it would block the node driver's
+    // status updates until the proposal timed out).
+    let mut status = node.watch_status();
+    let leader_known = tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.raft.leader.is_some()),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    if !leader_known || node.status().raft.role != RaftRole::Leader {
+        return Ok(None);
+    }
+    if db.has_tokens().await? {
+        return Ok(None);
+    }
+    let token = random_token()?;
+    match propose(
+        node,
+        Op::BootstrapAdmin {
+            token_hash: hash_secret(&token),
+        },
+    )
+    .await
+    {
+        Ok((_, OpResult::Done)) => {
+            write_private(&path, &format!("{token}\n"))?;
+            Ok(Some(path))
+        }
+        Ok(_) => Ok(None),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not create the first admin token; it will be retried on the next start");
+            Ok(None)
+        }
+    }
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> Result<(), GatewayError> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts
+        .open(path)
+        .map_err(io(format!("creating {}", path.display())))?;
+    f.write_all(text.as_bytes())
+        .map_err(io(format!("writing {}", path.display())))?;
+    f.sync_all()
+        .map_err(io(format!("syncing {}", path.display())))
+}
+
+/// What only the leader does: expire commands whose TTL passed.
+async fn leader_duties(
+    node: Node<OpResult>,
+    db: Arc<StateDb>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut every = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        if node.status().raft.role != RaftRole::Leader {
+            continue;
+        }
+        match db.expired_commands(now_ms(), 500).await {
+            Ok(cids) if !cids.is_empty() => {
+                if let Err(e) = propose(&node, Op::ExpireCommands { cids }).await {
+                    tracing::debug!(error = %e, "expiring commands");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "looking for expired commands"),
+        }
+    }
+}
+
+/// Starts a gateway, prints where it is, and runs until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), GatewayError> {
+    let gw = start(config).await?;
+    println!(
+        "entente gateway: REST on http://{}  peers on {}",
+        gw.http_addr, gw.raft_addr
+    );
+    if let Some(f) = &gw.admin_token_file {
+        println!(
+            "admin token: {} (use it as 'Authorization: Bearer <token>')",
+            f.display()
+        );
+    }
+    shutdown.await;
+    gw.stop().await;
+    Ok(())
+}

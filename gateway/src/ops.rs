@@ -1,0 +1,412 @@
+//! The replicated operations — what one committed log entry says — and the
+//! domain types they act on. Both the state machine (which applies them) and
+//! the REST API (which proposes them and returns their results) use these.
+//!
+//! Entries are JSON (`serde_json`) so they can carry arbitrary command
+//! parameters, outputs and state patches, and stay readable in a log dump.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+/// One proposal: an operation stamped with the proposer's wall clock (ms since
+/// the Unix epoch). Apply uses this stamp and never reads a clock, so every
+/// replica computes the same state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// Milliseconds since the Unix epoch, read once by the proposing gateway.
+    pub ts_ms: u64,
+    /// What to do.
+    pub op: Op,
+}
+
+impl Proposal {
+    /// Encodes for the log.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising plain data to a Vec cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decodes a log entry.
+    pub fn decode(bytes: &[u8]) -> Result<Proposal, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// A replicated operation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Creates the first admin token, only if no token exists yet.
+    BootstrapAdmin {
+        /// SHA-256 (hex) of the token.
+        token_hash: String,
+    },
+    /// Creates an API token.
+    CreateToken {
+        /// SHA-256 (hex) of the token.
+        token_hash: String,
+        /// What it may do.
+        role: Role,
+        /// A label for people.
+        name: String,
+    },
+    /// Registers a device. Conflict if the id exists.
+    RegisterDevice {
+        /// Device id (validated by the API: `[A-Za-z0-9_.-]{1,64}`).
+        id: String,
+        /// SHA-256 (hex) of the device secret.
+        secret_hash: String,
+        /// Labels for filtering.
+        labels: BTreeMap<String, String>,
+        /// Free-form JSON object.
+        attributes: Value,
+    },
+    /// Replaces labels and/or attributes. NotFound if the device does not exist.
+    UpdateDevice {
+        /// Device id.
+        id: String,
+        /// New labels, if given.
+        labels: Option<BTreeMap<String, String>>,
+        /// New attributes, if given.
+        attributes: Option<Value>,
+    },
+    /// Deletes a device with its shadow and commands.
+    DeleteDevice {
+        /// Device id.
+        id: String,
+    },
+    /// Replaces a device's secret.
+    RotateSecret {
+        /// Device id.
+        id: String,
+        /// SHA-256 (hex) of the new secret.
+        secret_hash: String,
+    },
+    /// Issues a command (status `queued`). If `idempotency_key` was already
+    /// used for this device, nothing changes and the first command is the result.
+    IssueCommand {
+        /// Command id, chosen by the proposer (unique).
+        cid: String,
+        /// Target device.
+        device: String,
+        /// Command name.
+        name: String,
+        /// Parameters (any JSON).
+        params: Value,
+        /// Time to live; `expires_at = ts_ms + ttl_ms`.
+        ttl_ms: u64,
+        /// Optional client key for exactly-once issue.
+        idempotency_key: Option<String>,
+    },
+    /// The gateway holding the device's session published the command.
+    CommandSent {
+        /// Command id.
+        cid: String,
+        /// The publishing gateway.
+        gateway: u64,
+    },
+    /// The device said it has the command.
+    CommandAccepted {
+        /// Command id.
+        cid: String,
+    },
+    /// The device's result.
+    CommandResult {
+        /// Command id.
+        cid: String,
+        /// `succeeded` or `failed`.
+        succeeded: bool,
+        /// What the device returned.
+        output: Value,
+    },
+    /// An operator canceled a command (only if not terminal).
+    CancelCommand {
+        /// Command id.
+        cid: String,
+    },
+    /// The leader found these commands past their expiry; each one that is
+    /// still not terminal (and whose `expires_at <= ts_ms`) becomes `expired`.
+    ExpireCommands {
+        /// Command ids.
+        cids: Vec<String>,
+    },
+    /// JSON merge patch (RFC 7386) of the desired state. If
+    /// `expected_version` is given and differs from the shadow's version, the
+    /// result is `VersionMismatch` and nothing changes.
+    SetDesired {
+        /// Device id.
+        device: String,
+        /// Merge patch.
+        patch: Value,
+        /// The version the client saw (If-Match).
+        expected_version: Option<u64>,
+    },
+    /// JSON merge patch of the reported state (from the device, coalesced).
+    ReportState {
+        /// Device id.
+        device: String,
+        /// Merge patch.
+        patch: Value,
+    },
+    /// A device's session started or ended on a gateway.
+    Presence {
+        /// Device id.
+        device: String,
+        /// Gateway (node id).
+        gateway: u64,
+        /// Session epoch; a stale epoch is ignored.
+        epoch: u64,
+        /// Online or offline.
+        online: bool,
+    },
+    /// The leader declared a gateway down: its sessions are lost.
+    GatewaySessionsLost {
+        /// Gateway (node id).
+        gateway: u64,
+    },
+}
+
+impl Op {
+    /// The event kind this operation produces, for the event stream.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::BootstrapAdmin { .. } | Op::CreateToken { .. } => "token",
+            Op::RegisterDevice { .. } => "device.registered",
+            Op::UpdateDevice { .. } => "device.updated",
+            Op::DeleteDevice { .. } => "device.deleted",
+            Op::RotateSecret { .. } => "device.secret_rotated",
+            Op::IssueCommand { .. } => "command.issued",
+            Op::CommandSent { .. } => "command.sent",
+            Op::CommandAccepted { .. } => "command.accepted",
+            Op::CommandResult { .. } => "command.result",
+            Op::CancelCommand { .. } => "command.canceled",
+            Op::ExpireCommands { .. } => "command.expired",
+            Op::SetDesired { .. } => "shadow.desired",
+            Op::ReportState { .. } => "shadow.reported",
+            Op::Presence { .. } => "device.presence",
+            Op::GatewaySessionsLost { .. } => "gateway.sessions_lost",
+        }
+    }
+}
+
+/// What applying an operation produced, returned to its proposer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OpResult {
+    /// Applied; nothing to return.
+    Done,
+    /// Nothing to do (e.g. a bootstrap when a token exists, a stale presence).
+    Ignored,
+    /// The device after the operation.
+    Device(Device),
+    /// The command after the operation. `created` is false when an
+    /// idempotency key returned an existing command.
+    Command {
+        /// The command.
+        command: Command,
+        /// Whether this operation created it.
+        created: bool,
+    },
+    /// The shadow after the operation.
+    Shadow(Shadow),
+    /// The thing named does not exist.
+    NotFound(String),
+    /// The operation contradicts the current state (the message says how).
+    Conflict(String),
+    /// `If-Match` version mismatch; `current` is the shadow's version.
+    VersionMismatch {
+        /// The shadow's version.
+        current: u64,
+    },
+}
+
+/// What a token may do. Ordered: admin ⊃ operator ⊃ viewer.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads only.
+    Viewer,
+    /// Devices and commands.
+    Operator,
+    /// Everything, including cluster operations.
+    Admin,
+}
+
+impl Role {
+    /// The name stored in the database.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// A registered device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"id":"pump-7","labels":{"site":"north"},"attributes":{"model":"X2"},
+    "online":false,"gateway":null,"created_at":1764144000000u64,"updated_at":1764144000000u64}))]
+pub struct Device {
+    /// Device id.
+    pub id: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Free-form attributes.
+    #[schema(value_type = Object)]
+    pub attributes: Value,
+    /// Whether a session is open on some gateway.
+    pub online: bool,
+    /// The gateway holding its session, if online.
+    pub gateway: Option<u64>,
+    /// Registration time (ms since epoch).
+    pub created_at: u64,
+    /// Last change (ms since epoch).
+    pub updated_at: u64,
+}
+
+/// A command's lifecycle state (DESIGN §5).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandStatus {
+    /// Committed; not yet published to the device.
+    Queued,
+    /// Published to the device's session.
+    Sent,
+    /// The device said it has it.
+    Accepted,
+    /// The device reported success.
+    Succeeded,
+    /// The device reported failure.
+    Failed,
+    /// Its TTL passed first.
+    Expired,
+    /// An operator canceled it.
+    Canceled,
+}
+
+impl CommandStatus {
+    /// All states, in lifecycle order.
+    pub const ALL: [CommandStatus; 7] = [
+        CommandStatus::Queued,
+        CommandStatus::Sent,
+        CommandStatus::Accepted,
+        CommandStatus::Succeeded,
+        CommandStatus::Failed,
+        CommandStatus::Expired,
+        CommandStatus::Canceled,
+    ];
+
+    /// Whether no further transition is possible.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            CommandStatus::Succeeded
+                | CommandStatus::Failed
+                | CommandStatus::Expired
+                | CommandStatus::Canceled
+        )
+    }
+
+    /// The name stored in the database and used in the API.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CommandStatus::Queued => "queued",
+            CommandStatus::Sent => "sent",
+            CommandStatus::Accepted => "accepted",
+            CommandStatus::Succeeded => "succeeded",
+            CommandStatus::Failed => "failed",
+            CommandStatus::Expired => "expired",
+            CommandStatus::Canceled => "canceled",
+        }
+    }
+
+    /// Parses a stored or query-string name.
+    pub fn parse(s: &str) -> Option<CommandStatus> {
+        CommandStatus::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+/// A command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"id":"c-5f1e","device":"pump-7","name":"reboot","params":{"delay_s":5},
+    "status":"queued","output":null,"idempotency_key":null,"issued_at":1764144000000u64,
+    "expires_at":1764144060000u64,"updated_at":1764144000000u64}))]
+pub struct Command {
+    /// Command id.
+    pub id: String,
+    /// Target device.
+    pub device: String,
+    /// Name.
+    pub name: String,
+    /// Parameters.
+    #[schema(value_type = Object)]
+    pub params: Value,
+    /// Lifecycle state.
+    pub status: CommandStatus,
+    /// The device's output, once it reported a result.
+    #[schema(value_type = Option<Object>)]
+    pub output: Option<Value>,
+    /// The client's idempotency key, if any.
+    pub idempotency_key: Option<String>,
+    /// Issue time (ms since epoch).
+    pub issued_at: u64,
+    /// Expiry time (ms since epoch).
+    pub expires_at: u64,
+    /// Last change (ms since epoch).
+    pub updated_at: u64,
+}
+
+/// A device's shadow: desired and reported state and their difference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"device":"pump-7","desired":{"speed":3},"reported":{"speed":2},
+    "delta":{"speed":3},"version":4,"desired_updated":{"speed":1764144000000u64},
+    "reported_updated":{"speed":1764143000000u64}}))]
+pub struct Shadow {
+    /// Device id.
+    pub device: String,
+    /// Desired state (JSON object).
+    #[schema(value_type = Object)]
+    pub desired: Value,
+    /// Reported state (JSON object).
+    #[schema(value_type = Object)]
+    pub reported: Value,
+    /// Keys of `desired` whose value differs from `reported` (recursively for
+    /// objects), with the desired value.
+    #[schema(value_type = Object)]
+    pub delta: Value,
+    /// Incremented on every change of `desired`.
+    pub version: u64,
+    /// Per top-level key of `desired`: when it last changed (ms since epoch).
+    pub desired_updated: BTreeMap<String, u64>,
+    /// Per top-level key of `reported`: when it last changed (ms since epoch).
+    pub reported_updated: BTreeMap<String, u64>,
+}
+
+/// One committed change, as streamed on `GET /v1/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    /// The log index of the entry that made the change (the SSE `id`).
+    pub index: u64,
+    /// What happened, e.g. `command.result` (the SSE `event`).
+    pub kind: String,
+    /// Details (the SSE `data`), e.g. the command after the change.
+    #[schema(value_type = Object)]
+    pub data: Value,
+}

@@ -1,0 +1,661 @@
+//! Applying committed entries: one transaction per batch, deterministic.
+
+use std::collections::BTreeMap;
+
+use coordinator::node::Committed;
+use coordinator::raft::Index;
+use serde_json::{Value, json};
+use sqlx::SqliteConnection;
+
+use super::rows::{
+    db_int, load_applied_index, load_command, load_device, load_shadow, store_applied_index,
+    to_json_text, to_json_value,
+};
+use super::{EVENTS_RETAINED, StateDb, StateError};
+use crate::ops::{Command, CommandStatus, Device, Event, Op, OpResult, Proposal, Role};
+
+impl StateDb {
+    /// Applies a batch of committed entries in one transaction and records
+    /// `last_index`. Returns one result per entry. An entry that does not
+    /// decode is applied as a no-op with `OpResult::Conflict` (it cannot come
+    /// from this code; it is logged).
+    ///
+    /// Entries at or below the applied index are skipped with
+    /// `OpResult::Ignored` (exactly-once). Each entry that changed something
+    /// yields one [`Event`]; the events are stored in the same transaction and
+    /// broadcast (and the applied-index watch updated) after the commit.
+    pub async fn apply(
+        &self,
+        entries: Vec<Committed>,
+        last_index: Index,
+    ) -> Result<Vec<OpResult>, StateError> {
+        let _writer = self.writer.lock().await;
+        let pool = self.pool.read().await;
+        let mut tx = pool.begin().await?;
+        let start = load_applied_index(&mut tx).await?;
+        let mut mark = start;
+        let mut results = Vec::with_capacity(entries.len());
+        let mut events = Vec::new();
+        for entry in &entries {
+            if entry.index <= mark {
+                results.push(OpResult::Ignored);
+                continue;
+            }
+            mark = entry.index;
+            let proposal = match Proposal::decode(&entry.data) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(index = entry.index, error = %e, "committed entry does not decode; applied as a no-op");
+                    results.push(OpResult::Conflict(format!(
+                        "entry {} does not decode: {e}",
+                        entry.index
+                    )));
+                    continue;
+                }
+            };
+            let (result, data) = apply_op(&mut tx, proposal.ts_ms, &proposal.op).await?;
+            if let Some(data) = data {
+                events.push(Event {
+                    index: entry.index,
+                    kind: proposal.op.kind().to_string(),
+                    data,
+                });
+            }
+            results.push(result);
+        }
+        let new_applied = mark.max(last_index);
+        if new_applied == start {
+            // Nothing new: no write, no commit needed.
+            tx.rollback().await?;
+            return Ok(results);
+        }
+        for ev in &events {
+            sqlx::query("INSERT INTO events (idx, kind, data) VALUES (?, ?, ?)")
+                .bind(db_int(ev.index))
+                .bind(&ev.kind)
+                .bind(to_json_text(&ev.data)?)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let floor = new_applied.saturating_sub(EVENTS_RETAINED);
+        if floor > 0 {
+            sqlx::query("DELETE FROM events WHERE idx < ?")
+                .bind(db_int(floor))
+                .execute(&mut *tx)
+                .await?;
+        }
+        store_applied_index(&mut tx, new_applied).await?;
+        tx.commit().await?;
+        drop(pool);
+        self.applied.send_replace(new_applied);
+        for ev in events {
+            // No subscriber is fine.
+            let _ = self.events.send(ev);
+        }
+        Ok(results)
+    }
+}
+
+/// What one operation did: its result and, if it changed something, the
+/// event data.
+type Applied = (OpResult, Option<Value>);
+
+fn not_found_device(id: &str) -> Applied {
+    (OpResult::NotFound(format!("device {id}")), None)
+}
+
+fn not_found_command(cid: &str) -> Applied {
+    (OpResult::NotFound(format!("command {cid}")), None)
+}
+
+/// Applies one operation at time `ts` (the proposer's stamp).
+async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Applied, StateError> {
+    match op {
+        Op::BootstrapAdmin { token_hash } => {
+            let any: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tokens)")
+                .fetch_one(&mut *conn)
+                .await?;
+            if any {
+                return Ok((OpResult::Ignored, None));
+            }
+            insert_token(conn, ts, token_hash, Role::Admin, "bootstrap admin").await
+        }
+        Op::CreateToken {
+            token_hash,
+            role,
+            name,
+        } => {
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tokens WHERE token_hash = ?)")
+                    .bind(token_hash)
+                    .fetch_one(&mut *conn)
+                    .await?;
+            if exists {
+                return Ok((
+                    OpResult::Conflict("a token with this hash already exists".into()),
+                    None,
+                ));
+            }
+            insert_token(conn, ts, token_hash, *role, name).await
+        }
+        Op::RegisterDevice {
+            id,
+            secret_hash,
+            labels,
+            attributes,
+        } => register_device(conn, ts, id, secret_hash, labels, attributes).await,
+        Op::UpdateDevice {
+            id,
+            labels,
+            attributes,
+        } => {
+            if load_device(conn, id).await?.is_none() {
+                return Ok(not_found_device(id));
+            }
+            if let Some(labels) = labels {
+                sqlx::query("UPDATE devices SET labels = ? WHERE id = ?")
+                    .bind(to_json_text(labels)?)
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await?;
+                write_labels(conn, id, labels).await?;
+            }
+            if let Some(attributes) = attributes {
+                sqlx::query("UPDATE devices SET attributes = ? WHERE id = ?")
+                    .bind(to_json_text(attributes)?)
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            touch_device(conn, id, ts).await?;
+            device_changed(conn, id).await
+        }
+        Op::DeleteDevice { id } => {
+            if load_device(conn, id).await?.is_none() {
+                return Ok(not_found_device(id));
+            }
+            // The foreign keys cascade too; deleting explicitly keeps this
+            // independent of the connection's foreign-key setting.
+            for sql in [
+                "DELETE FROM commands WHERE device = ?",
+                "DELETE FROM shadows WHERE device = ?",
+                "DELETE FROM device_labels WHERE device = ?",
+                "DELETE FROM devices WHERE id = ?",
+            ] {
+                sqlx::query(sql).bind(id).execute(&mut *conn).await?;
+            }
+            Ok((OpResult::Done, Some(json!({ "id": id }))))
+        }
+        Op::RotateSecret { id, secret_hash } => {
+            if load_device(conn, id).await?.is_none() {
+                return Ok(not_found_device(id));
+            }
+            sqlx::query("UPDATE devices SET secret_hash = ?, updated_at = ? WHERE id = ?")
+                .bind(secret_hash)
+                .bind(db_int(ts))
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+            let device = must_device(conn, id).await?;
+            Ok((OpResult::Device(device), Some(json!({ "id": id }))))
+        }
+        Op::IssueCommand {
+            cid,
+            device,
+            name,
+            params,
+            ttl_ms,
+            idempotency_key,
+        } => {
+            issue_command(
+                conn,
+                ts,
+                cid,
+                device,
+                name,
+                params,
+                *ttl_ms,
+                idempotency_key.as_deref(),
+            )
+            .await
+        }
+        Op::CommandSent { cid, gateway: _ } => {
+            let Some(cmd) = load_command(conn, cid).await? else {
+                return Ok(not_found_command(cid));
+            };
+            if cmd.status != CommandStatus::Queued {
+                return Ok((OpResult::Ignored, None));
+            }
+            transition(conn, ts, cid, CommandStatus::Sent, None).await
+        }
+        Op::CommandAccepted { cid } => {
+            let Some(cmd) = load_command(conn, cid).await? else {
+                return Ok(not_found_command(cid));
+            };
+            if !matches!(cmd.status, CommandStatus::Queued | CommandStatus::Sent) {
+                return Ok((OpResult::Ignored, None));
+            }
+            transition(conn, ts, cid, CommandStatus::Accepted, None).await
+        }
+        Op::CommandResult {
+            cid,
+            succeeded,
+            output,
+        } => {
+            let Some(cmd) = load_command(conn, cid).await? else {
+                return Ok(not_found_command(cid));
+            };
+            if cmd.status.is_terminal() {
+                return Ok((OpResult::Ignored, None));
+            }
+            let status = if *succeeded {
+                CommandStatus::Succeeded
+            } else {
+                CommandStatus::Failed
+            };
+            transition(conn, ts, cid, status, Some(output)).await
+        }
+        Op::CancelCommand { cid } => {
+            let Some(cmd) = load_command(conn, cid).await? else {
+                return Ok(not_found_command(cid));
+            };
+            if cmd.status.is_terminal() {
+                return Ok((
+                    OpResult::Conflict(format!("command is already {}", cmd.status.as_str())),
+                    None,
+                ));
+            }
+            transition(conn, ts, cid, CommandStatus::Canceled, None).await
+        }
+        Op::ExpireCommands { cids } => {
+            let mut expired = Vec::new();
+            for cid in cids {
+                let Some(cmd) = load_command(conn, cid).await? else {
+                    continue;
+                };
+                if cmd.status.is_terminal() || cmd.expires_at > ts {
+                    continue;
+                }
+                set_status(conn, ts, cid, CommandStatus::Expired, None).await?;
+                expired.push(must_command(conn, cid).await?);
+            }
+            if expired.is_empty() {
+                return Ok((OpResult::Ignored, None));
+            }
+            Ok((
+                OpResult::Done,
+                Some(json!({ "commands": to_json_value(&expired)? })),
+            ))
+        }
+        Op::SetDesired {
+            device,
+            patch,
+            expected_version,
+        } => {
+            let Some(mut sh) = load_shadow(conn, device).await? else {
+                return Ok(not_found_device(device));
+            };
+            if let Some(v) = expected_version
+                && *v != sh.version
+            {
+                return Ok((
+                    OpResult::VersionMismatch {
+                        current: sh.version,
+                    },
+                    None,
+                ));
+            }
+            if !patch.is_object() {
+                return Ok((
+                    OpResult::Conflict("a desired-state patch must be a JSON object".into()),
+                    None,
+                ));
+            }
+            super::merge::merge_patch(&mut sh.desired, patch);
+            stamp_keys(&mut sh.desired_updated, patch, ts);
+            sh.version = sh.version.saturating_add(1);
+            sqlx::query(
+                "UPDATE shadows SET desired = ?, desired_updated = ?, version = ? WHERE device = ?",
+            )
+            .bind(to_json_text(&sh.desired)?)
+            .bind(to_json_text(&sh.desired_updated)?)
+            .bind(db_int(sh.version))
+            .bind(device)
+            .execute(&mut *conn)
+            .await?;
+            let shadow = sh.into_shadow();
+            let data = to_json_value(&shadow)?;
+            Ok((OpResult::Shadow(shadow), Some(data)))
+        }
+        Op::ReportState { device, patch } => {
+            let Some(mut sh) = load_shadow(conn, device).await? else {
+                return Ok(not_found_device(device));
+            };
+            if !patch.is_object() {
+                return Ok((
+                    OpResult::Conflict("a reported-state patch must be a JSON object".into()),
+                    None,
+                ));
+            }
+            super::merge::merge_patch(&mut sh.reported, patch);
+            stamp_keys(&mut sh.reported_updated, patch, ts);
+            sqlx::query("UPDATE shadows SET reported = ?, reported_updated = ? WHERE device = ?")
+                .bind(to_json_text(&sh.reported)?)
+                .bind(to_json_text(&sh.reported_updated)?)
+                .bind(device)
+                .execute(&mut *conn)
+                .await?;
+            let shadow = sh.into_shadow();
+            let data = to_json_value(&shadow)?;
+            Ok((OpResult::Shadow(shadow), Some(data)))
+        }
+        Op::Presence {
+            device,
+            gateway,
+            epoch,
+            online,
+        } => presence(conn, ts, device, *gateway, *epoch, *online).await,
+        Op::GatewaySessionsLost { gateway } => {
+            let ids: Vec<String> = sqlx::query_scalar(
+                "SELECT id FROM devices WHERE online = 1 AND gateway = ? ORDER BY id",
+            )
+            .bind(db_int(*gateway))
+            .fetch_all(&mut *conn)
+            .await?;
+            if ids.is_empty() {
+                return Ok((OpResult::Ignored, None));
+            }
+            sqlx::query(
+                "UPDATE devices SET online = 0, gateway = NULL, updated_at = ? \
+                 WHERE online = 1 AND gateway = ?",
+            )
+            .bind(db_int(ts))
+            .bind(db_int(*gateway))
+            .execute(&mut *conn)
+            .await?;
+            Ok((
+                OpResult::Done,
+                Some(json!({ "gateway": gateway, "devices": ids })),
+            ))
+        }
+    }
+}
+
+async fn insert_token(
+    conn: &mut SqliteConnection,
+    ts: u64,
+    token_hash: &str,
+    role: Role,
+    name: &str,
+) -> Result<Applied, StateError> {
+    sqlx::query("INSERT INTO tokens (token_hash, role, name, created_at) VALUES (?, ?, ?, ?)")
+        .bind(token_hash)
+        .bind(role.as_str())
+        .bind(name)
+        .bind(db_int(ts))
+        .execute(&mut *conn)
+        .await?;
+    // The event never carries the hash.
+    Ok((
+        OpResult::Done,
+        Some(json!({ "role": role.as_str(), "name": name })),
+    ))
+}
+
+async fn register_device(
+    conn: &mut SqliteConnection,
+    ts: u64,
+    id: &str,
+    secret_hash: &str,
+    labels: &BTreeMap<String, String>,
+    attributes: &Value,
+) -> Result<Applied, StateError> {
+    if load_device(conn, id).await?.is_some() {
+        return Ok((
+            OpResult::Conflict(format!("device {id} already exists")),
+            None,
+        ));
+    }
+    sqlx::query(
+        "INSERT INTO devices (id, secret_hash, labels, attributes, online, gateway, \
+         presence_epoch, created_at, updated_at) VALUES (?, ?, ?, ?, 0, NULL, 0, ?, ?)",
+    )
+    .bind(id)
+    .bind(secret_hash)
+    .bind(to_json_text(labels)?)
+    .bind(to_json_text(attributes)?)
+    .bind(db_int(ts))
+    .bind(db_int(ts))
+    .execute(&mut *conn)
+    .await?;
+    write_labels(conn, id, labels).await?;
+    sqlx::query(
+        "INSERT INTO shadows (device, desired, reported, version, desired_updated, \
+         reported_updated) VALUES (?, '{}', '{}', 0, '{}', '{}')",
+    )
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    device_changed(conn, id).await
+}
+
+async fn write_labels(
+    conn: &mut SqliteConnection,
+    id: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<(), StateError> {
+    sqlx::query("DELETE FROM device_labels WHERE device = ?")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    for (k, v) in labels {
+        sqlx::query("INSERT INTO device_labels (device, key, value) VALUES (?, ?, ?)")
+            .bind(id)
+            .bind(k)
+            .bind(v)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn touch_device(conn: &mut SqliteConnection, id: &str, ts: u64) -> Result<(), StateError> {
+    sqlx::query("UPDATE devices SET updated_at = ? WHERE id = ?")
+        .bind(db_int(ts))
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+async fn must_device(conn: &mut SqliteConnection, id: &str) -> Result<Device, StateError> {
+    load_device(conn, id)
+        .await?
+        .ok_or_else(|| StateError::Corrupt(format!("device {id} vanished during apply")))
+}
+
+async fn must_command(conn: &mut SqliteConnection, cid: &str) -> Result<Command, StateError> {
+    load_command(conn, cid)
+        .await?
+        .ok_or_else(|| StateError::Corrupt(format!("command {cid} vanished during apply")))
+}
+
+/// The device after a change, as result and event.
+async fn device_changed(conn: &mut SqliteConnection, id: &str) -> Result<Applied, StateError> {
+    let device = must_device(conn, id).await?;
+    let data = to_json_value(&device)?;
+    Ok((OpResult::Device(device), Some(data)))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn issue_command(
+    conn: &mut SqliteConnection,
+    ts: u64,
+    cid: &str,
+    device: &str,
+    name: &str,
+    params: &Value,
+    ttl_ms: u64,
+    idempotency_key: Option<&str>,
+) -> Result<Applied, StateError> {
+    if load_device(conn, device).await?.is_none() {
+        return Ok(not_found_device(device));
+    }
+    if let Some(key) = idempotency_key {
+        let existing: Option<String> =
+            sqlx::query_scalar("SELECT id FROM commands WHERE device = ? AND idempotency_key = ?")
+                .bind(device)
+                .bind(key)
+                .fetch_optional(&mut *conn)
+                .await?;
+        if let Some(existing) = existing {
+            let command = must_command(conn, &existing).await?;
+            return Ok((
+                OpResult::Command {
+                    command,
+                    created: false,
+                },
+                None,
+            ));
+        }
+    }
+    if load_command(conn, cid).await?.is_some() {
+        return Ok((
+            OpResult::Conflict(format!("command {cid} already exists")),
+            None,
+        ));
+    }
+    sqlx::query(
+        "INSERT INTO commands (id, device, name, params, status, output, idempotency_key, \
+         issued_at, expires_at, updated_at) VALUES (?, ?, ?, ?, 'queued', NULL, ?, ?, ?, ?)",
+    )
+    .bind(cid)
+    .bind(device)
+    .bind(name)
+    .bind(to_json_text(params)?)
+    .bind(idempotency_key)
+    .bind(db_int(ts))
+    .bind(db_int(ts.saturating_add(ttl_ms)))
+    .bind(db_int(ts))
+    .execute(&mut *conn)
+    .await?;
+    let command = must_command(conn, cid).await?;
+    let data = to_json_value(&command)?;
+    Ok((
+        OpResult::Command {
+            command,
+            created: true,
+        },
+        Some(data),
+    ))
+}
+
+async fn set_status(
+    conn: &mut SqliteConnection,
+    ts: u64,
+    cid: &str,
+    status: CommandStatus,
+    output: Option<&Value>,
+) -> Result<(), StateError> {
+    let output = output.map(to_json_text).transpose()?;
+    sqlx::query(
+        "UPDATE commands SET status = ?, output = COALESCE(?, output), updated_at = ? \
+         WHERE id = ?",
+    )
+    .bind(status.as_str())
+    .bind(output)
+    .bind(db_int(ts))
+    .bind(cid)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Moves a command to `status`; the command after it is result and event.
+async fn transition(
+    conn: &mut SqliteConnection,
+    ts: u64,
+    cid: &str,
+    status: CommandStatus,
+    output: Option<&Value>,
+) -> Result<Applied, StateError> {
+    set_status(conn, ts, cid, status, output).await?;
+    let command = must_command(conn, cid).await?;
+    let data = to_json_value(&command)?;
+    Ok((
+        OpResult::Command {
+            command,
+            created: false,
+        },
+        Some(data),
+    ))
+}
+
+/// Records when each top-level key of `patch` changed (a `null` removes the key).
+fn stamp_keys(updated: &mut BTreeMap<String, u64>, patch: &Value, ts: u64) {
+    if let Value::Object(p) = patch {
+        for (k, v) in p {
+            if v.is_null() {
+                updated.remove(k);
+            } else {
+                updated.insert(k.clone(), ts);
+            }
+        }
+    }
+}
+
+/// Presence: a session on `gateway` with `epoch` started (`online`) or ended.
+///
+/// Epochs are per device and only move forward: presence with an epoch below
+/// the highest seen is stale and ignored. Online (epoch ≥ the highest seen)
+/// records the gateway and the epoch. Offline counts only if it names the
+/// current gateway and epoch (a late "offline" from an older session, or from
+/// a gateway the device already left, changes nothing).
+async fn presence(
+    conn: &mut SqliteConnection,
+    ts: u64,
+    device: &str,
+    gateway: u64,
+    epoch: u64,
+    online: bool,
+) -> Result<Applied, StateError> {
+    let row: Option<(i64, Option<i64>, i64)> =
+        sqlx::query_as("SELECT online, gateway, presence_epoch FROM devices WHERE id = ?")
+            .bind(device)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((cur_online, cur_gateway, cur_epoch)) = row else {
+        return Ok(not_found_device(device));
+    };
+    // Compared as stored (clamped), so huge ids and epochs stay consistent.
+    let cur_online = cur_online != 0;
+    let (gateway, epoch) = (db_int(gateway), db_int(epoch));
+    if epoch < cur_epoch {
+        return Ok((OpResult::Ignored, None));
+    }
+    if online {
+        if cur_online && cur_gateway == Some(gateway) && cur_epoch == epoch {
+            return Ok((OpResult::Ignored, None));
+        }
+        sqlx::query(
+            "UPDATE devices SET online = 1, gateway = ?, presence_epoch = ?, updated_at = ? \
+             WHERE id = ?",
+        )
+        .bind(gateway)
+        .bind(epoch)
+        .bind(db_int(ts))
+        .bind(device)
+        .execute(&mut *conn)
+        .await?;
+    } else {
+        if !(cur_online && cur_gateway == Some(gateway) && cur_epoch == epoch) {
+            return Ok((OpResult::Ignored, None));
+        }
+        sqlx::query("UPDATE devices SET online = 0, gateway = NULL, updated_at = ? WHERE id = ?")
+            .bind(db_int(ts))
+            .bind(device)
+            .execute(&mut *conn)
+            .await?;
+    }
+    device_changed(conn, device).await
+}

@@ -1,0 +1,178 @@
+//! JSON merge patch (RFC 7386) and the shadow delta.
+
+use serde_json::{Map, Value};
+
+/// Applies an RFC 7386 merge patch to `target` in place.
+///
+/// An object patch merges key by key (`null` removes a key, nested objects
+/// merge recursively, a non-object target becomes an object first); any
+/// other patch (array, string, number, bool, null) replaces the target whole.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    if let Value::Object(t) = target {
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+    }
+}
+
+/// The keys of `desired` whose value differs from `reported`, with the
+/// desired value. Objects present on both sides are compared recursively and
+/// contribute only their differing sub-keys; anything else (arrays included)
+/// is compared whole. Numbers compare by value (`1` equals `1.0`).
+/// Always returns an object.
+pub fn delta(desired: &Value, reported: &Value) -> Value {
+    let mut out = Map::new();
+    if let Value::Object(d) = desired {
+        for (k, dv) in d {
+            match reported.get(k) {
+                None => {
+                    out.insert(k.clone(), dv.clone());
+                }
+                Some(rv) => {
+                    if dv.is_object() && rv.is_object() {
+                        let sub = delta(dv, rv);
+                        if sub.as_object().is_some_and(|m| !m.is_empty()) {
+                            out.insert(k.clone(), sub);
+                        }
+                    } else if !json_eq(dv, rv) {
+                        out.insert(k.clone(), dv.clone());
+                    }
+                }
+            }
+        }
+    }
+    Value::Object(out)
+}
+
+/// Structural equality where numbers compare by value.
+fn json_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            if let (Some(x), Some(y)) = (x.as_i64(), y.as_i64()) {
+                x == y
+            } else if let (Some(x), Some(y)) = (x.as_u64(), y.as_u64()) {
+                x == y
+            } else {
+                x.as_f64() == y.as_f64()
+            }
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| json_eq(a, b))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn patched(target: Value, patch: Value) -> Value {
+        let mut t = target;
+        merge_patch(&mut t, &patch);
+        t
+    }
+
+    #[test]
+    fn rfc7386_examples() {
+        // The test cases of RFC 7386, appendix A.
+        let cases = [
+            (json!({"a":"b"}), json!({"a":"c"}), json!({"a":"c"})),
+            (json!({"a":"b"}), json!({"b":"c"}), json!({"a":"b","b":"c"})),
+            (json!({"a":"b"}), json!({"a":null}), json!({})),
+            (
+                json!({"a":"b","b":"c"}),
+                json!({"a":null}),
+                json!({"b":"c"}),
+            ),
+            (json!({"a":["b"]}), json!({"a":"c"}), json!({"a":"c"})),
+            (json!({"a":"c"}), json!({"a":["b"]}), json!({"a":["b"]})),
+            (
+                json!({"a":{"b":"c"}}),
+                json!({"a":{"b":"d","c":null}}),
+                json!({"a":{"b":"d"}}),
+            ),
+            (json!({"a":[{"b":"c"}]}), json!({"a":[1]}), json!({"a":[1]})),
+            (json!(["a", "b"]), json!(["c", "d"]), json!(["c", "d"])),
+            (json!({"a":"b"}), json!(["c"]), json!(["c"])),
+            (json!({"a":"foo"}), json!(null), json!(null)),
+            (json!({"a":"foo"}), json!("bar"), json!("bar")),
+            (json!({"e":null}), json!({"a":1}), json!({"e":null,"a":1})),
+            (json!([1, 2]), json!({"a":"b","c":null}), json!({"a":"b"})),
+            (
+                json!({}),
+                json!({"a":{"bb":{"ccc":null}}}),
+                json!({"a":{"bb":{}}}),
+            ),
+        ];
+        for (target, patch, want) in cases {
+            assert_eq!(
+                patched(target.clone(), patch.clone()),
+                want,
+                "{target} + {patch}"
+            );
+        }
+    }
+
+    #[test]
+    fn delta_cases() {
+        assert_eq!(delta(&json!({}), &json!({})), json!({}));
+        assert_eq!(delta(&json!({"a":1}), &json!({})), json!({"a":1}));
+        assert_eq!(delta(&json!({"a":1}), &json!({"a":1})), json!({}));
+        assert_eq!(delta(&json!({"a":1}), &json!({"a":1.0})), json!({}));
+        assert_eq!(delta(&json!({"a":1}), &json!({"a":2})), json!({"a":1}));
+        // Reported-only keys are not in the delta.
+        assert_eq!(delta(&json!({}), &json!({"x":1})), json!({}));
+        // Nested: only the differing sub-keys.
+        assert_eq!(
+            delta(
+                &json!({"led":{"color":"red","on":true},"fan":2}),
+                &json!({"led":{"color":"blue","on":true},"fan":2})
+            ),
+            json!({"led":{"color":"red"}})
+        );
+        // Nested equal objects vanish entirely.
+        assert_eq!(
+            delta(
+                &json!({"a":{"b":{"c":1}}}),
+                &json!({"a":{"b":{"c":1,"d":2}}})
+            ),
+            json!({})
+        );
+        // Arrays are compared whole.
+        assert_eq!(delta(&json!({"a":[1,2]}), &json!({"a":[1,2]})), json!({}));
+        assert_eq!(
+            delta(&json!({"a":[1,2]}), &json!({"a":[2,1]})),
+            json!({"a":[1,2]})
+        );
+        // Type changes: object against scalar is a difference, whole.
+        assert_eq!(
+            delta(&json!({"a":{"b":1}}), &json!({"a":5})),
+            json!({"a":{"b":1}})
+        );
+        assert_eq!(
+            delta(&json!({"a":5}), &json!({"a":{"b":1}})),
+            json!({"a":5})
+        );
+        // An empty desired object says nothing about reported sub-keys.
+        assert_eq!(delta(&json!({"a":{}}), &json!({"a":{"b":1}})), json!({}));
+        assert_eq!(delta(&json!({"a":{}}), &json!({})), json!({"a":{}}));
+    }
+}

@@ -1,0 +1,239 @@
+//! The replicated state machine over SQLite (sqlx, WAL mode).
+//!
+//! Every committed entry is one [`Proposal`](crate::ops::Proposal); a batch
+//! of them is applied in **one transaction that also records the last index**
+//! in the `meta` table, so applying is exactly-once across crashes: entries at
+//! or below the recorded index are never handed over again (the node driver
+//! asks [`StateMachine::applied_index`] on start). Apply reads no clock: it
+//! uses the proposal's `ts_ms`.
+//!
+//! Snapshots are `VACUUM INTO` a file; restoring replaces `state.db`
+//! atomically (write a temp file, fsync, rename, reopen the pool).
+//!
+//! Schema: `migrations/` at the workspace root, applied by `sqlx::migrate!`
+//! on open.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use coordinator::node::{BoxError, Committed, StateMachine};
+use coordinator::raft::{Index, SnapshotMeta};
+use sqlx::SqlitePool;
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use tokio::sync::{Mutex, RwLock, broadcast, watch};
+
+use crate::ops::{Event, OpResult};
+
+mod apply;
+pub mod merge;
+mod queries;
+mod rows;
+mod snapshot;
+#[cfg(test)]
+mod tests;
+
+/// The schema (`migrations/` at the workspace root).
+static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// The database file in the data directory.
+const DB_FILE: &str = "state.db";
+/// Where a snapshot image is prepared before it replaces [`DB_FILE`].
+const RESTORE_TMP: &str = "state.db.restore.tmp";
+/// Snapshot images are written to `<prefix><n>.tmp` and removed after reading.
+const SNAPSHOT_TMP_PREFIX: &str = "state.db.snapshot-";
+/// Connections in the pool (one is the writer's while a batch applies).
+const POOL_SIZE: u32 = 4;
+/// Capacity of the event broadcast; a receiver that lags further gets
+/// `RecvError::Lagged` and should catch up with [`StateDb::events_since`].
+pub const EVENT_CHANNEL_CAPACITY: usize = 4096;
+/// Events are kept for this many log indexes behind the applied index.
+pub const EVENTS_RETAINED: u64 = 100_000;
+
+/// Why a state operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// SQLite failed.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// File handling around snapshots failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Stored data (or a snapshot image) is not what the schema says.
+    #[error("corrupt state: {0}")]
+    Corrupt(String),
+}
+
+/// Filters for listing devices.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceFilter {
+    /// Only devices with this label key = value.
+    pub label: Option<(String, String)>,
+    /// Only online (true) or offline (false) devices.
+    pub online: Option<bool>,
+}
+
+/// Keyset pagination: items strictly after `after` (by id, ascending), at most `limit`.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// The last id of the previous page.
+    pub after: Option<String>,
+    /// Page size (the API caps it).
+    pub limit: u32,
+}
+
+/// The state database. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct StateDb {
+    /// The data directory (holds `state.db`).
+    dir: PathBuf,
+    /// Behind a lock so a restore can swap it: queries hold the read lock
+    /// while they run, a restore takes the write lock for the swap.
+    pool: RwLock<SqlitePool>,
+    /// Serialises the writers (apply, restore).
+    writer: Mutex<()>,
+    /// The applied index, published after each commit.
+    applied: watch::Sender<Index>,
+    /// Events of committed batches.
+    events: broadcast::Sender<Event>,
+    /// Numbers temp snapshot files.
+    tmp_seq: AtomicU64,
+}
+
+/// Opens a pool on `path` (creating the file) and brings the schema up to date.
+async fn open_pool(path: &Path) -> Result<SqlitePool, StateError> {
+    let opts = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // The Raft log is the durability point: after a crash the entries
+        // past the recorded applied index are applied again.
+        .synchronous(SqliteSynchronous::Normal)
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(10));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(POOL_SIZE)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(opts)
+        .await?;
+    if let Err(e) = MIGRATOR.run(&pool).await {
+        pool.close().await;
+        return Err(e.into());
+    }
+    Ok(pool)
+}
+
+/// Removes temp files a crash may have left in `dir`.
+async fn remove_stale_temp_files(dir: &Path) -> Result<(), StateError> {
+    snapshot::remove_db_files(&dir.join(RESTORE_TMP)).await?;
+    let mut rd = tokio::fs::read_dir(dir)
+        .await
+        .map_err(|source| StateError::Io {
+            op: "listing",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    while let Some(entry) = rd.next_entry().await.map_err(|source| StateError::Io {
+        op: "listing",
+        path: dir.to_path_buf(),
+        source,
+    })? {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(SNAPSHOT_TMP_PREFIX))
+        {
+            snapshot::remove_if_exists(&entry.path()).await?;
+        }
+    }
+    Ok(())
+}
+
+impl StateDb {
+    /// Opens (creating if needed) `state.db` in `dir`, in WAL mode, and runs
+    /// the migrations.
+    pub async fn open(dir: &Path) -> Result<StateDb, StateError> {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|source| StateError::Io {
+                op: "creating",
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        remove_stale_temp_files(dir).await?;
+        let pool = open_pool(&dir.join(DB_FILE)).await?;
+        let applied = {
+            let mut conn = pool.acquire().await?;
+            rows::load_applied_index(&mut conn).await?
+        };
+        let (applied, _) = watch::channel(applied);
+        let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
+        Ok(StateDb {
+            dir: dir.to_path_buf(),
+            pool: RwLock::new(pool),
+            writer: Mutex::new(()),
+            applied,
+            events,
+            tmp_seq: AtomicU64::new(0),
+        })
+    }
+
+    /// The highest log index applied (from the `meta` row).
+    pub fn applied_index(&self) -> Index {
+        *self.applied.borrow()
+    }
+
+    /// A receiver of the applied index, updated after each committed batch.
+    pub fn watch_applied(&self) -> watch::Receiver<Index> {
+        self.applied.subscribe()
+    }
+
+    /// Events of each committed batch, in index order, sent after the commit.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Closes the pool (waiting for running queries). Later queries fail.
+    pub async fn close(&self) {
+        self.pool.read().await.close().await;
+    }
+}
+
+/// The node driver's view of the state database.
+#[derive(Debug, Clone)]
+pub struct Machine(pub std::sync::Arc<StateDb>);
+
+impl StateMachine for Machine {
+    type Output = OpResult;
+
+    fn applied_index(&self) -> Index {
+        self.0.applied_index()
+    }
+
+    async fn apply(
+        &mut self,
+        entries: Vec<Committed>,
+        last_index: Index,
+    ) -> Result<Vec<OpResult>, BoxError> {
+        Ok(self.0.apply(entries, last_index).await?)
+    }
+
+    async fn snapshot(&mut self) -> Result<Vec<u8>, BoxError> {
+        Ok(self.0.snapshot().await?)
+    }
+
+    async fn restore(&mut self, meta: &SnapshotMeta, data: Vec<u8>) -> Result<(), BoxError> {
+        Ok(self.0.restore(meta, data).await?)
+    }
+}

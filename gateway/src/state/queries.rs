@@ -1,0 +1,191 @@
+//! Read queries used by the API and the gateway's background tasks.
+//!
+//! Each holds the pool's read lock for its duration, so during a snapshot
+//! restore it waits for the new database instead of failing.
+
+use coordinator::raft::Index;
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+use super::rows::{
+    COMMAND_COLS, DEVICE_COLS, command_from_row, db_int, device_from_row, from_db_int,
+    load_command, load_device, load_shadow, parse_json,
+};
+use super::{DeviceFilter, Page, StateDb, StateError};
+use crate::ops::{Command, CommandStatus, Device, Event, Role, Shadow};
+
+impl StateDb {
+    /// A device.
+    pub async fn device(&self, id: &str) -> Result<Option<Device>, StateError> {
+        let pool = self.pool.read().await;
+        let mut conn = pool.acquire().await?;
+        load_device(&mut conn, id).await
+    }
+
+    /// The SHA-256 (hex) of a device's secret (`None` if the device does not
+    /// exist), for authenticating its MQTT session.
+    pub async fn device_secret_hash(&self, id: &str) -> Result<Option<String>, StateError> {
+        let pool = self.pool.read().await;
+        Ok(
+            sqlx::query_scalar("SELECT secret_hash FROM devices WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&*pool)
+                .await?,
+        )
+    }
+
+    /// Devices matching `filter`, ordered by id, one page.
+    pub async fn list_devices(
+        &self,
+        filter: &DeviceFilter,
+        page: &Page,
+    ) -> Result<Vec<Device>, StateError> {
+        let mut qb: QueryBuilder<'_, Sqlite> =
+            QueryBuilder::new(format!("SELECT {DEVICE_COLS} FROM devices d WHERE 1 = 1"));
+        if let Some(after) = &page.after {
+            qb.push(" AND d.id > ").push_bind(after.as_str());
+        }
+        if let Some(online) = filter.online {
+            qb.push(" AND d.online = ").push_bind(i64::from(online));
+        }
+        if let Some((key, value)) = &filter.label {
+            qb.push(
+                " AND EXISTS (SELECT 1 FROM device_labels l WHERE l.device = d.id AND l.key = ",
+            )
+            .push_bind(key.as_str())
+            .push(" AND l.value = ")
+            .push_bind(value.as_str())
+            .push(")");
+        }
+        qb.push(" ORDER BY d.id LIMIT ")
+            .push_bind(i64::from(page.limit));
+        let pool = self.pool.read().await;
+        let rows = qb.build().fetch_all(&*pool).await?;
+        rows.iter().map(device_from_row).collect()
+    }
+
+    /// A device's shadow (`None` if the device does not exist).
+    pub async fn shadow(&self, device: &str) -> Result<Option<Shadow>, StateError> {
+        let pool = self.pool.read().await;
+        let mut conn = pool.acquire().await?;
+        Ok(load_shadow(&mut conn, device)
+            .await?
+            .map(|s| s.into_shadow()))
+    }
+
+    /// A command.
+    pub async fn command(&self, cid: &str) -> Result<Option<Command>, StateError> {
+        let pool = self.pool.read().await;
+        let mut conn = pool.acquire().await?;
+        load_command(&mut conn, cid).await
+    }
+
+    /// A device's commands, optionally of one status, ordered by id, one page.
+    pub async fn list_commands(
+        &self,
+        device: &str,
+        status: Option<CommandStatus>,
+        page: &Page,
+    ) -> Result<Vec<Command>, StateError> {
+        let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new(format!(
+            "SELECT {COMMAND_COLS} FROM commands WHERE device = "
+        ));
+        qb.push_bind(device);
+        if let Some(status) = status {
+            qb.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(after) = &page.after {
+            qb.push(" AND id > ").push_bind(after.as_str());
+        }
+        qb.push(" ORDER BY id LIMIT ")
+            .push_bind(i64::from(page.limit));
+        let pool = self.pool.read().await;
+        let rows = qb.build().fetch_all(&*pool).await?;
+        rows.iter().map(command_from_row).collect()
+    }
+
+    /// The role of the token with this SHA-256 (hex), if any.
+    pub async fn token_role(&self, token_hash: &str) -> Result<Option<Role>, StateError> {
+        let pool = self.pool.read().await;
+        let role: Option<String> =
+            sqlx::query_scalar("SELECT role FROM tokens WHERE token_hash = ?")
+                .bind(token_hash)
+                .fetch_optional(&*pool)
+                .await?;
+        role.map(|r| {
+            Role::parse(&r).ok_or_else(|| StateError::Corrupt(format!("unknown token role {r:?}")))
+        })
+        .transpose()
+    }
+
+    /// Whether any token exists.
+    pub async fn has_tokens(&self) -> Result<bool, StateError> {
+        let pool = self.pool.read().await;
+        Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tokens)")
+            .fetch_one(&*pool)
+            .await?)
+    }
+
+    /// Events with index greater than `after`, oldest first, at most `limit`.
+    ///
+    /// Each log entry that changed something has exactly one event, so
+    /// resuming with the last index received loses and repeats nothing (as
+    /// long as it is within the retained window, [`super::EVENTS_RETAINED`]
+    /// indexes behind the applied index).
+    pub async fn events_since(&self, after: Index, limit: u32) -> Result<Vec<Event>, StateError> {
+        let pool = self.pool.read().await;
+        let rows =
+            sqlx::query("SELECT idx, kind, data FROM events WHERE idx > ? ORDER BY idx LIMIT ?")
+                .bind(db_int(after))
+                .bind(i64::from(limit))
+                .fetch_all(&*pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                let data: String = r.try_get("data")?;
+                Ok(Event {
+                    index: from_db_int(r.try_get("idx")?, "events.idx")?,
+                    kind: r.try_get("kind")?,
+                    data: parse_json(&data, "events.data")?,
+                })
+            })
+            .collect()
+    }
+
+    /// How many commands are in each status (every status, zeros included,
+    /// in lifecycle order).
+    pub async fn command_counts(&self) -> Result<Vec<(CommandStatus, u64)>, StateError> {
+        let pool = self.pool.read().await;
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, COUNT(*) FROM commands GROUP BY status")
+                .fetch_all(&*pool)
+                .await?;
+        let mut counts: Vec<(CommandStatus, u64)> =
+            CommandStatus::ALL.iter().map(|s| (*s, 0)).collect();
+        for (status, n) in rows {
+            let status = CommandStatus::parse(&status)
+                .ok_or_else(|| StateError::Corrupt(format!("unknown command status {status:?}")))?;
+            if let Some(slot) = counts.iter_mut().find(|(s, _)| *s == status) {
+                slot.1 = from_db_int(n, "command count")?;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Ids of non-terminal commands with `expires_at <= now_ms`, at most
+    /// `limit`, earliest expiry first.
+    pub async fn expired_commands(
+        &self,
+        now_ms: u64,
+        limit: u32,
+    ) -> Result<Vec<String>, StateError> {
+        let pool = self.pool.read().await;
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM commands WHERE status IN ('queued', 'sent', 'accepted') \
+             AND expires_at <= ? ORDER BY expires_at, id LIMIT ?",
+        )
+        .bind(db_int(now_ms))
+        .bind(i64::from(limit))
+        .fetch_all(&*pool)
+        .await?)
+    }
+}

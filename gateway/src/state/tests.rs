@@ -1,0 +1,1470 @@
+//! Tests of the state machine: every operation, exactly-once apply,
+//! determinism, snapshots, events.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use coordinator::node::Committed;
+use coordinator::raft::{ConfState, SnapshotMeta};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+use super::*;
+use crate::ops::{Command, CommandStatus, Device, Op, Proposal, Role, Shadow};
+
+const T0: u64 = 1_764_144_000_000;
+
+fn entry(index: u64, ts_ms: u64, op: Op) -> Committed {
+    Committed {
+        index,
+        term: 1,
+        data: Proposal { ts_ms, op }.encode(),
+    }
+}
+
+/// A database in a temp dir, fed one entry at a time.
+struct Db {
+    dir: TempDir,
+    db: StateDb,
+    next: u64,
+}
+
+impl Db {
+    async fn new() -> Db {
+        let dir = TempDir::new().unwrap();
+        let db = StateDb::open(dir.path()).await.unwrap();
+        Db { dir, db, next: 1 }
+    }
+
+    /// Applies `op` at the next index, stamped `T0 + index`.
+    async fn run(&mut self, op: Op) -> OpResult {
+        let ts = T0 + self.next;
+        self.run_at(ts, op).await
+    }
+
+    async fn run_at(&mut self, ts: u64, op: Op) -> OpResult {
+        let i = self.next;
+        self.next += 1;
+        let mut r = self.db.apply(vec![entry(i, ts, op)], i).await.unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(self.db.applied_index(), i);
+        r.remove(0)
+    }
+}
+
+fn register(id: &str) -> Op {
+    register_with(id, &[])
+}
+
+fn register_with(id: &str, labels: &[(&str, &str)]) -> Op {
+    Op::RegisterDevice {
+        id: id.into(),
+        secret_hash: format!("hash-{id}"),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        attributes: json!({"model": "X2"}),
+    }
+}
+
+fn issue(cid: &str, device: &str, ttl_ms: u64, key: Option<&str>) -> Op {
+    Op::IssueCommand {
+        cid: cid.into(),
+        device: device.into(),
+        name: "reboot".into(),
+        params: json!({"delay_s": 5}),
+        ttl_ms,
+        idempotency_key: key.map(String::from),
+    }
+}
+
+fn set_desired(device: &str, patch: Value, expected: Option<u64>) -> Op {
+    Op::SetDesired {
+        device: device.into(),
+        patch,
+        expected_version: expected,
+    }
+}
+
+fn report(device: &str, patch: Value) -> Op {
+    Op::ReportState {
+        device: device.into(),
+        patch,
+    }
+}
+
+fn presence(device: &str, gateway: u64, epoch: u64, online: bool) -> Op {
+    Op::Presence {
+        device: device.into(),
+        gateway,
+        epoch,
+        online,
+    }
+}
+
+fn page(limit: u32) -> Page {
+    Page { after: None, limit }
+}
+
+fn command_of(r: OpResult) -> (Command, bool) {
+    match r {
+        OpResult::Command { command, created } => (command, created),
+        other => panic!("expected a command, got {other:?}"),
+    }
+}
+
+fn shadow_of(r: OpResult) -> Shadow {
+    match r {
+        OpResult::Shadow(s) => s,
+        other => panic!("expected a shadow, got {other:?}"),
+    }
+}
+
+fn device_of(r: OpResult) -> Device {
+    match r {
+        OpResult::Device(d) => d,
+        other => panic!("expected a device, got {other:?}"),
+    }
+}
+
+async fn status_of(db: &StateDb, cid: &str) -> CommandStatus {
+    db.command(cid).await.unwrap().unwrap().status
+}
+
+/// Everything the queries can see, as one JSON document.
+async fn dump(db: &StateDb) -> String {
+    let devices = db
+        .list_devices(&DeviceFilter::default(), &page(u32::MAX))
+        .await
+        .unwrap();
+    let mut per_device = Vec::new();
+    for d in &devices {
+        let shadow = db.shadow(&d.id).await.unwrap();
+        let commands = db
+            .list_commands(&d.id, None, &page(u32::MAX))
+            .await
+            .unwrap();
+        let secret = db.device_secret_hash(&d.id).await.unwrap();
+        per_device
+            .push(json!({"device": d, "shadow": shadow, "commands": commands, "secret": secret}));
+    }
+    let events = db.events_since(0, u32::MAX).await.unwrap();
+    let counts: Vec<(String, u64)> = db
+        .command_counts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(s, n)| (s.as_str().to_string(), n))
+        .collect();
+    let mut tokens = BTreeMap::new();
+    for h in ["t-admin", "t-op", "t-view"] {
+        tokens.insert(h, db.token_role(h).await.unwrap());
+    }
+    serde_json::to_string_pretty(&json!({
+        "applied": db.applied_index(),
+        "devices": per_device,
+        "events": events,
+        "counts": counts,
+        "tokens": tokens,
+        "has_tokens": db.has_tokens().await.unwrap(),
+        "expired": db.expired_commands(u64::MAX / 2, 1000).await.unwrap(),
+    }))
+    .unwrap()
+}
+
+/// A mixed workload touching every operation.
+fn workload() -> Vec<Committed> {
+    let ops = vec![
+        Op::BootstrapAdmin {
+            token_hash: "t-admin".into(),
+        },
+        Op::CreateToken {
+            token_hash: "t-op".into(),
+            role: Role::Operator,
+            name: "ops".into(),
+        },
+        register_with("pump-1", &[("site", "north")]),
+        register_with("pump-2", &[("site", "south")]),
+        register("valve-9"),
+        Op::UpdateDevice {
+            id: "pump-2".into(),
+            labels: Some(BTreeMap::from([("site".into(), "north".into())])),
+            attributes: None,
+        },
+        Op::RotateSecret {
+            id: "pump-1".into(),
+            secret_hash: "new".into(),
+        },
+        issue("c-1", "pump-1", 60_000, Some("k1")),
+        issue("c-2", "pump-1", 10, None),
+        issue("c-3", "pump-2", 60_000, None),
+        issue("c-1b", "pump-1", 60_000, Some("k1")),
+        Op::CommandSent {
+            cid: "c-1".into(),
+            gateway: 1,
+        },
+        Op::CommandAccepted { cid: "c-1".into() },
+        Op::CommandResult {
+            cid: "c-1".into(),
+            succeeded: true,
+            output: json!({"ok": true}),
+        },
+        Op::CancelCommand { cid: "c-3".into() },
+        Op::ExpireCommands {
+            cids: vec!["c-2".into(), "c-3".into()],
+        },
+        set_desired("pump-1", json!({"speed": 3, "led": {"on": true}}), None),
+        report("pump-1", json!({"speed": 2, "led": {"on": true}})),
+        set_desired("pump-1", json!({"speed": null}), Some(1)),
+        presence("pump-1", 1, 1, true),
+        presence("pump-2", 2, 1, true),
+        presence("pump-2", 2, 1, false),
+        presence("valve-9", 2, 4, true),
+        Op::GatewaySessionsLost { gateway: 2 },
+        Op::DeleteDevice {
+            id: "pump-2".into(),
+        },
+    ];
+    ops.into_iter()
+        .enumerate()
+        .map(|(i, op)| {
+            let index = i as u64 + 1;
+            entry(index, T0 + index * 100, op)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------- tokens
+
+#[tokio::test]
+async fn fresh_database_is_empty() {
+    let t = Db::new().await;
+    assert_eq!(t.db.applied_index(), 0);
+    assert!(!t.db.has_tokens().await.unwrap());
+    assert!(t.db.device("x").await.unwrap().is_none());
+    assert!(t.db.events_since(0, 10).await.unwrap().is_empty());
+    let counts = t.db.command_counts().await.unwrap();
+    assert_eq!(counts.len(), CommandStatus::ALL.len());
+    assert!(counts.iter().all(|(_, n)| *n == 0));
+    assert!(t.dir.path().join("state.db").exists());
+}
+
+#[tokio::test]
+async fn bootstrap_and_tokens() {
+    let mut t = Db::new().await;
+    let boot = Op::BootstrapAdmin {
+        token_hash: "t-admin".into(),
+    };
+    assert_eq!(t.run(boot.clone()).await, OpResult::Done);
+    assert!(t.db.has_tokens().await.unwrap());
+    assert_eq!(t.db.token_role("t-admin").await.unwrap(), Some(Role::Admin));
+    // A second bootstrap (from another gateway) changes nothing.
+    let boot2 = Op::BootstrapAdmin {
+        token_hash: "t-other".into(),
+    };
+    assert_eq!(t.run(boot2).await, OpResult::Ignored);
+    assert_eq!(t.db.token_role("t-other").await.unwrap(), None);
+
+    let create = Op::CreateToken {
+        token_hash: "t-view".into(),
+        role: Role::Viewer,
+        name: "dashboard".into(),
+    };
+    assert_eq!(t.run(create.clone()).await, OpResult::Done);
+    assert_eq!(t.db.token_role("t-view").await.unwrap(), Some(Role::Viewer));
+    assert!(matches!(t.run(create).await, OpResult::Conflict(_)));
+    assert_eq!(t.db.token_role("nope").await.unwrap(), None);
+
+    // Token events never carry the hash.
+    let events = t.db.events_since(0, 10).await.unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].kind, "token");
+    assert_eq!(
+        events[1].data,
+        json!({"role": "viewer", "name": "dashboard"})
+    );
+    assert!(!events[0].data.to_string().contains("t-admin"));
+}
+
+// ---------------------------------------------------------------- devices
+
+#[tokio::test]
+async fn device_register_update_rotate_delete() {
+    let mut t = Db::new().await;
+    let d = device_of(t.run(register_with("pump-7", &[("site", "north")])).await);
+    assert_eq!(d.id, "pump-7");
+    assert_eq!(d.labels.get("site").map(String::as_str), Some("north"));
+    assert_eq!(d.attributes, json!({"model": "X2"}));
+    assert!(!d.online);
+    assert_eq!(d.gateway, None);
+    assert_eq!(d.created_at, T0 + 1);
+    assert_eq!(d.updated_at, T0 + 1);
+    assert_eq!(t.db.device("pump-7").await.unwrap(), Some(d.clone()));
+    assert_eq!(
+        t.db.device_secret_hash("pump-7").await.unwrap().as_deref(),
+        Some("hash-pump-7")
+    );
+
+    // A new device has an empty shadow at version 0.
+    let sh = t.db.shadow("pump-7").await.unwrap().unwrap();
+    assert_eq!(sh.desired, json!({}));
+    assert_eq!(sh.reported, json!({}));
+    assert_eq!(sh.delta, json!({}));
+    assert_eq!(sh.version, 0);
+    assert!(sh.desired_updated.is_empty() && sh.reported_updated.is_empty());
+
+    assert!(matches!(
+        t.run(register("pump-7")).await,
+        OpResult::Conflict(m) if m.contains("pump-7")
+    ));
+
+    // Update: only the given fields change.
+    let u = device_of(
+        t.run(Op::UpdateDevice {
+            id: "pump-7".into(),
+            labels: None,
+            attributes: Some(json!({"model": "X3"})),
+        })
+        .await,
+    );
+    assert_eq!(u.labels, d.labels);
+    assert_eq!(u.attributes, json!({"model": "X3"}));
+    assert_eq!(u.created_at, d.created_at);
+    assert_eq!(u.updated_at, T0 + 3);
+    let u = device_of(
+        t.run(Op::UpdateDevice {
+            id: "pump-7".into(),
+            labels: Some(BTreeMap::from([("zone".into(), "a".into())])),
+            attributes: None,
+        })
+        .await,
+    );
+    assert_eq!(u.attributes, json!({"model": "X3"}));
+    assert_eq!(u.labels, BTreeMap::from([("zone".into(), "a".into())]));
+    // The label index follows.
+    let f = DeviceFilter {
+        label: Some(("site".into(), "north".into())),
+        online: None,
+    };
+    assert!(t.db.list_devices(&f, &page(10)).await.unwrap().is_empty());
+    let f = DeviceFilter {
+        label: Some(("zone".into(), "a".into())),
+        online: None,
+    };
+    assert_eq!(t.db.list_devices(&f, &page(10)).await.unwrap().len(), 1);
+    assert!(matches!(
+        t.run(Op::UpdateDevice {
+            id: "ghost".into(),
+            labels: None,
+            attributes: None
+        })
+        .await,
+        OpResult::NotFound(_)
+    ));
+
+    // Rotate.
+    let r = device_of(
+        t.run(Op::RotateSecret {
+            id: "pump-7".into(),
+            secret_hash: "new-hash".into(),
+        })
+        .await,
+    );
+    assert_eq!(r.id, "pump-7");
+    assert_eq!(
+        t.db.device_secret_hash("pump-7").await.unwrap().as_deref(),
+        Some("new-hash")
+    );
+    assert!(matches!(
+        t.run(Op::RotateSecret {
+            id: "ghost".into(),
+            secret_hash: "x".into()
+        })
+        .await,
+        OpResult::NotFound(_)
+    ));
+
+    // Delete takes the shadow, commands and idempotency keys with it.
+    t.run(issue("c-1", "pump-7", 1000, Some("key"))).await;
+    assert_eq!(
+        t.run(Op::DeleteDevice {
+            id: "pump-7".into()
+        })
+        .await,
+        OpResult::Done
+    );
+    assert!(t.db.device("pump-7").await.unwrap().is_none());
+    assert!(t.db.shadow("pump-7").await.unwrap().is_none());
+    assert!(t.db.command("c-1").await.unwrap().is_none());
+    assert!(t.db.device_secret_hash("pump-7").await.unwrap().is_none());
+    assert!(t.db.list_devices(&f, &page(10)).await.unwrap().is_empty());
+    assert!(matches!(
+        t.run(Op::DeleteDevice {
+            id: "pump-7".into()
+        })
+        .await,
+        OpResult::NotFound(_)
+    ));
+    let last = t.db.events_since(0, 100).await.unwrap();
+    let del = last.iter().find(|e| e.kind == "device.deleted").unwrap();
+    assert_eq!(del.data, json!({"id": "pump-7"}));
+
+    // Re-registered, the old key is free again.
+    device_of(t.run(register("pump-7")).await);
+    let (c, created) = command_of(t.run(issue("c-2", "pump-7", 1000, Some("key"))).await);
+    assert!(created);
+    assert_eq!(c.id, "c-2");
+    let sh = t.db.shadow("pump-7").await.unwrap().unwrap();
+    assert_eq!(sh.version, 0);
+}
+
+#[tokio::test]
+async fn list_devices_pages_and_filters() {
+    let mut t = Db::new().await;
+    for i in 0..25 {
+        let site = if i % 2 == 0 { "north" } else { "south" };
+        t.run(register_with(&format!("dev-{i:02}"), &[("site", site)]))
+            .await;
+    }
+    for i in [0, 3, 4, 10] {
+        t.run(presence(&format!("dev-{i:02}"), 1, 1, true)).await;
+    }
+    // Pages of 10 cover everything once, in id order.
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let p = Page {
+            after: after.clone(),
+            limit: 10,
+        };
+        let got =
+            t.db.list_devices(&DeviceFilter::default(), &p)
+                .await
+                .unwrap();
+        if got.is_empty() {
+            break;
+        }
+        assert!(got.len() <= 10);
+        after = got.last().map(|d| d.id.clone());
+        all.extend(got.into_iter().map(|d| d.id));
+    }
+    let want: Vec<String> = (0..25).map(|i| format!("dev-{i:02}")).collect();
+    assert_eq!(all, want);
+
+    let north = DeviceFilter {
+        label: Some(("site".into(), "north".into())),
+        online: None,
+    };
+    let got = t.db.list_devices(&north, &page(100)).await.unwrap();
+    assert_eq!(got.len(), 13);
+    let online = DeviceFilter {
+        label: None,
+        online: Some(true),
+    };
+    let ids: Vec<String> =
+        t.db.list_devices(&online, &page(100))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+    assert_eq!(ids, ["dev-00", "dev-03", "dev-04", "dev-10"]);
+    let both = DeviceFilter {
+        label: Some(("site".into(), "north".into())),
+        online: Some(true),
+    };
+    let p = Page {
+        after: Some("dev-00".into()),
+        limit: 1,
+    };
+    let ids: Vec<String> =
+        t.db.list_devices(&both, &p)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+    assert_eq!(ids, ["dev-04"]);
+    let offline = DeviceFilter {
+        label: None,
+        online: Some(false),
+    };
+    assert_eq!(
+        t.db.list_devices(&offline, &page(100)).await.unwrap().len(),
+        21
+    );
+    assert!(
+        t.db.list_devices(&offline, &page(0))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+// ---------------------------------------------------------------- commands
+
+#[tokio::test]
+async fn issue_command_and_idempotency_key() {
+    let mut t = Db::new().await;
+    assert!(matches!(
+        t.run(issue("c-1", "ghost", 1000, None)).await,
+        OpResult::NotFound(_)
+    ));
+    t.run(register("d1")).await;
+    t.run(register("d2")).await;
+    let ts = T0 + 500;
+    let (c, created) = command_of(t.run_at(ts, issue("c-1", "d1", 60_000, Some("k"))).await);
+    assert!(created);
+    assert_eq!(c.status, CommandStatus::Queued);
+    assert_eq!(c.device, "d1");
+    assert_eq!(c.params, json!({"delay_s": 5}));
+    assert_eq!(c.issued_at, ts);
+    assert_eq!(c.updated_at, ts);
+    assert_eq!(c.expires_at, ts + 60_000);
+    assert_eq!(c.idempotency_key.as_deref(), Some("k"));
+    assert_eq!(c.output, None);
+    assert_eq!(t.db.command("c-1").await.unwrap(), Some(c.clone()));
+
+    let events_before = t.db.events_since(0, 100).await.unwrap().len();
+    // Same key, another cid: the first command, not a second one.
+    let (again, created) = command_of(t.run(issue("c-9", "d1", 5, Some("k"))).await);
+    assert!(!created);
+    assert_eq!(again, c);
+    assert!(t.db.command("c-9").await.unwrap().is_none());
+    assert_eq!(
+        t.db.events_since(0, 100).await.unwrap().len(),
+        events_before
+    );
+    // The key reports the command as it is now.
+    t.run(Op::CancelCommand { cid: "c-1".into() }).await;
+    let (again, created) = command_of(t.run(issue("c-9", "d1", 5, Some("k"))).await);
+    assert!(!created);
+    assert_eq!(again.status, CommandStatus::Canceled);
+
+    // Keys are per device.
+    let (other, created) = command_of(t.run(issue("c-2", "d2", 5, Some("k"))).await);
+    assert!(created);
+    assert_eq!(other.id, "c-2");
+    // Commands without a key never collide on it.
+    assert!(command_of(t.run(issue("c-3", "d1", 5, None)).await).1);
+    assert!(command_of(t.run(issue("c-4", "d1", 5, None)).await).1);
+    // A reused command id is a conflict.
+    assert!(matches!(
+        t.run(issue("c-3", "d2", 5, None)).await,
+        OpResult::Conflict(_)
+    ));
+    // A huge TTL saturates rather than wrapping.
+    let (c, _) = command_of(t.run(issue("c-5", "d1", u64::MAX, None)).await);
+    assert_eq!(c.expires_at, i64::MAX as u64);
+}
+
+#[tokio::test]
+async fn command_lifecycle_transitions() {
+    let mut t = Db::new().await;
+    t.run(register("d")).await;
+    for cid in ["a", "b", "c", "e", "f"] {
+        t.run(issue(cid, "d", 60_000, None)).await;
+    }
+
+    // a: queued → sent → accepted → succeeded, with the illegal steps ignored.
+    let (c, created) = command_of(
+        t.run(Op::CommandSent {
+            cid: "a".into(),
+            gateway: 1,
+        })
+        .await,
+    );
+    assert!(!created);
+    assert_eq!(c.status, CommandStatus::Sent);
+    assert_eq!(
+        t.run(Op::CommandSent {
+            cid: "a".into(),
+            gateway: 2
+        })
+        .await,
+        OpResult::Ignored
+    );
+    let (c, _) = command_of(t.run(Op::CommandAccepted { cid: "a".into() }).await);
+    assert_eq!(c.status, CommandStatus::Accepted);
+    assert_eq!(
+        t.run(Op::CommandAccepted { cid: "a".into() }).await,
+        OpResult::Ignored
+    );
+    assert_eq!(
+        t.run(Op::CommandSent {
+            cid: "a".into(),
+            gateway: 1
+        })
+        .await,
+        OpResult::Ignored
+    );
+    let ts = T0 + 9_999;
+    let (c, _) = command_of(
+        t.run_at(
+            ts,
+            Op::CommandResult {
+                cid: "a".into(),
+                succeeded: true,
+                output: json!({"uptime": 3}),
+            },
+        )
+        .await,
+    );
+    assert_eq!(c.status, CommandStatus::Succeeded);
+    assert_eq!(c.output, Some(json!({"uptime": 3})));
+    assert_eq!(c.updated_at, ts);
+    // Terminal: a second result is ignored, the output stays.
+    assert_eq!(
+        t.run(Op::CommandResult {
+            cid: "a".into(),
+            succeeded: false,
+            output: json!("late")
+        })
+        .await,
+        OpResult::Ignored
+    );
+    assert_eq!(
+        t.db.command("a").await.unwrap().unwrap().output,
+        Some(json!({"uptime": 3}))
+    );
+    assert_eq!(
+        t.run(Op::CancelCommand { cid: "a".into() }).await,
+        OpResult::Conflict("command is already succeeded".into())
+    );
+    assert_eq!(
+        t.run(Op::CommandAccepted { cid: "a".into() }).await,
+        OpResult::Ignored
+    );
+
+    // b: a result straight from queued (the accepted/sent steps are optional).
+    let (c, _) = command_of(
+        t.run(Op::CommandResult {
+            cid: "b".into(),
+            succeeded: false,
+            output: json!({"error": "busy"}),
+        })
+        .await,
+    );
+    assert_eq!(c.status, CommandStatus::Failed);
+    assert_eq!(
+        t.run(Op::CancelCommand { cid: "b".into() }).await,
+        OpResult::Conflict("command is already failed".into())
+    );
+
+    // c: accepted straight from queued, then canceled.
+    assert_eq!(
+        command_of(t.run(Op::CommandAccepted { cid: "c".into() }).await)
+            .0
+            .status,
+        CommandStatus::Accepted
+    );
+    assert_eq!(
+        command_of(t.run(Op::CancelCommand { cid: "c".into() }).await)
+            .0
+            .status,
+        CommandStatus::Canceled
+    );
+    assert_eq!(
+        t.run(Op::CommandResult {
+            cid: "c".into(),
+            succeeded: true,
+            output: json!(null)
+        })
+        .await,
+        OpResult::Ignored
+    );
+    assert_eq!(
+        t.run(Op::CancelCommand { cid: "c".into() }).await,
+        OpResult::Conflict("command is already canceled".into())
+    );
+
+    // e: sent, then canceled; f: queued, canceled.
+    t.run(Op::CommandSent {
+        cid: "e".into(),
+        gateway: 3,
+    })
+    .await;
+    assert_eq!(
+        command_of(t.run(Op::CancelCommand { cid: "e".into() }).await)
+            .0
+            .status,
+        CommandStatus::Canceled
+    );
+    assert_eq!(
+        command_of(t.run(Op::CancelCommand { cid: "f".into() }).await)
+            .0
+            .status,
+        CommandStatus::Canceled
+    );
+    assert_eq!(
+        t.run(Op::CommandSent {
+            cid: "f".into(),
+            gateway: 1
+        })
+        .await,
+        OpResult::Ignored
+    );
+
+    // Unknown commands.
+    for op in [
+        Op::CommandSent {
+            cid: "zz".into(),
+            gateway: 1,
+        },
+        Op::CommandAccepted { cid: "zz".into() },
+        Op::CommandResult {
+            cid: "zz".into(),
+            succeeded: true,
+            output: json!({}),
+        },
+        Op::CancelCommand { cid: "zz".into() },
+    ] {
+        assert!(matches!(t.run(op).await, OpResult::NotFound(m) if m.contains("zz")));
+    }
+
+    // Listing by status, paged by id; counts for every status.
+    let canceled =
+        t.db.list_commands("d", Some(CommandStatus::Canceled), &page(10))
+            .await
+            .unwrap();
+    let ids: Vec<&str> = canceled.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["c", "e", "f"]);
+    let p = Page {
+        after: Some("c".into()),
+        limit: 1,
+    };
+    let next =
+        t.db.list_commands("d", Some(CommandStatus::Canceled), &p)
+            .await
+            .unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].id, "e");
+    let all = t.db.list_commands("d", None, &page(10)).await.unwrap();
+    let ids: Vec<&str> = all.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b", "c", "e", "f"]);
+    assert!(
+        t.db.list_commands("other", None, &page(10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let counts = t.db.command_counts().await.unwrap();
+    let expect = [
+        (CommandStatus::Queued, 0),
+        (CommandStatus::Sent, 0),
+        (CommandStatus::Accepted, 0),
+        (CommandStatus::Succeeded, 1),
+        (CommandStatus::Failed, 1),
+        (CommandStatus::Expired, 0),
+        (CommandStatus::Canceled, 3),
+    ];
+    assert_eq!(counts, expect);
+}
+
+#[tokio::test]
+async fn expire_commands() {
+    let mut t = Db::new().await;
+    t.run(register("d")).await;
+    let ts = T0 + 1_000;
+    t.run_at(ts, issue("short", "d", 100, None)).await; // expires ts+100
+    t.run_at(ts, issue("sent", "d", 100, None)).await;
+    t.run_at(ts, issue("long", "d", 100_000, None)).await;
+    t.run_at(ts, issue("done", "d", 100, None)).await;
+    t.run(Op::CommandSent {
+        cid: "sent".into(),
+        gateway: 1,
+    })
+    .await;
+    t.run(Op::CommandResult {
+        cid: "done".into(),
+        succeeded: true,
+        output: json!({}),
+    })
+    .await;
+
+    // The query used by the leader.
+    assert!(t.db.expired_commands(ts + 99, 10).await.unwrap().is_empty());
+    assert_eq!(
+        t.db.expired_commands(ts + 100, 10).await.unwrap(),
+        ["sent", "short"]
+    );
+    assert_eq!(t.db.expired_commands(ts + 100, 1).await.unwrap().len(), 1);
+
+    // Proposed too early (a clock ahead on the leader's query, behind in
+    // the stamp): nothing changes.
+    let expire = Op::ExpireCommands {
+        cids: vec![
+            "short".into(),
+            "sent".into(),
+            "long".into(),
+            "done".into(),
+            "ghost".into(),
+        ],
+    };
+    assert_eq!(t.run_at(ts + 99, expire.clone()).await, OpResult::Ignored);
+    assert_eq!(status_of(&t.db, "short").await, CommandStatus::Queued);
+
+    assert_eq!(t.run_at(ts + 100, expire.clone()).await, OpResult::Done);
+    assert_eq!(status_of(&t.db, "short").await, CommandStatus::Expired);
+    assert_eq!(status_of(&t.db, "sent").await, CommandStatus::Expired);
+    assert_eq!(status_of(&t.db, "long").await, CommandStatus::Queued);
+    assert_eq!(status_of(&t.db, "done").await, CommandStatus::Succeeded);
+    let ev = t.db.events_since(0, 100).await.unwrap();
+    let ev = ev.last().unwrap();
+    assert_eq!(ev.kind, "command.expired");
+    let ids: Vec<&str> = ev.data["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["short", "sent"]);
+    // Expired is terminal.
+    assert_eq!(t.run_at(ts + 200, expire).await, OpResult::Ignored);
+    assert_eq!(
+        t.run(Op::CancelCommand {
+            cid: "short".into()
+        })
+        .await,
+        OpResult::Conflict("command is already expired".into())
+    );
+    assert_eq!(t.db.expired_commands(u64::MAX, 10).await.unwrap(), ["long"]);
+}
+
+// ---------------------------------------------------------------- shadows
+
+#[tokio::test]
+async fn desired_state_merge_and_versions() {
+    let mut t = Db::new().await;
+    assert!(matches!(
+        t.run(set_desired("ghost", json!({"a": 1}), None)).await,
+        OpResult::NotFound(_)
+    ));
+    assert!(matches!(
+        t.run(report("ghost", json!({"a": 1}))).await,
+        OpResult::NotFound(_)
+    ));
+    t.run(register("d")).await;
+
+    let t1 = T0 + 10_000;
+    let s = shadow_of(
+        t.run_at(
+            t1,
+            set_desired(
+                "d",
+                json!({"speed": 3, "led": {"color": "red", "on": true}, "modes": [1, 2]}),
+                Some(0),
+            ),
+        )
+        .await,
+    );
+    assert_eq!(s.version, 1);
+    assert_eq!(
+        s.desired,
+        json!({"speed": 3, "led": {"color": "red", "on": true}, "modes": [1, 2]})
+    );
+    assert_eq!(s.delta, s.desired);
+    assert_eq!(
+        s.desired_updated,
+        BTreeMap::from([
+            ("led".into(), t1),
+            ("modes".into(), t1),
+            ("speed".into(), t1)
+        ])
+    );
+
+    // If-Match: a stale version changes nothing.
+    assert_eq!(
+        t.run(set_desired("d", json!({"speed": 9}), Some(0))).await,
+        OpResult::VersionMismatch { current: 1 }
+    );
+    assert_eq!(t.db.shadow("d").await.unwrap().unwrap().desired["speed"], 3);
+
+    // Nested merge, null deletes (nested and top level), arrays replace.
+    let t2 = t1 + 5;
+    let s = shadow_of(
+        t.run_at(
+            t2,
+            set_desired(
+                "d",
+                json!({"speed": null, "led": {"on": null, "level": 7}, "modes": [3]}),
+                Some(1),
+            ),
+        )
+        .await,
+    );
+    assert_eq!(s.version, 2);
+    assert_eq!(
+        s.desired,
+        json!({"led": {"color": "red", "level": 7}, "modes": [3]})
+    );
+    assert_eq!(
+        s.desired_updated,
+        BTreeMap::from([("led".into(), t2), ("modes".into(), t2)])
+    );
+    // Without If-Match, any version goes.
+    let s = shadow_of(t.run(set_desired("d", json!({"fan": "auto"}), None)).await);
+    assert_eq!(s.version, 3);
+    // Non-object patches are refused.
+    assert!(matches!(
+        t.run(set_desired("d", json!([1]), None)).await,
+        OpResult::Conflict(_)
+    ));
+    assert!(matches!(
+        t.run(report("d", json!("x"))).await,
+        OpResult::Conflict(_)
+    ));
+    assert_eq!(t.db.shadow("d").await.unwrap().unwrap().version, 3);
+
+    // Reported: merged, version unchanged, delta shrinks to what differs.
+    let t3 = t2 + 100;
+    let s = shadow_of(
+        t.run_at(
+            t3,
+            report(
+                "d",
+                json!({"led": {"color": "blue", "level": 7}, "modes": [3], "temp": 21.5}),
+            ),
+        )
+        .await,
+    );
+    assert_eq!(s.version, 3);
+    assert_eq!(
+        s.reported,
+        json!({"led": {"color": "blue", "level": 7}, "modes": [3], "temp": 21.5})
+    );
+    assert_eq!(s.delta, json!({"led": {"color": "red"}, "fan": "auto"}));
+    assert_eq!(
+        s.reported_updated,
+        BTreeMap::from([
+            ("led".into(), t3),
+            ("modes".into(), t3),
+            ("temp".into(), t3)
+        ])
+    );
+    let s = shadow_of(
+        t.run_at(
+            t3 + 1,
+            report(
+                "d",
+                json!({"led": {"color": "red"}, "fan": "auto", "temp": null}),
+            ),
+        )
+        .await,
+    );
+    assert_eq!(s.delta, json!({}));
+    assert_eq!(s.reported_updated.get("temp"), None);
+    assert_eq!(s.reported_updated.get("fan"), Some(&(t3 + 1)));
+    assert_eq!(s.version, 3);
+    // Stored and returned views agree.
+    assert_eq!(t.db.shadow("d").await.unwrap().unwrap(), s);
+    // Events carry the shadow after the change.
+    let ev = t.db.events_since(0, 100).await.unwrap();
+    let last = ev.last().unwrap();
+    assert_eq!(last.kind, "shadow.reported");
+    assert_eq!(last.data, serde_json::to_value(&s).unwrap());
+}
+
+// ---------------------------------------------------------------- presence
+
+#[tokio::test]
+async fn presence_epochs_and_sessions_lost() {
+    let mut t = Db::new().await;
+    assert!(matches!(
+        t.run(presence("ghost", 1, 1, true)).await,
+        OpResult::NotFound(_)
+    ));
+    t.run(register("a")).await;
+    t.run(register("b")).await;
+    t.run(register("c")).await;
+
+    let d = device_of(t.run(presence("a", 1, 5, true)).await);
+    assert!(d.online);
+    assert_eq!(d.gateway, Some(1));
+    // A repeat changes nothing.
+    assert_eq!(t.run(presence("a", 1, 5, true)).await, OpResult::Ignored);
+    // Stale epoch (an older session's late messages): ignored.
+    assert_eq!(t.run(presence("a", 2, 4, true)).await, OpResult::Ignored);
+    assert_eq!(t.run(presence("a", 1, 4, false)).await, OpResult::Ignored);
+    // Offline from a gateway or epoch that is not the current one: ignored.
+    assert_eq!(t.run(presence("a", 2, 5, false)).await, OpResult::Ignored);
+    assert_eq!(t.run(presence("a", 1, 6, false)).await, OpResult::Ignored);
+    assert!(t.db.device("a").await.unwrap().unwrap().online);
+
+    // The device moves to gateway 2 (newer epoch); gateway 1's late offline is ignored.
+    let d = device_of(t.run(presence("a", 2, 6, true)).await);
+    assert_eq!(d.gateway, Some(2));
+    assert_eq!(t.run(presence("a", 1, 5, false)).await, OpResult::Ignored);
+    assert_eq!(t.db.device("a").await.unwrap().unwrap().gateway, Some(2));
+    // Its own offline counts.
+    let d = device_of(t.run(presence("a", 2, 6, false)).await);
+    assert!(!d.online);
+    assert_eq!(d.gateway, None);
+    // Offline again: nothing to do. The epoch is remembered.
+    assert_eq!(t.run(presence("a", 2, 6, false)).await, OpResult::Ignored);
+    assert_eq!(t.run(presence("a", 3, 5, true)).await, OpResult::Ignored);
+    // A reconnect on the same epoch after offline is allowed.
+    assert!(device_of(t.run(presence("a", 3, 6, true)).await).online);
+
+    // Sessions lost: every device on that gateway goes offline.
+    t.run(presence("b", 3, 1, true)).await;
+    t.run(presence("c", 1, 1, true)).await;
+    assert_eq!(
+        t.run(Op::GatewaySessionsLost { gateway: 3 }).await,
+        OpResult::Done
+    );
+    for (id, online) in [("a", false), ("b", false), ("c", true)] {
+        let d = t.db.device(id).await.unwrap().unwrap();
+        assert_eq!(d.online, online, "{id}");
+        assert_eq!(d.gateway.is_some(), online, "{id}");
+    }
+    let ev = t.db.events_since(0, 100).await.unwrap();
+    let last = ev.last().unwrap();
+    assert_eq!(last.kind, "gateway.sessions_lost");
+    assert_eq!(last.data, json!({"gateway": 3, "devices": ["a", "b"]}));
+    assert_eq!(
+        t.run(Op::GatewaySessionsLost { gateway: 3 }).await,
+        OpResult::Ignored
+    );
+    // After a loss, the device's next session (higher epoch) counts.
+    assert!(device_of(t.run(presence("a", 1, 7, true)).await).online);
+}
+
+// ---------------------------------------------------------------- apply
+
+#[tokio::test]
+async fn exactly_once_and_persistence() {
+    let dir = TempDir::new().unwrap();
+    let entries = workload();
+    let n = entries.len() as u64;
+    let first_dump;
+    {
+        let db = StateDb::open(dir.path()).await.unwrap();
+        let results = db.apply(entries.clone(), n).await.unwrap();
+        assert_eq!(results.len(), entries.len());
+        assert!(results.iter().any(|r| !matches!(r, OpResult::Ignored)));
+        assert_eq!(db.applied_index(), n);
+        first_dump = dump(&db).await;
+
+        // The same batch again: all ignored, no effect.
+        let again = db.apply(entries.clone(), n).await.unwrap();
+        assert_eq!(again, vec![OpResult::Ignored; entries.len()]);
+        assert_eq!(dump(&db).await, first_dump);
+
+        // A batch overlapping the applied index: only the new tail applies.
+        let mut overlap = entries[n as usize - 2..].to_vec();
+        overlap.push(entry(n + 1, T0 + 1_000_000, register("late")));
+        let r = db.apply(overlap, n + 1).await.unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0], OpResult::Ignored);
+        assert_eq!(r[1], OpResult::Ignored);
+        assert!(matches!(r[2], OpResult::Device(_)));
+        // An entry repeated inside one batch applies once.
+        let dup = entry(n + 2, T0, register("twice"));
+        let r = db.apply(vec![dup.clone(), dup], n + 2).await.unwrap();
+        assert!(matches!(r[0], OpResult::Device(_)));
+        assert_eq!(r[1], OpResult::Ignored);
+        // Indexes without application entries are recorded too.
+        let r = db.apply(Vec::new(), n + 5).await.unwrap();
+        assert!(r.is_empty());
+        assert_eq!(db.applied_index(), n + 5);
+        // Going backwards never lowers the index.
+        db.apply(Vec::new(), 2).await.unwrap();
+        assert_eq!(db.applied_index(), n + 5);
+        db.close().await;
+    }
+    // Reopened from disk: the index and the state persisted.
+    let db = StateDb::open(dir.path()).await.unwrap();
+    assert_eq!(db.applied_index(), n + 5);
+    assert_eq!(*db.watch_applied().borrow(), n + 5);
+    assert!(db.device("late").await.unwrap().is_some());
+    let again = db.apply(entries.clone(), n).await.unwrap();
+    assert_eq!(again, vec![OpResult::Ignored; entries.len()]);
+    assert_eq!(
+        db.events_since(0, u32::MAX).await.unwrap().len(),
+        serde_json::from_str::<Value>(&first_dump).unwrap()["events"]
+            .as_array()
+            .unwrap()
+            .len()
+            + 2
+    );
+}
+
+#[tokio::test]
+async fn determinism_same_entries_same_state() {
+    let entries = workload();
+    let n = entries.len() as u64;
+    let a = Db::new().await;
+    let b = Db::new().await;
+    // One database in one batch, the other one entry per batch.
+    let ra = a.db.apply(entries.clone(), n).await.unwrap();
+    let mut rb = Vec::new();
+    for e in entries {
+        let i = e.index;
+        rb.extend(b.db.apply(vec![e], i).await.unwrap());
+    }
+    assert_eq!(ra, rb);
+    let (da, db) = (dump(&a.db).await, dump(&b.db).await);
+    assert_eq!(da, db);
+    // Sanity: the workload did what it says.
+    let v: Value = serde_json::from_str(&da).unwrap();
+    assert_eq!(v["devices"].as_array().unwrap().len(), 2);
+    assert_eq!(v["tokens"]["t-op"], json!("operator"));
+}
+
+#[tokio::test]
+async fn undecodable_entry_is_a_noop_conflict() {
+    let t = Db::new().await;
+    let bad = Committed {
+        index: 1,
+        term: 1,
+        data: b"{not json".to_vec(),
+    };
+    let good = entry(2, T0, register("d"));
+    let r = t.db.apply(vec![bad, good], 2).await.unwrap();
+    assert!(matches!(r[0], OpResult::Conflict(_)));
+    assert!(matches!(r[1], OpResult::Device(_)));
+    assert_eq!(t.db.applied_index(), 2);
+    let ev = t.db.events_since(0, 10).await.unwrap();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].index, 2);
+}
+
+// ---------------------------------------------------------------- events
+
+#[tokio::test]
+async fn events_resume_exactly() {
+    let t = Db::new().await;
+    let entries = workload();
+    let n = entries.len() as u64;
+    t.db.apply(entries, n).await.unwrap();
+    let all = t.db.events_since(0, u32::MAX).await.unwrap();
+    assert!(all.len() > 10);
+    // Indexes strictly increase, at most one event per entry.
+    assert!(all.windows(2).all(|w| w[0].index < w[1].index));
+    // Failed/ignored operations produce no event: the repeated idempotency
+    // key (entry 11) did not.
+    assert!(all.iter().all(|e| e.index != 11));
+    assert_eq!(all[0].kind, "token");
+    let issued = all.iter().find(|e| e.index == 8).unwrap();
+    assert_eq!(issued.kind, "command.issued");
+    assert_eq!(issued.data["id"], "c-1");
+    // Reading in pages of 3, resuming from the last id seen, yields the same.
+    let mut seen = Vec::new();
+    let mut last = 0;
+    loop {
+        let page = t.db.events_since(last, 3).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        last = page.last().unwrap().index;
+        seen.extend(page);
+    }
+    assert_eq!(seen, all);
+    // Resuming from an index with no event works the same.
+    let after11 = t.db.events_since(11, u32::MAX).await.unwrap();
+    assert_eq!(
+        after11,
+        all.iter()
+            .filter(|e| e.index > 11)
+            .cloned()
+            .collect::<Vec<_>>()
+    );
+    assert!(t.db.events_since(n, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn events_are_bounded() {
+    let t = Db::new().await;
+    t.db.apply(vec![entry(1, T0, register("a"))], 1)
+        .await
+        .unwrap();
+    t.db.apply(vec![entry(50_000, T0, register("b"))], 50_000)
+        .await
+        .unwrap();
+    assert_eq!(t.db.events_since(0, 10).await.unwrap().len(), 2);
+    let last = 1 + EVENTS_RETAINED + 10;
+    t.db.apply(vec![entry(last, T0, register("c"))], last)
+        .await
+        .unwrap();
+    let ids: Vec<u64> =
+        t.db.events_since(0, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.index)
+            .collect();
+    assert_eq!(ids, [50_000, last]);
+}
+
+#[tokio::test]
+async fn broadcast_after_commit() {
+    let t = Arc::new(Db::new().await);
+    let mut rx = t.db.subscribe();
+    let mut applied = t.db.watch_applied();
+    // No subscriber on a second db: apply still succeeds.
+    let lonely = Db::new().await;
+    lonely
+        .db
+        .apply(vec![entry(1, T0, register("x"))], 1)
+        .await
+        .unwrap();
+
+    let entries = vec![
+        entry(1, T0, register("d")),
+        entry(2, T0, issue("c", "d", 1000, None)),
+        entry(3, T0, issue("c", "d", 1000, None)), // conflict: no event
+        entry(4, T0, Op::CancelCommand { cid: "c".into() }),
+    ];
+    let t2 = t.clone();
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let ev = rx.recv().await.unwrap();
+            // Whatever is broadcast is already committed and visible.
+            assert!(t2.db.applied_index() >= ev.index);
+            let stored = t2.db.events_since(ev.index - 1, 1).await.unwrap();
+            assert_eq!(stored, vec![ev.clone()]);
+            got.push(ev);
+        }
+        got
+    });
+    t.db.apply(entries, 4).await.unwrap();
+    let got = reader.await.unwrap();
+    let kinds: Vec<(u64, &str)> = got.iter().map(|e| (e.index, e.kind.as_str())).collect();
+    assert_eq!(
+        kinds,
+        [
+            (1, "device.registered"),
+            (2, "command.issued"),
+            (4, "command.canceled")
+        ]
+    );
+    assert_eq!(got[2].data["status"], "canceled");
+    applied.changed().await.unwrap();
+    assert_eq!(*applied.borrow(), 4);
+}
+
+// ---------------------------------------------------------------- snapshots
+
+#[tokio::test]
+async fn snapshot_restore_into_another_directory() {
+    let src = Db::new().await;
+    let entries = workload();
+    let n = entries.len() as u64;
+    src.db.apply(entries, n).await.unwrap();
+    let image = src.db.snapshot().await.unwrap();
+    assert!(image.starts_with(b"SQLite format 3\0"));
+    // The temp file is gone.
+    let names: Vec<String> = std::fs::read_dir(src.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains("snapshot")), "{names:?}");
+
+    // The target has different state of its own, which the image replaces.
+    let mut dst = Db::new().await;
+    dst.run(register("stale-device")).await;
+    dst.run(register("another")).await;
+    let mut watch = dst.db.watch_applied();
+    let meta = SnapshotMeta {
+        index: n,
+        term: 3,
+        conf_state: ConfState::with_voters([1, 2, 3]),
+    };
+    dst.db.restore(&meta, image.clone()).await.unwrap();
+    assert_eq!(dst.db.applied_index(), n);
+    assert!(watch.has_changed().unwrap());
+    assert_eq!(*watch.borrow_and_update(), n);
+    assert_eq!(dump(&dst.db).await, dump(&src.db).await);
+    assert!(dst.db.device("stale-device").await.unwrap().is_none());
+
+    // It goes on applying from there, exactly like the source.
+    let next = vec![entry(
+        n + 1,
+        T0 + 9,
+        issue("c-new", "pump-1", 5, Some("k1")),
+    )];
+    let r1 = src.db.apply(next.clone(), n + 1).await.unwrap();
+    let r2 = dst.db.apply(next.clone(), n + 1).await.unwrap();
+    assert_eq!(r1, r2);
+    assert_eq!(dump(&dst.db).await, dump(&src.db).await);
+
+    // Reopened from disk, the restored database is still there.
+    let dir = dst.dir;
+    drop(dst.db);
+    let reopened = StateDb::open(dir.path()).await.unwrap();
+    assert_eq!(reopened.applied_index(), n + 1);
+    assert_eq!(dump(&reopened).await, dump(&src.db).await);
+    let leftovers: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[tokio::test]
+async fn restore_sets_the_applied_index_from_meta() {
+    // An image taken at index n but installed as of index n + 3 (entries
+    // without application data): the meta index wins.
+    let src = Db::new().await;
+    src.db
+        .apply(vec![entry(1, T0, register("d"))], 1)
+        .await
+        .unwrap();
+    let image = src.db.snapshot().await.unwrap();
+    let dst = Db::new().await;
+    let meta = SnapshotMeta {
+        index: 4,
+        term: 1,
+        conf_state: ConfState::with_voters([1]),
+    };
+    dst.db.restore(&meta, image).await.unwrap();
+    assert_eq!(dst.db.applied_index(), 4);
+    assert!(dst.db.device("d").await.unwrap().is_some());
+    let r = dst
+        .db
+        .apply(vec![entry(4, T0, register("e"))], 4)
+        .await
+        .unwrap();
+    assert_eq!(r, vec![OpResult::Ignored]);
+}
+
+#[tokio::test]
+async fn restore_with_empty_data() {
+    let mut t = Db::new().await;
+    t.run(register("d")).await;
+    t.run(Op::BootstrapAdmin {
+        token_hash: "t-admin".into(),
+    })
+    .await;
+    let meta = SnapshotMeta {
+        index: 7,
+        term: 2,
+        conf_state: ConfState::with_voters([1]),
+    };
+    t.db.restore(&meta, Vec::new()).await.unwrap();
+    assert_eq!(t.db.applied_index(), 7);
+    assert!(t.db.device("d").await.unwrap().is_none());
+    assert!(!t.db.has_tokens().await.unwrap());
+    assert!(t.db.events_since(0, 10).await.unwrap().is_empty());
+    // Usable: applies from there.
+    let r =
+        t.db.apply(vec![entry(8, T0, register("d"))], 8)
+            .await
+            .unwrap();
+    assert!(matches!(r[0], OpResult::Device(_)));
+    // Index 0 with no data is the initial state.
+    let meta0 = SnapshotMeta {
+        index: 0,
+        term: 0,
+        conf_state: ConfState::with_voters([1]),
+    };
+    t.db.restore(&meta0, Vec::new()).await.unwrap();
+    assert_eq!(t.db.applied_index(), 0);
+    assert_eq!(
+        dump(&t.db).await,
+        dump(&Db::new().await.db).await,
+        "an empty restore equals a fresh database"
+    );
+}
+
+#[tokio::test]
+async fn restore_of_garbage_fails_and_keeps_the_state() {
+    let mut t = Db::new().await;
+    t.run(register("d")).await;
+    let before = dump(&t.db).await;
+    let meta = SnapshotMeta {
+        index: 10,
+        term: 1,
+        conf_state: ConfState::with_voters([1]),
+    };
+    let garbage = vec![0x42u8; 8192];
+    assert!(t.db.restore(&meta, garbage).await.is_err());
+    assert_eq!(t.db.applied_index(), 1);
+    assert_eq!(dump(&t.db).await, before);
+    assert!(!t.dir.path().join(RESTORE_TMP).exists());
+}
+
+#[tokio::test]
+async fn queries_during_restore_wait_instead_of_failing() {
+    let src = Db::new().await;
+    let entries = workload();
+    let n = entries.len() as u64;
+    src.db.apply(entries, n).await.unwrap();
+    let image = src.db.snapshot().await.unwrap();
+
+    let dst = Arc::new(Db::new().await);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let (dst, stop) = (dst.clone(), stop.clone());
+        readers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                dst.db
+                    .list_devices(&DeviceFilter::default(), &page(100))
+                    .await
+                    .unwrap();
+                dst.db.events_since(0, 100).await.unwrap();
+                n += 1;
+                tokio::task::yield_now().await;
+            }
+            n
+        }));
+    }
+    for i in 0..5 {
+        let meta = SnapshotMeta {
+            index: n + i,
+            term: 1,
+            conf_state: ConfState::with_voters([1]),
+        };
+        dst.db.restore(&meta, image.clone()).await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        assert!(r.await.unwrap() > 0);
+    }
+    assert_eq!(dst.db.applied_index(), n + 4);
+    assert_eq!(
+        dst.db
+            .list_devices(&DeviceFilter::default(), &page(100))
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn zz_timing_probe() {
+    let src = Db::new().await;
+    let entries: Vec<Committed> = (1..=20_000u64)
+        .map(|i| entry(i, T0, register(&format!("dev-{i:06}"))))
+        .collect();
+    src.db.apply(entries, 20_000).await.unwrap();
+    let t = std::time::Instant::now();
+    let image = src.db.snapshot().await.unwrap();
+    eprintln!("snapshot {} bytes in {:?}", image.len(), t.elapsed());
+    let dst = Arc::new(Db::new().await);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (d2, s2) = (dst.clone(), stop.clone());
+    let reader = tokio::spawn(async move {
+        let mut worst = std::time::Duration::ZERO;
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            let t = std::time::Instant::now();
+            d2.db.device("dev-000001").await.unwrap();
+            worst = worst.max(t.elapsed());
+            tokio::task::yield_now().await;
+        }
+        worst
+    });
+    let t = std::time::Instant::now();
+    let meta = SnapshotMeta { index: 20_000, term: 1, conf_state: ConfState::with_voters([1]) };
+    dst.db.restore(&meta, image).await.unwrap();
+    eprintln!("restore in {:?}", t.elapsed());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    eprintln!("worst read {:?}", reader.await.unwrap());
+}
