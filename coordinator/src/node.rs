@@ -495,7 +495,16 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                     Err(_) => break,
                 }
             }
-            if let Err(e) = self.cycle().await {
+            // `advance` can itself produce work (a group of one commits once
+            // its own entry is durable), so cycle until the core is idle.
+            let mut result = self.cycle().await;
+            for _ in 0..64 {
+                if result.is_err() || !self.raft.has_ready() {
+                    break;
+                }
+                result = self.cycle().await;
+            }
+            if let Err(e) = result {
                 tracing::error!(node = self.id, error = %e, "node stopped after a fatal error");
                 self.fail_all(NodeError::Fatal(e.to_string()));
                 self.status.send_modify(|s| s.fatal = Some(e.to_string()));

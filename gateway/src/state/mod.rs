@@ -12,6 +12,23 @@
 //!
 //! Schema: `migrations/` at the workspace root, applied by `sqlx::migrate!`
 //! on open.
+//!
+//! Decisions where DESIGN is silent:
+//! - Each entry that changed something yields exactly one [`Event`] (so an
+//!   SSE `id` names one event and `Last-Event-ID` resumes exactly); an entry
+//!   that was ignored, refused or not found yields none. `command.expired`
+//!   carries `{"commands": [..]}`, `gateway.sessions_lost`
+//!   `{"gateway": g, "devices": [ids]}`, deletions and secret rotation
+//!   `{"id": ..}`, tokens `{"role", "name"}` (never the hash); the others the
+//!   device, command or shadow after the change.
+//! - Presence epochs are per device and only move forward: a lower epoch is
+//!   stale; `online` with an epoch ≥ the highest seen takes the device; an
+//!   `offline` counts only for the current gateway and epoch. Presence
+//!   changes bump the device's `updated_at`.
+//! - `SetDesired` bumps the version on every accepted patch (even `{}`);
+//!   desired and reported patches must be JSON objects (else `Conflict`).
+//! - `ExpireCommands` and `GatewaySessionsLost` return `Done` if they changed
+//!   anything, else `Ignored`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;

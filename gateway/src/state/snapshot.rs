@@ -59,7 +59,8 @@ async fn fsync_dir(dir: &Path) -> Result<(), StateError> {
 
 /// Makes the image at `path` a complete state database at `index`: creates
 /// it if absent, checks it, brings its schema up to date and records
-/// `meta.applied_index = index`. Leaves a single file (rollback journal).
+/// `meta.applied_index = index`. It is left in WAL mode (so opening it as
+/// `state.db` needs no journal change) but as a single, checkpointed file.
 async fn prepare_image(path: &Path, index: u64) -> Result<(), StateError> {
     let opts = SqliteConnectOptions::new()
         .filename(path)
@@ -87,8 +88,21 @@ async fn prepare_image(path: &Path, index: u64) -> Result<(), StateError> {
         store_applied_index(&mut conn, index).await
     }
     .await;
+    // Closing the last connection checkpoints the WAL into the file.
     pool.close().await;
-    result
+    result?;
+    let wal = with_suffix(path, "-wal");
+    match tokio::fs::metadata(&wal).await {
+        Ok(m) if m.len() > 0 => {
+            return Err(StateError::Corrupt(format!(
+                "{} was not checkpointed",
+                wal.display()
+            )));
+        }
+        _ => {}
+    }
+    remove_if_exists(&wal).await?;
+    remove_if_exists(&with_suffix(path, "-shm")).await
 }
 
 impl StateDb {
@@ -154,11 +168,20 @@ impl StateDb {
         }
 
         let db = self.dir.join(DB_FILE);
+        // Best effort: empty the old WAL now, so closing the old pool below
+        // (while queries wait) has little left to do.
+        {
+            let pool = self.pool.read().await;
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&*pool)
+                .await
+            {
+                tracing::debug!(error = %e, "checkpoint before restore");
+            }
+        }
         let mut pool = self.pool.write().await;
-        let t0 = std::time::Instant::now();
         // Waits for every connection to close; the last one checkpoints the WAL.
         pool.close().await;
-        eprintln!("close {:?}", t0.elapsed());
         let swapped = async {
             // Stale side files must not be replayed against the new file.
             remove_if_exists(&with_suffix(&db, "-wal")).await?;
@@ -169,14 +192,12 @@ impl StateDb {
             fsync_dir(&self.dir).await
         }
         .await;
-        eprintln!("swap {:?}", t0.elapsed());
         // Reopen whatever `state.db` now is: the new image, or the old one if
         // the swap failed before the rename.
         match open_pool(&db).await {
             Ok(p) => *pool = p,
             Err(e) => return Err(swapped.err().unwrap_or(e)),
         }
-        eprintln!("open {:?}", t0.elapsed());
         swapped?;
         drop(pool);
         self.applied.send_replace(meta.index);

@@ -1437,34 +1437,3 @@ async fn queries_during_restore_wait_instead_of_failing() {
         2
     );
 }
-
-#[tokio::test]
-async fn zz_timing_probe() {
-    let src = Db::new().await;
-    let entries: Vec<Committed> = (1..=20_000u64)
-        .map(|i| entry(i, T0, register(&format!("dev-{i:06}"))))
-        .collect();
-    src.db.apply(entries, 20_000).await.unwrap();
-    let t = std::time::Instant::now();
-    let image = src.db.snapshot().await.unwrap();
-    eprintln!("snapshot {} bytes in {:?}", image.len(), t.elapsed());
-    let dst = Arc::new(Db::new().await);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (d2, s2) = (dst.clone(), stop.clone());
-    let reader = tokio::spawn(async move {
-        let mut worst = std::time::Duration::ZERO;
-        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
-            let t = std::time::Instant::now();
-            d2.db.device("dev-000001").await.unwrap();
-            worst = worst.max(t.elapsed());
-            tokio::task::yield_now().await;
-        }
-        worst
-    });
-    let t = std::time::Instant::now();
-    let meta = SnapshotMeta { index: 20_000, term: 1, conf_state: ConfState::with_voters([1]) };
-    dst.db.restore(&meta, image).await.unwrap();
-    eprintln!("restore in {:?}", t.elapsed());
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    eprintln!("worst read {:?}", reader.await.unwrap());
-}
