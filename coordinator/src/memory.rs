@@ -145,21 +145,30 @@ impl MemNode {
         &self.applied
     }
 
-    /// Feeds a message (keeping the snapshot image it carries).
+    /// Feeds a message (keeping the snapshot image it carries). A snapshot
+    /// message without its image is dropped (see [`MemNode::envelopes`]);
+    /// the leader sends a new one.
     pub fn step(&mut self, env: Envelope) -> Result<(), StepError> {
-        if let (MessageKind::Snapshot { meta }, Some(image)) = (&env.msg.kind, env.image) {
+        if let MessageKind::Snapshot { meta } = &env.msg.kind {
+            let Some(image) = env.image else {
+                return Ok(());
+            };
             self.received_images.insert((meta.index, meta.term), image);
         }
         self.raft.step(env.msg)
     }
 
     /// Wraps outgoing messages, attaching this node's snapshot image to
-    /// snapshot messages.
+    /// snapshot messages. A snapshot message asked for before the node
+    /// compacted again refers to an image that is gone: it gets none (the
+    /// stored image is of another index and must not be installed under it).
     pub fn envelopes(&self, msgs: Vec<Message>) -> Vec<Envelope> {
+        let stored = &self.storage.snapshot;
         msgs.into_iter()
             .map(|msg| {
-                let image = matches!(msg.kind, MessageKind::Snapshot { .. })
-                    .then(|| self.storage.snapshot_image.clone());
+                let image = matches!(&msg.kind, MessageKind::Snapshot { meta }
+                    if meta.index == stored.index && meta.term == stored.term)
+                .then(|| self.storage.snapshot_image.clone());
                 Envelope { msg, image }
             })
             .collect()

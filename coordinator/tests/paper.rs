@@ -404,8 +404,11 @@ fn update_term_from_message_in_every_role() {
 
 /// Reference: §5.1 "If a server receives a request with a stale term
 /// number, it rejects the request." With the paper's settings a stale
-/// message changes nothing and is not answered: no entries are appended, no
-/// commit index moves, no vote is granted and a stale vote does not count.
+/// message changes nothing: no entries are appended, no commit index moves,
+/// no vote is granted and a stale vote does not count. A stale request is
+/// answered only with a rejection carrying the current term (Figure 2: the
+/// result's `term` is "for leader/candidate to update itself"); a stale
+/// response is not answered.
 #[test]
 fn reject_stale_term_messages() {
     let stale: Vec<MessageKind> = vec![
@@ -453,11 +456,32 @@ fn reject_stale_term_messages() {
             );
             assert_eq!(r.progress(2), progress, "{role} {}", kind.name());
             let out = drain(&mut r);
+            let request = matches!(
+                kind,
+                MessageKind::Append { .. }
+                    | MessageKind::Heartbeat { .. }
+                    | MessageKind::Vote { .. }
+            );
+            let replies: Vec<&Message> = out.all().collect();
+            let rejections = replies.len() == 2
+                && replies.iter().zip([2, 3]).all(|(m, to)| {
+                    m.to == to
+                        && m.term == 3
+                        && matches!(
+                            m.kind,
+                            MessageKind::AppendResponse { index: 0, .. }
+                                | MessageKind::VoteResponse { granted: false, .. }
+                        )
+                });
             assert!(
-                out.all().next().is_none(),
+                if request {
+                    rejections
+                } else {
+                    replies.is_empty()
+                },
                 "{role} answered a stale {}: {:?}",
                 kind.name(),
-                out.all().collect::<Vec<_>>()
+                replies
             );
             assert!(out.entries.is_empty() && out.committed.is_empty());
         }

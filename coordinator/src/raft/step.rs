@@ -67,11 +67,11 @@ impl Raft {
         }
         if m.term < self.term {
             match &m.kind {
-                MessageKind::Append { .. } | MessageKind::Heartbeat { .. }
-                    if self.cfg.check_quorum || self.cfg.pre_vote =>
-                {
-                    // A stale leader may be cut off from the higher term by
-                    // check-quorum or pre-vote; tell it the term so it steps down.
+                MessageKind::Append { .. } | MessageKind::Heartbeat { .. } => {
+                    // Tell a stale leader the term so it steps down (§5.1).
+                    // Nothing else may: check-quorum or pre-vote can keep the
+                    // higher term from it, and a learner, or a voter whose
+                    // membership leaves the leader out, never asks it to vote.
                     self.send(
                         m.from,
                         MessageKind::AppendResponse {
@@ -81,13 +81,16 @@ impl Raft {
                         },
                     );
                 }
-                MessageKind::Vote { pre: true, .. } => {
-                    // Reject at our term so the pre-candidate learns it; otherwise
-                    // a node with a longer log but an older term could never win.
+                MessageKind::Vote { pre, .. } => {
+                    // Reject at our term so the candidate learns it (§5.1);
+                    // otherwise a node with a longer log but an older term
+                    // could never win, and a candidate that no one else talks
+                    // to (a voter behind on membership counts it a learner)
+                    // would campaign below everyone's term forever.
                     self.send(
                         m.from,
                         MessageKind::VoteResponse {
-                            pre: true,
+                            pre: *pre,
                             granted: false,
                         },
                     );
