@@ -12,6 +12,7 @@ pub mod ops;
 pub mod state;
 
 use std::future::Future;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -310,16 +311,21 @@ async fn leader_duties(
 /// Starts a gateway, prints where it is, and runs until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), GatewayError> {
     let gw = start(config).await?;
-    println!(
+    // Whoever started us may have stopped reading stdout; that is no reason to stop.
+    let mut out = std::io::stdout();
+    let _ = writeln!(
+        out,
         "entente gateway: REST on http://{}  peers on {}",
         gw.http_addr, gw.raft_addr
     );
     if let Some(f) = &gw.admin_token_file {
-        println!(
+        let _ = writeln!(
+            out,
             "admin token: {} (use it as 'Authorization: Bearer <token>')",
             f.display()
         );
     }
+    let _ = out.flush();
     shutdown.await;
     gw.stop().await;
     Ok(())
