@@ -55,6 +55,20 @@ pub struct Args {
     /// Take a state snapshot every this many applied entries.
     #[arg(long, env = "ENTENTE_SNAPSHOT_EVERY")]
     pub snapshot_every: Option<u64>,
+    /// MQTT 3.1.1 listen address for devices (default 0.0.0.0:1883).
+    #[arg(long, env = "ENTENTE_MQTT_LISTEN")]
+    pub mqtt_listen: Option<SocketAddr>,
+    /// MQTT 5 listen address for devices (default 0.0.0.0:1884).
+    #[arg(long, env = "ENTENTE_MQTT5_LISTEN")]
+    pub mqtt5_listen: Option<SocketAddr>,
+    /// How long the leader waits before declaring an unreachable gateway's
+    /// device sessions lost (ms).
+    #[arg(long, env = "ENTENTE_SESSION_GRACE_MS")]
+    pub session_grace_ms: Option<u64>,
+    /// Window over which a device's reported-state patches are coalesced
+    /// into one proposal (ms).
+    #[arg(long, env = "ENTENTE_REPORT_COALESCE_MS")]
+    pub report_coalesce_ms: Option<u64>,
 }
 
 /// The settings file (same keys as the flags).
@@ -71,6 +85,10 @@ struct FileConfig {
     write_timeout_ms: Option<u64>,
     tick_ms: Option<u64>,
     snapshot_every: Option<u64>,
+    mqtt_listen: Option<SocketAddr>,
+    mqtt5_listen: Option<SocketAddr>,
+    session_grace_ms: Option<u64>,
+    report_coalesce_ms: Option<u64>,
 }
 
 /// Resolved settings of one gateway.
@@ -102,11 +120,27 @@ pub struct Config {
     pub max_page: u32,
     /// Longest `?wait=` a client may ask for.
     pub max_wait: Duration,
+    /// MQTT 3.1.1 listener for devices (`None`: none).
+    pub mqtt_listen: Option<SocketAddr>,
+    /// MQTT 5 listener for devices (`None`: none).
+    pub mqtt5_listen: Option<SocketAddr>,
+    /// How long a peer must be unreachable from the leader before its device
+    /// sessions are declared lost.
+    pub session_grace: Duration,
+    /// Reported-state patches of one device are coalesced over this window.
+    pub report_coalesce: Duration,
+    /// Largest MQTT packet a device may send; a bigger one disconnects it.
+    pub mqtt_max_packet: usize,
+    /// Largest payload the gateway acts on; a bigger one (up to
+    /// `mqtt_max_packet`) is ignored, logged and counted.
+    pub mqtt_max_payload: usize,
 }
 
 impl Config {
     /// A single-node gateway in `data_dir` listening on the given addresses:
-    /// the defaults of `cargo run -p gateway`, and what tests start from.
+    /// what tests start from. Its MQTT listeners (3.1.1 and 5) are on the REST
+    /// listener's IP with port 0 (picked by the OS); [`Config::from_args`]
+    /// (the defaults of `cargo run -p gateway`) puts them on 1883 and 1884.
     pub fn single(data_dir: PathBuf, http_listen: SocketAddr, raft_listen: SocketAddr) -> Config {
         Config {
             node_id: 1,
@@ -122,6 +156,12 @@ impl Config {
             max_body_bytes: 64 * 1024,
             max_page: 1000,
             max_wait: Duration::from_secs(60),
+            mqtt_listen: Some(SocketAddr::new(http_listen.ip(), 0)),
+            mqtt5_listen: Some(SocketAddr::new(http_listen.ip(), 0)),
+            session_grace: Duration::from_secs(10),
+            report_coalesce: Duration::from_millis(50),
+            mqtt_max_packet: 256 * 1024,
+            mqtt_max_payload: 64 * 1024,
         }
     }
 
@@ -177,6 +217,22 @@ impl Config {
         if let Some(n) = args.snapshot_every.or(file.snapshot_every) {
             c.snapshot_every = n.max(1);
         }
+        c.mqtt_listen = Some(
+            args.mqtt_listen
+                .or(file.mqtt_listen)
+                .unwrap_or(([0, 0, 0, 0], 1883).into()),
+        );
+        c.mqtt5_listen = Some(
+            args.mqtt5_listen
+                .or(file.mqtt5_listen)
+                .unwrap_or(([0, 0, 0, 0], 1884).into()),
+        );
+        if let Some(ms) = args.session_grace_ms.or(file.session_grace_ms) {
+            c.session_grace = Duration::from_millis(ms);
+        }
+        if let Some(ms) = args.report_coalesce_ms.or(file.report_coalesce_ms) {
+            c.report_coalesce = Duration::from_millis(ms.max(1));
+        }
         Ok(c)
     }
 }
@@ -229,6 +285,8 @@ mod tests {
         assert_eq!(c.peers.len(), 2);
         let c = Config::from_args(Args::default()).expect("defaults");
         assert_eq!(c.http_listen.port(), 8080);
+        assert_eq!(c.mqtt_listen.map(|a| a.port()), Some(1883));
+        assert_eq!(c.mqtt5_listen.map(|a| a.port()), Some(1884));
         assert_eq!(c.peers.len(), 1);
         assert_eq!(c.data_dir, PathBuf::from("data"));
     }

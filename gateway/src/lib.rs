@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+pub mod mqtt;
 pub mod ops;
 pub mod state;
 
@@ -89,6 +90,10 @@ pub struct Gateway {
     pub http_addr: SocketAddr,
     /// Where the peer transport listens.
     pub raft_addr: SocketAddr,
+    /// Where devices connect with MQTT 3.1.1, if enabled.
+    pub mqtt_addr: Option<SocketAddr>,
+    /// Where devices connect with MQTT 5, if enabled.
+    pub mqtt5_addr: Option<SocketAddr>,
     /// The file holding the admin token created on first start, if this
     /// gateway created it.
     pub admin_token_file: Option<PathBuf>,
@@ -97,6 +102,7 @@ pub struct Gateway {
     transport: Arc<Transport>,
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    mqtt: mqtt::Mqtt,
 }
 
 impl Gateway {
@@ -111,9 +117,10 @@ impl Gateway {
     }
 
     /// Stops serving, ends streams, shuts the node down (flushing storage).
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
+        self.mqtt.stop();
         let _ = self.shutdown_tx.send(true);
-        for t in self.tasks {
+        for t in self.tasks.into_iter().chain(self.mqtt.tasks.drain(..)) {
             let _ = t.await;
         }
         self.node.shutdown().await;
@@ -186,11 +193,13 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
         .map_err(io("reading the REST address"))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let config = Arc::new(config);
+    let mqtt_stats = Arc::new(mqtt::MqttStats::default());
     let app_state = api::AppState {
         node: node.clone(),
         db: db.clone(),
         config: config.clone(),
         shutdown: shutdown_rx.clone(),
+        mqtt: mqtt_stats.clone(),
     };
     let router = api::app(app_state);
     let mut stop_http = shutdown_rx.clone();
@@ -205,9 +214,14 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
 
     let admin_token_file = bootstrap_admin(&node, &db, &config).await?;
     let duties = tokio::spawn(leader_duties(node.clone(), db.clone(), shutdown_rx.clone()));
+    forget_own_sessions(&node, &db, config.node_id).await;
+    let mqtt = mqtt::start(&config, node.clone(), db.clone(), mqtt_stats, shutdown_rx).await?;
     Ok(Gateway {
         http_addr,
         raft_addr,
+        mqtt_addr: mqtt.v4_addr,
+        mqtt5_addr: mqtt.v5_addr,
+        mqtt,
         admin_token_file,
         node,
         db,
@@ -215,6 +229,47 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
         shutdown_tx,
         tasks: vec![http, duties],
     })
+}
+
+/// Sessions this gateway held before it (re)started are gone: before its
+/// MQTT listeners open, it says so (`GatewaySessionsLost` for itself), if
+/// the state shows any. Best effort: with no leader the leader's peer watch
+/// does it later.
+async fn forget_own_sessions(node: &Node<OpResult>, db: &StateDb, node_id: u64) {
+    let filter = state::DeviceFilter {
+        label: None,
+        online: Some(true),
+    };
+    let page = state::Page {
+        after: None,
+        limit: u32::MAX,
+    };
+    let mine = match db.list_devices(&filter, &page).await {
+        Ok(devices) => devices.iter().any(|d| d.gateway == Some(node_id)),
+        Err(e) => {
+            tracing::warn!(error = %e, "looking for this gateway's old sessions");
+            false
+        }
+    };
+    if !mine {
+        return;
+    }
+    // Right after a restart the group may still be electing: retry (bounded).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut status = node.watch_status();
+    loop {
+        let _ =
+            tokio::time::timeout_at(deadline, status.wait_for(|s| s.raft.leader.is_some())).await;
+        let op = Op::GatewaySessionsLost { gateway: node_id };
+        match propose(node, op).await {
+            Ok(_) => return,
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                tracing::warn!(error = %e, "could not clear this gateway's old device sessions");
+                return;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 /// On first start of a group, the gateway that leads creates an admin token
@@ -318,6 +373,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "entente gateway: REST on http://{}  peers on {}",
         gw.http_addr, gw.raft_addr
     );
+    if let Some(a) = gw.mqtt_addr {
+        let _ = writeln!(out, "MQTT 3.1.1 on {a}");
+    }
+    if let Some(a) = gw.mqtt5_addr {
+        let _ = writeln!(out, "MQTT 5 on {a}");
+    }
     if let Some(f) = &gw.admin_token_file {
         let _ = writeln!(
             out,

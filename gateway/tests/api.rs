@@ -45,6 +45,7 @@ fn router(gw: &Gateway, config: &Config) -> (Router, watch::Sender<bool>) {
         db: gw.db().clone(),
         config: Arc::new(config.clone()),
         shutdown: rx,
+        mqtt: Default::default(),
     };
     (app(state), tx)
 }

@@ -33,6 +33,10 @@ fn spawn(dir: &Path) -> Gw {
             "127.0.0.1:0",
             "--tick-ms",
             "5",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--mqtt5-listen",
+            "127.0.0.1:0",
         ])
         .env("RUST_LOG", "error")
         .stdout(Stdio::piped())

@@ -248,6 +248,7 @@ pub(crate) async fn metrics(
     let r = &st.raft;
     let mut out = String::with_capacity(4096);
     metrics.render(&mut out);
+    state.mqtt.render(&mut out);
 
     let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
         let _ = writeln!(out, "# HELP {name} {help}");

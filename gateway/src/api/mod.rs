@@ -22,7 +22,7 @@ mod extract;
 mod health;
 mod openapi;
 mod shadow;
-mod validate;
+pub(crate) mod validate;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,6 +58,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Becomes `true` when the gateway shuts down (ends SSE streams and long polls).
     pub shutdown: watch::Receiver<bool>,
+    /// The MQTT side's counters (for `/metrics`).
+    pub mqtt: Arc<crate::mqtt::MqttStats>,
 }
 
 impl std::fmt::Debug for AppState {

@@ -19,7 +19,8 @@ pub const MAX_COMMAND_NAME: usize = 128;
 /// Longest idempotency key.
 pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 
-fn id_ok(s: &str) -> bool {
+/// Whether `s` is a valid device or command id (`[A-Za-z0-9_.-]{1,64}`).
+pub fn id_ok(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_ID
         && s.bytes()

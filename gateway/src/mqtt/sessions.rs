@@ -1,0 +1,600 @@
+//! The session manager: one task that owns this gateway's device sessions.
+//!
+//! It hears the connections' codecs ([`SessionEvent`]) and the state
+//! database's committed events, and
+//! - replicates presence (one task per session proposes `online`, then, after
+//!   the session ended, `offline`, so the two never commit out of order);
+//! - delivers to a device, once its SUBSCRIBE took effect, every command
+//!   still queued or sent for it, its desired document and its delta;
+//! - publishes each newly issued command to the device holding a session
+//!   here (and proposes `CommandSent`), and the desired document and delta
+//!   when the shadow changes;
+//! - turns `accepted` and `result` messages into proposals, after checking
+//!   the command exists and is this device's;
+//! - coalesces reported-state patches per device over a window into one
+//!   `ReportState` proposal (several, in order, when two patches cannot be
+//!   composed exactly).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use coordinator::node::Node;
+use entente_protocol::{
+    CommandMessage, CommandResultMessage, DevicePublish, ResultStatus, ShadowDocument,
+    commands_topic, delta_topic, desired_topic, filter_matches,
+};
+use serde_json::{Map, Value};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
+
+use super::MqttStats;
+use super::auth::Authenticator;
+use crate::ops::{Command, CommandStatus, Event, Op, OpResult, Shadow};
+use crate::state::{Page, StateDb};
+
+/// What a connection's codec tells the manager.
+#[derive(Debug)]
+pub(crate) enum SessionEvent {
+    /// A CONNACK was written: the session started.
+    Up {
+        /// Device id.
+        device: String,
+        /// Session epoch.
+        epoch: u64,
+    },
+    /// The connection ended.
+    Down {
+        /// Device id.
+        device: String,
+        /// Session epoch.
+        epoch: u64,
+    },
+    /// A SUBACK was written: these filters are in force.
+    Subscribed {
+        /// Device id.
+        device: String,
+        /// Session epoch.
+        epoch: u64,
+        /// The filters.
+        filters: Vec<String>,
+    },
+    /// The device published (already checked against its ACL).
+    Publish {
+        /// Device id.
+        device: String,
+        /// Which of its topics.
+        kind: DevicePublish,
+        /// The payload.
+        payload: Bytes,
+    },
+}
+
+pub(crate) struct Session {
+    epoch: u64,
+    filters: Vec<String>,
+    /// Dropped when the session ends (or is replaced): its presence task
+    /// then proposes `offline`.
+    _ended: oneshot::Sender<()>,
+    /// Asks the presence task to announce the session again.
+    reannounce: Arc<Notify>,
+}
+
+impl Session {
+    fn wants(&self, topic: &str) -> bool {
+        self.filters.iter().any(|f| filter_matches(f, topic))
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct PendingReports {
+    /// Patches to propose, in order; the last one absorbs new patches.
+    patches: Vec<Value>,
+    /// A flush of this device is being proposed.
+    inflight: bool,
+}
+
+/// The manager's state (see the module docs).
+pub(crate) struct Manager {
+    pub(crate) node: Node<OpResult>,
+    pub(crate) db: Arc<StateDb>,
+    pub(crate) node_id: u64,
+    pub(crate) stats: Arc<MqttStats>,
+    pub(crate) auth: Arc<Authenticator>,
+    /// (topic, payload) to the publisher thread.
+    pub(crate) out: mpsc::UnboundedSender<(String, Vec<u8>)>,
+    pub(crate) max_payload: usize,
+    pub(crate) coalesce: Duration,
+    pub(crate) sessions: HashMap<String, Session>,
+    pub(crate) reports: HashMap<String, PendingReports>,
+}
+
+/// How many times a presence proposal is tried before giving up.
+const PRESENCE_ATTEMPTS: u32 = 20;
+
+impl Manager {
+    pub(crate) async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<SessionEvent>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut events = self.db.subscribe();
+        let mut tick = tokio::time::interval(self.coalesce.max(Duration::from_millis(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => break,
+                Some(ev) = rx.recv() => self.on_session(ev),
+                r = events.recv() => match r {
+                    Ok(ev) => self.on_state(ev),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "MQTT sessions lagged behind the state events; re-delivering");
+                        self.auth.clear();
+                        self.redeliver_all();
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                _ = tick.tick() => self.flush_reports(&done_tx),
+                Some(device) = done_rx.recv() => {
+                    if let Some(p) = self.reports.get_mut(&device) {
+                        p.inflight = false;
+                        if p.patches.is_empty() {
+                            self.reports.remove(&device);
+                        }
+                    }
+                }
+            }
+        }
+        // Best effort: what was still being coalesced is proposed.
+        self.flush_reports(&done_tx);
+    }
+
+    fn set_gauge(&self) {
+        self.stats
+            .sessions
+            .store(self.sessions.len() as u64, Ordering::Relaxed);
+    }
+
+    fn on_session(&mut self, ev: SessionEvent) {
+        match ev {
+            SessionEvent::Up { device, epoch } => {
+                self.stats.sessions_started.fetch_add(1, Ordering::Relaxed);
+                let (ended_tx, ended_rx) = oneshot::channel();
+                let reannounce = Arc::new(Notify::new());
+                tokio::spawn(presence_task(
+                    self.node.clone(),
+                    device.clone(),
+                    self.node_id,
+                    epoch,
+                    ended_rx,
+                    reannounce.clone(),
+                ));
+                tracing::info!(device, epoch, "MQTT session started");
+                self.sessions.insert(
+                    device,
+                    Session {
+                        epoch,
+                        filters: Vec::new(),
+                        _ended: ended_tx,
+                        reannounce,
+                    },
+                );
+                self.set_gauge();
+            }
+            SessionEvent::Down { device, epoch } => {
+                if self.sessions.get(&device).is_some_and(|s| s.epoch == epoch) {
+                    self.sessions.remove(&device);
+                    tracing::info!(device, epoch, "MQTT session ended");
+                    self.set_gauge();
+                }
+            }
+            SessionEvent::Subscribed {
+                device,
+                epoch,
+                filters,
+            } => {
+                let Some(s) = self.sessions.get_mut(&device).filter(|s| s.epoch == epoch) else {
+                    return;
+                };
+                let matches = |t: &str| filters.iter().any(|f| filter_matches(f, t));
+                let commands = matches(&commands_topic(&device));
+                let desired = matches(&desired_topic(&device));
+                let delta = matches(&delta_topic(&device));
+                s.filters.extend(filters.iter().cloned());
+                self.spawn_delivery(device, commands, desired, delta);
+            }
+            SessionEvent::Publish {
+                device,
+                kind,
+                payload,
+            } => self.on_publish(device, kind, payload),
+        }
+    }
+
+    /// Sends a device what it should have: commands still queued or sent,
+    /// and/or its desired document and delta.
+    fn spawn_delivery(&self, device: String, commands: bool, desired: bool, delta: bool) {
+        let (db, node, out, stats, node_id) = (
+            self.db.clone(),
+            self.node.clone(),
+            self.out.clone(),
+            self.stats.clone(),
+            self.node_id,
+        );
+        tokio::spawn(async move {
+            if commands {
+                deliver_pending_commands(&db, &node, &out, &stats, node_id, &device).await;
+            }
+            if desired || delta {
+                match db.shadow(&device).await {
+                    Ok(Some(sh)) => publish_shadow(&out, &sh, desired, delta),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(device, error = %e, "reading a shadow to deliver"),
+                }
+            }
+        });
+    }
+
+    fn redeliver_all(&self) {
+        for (device, s) in &self.sessions {
+            let commands = s.wants(&commands_topic(device));
+            let desired = s.wants(&desired_topic(device));
+            let delta = s.wants(&delta_topic(device));
+            self.spawn_delivery(device.clone(), commands, desired, delta);
+        }
+    }
+
+    fn ignore(&self, device: &str, why: &str) {
+        self.stats.ignored_messages.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(device, "MQTT message ignored: {why}");
+    }
+
+    fn on_publish(&mut self, device: String, kind: DevicePublish, payload: Bytes) {
+        if payload.len() > self.max_payload {
+            let why = format!(
+                "payload of {} bytes is over the limit of {}",
+                payload.len(),
+                self.max_payload
+            );
+            self.ignore(&device, &why);
+            return;
+        }
+        match kind {
+            DevicePublish::Reported => {
+                let patch = match serde_json::from_slice::<Value>(&payload) {
+                    Ok(v @ Value::Object(_)) => v,
+                    Ok(_) => return self.ignore(&device, "a reported patch must be a JSON object"),
+                    Err(e) => return self.ignore(&device, &format!("malformed JSON: {e}")),
+                };
+                let pending = self.reports.entry(device).or_default();
+                // (Patches being proposed were taken out: these are all new.)
+                let composed = pending
+                    .patches
+                    .last_mut()
+                    .is_some_and(|last| compose(last, &patch));
+                if !composed {
+                    pending.patches.push(patch);
+                }
+            }
+            DevicePublish::Accepted { cid } => {
+                let (db, node, stats) = (self.db.clone(), self.node.clone(), self.stats.clone());
+                tokio::spawn(async move {
+                    if own_command(&db, &stats, &device, &cid).await {
+                        propose_logged(&node, Op::CommandAccepted { cid }).await;
+                    }
+                });
+            }
+            DevicePublish::Result { cid } => {
+                let msg = match serde_json::from_slice::<CommandResultMessage>(&payload) {
+                    Ok(m) => m,
+                    Err(e) => return self.ignore(&device, &format!("malformed result: {e}")),
+                };
+                let (db, node, stats) = (self.db.clone(), self.node.clone(), self.stats.clone());
+                tokio::spawn(async move {
+                    if own_command(&db, &stats, &device, &cid).await {
+                        let op = Op::CommandResult {
+                            cid,
+                            succeeded: msg.status == ResultStatus::Succeeded,
+                            output: msg.output,
+                        };
+                        propose_logged(&node, op).await;
+                    }
+                });
+            }
+        }
+    }
+
+    fn flush_reports(&mut self, done: &mpsc::UnboundedSender<String>) {
+        for (device, p) in self.reports.iter_mut() {
+            if p.inflight || p.patches.is_empty() {
+                continue;
+            }
+            p.inflight = true;
+            let patches = std::mem::take(&mut p.patches);
+            let (node, device, done) = (self.node.clone(), device.clone(), done.clone());
+            tokio::spawn(async move {
+                for patch in patches {
+                    let op = Op::ReportState {
+                        device: device.clone(),
+                        patch,
+                    };
+                    propose_logged(&node, op).await;
+                }
+                let _ = done.send(device);
+            });
+        }
+        self.reports
+            .retain(|_, p| p.inflight || !p.patches.is_empty());
+    }
+
+    fn on_state(&mut self, ev: Event) {
+        match ev.kind.as_str() {
+            "command.issued" => {
+                let Ok(cmd) = serde_json::from_value::<Command>(ev.data) else {
+                    return;
+                };
+                let Some(s) = self.sessions.get(&cmd.device) else {
+                    return;
+                };
+                if cmd.status != CommandStatus::Queued || !s.wants(&commands_topic(&cmd.device)) {
+                    return;
+                }
+                publish_command(&self.out, &self.stats, &cmd);
+                let (node, node_id) = (self.node.clone(), self.node_id);
+                tokio::spawn(async move {
+                    let op = Op::CommandSent {
+                        cid: cmd.id,
+                        gateway: node_id,
+                    };
+                    propose_logged(&node, op).await;
+                });
+            }
+            kind @ ("shadow.desired" | "shadow.reported") => {
+                let Ok(sh) = serde_json::from_value::<Shadow>(ev.data) else {
+                    return;
+                };
+                if self.sessions.contains_key(&sh.device) {
+                    publish_shadow(&self.out, &sh, kind == "shadow.desired", true);
+                }
+            }
+            "device.registered" | "device.secret_rotated" | "device.deleted" => {
+                if let Some(id) = ev.data.get("id").and_then(Value::as_str) {
+                    self.auth.invalidate(id);
+                }
+            }
+            "gateway.sessions_lost"
+                if ev.data.get("gateway").and_then(Value::as_u64) == Some(self.node_id) =>
+            {
+                // The leader gave up on us while our sessions lived on: say
+                // again that they are here.
+                tracing::warn!("this gateway's sessions were declared lost; announcing them again");
+                for s in self.sessions.values() {
+                    s.reannounce.notify_one();
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Composes merge patch `next` into `acc` so that applying `acc` equals
+/// applying both in turn. Returns false (leaving `acc` unchanged) when that
+/// cannot be done exactly: `next` merges an object into a key that `acc`
+/// replaces with a non-object (or removes).
+fn compose(acc: &mut Value, next: &Value) -> bool {
+    fn exact(acc: &Map<String, Value>, next: &Map<String, Value>) -> bool {
+        next.iter().all(|(k, v)| match (acc.get(k), v) {
+            (Some(Value::Object(a)), Value::Object(n)) => exact(a, n),
+            (Some(_), Value::Object(_)) => false,
+            _ => true,
+        })
+    }
+    fn merge(acc: &mut Map<String, Value>, next: &Map<String, Value>) {
+        for (k, v) in next {
+            match (acc.get_mut(k), v) {
+                (Some(Value::Object(a)), Value::Object(n)) => merge(a, n),
+                _ => {
+                    acc.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+    match (acc, next) {
+        (Value::Object(a), Value::Object(n)) if exact(a, n) => {
+            merge(a, n);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Proposes presence `online`, again whenever asked, and `offline` once the
+/// session ended — all from one task, so they commit in this order.
+async fn presence_task(
+    node: Node<OpResult>,
+    device: String,
+    gateway: u64,
+    epoch: u64,
+    mut ended: oneshot::Receiver<()>,
+    reannounce: Arc<Notify>,
+) {
+    let op = |online| Op::Presence {
+        device: device.clone(),
+        gateway,
+        epoch,
+        online,
+    };
+    loop {
+        propose_retrying(&node, op(true), &mut ended).await;
+        tokio::select! {
+            _ = &mut ended => break,
+            _ = reannounce.notified() => {}
+        }
+    }
+    let mut never = oneshot::channel::<()>().1;
+    propose_retrying(&node, op(false), &mut never).await;
+}
+
+/// Proposes `op` until it commits, `PRESENCE_ATTEMPTS` failures, or (before
+/// an attempt) `stop` resolved.
+async fn propose_retrying(node: &Node<OpResult>, op: Op, stop: &mut oneshot::Receiver<()>) {
+    let mut backoff = Duration::from_millis(50);
+    for attempt in 1..=PRESENCE_ATTEMPTS {
+        match crate::propose(node, op.clone()).await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, attempt, "presence proposal failed; retrying");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = &mut *stop => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+    tracing::warn!(?op, "giving up on a presence proposal");
+}
+
+async fn propose_logged(node: &Node<OpResult>, op: Op) {
+    match crate::propose(node, op).await {
+        Ok((_, OpResult::NotFound(what) | OpResult::Conflict(what))) => {
+            tracing::info!("MQTT-originated proposal refused: {what}");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "MQTT-originated proposal failed"),
+    }
+}
+
+/// Whether command `cid` exists and belongs to `device` (else it is
+/// ignored, logged and counted).
+async fn own_command(db: &StateDb, stats: &MqttStats, device: &str, cid: &str) -> bool {
+    let ok = match db.command(cid).await {
+        Ok(Some(c)) => c.device == device,
+        Ok(None) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading a command for an MQTT message");
+            return false;
+        }
+    };
+    if !ok {
+        stats.ignored_messages.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            device,
+            cid,
+            "MQTT message ignored: no such command for this device"
+        );
+    }
+    ok
+}
+
+fn publish_command(out: &mpsc::UnboundedSender<(String, Vec<u8>)>, stats: &MqttStats, c: &Command) {
+    let msg = CommandMessage {
+        id: c.id.clone(),
+        name: c.name.clone(),
+        params: c.params.clone(),
+        issued_at: c.issued_at,
+        expires_at: c.expires_at,
+    };
+    let payload = serde_json::to_vec(&msg).unwrap_or_default();
+    stats.commands_published.fetch_add(1, Ordering::Relaxed);
+    let _ = out.send((commands_topic(&c.device), payload));
+}
+
+fn publish_shadow(
+    out: &mpsc::UnboundedSender<(String, Vec<u8>)>,
+    sh: &Shadow,
+    desired: bool,
+    delta: bool,
+) {
+    let doc = |state: &Value| {
+        serde_json::to_vec(&ShadowDocument {
+            state: state.clone(),
+            version: sh.version,
+        })
+        .unwrap_or_default()
+    };
+    if desired {
+        let _ = out.send((desired_topic(&sh.device), doc(&sh.desired)));
+    }
+    if delta {
+        let _ = out.send((delta_topic(&sh.device), doc(&sh.delta)));
+    }
+}
+
+/// Publishes every command still queued or sent for `device`, and proposes
+/// `CommandSent` for the queued ones.
+async fn deliver_pending_commands(
+    db: &StateDb,
+    node: &Node<OpResult>,
+    out: &mpsc::UnboundedSender<(String, Vec<u8>)>,
+    stats: &MqttStats,
+    node_id: u64,
+    device: &str,
+) {
+    for status in [CommandStatus::Queued, CommandStatus::Sent] {
+        let mut page = Page {
+            after: None,
+            limit: 500,
+        };
+        loop {
+            let cmds = match db.list_commands(device, Some(status), &page).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(device, error = %e, "listing commands to deliver");
+                    return;
+                }
+            };
+            for c in &cmds {
+                publish_command(out, stats, c);
+                if status == CommandStatus::Queued {
+                    let op = Op::CommandSent {
+                        cid: c.id.clone(),
+                        gateway: node_id,
+                    };
+                    let node = node.clone();
+                    tokio::spawn(async move { propose_logged(&node, op).await });
+                }
+            }
+            match cmds.last() {
+                Some(last) if cmds.len() == page.limit as usize => {
+                    page.after = Some(last.id.clone());
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::compose;
+    use crate::state::merge::merge_patch;
+
+    #[test]
+    fn composed_patches_apply_like_the_sequence() {
+        let cases = [
+            (json!({"a": 1}), json!({"b": 2})),
+            (json!({"a": {"x": 1}}), json!({"a": {"y": null}, "c": null})),
+            (json!({"a": null}), json!({"a": 3})),
+            (json!({"a": {"x": {"y": 1}}}), json!({"a": {"x": {"z": 2}}})),
+        ];
+        let base = json!({"a": {"x": 0, "y": 9}, "c": 1});
+        for (p1, p2) in cases {
+            let mut acc = p1.clone();
+            assert!(compose(&mut acc, &p2), "{p1} then {p2}");
+            let mut seq = base.clone();
+            merge_patch(&mut seq, &p1);
+            merge_patch(&mut seq, &p2);
+            let mut one = base.clone();
+            merge_patch(&mut one, &acc);
+            assert_eq!(seq, one, "{p1} then {p2}");
+        }
+        let mut acc = json!({"a": null});
+        assert!(!compose(&mut acc, &json!({"a": {"b": 1}})));
+        assert_eq!(acc, json!({"a": null}));
+    }
+}

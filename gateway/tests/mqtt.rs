@@ -1,0 +1,666 @@
+//! Devices over MQTT, end to end: `gateway::start` with port-0 listeners,
+//! real rumqttc clients (MQTT 3.1.1 and 5) and raw sockets.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use entente_protocol::{CommandMessage, ShadowDocument};
+use gateway::{Config, Gateway};
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout, timeout_at};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Env {
+    gw: Gateway,
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+async fn boot(dir: &Path) -> Env {
+    let mut config = Config::single(
+        dir.to_path_buf(),
+        "127.0.0.1:0".parse().expect("addr"),
+        "127.0.0.1:0".parse().expect("addr"),
+    );
+    config.tick = Duration::from_millis(5);
+    config.report_coalesce = Duration::from_millis(30);
+    config.mqtt_max_payload = 1024;
+    let gw = gateway::start(config).await.expect("start");
+    let file = gw.admin_token_file.clone().expect("admin token file");
+    let token = std::fs::read_to_string(file)
+        .expect("token")
+        .trim()
+        .to_string();
+    Env {
+        base: format!("http://{}", gw.http_addr),
+        gw,
+        token,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl Env {
+    fn v4(&self) -> SocketAddr {
+        self.gw.mqtt_addr.expect("mqtt listener")
+    }
+
+    fn v5(&self) -> SocketAddr {
+        self.gw.mqtt5_addr.expect("mqtt5 listener")
+    }
+
+    async fn register(&self, id: &str) -> String {
+        let r = self
+            .http
+            .post(format!("{}/v1/devices", self.base))
+            .bearer_auth(&self.token)
+            .json(&json!({ "id": id }))
+            .send()
+            .await
+            .expect("register");
+        assert_eq!(r.status(), 201);
+        let body: Value = r.json().await.expect("json");
+        body["secret"].as_str().expect("secret").to_string()
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("get");
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().await.expect("json")
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+        r.json().await.expect("json")
+    }
+
+    async fn command(&self, device: &str, body: Value) -> String {
+        let c = self
+            .send(
+                reqwest::Method::POST,
+                &format!("/v1/devices/{device}/commands"),
+                body,
+            )
+            .await;
+        c["id"].as_str().expect("id").to_string()
+    }
+
+    async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
+    /// Waits until `check` holds, re-checking after each applied log entry.
+    async fn eventually<F, Fut>(&self, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let mut applied = self.gw.db().watch_applied();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if check().await {
+                return;
+            }
+            match timeout_at(deadline, applied.changed()).await {
+                Ok(Ok(())) => {}
+                _ => panic!("timed out waiting for: {what}"),
+            }
+        }
+    }
+
+    async fn device(&self, id: &str) -> Value {
+        self.get(&format!("/v1/devices/{id}")).await
+    }
+
+    async fn wait_online(&self, id: &str, online: bool) {
+        self.eventually(&format!("{id} online={online}"), || async {
+            self.device(id).await["online"] == json!(online)
+        })
+        .await;
+    }
+
+    async fn wait_status(&self, cid: &str, status: &str) -> Value {
+        let path = format!("/v1/commands/{cid}");
+        self.eventually(&format!("{cid} {status}"), || async {
+            self.get(&path).await["status"] == json!(status)
+        })
+        .await;
+        self.get(&path).await
+    }
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// What a test device's event loop saw.
+#[derive(Debug)]
+enum Seen {
+    ConnAck,
+    SubAck,
+    Publish(String, Vec<u8>),
+    Closed(String),
+}
+
+struct Device {
+    v4: Option<rumqttc::AsyncClient>,
+    v5: Option<rumqttc::v5::AsyncClient>,
+    rx: mpsc::UnboundedReceiver<Seen>,
+}
+
+fn connect_v4(addr: SocketAddr, id: &str, user: &str, password: &str) -> Device {
+    let mut opts = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    opts.set_credentials(user, password);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut el) = rumqttc::AsyncClient::new(opts, 64);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        use rumqttc::{Event, Packet};
+        loop {
+            let seen = match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => Seen::ConnAck,
+                Ok(Event::Incoming(Packet::SubAck(_))) => Seen::SubAck,
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    Seen::Publish(p.topic, p.payload.to_vec())
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    let _ = tx.send(Seen::Closed(e.to_string()));
+                    return;
+                }
+            };
+            if tx.send(seen).is_err() {
+                return;
+            }
+        }
+    });
+    Device {
+        v4: Some(client),
+        v5: None,
+        rx,
+    }
+}
+
+fn connect_v5(addr: SocketAddr, id: &str, password: &str) -> Device {
+    let mut opts = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    opts.set_credentials(id, password);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(opts, 64);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        use rumqttc::v5::Event;
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        loop {
+            let seen = match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => Seen::ConnAck,
+                Ok(Event::Incoming(Packet::SubAck(_))) => Seen::SubAck,
+                Ok(Event::Incoming(Packet::Publish(p))) => Seen::Publish(
+                    String::from_utf8_lossy(&p.topic).into_owned(),
+                    p.payload.to_vec(),
+                ),
+                Ok(_) => continue,
+                Err(e) => {
+                    let _ = tx.send(Seen::Closed(e.to_string()));
+                    return;
+                }
+            };
+            if tx.send(seen).is_err() {
+                return;
+            }
+        }
+    });
+    Device {
+        v4: None,
+        v5: Some(client),
+        rx,
+    }
+}
+
+impl Device {
+    async fn next(&mut self) -> Seen {
+        timeout(WAIT, self.rx.recv())
+            .await
+            .expect("timed out waiting for the device's next event")
+            .expect("event loop ended")
+    }
+
+    async fn expect_connack(&mut self) {
+        match self.next().await {
+            Seen::ConnAck => {}
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    async fn expect_closed(&mut self) -> String {
+        loop {
+            match self.next().await {
+                Seen::Closed(e) => return e,
+                Seen::ConnAck => panic!("expected the connection refused, got CONNACK"),
+                _ => {}
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, filter: &str) {
+        if let Some(c) = &self.v4 {
+            c.subscribe(filter, rumqttc::QoS::AtLeastOnce)
+                .await
+                .expect("subscribe");
+        }
+        if let Some(c) = &self.v5 {
+            c.subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                .await
+                .expect("subscribe");
+        }
+    }
+
+    async fn subscribed(&mut self, filter: &str) {
+        self.subscribe(filter).await;
+        loop {
+            match self.next().await {
+                Seen::SubAck => return,
+                Seen::Closed(e) => panic!("closed while subscribing: {e}"),
+                _ => {}
+            }
+        }
+    }
+
+    async fn publish(&self, topic: &str, payload: Vec<u8>) {
+        if let Some(c) = &self.v4 {
+            c.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .await
+                .expect("publish");
+        } else if let Some(c) = &self.v5 {
+            c.publish(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+            .expect("publish");
+        }
+    }
+
+    async fn disconnect(&self) {
+        if let Some(c) = &self.v4 {
+            let _ = c.disconnect().await;
+        }
+        if let Some(c) = &self.v5 {
+            let _ = c.disconnect().await;
+        }
+    }
+
+    /// The next publish on `topic` (others are skipped).
+    async fn message(&mut self, topic: &str) -> Vec<u8> {
+        loop {
+            match self.next().await {
+                Seen::Publish(t, p) if t == topic => return p,
+                Seen::Closed(e) => panic!("closed waiting for {topic}: {e}"),
+                _ => {}
+            }
+        }
+    }
+
+    async fn json(&mut self, topic: &str) -> Value {
+        serde_json::from_slice(&self.message(topic).await).expect("json payload")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logins_are_checked_against_the_registry() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let secret = env.register("dev-a").await;
+    env.register("dev-b").await;
+
+    connect_v4(env.v4(), "dev-a", "dev-a", "wrong")
+        .expect_closed()
+        .await;
+    connect_v4(env.v4(), "nobody", "nobody", &secret)
+        .expect_closed()
+        .await;
+    connect_v4(env.v4(), "dev-b", "dev-a", &secret)
+        .expect_closed()
+        .await;
+    connect_v5(env.v5(), "dev-a", "wrong").expect_closed().await;
+    assert!(metric(&env.metrics().await, "entente_mqtt_auth_failures_total") >= 4);
+
+    let mut ok = connect_v4(env.v4(), "dev-a", "dev-a", &secret);
+    ok.expect_connack().await;
+    env.wait_online("dev-a", true).await;
+    assert_eq!(env.device("dev-a").await["gateway"], json!(1));
+    ok.disconnect().await;
+    env.wait_online("dev-a", false).await;
+
+    let mut ok5 = connect_v5(env.v5(), "dev-a", &secret);
+    ok5.expect_connack().await;
+    env.wait_online("dev-a", true).await;
+    let list = env.get("/v1/devices?online=true").await;
+    assert!(list.to_string().contains("dev-a"), "{list}");
+    env.gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_devices_topics_disconnect() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let secret = env.register("a").await;
+    env.register("b").await;
+
+    let mut d = connect_v4(env.v4(), "a", "a", &secret);
+    d.expect_connack().await;
+    d.publish("devices/b/shadow/reported", b"{}".to_vec()).await;
+    d.expect_closed().await;
+
+    let mut d = connect_v5(env.v5(), "a", &secret);
+    d.expect_connack().await;
+    d.subscribe("devices/b/#").await;
+    d.expect_closed().await;
+
+    let mut d = connect_v4(env.v4(), "a", "a", &secret);
+    d.expect_connack().await;
+    d.subscribe("#").await;
+    d.expect_closed().await;
+
+    let mut d = connect_v4(env.v4(), "a", "a", &secret);
+    d.expect_connack().await;
+    d.publish("devices/a/commands", b"{}".to_vec()).await;
+    d.expect_closed().await;
+
+    assert!(metric(&env.metrics().await, "entente_mqtt_acl_violations_total") >= 4);
+    // Its own topics are fine.
+    let mut d = connect_v4(env.v4(), "a", "a", &secret);
+    d.expect_connack().await;
+    d.subscribed("devices/a/#").await;
+    env.gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn command_round_trip_and_presence() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let secret = env.register("pump").await;
+    let mut d = connect_v4(env.v4(), "pump", "pump", &secret);
+    d.expect_connack().await;
+    d.subscribed("devices/pump/commands").await;
+    env.wait_online("pump", true).await;
+
+    let cid = env
+        .command("pump", json!({"name": "reboot", "params": {"delay": 5}}))
+        .await;
+    let msg: CommandMessage =
+        serde_json::from_slice(&d.message("devices/pump/commands").await).expect("command");
+    assert_eq!(msg.id, cid);
+    assert_eq!(msg.name, "reboot");
+    assert_eq!(msg.params, json!({"delay": 5}));
+    env.wait_status(&cid, "sent").await;
+
+    d.publish(
+        &format!("devices/pump/commands/{cid}/accepted"),
+        b"{}".to_vec(),
+    )
+    .await;
+    env.wait_status(&cid, "accepted").await;
+    d.publish(
+        &format!("devices/pump/commands/{cid}/result"),
+        serde_json::to_vec(&json!({"status": "succeeded", "output": {"ok": true}})).expect("json"),
+    )
+    .await;
+    let done = env.wait_status(&cid, "succeeded").await;
+    assert_eq!(done["output"], json!({"ok": true}));
+
+    d.disconnect().await;
+    env.wait_online("pump", false).await;
+    env.gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn offline_device_gets_queued_commands_and_desired_state_on_connect() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let secret = env.register("fan").await;
+    let c1 = env.command("fan", json!({"name": "one"})).await;
+    let c2 = env.command("fan", json!({"name": "two"})).await;
+    let expiring = env
+        .command("fan", json!({"name": "short", "ttl_ms": 1}))
+        .await;
+    env.wait_status(&expiring, "expired").await;
+    env.send(
+        reqwest::Method::PATCH,
+        "/v1/devices/fan/shadow",
+        json!({"desired": {"speed": 3}}),
+    )
+    .await;
+
+    let mut d = connect_v5(env.v5(), "fan", &secret);
+    d.expect_connack().await;
+    d.subscribe("devices/fan/#").await;
+    let mut got = Vec::new();
+    let (mut desired, mut delta) = (None, None);
+    while got.len() < 2 || desired.is_none() || delta.is_none() {
+        match d.next().await {
+            Seen::Publish(t, p) if t == "devices/fan/commands" => {
+                let m: CommandMessage = serde_json::from_slice(&p).expect("command");
+                got.push(m.id);
+            }
+            Seen::Publish(t, p) if t == "devices/fan/shadow/desired" => {
+                desired = Some(serde_json::from_slice::<ShadowDocument>(&p).expect("doc"));
+            }
+            Seen::Publish(t, p) if t == "devices/fan/shadow/delta" => {
+                delta = Some(serde_json::from_slice::<ShadowDocument>(&p).expect("doc"));
+            }
+            Seen::Closed(e) => panic!("closed: {e}"),
+            _ => {}
+        }
+    }
+    got.sort();
+    let mut want = vec![c1.clone(), c2.clone()];
+    want.sort();
+    assert_eq!(got, want, "the expired command is not delivered");
+    assert_eq!(desired.expect("desired").state, json!({"speed": 3}));
+    assert_eq!(delta.expect("delta").state, json!({"speed": 3}));
+    env.wait_status(&c1, "sent").await;
+    env.wait_status(&c2, "sent").await;
+    env.gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shadow_desired_delta_reported() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let secret = env.register("lamp").await;
+    let mut d = connect_v4(env.v4(), "lamp", "lamp", &secret);
+    d.expect_connack().await;
+    d.subscribed("devices/lamp/shadow/+").await;
+
+    env.send(
+        reqwest::Method::PATCH,
+        "/v1/devices/lamp/shadow",
+        json!({"desired": {"on": true, "level": 7}}),
+    )
+    .await;
+    // The documents sent on subscribing come first (empty); then the change.
+    loop {
+        let desired = d.json("devices/lamp/shadow/desired").await;
+        if desired["state"] == json!({"on": true, "level": 7}) {
+            assert_eq!(desired["version"], json!(1));
+            break;
+        }
+        assert_eq!(desired["state"], json!({}));
+    }
+    loop {
+        let delta = d.json("devices/lamp/shadow/delta").await;
+        if delta["state"] == json!({"on": true, "level": 7}) {
+            break;
+        }
+    }
+    // Three patches in a burst are coalesced; the result is their merge.
+    d.publish("devices/lamp/shadow/reported", br#"{"on": true}"#.to_vec())
+        .await;
+    d.publish("devices/lamp/shadow/reported", br#"{"level": 1}"#.to_vec())
+        .await;
+    d.publish("devices/lamp/shadow/reported", br#"{"level": 7}"#.to_vec())
+        .await;
+    loop {
+        let delta = d.json("devices/lamp/shadow/delta").await;
+        if delta["state"] == json!({}) {
+            break;
+        }
+    }
+    let sh = env.get("/v1/devices/lamp/shadow").await;
+    assert_eq!(sh["reported"], json!({"on": true, "level": 7}));
+    assert_eq!(sh["delta"], json!({}));
+    env.gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_messages_are_ignored_and_the_gateway_serves_on() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let secret = env.register("x").await;
+    let other = env.register("y").await;
+    let foreign = env.command("y", json!({"name": "theirs"})).await;
+
+    // Garbage on a raw socket.
+    let mut raw = tokio::net::TcpStream::connect(env.v4())
+        .await
+        .expect("connect");
+    raw.write_all(&[0x10, 0xff, 0xff, 0xff, 0xff, 0x7f, 1, 2, 3])
+        .await
+        .expect("write");
+    let mut raw5 = tokio::net::TcpStream::connect(env.v5())
+        .await
+        .expect("connect");
+    raw5.write_all(b"GET / HTTP/1.1\r\n\r\n")
+        .await
+        .expect("write");
+
+    let mut d = connect_v4(env.v4(), "x", "x", &secret);
+    d.expect_connack().await;
+    d.subscribed("devices/x/commands").await;
+    d.publish("devices/x/commands/nope/accepted", b"{}".to_vec())
+        .await;
+    d.publish(
+        &format!("devices/x/commands/{foreign}/result"),
+        br#"{"status":"succeeded"}"#.to_vec(),
+    )
+    .await;
+    d.publish("devices/x/shadow/reported", b"{not json".to_vec())
+        .await;
+    d.publish("devices/x/shadow/reported", b"[1,2]".to_vec())
+        .await;
+    d.publish("devices/x/shadow/reported", vec![b' '; 4096])
+        .await;
+    let cid = env.command("x", json!({"name": "still"})).await;
+    d.publish(
+        &format!("devices/x/commands/{cid}/result"),
+        b"{\"status\":".to_vec(),
+    )
+    .await;
+    let msg: CommandMessage =
+        serde_json::from_slice(&d.message("devices/x/commands").await).expect("command");
+    assert_eq!(msg.id, cid);
+    d.publish(
+        &format!("devices/x/commands/{cid}/result"),
+        br#"{"status":"failed","output":{"why":"test"}}"#.to_vec(),
+    )
+    .await;
+    env.wait_status(&cid, "failed").await;
+    assert_eq!(
+        env.get(&format!("/v1/commands/{foreign}")).await["status"],
+        json!("queued")
+    );
+    let m = env.metrics().await;
+    assert!(
+        metric(&m, "entente_mqtt_ignored_messages_total") >= 6,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "entente_mqtt_malformed_packets_total") >= 1,
+        "{m}"
+    );
+
+    // Others are served.
+    let mut y = connect_v5(env.v5(), "y", &other);
+    y.expect_connack().await;
+    y.subscribe("devices/y/commands").await;
+    let got: CommandMessage =
+        serde_json::from_slice(&y.message("devices/y/commands").await).expect("command");
+    assert_eq!(got.id, foreign);
+    env.gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_loses_no_command_state() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let secret = env.register("m").await;
+    let mut d = connect_v4(env.v4(), "m", "m", &secret);
+    d.expect_connack().await;
+    d.subscribed("devices/m/commands").await;
+    let cid = env.command("m", json!({"name": "a"})).await;
+    d.message("devices/m/commands").await;
+    env.wait_status(&cid, "sent").await;
+    let queued = env.command("m", json!({"name": "b"})).await;
+    d.message("devices/m/commands").await;
+    env.wait_status(&queued, "sent").await;
+    d.publish(
+        &format!("devices/m/commands/{cid}/accepted"),
+        b"{}".to_vec(),
+    )
+    .await;
+    env.wait_status(&cid, "accepted").await;
+    drop(d);
+    env.gw.stop().await;
+
+    let env = boot(tmp.path()).await;
+    assert_eq!(
+        env.get(&format!("/v1/commands/{cid}")).await["status"],
+        json!("accepted")
+    );
+    // The old session is gone after the restart.
+    env.wait_online("m", false).await;
+    let mut d = connect_v4(env.v4(), "m", "m", &secret);
+    d.expect_connack().await;
+    d.subscribed("devices/m/commands").await;
+    let msg: CommandMessage =
+        serde_json::from_slice(&d.message("devices/m/commands").await).expect("command");
+    assert_eq!(msg.id, queued, "the sent command is delivered again");
+    d.publish(
+        &format!("devices/m/commands/{cid}/result"),
+        br#"{"status":"succeeded"}"#.to_vec(),
+    )
+    .await;
+    env.wait_status(&cid, "succeeded").await;
+    env.gw.stop().await;
+}
