@@ -15,12 +15,11 @@ use super::AppState;
 use super::devices::device_not_found;
 use super::error::{ApiError, Problem};
 use super::extract::{
-    ApiJson, ApiPath, ApiQuery, Consistency, MinIndexHeader, read_barrier, reply, unexpected,
-    wait_param, write,
+    ApiJson, ApiPath, ApiQuery, Consistency, MinIndexHeader, page_query, read_barrier, reply,
+    split_page, unexpected, wait_param, write,
 };
 use super::validate;
 use crate::ops::{Command, CommandStatus, Op, OpResult};
-use crate::state::Page;
 use crate::{now_ms, random_token};
 
 /// Default time to live of a command.
@@ -257,17 +256,9 @@ pub(crate) async fn list_commands(
     if state.db.device(&device).await?.is_none() {
         return Err(device_not_found(&device).with_index(ctx.index));
     }
-    let page = Page {
-        after: q.after,
-        limit: limit.saturating_add(1),
-    };
-    let mut items = state.db.list_commands(&device, q.status, &page).await?;
-    let next = if items.len() > limit as usize {
-        items.truncate(limit as usize);
-        items.last().map(|c| c.id.clone())
-    } else {
-        None
-    };
+    let page = page_query(q.after, limit);
+    let items = state.db.list_commands(&device, q.status, &page).await?;
+    let (items, next) = split_page(items, limit, |c| &c.id);
     Ok(reply(
         StatusCode::OK,
         ctx.index,

@@ -12,11 +12,12 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::error::{ApiError, ENTENTE_INDEX, Problem};
 use super::extract::{
-    ApiJson, ApiPath, ApiQuery, Consistency, MinIndexHeader, read_barrier, reply, unexpected, write,
+    ApiJson, ApiPath, ApiQuery, Consistency, MinIndexHeader, page_query, read_barrier, reply,
+    split_page, unexpected, write,
 };
 use super::validate;
 use crate::ops::{Device, Op, OpResult};
-use crate::state::{DeviceFilter, Page};
+use crate::state::DeviceFilter;
 use crate::{hash_secret, random_token};
 
 /// Body of `POST /v1/devices`.
@@ -195,17 +196,9 @@ pub(crate) async fn list_devices(
         label,
         online: q.online,
     };
-    let page = Page {
-        after: q.after,
-        limit: limit.saturating_add(1),
-    };
-    let mut items = state.db.list_devices(&filter, &page).await?;
-    let next = if items.len() > limit as usize {
-        items.truncate(limit as usize);
-        items.last().map(|d| d.id.clone())
-    } else {
-        None
-    };
+    let page = page_query(q.after, limit);
+    let items = state.db.list_devices(&filter, &page).await?;
+    let (items, next) = split_page(items, limit, |d| &d.id);
     Ok(reply(
         StatusCode::OK,
         ctx.index,

@@ -194,3 +194,28 @@ pub fn wait_param(state: &AppState, wait_ms: Option<u64>) -> Result<Duration, Ap
     }
     Ok(wait)
 }
+
+/// Keyset pagination: the page to ask the store for (one item more than
+/// `limit`, to learn whether another page follows).
+pub fn page_query(after: Option<String>, limit: u32) -> crate::state::Page {
+    crate::state::Page {
+        after,
+        limit: limit.saturating_add(1),
+    }
+}
+
+/// Cuts the extra item fetched by [`page_query`] and returns the cursor of
+/// the next page, if there is one.
+pub fn split_page<T>(
+    mut items: Vec<T>,
+    limit: u32,
+    id: impl Fn(&T) -> &str,
+) -> (Vec<T>, Option<String>) {
+    if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        let next = items.last().map(|item| id(item).to_string());
+        (items, next)
+    } else {
+        (items, None)
+    }
+}
