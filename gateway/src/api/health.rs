@@ -341,6 +341,14 @@ pub(crate) async fn metrics(
         "Log index recorded by the state database.",
         state.db.applied_index(),
     );
+    if let Some(rss) = resident_bytes() {
+        gauge(
+            &mut out,
+            "process_resident_memory_bytes",
+            "Resident memory of this gateway process.",
+            rss,
+        );
+    }
     let _ = writeln!(out, "# HELP entente_commands Commands by status.");
     let _ = writeln!(out, "# TYPE entente_commands gauge");
     for status in CommandStatus::ALL {
@@ -360,4 +368,13 @@ pub(crate) async fn metrics(
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     Ok(res)
+}
+
+/// This process's resident set size, from `/proc/self/statm` (Linux only;
+/// `None` elsewhere).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // The page size is 4 KiB on every platform the gateway is built for.
+    Some(pages * 4096)
 }

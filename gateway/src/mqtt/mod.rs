@@ -56,12 +56,16 @@ pub struct MqttStats {
     pub ignored_messages: AtomicU64,
     /// Commands published to devices.
     pub commands_published: AtomicU64,
+    /// Reported-state patches received from devices (before coalescing).
+    pub reports_received: AtomicU64,
+    /// `ReportState` proposals made from them (after coalescing).
+    pub report_proposals: AtomicU64,
 }
 
 impl MqttStats {
     /// Appends the counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, &AtomicU64); 7] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 9] = [
             (
                 "entente_mqtt_sessions",
                 "gauge",
@@ -103,6 +107,18 @@ impl MqttStats {
                 "counter",
                 "Commands published to devices.",
                 &self.commands_published,
+            ),
+            (
+                "entente_mqtt_reports_received_total",
+                "counter",
+                "Reported-state patches received from devices.",
+                &self.reports_received,
+            ),
+            (
+                "entente_mqtt_report_proposals_total",
+                "counter",
+                "Reported-state proposals made from them after coalescing.",
+                &self.report_proposals,
             ),
         ];
         for (name, kind, help, v) in rows {

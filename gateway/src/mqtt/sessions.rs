@@ -268,6 +268,7 @@ impl Manager {
                     Ok(_) => return self.ignore(&device, "a reported patch must be a JSON object"),
                     Err(e) => return self.ignore(&device, &format!("malformed JSON: {e}")),
                 };
+                self.stats.reports_received.fetch_add(1, Ordering::Relaxed);
                 let pending = self.reports.entry(device).or_default();
                 // (Patches being proposed were taken out: these are all new.)
                 let composed = pending
@@ -314,6 +315,9 @@ impl Manager {
             p.inflight = true;
             let patches = std::mem::take(&mut p.patches);
             let (node, device, done) = (self.node.clone(), device.clone(), done.clone());
+            self.stats
+                .report_proposals
+                .fetch_add(patches.len() as u64, Ordering::Relaxed);
             tokio::spawn(async move {
                 for patch in patches {
                     let op = Op::ReportState {
