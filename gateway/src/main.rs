@@ -9,6 +9,15 @@ async fn main() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+    // Every device is a socket: take as many open files as the system allows.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if n < 20_000 => tracing::warn!(
+            limit = n,
+            "the open-file limit allows fewer than 10,000 device connections"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     let config = match gateway::config::Config::from_args(gateway::config::Args::parse()) {
         Ok(c) => c,
         Err(e) => {
