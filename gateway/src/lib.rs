@@ -116,6 +116,15 @@ impl Gateway {
         &self.db
     }
 
+    /// Stops as a crash would look to the rest of the group: the peer
+    /// transport goes first, so nothing this gateway does while stopping
+    /// (such as ending its device sessions) reaches the others. For tests of
+    /// what the group does when a gateway disappears.
+    pub async fn crash(self) {
+        self.transport.shutdown().await;
+        self.stop().await;
+    }
+
     /// Stops serving, ends streams, shuts the node down (flushing storage).
     pub async fn stop(mut self) {
         self.mqtt.stop();

@@ -10,10 +10,11 @@ use entente_protocol::{CommandMessage, ShadowDocument};
 use gateway::{Config, Gateway};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
-use tokio::time::{Instant, timeout, timeout_at};
+use tokio::time::{Instant, timeout_at};
 
-const WAIT: Duration = Duration::from_secs(15);
+mod common;
+
+use common::{Seen, SseStream, WAIT, connect_v4, connect_v5, metric};
 
 struct Env {
     gw: Gateway,
@@ -104,6 +105,22 @@ impl Env {
         c["id"].as_str().expect("id").to_string()
     }
 
+    /// Opens `GET /v1/events` (it starts with the next change).
+    async fn events(&self) -> SseStream {
+        let r = self
+            .http
+            .get(format!("{}/v1/events", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("events");
+        assert_eq!(r.status(), 200);
+        SseStream {
+            body: Box::pin(r.bytes_stream()),
+            buf: String::new(),
+        }
+    }
+
     async fn metrics(&self) -> String {
         self.http
             .get(format!("{}/metrics", self.base))
@@ -153,186 +170,6 @@ impl Env {
         })
         .await;
         self.get(&path).await
-    }
-}
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// What a test device's event loop saw.
-#[derive(Debug)]
-enum Seen {
-    ConnAck,
-    SubAck,
-    Publish(String, Vec<u8>),
-    Closed(String),
-}
-
-struct Device {
-    v4: Option<rumqttc::AsyncClient>,
-    v5: Option<rumqttc::v5::AsyncClient>,
-    rx: mpsc::UnboundedReceiver<Seen>,
-}
-
-fn connect_v4(addr: SocketAddr, id: &str, user: &str, password: &str) -> Device {
-    let mut opts = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
-    opts.set_credentials(user, password);
-    opts.set_keep_alive(Duration::from_secs(5));
-    let (client, mut el) = rumqttc::AsyncClient::new(opts, 64);
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        use rumqttc::{Event, Packet};
-        loop {
-            let seen = match el.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => Seen::ConnAck,
-                Ok(Event::Incoming(Packet::SubAck(_))) => Seen::SubAck,
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    Seen::Publish(p.topic, p.payload.to_vec())
-                }
-                Ok(_) => continue,
-                Err(e) => {
-                    let _ = tx.send(Seen::Closed(e.to_string()));
-                    return;
-                }
-            };
-            if tx.send(seen).is_err() {
-                return;
-            }
-        }
-    });
-    Device {
-        v4: Some(client),
-        v5: None,
-        rx,
-    }
-}
-
-fn connect_v5(addr: SocketAddr, id: &str, password: &str) -> Device {
-    let mut opts = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
-    opts.set_credentials(id, password);
-    opts.set_keep_alive(Duration::from_secs(5));
-    let (client, mut el) = rumqttc::v5::AsyncClient::new(opts, 64);
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        use rumqttc::v5::Event;
-        use rumqttc::v5::mqttbytes::v5::Packet;
-        loop {
-            let seen = match el.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => Seen::ConnAck,
-                Ok(Event::Incoming(Packet::SubAck(_))) => Seen::SubAck,
-                Ok(Event::Incoming(Packet::Publish(p))) => Seen::Publish(
-                    String::from_utf8_lossy(&p.topic).into_owned(),
-                    p.payload.to_vec(),
-                ),
-                Ok(_) => continue,
-                Err(e) => {
-                    let _ = tx.send(Seen::Closed(e.to_string()));
-                    return;
-                }
-            };
-            if tx.send(seen).is_err() {
-                return;
-            }
-        }
-    });
-    Device {
-        v4: None,
-        v5: Some(client),
-        rx,
-    }
-}
-
-impl Device {
-    async fn next(&mut self) -> Seen {
-        timeout(WAIT, self.rx.recv())
-            .await
-            .expect("timed out waiting for the device's next event")
-            .expect("event loop ended")
-    }
-
-    async fn expect_connack(&mut self) {
-        match self.next().await {
-            Seen::ConnAck => {}
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
-    }
-
-    async fn expect_closed(&mut self) -> String {
-        loop {
-            match self.next().await {
-                Seen::Closed(e) => return e,
-                Seen::ConnAck => panic!("expected the connection refused, got CONNACK"),
-                _ => {}
-            }
-        }
-    }
-
-    async fn subscribe(&mut self, filter: &str) {
-        if let Some(c) = &self.v4 {
-            c.subscribe(filter, rumqttc::QoS::AtLeastOnce)
-                .await
-                .expect("subscribe");
-        }
-        if let Some(c) = &self.v5 {
-            c.subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
-                .await
-                .expect("subscribe");
-        }
-    }
-
-    async fn subscribed(&mut self, filter: &str) {
-        self.subscribe(filter).await;
-        loop {
-            match self.next().await {
-                Seen::SubAck => return,
-                Seen::Closed(e) => panic!("closed while subscribing: {e}"),
-                _ => {}
-            }
-        }
-    }
-
-    async fn publish(&self, topic: &str, payload: Vec<u8>) {
-        if let Some(c) = &self.v4 {
-            c.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
-                .await
-                .expect("publish");
-        } else if let Some(c) = &self.v5 {
-            c.publish(
-                topic,
-                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                false,
-                payload,
-            )
-            .await
-            .expect("publish");
-        }
-    }
-
-    async fn disconnect(&self) {
-        if let Some(c) = &self.v4 {
-            let _ = c.disconnect().await;
-        }
-        if let Some(c) = &self.v5 {
-            let _ = c.disconnect().await;
-        }
-    }
-
-    /// The next publish on `topic` (others are skipped).
-    async fn message(&mut self, topic: &str) -> Vec<u8> {
-        loop {
-            match self.next().await {
-                Seen::Publish(t, p) if t == topic => return p,
-                Seen::Closed(e) => panic!("closed waiting for {topic}: {e}"),
-                _ => {}
-            }
-        }
-    }
-
-    async fn json(&mut self, topic: &str) -> Value {
-        serde_json::from_slice(&self.message(topic).await).expect("json payload")
     }
 }
 
@@ -415,6 +252,8 @@ async fn command_round_trip_and_presence() {
     d.subscribed("devices/pump/commands").await;
     env.wait_online("pump", true).await;
 
+    // Follow the event stream from here on: the command's whole life shows there.
+    let mut sse = env.events().await;
     let cid = env
         .command("pump", json!({"name": "reboot", "params": {"delay": 5}}))
         .await;
@@ -438,6 +277,30 @@ async fn command_round_trip_and_presence() {
     .await;
     let done = env.wait_status(&cid, "succeeded").await;
     assert_eq!(done["output"], json!({"ok": true}));
+
+    let mut seen = Vec::new();
+    let mut last_index = 0;
+    while seen.last().map(String::as_str) != Some("command.result") {
+        let (id, event, data) = sse.next().await;
+        assert!(id > last_index, "event ids are increasing log indexes");
+        last_index = id;
+        if data["id"] == json!(cid) {
+            if event == "command.result" {
+                assert_eq!(data["status"], "succeeded");
+                assert_eq!(data["output"], json!({"ok": true}));
+            }
+            seen.push(event);
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "command.issued",
+            "command.sent",
+            "command.accepted",
+            "command.result"
+        ]
+    );
 
     d.disconnect().await;
     env.wait_online("pump", false).await;

@@ -1,0 +1,245 @@
+//! Test support shared by the multi-gateway and MQTT tests: MQTT test
+//! devices (rumqttc, v4 and v5), a Server-Sent Events reader and a metrics
+//! parser. (Each test binary uses a different part of it.)
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+/// How long a test waits for any one thing.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub type ByteStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
+
+/// Reads Server-Sent Events from a streaming response.
+pub struct SseStream {
+    /// The response body.
+    pub body: ByteStream,
+    /// Bytes read but not yet parsed.
+    pub buf: String,
+}
+
+impl SseStream {
+    /// The next event: (id, event, data).
+    pub async fn next(&mut self) -> (u64, String, Value) {
+        use tokio_stream::StreamExt;
+        loop {
+            while let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let (mut id, mut event, mut data) = (None, None, None);
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = v.trim().parse().ok();
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event = Some(v.trim().to_string());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data = serde_json::from_str(v.trim()).ok();
+                    }
+                }
+                if let (Some(id), Some(event), Some(data)) = (id, event, data) {
+                    return (id, event, data);
+                }
+            }
+            let chunk = timeout(WAIT, self.body.next())
+                .await
+                .expect("an event in time")
+                .expect("the stream ended")
+                .expect("body chunk");
+            self.buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+}
+
+/// The value of an unlabelled metric in Prometheus text (0 if absent).
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// What a test device's event loop saw.
+#[derive(Debug)]
+pub enum Seen {
+    /// The broker accepted the connection.
+    ConnAck,
+    /// A subscription was acknowledged.
+    SubAck,
+    /// A message: topic and payload.
+    Publish(String, Vec<u8>),
+    /// The connection ended (the error says why).
+    Closed(String),
+}
+
+/// An MQTT test device: a rumqttc client whose event loop runs in a task
+/// and reports what it sees.
+pub struct Device {
+    v4: Option<rumqttc::AsyncClient>,
+    v5: Option<rumqttc::v5::AsyncClient>,
+    rx: mpsc::UnboundedReceiver<Seen>,
+}
+
+/// Connects with MQTT 3.1.1 (the CONNACK or refusal arrives as an event).
+pub fn connect_v4(addr: SocketAddr, id: &str, user: &str, password: &str) -> Device {
+    let mut opts = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    opts.set_credentials(user, password);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut el) = rumqttc::AsyncClient::new(opts, 64);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        use rumqttc::{Event, Packet};
+        loop {
+            let seen = match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => Seen::ConnAck,
+                Ok(Event::Incoming(Packet::SubAck(_))) => Seen::SubAck,
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    Seen::Publish(p.topic, p.payload.to_vec())
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    let _ = tx.send(Seen::Closed(e.to_string()));
+                    return;
+                }
+            };
+            if tx.send(seen).is_err() {
+                return;
+            }
+        }
+    });
+    Device {
+        v4: Some(client),
+        v5: None,
+        rx,
+    }
+}
+
+/// Connects with MQTT 5, username = client id.
+pub fn connect_v5(addr: SocketAddr, id: &str, password: &str) -> Device {
+    let mut opts = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    opts.set_credentials(id, password);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(opts, 64);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        use rumqttc::v5::Event;
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        loop {
+            let seen = match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => Seen::ConnAck,
+                Ok(Event::Incoming(Packet::SubAck(_))) => Seen::SubAck,
+                Ok(Event::Incoming(Packet::Publish(p))) => Seen::Publish(
+                    String::from_utf8_lossy(&p.topic).into_owned(),
+                    p.payload.to_vec(),
+                ),
+                Ok(_) => continue,
+                Err(e) => {
+                    let _ = tx.send(Seen::Closed(e.to_string()));
+                    return;
+                }
+            };
+            if tx.send(seen).is_err() {
+                return;
+            }
+        }
+    });
+    Device {
+        v4: None,
+        v5: Some(client),
+        rx,
+    }
+}
+
+impl Device {
+    pub async fn next(&mut self) -> Seen {
+        timeout(WAIT, self.rx.recv())
+            .await
+            .expect("timed out waiting for the device's next event")
+            .expect("event loop ended")
+    }
+
+    pub async fn expect_connack(&mut self) {
+        match self.next().await {
+            Seen::ConnAck => {}
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    pub async fn expect_closed(&mut self) -> String {
+        loop {
+            match self.next().await {
+                Seen::Closed(e) => return e,
+                Seen::ConnAck => panic!("expected the connection refused, got CONNACK"),
+                _ => {}
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, filter: &str) {
+        if let Some(c) = &self.v4 {
+            c.subscribe(filter, rumqttc::QoS::AtLeastOnce)
+                .await
+                .expect("subscribe");
+        }
+        if let Some(c) = &self.v5 {
+            c.subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                .await
+                .expect("subscribe");
+        }
+    }
+
+    pub async fn subscribed(&mut self, filter: &str) {
+        self.subscribe(filter).await;
+        loop {
+            match self.next().await {
+                Seen::SubAck => return,
+                Seen::Closed(e) => panic!("closed while subscribing: {e}"),
+                _ => {}
+            }
+        }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: Vec<u8>) {
+        if let Some(c) = &self.v4 {
+            c.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .await
+                .expect("publish");
+        } else if let Some(c) = &self.v5 {
+            c.publish(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+            .expect("publish");
+        }
+    }
+
+    pub async fn disconnect(&self) {
+        if let Some(c) = &self.v4 {
+            let _ = c.disconnect().await;
+        }
+        if let Some(c) = &self.v5 {
+            let _ = c.disconnect().await;
+        }
+    }
+
+    /// The next publish on `topic` (others are skipped).
+    pub async fn message(&mut self, topic: &str) -> Vec<u8> {
+        loop {
+            match self.next().await {
+                Seen::Publish(t, p) if t == topic => return p,
+                Seen::Closed(e) => panic!("closed waiting for {topic}: {e}"),
+                _ => {}
+            }
+        }
+    }
+
+    pub async fn json(&mut self, topic: &str) -> Value {
+        serde_json::from_slice(&self.message(topic).await).expect("json payload")
+    }
+}
