@@ -28,7 +28,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::raft::{
     ConfChange, Entry, EntryPayload, HardState, Index, InitialState, Message, MessageKind, NodeId,
-    ProposeError, Proposed, Raft, Ready, Role, SnapshotMeta, Status, Term,
+    ProposeError, Proposed, Raft, Ready, SnapshotMeta, Status, Term,
 };
 
 /// An error from storage or the state machine, boxed at the boundary.
@@ -329,6 +329,7 @@ impl<O: Send + 'static> Node<O> {
             reads_waiting_apply: Vec::new(),
             conf_waiters: BTreeMap::new(),
             transfers: Vec::new(),
+            forwarded_confs: Vec::new(),
             incoming_snapshot: None,
             latest_snapshot,
             status: status_tx,
@@ -372,8 +373,11 @@ impl<O: Send + 'static> Node<O> {
         self.request(Command::ReadIndex).await
     }
 
-    /// Proposes a membership change on the leader; resolves with its index
-    /// once it is committed.
+    /// Proposes a membership change; resolves with its index once it is
+    /// committed. On a follower the change is forwarded to the leader and the
+    /// request resolves when an equal change commits (or times out: a leader
+    /// that refuses a forwarded change — one already pending, say — does not
+    /// answer).
     pub async fn change_membership(&self, change: ConfChange) -> Result<Index, NodeError> {
         self.request(|tx| Command::ConfChange(change, tx)).await
     }
@@ -439,6 +443,9 @@ struct Driver<S, P, M: StateMachine> {
     reads_waiting_apply: Vec<(Index, Reply<Index>)>,
     conf_waiters: BTreeMap<Index, (Term, Reply<Index>)>,
     transfers: Vec<(NodeId, Reply<()>, Instant)>,
+    /// Membership changes forwarded to the leader: answered when an equal
+    /// change commits after the request, or with a timeout.
+    forwarded_confs: Vec<(ConfChange, Reply<Index>, Instant)>,
     incoming_snapshot: Option<(SnapshotMeta, Vec<u8>)>,
     latest_snapshot: Option<(SnapshotMeta, Arc<Vec<u8>>)>,
     status: watch::Sender<NodeStatus>,
@@ -544,6 +551,9 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         for (_, r, _) in self.transfers.drain(..) {
             let _ = r.send(Err(err.clone()));
         }
+        for (_, r, _) in self.forwarded_confs.drain(..) {
+            let _ = r.send(Err(err.clone()));
+        }
     }
 
     fn expire(&mut self, now: Instant) {
@@ -573,6 +583,15 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         while i < self.transfers.len() {
             if self.transfers[i].2 <= now {
                 let (_, r, _) = self.transfers.swap_remove(i);
+                let _ = r.send(Err(NodeError::Timeout));
+            } else {
+                i += 1;
+            }
+        }
+        let mut i = 0;
+        while i < self.forwarded_confs.len() {
+            if self.forwarded_confs[i].2 <= now {
+                let (_, r, _) = self.forwarded_confs.swap_remove(i);
                 let _ = r.send(Err(NodeError::Timeout));
             } else {
                 i += 1;
@@ -621,18 +640,16 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                 }
             }
             Command::ConfChange(change, reply) => {
-                if self.raft.role() != Role::Leader {
-                    let _ = reply.send(Err(NodeError::NotLeader {
-                        leader: self.raft.leader(),
-                    }));
-                    return;
-                }
                 match self.raft.propose_conf_change(change) {
                     Ok(Proposed::Appended { index, term }) => {
                         self.conf_waiters.insert(index, (term, reply));
                     }
-                    Ok(Proposed::Forwarded { to }) => {
-                        let _ = reply.send(Err(NodeError::NotLeader { leader: Some(to) }));
+                    Ok(Proposed::Forwarded { .. }) => {
+                        // The leader appends it (or refuses it silently): we
+                        // learn the outcome when such a change commits, or
+                        // time out.
+                        let deadline = self.deadline();
+                        self.forwarded_confs.push((change, reply, deadline));
                     }
                     Err(e) => {
                         let _ = reply.send(Err(map_propose_error(e)));
@@ -825,6 +842,17 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                     Err(NodeError::Dropped)
                 };
                 let _ = reply.send(r);
+            }
+            if let EntryPayload::ConfChange(change) = &e.payload {
+                let mut i = 0;
+                while i < self.forwarded_confs.len() {
+                    if self.forwarded_confs[i].0 == *change {
+                        let (_, r, _) = self.forwarded_confs.swap_remove(i);
+                        let _ = r.send(Ok(e.index));
+                    } else {
+                        i += 1;
+                    }
+                }
             }
             let EntryPayload::Normal(bytes) = e.payload else {
                 continue;

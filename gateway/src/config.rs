@@ -31,6 +31,11 @@ pub struct Args {
     /// Every member of the group, `id=host:port` of its peer listener, comma-separated.
     #[arg(long, env = "ENTENTE_PEERS")]
     pub peers: Option<String>,
+    /// Start as a new member of a running group: with no membership of its
+    /// own, waiting to be added (`POST /v1/cluster/members`); `--peers` then
+    /// lists the running members and this one.
+    #[arg(long, env = "ENTENTE_JOIN")]
+    pub join: bool,
     /// Where the Raft log and the state database live.
     #[arg(long, env = "ENTENTE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -77,6 +82,7 @@ pub struct Args {
 struct FileConfig {
     node_id: Option<u64>,
     peers: Option<String>,
+    join: Option<bool>,
     data_dir: Option<PathBuf>,
     http_listen: Option<SocketAddr>,
     raft_listen: Option<SocketAddr>,
@@ -98,6 +104,9 @@ pub struct Config {
     pub node_id: u64,
     /// Every voter of the initial group and its peer address (includes this node).
     pub peers: BTreeMap<u64, SocketAddr>,
+    /// Joining a running group: start with no membership (the leader's
+    /// snapshot brings it) rather than with `peers` as the voters.
+    pub join: bool,
     /// Data directory.
     pub data_dir: PathBuf,
     /// REST listen address (port 0 picks one).
@@ -145,6 +154,7 @@ impl Config {
         Config {
             node_id: 1,
             peers: BTreeMap::from([(1, raft_listen)]),
+            join: false,
             data_dir,
             http_listen,
             raft_listen,
@@ -200,6 +210,7 @@ impl Config {
         } else {
             c.peers = BTreeMap::from([(c.node_id, raft)]);
         }
+        c.join = args.join || file.join.unwrap_or(false);
         if let Some(s) = args.cluster_secret.or(file.cluster_secret) {
             c.cluster_secret = s;
         } else if c.peers.len() > 1 {

@@ -156,7 +156,13 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
     )))?;
     let (storage, recovered) =
         Storage::open(config.data_dir.join("raft"), StorageOptions::default())?;
-    let voters = ConfState::with_voters(config.peers.keys().copied());
+    // A joining gateway starts with no membership: the leader's snapshot
+    // brings the group's once it is added.
+    let voters = if config.join {
+        ConfState::default()
+    } else {
+        ConfState::with_voters(config.peers.keys().copied())
+    };
     let init = recovered.into_initial_state(voters);
     let db = Arc::new(StateDb::open(&config.data_dir).await?);
 
@@ -221,8 +227,18 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
         }
     });
 
-    let admin_token_file = bootstrap_admin(&node, &db, &config).await?;
+    let admin_token_file = if config.join {
+        None
+    } else {
+        bootstrap_admin(&node, &db, &config).await?
+    };
     let duties = tokio::spawn(leader_duties(node.clone(), db.clone(), shutdown_rx.clone()));
+    let peer_book = tokio::spawn(follow_peer_addresses(
+        db.clone(),
+        transport.clone(),
+        config.node_id,
+        shutdown_rx.clone(),
+    ));
     forget_own_sessions(&node, &db, config.node_id).await;
     let mqtt = mqtt::start(&config, node.clone(), db.clone(), mqtt_stats, shutdown_rx).await?;
     Ok(Gateway {
@@ -236,8 +252,73 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
         db,
         transport,
         shutdown_tx,
-        tasks: vec![http, duties],
+        tasks: vec![http, duties, peer_book],
     })
+}
+
+/// Keeps the transport's peer table in step with the replicated peer
+/// addresses (`SetPeerAddress`): all of them at start and after a snapshot
+/// restore or a lagged event stream, then each one as it commits.
+async fn follow_peer_addresses(
+    db: Arc<StateDb>,
+    transport: Arc<Transport>,
+    self_id: u64,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    async fn set(transport: &Transport, self_id: u64, id: u64, address: &str) {
+        if id == self_id {
+            return;
+        }
+        match tokio::net::lookup_host(address).await.map(|mut a| a.next()) {
+            Ok(Some(addr)) => {
+                if let Err(e) = transport.set_peer(id, addr) {
+                    tracing::warn!(peer = id, address, error = %e, "setting a peer's address");
+                }
+            }
+            Ok(None) | Err(_) => {
+                tracing::warn!(
+                    peer = id,
+                    address,
+                    "a replicated peer address does not resolve; peer left as it was"
+                );
+            }
+        }
+    }
+    async fn load_all(db: &StateDb, transport: &Transport, self_id: u64) {
+        match db.peer_addresses().await {
+            Ok(rows) => {
+                for (id, address) in rows {
+                    set(transport, self_id, id, &address).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the replicated peer addresses"),
+        }
+    }
+    let mut events = db.subscribe();
+    let mut restores = db.watch_restores();
+    load_all(&db, &transport, self_id).await;
+    loop {
+        // (What to do is decided inside `select!` and done outside it, so no
+        // borrow of the shutdown flag is held across the awaits below.)
+        let reload = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            r = events.recv() => match r {
+                Ok(ev) if ev.kind == "cluster.peer" => {
+                    let id = ev.data["id"].as_u64().unwrap_or_default();
+                    let address = ev.data["address"].as_str().unwrap_or_default().to_string();
+                    Some((id, address))
+                }
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            Ok(()) = restores.changed() => None,
+        };
+        match reload {
+            Some((id, address)) => set(&transport, self_id, id, &address).await,
+            None => load_all(&db, &transport, self_id).await,
+        }
+    }
 }
 
 /// Sessions this gateway held before it (re)started are gone: before its

@@ -167,6 +167,14 @@ pub enum Op {
         /// Gateway (node id).
         gateway: u64,
     },
+    /// Where a gateway's peer listener is (recorded before it is added to
+    /// the group, so every member can reach it).
+    SetPeerAddress {
+        /// Gateway (node id).
+        id: u64,
+        /// `host:port` of its peer listener.
+        address: String,
+    },
 }
 
 impl Op {
@@ -188,6 +196,7 @@ impl Op {
             Op::ReportState { .. } => "shadow.reported",
             Op::Presence { .. } => "device.presence",
             Op::GatewaySessionsLost { .. } => "gateway.sessions_lost",
+            Op::SetPeerAddress { .. } => "cluster.peer",
         }
     }
 }

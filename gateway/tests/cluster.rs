@@ -23,9 +23,7 @@ fn reserve_ports(n: usize) -> Vec<SocketAddr> {
     let held: Vec<std::net::TcpListener> = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
         .collect();
-    held.iter()
-        .map(|l| l.local_addr().expect("addr"))
-        .collect()
+    held.iter().map(|l| l.local_addr().expect("addr")).collect()
 }
 
 struct Cluster {
@@ -35,20 +33,31 @@ struct Cluster {
 }
 
 async fn three(dir: &Path) -> Cluster {
+    three_with(dir, |_| {}).await
+}
+
+/// A gateway's settings in these tests.
+fn config(dir: &Path, id: u64, peers: &BTreeMap<u64, SocketAddr>) -> Config {
+    let mut c = Config::single(
+        dir.join(format!("g{id}")),
+        "127.0.0.1:0".parse().expect("addr"),
+        peers[&id],
+    );
+    c.node_id = id;
+    c.peers = peers.clone();
+    c.cluster_secret = "cluster-test-secret".into();
+    c.tick = Duration::from_millis(5);
+    c.session_grace = Duration::from_millis(400);
+    c.report_coalesce = Duration::from_millis(10);
+    c
+}
+
+async fn three_with(dir: &Path, tweak: impl Fn(&mut Config)) -> Cluster {
     let raft = reserve_ports(3);
     let peers: BTreeMap<u64, SocketAddr> = (1..=3).zip(raft.iter().copied()).collect();
-    let configs = peers.iter().map(|(&id, &addr)| {
-        let mut c = Config::single(
-            dir.join(format!("g{id}")),
-            "127.0.0.1:0".parse().expect("addr"),
-            addr,
-        );
-        c.node_id = id;
-        c.peers = peers.clone();
-        c.cluster_secret = "cluster-test-secret".into();
-        c.tick = Duration::from_millis(5);
-        c.session_grace = Duration::from_millis(400);
-        c.report_coalesce = Duration::from_millis(10);
+    let configs = peers.keys().map(|&id| {
+        let mut c = config(dir, id, &peers);
+        tweak(&mut c);
         c
     });
     let started = futures_join(configs.map(gateway::start).collect()).await;
@@ -99,6 +108,18 @@ impl Cluster {
     }
 
     async fn request(&self, gw: u64, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let (status, body) = self.try_request(gw, method, path, body).await;
+        assert!(status.is_success(), "{path} on {gw}: {status} {body}");
+        body
+    }
+
+    async fn try_request(
+        &self,
+        gw: u64,
+        method: reqwest::Method,
+        path: &str,
+        body: Value,
+    ) -> (reqwest::StatusCode, Value) {
         let r = self
             .http
             .request(method, format!("{}{path}", self.base(gw)))
@@ -107,8 +128,8 @@ impl Cluster {
             .send()
             .await
             .expect("request");
-        assert!(r.status().is_success(), "{path} on {gw}: {}", r.status());
-        r.json().await.expect("json")
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
     }
 
     async fn get(&self, gw: u64, path: &str) -> Value {
@@ -119,7 +140,11 @@ impl Cluster {
             .send()
             .await
             .expect("get");
-        assert!(r.status().is_success(), "GET {path} on {gw}: {}", r.status());
+        assert!(
+            r.status().is_success(),
+            "GET {path} on {gw}: {}",
+            r.status()
+        );
         r.json().await.expect("json")
     }
 
@@ -281,5 +306,117 @@ async fn sessions_of_a_lost_gateway_are_declared_lost_and_move_on() {
     c.wait_presence(leader, "meter", true, Some(other)).await;
     assert_eq!(answer(&mut d, "meter").await, cid);
     c.wait_status(leader, &cid, "succeeded").await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn membership_add_a_learner_by_snapshot_promote_transfer_and_remove() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // Snapshots every 20 entries: the new member cannot get the log from the
+    // start and must be sent a snapshot.
+    let mut c = three_with(tmp.path(), |c| c.snapshot_every = 20).await;
+    let leader = c.leader();
+    let follower = (1..=3).find(|&g| g != leader).expect("a follower");
+    for i in 0..60 {
+        c.register(1 + i % 3, &format!("dev-{i}")).await;
+    }
+
+    // Gateway 4 starts with --join (no membership of its own) ...
+    let mut peers: BTreeMap<u64, SocketAddr> =
+        c.gws.iter().map(|(&id, g)| (id, g.raft_addr)).collect();
+    peers.insert(4, reserve_ports(1)[0]);
+    let mut cfg = config(tmp.path(), 4, &peers);
+    cfg.join = true;
+    let g4 = gateway::start(cfg).await.expect("start gateway 4");
+    assert_eq!(g4.node().status().raft.conf_state.voters.len(), 0);
+    let address = g4.raft_addr.to_string();
+    c.gws.insert(4, g4);
+
+    // ... and is added as a learner through a follower (forwarded).
+    let (status, body) = c
+        .try_request(
+            follower,
+            reqwest::Method::POST,
+            "/v1/cluster/members",
+            json!({"id": 4, "suffrage": "voter"}),
+        )
+        .await;
+    assert_eq!(status, 409, "promoting a non-member: {body}");
+    let added = c
+        .request(
+            follower,
+            reqwest::Method::POST,
+            "/v1/cluster/members",
+            json!({"id": 4, "address": address, "suffrage": "learner"}),
+        )
+        .await;
+    assert_eq!(added["suffrage"], "learner");
+
+    // It catches up by snapshot: everything registered is there.
+    let target = c.gws[&leader].node().status().raft.commit;
+    c.gws[&4]
+        .node()
+        .wait_applied(target, WAIT)
+        .await
+        .expect("gateway 4 catches up");
+    assert!(
+        c.gws[&4].node().status().raft.snapshot_index > 0,
+        "gateway 4 was sent a snapshot"
+    );
+    let listed = c.get(4, "/v1/devices?consistency=local&limit=1000").await;
+    assert_eq!(listed["items"].as_array().map(Vec::len), Some(60));
+
+    // Promoted, it leads after a transfer asked of any gateway.
+    let promoted = c
+        .request(
+            leader,
+            reqwest::Method::POST,
+            "/v1/cluster/members",
+            json!({"id": 4, "suffrage": "voter"}),
+        )
+        .await;
+    assert_eq!(promoted["suffrage"], "voter");
+    let after = c
+        .request(
+            follower,
+            reqwest::Method::POST,
+            "/v1/cluster/leader",
+            json!({"id": 4}),
+        )
+        .await;
+    assert_eq!(after["leader"], 4);
+
+    // The old leader is removed; the group of three keeps taking writes,
+    // including through gateway 4.
+    let removed = c
+        .request(
+            4,
+            reqwest::Method::DELETE,
+            &format!("/v1/cluster/members/{leader}"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(removed["suffrage"], "removed");
+    let view = c.get(4, "/v1/cluster").await;
+    let ids: Vec<u64> = view["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m["id"].as_u64())
+        .collect();
+    let mut expected: Vec<u64> = (1..=4).filter(|&g| g != leader).collect();
+    expected.sort_unstable();
+    assert_eq!(ids, expected);
+    let (status, _) = c
+        .try_request(
+            4,
+            reqwest::Method::DELETE,
+            &format!("/v1/cluster/members/{leader}"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, 404, "removing a non-member");
+    c.register(4, "after-the-change").await;
+    c.register(follower, "and-another").await;
     c.stop().await;
 }

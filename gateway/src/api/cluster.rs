@@ -1,15 +1,19 @@
-//! `GET /v1/cluster`: the group as this gateway sees it.
+//! `/v1/cluster`: the group as this gateway sees it, and membership changes
+//! (admin): add a learner, promote it, remove a member, transfer leadership.
+//! Any gateway takes them: a follower forwards the change to the leader.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use coordinator::raft::Role as RaftRole;
-use serde::Serialize;
+use coordinator::node::NodeError;
+use coordinator::raft::{ConfChange, Role as RaftRole};
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::error::{ApiError, Problem};
-use super::extract::reply;
+use super::error::{ApiError, Problem, write_error};
+use super::extract::{ApiJson, ApiPath, reply, write};
+use crate::ops::Op;
 
 /// A member of the group.
 #[derive(Debug, Serialize, ToSchema)]
@@ -111,4 +115,254 @@ pub(crate) async fn cluster(State(state): State<AppState>) -> Result<Response, A
         members,
     };
     Ok(reply(StatusCode::OK, state.db.applied_index(), &body))
+}
+
+/// How far (in log entries) a learner may trail the leader's commit index
+/// and still be promoted to voter.
+pub const PROMOTE_MAX_LAG: u64 = 1000;
+
+/// What a member is to become.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Suffrage {
+    /// Receives the log, never votes (how every new member starts).
+    Learner,
+    /// Votes and counts towards quorums.
+    Voter,
+}
+
+/// Body of `POST /v1/cluster/members`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"id": 4, "address": "10.0.0.4:7000", "suffrage": "learner"}))]
+pub struct MemberChange {
+    /// The gateway's node id (≥ 1).
+    pub id: u64,
+    /// `host:port` of its peer listener: needed when it is added, optional
+    /// when it is promoted (recorded for every member, so all can reach it).
+    pub address: Option<String>,
+    /// `learner` to add it, `voter` to promote a learner that has caught up.
+    pub suffrage: Suffrage,
+}
+
+/// The result of a membership change.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MemberChanged {
+    /// The node id.
+    pub id: u64,
+    /// `learner`, `voter` or `removed`.
+    pub suffrage: String,
+    /// The log index of the change.
+    pub index: u64,
+}
+
+/// Body of `POST /v1/cluster/leader`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaderTransfer {
+    /// The voter to hand leadership to.
+    pub id: u64,
+}
+
+fn valid_address(a: &str) -> Result<(), ApiError> {
+    let ok = a.len() <= 255
+        && a.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty()
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-.[]:".contains(c))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "address {a:?} is not host:port of a peer listener"
+        )))
+    }
+}
+
+fn member_error(e: NodeError, state: &AppState) -> ApiError {
+    match e {
+        NodeError::Refused(reason) => {
+            ApiError::conflict(format!("the group refused the membership change: {reason}"))
+        }
+        e => write_error(e, state.config.write_timeout),
+    }
+}
+
+/// Add a gateway as a learner, or promote a learner to voter.
+///
+/// Adding: start the new gateway with `--join`, then post its id, peer
+/// address and `"suffrage": "learner"`; it receives a snapshot and the log.
+/// Promoting: post `"suffrage": "voter"` once it has caught up (on the
+/// leader the request is refused while it trails by more than 1,000 entries;
+/// `GET /v1/cluster` on the leader shows `matched`). One change at a time.
+#[utoipa::path(
+    post, path = "/v1/cluster/members", tag = "cluster",
+    request_body = MemberChange,
+    responses(
+        (status = 200, description = "The change committed", body = MemberChanged,
+            headers(("Entente-Index" = u64, description = "Log index of the change"))),
+        (status = 400, description = "Invalid body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs the admin role", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not possible now (not a learner, not caught up, another change pending)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "No quorum or leader; or timed out (the change may still take effect)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn add_member(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<MemberChange>,
+) -> Result<Response, ApiError> {
+    if body.id == 0 {
+        return Err(ApiError::invalid("id must be at least 1"));
+    }
+    let raft = state.node.status().raft;
+    let conf = &raft.conf_state;
+    let (is_voter, is_learner) = (
+        conf.voters.contains(&body.id),
+        conf.learners.contains(&body.id),
+    );
+    if let Some(a) = &body.address {
+        valid_address(a)?;
+        write(
+            &state,
+            Op::SetPeerAddress {
+                id: body.id,
+                address: a.clone(),
+            },
+        )
+        .await?;
+    }
+    let change = match body.suffrage {
+        Suffrage::Learner if is_voter => {
+            return Err(ApiError::conflict(format!(
+                "gateway {} is a voter; remove it first to make it a learner",
+                body.id
+            )));
+        }
+        Suffrage::Learner => {
+            if !is_learner && body.address.is_none() && !state.config.peers.contains_key(&body.id) {
+                let known = state.db.peer_addresses().await?;
+                if !known.iter().any(|(id, _)| *id == body.id) {
+                    return Err(ApiError::invalid(format!(
+                        "gateway {} is new: give the address of its peer listener",
+                        body.id
+                    )));
+                }
+            }
+            ConfChange::AddLearner(body.id)
+        }
+        Suffrage::Voter if is_voter => {
+            let body = MemberChanged {
+                id: body.id,
+                suffrage: "voter".into(),
+                index: raft.commit,
+            };
+            return Ok(reply(StatusCode::OK, state.db.applied_index(), &body));
+        }
+        Suffrage::Voter if !is_learner => {
+            return Err(ApiError::conflict(format!(
+                "gateway {} is not a learner: add it as a learner first, then promote it \
+                 once it has caught up",
+                body.id
+            )));
+        }
+        Suffrage::Voter => {
+            if raft.role == RaftRole::Leader {
+                let matched = raft.progress.get(&body.id).map_or(0, |p| p.matched);
+                if matched + PROMOTE_MAX_LAG < raft.commit {
+                    return Err(ApiError::conflict(format!(
+                        "gateway {} has not caught up yet (it has the log up to {matched}, \
+                         the group has committed {}); retry when it has",
+                        body.id, raft.commit
+                    )));
+                }
+            }
+            ConfChange::AddVoter(body.id)
+        }
+    };
+    let index = state
+        .node
+        .change_membership(change)
+        .await
+        .map_err(|e| member_error(e, &state))?;
+    let suffrage = match body.suffrage {
+        Suffrage::Learner => "learner",
+        Suffrage::Voter => "voter",
+    };
+    let out = MemberChanged {
+        id: body.id,
+        suffrage: suffrage.into(),
+        index,
+    };
+    Ok(reply(StatusCode::OK, index, &out))
+}
+
+/// Remove a gateway (voter or learner) from the group.
+#[utoipa::path(
+    delete, path = "/v1/cluster/members/{id}", tag = "cluster",
+    params(("id" = u64, Path, description = "Node id")),
+    responses(
+        (status = 200, description = "The change committed", body = MemberChanged,
+            headers(("Entente-Index" = u64, description = "Log index of the change"))),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs the admin role", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not a member", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Another change is pending", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "No quorum or leader; or timed out (the change may still take effect)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn remove_member(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<u64>,
+) -> Result<Response, ApiError> {
+    let conf = state.node.status().raft.conf_state;
+    if !conf.voters.contains(&id) && !conf.learners.contains(&id) {
+        return Err(ApiError::not_found(format!(
+            "gateway {id} is not a member of the group"
+        )));
+    }
+    if conf.voters.len() == 1 && conf.voters.contains(&id) {
+        return Err(ApiError::conflict(format!(
+            "gateway {id} is the last voter; the group cannot remove it"
+        )));
+    }
+    let index = state
+        .node
+        .change_membership(ConfChange::RemoveNode(id))
+        .await
+        .map_err(|e| member_error(e, &state))?;
+    let out = MemberChanged {
+        id,
+        suffrage: "removed".into(),
+        index,
+    };
+    Ok(reply(StatusCode::OK, index, &out))
+}
+
+/// Hand leadership to another voter; returns once it leads.
+#[utoipa::path(
+    post, path = "/v1/cluster/leader", tag = "cluster",
+    request_body = LeaderTransfer,
+    responses(
+        (status = 200, description = "The voter leads", body = ClusterStatus),
+        (status = 400, description = "Invalid body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs the admin role", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not a voter", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "No leader, or the transfer timed out", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn transfer_leader(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<LeaderTransfer>,
+) -> Result<Response, ApiError> {
+    state
+        .node
+        .transfer_leader(body.id)
+        .await
+        .map_err(|e| member_error(e, &state))?;
+    cluster(State(state)).await
 }

@@ -100,7 +100,7 @@ where
 /// The route table: the single source of the router and of the checks on the
 /// OpenAPI document.
 fn table() -> Vec<Entry> {
-    use Role::{Operator, Viewer};
+    use Role::{Admin, Operator, Viewer};
     vec![
         entry(POST, "/v1/devices", Some(Operator), devices::create_device),
         entry(GET, "/v1/devices", Some(Viewer), devices::list_devices),
@@ -161,6 +161,24 @@ fn table() -> Vec<Entry> {
         ),
         entry(GET, "/v1/events", Some(Viewer), events::events),
         entry(GET, "/v1/cluster", Some(Viewer), cluster::cluster),
+        entry(
+            POST,
+            "/v1/cluster/members",
+            Some(Admin),
+            cluster::add_member,
+        ),
+        entry(
+            DELETE,
+            "/v1/cluster/members/{id}",
+            Some(Admin),
+            cluster::remove_member,
+        ),
+        entry(
+            POST,
+            "/v1/cluster/leader",
+            Some(Admin),
+            cluster::transfer_leader,
+        ),
         entry(GET, "/healthz", None, health::healthz),
         entry(GET, "/readyz", None, health::readyz),
         entry(GET, "/metrics", Some(Viewer), health::metrics),

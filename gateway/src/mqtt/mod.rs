@@ -242,7 +242,11 @@ pub(crate) async fn start(
         })
         .map_err(io("starting the MQTT link thread"))?;
 
-    let auth = Arc::new(auth::Authenticator::new(db.clone(), node.clone(), stats.clone()));
+    let auth = Arc::new(auth::Authenticator::new(
+        db.clone(),
+        node.clone(),
+        stats.clone(),
+    ));
     let manager = sessions::Manager {
         node: node.clone(),
         db,

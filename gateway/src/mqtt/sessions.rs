@@ -120,6 +120,7 @@ impl Manager {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut events = self.db.subscribe();
+        let mut restores = self.db.watch_restores();
         let mut tick = tokio::time::interval(self.coalesce.max(Duration::from_millis(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
@@ -136,6 +137,11 @@ impl Manager {
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
+                Ok(()) = restores.changed() => {
+                    // A snapshot replaced the state: no events say what changed.
+                    self.auth.clear();
+                    self.redeliver_all();
+                }
                 _ = tick.tick() => self.flush_reports(&done_tx),
                 Some(device) = done_rx.recv() => {
                     if let Some(p) = self.reports.get_mut(&device) {

@@ -355,6 +355,20 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             epoch,
             online,
         } => presence(conn, ts, device, *gateway, *epoch, *online).await,
+        Op::SetPeerAddress { id, address } => {
+            sqlx::query(
+                "INSERT INTO peers (id, address) VALUES (?, ?) \
+                 ON CONFLICT (id) DO UPDATE SET address = excluded.address",
+            )
+            .bind(db_int(*id))
+            .bind(address)
+            .execute(&mut *conn)
+            .await?;
+            Ok((
+                OpResult::Done,
+                Some(json!({ "id": id, "address": address })),
+            ))
+        }
         Op::GatewaySessionsLost { gateway } => {
             let ids: Vec<String> = sqlx::query_scalar(
                 "SELECT id FROM devices WHERE online = 1 AND gateway = ? ORDER BY id",

@@ -124,6 +124,8 @@ pub struct StateDb {
     applied: watch::Sender<Index>,
     /// Events of committed batches.
     events: broadcast::Sender<Event>,
+    /// Counts snapshot restores (which change state without events).
+    restores: watch::Sender<u64>,
     /// Numbers temp snapshot files.
     tmp_seq: AtomicU64,
 }
@@ -202,6 +204,7 @@ impl StateDb {
             writer: Mutex::new(()),
             applied,
             events,
+            restores: watch::channel(0).0,
             tmp_seq: AtomicU64::new(0),
         })
     }
@@ -219,6 +222,13 @@ impl StateDb {
     /// Events of each committed batch, in index order, sent after the commit.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    /// A receiver that changes after every snapshot restore: state replaced
+    /// wholesale, with no events for what changed. Caches of state rebuild
+    /// on it.
+    pub fn watch_restores(&self) -> watch::Receiver<u64> {
+        self.restores.subscribe()
     }
 
     /// Closes the pool (waiting for running queries). Later queries fail.

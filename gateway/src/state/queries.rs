@@ -117,6 +117,18 @@ impl StateDb {
         .transpose()
     }
 
+    /// Peer addresses recorded by `SetPeerAddress`, by node id.
+    pub async fn peer_addresses(&self) -> Result<Vec<(u64, String)>, StateError> {
+        let pool = self.pool.read().await;
+        let rows: Vec<(i64, String)> = sqlx::query_as("SELECT id, address FROM peers ORDER BY id")
+            .fetch_all(&*pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, a)| (u64::try_from(id).unwrap_or_default(), a))
+            .collect())
+    }
+
     /// Whether any token exists.
     pub async fn has_tokens(&self) -> Result<bool, StateError> {
         let pool = self.pool.read().await;

@@ -201,6 +201,7 @@ impl StateDb {
         swapped?;
         drop(pool);
         self.applied.send_replace(meta.index);
+        self.restores.send_modify(|n| *n += 1);
         Ok(())
     }
 }

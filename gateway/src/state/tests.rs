@@ -1031,6 +1031,26 @@ async fn presence_epochs_and_sessions_lost() {
     assert!(device_of(t.run(presence("a", 1, 7, true)).await).online);
 }
 
+#[tokio::test]
+async fn peer_addresses_are_recorded_and_replaced() {
+    let mut t = Db::new().await;
+    let set = |id: u64, a: &str| Op::SetPeerAddress {
+        id,
+        address: a.into(),
+    };
+    assert_eq!(t.run(set(4, "10.0.0.4:7000")).await, OpResult::Done);
+    assert_eq!(t.run(set(5, "gw5:7000")).await, OpResult::Done);
+    assert_eq!(t.run(set(4, "10.0.0.40:7000")).await, OpResult::Done);
+    assert_eq!(
+        t.db.peer_addresses().await.unwrap(),
+        vec![(4, "10.0.0.40:7000".to_string()), (5, "gw5:7000".to_string())]
+    );
+    let ev = t.db.events_since(0, 100).await.unwrap();
+    let last = ev.last().unwrap();
+    assert_eq!(last.kind, "cluster.peer");
+    assert_eq!(last.data, json!({"id": 4, "address": "10.0.0.40:7000"}));
+}
+
 // ---------------------------------------------------------------- apply
 
 #[tokio::test]
