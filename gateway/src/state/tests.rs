@@ -1043,7 +1043,10 @@ async fn peer_addresses_are_recorded_and_replaced() {
     assert_eq!(t.run(set(4, "10.0.0.40:7000")).await, OpResult::Done);
     assert_eq!(
         t.db.peer_addresses().await.unwrap(),
-        vec![(4, "10.0.0.40:7000".to_string()), (5, "gw5:7000".to_string())]
+        vec![
+            (4, "10.0.0.40:7000".to_string()),
+            (5, "gw5:7000".to_string())
+        ]
     );
     let ev = t.db.events_since(0, 100).await.unwrap();
     let last = ev.last().unwrap();
