@@ -288,6 +288,11 @@ pub(crate) async fn add_member(
         .change_membership(change)
         .await
         .map_err(|e| member_error(e, &state))?;
+    // Answer once this gateway's own view shows the change.
+    let _ = state
+        .node
+        .wait_applied(index, state.config.write_timeout)
+        .await;
     let suffrage = match body.suffrage {
         Suffrage::Learner => "learner",
         Suffrage::Voter => "voter",
@@ -334,6 +339,11 @@ pub(crate) async fn remove_member(
         .change_membership(ConfChange::RemoveNode(id))
         .await
         .map_err(|e| member_error(e, &state))?;
+    // Answer once this gateway's own view shows the change.
+    let _ = state
+        .node
+        .wait_applied(index, state.config.write_timeout)
+        .await;
     let out = MemberChanged {
         id,
         suffrage: "removed".into(),

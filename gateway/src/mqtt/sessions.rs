@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use coordinator::node::Node;
+use coordinator::node::{Node, NodeError};
 use entente_protocol::{
     CommandMessage, CommandResultMessage, DevicePublish, ResultStatus, ShadowDocument,
     commands_topic, delta_topic, desired_topic, filter_matches,
@@ -110,8 +110,8 @@ pub(crate) struct Manager {
     pub(crate) reports: HashMap<String, PendingReports>,
 }
 
-/// How many times a presence proposal is tried before giving up.
-const PRESENCE_ATTEMPTS: u32 = 20;
+/// How many times an MQTT-originated proposal is tried before giving up.
+const PROPOSAL_ATTEMPTS: u32 = 20;
 
 impl Manager {
     pub(crate) async fn run(
@@ -447,15 +447,27 @@ async fn presence_task(
     propose_retrying(&node, op(false), &mut never).await;
 }
 
-/// Proposes `op` until it commits, `PRESENCE_ATTEMPTS` failures, or (before
-/// an attempt) `stop` resolved.
+/// Proposes `op` until it commits, `PROPOSAL_ATTEMPTS` failures (about
+/// 35 s with the backoff), or (before an attempt) `stop` resolved. A device's
+/// message was acknowledged (PUBACK) when it arrived, so what it says must not
+/// be dropped because an election was running: every operation proposed
+/// here is idempotent (presence by epoch, command steps by state, a
+/// reported-state merge patch), so a retry after an unknown outcome is safe.
 async fn propose_retrying(node: &Node<OpResult>, op: Op, stop: &mut oneshot::Receiver<()>) {
     let mut backoff = Duration::from_millis(50);
-    for attempt in 1..=PRESENCE_ATTEMPTS {
+    for attempt in 1..=PROPOSAL_ATTEMPTS {
         match crate::propose(node, op.clone()).await {
+            Ok((_, OpResult::NotFound(what) | OpResult::Conflict(what))) => {
+                tracing::info!("MQTT-originated proposal refused: {what}");
+                return;
+            }
             Ok(_) => return,
+            Err(e @ (NodeError::Shutdown | NodeError::Fatal(_))) => {
+                tracing::warn!(error = %e, kind = op.kind(), "MQTT-originated proposal abandoned");
+                return;
+            }
             Err(e) => {
-                tracing::debug!(error = %e, attempt, "presence proposal failed; retrying");
+                tracing::debug!(error = %e, attempt, kind = op.kind(), "proposal failed; retrying");
             }
         }
         tokio::select! {
@@ -464,17 +476,13 @@ async fn propose_retrying(node: &Node<OpResult>, op: Op, stop: &mut oneshot::Rec
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
-    tracing::warn!(?op, "giving up on a presence proposal");
+    tracing::warn!(?op, "giving up on an MQTT-originated proposal");
 }
 
+/// [`propose_retrying`] with nothing to stop it early.
 async fn propose_logged(node: &Node<OpResult>, op: Op) {
-    match crate::propose(node, op).await {
-        Ok((_, OpResult::NotFound(what) | OpResult::Conflict(what))) => {
-            tracing::info!("MQTT-originated proposal refused: {what}");
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "MQTT-originated proposal failed"),
-    }
+    let mut never = oneshot::channel::<()>().1;
+    propose_retrying(node, op, &mut never).await;
 }
 
 /// Whether command `cid` exists and belongs to `device` (else it is
