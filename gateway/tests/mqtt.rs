@@ -14,7 +14,7 @@ use tokio::time::{Instant, timeout_at};
 
 mod common;
 
-use common::{Seen, SseStream, WAIT, connect_v4, connect_v5, metric};
+use common::{Seen, SseStream, WAIT, connect_v4, connect_v4_keep_alive, connect_v5, metric};
 
 struct Env {
     gw: Gateway,
@@ -525,5 +525,60 @@ async fn a_restart_loses_no_command_state() {
     )
     .await;
     env.wait_status(&cid, "succeeded").await;
+    env.gw.stop().await;
+}
+
+/// Device publishes are taken out of the broker's router (see the codec):
+/// each QoS 1 publish still gets its PUBACK, in order, and the device's own
+/// keep-alive pings still get their PINGRESP, in both protocol versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn device_publishes_are_acknowledged_and_pings_answered() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let secret = env.register("meter").await;
+    let mut d = connect_v4_keep_alive(env.v4(), "meter", "meter", &secret, Duration::from_secs(1));
+    d.expect_connack().await;
+    let topic = entente_protocol::reported_topic("meter");
+    for i in 0..20 {
+        d.publish(&topic, format!("{{\"n\": {i}}}").into_bytes())
+            .await;
+    }
+    let (mut acks, mut pings) = (Vec::new(), 0);
+    while acks.len() < 20 || pings == 0 {
+        match d.next().await {
+            Seen::PubAck(pkid) => acks.push(pkid),
+            Seen::PingResp => pings += 1,
+            Seen::Closed(e) => panic!("closed: {e}"),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        acks,
+        (1..=20).collect::<Vec<u16>>(),
+        "every publish acknowledged, in order"
+    );
+    env.eventually("the last report applied", || async {
+        env.get("/v1/devices/meter/shadow").await["reported"]["n"] == json!(19)
+    })
+    .await;
+
+    let secret5 = env.register("meter5").await;
+    let mut d5 = connect_v5(env.v5(), "meter5", &secret5);
+    d5.expect_connack().await;
+    d5.publish(
+        &entente_protocol::reported_topic("meter5"),
+        b"{\"on\": true}".to_vec(),
+    )
+    .await;
+    loop {
+        match d5.next().await {
+            Seen::PubAck(pkid) => {
+                assert_eq!(pkid, 1);
+                break;
+            }
+            Seen::Closed(e) => panic!("closed: {e}"),
+            _ => {}
+        }
+    }
     env.gw.stop().await;
 }

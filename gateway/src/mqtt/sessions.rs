@@ -541,8 +541,10 @@ fn publish_shadow(
     }
 }
 
-/// Publishes every command still queued or sent for `device`, and proposes
-/// `CommandSent` for the queued ones.
+/// Publishes every command still queued, sent or accepted for `device`, and
+/// proposes `CommandSent` for the queued ones. (An accepted command whose
+/// result never reached the group is delivered again: the device, which
+/// deduplicates by id, answers with its result again.)
 async fn deliver_pending_commands(
     db: &StateDb,
     node: &Node<OpResult>,
@@ -551,7 +553,11 @@ async fn deliver_pending_commands(
     node_id: u64,
     device: &str,
 ) {
-    for status in [CommandStatus::Queued, CommandStatus::Sent] {
+    for status in [
+        CommandStatus::Queued,
+        CommandStatus::Sent,
+        CommandStatus::Accepted,
+    ] {
         let mut page = Page {
             after: None,
             limit: 500,

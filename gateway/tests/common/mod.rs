@@ -71,6 +71,10 @@ pub enum Seen {
     SubAck,
     /// A message: topic and payload.
     Publish(String, Vec<u8>),
+    /// The broker acknowledged the device's QoS 1 publish with this packet id.
+    PubAck(u16),
+    /// The broker answered a keep-alive ping.
+    PingResp,
     /// The connection ended (the error says why).
     Closed(String),
 }
@@ -85,9 +89,20 @@ pub struct Device {
 
 /// Connects with MQTT 3.1.1 (the CONNACK or refusal arrives as an event).
 pub fn connect_v4(addr: SocketAddr, id: &str, user: &str, password: &str) -> Device {
+    connect_v4_keep_alive(addr, id, user, password, Duration::from_secs(5))
+}
+
+/// [`connect_v4`] with a given keep-alive (the client pings that often when idle).
+pub fn connect_v4_keep_alive(
+    addr: SocketAddr,
+    id: &str,
+    user: &str,
+    password: &str,
+    keep_alive: Duration,
+) -> Device {
     let mut opts = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
     opts.set_credentials(user, password);
-    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_keep_alive(keep_alive);
     let (client, mut el) = rumqttc::AsyncClient::new(opts, 64);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -99,6 +114,8 @@ pub fn connect_v4(addr: SocketAddr, id: &str, user: &str, password: &str) -> Dev
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     Seen::Publish(p.topic, p.payload.to_vec())
                 }
+                Ok(Event::Incoming(Packet::PubAck(a))) => Seen::PubAck(a.pkid),
+                Ok(Event::Incoming(Packet::PingResp)) => Seen::PingResp,
                 Ok(_) => continue,
                 Err(e) => {
                     let _ = tx.send(Seen::Closed(e.to_string()));
@@ -135,6 +152,8 @@ pub fn connect_v5(addr: SocketAddr, id: &str, password: &str) -> Device {
                     String::from_utf8_lossy(&p.topic).into_owned(),
                     p.payload.to_vec(),
                 ),
+                Ok(Event::Incoming(Packet::PubAck(a))) => Seen::PubAck(a.pkid),
+                Ok(Event::Incoming(Packet::PingResp(_))) => Seen::PingResp,
                 Ok(_) => continue,
                 Err(e) => {
                     let _ = tx.send(Seen::Closed(e.to_string()));
