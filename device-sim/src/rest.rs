@@ -1,0 +1,401 @@
+//! The gateway's REST API, as far as the simulator needs it: register
+//! devices, issue commands, read commands and metrics, find the leader, and
+//! open the event stream. Request and response shapes follow
+//! `docs/ARCHITECTURE.md` and the gateway's OpenAPI document.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// A REST client for one or more gateways.
+#[derive(Debug, Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    bases: Arc<Vec<String>>,
+    token: Option<Arc<str>>,
+    timeout: Duration,
+}
+
+/// The outcome of registering a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    /// Registered; its secret.
+    Created(String),
+    /// The id was taken (409).
+    Exists,
+}
+
+/// Why a request failed, as counted by the benchmarks.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RequestError {
+    /// The gateway answered with this HTTP status.
+    Status(u16),
+    /// No answer within the request timeout.
+    Timeout,
+    /// The connection could not be made.
+    Connect,
+    /// Anything else (broken connection, unreadable body).
+    Other,
+}
+
+impl std::fmt::Display for RequestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestError::Status(s) => write!(f, "http {s}"),
+            RequestError::Timeout => f.write_str("timeout"),
+            RequestError::Connect => f.write_str("connect"),
+            RequestError::Other => f.write_str("transport"),
+        }
+    }
+}
+
+impl From<reqwest::Error> for RequestError {
+    fn from(e: reqwest::Error) -> RequestError {
+        if e.is_timeout() {
+            RequestError::Timeout
+        } else if e.is_connect() {
+            RequestError::Connect
+        } else if let Some(s) = e.status() {
+            RequestError::Status(s.as_u16())
+        } else {
+            RequestError::Other
+        }
+    }
+}
+
+/// Normalises a base URL: adds `http://` if no scheme, drops a trailing `/`.
+pub fn normalise_base(s: &str) -> String {
+    let s = s.trim().trim_end_matches('/');
+    if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("http://{s}")
+    }
+}
+
+/// The problem+json `detail` (or `title`) of an error body, else the body.
+fn problem_text(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.get("detail")
+                .or_else(|| v.get("title"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| body.chars().take(300).collect())
+}
+
+async fn fail(what: &str, res: reqwest::Response) -> anyhow::Error {
+    let status = res.status();
+    let body = res.text().await.unwrap_or_default();
+    anyhow!("{what}: HTTP {status}: {}", problem_text(&body))
+}
+
+impl Api {
+    /// A client for the gateways at `bases` (`http://host:port`), with the
+    /// bearer `token`; each request (but the event stream) times out after
+    /// `timeout`. `pool` idle connections are kept per gateway.
+    pub fn new(
+        bases: &[String],
+        token: Option<String>,
+        timeout: Duration,
+        pool: usize,
+    ) -> Result<Api> {
+        if bases.is_empty() {
+            bail!("no REST address given (--api)");
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(pool.max(1))
+            .tcp_nodelay(true)
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Api {
+            http,
+            bases: Arc::new(bases.iter().map(|b| normalise_base(b)).collect()),
+            token: token.map(|t| Arc::from(t.trim())),
+            timeout,
+        })
+    }
+
+    /// The base URLs.
+    pub fn bases(&self) -> &[String] {
+        &self.bases
+    }
+
+    fn base(&self, i: usize) -> &str {
+        &self.bases[i % self.bases.len()]
+    }
+
+    fn request(&self, method: reqwest::Method, url: String) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, url).timeout(self.timeout);
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    /// `POST /v1/devices` on the first gateway.
+    pub async fn register(&self, id: &str) -> Result<Registration> {
+        let res = self
+            .request(
+                reqwest::Method::POST,
+                format!("{}/v1/devices", self.base(0)),
+            )
+            .json(&json!({ "id": id, "labels": { "sim": "true" } }))
+            .send()
+            .await
+            .with_context(|| format!("registering {id} (POST {}/v1/devices)", self.base(0)))?;
+        match res.status() {
+            StatusCode::CREATED => {
+                let body: Value = res.json().await.context("reading the registration")?;
+                let secret = body
+                    .get("secret")
+                    .and_then(Value::as_str)
+                    .context("the registration answer has no secret")?;
+                Ok(Registration::Created(secret.to_string()))
+            }
+            StatusCode::CONFLICT => Ok(Registration::Exists),
+            _ => Err(fail(&format!("registering {id}"), res).await),
+        }
+    }
+
+    /// `POST /v1/devices/{id}/secret`: a new secret for `id`.
+    pub async fn rotate_secret(&self, id: &str) -> Result<String> {
+        let url = format!("{}/v1/devices/{id}/secret", self.base(0));
+        let res = self
+            .request(reqwest::Method::POST, url)
+            .send()
+            .await
+            .with_context(|| format!("rotating the secret of {id}"))?;
+        if !res.status().is_success() {
+            return Err(fail(&format!("rotating the secret of {id}"), res).await);
+        }
+        let body: Value = res.json().await.context("reading the new secret")?;
+        body.get("secret")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .context("the answer has no secret")
+    }
+
+    /// `POST /v1/devices/{device}/commands` on gateway `base`; the command
+    /// id. `body` is `{"name", "params", ...}`.
+    pub async fn issue_command(
+        &self,
+        base: usize,
+        device: &str,
+        body: &Value,
+    ) -> Result<String, RequestError> {
+        let url = format!("{}/v1/devices/{device}/commands", self.base(base));
+        let res = self
+            .request(reqwest::Method::POST, url)
+            .json(body)
+            .send()
+            .await?;
+        let status = res.status();
+        if status != StatusCode::CREATED && status != StatusCode::OK {
+            return Err(RequestError::Status(status.as_u16()));
+        }
+        let v: Value = res.json().await?;
+        v.get("id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or(RequestError::Other)
+    }
+
+    /// `GET /v1/commands/{cid}`, long-polling up to `wait` for a terminal state.
+    pub async fn command(&self, cid: &str, wait: Option<Duration>) -> Result<Value> {
+        let mut url = format!("{}/v1/commands/{cid}", self.base(0));
+        if let Some(w) = wait {
+            url.push_str(&format!("?wait={}", w.as_millis()));
+        }
+        let res = self
+            .request(reqwest::Method::GET, url)
+            .timeout(self.timeout + wait.unwrap_or_default())
+            .send()
+            .await
+            .with_context(|| format!("reading command {cid}"))?;
+        if !res.status().is_success() {
+            return Err(fail(&format!("reading command {cid}"), res).await);
+        }
+        res.json().await.context("reading the command")
+    }
+
+    /// Every command of `device` (all pages), oldest first.
+    pub async fn device_commands(&self, device: &str) -> Result<Vec<Value>> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut url = format!("{}/v1/devices/{device}/commands?limit=1000", self.base(0));
+            if let Some(a) = &after {
+                url.push_str(&format!("&after={a}"));
+            }
+            let res = self
+                .request(reqwest::Method::GET, url)
+                .send()
+                .await
+                .with_context(|| format!("listing the commands of {device}"))?;
+            if !res.status().is_success() {
+                return Err(fail(&format!("listing the commands of {device}"), res).await);
+            }
+            let page: Value = res.json().await.context("reading a command page")?;
+            if let Some(items) = page.get("items").and_then(Value::as_array) {
+                out.extend(items.iter().cloned());
+            }
+            match page.get("next").and_then(Value::as_str) {
+                Some(n) => after = Some(n.to_string()),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// `GET /metrics` of gateway `base`.
+    pub async fn metrics(&self, base: usize) -> Result<Metrics> {
+        let url = format!("{}/metrics", self.base(base));
+        let res = self
+            .request(reqwest::Method::GET, url.clone())
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        if !res.status().is_success() {
+            return Err(fail(&format!("GET {url}"), res).await);
+        }
+        Ok(Metrics::parse(
+            &res.text().await.context("reading metrics")?,
+        ))
+    }
+
+    /// The index (in [`Api::bases`]) of the gateway that says it leads, if any.
+    pub async fn leader(&self) -> Result<Option<usize>> {
+        for i in 0..self.bases.len() {
+            let url = format!("{}/v1/cluster", self.base(i));
+            let Ok(res) = self.request(reqwest::Method::GET, url).send().await else {
+                continue;
+            };
+            if !res.status().is_success() {
+                continue;
+            }
+            let v: Value = res.json().await.unwrap_or_default();
+            if v.get("role").and_then(Value::as_str) == Some("leader") {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Opens `GET /v1/events` on gateway `base`, after log index `after` if
+    /// given (else from now). No timeout: the stream is endless.
+    pub async fn events(&self, base: usize, after: Option<u64>) -> Result<reqwest::Response> {
+        let url = format!("{}/v1/events", self.base(base));
+        let mut req = self.http.get(&url).header("accept", "text/event-stream");
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(a) = after {
+            req = req.header("last-event-id", a.to_string());
+        }
+        let res = req.send().await.with_context(|| format!("GET {url}"))?;
+        if !res.status().is_success() {
+            return Err(fail(&format!("GET {url}"), res).await);
+        }
+        Ok(res)
+    }
+}
+
+/// Figures read from every gateway's `/metrics`, summed.
+#[derive(Debug, Clone, Default)]
+pub struct GatewaySample {
+    /// Resident memory (`process_resident_memory_bytes`); `None` if a
+    /// gateway does not report it.
+    pub rss: Option<f64>,
+    /// `entente_mqtt_reports_received_total`.
+    pub reports_received: f64,
+    /// `entente_mqtt_report_proposals_total`.
+    pub report_proposals: f64,
+    /// `entente_mqtt_sessions`.
+    pub sessions: f64,
+}
+
+impl Api {
+    /// Reads and sums the metrics of every gateway.
+    pub async fn sample(&self) -> Result<GatewaySample> {
+        let mut s = GatewaySample {
+            rss: Some(0.0),
+            ..GatewaySample::default()
+        };
+        for i in 0..self.bases.len() {
+            let m = self.metrics(i).await?;
+            s.rss = s
+                .rss
+                .zip(m.get("process_resident_memory_bytes"))
+                .map(|(a, b)| a + b);
+            s.reports_received += m.get("entente_mqtt_reports_received_total").unwrap_or(0.0);
+            s.report_proposals += m.get("entente_mqtt_report_proposals_total").unwrap_or(0.0);
+            s.sessions += m.get("entente_mqtt_sessions").unwrap_or(0.0);
+        }
+        Ok(s)
+    }
+}
+
+/// Prometheus text-format samples without labels, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics(HashMap<String, f64>);
+
+impl Metrics {
+    /// Parses the text format; labelled samples and comments are skipped.
+    pub fn parse(text: &str) -> Metrics {
+        let mut m = HashMap::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') || line.contains('{') {
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            if let (Some(name), Some(value)) = (parts.next(), parts.next())
+                && let Ok(v) = value.parse::<f64>()
+            {
+                m.insert(name.to_string(), v);
+            }
+        }
+        Metrics(m)
+    }
+
+    /// A sample's value.
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.0.get(name).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_parse_plain_samples() {
+        let m = Metrics::parse(
+            "# HELP x y\n# TYPE x counter\nentente_mqtt_reports_received_total 42\n\
+             process_resident_memory_bytes 1.5e6\nentente_commands{status=\"queued\"} 3\nbad\n",
+        );
+        assert_eq!(m.get("entente_mqtt_reports_received_total"), Some(42.0));
+        assert_eq!(m.get("process_resident_memory_bytes"), Some(1_500_000.0));
+        assert_eq!(m.get("entente_commands"), None);
+        assert_eq!(m.get("bad"), None);
+    }
+
+    #[test]
+    fn bases_and_problems() {
+        assert_eq!(normalise_base("127.0.0.1:8080/"), "http://127.0.0.1:8080");
+        assert_eq!(normalise_base("https://gw"), "https://gw");
+        assert_eq!(
+            problem_text(r#"{"title":"Conflict","detail":"taken"}"#),
+            "taken"
+        );
+        assert_eq!(problem_text("plain"), "plain");
+        assert_eq!(RequestError::Status(503).to_string(), "http 503");
+    }
+}

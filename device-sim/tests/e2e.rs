@@ -1,0 +1,287 @@
+//! The simulator against an in-process gateway: `gateway::start` with
+//! port-0 listeners in a temp dir, devices registered over REST, a fleet
+//! connected over MQTT, commands issued and followed to their results.
+//! Waits are on events (SUBACKs, the event stream, long-polls), never on
+//! sleeps.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use device_sim::bench::{self, ApiMode, BenchConfig};
+use device_sim::creds::{Provision, provision};
+use device_sim::fleet::{Fleet, FleetConfig};
+use device_sim::ingest::{self, IngestClient, IngestConfig};
+use device_sim::mqtt::{BrokerAddr, Protocol};
+use device_sim::rest::Api;
+use device_sim::sse::SseReader;
+use gateway::{Config, Gateway};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Env {
+    gw: Gateway,
+    api: Api,
+}
+
+async fn boot(dir: &Path) -> Env {
+    let mut config = Config::single(
+        dir.join("gw"),
+        "127.0.0.1:0".parse().expect("addr"),
+        "127.0.0.1:0".parse().expect("addr"),
+    );
+    config.tick = Duration::from_millis(5);
+    config.report_coalesce = Duration::from_millis(20);
+    let gw = gateway::start(config).await.expect("start");
+    let file = gw.admin_token_file.clone().expect("admin token file");
+    let token = std::fs::read_to_string(file).expect("token");
+    let api = Api::new(
+        &[format!("http://{}", gw.http_addr)],
+        Some(token.trim().to_string()),
+        Duration::from_secs(10),
+        64,
+    )
+    .expect("api");
+    Env { gw, api }
+}
+
+fn broker(addr: Option<SocketAddr>) -> BrokerAddr {
+    let a = addr.expect("MQTT listener");
+    BrokerAddr {
+        host: a.ip().to_string(),
+        port: a.port(),
+    }
+}
+
+async fn status(api: &Api, cid: &str) -> String {
+    api.command(cid, Some(WAIT)).await.expect("command")["status"]
+        .as_str()
+        .expect("status")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_answers_commands_failures_and_offline_queues() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let devices_file = tmp.path().join("devices.json");
+    let p = Provision {
+        prefix: "e2e-",
+        count: 50,
+        file: Some(&devices_file),
+        rotate_existing: false,
+        concurrency: 16,
+    };
+    let creds = provision(Some(&env.api), &p).await.expect("register");
+    assert_eq!(creds.len(), 50);
+    // A second provisioning reads the secrets back instead of failing on 409.
+    assert_eq!(
+        provision(Some(&env.api), &p).await.expect("from file"),
+        creds
+    );
+    let taken = Provision {
+        file: None,
+        ..p.clone()
+    };
+    let err = provision(Some(&env.api), &taken)
+        .await
+        .expect_err("registered, secret unknown");
+    assert!(err.to_string().contains("already registered"), "{err}");
+
+    let (seen_tx, seen_rx) = mpsc::unbounded_channel();
+    let mut config = FleetConfig::new(vec![broker(env.gw.mqtt_addr)]);
+    config.behaviour.result_delay = Duration::from_millis(1);
+    config.keep_alive = Duration::from_secs(5);
+    config.seed = 7;
+    config.observer = Some(seen_tx);
+    let fleet = Fleet::start(config, &creds).expect("fleet");
+    fleet
+        .wait_subscribed(50, WAIT)
+        .await
+        .expect("all subscribed");
+
+    // A few hundred commands through the benchmark, all succeeded.
+    let ids: Vec<String> = creds.iter().map(|c| c.id.clone()).collect();
+    let cfg = BenchConfig {
+        rate: 300.0,
+        duration: Duration::from_secs(1),
+        // Room for every command at once, and all the time needed: the
+        // assertions below must not depend on how busy the machine is.
+        concurrency: 300,
+        api_mode: ApiMode::Spread,
+        drain: WAIT,
+        send_grace: WAIT,
+        command_name: "e2e".into(),
+        ttl_ms: None,
+        progress: false,
+    };
+    let report = bench::run(&cfg, &env.api, &ids, seen_rx)
+        .await
+        .expect("bench");
+    assert_eq!(report.planned, 300);
+    assert_eq!(
+        (
+            report.sent,
+            report.accepted,
+            report.completed,
+            report.succeeded
+        ),
+        (300, 300, 300, 300),
+        "{}",
+        report.table()
+    );
+    assert!(report.errors.is_empty(), "{}", report.table());
+    assert_eq!(report.rest_accepted.count, 300);
+    assert_eq!(report.device_received.count, 300);
+    assert_eq!(report.result_committed.count, 300);
+    // The gateway agrees: every command of every device succeeded.
+    let mut total = 0;
+    for id in &ids {
+        for c in env.api.device_commands(id).await.expect("list") {
+            assert_eq!(c["status"], json!("succeeded"), "{c}");
+            total += 1;
+        }
+    }
+    assert_eq!(total, 300);
+
+    // A forced failure.
+    let cid = env
+        .api
+        .issue_command(
+            0,
+            &ids[3],
+            &json!({"name": "boom", "params": {"fail": true}}),
+        )
+        .await
+        .expect("issue");
+    assert_eq!(status(&env.api, &cid).await, "failed");
+    let failed = env.api.command(&cid, None).await.expect("command");
+    assert_eq!(failed["output"], json!({"error": "simulated failure"}));
+
+    // A device taken offline gets its queued commands when it is back.
+    fleet.disconnect(7).await.expect("disconnect");
+    let mut queued = Vec::new();
+    for n in 0..3 {
+        let cid = env
+            .api
+            .issue_command(0, &ids[7], &json!({"name": "later", "params": {"n": n}}))
+            .await
+            .expect("issue");
+        queued.push(cid);
+    }
+    for cid in &queued {
+        let c = env.api.command(cid, None).await.expect("command");
+        let s = c["status"].as_str().unwrap_or_default();
+        assert!(s == "queued" || s == "sent", "{c}");
+    }
+    fleet.connect(7).await.expect("reconnect");
+    for cid in &queued {
+        assert_eq!(status(&env.api, cid).await, "succeeded");
+    }
+    let snap = fleet.stats().snapshot();
+    assert!(snap.results_succeeded >= 303, "{snap:?}");
+    assert_eq!(snap.results_failed, 1);
+    fleet.stop(Duration::from_secs(2)).await;
+    env.gw.stop().await;
+}
+
+/// Waits on the event stream until `device`'s reported state holds `want`.
+async fn reported(events: &mut SseReader, device: &str, want: &Value) {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let ev = events.next().await.expect("stream").expect("open");
+            if ev.event != "shadow.reported" {
+                continue;
+            }
+            let data: Value = serde_json::from_str(&ev.data).expect("json");
+            if data["device"] == json!(device)
+                && device_sim::device::covers(Some(&data["reported"]), want)
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("reported state converged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mqtt5_devices_fail_over_apply_desired_state_and_ingest() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let p = Provision {
+        prefix: "v5-",
+        count: 4,
+        file: None,
+        rotate_existing: false,
+        concurrency: 4,
+    };
+    let creds = provision(Some(&env.api), &p).await.expect("register");
+    // The first address refuses connections: devices starting there move on
+    // to the next gateway in the list.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let mut config = FleetConfig::new(vec![broker(Some(dead)), broker(env.gw.mqtt5_addr)]);
+    config.protocol = Protocol::V5;
+    config.keep_alive = Duration::from_secs(5);
+    config.backoff_max = Duration::from_millis(200);
+    let fleet = Fleet::start(config, &creds).expect("fleet");
+    fleet
+        .wait_subscribed(4, WAIT)
+        .await
+        .expect("all subscribed");
+    assert!(fleet.stats().snapshot().connect_errors >= 2);
+
+    let mut events = SseReader::new(env.api.events(0, None).await.expect("events"));
+    let want = json!({"mode": "eco", "limits": {"max": 7}});
+    let http = reqwest::Client::new();
+    let token =
+        std::fs::read_to_string(env.gw.admin_token_file.clone().expect("file")).expect("token");
+    let r = http
+        .patch(format!(
+            "{}/v1/devices/{}/shadow",
+            env.api.bases()[0],
+            creds[1].id
+        ))
+        .bearer_auth(token.trim())
+        .json(&json!({ "desired": want }))
+        .send()
+        .await
+        .expect("patch");
+    assert!(r.status().is_success(), "{}", r.status());
+    reported(&mut events, &creds[1].id, &want).await;
+    fleet.stop(Duration::from_secs(2)).await;
+
+    // Ingest: the same devices publish reported state as fast as acknowledged.
+    let cfg = IngestConfig {
+        brokers: vec![broker(env.gw.mqtt_addr)],
+        protocol: Protocol::V4,
+        inflight: 4,
+        rate: None,
+        duration: Duration::from_secs(1),
+        payload_bytes: 100,
+        connect_concurrency: 4,
+        connect_timeout: WAIT,
+        attempt_timeout: Duration::from_secs(5),
+        keep_alive: Duration::from_secs(5),
+        progress: false,
+        seed: 1,
+    };
+    let clients: Vec<IngestClient> = creds
+        .iter()
+        .map(|c| IngestClient {
+            id: c.id.clone(),
+            secret: Some(c.secret.clone()),
+        })
+        .collect();
+    let report = ingest::run(&cfg, &clients).await.expect("ingest");
+    assert_eq!(report.connected, 4);
+    assert!(report.acked > 0, "{}", report.table());
+    assert_eq!(report.latency.count, report.acked);
+    assert!(report.errors.is_empty(), "{}", report.table());
+    env.gw.stop().await;
+}
