@@ -139,8 +139,22 @@ pub(crate) struct Mqtt {
     hub: Option<Arc<codec::Hub>>,
     /// Accept loops (aborted on stop).
     servers: Vec<tokio::task::JoinHandle<()>>,
+    /// The runtime the listeners and their connections run on: rumqttd's
+    /// connection setup makes blocking calls to its router, so device
+    /// connections get their own threads and can never stall the REST API
+    /// or consensus.
+    runtime: Option<tokio::runtime::Runtime>,
     /// The manager and the peer watcher (they end on shutdown).
     pub(crate) tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Mqtt {
+    fn drop(&mut self) {
+        // A runtime may not be dropped (blocking) inside another one.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Mqtt {
@@ -151,6 +165,9 @@ impl Mqtt {
         }
         for s in self.servers.drain(..) {
             s.abort();
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
     }
 }
@@ -169,6 +186,7 @@ pub(crate) async fn start(
         v5_addr: None,
         hub: None,
         servers: Vec::new(),
+        runtime: None,
         tasks: vec![tokio::spawn(watch_peers(
             node.clone(),
             config.session_grace,
@@ -262,8 +280,20 @@ pub(crate) async fn start(
     mqtt.tasks
         .push(tokio::spawn(manager.run(events_rx, shutdown.clone())));
 
+    if config.mqtt_listen.is_some() || config.mqtt5_listen.is_some() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(format!("mqtt-{}", config.node_id))
+            .enable_all()
+            .build()
+            .map_err(io("starting the MQTT runtime"))?;
+        mqtt.runtime = Some(rt);
+    }
     for (addr, v5) in [(config.mqtt_listen, false), (config.mqtt5_listen, true)] {
         let Some(addr) = addr else { continue };
+        let Some(rt) = mqtt.runtime.as_ref().map(|r| r.handle().clone()) else {
+            continue;
+        };
         // rumqttd binds the listener itself: pick the port here (port 0),
         // then wait until it accepts.
         let bound = std::net::TcpListener::bind(addr)
@@ -295,7 +325,7 @@ pub(crate) async fn start(
                 router_tx.clone(),
                 codec::Guarded::new(V5, hub.clone()),
             );
-            tokio::spawn(async move {
+            rt.spawn(async move {
                 if let Err(e) = server.start(LinkType::Remote).await {
                     tracing::error!(error = %e, "MQTT 5 listener failed");
                 }
@@ -306,7 +336,7 @@ pub(crate) async fn start(
                 router_tx.clone(),
                 codec::Guarded::new(V4, hub.clone()),
             );
-            tokio::spawn(async move {
+            rt.spawn(async move {
                 if let Err(e) = server.start(LinkType::Remote).await {
                     tracing::error!(error = %e, "MQTT listener failed");
                 }
