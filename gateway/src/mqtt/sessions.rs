@@ -365,8 +365,13 @@ impl Manager {
                 let Ok(sh) = serde_json::from_value::<Shadow>(ev.data) else {
                     return;
                 };
-                if self.sessions.contains_key(&sh.device) {
-                    publish_shadow(&self.out, &sh, kind == "shadow.desired", true);
+                // Only what the device subscribed to here: a publish nobody
+                // receives still costs the broker a scan of every filter.
+                if let Some(s) = self.sessions.get(&sh.device) {
+                    let desired =
+                        kind == "shadow.desired" && s.wants(&desired_topic(&sh.device));
+                    let delta = s.wants(&delta_topic(&sh.device));
+                    publish_shadow(&self.out, &sh, desired, delta);
                 }
             }
             "device.registered" | "device.secret_rotated" | "device.deleted" => {
