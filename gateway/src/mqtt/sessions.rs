@@ -368,8 +368,7 @@ impl Manager {
                 // Only what the device subscribed to here: a publish nobody
                 // receives still costs the broker a scan of every filter.
                 if let Some(s) = self.sessions.get(&sh.device) {
-                    let desired =
-                        kind == "shadow.desired" && s.wants(&desired_topic(&sh.device));
+                    let desired = kind == "shadow.desired" && s.wants(&desired_topic(&sh.device));
                     let delta = s.wants(&delta_topic(&sh.device));
                     publish_shadow(&self.out, &sh, desired, delta);
                 }
