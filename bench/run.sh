@@ -1,0 +1,427 @@
+#!/usr/bin/env bash
+# Side-by-side benchmarks on one machine: a three-gateway Entente group
+# against a three-member etcd (replicated writes, reads, failover) and an
+# Entente gateway's MQTT broker against Mosquitto (QoS 1 ingest).
+#
+#   bench/run.sh
+#
+# installs what it needs from Debian's packages (etcd-server, mosquitto,
+# mosquitto-clients, gnuplot-nox; linux-perf for the profiles), builds
+# Entente in release mode, runs the comparisons on loopback, and writes
+# bench/BENCHMARKS.md and bench/chart.png. Every process it starts is
+# stopped on exit.
+#
+# Knobs (environment):
+#   BENCH_SECS=10            measured seconds per load run
+#   BENCH_WARMUP=2           unmeasured seconds before each
+#   BENCH_QUICK=1            a test of the script: 1 and 64 clients, 3 kills,
+#                            100 MQTT clients, no open-loop sweep, no profile
+#   BENCH_CLIENTS="1 16 64 256"       HTTP concurrencies
+#   BENCH_KILLS=20                    failover trials per system
+#   BENCH_INGEST_CLIENTS="100 1000"   MQTT clients
+#   BENCH_INGEST_INFLIGHT="1 10"      unacknowledged QoS 1 messages per MQTT client
+#   BENCH_SPREAD=rotate      rotate | client | leader (see loadgen write --help)
+#   BENCH_QUIET_WAIT=20      before each pair of runs, wait up to this many seconds
+#                            for the CPUs to be at most 25 % busy (0: do not wait)
+#   BENCH_PROFILE=1          0 skips the perf profiles
+#   BENCH_MATCHED_FAILOVER=1 0 skips etcd's extra failover run with Entente's timings
+#   BENCH_PORT_BASE=23000    ports BASE+101 .. BASE+1033 on 127.0.0.1
+#   BENCH_DIR=...            data and results (default: a new directory under target/)
+#   BENCH_OUT=bench/BENCHMARKS.md, BENCH_CHART=bench/chart.png
+#   BENCH_NO_INSTALL=1       do not run apt-get (the tools must be there)
+#   BENCH_KEEP=1             keep the data directories afterwards
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+STARTED=$(date +%s)
+COMMAND="bench/run.sh"
+for k in BENCH_SECS BENCH_WARMUP BENCH_QUICK BENCH_CLIENTS BENCH_KILLS BENCH_INGEST_CLIENTS \
+         BENCH_INGEST_INFLIGHT BENCH_SPREAD BENCH_PROFILE BENCH_MATCHED_FAILOVER BENCH_QUIET_WAIT; do
+  if [ -n "${!k:-}" ]; then COMMAND="$k=\"${!k}\" $COMMAND"; fi
+done
+
+QUICK=${BENCH_QUICK:-0}
+if [ "$QUICK" = 1 ]; then
+  SECS=${BENCH_SECS:-3}; WARMUP=${BENCH_WARMUP:-1}
+  CLIENTS=${BENCH_CLIENTS:-"1 64"}; KILLS=${BENCH_KILLS:-3}
+  INGEST_CLIENTS=${BENCH_INGEST_CLIENTS:-"100"}; PROFILE=${BENCH_PROFILE:-0}
+  OPEN_FRACTIONS=""; MATCHED=${BENCH_MATCHED_FAILOVER:-0}
+else
+  SECS=${BENCH_SECS:-10}; WARMUP=${BENCH_WARMUP:-2}
+  CLIENTS=${BENCH_CLIENTS:-"1 16 64 256"}; KILLS=${BENCH_KILLS:-20}
+  INGEST_CLIENTS=${BENCH_INGEST_CLIENTS:-"100 1000"}; PROFILE=${BENCH_PROFILE:-1}
+  OPEN_FRACTIONS="0.25 0.5 0.75 0.9"; MATCHED=${BENCH_MATCHED_FAILOVER:-1}
+fi
+INFLIGHT=${BENCH_INGEST_INFLIGHT:-"1 10"}
+SPREAD=${BENCH_SPREAD:-rotate}
+QUIET_WAIT=${BENCH_QUIET_WAIT:-20}
+BASE=${BENCH_PORT_BASE:-23000}
+OUT=${BENCH_OUT:-bench/BENCHMARKS.md}
+CHART=${BENCH_CHART:-bench/chart.png}
+
+log() { printf '\n[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf 'bench/run.sh: %s\n' "$*" >&2; exit 1; }
+
+# --- 1. Tools -----------------------------------------------------------------
+need_pkgs=()
+command -v etcd >/dev/null || need_pkgs+=(etcd-server)
+command -v mosquitto >/dev/null || need_pkgs+=(mosquitto)
+command -v mosquitto_pub >/dev/null || need_pkgs+=(mosquitto-clients)
+command -v gnuplot >/dev/null || need_pkgs+=(gnuplot-nox)
+if [ "$PROFILE" = 1 ] && ! command -v perf >/dev/null; then need_pkgs+=(linux-perf); fi
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  [ "${BENCH_NO_INSTALL:-0}" = 1 ] && die "missing: ${need_pkgs[*]} (and BENCH_NO_INSTALL=1)"
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || die "installing ${need_pkgs[*]} needs root or sudo"
+    SUDO=sudo
+  fi
+  log "installing ${need_pkgs[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+  # The packages may start system-wide etcd / Mosquitto services; we run our
+  # own instances on other ports, so stop and disable those.
+  for svc in etcd mosquitto; do
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+      $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    elif command -v service >/dev/null; then
+      $SUDO service "$svc" stop >/dev/null 2>&1 || true
+    fi
+  done
+fi
+if [ "$PROFILE" = 1 ] && ! perf record -q -o /dev/null -- true >/dev/null 2>&1; then
+  log "perf cannot record here (perf_event_paranoid or container limits): no profiles"
+  PROFILE=0
+fi
+
+# --- 2. Build -----------------------------------------------------------------
+log "building gateway, loadgen and device-sim (release)"
+cargo build --release -p gateway -p loadgen -p device-sim
+BIN="$ROOT/target/release"
+GATEWAY="$BIN/gateway"; LOADGEN="$BIN/loadgen"; DEVSIM="$BIN/device-sim"
+ETCD=$(command -v etcd); MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+[ -x "$MOSQUITTO" ] || MOSQUITTO=/usr/sbin/mosquitto
+
+# --- 3. Directories, cleanup ----------------------------------------------------
+mkdir -p "$ROOT/target"
+DIR=${BENCH_DIR:-$(mktemp -d "$ROOT/target/bench.XXXXXX")}
+mkdir -p "$DIR"
+RES="$DIR/results"; mkdir -p "$RES"
+PIDS=()
+SAMPLER=""
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  local all=("${PIDS[@]}")
+  [ -n "$SAMPLER" ] && all+=("$SAMPLER")
+  for f in "$DIR"/failover-*/pids; do
+    [ -f "$f" ] && while read -r p; do all+=("$p"); done <"$f"
+  done
+  for p in "${all[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 1
+  for p in "${all[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ "${BENCH_KEEP:-0}" != 1 ] && [ -z "${BENCH_DIR:-}" ]; then
+    # Keep the results and logs, drop the data.
+    rm -rf "$DIR"/etcd-* "$DIR"/gw-* "$DIR"/failover-*/data 2>/dev/null || true
+  fi
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+unset RUST_LOG
+
+phase() { echo "$(date +%s) $1" >>"$RES/phases.txt"; log "$1"; }
+stop_pids() { # stops the given pids and forgets them
+  for p in "$@"; do kill "$p" 2>/dev/null || true; done
+  for p in "$@"; do wait "$p" 2>/dev/null || true; done
+  local keep=() p q drop
+  for p in "${PIDS[@]}"; do
+    drop=0; for q in "$@"; do [ "$p" = "$q" ] && drop=1; done
+    [ $drop = 0 ] && keep+=("$p")
+  done
+  PIDS=("${keep[@]}")
+}
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+USED_PORTS=""
+# Ports (offsets from BASE): the etcd groups use client P+1..3 and peer
+# P+101..103 for P = 100 (main), 710 (failover), 720 (failover, Entente's
+# timings); the gateway groups use HTTP P+1..3, Raft P+101..103, MQTT
+# P+201..203 and P+301..303 for P = 300 (main), 730 (failover); Mosquitto 701.
+for p in 100 710 720; do for o in 1 2 3 101 102 103; do USED_PORTS+=" $((BASE + p + o))"; done; done
+for p in 300 730; do for o in 1 2 3 101 102 103 201 202 203 301 302 303; do USED_PORTS+=" $((BASE + p + o))"; done; done
+USED_PORTS+=" $((BASE + 701))"
+for port in $USED_PORTS; do
+  port_in_use "$port" && die "port $port is in use; set BENCH_PORT_BASE"
+done
+case "$DIR" in *" "*) die "the data directory $DIR has a space in its path";; esac
+
+# --- 4. The machine -------------------------------------------------------------
+phase "machine"
+fstype=$(stat -f -c %T "$DIR" 2>/dev/null || echo "?")
+"$LOADGEN" machine --dir "$DIR" --out "$RES/machine.json" >/dev/null
+SID=$(ps -o sid= -p $$ | tr -d ' ')
+"$LOADGEN" sample --session "$SID" --interval-secs 5 --out "$RES/samples.jsonl" &
+SAMPLER=$!
+
+# --- 5. Command lines -------------------------------------------------------------
+# etcd member i of a group whose ports start at $2 (client $2+i, peer $2+100+i).
+etcd_cmd() { # i port_base data_root extra...
+  local i=$1 pb=$2 root=$3; shift 3
+  local ic="e1=http://127.0.0.1:$((pb + 101)),e2=http://127.0.0.1:$((pb + 102)),e3=http://127.0.0.1:$((pb + 103))"
+  echo "$ETCD --name e$i --data-dir $root/e$i" \
+       "--listen-client-urls http://127.0.0.1:$((pb + i)) --advertise-client-urls http://127.0.0.1:$((pb + i))" \
+       "--listen-peer-urls http://127.0.0.1:$((pb + 100 + i)) --initial-advertise-peer-urls http://127.0.0.1:$((pb + 100 + i))" \
+       "--initial-cluster $ic --initial-cluster-token entente-bench --initial-cluster-state new $*"
+}
+etcd_endpoints() { echo "http://127.0.0.1:$(($1 + 1)),http://127.0.0.1:$(($1 + 2)),http://127.0.0.1:$(($1 + 3))"; }
+# Entente gateway i: http $2+i, raft $2+100+i, mqtt $2+200+i, mqtt5 $2+300+i.
+gw_cmd() { # i port_base data_root
+  local i=$1 pb=$2 root=$3
+  local peers="1=127.0.0.1:$((pb + 101)),2=127.0.0.1:$((pb + 102)),3=127.0.0.1:$((pb + 103))"
+  echo "$GATEWAY --node-id $i --peers $peers --data-dir $root/g$i" \
+       "--http-listen 127.0.0.1:$((pb + i)) --raft-listen 127.0.0.1:$((pb + 100 + i))" \
+       "--cluster-secret entente-bench-secret" \
+       "--mqtt-listen 127.0.0.1:$((pb + 200 + i)) --mqtt5-listen 127.0.0.1:$((pb + 300 + i))"
+}
+gw_endpoints() { echo "http://127.0.0.1:$(($1 + 1)),http://127.0.0.1:$(($1 + 2)),http://127.0.0.1:$(($1 + 3))"; }
+gw_tokens() { echo "$1/g1/admin-token,$1/g2/admin-token,$1/g3/admin-token"; }
+
+# Main groups: etcd on BASE+1xx/2xx, Entente on BASE+3xx..6xx, Mosquitto BASE+701.
+EB=$((BASE + 100)); GB=$((BASE + 300))
+EDATA="$DIR/etcd-main"; GDATA="$DIR/gw-main"; mkdir -p "$EDATA" "$GDATA" "$DIR/logs"
+E_EP=$(etcd_endpoints $EB); G_EP=$(gw_endpoints $GB); G_TOK=$(gw_tokens "$GDATA")
+
+# --- 6. Start both groups -----------------------------------------------------------
+phase "start groups"
+ETCD_PIDS=(); GW_PIDS=()
+for i in 1 2 3; do
+  # shellcheck disable=SC2046
+  $(etcd_cmd $i $EB "$EDATA") >"$DIR/logs/etcd$i.log" 2>&1 &
+  ETCD_PIDS+=($!); PIDS+=($!)
+  # shellcheck disable=SC2046
+  $(gw_cmd $i $GB "$GDATA") >"$DIR/logs/gw$i.log" 2>&1 &
+  GW_PIDS+=($!); PIDS+=($!)
+done
+E_LEADER=$("$LOADGEN" ready --target etcd --endpoints "$E_EP")
+G_LEADER=$("$LOADGEN" ready --target entente --endpoints "$G_EP" --token-file "$G_TOK")
+log "etcd leader: member $((E_LEADER + 1)); Entente leader: gateway $((G_LEADER + 1))"
+MAXC=1; for c in $CLIENTS; do [ "$c" -gt "$MAXC" ] && MAXC=$c; done
+"$LOADGEN" setup --target etcd --endpoints "$E_EP" --clients "$MAXC"
+"$LOADGEN" setup --target entente --endpoints "$G_EP" --token-file "$G_TOK" --clients "$MAXC"
+
+E_PIDS=$(IFS=,; echo "${ETCD_PIDS[*]}"); N_PIDS=$(IFS=,; echo "${GW_PIDS[*]}")
+lg() { # system subcommand args... : a load run against one system
+  local sys=$1; shift
+  if [ "$sys" = etcd ]; then
+    "$LOADGEN" "$@" --target etcd --endpoints "$E_EP" --pids "$E_PIDS" \
+      --warmup-secs "$WARMUP" --duration-secs "$SECS" --spread "$SPREAD" >/dev/null
+  else
+    "$LOADGEN" "$@" --target entente --endpoints "$G_EP" --token-file "$G_TOK" --pids "$N_PIDS" \
+      --warmup-secs "$WARMUP" --duration-secs "$SECS" --spread "$SPREAD" >/dev/null
+  fi
+}
+# The two systems alternate who goes first from one level to the next, so
+# a slow drift in the machine's other load does not favour one of them; and
+# before each pair the script waits (up to BENCH_QUIET_WAIT seconds) for the
+# CPUs to be mostly idle, so a burst of other work on a shared machine is
+# less likely to land on one system's measurement only.
+order() {
+  if [ "$QUIET_WAIT" -gt 0 ]; then
+    "$LOADGEN" wait-quiet --timeout-secs "$QUIET_WAIT" >>"$RES/waits.txt" || true
+  fi
+  if [ $(($1 % 2)) = 0 ]; then echo "etcd entente"; else echo "entente etcd"; fi
+}
+
+# --- 7. Replicated writes -----------------------------------------------------------
+phase "writes (closed loop)"
+n=0
+for c in $CLIENTS; do
+  for s in $(order $n); do
+    lg "$s" write --clients "$c" --out "$RES/write-$s-c$c.json"
+  done
+  n=$((n + 1))
+done
+if [ -n "$OPEN_FRACTIONS" ]; then
+  phase "writes (open loop)"
+  PEAK=$("$LOADGEN" peak --results "$RES")
+  for f in $OPEN_FRACTIONS; do
+    rate=$(awk -v p="$PEAK" -v f="$f" 'BEGIN { printf "%d", p * f }')
+    [ "$rate" -gt 0 ] || continue
+    for s in $(order $n); do
+      lg "$s" write --clients "$MAXC" --rate "$rate" --out "$RES/write-$s-open-r$rate.json"
+    done
+    n=$((n + 1))
+  done
+fi
+
+# --- 8. Reads -----------------------------------------------------------------------
+for cons in linearizable local; do
+  phase "reads ($cons)"
+  for c in $CLIENTS; do
+    for s in $(order $n); do
+      lg "$s" read --consistency "$cons" --clients "$c" --out "$RES/read-$cons-$s-c$c.json"
+    done
+    n=$((n + 1))
+  done
+done
+
+# --- 9. Profiles (not measured runs: perf costs CPU) ----------------------------------
+PSECS=5
+profile() { # name pid description command...: perf on pid while the command runs
+  local name=$1 pid=$2 what=$3; shift 3
+  ( sleep 2; perf record -q -F 499 --call-graph dwarf,16384 -p "$pid" -o "$DIR/perf-$name.data" \
+      -- sleep "$PSECS" >/dev/null 2>&1 || true ) &
+  local perf=$!
+  "$@" >/dev/null 2>>"$DIR/logs/profile-runs.log" || true
+  wait "$perf" || true
+  { echo "$what"; "$ROOT/bench/profile-summary.sh" "$DIR/perf-$name.data"; } >"$RES/profile-$name.txt" 2>&1 || true
+  [ "${BENCH_KEEP:-0}" = 1 ] || rm -f "$DIR/perf-$name.data"
+}
+if [ "$PROFILE" = 1 ]; then
+  phase "profiles"
+  PC=64; [ "$MAXC" -lt 64 ] && PC=$MAXC
+  L=$("$LOADGEN" ready --target etcd --endpoints "$E_EP")
+  profile writes-etcd "${ETCD_PIDS[$L]}" "etcd leader during $PC-client closed-loop writes (the binary is stripped: symbols unresolved)" \
+    "$LOADGEN" write --target etcd --endpoints "$E_EP" --clients "$PC" --warmup-secs 0 --duration-secs $((PSECS + 3)) --spread "$SPREAD"
+  L=$("$LOADGEN" ready --target entente --endpoints "$G_EP" --token-file "$G_TOK")
+  profile writes-entente "${GW_PIDS[$L]}" "Entente leader during $PC-client closed-loop writes" \
+    "$LOADGEN" write --target entente --endpoints "$G_EP" --token-file "$G_TOK" --clients "$PC" --warmup-secs 0 \
+    --duration-secs $((PSECS + 3)) --spread "$SPREAD"
+fi
+
+# --- 10. MQTT ingest ------------------------------------------------------------------
+phase "mqtt ingest"
+MPORT=$((BASE + 701))
+cat >"$DIR/mosquitto.conf" <<EOF
+# Mosquitto's defaults, with one anonymous listener on loopback.
+listener $MPORT 127.0.0.1
+allow_anonymous true
+EOF
+"$MOSQUITTO" -c "$DIR/mosquitto.conf" >"$DIR/logs/mosquitto.log" 2>&1 &
+MOSQ_PID=$!; PIDS+=($MOSQ_PID)
+for _ in $(seq 50); do port_in_use $MPORT && break; sleep 0.1; done
+mosquitto_pub -h 127.0.0.1 -p $MPORT -q 1 -t bench/hello -m up || die "Mosquitto does not answer"
+G_LEADER=$("$LOADGEN" ready --target entente --endpoints "$G_EP" --token-file "$G_TOK")
+G_MQTT="127.0.0.1:$((GB + 201 + G_LEADER))"; G_API="http://127.0.0.1:$((GB + 1 + G_LEADER))"
+TOKEN_FILE="$GDATA/g$((G_LEADER + 1))/admin-token"
+[ -f "$TOKEN_FILE" ] || TOKEN_FILE=$(ls "$GDATA"/g*/admin-token | head -1)
+ingest() { # broker clients inflight secs [out]
+  local b=$1 c=$2 i=$3 secs=$4 out=${5:-/dev/null}
+  if [ "$b" = mosquitto ]; then
+    "$DEVSIM" ingest --anonymous --gateways "127.0.0.1:$MPORT" --clients "$c" --inflight "$i" \
+      --duration-secs "$secs" --connect-timeout-secs 120 --json >"$out" 2>>"$DIR/logs/ingest.log"
+  else
+    "$DEVSIM" ingest --gateways "$G_MQTT" --api "$G_API" --token-file "$TOKEN_FILE" \
+      --devices-file "$DIR/ingest-devices.json" --clients "$c" --inflight "$i" \
+      --duration-secs "$secs" --connect-timeout-secs 120 --json >"$out" 2>>"$DIR/logs/ingest.log"
+  fi
+}
+for i in $INFLIGHT; do
+  for c in $INGEST_CLIENTS; do
+    for b in $(order $n | sed 's/etcd/mosquitto/'); do
+      ingest "$b" "$c" "$i" "$SECS" "$RES/ingest-$b-c$c-i$i.json" || log "ingest $b $c clients failed (see logs/ingest.log)"
+    done
+    n=$((n + 1))
+  done
+done
+if [ "$PROFILE" = 1 ]; then
+  PI=$(echo "$INGEST_CLIENTS" | awk '{print $1}')
+  profile ingest-mosquitto "$MOSQ_PID" "Mosquitto during $PI-client QoS 1 ingest, 1 in flight per client" \
+    ingest mosquitto "$PI" 1 $((PSECS + 3))
+  profile ingest-entente "${GW_PIDS[$G_LEADER]}" "Entente leader gateway during $PI-client QoS 1 ingest, 1 in flight per client" \
+    ingest entente "$PI" 1 $((PSECS + 3))
+fi
+stop_pids "$MOSQ_PID"
+stop_pids "${ETCD_PIDS[@]}" "${GW_PIDS[@]}"
+
+# --- 11. Failover -----------------------------------------------------------------------
+failover() { # system slug label port_base extra-flags...
+  local sys=$1 slug=$2 label=$3 pb=$4; shift 4
+  local d="$DIR/failover-$sys-$slug"; mkdir -p "$d/data"
+  local cmds=() i
+  for i in 1 2 3; do
+    if [ "$sys" = etcd ]; then cmds+=(--member-cmd "$(etcd_cmd $i "$pb" "$d/data" "$@")")
+    else cmds+=(--member-cmd "$(gw_cmd $i "$pb" "$d/data")"); fi
+  done
+  if [ "$sys" = etcd ]; then
+    "$LOADGEN" failover --target etcd --endpoints "$(etcd_endpoints "$pb")" "${cmds[@]}" \
+      --log-dir "$d" --trials "$KILLS" --label "$label" --out "$RES/failover-$sys-$slug.json" >/dev/null
+  else
+    "$LOADGEN" failover --target entente --endpoints "$(gw_endpoints "$pb")" --token-file "$(gw_tokens "$d/data")" \
+      "${cmds[@]}" --log-dir "$d" --trials "$KILLS" --label "$label" --out "$RES/failover-$sys-$slug.json" >/dev/null
+  fi
+}
+phase "failover"
+failover etcd defaults defaults $((BASE + 710))
+failover entente defaults defaults $((BASE + 730))
+if [ "$MATCHED" = 1 ]; then
+  failover etcd matched "Entente's timings: --heartbeat-interval 40 --election-timeout 200" $((BASE + 720)) \
+    --heartbeat-interval 40 --election-timeout 200
+fi
+phase "report"
+kill "$SAMPLER" 2>/dev/null || true; wait "$SAMPLER" 2>/dev/null || true; SAMPLER=""
+
+# --- 12. Report -------------------------------------------------------------------------
+ELAPSED=$(( $(date +%s) - STARTED ))
+rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+git -C "$ROOT" diff --quiet HEAD 2>/dev/null || rev="$rev + uncommitted changes"
+spread_desc=$(case $SPREAD in
+  rotate) echo "request k of client i goes to member (i + k) mod 3, so two requests in three land on a follower, which passes writes to the leader (both systems forward) and confirms linearizable reads with it";;
+  client) echo "client i sends every request to member i mod 3";;
+  leader) echo "every request goes to the member leading when the run starts";;
+esac)
+cat >"$RES/meta.txt" <<EOF
+date=$(date -u '+%Y-%m-%d %H:%M UTC')
+command=$COMMAND
+elapsed=$((ELAPSED / 60)) min $((ELAPSED % 60)) s
+quick=$QUICK
+secs=$SECS
+quiet_wait=$QUIET_WAIT
+warmup=$WARMUP
+spread_desc=$spread_desc
+load_notes=The load generator runs on the same two cores as the servers; its own CPU per request is in the cost tables. Both groups run during the HTTP phases (the one not under load idles: heartbeats only); the systems alternate which goes first at each level. Data directories are on a ${fstype} file system.
+etcd_version=$("$ETCD" --version 2>/dev/null | head -1 | sed 's/etcd Version: //') (Debian package)
+entente_version=$rev, release build
+mosquitto_version=$("$MOSQUITTO" -h 2>/dev/null | head -1 | sed 's/mosquitto version //') (Debian package)
+etcd_processes=3 members on 127.0.0.1
+entente_processes=3 gateways on 127.0.0.1 (each also runs its MQTT broker)
+mosquitto_processes=1 broker on 127.0.0.1
+etcd_durability=Raft WAL fdatasync before a write is acknowledged, batched across concurrent proposals (as shipped; fsync cannot be turned off in 3.4)
+entente_durability=Raft log fdatasync before a write is acknowledged, one per batch of queued entries (group commit); SQLite state in WAL mode, synchronous=NORMAL (the Raft log is the durability point)
+mosquitto_durability=none: persistence off (its default); a QoS 1 PUBACK goes out on receipt, messages live in memory
+etcd_store=bbolt, backend commit every 100 ms or 10,000 writes (defaults)
+entente_store=SQLite (sqlx), one transaction per applied batch; each shadow write also stores an event row
+mosquitto_store=memory
+etcd_snapshots=every 100,000 applied entries (--snapshot-count default): not reached in this run's writes
+entente_snapshots=every 10,000 applied entries (--snapshot-every default): a VACUUM INTO copy of the state database, several per write run
+mosquitto_snapshots=–
+etcd_timings=heartbeat 100 ms, election timeout 1,000 ms (randomised 1–2 s), pre-vote off (3.4 defaults)
+entente_timings=tick 20 ms: heartbeat 40 ms, election 200–400 ms (randomised), pre-vote and check-quorum on; write timeout 5 s (all defaults)
+mosquitto_timings=max_inflight_messages 20, max_queued_messages 1000 (defaults)
+etcd_api=JSON gateway on the client port (HTTP/1.1, turned into gRPC in-process): POST /v3/kv/put, /v3/kv/range
+entente_api=REST (axum, HTTP/1.1): PATCH /v1/devices/{id}/shadow, GET /v1/devices/{id}; MQTT 3.1.1 on the leader's listener for ingest
+mosquitto_api=MQTT 3.1.1, one listener
+etcd_write=PUT of a 100-byte JSON value under key bench/bench-NNNNNN (base64 in a ~180-byte JSON body); one key per client
+entente_write=JSON merge patch of a device's desired document with a 100-byte JSON object (~112-byte body): versioned shadow plus an event row; one device per client
+mosquitto_write=–
+etcd_auth=none (auth off, the default)
+entente_auth=bearer token on every REST request; MQTT clients log in with their device secret and pass through the ACL codec wrapper (both always on)
+mosquitto_auth=anonymous (allow_anonymous true), no ACL
+etcd_flags=--name, --data-dir, listen/advertise URLs on 127.0.0.1, --initial-cluster, --initial-cluster-token, --initial-cluster-state new; nothing else
+entente_flags=--node-id, --peers, --data-dir, --http-listen, --raft-listen, --cluster-secret, --mqtt-listen, --mqtt5-listen on 127.0.0.1; nothing else
+mosquitto_flags=-c with the two lines above (listener, allow_anonymous)
+failover_desc=Each system as three fresh processes on loopback with fsync on, quiet (no load). Per trial: wait until every member has applied what the leader has, wait 0.5 s, SIGKILL the leader, then start a write attempt every 10 ms alternating between the two survivors (each allowed 5 s, none abandoned) and stop the clock at the first success (etcd PUT, Entente desired-state PATCH). The killed member is restarted on its data and caught up before the next trial. Both systems at their default timings (above); the extra etcd row gives etcd Entente's timings, to separate the protocol from the defaults.
+ingest_desc=device-sim ingest (the same code for both brokers): each client connects (MQTT 3.1.1, clean session off), then publishes QoS 1 JSON of 100 bytes to devices/{id}/shadow/reported, keeping at most 1 or 10 messages unacknowledged (closed loop: the next goes when one is acknowledged), for $SECS s after all are connected; latency is publish → PUBACK. Mosquitto: anonymous clients. Entente: registered devices logging in with their secrets, on the leader gateway's 3.1.1 listener; the gateway's PUBACK means received, not yet replicated (reported state is coalesced per device over 50 ms, then proposed through Raft).
+profile_desc=perf record -F 499 --call-graph dwarf on one process during a separate, unmeasured run ($PSECS s): sampled CPU time of that process only (time spent waiting on the disk or the network does not show). Summarised by bench/profile-summary.sh: CPU by thread, self time by component (classes of symbol names), top symbols.
+EOF
+CHART_ABS=$(cd "$(dirname "$CHART")" && pwd)/$(basename "$CHART")
+OUT_DIR=$(cd "$(dirname "$OUT")" && pwd)
+CHART_LINK=$(realpath --relative-to="$OUT_DIR" "$CHART_ABS" 2>/dev/null || echo "$CHART_ABS")
+NOTES="$ROOT/bench/NOTES.md"
+"$LOADGEN" report --results "$RES" --out "$OUT" --chart-data "$DIR/chart" \
+  --chart-out "$CHART_ABS" --chart-link "$CHART_LINK" --notes "$NOTES"
+gnuplot "$DIR/chart/chart.gp" || log "gnuplot failed; the chart was not drawn"
+log "wrote $OUT and $CHART ($((ELAPSED / 60)) min $((ELAPSED % 60)) s); raw results in $RES"
