@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use entente_protocol::{
     CommandMessage, CommandResultMessage, ResultStatus, ShadowDocument, accepted_topic,
-    commands_topic, delta_topic, desired_topic, reported_topic, result_topic,
+    commands_topic, delta_topic, desired_topic, merge_patch, reported_topic, result_topic,
 };
 use serde_json::{Map, Value, json};
 use tokio::time::Instant;
@@ -177,26 +177,6 @@ const SENSORS: [(&str, f64, f64); 3] = [
 
 fn to_json(v: &Value) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
-}
-
-/// Applies JSON merge patch `patch` (RFC 7386) to `target`.
-pub fn merge_patch(target: &mut Value, patch: &Value) {
-    let Value::Object(p) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = Value::Object(Map::new());
-    }
-    if let Value::Object(t) = target {
-        for (k, v) in p {
-            if v.is_null() {
-                t.remove(k);
-            } else {
-                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
-            }
-        }
-    }
 }
 
 /// Whether `have` already holds everything `want` says: equal values, or,

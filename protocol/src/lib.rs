@@ -13,7 +13,7 @@
 #![deny(missing_docs)]
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// Every device topic starts with this, then the device id.
 pub const PREFIX: &str = "devices/";
@@ -148,6 +148,30 @@ pub struct ShadowDocument {
     pub state: Value,
     /// The shadow's desired version.
     pub version: u64,
+}
+
+/// Applies an RFC 7386 merge patch to `target` in place.
+///
+/// An object patch merges key by key (`null` removes a key, nested objects
+/// merge recursively, a non-object target becomes an object first); any
+/// other patch (array, string, number, bool, null) replaces the target whole.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    if let Value::Object(t) = target {
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

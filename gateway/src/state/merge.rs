@@ -2,29 +2,9 @@
 
 use serde_json::{Map, Value};
 
-/// Applies an RFC 7386 merge patch to `target` in place.
-///
-/// An object patch merges key by key (`null` removes a key, nested objects
-/// merge recursively, a non-object target becomes an object first); any
-/// other patch (array, string, number, bool, null) replaces the target whole.
-pub fn merge_patch(target: &mut Value, patch: &Value) {
-    let Value::Object(p) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = Value::Object(Map::new());
-    }
-    if let Value::Object(t) = target {
-        for (k, v) in p {
-            if v.is_null() {
-                t.remove(k);
-            } else {
-                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
-            }
-        }
-    }
-}
+/// Applies an RFC 7386 merge patch (defined with the device contract, which
+/// devices apply to their desired state too).
+pub use entente_protocol::merge_patch;
 
 /// The keys of `desired` whose value differs from `reported`, with the
 /// desired value. Objects present on both sides are compared recursively and
