@@ -182,6 +182,21 @@ fn valid_address(a: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Commits a membership change and answers once this gateway's own view
+/// shows it.
+async fn commit_change(state: &AppState, change: ConfChange) -> Result<u64, ApiError> {
+    let index = state
+        .node
+        .change_membership(change)
+        .await
+        .map_err(|e| member_error(e, state))?;
+    let _ = state
+        .node
+        .wait_applied(index, state.config.write_timeout)
+        .await;
+    Ok(index)
+}
+
 fn member_error(e: NodeError, state: &AppState) -> ApiError {
     match e {
         NodeError::Refused(reason) => {
@@ -283,16 +298,7 @@ pub(crate) async fn add_member(
             ConfChange::AddVoter(body.id)
         }
     };
-    let index = state
-        .node
-        .change_membership(change)
-        .await
-        .map_err(|e| member_error(e, &state))?;
-    // Answer once this gateway's own view shows the change.
-    let _ = state
-        .node
-        .wait_applied(index, state.config.write_timeout)
-        .await;
+    let index = commit_change(&state, change).await?;
     let suffrage = match body.suffrage {
         Suffrage::Learner => "learner",
         Suffrage::Voter => "voter",
@@ -334,16 +340,7 @@ pub(crate) async fn remove_member(
             "gateway {id} is the last voter; the group cannot remove it"
         )));
     }
-    let index = state
-        .node
-        .change_membership(ConfChange::RemoveNode(id))
-        .await
-        .map_err(|e| member_error(e, &state))?;
-    // Answer once this gateway's own view shows the change.
-    let _ = state
-        .node
-        .wait_applied(index, state.config.write_timeout)
-        .await;
+    let index = commit_change(&state, ConfChange::RemoveNode(id)).await?;
     let out = MemberChanged {
         id,
         suffrage: "removed".into(),
