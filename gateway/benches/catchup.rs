@@ -9,6 +9,9 @@
 //! the size). Snapshots are taken every 1,000 entries (100 with `--test`), so the new member
 //! cannot be sent the log from the start and gets a snapshot.
 
+#[path = "../tests/support/ports.rs"]
+mod ports;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -16,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gateway::{Config, Gateway};
+use ports::reserve_ports;
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -34,15 +38,6 @@ fn config(dir: &Path, id: u64, peers: &BTreeMap<u64, SocketAddr>, snapshot_every
     c.mqtt_listen = None;
     c.mqtt5_listen = None;
     c
-}
-
-/// Peer ports picked by the OS and released just before the gateways bind
-/// them (each must know the others' before any starts).
-fn reserve_ports(n: usize) -> Vec<SocketAddr> {
-    let held: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    held.iter().map(|l| l.local_addr().expect("addr")).collect()
 }
 
 fn dir_size(p: &Path) -> u64 {

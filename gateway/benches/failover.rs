@@ -14,12 +14,16 @@
 //!
 //! `cargo bench -p gateway --bench failover`.
 
+#[path = "../tests/support/ports.rs"]
+mod ports;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use ports::reserve_ports;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -57,13 +61,6 @@ impl Drop for Gw {
             let _ = c.wait();
         }
     }
-}
-
-fn free_ports(n: usize) -> Vec<SocketAddr> {
-    let held: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    held.iter().map(|l| l.local_addr().expect("addr")).collect()
 }
 
 fn spawn(gw: &mut Gw, peers: &str, extra: &[String]) {
@@ -212,7 +209,7 @@ async fn main() {
         extra.extend(["--write-timeout-ms".to_string(), t.to_string()]);
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let ports = free_ports(6);
+    let ports = reserve_ports(6);
     let mut gws: BTreeMap<u64, Gw> = (1..=3u64)
         .map(|id| {
             let i = (id as usize - 1) * 2;

@@ -5,6 +5,9 @@
 
 mod common;
 
+#[path = "support/ports.rs"]
+mod ports;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,18 +16,9 @@ use std::time::Duration;
 use common::{Device, SseStream, WAIT, connect_v4};
 use entente_protocol::CommandMessage;
 use gateway::{Config, Gateway};
+use ports::reserve_ports;
 use serde_json::{Value, json};
 use tokio::time::{Instant, timeout_at};
-
-/// Peer addresses for `n` gateways. The ports are picked by the OS (bind
-/// port 0) and released just before the gateways bind them again: each
-/// gateway must know the others' addresses before any of them starts.
-fn reserve_ports(n: usize) -> Vec<SocketAddr> {
-    let held: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    held.iter().map(|l| l.local_addr().expect("addr")).collect()
-}
 
 struct Cluster {
     gws: BTreeMap<u64, Gateway>,
