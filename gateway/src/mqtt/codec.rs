@@ -201,26 +201,17 @@ impl<P: Protocol> Protocol for Guarded<P> {
                 let Some(kind) = parse_device_publish(&device, topic) else {
                     return Err(self.violation(&device, format!("publish to {topic:?}")));
                 };
-                let pong = match publish_header {
-                    Some((0, _)) => Pong::Nothing,
-                    Some((1, pkid)) => Pong::PubAck(pkid),
-                    _ => {
-                        let _ = self.hub.events.send(SessionEvent::Publish {
-                            device,
-                            kind,
-                            payload: publish.payload.clone(),
-                        });
-                        return Ok(packet);
-                    }
-                };
-                let Packet::Publish(publish, _) = packet else {
-                    unreachable!("matched as a publish above")
-                };
                 let _ = self.hub.events.send(SessionEvent::Publish {
                     device,
                     kind,
-                    payload: publish.payload,
+                    payload: publish.payload.clone(),
                 });
+                let pong = match publish_header {
+                    Some((0, _)) => Pong::Nothing,
+                    Some((1, pkid)) => Pong::PubAck(pkid),
+                    // QoS 2: the router runs its PUBREC/PUBREL exchange.
+                    _ => return Ok(packet),
+                };
                 let conn = self.conn.get_mut().unwrap_or_else(PoisonError::into_inner);
                 conn.pongs.push_back(pong);
                 return Ok(Packet::PingReq(PingReq));
