@@ -66,6 +66,10 @@ pub struct Args {
     /// MQTT 5 listen address for devices (default 0.0.0.0:1884).
     #[arg(long, env = "ENTENTE_MQTT5_LISTEN")]
     pub mqtt5_listen: Option<SocketAddr>,
+    /// Most device connections open at once, both listeners together
+    /// (default 15000); one more is closed as soon as it is accepted.
+    #[arg(long, env = "ENTENTE_MQTT_MAX_CONNECTIONS")]
+    pub mqtt_max_connections: Option<usize>,
     /// How long the leader waits before declaring an unreachable gateway's
     /// device sessions lost (ms).
     #[arg(long, env = "ENTENTE_SESSION_GRACE_MS")]
@@ -93,6 +97,7 @@ struct FileConfig {
     snapshot_every: Option<u64>,
     mqtt_listen: Option<SocketAddr>,
     mqtt5_listen: Option<SocketAddr>,
+    mqtt_max_connections: Option<usize>,
     session_grace_ms: Option<u64>,
     report_coalesce_ms: Option<u64>,
 }
@@ -143,6 +148,8 @@ pub struct Config {
     /// Largest payload the gateway acts on; a bigger one (up to
     /// `mqtt_max_packet`) is ignored, logged and counted.
     pub mqtt_max_payload: usize,
+    /// Most device connections open at once (both listeners together).
+    pub mqtt_max_connections: usize,
 }
 
 impl Config {
@@ -172,6 +179,7 @@ impl Config {
             report_coalesce: Duration::from_millis(50),
             mqtt_max_packet: 256 * 1024,
             mqtt_max_payload: 64 * 1024,
+            mqtt_max_connections: 15_000,
         }
     }
 
@@ -238,6 +246,9 @@ impl Config {
                 .or(file.mqtt5_listen)
                 .unwrap_or(([0, 0, 0, 0], 1884).into()),
         );
+        if let Some(n) = args.mqtt_max_connections.or(file.mqtt_max_connections) {
+            c.mqtt_max_connections = n.max(1);
+        }
         if let Some(ms) = args.session_grace_ms.or(file.session_grace_ms) {
             c.session_grace = Duration::from_millis(ms);
         }

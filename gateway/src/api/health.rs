@@ -170,18 +170,42 @@ pub struct Health {
     pub applied: Option<u64>,
 }
 
-/// Liveness: 200 whenever the process serves HTTP.
+/// A device listener that stopped makes the gateway unhealthy: devices can
+/// no longer reach it there, whatever the REST API says.
+fn listeners_ok(state: &AppState) -> Result<(), ApiError> {
+    let down = state
+        .mqtt
+        .listeners_down
+        .load(std::sync::atomic::Ordering::SeqCst);
+    if down > 0 {
+        return Err(ApiError::unavailable(
+            "device-listener-down",
+            format!(
+                "{down} device (MQTT) listener(s) of this gateway stopped (see its log); restart the gateway"
+            ),
+            5,
+        ));
+    }
+    Ok(())
+}
+
+/// Liveness: 200 while the process serves HTTP and its device listeners
+/// accept connections; 503 when a device listener stopped.
 #[utoipa::path(
     get, path = "/healthz", tag = "health", security(()),
-    responses((status = 200, description = "The process serves requests", body = Health))
+    responses(
+        (status = 200, description = "The process serves requests", body = Health),
+        (status = 503, description = "A device listener stopped", body = Problem, content_type = "application/problem+json"),
+    )
 )]
-pub(crate) async fn healthz() -> Json<Health> {
-    Json(Health {
+pub(crate) async fn healthz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
+    listeners_ok(&state)?;
+    Ok(Json(Health {
         status: "ok".into(),
         leader: None,
         commit: None,
         applied: None,
-    })
+    }))
 }
 
 /// Readiness: 200 once the gateway knows a leader and has applied the log
@@ -190,10 +214,11 @@ pub(crate) async fn healthz() -> Json<Health> {
     get, path = "/readyz", tag = "health", security(()),
     responses(
         (status = 200, description = "Ready to serve", body = Health),
-        (status = 503, description = "Not ready (no leader, or applying the log)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Not ready (no leader, applying the log, or a device listener stopped)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
+    listeners_ok(&state)?;
     let st = state.node.status();
     if let Some(fatal) = &st.fatal {
         tracing::error!(error = %fatal, "readyz: the raft node stopped");

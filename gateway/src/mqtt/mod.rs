@@ -1,22 +1,24 @@
-//! Devices over MQTT (DESIGN §4): an embedded rumqttd broker with MQTT 3.1.1
-//! and 5 listeners, per-device authentication, topic ACLs, replicated
-//! presence, and command and shadow delivery.
+//! Devices over MQTT (docs/ARCHITECTURE.md, "Devices over MQTT"): a device
+//! endpoint of its own (no broker) serving MQTT 3.1.1 and 5 on every device
+//! listener, per-device authentication, topic ACLs, replicated presence, and
+//! command and shadow delivery.
 //!
-//! - The router runs on its own thread (rumqttd's); each listener's accept
-//!   loop is a task on the gateway's runtime. rumqttd's TLS and websocket
-//!   listeners are compiled out.
-//! - `codec` wraps rumqttd's codec per connection: ACLs, session events.
-//! - `auth` checks logins against the registry (cached).
-//! - `sessions` owns the sessions: presence, delivery, device messages.
-//! - The gateway publishes through a local link (client id
-//!   `entente:gateway-{node}`, which no device id can be) from a thread of
-//!   its own, because rumqttd's link calls block.
+//! - `wire`: the two protocol versions over rumqttc's packet codec.
+//! - `endpoint`: accept loops and one task per connection; the registry of
+//!   live sessions (delivery, takeover, revocation).
+//! - `auth` checks logins against the registry (cached, throttled).
+//! - `sessions` owns the sessions' replicated side: presence, delivery,
+//!   device messages.
 //! - `watch_peers`: the leader declares a peer's sessions lost once it has
 //!   not heard from it for the grace period.
+//!
+//! Listeners and connections run on a runtime of their own (two threads), so
+//! no number of devices can stall the REST API or consensus.
 
 mod auth;
-mod codec;
+mod endpoint;
 mod sessions;
+mod wire;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -27,11 +29,6 @@ use std::time::{Duration, Instant};
 
 use coordinator::node::Node;
 use coordinator::raft::Role as RaftRole;
-use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::v5::V5;
-use rumqttd::{
-    ConnectionSettings, LinkType, Notification, Router, RouterConfig, Server, ServerSettings,
-};
 use tokio::sync::{mpsc, watch};
 
 use crate::ops::{Op, OpResult};
@@ -60,12 +57,24 @@ pub struct MqttStats {
     pub reports_received: AtomicU64,
     /// `ReportState` proposals made from them (after coalescing).
     pub report_proposals: AtomicU64,
+    /// Connections closed for a protocol violation (a second CONNECT, a
+    /// server's packet from a device).
+    pub protocol_violations: AtomicU64,
+    /// Logins refused unchecked because the address or device id had too
+    /// many failed logins.
+    pub logins_throttled: AtomicU64,
+    /// Connections closed at once because the connection limit was reached.
+    pub connections_refused: AtomicU64,
+    /// Errors accepting a connection (such as running out of descriptors).
+    pub accept_errors: AtomicU64,
+    /// Device listeners that stopped while the gateway runs (health fails).
+    pub listeners_down: AtomicU64,
 }
 
 impl MqttStats {
     /// Appends the counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, &AtomicU64); 9] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 14] = [
             (
                 "entente_mqtt_sessions",
                 "gauge",
@@ -120,6 +129,36 @@ impl MqttStats {
                 "Reported-state proposals made from them after coalescing.",
                 &self.report_proposals,
             ),
+            (
+                "entente_mqtt_protocol_violations_total",
+                "counter",
+                "Connections closed for a protocol violation (such as a second CONNECT).",
+                &self.protocol_violations,
+            ),
+            (
+                "entente_mqtt_logins_throttled_total",
+                "counter",
+                "Logins refused unchecked after too many failures from the address or for the id.",
+                &self.logins_throttled,
+            ),
+            (
+                "entente_mqtt_connections_refused_total",
+                "counter",
+                "Connections closed at once because the connection limit was reached.",
+                &self.connections_refused,
+            ),
+            (
+                "entente_mqtt_accept_errors_total",
+                "counter",
+                "Errors accepting device connections (such as running out of descriptors).",
+                &self.accept_errors,
+            ),
+            (
+                "entente_mqtt_listeners_down",
+                "gauge",
+                "Device listeners that stopped while the gateway runs.",
+                &self.listeners_down,
+            ),
         ];
         for (name, kind, help, v) in rows {
             let _ = writeln!(out, "# HELP {name} {help}");
@@ -132,17 +171,16 @@ impl MqttStats {
 /// The running MQTT side of a gateway.
 #[derive(Debug)]
 pub(crate) struct Mqtt {
-    /// The MQTT 3.1.1 listener's address.
+    /// The first device listener's address (MQTT 3.1.1 by default; every
+    /// listener serves both versions).
     pub(crate) v4_addr: Option<SocketAddr>,
-    /// The MQTT 5 listener's address.
+    /// The second device listener's address (MQTT 5 by default).
     pub(crate) v5_addr: Option<SocketAddr>,
-    hub: Option<Arc<codec::Hub>>,
-    /// Accept loops (aborted on stop).
+    shared: Option<Arc<endpoint::Shared>>,
+    /// Accept loops.
     servers: Vec<tokio::task::JoinHandle<()>>,
-    /// The runtime the listeners and their connections run on: rumqttd's
-    /// connection setup makes blocking calls to its router, so device
-    /// connections get their own threads and can never stall the REST API
-    /// or consensus.
+    /// The runtime the listeners and their connections run on, so device
+    /// connections can never stall the REST API or consensus.
     runtime: Option<tokio::runtime::Runtime>,
     /// The manager and the peer watcher (they end on shutdown).
     pub(crate) tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -158,10 +196,11 @@ impl Drop for Mqtt {
 }
 
 impl Mqtt {
-    /// Stops accepting; every open connection fails on its next packet.
+    /// Stops accepting and ends every session (MQTT 5 devices are told the
+    /// server is shutting down).
     pub(crate) fn stop(&mut self) {
-        if let Some(hub) = &self.hub {
-            hub.closed.store(true, Ordering::SeqCst);
+        if let Some(shared) = &self.shared {
+            shared.shut_down();
         }
         for s in self.servers.drain(..) {
             s.abort();
@@ -172,8 +211,12 @@ impl Mqtt {
     }
 }
 
-/// Starts the broker and listeners (if any are configured), the session
-/// manager and the peer watcher.
+/// Bound on device messages waiting for the session manager: when it is
+/// full, connections stop reading until there is room (nothing is dropped).
+const EVENT_QUEUE: usize = 16_384;
+
+/// Starts the device listeners (if any are configured), the session manager
+/// and the peer watcher.
 pub(crate) async fn start(
     config: &Config,
     node: Node<OpResult>,
@@ -184,7 +227,7 @@ pub(crate) async fn start(
     let mut mqtt = Mqtt {
         v4_addr: None,
         v5_addr: None,
-        hub: None,
+        shared: None,
         servers: Vec::new(),
         runtime: None,
         tasks: vec![tokio::spawn(watch_peers(
@@ -196,82 +239,26 @@ pub(crate) async fn start(
     if config.mqtt_listen.is_none() && config.mqtt5_listen.is_none() {
         return Ok(mqtt);
     }
-    let router = Router::new(
-        usize::try_from(config.node_id).unwrap_or(0),
-        RouterConfig {
-            max_connections: 1_000_000,
-            max_outgoing_packet_count: 200,
-            max_segment_size: 1024 * 1024,
-            max_segment_count: 2,
-            ..RouterConfig::default()
-        },
-    );
-    let router_tx = router.spawn();
-    let link_id = format!("entente:gateway-{}", config.node_id);
-    let tx = router_tx.clone();
-    // `build` waits (blocking) for the router's answer.
-    let (mut link_tx, link_rx) = tokio::task::spawn_blocking(move || {
-        rumqttd::local::LinkBuilder::new(&link_id, tx)
-            .dynamic_filters(true)
-            .build()
-            .map(|(tx, rx, _ack)| (tx, rx))
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r)
-    .map_err(|e| GatewayError::Io {
-        what: "linking to the MQTT router".into(),
-        source: std::io::Error::other(e),
-    })?;
-
-    let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let hub = Arc::new(codec::Hub::new(events_tx, stats.clone()));
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
-    // The publisher: ends when the manager (the only sender) ends.
-    std::thread::Builder::new()
-        .name("mqtt-publisher".into())
-        .spawn(move || {
-            while let Some((topic, payload)) = out_rx.blocking_recv() {
-                if let Err(e) = link_tx.publish(topic, payload) {
-                    tracing::error!(error = %e, "publishing to the MQTT router");
-                    return;
-                }
-            }
-        })
-        .map_err(io("starting the MQTT publisher thread"))?;
-    // The local link's receiver: answers `Unschedule` (else the router stops
-    // forwarding to it), ends when the gateway stops.
-    let closing = hub.clone();
-    let mut link_rx = link_rx;
-    std::thread::Builder::new()
-        .name("mqtt-link-rx".into())
-        .spawn(move || {
-            while !closing.closed.load(Ordering::Relaxed) {
-                let deadline = Instant::now() + Duration::from_millis(200);
-                match link_rx.recv_deadline(deadline) {
-                    Ok(Some(Notification::Unschedule)) => {
-                        let _ = link_rx.ready();
-                    }
-                    Ok(_) | Err(rumqttd::local::LinkError::RecvTimeout(_)) => {}
-                    Err(_) => return,
-                }
-            }
-        })
-        .map_err(io("starting the MQTT link thread"))?;
-
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let auth = Arc::new(auth::Authenticator::new(
         db.clone(),
         node.clone(),
         stats.clone(),
     ));
+    let shared = Arc::new(endpoint::Shared::new(
+        events_tx,
+        stats.clone(),
+        auth.clone(),
+        config.mqtt_max_packet,
+        config.mqtt_max_connections,
+    ));
     let manager = sessions::Manager {
         node: node.clone(),
         db,
         node_id: config.node_id,
-        stats,
-        auth: auth.clone(),
-        out: out_tx,
+        stats: stats.clone(),
+        auth,
+        endpoint: shared.clone(),
         max_payload: config.mqtt_max_payload,
         coalesce: config.report_coalesce,
         sessions: HashMap::new(),
@@ -280,104 +267,48 @@ pub(crate) async fn start(
     mqtt.tasks
         .push(tokio::spawn(manager.run(events_rx, shutdown.clone())));
 
-    if config.mqtt_listen.is_some() || config.mqtt5_listen.is_some() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name(format!("mqtt-{}", config.node_id))
-            .enable_all()
-            .build()
-            .map_err(io("starting the MQTT runtime"))?;
-        mqtt.runtime = Some(rt);
-    }
-    for (addr, v5) in [(config.mqtt_listen, false), (config.mqtt5_listen, true)] {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(format!("mqtt-{}", config.node_id))
+        .enable_all()
+        .build()
+        .map_err(io("starting the MQTT runtime"))?;
+    for (addr, name) in [(config.mqtt_listen, "mqtt"), (config.mqtt5_listen, "mqtt5")] {
         let Some(addr) = addr else { continue };
-        let Some(rt) = mqtt.runtime.as_ref().map(|r| r.handle().clone()) else {
-            continue;
-        };
-        // rumqttd binds the listener itself: pick the port here (port 0),
-        // then wait until it accepts.
-        let bound = std::net::TcpListener::bind(addr)
-            .and_then(|l| l.local_addr())
+        let std_listener = std::net::TcpListener::bind(addr)
             .map_err(io(format!("binding the MQTT listener {addr}")))?;
-        let mut connections = ConnectionSettings {
-            connection_timeout_ms: 10_000,
-            max_payload_size: config.mqtt_max_packet,
-            max_inflight_count: 100,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
+        std_listener
+            .set_nonblocking(true)
+            .map_err(io(format!("setting up the MQTT listener {addr}")))?;
+        let bound = std_listener
+            .local_addr()
+            .map_err(io(format!("reading the MQTT listener's address {addr}")))?;
+        let listener = {
+            let _guard = rt.enter();
+            tokio::net::TcpListener::from_std(std_listener)
+                .map_err(io(format!("setting up the MQTT listener {addr}")))?
         };
-        let a = auth.clone();
-        connections.set_auth_handler(move |client_id, username, password| {
-            let a = a.clone();
-            async move { a.check(&client_id, &username, &password).await }
-        });
-        let settings = ServerSettings {
-            name: if v5 { "mqtt5".into() } else { "mqtt".into() },
-            listen: bound,
-            tls: None,
-            next_connection_delay_ms: 0,
-            connections,
-        };
-        let task = if v5 {
-            let mut server = Server::new(
-                settings,
-                router_tx.clone(),
-                codec::Guarded::new(V5, hub.clone()),
-            );
-            rt.spawn(async move {
-                if let Err(e) = server.start(LinkType::Remote).await {
-                    tracing::error!(error = %e, "MQTT 5 listener failed");
-                }
-            })
-        } else {
-            let mut server = Server::new(
-                settings,
-                router_tx.clone(),
-                codec::Guarded::new(V4, hub.clone()),
-            );
-            rt.spawn(async move {
-                if let Err(e) = server.start(LinkType::Remote).await {
-                    tracing::error!(error = %e, "MQTT listener failed");
-                }
-            })
-        };
-        mqtt.servers.push(task);
-        wait_listening(bound).await?;
-        if v5 {
-            mqtt.v5_addr = Some(bound);
-        } else {
-            mqtt.v4_addr = Some(bound);
-        }
-    }
-    mqtt.hub = Some(hub);
-    Ok(mqtt)
-}
-
-/// Waits (bounded) until `addr` accepts connections.
-async fn wait_listening(addr: SocketAddr) -> Result<(), GatewayError> {
-    let probe = if addr.ip().is_unspecified() {
-        SocketAddr::new(
-            if addr.is_ipv4() {
-                std::net::Ipv4Addr::LOCALHOST.into()
-            } else {
-                std::net::Ipv6Addr::LOCALHOST.into()
-            },
-            addr.port(),
-        )
-    } else {
-        addr
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match tokio::net::TcpStream::connect(probe).await {
-            Ok(_) => return Ok(()),
-            Err(e) if Instant::now() >= deadline => {
-                return Err(io(format!("starting the MQTT listener {addr}"))(e));
+        let (sh, st) = (shared.clone(), stats.clone());
+        let task = rt.spawn(async move {
+            // The loop only returns when the gateway stops; if it ever ends
+            // otherwise (or panics), health reports the listener down.
+            let run = tokio::spawn(endpoint::accept_loop(listener, sh.clone(), name));
+            let result = run.await;
+            if !sh.closed.load(Ordering::SeqCst) {
+                st.listeners_down.fetch_add(1, Ordering::SeqCst);
+                tracing::error!(listener = name, ?result, "an MQTT listener stopped");
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        });
+        mqtt.servers.push(task);
+        if name == "mqtt" {
+            mqtt.v4_addr = Some(bound);
+        } else {
+            mqtt.v5_addr = Some(bound);
         }
     }
+    mqtt.runtime = Some(rt);
+    mqtt.shared = Some(shared);
+    Ok(mqtt)
 }
 
 /// On the leader: a peer not heard from (no `recent_active` in any sample)

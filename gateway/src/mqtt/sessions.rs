@@ -31,10 +31,11 @@ use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
 use super::MqttStats;
 use super::auth::Authenticator;
+use super::endpoint::{Message, Shared};
 use crate::ops::{Command, CommandStatus, Event, Op, OpResult, Shadow};
 use crate::state::{Page, StateDb};
 
-/// What a connection's codec tells the manager.
+/// What a connection tells the manager.
 #[derive(Debug)]
 pub(crate) enum SessionEvent {
     /// A CONNACK was written: the session started.
@@ -102,8 +103,8 @@ pub(crate) struct Manager {
     pub(crate) node_id: u64,
     pub(crate) stats: Arc<MqttStats>,
     pub(crate) auth: Arc<Authenticator>,
-    /// (topic, payload) to the publisher thread.
-    pub(crate) out: mpsc::UnboundedSender<(String, Vec<u8>)>,
+    /// The device endpoint: delivery to the sessions live here.
+    pub(crate) endpoint: Arc<Shared>,
     pub(crate) max_payload: usize,
     pub(crate) coalesce: Duration,
     pub(crate) sessions: HashMap<String, Session>,
@@ -116,7 +117,7 @@ const PROPOSAL_ATTEMPTS: u32 = 20;
 impl Manager {
     pub(crate) async fn run(
         mut self,
-        mut rx: mpsc::UnboundedReceiver<SessionEvent>,
+        mut rx: mpsc::Receiver<SessionEvent>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut events = self.db.subscribe();
@@ -225,7 +226,7 @@ impl Manager {
         let (db, node, out, stats, node_id) = (
             self.db.clone(),
             self.node.clone(),
-            self.out.clone(),
+            self.endpoint.clone(),
             self.stats.clone(),
             self.node_id,
         );
@@ -351,7 +352,7 @@ impl Manager {
                 if cmd.status != CommandStatus::Queued || !s.wants(&commands_topic(&cmd.device)) {
                     return;
                 }
-                publish_command(&self.out, &self.stats, &cmd);
+                publish_command(&self.endpoint, &self.stats, &cmd);
                 let (node, node_id) = (self.node.clone(), self.node_id);
                 tokio::spawn(async move {
                     let op = Op::CommandSent {
@@ -365,18 +366,41 @@ impl Manager {
                 let Ok(sh) = serde_json::from_value::<Shadow>(ev.data) else {
                     return;
                 };
-                // Only what the device subscribed to here: a publish nobody
-                // receives still costs the broker a scan of every filter.
+                // Only what the device subscribed to here.
                 if let Some(s) = self.sessions.get(&sh.device) {
                     let desired = kind == "shadow.desired" && s.wants(&desired_topic(&sh.device));
                     let delta = s.wants(&delta_topic(&sh.device));
-                    publish_shadow(&self.out, &sh, desired, delta);
+                    publish_shadow(&self.endpoint, &sh, desired, delta);
                 }
             }
-            "device.registered" | "device.secret_rotated" | "device.deleted" => {
+            "device.registered" => {
                 if let Some(id) = ev.data.get("id").and_then(Value::as_str) {
                     self.auth.invalidate(id);
                 }
+            }
+            kind @ ("device.secret_rotated" | "device.deleted") => {
+                let Some(id) = ev.data.get("id").and_then(Value::as_str) else {
+                    return;
+                };
+                self.auth.invalidate(id);
+                if kind == "device.deleted" {
+                    // Its session here ends now, whatever it logged in with.
+                    self.endpoint.registry.revoke(id, None);
+                    return;
+                }
+                // A session that logged in with the old secret ends; one
+                // that already uses the new secret stays.
+                let (db, endpoint, id) = (self.db.clone(), self.endpoint.clone(), id.to_string());
+                tokio::spawn(async move {
+                    match db.device_secret_hash(&id).await {
+                        Ok(Some(hash)) => endpoint.registry.revoke(&id, Some(&hash)),
+                        Ok(None) => endpoint.registry.revoke(&id, None),
+                        Err(e) => {
+                            tracing::warn!(device = id, error = %e, "reading a rotated secret; ending the session");
+                            endpoint.registry.revoke(&id, None);
+                        }
+                    }
+                });
             }
             "gateway.sessions_lost"
                 if ev.data.get("gateway").and_then(Value::as_u64) == Some(self.node_id) =>
@@ -511,7 +535,7 @@ async fn own_command(db: &StateDb, stats: &MqttStats, device: &str, cid: &str) -
     ok
 }
 
-fn publish_command(out: &mpsc::UnboundedSender<(String, Vec<u8>)>, stats: &MqttStats, c: &Command) {
+fn publish_command(out: &Shared, stats: &MqttStats, c: &Command) {
     let msg = CommandMessage {
         id: c.id.clone(),
         name: c.name.clone(),
@@ -521,15 +545,17 @@ fn publish_command(out: &mpsc::UnboundedSender<(String, Vec<u8>)>, stats: &MqttS
     };
     let payload = serde_json::to_vec(&msg).unwrap_or_default();
     stats.commands_published.fetch_add(1, Ordering::Relaxed);
-    let _ = out.send((commands_topic(&c.device), payload));
+    let topic = commands_topic(&c.device);
+    out.registry.deliver(
+        &c.device,
+        Message {
+            topic,
+            payload: payload.into(),
+        },
+    );
 }
 
-fn publish_shadow(
-    out: &mpsc::UnboundedSender<(String, Vec<u8>)>,
-    sh: &Shadow,
-    desired: bool,
-    delta: bool,
-) {
+fn publish_shadow(out: &Shared, sh: &Shadow, desired: bool, delta: bool) {
     let doc = |state: &Value| {
         serde_json::to_vec(&ShadowDocument {
             state: state.clone(),
@@ -537,11 +563,20 @@ fn publish_shadow(
         })
         .unwrap_or_default()
     };
+    let send = |topic: String, payload: Vec<u8>| {
+        out.registry.deliver(
+            &sh.device,
+            Message {
+                topic,
+                payload: payload.into(),
+            },
+        );
+    };
     if desired {
-        let _ = out.send((desired_topic(&sh.device), doc(&sh.desired)));
+        send(desired_topic(&sh.device), doc(&sh.desired));
     }
     if delta {
-        let _ = out.send((delta_topic(&sh.device), doc(&sh.delta)));
+        send(delta_topic(&sh.device), doc(&sh.delta));
     }
 }
 
@@ -552,7 +587,7 @@ fn publish_shadow(
 async fn deliver_pending_commands(
     db: &StateDb,
     node: &Node<OpResult>,
-    out: &mpsc::UnboundedSender<(String, Vec<u8>)>,
+    out: &Shared,
     stats: &MqttStats,
     node_id: u64,
     device: &str,

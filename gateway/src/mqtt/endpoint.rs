@@ -1,0 +1,940 @@
+//! The device endpoint: MQTT 3.1.1 and 5 on every device listener, one task
+//! per connection, no broker.
+//!
+//! Devices only ever talk to their gateway (a device publishes to and
+//! subscribes to its own `devices/{id}/…` topics), so there is no routing
+//! between clients to do. Each connection is one task that
+//! - reads the CONNECT (under a deadline), picks the protocol version from
+//!   it (3.1.1 and 5 on every port; 3.1 is refused), checks the login;
+//! - takes the device's place in the [`Registry`] (a session of the same
+//!   device already there is closed: a takeover);
+//! - from then on its identity is fixed: a second CONNECT is a protocol
+//!   violation that closes the connection;
+//! - checks every PUBLISH and SUBSCRIBE against the device's own topics;
+//! - hands device publishes to the session manager (a bounded channel: a
+//!   manager that falls behind slows the socket reads, nothing is dropped)
+//!   and acknowledges them;
+//! - writes what the manager delivers (through the registry) if a filter of
+//!   the session matches, at the granted QoS, with at most the client's
+//!   Receive Maximum of QoS 1 messages in flight.
+//!
+//! Every wait is bounded: the CONNECT deadline, 1.5 × the keep-alive, a
+//! write deadline, a bounded delivery queue per connection (a device that
+//! does not read is disconnected and gets what it missed on reconnect, from
+//! the replicated state). The read buffer is freed while a connection is
+//! idle. A connection task holds no lock across an await and shares no lock
+//! that a panic could poison for others: one connection's failure is its
+//! own.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use entente_protocol::{device_namespace, filter_matches, parse_device_publish};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::time::Instant;
+
+use super::MqttStats;
+use super::auth::{Authenticator, LogLimiter};
+use super::sessions::SessionEvent;
+use super::wire::{
+    self, Advertised, CloseReason, ConnectInfo, Incoming, Outgoing, ReadError, Refusal, Version,
+};
+
+/// How long a new connection has to send its CONNECT (and be answered).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one write to a device may take before the device is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deliveries waiting for a connection's task.
+const DELIVERY_QUEUE: usize = 64;
+/// QoS 1 messages to one device waiting for room in its window.
+const PENDING_MAX: usize = 1_000;
+/// Our window of QoS 1 messages in flight to one device (capped further by
+/// the client's Receive Maximum).
+const INFLIGHT_MAX: u16 = 100;
+/// Inbound Receive Maximum advertised to MQTT 5 clients.
+const RECEIVE_MAX: u16 = 100;
+/// Filters one session may hold.
+const MAX_FILTERS: usize = 16;
+
+/// A message for one device.
+#[derive(Debug)]
+pub(crate) struct Message {
+    pub(crate) topic: String,
+    pub(crate) payload: Bytes,
+}
+
+/// Tells a connection's task to end its session.
+#[derive(Debug, Default)]
+struct Closer {
+    /// `CloseReason` as a number + 1 (0: open).
+    reason: AtomicU8,
+    notify: Notify,
+}
+
+const REASONS: [CloseReason; 9] = [
+    CloseReason::TakenOver,
+    CloseReason::Revoked,
+    CloseReason::ShuttingDown,
+    CloseReason::KeepAliveTimeout,
+    CloseReason::SlowConsumer,
+    CloseReason::ProtocolError,
+    CloseReason::NotAuthorized,
+    CloseReason::Malformed,
+    CloseReason::TooLarge,
+];
+
+impl Closer {
+    fn close(&self, reason: CloseReason) {
+        let n = REASONS.iter().position(|r| *r == reason).unwrap_or(0) as u8 + 1;
+        let _ = self
+            .reason
+            .compare_exchange(0, n, Ordering::SeqCst, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    fn reason(&self) -> Option<CloseReason> {
+        match self.reason.load(Ordering::SeqCst) {
+            0 => None,
+            n => REASONS.get(usize::from(n) - 1).copied(),
+        }
+    }
+}
+
+/// One live session in the registry.
+#[derive(Debug)]
+struct Handle {
+    epoch: u64,
+    tx: mpsc::Sender<Arc<Message>>,
+    closer: Arc<Closer>,
+    /// The secret hash the session logged in with.
+    secret_hash: String,
+}
+
+/// The sessions live on this gateway, by device id; and the subscriptions
+/// of devices that asked for a persistent session (clean session 0), so a
+/// reconnect is answered "session present" and needs no new SUBSCRIBE.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    live: Mutex<HashMap<String, Handle>>,
+    persistent: Mutex<HashMap<String, Vec<(String, u8)>>>,
+}
+
+impl Registry {
+    /// Hands `msg` to `device`'s session here. False if it has none; a
+    /// session whose queue is full is closed (it gets what it missed when
+    /// it reconnects).
+    pub(crate) fn deliver(&self, device: &str, msg: Message) -> bool {
+        let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(h) = live.get(device) else {
+            return false;
+        };
+        match h.tx.try_send(Arc::new(msg)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                h.closer.close(CloseReason::SlowConsumer);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Ends `device`'s session here, unless it logged in with `keep_hash`
+    /// (a session started with the new secret after a rotation stays).
+    /// A deleted device's persistent subscriptions are forgotten too.
+    pub(crate) fn revoke(&self, device: &str, keep_hash: Option<&str>) {
+        if let Some(h) = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(device)
+            && keep_hash != Some(h.secret_hash.as_str())
+        {
+            h.closer.close(CloseReason::Revoked);
+        }
+        if keep_hash.is_none() {
+            self.persistent
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(device);
+        }
+    }
+
+    /// Closes every session (the gateway is stopping).
+    fn close_all(&self) {
+        for h in self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            h.closer.close(CloseReason::ShuttingDown);
+        }
+    }
+
+    /// Takes `device`'s place, closing the session there before.
+    fn register(&self, device: &str, handle: Handle) {
+        let old = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(device.to_string(), handle);
+        if let Some(old) = old {
+            old.closer.close(CloseReason::TakenOver);
+        }
+    }
+
+    /// Leaves, if the place is still this session's.
+    fn unregister(&self, device: &str, epoch: u64) {
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        if live.get(device).is_some_and(|h| h.epoch == epoch) {
+            live.remove(device);
+        }
+    }
+
+    fn persistent(&self, device: &str, clean: bool) -> Option<Vec<(String, u8)>> {
+        let mut p = self
+            .persistent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if clean {
+            p.remove(device);
+            None
+        } else {
+            p.get(device).cloned()
+        }
+    }
+
+    fn keep(&self, device: &str, filters: &[(String, u8)]) {
+        self.persistent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(device.to_string(), filters.to_vec());
+    }
+}
+
+/// What every connection of the endpoint shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) registry: Registry,
+    pub(crate) events: mpsc::Sender<SessionEvent>,
+    pub(crate) stats: Arc<MqttStats>,
+    pub(crate) auth: Arc<Authenticator>,
+    pub(crate) max_packet: usize,
+    /// Connection slots (all device listeners together).
+    pub(crate) slots: Arc<Semaphore>,
+    /// Set when the gateway stops.
+    pub(crate) closed: AtomicBool,
+    pub(crate) stop: Notify,
+    epoch: AtomicU64,
+    logs: LogLimiter,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        events: mpsc::Sender<SessionEvent>,
+        stats: Arc<MqttStats>,
+        auth: Arc<Authenticator>,
+        max_packet: usize,
+        max_connections: usize,
+    ) -> Shared {
+        Shared {
+            registry: Registry::default(),
+            events,
+            stats,
+            auth,
+            max_packet,
+            slots: Arc::new(Semaphore::new(max_connections.max(1))),
+            closed: AtomicBool::new(false),
+            stop: Notify::new(),
+            epoch: AtomicU64::new(0),
+            logs: LogLimiter::default(),
+        }
+    }
+
+    /// Stops every connection (each says why to MQTT 5 clients).
+    pub(crate) fn shut_down(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.stop.notify_waiters();
+        self.registry.close_all();
+    }
+
+    /// A session epoch: increasing within this process, and (being
+    /// `ms since the Unix epoch × 1000` or more) above the epochs of earlier
+    /// boots and, clocks permitting, of sessions that started earlier on
+    /// other gateways — so a device that reconnects elsewhere moves there.
+    fn next_epoch(&self) -> u64 {
+        let floor = crate::now_ms().saturating_mul(1000);
+        let prev = self
+            .epoch
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| {
+                Some(floor.max(e.saturating_add(1)))
+            })
+            .unwrap_or(floor);
+        floor.max(prev.saturating_add(1))
+    }
+}
+
+/// Whether an accept error means the process is out of descriptors (or
+/// memory for sockets): then the loop waits before trying again.
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12))
+}
+
+/// Accepts device connections until the gateway stops. Never spins: an
+/// accept error (out of descriptors, say) waits, doubling up to 1 s; a
+/// connection over the limit is closed at once (counted, logged at a
+/// bounded rate), so the backlog does not fill with sockets nobody serves.
+pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, name: &'static str) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.stop.notified() => return,
+            r = listener.accept() => r,
+        };
+        if shared.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                match shared.slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            serve(stream, peer, &shared).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        shared
+                            .stats
+                            .connections_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                        if let Some(more) = shared.logs.allow("over-limit") {
+                            tracing::warn!(
+                                listener = name,
+                                %peer,
+                                suppressed = more,
+                                "MQTT connection limit reached; connection closed"
+                            );
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                shared.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(more) = shared.logs.allow("accept") {
+                    tracing::warn!(listener = name, error = %e, suppressed = more, "accepting an MQTT connection");
+                }
+                let wait = if is_resource_exhaustion(&e) {
+                    backoff
+                } else {
+                    Duration::from_millis(1)
+                };
+                tokio::select! {
+                    _ = shared.stop.notified() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// One connection, start to end.
+async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+    let _ = stream.set_nodelay(true);
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    let Ok(Some((version, connect, buf))) =
+        tokio::time::timeout_at(deadline, read_connect(&mut stream, peer, shared)).await
+    else {
+        return;
+    };
+    let adv = Advertised {
+        receive_max: RECEIVE_MAX,
+        max_packet: u32::try_from(shared.max_packet).unwrap_or(u32::MAX),
+    };
+    let refuse = |refusal| {
+        let mut out = BytesMut::new();
+        wire::write(
+            version,
+            Outgoing::ConnAck {
+                refusal: Some(refusal),
+                session_present: false,
+            },
+            adv,
+            &mut out,
+        );
+        out
+    };
+    if connect.has_will {
+        shared.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+        if let Some(more) = shared.logs.allow("will") {
+            tracing::warn!(device = %truncated(&connect.client_id), %peer, suppressed = more, "MQTT login refused: a last will is not allowed");
+        }
+        let _ = write_all(&mut stream, &refuse(Refusal::NotAuthorized)).await;
+        return;
+    }
+    let login = tokio::time::timeout_at(
+        deadline,
+        shared.auth.check(
+            &connect.client_id,
+            &connect.username,
+            &connect.password,
+            peer.ip(),
+        ),
+    )
+    .await
+    .unwrap_or(Err(Refusal::Unavailable));
+    let secret_hash = match login {
+        Ok(h) => h,
+        Err(refusal) => {
+            let _ = write_all(&mut stream, &refuse(refusal)).await;
+            return;
+        }
+    };
+    if shared.closed.load(Ordering::SeqCst) {
+        let _ = write_all(&mut stream, &refuse(Refusal::Unavailable)).await;
+        return;
+    }
+    let device = connect.client_id.clone();
+    let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
+    let closer = Arc::new(Closer::default());
+    let epoch = shared.next_epoch();
+    shared.registry.register(
+        &device,
+        Handle {
+            epoch,
+            tx,
+            closer: closer.clone(),
+            secret_hash,
+        },
+    );
+    let restored = shared.registry.persistent(&device, connect.clean);
+    let mut conn = Conn {
+        version,
+        adv,
+        device,
+        epoch,
+        clean: connect.clean,
+        window: INFLIGHT_MAX.min(connect.receive_max),
+        filters: restored.clone().unwrap_or_default(),
+        inflight: HashSet::new(),
+        pending: VecDeque::new(),
+        awaiting_rel: HashSet::new(),
+        next_pkid: 0,
+        out: BytesMut::new(),
+    };
+    conn.push(Outgoing::ConnAck {
+        refusal: None,
+        session_present: restored.is_some(),
+    });
+    let end = if write_all(&mut stream, &conn.take_out()).await.is_ok() {
+        let _ = shared
+            .events
+            .send(SessionEvent::Up {
+                device: conn.device.clone(),
+                epoch,
+            })
+            .await;
+        if let Some(filters) = restored.filter(|f| !f.is_empty()) {
+            let _ = shared
+                .events
+                .send(SessionEvent::Subscribed {
+                    device: conn.device.clone(),
+                    epoch,
+                    filters: filters.into_iter().map(|(f, _)| f).collect(),
+                })
+                .await;
+        }
+        let keep_alive = Duration::from_millis(u64::from(connect.keep_alive) * 1500);
+        let end = session(&mut stream, &mut conn, buf, rx, &closer, keep_alive, shared).await;
+        if let Some(reason) = end {
+            conn.push(Outgoing::Disconnect(reason));
+            let out = conn.take_out();
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+        }
+        end
+    } else {
+        None
+    };
+    shared.registry.unregister(&conn.device, epoch);
+    tracing::debug!(device = conn.device, epoch, reason = ?end, "MQTT connection ended");
+    let _ = shared
+        .events
+        .send(SessionEvent::Down {
+            device: conn.device,
+            epoch,
+        })
+        .await;
+}
+
+/// At most 64 characters of something a client sent, for a log line.
+fn truncated(s: &str) -> String {
+    if s.len() <= 64 {
+        return s.to_string();
+    }
+    let mut end = 64;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+async fn write_all(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
+    match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
+    }
+}
+
+/// Reads until a whole CONNECT is in: its version, contents, and whatever
+/// bytes came after it. `None` (logged, counted) if the bytes are not a
+/// CONNECT or the connection closed.
+async fn read_connect(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Option<(Version, Box<ConnectInfo>, BytesMut)> {
+    let mut buf = BytesMut::with_capacity(512);
+    loop {
+        match read_some(stream, &mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+        let level = match wire::connect_level(&buf) {
+            Ok(l) => l,
+            Err(ReadError::Incomplete) => continue,
+            Err(e) => {
+                shared
+                    .stats
+                    .malformed_packets
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(more) = shared.logs.allow("malformed") {
+                    tracing::warn!(%peer, error = ?e, suppressed = more, "not an MQTT connection; closed");
+                }
+                return None;
+            }
+        };
+        let version = match level {
+            4 => Version::V4,
+            5 => Version::V5,
+            _ => {
+                // MQTT 3.1 and unknown levels: refused as 3.1.1 would be.
+                let mut out = BytesMut::new();
+                let _ = rumqttc::mqttbytes::v4::ConnAck::new(
+                    rumqttc::mqttbytes::v4::ConnectReturnCode::RefusedProtocolVersion,
+                    false,
+                )
+                .write(&mut out);
+                let _ = write_all(stream, &out).await;
+                return None;
+            }
+        };
+        match wire::read(version, &mut buf, shared.max_packet) {
+            Ok(Incoming::Connect(c)) => return Some((version, c, buf)),
+            Ok(_) => return None,
+            Err(ReadError::Incomplete) => continue,
+            Err(e) => {
+                shared
+                    .stats
+                    .malformed_packets
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(more) = shared.logs.allow("malformed") {
+                    tracing::warn!(%peer, error = ?e, suppressed = more, "malformed MQTT CONNECT; closed");
+                }
+                return None;
+            }
+        }
+    }
+}
+
+/// Reads what the socket has into `buf`, growing it only when needed.
+async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    if buf.capacity() - buf.len() < 512 {
+        buf.reserve(4096);
+    }
+    stream.read_buf(buf).await
+}
+
+/// One connection's session state.
+struct Conn {
+    version: Version,
+    adv: Advertised,
+    device: String,
+    epoch: u64,
+    clean: bool,
+    /// QoS 1 messages we may have in flight to the device.
+    window: u16,
+    /// Subscribed filters and their granted QoS.
+    filters: Vec<(String, u8)>,
+    /// Packet ids of QoS 1 messages sent and not yet acknowledged.
+    inflight: HashSet<u16>,
+    /// QoS 1 messages waiting for room in the window.
+    pending: VecDeque<Arc<Message>>,
+    /// QoS 2 packet ids received, waiting for their PUBREL.
+    awaiting_rel: HashSet<u16>,
+    next_pkid: u16,
+    out: BytesMut,
+}
+
+impl Conn {
+    fn push(&mut self, p: Outgoing<'_>) {
+        wire::write(self.version, p, self.adv, &mut self.out);
+    }
+
+    fn take_out(&mut self) -> BytesMut {
+        std::mem::take(&mut self.out)
+    }
+
+    fn alloc_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if !self.inflight.contains(&self.next_pkid) {
+                return self.next_pkid;
+            }
+        }
+    }
+
+    /// Queues `msg` for writing if a filter matches; `Err` when the device
+    /// has too much waiting.
+    fn deliver(&mut self, msg: Arc<Message>) -> Result<(), CloseReason> {
+        let Some(qos) = self
+            .filters
+            .iter()
+            .filter(|(f, _)| filter_matches(f, &msg.topic))
+            .map(|(_, q)| *q)
+            .max()
+        else {
+            return Ok(());
+        };
+        if qos == 0 {
+            self.push(Outgoing::Publish {
+                topic: &msg.topic,
+                payload: &msg.payload,
+                qos: 0,
+                pkid: 0,
+            });
+            return Ok(());
+        }
+        if self.inflight.len() < usize::from(self.window) {
+            self.send_qos1(&msg);
+            Ok(())
+        } else if self.pending.len() < PENDING_MAX {
+            self.pending.push_back(msg);
+            Ok(())
+        } else {
+            Err(CloseReason::SlowConsumer)
+        }
+    }
+
+    fn send_qos1(&mut self, msg: &Message) {
+        let pkid = self.alloc_pkid();
+        self.inflight.insert(pkid);
+        self.push(Outgoing::Publish {
+            topic: &msg.topic,
+            payload: &msg.payload,
+            qos: 1,
+            pkid,
+        });
+    }
+}
+
+/// The session after CONNACK, until it ends: `Some(reason)` when the
+/// endpoint ends it (sent to MQTT 5 clients), `None` when the device or
+/// the network did.
+async fn session(
+    stream: &mut TcpStream,
+    conn: &mut Conn,
+    mut buf: BytesMut,
+    mut rx: mpsc::Receiver<Arc<Message>>,
+    closer: &Closer,
+    keep_alive: Duration,
+    shared: &Shared,
+) -> Option<CloseReason> {
+    let idle_limit = if keep_alive.is_zero() {
+        // No keep-alive asked: still bounded, at a day.
+        Duration::from_secs(86_400)
+    } else {
+        keep_alive
+    };
+    let mut idle = Box::pin(tokio::time::sleep(idle_limit));
+    // Bytes that came with the CONNECT.
+    let mut first = !buf.is_empty();
+    loop {
+        if !first {
+            if let Some(r) = closer.reason() {
+                return Some(r);
+            }
+            tokio::select! {
+                biased;
+                _ = closer.notify.notified() => {
+                    if let Some(r) = closer.reason() {
+                        return Some(r);
+                    }
+                    continue;
+                }
+                _ = &mut idle => return Some(CloseReason::KeepAliveTimeout),
+                msg = rx.recv() => {
+                    let msg = msg?;
+                    if let Err(r) = conn.deliver(msg) {
+                        return Some(r);
+                    }
+                    // Take whatever else is ready, then write once.
+                    while let Ok(msg) = rx.try_recv() {
+                        if let Err(r) = conn.deliver(msg) {
+                            return Some(r);
+                        }
+                    }
+                }
+                r = stream.readable() => {
+                    if r.is_err() {
+                        return None;
+                    }
+                    if buf.capacity() - buf.len() < 512 {
+                        buf.reserve(4096);
+                    }
+                    match stream.try_read_buf(&mut buf) {
+                        Ok(0) => return None,
+                        Ok(_) => {
+                            idle.as_mut().reset(Instant::now() + idle_limit);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(_) => return None,
+                    }
+                }
+            }
+        }
+        first = false;
+        // Every whole packet in the buffer.
+        loop {
+            match wire::read(conn.version, &mut buf, shared.max_packet) {
+                Ok(p) => {
+                    if let Err(end) = on_packet(conn, p, shared).await {
+                        return end;
+                    }
+                }
+                Err(ReadError::Incomplete) => break,
+                Err(ReadError::TooLarge(n)) => {
+                    shared
+                        .stats
+                        .malformed_packets
+                        .fetch_add(1, Ordering::Relaxed);
+                    if let Some(more) = shared.logs.allow("oversize") {
+                        tracing::warn!(
+                            device = conn.device,
+                            size = n,
+                            limit = shared.max_packet,
+                            suppressed = more,
+                            "oversize MQTT packet, disconnecting"
+                        );
+                    }
+                    return Some(CloseReason::TooLarge);
+                }
+                Err(ReadError::Malformed(e)) => {
+                    shared
+                        .stats
+                        .malformed_packets
+                        .fetch_add(1, Ordering::Relaxed);
+                    if let Some(more) = shared.logs.allow("malformed") {
+                        tracing::warn!(
+                            device = conn.device,
+                            error = e,
+                            suppressed = more,
+                            "malformed MQTT packet, disconnecting"
+                        );
+                    }
+                    return Some(CloseReason::Malformed);
+                }
+            }
+        }
+        // An idle connection keeps no read buffer.
+        if buf.is_empty() && buf.capacity() > 0 {
+            buf = BytesMut::new();
+        }
+        if !conn.out.is_empty() {
+            let out = conn.take_out();
+            if write_all(stream, &out).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn violation(&self, conn: &Conn, what: &str) -> CloseReason {
+        self.stats.acl_violations.fetch_add(1, Ordering::Relaxed);
+        if let Some(more) = self.logs.allow("acl") {
+            tracing::warn!(
+                device = conn.device,
+                suppressed = more,
+                "MQTT access violation, disconnecting: {what}"
+            );
+        }
+        CloseReason::NotAuthorized
+    }
+}
+
+/// Acts on one packet of an established session.
+/// `Err(Some(reason))`: the endpoint ends the session; `Err(None)`: the
+/// device did.
+async fn on_packet(
+    conn: &mut Conn,
+    p: Incoming,
+    shared: &Shared,
+) -> Result<(), Option<CloseReason>> {
+    match p {
+        Incoming::Connect(c) => {
+            // A second CONNECT is a protocol violation [MQTT-3.1.0-2]: the
+            // connection's identity stays the one that logged in, and the
+            // connection is closed. (Its password is never logged.)
+            shared
+                .stats
+                .protocol_violations
+                .fetch_add(1, Ordering::Relaxed);
+            if c.client_id != conn.device {
+                shared.stats.acl_violations.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(more) = shared.logs.allow("second-connect") {
+                tracing::warn!(
+                    device = conn.device,
+                    claimed = %truncated(&c.client_id),
+                    suppressed = more,
+                    "a second CONNECT on one MQTT connection; disconnecting"
+                );
+            }
+            Err(Some(CloseReason::ProtocolError))
+        }
+        Incoming::Publish {
+            topic,
+            payload,
+            qos,
+            pkid,
+        } => {
+            let Some(kind) = parse_device_publish(&conn.device, &topic) else {
+                let what = format!("publish to {:?}", truncated(&topic));
+                return Err(Some(shared.violation(conn, &what)));
+            };
+            let fresh = qos < 2 || !conn.awaiting_rel.contains(&pkid);
+            if fresh {
+                let ev = SessionEvent::Publish {
+                    device: conn.device.clone(),
+                    kind,
+                    payload,
+                };
+                if shared.events.send(ev).await.is_err() {
+                    return Err(Some(CloseReason::ShuttingDown));
+                }
+            }
+            match qos {
+                0 => {}
+                1 => conn.push(Outgoing::PubAck(pkid)),
+                _ => {
+                    if conn.awaiting_rel.len() >= usize::from(RECEIVE_MAX) && fresh {
+                        return Err(Some(CloseReason::SlowConsumer));
+                    }
+                    conn.awaiting_rel.insert(pkid);
+                    conn.push(Outgoing::PubRec(pkid));
+                }
+            }
+            Ok(())
+        }
+        Incoming::PubRel(pkid) => {
+            conn.awaiting_rel.remove(&pkid);
+            conn.push(Outgoing::PubComp(pkid));
+            Ok(())
+        }
+        Incoming::PubAck(pkid) => {
+            if conn.inflight.remove(&pkid) {
+                while conn.inflight.len() < usize::from(conn.window) {
+                    let Some(msg) = conn.pending.pop_front() else {
+                        break;
+                    };
+                    conn.send_qos1(&msg);
+                }
+            }
+            Ok(())
+        }
+        Incoming::Ignored => Ok(()),
+        Incoming::Subscribe { pkid, filters } => {
+            let ns = device_namespace(&conn.device);
+            if let Some((f, _)) = filters.iter().find(|(f, _)| !f.starts_with(&ns)) {
+                let what = format!("subscribe to {:?}", truncated(f));
+                return Err(Some(shared.violation(conn, &what)));
+            }
+            let mut granted = Vec::with_capacity(filters.len());
+            let mut added = Vec::new();
+            for (f, q) in filters {
+                let q = q.min(1);
+                if let Some(slot) = conn.filters.iter_mut().find(|(g, _)| *g == f) {
+                    slot.1 = q;
+                } else if conn.filters.len() >= MAX_FILTERS {
+                    granted.push(None);
+                    continue;
+                } else {
+                    conn.filters.push((f.clone(), q));
+                }
+                granted.push(Some(q));
+                added.push(f);
+            }
+            conn.push(Outgoing::SubAck {
+                pkid,
+                granted: &granted,
+            });
+            if !conn.clean {
+                shared.registry.keep(&conn.device, &conn.filters);
+            }
+            if !added.is_empty() {
+                let ev = SessionEvent::Subscribed {
+                    device: conn.device.clone(),
+                    epoch: conn.epoch,
+                    filters: added,
+                };
+                if shared.events.send(ev).await.is_err() {
+                    return Err(Some(CloseReason::ShuttingDown));
+                }
+            }
+            Ok(())
+        }
+        Incoming::Unsubscribe { pkid, filters } => {
+            conn.filters.retain(|(f, _)| !filters.contains(f));
+            if !conn.clean {
+                shared.registry.keep(&conn.device, &conn.filters);
+            }
+            conn.push(Outgoing::UnsubAck {
+                pkid,
+                count: filters.len(),
+            });
+            Ok(())
+        }
+        Incoming::PingReq => {
+            conn.push(Outgoing::PingResp);
+            Ok(())
+        }
+        // The device said goodbye: nothing to send back.
+        Incoming::Disconnect => Err(None),
+        Incoming::Unexpected(what) => {
+            shared
+                .stats
+                .protocol_violations
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(more) = shared.logs.allow("unexpected") {
+                tracing::warn!(
+                    device = conn.device,
+                    packet = what,
+                    suppressed = more,
+                    "a server packet from a device; disconnecting"
+                );
+            }
+            Err(Some(CloseReason::ProtocolError))
+        }
+    }
+}

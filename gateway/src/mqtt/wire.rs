@@ -1,0 +1,605 @@
+//! MQTT 3.1.1 and 5 packets as the device endpoint sees them, over rumqttc's
+//! packet codec (`mqttbytes`).
+//!
+//! rumqttc's codec reads and writes every packet in both directions with all
+//! fields public (rumqttd's keeps a publish's QoS and packet id private, so a
+//! server cannot write a QoS 1 publish with it). This module folds the two
+//! protocol versions into one small vocabulary ([`Incoming`], [`Outgoing`])
+//! so the connection logic is written once.
+//!
+//! Decoding is hostile-input safe: a decoder panic (there should be none) is
+//! caught and reported as a malformed packet, never unwinding a connection
+//! task.
+
+use std::panic::AssertUnwindSafe;
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::{self, QoS, v4};
+use rumqttc::v5::mqttbytes::{Error as V5Error, QoS as V5QoS, v5};
+
+/// The protocol version a connection speaks, fixed by its CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Version {
+    /// MQTT 3.1.1 (protocol level 4).
+    V4,
+    /// MQTT 5 (protocol level 5).
+    V5,
+}
+
+/// What a CONNECT carries that the endpoint uses.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectInfo {
+    pub(crate) client_id: String,
+    pub(crate) username: String,
+    pub(crate) password: String,
+    pub(crate) keep_alive: u16,
+    pub(crate) clean: bool,
+    pub(crate) has_will: bool,
+    /// The client's Receive Maximum (MQTT 5; 3.1.1 clients get the default).
+    pub(crate) receive_max: u16,
+}
+
+/// A packet from a device.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    Connect(Box<ConnectInfo>),
+    Publish {
+        topic: String,
+        payload: Bytes,
+        qos: u8,
+        pkid: u16,
+    },
+    PubAck(u16),
+    PubRel(u16),
+    /// Acknowledgements of QoS 2 messages the endpoint never sends.
+    Ignored,
+    Subscribe {
+        pkid: u16,
+        filters: Vec<(String, u8)>,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filters: Vec<String>,
+    },
+    PingReq,
+    Disconnect,
+    /// A packet only a server sends (CONNACK, SUBACK, …) or AUTH.
+    Unexpected(&'static str),
+}
+
+/// Why bytes could not be read as a packet.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ReadError {
+    /// Not a whole packet yet.
+    Incomplete,
+    /// The packet is larger than the limit.
+    TooLarge(usize),
+    /// Not MQTT.
+    Malformed(String),
+}
+
+/// Why a login is refused (mapped to each version's CONNACK code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Wrong or missing username or password.
+    BadCredentials,
+    /// Not allowed (a last will, say).
+    NotAuthorized,
+    /// The client id is not acceptable.
+    BadClientId,
+    /// Too many failed logins from this address or for this id.
+    RateExceeded,
+    /// The gateway cannot check logins now (no quorum, stopping).
+    Unavailable,
+}
+
+/// Why the endpoint ends a session (sent as an MQTT 5 DISCONNECT reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseReason {
+    /// The same device connected again (0x8E).
+    TakenOver,
+    /// The device was deleted or its secret rotated (0x98).
+    Revoked,
+    /// The gateway is stopping (0x8B).
+    ShuttingDown,
+    /// No packet within 1.5 × the keep-alive (0x8D).
+    KeepAliveTimeout,
+    /// The device does not read what it is sent (0x97).
+    SlowConsumer,
+    /// A protocol violation (0x82).
+    ProtocolError,
+    /// A topic outside the device's own (0x87).
+    NotAuthorized,
+    /// A malformed packet (0x81).
+    Malformed,
+    /// A packet over the size limit (0x95).
+    TooLarge,
+}
+
+/// A packet to a device.
+#[derive(Debug)]
+pub(crate) enum Outgoing<'a> {
+    ConnAck {
+        refusal: Option<Refusal>,
+        session_present: bool,
+    },
+    Publish {
+        topic: &'a str,
+        payload: &'a Bytes,
+        qos: u8,
+        pkid: u16,
+    },
+    PubAck(u16),
+    PubRec(u16),
+    PubComp(u16),
+    /// Per filter: the granted QoS, or `None` for a refused filter.
+    SubAck {
+        pkid: u16,
+        granted: &'a [Option<u8>],
+    },
+    UnsubAck {
+        pkid: u16,
+        count: usize,
+    },
+    PingResp,
+    /// Written for MQTT 5 only (3.1.1 has no server DISCONNECT).
+    Disconnect(CloseReason),
+}
+
+/// Limits the endpoint advertises to MQTT 5 clients in its CONNACK.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Advertised {
+    pub(crate) receive_max: u16,
+    pub(crate) max_packet: u32,
+}
+
+/// The protocol level of the CONNECT at the head of `buf`:
+/// `Err(Incomplete)` until the bytes that say are there, `Malformed` if the
+/// first packet is not a CONNECT. MQTT 3.1 (level 3) is reported as is, for
+/// the caller to refuse.
+pub(crate) fn connect_level(buf: &[u8]) -> Result<u8, ReadError> {
+    let first = *buf.first().ok_or(ReadError::Incomplete)?;
+    if first != 0x10 {
+        return Err(ReadError::Malformed(format!(
+            "the first packet must be CONNECT (got packet type {})",
+            first >> 4
+        )));
+    }
+    // Remaining length: 1–4 bytes.
+    let mut i = 1;
+    loop {
+        let b = *buf.get(i).ok_or(ReadError::Incomplete)?;
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if i > 4 {
+            return Err(ReadError::Malformed("malformed remaining length".into()));
+        }
+    }
+    let hi = *buf.get(i).ok_or(ReadError::Incomplete)?;
+    let lo = *buf.get(i + 1).ok_or(ReadError::Incomplete)?;
+    let name_len = usize::from(u16::from_be_bytes([hi, lo]));
+    if name_len > 6 {
+        return Err(ReadError::Malformed("not an MQTT protocol name".into()));
+    }
+    buf.get(i + 2 + name_len)
+        .copied()
+        .ok_or(ReadError::Incomplete)
+}
+
+fn qos_num(q: QoS) -> u8 {
+    q as u8
+}
+
+fn qos_of(n: u8) -> QoS {
+    match n {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn v5_qos(q: V5QoS) -> u8 {
+    q as u8
+}
+
+fn v5_qos_of(n: u8) -> V5QoS {
+    match n {
+        0 => V5QoS::AtMostOnce,
+        1 => V5QoS::AtLeastOnce,
+        _ => V5QoS::ExactlyOnce,
+    }
+}
+
+/// Reads the next packet from `buf` (consuming it) if a whole one is there.
+pub(crate) fn read(
+    version: Version,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Incoming, ReadError> {
+    // The codec is not expected to panic; if it ever does on hostile bytes,
+    // that is a malformed packet, not a dead task.
+    std::panic::catch_unwind(AssertUnwindSafe(|| match version {
+        Version::V4 => read_v4(buf, max),
+        Version::V5 => read_v5(buf, max),
+    }))
+    .unwrap_or_else(|_| Err(ReadError::Malformed("undecodable packet".into())))
+}
+
+fn read_v4(buf: &mut BytesMut, max: usize) -> Result<Incoming, ReadError> {
+    let packet = match v4::Packet::read(buf, max) {
+        Ok(p) => p,
+        Err(mqttbytes::Error::InsufficientBytes(_)) => return Err(ReadError::Incomplete),
+        Err(mqttbytes::Error::PayloadSizeLimitExceeded(n)) => return Err(ReadError::TooLarge(n)),
+        Err(e) => return Err(ReadError::Malformed(e.to_string())),
+    };
+    Ok(match packet {
+        v4::Packet::Connect(c) => {
+            let (username, password) = c
+                .login
+                .map(|l| (l.username, l.password))
+                .unwrap_or_default();
+            Incoming::Connect(Box::new(ConnectInfo {
+                client_id: c.client_id,
+                username,
+                password,
+                keep_alive: c.keep_alive,
+                clean: c.clean_session,
+                has_will: c.last_will.is_some(),
+                receive_max: u16::MAX,
+            }))
+        }
+        v4::Packet::Publish(p) => Incoming::Publish {
+            topic: p.topic,
+            payload: p.payload,
+            qos: qos_num(p.qos),
+            pkid: p.pkid,
+        },
+        v4::Packet::PubAck(a) => Incoming::PubAck(a.pkid),
+        v4::Packet::PubRel(r) => Incoming::PubRel(r.pkid),
+        v4::Packet::PubRec(_) | v4::Packet::PubComp(_) => Incoming::Ignored,
+        v4::Packet::Subscribe(s) => Incoming::Subscribe {
+            pkid: s.pkid,
+            filters: s
+                .filters
+                .into_iter()
+                .map(|f| (f.path, qos_num(f.qos)))
+                .collect(),
+        },
+        v4::Packet::Unsubscribe(u) => Incoming::Unsubscribe {
+            pkid: u.pkid,
+            filters: u.topics,
+        },
+        v4::Packet::PingReq => Incoming::PingReq,
+        v4::Packet::Disconnect => Incoming::Disconnect,
+        v4::Packet::ConnAck(_) => Incoming::Unexpected("CONNACK"),
+        v4::Packet::SubAck(_) => Incoming::Unexpected("SUBACK"),
+        v4::Packet::UnsubAck(_) => Incoming::Unexpected("UNSUBACK"),
+        v4::Packet::PingResp => Incoming::Unexpected("PINGRESP"),
+    })
+}
+
+fn read_v5(buf: &mut BytesMut, max: usize) -> Result<Incoming, ReadError> {
+    let limit = u32::try_from(max).unwrap_or(u32::MAX);
+    let packet = match v5::Packet::read(buf, Some(limit)) {
+        Ok(p) => p,
+        Err(V5Error::InsufficientBytes(_)) => return Err(ReadError::Incomplete),
+        Err(V5Error::PayloadSizeLimitExceeded { pkt_size, .. }) => {
+            return Err(ReadError::TooLarge(pkt_size));
+        }
+        Err(e) => return Err(ReadError::Malformed(e.to_string())),
+    };
+    Ok(match packet {
+        v5::Packet::Connect(c, will, login) => {
+            let (username, password) = login.map(|l| (l.username, l.password)).unwrap_or_default();
+            let receive_max = c
+                .properties
+                .as_ref()
+                .and_then(|p| p.receive_maximum)
+                .filter(|&m| m > 0)
+                .unwrap_or(u16::MAX);
+            Incoming::Connect(Box::new(ConnectInfo {
+                client_id: c.client_id,
+                username,
+                password,
+                keep_alive: c.keep_alive,
+                clean: c.clean_start,
+                has_will: will.is_some(),
+                receive_max,
+            }))
+        }
+        v5::Packet::Publish(p) => Incoming::Publish {
+            topic: String::from_utf8(p.topic.to_vec())
+                .map_err(|_| ReadError::Malformed("topic is not UTF-8".into()))?,
+            payload: p.payload,
+            qos: v5_qos(p.qos),
+            pkid: p.pkid,
+        },
+        v5::Packet::PubAck(a) => Incoming::PubAck(a.pkid),
+        v5::Packet::PubRel(r) => Incoming::PubRel(r.pkid),
+        v5::Packet::PubRec(_) | v5::Packet::PubComp(_) => Incoming::Ignored,
+        v5::Packet::Subscribe(s) => Incoming::Subscribe {
+            pkid: s.pkid,
+            filters: s
+                .filters
+                .into_iter()
+                .map(|f| (f.path, v5_qos(f.qos)))
+                .collect(),
+        },
+        v5::Packet::Unsubscribe(u) => Incoming::Unsubscribe {
+            pkid: u.pkid,
+            filters: u.filters,
+        },
+        v5::Packet::PingReq(_) => Incoming::PingReq,
+        v5::Packet::Disconnect(_) => Incoming::Disconnect,
+        v5::Packet::ConnAck(_) => Incoming::Unexpected("CONNACK"),
+        v5::Packet::SubAck(_) => Incoming::Unexpected("SUBACK"),
+        v5::Packet::UnsubAck(_) => Incoming::Unexpected("UNSUBACK"),
+        v5::Packet::PingResp(_) => Incoming::Unexpected("PINGRESP"),
+        v5::Packet::Auth(_) => Incoming::Unexpected("AUTH"),
+    })
+}
+
+fn v4_code(r: Option<Refusal>) -> v4::ConnectReturnCode {
+    use v4::ConnectReturnCode as C;
+    match r {
+        None => C::Success,
+        Some(Refusal::BadCredentials) => C::BadUserNamePassword,
+        Some(Refusal::NotAuthorized) => C::NotAuthorized,
+        Some(Refusal::BadClientId) => C::BadClientId,
+        Some(Refusal::RateExceeded | Refusal::Unavailable) => C::ServiceUnavailable,
+    }
+}
+
+fn v5_code(r: Option<Refusal>) -> v5::ConnectReturnCode {
+    use v5::ConnectReturnCode as C;
+    match r {
+        None => C::Success,
+        Some(Refusal::BadCredentials) => C::BadUserNamePassword,
+        Some(Refusal::NotAuthorized) => C::NotAuthorized,
+        Some(Refusal::BadClientId) => C::ClientIdentifierNotValid,
+        Some(Refusal::RateExceeded) => C::ConnectionRateExceeded,
+        Some(Refusal::Unavailable) => C::ServerUnavailable,
+    }
+}
+
+fn v5_disconnect(r: CloseReason) -> v5::DisconnectReasonCode {
+    use v5::DisconnectReasonCode as D;
+    match r {
+        CloseReason::TakenOver => D::SessionTakenOver,
+        CloseReason::Revoked => D::AdministrativeAction,
+        CloseReason::ShuttingDown => D::ServerShuttingDown,
+        CloseReason::KeepAliveTimeout => D::KeepAliveTimeout,
+        CloseReason::SlowConsumer => D::QuotaExceeded,
+        CloseReason::ProtocolError => D::ProtocolError,
+        CloseReason::NotAuthorized => D::NotAuthorized,
+        CloseReason::Malformed => D::MalformedPacket,
+        CloseReason::TooLarge => D::PacketTooLarge,
+    }
+}
+
+/// Appends `packet` to `out`. Writing into a buffer cannot fail but for a
+/// packet the codec refuses (a topic too long); that is logged and skipped.
+pub(crate) fn write(version: Version, packet: Outgoing<'_>, adv: Advertised, out: &mut BytesMut) {
+    let r = match version {
+        Version::V4 => write_v4(packet, out),
+        Version::V5 => write_v5(packet, adv, out),
+    };
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "an MQTT packet could not be encoded; not sent");
+    }
+}
+
+fn write_v4(packet: Outgoing<'_>, out: &mut BytesMut) -> Result<usize, String> {
+    let e = |e: mqttbytes::Error| e.to_string();
+    match packet {
+        Outgoing::ConnAck {
+            refusal,
+            session_present,
+        } => v4::ConnAck::new(v4_code(refusal), session_present && refusal.is_none())
+            .write(out)
+            .map_err(e),
+        Outgoing::Publish {
+            topic,
+            payload,
+            qos,
+            pkid,
+        } => {
+            let p = v4::Publish {
+                dup: false,
+                qos: qos_of(qos),
+                retain: false,
+                topic: topic.to_string(),
+                pkid,
+                payload: payload.clone(),
+            };
+            p.write(out).map_err(e)
+        }
+        Outgoing::PubAck(pkid) => v4::PubAck::new(pkid).write(out).map_err(e),
+        Outgoing::PubRec(pkid) => v4::PubRec::new(pkid).write(out).map_err(e),
+        Outgoing::PubComp(pkid) => v4::PubComp::new(pkid).write(out).map_err(e),
+        Outgoing::SubAck { pkid, granted } => {
+            let codes = granted
+                .iter()
+                .map(|g| match g {
+                    Some(q) => v4::SubscribeReasonCode::Success(qos_of(*q)),
+                    None => v4::SubscribeReasonCode::Failure,
+                })
+                .collect();
+            v4::SubAck::new(pkid, codes).write(out).map_err(e)
+        }
+        Outgoing::UnsubAck { pkid, .. } => v4::UnsubAck::new(pkid).write(out).map_err(e),
+        Outgoing::PingResp => v4::PingResp.write(out).map_err(e),
+        Outgoing::Disconnect(_) => Ok(0),
+    }
+}
+
+fn write_v5(packet: Outgoing<'_>, adv: Advertised, out: &mut BytesMut) -> Result<usize, String> {
+    let e = |e: V5Error| e.to_string();
+    match packet {
+        Outgoing::ConnAck {
+            refusal,
+            session_present,
+        } => {
+            let properties = refusal.is_none().then(|| v5::ConnAckProperties {
+                receive_max: Some(adv.receive_max),
+                max_qos: Some(1),
+                retain_available: Some(0),
+                max_packet_size: Some(adv.max_packet),
+                topic_alias_max: Some(0),
+                wildcard_subscription_available: Some(1),
+                subscription_identifiers_available: Some(0),
+                shared_subscription_available: Some(0),
+                session_expiry_interval: None,
+                assigned_client_identifier: None,
+                reason_string: None,
+                user_properties: Vec::new(),
+                server_keep_alive: None,
+                response_information: None,
+                server_reference: None,
+                authentication_method: None,
+                authentication_data: None,
+            });
+            v5::ConnAck {
+                session_present: session_present && refusal.is_none(),
+                code: v5_code(refusal),
+                properties,
+            }
+            .write(out)
+            .map_err(e)
+        }
+        Outgoing::Publish {
+            topic,
+            payload,
+            qos,
+            pkid,
+        } => v5::Publish {
+            dup: false,
+            qos: v5_qos_of(qos),
+            retain: false,
+            topic: Bytes::copy_from_slice(topic.as_bytes()),
+            pkid,
+            payload: payload.clone(),
+            properties: None,
+        }
+        .write(out)
+        .map_err(e),
+        Outgoing::PubAck(pkid) => v5::PubAck::new(pkid, None).write(out).map_err(e),
+        Outgoing::PubRec(pkid) => v5::PubRec::new(pkid, None).write(out).map_err(e),
+        Outgoing::PubComp(pkid) => v5::PubComp::new(pkid, None).write(out).map_err(e),
+        Outgoing::SubAck { pkid, granted } => {
+            let return_codes = granted
+                .iter()
+                .map(|g| match g {
+                    Some(q) => v5::SubscribeReasonCode::Success(v5_qos_of(*q)),
+                    None => v5::SubscribeReasonCode::NotAuthorized,
+                })
+                .collect();
+            v5::SubAck {
+                pkid,
+                return_codes,
+                properties: None,
+            }
+            .write(out)
+            .map_err(e)
+        }
+        Outgoing::UnsubAck { pkid, count } => v5::UnsubAck {
+            pkid,
+            reasons: vec![v5::UnsubAckReason::Success; count],
+            properties: None,
+        }
+        .write(out)
+        .map_err(e),
+        Outgoing::PingResp => v5::PingResp::write(out).map_err(e),
+        Outgoing::Disconnect(reason) => v5::Disconnect::new(v5_disconnect(reason))
+            .write(out)
+            .map_err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect_bytes(level: u8) -> Vec<u8> {
+        let mut c = v4::Connect::new("dev");
+        c.set_login("dev", "pw");
+        let mut buf = BytesMut::new();
+        c.write(&mut buf).expect("encode");
+        let mut v = buf.to_vec();
+        // Fixed header (2 bytes here), name length (2), "MQTT" (4), level.
+        v[8] = level;
+        v
+    }
+
+    #[test]
+    fn the_protocol_level_is_read_from_the_connect() {
+        assert_eq!(connect_level(&connect_bytes(4)), Ok(4));
+        assert_eq!(connect_level(&connect_bytes(5)), Ok(5));
+        assert_eq!(connect_level(&connect_bytes(3)), Ok(3));
+        assert_eq!(
+            connect_level(&connect_bytes(4)[..5]),
+            Err(ReadError::Incomplete)
+        );
+        assert_eq!(connect_level(&[]), Err(ReadError::Incomplete));
+        assert!(matches!(
+            connect_level(&[0xC0, 0x00]),
+            Err(ReadError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn packets_round_trip_through_both_versions() {
+        let adv = Advertised {
+            receive_max: 10,
+            max_packet: 1024,
+        };
+        for version in [Version::V4, Version::V5] {
+            let mut out = BytesMut::new();
+            let payload = Bytes::from_static(b"{}");
+            write(
+                version,
+                Outgoing::Publish {
+                    topic: "devices/d/commands",
+                    payload: &payload,
+                    qos: 1,
+                    pkid: 7,
+                },
+                adv,
+                &mut out,
+            );
+            match read(version, &mut out, 1024) {
+                Ok(Incoming::Publish {
+                    topic, qos, pkid, ..
+                }) => {
+                    assert_eq!((topic.as_str(), qos, pkid), ("devices/d/commands", 1, 7));
+                }
+                other => panic!("{version:?}: {other:?}"),
+            }
+            assert!(out.is_empty());
+            let mut big = BytesMut::new();
+            let payload = Bytes::from(vec![0u8; 2048]);
+            write(
+                version,
+                Outgoing::Publish {
+                    topic: "t",
+                    payload: &payload,
+                    qos: 0,
+                    pkid: 0,
+                },
+                adv,
+                &mut big,
+            );
+            assert!(matches!(
+                read(version, &mut big, 1024),
+                Err(ReadError::TooLarge(_))
+            ));
+            let mut half = BytesMut::from(&b"\x30\x05ab"[..]);
+            assert_eq!(
+                read(version, &mut half, 1024).err(),
+                Some(ReadError::Incomplete)
+            );
+        }
+    }
+}
