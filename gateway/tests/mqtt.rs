@@ -582,3 +582,487 @@ async fn device_publishes_are_acknowledged_and_pings_answered() {
     }
     env.gw.stop().await;
 }
+
+/// A device on a raw socket, its packets encoded and decoded by rumqttc's
+/// codec: for the attacks a client library would not let us make.
+mod raw {
+    use std::net::SocketAddr;
+
+    use bytes::BytesMut;
+    use rumqttc::mqttbytes::{QoS, v4};
+    use rumqttc::v5::mqttbytes::v5;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio::time::{Instant, timeout_at};
+
+    use super::WAIT;
+
+    /// What the gateway sent, in either version.
+    #[derive(Debug, PartialEq)]
+    pub enum Got {
+        /// CONNACK: session present, return / reason code (as its number).
+        ConnAck(bool, u8),
+        Publish(String, Vec<u8>),
+        SubAck,
+        PubAck(u16),
+        /// MQTT 5 DISCONNECT with its reason code.
+        Disconnect(u8),
+        Other(String),
+        /// The connection closed.
+        Closed,
+    }
+
+    pub struct Raw {
+        pub s: TcpStream,
+        buf: BytesMut,
+        v5: bool,
+    }
+
+    pub fn connect_v4(id: &str, password: &str, clean: bool) -> BytesMut {
+        let mut c = v4::Connect::new(id);
+        c.set_login(id, password);
+        c.clean_session = clean;
+        c.keep_alive = 30;
+        let mut b = BytesMut::new();
+        c.write(&mut b).expect("encode");
+        b
+    }
+
+    pub fn connect_v5(id: &str, password: &str) -> BytesMut {
+        let mut c = v5::Connect {
+            keep_alive: 30,
+            client_id: id.into(),
+            clean_start: true,
+            properties: None,
+        };
+        c.clean_start = true;
+        let login = v5::Login {
+            username: id.into(),
+            password: password.into(),
+        };
+        let mut b = BytesMut::new();
+        c.write(&None, &Some(login), &mut b).expect("encode");
+        b
+    }
+
+    pub fn subscribe(v5: bool, filter: &str) -> BytesMut {
+        let mut b = BytesMut::new();
+        if v5 {
+            v5::Subscribe::new(
+                v5::Filter::new(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce),
+                None,
+            )
+            .write(&mut b)
+            .expect("encode");
+        } else {
+            v4::Subscribe::new(filter, QoS::AtLeastOnce)
+                .write(&mut b)
+                .expect("encode");
+        }
+        b
+    }
+
+    pub fn publish(v5: bool, topic: &str, payload: &[u8]) -> BytesMut {
+        let mut b = BytesMut::new();
+        if v5 {
+            let mut p = v5::Publish::new(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                payload.to_vec(),
+                None,
+            );
+            p.pkid = 9;
+            p.write(&mut b).expect("encode");
+        } else {
+            let mut p = v4::Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+            p.pkid = 9;
+            p.write(&mut b).expect("encode");
+        }
+        b
+    }
+
+    impl Raw {
+        pub async fn open(addr: SocketAddr, v5: bool) -> Raw {
+            Raw {
+                s: TcpStream::connect(addr).await.expect("connect"),
+                buf: BytesMut::new(),
+                v5,
+            }
+        }
+
+        pub async fn send(&mut self, bytes: &[u8]) {
+            // The gateway may already have closed: that is for `next` to see.
+            let _ = self.s.write_all(bytes).await;
+        }
+
+        /// The next packet, or `Closed`; panics after `WAIT`.
+        pub async fn next(&mut self) -> Got {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                if let Some(p) = self.parse() {
+                    return p;
+                }
+                match timeout_at(deadline, self.s.read_buf(&mut self.buf)).await {
+                    Ok(Ok(0) | Err(_)) => return Got::Closed,
+                    Ok(Ok(_)) => {}
+                    Err(_) => panic!("nothing from the gateway within {WAIT:?}"),
+                }
+            }
+        }
+
+        fn parse(&mut self) -> Option<Got> {
+            if self.buf.is_empty() {
+                return None;
+            }
+            if self.v5 {
+                match v5::Packet::read(&mut self.buf, None) {
+                    Ok(v5::Packet::ConnAck(a)) => {
+                        Some(Got::ConnAck(a.session_present, v5_code(a.code)))
+                    }
+                    Ok(v5::Packet::Publish(p)) => Some(Got::Publish(
+                        String::from_utf8_lossy(&p.topic).into_owned(),
+                        p.payload.to_vec(),
+                    )),
+                    Ok(v5::Packet::SubAck(_)) => Some(Got::SubAck),
+                    Ok(v5::Packet::PubAck(a)) => Some(Got::PubAck(a.pkid)),
+                    Ok(v5::Packet::Disconnect(d)) => Some(Got::Disconnect(d.reason_code as u8)),
+                    Ok(p) => Some(Got::Other(format!("{p:?}"))),
+                    Err(_) => None,
+                }
+            } else {
+                match v4::Packet::read(&mut self.buf, 1 << 20) {
+                    Ok(v4::Packet::ConnAck(a)) => {
+                        Some(Got::ConnAck(a.session_present, a.code as u8))
+                    }
+                    Ok(v4::Packet::Publish(p)) => Some(Got::Publish(p.topic, p.payload.to_vec())),
+                    Ok(v4::Packet::SubAck(_)) => Some(Got::SubAck),
+                    Ok(v4::Packet::PubAck(a)) => Some(Got::PubAck(a.pkid)),
+                    Ok(p) => Some(Got::Other(format!("{p:?}"))),
+                    Err(_) => None,
+                }
+            }
+        }
+    }
+
+    fn v5_code(c: v5::ConnectReturnCode) -> u8 {
+        use v5::ConnectReturnCode as C;
+        match c {
+            C::Success => 0,
+            C::BadUserNamePassword => 0x86,
+            C::NotAuthorized => 0x87,
+            C::ClientIdentifierNotValid => 0x85,
+            C::ConnectionRateExceeded => 0x9F,
+            C::ServerUnavailable => 0x88,
+            other => panic!("unexpected CONNACK code {other:?}"),
+        }
+    }
+}
+
+use raw::{Got, Raw};
+
+/// Finding: after logging in as one device, a second CONNECT on the same
+/// socket naming another device (with a wrong password) switched the
+/// connection's identity, so it received the victim's commands and wrote
+/// its state and results. A second CONNECT is a protocol violation: the
+/// connection is closed, and nothing sent after it on that socket acts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_connect_cannot_take_another_devices_identity() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let secret = env.register("dev-a").await;
+    env.register("victim").await;
+    let cid = env.command("victim", json!({"name": "open-valve"})).await;
+
+    for v5 in [false, true] {
+        let addr = if v5 { env.v5() } else { env.v4() };
+        let mut d = Raw::open(addr, v5).await;
+        let login = if v5 {
+            raw::connect_v5("dev-a", &secret)
+        } else {
+            raw::connect_v4("dev-a", &secret, true)
+        };
+        d.send(&login).await;
+        assert_eq!(d.next().await, Got::ConnAck(false, 0), "dev-a logs in");
+        // The second CONNECT, and what an impersonator would do next, in one
+        // write: none of it may act.
+        let mut attack = if v5 {
+            raw::connect_v5("victim", "wrong")
+        } else {
+            raw::connect_v4("victim", "wrong", true)
+        };
+        attack.extend_from_slice(&raw::subscribe(v5, "devices/victim/commands"));
+        attack.extend_from_slice(&raw::publish(
+            v5,
+            "devices/victim/shadow/reported",
+            br#"{"owned": true}"#,
+        ));
+        attack.extend_from_slice(&raw::publish(
+            v5,
+            &format!("devices/victim/commands/{cid}/result"),
+            br#"{"status": "succeeded"}"#,
+        ));
+        d.send(&attack).await;
+        loop {
+            match d.next().await {
+                Got::Closed => break,
+                Got::Disconnect(code) => assert_eq!(code, 0x82, "protocol error"),
+                other => panic!("v5={v5}: after a second CONNECT the gateway sent {other:?}"),
+            }
+        }
+    }
+    let m = env.metrics().await;
+    assert_eq!(
+        metric(&m, "entente_mqtt_protocol_violations_total"),
+        2,
+        "{m}"
+    );
+    assert!(metric(&m, "entente_mqtt_acl_violations_total") >= 2, "{m}");
+    // The victim's state is untouched: a read after a write barrier (the
+    // command's status read goes through the leader) sees no change.
+    env.send(
+        reqwest::Method::PATCH,
+        "/v1/devices/victim",
+        json!({"labels": {"checked": "yes"}}),
+    )
+    .await;
+    assert_eq!(
+        env.get(&format!("/v1/commands/{cid}")).await["status"],
+        json!("queued")
+    );
+    let shadow = env.get("/v1/devices/victim/shadow").await;
+    assert!(shadow["reported"].get("owned").is_none(), "{shadow}");
+    env.gw.stop().await;
+}
+
+/// Finding: 25 connect/close cycles of one device id within 30 ms panicked
+/// inside the broker and poisoned a lock its listener shared, so every
+/// later login on that listener failed while health said 200. Quick
+/// reconnects, concurrent logins of one id and connections closed before
+/// their CONNACK must leave both listeners serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quick_reconnects_of_one_device_never_take_a_listener_down() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let secret = env.register("flappy").await;
+    for v5 in [false, true] {
+        let addr = if v5 { env.v5() } else { env.v4() };
+        let login = || {
+            if v5 {
+                raw::connect_v5("flappy", &secret)
+            } else {
+                raw::connect_v4("flappy", &secret, true)
+            }
+        };
+        // Closed right after the CONNECT, before any answer.
+        for _ in 0..25 {
+            let mut d = Raw::open(addr, v5).await;
+            d.send(&login()).await;
+            drop(d);
+        }
+        // Closed right after the CONNACK.
+        for _ in 0..25 {
+            let mut d = Raw::open(addr, v5).await;
+            d.send(&login()).await;
+            assert_eq!(d.next().await, Got::ConnAck(false, 0));
+        }
+        // Many at once: each takes over from the one before.
+        let mut all = Vec::new();
+        for _ in 0..20 {
+            let login = login();
+            all.push(tokio::spawn(async move {
+                let mut d = Raw::open(addr, v5).await;
+                d.send(&login).await;
+                let first = d.next().await;
+                (first, d)
+            }));
+        }
+        let mut open = Vec::new();
+        for t in all {
+            let (first, d) = t.await.expect("task");
+            assert_eq!(first, Got::ConnAck(false, 0), "every login answered");
+            open.push(d);
+        }
+        drop(open);
+    }
+    // Both listeners still serve: a login and a subscription work.
+    for (addr, v5) in [(env.v4(), false), (env.v5(), true)] {
+        let mut d = Raw::open(addr, v5).await;
+        let login = if v5 {
+            raw::connect_v5("flappy", &secret)
+        } else {
+            raw::connect_v4("flappy", &secret, true)
+        };
+        d.send(&login).await;
+        assert_eq!(d.next().await, Got::ConnAck(false, 0), "v5={v5}");
+        d.send(&raw::subscribe(v5, "devices/flappy/commands")).await;
+        assert_eq!(d.next().await, Got::SubAck, "v5={v5}");
+    }
+    let m = env.metrics().await;
+    assert_eq!(metric(&m, "entente_mqtt_listeners_down"), 0, "{m}");
+    let health = env
+        .http
+        .get(format!("{}/healthz", env.base))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
+    env.gw.stop().await;
+}
+
+/// Finding: failed logins cost a read barrier, a database read and a long
+/// log line each, answered about 900 times a second to one client with no
+/// back-off. Past a budget of failures per address (and per device id) a
+/// login is refused at once as over the rate — unless it matches a cached
+/// secret, so a device that logged in before still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_logins_are_throttled_per_address_and_id() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let secret = env.register("known").await;
+    let mut ok = Raw::open(env.v4(), false).await;
+    ok.send(&raw::connect_v4("known", &secret, true)).await;
+    assert_eq!(ok.next().await, Got::ConnAck(false, 0));
+    drop(ok);
+
+    let attempts = 100;
+    let mut refused_codes = Vec::new();
+    for i in 0..attempts {
+        let mut d = Raw::open(env.v5(), true).await;
+        d.send(&raw::connect_v5(&format!("guess-{i}"), "wrong"))
+            .await;
+        match d.next().await {
+            Got::ConnAck(false, code) => refused_codes.push(code),
+            other => panic!("attempt {i}: {other:?}"),
+        }
+    }
+    assert!(
+        refused_codes.iter().all(|&c| c == 0x86 || c == 0x9F),
+        "{refused_codes:?}"
+    );
+    let throttled = refused_codes.iter().filter(|&&c| c == 0x9F).count();
+    assert!(
+        throttled >= 60,
+        "{throttled} of {attempts} failed logins were throttled: {refused_codes:?}"
+    );
+    let m = env.metrics().await;
+    assert!(
+        metric(&m, "entente_mqtt_logins_throttled_total") >= 60,
+        "{m}"
+    );
+    // The known device still gets in from the same (throttled) address.
+    let mut ok = Raw::open(env.v4(), false).await;
+    ok.send(&raw::connect_v4("known", &secret, true)).await;
+    assert_eq!(ok.next().await, Got::ConnAck(false, 0));
+    env.gw.stop().await;
+}
+
+/// Deleting a device or rotating its secret ends the session it has (MQTT 5
+/// is told why: 0x98 administrative action); a login with the new secret
+/// works and stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_or_rotating_a_device_ends_its_session() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let secret = env.register("rot").await;
+    let mut d = Raw::open(env.v5(), true).await;
+    d.send(&raw::connect_v5("rot", &secret)).await;
+    assert_eq!(d.next().await, Got::ConnAck(false, 0));
+    let rotated = env
+        .send(reqwest::Method::POST, "/v1/devices/rot/secret", json!({}))
+        .await;
+    let new_secret = rotated["secret"].as_str().expect("new secret").to_string();
+    assert_eq!(d.next().await, Got::Disconnect(0x98));
+    assert_eq!(d.next().await, Got::Closed);
+
+    let mut d = Raw::open(env.v5(), true).await;
+    d.send(&raw::connect_v5("rot", &new_secret)).await;
+    assert_eq!(d.next().await, Got::ConnAck(false, 0));
+    let r = env
+        .http
+        .delete(format!("{}/v1/devices/rot", env.base))
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .expect("delete");
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(d.next().await, Got::Disconnect(0x98));
+    assert_eq!(d.next().await, Got::Closed);
+    env.gw.stop().await;
+}
+
+/// A second login of one device takes over (the first is told 0x8E); a
+/// persistent session (clean session 0) keeps its subscriptions, so the
+/// reconnect is answered "session present" and its queued command comes
+/// without a new SUBSCRIBE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn takeover_and_persistent_sessions() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let secret = env.register("p").await;
+    let mut first = Raw::open(env.v5(), true).await;
+    first.send(&raw::connect_v5("p", &secret)).await;
+    assert_eq!(first.next().await, Got::ConnAck(false, 0));
+    let mut second = Raw::open(env.v4(), false).await;
+    second.send(&raw::connect_v4("p", &secret, false)).await;
+    assert_eq!(second.next().await, Got::ConnAck(false, 0));
+    assert_eq!(first.next().await, Got::Disconnect(0x8E));
+    second
+        .send(&raw::subscribe(false, "devices/p/commands"))
+        .await;
+    assert_eq!(second.next().await, Got::SubAck);
+    drop(second);
+    env.wait_online("p", false).await;
+    let cid = env.command("p", json!({"name": "later"})).await;
+    let mut again = Raw::open(env.v4(), false).await;
+    again.send(&raw::connect_v4("p", &secret, false)).await;
+    assert_eq!(again.next().await, Got::ConnAck(true, 0), "session present");
+    match again.next().await {
+        Got::Publish(topic, payload) => {
+            assert_eq!(topic, "devices/p/commands");
+            let msg: CommandMessage = serde_json::from_slice(&payload).expect("command");
+            assert_eq!(msg.id, cid);
+        }
+        other => panic!("{other:?}"),
+    }
+    env.gw.stop().await;
+}
+
+/// Connections past `mqtt_max_connections` are closed as soon as they are
+/// accepted (counted), and a slot freed is usable again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_over_the_limit_are_closed_at_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut config = Config::single(
+        tmp.path().to_path_buf(),
+        "127.0.0.1:0".parse().expect("addr"),
+        "127.0.0.1:0".parse().expect("addr"),
+    );
+    config.tick = Duration::from_millis(5);
+    config.mqtt_max_connections = 3;
+    let gw = gateway::start(config).await.expect("start");
+    let addr = gw.mqtt_addr.expect("listener");
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(Raw::open(addr, false).await);
+    }
+    let mut over = Raw::open(addr, false).await;
+    assert_eq!(over.next().await, Got::Closed, "the fourth is closed");
+    drop(held.pop());
+    // The freed slot is taken back once its task has ended.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut d = Raw::open(addr, false).await;
+        d.send(&raw::connect_v4("nobody", "x", true)).await;
+        match d.next().await {
+            Got::ConnAck(false, code) => {
+                assert_eq!(code, 4, "answered: bad username or password");
+                break;
+            }
+            Got::Closed if Instant::now() < deadline => {
+                tokio::task::yield_now().await;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    gw.stop().await;
+}

@@ -512,9 +512,13 @@ fn write_v5(packet: Outgoing<'_>, adv: Advertised, out: &mut BytesMut) -> Result
         .write(out)
         .map_err(e),
         Outgoing::PingResp => v5::PingResp::write(out).map_err(e),
-        Outgoing::Disconnect(reason) => v5::Disconnect::new(v5_disconnect(reason))
-            .write(out)
-            .map_err(e),
+        // Written here: rumqttc's encoder gets the remaining length of a
+        // DISCONNECT with a reason code wrong (with or without properties).
+        // Reason code, then an empty property list.
+        Outgoing::Disconnect(reason) => {
+            out.extend_from_slice(&[0xE0, 0x02, v5_disconnect(reason) as u8, 0x00]);
+            Ok(4)
+        }
     }
 }
 
@@ -578,6 +582,25 @@ mod tests {
                 other => panic!("{version:?}: {other:?}"),
             }
             assert!(out.is_empty());
+            if version == Version::V5 {
+                write(
+                    version,
+                    Outgoing::Disconnect(CloseReason::TakenOver),
+                    adv,
+                    &mut out,
+                );
+                let mut copy = out.clone();
+                assert_eq!(
+                    v5::Packet::read(&mut copy, None).ok(),
+                    Some(v5::Packet::Disconnect(v5::Disconnect {
+                        reason_code: v5::DisconnectReasonCode::SessionTakenOver,
+                        properties: None,
+                    })),
+                    "{out:?}"
+                );
+                assert!(copy.is_empty(), "exactly one packet: {out:?}");
+                out.clear();
+            }
             let mut big = BytesMut::new();
             let payload = Bytes::from(vec![0u8; 2048]);
             write(
