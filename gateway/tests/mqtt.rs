@@ -1066,3 +1066,70 @@ async fn connections_over_the_limit_are_closed_at_once() {
     }
     gw.stop().await;
 }
+
+/// Mosquitto's own command-line clients (which `.ci/run` installs), in both
+/// protocol versions, against the endpoint: a subscriber receives its
+/// command, a QoS 1 publish of reported state is acknowledged and applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mosquitto_clients_interoperate_in_both_versions() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    for (version, addr) in [("mqttv311", env.v4()), ("mqttv5", env.v5())] {
+        let id = format!("mosq-{version}");
+        let secret = env.register(&id).await;
+        let port = addr.port().to_string();
+        let topic = format!("devices/{id}/commands");
+        let sub = tokio::process::Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", "1"])
+            .args(["-i", &id, "-u", &id, "-P", &secret, "-t", &topic])
+            .args(["-C", "1", "-W", "30"])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mosquitto_sub (install mosquitto-clients)");
+        env.wait_online(&id, true).await;
+        // Online is replicated once the session started; the subscription
+        // may still be on its way, and a command issued before it is
+        // delivered on SUBSCRIBE anyway.
+        let cid = env.command(&id, json!({"name": "blink"})).await;
+        let out = tokio::time::timeout(WAIT, sub.wait_with_output())
+            .await
+            .expect("mosquitto_sub finished in time")
+            .expect("mosquitto_sub output");
+        assert!(out.status.success(), "{version}: {out:?}");
+        let msg: CommandMessage = serde_json::from_slice(&out.stdout).expect("a command");
+        assert_eq!(msg.id, cid, "{version}");
+
+        let reported = format!("devices/{id}/shadow/reported");
+        let publish = tokio::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", "1"])
+            .args(["-i", &id, "-u", &id, "-P", &secret, "-t", &reported])
+            .args(["-m", r#"{"fw": "1.2"}"#])
+            .output();
+        let out = tokio::time::timeout(WAIT, publish)
+            .await
+            .expect("mosquitto_pub finished in time")
+            .expect("mosquitto_pub");
+        assert!(out.status.success(), "{version}: {out:?}");
+        env.eventually("the reported state applied", || async {
+            env.get(&format!("/v1/devices/{id}/shadow")).await["reported"]["fw"] == json!("1.2")
+        })
+        .await;
+
+        let refused = tokio::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", "1"])
+            .args([
+                "-i", &id, "-u", &id, "-P", "wrong", "-t", &reported, "-m", "{}",
+            ])
+            .output();
+        let out = tokio::time::timeout(WAIT, refused)
+            .await
+            .expect("mosquitto_pub finished in time")
+            .expect("mosquitto_pub");
+        assert!(
+            !out.status.success(),
+            "{version}: a wrong password is refused"
+        );
+    }
+    env.gw.stop().await;
+}
