@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+pub mod limits;
 pub mod mqtt;
 pub mod ops;
 pub mod state;

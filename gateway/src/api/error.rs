@@ -98,6 +98,17 @@ impl ApiError {
         )
     }
 
+    /// 413: a value in the request (or the document it would make) is
+    /// larger than a documented limit; the detail names it.
+    pub fn too_large(detail: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            "Too large",
+            detail,
+        )
+    }
+
     /// 404: the thing named does not exist.
     pub fn not_found(detail: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)

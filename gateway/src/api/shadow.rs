@@ -91,6 +91,8 @@ pub(crate) async fn get_shadow(
 ///
 /// A JSON merge patch of `desired`. With `If-Match: <version>` the change
 /// applies only if the shadow is still at that version (412 otherwise).
+/// The desired document may be at most 64 KiB as JSON: a patch that would
+/// make it larger is refused (413) and changes nothing.
 #[utoipa::path(
     patch, path = "/v1/devices/{id}/shadow", tag = "shadow",
     params(
@@ -108,6 +110,7 @@ pub(crate) async fn get_shadow(
         (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The patch conflicts with the current state", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "The shadow is not at the If-Match version", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The patch, or the desired document it would make, is over 64 KiB as JSON; nothing changed", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "desired is not an object", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "No quorum or leader", body = Problem, content_type = "application/problem+json"),
@@ -138,6 +141,10 @@ pub(crate) async fn patch_shadow(
         .with_index(index)),
         OpResult::Conflict(why) => Err(ApiError::conflict(format!(
             "the desired-state patch cannot be applied: {why}"
+        ))
+        .with_index(index)),
+        OpResult::TooLarge(why) => Err(ApiError::too_large(format!(
+            "the desired-state patch was not applied: {why}"
         ))
         .with_index(index)),
         r => Err(unexpected("set desired", &r, index)),
