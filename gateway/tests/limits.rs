@@ -1,10 +1,14 @@
 //! Limits on what the API and the devices may put into the log, over real
 //! sockets against a single gateway: shadow documents have a maximum size,
-//! and change events carry the change (not the whole document).
+//! change events carry the change (not the whole document), and inputs that
+//! could not be decoded from the log (too deep), that would change silently
+//! (integers beyond 64 bits) or that name no addressable resource (`.`,
+//! `..`) are refused before anything is proposed, with bounded error bodies.
 
 use std::time::Duration;
 
-use gateway::limits::MAX_DOCUMENT_BYTES;
+use coordinator::node::NodeError;
+use gateway::limits::{MAX_DEPTH, MAX_DOCUMENT_BYTES};
 use gateway::ops::{Op, OpResult};
 use gateway::{Config, Gateway};
 use reqwest::{Method, StatusCode};
@@ -120,6 +124,11 @@ impl Env {
     }
 }
 
+/// `{"k":{"k":…{"k":1}…}}` with `levels` objects.
+fn nested(levels: usize) -> String {
+    format!("{}1{}", "{\"k\":".repeat(levels), "}".repeat(levels))
+}
+
 /// Finding: 40 patches of 60 KB built a 4.8 MB desired document, every
 /// change event copied the whole document, and devices were sent megabytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,5 +205,136 @@ async fn shadow_documents_are_capped_and_events_carry_only_the_change() {
     let last = e.events().await.pop().expect("an event");
     assert_eq!(last.kind, "shadow.reported");
     assert_eq!(last.data["patch"], json!({ "r2": chunk }));
+    e.gw.stop().await;
+}
+
+/// Finding: a desired patch 126 levels deep was accepted and committed an
+/// entry that then failed to decode; integers above u64 silently became
+/// floats; ids `.` and `..` were accepted; invalid ids were echoed in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_the_log_cannot_carry_are_refused_before_proposing() {
+    let e = env().await;
+    assert_eq!(e.register("lamp").await.status, StatusCode::CREATED);
+    let applied = e.gw.db().applied_index();
+
+    // Too deep: refused with 422 naming the limit, nothing proposed.
+    for levels in [MAX_DEPTH + 1, 126] {
+        let r = e.patch_desired("lamp", &nested(levels)).await;
+        let detail = r.problem(StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(detail.contains(&MAX_DEPTH.to_string()), "{detail}");
+    }
+    let deep_params = format!("{{\"name\":\"x\",\"params\":{}}}", nested(126));
+    e.send(Method::POST, "/v1/devices/lamp/commands", Some(deep_params))
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY);
+    let deep_attrs = format!("{{\"id\":\"deep\",\"attributes\":{}}}", nested(126));
+    e.send(Method::POST, "/v1/devices", Some(deep_attrs))
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY);
+    let deep_update = format!("{{\"attributes\":{}}}", nested(126));
+    e.send(Method::PATCH, "/v1/devices/lamp", Some(deep_update))
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY);
+
+    // Integers beyond 64 bits would silently become floats: refused, naming
+    // where they are.
+    let r = e
+        .patch_desired(
+            "lamp",
+            r#"{"ok":1,"big":{"list":[0,18446744073709551616]}}"#,
+        )
+        .await;
+    let detail = r.problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(detail.contains("/desired/big/list/1"), "{detail}");
+    e.patch_desired("lamp", r#"{"low":-9223372036854775809}"#)
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY);
+    // Dot segments: not ids.
+    for id in [".", ".."] {
+        e.register(id)
+            .await
+            .problem(StatusCode::UNPROCESSABLE_ENTITY);
+    }
+    // Whatever proposes (the MQTT side too) cannot put a value into the log
+    // that would not decode: it is refused before it is proposed.
+    let deep: Value = serde_json::from_str(&nested(100)).expect("json");
+    for op in [
+        Op::ReportState {
+            device: "lamp".into(),
+            patch: deep.clone(),
+        },
+        Op::CommandResult {
+            cid: "c-1".into(),
+            succeeded: true,
+            output: deep,
+        },
+    ] {
+        let r = gateway::propose(e.gw.node(), op).await;
+        assert!(matches!(r, Err(NodeError::Refused(_))), "{r:?}");
+    }
+    assert_eq!(
+        e.gw.db().applied_index(),
+        applied,
+        "nothing was proposed for any of the refused requests"
+    );
+
+    // At the limits: accepted, and read back exactly.
+    let r = e
+        .patch_desired(
+            "lamp",
+            &format!(
+                r#"{{"deep":{},"max":18446744073709551615,"min":-9223372036854775808,"f":1e300}}"#,
+                nested(MAX_DEPTH - 1)
+            ),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let sh = e.shadow("lamp").await;
+    assert_eq!(sh["desired"]["max"].as_u64(), Some(u64::MAX));
+    assert_eq!(sh["desired"]["min"].as_i64(), Some(i64::MIN));
+    assert_eq!(sh["desired"]["f"].as_f64(), Some(1e300));
+    // Every committed entry decoded: no apply answered "does not decode".
+    assert_eq!(e.register("after").await.status, StatusCode::CREATED);
+
+    // Invalid ids are not echoed in full.
+    let long = "é".repeat(5_000);
+    for path in [
+        format!("/v1/devices/{long}"),
+        format!("/v1/devices/{long}/shadow"),
+        format!("/v1/commands/{long}"),
+        format!("/v1/devices?after={long}"),
+        format!("/v1/devices?label={long}"),
+    ] {
+        let r = e.send(Method::GET, &path, None).await;
+        r.problem(StatusCode::BAD_REQUEST);
+        assert!(r.text.len() < 600, "{path}: {} bytes", r.text.len());
+    }
+    let r = e
+        .send(
+            Method::POST,
+            "/v1/devices",
+            Some(json!({ "id": "x".repeat(10_000) }).to_string()),
+        )
+        .await;
+    r.problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.text.len() < 600, "{} bytes", r.text.len());
+    let r = e
+        .send(
+            Method::POST,
+            "/v1/devices",
+            Some(json!({ "id": "ok", "labels": { "k".repeat(10_000): "v" } }).to_string()),
+        )
+        .await;
+    r.problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.text.len() < 600, "{} bytes", r.text.len());
+    let r = e
+        .send(
+            Method::POST,
+            "/v1/devices",
+            Some(json!({ "id": "ok", "y".repeat(10_000): 1 }).to_string()),
+        )
+        .await;
+    r.problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.text.len() < 600, "{} bytes", r.text.len());
     e.gw.stop().await;
 }
