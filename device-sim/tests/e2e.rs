@@ -187,8 +187,11 @@ async fn a_fleet_answers_commands_failures_and_offline_queues() {
     env.gw.stop().await;
 }
 
-/// Waits on the event stream until `device`'s reported state holds `want`.
+/// Waits on the event stream (read from its start) until `device`'s
+/// reported state holds `want`. The events carry the patches; the state is
+/// their composition.
 async fn reported(events: &mut SseReader, device: &str, want: &Value) {
+    let mut state = json!({});
     tokio::time::timeout(WAIT, async {
         loop {
             let ev = events.next().await.expect("stream").expect("open");
@@ -196,9 +199,11 @@ async fn reported(events: &mut SseReader, device: &str, want: &Value) {
                 continue;
             }
             let data: Value = serde_json::from_str(&ev.data).expect("json");
-            if data["device"] == json!(device)
-                && device_sim::device::covers(Some(&data["reported"]), want)
-            {
+            if data["device"] != json!(device) {
+                continue;
+            }
+            entente_protocol::merge_patch(&mut state, &data["patch"]);
+            if device_sim::device::covers(Some(&state), want) {
                 return;
             }
         }
@@ -236,7 +241,7 @@ async fn mqtt5_devices_fail_over_apply_desired_state_and_ingest() {
         .expect("all subscribed");
     assert!(fleet.stats().snapshot().connect_errors >= 2);
 
-    let mut events = SseReader::new(env.api.events(0, None).await.expect("events"));
+    let mut events = SseReader::new(env.api.events(0, Some(0)).await.expect("events"));
     let want = json!({"mode": "eco", "limits": {"max": 7}});
     let http = reqwest::Client::new();
     let token =

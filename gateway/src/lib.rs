@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+pub mod limits;
 pub mod mqtt;
 pub mod ops;
 pub mod state;
@@ -138,7 +139,16 @@ impl Gateway {
 }
 
 /// Proposes `op` and waits for its result.
+///
+/// An operation that fails [`limits::check_op`] is refused without being
+/// proposed (`NodeError::Refused`): nothing reaches the log that a member
+/// could not decode. Callers with input from outside check first, to
+/// answer with the reason.
 pub async fn propose(node: &Node<OpResult>, op: Op) -> Result<(u64, OpResult), NodeError> {
+    if let Err(e) = limits::check_op(&op) {
+        tracing::warn!(kind = op.kind(), "operation refused before proposing: {e}");
+        return Err(NodeError::Refused(e.to_string()));
+    }
     let p = Proposal {
         ts_ms: now_ms(),
         op,

@@ -55,7 +55,7 @@ pub enum Op {
     },
     /// Registers a device. Conflict if the id exists.
     RegisterDevice {
-        /// Device id (validated by the API: `[A-Za-z0-9_.-]{1,64}`).
+        /// Device id (validated by the API: `[A-Za-z0-9_.-]{1,64}`, not `.` or `..`).
         id: String,
         /// SHA-256 (hex) of the device secret.
         secret_hash: String,
@@ -229,6 +229,10 @@ pub enum OpResult {
         /// The shadow's version.
         current: u64,
     },
+    /// The change would break a limit of [`crate::limits`] (a shadow
+    /// document past its maximum size); nothing changed. The message says
+    /// which and by how much.
+    TooLarge(String),
 }
 
 /// What a token may do. Ordered: admin ⊃ operator ⊃ viewer.

@@ -177,7 +177,8 @@ fn valid_address(a: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::invalid(format!(
-            "address {a:?} is not host:port of a peer listener"
+            "address {} is not host:port of a peer listener",
+            super::validate::quoted(a)
         )))
     }
 }

@@ -167,9 +167,9 @@ async fn wait_terminal(
         (status = 403, description = "Needs the operator role", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Conflicts with the current state", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large, or params over 64 KiB as JSON", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields (name, ttl, key; params nested over 32 levels or with integers beyond 64 bits)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "No quorum or leader", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -181,26 +181,7 @@ pub(crate) async fn issue_command(
 ) -> Result<Response, ApiError> {
     validate::path_device_id(&device)?;
     let wait = wait_param(&state, q.wait)?;
-    validate::command_name(&body.name)?;
-    if let Some(k) = &body.idempotency_key {
-        validate::idempotency_key(k)?;
-    }
-    let ttl_ms = body.ttl_ms.unwrap_or(DEFAULT_TTL_MS);
-    if ttl_ms == 0 || ttl_ms > MAX_TTL_MS {
-        return Err(ApiError::invalid(format!(
-            "ttl_ms must be between 1 and {MAX_TTL_MS} (7 days)"
-        )));
-    }
-    let op = Op::IssueCommand {
-        cid: new_command_id()?,
-        device: device.clone(),
-        name: body.name,
-        params: body
-            .params
-            .unwrap_or_else(|| Value::Object(Default::default())),
-        ttl_ms,
-        idempotency_key: body.idempotency_key,
-    };
+    let op = issue_op(&device, body, new_command_id()?)?;
     let (index, result) = write(&state, op).await?;
     let (command, created) = match result {
         OpResult::Command { command, created } => (command, created),
@@ -226,6 +207,34 @@ pub(crate) async fn issue_command(
         // Deleted with its device while we waited.
         None => Err(command_not_found(&command.id).with_index(seen)),
     }
+}
+
+/// Checks a command for `device` and builds the operation
+/// `POST /v1/devices/{id}/commands` proposes, with command id `cid`.
+pub(crate) fn issue_op(device: &str, body: NewCommand, cid: String) -> Result<Op, ApiError> {
+    validate::path_device_id(device)?;
+    validate::command_name(&body.name)?;
+    if let Some(k) = &body.idempotency_key {
+        validate::idempotency_key(k)?;
+    }
+    let ttl_ms = body.ttl_ms.unwrap_or(DEFAULT_TTL_MS);
+    if ttl_ms == 0 || ttl_ms > MAX_TTL_MS {
+        return Err(ApiError::invalid(format!(
+            "ttl_ms must be between 1 and {MAX_TTL_MS} (7 days)"
+        )));
+    }
+    let params = body
+        .params
+        .unwrap_or_else(|| Value::Object(Default::default()));
+    validate::json_value("params", &params)?;
+    Ok(Op::IssueCommand {
+        cid,
+        device: device.to_string(),
+        name: body.name,
+        params,
+        ttl_ms,
+        idempotency_key: body.idempotency_key,
+    })
 }
 
 /// List a device's commands.

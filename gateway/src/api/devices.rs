@@ -25,7 +25,8 @@ use crate::{hash_secret, random_token};
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"id":"pump-7","labels":{"site":"north"},"attributes":{"model":"X2"}}))]
 pub struct NewDevice {
-    /// Device id: 1–64 characters from `A-Za-z0-9_.-`; also its MQTT client id.
+    /// Device id: 1–64 characters from `A-Za-z0-9_.-`, not `.` or `..`; also
+    /// its MQTT client id.
     pub id: String,
     /// Labels for filtering (keys `[A-Za-z0-9_./-]{1,63}`, values ≤ 256 characters).
     #[serde(default)]
@@ -127,9 +128,9 @@ pub(crate) fn new_secret() -> Result<String, ApiError> {
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Needs the operator role", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The id is taken", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large, or attributes over 64 KiB as JSON", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields (ids, labels; attributes not an object, nested over 32 levels, or with integers beyond 64 bits)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "No quorum or leader", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -137,19 +138,9 @@ pub(crate) async fn create_device(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<NewDevice>,
 ) -> Result<Response, ApiError> {
-    validate::body_device_id(&body.id)?;
-    validate::labels(&body.labels)?;
-    let attributes = body
-        .attributes
-        .unwrap_or_else(|| Value::Object(Default::default()));
-    validate::object("attributes", &attributes)?;
     let secret = new_secret()?;
-    let op = Op::RegisterDevice {
-        id: body.id.clone(),
-        secret_hash: hash_secret(&secret),
-        labels: body.labels,
-        attributes,
-    };
+    let id = body.id.clone();
+    let op = register_op(body, hash_secret(&secret))?;
     let (index, result) = write(&state, op).await?;
     match result {
         OpResult::Device(device) => Ok(reply(
@@ -158,13 +149,30 @@ pub(crate) async fn create_device(
             &RegisteredDevice { device, secret },
         )),
         OpResult::Conflict(_) => Err(ApiError::conflict(format!(
-            "a device with id {:?} is already registered; choose another id, or rotate its \
-             secret with POST /v1/devices/{}/secret",
-            body.id, body.id
+            "a device with id {id:?} is already registered; choose another id, or rotate its \
+             secret with POST /v1/devices/{id}/secret"
         ))
         .with_index(index)),
         r => Err(unexpected("register device", &r, index)),
     }
+}
+
+/// Checks a registration and builds the operation `POST /v1/devices`
+/// proposes (`secret_hash`: of the secret generated for it).
+pub(crate) fn register_op(body: NewDevice, secret_hash: String) -> Result<Op, ApiError> {
+    validate::body_device_id(&body.id)?;
+    validate::labels(&body.labels)?;
+    let attributes = body
+        .attributes
+        .unwrap_or_else(|| Value::Object(Default::default()));
+    validate::object("attributes", &attributes)?;
+    validate::json_value("attributes", &attributes)?;
+    Ok(Op::RegisterDevice {
+        id: body.id,
+        secret_hash,
+        labels: body.labels,
+        attributes,
+    })
 }
 
 /// List devices.
@@ -252,8 +260,9 @@ pub(crate) fn device_not_found(id: &str) -> ApiError {
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Needs the operator role", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large, or attributes over 64 KiB as JSON", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields (labels; attributes not an object, nested over 32 levels, or with integers beyond 64 bits)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "No quorum or leader", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -262,7 +271,19 @@ pub(crate) async fn update_device(
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<DeviceUpdate>,
 ) -> Result<Response, ApiError> {
-    validate::path_device_id(&id)?;
+    let op = update_op(&id, body)?;
+    let (index, result) = write(&state, op).await?;
+    match result {
+        OpResult::Device(d) => Ok(reply(StatusCode::OK, index, &d)),
+        OpResult::NotFound(_) => Err(device_not_found(&id).with_index(index)),
+        r => Err(unexpected("update device", &r, index)),
+    }
+}
+
+/// Checks an update of device `id` and builds the operation
+/// `PATCH /v1/devices/{id}` proposes.
+pub(crate) fn update_op(id: &str, body: DeviceUpdate) -> Result<Op, ApiError> {
+    validate::path_device_id(id)?;
     if body.labels.is_none() && body.attributes.is_none() {
         return Err(ApiError::invalid(
             "give labels, attributes or both; an empty update changes nothing",
@@ -273,18 +294,13 @@ pub(crate) async fn update_device(
     }
     if let Some(a) = &body.attributes {
         validate::object("attributes", a)?;
+        validate::json_value("attributes", a)?;
     }
-    let op = Op::UpdateDevice {
-        id: id.clone(),
+    Ok(Op::UpdateDevice {
+        id: id.to_string(),
         labels: body.labels,
         attributes: body.attributes,
-    };
-    let (index, result) = write(&state, op).await?;
-    match result {
-        OpResult::Device(d) => Ok(reply(StatusCode::OK, index, &d)),
-        OpResult::NotFound(_) => Err(device_not_found(&id).with_index(index)),
-        r => Err(unexpected("update device", &r, index)),
-    }
+    })
 }
 
 /// Delete a device, with its shadow and commands.

@@ -14,6 +14,7 @@ use coordinator::node::NodeError;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::limits::LimitError;
 use crate::state::StateError;
 
 /// The media type of every error body.
@@ -94,6 +95,17 @@ impl ApiError {
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-body",
             "Invalid request body",
+            detail,
+        )
+    }
+
+    /// 413: a value in the request (or the document it would make) is
+    /// larger than a documented limit; the detail names it.
+    pub fn too_large(detail: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            "Too large",
             detail,
         )
     }
@@ -327,6 +339,35 @@ pub fn read_error(e: NodeError) -> ApiError {
     }
 }
 
+impl From<LimitError> for ApiError {
+    fn from(e: LimitError) -> ApiError {
+        match e {
+            LimitError::TooLarge { .. } => ApiError::too_large(e.to_string()),
+            LimitError::Malformed { .. } => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed-json",
+                "Malformed JSON",
+                e.to_string(),
+            ),
+            LimitError::TooDeep { .. } | LimitError::InexactInteger { .. } => {
+                ApiError::invalid(e.to_string())
+            }
+        }
+    }
+}
+
+/// The most characters of a parser's message put in a problem: parsers
+/// quote the input (unknown field names, string values), which may be long.
+const MAX_REJECTION_CHARS: usize = 300;
+
+/// A rejection's message, cut to [`MAX_REJECTION_CHARS`].
+fn bounded(text: String) -> String {
+    match text.char_indices().nth(MAX_REJECTION_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> ApiError {
         match r.status() {
@@ -337,12 +378,12 @@ impl From<JsonRejection> for ApiError {
                 "send the body as JSON with the header Content-Type: application/json",
             ),
             StatusCode::PAYLOAD_TOO_LARGE => ApiError::from_status(StatusCode::PAYLOAD_TOO_LARGE),
-            StatusCode::UNPROCESSABLE_ENTITY => ApiError::invalid(r.body_text()),
+            StatusCode::UNPROCESSABLE_ENTITY => ApiError::invalid(bounded(r.body_text())),
             StatusCode::BAD_REQUEST => ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "malformed-json",
                 "Malformed JSON",
-                r.body_text(),
+                bounded(r.body_text()),
             ),
             s => {
                 tracing::debug!(status = %s, rejection = %r.body_text(), "reading a JSON body");
@@ -358,13 +399,13 @@ impl From<QueryRejection> for ApiError {
             StatusCode::BAD_REQUEST,
             "bad-query",
             "Invalid query string",
-            r.body_text(),
+            bounded(r.body_text()),
         )
     }
 }
 
 impl From<PathRejection> for ApiError {
     fn from(r: PathRejection) -> ApiError {
-        ApiError::bad_request(r.body_text())
+        ApiError::bad_request(bounded(r.body_text()))
     }
 }

@@ -4,25 +4,81 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{FromRequest, FromRequestParts};
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use coordinator::node::NodeError;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, ENTENTE_INDEX, read_error, write_error};
+use crate::limits;
 use crate::ops::{Op, OpResult};
 
 /// The request header asking a read to wait until this log index is applied.
 pub const ENTENTE_MIN_INDEX: HeaderName = HeaderName::from_static("entente-min-index");
 
-/// A JSON request body; malformed, mistyped or oversized bodies and a missing
-/// content type are rejected with a problem document.
-#[derive(Debug, FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// A JSON request body; malformed, mistyped or oversized bodies, integers
+/// beyond 64 bits and a missing content type are rejected with a problem
+/// document (see [`parse_body`]).
+#[derive(Debug)]
 pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+                "send the body as JSON with the header Content-Type: application/json",
+            ));
+        }
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|r| match r.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => {
+                    ApiError::from_status(StatusCode::PAYLOAD_TOO_LARGE)
+                }
+                s => {
+                    tracing::debug!(status = %s, rejection = %r.body_text(), "reading a body");
+                    ApiError::bad_request("the request body could not be read")
+                }
+            })?;
+        parse_body(&bytes).map(ApiJson)
+    }
+}
+
+/// Whether the request says its body is JSON (`application/json` or
+/// `application/<anything>+json`, parameters allowed).
+fn json_content_type(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = ct.split(';').next().unwrap_or_default().trim();
+    essence.split_once('/').is_some_and(|(ty, sub)| {
+        ty.eq_ignore_ascii_case("application")
+            && (sub.eq_ignore_ascii_case("json") || sub.to_ascii_lowercase().ends_with("+json"))
+    })
+}
+
+/// Parses a JSON request body into `T` as every handler receives it:
+/// malformed JSON is 400, a body of the wrong shape 422 (naming the field),
+/// and an integer outside the 64-bit range 422 naming where it is (it would
+/// silently become a floating-point number).
+pub(crate) fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let axum::Json(v) = axum::Json::<T>::from_bytes(bytes)?;
+    limits::check_integers(bytes)?;
+    Ok(v)
+}
 
 /// A query string; anything that does not parse is a 400 problem.
 #[derive(Debug, FromRequestParts)]
@@ -153,6 +209,9 @@ async fn leader_known(state: &AppState) -> bool {
 /// Proposes `op` through the group and waits for its result; returns the log
 /// index it was applied at.
 pub async fn write(state: &AppState, op: Op) -> Result<(u64, OpResult), ApiError> {
+    // The handlers checked their input; this makes sure nothing reaches the
+    // log that a member could not decode.
+    limits::check_op(&op)?;
     let kind = op.kind();
     let mut r = crate::propose(&state.node, op.clone()).await;
     // Not placed at all: safe to retry once a leader is known (an election

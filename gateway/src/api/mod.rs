@@ -21,6 +21,8 @@ mod events;
 mod extract;
 mod health;
 mod openapi;
+#[cfg(test)]
+mod roundtrip_tests;
 mod shadow;
 pub(crate) mod validate;
 

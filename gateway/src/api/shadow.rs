@@ -91,6 +91,8 @@ pub(crate) async fn get_shadow(
 ///
 /// A JSON merge patch of `desired`. With `If-Match: <version>` the change
 /// applies only if the shadow is still at that version (412 otherwise).
+/// The desired document may be at most 64 KiB as JSON and 32 levels deep: a
+/// patch that would make it larger is refused (413) and changes nothing.
 #[utoipa::path(
     patch, path = "/v1/devices/{id}/shadow", tag = "shadow",
     params(
@@ -108,8 +110,9 @@ pub(crate) async fn get_shadow(
         (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The patch conflicts with the current state", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "The shadow is not at the If-Match version", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The patch, or the desired document it would make, is over 64 KiB as JSON; nothing changed", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "desired is not an object", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "desired is not an object, is nested over 32 levels, or has integers beyond 64 bits", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "No quorum or leader", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -119,14 +122,8 @@ pub(crate) async fn patch_shadow(
     headers: HeaderMap,
     ApiJson(body): ApiJson<ShadowPatch>,
 ) -> Result<Response, ApiError> {
-    validate::path_device_id(&id)?;
     let expected_version = if_match(&headers)?;
-    validate::object("desired", &body.desired)?;
-    let op = Op::SetDesired {
-        device: id.clone(),
-        patch: body.desired,
-        expected_version,
-    };
+    let op = desired_op(&id, body, expected_version)?;
     let (index, result) = write(&state, op).await?;
     match result {
         OpResult::Shadow(s) => Ok(with_etag(reply(StatusCode::OK, index, &s), s.version)),
@@ -140,8 +137,30 @@ pub(crate) async fn patch_shadow(
             "the desired-state patch cannot be applied: {why}"
         ))
         .with_index(index)),
+        OpResult::TooLarge(why) => Err(ApiError::too_large(format!(
+            "the desired-state patch was not applied: {why}"
+        ))
+        .with_index(index)),
         r => Err(unexpected("set desired", &r, index)),
     }
+}
+
+/// Checks a desired-state patch of device `id` and builds the operation
+/// `PATCH /v1/devices/{id}/shadow` proposes. Whether the merged document
+/// fits is decided when the entry applies (every member alike).
+pub(crate) fn desired_op(
+    id: &str,
+    body: ShadowPatch,
+    expected_version: Option<u64>,
+) -> Result<Op, ApiError> {
+    validate::path_device_id(id)?;
+    validate::object("desired", &body.desired)?;
+    validate::json_value("desired", &body.desired)?;
+    Ok(Op::SetDesired {
+        device: id.to_string(),
+        patch: body.desired,
+        expected_version,
+    })
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use super::error::ApiError;
+use crate::limits;
 
 /// Longest id (devices, commands).
 pub const MAX_ID: usize = 64;
@@ -19,22 +20,34 @@ pub const MAX_COMMAND_NAME: usize = 128;
 /// Longest idempotency key.
 pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 
-/// Whether `s` is a valid device or command id (`[A-Za-z0-9_.-]{1,64}`).
+/// Whether `s` is a valid device or command id: `[A-Za-z0-9_.-]{1,64}`,
+/// except `.` and `..` (path segments every HTTP client resolves away, so
+/// such a device could never be addressed). Ids are also MQTT client ids and
+/// topic levels: the alphabet has none of `/`, `+`, `#`, `:`.
 pub fn id_ok(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_ID
+        && s != "."
+        && s != ".."
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
+/// `s` quoted for an error message, at most [`limits::MAX_ECHO_CHARS`]
+/// characters of it.
+pub fn quoted(s: &str) -> String {
+    format!("{:?}", limits::echo(s))
+}
+
 fn id_rule(what: &str, s: &str) -> String {
     format!(
-        "{what} {s:?} is not valid: use 1 to {MAX_ID} characters from A-Z, a-z, 0-9, '_', '.' \
-         and '-'"
+        "{what} {} is not valid: use 1 to {MAX_ID} characters from A-Z, a-z, 0-9, '_', '.' \
+         and '-' ('.' and '..' alone are not ids)",
+        quoted(s)
     )
 }
 
-/// A device id in a path: `[A-Za-z0-9_.-]{1,64}` (400 otherwise).
+/// A device id in a path: `[A-Za-z0-9_.-]{1,64}`, not `.` or `..` (400 otherwise).
 pub fn path_device_id(id: &str) -> Result<(), ApiError> {
     if id_ok(id) {
         Ok(())
@@ -90,8 +103,9 @@ fn label_key(k: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "label key {k:?} is not valid: use 1 to {MAX_LABEL_KEY} characters from A-Z, a-z, \
-             0-9, '_', '.', '-' and '/'"
+            "label key {} is not valid: use 1 to {MAX_LABEL_KEY} characters from A-Z, a-z, \
+             0-9, '_', '.', '-' and '/'",
+            quoted(k)
         ))
     }
 }
@@ -101,8 +115,9 @@ fn label_value(k: &str, v: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "the value of label {k:?} is not valid: use at most {MAX_LABEL_VALUE} characters and \
-             no control characters"
+            "the value of label {} is not valid: use at most {MAX_LABEL_VALUE} characters and \
+             no control characters",
+            quoted(k)
         ))
     }
 }
@@ -111,7 +126,8 @@ fn label_value(k: &str, v: &str) -> Result<(), String> {
 pub fn label_filter(s: &str) -> Result<(String, String), ApiError> {
     let (k, v) = s.split_once('=').ok_or_else(|| {
         ApiError::bad_request(format!(
-            "label filter {s:?} is not key=value (e.g. ?label=site=north)"
+            "label filter {} is not key=value (e.g. ?label=site=north)",
+            quoted(s)
         ))
     })?;
     label_key(k).map_err(ApiError::bad_request)?;
@@ -128,6 +144,13 @@ pub fn object(what: &str, v: &Value) -> Result<(), ApiError> {
             "{what} must be a JSON object, e.g. {{\"key\": \"value\"}}"
         )))
     }
+}
+
+/// A JSON value the operation will carry (`what` names the field): at most
+/// [`limits::MAX_DEPTH`] levels deep (422) and [`limits::MAX_DOCUMENT_BYTES`]
+/// as JSON (413).
+pub fn json_value(what: &'static str, v: &Value) -> Result<(), ApiError> {
+    limits::check_value(what, v).map_err(ApiError::from)
 }
 
 /// A command name: 1–128 characters, no control characters.
@@ -179,6 +202,26 @@ mod tests {
         assert!(!id_ok("a/b"));
         assert!(!id_ok("a b"));
         assert!(!id_ok("é"));
+        assert!(!id_ok("."));
+        assert!(!id_ok(".."));
+        assert!(id_ok("..."));
+        assert!(id_ok(".a"));
+        assert!(id_ok("a..b"));
+    }
+
+    #[test]
+    fn invalid_input_is_quoted_briefly() {
+        let long = "x".repeat(10_000);
+        for e in [
+            path_device_id(&long).err(),
+            body_device_id(&long).err(),
+            labels(&BTreeMap::from([(long.clone(), "v".into())])).err(),
+            label_filter(&long).err(),
+        ] {
+            let detail = e.expect("refused").problem().detail;
+            assert!(detail.len() < 300, "{detail}");
+            assert!(detail.contains("xxx…"), "{detail}");
+        }
     }
 
     #[test]

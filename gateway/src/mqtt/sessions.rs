@@ -8,7 +8,8 @@
 //!   still queued or sent for it, its desired document and its delta;
 //! - publishes each newly issued command to the device holding a session
 //!   here (and proposes `CommandSent`), and the desired document and delta
-//!   when the shadow changes;
+//!   when the shadow changes (shadow events carry the change: the documents
+//!   are read from the state);
 //! - turns `accepted` and `result` messages into proposals, after checking
 //!   the command exists and is this device's;
 //! - coalesces reported-state patches per device over a window into one
@@ -125,12 +126,18 @@ impl Manager {
         let mut tick = tokio::time::interval(self.coalesce.max(Duration::from_millis(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+        let shadows = Arc::new(ShadowOutbox::default());
+        let publisher = tokio::spawn(publish_shadows(
+            self.db.clone(),
+            self.endpoint.clone(),
+            shadows.clone(),
+        ));
         loop {
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => break,
                 Some(ev) = rx.recv() => self.on_session(ev),
                 r = events.recv() => match r {
-                    Ok(ev) => self.on_state(ev),
+                    Ok(ev) => self.on_state(ev, &shadows),
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "MQTT sessions lagged behind the state events; re-delivering");
                         self.auth.clear();
@@ -156,6 +163,7 @@ impl Manager {
         }
         // Best effort: what was still being coalesced is proposed.
         self.flush_reports(&done_tx);
+        publisher.abort();
     }
 
     fn set_gauge(&self) {
@@ -270,18 +278,30 @@ impl Manager {
         }
         match kind {
             DevicePublish::Reported => {
-                let patch = match serde_json::from_slice::<Value>(&payload) {
+                // The same limits as the REST API's (depth, size, 64-bit
+                // integers): what is proposed must decode on every member.
+                let patch = match crate::limits::parse_value("a reported patch", &payload) {
                     Ok(v @ Value::Object(_)) => v,
                     Ok(_) => return self.ignore(&device, "a reported patch must be a JSON object"),
-                    Err(e) => return self.ignore(&device, &format!("malformed JSON: {e}")),
+                    Err(e) => return self.ignore(&device, &e.to_string()),
                 };
                 self.stats.reports_received.fetch_add(1, Ordering::Relaxed);
                 let pending = self.reports.entry(device).or_default();
                 // (Patches being proposed were taken out: these are all new.)
-                let composed = pending
-                    .patches
-                    .last_mut()
-                    .is_some_and(|last| compose(last, &patch));
+                // Two patches are composed only while the result stays within
+                // the document limit: the state machine refuses a patch over
+                // it as a whole, which would lose the other's change too.
+                let composed = pending.patches.last_mut().is_some_and(|last| {
+                    let before = last.clone();
+                    if !compose(last, &patch) {
+                        return false;
+                    }
+                    if crate::limits::encoded_len(last) > crate::limits::MAX_DOCUMENT_BYTES {
+                        *last = before;
+                        return false;
+                    }
+                    true
+                });
                 if !composed {
                     pending.patches.push(patch);
                 }
@@ -295,7 +315,11 @@ impl Manager {
                 });
             }
             DevicePublish::Result { cid } => {
-                let msg = match serde_json::from_slice::<CommandResultMessage>(&payload) {
+                let msg = match crate::limits::parse_value("a command result", &payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|v| {
+                        serde_json::from_value::<CommandResultMessage>(v).map_err(|e| e.to_string())
+                    }) {
                     Ok(m) => m,
                     Err(e) => return self.ignore(&device, &format!("malformed result: {e}")),
                 };
@@ -340,7 +364,7 @@ impl Manager {
             .retain(|_, p| p.inflight || !p.patches.is_empty());
     }
 
-    fn on_state(&mut self, ev: Event) {
+    fn on_state(&mut self, ev: Event, shadows: &ShadowOutbox) {
         match ev.kind.as_str() {
             "command.issued" => {
                 let Ok(cmd) = serde_json::from_value::<Command>(ev.data) else {
@@ -363,14 +387,18 @@ impl Manager {
                 });
             }
             kind @ ("shadow.desired" | "shadow.reported") => {
-                let Ok(sh) = serde_json::from_value::<Shadow>(ev.data) else {
+                // The event carries the change; the documents are read from
+                // the state (by one task, in order: see `ShadowOutbox`).
+                let Some(device) = ev.data.get("device").and_then(Value::as_str) else {
                     return;
                 };
                 // Only what the device subscribed to here.
-                if let Some(s) = self.sessions.get(&sh.device) {
-                    let desired = kind == "shadow.desired" && s.wants(&desired_topic(&sh.device));
-                    let delta = s.wants(&delta_topic(&sh.device));
-                    publish_shadow(&self.endpoint, &sh, desired, delta);
+                if let Some(s) = self.sessions.get(device) {
+                    let desired = kind == "shadow.desired" && s.wants(&desired_topic(device));
+                    let delta = s.wants(&delta_topic(device));
+                    if desired || delta {
+                        shadows.push(device, desired, delta);
+                    }
                 }
             }
             "device.registered" => {
@@ -413,6 +441,49 @@ impl Manager {
                 }
             }
             _ => {}
+        }
+    }
+}
+
+/// Shadow documents to publish after shadow changes: per device, whether
+/// its desired document and/or its delta are due. One task
+/// ([`publish_shadows`]) reads each device's shadow and publishes, one
+/// device after the other, so a device never gets an older document after
+/// a newer one, and a burst of changes costs one read. Holds at most one
+/// entry per device with a session here.
+#[derive(Default)]
+pub(crate) struct ShadowOutbox {
+    due: std::sync::Mutex<HashMap<String, (bool, bool)>>,
+    ready: Notify,
+}
+
+impl ShadowOutbox {
+    fn push(&self, device: &str, desired: bool, delta: bool) {
+        {
+            let mut due = self.due.lock().unwrap_or_else(|e| e.into_inner());
+            let d = due.entry(device.to_string()).or_default();
+            d.0 |= desired;
+            d.1 |= delta;
+        }
+        self.ready.notify_one();
+    }
+
+    fn take(&self) -> HashMap<String, (bool, bool)> {
+        std::mem::take(&mut *self.due.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// The task behind [`ShadowOutbox`]: reads the shadows due and publishes
+/// them (the state read is at least as new as the change that made them due).
+async fn publish_shadows(db: Arc<StateDb>, out: Arc<Shared>, outbox: Arc<ShadowOutbox>) {
+    loop {
+        outbox.ready.notified().await;
+        for (device, (desired, delta)) in outbox.take() {
+            match db.shadow(&device).await {
+                Ok(Some(sh)) => publish_shadow(&out, &sh, desired, delta),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(device, error = %e, "reading a shadow to deliver"),
+            }
         }
     }
 }
@@ -489,8 +560,14 @@ async fn propose_retrying(node: &Node<OpResult>, op: Op, stop: &mut oneshot::Rec
                 tracing::info!("MQTT-originated proposal refused: {what}");
                 return;
             }
+            Ok((_, OpResult::TooLarge(what))) => {
+                tracing::warn!("MQTT-originated proposal refused: {what}");
+                return;
+            }
             Ok(_) => return,
-            Err(e @ (NodeError::Shutdown | NodeError::Fatal(_))) => {
+            // Refused before proposing (over a limit): the answer would
+            // never change.
+            Err(e @ (NodeError::Shutdown | NodeError::Fatal(_) | NodeError::Refused(_))) => {
                 tracing::warn!(error = %e, kind = op.kind(), "MQTT-originated proposal abandoned");
                 return;
             }

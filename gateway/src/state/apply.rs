@@ -12,6 +12,7 @@ use super::rows::{
     to_json_text, to_json_value,
 };
 use super::{EVENTS_RETAINED, StateDb, StateError};
+use crate::limits::{self, MAX_DOCUMENT_BYTES};
 use crate::ops::{Command, CommandStatus, Device, Event, Op, OpResult, Proposal, Role};
 
 impl StateDb {
@@ -311,21 +312,24 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
                     None,
                 ));
             }
-            super::merge::merge_patch(&mut sh.desired, patch);
+            let text =
+                match merge_within_limits(&mut sh.desired, sh.desired_bytes, patch, "desired")? {
+                    Ok(text) => text,
+                    Err(why) => return Ok((OpResult::TooLarge(why), None)),
+                };
             stamp_keys(&mut sh.desired_updated, patch, ts);
             sh.version = sh.version.saturating_add(1);
             sqlx::query(
                 "UPDATE shadows SET desired = ?, desired_updated = ?, version = ? WHERE device = ?",
             )
-            .bind(to_json_text(&sh.desired)?)
+            .bind(text)
             .bind(to_json_text(&sh.desired_updated)?)
             .bind(db_int(sh.version))
             .bind(device)
             .execute(&mut *conn)
             .await?;
-            let shadow = sh.into_shadow();
-            let data = to_json_value(&shadow)?;
-            Ok((OpResult::Shadow(shadow), Some(data)))
+            let data = shadow_change(device, sh.version, patch);
+            Ok((OpResult::Shadow(sh.into_shadow()), Some(data)))
         }
         Op::ReportState { device, patch } => {
             let Some(mut sh) = load_shadow(conn, device).await? else {
@@ -337,17 +341,27 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
                     None,
                 ));
             }
-            super::merge::merge_patch(&mut sh.reported, patch);
+            let text = match merge_within_limits(
+                &mut sh.reported,
+                sh.reported_bytes,
+                patch,
+                "reported",
+            )? {
+                Ok(text) => text,
+                Err(why) => {
+                    tracing::debug!(device, "reported-state patch refused: {why}");
+                    return Ok((OpResult::TooLarge(why), None));
+                }
+            };
             stamp_keys(&mut sh.reported_updated, patch, ts);
             sqlx::query("UPDATE shadows SET reported = ?, reported_updated = ? WHERE device = ?")
-                .bind(to_json_text(&sh.reported)?)
+                .bind(text)
                 .bind(to_json_text(&sh.reported_updated)?)
                 .bind(device)
                 .execute(&mut *conn)
                 .await?;
-            let shadow = sh.into_shadow();
-            let data = to_json_value(&shadow)?;
-            Ok((OpResult::Shadow(shadow), Some(data)))
+            let data = shadow_change(device, sh.version, patch);
+            Ok((OpResult::Shadow(sh.into_shadow()), Some(data)))
         }
         Op::Presence {
             device,
@@ -603,6 +617,46 @@ async fn transition(
         },
         Some(data),
     ))
+}
+
+/// Merges `patch` into `doc` (one of a shadow's documents, stored as
+/// `stored_bytes` of JSON) within the limits of [`crate::limits`], and
+/// returns the merged document's text — or, as the inner error, why the
+/// patch is refused: it fails [`limits::check_value`], or the merged
+/// document would be larger than [`MAX_DOCUMENT_BYTES`] and larger than it
+/// was (so a document stored before the limit existed can still shrink).
+/// Depends only on the entry and the state, so every member decides alike.
+/// On refusal `doc` may be half-changed: the caller drops it.
+fn merge_within_limits(
+    doc: &mut Value,
+    stored_bytes: usize,
+    patch: &Value,
+    which: &'static str,
+) -> Result<Result<String, String>, StateError> {
+    let what = if which == "desired" {
+        "the desired-state patch"
+    } else {
+        "the reported-state patch"
+    };
+    if let Err(e) = limits::check_value(what, patch) {
+        return Ok(Err(e.to_string()));
+    }
+    super::merge::merge_patch(doc, patch);
+    let text = to_json_text(doc)?;
+    if text.len() > MAX_DOCUMENT_BYTES && text.len() > stored_bytes {
+        return Ok(Err(format!(
+            "the {which} document would be {} bytes as JSON; at most {MAX_DOCUMENT_BYTES} bytes \
+             are allowed (remove keys by setting them to null, or store less)",
+            text.len()
+        )));
+    }
+    Ok(Ok(text))
+}
+
+/// The event of a shadow change: the patch applied and the desired version
+/// after it — the change, not the documents (read those from the shadow).
+fn shadow_change(device: &str, version: u64, patch: &Value) -> Value {
+    json!({ "device": device, "version": version, "patch": patch })
 }
 
 /// Records when each top-level key of `patch` changed (a `null` removes the key).

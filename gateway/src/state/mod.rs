@@ -19,14 +19,21 @@
 //!   that was ignored, refused or not found yields none. `command.expired`
 //!   carries `{"commands": [..]}`, `gateway.sessions_lost`
 //!   `{"gateway": g, "devices": [ids]}`, deletions and secret rotation
-//!   `{"id": ..}`, tokens `{"role", "name"}` (never the hash); the others the
-//!   device, command or shadow after the change.
+//!   `{"id": ..}`, tokens `{"role", "name"}` (never the hash), shadow
+//!   changes `{"device", "version", "patch"}` (the merge patch applied and
+//!   the desired version after it: the change, not the documents); the
+//!   others the device or command after the change.
 //! - Presence epochs are per device and only move forward: a lower epoch is
 //!   stale; `online` with an epoch ≥ the highest seen takes the device; an
 //!   `offline` counts only for the current gateway and epoch. Presence
 //!   changes bump the device's `updated_at`.
 //! - `SetDesired` bumps the version on every accepted patch (even `{}`);
 //!   desired and reported patches must be JSON objects (else `Conflict`).
+//! - Desired and reported documents are capped at
+//!   [`MAX_DOCUMENT_BYTES`](crate::limits::MAX_DOCUMENT_BYTES) of JSON each:
+//!   a patch that fails [`check_value`](crate::limits::check_value), or
+//!   would make the document larger than the cap (and larger than it was),
+//!   is refused with `TooLarge` and changes nothing.
 //! - `ExpireCommands` and `GatewaySessionsLost` return `Done` if they changed
 //!   anything, else `Ignored`.
 

@@ -103,6 +103,10 @@ pub(super) struct ShadowRow {
     pub version: u64,
     pub desired_updated: BTreeMap<String, u64>,
     pub reported_updated: BTreeMap<String, u64>,
+    /// The stored size of `desired` (bytes of compact JSON).
+    pub desired_bytes: usize,
+    /// The stored size of `reported`.
+    pub reported_bytes: usize,
 }
 
 impl ShadowRow {
@@ -133,6 +137,8 @@ pub(super) fn shadow_from_row(row: &SqliteRow) -> Result<ShadowRow, StateError> 
         version: u64_col(row, "version")?,
         desired_updated: parse_json(&du, "shadows.desired_updated")?,
         reported_updated: parse_json(&ru, "shadows.reported_updated")?,
+        desired_bytes: desired.len(),
+        reported_bytes: reported.len(),
     })
 }
 

@@ -959,11 +959,81 @@ async fn desired_state_merge_and_versions() {
     assert_eq!(s.version, 3);
     // Stored and returned views agree.
     assert_eq!(t.db.shadow("d").await.unwrap().unwrap(), s);
-    // Events carry the shadow after the change.
+    // Events carry the change: the patch and the desired version.
     let ev = t.db.events_since(0, 100).await.unwrap();
     let last = ev.last().unwrap();
     assert_eq!(last.kind, "shadow.reported");
-    assert_eq!(last.data, serde_json::to_value(&s).unwrap());
+    assert_eq!(
+        last.data,
+        json!({"device": "d", "version": 3,
+            "patch": {"led": {"color": "red"}, "fan": "auto", "temp": null}})
+    );
+}
+
+#[tokio::test]
+async fn shadow_documents_are_capped_deterministically() {
+    use crate::limits::{MAX_DEPTH, MAX_DOCUMENT_BYTES};
+    let mut t = Db::new().await;
+    t.run(register("d")).await;
+    let third = "x".repeat(MAX_DOCUMENT_BYTES / 3);
+    let ops: [fn(Value) -> Op; 2] = [|p| set_desired("d", p, None), |p| report("d", p)];
+    for (i, op) in ops.into_iter().enumerate() {
+        let too_large = |r: OpResult| matches!(r, OpResult::TooLarge(_));
+        assert!(!too_large(t.run(op(json!({"a": third, "b": third}))).await));
+        // A third key would take the document past the cap: refused, no
+        // event, nothing changed.
+        let events = t.db.events_since(0, 1000).await.unwrap().len();
+        let before = t.db.shadow("d").await.unwrap().unwrap();
+        assert!(too_large(t.run(op(json!({"c": third}))).await), "{i}");
+        // So is a patch past the limits by itself, even if it removes keys.
+        let mut deep = json!(1);
+        for _ in 0..=MAX_DEPTH {
+            deep = json!({ "k": deep });
+        }
+        assert!(too_large(t.run(op(json!({"a": null, "deep": deep}))).await));
+        let big = "y".repeat(MAX_DOCUMENT_BYTES);
+        assert!(too_large(
+            t.run(op(json!({"a": null, "b": null, "c": big}))).await
+        ));
+        assert_eq!(t.db.shadow("d").await.unwrap().unwrap(), before);
+        assert_eq!(t.db.events_since(0, 1000).await.unwrap().len(), events);
+        // Room made first, then it fits.
+        assert!(!too_large(t.run(op(json!({"a": null, "c": third}))).await));
+    }
+    let s = t.db.shadow("d").await.unwrap().unwrap();
+    assert_eq!(s.version, 2, "refused patches do not bump the version");
+    assert!(s.desired.get("c").is_some() && s.reported.get("c").is_some());
+}
+
+#[tokio::test]
+async fn a_document_stored_over_the_cap_may_still_shrink() {
+    use crate::limits::MAX_DOCUMENT_BYTES;
+    let mut t = Db::new().await;
+    t.run(register("d")).await;
+    // As a gateway without the cap would have left it.
+    let half = "x".repeat(MAX_DOCUMENT_BYTES / 2);
+    let legacy = json!({"a": half, "b": half, "c": half}).to_string();
+    {
+        let pool = t.db.pool.read().await;
+        sqlx::query("UPDATE shadows SET reported = ? WHERE device = 'd'")
+            .bind(&legacy)
+            .execute(&*pool)
+            .await
+            .unwrap();
+    }
+    // Growing it further is refused; shrinking it, even if it stays over
+    // the cap, is not; a change of the same size neither.
+    assert!(matches!(
+        t.run(report("d", json!({"d": 1}))).await,
+        OpResult::TooLarge(_)
+    ));
+    let s = shadow_of(t.run(report("d", json!({"a": null}))).await);
+    assert!(s.reported.get("a").is_none());
+    let s = shadow_of(
+        t.run(report("d", json!({"b": half.replace('x', "z")})))
+            .await,
+    );
+    assert!(s.reported["b"].as_str().is_some_and(|b| b.starts_with('z')));
 }
 
 // ---------------------------------------------------------------- presence
