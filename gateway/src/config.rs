@@ -74,6 +74,21 @@ pub struct Args {
     /// into one proposal (ms).
     #[arg(long, env = "ENTENTE_REPORT_COALESCE_MS")]
     pub report_coalesce_ms: Option<u64>,
+    /// Most REST connections open at once (default: a quarter of the
+    /// open-file limit, 64 to 1,024). At the limit a new connection replaces
+    /// the one idle longest; if every one has a request in flight it is
+    /// answered 503.
+    #[arg(long, env = "ENTENTE_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<usize>,
+    /// A REST connection must send a complete request head within this
+    /// time of opening or of its previous response, or it is closed; this
+    /// is also the keep-alive idle timeout (ms, default 10,000).
+    #[arg(long, env = "ENTENTE_HTTP_HEADER_TIMEOUT_MS")]
+    pub http_header_timeout_ms: Option<u64>,
+    /// A REST client that takes no bytes of a response (event streams
+    /// included) for this long is disconnected (ms, default 30,000).
+    #[arg(long, env = "ENTENTE_HTTP_SEND_TIMEOUT_MS")]
+    pub http_send_timeout_ms: Option<u64>,
 }
 
 /// The settings file (same keys as the flags).
@@ -95,6 +110,9 @@ struct FileConfig {
     mqtt5_listen: Option<SocketAddr>,
     session_grace_ms: Option<u64>,
     report_coalesce_ms: Option<u64>,
+    http_max_connections: Option<usize>,
+    http_header_timeout_ms: Option<u64>,
+    http_send_timeout_ms: Option<u64>,
 }
 
 /// Resolved settings of one gateway.
@@ -143,6 +161,26 @@ pub struct Config {
     /// Largest payload the gateway acts on; a bigger one (up to
     /// `mqtt_max_packet`) is ignored, logged and counted.
     pub mqtt_max_payload: usize,
+    /// Most REST connections open at once; at the limit a new connection
+    /// replaces the one idle longest, or is answered 503 if none is idle.
+    pub http_max_connections: usize,
+    /// Time a REST connection has to send a complete request head after it
+    /// opened or after its previous response (so also the keep-alive idle
+    /// timeout).
+    pub http_header_timeout: Duration,
+    /// A REST client that takes no bytes of a response for this long is
+    /// disconnected.
+    pub http_send_timeout: Duration,
+}
+
+/// The default of `--http-max-connections`: a quarter of this process's
+/// open-file limit, at least 64 and at most 1,024, so that REST clients
+/// cannot take the descriptors devices, peers and storage need.
+pub fn default_http_max_connections() -> usize {
+    let soft = rlimit::Resource::NOFILE
+        .get()
+        .map_or(1024, |(soft, _hard)| soft);
+    usize::try_from((soft / 4).clamp(64, 1024)).unwrap_or(1024)
 }
 
 impl Config {
@@ -151,6 +189,7 @@ impl Config {
     /// listener's IP with port 0 (picked by the OS); [`Config::from_args`]
     /// (the defaults of `cargo run -p gateway`) puts them on 1883 and 1884.
     pub fn single(data_dir: PathBuf, http_listen: SocketAddr, raft_listen: SocketAddr) -> Config {
+        let http_max_connections = default_http_max_connections();
         Config {
             node_id: 1,
             peers: BTreeMap::from([(1, raft_listen)]),
@@ -172,6 +211,9 @@ impl Config {
             report_coalesce: Duration::from_millis(50),
             mqtt_max_packet: 256 * 1024,
             mqtt_max_payload: 64 * 1024,
+            http_max_connections,
+            http_header_timeout: Duration::from_secs(10),
+            http_send_timeout: Duration::from_secs(30),
         }
     }
 
@@ -244,6 +286,18 @@ impl Config {
         if let Some(ms) = args.report_coalesce_ms.or(file.report_coalesce_ms) {
             c.report_coalesce = Duration::from_millis(ms.max(1));
         }
+        if let Some(n) = args.http_max_connections.or(file.http_max_connections) {
+            if n == 0 {
+                return Err("--http-max-connections must be at least 1".into());
+            }
+            c.http_max_connections = n;
+        }
+        if let Some(ms) = args.http_header_timeout_ms.or(file.http_header_timeout_ms) {
+            c.http_header_timeout = Duration::from_millis(ms.max(1));
+        }
+        if let Some(ms) = args.http_send_timeout_ms.or(file.http_send_timeout_ms) {
+            c.http_send_timeout = Duration::from_millis(ms.max(1));
+        }
         Ok(c)
     }
 }
@@ -300,6 +354,35 @@ mod tests {
         assert_eq!(c.mqtt5_listen.map(|a| a.port()), Some(1884));
         assert_eq!(c.peers.len(), 1);
         assert_eq!(c.data_dir, PathBuf::from("data"));
+    }
+
+    #[test]
+    fn rest_limits_default_under_the_descriptor_limit_and_can_be_set() {
+        let c = Config::from_args(Args::default()).expect("defaults");
+        assert!((64..=1024).contains(&c.http_max_connections));
+        assert_eq!(c.http_header_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_send_timeout, Duration::from_secs(30));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("g.toml");
+        std::fs::write(
+            &file,
+            "http_max_connections = 200\nhttp_header_timeout_ms = 2500\n",
+        )
+        .expect("write");
+        let args = Args {
+            config: Some(file),
+            http_send_timeout_ms: Some(5000),
+            ..Args::default()
+        };
+        let c = Config::from_args(args).expect("config");
+        assert_eq!(c.http_max_connections, 200);
+        assert_eq!(c.http_header_timeout, Duration::from_millis(2500));
+        assert_eq!(c.http_send_timeout, Duration::from_secs(5));
+        let zero = Args {
+            http_max_connections: Some(0),
+            ..Args::default()
+        };
+        assert!(Config::from_args(zero).is_err());
     }
 
     #[test]

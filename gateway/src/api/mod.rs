@@ -43,6 +43,7 @@ use crate::config::Config;
 use crate::ops::{OpResult, Role};
 use crate::state::StateDb;
 
+pub(crate) use error::ApiError;
 pub use error::{ENTENTE_INDEX, PROBLEM_JSON, Problem};
 pub use extract::ENTENTE_MIN_INDEX;
 pub use openapi::ApiDoc;
