@@ -89,6 +89,15 @@ pub struct Args {
     /// included) for this long is disconnected (ms, default 30,000).
     #[arg(long, env = "ENTENTE_HTTP_SEND_TIMEOUT_MS")]
     pub http_send_timeout_ms: Option<u64>,
+    /// Most `/v1/events` streams open at once, all tokens together (default
+    /// 256, or a quarter of the REST connection limit if less); more are
+    /// answered 503.
+    #[arg(long, env = "ENTENTE_EVENTS_MAX_STREAMS")]
+    pub events_max_streams: Option<usize>,
+    /// Most `/v1/events` streams open at once with one token (default 16);
+    /// more are answered 429.
+    #[arg(long, env = "ENTENTE_EVENTS_MAX_STREAMS_PER_TOKEN")]
+    pub events_max_streams_per_token: Option<usize>,
 }
 
 /// The settings file (same keys as the flags).
@@ -113,6 +122,8 @@ struct FileConfig {
     http_max_connections: Option<usize>,
     http_header_timeout_ms: Option<u64>,
     http_send_timeout_ms: Option<u64>,
+    events_max_streams: Option<usize>,
+    events_max_streams_per_token: Option<usize>,
 }
 
 /// Resolved settings of one gateway.
@@ -169,8 +180,21 @@ pub struct Config {
     /// timeout).
     pub http_header_timeout: Duration,
     /// A REST client that takes no bytes of a response for this long is
-    /// disconnected.
+    /// disconnected; an event stream that cannot buffer its next event for
+    /// half this long ends.
     pub http_send_timeout: Duration,
+    /// Most event streams open at once (503 beyond).
+    pub events_max_streams: usize,
+    /// Most event streams open at once per token (429 beyond).
+    pub events_max_streams_per_token: usize,
+    /// Bytes of events buffered per event stream, waiting for its client.
+    pub events_buffer_bytes: usize,
+}
+
+/// The default of `--events-max-streams`: 256, or a quarter of the REST
+/// connection cap if that is less (streams hold their connections).
+pub fn default_events_max_streams(http_max_connections: usize) -> usize {
+    (http_max_connections / 4).clamp(1, 256)
 }
 
 /// The default of `--http-max-connections`: a quarter of this process's
@@ -214,6 +238,9 @@ impl Config {
             http_max_connections,
             http_header_timeout: Duration::from_secs(10),
             http_send_timeout: Duration::from_secs(30),
+            events_max_streams: default_events_max_streams(http_max_connections),
+            events_max_streams_per_token: 16,
+            events_buffer_bytes: 128 * 1024,
         }
     }
 
@@ -298,6 +325,16 @@ impl Config {
         if let Some(ms) = args.http_send_timeout_ms.or(file.http_send_timeout_ms) {
             c.http_send_timeout = Duration::from_millis(ms.max(1));
         }
+        c.events_max_streams = args
+            .events_max_streams
+            .or(file.events_max_streams)
+            .unwrap_or_else(|| default_events_max_streams(c.http_max_connections));
+        if let Some(n) = args
+            .events_max_streams_per_token
+            .or(file.events_max_streams_per_token)
+        {
+            c.events_max_streams_per_token = n;
+        }
         Ok(c)
     }
 }
@@ -360,13 +397,19 @@ mod tests {
     fn rest_limits_default_under_the_descriptor_limit_and_can_be_set() {
         let c = Config::from_args(Args::default()).expect("defaults");
         assert!((64..=1024).contains(&c.http_max_connections));
+        assert_eq!(
+            c.events_max_streams,
+            (c.http_max_connections / 4).min(256),
+            "streams leave most connections to other requests"
+        );
+        assert_eq!(c.events_max_streams_per_token, 16);
         assert_eq!(c.http_header_timeout, Duration::from_secs(10));
         assert_eq!(c.http_send_timeout, Duration::from_secs(30));
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("g.toml");
         std::fs::write(
             &file,
-            "http_max_connections = 200\nhttp_header_timeout_ms = 2500\n",
+            "http_max_connections = 200\nhttp_header_timeout_ms = 2500\nevents_max_streams_per_token = 4\n",
         )
         .expect("write");
         let args = Args {
@@ -376,6 +419,8 @@ mod tests {
         };
         let c = Config::from_args(args).expect("config");
         assert_eq!(c.http_max_connections, 200);
+        assert_eq!(c.events_max_streams, 50);
+        assert_eq!(c.events_max_streams_per_token, 4);
         assert_eq!(c.http_header_timeout, Duration::from_millis(2500));
         assert_eq!(c.http_send_timeout, Duration::from_secs(5));
         let zero = Args {

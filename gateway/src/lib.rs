@@ -217,6 +217,14 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
         shutdown: shutdown_rx.clone(),
         mqtt: mqtt_stats.clone(),
     };
+    if config.events_max_streams * 2 > config.http_max_connections {
+        tracing::warn!(
+            events_max_streams = config.events_max_streams,
+            http_max_connections = config.http_max_connections,
+            "event streams may take more than half of the REST connections; operators may find \
+             every connection busy"
+        );
+    }
     let http_stats = Arc::new(server::HttpStats::default());
     let router = api::app(app_state).layer(axum::Extension(http_stats.clone()));
     let limits = server::Limits {

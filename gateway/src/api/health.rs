@@ -17,6 +17,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::cluster::role_name;
 use super::error::{ApiError, Problem};
+use super::events::EventStreams;
 use crate::ops::CommandStatus;
 use crate::server::HttpStats;
 
@@ -243,6 +244,7 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Health>
 pub(crate) async fn metrics(
     State(state): State<AppState>,
     Extension(metrics): Extension<Arc<Metrics>>,
+    Extension(streams): Extension<Arc<EventStreams>>,
     connections: Option<Extension<Arc<HttpStats>>>,
 ) -> Result<Response, ApiError> {
     let counts = state.db.command_counts().await?;
@@ -255,6 +257,7 @@ pub(crate) async fn metrics(
     if let Some(Extension(connections)) = connections {
         connections.render(&mut out);
     }
+    streams.render(&mut out);
     state.mqtt.render(&mut out);
 
     let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
