@@ -67,7 +67,8 @@ pub struct Args {
     #[arg(long, env = "ENTENTE_MQTT5_LISTEN")]
     pub mqtt5_listen: Option<SocketAddr>,
     /// Most device connections open at once, both listeners together
-    /// (default 15000); one more is closed as soon as it is accepted.
+    /// (default 15000, less if the open-file limit is lower); one more is
+    /// closed as soon as it is accepted.
     #[arg(long, env = "ENTENTE_MQTT_MAX_CONNECTIONS")]
     pub mqtt_max_connections: Option<usize>,
     /// How long the leader waits before declaring an unreachable gateway's
@@ -78,6 +79,30 @@ pub struct Args {
     /// into one proposal (ms).
     #[arg(long, env = "ENTENTE_REPORT_COALESCE_MS")]
     pub report_coalesce_ms: Option<u64>,
+    /// Most REST connections open at once (default: a quarter of the
+    /// open-file limit, 64 to 1,024). At the limit a new connection replaces
+    /// the one idle longest; if every one has a request in flight it is
+    /// answered 503.
+    #[arg(long, env = "ENTENTE_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<usize>,
+    /// A REST connection must send a complete request head within this
+    /// time of opening or of its previous response, or it is closed; this
+    /// is also the keep-alive idle timeout (ms, default 10,000).
+    #[arg(long, env = "ENTENTE_HTTP_HEADER_TIMEOUT_MS")]
+    pub http_header_timeout_ms: Option<u64>,
+    /// A REST client that takes no bytes of a response (event streams
+    /// included) for this long is disconnected (ms, default 30,000).
+    #[arg(long, env = "ENTENTE_HTTP_SEND_TIMEOUT_MS")]
+    pub http_send_timeout_ms: Option<u64>,
+    /// Most `/v1/events` streams open at once, all tokens together (default
+    /// 256, or a quarter of the REST connection limit if less); more are
+    /// answered 503.
+    #[arg(long, env = "ENTENTE_EVENTS_MAX_STREAMS")]
+    pub events_max_streams: Option<usize>,
+    /// Most `/v1/events` streams open at once with one token (default 16);
+    /// more are answered 429.
+    #[arg(long, env = "ENTENTE_EVENTS_MAX_STREAMS_PER_TOKEN")]
+    pub events_max_streams_per_token: Option<usize>,
 }
 
 /// The settings file (same keys as the flags).
@@ -100,6 +125,11 @@ struct FileConfig {
     mqtt_max_connections: Option<usize>,
     session_grace_ms: Option<u64>,
     report_coalesce_ms: Option<u64>,
+    http_max_connections: Option<usize>,
+    http_header_timeout_ms: Option<u64>,
+    http_send_timeout_ms: Option<u64>,
+    events_max_streams: Option<usize>,
+    events_max_streams_per_token: Option<usize>,
 }
 
 /// Resolved settings of one gateway.
@@ -150,6 +180,51 @@ pub struct Config {
     pub mqtt_max_payload: usize,
     /// Most device connections open at once (both listeners together).
     pub mqtt_max_connections: usize,
+    /// Most REST connections open at once; at the limit a new connection
+    /// replaces the one idle longest, or is answered 503 if none is idle.
+    pub http_max_connections: usize,
+    /// Time a REST connection has to send a complete request head after it
+    /// opened or after its previous response (so also the keep-alive idle
+    /// timeout).
+    pub http_header_timeout: Duration,
+    /// A REST client that takes no bytes of a response for this long is
+    /// disconnected; an event stream that cannot buffer its next event for
+    /// half this long ends.
+    pub http_send_timeout: Duration,
+    /// Most event streams open at once (503 beyond).
+    pub events_max_streams: usize,
+    /// Most event streams open at once per token (429 beyond).
+    pub events_max_streams_per_token: usize,
+    /// Bytes of events buffered per event stream, waiting for its client.
+    pub events_buffer_bytes: usize,
+}
+
+/// The default of `--events-max-streams`: 256, or a quarter of the REST
+/// connection cap if that is less (streams hold their connections).
+pub fn default_events_max_streams(http_max_connections: usize) -> usize {
+    (http_max_connections / 4).clamp(1, 256)
+}
+
+/// The default of `--http-max-connections`: a quarter of this process's
+/// open-file limit, at least 64 and at most 1,024, so that REST clients
+/// cannot take the descriptors devices, peers and storage need.
+pub fn default_http_max_connections() -> usize {
+    let soft = rlimit::Resource::NOFILE
+        .get()
+        .map_or(1024, |(soft, _hard)| soft);
+    usize::try_from((soft / 4).clamp(64, 1024)).unwrap_or(1024)
+}
+
+/// The default of `--mqtt-max-connections`: 15,000, or less when this
+/// process's open-file limit would not leave room for the REST connections,
+/// peers and storage (at least 64).
+pub fn default_mqtt_max_connections() -> usize {
+    let soft = rlimit::Resource::NOFILE
+        .get()
+        .map_or(1024, |(soft, _hard)| soft);
+    let http = u64::try_from(default_http_max_connections()).unwrap_or(1024);
+    let room = soft.saturating_sub(http).saturating_sub(512);
+    usize::try_from(room.clamp(64, 15_000)).unwrap_or(15_000)
 }
 
 impl Config {
@@ -158,6 +233,7 @@ impl Config {
     /// listener's IP with port 0 (picked by the OS); [`Config::from_args`]
     /// (the defaults of `cargo run -p gateway`) puts them on 1883 and 1884.
     pub fn single(data_dir: PathBuf, http_listen: SocketAddr, raft_listen: SocketAddr) -> Config {
+        let http_max_connections = default_http_max_connections();
         Config {
             node_id: 1,
             peers: BTreeMap::from([(1, raft_listen)]),
@@ -179,7 +255,13 @@ impl Config {
             report_coalesce: Duration::from_millis(50),
             mqtt_max_packet: 256 * 1024,
             mqtt_max_payload: 64 * 1024,
-            mqtt_max_connections: 15_000,
+            mqtt_max_connections: default_mqtt_max_connections(),
+            http_max_connections,
+            http_header_timeout: Duration::from_secs(10),
+            http_send_timeout: Duration::from_secs(30),
+            events_max_streams: default_events_max_streams(http_max_connections),
+            events_max_streams_per_token: 16,
+            events_buffer_bytes: 128 * 1024,
         }
     }
 
@@ -255,6 +337,28 @@ impl Config {
         if let Some(ms) = args.report_coalesce_ms.or(file.report_coalesce_ms) {
             c.report_coalesce = Duration::from_millis(ms.max(1));
         }
+        if let Some(n) = args.http_max_connections.or(file.http_max_connections) {
+            if n == 0 {
+                return Err("--http-max-connections must be at least 1".into());
+            }
+            c.http_max_connections = n;
+        }
+        if let Some(ms) = args.http_header_timeout_ms.or(file.http_header_timeout_ms) {
+            c.http_header_timeout = Duration::from_millis(ms.max(1));
+        }
+        if let Some(ms) = args.http_send_timeout_ms.or(file.http_send_timeout_ms) {
+            c.http_send_timeout = Duration::from_millis(ms.max(1));
+        }
+        c.events_max_streams = args
+            .events_max_streams
+            .or(file.events_max_streams)
+            .unwrap_or_else(|| default_events_max_streams(c.http_max_connections));
+        if let Some(n) = args
+            .events_max_streams_per_token
+            .or(file.events_max_streams_per_token)
+        {
+            c.events_max_streams_per_token = n;
+        }
         Ok(c)
     }
 }
@@ -311,6 +415,43 @@ mod tests {
         assert_eq!(c.mqtt5_listen.map(|a| a.port()), Some(1884));
         assert_eq!(c.peers.len(), 1);
         assert_eq!(c.data_dir, PathBuf::from("data"));
+    }
+
+    #[test]
+    fn rest_limits_default_under_the_descriptor_limit_and_can_be_set() {
+        let c = Config::from_args(Args::default()).expect("defaults");
+        assert!((64..=1024).contains(&c.http_max_connections));
+        assert_eq!(
+            c.events_max_streams,
+            (c.http_max_connections / 4).min(256),
+            "streams leave most connections to other requests"
+        );
+        assert_eq!(c.events_max_streams_per_token, 16);
+        assert_eq!(c.http_header_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_send_timeout, Duration::from_secs(30));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("g.toml");
+        std::fs::write(
+            &file,
+            "http_max_connections = 200\nhttp_header_timeout_ms = 2500\nevents_max_streams_per_token = 4\n",
+        )
+        .expect("write");
+        let args = Args {
+            config: Some(file),
+            http_send_timeout_ms: Some(5000),
+            ..Args::default()
+        };
+        let c = Config::from_args(args).expect("config");
+        assert_eq!(c.http_max_connections, 200);
+        assert_eq!(c.events_max_streams, 50);
+        assert_eq!(c.events_max_streams_per_token, 4);
+        assert_eq!(c.http_header_timeout, Duration::from_millis(2500));
+        assert_eq!(c.http_send_timeout, Duration::from_secs(5));
+        let zero = Args {
+            http_max_connections: Some(0),
+            ..Args::default()
+        };
+        assert!(Config::from_args(zero).is_err());
     }
 
     #[test]

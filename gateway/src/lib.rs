@@ -11,6 +11,7 @@ pub mod config;
 pub mod limits;
 pub mod mqtt;
 pub mod ops;
+mod server;
 pub mod state;
 
 use std::future::Future;
@@ -226,16 +227,29 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
         shutdown: shutdown_rx.clone(),
         mqtt: mqtt_stats.clone(),
     };
-    let router = api::app(app_state);
-    let mut stop_http = shutdown_rx.clone();
-    let http = tokio::spawn(async move {
-        let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
-            let _ = stop_http.wait_for(|s| *s).await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "REST server failed");
-        }
-    });
+    if config.events_max_streams * 2 > config.http_max_connections {
+        tracing::warn!(
+            events_max_streams = config.events_max_streams,
+            http_max_connections = config.http_max_connections,
+            "event streams may take more than half of the REST connections; operators may find \
+             every connection busy"
+        );
+    }
+    let http_stats = Arc::new(server::HttpStats::default());
+    let router = api::app(app_state).layer(axum::Extension(http_stats.clone()));
+    let limits = server::Limits {
+        max_connections: config.http_max_connections.max(1),
+        header_timeout: config.http_header_timeout,
+        send_timeout: config.http_send_timeout,
+        shutdown_grace: config.write_timeout + Duration::from_secs(1),
+    };
+    let http = tokio::spawn(server::serve(
+        listener,
+        router,
+        limits,
+        http_stats,
+        shutdown_rx.clone(),
+    ));
 
     let admin_token_file = if config.join {
         None

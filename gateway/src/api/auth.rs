@@ -5,6 +5,8 @@
 //! hashed (`hash_secret`); the presented token is hashed and looked up in the
 //! replicated token table.
 
+use std::sync::Arc;
+
 use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
@@ -19,10 +21,12 @@ use crate::ops::Role;
 const MAX_TOKEN: usize = 512;
 
 /// Who is calling, inserted in the request extensions once authenticated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     /// The token's role.
     pub role: Role,
+    /// The token's hash: which token it is, for limits per token.
+    pub token_hash: Arc<str>,
 }
 
 /// Extracts the token of an `Authorization: Bearer <token>` header.
@@ -55,7 +59,8 @@ pub async fn require(state: AppState, needed: Role, mut req: Request, next: Next
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
-    let role = match state.db.token_role(&hash_secret(token)).await {
+    let token_hash = hash_secret(token);
+    let role = match state.db.token_role(&token_hash).await {
         Ok(Some(role)) => role,
         Ok(None) => {
             return ApiError::unauthorized(
@@ -75,7 +80,10 @@ pub async fn require(state: AppState, needed: Role, mut req: Request, next: Next
         ))
         .into_response();
     }
-    req.extensions_mut().insert(Caller { role });
+    req.extensions_mut().insert(Caller {
+        role,
+        token_hash: token_hash.into(),
+    });
     next.run(req).await
 }
 

@@ -169,6 +169,22 @@ impl ApiError {
         e
     }
 
+    /// 429 with `Retry-After`: this client has too much open already.
+    pub fn too_many_requests(
+        slug: &'static str,
+        detail: impl Into<String>,
+        retry_s: u64,
+    ) -> ApiError {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            slug,
+            "Too many requests",
+            detail,
+        );
+        e.0.retry_after = Some(retry_s);
+        e
+    }
+
     /// 500: something failed inside this gateway. The cause must already be
     /// logged; the client learns only that it happened.
     pub fn internal() -> ApiError {

@@ -9,8 +9,24 @@
 //! subscribes to the live broadcast *before* querying, and drops live events
 //! at or below the last index it sent. A subscriber that falls behind the
 //! broadcast (lagged) goes back to querying the store from its last index.
+//!
+//! Bounds: at most `events_max_streams` streams (503 beyond) and
+//! `events_max_streams_per_token` per token (429 beyond). Each stream
+//! buffers at most `events_buffer_bytes` of events for its client (plus
+//! what hyper holds, 64 KiB); a replay batch read from
+//! the store is at most [`REPLAY_BATCH`] events or [`REPLAY_BATCH_BYTES`].
+//! When the client has not made room for the next event for half of
+//! `http_send_timeout` it is too slow: the stream ends after the events
+//! already buffered (and a comment saying so), and the client resumes with
+//! the `Last-Event-ID` of the last event it received whole. (A client that
+//! reads nothing at all is disconnected by the listener half a send
+//! timeout later.)
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::{Extension, State};
@@ -20,7 +36,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use utoipa::IntoParams;
 
@@ -28,12 +45,19 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::{ApiError, ENTENTE_INDEX, Problem};
 use super::extract::ApiQuery;
+use crate::config::Config;
 use crate::ops::{Event, Role};
 
 /// Events read from the store per query while replaying.
 const REPLAY_BATCH: u32 = 500;
-/// Events buffered per client before the stream waits for it.
-const CLIENT_BUFFER: usize = 64;
+/// Stored event data read per query while replaying (at least one event).
+const REPLAY_BATCH_BYTES: usize = 64 * 1024;
+/// Events (of any size) buffered per client; the byte budget is the real bound.
+const CLIENT_BUFFER: usize = 1024;
+/// What an event costs in the buffer besides its data (`id:`, `event:`, ...).
+const EVENT_OVERHEAD: usize = 32;
+/// `Retry-After` (seconds) of a refused stream.
+const RETRY_S: u64 = 5;
 
 /// Query of `GET /v1/events`.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -73,20 +97,229 @@ fn scrub(v: &mut Value) {
     }
 }
 
-fn to_sse(mut e: Event) -> SseEvent {
+/// The event as sent, and about how many bytes it takes.
+fn to_sse(mut e: Event) -> (SseEvent, usize) {
     scrub(&mut e.data);
     let data = serde_json::to_string(&e.data).unwrap_or_else(|_| "null".into());
-    SseEvent::default()
+    let size = data.len() + e.kind.len() + EVENT_OVERHEAD;
+    let ev = SseEvent::default()
         .id(e.index.to_string())
         .event(e.kind)
-        .data(data)
+        .data(data);
+    (ev, size)
+}
+
+/// The open event streams of one gateway: the limits on them, and their
+/// figures for `/metrics`.
+#[derive(Debug)]
+pub(crate) struct EventStreams {
+    max: usize,
+    per_token: usize,
+    buffer_bytes: usize,
+    stall: Duration,
+    open: Mutex<Open>,
+    buffered: AtomicU64,
+    refused_token: AtomicU64,
+    refused_total: AtomicU64,
+    dropped_slow: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    total: usize,
+    by_token: HashMap<Arc<str>, usize>,
+}
+
+impl EventStreams {
+    pub(crate) fn new(config: &Config) -> EventStreams {
+        EventStreams {
+            max: config.events_max_streams,
+            per_token: config.events_max_streams_per_token,
+            buffer_bytes: config.events_buffer_bytes.clamp(1, u32::MAX as usize),
+            // Half the send timeout: the stream ends (cleanly, counted) before
+            // the listener gives up on the connection.
+            stall: config.http_send_timeout / 2,
+            open: Mutex::new(Open::default()),
+            buffered: AtomicU64::new(0),
+            refused_token: AtomicU64::new(0),
+            refused_total: AtomicU64::new(0),
+            dropped_slow: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A place for one more stream of `token`, or the refusal.
+    fn admit(self: &Arc<Self>, token: Arc<str>) -> Result<StreamSlot, ApiError> {
+        let mut open = self.lock();
+        let mine = open.by_token.get(&token).copied().unwrap_or(0);
+        if mine >= self.per_token {
+            self.refused_token.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::too_many_requests(
+                "too-many-streams",
+                format!(
+                    "this token has {mine} event streams open on this gateway, the most it may \
+                     have ({}); close one, or give each consumer a token of its own",
+                    self.per_token
+                ),
+                RETRY_S,
+            ));
+        }
+        if open.total >= self.max {
+            self.refused_total.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::unavailable(
+                "stream-limit",
+                format!(
+                    "this gateway serves its maximum of {} event streams; retry later, or on \
+                     another gateway",
+                    self.max
+                ),
+                RETRY_S,
+            ));
+        }
+        open.total += 1;
+        *open.by_token.entry(token.clone()).or_default() += 1;
+        Ok(StreamSlot {
+            streams: self.clone(),
+            token,
+        })
+    }
+
+    /// Appends the figures in the Prometheus text format.
+    pub(crate) fn render(&self, out: &mut String) {
+        let total = self.lock().total;
+        let _ = writeln!(
+            out,
+            "# HELP entente_events_streams Event streams (/v1/events) open.\n\
+             # TYPE entente_events_streams gauge\nentente_events_streams {total}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP entente_events_buffered_bytes Event bytes buffered for stream clients, all streams.\n\
+             # TYPE entente_events_buffered_bytes gauge\nentente_events_buffered_bytes {}",
+            self.buffered.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP entente_events_streams_refused_total Event streams refused: over the limit per token (429) or in all (503).\n\
+             # TYPE entente_events_streams_refused_total counter\n\
+             entente_events_streams_refused_total{{limit=\"token\"}} {}\n\
+             entente_events_streams_refused_total{{limit=\"total\"}} {}",
+            self.refused_token.load(Ordering::Relaxed),
+            self.refused_total.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP entente_events_streams_dropped_total Event streams ended because their client did not keep up.\n\
+             # TYPE entente_events_streams_dropped_total counter\nentente_events_streams_dropped_total {}",
+            self.dropped_slow.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// One open stream's place; freed when the response body is dropped.
+#[derive(Debug)]
+struct StreamSlot {
+    streams: Arc<EventStreams>,
+    token: Arc<str>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.streams.lock();
+        open.total = open.total.saturating_sub(1);
+        if let Some(n) = open.by_token.get_mut(&self.token) {
+            *n -= 1;
+            if *n == 0 {
+                open.by_token.remove(&self.token);
+            }
+        }
+    }
+}
+
+/// Bytes of one event in a stream's buffer, given back when it leaves.
+#[derive(Debug)]
+struct Buffered {
+    _permit: OwnedSemaphorePermit,
+    bytes: u64,
+    streams: Arc<EventStreams>,
+}
+
+impl Drop for Buffered {
+    fn drop(&mut self) {
+        self.streams
+            .buffered
+            .fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+type Item = (SseEvent, Option<Buffered>);
+
+/// The pump's end of one client's buffer.
+struct Out {
+    tx: mpsc::Sender<Item>,
+    budget: Arc<Semaphore>,
+    streams: Arc<EventStreams>,
+}
+
+impl Out {
+    /// Buffers `ev` (`size` bytes) for the client, waiting while its buffer
+    /// is full — at most the stall time, after which the client is dropped.
+    async fn push(&self, ev: SseEvent, size: usize, cursor: u64) -> Step {
+        let s = &self.streams;
+        let n = size.clamp(1, s.buffer_bytes);
+        let enqueue = async {
+            let permit = self
+                .budget
+                .clone()
+                .acquire_many_owned(u32::try_from(n).unwrap_or(u32::MAX))
+                .await
+                .ok()?;
+            s.buffered.fetch_add(n as u64, Ordering::Relaxed);
+            let buffered = Buffered {
+                _permit: permit,
+                bytes: n as u64,
+                streams: s.clone(),
+            };
+            self.tx.send((ev, Some(buffered))).await.ok()
+        };
+        tokio::select! {
+            () = self.tx.closed() => Step::Stop,
+            r = tokio::time::timeout(s.stall, enqueue) => match r {
+                Ok(Some(())) => Step::Go,
+                Ok(None) => Step::Stop,
+                Err(_) => {
+                    s.dropped_slow.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
+                        last_buffered = cursor,
+                        "an event stream's client took nothing for {} ms; ending the stream",
+                        s.stall.as_millis()
+                    );
+                    let _ = self.tx.try_send((
+                        SseEvent::default().comment(
+                            "ending: this client did not keep up; reconnect with the \
+                             Last-Event-ID of the last event received to resume",
+                        ),
+                        None,
+                    ));
+                    Step::Stop
+                }
+            },
+        }
+    }
 }
 
 /// Stream committed changes (Server-Sent Events).
 ///
 /// `id` = log index, `event` = kind (e.g. `command.result`), `data` = JSON.
 /// Reconnect with `Last-Event-ID` to resume exactly. The stream ends when the
-/// gateway shuts down.
+/// gateway shuts down, or when the client does not keep up (its buffer on the
+/// gateway stays full for half the send timeout, 15 s by default): then it
+/// ends after whole events, and `Last-Event-ID` resumes it as well. By
+/// default a token may have 16 streams open on one gateway, and a gateway
+/// serves 256.
 #[utoipa::path(
     get, path = "/v1/events", tag = "events",
     params(
@@ -98,23 +331,43 @@ fn to_sse(mut e: Event) -> SseEvent {
             content_type = "text/event-stream", body = String),
         (status = 400, description = "Invalid Last-Event-ID or query", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "This token has the most event streams it may have open on this gateway; `Retry-After` says when to try again",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "This gateway serves the most event streams it will; `Retry-After` says when to try again",
+            body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn events(
     State(state): State<AppState>,
+    Extension(streams): Extension<Arc<EventStreams>>,
     caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<EventsQuery>,
 ) -> Result<Response, ApiError> {
     let resume = last_event_id(&headers)?.or(q.after);
+    let (admin, token) = match caller {
+        Some(Extension(c)) => (c.role >= Role::Admin, c.token_hash),
+        None => (false, Arc::from("")),
+    };
+    let slot = streams.admit(token)?;
     // Subscribe first: everything committed from now on reaches us live.
     let live = state.db.subscribe();
     let start = resume.unwrap_or_else(|| state.db.applied_index());
-    let admin = caller.is_some_and(|Extension(c)| c.role >= Role::Admin);
     let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
-    tokio::spawn(pump(state, live, start, admin, tx));
-    let sse = Sse::new(ReceiverStream::new(rx))
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)));
+    let out = Out {
+        tx,
+        budget: Arc::new(Semaphore::new(streams.buffer_bytes)),
+        streams,
+    };
+    tokio::spawn(pump(state, live, start, admin, out));
+    // The slot lives as long as the body: until the response is sent or the
+    // connection closes.
+    let body = ReceiverStream::new(rx).map(move |(ev, buffered)| {
+        let _open = &slot;
+        drop(buffered);
+        Ok::<_, Infallible>(ev)
+    });
+    let sse = Sse::new(body).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)));
     let mut res = (StatusCode::OK, sse).into_response();
     res.headers_mut()
         .insert(ENTENTE_INDEX, HeaderValue::from(start));
@@ -137,57 +390,49 @@ fn admit(cursor: &mut u64, admin: bool, e: &Event) -> bool {
     admin || e.kind != "token"
 }
 
-/// Sends one event unless it was sent already; returns `Stop` when the client is gone.
-async fn send(
-    tx: &mpsc::Sender<Result<SseEvent, Infallible>>,
-    cursor: &mut u64,
-    admin: bool,
-    e: Event,
-) -> Step {
+/// Sends one event unless it was sent already; returns `Stop` when the client
+/// is gone or too slow.
+async fn send(out: &Out, cursor: &mut u64, admin: bool, e: Event) -> Step {
     if !admit(cursor, admin, &e) {
         return Step::Go;
     }
-    if tx.send(Ok(to_sse(e))).await.is_err() {
-        return Step::Stop;
-    }
-    Step::Go
+    let (ev, size) = to_sse(e);
+    out.push(ev, size, *cursor).await
 }
 
 /// Replays stored events after `cursor` until caught up.
-async fn replay(
-    state: &AppState,
-    tx: &mpsc::Sender<Result<SseEvent, Infallible>>,
-    cursor: &mut u64,
-    admin: bool,
-) -> Step {
+async fn replay(state: &AppState, out: &Out, cursor: &mut u64, admin: bool) -> Step {
     loop {
-        let batch = match state.db.events_since(*cursor, REPLAY_BATCH).await {
+        let batch = match state
+            .db
+            .events_since_bounded(*cursor, REPLAY_BATCH, REPLAY_BATCH_BYTES)
+            .await
+        {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "reading events for a stream; ending it");
                 return Step::Stop;
             }
         };
-        let full = batch.len() >= REPLAY_BATCH as usize;
+        if batch.is_empty() {
+            return Step::Go;
+        }
         for e in batch {
-            if let Step::Stop = send(tx, cursor, admin, e).await {
+            if let Step::Stop = send(out, cursor, admin, e).await {
                 return Step::Stop;
             }
-        }
-        if !full {
-            return Step::Go;
         }
     }
 }
 
-/// Feeds one client: replay, then live, until the client leaves or the
-/// gateway shuts down.
+/// Feeds one client: replay, then live, until the client leaves, falls too
+/// far behind, or the gateway shuts down.
 async fn pump(
     state: AppState,
     mut live: tokio::sync::broadcast::Receiver<Event>,
     mut cursor: u64,
     admin: bool,
-    tx: mpsc::Sender<Result<SseEvent, Infallible>>,
+    out: Out,
 ) {
     let mut shutdown = state.shutdown.clone();
     if *shutdown.borrow() {
@@ -198,7 +443,7 @@ async fn pump(
         if need_replay {
             need_replay = false;
             let step = tokio::select! {
-                s = replay(&state, &tx, &mut cursor, admin) => s,
+                s = replay(&state, &out, &mut cursor, admin) => s,
                 _ = super::stopped(&mut shutdown) => Step::Stop,
             };
             if let Step::Stop = step {
@@ -207,9 +452,9 @@ async fn pump(
         }
         let step = tokio::select! {
             _ = super::stopped(&mut shutdown) => Step::Stop,
-            _ = tx.closed() => Step::Stop,
+            _ = out.tx.closed() => Step::Stop,
             ev = live.recv() => match ev {
-                Ok(e) => send(&tx, &mut cursor, admin, e).await,
+                Ok(e) => send(&out, &mut cursor, admin, e).await,
                 Err(RecvError::Lagged(n)) => {
                     tracing::debug!(missed = n, "event stream fell behind; replaying from the store");
                     need_replay = true;
@@ -263,15 +508,73 @@ mod tests {
         assert_eq!(run(true), (vec![5, 6, 7], 7));
     }
 
+    fn out(config: &Config) -> (Out, mpsc::Receiver<Item>) {
+        let streams = Arc::new(EventStreams::new(config));
+        let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
+        let out = Out {
+            tx,
+            budget: Arc::new(Semaphore::new(streams.buffer_bytes)),
+            streams,
+        };
+        (out, rx)
+    }
+
+    fn config() -> Config {
+        let any = "127.0.0.1:0".parse().expect("address");
+        Config::single(std::path::PathBuf::from("unused"), any, any)
+    }
+
     #[tokio::test]
     async fn a_departed_client_stops_the_pump() {
-        let (tx, rx) = mpsc::channel(1);
+        let (out, rx) = out(&config());
         drop(rx);
         let mut cursor = 0;
         assert!(matches!(
-            send(&tx, &mut cursor, true, ev(1, "token")).await,
+            send(&out, &mut cursor, true, ev(1, "token")).await,
             Step::Stop
         ));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_keep_up_is_dropped_with_its_buffer_bounded() {
+        let mut c = config();
+        c.events_buffer_bytes = 1000;
+        c.http_send_timeout = Duration::from_millis(600);
+        let (out, mut rx) = out(&c);
+        let streams = out.streams.clone();
+        let big = |i| Event {
+            index: i,
+            kind: "shadow.desired".into(),
+            data: serde_json::json!({ "pad": "x".repeat(300) }),
+        };
+        let mut cursor = 0;
+        // Two events of ~360 bytes fit in 1000 bytes; the third waits.
+        for i in 1..=2 {
+            assert!(matches!(
+                send(&out, &mut cursor, true, big(i)).await,
+                Step::Go
+            ));
+        }
+        let before = tokio::time::Instant::now();
+        assert!(matches!(
+            send(&out, &mut cursor, true, big(3)).await,
+            Step::Stop
+        ));
+        let waited = before.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(10),
+            "dropped after the stall time, not {waited:?}"
+        );
+        assert!(streams.buffered.load(Ordering::Relaxed) <= 1000);
+        assert_eq!(streams.dropped_slow.load(Ordering::Relaxed), 1);
+        // What was buffered is still delivered, then a comment says why it ends.
+        let (_, b1) = rx.recv().await.expect("event 1");
+        let (_, b2) = rx.recv().await.expect("event 2");
+        assert!(b1.is_some() && b2.is_some());
+        let (_, end) = rx.recv().await.expect("the ending comment");
+        assert!(end.is_none());
+        drop((b1, b2));
+        assert_eq!(streams.buffered.load(Ordering::Relaxed), 0);
     }
 
     #[test]

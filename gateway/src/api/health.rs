@@ -17,7 +17,9 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::cluster::role_name;
 use super::error::{ApiError, Problem};
+use super::events::EventStreams;
 use crate::ops::CommandStatus;
+use crate::server::HttpStats;
 
 /// Upper bounds (seconds) of the request latency histogram buckets.
 const BUCKETS: [f64; 14] = [
@@ -267,12 +269,20 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Health>
 pub(crate) async fn metrics(
     State(state): State<AppState>,
     Extension(metrics): Extension<Arc<Metrics>>,
+    Extension(streams): Extension<Arc<EventStreams>>,
+    connections: Option<Extension<Arc<HttpStats>>>,
 ) -> Result<Response, ApiError> {
     let counts = state.db.command_counts().await?;
     let st = state.node.status();
     let r = &st.raft;
     let mut out = String::with_capacity(4096);
     metrics.render(&mut out);
+    // (The listener's counters exist when the router is served by
+    // `gateway::start`, not when it is called directly.)
+    if let Some(Extension(connections)) = connections {
+        connections.render(&mut out);
+    }
+    streams.render(&mut out);
     state.mqtt.render(&mut out);
 
     let gauge = |out: &mut String, name: &str, help: &str, value: u64| {

@@ -45,6 +45,7 @@ use crate::config::Config;
 use crate::ops::{OpResult, Role};
 use crate::state::StateDb;
 
+pub(crate) use error::ApiError;
 pub use error::{ENTENTE_INDEX, PROBLEM_JSON, Problem};
 pub use extract::ENTENTE_MIN_INDEX;
 pub use openapi::ApiDoc;
@@ -196,6 +197,7 @@ pub fn routes() -> Vec<RouteInfo> {
 /// The REST API router.
 pub fn app(state: AppState) -> Router {
     let metrics = Arc::new(health::Metrics::default());
+    let streams = Arc::new(events::EventStreams::new(&state.config));
     let max_body = state.config.max_body_bytes;
     let mut router = Router::new();
     for (info, method_router) in table() {
@@ -211,6 +213,7 @@ pub fn app(state: AppState) -> Router {
     router
         .fallback(|| async { error::ApiError::from_status(StatusCode::NOT_FOUND) })
         .layer(Extension(metrics.clone()))
+        .layer(Extension(streams))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(state.clone(), deadline))
         .layer(RequestBodyLimitLayer::new(max_body))

@@ -144,23 +144,42 @@ impl StateDb {
     /// long as it is within the retained window, [`super::EVENTS_RETAINED`]
     /// indexes behind the applied index).
     pub async fn events_since(&self, after: Index, limit: u32) -> Result<Vec<Event>, StateError> {
+        self.events_since_bounded(after, limit, usize::MAX).await
+    }
+
+    /// [`StateDb::events_since`], stopping after the event that brings the
+    /// stored data read to `max_bytes` (so at least one event, if any): what
+    /// an event stream holds in memory per batch stays bounded however large
+    /// the events are.
+    pub async fn events_since_bounded(
+        &self,
+        after: Index,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<Vec<Event>, StateError> {
+        use tokio_stream::StreamExt;
         let pool = self.pool.read().await;
-        let rows =
+        let mut rows =
             sqlx::query("SELECT idx, kind, data FROM events WHERE idx > ? ORDER BY idx LIMIT ?")
                 .bind(db_int(after))
                 .bind(i64::from(limit))
-                .fetch_all(&*pool)
-                .await?;
-        rows.iter()
-            .map(|r| {
-                let data: String = r.try_get("data")?;
-                Ok(Event {
-                    index: from_db_int(r.try_get("idx")?, "events.idx")?,
-                    kind: r.try_get("kind")?,
-                    data: parse_json(&data, "events.data")?,
-                })
-            })
-            .collect()
+                .fetch(&*pool);
+        let mut events = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(row) = rows.next().await {
+            let r = row?;
+            let data: String = r.try_get("data")?;
+            bytes = bytes.saturating_add(data.len());
+            events.push(Event {
+                index: from_db_int(r.try_get("idx")?, "events.idx")?,
+                kind: r.try_get("kind")?,
+                data: parse_json(&data, "events.data")?,
+            });
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(events)
     }
 
     /// How many commands are in each status (every status, zeros included,

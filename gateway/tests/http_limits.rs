@@ -1,0 +1,306 @@
+//! The REST listener against slow and idle clients, on real sockets:
+//! `gateway::start` with port-0 listeners in this process.
+//!
+//! The finding: connections trickling request heads were never closed and
+//! never capped, so they took every descriptor of the process, and then
+//! `/healthz`, writes and device logins failed.
+
+use std::path::Path;
+use std::time::Duration;
+
+use gateway::{Config, Gateway};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep, timeout};
+
+mod common;
+
+use common::{SseStream, WAIT, connect_v4, metric};
+
+struct Env {
+    gw: Gateway,
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+async fn boot(dir: &Path, tweak: impl FnOnce(&mut Config)) -> Env {
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let mut config = Config::single(dir.to_path_buf(), any, any);
+    config.tick = Duration::from_millis(5);
+    tweak(&mut config);
+    let gw = gateway::start(config).await.expect("start");
+    let file = gw.admin_token_file.clone().expect("admin token file");
+    let token = std::fs::read_to_string(file)
+        .expect("token")
+        .trim()
+        .to_string();
+    Env {
+        base: format!("http://{}", gw.http_addr),
+        gw,
+        token,
+        http: reqwest::Client::builder()
+            .timeout(WAIT)
+            .build()
+            .expect("client"),
+    }
+}
+
+impl Env {
+    /// Registers a device; its secret.
+    async fn register(&self, id: &str) -> String {
+        let r = self
+            .http
+            .post(format!("{}/v1/devices", self.base))
+            .bearer_auth(&self.token)
+            .json(&json!({ "id": id }))
+            .send()
+            .await
+            .expect("register");
+        assert_eq!(r.status(), 201, "registering {id}");
+        let body: Value = r.json().await.expect("json");
+        body["secret"].as_str().expect("secret").to_string()
+    }
+
+    async fn metrics(&self) -> String {
+        let r = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("metrics");
+        assert_eq!(r.status(), 200);
+        r.text().await.expect("text")
+    }
+}
+
+/// Whether the gateway has closed (or answered) this connection; it never
+/// reads what the gateway sent, as a slow client would not.
+fn closed_by_gateway(s: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    match s.try_read(&mut b) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Ok(_) | Err(_) => true,
+    }
+}
+
+const CAP: usize = 400;
+const SLOW: usize = 3_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_connections_neither_take_the_descriptors_nor_keep_operators_out() {
+    // The gateway and the slow clients share this process's descriptors: the
+    // limit leaves room for the clients and the gateway at its cap (plus its
+    // files, the MQTT side and the operator's connections), not for the
+    // gateway keeping every slow client as well.
+    let budget = (SLOW + CAP + 1_500) as u64;
+    let (_, hard) = rlimit::Resource::NOFILE.get().expect("open-file limit");
+    assert!(
+        hard >= budget,
+        "this test needs an open-file hard limit of at least {budget}"
+    );
+    rlimit::Resource::NOFILE
+        .set(budget, hard)
+        .expect("setting the open-file limit");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = boot(dir.path(), |c| c.http_max_connections = CAP).await;
+    let secret = env.register("meter-1").await;
+
+    // Thousands of clients that send part of a request head and no more.
+    let mut slow = Vec::with_capacity(SLOW);
+    for i in 0..SLOW {
+        let mut s = TcpStream::connect(env.gw.http_addr)
+            .await
+            .unwrap_or_else(|e| panic!("slow connection {i}: {e}"));
+        // (The gateway may have closed it already to make room.)
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n").await;
+        slow.push(s);
+    }
+
+    // The operator still gets in: liveness, a write, a device login.
+    let started = Instant::now();
+    let r = env
+        .http
+        .get(format!("{}/healthz", env.base))
+        .send()
+        .await
+        .expect("/healthz while slow clients hold connections");
+    assert_eq!(r.status(), 200);
+    env.register("meter-2").await;
+    let mut device = connect_v4(
+        env.gw.mqtt_addr.expect("mqtt listener"),
+        "meter-1",
+        "meter-1",
+        &secret,
+    );
+    device.expect_connack().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the operator's requests took {:?}",
+        started.elapsed()
+    );
+
+    // The gateway keeps at most CAP connections: it closed the slow clients
+    // that were idle longest to make room for newer ones.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let open = slow.iter().filter(|s| !closed_by_gateway(s)).count();
+        if open <= CAP {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{open} slow connections still open at the gateway (cap {CAP})"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    let m = env.metrics().await;
+    assert!(metric(&m, "entente_http_connections") <= CAP as u64, "{m}");
+    assert!(
+        metric(&m, "entente_http_connections_evicted_total") >= (SLOW - CAP) as u64,
+        "{m}"
+    );
+    device.disconnect().await;
+    drop(slow);
+    env.gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_request_head_is_cut_off_and_a_quiet_event_stream_is_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let header_timeout = Duration::from_secs(1);
+    let env = boot(dir.path(), |c| c.http_header_timeout = header_timeout).await;
+
+    // An event stream that sees no event for longer than the header timeout.
+    let r = env
+        .http
+        .get(format!("{}/v1/events", env.base))
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(r.status(), 200);
+    let mut events = SseStream {
+        body: Box::pin(r.bytes_stream()),
+        buf: String::new(),
+    };
+
+    // A client trickling its request head, a byte every 100 ms.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(env.gw.http_addr).await.expect("connect");
+    s.write_all(b"GET /healthz HTTP/1.1\r\n")
+        .await
+        .expect("write");
+    let (mut rd, mut wr) = s.split();
+    let trickle = async {
+        for b in b"X-Slow: ".iter().cycle() {
+            if wr.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let mut answer = Vec::new();
+    let ended = tokio::select! {
+        r = timeout(WAIT, rd.read_to_end(&mut answer)) => r,
+        () = trickle => unreachable!("the trickle never ends by itself"),
+    };
+    let lived = started.elapsed();
+    assert!(
+        ended.is_ok(),
+        "a trickled head kept its connection for {lived:?}"
+    );
+    assert!(
+        lived >= header_timeout && lived < header_timeout * 5,
+        "closed after {lived:?}, the header timeout is {header_timeout:?}"
+    );
+
+    // An idle keep-alive connection goes the same way.
+    let mut idle = TcpStream::connect(env.gw.http_addr).await.expect("connect");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .expect("write");
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    timeout(WAIT, idle.read_to_end(&mut seen))
+        .await
+        .expect("an idle connection is closed")
+        .ok();
+    assert!(
+        String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"),
+        "answered first"
+    );
+    assert!(started.elapsed() >= header_timeout);
+
+    // The quiet stream is still there, and gets the next change.
+    sleep(header_timeout * 2).await;
+    env.register("late-1").await;
+    let (_, kind, data) = events.next().await;
+    assert_eq!(kind, "device.registered");
+    assert_eq!(data["id"], "late-1");
+    let m = env.metrics().await;
+    assert!(
+        metric(&m, "entente_http_connections_timed_out_total") >= 2,
+        "{m}"
+    );
+    env.gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_limit_with_every_connection_busy_a_new_one_is_answered_503() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cap = 3;
+    let env = boot(dir.path(), |c| c.http_max_connections = cap).await;
+    // Event streams keep their connections busy (they are never evicted).
+    let mut streams = Vec::new();
+    for _ in 0..cap {
+        let r = env
+            .http
+            .get(format!("{}/v1/events", env.base))
+            .bearer_auth(&env.token)
+            .send()
+            .await
+            .expect("events");
+        assert_eq!(r.status(), 200);
+        streams.push(r);
+    }
+    let mut s = TcpStream::connect(env.gw.http_addr).await.expect("connect");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    timeout(WAIT, s.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 1"), "{answer}");
+    assert!(
+        answer.contains("content-type: application/problem+json"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("urn:entente:problem:connection-limit"),
+        "{answer}"
+    );
+
+    // One stream ends: its place is free again.
+    drop(streams.pop());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let ok = reqwest::get(format!("{}/healthz", env.base))
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no connection freed");
+        sleep(Duration::from_millis(50)).await;
+    }
+    drop(streams);
+    env.gw.stop().await;
+}
