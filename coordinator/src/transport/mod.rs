@@ -162,7 +162,7 @@ mod backoff;
 mod config;
 mod error;
 mod frame;
-mod gate;
+pub(crate) mod gate;
 mod handshake;
 mod listener;
 mod peer;
