@@ -557,6 +557,11 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                 }
                 result = self.cycle().await;
             }
+            if result.is_ok() && self.status.borrow().refused_non_member != self.refused_non_member
+            {
+                // Refusals change nothing in the core, so no cycle published them.
+                self.publish_status();
+            }
             if let Err(e) = result {
                 tracing::error!(node = self.id, error = %e, "node stopped after a fatal error");
                 self.fail_all(NodeError::Fatal(e.to_string()));

@@ -339,10 +339,7 @@ pub(crate) async fn metrics(
         out,
         "# HELP entente_raft_refused_non_member_total Peer messages refused because their sender is not a member."
     );
-    let _ = writeln!(
-        out,
-        "# TYPE entente_raft_refused_non_member_total counter"
-    );
+    let _ = writeln!(out, "# TYPE entente_raft_refused_non_member_total counter");
     let _ = writeln!(
         out,
         "entente_raft_refused_non_member_total {}",
