@@ -211,7 +211,7 @@ pub struct NodeStatus {
     /// Number of entries persisted so far.
     pub entries_persisted: u64,
     /// Messages refused because their sender is not a member of this
-    /// node's configuration (see [`Node`]'s documentation).
+    /// node's configuration (see the [module documentation](self)).
     pub refused_non_member: u64,
     /// Set once the driver stopped after a fatal error.
     pub fatal: Option<String>,
