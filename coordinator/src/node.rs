@@ -17,6 +17,24 @@
 //! Proposals carry a small header naming the node and the request, so the
 //! node that proposed an entry recognises it when it is applied, whether the
 //! core appended it locally or forwarded it to the leader.
+//!
+//! # Messages from non-members
+//!
+//! The transport authenticates the cluster secret, not membership. The
+//! driver hands the core a message only if its sender is a voter or a
+//! learner of this node's current configuration; everything else —
+//! forwarded proposals and membership changes, reads, transfers, votes,
+//! appends, responses — is refused, counted
+//! ([`NodeStatus::refused_non_member`]) and logged (at most 10 warnings per
+//! 10 s, naming the sender). Two exceptions keep membership changes live,
+//! and both concern only a leader's traffic (appends, heartbeats,
+//! snapshots) to a node that is not itself leading: a node with no
+//! configuration yet (started to be added to a running group) takes it from
+//! whoever leads, and so does a follower that has known no leader for
+//! [`STRANGER_LEADER_TIMEOUTS`] election timeouts, or already follows that
+//! sender (a member that was down while a node was added comes back when
+//! that node leads). Membership changes are single-server, so there are no
+//! outgoing voters of a joint configuration to keep.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -28,8 +46,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::raft::{
     ConfChange, Entry, EntryPayload, HardState, Index, InitialState, Message, MessageKind, NodeId,
-    ProposeError, Proposed, Raft, Ready, SnapshotMeta, Status, Term,
+    ProposeError, Proposed, Raft, Ready, Role, SnapshotMeta, Status, Term,
 };
+use crate::transport::gate::LogLimiter;
 
 /// An error from storage or the state machine, boxed at the boundary.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -191,6 +210,9 @@ pub struct NodeStatus {
     pub syncs: u64,
     /// Number of entries persisted so far.
     pub entries_persisted: u64,
+    /// Messages refused because their sender is not a member of this
+    /// node's configuration (see the [module documentation](self)).
+    pub refused_non_member: u64,
     /// Set once the driver stopped after a fatal error.
     pub fatal: Option<String>,
 }
@@ -236,6 +258,15 @@ impl<O> std::fmt::Debug for Command<O> {
         })
     }
 }
+
+/// A follower that has known no leader for this many (minimum) election
+/// timeouts takes a leader's traffic from a node its configuration does not
+/// list.
+pub const STRANGER_LEADER_TIMEOUTS: u64 = 10;
+/// Warnings about refused messages: at most this many per window.
+const REFUSAL_LOG_BURST: u32 = 10;
+/// See [`REFUSAL_LOG_BURST`].
+const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
 
 /// The proposal header: node id, incarnation, sequence number.
 const HEADER: usize = 24;
@@ -310,6 +341,7 @@ impl<O: Send + 'static> Node<O> {
             raft: raft.status(),
             syncs: 0,
             entries_persisted: 0,
+            refused_non_member: 0,
             fatal: None,
         });
         let mut incarnation = [0u8; 8];
@@ -338,6 +370,9 @@ impl<O: Send + 'static> Node<O> {
             last_snapshot_index: 0,
             latest_hs: hard_state,
             durable_term_vote: (hard_state.term, hard_state.vote),
+            refused_non_member: 0,
+            refusal_log: LogLimiter::new(REFUSAL_LOG_WINDOW, REFUSAL_LOG_BURST),
+            ticks_without_leader: 0,
         };
         let task = tokio::spawn(driver.run(cmd_rx, inbound));
         Ok(Node {
@@ -456,6 +491,12 @@ struct Driver<S, P, M: StateMachine> {
     latest_hs: HardState,
     /// Term and vote as last synced.
     durable_term_vote: (Term, Option<NodeId>),
+    /// Messages refused from non-members so far.
+    refused_non_member: u64,
+    /// Bounds the warnings about them.
+    refusal_log: LogLimiter,
+    /// Ticks since this node last knew a leader (0 while it knows one).
+    ticks_without_leader: u64,
 }
 
 impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
@@ -472,6 +513,11 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
             tokio::select! {
                 _ = ticker.tick() => {
                     self.raft.tick();
+                    if self.raft.leader().is_some() {
+                        self.ticks_without_leader = 0;
+                    } else {
+                        self.ticks_without_leader = self.ticks_without_leader.saturating_add(1);
+                    }
                     self.expire(Instant::now());
                 }
                 cmd = cmds.recv() => match cmd {
@@ -510,6 +556,11 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                     break;
                 }
                 result = self.cycle().await;
+            }
+            if result.is_ok() && self.status.borrow().refused_non_member != self.refused_non_member
+            {
+                // Refusals change nothing in the core, so no cycle published them.
+                self.publish_status();
             }
             if let Err(e) = result {
                 tracing::error!(node = self.id, error = %e, "node stopped after a fatal error");
@@ -675,7 +726,72 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         }
     }
 
+    /// Whether a message from `from` may reach the core. Members of this
+    /// node's configuration (voters and learners) may send anything. From
+    /// anyone else only a leader's traffic (appends, heartbeats, snapshots)
+    /// is taken, and only by a node that has no configuration yet (one
+    /// waiting to be added: the leader's snapshot brings it one), or by a
+    /// follower that has known no leader for [`STRANGER_LEADER_TIMEOUTS`]
+    /// election timeouts, or already follows that sender: a member that was
+    /// down while a node was added, and comes back when that node leads,
+    /// must still catch up. A leader takes nothing from a non-member.
+    fn admit(&mut self, msg: &Message) -> bool {
+        let conf = self.raft.conf_state();
+        if conf.contains(msg.from) {
+            return true;
+        }
+        let leader_traffic = matches!(
+            msg.kind,
+            MessageKind::Append { .. }
+                | MessageKind::Heartbeat { .. }
+                | MessageKind::Snapshot { .. }
+        );
+        if !leader_traffic {
+            return false;
+        }
+        if conf.voters.is_empty() && conf.learners.is_empty() {
+            return true;
+        }
+        if self.raft.role() == Role::Leader {
+            return false;
+        }
+        let leader = self.raft.leader();
+        if leader == Some(msg.from) {
+            return true;
+        }
+        let wait = STRANGER_LEADER_TIMEOUTS.saturating_mul(self.cfg.raft.election_tick as u64);
+        if leader.is_none() && self.ticks_without_leader >= wait {
+            tracing::info!(
+                node = self.id,
+                peer = msg.from,
+                term = msg.term,
+                "following a leader this node's configuration does not list (added while this node was away?)"
+            );
+            return true;
+        }
+        false
+    }
+
+    fn refuse(&mut self, msg: &Message) {
+        self.refused_non_member += 1;
+        if let Some(suppressed) = self.refusal_log.allow() {
+            tracing::warn!(
+                node = self.id,
+                peer = msg.from,
+                kind = msg.kind.name(),
+                suppressed,
+                "refused a message from a node that is not a member of this node's configuration"
+            );
+        }
+    }
+
     fn handle_inbound(&mut self, inbound: Inbound) {
+        if let Inbound::Message(msg) | Inbound::Snapshot { msg, .. } = &inbound
+            && !self.admit(msg)
+        {
+            self.refuse(msg);
+            return;
+        }
         let result = match inbound {
             Inbound::Message(m) => self.raft.step(m),
             Inbound::Snapshot { msg, data } => {
@@ -932,10 +1048,12 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
     fn publish_status(&mut self) {
         let raft = self.raft.status();
         let (syncs, entries_persisted) = (self.syncs, self.entries_persisted);
+        let refused_non_member = self.refused_non_member;
         self.status.send_modify(|s| {
             s.raft = raft;
             s.syncs = syncs;
             s.entries_persisted = entries_persisted;
+            s.refused_non_member = refused_non_member;
         });
     }
 }

@@ -33,7 +33,7 @@ fn config(dir: &Path, id: u64, peers: &BTreeMap<u64, SocketAddr>, snapshot_every
     );
     c.node_id = id;
     c.peers = peers.clone();
-    c.cluster_secret = "catchup-bench-secret".into();
+    c.cluster_secret = Some("catchup-bench-secret".into());
     c.snapshot_every = snapshot_every;
     c.mqtt_listen = None;
     c.mqtt5_listen = None;

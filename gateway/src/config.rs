@@ -18,8 +18,10 @@ use serde::Deserialize;
     about = "Entente edge gateway: device registry, commands and shadows, agreed by Raft.",
     long_about = "Entente edge gateway.\n\nWith no flags it runs a single-node group: data in ./data, REST on 0.0.0.0:8080, \
 peers on 127.0.0.1:7000. On first start it creates an admin token and prints the file it is in.\n\n\
-A cluster: start the same binary on each machine with --node-id, --peers (every member, \
-id=host:port of its peer listener) and the same --cluster-secret."
+A single gateway with no cluster secret generates one in <data-dir>/cluster-secret (mode 0600) \
+and reuses it. A cluster: start the same binary on each machine with --node-id, --peers (every member, \
+id=host:port of its peer listener) and the same secret, from a file (--cluster-secret-file) or the \
+environment (ENTENTE_CLUSTER_SECRET) rather than the command line, which every local user can read."
 )]
 pub struct Args {
     /// TOML file with any of the settings below (keys as the long flag names with `_`).
@@ -45,9 +47,16 @@ pub struct Args {
     /// Peer (Raft) listen address.
     #[arg(long, env = "ENTENTE_RAFT_LISTEN")]
     pub raft_listen: Option<SocketAddr>,
-    /// Shared secret authenticating the gateways to each other.
+    /// Shared secret authenticating the gateways to each other. Prefer
+    /// --cluster-secret-file or the environment: a command line is visible
+    /// to every local user (ps). Without any, a single gateway generates one
+    /// in <data-dir>/cluster-secret; a cluster must be given one.
     #[arg(long, env = "ENTENTE_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
+    /// File holding the cluster secret (surrounding whitespace is ignored);
+    /// keep it readable by the gateway's user only.
+    #[arg(long, env = "ENTENTE_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
     /// Name of the cluster; gateways of another cluster are refused.
     #[arg(long, env = "ENTENTE_CLUSTER_ID")]
     pub cluster_id: Option<String>,
@@ -116,6 +125,7 @@ struct FileConfig {
     http_listen: Option<SocketAddr>,
     raft_listen: Option<SocketAddr>,
     cluster_secret: Option<String>,
+    cluster_secret_file: Option<PathBuf>,
     cluster_id: Option<String>,
     write_timeout_ms: Option<u64>,
     tick_ms: Option<u64>,
@@ -148,8 +158,10 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// Peer listen address (port 0 picks one).
     pub raft_listen: SocketAddr,
-    /// Cluster secret.
-    pub cluster_secret: String,
+    /// Cluster secret. `None`: a single gateway (one peer, not joining)
+    /// generates one in `<data-dir>/cluster-secret` on first start and
+    /// reuses it; a gateway of a cluster refuses to start without one.
+    pub cluster_secret: Option<String>,
     /// Cluster id.
     pub cluster_id: String,
     /// Bound on a write waiting for the group.
@@ -241,7 +253,7 @@ impl Config {
             data_dir,
             http_listen,
             raft_listen,
-            cluster_secret: "entente-single-node".into(),
+            cluster_secret: None,
             cluster_id: "entente".into(),
             write_timeout: Duration::from_secs(5),
             tick: Duration::from_millis(20),
@@ -301,10 +313,18 @@ impl Config {
             c.peers = BTreeMap::from([(c.node_id, raft)]);
         }
         c.join = args.join || file.join.unwrap_or(false);
-        if let Some(s) = args.cluster_secret.or(file.cluster_secret) {
-            c.cluster_secret = s;
-        } else if c.peers.len() > 1 {
-            return Err("a cluster needs --cluster-secret (the same on every gateway)".into());
+        // Flags and environment win over the settings file, as a pair: a
+        // secret from one place and a file from another are not mixed.
+        c.cluster_secret = match secret_source(args.cluster_secret, args.cluster_secret_file)? {
+            Some(secret) => Some(secret),
+            None => secret_source(file.cluster_secret, file.cluster_secret_file)?,
+        };
+        if c.cluster_secret.is_none() && (c.peers.len() > 1 || c.join) {
+            return Err(
+                "a cluster needs a shared secret, the same on every gateway: \
+                 --cluster-secret-file (or ENTENTE_CLUSTER_SECRET)"
+                    .into(),
+            );
         }
         if let Some(id) = args.cluster_id.or(file.cluster_id) {
             c.cluster_id = id;
@@ -361,6 +381,60 @@ impl Config {
         }
         Ok(c)
     }
+}
+
+/// The cluster secret given directly or in a file (not both).
+fn secret_source(secret: Option<String>, file: Option<PathBuf>) -> Result<Option<String>, String> {
+    match (secret, file) {
+        (Some(_), Some(_)) => Err(
+            "give the cluster secret once: --cluster-secret or --cluster-secret-file, not both"
+                .into(),
+        ),
+        (Some(secret), None) => check_secret(secret, "--cluster-secret").map(Some),
+        (None, Some(path)) => read_secret_file(&path).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Refuses an empty secret and warns about a short one.
+fn check_secret(secret: String, from: &str) -> Result<String, String> {
+    if secret.is_empty() {
+        return Err(format!("the cluster secret from {from} is empty"));
+    }
+    if secret.len() < MIN_SECRET_LEN {
+        tracing::warn!(
+            "the cluster secret from {from} is shorter than {MIN_SECRET_LEN} bytes; \
+             a random one is safer (e.g. `head -c 32 /dev/urandom | base64`)"
+        );
+    }
+    Ok(secret)
+}
+
+/// Secrets shorter than this draw a warning.
+const MIN_SECRET_LEN: usize = 16;
+
+/// Reads a cluster secret file: its contents without surrounding
+/// whitespace. Warns if other users may read it.
+pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read the cluster secret file {}: {e}",
+            path.display()
+        )
+    })?;
+    #[cfg(unix)]
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                file = %path.display(),
+                mode = format!("{mode:o}"),
+                "the cluster secret file can be read by other users; make it 0600"
+            );
+        }
+    }
+    check_secret(text.trim().to_string(), &path.display().to_string())
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -476,5 +550,80 @@ mod tests {
                 .unwrap_err()
                 .contains("cluster-secret")
         );
+    }
+
+    #[test]
+    fn the_secret_comes_from_a_file_or_the_flags_never_both() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "  from-the-file-0123456789\n").expect("write");
+        let peers = Some("1=127.0.0.1:1,2=127.0.0.1:2".to_string());
+        let c = Config::from_args(Args {
+            peers: peers.clone(),
+            cluster_secret_file: Some(secret.clone()),
+            ..Args::default()
+        })
+        .expect("config");
+        assert_eq!(
+            c.cluster_secret.as_deref(),
+            Some("from-the-file-0123456789")
+        );
+        // The settings file may name it too; flags and environment win.
+        let toml = dir.path().join("g.toml");
+        std::fs::write(
+            &toml,
+            format!("cluster_secret_file = {:?}\n", secret.display().to_string()),
+        )
+        .expect("write");
+        let c = Config::from_args(Args {
+            config: Some(toml.clone()),
+            peers: peers.clone(),
+            ..Args::default()
+        })
+        .expect("config");
+        assert_eq!(
+            c.cluster_secret.as_deref(),
+            Some("from-the-file-0123456789")
+        );
+        let c = Config::from_args(Args {
+            config: Some(toml),
+            peers: peers.clone(),
+            cluster_secret: Some("from-the-flags-0123456789".into()),
+            ..Args::default()
+        })
+        .expect("config");
+        assert_eq!(
+            c.cluster_secret.as_deref(),
+            Some("from-the-flags-0123456789")
+        );
+        let both = Config::from_args(Args {
+            peers: peers.clone(),
+            cluster_secret: Some("x".repeat(32)),
+            cluster_secret_file: Some(secret),
+            ..Args::default()
+        });
+        assert!(both.unwrap_err().contains("not both"));
+        std::fs::write(dir.path().join("empty"), "\n").expect("write");
+        let empty = Config::from_args(Args {
+            peers: peers.clone(),
+            cluster_secret_file: Some(dir.path().join("empty")),
+            ..Args::default()
+        });
+        assert!(empty.unwrap_err().contains("is empty"));
+        let missing = Config::from_args(Args {
+            peers,
+            cluster_secret_file: Some(dir.path().join("missing")),
+            ..Args::default()
+        });
+        assert!(missing.unwrap_err().contains("cannot read"));
+        // A single gateway needs none (it generates one at start); a joining
+        // one does.
+        let c = Config::from_args(Args::default()).expect("single");
+        assert_eq!(c.cluster_secret, None);
+        let join = Config::from_args(Args {
+            join: true,
+            ..Args::default()
+        });
+        assert!(join.unwrap_err().contains("cluster-secret-file"));
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+mod files;
 pub mod limits;
 pub mod mqtt;
 pub mod ops;
@@ -47,6 +48,9 @@ pub enum GatewayError {
     /// The node could not start.
     #[error("raft node: {0}")]
     Node(#[from] NodeError),
+    /// The settings do not allow starting (the message says why).
+    #[error("{0}")]
+    Config(String),
     /// A listener or file failed.
     #[error("{what}: {source}")]
     Io {
@@ -99,6 +103,9 @@ pub struct Gateway {
     /// The file holding the admin token created on first start, if this
     /// gateway created it.
     pub admin_token_file: Option<PathBuf>,
+    /// The file holding the cluster secret this single gateway generated
+    /// (none was given), if so.
+    pub cluster_secret_file: Option<PathBuf>,
     node: Node<OpResult>,
     db: Arc<StateDb>,
     transport: Arc<Transport>,
@@ -161,10 +168,14 @@ pub async fn propose(node: &Node<OpResult>, op: Op) -> Result<(u64, OpResult), N
 /// Starts a gateway: storage, state database, transport, node, REST API and
 /// the leader's background duties.
 pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(io(format!(
-        "creating data dir {}",
-        config.data_dir.display()
-    )))?;
+    prepare_data_dir(&config.data_dir)?;
+    let (cluster_secret, cluster_secret_file) = match &config.cluster_secret {
+        Some(secret) => (secret.clone(), None),
+        None => {
+            let (secret, file) = single_gateway_secret(&config)?;
+            (secret, Some(file))
+        }
+    };
     let (storage, recovered) =
         Storage::open(config.data_dir.join("raft"), StorageOptions::default())?;
     // A joining gateway starts with no membership: the leader's snapshot
@@ -180,7 +191,7 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
     let mut tcfg = TransportConfig::new(
         config.node_id,
         config.cluster_id.clone(),
-        config.cluster_secret.clone().into_bytes(),
+        cluster_secret.into_bytes(),
         config.raft_listen,
     );
     tcfg.peers = config
@@ -272,12 +283,74 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
         mqtt5_addr: mqtt.v5_addr,
         mqtt,
         admin_token_file,
+        cluster_secret_file,
         node,
         db,
         transport,
         shutdown_tx,
         tasks: vec![http, duties, peer_book],
     })
+}
+
+/// Creates the data directory private (0700), or makes an existing one and
+/// everything in it private (0700 / 0600), saying so.
+fn prepare_data_dir(dir: &std::path::Path) -> Result<(), GatewayError> {
+    let what = || format!("preparing the data directory {}", dir.display());
+    if dir.exists() {
+        let changed = files::tighten_tree(dir).map_err(io(what()))?;
+        if changed > 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                changed,
+                "the data directory was readable by other users: made it 0700 and its files 0600"
+            );
+        }
+    } else {
+        files::create_private_dir(dir).map_err(io(what()))?;
+    }
+    Ok(())
+}
+
+/// The name of the secret a single gateway generates in its data directory.
+pub const CLUSTER_SECRET_FILE: &str = "cluster-secret";
+
+/// The cluster secret of a gateway given none: only a single gateway (one
+/// peer, not joining) may start so; it generates a random secret in
+/// `<data-dir>/cluster-secret` (0600) on first start and reuses it after.
+fn single_gateway_secret(config: &Config) -> Result<(String, PathBuf), GatewayError> {
+    if config.join || config.peers.len() > 1 {
+        return Err(GatewayError::Config(
+            "a cluster needs a shared secret, the same on every gateway: \
+             --cluster-secret-file (or ENTENTE_CLUSTER_SECRET)"
+                .into(),
+        ));
+    }
+    let path = config.data_dir.join(CLUSTER_SECRET_FILE);
+    if path.exists() {
+        let secret = config::read_secret_file(&path).map_err(GatewayError::Config)?;
+        tracing::info!(file = %path.display(), "using the generated cluster secret");
+        return Ok((secret, path));
+    }
+    let secret = random_token()?;
+    // Written aside and renamed, so a crash never leaves a partial secret.
+    let tmp = config.data_dir.join(format!("{CLUSTER_SECRET_FILE}.tmp"));
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io(format!("removing {}", tmp.display()))(e));
+        }
+        _ => {}
+    }
+    write_private(&tmp, &format!("{secret}\n"))?;
+    std::fs::rename(&tmp, &path).map_err(io(format!("creating {}", path.display())))?;
+    std::fs::File::open(&config.data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(format!("syncing {}", config.data_dir.display())))?;
+    tracing::info!(
+        file = %path.display(),
+        "no cluster secret given: generated one for this single gateway \
+         (gateways that join it need a copy, with --cluster-secret-file)"
+    );
+    Ok((secret, path))
 }
 
 /// Keeps the transport's peer table in step with the replicated peer
@@ -440,7 +513,7 @@ fn write_private(path: &std::path::Path, text: &str) -> Result<(), GatewayError>
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, files::FILE_MODE);
     let mut f = opts
         .open(path)
         .map_err(io(format!("creating {}", path.display())))?;
@@ -492,6 +565,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     if let Some(a) = gw.mqtt5_addr {
         let _ = writeln!(out, "MQTT 5 on {a}");
+    }
+    if let Some(f) = &gw.cluster_secret_file {
+        let _ = writeln!(out, "cluster secret: {} (generated)", f.display());
     }
     if let Some(f) = &gw.admin_token_file {
         let _ = writeln!(

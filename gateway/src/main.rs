@@ -18,6 +18,18 @@ async fn main() {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
+    // A command line is visible to every local user (ps, /proc).
+    let on_command_line = std::env::args_os().any(|a| {
+        a == "--cluster-secret"
+            || a.to_str()
+                .is_some_and(|a| a.starts_with("--cluster-secret="))
+    });
+    if on_command_line {
+        tracing::warn!(
+            "--cluster-secret on the command line can be read by every local user; \
+             use --cluster-secret-file or ENTENTE_CLUSTER_SECRET"
+        );
+    }
     let config = match gateway::config::Config::from_args(gateway::config::Args::parse()) {
         Ok(c) => c,
         Err(e) => {

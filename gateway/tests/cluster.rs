@@ -39,7 +39,7 @@ fn config(dir: &Path, id: u64, peers: &BTreeMap<u64, SocketAddr>) -> Config {
     );
     c.node_id = id;
     c.peers = peers.clone();
-    c.cluster_secret = "cluster-test-secret".into();
+    c.cluster_secret = Some("cluster-test-secret".into());
     c.tick = Duration::from_millis(5);
     c.session_grace = Duration::from_millis(400);
     c.report_coalesce = Duration::from_millis(10);

@@ -1,4 +1,6 @@
-//! Small file-system helpers that count their fsyncs.
+//! Small file-system helpers that count their fsyncs. Everything they
+//! create is private to the user running the node: directories 0700,
+//! files 0600 (the log holds every command of the application).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -6,6 +8,53 @@ use std::path::Path;
 
 use super::StorageStats;
 use super::error::StorageError;
+
+/// Mode of the directories storage creates.
+pub(crate) const DIR_MODE: u32 = 0o700;
+/// Mode of the files storage creates.
+pub(crate) const FILE_MODE: u32 = 0o600;
+
+/// Options for creating a file with [`FILE_MODE`] (the mode applies only
+/// when the file is created).
+pub(crate) fn private_options() -> OpenOptions {
+    let mut opts = OpenOptions::new();
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, FILE_MODE);
+    opts
+}
+
+/// Creates one directory with [`DIR_MODE`].
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, DIR_MODE);
+    builder.create(dir)
+}
+
+/// Takes group and other users' access from a directory that has it,
+/// saying so. (Without Unix permissions: nothing to do.)
+pub(crate) fn make_dir_private(dir: &Path) -> Result<(), StorageError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(dir)
+            .map_err(StorageError::io("read the metadata of", dir))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            fs::set_permissions(dir, fs::Permissions::from_mode(mode & DIR_MODE))
+                .map_err(StorageError::io("change the mode of", dir))?;
+            tracing::warn!(
+                dir = %dir.display(),
+                old_mode = format!("{:o}", mode & 0o7777),
+                "the storage directory was open to other users: made it 0700"
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
 
 /// fsyncs a directory, making the creation, renaming and removal of its
 /// entries durable.
@@ -23,7 +72,7 @@ pub(crate) fn write_synced(
     bytes: &[u8],
     stats: &mut StorageStats,
 ) -> Result<(), StorageError> {
-    let mut f = OpenOptions::new()
+    let mut f = private_options()
         .write(true)
         .create(true)
         .truncate(true)
@@ -63,13 +112,19 @@ pub(crate) fn remove_file_if_exists(path: &Path) -> Result<bool, StorageError> {
     }
 }
 
-/// Creates a directory (and its parents) if missing; returns whether it had
-/// to, having then fsynced its parent.
+/// Creates a directory (and its parents, all with [`DIR_MODE`]) if missing;
+/// returns whether it had to, having then fsynced its parent.
 pub(crate) fn ensure_dir(dir: &Path, stats: &mut StorageStats) -> Result<bool, StorageError> {
     if dir.is_dir() {
         return Ok(false);
     }
-    fs::create_dir_all(dir).map_err(StorageError::io("create directory", dir))?;
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, DIR_MODE);
+    builder
+        .create(dir)
+        .map_err(StorageError::io("create directory", dir))?;
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         sync_dir(parent, stats)?;
     }

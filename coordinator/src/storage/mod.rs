@@ -18,6 +18,10 @@
 //! encoding. A length of zero never occurs, so zero-filled space reads as
 //! damage.
 //!
+//! Directories are created 0700 and files 0600 (the log holds everything
+//! the application proposed); [`Storage::open`] makes a `<dir>` found open
+//! to other users 0700, with a warning.
+//!
 //! # The write-ahead log
 //!
 //! Each record of a segment is either one [`Entry`] or a *restart* marker
@@ -359,6 +363,7 @@ impl Storage {
         let snap_dir = dir.join(SNAPSHOT_DIR);
         let mut stats = StorageStats::default();
         fsutil::ensure_dir(&dir, &mut stats)?;
+        fsutil::make_dir_private(&dir)?;
         fsutil::ensure_dir(&wal_dir, &mut stats)?;
         fsutil::ensure_dir(&snap_dir, &mut stats)?;
 
@@ -1040,7 +1045,7 @@ fn create_segment(
         synced_len: 0,
     };
     let path = wal_dir.join(seg.name());
-    let file = OpenOptions::new()
+    let file = fsutil::private_options()
         .append(true)
         .create_new(true)
         .open(&path)

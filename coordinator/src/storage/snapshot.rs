@@ -164,9 +164,15 @@ impl SnapshotWriter {
             std::process::id(),
             NEXT_TMP.fetch_add(1, Ordering::Relaxed)
         ));
-        fs::create_dir(&tmp_dir).map_err(StorageError::io("create directory", &tmp_dir))?;
+        fsutil::create_private_dir(&tmp_dir)
+            .map_err(StorageError::io("create directory", &tmp_dir))?;
         let data = tmp_dir.join(DATA_FILE);
-        let file = File::create(&data).map_err(StorageError::io("create", &data))?;
+        let file = fsutil::private_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&data)
+            .map_err(StorageError::io("create", &data))?;
         Ok(SnapshotWriter {
             meta: meta.clone(),
             tmp_dir,

@@ -1361,3 +1361,58 @@ fn drives_a_raft_node_across_restarts() {
     let (_, rec) = open(tmp.path());
     assert_eq!(rec.entries.last().and_then(|e| e.data()), Some(&[99u8][..]));
 }
+
+// ---- file modes -------------------------------------------------------------
+
+/// Every directory under `dir` with its mode, and every file with its.
+#[cfg(unix)]
+fn modes(dir: &Path, out: &mut Vec<(PathBuf, u32)>) {
+    use std::os::unix::fs::PermissionsExt;
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let mode = e.metadata().unwrap().permissions().mode() & 0o7777;
+        out.push((e.path(), mode));
+        if e.file_type().unwrap().is_dir() {
+            modes(&e.path(), out);
+        }
+    }
+}
+
+/// The log holds every command of the application: nothing storage writes
+/// may be readable by other users, and a directory left open (by an older
+/// version, say) is closed.
+#[cfg(unix)]
+#[test]
+fn everything_storage_writes_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path().join("raft");
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let (mut st, _) = open(&dir);
+    st.append(&ents(1, 60, 1)).unwrap();
+    st.set_hard_state(HardState {
+        term: 2,
+        vote: Some(1),
+        commit: 60,
+    })
+    .unwrap();
+    st.save_snapshot(&snap(50, 1), b"image").unwrap();
+    st.compact(50).unwrap();
+    // A snapshot from the leader beyond the log restarts it.
+    st.save_snapshot(&snap(100, 2), b"newer image").unwrap();
+    st.close().unwrap();
+    let (st, _) = open(&dir);
+    drop(st);
+
+    let root = fs::metadata(&dir).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(root, 0o700, "the storage directory");
+    let mut all = Vec::new();
+    modes(&dir, &mut all);
+    assert!(all.iter().any(|(p, _)| p.ends_with("hardstate")), "{all:?}");
+    assert!(all.iter().any(|(p, _)| p.ends_with("data")), "{all:?}");
+    for (path, mode) in all {
+        let want = if path.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode, want, "{} is {mode:o}", path.display());
+    }
+}

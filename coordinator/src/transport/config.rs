@@ -41,7 +41,9 @@ pub struct TransportConfig {
     pub backoff_min: Duration,
     /// Longest reconnect delay. Default 5 s.
     pub backoff_max: Duration,
-    /// Bound on connecting plus the handshake, on both sides. Default 5 s.
+    /// Bound on connecting plus the handshake, on both sides. Default 3 s:
+    /// the handshake is two round trips, and a connection that has not
+    /// authenticated holds a handshake slot until then.
     pub handshake_timeout: Duration,
     /// Bound on one write (batch) to a peer, on each frame of an incoming
     /// snapshot, and on waiting for a snapshot's acknowledgement. A peer that
@@ -55,9 +57,18 @@ pub struct TransportConfig {
     /// Shortest interval between two [`Inbound::Unreachable`](super::Inbound::Unreachable)
     /// reports for the same peer. Default 100 ms.
     pub unreachable_report_interval: Duration,
-    /// Incoming connections allowed to be in their handshake at once; more
-    /// are closed at once. Default 64.
+    /// Incoming connections from addresses other than the peers' allowed to
+    /// be in their handshake at once (the shared pool); more are closed at
+    /// once. Default 64.
     pub max_pending_handshakes: usize,
+    /// Of those, how many one IP address may hold. Default 8.
+    pub max_pending_handshakes_per_ip: usize,
+    /// Handshake slots reserved for each configured peer, usable only by
+    /// connections from the IP address of that peer's address, on top of
+    /// the shared pool: strangers cannot keep a member out. Default 4 (a
+    /// peer opens one message connection and at most a few snapshot
+    /// connections).
+    pub reserved_handshakes_per_peer: usize,
     /// Seed for the reconnect jitter. `None` (the default) seeds from the
     /// operating system's random source.
     pub rng_seed: Option<u64>,
@@ -88,12 +99,14 @@ impl TransportConfig {
             inbound_capacity: 4096,
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
-            handshake_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(3),
             io_timeout: Duration::from_secs(10),
             snapshot_chunk_size: Self::DEFAULT_SNAPSHOT_CHUNK_SIZE,
             max_snapshot_size: 4 * 1024 * 1024 * 1024,
             unreachable_report_interval: Duration::from_millis(100),
             max_pending_handshakes: 64,
+            max_pending_handshakes_per_ip: 8,
+            reserved_handshakes_per_peer: 4,
             rng_seed: None,
         }
     }
@@ -139,6 +152,9 @@ impl TransportConfig {
         if self.max_pending_handshakes == 0 {
             return bad("max_pending_handshakes must not be 0");
         }
+        if self.max_pending_handshakes_per_ip == 0 {
+            return bad("max_pending_handshakes_per_ip must not be 0");
+        }
         Ok(())
     }
 }
@@ -165,6 +181,14 @@ impl fmt::Debug for TransportConfig {
                 &self.unreachable_report_interval,
             )
             .field("max_pending_handshakes", &self.max_pending_handshakes)
+            .field(
+                "max_pending_handshakes_per_ip",
+                &self.max_pending_handshakes_per_ip,
+            )
+            .field(
+                "reserved_handshakes_per_peer",
+                &self.reserved_handshakes_per_peer,
+            )
             .field("rng_seed", &self.rng_seed)
             .finish()
     }

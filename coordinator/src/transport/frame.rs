@@ -156,15 +156,18 @@ impl<'de> Deserialize<'de> for Bytes {
 pub(crate) enum Frame {
     /// Handshake step 1, dialer to acceptor.
     Hello(Hello),
-    /// Handshake step 2, acceptor to dialer: the acceptor's nonce and its MAC
-    /// over the transcript.
+    /// Protocol 1's second handshake step (the acceptor's nonce with its
+    /// MAC, sent before the dialer had proved anything). Retired: no longer
+    /// sent, and refused if received. Kept so that the variants after it
+    /// keep their numbers (`Refused` must decode across versions).
     Challenge {
         /// The acceptor's fresh nonce.
         nonce: [u8; NONCE_LEN],
         /// HMAC-SHA256 under the cluster secret, acceptor role.
         mac: [u8; MAC_LEN],
     },
-    /// Handshake step 3, dialer to acceptor: the dialer's MAC.
+    /// Handshake step 3, dialer to acceptor: the dialer's proof, its MAC
+    /// over the transcript.
     Auth {
         /// HMAC-SHA256 under the cluster secret, dialer role.
         mac: [u8; MAC_LEN],
@@ -199,6 +202,18 @@ pub(crate) enum Frame {
         /// Whether the image arrived intact and was handed to the driver.
         ok: bool,
     },
+    /// Handshake step 2, acceptor to dialer: a fresh nonce and nothing else
+    /// (nothing that depends on the secret or on what the dialer sent).
+    Nonce {
+        /// The acceptor's fresh nonce.
+        nonce: [u8; NONCE_LEN],
+    },
+    /// Handshake step 4, acceptor to dialer, only after the dialer's proof
+    /// verified: the acceptor's own MAC over the transcript.
+    Welcome {
+        /// HMAC-SHA256 under the cluster secret, acceptor role.
+        mac: [u8; MAC_LEN],
+    },
 }
 
 impl Frame {
@@ -214,6 +229,8 @@ impl Frame {
             Frame::SnapshotChunk { .. } => "SnapshotChunk",
             Frame::SnapshotEnd { .. } => "SnapshotEnd",
             Frame::SnapshotAck { .. } => "SnapshotAck",
+            Frame::Nonce { .. } => "Nonce",
+            Frame::Welcome { .. } => "Welcome",
         }
     }
 }

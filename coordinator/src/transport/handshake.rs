@@ -2,17 +2,29 @@
 //!
 //! ```text
 //! dialer                                          acceptor
-//!   Hello{version, cluster_id, from, to, stream, nonce_c} ->
-//!                                                 checks version, cluster id, `to`, `from`
-//!                         <- Challenge{nonce_s, mac_a = HMAC(secret, A | transcript)}
-//!   verifies mac_a
+//!   Hello{version, cluster_id, from, to, stream, nonce_d} ->
+//!                                                 checks the version only
+//!                                      <- Nonce{nonce_a}
 //!   Auth{mac_d = HMAC(secret, D | transcript)} ->
-//!                                                 verifies mac_d
+//!                                                 verifies mac_d, then checks
+//!                                                 cluster id, `to`, `from`
+//!                      <- Welcome{mac_a = HMAC(secret, A | transcript)}
+//!   verifies mac_a
 //! ```
 //!
-//! `transcript` is every field of the `Hello` followed by `nonce_s`; `A` and
-//! `D` are distinct role labels, so neither MAC can be replayed as the other.
-//! Either side may answer `Refused{reason}` instead and close.
+//! `transcript` is every field of the `Hello` followed by `nonce_a`; `D` and
+//! `A` are distinct role labels, so neither MAC can be replayed as the other,
+//! and `nonce_a` is fresh on every connection, so a recorded `Auth` cannot
+//! be replayed either.
+//!
+//! The side that connects proves first. Until its proof has verified, the
+//! acceptor sends nothing that depends on the secret or on what the dialer
+//! sent: a fresh random nonce, or a refusal naming the protocol version it
+//! speaks. A stranger therefore gets nothing to test guessed secrets
+//! against offline; each guess costs it a connection, and the listener
+//! limits those. Either side may answer `Refused{reason}` instead and
+//! close; the acceptor names a reason other than the version or a failed
+//! proof only to a dialer that has proved it knows the secret.
 
 use std::fmt;
 
@@ -30,7 +42,10 @@ use crate::raft::NodeId;
 type HmacSha256 = Hmac<Sha256>;
 
 /// The protocol version this implementation speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// Version 2: the dialer proves first (version 1 had the acceptor send its
+/// MAC before the dialer had proved anything).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Role label mixed into the acceptor's MAC.
 const LABEL_ACCEPTOR: &[u8] = b"entente/transport/handshake/acceptor";
@@ -114,9 +129,20 @@ pub(crate) async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
         nonce: fresh_nonce()?,
     };
     send_frame(s, &Frame::Hello(hello.clone()), MAX_HANDSHAKE_FRAME).await?;
-    let (acceptor_nonce, acceptor_mac) = match read_frame(s, MAX_HANDSHAKE_FRAME).await? {
+    let acceptor_nonce = match read_frame(s, MAX_HANDSHAKE_FRAME).await? {
         None => return Err(HandshakeError::Closed),
-        Some(Frame::Challenge { nonce, mac }) => (nonce, mac),
+        Some(Frame::Nonce { nonce }) => nonce,
+        Some(Frame::Refused { reason }) => return Err(HandshakeError::Refused(reason)),
+        Some(other) => {
+            refuse(s, RefuseReason::Protocol).await;
+            return Err(HandshakeError::Unexpected(other.name()));
+        }
+    };
+    let mine = transcript_mac(&local.secret, LABEL_DIALER, &hello, &acceptor_nonce)?;
+    send_frame(s, &Frame::Auth { mac: tag(mine) }, MAX_HANDSHAKE_FRAME).await?;
+    let acceptor_mac = match read_frame(s, MAX_HANDSHAKE_FRAME).await? {
+        None => return Err(HandshakeError::Closed),
+        Some(Frame::Welcome { mac }) => mac,
         Some(Frame::Refused { reason }) => return Err(HandshakeError::Refused(reason)),
         Some(other) => {
             refuse(s, RefuseReason::Protocol).await;
@@ -129,8 +155,6 @@ pub(crate) async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
         refuse(s, RefuseReason::Authentication).await;
         return Err(HandshakeError::BadMac);
     }
-    let mine = transcript_mac(&local.secret, LABEL_DIALER, &hello, &acceptor_nonce)?;
-    send_frame(s, &Frame::Auth { mac: tag(mine) }, MAX_HANDSHAKE_FRAME).await?;
     Ok(())
 }
 
@@ -148,6 +172,8 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(HandshakeError::Unexpected(other.name()));
         }
     };
+    // The protocol version is public: saying which one we speak helps an
+    // operator mixing releases and tells a stranger nothing.
     if hello.version != local.version {
         refuse(
             s,
@@ -161,6 +187,24 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             theirs: hello.version,
         });
     }
+    let nonce = fresh_nonce()?;
+    send_frame(s, &Frame::Nonce { nonce }, MAX_HANDSHAKE_FRAME).await?;
+    let dialer_mac = match read_frame(s, MAX_HANDSHAKE_FRAME).await? {
+        None => return Err(HandshakeError::Closed),
+        Some(Frame::Auth { mac }) => mac,
+        Some(Frame::Refused { reason }) => return Err(HandshakeError::Refused(reason)),
+        Some(other) => {
+            refuse(s, RefuseReason::Protocol).await;
+            return Err(HandshakeError::Unexpected(other.name()));
+        }
+    };
+    let expected = transcript_mac(&local.secret, LABEL_DIALER, &hello, &nonce)?;
+    // `verify_slice` compares in constant time.
+    if expected.verify_slice(&dialer_mac).is_err() {
+        refuse(s, RefuseReason::Authentication).await;
+        return Err(HandshakeError::BadMac);
+    }
+    // The dialer knows the secret: now it may learn what else is wrong.
     if hello.cluster_id != local.cluster_id {
         refuse(s, RefuseReason::ClusterId).await;
         return Err(HandshakeError::ClusterId {
@@ -179,28 +223,12 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         refuse(s, RefuseReason::Sender).await;
         return Err(HandshakeError::Sender(hello.from));
     }
-    let nonce = fresh_nonce()?;
     let mac = tag(transcript_mac(
         &local.secret,
         LABEL_ACCEPTOR,
         &hello,
         &nonce,
     )?);
-    send_frame(s, &Frame::Challenge { nonce, mac }, MAX_HANDSHAKE_FRAME).await?;
-    let dialer_mac = match read_frame(s, MAX_HANDSHAKE_FRAME).await? {
-        None => return Err(HandshakeError::Closed),
-        Some(Frame::Auth { mac }) => mac,
-        Some(Frame::Refused { reason }) => return Err(HandshakeError::Refused(reason)),
-        Some(other) => {
-            refuse(s, RefuseReason::Protocol).await;
-            return Err(HandshakeError::Unexpected(other.name()));
-        }
-    };
-    let expected = transcript_mac(&local.secret, LABEL_DIALER, &hello, &nonce)?;
-    // `verify_slice` compares in constant time.
-    if expected.verify_slice(&dialer_mac).is_err() {
-        refuse(s, RefuseReason::Authentication).await;
-        return Err(HandshakeError::BadMac);
-    }
+    send_frame(s, &Frame::Welcome { mac }, MAX_HANDSHAKE_FRAME).await?;
     Ok((hello.from, hello.stream))
 }

@@ -7,13 +7,14 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::Inbound;
 use super::error::{FrameError, HandshakeError, SnapshotRecvError};
 use super::frame::{Frame, StreamKind, read_frame, send_frame};
+use super::gate::Slot;
 use super::handshake::accept;
 use super::shared::{Context, lock};
 use crate::raft::{MessageKind, NodeId};
@@ -87,7 +88,6 @@ pub(crate) async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
-    let pending = Arc::new(Semaphore::new(ctx.config.max_pending_handshakes));
     let registry = Arc::new(Mutex::new(Registry::default()));
     loop {
         if *shutdown.borrow() {
@@ -98,15 +98,20 @@ pub(crate) async fn accept_loop(
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             r = listener.accept() => match r {
                 Ok((stream, addr)) => {
-                    let Ok(permit) = pending.clone().try_acquire_owned() else {
-                        warn!(peer_addr = %addr, "too many connections in their handshake; closing");
-                        continue;
+                    let slot = match ctx.gate.admit(addr.ip()) {
+                        Ok(slot) => slot,
+                        Err(shed) => {
+                            if let Some(suppressed) = ctx.refusal_log.allow() {
+                                warn!(peer_addr = %addr, suppressed, "{shed}; closing");
+                            }
+                            continue;
+                        }
                     };
                     let ctx = ctx.clone();
                     let inbound = inbound.clone();
                     let registry = registry.clone();
                     conns.spawn(async move {
-                        serve(stream, addr, ctx, inbound, registry, permit).await;
+                        serve(stream, addr, ctx, inbound, registry, slot).await;
                     });
                 }
                 Err(e) => {
@@ -131,7 +136,7 @@ async fn serve(
     ctx: Arc<Context>,
     inbound: mpsc::Sender<Inbound>,
     registry: Arc<Mutex<Registry>>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    slot: Slot,
 ) {
     let _ = stream.set_nodelay(true);
     let handshake = tokio::time::timeout(
@@ -140,7 +145,7 @@ async fn serve(
     )
     .await
     .unwrap_or(Err(HandshakeError::Timeout));
-    drop(permit);
+    drop(slot);
     let (peer, kind) = match handshake {
         Ok(ok) => ok,
         Err(HandshakeError::NoHello) => {
@@ -149,8 +154,11 @@ async fn serve(
         }
         Err(e) => {
             // Logged before the socket is dropped, so the log line precedes
-            // the close the peer observes.
-            warn!(peer_addr = %addr, reason = %e, "refused incoming connection");
+            // the close the peer observes. Rate-limited: a flood of bad
+            // connections must not flood the log.
+            if let Some(suppressed) = ctx.refusal_log.allow() {
+                warn!(peer_addr = %addr, reason = %e, suppressed, "refused incoming connection");
+            }
             return;
         }
     };

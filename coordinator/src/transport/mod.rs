@@ -41,7 +41,7 @@
 //! | variant | fields | used |
 //! |---|---|---|
 //! | 0 `Hello` | `version: u32, cluster_id: String, from: u64, to: u64, stream: {Messages, Snapshot}, nonce: [u8; 32]` | handshake, dialer |
-//! | 1 `Challenge` | `nonce: [u8; 32], mac: [u8; 32]` | handshake, acceptor |
+//! | 1 `Challenge` | `nonce: [u8; 32], mac: [u8; 32]` | retired (protocol 1); refused |
 //! | 2 `Auth` | `mac: [u8; 32]` | handshake, dialer |
 //! | 3 `Refused` | `reason` | handshake, either side, then close |
 //! | 4 `Message` | a [`Message`] | message connections |
@@ -49,6 +49,8 @@
 //! | 6 `SnapshotChunk` | `data: bytes` (at most `snapshot_chunk_size`) | snapshot connections |
 //! | 7 `SnapshotEnd` | `digest: [u8; 32]` (SHA-256 of the whole image) | snapshot connections |
 //! | 8 `SnapshotAck` | `ok: bool` | snapshot connections, acceptor |
+//! | 9 `Nonce` | `nonce: [u8; 32]` | handshake, acceptor |
+//! | 10 `Welcome` | `mac: [u8; 32]` | handshake, acceptor |
 //!
 //! A payload longer than the maximum frame size (`max_frame_size`, default
 //! 16 MiB; 4 KiB until the handshake has completed), a stream that ends
@@ -59,27 +61,50 @@
 //!
 //! # Handshake
 //!
-//! Every connection starts with a handshake, before any other frame:
+//! Every connection starts with a handshake, before any other frame. The
+//! side that connects proves first (protocol version 2; version 1 had the
+//! acceptor prove first, which let anyone who connected collect a MAC to
+//! test guessed secrets against offline):
 //!
-//! 1. The dialer sends `Hello{version, cluster_id, from, to, stream, nonce_c}`
+//! 1. The dialer sends `Hello{version, cluster_id, from, to, stream, nonce_d}`
 //!    with 32 fresh bytes from the operating system's random source.
-//! 2. The acceptor checks the protocol version, the cluster id, that `to` is
-//!    its own id and that `from` is neither 0 nor its own id. If all hold, it
-//!    answers `Challenge{nonce_s, mac_a}` where
-//!    `mac_a = HMAC-SHA256(secret, "…/acceptor" ‖ transcript)` and the
-//!    transcript is every field of the `Hello` (length-prefixed where
-//!    variable) followed by `nonce_s`.
-//! 3. The dialer verifies `mac_a` and answers
-//!    `Auth{mac_d = HMAC-SHA256(secret, "…/dialer" ‖ transcript)}`.
-//! 4. The acceptor verifies `mac_d`; the peer is then authenticated as
-//!    `from`.
+//! 2. The acceptor checks the protocol version only (answering
+//!    `Refused{Version{supported}}` on a mismatch: the version is public)
+//!    and answers `Nonce{nonce_a}`, 32 fresh random bytes.
+//! 3. The dialer answers
+//!    `Auth{mac_d = HMAC-SHA256(secret, "…/dialer" ‖ transcript)}`, the
+//!    transcript being every field of the `Hello` (length-prefixed where
+//!    variable) followed by `nonce_a`.
+//! 4. The acceptor verifies `mac_d`; a wrong one gets
+//!    `Refused{Authentication}` and the connection closes. Only now does it
+//!    check the cluster id, that `to` is its own id and that `from` is
+//!    neither 0 nor its own id (refusing with the reason), and answers
+//!    `Welcome{mac_a = HMAC-SHA256(secret, "…/acceptor" ‖ transcript)}`.
+//!    The peer is then authenticated as `from`.
+//! 5. The dialer verifies `mac_a`, so it knows it reached a holder of the
+//!    secret too.
+//!
+//! Until the dialer's proof has verified, the acceptor sends nothing that
+//! depends on the secret or on the `Hello`: a stranger learns nothing but
+//! the protocol version, and each guess of the secret costs it a
+//! connection. (A dialer does prove itself to whatever answers at a peer's
+//! address; use a random secret, which the gateway generates.)
 //!
 //! MACs are compared in constant time. A side that refuses sends
 //! `Refused{reason}` (best effort) and closes; both sides log a warning with
-//! the peer address and the reason. Connecting plus the handshake must
-//! complete within `handshake_timeout`, and at most `max_pending_handshakes`
-//! accepted connections may be in their handshake at once, so idle or slow
-//! sockets cannot hold resources.
+//! the peer address and the reason (the acceptor at most 10 per 10 s, with
+//! a count of those it left out). Connecting plus the handshake must
+//! complete within `handshake_timeout` (3 s).
+//!
+//! # Handshake slots
+//!
+//! An accepted connection holds a handshake slot until its handshake ends;
+//! one for which there is no slot is closed at once. Each configured peer
+//! has `reserved_handshakes_per_peer` (4) slots of its own, taken only by
+//! connections from the IP address of its configured address; everyone
+//! else shares `max_pending_handshakes` (64), at most
+//! `max_pending_handshakes_per_ip` (8) per IP address. Idle or slow sockets
+//! from strangers, from however many addresses, cannot keep a member out.
 //!
 //! After the handshake the acceptor drops (and logs) every message whose
 //! `from` is not the authenticated id, whose `to` is not its own id, or that
@@ -137,6 +162,7 @@ mod backoff;
 mod config;
 mod error;
 mod frame;
+pub(crate) mod gate;
 mod handshake;
 mod listener;
 mod peer;
@@ -213,6 +239,12 @@ impl fmt::Debug for Inbound {
         }
     }
 }
+
+/// Warnings about incoming connections that did not authenticate: at most
+/// this many per window (the others are counted in the next one logged).
+const REFUSAL_LOG_BURST: u32 = 10;
+/// See [`REFUSAL_LOG_BURST`].
+const REFUSAL_LOG_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Mutable transport state, behind one short-held lock.
 #[derive(Debug)]
@@ -301,6 +333,8 @@ impl Transport {
                 secret: config.cluster_secret.clone(),
                 version,
             },
+            gate: Arc::new(gate::Gate::new(&config)),
+            refusal_log: gate::LogLimiter::new(REFUSAL_LOG_WINDOW, REFUSAL_LOG_BURST),
             config: config.clone(),
         });
         let reporter = Reporter::new(
@@ -370,6 +404,7 @@ impl Transport {
                 *current = addr;
                 changed
             });
+            self.reserve_for_peers(&state);
             return Ok(());
         }
         let seed = self.seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -383,7 +418,16 @@ impl Transport {
             seed,
         );
         state.peers.insert(id, handle);
+        self.reserve_for_peers(&state);
         Ok(())
+    }
+
+    /// Hands the peers' addresses to the listener, which reserves handshake
+    /// slots for them.
+    fn reserve_for_peers(&self, state: &State) {
+        self.ctx
+            .gate
+            .set_peer_ips(state.peers.values().map(|p| p.addr.borrow().ip()));
     }
 
     /// Removes a peer: its queued messages are dropped, its connection
@@ -398,6 +442,7 @@ impl Transport {
         match state.peers.remove(&id) {
             Some(peer) => {
                 peer.task.abort();
+                self.reserve_for_peers(&state);
                 true
             }
             None => false,

@@ -13,10 +13,11 @@ use super::Inbound;
 use super::config::TransportConfig;
 use super::error::ConnectError;
 use super::frame::StreamKind;
+use super::gate::{Gate, LogLimiter};
 use super::handshake::{Identity, dial};
 use crate::raft::NodeId;
 
-/// Immutable settings every task reads.
+/// Settings and shared limits every task reads.
 #[derive(Debug)]
 pub(crate) struct Context {
     /// Who we are in handshakes.
@@ -24,6 +25,10 @@ pub(crate) struct Context {
     /// The configuration the transport started with (its `peers` field is
     /// the initial set only).
     pub config: TransportConfig,
+    /// The listener's handshake slots.
+    pub gate: Arc<Gate>,
+    /// Limits warnings about incoming connections that did not authenticate.
+    pub refusal_log: LogLimiter,
 }
 
 /// Locks a mutex, ignoring poisoning: the data behind our locks stays

@@ -293,6 +293,8 @@ fn frames_round_trip() {
         },
         Frame::SnapshotEnd { digest: [9; 32] },
         Frame::SnapshotAck { ok: true },
+        Frame::Nonce { nonce: [4; 32] },
+        Frame::Welcome { mac: [5; 32] },
     ];
     for frame in frames {
         let bytes = encode_frame(&frame, 1 << 20).expect("encode");
@@ -440,14 +442,15 @@ async fn handshake_succeeds_with_matching_credentials() {
 async fn handshake_fails_both_ways_with_wrong_secret() {
     let mut wrong = identity(1);
     wrong.secret = b"not the secret".to_vec();
+    // The dialer proves first: the acceptor finds its proof wrong.
     let (d, a) = handshake_pair(wrong, identity(2), 2).await;
-    assert!(matches!(d, Err(HandshakeError::BadMac)), "{d:?}");
+    assert!(matches!(a, Err(HandshakeError::BadMac)), "{a:?}");
     assert!(
         matches!(
-            a,
+            d,
             Err(HandshakeError::Refused(RefuseReason::Authentication))
         ),
-        "{a:?}"
+        "{d:?}"
     );
 }
 
@@ -468,13 +471,13 @@ async fn handshake_refusals_name_the_reason() {
     assert!(matches!(
         d,
         Err(HandshakeError::Refused(RefuseReason::Version {
-            supported: 1
+            supported: PROTOCOL_VERSION
         }))
     ));
     assert!(matches!(
         a,
         Err(HandshakeError::Version {
-            ours: 1,
+            ours: PROTOCOL_VERSION,
             theirs: 99
         })
     ));
@@ -753,27 +756,33 @@ async fn wrong_target_node_is_refused() {
     refused_peer(config(3), PROTOCOL_VERSION, 7, "wrong target node id 7").await;
 }
 
+/// Sends a `Hello` on a raw connection and returns the acceptor's answer.
+async fn raw_hello(s: &mut TcpStream, cluster_id: &str, from: NodeId, to: NodeId) -> Option<Frame> {
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        cluster_id: cluster_id.into(),
+        from,
+        to,
+        stream: StreamKind::Messages,
+        nonce: [5; 32],
+    };
+    send_frame(s, &Frame::Hello(hello), MAX_HANDSHAKE_FRAME)
+        .await
+        .expect("hello");
+    timeout(WAIT, read_frame(s, MAX_HANDSHAKE_FRAME))
+        .await
+        .expect("an answer in time")
+        .expect("reply")
+}
+
 #[tokio::test]
 async fn forged_dialer_mac_is_refused() {
     let (logs, _guard) = Logs::install();
     let (a, _rx_a) = start(config(1));
     let mut s = TcpStream::connect(a.local_addr()).await.expect("connect");
     let me = s.local_addr().expect("addr").to_string();
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        cluster_id: CLUSTER.into(),
-        from: 2,
-        to: 1,
-        stream: StreamKind::Messages,
-        nonce: [5; 32],
-    };
-    send_frame(&mut s, &Frame::Hello(hello), MAX_HANDSHAKE_FRAME)
-        .await
-        .expect("hello");
-    let reply = read_frame(&mut s, MAX_HANDSHAKE_FRAME)
-        .await
-        .expect("reply");
-    assert!(matches!(reply, Some(Frame::Challenge { .. })), "{reply:?}");
+    let reply = raw_hello(&mut s, CLUSTER, 2, 1).await;
+    assert!(matches!(reply, Some(Frame::Nonce { .. })), "{reply:?}");
     // Without the secret we can only guess.
     send_frame(&mut s, &Frame::Auth { mac: [0; 32] }, MAX_HANDSHAKE_FRAME)
         .await
@@ -789,6 +798,49 @@ async fn forged_dialer_mac_is_refused() {
     );
     expect_closed(&mut s).await;
     logs.wait_for(&["WARN", &me, "authentication failed"]).await;
+    a.shutdown().await;
+}
+
+/// The acceptor gives a caller that has not proved it knows the secret
+/// nothing to test guesses against: its first answer is a fresh nonce that
+/// depends neither on the secret nor on the `Hello` (whatever the `Hello`
+/// claims), and a wrong proof gets a refusal, never the acceptor's MAC.
+#[tokio::test]
+async fn acceptor_reveals_nothing_before_the_dialer_proves() {
+    let (a, _rx_a) = start(config(1));
+    let mut nonces = Vec::new();
+    for (cluster, from, to) in [(CLUSTER, 2, 1), ("other", 2, 1), (CLUSTER, 1, 7)] {
+        let mut s = TcpStream::connect(a.local_addr()).await.expect("connect");
+        let reply = raw_hello(&mut s, cluster, from, to).await;
+        let Some(Frame::Nonce { nonce }) = reply else {
+            panic!("answer to an unproven caller: {reply:?}");
+        };
+        nonces.push(nonce);
+        send_frame(&mut s, &Frame::Auth { mac: [9; 32] }, MAX_HANDSHAKE_FRAME)
+            .await
+            .expect("auth");
+        let reply = timeout(WAIT, read_frame(&mut s, MAX_HANDSHAKE_FRAME))
+            .await
+            .expect("an answer in time")
+            .expect("reply");
+        assert_eq!(
+            reply,
+            Some(Frame::Refused {
+                reason: RefuseReason::Authentication
+            }),
+            "a wrong proof is refused as such, whatever else is wrong"
+        );
+        expect_closed(&mut s).await;
+    }
+    nonces.sort();
+    nonces.dedup();
+    assert_eq!(nonces.len(), 3, "every connection gets a fresh nonce");
+
+    // A dialer that proves itself gets the acceptor's proof, and is then told
+    // what else is wrong.
+    let (d, acc) = handshake_pair(identity(1), identity(2), 2).await;
+    d.expect("dialer verifies the acceptor");
+    acc.expect("acceptor");
     a.shutdown().await;
 }
 
@@ -943,6 +995,75 @@ async fn pending_handshakes_are_bounded() {
     // Once the idle one goes away, peers get in again.
     drop(idle);
     let (b, _rx_b) = start(config(2));
+    b.set_peer(1, a.local_addr()).expect("set_peer");
+    deliver_eventually(&b, &mut rx_a, 1, 1).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Connects to `to` from the loopback address `from` (any 127.x.y.z works
+/// on Linux without configuration).
+async fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(SocketAddr::from((from, 0))).expect("bind");
+    sock.connect(to).await.expect("connect")
+}
+
+/// Whether the listener closes `sock` within `within` (it sheds a
+/// connection at once when it has no handshake slot for it).
+async fn closed_within(sock: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        timeout(within, sock.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test]
+async fn members_get_through_a_flood_of_strangers() {
+    let mut ca = config(1);
+    // Strangers would hold their slots for the whole test.
+    ca.handshake_timeout = Duration::from_secs(60);
+    let (a, mut rx_a) = start(ca);
+    let (b, _rx_b) = start(config(2));
+    a.set_peer(2, b.local_addr()).expect("set_peer");
+    let defaults = TransportConfig::new(1, "x", b"x".to_vec(), localhost());
+    let (per_ip, shared) = (
+        defaults.max_pending_handshakes_per_ip,
+        defaults.max_pending_handshakes,
+    );
+
+    // One stranger address gets its share of slots and no more.
+    let mut idle = Vec::new();
+    for _ in 0..per_ip {
+        idle.push(connect_from([127, 0, 0, 2], a.local_addr()).await);
+    }
+    let mut extra = connect_from([127, 0, 0, 2], a.local_addr()).await;
+    assert!(
+        closed_within(&mut extra, WAIT).await,
+        "one address held more than its share"
+    );
+    // Strangers from many addresses fill the whole shared pool; the rest
+    // are closed at once.
+    let mut ip = 3u8;
+    while idle.len() < shared {
+        for _ in 0..per_ip {
+            idle.push(connect_from([127, 0, 0, ip], a.local_addr()).await);
+        }
+        ip += 1;
+    }
+    let mut late = connect_from([127, 0, 0, ip], a.local_addr()).await;
+    assert!(closed_within(&mut late, WAIT).await, "the pool is not full");
+    for s in &mut idle {
+        assert!(
+            !closed_within(s, Duration::ZERO).await,
+            "an idle stranger was closed"
+        );
+    }
+
+    // Node 2 (a restarted follower, say) dials from its own address, which
+    // node 1 knows: it gets a reserved slot and its messages through while
+    // every stranger still waits.
     b.set_peer(1, a.local_addr()).expect("set_peer");
     deliver_eventually(&b, &mut rx_a, 1, 1).await;
     a.shutdown().await;

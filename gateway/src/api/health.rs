@@ -370,6 +370,16 @@ pub(crate) async fn metrics(
         "entente_raft_entries_persisted_total {}",
         st.entries_persisted
     );
+    let _ = writeln!(
+        out,
+        "# HELP entente_raft_refused_non_member_total Peer messages refused because their sender is not a member."
+    );
+    let _ = writeln!(out, "# TYPE entente_raft_refused_non_member_total counter");
+    let _ = writeln!(
+        out,
+        "entente_raft_refused_non_member_total {}",
+        st.refused_non_member
+    );
     gauge(
         &mut out,
         "entente_state_applied_index",

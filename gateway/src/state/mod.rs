@@ -160,6 +160,41 @@ async fn open_pool(path: &Path) -> Result<SqlitePool, StateError> {
     Ok(pool)
 }
 
+/// Makes the database file at `path` private (0600) before SQLite opens
+/// it: creates it empty if missing (SQLite takes an empty file as a new
+/// database), else takes other users' access from it and its side files.
+/// SQLite creates the `-wal` and `-shm` files with the database's mode.
+pub(crate) async fn make_private(path: &Path) -> Result<(), StateError> {
+    let io = |op| {
+        let path = path.to_path_buf();
+        move |source| StateError::Io { op, path, source }
+    };
+    match tokio::fs::metadata(path).await {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut opts = crate::files::private_options();
+            opts.truncate(false).create_new(true);
+            opts.open(path).await.map_err(io("creating"))?;
+        }
+        Err(e) => return Err(io("reading the metadata of")(e)),
+        Ok(_) => {
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                let file = snapshot::with_suffix(path, suffix);
+                match crate::files::tighten(&file, crate::files::FILE_MODE) {
+                    Ok(Some(old)) => tracing::warn!(
+                        file = %file.display(),
+                        old_mode = format!("{old:o}"),
+                        "made the state database file private (0600)"
+                    ),
+                    Ok(None) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io("changing the mode of")(e)),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Removes temp files a crash may have left in `dir`.
 async fn remove_stale_temp_files(dir: &Path) -> Result<(), StateError> {
     snapshot::remove_db_files(&dir.join(RESTORE_TMP)).await?;
@@ -190,15 +225,15 @@ impl StateDb {
     /// Opens (creating if needed) `state.db` in `dir`, in WAL mode, and runs
     /// the migrations.
     pub async fn open(dir: &Path) -> Result<StateDb, StateError> {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|source| StateError::Io {
-                op: "creating",
-                path: dir.to_path_buf(),
-                source,
-            })?;
+        crate::files::create_private_dir(dir).map_err(|source| StateError::Io {
+            op: "creating",
+            path: dir.to_path_buf(),
+            source,
+        })?;
         remove_stale_temp_files(dir).await?;
-        let pool = open_pool(&dir.join(DB_FILE)).await?;
+        let db = dir.join(DB_FILE);
+        make_private(&db).await?;
+        let pool = open_pool(&db).await?;
         let applied = {
             let mut conn = pool.acquire().await?;
             rows::load_applied_index(&mut conn).await?

@@ -111,6 +111,8 @@ impl StateDb {
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let path = self.dir.join(format!("{SNAPSHOT_TMP_PREFIX}{n}.tmp"));
         remove_db_files(&path).await?;
+        // `VACUUM INTO` fills an empty file, which keeps the mode we give it.
+        super::make_private(&path).await?;
         let target = path
             .to_str()
             .ok_or_else(|| {
@@ -152,6 +154,9 @@ impl StateDb {
         let tmp = self.dir.join(RESTORE_TMP);
         remove_db_files(&tmp).await?;
         let prepared = async {
+            // Created private (it becomes `state.db`); empty stands for an
+            // empty database.
+            super::make_private(&tmp).await?;
             if !data.is_empty() {
                 tokio::fs::write(&tmp, &data)
                     .await

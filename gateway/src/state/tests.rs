@@ -1464,6 +1464,66 @@ async fn restore_with_empty_data() {
     );
 }
 
+/// The modes of the files in `dir`, by name.
+#[cfg(unix)]
+fn file_modes(dir: &std::path::Path) -> Vec<(String, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut v: Vec<(String, u32)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let mode = e.metadata().unwrap().permissions().mode() & 0o7777;
+            (e.file_name().to_string_lossy().into_owned(), mode)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The database holds secret and token hashes: its files are 0600 from
+/// the start, through snapshots and restores (whose image replaces
+/// `state.db`), and an existing one left readable is closed on open.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_database_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let private = |dir: &std::path::Path| {
+        let modes = file_modes(dir);
+        assert!(modes.iter().any(|(n, _)| n == "state.db-wal"), "{modes:?}");
+        for (name, mode) in &modes {
+            assert_eq!(*mode, 0o600, "{name} in {modes:?}");
+        }
+    };
+    let mut t = Db::new().await;
+    t.run(register("d")).await;
+    private(t.dir.path());
+    let image = t.db.snapshot().await.unwrap();
+    private(t.dir.path());
+    let meta = SnapshotMeta {
+        index: 9,
+        term: 2,
+        conf_state: ConfState::with_voters([1]),
+    };
+    t.db.restore(&meta, image).await.unwrap();
+    t.next = 10;
+    t.run(register("e")).await;
+    private(t.dir.path());
+    t.db.restore(&meta, Vec::new()).await.unwrap();
+    t.next = 10;
+    t.run(register("f")).await;
+    private(t.dir.path());
+
+    let dir = t.dir;
+    drop(t.db);
+    for (name, _) in file_modes(dir.path()) {
+        let path = dir.path().join(name);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let reopened = StateDb::open(dir.path()).await.unwrap();
+    assert!(reopened.device("f").await.unwrap().is_some());
+    private(dir.path());
+}
+
 #[tokio::test]
 async fn restore_of_garbage_fails_and_keeps_the_state() {
     let mut t = Db::new().await;
