@@ -560,11 +560,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "entente gateway: REST on http://{}  peers on {}",
         gw.http_addr, gw.raft_addr
     );
-    if let Some(a) = gw.mqtt_addr {
-        let _ = writeln!(out, "MQTT 3.1.1 on {a}");
-    }
-    if let Some(a) = gw.mqtt5_addr {
-        let _ = writeln!(out, "MQTT 5 on {a}");
+    let devices: Vec<String> = [gw.mqtt_addr, gw.mqtt5_addr]
+        .iter()
+        .flatten()
+        .map(ToString::to_string)
+        .collect();
+    if !devices.is_empty() {
+        let _ = writeln!(
+            out,
+            "devices (MQTT 3.1.1 and 5) on {}",
+            devices.join(" and ")
+        );
     }
     if let Some(f) = &gw.cluster_secret_file {
         let _ = writeln!(out, "cluster secret: {} (generated)", f.display());
