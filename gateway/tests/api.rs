@@ -1341,3 +1341,43 @@ async fn a_stream_that_falls_behind_the_broadcast_misses_nothing() {
     assert_eq!(got, expected, "every event exactly once, in order");
     e.gw.stop().await;
 }
+
+/// A device listener that stopped makes the gateway unhealthy: `/healthz`
+/// and `/readyz` answer 503 `device-listener-down` (before, a dead listener
+/// left both at 200 while every device was refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_device_listener_fails_health_and_readiness() {
+    let e = env().await;
+    let (tx, rx) = watch::channel(false);
+    let mqtt: Arc<gateway::mqtt::MqttStats> = Default::default();
+    let app = app(AppState {
+        node: e.gw.node().clone(),
+        db: e.gw.db().clone(),
+        config: Arc::new(e.config.clone()),
+        shutdown: rx,
+        mqtt: mqtt.clone(),
+    });
+    assert_eq!(
+        call(&app, Method::GET, "/healthz").send().await.status,
+        StatusCode::OK
+    );
+    mqtt.listeners_down
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    for path in ["/healthz", "/readyz"] {
+        let r = call(&app, Method::GET, path).send().await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{path}: {r:?}");
+        assert!(
+            r.content_type().starts_with("application/problem+json"),
+            "{r:?}"
+        );
+        assert!(
+            r.body["type"]
+                .as_str()
+                .unwrap_or("")
+                .ends_with("device-listener-down"),
+            "{r:?}"
+        );
+    }
+    drop(tx);
+    e.gw.stop().await;
+}
