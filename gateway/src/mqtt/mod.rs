@@ -57,6 +57,9 @@ pub struct MqttStats {
     pub reports_received: AtomicU64,
     /// `ReportState` proposals made from them (after coalescing).
     pub report_proposals: AtomicU64,
+    /// Commands delivered again to a device connected here because they
+    /// waited too long for it.
+    pub commands_redelivered: AtomicU64,
     /// Connections closed for a protocol violation (a second CONNECT, a
     /// server's packet from a device).
     pub protocol_violations: AtomicU64,
@@ -74,7 +77,7 @@ pub struct MqttStats {
 impl MqttStats {
     /// Appends the counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, &AtomicU64); 14] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 15] = [
             (
                 "entente_mqtt_sessions",
                 "gauge",
@@ -128,6 +131,12 @@ impl MqttStats {
                 "counter",
                 "Reported-state proposals made from them after coalescing.",
                 &self.report_proposals,
+            ),
+            (
+                "entente_mqtt_commands_redelivered_total",
+                "counter",
+                "Commands delivered again to a device connected here after waiting too long.",
+                &self.commands_redelivered,
             ),
             (
                 "entente_mqtt_protocol_violations_total",
@@ -263,6 +272,7 @@ pub(crate) async fn start(
         coalesce: config.report_coalesce,
         sessions: HashMap::new(),
         reports: HashMap::new(),
+        redelivered: HashMap::new(),
     };
     mqtt.tasks
         .push(tokio::spawn(manager.run(events_rx, shutdown.clone())));

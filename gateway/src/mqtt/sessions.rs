@@ -110,7 +110,19 @@ pub(crate) struct Manager {
     pub(crate) coalesce: Duration,
     pub(crate) sessions: HashMap<String, Session>,
     pub(crate) reports: HashMap<String, PendingReports>,
+    /// Commands delivered again by the sweep: when next, and how often so far.
+    pub(crate) redelivered: HashMap<String, (tokio::time::Instant, u32)>,
 }
+
+/// How often the manager looks for commands still waiting for a device
+/// connected here (see [`Manager::redeliver_stale`]).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// A command unchanged for this long while its device is connected here is
+/// delivered again; then again after twice as long, up to [`REDELIVER_MAX`].
+const STALE_AFTER: Duration = Duration::from_secs(3);
+const REDELIVER_MAX: Duration = Duration::from_secs(300);
+/// Most stale commands one sweep looks at.
+const SWEEP_LIMIT: u32 = 5_000;
 
 /// How many times an MQTT-originated proposal is tried before giving up.
 const PROPOSAL_ATTEMPTS: u32 = 20;
@@ -126,6 +138,10 @@ impl Manager {
         let mut tick = tokio::time::interval(self.coalesce.max(Duration::from_millis(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (stale_tx, mut stale_rx) = mpsc::channel::<Vec<Command>>(1);
+        let mut sweeping = false;
         let shadows = Arc::new(ShadowOutbox::default());
         let publisher = tokio::spawn(publish_shadows(
             self.db.clone(),
@@ -151,6 +167,28 @@ impl Manager {
                     self.redeliver_all();
                 }
                 _ = tick.tick() => self.flush_reports(&done_tx),
+                _ = sweep.tick() => {
+                    if !sweeping && !self.sessions.is_empty() {
+                        sweeping = true;
+                        let (db, tx) = (self.db.clone(), stale_tx.clone());
+                        tokio::spawn(async move {
+                            let before = crate::now_ms()
+                                .saturating_sub(STALE_AFTER.as_millis() as u64);
+                            let cmds = match db.stale_commands(before, SWEEP_LIMIT).await {
+                                Ok(c) => c,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "listing commands to deliver again");
+                                    Vec::new()
+                                }
+                            };
+                            let _ = tx.send(cmds).await;
+                        });
+                    }
+                }
+                Some(cmds) = stale_rx.recv() => {
+                    sweeping = false;
+                    self.redeliver_stale(cmds);
+                }
                 Some(device) = done_rx.recv() => {
                     if let Some(p) = self.reports.get_mut(&device) {
                         p.inflight = false;
@@ -250,6 +288,57 @@ impl Manager {
                 }
             }
         });
+    }
+
+    /// Delivers again the commands still `queued`, `sent` or `accepted`
+    /// (unchanged for [`STALE_AFTER`]) whose devices hold a session here
+    /// subscribed to their commands — whatever happened to the delivery or
+    /// to the device's answer before (a leader that died with them, a
+    /// subscription that raced the command's commit). Each command is sent
+    /// again after `STALE_AFTER`, then twice as long each time, up to
+    /// [`REDELIVER_MAX`]; `CommandSent` is proposed for the queued ones.
+    /// Devices deduplicate by id and repeat their answer.
+    fn redeliver_stale(&mut self, cmds: Vec<Command>) {
+        let now = tokio::time::Instant::now();
+        let mut keep = HashMap::with_capacity(cmds.len());
+        for c in cmds {
+            let Some(s) = self.sessions.get(&c.device) else {
+                continue;
+            };
+            if !s.wants(&commands_topic(&c.device)) {
+                continue;
+            }
+            let (next, count) = self.redelivered.remove(&c.id).unwrap_or((now, 0));
+            if now < next {
+                keep.insert(c.id, (next, count));
+                continue;
+            }
+            tracing::debug!(
+                device = c.device,
+                cid = c.id,
+                status = c.status.as_str(),
+                "delivering a waiting command again"
+            );
+            self.stats
+                .commands_redelivered
+                .fetch_add(1, Ordering::Relaxed);
+            publish_command(&self.endpoint, &self.stats, &c);
+            if c.status == CommandStatus::Queued {
+                let (node, op) = (
+                    self.node.clone(),
+                    Op::CommandSent {
+                        cid: c.id.clone(),
+                        gateway: self.node_id,
+                    },
+                );
+                tokio::spawn(async move { propose_logged(&node, op).await });
+            }
+            let wait = STALE_AFTER
+                .saturating_mul(1 << count.min(5))
+                .min(REDELIVER_MAX);
+            keep.insert(c.id, (now + wait, count + 1));
+        }
+        self.redelivered = keep;
     }
 
     fn redeliver_all(&self) {
@@ -526,7 +615,7 @@ async fn presence_task(
     device: String,
     gateway: u64,
     epoch: u64,
-    mut ended: oneshot::Receiver<()>,
+    ended: oneshot::Receiver<()>,
     reannounce: Arc<Notify>,
 ) {
     let op = |online| Op::Presence {
@@ -535,24 +624,50 @@ async fn presence_task(
         epoch,
         online,
     };
+    let mut ended = Ended::new(ended);
     loop {
-        propose_retrying(&node, op(true), &mut ended).await;
+        propose_retrying(&node, op(true), Some(&mut ended)).await;
         tokio::select! {
-            _ = &mut ended => break,
+            _ = ended.wait() => break,
             _ = reannounce.notified() => {}
         }
     }
-    let mut never = oneshot::channel::<()>().1;
-    propose_retrying(&node, op(false), &mut never).await;
+    propose_retrying(&node, op(false), None).await;
+}
+
+/// Resolves once a session ended — and again every time it is awaited
+/// after that (a oneshot receiver may be awaited only until it completes).
+struct Ended {
+    rx: oneshot::Receiver<()>,
+    done: bool,
+}
+
+impl Ended {
+    fn new(rx: oneshot::Receiver<()>) -> Ended {
+        Ended { rx, done: false }
+    }
+
+    async fn wait(&mut self) {
+        if !self.done {
+            // The sender is dropped when the session ends: either way it ended.
+            let _ = (&mut self.rx).await;
+            self.done = true;
+        }
+    }
 }
 
 /// Proposes `op` until it commits, `PROPOSAL_ATTEMPTS` failures (about
-/// 35 s with the backoff), or (before an attempt) `stop` resolved. A device's
+/// 35 s with the backoff), or (between attempts) `stop` resolved. A device's
 /// message was acknowledged (PUBACK) when it arrived, so what it says must not
 /// be dropped because an election was running: every operation proposed
 /// here is idempotent (presence by epoch, command steps by state, a
 /// reported-state merge patch), so a retry after an unknown outcome is safe.
-async fn propose_retrying(node: &Node<OpResult>, op: Op, stop: &mut oneshot::Receiver<()>) {
+async fn propose_retrying(node: &Node<OpResult>, op: Op, mut stop: Option<&mut Ended>) {
+    // Over a limit: refused before proposing, and the answer never changes.
+    if let Err(e) = crate::limits::check_op(&op) {
+        tracing::warn!(error = %e, kind = op.kind(), "MQTT-originated proposal refused");
+        return;
+    }
     let mut backoff = Duration::from_millis(50);
     for attempt in 1..=PROPOSAL_ATTEMPTS {
         match crate::propose(node, op.clone()).await {
@@ -565,9 +680,7 @@ async fn propose_retrying(node: &Node<OpResult>, op: Op, stop: &mut oneshot::Rec
                 return;
             }
             Ok(_) => return,
-            // Refused before proposing (over a limit): the answer would
-            // never change.
-            Err(e @ (NodeError::Shutdown | NodeError::Fatal(_) | NodeError::Refused(_))) => {
+            Err(e @ (NodeError::Shutdown | NodeError::Fatal(_))) => {
                 tracing::warn!(error = %e, kind = op.kind(), "MQTT-originated proposal abandoned");
                 return;
             }
@@ -575,9 +688,15 @@ async fn propose_retrying(node: &Node<OpResult>, op: Op, stop: &mut oneshot::Rec
                 tracing::debug!(error = %e, attempt, kind = op.kind(), "proposal failed; retrying");
             }
         }
+        let stopped = async {
+            match stop.as_deref_mut() {
+                Some(s) => s.wait().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = &mut *stop => return,
+            _ = stopped => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
@@ -586,8 +705,7 @@ async fn propose_retrying(node: &Node<OpResult>, op: Op, stop: &mut oneshot::Rec
 
 /// [`propose_retrying`] with nothing to stop it early.
 async fn propose_logged(node: &Node<OpResult>, op: Op) {
-    let mut never = oneshot::channel::<()>().1;
-    propose_retrying(node, op, &mut never).await;
+    propose_retrying(node, op, None).await;
 }
 
 /// Whether command `cid` exists and belongs to `device` (else it is

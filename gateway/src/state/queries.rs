@@ -103,6 +103,28 @@ impl StateDb {
         rows.iter().map(command_from_row).collect()
     }
 
+    /// Commands still waiting for their device (`queued`, `sent` or
+    /// `accepted`) whose last change is older than `before_ms`, oldest
+    /// first, at most `limit`: what the MQTT side delivers again to devices
+    /// connected to it.
+    pub async fn stale_commands(
+        &self,
+        before_ms: u64,
+        limit: u32,
+    ) -> Result<Vec<Command>, StateError> {
+        let pool = self.pool.read().await;
+        let rows = sqlx::query(&format!(
+            "SELECT {COMMAND_COLS} FROM commands \
+             WHERE status IN ('queued', 'sent', 'accepted') AND updated_at < ? \
+             ORDER BY updated_at LIMIT ?"
+        ))
+        .bind(i64::try_from(before_ms).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&*pool)
+        .await?;
+        rows.iter().map(command_from_row).collect()
+    }
+
     /// The role of the token with this SHA-256 (hex), if any.
     pub async fn token_role(&self, token_hash: &str) -> Result<Option<Role>, StateError> {
         let pool = self.pool.read().await;
