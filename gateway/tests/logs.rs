@@ -161,10 +161,11 @@ impl Proc {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
+        let ok = Command::new("bash")
+            .arg("-c")
+            .arg(format!("kill {sig} {}", self.child.id()))
             .status()
-            .expect("kill")
+            .expect("bash")
             .success();
         assert!(ok, "kill {sig} {}", self.name);
     }

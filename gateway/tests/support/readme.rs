@@ -659,9 +659,11 @@ impl Runner {
 struct Group(u32);
 
 impl Group {
+    /// Signals the group (bash's own `kill`, so no other tool is needed).
     fn signal(&self, sig: &str) -> bool {
-        Command::new("kill")
-            .args([sig, "--", &format!("-{}", self.0)])
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!("kill {sig} -- -{}", self.0))
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
