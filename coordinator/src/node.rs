@@ -45,10 +45,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::raft::{
-    ConfChange, Entry, EntryPayload, HardState, Index, InitialState, Message, MessageKind, NodeId,
-    ProposeError, Proposed, Raft, Ready, Role, SnapshotMeta, Status, Term,
+    ConfChange, ConfState, Entry, EntryPayload, HardState, Index, InitialState, Message,
+    MessageKind, NodeId, ProposeError, Proposed, Raft, Ready, Role, SnapshotMeta, Status, Term,
 };
-use crate::transport::gate::LogLimiter;
+use crate::transport::gate::{LogLimiter, RepeatLimiter};
 
 /// An error from storage or the state machine, boxed at the boundary.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -267,6 +267,9 @@ pub const STRANGER_LEADER_TIMEOUTS: u64 = 10;
 const REFUSAL_LOG_BURST: u32 = 10;
 /// See [`REFUSAL_LOG_BURST`].
 const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
+/// And from one sender (a removed member that keeps campaigning, say) at
+/// most one warning per this.
+const REFUSAL_LOG_PER_PEER: Duration = Duration::from_secs(60);
 
 /// The proposal header: node id, incarnation, sequence number.
 const HEADER: usize = 24;
@@ -372,7 +375,10 @@ impl<O: Send + 'static> Node<O> {
             durable_term_vote: (hard_state.term, hard_state.vote),
             refused_non_member: 0,
             refusal_log: LogLimiter::new(REFUSAL_LOG_WINDOW, REFUSAL_LOG_BURST),
+            refusal_log_per_peer: RepeatLimiter::new(REFUSAL_LOG_PER_PEER, 64),
             ticks_without_leader: 0,
+            announced_leader: None,
+            announced_conf: ConfState::default(),
         };
         let task = tokio::spawn(driver.run(cmd_rx, inbound));
         Ok(Node {
@@ -495,8 +501,14 @@ struct Driver<S, P, M: StateMachine> {
     refused_non_member: u64,
     /// Bounds the warnings about them.
     refusal_log: LogLimiter,
+    /// And per sender.
+    refusal_log_per_peer: RepeatLimiter<NodeId>,
     /// Ticks since this node last knew a leader (0 while it knows one).
     ticks_without_leader: u64,
+    /// The leader and term last logged (`None`: none known).
+    announced_leader: Option<(NodeId, Term)>,
+    /// The membership last logged.
+    announced_conf: ConfState,
 }
 
 impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
@@ -774,11 +786,15 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
 
     fn refuse(&mut self, msg: &Message) {
         self.refused_non_member += 1;
+        let Some(repeated) = self.refusal_log_per_peer.allow(msg.from) else {
+            return;
+        };
         if let Some(suppressed) = self.refusal_log.allow() {
             tracing::warn!(
                 node = self.id,
                 peer = msg.from,
                 kind = msg.kind.name(),
+                repeated,
                 suppressed,
                 "refused a message from a node that is not a member of this node's configuration"
             );
@@ -1045,8 +1061,72 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         }
     }
 
+    /// Logs, at info, a change of leader (who, in which term) and of
+    /// membership (who was added, promoted, demoted or removed) since the
+    /// last call: what an operator reads to follow a failover.
+    fn announce(&mut self, raft: &Status) {
+        let leader = raft.leader.map(|l| (l, raft.term));
+        if leader != self.announced_leader {
+            match leader {
+                Some((l, term)) if l == self.id => {
+                    tracing::info!(
+                        node = self.id,
+                        leader = l,
+                        term,
+                        "this node is now the leader"
+                    );
+                }
+                Some((l, term)) => {
+                    tracing::info!(node = self.id, leader = l, term, "following a new leader");
+                }
+                None => {
+                    let (last, _) = self.announced_leader.unwrap_or_default();
+                    tracing::info!(
+                        node = self.id,
+                        term = raft.term,
+                        last_leader = last,
+                        "no leader known; an election is due"
+                    );
+                }
+            }
+            self.announced_leader = leader;
+        }
+        let (old, new) = (&self.announced_conf, &raft.conf_state);
+        if old == new {
+            return;
+        }
+        if old.voters.is_empty() && old.learners.is_empty() {
+            tracing::info!(
+                node = self.id,
+                voters = ?new.voters,
+                learners = ?new.learners,
+                "membership of the group"
+            );
+        } else {
+            for &id in new.voters.difference(&old.voters) {
+                if old.learners.contains(&id) {
+                    tracing::info!(node = self.id, member = id, voters = ?new.voters, "membership: a learner was promoted to voter");
+                } else {
+                    tracing::info!(node = self.id, member = id, voters = ?new.voters, "membership: a voter was added");
+                }
+            }
+            for &id in new.learners.difference(&old.learners) {
+                if old.voters.contains(&id) {
+                    tracing::info!(node = self.id, member = id, learners = ?new.learners, "membership: a voter was demoted to learner");
+                } else {
+                    tracing::info!(node = self.id, member = id, learners = ?new.learners, "membership: a learner was added");
+                }
+            }
+            for id in old.members().filter(|&id| !new.contains(id)) {
+                tracing::info!(node = self.id, member = id, voters = ?new.voters, learners = ?new.learners, "membership: a member was removed");
+            }
+        }
+        self.announced_conf = new.clone();
+    }
+
     fn publish_status(&mut self) {
         let raft = self.raft.status();
+        self.announce(&raft);
         let (syncs, entries_persisted) = (self.syncs, self.entries_persisted);
         let refused_non_member = self.refused_non_member;
         self.status.send_modify(|s| {

@@ -21,6 +21,10 @@
 //!
 //! Errors are `ERR <reason>`. On start it prints
 //! `READY raft=<addr> client=<addr>` on stdout.
+//!
+//! `entente-kv request <client-addr> <request...>` is a client: it sends one
+//! request and prints the reply, waiting up to 10 s for the node to accept
+//! connections and know a leader; it exits 1 on an `ERR` reply.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -193,7 +197,7 @@ fn parse_args() -> Result<Args, String> {
                     "{}",
                     include_str!("main.rs")
                         .lines()
-                        .take(22)
+                        .take_while(|l| l.starts_with("//!"))
                         .collect::<Vec<_>>()
                         .join("\n")
                 );
@@ -281,10 +285,60 @@ async fn serve_client(
 
 type PeerSetter = Arc<dyn Fn(NodeId, SocketAddr) + Send + Sync>;
 
+/// `entente-kv request <addr> <request...>`: one request, the reply on
+/// stdout. Retries while the node does not accept connections yet or knows
+/// no leader (nothing was applied then), for up to 10 s.
+async fn client(args: &[String]) -> i32 {
+    let Some((addr, words)) = args.split_first().filter(|(_, w)| !w.is_empty()) else {
+        eprintln!("usage: entente-kv request <client-addr> <request...>");
+        return 2;
+    };
+    let addr: SocketAddr = match addr.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("entente-kv: {addr}: {e}");
+            return 2;
+        }
+    };
+    let line = words.join(" ");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let reply = example_kv::request(addr, &line).await;
+        // Only while nothing can have been applied: the node not listening
+        // yet, or no leader to propose to.
+        let retry = match &reply {
+            Err(e) => e.contains("Connection refused"),
+            Ok(lines) => lines
+                .first()
+                .is_some_and(|l| l.starts_with("ERR no leader")),
+        };
+        if !retry || tokio::time::Instant::now() >= deadline {
+            return match reply {
+                Ok(lines) => {
+                    for l in &lines {
+                        println!("{l}");
+                    }
+                    i32::from(lines.first().is_some_and(|l| l.starts_with("ERR")))
+                }
+                Err(e) => {
+                    eprintln!("entente-kv: {addr}: {e}");
+                    1
+                }
+            };
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::main]
 async fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().is_some_and(|a| a == "request") {
+        std::process::exit(client(&argv[1..]).await);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )

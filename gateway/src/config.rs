@@ -112,6 +112,47 @@ pub struct Args {
     /// more are answered 429.
     #[arg(long, env = "ENTENTE_EVENTS_MAX_STREAMS_PER_TOKEN")]
     pub events_max_streams_per_token: Option<usize>,
+    /// Log line format on stdout: `text` (plain, coloured only on a
+    /// terminal) or `json` (one object per line with `timestamp`, `level`,
+    /// `target`, `message` and the event's fields; the address lines printed
+    /// at start are left out). Default `text`. `RUST_LOG` sets the level
+    /// (default `info`).
+    #[arg(long, env = "ENTENTE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// How the gateway writes its log (`--log-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines; ANSI colours only when stdout is a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Args {
+    /// The log format: the flag or environment, else the settings file's
+    /// `log_format`, else text. Resolved on its own, before the rest of the
+    /// configuration, so that everything the configuration logs is already
+    /// in the chosen format.
+    pub fn log_format(&self) -> Result<LogFormat, String> {
+        if let Some(f) = self.log_format {
+            return Ok(f);
+        }
+        match &self.config {
+            Some(path) => Ok(read_file_config(path)?.log_format.unwrap_or_default()),
+            None => Ok(LogFormat::default()),
+        }
+    }
+}
+
+/// Reads and parses the settings file.
+fn read_file_config(path: &std::path::Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
 }
 
 /// The settings file (same keys as the flags).
@@ -140,6 +181,7 @@ struct FileConfig {
     http_send_timeout_ms: Option<u64>,
     events_max_streams: Option<usize>,
     events_max_streams_per_token: Option<usize>,
+    log_format: Option<LogFormat>,
 }
 
 /// Resolved settings of one gateway.
@@ -209,6 +251,10 @@ pub struct Config {
     pub events_max_streams_per_token: usize,
     /// Bytes of events buffered per event stream, waiting for its client.
     pub events_buffer_bytes: usize,
+    /// The log format `main` set up; with `json`, [`crate::run`] prints no
+    /// plain-text address lines on stdout (the "gateway started" log event
+    /// carries them).
+    pub log_format: LogFormat,
 }
 
 /// The default of `--events-max-streams`: 256, or a quarter of the REST
@@ -274,17 +320,14 @@ impl Config {
             events_max_streams: default_events_max_streams(http_max_connections),
             events_max_streams_per_token: 16,
             events_buffer_bytes: 128 * 1024,
+            log_format: LogFormat::Text,
         }
     }
 
     /// Resolves flags, environment and file into settings.
     pub fn from_args(args: Args) -> Result<Config, String> {
         let file: FileConfig = match &args.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-                toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?
-            }
+            Some(path) => read_file_config(path)?,
             None => FileConfig::default(),
         };
         let http = args
@@ -379,6 +422,7 @@ impl Config {
         {
             c.events_max_streams_per_token = n;
         }
+        c.log_format = args.log_format.or(file.log_format).unwrap_or_default();
         Ok(c)
     }
 }
@@ -526,6 +570,39 @@ mod tests {
             ..Args::default()
         };
         assert!(Config::from_args(zero).is_err());
+    }
+
+    #[test]
+    fn log_format_comes_from_flag_or_file_and_defaults_to_text() {
+        assert_eq!(Args::default().log_format(), Ok(LogFormat::Text));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("g.toml");
+        std::fs::write(&file, "log_format = \"json\"\n").expect("write");
+        let from_file = Args {
+            config: Some(file.clone()),
+            ..Args::default()
+        };
+        assert_eq!(from_file.log_format(), Ok(LogFormat::Json));
+        assert_eq!(
+            Config::from_args(from_file).expect("config").log_format,
+            LogFormat::Json
+        );
+        let flag_wins = Args {
+            config: Some(file),
+            log_format: Some(LogFormat::Text),
+            ..Args::default()
+        };
+        assert_eq!(flag_wins.log_format(), Ok(LogFormat::Text));
+        std::fs::write(dir.path().join("bad.toml"), "log_format = \"xml\"\n").expect("write");
+        let bad = Args {
+            config: Some(dir.path().join("bad.toml")),
+            ..Args::default()
+        };
+        assert!(bad.log_format().is_err());
+        use clap::Parser as _;
+        let parsed = Args::try_parse_from(["gateway", "--log-format", "json"]).expect("parse");
+        assert_eq!(parsed.log_format, Some(LogFormat::Json));
+        assert!(Args::try_parse_from(["gateway", "--log-format", "xml"]).is_err());
     }
 
     #[test]

@@ -136,6 +136,8 @@ impl Gateway {
 
     /// Stops serving, ends streams, shuts the node down (flushing storage).
     pub async fn stop(mut self) {
+        let node = self.node.status().raft.id;
+        tracing::info!(node, "gateway stopping");
         self.mqtt.stop();
         let _ = self.shutdown_tx.send(true);
         for t in self.tasks.into_iter().chain(self.mqtt.tasks.drain(..)) {
@@ -143,6 +145,7 @@ impl Gateway {
         }
         self.node.shutdown().await;
         self.transport.shutdown().await;
+        tracing::info!(node, "gateway stopped");
     }
 }
 
@@ -168,6 +171,12 @@ pub async fn propose(node: &Node<OpResult>, op: Op) -> Result<(u64, OpResult), N
 /// Starts a gateway: storage, state database, transport, node, REST API and
 /// the leader's background duties.
 pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+    tracing::info!(
+        node = config.node_id,
+        version = env!("CARGO_PKG_VERSION"),
+        data_dir = %config.data_dir.display(),
+        "gateway starting"
+    );
     prepare_data_dir(&config.data_dir)?;
     let (cluster_secret, cluster_secret_file) = match &config.cluster_secret {
         Some(secret) => (secret.clone(), None),
@@ -276,6 +285,20 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
     ));
     forget_own_sessions(&node, &db, config.node_id).await;
     let mqtt = mqtt::start(&config, node.clone(), db.clone(), mqtt_stats, shutdown_rx).await?;
+    let devices: Vec<String> = [mqtt.v4_addr, mqtt.v5_addr]
+        .iter()
+        .flatten()
+        .map(ToString::to_string)
+        .collect();
+    tracing::info!(
+        node = config.node_id,
+        rest = %http_addr,
+        peers = %raft_addr,
+        devices = devices.join(","),
+        admin_token_file = admin_token_file.as_ref().map(|f| f.display().to_string()),
+        generated_cluster_secret_file = cluster_secret_file.as_ref().map(|f| f.display().to_string()),
+        "gateway started"
+    );
     Ok(Gateway {
         http_addr,
         raft_addr,
@@ -552,9 +575,16 @@ async fn leader_duties(
 
 /// Starts a gateway, prints where it is, and runs until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), GatewayError> {
+    // With a JSON log every line on stdout is JSON: the "gateway started"
+    // event carries the addresses instead.
+    let plain = config.log_format == config::LogFormat::Text;
     let gw = start(config).await?;
     // Whoever started us may have stopped reading stdout; that is no reason to stop.
-    let mut out = std::io::stdout();
+    let mut out: Box<dyn std::io::Write> = if plain {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(std::io::sink())
+    };
     let _ = writeln!(
         out,
         "entente gateway: REST on http://{}  peers on {}",

@@ -2,13 +2,35 @@
 
 use clap::Parser;
 
+use gateway::config::LogFormat;
+
+/// The log on stdout: `RUST_LOG` (default `info`) in the chosen format.
+/// Text is coloured only on a terminal (and not with `NO_COLOR` set), so a
+/// log collected from a pipe or file holds no escape codes.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let args = gateway::config::Args::parse();
+    let format = match args.log_format() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            std::process::exit(2);
+        }
+    };
+    init_logging(format);
     // Every device is a socket: take as many open files as the system allows.
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) if n < 20_000 => tracing::warn!(
@@ -30,7 +52,7 @@ async fn main() {
              use --cluster-secret-file or ENTENTE_CLUSTER_SECRET"
         );
     }
-    let config = match gateway::config::Config::from_args(gateway::config::Args::parse()) {
+    let config = match gateway::config::Config::from_args(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("gateway: {e}");

@@ -197,6 +197,65 @@ impl LogLimiter {
     }
 }
 
+/// Logs one condition that keeps recurring for the same key (a peer
+/// refused for the same reason, say) once per `every`, counting the
+/// repeats left out in between, so a misconfigured member that redials
+/// every few seconds shows up once a minute, not on every attempt. Holds
+/// at most `capacity` keys: when full, keys not logged within `every` are
+/// forgotten, and a new key beyond that is let through untracked (a flood
+/// of strangers is bounded by a [`LogLimiter`] as well).
+#[derive(Debug)]
+pub(crate) struct RepeatLimiter<K> {
+    every: Duration,
+    capacity: usize,
+    /// Key → (when last logged, repeats left out since).
+    state: Mutex<HashMap<K, (Instant, u64)>>,
+}
+
+impl<K: std::hash::Hash + Eq> RepeatLimiter<K> {
+    /// At most one line per key per `every`, tracking up to `capacity` keys.
+    pub(crate) fn new(every: Duration, capacity: usize) -> Self {
+        RepeatLimiter {
+            every,
+            capacity,
+            state: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Some(n)` if a line about `key` may be logged now, `n` being how
+    /// many repeats were left out since its last one; `None` if this one is
+    /// left out.
+    pub(crate) fn allow(&self, key: K) -> Option<u64> {
+        self.allow_at(key, Instant::now())
+    }
+
+    fn allow_at(&self, key: K, now: Instant) -> Option<u64> {
+        let mut st = lock(&self.state);
+        if let Some((last, repeats)) = st.get_mut(&key) {
+            if now.saturating_duration_since(*last) < self.every {
+                *repeats += 1;
+                return None;
+            }
+            *last = now;
+            return Some(std::mem::take(repeats));
+        }
+        if st.len() >= self.capacity {
+            let every = self.every;
+            st.retain(|_, (last, _)| now.saturating_duration_since(*last) < every);
+        }
+        if st.len() < self.capacity {
+            st.insert(key, (now, 0));
+        }
+        Some(0)
+    }
+
+    /// Forgets every key: the next occurrence of each is logged at once
+    /// (the condition ended, e.g. the peer connected).
+    pub(crate) fn reset(&self) {
+        lock(&self.state).clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,5 +327,28 @@ mod tests {
         let l2 = LogLimiter::new(Duration::ZERO, 1);
         assert_eq!(l2.allow(), Some(0));
         assert_eq!(l2.allow(), Some(0));
+    }
+
+    #[test]
+    fn repeat_limiter_logs_each_key_once_per_window() {
+        let l = RepeatLimiter::new(Duration::from_secs(60), 2);
+        let t0 = Instant::now();
+        assert_eq!(l.allow_at("a", t0), Some(0));
+        assert_eq!(l.allow_at("a", t0 + Duration::from_secs(5)), None);
+        assert_eq!(l.allow_at("a", t0 + Duration::from_secs(10)), None);
+        // Another key has its own window.
+        assert_eq!(l.allow_at("b", t0 + Duration::from_secs(10)), Some(0));
+        // After the window: logged, with the count of repeats left out.
+        assert_eq!(l.allow_at("a", t0 + Duration::from_secs(61)), Some(2));
+        assert_eq!(l.allow_at("a", t0 + Duration::from_secs(62)), None);
+        // Full: a third key is let through but not tracked...
+        assert_eq!(l.allow_at("c", t0 + Duration::from_secs(62)), Some(0));
+        assert_eq!(l.allow_at("c", t0 + Duration::from_secs(63)), Some(0));
+        // ...until old keys can be forgotten.
+        assert_eq!(l.allow_at("c", t0 + Duration::from_secs(200)), Some(0));
+        assert_eq!(l.allow_at("c", t0 + Duration::from_secs(201)), None);
+        // After a reset every key is logged again at once.
+        l.reset();
+        assert_eq!(l.allow_at("c", t0 + Duration::from_secs(202)), Some(0));
     }
 }

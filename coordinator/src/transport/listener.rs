@@ -155,9 +155,17 @@ async fn serve(
         Err(e) => {
             // Logged before the socket is dropped, so the log line precedes
             // the close the peer observes. Rate-limited: a flood of bad
-            // connections must not flood the log.
-            if let Some(suppressed) = ctx.refusal_log.allow() {
-                warn!(peer_addr = %addr, reason = %e, suppressed, "refused incoming connection");
+            // connections must not flood the log, nor a misconfigured
+            // member that redials every few seconds (once a minute per
+            // address and reason, `repeated` counting those left out).
+            let reason = e.to_string();
+            match ctx.repeat_log.allow((addr.ip(), reason)) {
+                Some(repeated) => {
+                    if let Some(suppressed) = ctx.refusal_log.allow() {
+                        warn!(peer_addr = %addr, reason = %e, repeated, suppressed, "refused incoming connection");
+                    }
+                }
+                None => debug!(peer_addr = %addr, reason = %e, "refused incoming connection"),
             }
             return;
         }

@@ -245,6 +245,11 @@ impl fmt::Debug for Inbound {
 const REFUSAL_LOG_BURST: u32 = 10;
 /// See [`REFUSAL_LOG_BURST`].
 const REFUSAL_LOG_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+/// The same refusal of the same peer address (or, when dialing, of the same
+/// peer) is logged at most once per this, with the number of repeats left out.
+pub(crate) const REPEAT_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// Addresses whose repeated refusals are tracked at once.
+const REPEAT_LOG_KEYS: usize = 1024;
 
 /// Mutable transport state, behind one short-held lock.
 #[derive(Debug)]
@@ -335,6 +340,7 @@ impl Transport {
             },
             gate: Arc::new(gate::Gate::new(&config)),
             refusal_log: gate::LogLimiter::new(REFUSAL_LOG_WINDOW, REFUSAL_LOG_BURST),
+            repeat_log: gate::RepeatLimiter::new(REPEAT_LOG_EVERY, REPEAT_LOG_KEYS),
             config: config.clone(),
         });
         let reporter = Reporter::new(

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use super::backoff::Backoff;
 use super::error::FrameError;
 use super::frame::{Frame, StreamKind, encode_frame};
+use super::gate::RepeatLimiter;
 use super::shared::{Context, Reporter, connect};
 use crate::raft::{Message, NodeId};
 
@@ -57,6 +58,7 @@ impl PeerHandle {
             addr: addr_rx,
             shutdown,
             backoff,
+            refusal_log: RepeatLimiter::new(super::REPEAT_LOG_EVERY, 8),
         };
         PeerHandle {
             queue: queue_tx,
@@ -83,6 +85,9 @@ struct Writer {
     addr: watch::Receiver<SocketAddr>,
     shutdown: watch::Receiver<bool>,
     backoff: Backoff,
+    /// The same refusal (wrong secret, say) is logged once a minute, not
+    /// on every redial.
+    refusal_log: RepeatLimiter<String>,
 }
 
 impl Writer {
@@ -116,16 +121,29 @@ impl Writer {
                     }
                     failures = 0;
                     self.backoff.reset();
+                    self.refusal_log.reset();
                     match self.pump(stream, addr).await {
                         Exit::Stop => return,
                         Exit::Reconnect => {}
                     }
                 }
                 Some(Err(e)) => {
-                    if failures == 0 || e.is_refusal() {
-                        warn!(peer, peer_addr = %addr, reason = %e, "cannot connect to peer");
+                    // A refusal points at a configuration error: always
+                    // worth a warning, but the same one once a minute
+                    // (`repeated` counts the attempts left out). Other
+                    // failures (the peer is down) warn once per outage.
+                    let warn_now = if e.is_refusal() {
+                        self.refusal_log.allow(e.to_string())
                     } else {
-                        debug!(peer, peer_addr = %addr, reason = %e, "cannot connect to peer");
+                        (failures == 0).then_some(0)
+                    };
+                    match warn_now {
+                        Some(repeated) => {
+                            warn!(peer, peer_addr = %addr, reason = %e, repeated, "cannot connect to peer")
+                        }
+                        None => {
+                            debug!(peer, peer_addr = %addr, reason = %e, "cannot connect to peer")
+                        }
                     }
                     failures = failures.saturating_add(1);
                 }

@@ -13,7 +13,7 @@ use super::Inbound;
 use super::config::TransportConfig;
 use super::error::ConnectError;
 use super::frame::StreamKind;
-use super::gate::{Gate, LogLimiter};
+use super::gate::{Gate, LogLimiter, RepeatLimiter};
 use super::handshake::{Identity, dial};
 use crate::raft::NodeId;
 
@@ -29,6 +29,9 @@ pub(crate) struct Context {
     pub gate: Arc<Gate>,
     /// Limits warnings about incoming connections that did not authenticate.
     pub refusal_log: LogLimiter,
+    /// And about the same refusal from the same address, which a
+    /// misconfigured member repeats on every redial.
+    pub repeat_log: RepeatLimiter<(std::net::IpAddr, String)>,
 }
 
 /// Locks a mutex, ignoring poisoning: the data behind our locks stays

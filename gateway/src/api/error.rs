@@ -318,7 +318,9 @@ pub fn write_error(e: NodeError, write_timeout: std::time::Duration) -> ApiError
             1,
         ),
         NodeError::Fatal(msg) => {
-            tracing::error!(error = %msg, "the raft node has stopped after a fatal error");
+            // Logged once as an error when the node stopped; not again for
+            // every request after it.
+            tracing::debug!(error = %msg, "the raft node has stopped after a fatal error");
             ApiError::internal()
         }
     }
@@ -349,7 +351,9 @@ pub fn read_error(e: NodeError) -> ApiError {
             1,
         ),
         NodeError::Fatal(msg) => {
-            tracing::error!(error = %msg, "the raft node has stopped after a fatal error");
+            // Logged once as an error when the node stopped; not again for
+            // every request after it.
+            tracing::debug!(error = %msg, "the raft node has stopped after a fatal error");
             ApiError::internal()
         }
     }

@@ -223,7 +223,8 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Health>
     listeners_ok(&state)?;
     let st = state.node.status();
     if let Some(fatal) = &st.fatal {
-        tracing::error!(error = %fatal, "readyz: the raft node stopped");
+        // Logged once as an error when the node stopped; a probe asks often.
+        tracing::debug!(error = %fatal, "readyz: the raft node stopped");
         return Err(ApiError::unavailable(
             "not-ready",
             "the consensus node of this gateway has stopped after an error (see its log); \

@@ -39,7 +39,7 @@ use axum::{Extension, Router};
 use coordinator::node::Node;
 use tokio::sync::watch;
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use crate::config::Config;
 use crate::ops::{OpResult, Role};
@@ -219,7 +219,13 @@ pub fn app(state: AppState) -> Router {
         .layer(RequestBodyLimitLayer::new(max_body))
         .layer(middleware::from_fn(bare_errors_as_problems))
         .layer(middleware::from_fn_with_state(metrics, health::track))
-        .layer(TraceLayer::new_for_http())
+        // A 503 (no leader, not ready, shutting down) is normal in a group's
+        // life, and the cause of a 500 is logged where it happens: failed
+        // responses are not logged again here, above debug.
+        .layer(
+            TraceLayer::new_for_http()
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
         .with_state(state)
 }
 

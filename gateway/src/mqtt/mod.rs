@@ -285,18 +285,13 @@ pub(crate) async fn start(
         .map_err(io("starting the MQTT runtime"))?;
     for (addr, name) in [(config.mqtt_listen, "mqtt"), (config.mqtt5_listen, "mqtt5")] {
         let Some(addr) = addr else { continue };
-        let std_listener = std::net::TcpListener::bind(addr)
-            .map_err(io(format!("binding the MQTT listener {addr}")))?;
-        std_listener
-            .set_nonblocking(true)
-            .map_err(io(format!("setting up the MQTT listener {addr}")))?;
-        let bound = std_listener
-            .local_addr()
-            .map_err(io(format!("reading the MQTT listener's address {addr}")))?;
-        let listener = {
-            let _guard = rt.enter();
-            tokio::net::TcpListener::from_std(std_listener)
-                .map_err(io(format!("setting up the MQTT listener {addr}")))?
+        let (listener, bound) = match bind(&rt, addr) {
+            Ok(l) => l,
+            Err(e) => {
+                // A runtime may not be dropped (blocking) inside another one.
+                rt.shutdown_background();
+                return Err(e);
+            }
         };
         let (sh, st) = (shared.clone(), stats.clone());
         let task = rt.spawn(async move {
@@ -319,6 +314,25 @@ pub(crate) async fn start(
     mqtt.runtime = Some(rt);
     mqtt.shared = Some(shared);
     Ok(mqtt)
+}
+
+/// Binds a device listener on `rt`; the error names the address.
+fn bind(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), GatewayError> {
+    let std_listener = std::net::TcpListener::bind(addr)
+        .map_err(io(format!("binding the MQTT listener {addr}")))?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(io(format!("setting up the MQTT listener {addr}")))?;
+    let bound = std_listener
+        .local_addr()
+        .map_err(io(format!("reading the MQTT listener's address {addr}")))?;
+    let _guard = rt.enter();
+    let listener = tokio::net::TcpListener::from_std(std_listener)
+        .map_err(io(format!("setting up the MQTT listener {addr}")))?;
+    Ok((listener, bound))
 }
 
 /// On the leader: a peer not heard from (no `recent_active` in any sample)
