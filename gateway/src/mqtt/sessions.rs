@@ -224,7 +224,7 @@ impl Manager {
                     ended_rx,
                     reannounce.clone(),
                 ));
-                tracing::info!(device, epoch, "MQTT session started");
+                tracing::debug!(device, epoch, "MQTT session started");
                 self.sessions.insert(
                     device,
                     Session {
@@ -239,7 +239,7 @@ impl Manager {
             SessionEvent::Down { device, epoch } => {
                 if self.sessions.get(&device).is_some_and(|s| s.epoch == epoch) {
                     self.sessions.remove(&device);
-                    tracing::info!(device, epoch, "MQTT session ended");
+                    tracing::debug!(device, epoch, "MQTT session ended");
                     self.set_gauge();
                 }
             }
@@ -680,8 +680,10 @@ async fn propose_retrying(node: &Node<OpResult>, op: Op, mut stop: Option<&mut E
                 return;
             }
             Ok(_) => return,
+            // Stopping: what is still being proposed is abandoned (quietly;
+            // a fatal node error is logged once by the node itself).
             Err(e @ (NodeError::Shutdown | NodeError::Fatal(_))) => {
-                tracing::warn!(error = %e, kind = op.kind(), "MQTT-originated proposal abandoned");
+                tracing::debug!(error = %e, kind = op.kind(), "MQTT-originated proposal abandoned");
                 return;
             }
             Err(e) => {
