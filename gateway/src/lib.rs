@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use coordinator::node::{Node, NodeConfig, NodeError};
 use coordinator::raft::{ConfState, Role as RaftRole};
 use coordinator::storage::{Storage, StorageOptions};
-use coordinator::transport::{Transport, TransportConfig};
+use coordinator::transport::{PeerAddr, Transport, TransportConfig};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
@@ -198,7 +198,7 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
         .peers
         .iter()
         .filter(|(id, _)| **id != config.node_id)
-        .map(|(i, a)| (*i, *a))
+        .map(|(i, a)| (*i, a.clone()))
         .collect();
     let (transport, inbound) = Transport::start(tcfg)?;
     let transport = Arc::new(transport);
@@ -362,21 +362,23 @@ async fn follow_peer_addresses(
     self_id: u64,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    async fn set(transport: &Transport, self_id: u64, id: u64, address: &str) {
+    fn set(transport: &Transport, self_id: u64, id: u64, address: &str) {
         if id == self_id {
             return;
         }
-        match tokio::net::lookup_host(address).await.map(|mut a| a.next()) {
-            Ok(Some(addr)) => {
+        // A host name is kept as it is: the transport looks it up at every
+        // dial.
+        match address.parse::<PeerAddr>() {
+            Ok(addr) => {
                 if let Err(e) = transport.set_peer(id, addr) {
                     tracing::warn!(peer = id, address, error = %e, "setting a peer's address");
                 }
             }
-            Ok(None) | Err(_) => {
+            Err(e) => {
                 tracing::warn!(
                     peer = id,
-                    address,
-                    "a replicated peer address does not resolve; peer left as it was"
+                    error = %e,
+                    "a replicated peer address is not host:port; peer left as it was"
                 );
             }
         }
@@ -385,7 +387,7 @@ async fn follow_peer_addresses(
         match db.peer_addresses().await {
             Ok(rows) => {
                 for (id, address) in rows {
-                    set(transport, self_id, id, &address).await;
+                    set(transport, self_id, id, &address);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "reading the replicated peer addresses"),
@@ -412,7 +414,7 @@ async fn follow_peer_addresses(
             Ok(()) = restores.changed() => None,
         };
         match reload {
-            Some((id, address)) => set(&transport, self_id, id, &address).await,
+            Some((id, address)) => set(&transport, self_id, id, &address),
             None => load_all(&db, &transport, self_id).await,
         }
     }

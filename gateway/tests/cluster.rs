@@ -38,7 +38,7 @@ fn config(dir: &Path, id: u64, peers: &BTreeMap<u64, SocketAddr>) -> Config {
         peers[&id],
     );
     c.node_id = id;
-    c.peers = peers.clone();
+    c.peers = peers.iter().map(|(id, a)| (*id, (*a).into())).collect();
     c.cluster_secret = Some("cluster-test-secret".into());
     c.tick = Duration::from_millis(5);
     c.session_grace = Duration::from_millis(400);

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
@@ -11,6 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use super::addr::PeerAddr;
 use super::backoff::Backoff;
 use super::error::FrameError;
 use super::frame::{Frame, StreamKind, encode_frame};
@@ -23,6 +25,9 @@ const MAX_BATCH: usize = 256;
 pub(crate) const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Write buffer per connection.
 const WRITE_BUFFER: usize = 64 * 1024;
+/// While a peer stays unreachable, a warning at most this often (the
+/// attempts in between are logged at debug level).
+const FAILURE_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// The transport's handle on one peer's writer.
 #[derive(Debug)]
@@ -30,7 +35,7 @@ pub(crate) struct PeerHandle {
     /// The peer's queue.
     pub queue: mpsc::Sender<Message>,
     /// The peer's address; the writer redials when it changes.
-    pub addr: watch::Sender<SocketAddr>,
+    pub addr: watch::Sender<PeerAddr>,
     /// The writer task.
     pub task: JoinHandle<()>,
 }
@@ -43,7 +48,7 @@ impl PeerHandle {
         reporter: Reporter,
         shutdown: watch::Receiver<bool>,
         peer: NodeId,
-        addr: SocketAddr,
+        addr: PeerAddr,
         seed: u64,
     ) -> Self {
         let (queue_tx, queue_rx) = mpsc::channel(ctx.config.peer_queue_capacity);
@@ -80,7 +85,7 @@ struct Writer {
     ctx: Arc<Context>,
     reporter: Reporter,
     queue: mpsc::Receiver<Message>,
-    addr: watch::Receiver<SocketAddr>,
+    addr: watch::Receiver<PeerAddr>,
     shutdown: watch::Receiver<bool>,
     backoff: Backoff,
 }
@@ -89,14 +94,15 @@ impl Writer {
     async fn run(mut self) {
         let peer = self.peer;
         let mut failures: u32 = 0;
+        let mut last_warning: Option<Instant> = None;
         loop {
             if *self.shutdown.borrow() {
                 return;
             }
-            let addr = *self.addr.borrow_and_update();
+            let addr = self.addr.borrow_and_update().clone();
             // Messages queued while we dial are kept and sent once connected.
             let attempt = tokio::select! {
-                r = connect(&self.ctx, addr, peer, StreamKind::Messages) => Some(r),
+                r = connect(&self.ctx, &addr, peer, StreamKind::Messages) => Some(r),
                 _ = self.shutdown.changed() => return,
                 r = self.addr.changed() => {
                     if r.is_err() {
@@ -108,22 +114,31 @@ impl Writer {
             match attempt {
                 // The address changed while dialing: dial the new one now.
                 None => continue,
-                Some(Ok(stream)) => {
+                Some(Ok((stream, reached))) => {
                     if failures > 0 {
-                        info!(peer, peer_addr = %addr, "connected to peer after {failures} failed attempts");
+                        info!(peer, peer_addr = %addr, %reached, "connected to peer after {failures} failed attempts");
                     } else {
-                        debug!(peer, peer_addr = %addr, "connected to peer");
+                        debug!(peer, peer_addr = %addr, %reached, "connected to peer");
                     }
                     failures = 0;
+                    last_warning = None;
                     self.backoff.reset();
-                    match self.pump(stream, addr).await {
+                    match self.pump(stream, &addr, reached).await {
                         Exit::Stop => return,
                         Exit::Reconnect => {}
                     }
                 }
                 Some(Err(e)) => {
-                    if failures == 0 || e.is_refusal() {
-                        warn!(peer, peer_addr = %addr, reason = %e, "cannot connect to peer");
+                    // The first failure of an outage is a warning, and so is
+                    // a refusal (a configuration error); then one a minute
+                    // while it lasts (a peer whose name does not resolve
+                    // yet, say), the rest at debug level.
+                    let now = Instant::now();
+                    let due =
+                        last_warning.is_none_or(|t| now.duration_since(t) >= FAILURE_WARN_EVERY);
+                    if failures == 0 || e.is_refusal() || due {
+                        warn!(peer, peer_addr = %addr, reason = %e, failed_attempts = failures + 1, "cannot connect to peer; retrying");
+                        last_warning = Some(now);
                     } else {
                         debug!(peer, peer_addr = %addr, reason = %e, "cannot connect to peer");
                     }
@@ -170,7 +185,7 @@ impl Writer {
 
     /// Sends queued messages on an established connection until it fails,
     /// the peer closes it, the address changes or the transport stops.
-    async fn pump(&mut self, stream: TcpStream, addr: SocketAddr) -> Exit {
+    async fn pump(&mut self, stream: TcpStream, addr: &PeerAddr, reached: SocketAddr) -> Exit {
         let peer = self.peer;
         let io_timeout = self.ctx.config.io_timeout;
         let (mut rd, wr) = stream.into_split();
@@ -190,8 +205,8 @@ impl Writer {
                     if r.is_err() {
                         return Exit::Stop;
                     }
-                    let new = *self.addr.borrow_and_update();
-                    if new != addr {
+                    let new = self.addr.borrow_and_update().clone();
+                    if new != *addr {
                         info!(peer, old_addr = %addr, new_addr = %new, "peer address changed; redialing");
                         return Exit::Reconnect;
                     }
@@ -200,9 +215,9 @@ impl Writer {
                 // notices that the connection went away.
                 r = rd.read(&mut probe) => {
                     match r {
-                        Ok(0) => info!(peer, peer_addr = %addr, "peer closed the connection"),
-                        Ok(_) => warn!(peer, peer_addr = %addr, "peer wrote on a message stream; reconnecting"),
-                        Err(e) => info!(peer, peer_addr = %addr, error = %e, "connection to peer failed"),
+                        Ok(0) => info!(peer, peer_addr = %addr, %reached, "peer closed the connection"),
+                        Ok(_) => warn!(peer, peer_addr = %addr, %reached, "peer wrote on a message stream; reconnecting"),
+                        Err(e) => info!(peer, peer_addr = %addr, %reached, error = %e, "connection to peer failed"),
                     }
                     return Exit::Reconnect;
                 }
@@ -221,7 +236,7 @@ impl Writer {
                         Ok(Err(e)) => e,
                         Err(_) => FrameError::Timeout,
                     };
-                    warn!(peer, peer_addr = %addr, error = %err, "write to peer failed; reconnecting");
+                    warn!(peer, peer_addr = %addr, %reached, error = %err, "write to peer failed; reconnecting");
                     self.reporter.unreachable(peer);
                     return Exit::Reconnect;
                 }

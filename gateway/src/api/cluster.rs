@@ -165,21 +165,14 @@ pub struct LeaderTransfer {
 }
 
 fn valid_address(a: &str) -> Result<(), ApiError> {
-    let ok = a.len() <= 255
-        && a.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.is_empty()
-                && port.parse::<u16>().is_ok_and(|p| p > 0)
-                && host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-.[]:".contains(c))
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(format!(
+    // The same syntax as `--peers`: every member parses it into its peer
+    // table, looking a host name up at every dial.
+    match a.parse::<coordinator::transport::PeerAddr>() {
+        Ok(_) if a.len() <= 255 => Ok(()),
+        _ => Err(ApiError::invalid(format!(
             "address {} is not host:port of a peer listener",
             super::validate::quoted(a)
-        )))
+        ))),
     }
 }
 
