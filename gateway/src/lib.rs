@@ -275,7 +275,19 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
         shutdown_rx.clone(),
     ));
     forget_own_sessions(&node, &db, config.node_id).await;
-    let mqtt = mqtt::start(&config, node.clone(), db.clone(), mqtt_stats, shutdown_rx).await?;
+    let mqtt = mqtt::start(
+        &config,
+        node.clone(),
+        db.clone(),
+        mqtt_stats,
+        shutdown_rx.clone(),
+    )
+    .await?;
+    let membership = tokio::spawn(follow_membership(
+        node.clone(),
+        mqtt.listeners.clone(),
+        shutdown_rx,
+    ));
     Ok(Gateway {
         http_addr,
         raft_addr,
@@ -288,7 +300,7 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
         db,
         transport,
         shutdown_tx,
-        tasks: vec![http, duties, peer_book],
+        tasks: vec![http, duties, peer_book, membership],
     })
 }
 
@@ -416,6 +428,101 @@ async fn follow_peer_addresses(
         match reload {
             Some((id, address)) => set(&transport, self_id, id, &address),
             None => load_all(&db, &transport, self_id).await,
+        }
+    }
+}
+
+/// Where this gateway stands in the group, as its consensus node sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Its configuration lists it (voter or learner).
+    Member,
+    /// It has no configuration yet: started with `--join`, not added yet.
+    NotAdded,
+    /// It was removed: a member said a configuration committed at `at` no
+    /// longer lists it, or (`at` = `None`) its own configuration no longer
+    /// does. (A gateway started with `--join` is briefly here too, if the
+    /// snapshot that brings it the group's membership predates its
+    /// addition.)
+    Removed {
+        /// The commit index at which a member's configuration left it out.
+        at: Option<u64>,
+    },
+}
+
+impl Standing {
+    /// This node's standing according to its status.
+    pub fn of(raft: &coordinator::raft::Status) -> Standing {
+        let conf = &raft.conf_state;
+        if let Some(at) = raft.removed {
+            Standing::Removed { at: Some(at) }
+        } else if conf.contains(raft.id) {
+            Standing::Member
+        } else if conf.voters.is_empty() && conf.learners.is_empty() {
+            Standing::NotAdded
+        } else {
+            Standing::Removed { at: None }
+        }
+    }
+}
+
+/// Keeps the device listeners open while this gateway is a member of the
+/// group and closed while it is not (not added yet, or removed): devices
+/// connected here are disconnected (MQTT 5: "use another server") and
+/// connect to another gateway. When it is added (again), they open again
+/// where they were; a listener that cannot bind is retried every second.
+async fn follow_membership(
+    node: Node<OpResult>,
+    listeners: Option<Arc<mqtt::Listeners>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Some(listeners) = listeners else {
+        return;
+    };
+    let mut status = node.watch_status();
+    let mut serving = true;
+    let mut retry = false;
+    let mut failures: u64 = 0;
+    loop {
+        let standing = Standing::of(&status.borrow_and_update().raft);
+        let member = standing == Standing::Member;
+        if member && (!serving || retry) {
+            match listeners.reopen() {
+                Ok(()) => {
+                    tracing::info!("this gateway is a member of the group: device listeners open");
+                    retry = false;
+                    failures = 0;
+                }
+                Err(e) => {
+                    if failures.is_multiple_of(60) {
+                        tracing::warn!(error = %e, failures, "reopening the device listeners; retrying every second");
+                    }
+                    failures += 1;
+                    retry = true;
+                }
+            }
+            serving = true;
+        } else if !member && serving {
+            listeners.close();
+            serving = false;
+            retry = false;
+            match standing {
+                Standing::NotAdded => tracing::info!(
+                    "device listeners closed until this gateway is added to the group \
+                     (POST /v1/cluster/members)"
+                ),
+                _ => tracing::warn!(
+                    ?standing,
+                    "this gateway is not a member of the group: device listeners closed and \
+                     device sessions ended (devices connect to another gateway); add it again \
+                     (POST /v1/cluster/members) or stop it"
+                ),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            r = status.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
         }
     }
 }

@@ -306,6 +306,11 @@ pub(crate) async fn add_member(
 }
 
 /// Remove a gateway (voter or learner) from the group.
+///
+/// The removed gateway learns it (from a member), stops campaigning, closes
+/// its device listeners and ends its device sessions, which are declared
+/// lost; its `/readyz` says it was removed. Add it again as a learner to
+/// bring it back, or stop it.
 #[utoipa::path(
     delete, path = "/v1/cluster/members/{id}", tag = "cluster",
     params(("id" = u64, Path, description = "Node id")),
@@ -335,6 +340,11 @@ pub(crate) async fn remove_member(
         )));
     }
     let index = commit_change(&state, ConfChange::RemoveNode(id)).await?;
+    // A removed gateway ends its device sessions once it learns it was
+    // removed, and it can no longer say so itself: its sessions are lost.
+    if let Err(e) = write(&state, Op::GatewaySessionsLost { gateway: id }).await {
+        tracing::warn!(gateway = id, error = ?e, "declaring a removed gateway's device sessions lost");
+    }
     let out = MemberChanged {
         id,
         suffrage: "removed".into(),
