@@ -22,7 +22,10 @@ peers on 127.0.0.1:7000. On first start it creates an admin token and prints the
 A single gateway with no cluster secret generates one in <data-dir>/cluster-secret (mode 0600) \
 and reuses it. A cluster: start the same binary on each machine with --node-id, --peers (every member, \
 id=host:port of its peer listener) and the same secret, from a file (--cluster-secret-file) or the \
-environment (ENTENTE_CLUSTER_SECRET) rather than the command line, which every local user can read."
+environment (ENTENTE_CLUSTER_SECRET) rather than the command line, which every local user can read. \
+Peers may be named by host name, looked up at every connection attempt.\n\n\
+SIGTERM or SIGINT stops it gracefully at any time (devices told, requests in flight answered); \
+a second signal exits at once."
 )]
 pub struct Args {
     /// TOML file with any of the settings below (keys as the long flag names with `_`).

@@ -136,7 +136,7 @@ impl Gateway {
 
     /// Stops serving, ends streams, shuts the node down (flushing storage).
     pub async fn stop(mut self) {
-        self.mqtt.stop();
+        self.mqtt.stop().await;
         let _ = self.shutdown_tx.send(true);
         for t in self.tasks.into_iter().chain(self.mqtt.tasks.drain(..)) {
             let _ = t.await;
@@ -168,6 +168,18 @@ pub async fn propose(node: &Node<OpResult>, op: Op) -> Result<(u64, OpResult), N
 /// Starts a gateway: storage, state database, transport, node, REST API and
 /// the leader's background duties.
 pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+    let (_keep, never) = watch::channel(false);
+    start_until(config, never).await
+}
+
+/// [`start`], giving up the waits for the group (a leader to bootstrap the
+/// admin token with, clearing this gateway's old sessions) as soon as
+/// `cancel` turns true: a start that has no quorum can still be stopped at
+/// once. The gateway returned is then to be stopped.
+async fn start_until(
+    config: Config,
+    mut cancel: watch::Receiver<bool>,
+) -> Result<Gateway, GatewayError> {
     prepare_data_dir(&config.data_dir)?;
     let (cluster_secret, cluster_secret_file) = match &config.cluster_secret {
         Some(secret) => (secret.clone(), None),
@@ -265,7 +277,7 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
     let admin_token_file = if config.join {
         None
     } else {
-        bootstrap_admin(&node, &db, &config).await?
+        bootstrap_admin(&node, &db, &config, &mut cancel).await?
     };
     let duties = tokio::spawn(leader_duties(node.clone(), db.clone(), shutdown_rx.clone()));
     let peer_book = tokio::spawn(follow_peer_addresses(
@@ -274,7 +286,7 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
         config.node_id,
         shutdown_rx.clone(),
     ));
-    forget_own_sessions(&node, &db, config.node_id).await;
+    forget_own_sessions(&node, &db, config.node_id, &mut cancel).await;
     let mqtt = mqtt::start(
         &config,
         node.clone(),
@@ -531,7 +543,12 @@ async fn follow_membership(
 /// MQTT listeners open, it says so (`GatewaySessionsLost` for itself), if
 /// the state shows any. Best effort: with no leader the leader's peer watch
 /// does it later.
-async fn forget_own_sessions(node: &Node<OpResult>, db: &StateDb, node_id: u64) {
+async fn forget_own_sessions(
+    node: &Node<OpResult>,
+    db: &StateDb,
+    node_id: u64,
+    cancel: &mut watch::Receiver<bool>,
+) {
     let filter = state::DeviceFilter {
         label: None,
         online: Some(true),
@@ -551,20 +568,27 @@ async fn forget_own_sessions(node: &Node<OpResult>, db: &StateDb, node_id: u64) 
         return;
     }
     // Right after a restart the group may still be electing: retry (bounded).
+    // Stopping meanwhile gives up at once.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut status = node.watch_status();
-    loop {
-        let _ =
-            tokio::time::timeout_at(deadline, status.wait_for(|s| s.raft.leader.is_some())).await;
-        let op = Op::GatewaySessionsLost { gateway: node_id };
-        match propose(node, op).await {
-            Ok(_) => return,
-            Err(e) if tokio::time::Instant::now() >= deadline => {
-                tracing::warn!(error = %e, "could not clear this gateway's old device sessions");
-                return;
+    let attempts = async {
+        loop {
+            let _ = tokio::time::timeout_at(deadline, status.wait_for(|s| s.raft.leader.is_some()))
+                .await;
+            let op = Op::GatewaySessionsLost { gateway: node_id };
+            match propose(node, op).await {
+                Ok(_) => return,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    tracing::warn!(error = %e, "could not clear this gateway's old device sessions");
+                    return;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
+    };
+    tokio::select! {
+        () = attempts => {}
+        _ = cancel.wait_for(|c| *c) => {}
     }
 }
 
@@ -574,6 +598,7 @@ async fn bootstrap_admin(
     node: &Node<OpResult>,
     db: &StateDb,
     config: &Config,
+    cancel: &mut watch::Receiver<bool>,
 ) -> Result<Option<PathBuf>, GatewayError> {
     let path = config.data_dir.join("admin-token");
     if path.exists() {
@@ -583,13 +608,16 @@ async fn bootstrap_admin(
     // `wait_for` returns a guard on the node's status; it must be dropped at
     // once (kept across the proposal below it would block the node driver's
     // status updates until the proposal timed out).
+    // Stopping meanwhile gives up the wait (the proposal below, once made,
+    // is seen through: its token must reach the file).
     let mut status = node.watch_status();
-    let leader_known = tokio::time::timeout(
-        Duration::from_secs(10),
-        status.wait_for(|s| s.raft.leader.is_some()),
-    )
-    .await
-    .is_ok_and(|r| r.is_ok());
+    let leader_known = tokio::select! {
+        r = tokio::time::timeout(
+            Duration::from_secs(10),
+            status.wait_for(|s| s.raft.leader.is_some()),
+        ) => r.is_ok_and(|r| r.is_ok()),
+        _ = cancel.wait_for(|c| *c) => false,
+    };
     if !leader_known || node.status().raft.role != RaftRole::Leader {
         return Ok(None);
     }
@@ -659,9 +687,37 @@ async fn leader_duties(
     }
 }
 
-/// Starts a gateway, prints where it is, and runs until `shutdown` resolves.
+/// Starts a gateway, prints where it is, and runs until `shutdown`
+/// resolves; then stops it gracefully (devices told, requests in flight
+/// answered, storage flushed). `shutdown` may resolve at any time, during
+/// the start too: a start still waiting for the group (no quorum) gives up
+/// its waits and the gateway stops at once.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), GatewayError> {
-    let gw = start(config).await?;
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    let starting = start_until(config, cancel_rx);
+    tokio::pin!(starting, shutdown);
+    let mut stopping = false;
+    let gw = loop {
+        tokio::select! {
+            r = &mut starting => break r?,
+            () = &mut shutdown, if !stopping => {
+                stopping = true;
+                tracing::info!("stopping during the start: no more waiting for the group");
+                let _ = cancel_tx.send(true);
+            }
+        }
+    };
+    if !stopping {
+        print_addresses(&gw);
+        shutdown.await;
+    }
+    gw.stop().await;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// Prints where the gateway serves (and the files an operator needs).
+fn print_addresses(gw: &Gateway) {
     // Whoever started us may have stopped reading stdout; that is no reason to stop.
     let mut out = std::io::stdout();
     let _ = writeln!(
@@ -692,7 +748,4 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
     }
     let _ = out.flush();
-    shutdown.await;
-    gw.stop().await;
-    Ok(())
 }

@@ -230,6 +230,8 @@ pub(crate) struct Shared {
     pub(crate) max_packet: usize,
     /// Connection slots (all device listeners together).
     pub(crate) slots: Arc<Semaphore>,
+    /// How many there are.
+    pub(crate) max_connections: usize,
     /// Set when the gateway stops.
     pub(crate) closed: AtomicBool,
     /// Cleared while this gateway is not a member of the group: its
@@ -255,6 +257,7 @@ impl Shared {
             auth,
             max_packet,
             slots: Arc::new(Semaphore::new(max_connections.max(1))),
+            max_connections: max_connections.max(1),
             closed: AtomicBool::new(false),
             serving: AtomicBool::new(true),
             stop: Notify::new(),
@@ -268,6 +271,15 @@ impl Shared {
         self.closed.store(true, Ordering::SeqCst);
         self.stop.notify_waiters();
         self.registry.close_all(CloseReason::ShuttingDown);
+    }
+
+    /// Waits (at most `limit`) until every connection has ended — after
+    /// [`Shared::shut_down`], once each has told its device why.
+    pub(crate) async fn connections_ended(&self, limit: std::time::Duration) -> bool {
+        let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
+        tokio::time::timeout(limit, self.slots.acquire_many(all))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// This gateway left the group: no session may start, and every one

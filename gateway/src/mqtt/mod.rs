@@ -194,13 +194,21 @@ impl Drop for Mqtt {
     }
 }
 
+/// How long a stop waits for the device connections to end after telling
+/// them (each has 1 s to write its DISCONNECT).
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
 impl Mqtt {
-    /// Stops accepting and ends every session (MQTT 5 devices are told the
-    /// server is shutting down).
-    pub(crate) fn stop(&mut self) {
+    /// Stops accepting and ends every session: MQTT 5 devices are told the
+    /// server is shutting down (0x8B), and the connections are given
+    /// [`STOP_GRACE`] to say it before their runtime stops.
+    pub(crate) async fn stop(&mut self) {
         if let Some(l) = &self.listeners {
             l.shared.shut_down();
             l.abort_all();
+            if !l.shared.connections_ended(STOP_GRACE).await {
+                tracing::debug!("device connections still open after the stop's grace; closed");
+            }
         }
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
