@@ -28,9 +28,9 @@
 //! ([`NodeStatus::refused_non_member`]) and logged (at most 10 warnings per
 //! 10 s, naming the sender). Two exceptions keep membership changes live,
 //! and both concern only a leader's traffic (appends, heartbeats,
-//! snapshots) to a node that is not itself leading: a node with no
-//! configuration yet (started to be added to a running group) takes it from
-//! whoever leads, and so does a follower that has known no leader for
+//! snapshots) to a node that is not itself leading: a node its own
+//! configuration does not list (none yet — started to be added to a running
+//! group —, or removed) takes it from whoever leads, and so does a follower that has known no leader for
 //! [`STRANGER_LEADER_TIMEOUTS`] election timeouts, or already follows that
 //! sender (a member that was down while a node was added comes back when
 //! that node leads). Membership changes are single-server, so there are no
@@ -765,10 +765,12 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
     }
 
     /// Whether a message from `from` may reach the core. Members of this
-    /// node's configuration (voters and learners) may send anything. From
-    /// anyone else only a leader's traffic (appends, heartbeats, snapshots)
-    /// is taken, and only by a node that has no configuration yet (one
-    /// waiting to be added: the leader's snapshot brings it one), or by a
+    /// node's configuration (voters and learners) may send anything, and
+    /// anyone may send [`MessageKind::NotMember`] (the core weighs it).
+    /// From anyone else only a leader's traffic (appends, heartbeats,
+    /// snapshots) is taken, and only by a node its own configuration does
+    /// not list (none yet — one waiting to be added: the leader's snapshot
+    /// brings it one —, or removed: added back, it catches up), or by a
     /// follower that has known no leader for [`STRANGER_LEADER_TIMEOUTS`]
     /// election timeouts, or already follows that sender: a member that was
     /// down while a node was added, and comes back when that node leads,
