@@ -28,13 +28,30 @@
 //! ([`NodeStatus::refused_non_member`]) and logged (at most 10 warnings per
 //! 10 s, naming the sender). Two exceptions keep membership changes live,
 //! and both concern only a leader's traffic (appends, heartbeats,
-//! snapshots) to a node that is not itself leading: a node with no
-//! configuration yet (started to be added to a running group) takes it from
-//! whoever leads, and so does a follower that has known no leader for
+//! snapshots) to a node that is not itself leading: a node its own
+//! configuration does not list (none yet — started to be added to a running
+//! group —, or removed) takes it from whoever leads, and so does a follower that has known no leader for
 //! [`STRANGER_LEADER_TIMEOUTS`] election timeouts, or already follows that
 //! sender (a member that was down while a node was added comes back when
 //! that node leads). Membership changes are single-server, so there are no
 //! outgoing voters of a joint configuration to keep.
+//!
+//! # A removed node learns it
+//!
+//! Once a node's removal commits, the leader stops replicating to it, so it
+//! may never learn of it from the log: a removed voter would campaign (in
+//! vain: members refuse it, and pre-vote keeps its term from growing)
+//! forever. So a member that refuses a message from a node its
+//! configuration does not list answers with [`MessageKind::NotMember`]
+//! carrying its commit index (at most once a second per sender), and each
+//! member that applies a node's removal tells that node once. The core
+//! believes it only if the sender has committed more of the log than it
+//! has ([`Raft::removed`]): then it stands down and campaigns no more. A
+//! node that is removed, or that its own configuration does not list (none
+//! yet, or its removal applied), takes a leader's appends, heartbeats and
+//! snapshots from whoever leads, so once an operator adds it again it
+//! catches up. [`NodeStatus::raft`]`.removed` and the configuration tell
+//! the embedder; the driver logs each change of this node's membership.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -263,6 +280,11 @@ impl<O> std::fmt::Debug for Command<O> {
 /// timeouts takes a leader's traffic from a node its configuration does not
 /// list.
 pub const STRANGER_LEADER_TIMEOUTS: u64 = 10;
+/// A refused sender is told it is not a member at most this often.
+const NOT_MEMBER_EVERY: Duration = Duration::from_secs(1);
+/// Senders remembered for [`NOT_MEMBER_EVERY`] (the table is cleared when
+/// it is full).
+const NOT_MEMBER_SENDERS: usize = 1024;
 /// Warnings about refused messages: at most this many per window.
 const REFUSAL_LOG_BURST: u32 = 10;
 /// See [`REFUSAL_LOG_BURST`].
@@ -339,6 +361,7 @@ impl<O: Send + 'static> Node<O> {
         let hard_state = init.hard_state;
         let raft = Raft::new(cfg.raft.clone(), init)
             .map_err(|e| NodeError::Refused(format!("invalid configuration: {e}")))?;
+        let listed = raft.conf_state().contains(cfg.raft.id);
         let (cmd_tx, cmd_rx) = mpsc::channel(4096);
         let (status_tx, status_rx) = watch::channel(NodeStatus {
             raft: raft.status(),
@@ -379,6 +402,8 @@ impl<O: Send + 'static> Node<O> {
             ticks_without_leader: 0,
             announced_leader: None,
             announced_conf: ConfState::default(),
+            told_not_member: HashMap::new(),
+            listed,
         };
         let task = tokio::spawn(driver.run(cmd_rx, inbound));
         Ok(Node {
@@ -509,6 +534,11 @@ struct Driver<S, P, M: StateMachine> {
     announced_leader: Option<(NodeId, Term)>,
     /// The membership last logged.
     announced_conf: ConfState,
+    /// When each refused sender was last told it is not a member.
+    told_not_member: HashMap<NodeId, Instant>,
+    /// Whether this node's membership, as last logged, lists it (and no
+    /// member said it was removed).
+    listed: bool,
 }
 
 impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
@@ -569,10 +599,18 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                 }
                 result = self.cycle().await;
             }
-            if result.is_ok() && self.status.borrow().refused_non_member != self.refused_non_member
-            {
-                // Refusals change nothing in the core, so no cycle published them.
-                self.publish_status();
+            if result.is_ok() {
+                let published = self.status.borrow();
+                let stale = published.refused_non_member != self.refused_non_member
+                    || published.raft.removed != self.raft.removed();
+                drop(published);
+                if stale {
+                    // Refusals (and a member's word that this node was
+                    // removed, if it was a follower already) change nothing
+                    // the core hands out, so no cycle published them.
+                    self.publish_status();
+                }
+                self.note_membership();
             }
             if let Err(e) = result {
                 tracing::error!(node = self.id, error = %e, "node stopped after a fatal error");
@@ -739,15 +777,22 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
     }
 
     /// Whether a message from `from` may reach the core. Members of this
-    /// node's configuration (voters and learners) may send anything. From
-    /// anyone else only a leader's traffic (appends, heartbeats, snapshots)
-    /// is taken, and only by a node that has no configuration yet (one
-    /// waiting to be added: the leader's snapshot brings it one), or by a
+    /// node's configuration (voters and learners) may send anything, and
+    /// anyone may send [`MessageKind::NotMember`] (the core weighs it).
+    /// From anyone else only a leader's traffic (appends, heartbeats,
+    /// snapshots) is taken, and only by a node its own configuration does
+    /// not list (none yet — one waiting to be added: the leader's snapshot
+    /// brings it one —, or removed: added back, it catches up), or by a
     /// follower that has known no leader for [`STRANGER_LEADER_TIMEOUTS`]
     /// election timeouts, or already follows that sender: a member that was
     /// down while a node was added, and comes back when that node leads,
     /// must still catch up. A leader takes nothing from a non-member.
     fn admit(&mut self, msg: &Message) -> bool {
+        // The core weighs it against its own commit index (a stale sender
+        // proves nothing), whoever sends it.
+        if matches!(msg.kind, MessageKind::NotMember { .. }) {
+            return true;
+        }
         let conf = self.raft.conf_state();
         if conf.contains(msg.from) {
             return true;
@@ -761,7 +806,10 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         if !leader_traffic {
             return false;
         }
-        if conf.voters.is_empty() && conf.learners.is_empty() {
+        // Not a member itself (no configuration yet, removed, or its
+        // removal applied): whoever leads may bring it the log, which is
+        // how it comes back once added again. It cannot vote or campaign.
+        if !conf.contains(self.id) || self.raft.removed().is_some() {
             return true;
         }
         if self.raft.role() == Role::Leader {
@@ -797,6 +845,81 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                 repeated,
                 suppressed,
                 "refused a message from a node that is not a member of this node's configuration"
+            );
+        }
+        self.tell_not_member(msg.from);
+    }
+
+    /// Tells `to` that this node's configuration (as of its commit index)
+    /// does not list it — at most once per [`NOT_MEMBER_EVERY`], and only
+    /// as a member itself (a node that is not one knows nothing worth
+    /// telling).
+    fn tell_not_member(&mut self, to: NodeId) {
+        if !self.raft.conf_state().contains(self.id) || self.raft.removed().is_some() {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .told_not_member
+            .get(&to)
+            .is_some_and(|at| now.duration_since(*at) < NOT_MEMBER_EVERY)
+        {
+            return;
+        }
+        if self.told_not_member.len() >= NOT_MEMBER_SENDERS {
+            self.told_not_member.clear();
+        }
+        self.told_not_member.insert(to, now);
+        let commit = self.raft.commit_index();
+        self.send_not_member(to, commit);
+    }
+
+    fn send_not_member(&self, to: NodeId, commit: Index) {
+        self.peers.send(Message {
+            from: self.id,
+            to,
+            term: self.raft.term(),
+            kind: MessageKind::NotMember { commit },
+        });
+    }
+
+    /// Logs a change of this node's own membership: removed (its
+    /// configuration stopped listing it, or a member said so), or a member
+    /// (again).
+    fn note_membership(&mut self) {
+        let conf = self.raft.conf_state();
+        let removed = self.raft.removed();
+        let listed = conf.contains(self.id) && removed.is_none();
+        if listed == self.listed {
+            return;
+        }
+        self.listed = listed;
+        if listed {
+            let suffrage = if conf.voters.contains(&self.id) {
+                "voter"
+            } else {
+                "learner"
+            };
+            tracing::info!(
+                node = self.id,
+                suffrage,
+                commit = self.raft.commit_index(),
+                "this node is a member of the group"
+            );
+        } else if let Some(at) = removed {
+            tracing::warn!(
+                node = self.id,
+                removed_at = at,
+                commit = self.raft.commit_index(),
+                "this node was removed from the group: a member's configuration committed at \
+                 removed_at does not list it; it stops campaigning and takes the log from a \
+                 leader again if it is added back"
+            );
+        } else {
+            tracing::warn!(
+                node = self.id,
+                commit = self.raft.commit_index(),
+                "this node was removed from the group: its configuration no longer lists it"
             );
         }
     }
@@ -974,6 +1097,13 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                     Err(NodeError::Dropped)
                 };
                 let _ = reply.send(r);
+            }
+            if let EntryPayload::ConfChange(ConfChange::RemoveNode(gone)) = &e.payload
+                && *gone != self.id
+            {
+                // The leader replicates no more to it: it may never learn
+                // from the log that it was removed. Tell it once.
+                self.send_not_member(*gone, e.index);
             }
             if let EntryPayload::ConfChange(change) = &e.payload {
                 let mut i = 0;

@@ -1291,6 +1291,75 @@ fn remove_node() {
     assert_eq!(applied(&net, 1), bytes(&["a", "b"]));
 }
 
+/// §4.2.3: a server removed while it was cut off never receives the entry
+/// that removes it (the leader stops replicating to it once the removal
+/// commits), so it campaigns on; pre-vote keeps it from disturbing anyone,
+/// but it would never stop. Told by a member that a configuration committed
+/// beyond its own commit index no longer lists it (the driver's
+/// `NotMember`), it stands down and campaigns no more; a member that knows
+/// less of the log than it does is not believed. Added back as a learner, it
+/// catches up, and then the log speaks for itself again.
+#[test]
+fn removed_node_told_by_a_member_stands_down_until_added_again() {
+    let mut net = Network::new(&[1, 2, 3], cfg);
+    elect(&mut net, 1);
+    propose(&mut net, 1, "a");
+    net.isolate(3);
+    net.raft_mut(1)
+        .propose_conf_change(ConfChange::RemoveNode(3))
+        .unwrap();
+    net.stabilize();
+    propose(&mut net, 1, "b");
+    assert_eq!(net.raft(1).conf_state(), &conf(&[1, 2], &[]));
+    assert_eq!(net.raft(3).conf_state(), &conf(&[1, 2, 3], &[]));
+    net.recover();
+
+    // Nothing reaches 3 any more: it campaigns, with pre-votes only.
+    let (term, own_commit) = (net.raft(3).term(), net.raft(3).commit_index());
+    net.clear_delivered();
+    net.tick(3, 50);
+    assert_eq!(net.raft(3).role(), Role::PreCandidate);
+    assert!(count(net.delivered(), 3, 1, "PreVote") > 0);
+    assert_eq!(count(net.delivered(), 3, 1, "Vote"), 0);
+    assert_eq!(net.raft(3).term(), term);
+    assert_eq!(net.raft(1).term(), term, "the group's term did not grow");
+
+    let not_member = |commit| Message {
+        from: 2,
+        to: 3,
+        term,
+        kind: MessageKind::NotMember { commit },
+    };
+    // A member that knows no more of the log than 3 proves nothing.
+    net.raft_mut(3).step(not_member(own_commit)).unwrap();
+    assert_eq!(net.raft(3).removed(), None);
+    assert!(net.raft(3).is_promotable());
+
+    let commit = net.raft(2).commit_index();
+    net.raft_mut(3).step(not_member(commit)).unwrap();
+    assert_eq!(net.raft(3).removed(), Some(commit));
+    assert_eq!(net.raft(3).status().removed, Some(commit));
+    assert_eq!(net.raft(3).role(), Role::Follower);
+    assert!(!net.raft(3).is_promotable());
+    net.clear_delivered();
+    net.tick(3, 50);
+    assert!(net.delivered().iter().all(|m| m.from != 3), "3 stays quiet");
+    net.raft_mut(3).campaign();
+    assert_eq!(net.raft(3).role(), Role::Follower);
+
+    // Added back as a learner, it catches up through the removal and the
+    // addition; the log lists it again.
+    net.raft_mut(1)
+        .propose_conf_change(ConfChange::AddLearner(3))
+        .unwrap();
+    net.stabilize();
+    propose(&mut net, 1, "c");
+    assert_eq!(net.raft(3).conf_state(), &conf(&[1, 2], &[3]));
+    assert_eq!(net.raft(3).removed(), None);
+    assert_eq!(applied(&net, 3), bytes(&["a", "b", "c"]));
+    assert_eq!(net.raft(1).term(), term);
+}
+
 /// §4.1: only one membership change may be pending at a time; the next is
 /// accepted once the previous one has committed.
 #[test]

@@ -342,6 +342,7 @@ impl fmt::Display for ShowMsg<'_> {
                 Ok(())
             }
             MessageKind::TransferLeader { to } => write!(f, " to=n{to}"),
+            MessageKind::NotMember { commit } => write!(f, " commit={commit}"),
             MessageKind::ReadIndexResponse { index, .. } => write!(f, " index={index}"),
             MessageKind::HeartbeatResponse { .. }
             | MessageKind::ReadIndex { .. }

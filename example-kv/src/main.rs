@@ -396,7 +396,7 @@ async fn start_node(
         .peers
         .iter()
         .filter(|(id, _)| **id != args.id)
-        .map(|(i, a)| (*i, *a))
+        .map(|(i, a)| (*i, (*a).into()))
         .collect();
     let (transport, inbound) = Transport::start(tcfg)?;
     let transport = Arc::new(transport);

@@ -32,7 +32,7 @@ fn config(dir: &Path, id: u64, peers: &BTreeMap<u64, SocketAddr>, snapshot_every
         peers[&id],
     );
     c.node_id = id;
-    c.peers = peers.clone();
+    c.peers = peers.iter().map(|(id, a)| (*id, (*a).into())).collect();
     c.cluster_secret = Some("catchup-bench-secret".into());
     c.snapshot_every = snapshot_every;
     c.mqtt_listen = None;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use coordinator::transport::PeerAddr;
 use serde::Deserialize;
 
 /// Command-line flags. Every flag can also come from an `ENTENTE_*`
@@ -21,7 +22,10 @@ peers on 127.0.0.1:7000. On first start it creates an admin token and prints the
 A single gateway with no cluster secret generates one in <data-dir>/cluster-secret (mode 0600) \
 and reuses it. A cluster: start the same binary on each machine with --node-id, --peers (every member, \
 id=host:port of its peer listener) and the same secret, from a file (--cluster-secret-file) or the \
-environment (ENTENTE_CLUSTER_SECRET) rather than the command line, which every local user can read."
+environment (ENTENTE_CLUSTER_SECRET) rather than the command line, which every local user can read. \
+Peers may be named by host name, looked up at every connection attempt.\n\n\
+SIGTERM or SIGINT stops it gracefully at any time (devices told, requests in flight answered); \
+a second signal exits at once."
 )]
 pub struct Args {
     /// TOML file with any of the settings below (keys as the long flag names with `_`).
@@ -30,7 +34,10 @@ pub struct Args {
     /// This gateway's id in the group (1, 2, 3, ...).
     #[arg(long, env = "ENTENTE_NODE_ID")]
     pub node_id: Option<u64>,
-    /// Every member of the group, `id=host:port` of its peer listener, comma-separated.
+    /// Every member of the group, `id=host:port` of its peer listener,
+    /// comma-separated. A host name is looked up at every connection
+    /// attempt (and again on every reconnect), so members may start in any
+    /// order and move.
     #[arg(long, env = "ENTENTE_PEERS")]
     pub peers: Option<String>,
     /// Start as a new member of a running group: with no membership of its
@@ -189,8 +196,9 @@ struct FileConfig {
 pub struct Config {
     /// This gateway's node id.
     pub node_id: u64,
-    /// Every voter of the initial group and its peer address (includes this node).
-    pub peers: BTreeMap<u64, SocketAddr>,
+    /// Every voter of the initial group and its peer address (includes this
+    /// node): a socket address or a host name, resolved at every dial.
+    pub peers: BTreeMap<u64, PeerAddr>,
     /// Joining a running group: start with no membership (the leader's
     /// snapshot brings it) rather than with `peers` as the voters.
     pub join: bool,
@@ -294,7 +302,7 @@ impl Config {
         let http_max_connections = default_http_max_connections();
         Config {
             node_id: 1,
-            peers: BTreeMap::from([(1, raft_listen)]),
+            peers: BTreeMap::from([(1, raft_listen.into())]),
             join: false,
             data_dir,
             http_listen,
@@ -353,7 +361,7 @@ impl Config {
                 return Err(format!("--peers must include this node ({})", c.node_id));
             }
         } else {
-            c.peers = BTreeMap::from([(c.node_id, raft)]);
+            c.peers = BTreeMap::from([(c.node_id, raft.into())]);
         }
         c.join = args.join || file.join.unwrap_or(false);
         // Flags and environment win over the settings file, as a pair: a
@@ -481,8 +489,9 @@ pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
     check_secret(text.trim().to_string(), &path.display().to_string())
 }
 
-/// Parses `1=host:port,2=host:port`.
-pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, SocketAddr>, String> {
+/// Parses `1=host:port,2=host:port`. Host names are not looked up here: the
+/// transport resolves them at every dial.
+pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, PeerAddr>, String> {
     let mut peers = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (id, addr) = part
@@ -492,10 +501,10 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, SocketAddr>, String> {
             .trim()
             .parse()
             .map_err(|_| format!("peer id {id:?} is not a number"))?;
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(addr.trim())
-            .map_err(|e| format!("peer {id} address {addr:?}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("peer {id} address {addr:?} resolves to nothing"))?;
+        let addr: PeerAddr = addr
+            .trim()
+            .parse()
+            .map_err(|e| format!("peer {id} address: {e}"))?;
         if id == 0 || peers.insert(id, addr).is_some() {
             return Err(format!("peer id {id} is 0 or given twice"));
         }
@@ -618,6 +627,17 @@ mod tests {
                 .unwrap_err()
                 .contains("id=host:port")
         );
+        assert!(
+            parse_peers("1=gw1")
+                .unwrap_err()
+                .contains("is not host:port")
+        );
+        // Names are kept as they are, for the transport to resolve at every
+        // dial: one that does not resolve (yet) is no error.
+        let peers = parse_peers("1=gw1:7000, 2=no-such-host.invalid:7000,3=[::1]:7003")
+            .expect("names are accepted");
+        assert_eq!(peers[&2].to_string(), "no-such-host.invalid:7000");
+        assert_eq!(peers[&3].socket_addr(), Some("[::1]:7003".parse().unwrap()));
         let args = Args {
             peers: Some("1=127.0.0.1:1,2=127.0.0.1:2".into()),
             ..Args::default()

@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use coordinator::node::{Node, NodeConfig, NodeError};
 use coordinator::raft::{ConfState, Role as RaftRole};
 use coordinator::storage::{Storage, StorageOptions};
-use coordinator::transport::{Transport, TransportConfig};
+use coordinator::transport::{PeerAddr, Transport, TransportConfig};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
@@ -138,7 +138,7 @@ impl Gateway {
     pub async fn stop(mut self) {
         let node = self.node.status().raft.id;
         tracing::info!(node, "gateway stopping");
-        self.mqtt.stop();
+        self.mqtt.stop().await;
         let _ = self.shutdown_tx.send(true);
         for t in self.tasks.into_iter().chain(self.mqtt.tasks.drain(..)) {
             let _ = t.await;
@@ -171,6 +171,18 @@ pub async fn propose(node: &Node<OpResult>, op: Op) -> Result<(u64, OpResult), N
 /// Starts a gateway: storage, state database, transport, node, REST API and
 /// the leader's background duties.
 pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+    let (_keep, never) = watch::channel(false);
+    start_until(config, never).await
+}
+
+/// [`start`], giving up the waits for the group (a leader to bootstrap the
+/// admin token with, clearing this gateway's old sessions) as soon as
+/// `cancel` turns true: a start that has no quorum can still be stopped at
+/// once. The gateway returned is then to be stopped.
+async fn start_until(
+    config: Config,
+    mut cancel: watch::Receiver<bool>,
+) -> Result<Gateway, GatewayError> {
     tracing::info!(
         node = config.node_id,
         version = env!("CARGO_PKG_VERSION"),
@@ -207,7 +219,7 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
         .peers
         .iter()
         .filter(|(id, _)| **id != config.node_id)
-        .map(|(i, a)| (*i, *a))
+        .map(|(i, a)| (*i, a.clone()))
         .collect();
     let (transport, inbound) = Transport::start(tcfg)?;
     let transport = Arc::new(transport);
@@ -274,7 +286,7 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
     let admin_token_file = if config.join {
         None
     } else {
-        bootstrap_admin(&node, &db, &config).await?
+        bootstrap_admin(&node, &db, &config, &mut cancel).await?
     };
     let duties = tokio::spawn(leader_duties(node.clone(), db.clone(), shutdown_rx.clone()));
     let peer_book = tokio::spawn(follow_peer_addresses(
@@ -283,8 +295,20 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
         config.node_id,
         shutdown_rx.clone(),
     ));
-    forget_own_sessions(&node, &db, config.node_id).await;
-    let mqtt = mqtt::start(&config, node.clone(), db.clone(), mqtt_stats, shutdown_rx).await?;
+    forget_own_sessions(&node, &db, config.node_id, &mut cancel).await;
+    let mqtt = mqtt::start(
+        &config,
+        node.clone(),
+        db.clone(),
+        mqtt_stats,
+        shutdown_rx.clone(),
+    )
+    .await?;
+    let membership = tokio::spawn(follow_membership(
+        node.clone(),
+        mqtt.listeners.clone(),
+        shutdown_rx,
+    ));
     let devices: Vec<String> = [mqtt.v4_addr, mqtt.v5_addr]
         .iter()
         .flatten()
@@ -311,7 +335,7 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
         db,
         transport,
         shutdown_tx,
-        tasks: vec![http, duties, peer_book],
+        tasks: vec![http, duties, peer_book, membership],
     })
 }
 
@@ -385,21 +409,23 @@ async fn follow_peer_addresses(
     self_id: u64,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    async fn set(transport: &Transport, self_id: u64, id: u64, address: &str) {
+    fn set(transport: &Transport, self_id: u64, id: u64, address: &str) {
         if id == self_id {
             return;
         }
-        match tokio::net::lookup_host(address).await.map(|mut a| a.next()) {
-            Ok(Some(addr)) => {
+        // A host name is kept as it is: the transport looks it up at every
+        // dial.
+        match address.parse::<PeerAddr>() {
+            Ok(addr) => {
                 if let Err(e) = transport.set_peer(id, addr) {
                     tracing::warn!(peer = id, address, error = %e, "setting a peer's address");
                 }
             }
-            Ok(None) | Err(_) => {
+            Err(e) => {
                 tracing::warn!(
                     peer = id,
-                    address,
-                    "a replicated peer address does not resolve; peer left as it was"
+                    error = %e,
+                    "a replicated peer address is not host:port; peer left as it was"
                 );
             }
         }
@@ -408,7 +434,7 @@ async fn follow_peer_addresses(
         match db.peer_addresses().await {
             Ok(rows) => {
                 for (id, address) in rows {
-                    set(transport, self_id, id, &address).await;
+                    set(transport, self_id, id, &address);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "reading the replicated peer addresses"),
@@ -435,8 +461,103 @@ async fn follow_peer_addresses(
             Ok(()) = restores.changed() => None,
         };
         match reload {
-            Some((id, address)) => set(&transport, self_id, id, &address).await,
+            Some((id, address)) => set(&transport, self_id, id, &address),
             None => load_all(&db, &transport, self_id).await,
+        }
+    }
+}
+
+/// Where this gateway stands in the group, as its consensus node sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Its configuration lists it (voter or learner).
+    Member,
+    /// It has no configuration yet: started with `--join`, not added yet.
+    NotAdded,
+    /// It was removed: a member said a configuration committed at `at` no
+    /// longer lists it, or (`at` = `None`) its own configuration no longer
+    /// does. (A gateway started with `--join` is briefly here too, if the
+    /// snapshot that brings it the group's membership predates its
+    /// addition.)
+    Removed {
+        /// The commit index at which a member's configuration left it out.
+        at: Option<u64>,
+    },
+}
+
+impl Standing {
+    /// This node's standing according to its status.
+    pub fn of(raft: &coordinator::raft::Status) -> Standing {
+        let conf = &raft.conf_state;
+        if let Some(at) = raft.removed {
+            Standing::Removed { at: Some(at) }
+        } else if conf.contains(raft.id) {
+            Standing::Member
+        } else if conf.voters.is_empty() && conf.learners.is_empty() {
+            Standing::NotAdded
+        } else {
+            Standing::Removed { at: None }
+        }
+    }
+}
+
+/// Keeps the device listeners open while this gateway is a member of the
+/// group and closed while it is not (not added yet, or removed): devices
+/// connected here are disconnected (MQTT 5: "use another server") and
+/// connect to another gateway. When it is added (again), they open again
+/// where they were; a listener that cannot bind is retried every second.
+async fn follow_membership(
+    node: Node<OpResult>,
+    listeners: Option<Arc<mqtt::Listeners>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Some(listeners) = listeners else {
+        return;
+    };
+    let mut status = node.watch_status();
+    let mut serving = true;
+    let mut retry = false;
+    let mut failures: u64 = 0;
+    loop {
+        let standing = Standing::of(&status.borrow_and_update().raft);
+        let member = standing == Standing::Member;
+        if member && (!serving || retry) {
+            match listeners.reopen() {
+                Ok(()) => {
+                    tracing::info!("this gateway is a member of the group: device listeners open");
+                    retry = false;
+                    failures = 0;
+                }
+                Err(e) => {
+                    if failures.is_multiple_of(60) {
+                        tracing::warn!(error = %e, failures, "reopening the device listeners; retrying every second");
+                    }
+                    failures += 1;
+                    retry = true;
+                }
+            }
+            serving = true;
+        } else if !member && serving {
+            listeners.close();
+            serving = false;
+            retry = false;
+            match standing {
+                Standing::NotAdded => tracing::info!(
+                    "device listeners closed until this gateway is added to the group \
+                     (POST /v1/cluster/members)"
+                ),
+                _ => tracing::warn!(
+                    ?standing,
+                    "this gateway is not a member of the group: device listeners closed and \
+                     device sessions ended (devices connect to another gateway); add it again \
+                     (POST /v1/cluster/members) or stop it"
+                ),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            r = status.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
         }
     }
 }
@@ -445,7 +566,12 @@ async fn follow_peer_addresses(
 /// MQTT listeners open, it says so (`GatewaySessionsLost` for itself), if
 /// the state shows any. Best effort: with no leader the leader's peer watch
 /// does it later.
-async fn forget_own_sessions(node: &Node<OpResult>, db: &StateDb, node_id: u64) {
+async fn forget_own_sessions(
+    node: &Node<OpResult>,
+    db: &StateDb,
+    node_id: u64,
+    cancel: &mut watch::Receiver<bool>,
+) {
     let filter = state::DeviceFilter {
         label: None,
         online: Some(true),
@@ -465,20 +591,27 @@ async fn forget_own_sessions(node: &Node<OpResult>, db: &StateDb, node_id: u64) 
         return;
     }
     // Right after a restart the group may still be electing: retry (bounded).
+    // Stopping meanwhile gives up at once.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut status = node.watch_status();
-    loop {
-        let _ =
-            tokio::time::timeout_at(deadline, status.wait_for(|s| s.raft.leader.is_some())).await;
-        let op = Op::GatewaySessionsLost { gateway: node_id };
-        match propose(node, op).await {
-            Ok(_) => return,
-            Err(e) if tokio::time::Instant::now() >= deadline => {
-                tracing::warn!(error = %e, "could not clear this gateway's old device sessions");
-                return;
+    let attempts = async {
+        loop {
+            let _ = tokio::time::timeout_at(deadline, status.wait_for(|s| s.raft.leader.is_some()))
+                .await;
+            let op = Op::GatewaySessionsLost { gateway: node_id };
+            match propose(node, op).await {
+                Ok(_) => return,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    tracing::warn!(error = %e, "could not clear this gateway's old device sessions");
+                    return;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
+    };
+    tokio::select! {
+        () = attempts => {}
+        _ = cancel.wait_for(|c| *c) => {}
     }
 }
 
@@ -488,6 +621,7 @@ async fn bootstrap_admin(
     node: &Node<OpResult>,
     db: &StateDb,
     config: &Config,
+    cancel: &mut watch::Receiver<bool>,
 ) -> Result<Option<PathBuf>, GatewayError> {
     let path = config.data_dir.join("admin-token");
     if path.exists() {
@@ -497,13 +631,16 @@ async fn bootstrap_admin(
     // `wait_for` returns a guard on the node's status; it must be dropped at
     // once (kept across the proposal below it would block the node driver's
     // status updates until the proposal timed out).
+    // Stopping meanwhile gives up the wait (the proposal below, once made,
+    // is seen through: its token must reach the file).
     let mut status = node.watch_status();
-    let leader_known = tokio::time::timeout(
-        Duration::from_secs(10),
-        status.wait_for(|s| s.raft.leader.is_some()),
-    )
-    .await
-    .is_ok_and(|r| r.is_ok());
+    let leader_known = tokio::select! {
+        r = tokio::time::timeout(
+            Duration::from_secs(10),
+            status.wait_for(|s| s.raft.leader.is_some()),
+        ) => r.is_ok_and(|r| r.is_ok()),
+        _ = cancel.wait_for(|c| *c) => false,
+    };
     if !leader_known || node.status().raft.role != RaftRole::Leader {
         return Ok(None);
     }
@@ -573,12 +710,39 @@ async fn leader_duties(
     }
 }
 
-/// Starts a gateway, prints where it is, and runs until `shutdown` resolves.
+/// Starts a gateway, prints where it is, and runs until `shutdown`
+/// resolves; then stops it gracefully (devices told, requests in flight
+/// answered, storage flushed). `shutdown` may resolve at any time, during
+/// the start too: a start still waiting for the group (no quorum) gives up
+/// its waits and the gateway stops at once.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), GatewayError> {
     // With a JSON log every line on stdout is JSON: the "gateway started"
     // event carries the addresses instead.
     let plain = config.log_format == config::LogFormat::Text;
-    let gw = start(config).await?;
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    let starting = start_until(config, cancel_rx);
+    tokio::pin!(starting, shutdown);
+    let mut stopping = false;
+    let gw = loop {
+        tokio::select! {
+            r = &mut starting => break r?,
+            () = &mut shutdown, if !stopping => {
+                stopping = true;
+                tracing::info!("stopping during the start: no more waiting for the group");
+                let _ = cancel_tx.send(true);
+            }
+        }
+    };
+    if !stopping {
+        print_addresses(&gw, plain);
+        shutdown.await;
+    }
+    gw.stop().await;
+    Ok(())
+}
+
+/// Prints where the gateway serves (and the files an operator needs).
+fn print_addresses(gw: &Gateway, plain: bool) {
     // Whoever started us may have stopped reading stdout; that is no reason to stop.
     let mut out: Box<dyn std::io::Write> = if plain {
         Box::new(std::io::stdout())
@@ -613,7 +777,4 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
     }
     let _ = out.flush();
-    shutdown.await;
-    gw.stop().await;
-    Ok(())
 }

@@ -1,4 +1,5 @@
-//! The `gateway` binary: parse the configuration, then `gateway::run`.
+//! The `gateway` binary: parse the configuration, then `gateway::run` until
+//! SIGTERM or SIGINT (a second one exits at once).
 
 use clap::Parser;
 
@@ -22,6 +23,8 @@ fn init_logging(format: LogFormat) {
 
 #[tokio::main]
 async fn main() {
+    // First: a signal from here on stops the gateway gracefully.
+    let shutdown = shutdown_signals();
     let args = gateway::config::Args::parse();
     let format = match args.log_format() {
         Ok(f) => f,
@@ -59,11 +62,63 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
     if let Err(e) = gateway::run(config, shutdown).await {
         eprintln!("gateway: {e}");
         std::process::exit(1);
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT (Ctrl-C), which stops the
+/// gateway gracefully, at any time (during a start too); a second one exits
+/// at once with 128 + its number.
+fn shutdown_signals() -> impl std::future::Future<Output = ()> {
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Registered now, before anything can take long: from here on the
+        // signals are ours, not the default action's.
+        let streams = signal(SignalKind::terminate())
+            .and_then(|term| signal(SignalKind::interrupt()).map(|int| (term, int)));
+        match streams {
+            Ok((mut term, mut int)) => {
+                tokio::spawn(async move {
+                    let mut next = async || {
+                        tokio::select! {
+                            _ = term.recv() => ("SIGTERM", 143),
+                            _ = int.recv() => ("SIGINT", 130),
+                        }
+                    };
+                    let (name, _) = next().await;
+                    tracing::info!(
+                        signal = name,
+                        "stopping gracefully (a second signal stops at once)"
+                    );
+                    let _ = first_tx.send(());
+                    let (name, code) = next().await;
+                    tracing::warn!(signal = name, "second signal: exiting at once");
+                    std::process::exit(code);
+                });
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot handle SIGTERM / SIGINT");
+                drop(first_tx);
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("stopping gracefully (a second Ctrl-C stops at once)");
+        let _ = first_tx.send(());
+        let _ = tokio::signal::ctrl_c().await;
+        std::process::exit(130);
+    });
+    async move {
+        // A sender dropped without a signal (handlers could not be set up)
+        // must not stop the gateway.
+        if first_rx.await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }

@@ -11,9 +11,10 @@ mod ports;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use common::{Device, SseStream, WAIT, connect_v4};
+use common::{Device, Seen, SseStream, WAIT, connect_v4, connect_v5};
 use entente_protocol::CommandMessage;
 use gateway::{Config, Gateway};
 use ports::reserve_ports;
@@ -38,7 +39,7 @@ fn config(dir: &Path, id: u64, peers: &BTreeMap<u64, SocketAddr>) -> Config {
         peers[&id],
     );
     c.node_id = id;
-    c.peers = peers.clone();
+    c.peers = peers.iter().map(|(id, a)| (*id, (*a).into())).collect();
     c.cluster_secret = Some("cluster-test-secret".into());
     c.tick = Duration::from_millis(5);
     c.session_grace = Duration::from_millis(400);
@@ -47,15 +48,22 @@ fn config(dir: &Path, id: u64, peers: &BTreeMap<u64, SocketAddr>) -> Config {
 }
 
 async fn three_with(dir: &Path, tweak: impl Fn(&mut Config)) -> Cluster {
-    let raft = reserve_ports(3);
-    let peers: BTreeMap<u64, SocketAddr> = (1..=3).zip(raft.iter().copied()).collect();
+    group(dir, &[1, 2, 3], tweak).await
+}
+
+/// A group of gateways with these node ids.
+async fn group(dir: &Path, ids: &[u64], tweak: impl Fn(&mut Config)) -> Cluster {
+    let raft = reserve_ports(ids.len());
+    let peers: BTreeMap<u64, SocketAddr> = ids.iter().copied().zip(raft.iter().copied()).collect();
     let configs = peers.keys().map(|&id| {
         let mut c = config(dir, id, &peers);
         tweak(&mut c);
         c
     });
     let started = futures_join(configs.map(gateway::start).collect()).await;
-    let gws: BTreeMap<u64, Gateway> = (1..=3)
+    let gws: BTreeMap<u64, Gateway> = peers
+        .keys()
+        .copied()
         .zip(started.into_iter().map(|g| g.expect("start")))
         .collect();
     let file = gws
@@ -412,5 +420,225 @@ async fn membership_add_a_learner_by_snapshot_promote_transfer_and_remove() {
     assert_eq!(status, 404, "removing a non-member");
     c.register(4, "after-the-change").await;
     c.register(follower, "and-another").await;
+    c.stop().await;
+}
+
+/// The log lines of every gateway in this test process, captured.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("logs").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    /// Installs the capture once per test process.
+    fn get() -> &'static Logs {
+        static LOGS: OnceLock<Logs> = OnceLock::new();
+        LOGS.get_or_init(|| {
+            let logs = Logs::default();
+            let writer = logs.clone();
+            let _ = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_max_level(tracing::Level::INFO)
+                .with_writer(move || writer.clone())
+                .try_init();
+            logs
+        })
+    }
+
+    /// Waits (bounded) for a line holding every needle.
+    async fn wait_for(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let text = String::from_utf8_lossy(&self.0.lock().expect("logs")).into_owned();
+            if let Some(line) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line.to_string();
+            }
+            assert!(Instant::now() < deadline, "no log line with {needles:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Cluster {
+    /// `GET /readyz` on gateway `gw`: status and body.
+    async fn readyz(&self, gw: u64) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}/readyz", self.base(gw)))
+            .send()
+            .await
+            .expect("readyz");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Polls `/readyz` on `gw` (bounded) until `check` holds.
+    async fn until_readyz(
+        &self,
+        gw: u64,
+        what: &str,
+        check: impl Fn(u16, &Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (status, body) = self.readyz(gw).await;
+            if check(status, &body) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what} on {gw}; last: {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Finding (issue 20): a gateway removed with `DELETE
+/// /v1/cluster/members/{id}` never found out. It stayed a pre-candidate,
+/// `/readyz` kept answering "no leader", its MQTT listener stayed open (its
+/// devices stayed there, unreachable for commands) and nothing was logged.
+/// Now it learns it from a member, stops campaigning (the group's term does
+/// not move), says so in its log and on `/readyz`, ends its device sessions
+/// (MQTT 5: "use another server") and closes its listener, so its devices
+/// go to another gateway; added again as a learner it catches up and
+/// serves devices again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_gateway_knows_it_and_serves_again_when_added_back() {
+    let logs = Logs::get();
+    let tmp = tempfile::tempdir().expect("tmp");
+    // Node ids of its own: the log lines checked name them, and other tests
+    // of this process log too.
+    let ids = [21, 22, 23];
+    let c = group(tmp.path(), &ids, |_| {}).await;
+    let leader = c.leader();
+    let gone = *ids.iter().find(|&&g| g != leader).expect("a follower");
+    let other = *ids
+        .iter()
+        .find(|&&g| g != leader && g != gone)
+        .expect("another follower");
+    let term = c.gws[&leader].node().status().raft.term;
+
+    // A device on the gateway about to be removed (MQTT 5, to hear why it
+    // is let go).
+    let secret = c.register(leader, "pump").await;
+    let mut d5 = connect_v5(c.mqtt(gone), "pump", &secret);
+    d5.expect_connack().await;
+    d5.subscribed(&entente_protocol::commands_topic("pump"))
+        .await;
+    c.wait_presence(leader, "pump", true, Some(gone)).await;
+
+    let removed = c
+        .request(
+            leader,
+            reqwest::Method::DELETE,
+            &format!("/v1/cluster/members/{gone}"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(removed["suffrage"], "removed");
+
+    // It knows: /readyz and its log say so.
+    let body = c
+        .until_readyz(gone, "readyz saying removed", |status, b| {
+            status == 503 && b["type"].as_str().is_some_and(|t| t.ends_with(":removed"))
+        })
+        .await;
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("removed from the group")),
+        "{body}"
+    );
+    logs.wait_for(&[
+        "WARN",
+        "this node was removed from the group",
+        &format!("node={gone}"),
+    ])
+    .await;
+
+    // Its device is told to use another server, and its listener is closed.
+    loop {
+        match d5.next().await {
+            Seen::Disconnect(code) => {
+                assert_eq!(code, 0x9C, "use another server");
+                break;
+            }
+            Seen::Closed(e) => panic!("closed without a DISCONNECT: {e}"),
+            _ => {}
+        }
+    }
+    let deadline = Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(c.mqtt(gone)).await.is_ok() {
+        assert!(Instant::now() < deadline, "the device listener stays open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The group declared its sessions lost; the device goes elsewhere and
+    // its commands reach it there.
+    c.wait_presence(leader, "pump", false, None).await;
+    let mut d = online_device(c.mqtt(other), "pump", &secret).await;
+    c.wait_presence(leader, "pump", true, Some(other)).await;
+    let cid = c.command(leader, "pump", "start").await;
+    assert_eq!(answer(&mut d, "pump").await, cid);
+    c.wait_status(leader, &cid, "succeeded").await;
+
+    // It does not disturb the group: no campaign, no term moves, for 40
+    // election timeouts (5 ms ticks, 10 ticks each).
+    let mut status = c.gws[&gone].node().watch_status();
+    let watch = async {
+        loop {
+            let role = status.borrow_and_update().raft.role;
+            assert_eq!(
+                role,
+                coordinator::raft::Role::Follower,
+                "the removed gateway campaigns"
+            );
+            if status.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), watch).await;
+    for g in [leader, other, gone] {
+        assert_eq!(
+            c.gws[&g].node().status().raft.term,
+            term,
+            "the term of gateway {g} moved"
+        );
+    }
+    assert_eq!(c.gws[&other].node().status().raft.leader, Some(leader));
+
+    // Added back as a learner, it catches up and serves devices again.
+    let added = c
+        .request(
+            other,
+            reqwest::Method::POST,
+            "/v1/cluster/members",
+            json!({"id": gone, "suffrage": "learner"}),
+        )
+        .await;
+    assert_eq!(added["suffrage"], "learner");
+    c.until_readyz(gone, "readyz 200", |status, _| status == 200)
+        .await;
+    logs.wait_for(&[
+        "this node is a member of the group",
+        &format!("node={gone}"),
+    ])
+    .await;
+    let secret2 = c.register(leader, "valve").await;
+    let mut d2 = online_device(c.mqtt(gone), "valve", &secret2).await;
+    c.wait_presence(leader, "valve", true, Some(gone)).await;
+    let cid = c.command(other, "valve", "open").await;
+    assert_eq!(answer(&mut d2, "valve").await, cid);
+    c.wait_status(leader, &cid, "succeeded").await;
     c.stop().await;
 }

@@ -269,7 +269,7 @@ async fn a_restarted_member_gets_through_a_flood_of_strangers() {
             let mut c = config(&dir.path().join(format!("g{id}")));
             c.node_id = id;
             c.raft_listen = peers[&id];
-            c.peers = peers.clone();
+            c.peers = peers.iter().map(|(id, a)| (*id, (*a).into())).collect();
             c.cluster_secret = Some(SECRET.into());
             c.write_timeout = Duration::from_millis(500);
             c

@@ -70,6 +70,9 @@ pub struct Status {
     pub conf_state: ConfState,
     /// Per-member replication progress, on the leader only.
     pub progress: BTreeMap<NodeId, ProgressStatus>,
+    /// Set while a member's word stands that a configuration committed at
+    /// this index no longer lists this node (see [`Raft::removed`]).
+    pub removed: Option<Index>,
 }
 
 /// A sans-IO Raft node.
@@ -105,6 +108,9 @@ pub struct Raft {
     pub(crate) heartbeat_elapsed: u32,
     pub(crate) randomized_election_timeout: u32,
     pub(crate) lead_transferee: Option<NodeId>,
+    /// A member said a configuration committed at this index does not list
+    /// this node (see [`Raft::removed`]).
+    pub(crate) removed_at: Option<Index>,
     pub(crate) pending_conf_index: Index,
     pub(crate) uncommitted_size: u64,
     pub(crate) read_only: ReadOnly,
@@ -157,6 +163,7 @@ impl Raft {
             heartbeat_elapsed: 0,
             randomized_election_timeout: cfg.election_tick,
             lead_transferee: None,
+            removed_at: None,
             pending_conf_index: 0,
             uncommitted_size: 0,
             read_only: ReadOnly::default(),
@@ -280,9 +287,22 @@ impl Raft {
         self.randomized_election_timeout
     }
 
-    /// Whether this node may campaign: it is a voter of the configuration.
+    /// Whether this node may campaign: it is a voter of the configuration,
+    /// and not known to have been removed from it ([`Raft::removed`]).
     pub fn is_promotable(&self) -> bool {
-        self.conf.voters.contains(&self.id)
+        self.conf.voters.contains(&self.id) && self.removed().is_none()
+    }
+
+    /// `Some(index)` while this node knows, from a member's
+    /// [`MessageKind::NotMember`], that a configuration committed at `index`
+    /// no longer lists it, although its own configuration (as of its lower
+    /// commit index) does: it was removed and never learned it from the log
+    /// (the leader stops replicating to a node once its removal commits).
+    /// Such a node campaigns no more; it still takes a leader's appends, so
+    /// once added again it catches up, and when its commit index reaches
+    /// `index` the log speaks for itself again.
+    pub fn removed(&self) -> Option<Index> {
+        self.removed_at.filter(|&at| self.log.committed < at)
     }
 
     /// The leader's view of `id`'s replication; `None` on followers.
@@ -317,6 +337,7 @@ impl Raft {
             snapshot_index: self.log.snapshot.index,
             conf_state: self.conf.clone(),
             progress,
+            removed: self.removed(),
         }
     }
 

@@ -110,6 +110,17 @@ pub enum MessageKind {
         /// The node that should become leader.
         to: NodeId,
     },
+    /// The sender's configuration, committed at `commit`, does not list the
+    /// recipient: it was removed. Sent by the node driver, not the core —
+    /// in answer to a message it refused from a non-member, and by each
+    /// member that applies the recipient's removal (§4.2.3: a removed
+    /// server may never receive the entry that removes it). The recipient
+    /// believes it only if it does not know that far of the log yet (see
+    /// [`Raft::removed`](super::Raft::removed)).
+    NotMember {
+        /// The sender's commit index, at which the recipient is not a member.
+        commit: Index,
+    },
 }
 
 impl MessageKind {
@@ -130,6 +141,7 @@ impl MessageKind {
             MessageKind::ReadIndexResponse { .. } => "ReadIndexResponse",
             MessageKind::TimeoutNow => "TimeoutNow",
             MessageKind::TransferLeader { .. } => "TransferLeader",
+            MessageKind::NotMember { .. } => "NotMember",
         }
     }
 }

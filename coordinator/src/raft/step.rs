@@ -4,7 +4,7 @@
 use super::core::Raft;
 use super::message::{Message, MessageKind};
 use super::ready::StepError;
-use super::types::{NodeId, Role, Term};
+use super::types::{Index, NodeId, Role, Term};
 
 impl Raft {
     /// Feeds one message from another member.
@@ -14,6 +14,10 @@ impl Raft {
         }
         if m.from == 0 || m.from == self.id {
             return Err(StepError::BadSender { from: m.from });
+        }
+        if let MessageKind::NotMember { commit } = m.kind {
+            self.not_member(commit);
+            return Ok(());
         }
         // Forwarded requests carry no term.
         let forwarded = matches!(
@@ -153,7 +157,8 @@ impl Raft {
             MessageKind::ReadIndex { .. }
             | MessageKind::AppendResponse { .. }
             | MessageKind::HeartbeatResponse { .. }
-            | MessageKind::VoteResponse { .. } => {}
+            | MessageKind::VoteResponse { .. }
+            | MessageKind::NotMember { .. } => {}
         }
     }
 
@@ -195,7 +200,8 @@ impl Raft {
             MessageKind::TimeoutNow
             | MessageKind::AppendResponse { .. }
             | MessageKind::HeartbeatResponse { .. }
-            | MessageKind::ReadIndexResponse { .. } => {}
+            | MessageKind::ReadIndexResponse { .. }
+            | MessageKind::NotMember { .. } => {}
         }
     }
 
@@ -223,8 +229,32 @@ impl Raft {
             | MessageKind::Snapshot { .. }
             | MessageKind::VoteResponse { .. }
             | MessageKind::TimeoutNow
-            | MessageKind::ReadIndexResponse { .. } => {}
+            | MessageKind::ReadIndexResponse { .. }
+            | MessageKind::NotMember { .. } => {}
         }
+    }
+
+    /// A member says that its configuration as of its commit index
+    /// `commit` does not list this node. Committed configurations follow one
+    /// another along one log, so if `commit` is beyond this node's own
+    /// commit index, whose configuration does list it, a later change
+    /// removed it: it stands down (a follower with no leader) and campaigns
+    /// no more until its commit index reaches
+    /// `commit` (it was added again, or it learns the removal itself). A
+    /// sender that knows less of the log than this node proves nothing and
+    /// is ignored.
+    pub(crate) fn not_member(&mut self, commit: Index) {
+        if !self.conf.contains(self.id) || commit <= self.log.committed {
+            return;
+        }
+        if self.removed_at.is_some_and(|at| at >= commit) {
+            return;
+        }
+        self.removed_at = Some(commit);
+        // Whoever it followed does not lead it any more; a leader that takes
+        // it back will say so with its appends.
+        let term = self.term;
+        self.become_follower(term, None);
     }
 
     // ---- elections -----------------------------------------------------

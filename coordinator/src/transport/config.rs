@@ -3,8 +3,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::addr::{PeerAddr, Resolve, SystemResolver};
 use super::error::TransportError;
 use super::frame::{CHUNK_OVERHEAD, MAX_CLUSTER_ID_LEN};
 use crate::raft::NodeId;
@@ -26,10 +28,14 @@ pub struct TransportConfig {
     /// Where to listen for peers. Port 0 picks a free port; see
     /// [`Transport::local_addr`](super::Transport::local_addr).
     pub listen_addr: SocketAddr,
-    /// The initial peers and their listen addresses. Change them at run time
-    /// with [`Transport::set_peer`](super::Transport::set_peer) and
+    /// The initial peers and their listen addresses (socket addresses, or
+    /// host names resolved at every dial). Change them at run time with
+    /// [`Transport::set_peer`](super::Transport::set_peer) and
     /// [`Transport::remove_peer`](super::Transport::remove_peer).
-    pub peers: BTreeMap<NodeId, SocketAddr>,
+    pub peers: BTreeMap<NodeId, PeerAddr>,
+    /// Looks up peers given by host name, at every dial. Default: the
+    /// operating system's resolver ([`SystemResolver`]).
+    pub resolver: Arc<dyn Resolve>,
     /// Largest frame payload accepted or sent, in bytes. Default 16 MiB.
     pub max_frame_size: usize,
     /// Messages queued per peer before [`Transport::send`](super::Transport::send)
@@ -94,6 +100,7 @@ impl TransportConfig {
             cluster_secret: cluster_secret.into(),
             listen_addr,
             peers: BTreeMap::new(),
+            resolver: Arc::new(SystemResolver),
             max_frame_size: Self::DEFAULT_MAX_FRAME_SIZE,
             peer_queue_capacity: 1024,
             inbound_capacity: 4096,
@@ -167,6 +174,7 @@ impl fmt::Debug for TransportConfig {
             .field("cluster_secret", &"<redacted>")
             .field("listen_addr", &self.listen_addr)
             .field("peers", &self.peers)
+            .field("resolver", &"<resolver>")
             .field("max_frame_size", &self.max_frame_size)
             .field("peer_queue_capacity", &self.peer_queue_capacity)
             .field("inbound_capacity", &self.inbound_capacity)

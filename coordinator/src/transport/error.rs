@@ -138,6 +138,9 @@ pub(crate) enum HandshakeError {
 /// Why dialing a peer failed.
 #[derive(Debug, Error)]
 pub(crate) enum ConnectError {
+    /// The peer's host name did not resolve.
+    #[error("cannot resolve the peer's name: {0}")]
+    Resolve(#[source] io::Error),
     /// The TCP connection could not be established.
     #[error("connect failed: {0}")]
     Io(#[source] io::Error),

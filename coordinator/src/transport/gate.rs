@@ -6,7 +6,8 @@
 //!
 //! - **reserved**: `reserved_handshakes_per_peer` slots for every configured
 //!   peer, usable only by connections from that peer's IP address (the IP
-//!   of the address this node dials it at);
+//!   of the address this node dials it at; for a peer given by host name,
+//!   the addresses the name resolved to when last dialed);
 //! - **shared**: `max_pending_handshakes` slots for everyone else (and for
 //!   a peer's address once its reserved slots are taken), of which one IP
 //!   address holds at most `max_pending_handshakes_per_ip`.
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use super::config::TransportConfig;
 use super::shared::lock;
+use crate::raft::NodeId;
 
 /// Why a connection was closed before its handshake started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,8 +53,8 @@ struct Pending {
 
 #[derive(Debug, Default)]
 struct GateState {
-    /// How many configured peers live at each IP address.
-    peer_ips: HashMap<IpAddr, usize>,
+    /// The IP addresses of each configured peer.
+    peer_ips: HashMap<NodeId, Vec<IpAddr>>,
     /// Handshakes in progress per source IP address.
     pending: HashMap<IpAddr, Pending>,
     /// Shared slots taken.
@@ -116,23 +118,26 @@ impl Gate {
         }
     }
 
-    /// Replaces the peers' addresses (called whenever the peer table changes).
-    pub(crate) fn set_peer_ips(&self, ips: impl IntoIterator<Item = IpAddr>) {
-        let mut counts = HashMap::new();
-        for ip in ips {
-            *counts.entry(canonical(ip)).or_insert(0) += 1;
-        }
-        lock(&self.state).peer_ips = counts;
+    /// Sets the IP addresses of peer `id` (when it is added, when its
+    /// address changes, and whenever its host name resolves).
+    pub(crate) fn set_peer_ips(&self, id: NodeId, ips: impl IntoIterator<Item = IpAddr>) {
+        let mut ips: Vec<IpAddr> = ips.into_iter().map(canonical).collect();
+        ips.sort_unstable();
+        ips.dedup();
+        lock(&self.state).peer_ips.insert(id, ips);
+    }
+
+    /// Forgets peer `id`'s addresses (it was removed).
+    pub(crate) fn remove_peer(&self, id: NodeId) {
+        lock(&self.state).peer_ips.remove(&id);
     }
 
     /// Takes a handshake slot for a connection from `ip`, or says why not.
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Shed> {
         let ip = canonical(ip);
         let mut st = lock(&self.state);
-        let reserved_cap = st
-            .peer_ips
-            .get(&ip)
-            .map_or(0, |n| n.saturating_mul(self.reserved_per_peer));
+        let peers_there = st.peer_ips.values().filter(|ips| ips.contains(&ip)).count();
+        let reserved_cap = peers_there.saturating_mul(self.reserved_per_peer);
         let shared_total = st.shared_total;
         let p = st.pending.entry(ip).or_default();
         let reserved = if p.reserved < reserved_cap {
@@ -275,7 +280,9 @@ mod tests {
     #[test]
     fn strangers_fill_only_the_shared_pool() {
         let g = gate(4, 2, 2);
-        g.set_peer_ips([ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.2")]);
+        g.set_peer_ips(2, [ip("10.0.0.1")]);
+        g.set_peer_ips(3, [ip("10.0.0.2")]);
+        g.set_peer_ips(4, [ip("10.0.0.2"), ip("192.0.2.99")]);
         let mut held = Vec::new();
         // One address gets at most its share.
         held.push(g.admit(ip("192.0.2.1")).unwrap());
@@ -306,13 +313,13 @@ mod tests {
     #[test]
     fn a_peer_falls_back_to_the_shared_pool() {
         let g = gate(1, 1, 1);
-        g.set_peer_ips([ip("10.0.0.1")]);
+        g.set_peer_ips(2, [ip("10.0.0.1")]);
         let a = g.admit(ip("10.0.0.1")).unwrap();
         let b = g.admit(ip("10.0.0.1")).unwrap();
         assert!(a.reserved && !b.reserved);
         assert_eq!(g.admit(ip("10.0.0.1")).unwrap_err(), Shed::PerAddress);
         // A peer that is removed loses its reservation.
-        g.set_peer_ips([]);
+        g.remove_peer(2);
         drop(a);
         assert_eq!(g.admit(ip("10.0.0.1")).unwrap_err(), Shed::PerAddress);
     }

@@ -19,6 +19,13 @@
 //! and sent once it succeeds. When a peer dials again, its newer connection
 //! replaces the older one on the accepting side.
 //!
+//! A peer's address ([`PeerAddr`]) is a socket address or a host name with
+//! a port. A name is looked up at every dial — each connection and every
+//! reconnect — through [`TransportConfig::resolver`], and its addresses are
+//! tried in order; a name that does not resolve is a failed dial like any
+//! other (logged, retried with the backoff). So peers may start in any
+//! order, and a peer that comes back at another address is found there.
+//!
 //! Each snapshot travels on a connection of its own (a *snapshot
 //! connection*), so a large image never delays the ordinary messages to the
 //! same peer.
@@ -144,7 +151,7 @@
 //! use coordinator::transport::{Inbound, Transport, TransportConfig};
 //!
 //! let mut config = TransportConfig::new(1, "cluster-a", b"secret".to_vec(), "0.0.0.0:7000".parse()?);
-//! config.peers.insert(2, "192.0.2.2:7000".parse()?);
+//! config.peers.insert(2, "gw2.example:7000".parse()?);
 //! let (transport, mut inbound) = Transport::start(config)?;
 //! while let Some(event) = inbound.recv().await {
 //!     match event {
@@ -158,6 +165,7 @@
 //! # Ok(()) }
 //! ```
 
+mod addr;
 mod backoff;
 mod config;
 mod error;
@@ -184,6 +192,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
+pub use addr::{InvalidPeerAddr, PeerAddr, Resolve, ResolveFuture, SystemResolver};
 pub use config::TransportConfig;
 pub use error::TransportError;
 pub use handshake::PROTOCOL_VERSION;
@@ -368,8 +377,8 @@ impl Transport {
                 accept_task: Some(accept_task),
             }),
         };
-        for (&id, &addr) in &config.peers {
-            transport.set_peer(id, addr)?;
+        for (&id, addr) in &config.peers {
+            transport.set_peer(id, addr.clone())?;
         }
         Ok((transport, inbound_rx))
     }
@@ -386,17 +395,19 @@ impl Transport {
     }
 
     /// The current peers and their addresses.
-    pub fn peers(&self) -> BTreeMap<NodeId, SocketAddr> {
+    pub fn peers(&self) -> BTreeMap<NodeId, PeerAddr> {
         lock(&self.state)
             .peers
             .iter()
-            .map(|(&id, p)| (id, *p.addr.borrow()))
+            .map(|(&id, p)| (id, p.addr.borrow().clone()))
             .collect()
     }
 
     /// Adds a peer, or changes its address (its connection is then redialed).
-    /// For membership changes at run time.
-    pub fn set_peer(&self, id: NodeId, addr: SocketAddr) -> Result<(), TransportError> {
+    /// For membership changes at run time. A host name is resolved at every
+    /// dial, not here.
+    pub fn set_peer(&self, id: NodeId, addr: impl Into<PeerAddr>) -> Result<(), TransportError> {
+        let addr = addr.into();
         if id == 0 || id == self.node_id {
             return Err(TransportError::InvalidPeer(id));
         }
@@ -405,12 +416,14 @@ impl Transport {
             return Err(TransportError::ShutDown);
         };
         if let Some(peer) = state.peers.get(&id) {
-            peer.addr.send_if_modified(|current| {
+            let changed = peer.addr.send_if_modified(|current| {
                 let changed = *current != addr;
-                *current = addr;
+                *current = addr.clone();
                 changed
             });
-            self.reserve_for_peers(&state);
+            if changed {
+                self.reserve_for_peer(id, &addr);
+            }
             return Ok(());
         }
         let seed = self.seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -420,20 +433,21 @@ impl Transport {
             reporter,
             self.shutdown_tx.subscribe(),
             id,
-            addr,
+            addr.clone(),
             seed,
         );
         state.peers.insert(id, handle);
-        self.reserve_for_peers(&state);
+        self.reserve_for_peer(id, &addr);
         Ok(())
     }
 
-    /// Hands the peers' addresses to the listener, which reserves handshake
-    /// slots for them.
-    fn reserve_for_peers(&self, state: &State) {
+    /// Hands a peer's address to the listener, which reserves handshake
+    /// slots for connections from it. A host name's addresses are handed
+    /// over each time it resolves (until then it has none).
+    fn reserve_for_peer(&self, id: NodeId, addr: &PeerAddr) {
         self.ctx
             .gate
-            .set_peer_ips(state.peers.values().map(|p| p.addr.borrow().ip()));
+            .set_peer_ips(id, addr.socket_addr().map(|a| a.ip()));
     }
 
     /// Removes a peer: its queued messages are dropped, its connection
@@ -448,7 +462,7 @@ impl Transport {
         match state.peers.remove(&id) {
             Some(peer) => {
                 peer.task.abort();
-                self.reserve_for_peers(&state);
+                self.ctx.gate.remove_peer(id);
                 true
             }
             None => false,
@@ -535,7 +549,7 @@ impl Transport {
             reporter.snapshot_status(to, false);
             return;
         }
-        let Some(addr) = state.peers.get(&to).map(|p| *p.addr.borrow()) else {
+        let Some(addr) = state.peers.get(&to).map(|p| p.addr.borrow().clone()) else {
             warn!(peer = to, "snapshot for an unknown peer");
             reporter.snapshot_status(to, false);
             return;

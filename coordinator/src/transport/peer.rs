@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
@@ -11,6 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use super::addr::PeerAddr;
 use super::backoff::Backoff;
 use super::error::FrameError;
 use super::frame::{Frame, StreamKind, encode_frame};
@@ -24,6 +26,9 @@ const MAX_BATCH: usize = 256;
 pub(crate) const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Write buffer per connection.
 const WRITE_BUFFER: usize = 64 * 1024;
+/// While a peer stays unreachable, a warning at most this often (the
+/// attempts in between are logged at debug level).
+const FAILURE_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// The transport's handle on one peer's writer.
 #[derive(Debug)]
@@ -31,7 +36,7 @@ pub(crate) struct PeerHandle {
     /// The peer's queue.
     pub queue: mpsc::Sender<Message>,
     /// The peer's address; the writer redials when it changes.
-    pub addr: watch::Sender<SocketAddr>,
+    pub addr: watch::Sender<PeerAddr>,
     /// The writer task.
     pub task: JoinHandle<()>,
 }
@@ -44,7 +49,7 @@ impl PeerHandle {
         reporter: Reporter,
         shutdown: watch::Receiver<bool>,
         peer: NodeId,
-        addr: SocketAddr,
+        addr: PeerAddr,
         seed: u64,
     ) -> Self {
         let (queue_tx, queue_rx) = mpsc::channel(ctx.config.peer_queue_capacity);
@@ -82,7 +87,7 @@ struct Writer {
     ctx: Arc<Context>,
     reporter: Reporter,
     queue: mpsc::Receiver<Message>,
-    addr: watch::Receiver<SocketAddr>,
+    addr: watch::Receiver<PeerAddr>,
     shutdown: watch::Receiver<bool>,
     backoff: Backoff,
     /// The same refusal (wrong secret, say) is logged once a minute, not
@@ -94,14 +99,15 @@ impl Writer {
     async fn run(mut self) {
         let peer = self.peer;
         let mut failures: u32 = 0;
+        let mut last_warning: Option<Instant> = None;
         loop {
             if *self.shutdown.borrow() {
                 return;
             }
-            let addr = *self.addr.borrow_and_update();
+            let addr = self.addr.borrow_and_update().clone();
             // Messages queued while we dial are kept and sent once connected.
             let attempt = tokio::select! {
-                r = connect(&self.ctx, addr, peer, StreamKind::Messages) => Some(r),
+                r = connect(&self.ctx, &addr, peer, StreamKind::Messages) => Some(r),
                 _ = self.shutdown.changed() => return,
                 r = self.addr.changed() => {
                     if r.is_err() {
@@ -113,16 +119,17 @@ impl Writer {
             match attempt {
                 // The address changed while dialing: dial the new one now.
                 None => continue,
-                Some(Ok(stream)) => {
+                Some(Ok((stream, reached))) => {
                     if failures > 0 {
-                        info!(peer, peer_addr = %addr, "connected to peer after {failures} failed attempts");
+                        info!(peer, peer_addr = %addr, %reached, "connected to peer after {failures} failed attempts");
                     } else {
-                        debug!(peer, peer_addr = %addr, "connected to peer");
+                        debug!(peer, peer_addr = %addr, %reached, "connected to peer");
                     }
                     failures = 0;
+                    last_warning = None;
                     self.backoff.reset();
                     self.refusal_log.reset();
-                    match self.pump(stream, addr).await {
+                    match self.pump(stream, &addr, reached).await {
                         Exit::Stop => return,
                         Exit::Reconnect => {}
                     }
@@ -131,11 +138,19 @@ impl Writer {
                     // A refusal points at a configuration error: always
                     // worth a warning, but the same one once a minute
                     // (`repeated` counts the attempts left out). Other
-                    // failures (the peer is down) warn once per outage.
+                    // failures (the peer is down, its name does not resolve
+                    // yet) warn at the first failure of an outage, then once
+                    // a minute while it lasts, the rest at debug level.
+                    let now = Instant::now();
                     let warn_now = if e.is_refusal() {
                         self.refusal_log.allow(e.to_string())
+                    } else if failures == 0
+                        || last_warning.is_none_or(|t| now.duration_since(t) >= FAILURE_WARN_EVERY)
+                    {
+                        last_warning = Some(now);
+                        Some(0)
                     } else {
-                        (failures == 0).then_some(0)
+                        None
                     };
                     match warn_now {
                         Some(repeated) => {
@@ -188,7 +203,7 @@ impl Writer {
 
     /// Sends queued messages on an established connection until it fails,
     /// the peer closes it, the address changes or the transport stops.
-    async fn pump(&mut self, stream: TcpStream, addr: SocketAddr) -> Exit {
+    async fn pump(&mut self, stream: TcpStream, addr: &PeerAddr, reached: SocketAddr) -> Exit {
         let peer = self.peer;
         let io_timeout = self.ctx.config.io_timeout;
         let (mut rd, wr) = stream.into_split();
@@ -208,8 +223,8 @@ impl Writer {
                     if r.is_err() {
                         return Exit::Stop;
                     }
-                    let new = *self.addr.borrow_and_update();
-                    if new != addr {
+                    let new = self.addr.borrow_and_update().clone();
+                    if new != *addr {
                         info!(peer, old_addr = %addr, new_addr = %new, "peer address changed; redialing");
                         return Exit::Reconnect;
                     }
@@ -218,9 +233,9 @@ impl Writer {
                 // notices that the connection went away.
                 r = rd.read(&mut probe) => {
                     match r {
-                        Ok(0) => info!(peer, peer_addr = %addr, "peer closed the connection"),
-                        Ok(_) => warn!(peer, peer_addr = %addr, "peer wrote on a message stream; reconnecting"),
-                        Err(e) => info!(peer, peer_addr = %addr, error = %e, "connection to peer failed"),
+                        Ok(0) => info!(peer, peer_addr = %addr, %reached, "peer closed the connection"),
+                        Ok(_) => warn!(peer, peer_addr = %addr, %reached, "peer wrote on a message stream; reconnecting"),
+                        Err(e) => info!(peer, peer_addr = %addr, %reached, error = %e, "connection to peer failed"),
                     }
                     return Exit::Reconnect;
                 }
@@ -239,7 +254,7 @@ impl Writer {
                         Ok(Err(e)) => e,
                         Err(_) => FrameError::Timeout,
                     };
-                    warn!(peer, peer_addr = %addr, error = %err, "write to peer failed; reconnecting");
+                    warn!(peer, peer_addr = %addr, %reached, error = %err, "write to peer failed; reconnecting");
                     self.reporter.unreachable(peer);
                     return Exit::Reconnect;
                 }

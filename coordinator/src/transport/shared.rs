@@ -1,6 +1,8 @@
 //! State shared by the transport's tasks.
 
 use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -10,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::Inbound;
+use super::addr::PeerAddr;
 use super::config::TransportConfig;
 use super::error::ConnectError;
 use super::frame::StreamKind;
@@ -94,19 +97,51 @@ impl Reporter {
 }
 
 /// Dials `peer` at `addr` and runs the handshake for a `stream`
-/// connection, all within the handshake timeout.
+/// connection, all within the handshake timeout. A host name is looked up
+/// now (every dial), its addresses tried in order until one connects, and
+/// handed to the listener's gate (the peer's reserved handshake slots).
+/// Returns the connection and the address it reached.
 pub(crate) async fn connect(
     ctx: &Context,
-    addr: std::net::SocketAddr,
+    addr: &PeerAddr,
     peer: NodeId,
     stream: StreamKind,
-) -> Result<TcpStream, ConnectError> {
+) -> Result<(TcpStream, SocketAddr), ConnectError> {
     let attempt = async {
-        let mut s = TcpStream::connect(addr).await.map_err(ConnectError::Io)?;
-        // Raft messages are latency-sensitive; we batch writes ourselves.
-        let _ = s.set_nodelay(true);
-        dial(&mut s, &ctx.identity, peer, stream).await?;
-        Ok::<_, ConnectError>(s)
+        let targets = match addr {
+            PeerAddr::Ip(a) => vec![*a],
+            PeerAddr::Name { host, port } => {
+                let found = ctx
+                    .config
+                    .resolver
+                    .resolve(host, *port)
+                    .await
+                    .map_err(ConnectError::Resolve)?;
+                if found.is_empty() {
+                    return Err(ConnectError::Resolve(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "the name resolves to no address",
+                    )));
+                }
+                ctx.gate.set_peer_ips(peer, found.iter().map(|a| a.ip()));
+                found
+            }
+        };
+        let mut last = None;
+        for target in targets {
+            match TcpStream::connect(target).await {
+                Ok(mut s) => {
+                    // Raft messages are latency-sensitive; we batch writes ourselves.
+                    let _ = s.set_nodelay(true);
+                    dial(&mut s, &ctx.identity, peer, stream).await?;
+                    return Ok((s, target));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(ConnectError::Io(last.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "no address to dial")
+        })))
     };
     match tokio::time::timeout(ctx.config.handshake_timeout, attempt).await {
         Ok(r) => r,

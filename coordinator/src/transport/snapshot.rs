@@ -1,6 +1,5 @@
 //! Sending a snapshot image on its own connection.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -9,6 +8,7 @@ use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
+use super::addr::PeerAddr;
 use super::error::{FrameError, SnapshotSendError};
 use super::frame::{Bytes, Frame, StreamKind, read_frame, write_frame};
 use super::shared::{Context, Reporter, connect};
@@ -39,7 +39,7 @@ impl SnapshotJob {
 /// Sends `msg` with its image to `addr` and reports the outcome once.
 pub(crate) async fn send_job(
     ctx: Arc<Context>,
-    addr: SocketAddr,
+    addr: PeerAddr,
     msg: Message,
     data: Arc<Vec<u8>>,
     reporter: Reporter,
@@ -47,7 +47,7 @@ pub(crate) async fn send_job(
 ) {
     let to = msg.to;
     let len = data.len();
-    let ok = match send(&ctx, addr, msg, &data).await {
+    let ok = match send(&ctx, &addr, msg, &data).await {
         Ok(()) => {
             info!(peer = to, peer_addr = %addr, bytes = len, "snapshot sent and acknowledged");
             true
@@ -73,12 +73,12 @@ async fn timed<T>(
 
 async fn send(
     ctx: &Context,
-    addr: SocketAddr,
+    addr: &PeerAddr,
     msg: Message,
     data: &[u8],
 ) -> Result<(), SnapshotSendError> {
     let max = ctx.config.max_frame_size;
-    let stream = connect(ctx, addr, msg.to, StreamKind::Snapshot).await?;
+    let (stream, _) = connect(ctx, addr, msg.to, StreamKind::Snapshot).await?;
     let (mut rd, wr) = stream.into_split();
     let mut wr = BufWriter::with_capacity(64 * 1024, wr);
     let begin = Frame::SnapshotBegin {

@@ -513,7 +513,7 @@ fn config_is_validated() {
         Box::new(|c| c.cluster_secret.clear()),
         Box::new(|c| c.cluster_id = "x".repeat(2000)),
         Box::new(|c| {
-            c.peers.insert(1, localhost());
+            c.peers.insert(1, localhost().into());
         }),
         Box::new(|c| c.max_frame_size = 10),
         Box::new(|c| c.peer_queue_capacity = 0),
@@ -633,13 +633,13 @@ async fn peers_can_be_added_changed_and_removed_at_run_time() {
 
     a.set_peer(2, b1.local_addr()).expect("add");
     b1.set_peer(1, a.local_addr()).expect("add");
-    assert_eq!(a.peers().get(&2), Some(&b1.local_addr()));
+    assert_eq!(a.peers().get(&2), Some(&b1.local_addr().into()));
     assert_delivers(&a, &mut rx_b1, 2, 1).await;
     assert_delivers(&b1, &mut rx_a, 1, 2).await;
 
     // Node 2 moves to another address: the writer redials there.
     a.set_peer(2, b2.local_addr()).expect("change");
-    assert_eq!(a.peers().get(&2), Some(&b2.local_addr()));
+    assert_eq!(a.peers().get(&2), Some(&b2.local_addr().into()));
     deliver_eventually(&a, &mut rx_b2, 2, 3).await;
 
     assert!(a.remove_peer(2));
@@ -652,6 +652,82 @@ async fn peers_can_be_added_changed_and_removed_at_run_time() {
         }
     }
     for t in [&a, &b1, &b2] {
+        t.shutdown().await;
+    }
+}
+
+/// A resolver the test controls: the name resolves to nothing until
+/// `target` is set, and every lookup is counted.
+#[derive(Default)]
+struct TestResolver {
+    target: Mutex<Option<SocketAddr>>,
+    lookups: std::sync::atomic::AtomicUsize,
+}
+
+impl super::Resolve for TestResolver {
+    fn resolve<'a>(&'a self, host: &'a str, port: u16) -> super::ResolveFuture<'a> {
+        self.lookups
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let found = *self.target.lock().unwrap();
+        Box::pin(async move {
+            assert_eq!((host, port), ("gw2.test", 7000));
+            match found {
+                Some(a) => Ok(vec![a]),
+                None => Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "no such host (yet)",
+                )),
+            }
+        })
+    }
+}
+
+/// Finding: peer host names were resolved once, when the gateway started,
+/// and a failed lookup was fatal; so a group whose members start in any
+/// order (containers) could not form, and a peer that came back at another
+/// address was never found. A name is now resolved at every dial.
+#[tokio::test]
+async fn a_peer_name_is_resolved_at_every_dial() {
+    let (logs, _guard) = Logs::install();
+    let resolver = Arc::new(TestResolver::default());
+    let mut c = config(1);
+    c.resolver = resolver.clone();
+    c.peers.insert(2, "gw2.test:7000".parse().expect("name"));
+    let (a, _rx_a) = start(c);
+
+    // The name does not resolve: messages are dropped (reported), the
+    // failure is logged naming the peer, and lookups go on.
+    a.send(msg(1, 2, 1));
+    logs.wait_for(&[
+        "WARN",
+        "cannot connect to peer",
+        "peer=2",
+        "gw2.test:7000",
+        "resolve",
+    ])
+    .await;
+    let deadline = Instant::now() + WAIT;
+    while resolver.lookups.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(Instant::now() < deadline, "the name is looked up again");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Node 2 comes up and its name resolves: the group connects.
+    let (b1, mut rx_b1) = start(config(2));
+    *resolver.target.lock().unwrap() = Some(b1.local_addr());
+    deliver_eventually(&a, &mut rx_b1, 2, 2).await;
+
+    // Node 2 is recreated at another address; the name follows it, and the
+    // writer finds it there after the old connection ends.
+    let (b2, mut rx_b2) = start(config(2));
+    *resolver.target.lock().unwrap() = Some(b2.local_addr());
+    b1.shutdown().await;
+    deliver_eventually(&a, &mut rx_b2, 2, 3).await;
+    assert_eq!(
+        a.peers().get(&2).map(ToString::to_string).as_deref(),
+        Some("gw2.test:7000")
+    );
+    for t in [&a, &b2] {
         t.shutdown().await;
     }
 }
@@ -1140,7 +1216,7 @@ async fn reconnects_after_peer_restarts_on_same_address() {
 
     let mut c = config(2);
     c.listen_addr = b_addr;
-    c.peers.insert(1, a.local_addr());
+    c.peers.insert(1, a.local_addr().into());
     let (b, mut rx_b) = start(c);
     assert_eq!(b.local_addr(), b_addr);
     deliver_eventually(&a, &mut rx_b, 2, 4).await;

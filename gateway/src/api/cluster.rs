@@ -165,21 +165,14 @@ pub struct LeaderTransfer {
 }
 
 fn valid_address(a: &str) -> Result<(), ApiError> {
-    let ok = a.len() <= 255
-        && a.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.is_empty()
-                && port.parse::<u16>().is_ok_and(|p| p > 0)
-                && host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-.[]:".contains(c))
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(format!(
+    // The same syntax as `--peers`: every member parses it into its peer
+    // table, looking a host name up at every dial.
+    match a.parse::<coordinator::transport::PeerAddr>() {
+        Ok(_) if a.len() <= 255 => Ok(()),
+        _ => Err(ApiError::invalid(format!(
             "address {} is not host:port of a peer listener",
             super::validate::quoted(a)
-        )))
+        ))),
     }
 }
 
@@ -313,6 +306,11 @@ pub(crate) async fn add_member(
 }
 
 /// Remove a gateway (voter or learner) from the group.
+///
+/// The removed gateway learns it (from a member), stops campaigning, closes
+/// its device listeners and ends its device sessions, which are declared
+/// lost; its `/readyz` says it was removed. Add it again as a learner to
+/// bring it back, or stop it.
 #[utoipa::path(
     delete, path = "/v1/cluster/members/{id}", tag = "cluster",
     params(("id" = u64, Path, description = "Node id")),
@@ -342,6 +340,11 @@ pub(crate) async fn remove_member(
         )));
     }
     let index = commit_change(&state, ConfChange::RemoveNode(id)).await?;
+    // A removed gateway ends its device sessions once it learns it was
+    // removed, and it can no longer say so itself: its sessions are lost.
+    if let Err(e) = write(&state, Op::GatewaySessionsLost { gateway: id }).await {
+        tracing::warn!(gateway = id, error = ?e, "declaring a removed gateway's device sessions lost");
+    }
     let out = MemberChanged {
         id,
         suffrage: "removed".into(),

@@ -216,7 +216,7 @@ pub(crate) async fn healthz(State(state): State<AppState>) -> Result<Json<Health
     get, path = "/readyz", tag = "health", security(()),
     responses(
         (status = 200, description = "Ready to serve", body = Health),
-        (status = 503, description = "Not ready (no leader, applying the log, or a device listener stopped)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Not ready (no leader, applying the log, a device listener stopped, or not a member of the group: removed, or not added yet)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
@@ -231,6 +231,37 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Health>
              restart the gateway",
             5,
         ));
+    }
+    match crate::Standing::of(&st.raft) {
+        crate::Standing::Member => {}
+        crate::Standing::NotAdded => {
+            return Err(ApiError::unavailable(
+                "not-a-member",
+                "this gateway is not a member of the group yet (started with --join): add it \
+                 with POST /v1/cluster/members on a member; until then it serves no devices",
+                5,
+            ));
+        }
+        crate::Standing::Removed { at } => {
+            let why = match at {
+                Some(at) => {
+                    format!("a member's configuration, committed at index {at}, does not list it")
+                }
+                None => format!(
+                    "its configuration (committed at index {}) does not list it",
+                    st.raft.commit
+                ),
+            };
+            return Err(ApiError::unavailable(
+                "removed",
+                format!(
+                    "this gateway was removed from the group: {why}. It serves no devices and \
+                     takes no part in the group; add it again as a learner (POST \
+                     /v1/cluster/members on a member) or stop it"
+                ),
+                5,
+            ));
+        }
     }
     let Some(leader) = st.raft.leader else {
         return Err(ApiError::unavailable(

@@ -78,10 +78,11 @@ struct Closer {
     notify: Notify,
 }
 
-const REASONS: [CloseReason; 9] = [
+const REASONS: [CloseReason; 10] = [
     CloseReason::TakenOver,
     CloseReason::Revoked,
     CloseReason::ShuttingDown,
+    CloseReason::UseAnotherServer,
     CloseReason::KeepAliveTimeout,
     CloseReason::SlowConsumer,
     CloseReason::ProtocolError,
@@ -166,15 +167,15 @@ impl Registry {
         }
     }
 
-    /// Closes every session (the gateway is stopping).
-    fn close_all(&self) {
+    /// Closes every session, telling MQTT 5 devices why.
+    fn close_all(&self, reason: CloseReason) {
         for h in self
             .live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .values()
         {
-            h.closer.close(CloseReason::ShuttingDown);
+            h.closer.close(reason);
         }
     }
 
@@ -229,8 +230,13 @@ pub(crate) struct Shared {
     pub(crate) max_packet: usize,
     /// Connection slots (all device listeners together).
     pub(crate) slots: Arc<Semaphore>,
+    /// How many there are.
+    pub(crate) max_connections: usize,
     /// Set when the gateway stops.
     pub(crate) closed: AtomicBool,
+    /// Cleared while this gateway is not a member of the group: its
+    /// listeners are closed and no session may start.
+    pub(crate) serving: AtomicBool,
     pub(crate) stop: Notify,
     epoch: AtomicU64,
     logs: LogLimiter,
@@ -251,7 +257,9 @@ impl Shared {
             auth,
             max_packet,
             slots: Arc::new(Semaphore::new(max_connections.max(1))),
+            max_connections: max_connections.max(1),
             closed: AtomicBool::new(false),
+            serving: AtomicBool::new(true),
             stop: Notify::new(),
             epoch: AtomicU64::new(0),
             logs: LogLimiter::default(),
@@ -262,7 +270,33 @@ impl Shared {
     pub(crate) fn shut_down(&self) {
         self.closed.store(true, Ordering::SeqCst);
         self.stop.notify_waiters();
-        self.registry.close_all();
+        self.registry.close_all(CloseReason::ShuttingDown);
+    }
+
+    /// Waits (at most `limit`) until every connection has ended — after
+    /// [`Shared::shut_down`], once each has told its device why.
+    pub(crate) async fn connections_ended(&self, limit: std::time::Duration) -> bool {
+        let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
+        tokio::time::timeout(limit, self.slots.acquire_many(all))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// This gateway left the group: no session may start, and every one
+    /// ends (MQTT 5 devices are told to use another server). The listeners
+    /// are closed by their owner.
+    pub(crate) fn stop_serving(&self) {
+        self.serving.store(false, Ordering::SeqCst);
+        self.registry.close_all(CloseReason::UseAnotherServer);
+    }
+
+    /// Sessions may start again (the gateway is a member again).
+    pub(crate) fn resume_serving(&self) {
+        self.serving.store(true, Ordering::SeqCst);
+    }
+
+    fn refusing(&self) -> bool {
+        self.closed.load(Ordering::SeqCst) || !self.serving.load(Ordering::SeqCst)
     }
 
     /// A session epoch: increasing within this process, and (being
@@ -400,7 +434,7 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             return;
         }
     };
-    if shared.closed.load(Ordering::SeqCst) {
+    if shared.refusing() {
         let _ = write_all(&mut stream, &refuse(Refusal::Unavailable)).await;
         return;
     }
@@ -417,6 +451,11 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             secret_hash,
         },
     );
+    // Stopped serving between the check above and the registration: the
+    // sweep of the registry may have missed this session.
+    if !shared.serving.load(Ordering::SeqCst) {
+        closer.close(CloseReason::UseAnotherServer);
+    }
     let restored = shared.registry.persistent(&device, connect.clean);
     let mut conn = Conn {
         version,

@@ -23,8 +23,8 @@ mod wire;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use coordinator::node::Node;
@@ -185,9 +185,8 @@ pub(crate) struct Mqtt {
     pub(crate) v4_addr: Option<SocketAddr>,
     /// The second device listener's address (MQTT 5 by default).
     pub(crate) v5_addr: Option<SocketAddr>,
-    shared: Option<Arc<endpoint::Shared>>,
-    /// Accept loops.
-    servers: Vec<tokio::task::JoinHandle<()>>,
+    /// The device listeners (none when none is configured).
+    pub(crate) listeners: Option<Arc<Listeners>>,
     /// The runtime the listeners and their connections run on, so device
     /// connections can never stall the REST API or consensus.
     runtime: Option<tokio::runtime::Runtime>,
@@ -204,19 +203,134 @@ impl Drop for Mqtt {
     }
 }
 
+/// How long a stop waits for the device connections to end after telling
+/// them (each has 1 s to write its DISCONNECT).
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
 impl Mqtt {
-    /// Stops accepting and ends every session (MQTT 5 devices are told the
-    /// server is shutting down).
-    pub(crate) fn stop(&mut self) {
-        if let Some(shared) = &self.shared {
-            shared.shut_down();
-        }
-        for s in self.servers.drain(..) {
-            s.abort();
+    /// Stops accepting and ends every session: MQTT 5 devices are told the
+    /// server is shutting down (0x8B), and the connections are given
+    /// [`STOP_GRACE`] to say it before their runtime stops.
+    pub(crate) async fn stop(&mut self) {
+        if let Some(l) = &self.listeners {
+            l.shared.shut_down();
+            l.abort_all();
+            if !l.shared.connections_ended(STOP_GRACE).await {
+                tracing::debug!("device connections still open after the stop's grace; closed");
+            }
         }
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// The device listeners: open while this gateway is a member of the group,
+/// closed (their sockets too, so devices connecting there are refused at
+/// once and go to another gateway) while it is not.
+#[derive(Debug)]
+pub(crate) struct Listeners {
+    shared: Arc<endpoint::Shared>,
+    stats: Arc<MqttStats>,
+    runtime: tokio::runtime::Handle,
+    /// Each listener's bound address and name; it binds there again when
+    /// it reopens.
+    bound: Vec<(SocketAddr, &'static str)>,
+    /// The accept loops of the open listeners, by name.
+    open: Mutex<HashMap<&'static str, ListenerTasks>>,
+}
+
+#[derive(Debug)]
+struct ListenerTasks {
+    /// The accept loop (holds the socket).
+    accept: tokio::task::AbortHandle,
+    /// Watches the accept loop, counting it down if it ends on its own.
+    watch: tokio::task::AbortHandle,
+}
+
+impl Listeners {
+    /// Serves `listener` (bound at `addr`) on the MQTT runtime.
+    fn spawn(&self, listener: std::net::TcpListener, name: &'static str) -> std::io::Result<()> {
+        let listener = {
+            let _guard = self.runtime.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
+        let (sh, st) = (self.shared.clone(), self.stats.clone());
+        let run = self
+            .runtime
+            .spawn(endpoint::accept_loop(listener, sh.clone(), name));
+        let accept = run.abort_handle();
+        let watch = self.runtime.spawn(async move {
+            // The loop only returns when the gateway stops or leaves the
+            // group; if it ever ends otherwise (or panics), health reports
+            // the listener down.
+            let result = run.await;
+            let closed = sh.closed.load(Ordering::SeqCst);
+            let serving = sh.serving.load(Ordering::SeqCst);
+            if !closed && serving {
+                st.listeners_down.fetch_add(1, Ordering::SeqCst);
+                tracing::error!(listener = name, ?result, "an MQTT listener stopped");
+            }
+        });
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                name,
+                ListenerTasks {
+                    accept,
+                    watch: watch.abort_handle(),
+                },
+            );
+        Ok(())
+    }
+
+    fn abort_all(&self) {
+        let open = std::mem::take(
+            &mut *self
+                .open
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for t in open.values() {
+            t.watch.abort();
+            t.accept.abort();
+        }
+    }
+
+    /// Closes the listeners and ends every session (MQTT 5 devices are
+    /// told to use another server): this gateway is not a member of the
+    /// group.
+    pub(crate) fn close(&self) {
+        self.shared.stop_serving();
+        self.abort_all();
+    }
+
+    /// Opens the listeners that are closed again, at the addresses they
+    /// had. Returns the first error (the others are still tried).
+    pub(crate) fn reopen(&self) -> Result<(), GatewayError> {
+        let mut first = None;
+        for &(addr, name) in &self.bound {
+            let is_open = self
+                .open
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains_key(name);
+            if is_open {
+                continue;
+            }
+            let opened = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(|l| self.spawn(l, name));
+            if let Err(e) = opened {
+                first.get_or_insert(GatewayError::Io {
+                    what: format!("opening the MQTT listener {addr} again"),
+                    source: e,
+                });
+            }
+        }
+        self.shared.resume_serving();
+        first.map_or(Ok(()), Err)
     }
 }
 
@@ -236,8 +350,7 @@ pub(crate) async fn start(
     let mut mqtt = Mqtt {
         v4_addr: None,
         v5_addr: None,
-        shared: None,
-        servers: Vec::new(),
+        listeners: None,
         runtime: None,
         tasks: vec![tokio::spawn(watch_peers(
             node.clone(),
@@ -283,9 +396,10 @@ pub(crate) async fn start(
         .enable_all()
         .build()
         .map_err(io("starting the MQTT runtime"))?;
+    let mut sockets = Vec::new();
     for (addr, name) in [(config.mqtt_listen, "mqtt"), (config.mqtt5_listen, "mqtt5")] {
         let Some(addr) = addr else { continue };
-        let (listener, bound) = match bind(&rt, addr) {
+        let (std_listener, bound) = match bind(addr) {
             Ok(l) => l,
             Err(e) => {
                 // A runtime may not be dropped (blocking) inside another one.
@@ -293,34 +407,34 @@ pub(crate) async fn start(
                 return Err(e);
             }
         };
-        let (sh, st) = (shared.clone(), stats.clone());
-        let task = rt.spawn(async move {
-            // The loop only returns when the gateway stops; if it ever ends
-            // otherwise (or panics), health reports the listener down.
-            let run = tokio::spawn(endpoint::accept_loop(listener, sh.clone(), name));
-            let result = run.await;
-            if !sh.closed.load(Ordering::SeqCst) {
-                st.listeners_down.fetch_add(1, Ordering::SeqCst);
-                tracing::error!(listener = name, ?result, "an MQTT listener stopped");
-            }
-        });
-        mqtt.servers.push(task);
         if name == "mqtt" {
             mqtt.v4_addr = Some(bound);
         } else {
             mqtt.v5_addr = Some(bound);
         }
+        sockets.push((std_listener, bound, name));
+    }
+    let listeners = Arc::new(Listeners {
+        shared,
+        stats,
+        runtime: rt.handle().clone(),
+        bound: sockets.iter().map(|(_, a, n)| (*a, *n)).collect(),
+        open: Mutex::new(HashMap::new()),
+    });
+    for (socket, bound, name) in sockets {
+        if let Err(e) = listeners.spawn(socket, name) {
+            rt.shutdown_background();
+            return Err(io(format!("setting up the MQTT listener {bound}"))(e));
+        }
     }
     mqtt.runtime = Some(rt);
-    mqtt.shared = Some(shared);
+    mqtt.listeners = Some(listeners);
     Ok(mqtt)
 }
 
-/// Binds a device listener on `rt`; the error names the address.
-fn bind(
-    rt: &tokio::runtime::Runtime,
-    addr: SocketAddr,
-) -> Result<(tokio::net::TcpListener, SocketAddr), GatewayError> {
+/// Binds a device listener (non-blocking, for the MQTT runtime); the error
+/// names the address.
+fn bind(addr: SocketAddr) -> Result<(std::net::TcpListener, SocketAddr), GatewayError> {
     let std_listener = std::net::TcpListener::bind(addr)
         .map_err(io(format!("binding the MQTT listener {addr}")))?;
     std_listener
@@ -329,10 +443,7 @@ fn bind(
     let bound = std_listener
         .local_addr()
         .map_err(io(format!("reading the MQTT listener's address {addr}")))?;
-    let _guard = rt.enter();
-    let listener = tokio::net::TcpListener::from_std(std_listener)
-        .map_err(io(format!("setting up the MQTT listener {addr}")))?;
-    Ok((listener, bound))
+    Ok((std_listener, bound))
 }
 
 /// On the leader: a peer not heard from (no `recent_active` in any sample)

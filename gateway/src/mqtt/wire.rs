@@ -102,6 +102,8 @@ pub(crate) enum CloseReason {
     Revoked,
     /// The gateway is stopping (0x8B).
     ShuttingDown,
+    /// The gateway left the group (removed): connect to another one (0x9C).
+    UseAnotherServer,
     /// No packet within 1.5 × the keep-alive (0x8D).
     KeepAliveTimeout,
     /// The device does not read what it is sent (0x97).
@@ -370,6 +372,7 @@ fn v5_disconnect(r: CloseReason) -> v5::DisconnectReasonCode {
         CloseReason::TakenOver => D::SessionTakenOver,
         CloseReason::Revoked => D::AdministrativeAction,
         CloseReason::ShuttingDown => D::ServerShuttingDown,
+        CloseReason::UseAnotherServer => D::UseAnotherServer,
         CloseReason::KeepAliveTimeout => D::KeepAliveTimeout,
         CloseReason::SlowConsumer => D::QuotaExceeded,
         CloseReason::ProtocolError => D::ProtocolError,

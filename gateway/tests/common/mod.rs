@@ -75,6 +75,9 @@ pub enum Seen {
     PubAck(u16),
     /// The broker answered a keep-alive ping.
     PingResp,
+    /// An MQTT 5 DISCONNECT from the gateway, with its reason code (the
+    /// connection then ends; no `Closed` follows).
+    Disconnect(u8),
     /// The connection ended (the error says why).
     Closed(String),
 }
@@ -155,6 +158,12 @@ pub fn connect_v5(addr: SocketAddr, id: &str, password: &str) -> Device {
                 Ok(Event::Incoming(Packet::PubAck(a))) => Seen::PubAck(a.pkid),
                 Ok(Event::Incoming(Packet::PingResp(_))) => Seen::PingResp,
                 Ok(_) => continue,
+                Err(rumqttc::v5::ConnectionError::MqttState(
+                    rumqttc::v5::StateError::ServerDisconnect { reason_code, .. },
+                )) => {
+                    let _ = tx.send(Seen::Disconnect(reason_code as u8));
+                    return;
+                }
                 Err(e) => {
                     let _ = tx.send(Seen::Closed(e.to_string()));
                     return;
@@ -191,6 +200,7 @@ impl Device {
         loop {
             match self.next().await {
                 Seen::Closed(e) => return e,
+                Seen::Disconnect(code) => return format!("DISCONNECT 0x{code:02X}"),
                 Seen::ConnAck => panic!("expected the connection refused, got CONNACK"),
                 _ => {}
             }

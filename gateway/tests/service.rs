@@ -1,0 +1,442 @@
+//! The real `gateway` binary stops and starts like a service: SIGTERM and
+//! SIGINT stop it gracefully at any time (during a start that has no quorum
+//! too), a second signal exits at once, and peers named by host name may
+//! come up in any order.
+
+mod common;
+
+#[path = "support/ports.rs"]
+mod ports;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Seen, WAIT, connect_v5};
+use ports::reserve_ports;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
+
+const BIN: &str = env!("CARGO_BIN_EXE_gateway");
+const SECRET: &str = "service-test-secret-0123456789";
+
+/// A gateway process; everything it writes (stdout and stderr) is kept.
+struct Proc {
+    child: Child,
+    out: Arc<Mutex<String>>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn drain(stream: impl Read + Send + 'static, out: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { return };
+            let mut o = out.lock().expect("output");
+            o.push_str(&line);
+            o.push('\n');
+        }
+    });
+}
+
+impl Proc {
+    fn spawn(dir: &Path, args: &[&str]) -> Proc {
+        let secret = dir.join("cluster-secret.txt");
+        std::fs::write(&secret, SECRET).expect("secret file");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod");
+        }
+        let mut child = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--cluster-secret-file")
+            .arg(&secret)
+            .args(["--tick-ms", "5"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start gateway");
+        let out = Arc::new(Mutex::new(String::new()));
+        drain(child.stdout.take().expect("stdout"), out.clone());
+        drain(child.stderr.take().expect("stderr"), out.clone());
+        Proc { child, out }
+    }
+
+    /// What it wrote, without terminal colour codes.
+    fn output(&self) -> String {
+        strip_ansi(&self.out.lock().expect("output"))
+    }
+
+    /// Waits (bounded) for a line of its output holding every needle.
+    async fn wait_line(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let out = self.output();
+            if let Some(l) = out.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return l.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no output line with {needles:?}; output:\n{out}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The value after `prefix` on the first line that has it (waiting for it).
+    async fn printed(&self, prefix: &str) -> String {
+        let line = self.wait_line(&[prefix]).await;
+        line.split(prefix).nth(1).expect("value").trim().to_string()
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill -{sig} {pid}");
+    }
+
+    /// Its exit status, if it exits within `limit`.
+    async fn exits_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// `text` without ANSI escape sequences (`ESC [ … letter`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Polls `GET url` (bounded) until it answers `status`.
+async fn until_status(http: &reqwest::Client, url: &str, status: u16) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = http.get(url).send().await.map(|r| r.status().as_u16());
+        if got.as_ref().is_ok_and(|s| *s == status) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GET {url} never answered {status}; last: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn peers(addrs: &[(u64, String)]) -> String {
+    addrs
+        .iter()
+        .map(|(id, a)| format!("{id}={a}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Finding (issue 20): during a start that could not reach a quorum the
+/// gateway ignored the first Ctrl-C and SIGTERM was not handled at all (the
+/// process died of it, nothing flushed, no exit code 0). Now a signal during
+/// such a start gives up the waits for the group and stops cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_start_without_quorum_stops_promptly() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let raft = reserve_ports(4);
+    let http = raft[3];
+    // Three voters; the other two never start.
+    let group = peers(&[
+        (1, raft[0].to_string()),
+        (2, raft[1].to_string()),
+        (3, raft[2].to_string()),
+    ]);
+    let mut gw = Proc::spawn(
+        tmp.path(),
+        &[
+            "--node-id",
+            "1",
+            "--peers",
+            &group,
+            "--raft-listen",
+            &raft[0].to_string(),
+            "--http-listen",
+            &http.to_string(),
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--mqtt5-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let client = reqwest::Client::new();
+    // The REST API is up while the start waits for a leader it cannot have.
+    until_status(&client, &format!("http://{http}/healthz"), 200).await;
+    until_status(&client, &format!("http://{http}/readyz"), 503).await;
+
+    gw.signal("TERM");
+    let status = gw
+        .exits_within(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("still running 5 s after SIGTERM:\n{}", gw.output()));
+    assert!(status.success(), "exit status {status}:\n{}", gw.output());
+    let out = gw.output();
+    assert!(
+        out.contains("stopping gracefully") && out.contains("SIGTERM"),
+        "{out}"
+    );
+    assert!(out.contains("stopping during the start"), "{out}");
+    assert!(out.contains("gateway stopped"), "{out}");
+}
+
+/// A second signal exits at once, even while the graceful stop waits for a
+/// request in flight (here one whose body never comes, which the stop
+/// would wait for up to the write timeout + 1 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigint_exits_at_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut gw = Proc::spawn(
+        tmp.path(),
+        &[
+            "--http-listen",
+            "127.0.0.1:0",
+            "--raft-listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--mqtt5-listen",
+            "127.0.0.1:0",
+            "--write-timeout-ms",
+            "20000",
+        ],
+    );
+    let base = gw.printed("REST on http://").await;
+    let base = base.split_whitespace().next().expect("address").to_string();
+    let token = std::fs::read_to_string(tmp.path().join("data/admin-token")).expect("token");
+    let mut slow = tokio::net::TcpStream::connect(&base)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /v1/devices HTTP/1.1\r\nHost: {base}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 64\r\n\r\n{{",
+        token.trim()
+    );
+    slow.write_all(head.as_bytes()).await.expect("write");
+
+    gw.signal("INT");
+    gw.wait_line(&["stopping gracefully", "SIGINT"]).await;
+    assert!(
+        gw.child.try_wait().expect("try_wait").is_none(),
+        "the graceful stop waits for the request in flight"
+    );
+    gw.signal("INT");
+    let status = gw
+        .exits_within(Duration::from_secs(3))
+        .await
+        .unwrap_or_else(|| panic!("still running after a second SIGINT:\n{}", gw.output()));
+    assert_eq!(status.code(), Some(130), "{}", gw.output());
+    drop(slow);
+}
+
+/// SIGTERM on a running gateway: its MQTT 5 device is told the server is
+/// shutting down (DISCONNECT 0x8B), a request in flight is answered, and
+/// the process exits 0 (before, SIGTERM killed it outright).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_tells_devices_answers_requests_and_exits_zero() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut gw = Proc::spawn(
+        tmp.path(),
+        &[
+            "--http-listen",
+            "127.0.0.1:0",
+            "--raft-listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--mqtt5-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let rest = gw.printed("REST on ").await;
+    let base = rest.split_whitespace().next().expect("address").to_string();
+    let devices = gw.printed("devices (MQTT 3.1.1 and 5) on ").await;
+    let mqtt5: SocketAddr = devices
+        .split(" and ")
+        .nth(1)
+        .expect("second listener")
+        .parse()
+        .expect("address");
+    let token = std::fs::read_to_string(tmp.path().join("data/admin-token"))
+        .expect("token")
+        .trim()
+        .to_string();
+    let http = reqwest::Client::new();
+    let reg: Value = http
+        .post(format!("{base}/v1/devices"))
+        .bearer_auth(&token)
+        .json(&json!({"id": "pump"}))
+        .send()
+        .await
+        .expect("register")
+        .json()
+        .await
+        .expect("json");
+    let secret = reg["secret"].as_str().expect("secret").to_string();
+    let mut d = connect_v5(mqtt5, "pump", &secret);
+    d.expect_connack().await;
+    d.subscribed(&entente_protocol::commands_topic("pump"))
+        .await;
+
+    // A request that waits for the command's outcome, in flight.
+    let in_flight = tokio::spawn({
+        let (http, base, token) = (http.clone(), base.clone(), token.clone());
+        async move {
+            let r = http
+                .post(format!("{base}/v1/devices/pump/commands?wait=30"))
+                .bearer_auth(&token)
+                .json(&json!({"name": "reboot"}))
+                .send()
+                .await
+                .expect("the request in flight is answered");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.expect("json"))
+        }
+    });
+    d.message(&entente_protocol::commands_topic("pump")).await;
+
+    gw.signal("TERM");
+    loop {
+        match d.next().await {
+            Seen::Disconnect(code) => {
+                assert_eq!(code, 0x8B, "server shutting down");
+                break;
+            }
+            Seen::Closed(e) => panic!("closed without a DISCONNECT: {e}"),
+            _ => {}
+        }
+    }
+    let (status, body) = tokio::time::timeout(WAIT, in_flight)
+        .await
+        .expect("answered in time")
+        .expect("task");
+    // Answered with the command as it stands (it was not finished).
+    assert_eq!(status, 201, "{body}");
+    assert!(
+        matches!(body["status"].as_str(), Some("queued" | "sent")),
+        "{body}"
+    );
+    let exit = gw
+        .exits_within(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("still running 10 s after SIGTERM:\n{}", gw.output()));
+    assert!(exit.success(), "exit status {exit}:\n{}", gw.output());
+    let out = gw.output();
+    assert!(out.contains("stopping gracefully"), "{out}");
+    assert!(out.contains("gateway stopped"), "{out}");
+}
+
+/// Finding (issue 20): `--peers` host names were resolved once at start and
+/// a failed lookup was fatal, so in `docker compose up` a gateway whose
+/// peers' containers did not exist yet exited. Now names are looked up at
+/// every dial: gateway 1 starts with a peer named `localhost` that is not up
+/// yet and a third whose name does not resolve at all, says so in its log
+/// and keeps trying; gateway 2 starts later and the two form the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_named_by_host_may_start_in_any_order() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let ports = reserve_ports(5);
+    let group = peers(&[
+        (1, format!("localhost:{}", ports[0].port())),
+        (2, format!("localhost:{}", ports[1].port())),
+        (3, format!("no-such-host.invalid:{}", ports[2].port())),
+    ]);
+    let start = |id: u64| {
+        let dir = tmp.path().join(format!("g{id}"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let raft = ports[id as usize - 1].to_string();
+        let http = ports[2 + id as usize].to_string();
+        Proc::spawn(
+            &dir,
+            &[
+                "--node-id",
+                &id.to_string(),
+                "--peers",
+                &group,
+                "--raft-listen",
+                &raft,
+                "--http-listen",
+                &http,
+                "--mqtt-listen",
+                "127.0.0.1:0",
+                "--mqtt5-listen",
+                "127.0.0.1:0",
+            ],
+        )
+    };
+    let mut g1 = start(1);
+    g1.wait_line(&["cannot connect to peer", "peer=2", "localhost:"])
+        .await;
+    g1.wait_line(&["cannot connect to peer", "peer=3", "no-such-host.invalid:"])
+        .await;
+    assert!(
+        g1.child.try_wait().expect("try_wait").is_none(),
+        "{}",
+        g1.output()
+    );
+
+    let mut g2 = start(2);
+    let http = reqwest::Client::new();
+    for id in [1, 2] {
+        until_status(&http, &format!("http://{}/readyz", ports[2 + id]), 200).await;
+    }
+    // The group's first leader writes the admin token.
+    let deadline = Instant::now() + WAIT;
+    while ![1, 2]
+        .iter()
+        .any(|id| tmp.path().join(format!("g{id}/data/admin-token")).exists())
+    {
+        assert!(Instant::now() < deadline, "no admin token was written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for g in [&mut g1, &mut g2] {
+        g.signal("TERM");
+        let status = g.exits_within(Duration::from_secs(10)).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{status:?}:\n{}",
+            g.output()
+        );
+    }
+}
