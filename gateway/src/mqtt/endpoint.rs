@@ -552,13 +552,7 @@ async fn read_connect(
             Ok(l) => l,
             Err(ReadError::Incomplete) => continue,
             Err(e) => {
-                shared
-                    .stats
-                    .malformed_packets
-                    .fetch_add(1, Ordering::Relaxed);
-                if let Some(more) = shared.logs.allow("malformed") {
-                    tracing::warn!(%peer, error = ?e, suppressed = more, "not an MQTT connection; closed");
-                }
+                shared.malformed(&peer, &e, "not an MQTT connection; closed");
                 return None;
             }
         };
@@ -582,13 +576,7 @@ async fn read_connect(
             Ok(_) => return None,
             Err(ReadError::Incomplete) => continue,
             Err(e) => {
-                shared
-                    .stats
-                    .malformed_packets
-                    .fetch_add(1, Ordering::Relaxed);
-                if let Some(more) = shared.logs.allow("malformed") {
-                    tracing::warn!(%peer, error = ?e, suppressed = more, "malformed MQTT CONNECT; closed");
-                }
+                shared.malformed(&peer, &e, "malformed MQTT CONNECT; closed");
                 return None;
             }
         }
@@ -763,34 +751,15 @@ async fn session(
                 }
                 Err(ReadError::Incomplete) => break,
                 Err(ReadError::TooLarge(n)) => {
-                    shared
-                        .stats
-                        .malformed_packets
-                        .fetch_add(1, Ordering::Relaxed);
-                    if let Some(more) = shared.logs.allow("oversize") {
-                        tracing::warn!(
-                            device = conn.device,
-                            size = n,
-                            limit = shared.max_packet,
-                            suppressed = more,
-                            "oversize MQTT packet, disconnecting"
-                        );
-                    }
+                    let what = format!(
+                        "oversize MQTT packet ({n} bytes, limit {}), disconnecting",
+                        shared.max_packet
+                    );
+                    shared.malformed(&conn.device, &n, &what);
                     return Some(CloseReason::TooLarge);
                 }
                 Err(ReadError::Malformed(e)) => {
-                    shared
-                        .stats
-                        .malformed_packets
-                        .fetch_add(1, Ordering::Relaxed);
-                    if let Some(more) = shared.logs.allow("malformed") {
-                        tracing::warn!(
-                            device = conn.device,
-                            error = e,
-                            suppressed = more,
-                            "malformed MQTT packet, disconnecting"
-                        );
-                    }
+                    shared.malformed(&conn.device, &e, "malformed MQTT packet, disconnecting");
                     return Some(CloseReason::Malformed);
                 }
             }
@@ -809,6 +778,15 @@ async fn session(
 }
 
 impl Shared {
+    /// Counts a malformed or oversize packet from `who` (an address or a
+    /// device id) and logs it at a bounded rate.
+    fn malformed(&self, who: &dyn std::fmt::Display, error: &dyn std::fmt::Debug, what: &str) {
+        self.stats.malformed_packets.fetch_add(1, Ordering::Relaxed);
+        if let Some(more) = self.logs.allow("malformed") {
+            tracing::warn!(%who, ?error, suppressed = more, "{what}");
+        }
+    }
+
     fn violation(&self, conn: &Conn, what: &str) -> CloseReason {
         self.stats.acl_violations.fetch_add(1, Ordering::Relaxed);
         if let Some(more) = self.logs.allow("acl") {
