@@ -72,6 +72,7 @@ pub(crate) fn role_name(r: RaftRole) -> &'static str {
         (status = 200, description = "The group as this gateway sees it", body = ClusterStatus,
             headers(("Entente-Index" = u64, description = "This gateway's applied log index"))),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The gateway did not finish the request in time", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn cluster(State(state): State<AppState>) -> Result<Response, ApiError> {
