@@ -153,9 +153,9 @@ impl std::fmt::Display for UnsafeConfChange {
         match *self {
             UnsafeConfChange::NotConnected { id } => write!(
                 f,
-                "node {id} is not connected to the leader (never answered it, or not \
-                 recently): start it and check its peer address, then retry once it shows \
-                 as active"
+                "node {id} is not connected to the leader (it never answered it, or not \
+                 recently): start it and check its peer address (a member just added may \
+                 still be receiving its snapshot), then retry once it shows as active"
             ),
             UnsafeConfChange::Lagging {
                 id,
