@@ -2163,7 +2163,8 @@ fn guarded_removal_keeps_an_active_quorum() {
     assert_eq!(net.raft(1).conf_state(), &conf(&[1, 2], &[]));
 }
 
-/// With `force`, the leader appends a change its guards would refuse.
+/// With `force`, the leader appends a change its guards would refuse, also
+/// when a follower forwards it.
 #[test]
 fn forced_removal_skips_the_guards() {
     let mut net = Network::new(&[1, 2, 3], cfg);
@@ -2176,9 +2177,23 @@ fn forced_removal_skips_the_guards() {
             .propose_conf_change_checked(ConfChange::RemoveNode(2), false)
             .is_err()
     );
-    net.raft_mut(1)
-        .propose_conf_change_checked(ConfChange::RemoveNode(2), true)
-        .expect("forced");
+    // Through the follower: refused, then forced.
+    net.clear_delivered();
+    net.raft_mut(2)
+        .propose_conf_change_checked(ConfChange::RemoveNode(2), false)
+        .expect("forwarded");
+    net.stabilize();
+    assert_eq!(
+        count(net.delivered(), 1, 2, "ConfChangeRefused"),
+        1,
+        "the leader says why"
+    );
+    assert_eq!(net.raft(1).conf_state(), &conf(&[1, 2, 3], &[]));
+    assert!(matches!(
+        net.raft_mut(2)
+            .propose_conf_change_checked(ConfChange::RemoveNode(2), true),
+        Ok(Proposed::Forwarded { to: 1 })
+    ));
     net.stabilize();
     assert_eq!(net.raft(1).conf_state(), &conf(&[1, 3], &[]));
 }
