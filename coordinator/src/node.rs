@@ -239,7 +239,7 @@ type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
 enum Command<O> {
     Propose(Vec<u8>, Reply<Applied<O>>),
     ReadIndex(Reply<Index>),
-    ConfChange(ConfChange, Reply<Index>),
+    ConfChange(ConfChange, bool, Reply<Index>),
     Transfer(NodeId, Reply<()>),
     Shutdown,
 }
@@ -285,6 +285,9 @@ const NOT_MEMBER_EVERY: Duration = Duration::from_secs(1);
 /// Senders remembered for [`NOT_MEMBER_EVERY`] (the table is cleared when
 /// it is full).
 const NOT_MEMBER_SENDERS: usize = 1024;
+/// The longest reason of a leader's refusal of a forwarded membership
+/// change that is passed on (in bytes).
+const REFUSAL_REASON_MAX: usize = 1024;
 /// Warnings about refused messages: at most this many per window.
 const REFUSAL_LOG_BURST: u32 = 10;
 /// See [`REFUSAL_LOG_BURST`].
@@ -440,12 +443,20 @@ impl<O: Send + 'static> Node<O> {
     }
 
     /// Proposes a membership change; resolves with its index once it is
-    /// committed. On a follower the change is forwarded to the leader and the
-    /// request resolves when an equal change commits (or times out: a leader
-    /// that refuses a forwarded change — one already pending, say — does not
-    /// answer).
-    pub async fn change_membership(&self, change: ConfChange) -> Result<Index, NodeError> {
-        self.request(|tx| Command::ConfChange(change, tx)).await
+    /// committed. The leader checks it against the guards of
+    /// [`Raft::propose_conf_change_checked`] unless `force` is set (a
+    /// promoted learner must be connected and caught up; the voters must
+    /// keep an active quorum). On a follower the change is forwarded to the
+    /// leader and the request resolves when an equal change commits, or with
+    /// [`NodeError::Refused`] and the leader's reason when the leader does
+    /// not append it (or times out if neither answer arrives).
+    pub async fn change_membership(
+        &self,
+        change: ConfChange,
+        force: bool,
+    ) -> Result<Index, NodeError> {
+        self.request(|tx| Command::ConfChange(change, force, tx))
+            .await
     }
 
     /// Hands leadership to `to`; resolves once this node sees `to` lead.
@@ -740,15 +751,15 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                     }
                 }
             }
-            Command::ConfChange(change, reply) => {
-                match self.raft.propose_conf_change(change) {
+            Command::ConfChange(change, force, reply) => {
+                match self.raft.propose_conf_change_checked(change, force) {
                     Ok(Proposed::Appended { index, term }) => {
                         self.conf_waiters.insert(index, (term, reply));
                     }
                     Ok(Proposed::Forwarded { .. }) => {
-                        // The leader appends it (or refuses it silently): we
-                        // learn the outcome when such a change commits, or
-                        // time out.
+                        // The leader appends it, or answers why not: we learn
+                        // the outcome when such a change commits, from the
+                        // leader's refusal, or time out.
                         let deadline = self.deadline();
                         self.forwarded_confs.push((change, reply, deadline));
                     }
@@ -931,6 +942,15 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
             self.refuse(msg);
             return;
         }
+        if let Inbound::Message(Message {
+            from,
+            kind: MessageKind::ConfChangeRefused { change, reason },
+            ..
+        }) = &inbound
+        {
+            self.conf_change_refused(*from, *change, reason);
+            return;
+        }
         let result = match inbound {
             Inbound::Message(m) => self.raft.step(m),
             Inbound::Snapshot { msg, data } => {
@@ -951,6 +971,29 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         if let Err(e) = result {
             tracing::warn!(node = self.id, error = %e, "dropped a peer message");
         }
+    }
+
+    /// The leader `from` did not append a membership change this node
+    /// forwarded: a request waiting for an equal change gets the
+    /// reason (cut to [`REFUSAL_REASON_MAX`] bytes).
+    fn conf_change_refused(&mut self, from: NodeId, change: ConfChange, reason: &str) {
+        let Some(i) = self.forwarded_confs.iter().position(|(c, ..)| *c == change) else {
+            return;
+        };
+        let mut end = reason.len().min(REFUSAL_REASON_MAX);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let reason = &reason[..end];
+        tracing::info!(
+            node = self.id,
+            leader = from,
+            ?change,
+            reason,
+            "the leader refused a membership change"
+        );
+        let (_, r, _) = self.forwarded_confs.remove(i);
+        let _ = r.send(Err(NodeError::Refused(reason.to_string())));
     }
 
     async fn with_storage<T: Send + 'static>(

@@ -16,7 +16,7 @@ use coordinator::memory::{MemNode, MemStorage, Network};
 use coordinator::raft::{
     CompactError, ConfChange, ConfState, Config, ConfigError, InvalidConfChange, Message,
     MessageKind, NodeId, ProgressState, ProposeError, Proposed, Raft, ReadOnlyOption, ReadState,
-    Ready, Role, SnapshotMeta, TransferError,
+    Ready, Role, SnapshotMeta, TransferError, UnsafeConfChange,
 };
 
 // ---- configurations ----------------------------------------------------
@@ -2001,4 +2001,199 @@ fn probe_state_sends_one_message_at_a_time() {
         ProgressState::Replicate
     );
     assert_eq!(applied(&net, 2), bytes(&["p0", "p1", "p2"]));
+}
+
+// =========================================================================
+// Membership guards (etcd's strict reconfiguration check)
+// =========================================================================
+
+fn unsafe_change(r: Result<Proposed, ProposeError>) -> UnsafeConfChange {
+    match r {
+        Err(ProposeError::UnsafeConfChange(u)) => u,
+        other => panic!("expected a guard's refusal, got {other:?}"),
+    }
+}
+
+/// A learner that never answered the leader is not promoted, on the leader
+/// or through a follower (which hears why); once it has caught up it is.
+#[test]
+fn guarded_promotion_waits_for_a_connected_learner() {
+    let mut net = Network::new(&[1, 2, 3], cfg);
+    elect(&mut net, 1);
+    propose(&mut net, 1, "a");
+    // Node 4 does not exist yet: nothing reaches it.
+    net.raft_mut(1)
+        .propose_conf_change_checked(ConfChange::AddLearner(4), false)
+        .expect("adding a learner leaves the voters alone");
+    net.stabilize();
+    assert_eq!(net.raft(1).conf_state(), &conf(&[1, 2, 3], &[4]));
+
+    assert_eq!(
+        unsafe_change(
+            net.raft_mut(1)
+                .propose_conf_change_checked(ConfChange::AddVoter(4), false)
+        ),
+        UnsafeConfChange::NotConnected { id: 4 }
+    );
+
+    // Through a follower: the leader answers with its reason.
+    net.clear_delivered();
+    assert!(matches!(
+        net.raft_mut(2)
+            .propose_conf_change_checked(ConfChange::AddVoter(4), false),
+        Ok(Proposed::Forwarded { to: 1 })
+    ));
+    net.stabilize();
+    let refusal = net
+        .delivered()
+        .iter()
+        .find_map(|m| match &m.kind {
+            MessageKind::ConfChangeRefused { change, reason } if m.from == 1 && m.to == 2 => {
+                Some((*change, reason.clone()))
+            }
+            _ => None,
+        })
+        .expect("the leader answers the follower");
+    assert_eq!(refusal.0, ConfChange::AddVoter(4));
+    assert!(
+        refusal.1.contains("node 4 is not connected"),
+        "{}",
+        refusal.1
+    );
+    assert_eq!(net.raft(1).conf_state(), &conf(&[1, 2, 3], &[4]));
+
+    // Node 4 starts, catches up, and is promoted.
+    net.insert(MemNode::new(cfg(4), &[]).unwrap());
+    net.tick(1, 2);
+    assert_eq!(applied(&net, 4), bytes(&["a"]));
+    net.raft_mut(1)
+        .propose_conf_change_checked(ConfChange::AddVoter(4), false)
+        .expect("a connected learner that caught up is promoted");
+    net.stabilize();
+    assert_eq!(net.raft(1).conf_state(), &conf(&[1, 2, 3, 4], &[]));
+}
+
+/// A connected learner that trails the leader's commit index by more than
+/// `promote_max_lag` entries is not promoted; `force` overrides.
+#[test]
+fn guarded_promotion_refuses_a_lagging_learner() {
+    let small_lag = |id| Config {
+        promote_max_lag: 2,
+        ..cfg(id)
+    };
+    let mut net = with_learners(&[1, 2, 3], &[4], small_lag);
+    elect(&mut net, 1);
+    propose(&mut net, 1, "a");
+    assert_eq!(applied(&net, 4), bytes(&["a"]));
+    let matched = net.raft(1).progress(4).unwrap().matched;
+    // Cut off; no tick passes, so it still counts as connected.
+    net.cut(1, 4);
+    for i in 0..5 {
+        propose(&mut net, 1, &format!("b{i}"));
+    }
+    let committed = net.raft(1).commit_index();
+    assert!(net.raft(1).progress(4).unwrap().connected);
+    assert_eq!(
+        unsafe_change(
+            net.raft_mut(1)
+                .propose_conf_change_checked(ConfChange::AddVoter(4), false)
+        ),
+        UnsafeConfChange::Lagging {
+            id: 4,
+            matched,
+            committed
+        }
+    );
+    net.recover();
+    net.raft_mut(1)
+        .propose_conf_change_checked(ConfChange::AddVoter(4), true)
+        .expect("forced");
+    net.stabilize();
+    assert_eq!(net.raft(1).conf_state(), &conf(&[1, 2, 3, 4], &[]));
+}
+
+/// In a group of three with one member down, removing a member that is up
+/// would leave one active voter of two: refused. Removing the one that is
+/// down is fine, and `force` overrides.
+#[test]
+fn guarded_removal_keeps_an_active_quorum() {
+    let mut net = Network::new(&[1, 2, 3], cfg);
+    elect(&mut net, 1);
+    propose(&mut net, 1, "a");
+    net.isolate(3);
+    // Two check-quorum rounds: node 3 has not answered in either.
+    let election = net.raft(1).config().election_tick;
+    net.tick(1, 2 * election);
+    assert_eq!(net.raft(1).role(), Role::Leader);
+    assert!(net.raft(1).progress(2).unwrap().connected);
+    assert!(!net.raft(1).progress(3).unwrap().connected);
+    assert_eq!(
+        unsafe_change(
+            net.raft_mut(1)
+                .propose_conf_change_checked(ConfChange::RemoveNode(2), false)
+        ),
+        UnsafeConfChange::NoActiveQuorum {
+            id: 2,
+            removes: true,
+            voters: 2,
+            active: 1,
+            quorum: 2
+        }
+    );
+    // Demoting it is the same.
+    assert!(matches!(
+        net.raft_mut(1)
+            .propose_conf_change_checked(ConfChange::AddLearner(2), false),
+        Err(ProposeError::UnsafeConfChange(
+            UnsafeConfChange::NoActiveQuorum { id: 2, .. }
+        ))
+    ));
+    // Adding a voter that is not there: refused as not connected first.
+    assert_eq!(
+        unsafe_change(
+            net.raft_mut(1)
+                .propose_conf_change_checked(ConfChange::AddVoter(5), false)
+        ),
+        UnsafeConfChange::NotConnected { id: 5 }
+    );
+    net.raft_mut(1)
+        .propose_conf_change_checked(ConfChange::RemoveNode(3), false)
+        .expect("removing the member that is down");
+    net.stabilize();
+    assert_eq!(net.raft(1).conf_state(), &conf(&[1, 2], &[]));
+}
+
+/// With `force`, the leader appends a change its guards would refuse, also
+/// when a follower forwards it.
+#[test]
+fn forced_removal_skips_the_guards() {
+    let mut net = Network::new(&[1, 2, 3], cfg);
+    elect(&mut net, 1);
+    net.isolate(3);
+    let election = net.raft(1).config().election_tick;
+    net.tick(1, 2 * election);
+    assert!(
+        net.raft_mut(1)
+            .propose_conf_change_checked(ConfChange::RemoveNode(2), false)
+            .is_err()
+    );
+    // Through the follower: refused, then forced.
+    net.clear_delivered();
+    net.raft_mut(2)
+        .propose_conf_change_checked(ConfChange::RemoveNode(2), false)
+        .expect("forwarded");
+    net.stabilize();
+    assert_eq!(
+        count(net.delivered(), 1, 2, "ConfChangeRefused"),
+        1,
+        "the leader says why"
+    );
+    assert_eq!(net.raft(1).conf_state(), &conf(&[1, 2, 3], &[]));
+    assert!(matches!(
+        net.raft_mut(2)
+            .propose_conf_change_checked(ConfChange::RemoveNode(2), true),
+        Ok(Proposed::Forwarded { to: 1 })
+    ));
+    net.stabilize();
+    assert_eq!(net.raft(1).conf_state(), &conf(&[1, 3], &[]));
 }

@@ -196,7 +196,7 @@ async fn proposals_reads_snapshots_membership_and_restart() {
     let log4 = Log::default();
     let n4 = start(&hub, tmp.path(), 4, &[], log4.clone()).await;
     nodes[&leader]
-        .change_membership(ConfChange::AddLearner(4))
+        .change_membership(ConfChange::AddLearner(4), false)
         .await
         .expect("add learner");
     let top = nodes[&leader]
@@ -212,7 +212,7 @@ async fn proposals_reads_snapshots_membership_and_restart() {
         logs[&leader].0.lock().expect("log").0
     );
     nodes[&leader]
-        .change_membership(ConfChange::AddVoter(4))
+        .change_membership(ConfChange::AddVoter(4), false)
         .await
         .expect("promote");
     nodes.insert(4, n4);
@@ -395,11 +395,14 @@ async fn a_member_back_from_an_outage_follows_a_leader_added_meanwhile() {
 
     let n4 = start(&hub, tmp.path(), 4, &[], Log::default()).await;
     nodes[&leader]
-        .change_membership(ConfChange::AddLearner(4))
+        .change_membership(ConfChange::AddLearner(4), false)
         .await
         .expect("add learner");
+    // Forced: node 4 has not answered the leader yet (the guards would
+    // refuse it), and this test is about what happens when it is promoted
+    // at once.
     nodes[&leader]
-        .change_membership(ConfChange::AddVoter(4))
+        .change_membership(ConfChange::AddVoter(4), true)
         .await
         .expect("promote");
     // (Node 4 must know it is a voter before it is asked to campaign.)

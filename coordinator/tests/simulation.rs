@@ -343,6 +343,16 @@ impl fmt::Display for ShowMsg<'_> {
             }
             MessageKind::TransferLeader { to } => write!(f, " to=n{to}"),
             MessageKind::NotMember { commit } => write!(f, " commit={commit}"),
+            MessageKind::ProposeConfChange { change, force } => {
+                write!(f, " {change:?}")?;
+                if *force {
+                    f.write_str(" force")?;
+                }
+                Ok(())
+            }
+            MessageKind::ConfChangeRefused { change, reason } => {
+                write!(f, " {change:?}: {reason}")
+            }
             MessageKind::ReadIndexResponse { index, .. } => write!(f, " index={index}"),
             MessageKind::HeartbeatResponse { .. }
             | MessageKind::ReadIndex { .. }
@@ -678,6 +688,7 @@ impl Sim {
             pre_vote: self.p.pre_vote,
             read_only: ReadOnlyOption::Safe,
             disable_proposal_forwarding: false,
+            promote_max_lag: 1000,
             seed: mix(self.seed, (id << 32) | inc),
         }
     }

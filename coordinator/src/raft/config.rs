@@ -45,6 +45,9 @@ pub struct Config {
     pub read_only: ReadOnlyOption,
     /// If set, followers refuse proposals instead of forwarding them.
     pub disable_proposal_forwarding: bool,
+    /// How many entries a learner may trail the leader's commit index and
+    /// still be promoted by a guarded membership change.
+    pub promote_max_lag: u64,
     /// Seed of the random source for election timeouts.
     pub seed: u64,
 }
@@ -63,6 +66,7 @@ impl Config {
             pre_vote: true,
             read_only: ReadOnlyOption::Safe,
             disable_proposal_forwarding: false,
+            promote_max_lag: 1000,
             seed: id,
         }
     }

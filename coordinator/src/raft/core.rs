@@ -10,6 +10,7 @@ use super::progress::{Progress, ProgressStatus};
 use super::read_only::ReadOnly;
 use super::ready::{
     CompactError, ProposeError, Proposed, ReadState, Ready, SoftState, TransferError,
+    UnsafeConfChange,
 };
 use super::rng::SplitMix64;
 use super::types::{
@@ -373,6 +374,7 @@ impl Raft {
                     return;
                 }
                 for (&id, pr) in self.progress.iter_mut() {
+                    pr.active_last_round = pr.recent_active;
                     pr.recent_active = id == self.id;
                 }
             }
@@ -440,6 +442,113 @@ impl Raft {
     /// of its own term.
     pub fn propose_conf_change(&mut self, change: ConfChange) -> Result<Proposed, ProposeError> {
         self.propose_payload(EntryPayload::ConfChange(change))
+    }
+
+    /// Proposes a single-server membership change, checked by the leader
+    /// (this node, or the leader it forwards the change to) against guards
+    /// that keep the group available, unless `force` is set:
+    ///
+    /// - a voter is added (a learner promoted) only if it is connected — it
+    ///   answered the leader, within the last two check-quorum rounds — and
+    ///   trails the leader's commit index by at most
+    ///   [`Config::promote_max_lag`](super::Config::promote_max_lag) entries;
+    /// - a change of the voters (a promotion, a removal, a demotion) is
+    ///   refused if fewer voters than a quorum of the new configuration
+    ///   would be connected.
+    ///
+    /// A refusal is [`ProposeError::UnsafeConfChange`]. A follower forwards
+    /// the change as [`MessageKind::ProposeConfChange`]; the leader answers a
+    /// change it does not append with [`MessageKind::ConfChangeRefused`],
+    /// naming why (the driver matches it to the request).
+    pub fn propose_conf_change_checked(
+        &mut self,
+        change: ConfChange,
+        force: bool,
+    ) -> Result<Proposed, ProposeError> {
+        if self.role == Role::Leader {
+            let (index, term) = self.leader_conf_change(change, force)?;
+            return Ok(Proposed::Appended { index, term });
+        }
+        let leader = self.leader.ok_or(ProposeError::NoLeader)?;
+        if self.cfg.disable_proposal_forwarding {
+            return Err(ProposeError::NotLeader { leader });
+        }
+        self.send_raw(leader, 0, MessageKind::ProposeConfChange { change, force });
+        Ok(Proposed::Forwarded { to: leader })
+    }
+
+    /// A membership change forwarded by `from`: appended if this node leads
+    /// and the guards pass (or `force`), otherwise refused with the reason.
+    pub(crate) fn forwarded_conf_change(&mut self, from: NodeId, change: ConfChange, force: bool) {
+        let reason = if self.role == Role::Leader {
+            match self.leader_conf_change(change, force) {
+                Ok(_) => return,
+                Err(e) => e.to_string(),
+            }
+        } else {
+            format!("node {} does not lead the group (any more); retry", self.id)
+        };
+        self.send_raw(from, 0, MessageKind::ConfChangeRefused { change, reason });
+    }
+
+    fn leader_conf_change(
+        &mut self,
+        change: ConfChange,
+        force: bool,
+    ) -> Result<(Index, Term), ProposeError> {
+        if !force {
+            self.check_conf_change(change)?;
+        }
+        self.leader_append(EntryPayload::ConfChange(change))
+    }
+
+    /// The guards of [`Raft::propose_conf_change_checked`], on the leader.
+    fn check_conf_change(&self, change: ConfChange) -> Result<(), ProposeError> {
+        if self.pending_conf_index > self.log.committed {
+            return Err(ProposeError::ConfChangePending);
+        }
+        let next = self
+            .conf
+            .apply(change)
+            .map_err(ProposeError::InvalidConfChange)?;
+        if let ConfChange::AddVoter(id) = change {
+            if !self.connected(id) {
+                return Err(ProposeError::UnsafeConfChange(
+                    UnsafeConfChange::NotConnected { id },
+                ));
+            }
+            let matched = self.progress.get(&id).map_or(0, |p| p.matched);
+            let committed = self.log.committed;
+            if matched.saturating_add(self.cfg.promote_max_lag) < committed {
+                return Err(ProposeError::UnsafeConfChange(UnsafeConfChange::Lagging {
+                    id,
+                    matched,
+                    committed,
+                }));
+            }
+        }
+        if next.voters != self.conf.voters {
+            let active = next.voters.iter().filter(|&&v| self.connected(v)).count();
+            let quorum = next.quorum();
+            if active < quorum {
+                return Err(ProposeError::UnsafeConfChange(
+                    UnsafeConfChange::NoActiveQuorum {
+                        id: change.node(),
+                        removes: !matches!(change, ConfChange::AddVoter(_)),
+                        voters: next.voters.len(),
+                        active,
+                        quorum,
+                    },
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// On the leader: whether `id` is this node, or answered it within the
+    /// current or the previous check-quorum round.
+    fn connected(&self, id: NodeId) -> bool {
+        id == self.id || self.progress.get(&id).is_some_and(|p| p.connected())
     }
 
     fn propose_payload(&mut self, payload: EntryPayload) -> Result<Proposed, ProposeError> {

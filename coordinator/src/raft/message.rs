@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{Entry, Index, NodeId, SnapshotMeta, Term};
+use super::types::{ConfChange, Entry, Index, NodeId, SnapshotMeta, Term};
 
 /// One message from one member to another.
 ///
@@ -121,6 +121,24 @@ pub enum MessageKind {
         /// The sender's commit index, at which the recipient is not a member.
         commit: Index,
     },
+    /// A membership change forwarded from a follower to its leader, which
+    /// checks it against its guards unless `force` is set
+    /// (see [`Raft::propose_conf_change_checked`](super::Raft::propose_conf_change_checked)).
+    ProposeConfChange {
+        /// The change.
+        change: ConfChange,
+        /// Skip the guards.
+        force: bool,
+    },
+    /// The answer to a [`MessageKind::ProposeConfChange`] that was not
+    /// appended: why. Handled by the node driver, which answers the request
+    /// waiting for that change.
+    ConfChangeRefused {
+        /// The change refused.
+        change: ConfChange,
+        /// Why, for the operator.
+        reason: String,
+    },
 }
 
 impl MessageKind {
@@ -142,6 +160,8 @@ impl MessageKind {
             MessageKind::TimeoutNow => "TimeoutNow",
             MessageKind::TransferLeader { .. } => "TransferLeader",
             MessageKind::NotMember { .. } => "NotMember",
+            MessageKind::ProposeConfChange { .. } => "ProposeConfChange",
+            MessageKind::ConfChangeRefused { .. } => "ConfChangeRefused",
         }
     }
 }

@@ -44,6 +44,7 @@ pub use message::{Message, MessageKind};
 pub use progress::{ProgressState, ProgressStatus};
 pub use ready::{
     CompactError, ProposeError, Proposed, ReadState, Ready, SoftState, StepError, TransferError,
+    UnsafeConfChange,
 };
 pub use rng::SplitMix64;
 pub use types::{

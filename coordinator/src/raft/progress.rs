@@ -73,6 +73,8 @@ pub(crate) struct Progress {
     pub(crate) pending_snapshot: Index,
     /// Whether the member was heard from since the last check-quorum round.
     pub(crate) recent_active: bool,
+    /// Whether it was heard from in the previous check-quorum round.
+    pub(crate) active_last_round: bool,
     /// In `Probe` state: a probe is out and unanswered.
     pub(crate) probe_sent: bool,
     /// In `Snapshot` state: heartbeat intervals since the snapshot was sent.
@@ -88,10 +90,18 @@ impl Progress {
             state: ProgressState::Probe,
             pending_snapshot: 0,
             recent_active: false,
+            active_last_round: false,
             probe_sent: false,
             snapshot_elapsed: 0,
             inflights: Inflights::new(max_inflight),
         }
+    }
+
+    /// Whether the member answered the leader at least once, and within
+    /// the current or the previous check-quorum round (a member the round
+    /// just reset is not taken for gone).
+    pub(crate) fn connected(&self) -> bool {
+        self.matched > 0 && (self.recent_active || self.active_last_round)
     }
 
     fn reset_state(&mut self, state: ProgressState) {
@@ -193,6 +203,11 @@ pub struct ProgressStatus {
     pub recent_active: bool,
     /// Whether the member is a learner.
     pub learner: bool,
+    /// Whether the member answered the leader at least once, and within the
+    /// current or the previous check-quorum round: what the membership
+    /// guards call connected (see
+    /// [`Raft::propose_conf_change_checked`](super::Raft::propose_conf_change_checked)).
+    pub connected: bool,
 }
 
 impl Progress {
@@ -205,6 +220,7 @@ impl Progress {
             paused: self.is_paused(),
             recent_active: self.recent_active,
             learner,
+            connected: self.connected(),
         }
     }
 }

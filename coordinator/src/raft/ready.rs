@@ -108,6 +108,81 @@ pub enum ProposeError {
     ConfChangePending,
     /// The membership change makes no sense against the current membership.
     InvalidConfChange(InvalidConfChange),
+    /// The membership change is valid but unsafe now (see
+    /// [`Raft::propose_conf_change_checked`](super::Raft::propose_conf_change_checked)).
+    UnsafeConfChange(UnsafeConfChange),
+}
+
+/// Why the leader's guards refused a membership change that is valid but
+/// would endanger the group. The caller may force it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnsafeConfChange {
+    /// The node to promote (or add as a voter) has not been heard from
+    /// recently, or never answered the leader.
+    NotConnected {
+        /// The node.
+        id: NodeId,
+    },
+    /// The learner to promote trails the leader's commit index by more than
+    /// the configured lag.
+    Lagging {
+        /// The learner.
+        id: NodeId,
+        /// The highest index known to be replicated to it.
+        matched: Index,
+        /// The leader's commit index.
+        committed: Index,
+    },
+    /// After the change, fewer voters than a quorum would be active.
+    NoActiveQuorum {
+        /// The node the change is about.
+        id: NodeId,
+        /// Whether the change removes or demotes `id` (otherwise it adds a voter).
+        removes: bool,
+        /// Voters after the change.
+        voters: usize,
+        /// Of those, the ones heard from recently.
+        active: usize,
+        /// The quorum of the voters after the change.
+        quorum: usize,
+    },
+}
+
+impl std::fmt::Display for UnsafeConfChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            UnsafeConfChange::NotConnected { id } => write!(
+                f,
+                "node {id} is not connected to the leader (it never answered it, or not \
+                 recently): start it and check its peer address (a member just added may \
+                 still be receiving its snapshot), then retry once it shows as active"
+            ),
+            UnsafeConfChange::Lagging {
+                id,
+                matched,
+                committed,
+            } => write!(
+                f,
+                "node {id} has not caught up (it has the log up to {matched}, the group has \
+                 committed {committed}): retry when it has"
+            ),
+            UnsafeConfChange::NoActiveQuorum {
+                id,
+                removes,
+                voters,
+                active,
+                quorum,
+            } => {
+                let what = if removes { "removing" } else { "promoting" };
+                write!(
+                    f,
+                    "{what} node {id} would leave {voters} voters of which only {active} are \
+                     active, fewer than the {quorum} a quorum needs, and the group would stop: \
+                     bring the inactive members back (or remove an inactive one) first"
+                )
+            }
+        }
+    }
 }
 
 impl std::fmt::Display for ProposeError {
@@ -126,6 +201,7 @@ impl std::fmt::Display for ProposeError {
                 write!(f, "a membership change is already pending")
             }
             ProposeError::InvalidConfChange(e) => write!(f, "invalid membership change: {e}"),
+            ProposeError::UnsafeConfChange(e) => write!(f, "unsafe membership change: {e}"),
         }
     }
 }

@@ -19,6 +19,16 @@ impl Raft {
             self.not_member(commit);
             return Ok(());
         }
+        // Forwarded membership changes carry no term; whoever holds one
+        // answers a refusal (a node that does not lead refuses it too).
+        if let MessageKind::ProposeConfChange { change, force } = m.kind {
+            self.forwarded_conf_change(m.from, change, force);
+            return Ok(());
+        }
+        // The node driver answers the request it concerns.
+        if let MessageKind::ConfChangeRefused { .. } = m.kind {
+            return Ok(());
+        }
         // Forwarded requests carry no term.
         let forwarded = matches!(
             m.kind,
@@ -158,7 +168,9 @@ impl Raft {
             | MessageKind::AppendResponse { .. }
             | MessageKind::HeartbeatResponse { .. }
             | MessageKind::VoteResponse { .. }
-            | MessageKind::NotMember { .. } => {}
+            | MessageKind::NotMember { .. }
+            | MessageKind::ProposeConfChange { .. }
+            | MessageKind::ConfChangeRefused { .. } => {}
         }
     }
 
@@ -201,7 +213,9 @@ impl Raft {
             | MessageKind::AppendResponse { .. }
             | MessageKind::HeartbeatResponse { .. }
             | MessageKind::ReadIndexResponse { .. }
-            | MessageKind::NotMember { .. } => {}
+            | MessageKind::NotMember { .. }
+            | MessageKind::ProposeConfChange { .. }
+            | MessageKind::ConfChangeRefused { .. } => {}
         }
     }
 
@@ -230,7 +244,9 @@ impl Raft {
             | MessageKind::VoteResponse { .. }
             | MessageKind::TimeoutNow
             | MessageKind::ReadIndexResponse { .. }
-            | MessageKind::NotMember { .. } => {}
+            | MessageKind::NotMember { .. }
+            | MessageKind::ProposeConfChange { .. }
+            | MessageKind::ConfChangeRefused { .. } => {}
         }
     }
 

@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::{ApiError, Problem, write_error};
-use super::extract::{ApiJson, ApiPath, reply, write};
+use super::extract::{ApiJson, ApiPath, ApiQuery, reply, write};
 use crate::ops::Op;
 
 /// A member of the group.
@@ -28,7 +28,9 @@ pub struct Member {
     pub role: Option<String>,
     /// On the leader: the highest log index known to be replicated to it.
     pub matched: Option<u64>,
-    /// On the leader: whether it was heard from recently.
+    /// On the leader: whether it is connected — it has answered the leader,
+    /// and recently (within about two election timeouts). The membership
+    /// guards count only such members.
     pub active: Option<bool>,
 }
 
@@ -70,6 +72,7 @@ pub(crate) fn role_name(r: RaftRole) -> &'static str {
         (status = 200, description = "The group as this gateway sees it", body = ClusterStatus,
             headers(("Entente-Index" = u64, description = "This gateway's applied log index"))),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The gateway did not finish the request in time", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn cluster(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -95,7 +98,7 @@ pub(crate) async fn cluster(State(state): State<AppState>) -> Result<Response, A
             suffrage: if learner { "learner" } else { "voter" }.into(),
             role: role.map(Into::into),
             matched: progress.map(|p| p.matched),
-            active: progress.map(|p| p.recent_active),
+            active: progress.map(|p| p.connected),
         }
     };
     let conf = &raft.conf_state;
@@ -117,10 +120,6 @@ pub(crate) async fn cluster(State(state): State<AppState>) -> Result<Response, A
     Ok(reply(StatusCode::OK, state.db.applied_index(), &body))
 }
 
-/// How far (in log entries) a learner may trail the leader's commit index
-/// and still be promoted to voter.
-pub const PROMOTE_MAX_LAG: u64 = 1000;
-
 /// What a member is to become.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -134,7 +133,7 @@ pub enum Suffrage {
 /// Body of `POST /v1/cluster/members`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"id": 4, "address": "10.0.0.4:7000", "suffrage": "learner"}))]
+#[schema(example = json!({"id": 4, "address": "127.0.0.1:7004", "suffrage": "learner"}))]
 pub struct MemberChange {
     /// The gateway's node id (≥ 1).
     pub id: u64,
@@ -143,6 +142,23 @@ pub struct MemberChange {
     pub address: Option<String>,
     /// `learner` to add it, `voter` to promote a learner that has caught up.
     pub suffrage: Suffrage,
+    /// Skip the leader's guards (a promoted learner must be connected and
+    /// caught up; the voters must keep an active quorum). For an operator
+    /// who knows better: a forced change can stop the group for good.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Query of `DELETE /v1/cluster/members/{id}`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RemoveOptions {
+    /// Skip the leader's guard (the voters left must keep an active
+    /// quorum). For an operator who knows better: a forced removal can stop
+    /// the group for good.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// The result of a membership change.
@@ -178,12 +194,17 @@ fn valid_address(a: &str) -> Result<(), ApiError> {
 
 /// Commits a membership change and answers once this gateway's own view
 /// shows it.
-async fn commit_change(state: &AppState, change: ConfChange) -> Result<u64, ApiError> {
+async fn commit_change(
+    state: &AppState,
+    change: ConfChange,
+    force: bool,
+    how_to_force: &str,
+) -> Result<u64, ApiError> {
     let index = state
         .node
-        .change_membership(change)
+        .change_membership(change, force)
         .await
-        .map_err(|e| member_error(e, state))?;
+        .map_err(|e| member_error(e, state, how_to_force))?;
     let _ = state
         .node
         .wait_applied(index, state.config.write_timeout)
@@ -191,10 +212,21 @@ async fn commit_change(state: &AppState, change: ConfChange) -> Result<u64, ApiE
     Ok(index)
 }
 
-fn member_error(e: NodeError, state: &AppState) -> ApiError {
+/// A refusal is a 409 naming the leader's reason; one of its guards adds
+/// how to override it (`how_to_force`).
+fn member_error(e: NodeError, state: &AppState, how_to_force: &str) -> ApiError {
     match e {
         NodeError::Refused(reason) => {
-            ApiError::conflict(format!("the group refused the membership change: {reason}"))
+            let force = if reason.starts_with("unsafe membership change")
+                && !how_to_force.is_empty()
+            {
+                format!(" (an operator who knows better may override this guard: {how_to_force})")
+            } else {
+                String::new()
+            };
+            ApiError::conflict(format!(
+                "the group refused the membership change: {reason}{force}"
+            ))
         }
         e => write_error(e, state.config.write_timeout),
     }
@@ -204,19 +236,26 @@ fn member_error(e: NodeError, state: &AppState) -> ApiError {
 ///
 /// Adding: start the new gateway with `--join`, then post its id, peer
 /// address and `"suffrage": "learner"`; it receives a snapshot and the log.
-/// Promoting: post `"suffrage": "voter"` once it has caught up (on the
-/// leader the request is refused while it trails by more than 1,000 entries;
-/// `GET /v1/cluster` on the leader shows `matched`). One change at a time.
+/// Promoting: post `"suffrage": "voter"` once it has caught up. The leader
+/// refuses (409, with the reason) to promote a learner that is not
+/// connected (`active` in `GET /v1/cluster` on the leader) or trails its
+/// commit index by more than 1,000 entries (`matched`), and any promotion
+/// after which fewer voters than a quorum would be active. `"force": true`
+/// skips these guards, for an operator who knows better. One change at a
+/// time.
 #[utoipa::path(
     post, path = "/v1/cluster/members", tag = "cluster",
     request_body = MemberChange,
     responses(
         (status = 200, description = "The change committed", body = MemberChanged,
             headers(("Entente-Index" = u64, description = "Log index of the change"))),
-        (status = 400, description = "Invalid body", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Needs the admin role", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Not possible now (not a learner, not caught up, another change pending)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Refused, with the reason and what to do: a voter cannot become a learner; only a learner can be promoted; a guard (the learner is not connected or has not caught up, or the voters would lack an active quorum; `force` overrides); another change pending", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields (id 0, an address that is not host:port, a new member without an address, an unknown field)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "No quorum or leader; or timed out (the change may still take effect)", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -278,21 +317,16 @@ pub(crate) async fn add_member(
                 body.id
             )));
         }
-        Suffrage::Voter => {
-            if raft.role == RaftRole::Leader {
-                let matched = raft.progress.get(&body.id).map_or(0, |p| p.matched);
-                if matched + PROMOTE_MAX_LAG < raft.commit {
-                    return Err(ApiError::conflict(format!(
-                        "gateway {} has not caught up yet (it has the log up to {matched}, \
-                         the group has committed {}); retry when it has",
-                        body.id, raft.commit
-                    )));
-                }
-            }
-            ConfChange::AddVoter(body.id)
-        }
+        // The leader checks it is connected and caught up.
+        Suffrage::Voter => ConfChange::AddVoter(body.id),
     };
-    let index = commit_change(&state, change).await?;
+    let index = commit_change(
+        &state,
+        change,
+        body.force,
+        r#"repeat it with "force": true"#,
+    )
+    .await?;
     let suffrage = match body.suffrage {
         Suffrage::Learner => "learner",
         Suffrage::Voter => "voter",
@@ -311,22 +345,30 @@ pub(crate) async fn add_member(
 /// its device listeners and ends its device sessions, which are declared
 /// lost; its `/readyz` says it was removed. Add it again as a learner to
 /// bring it back, or stop it.
+///
+/// The leader refuses (409, with the reason) a removal after which fewer
+/// voters than a quorum would be active (in a group of three with one
+/// member down, removing one that is up); remove the member that is down,
+/// or bring it back, first. `?force=true` skips this guard, for an
+/// operator who knows better. The last voter cannot be removed.
 #[utoipa::path(
     delete, path = "/v1/cluster/members/{id}", tag = "cluster",
-    params(("id" = u64, Path, description = "Node id")),
+    params(("id" = u64, Path, description = "Node id"), RemoveOptions),
     responses(
         (status = 200, description = "The change committed", body = MemberChanged,
             headers(("Entente-Index" = u64, description = "Log index of the change"))),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Needs the admin role", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed id or query", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Not a member", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Another change is pending", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Refused, with the reason and what to do: the last voter; the voters left would lack an active quorum (`force` overrides); another change pending", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "No quorum or leader; or timed out (the change may still take effect)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn remove_member(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<u64>,
+    ApiQuery(opts): ApiQuery<RemoveOptions>,
 ) -> Result<Response, ApiError> {
     let conf = state.node.status().raft.conf_state;
     if !conf.voters.contains(&id) && !conf.learners.contains(&id) {
@@ -339,7 +381,13 @@ pub(crate) async fn remove_member(
             "gateway {id} is the last voter; the group cannot remove it"
         )));
     }
-    let index = commit_change(&state, ConfChange::RemoveNode(id)).await?;
+    let index = commit_change(
+        &state,
+        ConfChange::RemoveNode(id),
+        opts.force,
+        "repeat it with ?force=true",
+    )
+    .await?;
     // A removed gateway ends its device sessions once it learns it was
     // removed, and it can no longer say so itself: its sessions are lost.
     if let Err(e) = write(&state, Op::GatewaySessionsLost { gateway: id }).await {
@@ -359,10 +407,13 @@ pub(crate) async fn remove_member(
     request_body = LeaderTransfer,
     responses(
         (status = 200, description = "The voter leads", body = ClusterStatus),
-        (status = 400, description = "Invalid body", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Needs the admin role", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not a voter", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields (a missing or non-numeric id, an unknown field)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "No leader, or the transfer timed out", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -374,6 +425,6 @@ pub(crate) async fn transfer_leader(
         .node
         .transfer_leader(body.id)
         .await
-        .map_err(|e| member_error(e, &state))?;
+        .map_err(|e| member_error(e, &state, ""))?;
     cluster(State(state)).await
 }
