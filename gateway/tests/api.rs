@@ -1069,7 +1069,7 @@ async fn consistency_levels_and_min_index() {
     let (app, _tx) = router(&e.gw, &short);
     let future = call(&app, Method::GET, "/v1/devices/m1?consistency=local")
         .token(&e.viewer)
-        .header("entente-min-index", &(w.index() + 10).to_string())
+        .header("entente-min-index", &(w.index() + 100).to_string())
         .send()
         .await;
     let detail = future.problem(StatusCode::SERVICE_UNAVAILABLE);

@@ -35,6 +35,7 @@ struct Group {
 struct Answer {
     status: StatusCode,
     retry_after: Option<String>,
+    index: Option<u64>,
     body: Value,
     took: Duration,
 }
@@ -134,10 +135,16 @@ impl Group {
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let index = r
+            .headers()
+            .get("entente-index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
         let body = r.json().await.unwrap_or(Value::Null);
         Answer {
             status,
             retry_after,
+            index,
             body,
             took: start.elapsed(),
         }
@@ -219,7 +226,7 @@ async fn min_index_far_beyond_the_log_is_refused_at_once() {
 async fn min_index_slightly_ahead_answers_503_within_the_write_timeout() {
     let dir = tempfile::tempdir().expect("tempdir");
     let g = group(dir.path(), 1).await;
-    let ahead = (g.applied(1) + 5).to_string();
+    let ahead = (g.applied(1) + 100).to_string();
     for path in ["/v1/devices", "/v1/devices?consistency=local"] {
         let a = g.get(1, path, Some(&ahead)).await;
         a.unavailable("min-index-not-reached");
@@ -276,6 +283,29 @@ async fn without_a_quorum_every_request_answers_503_within_its_bound() {
     let created = g.post(leader, "/v1/devices", json!({"id": "pump-3"})).await;
     assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
     let survivor = (1..=3).find(|&id| id != leader).expect("a follower");
+    // Read-your-writes across gateways: the index of a write on the leader
+    // is never refused by a follower, and the read reflects the write.
+    let written = g
+        .call(
+            leader,
+            reqwest::Method::PATCH,
+            "/v1/devices/pump-3/shadow",
+            None,
+            Some(json!({"desired": {"speed": 2}})),
+        )
+        .await;
+    assert_eq!(written.status, StatusCode::OK, "{written:?}");
+    let at = written.index.expect("Entente-Index");
+    let a = g
+        .get(
+            survivor,
+            "/v1/devices/pump-3/shadow?consistency=local",
+            Some(&at.to_string()),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    assert_eq!(a.body["desired"]["speed"], 2, "{a:?}");
+    assert!(a.index.is_some_and(|i| i >= at), "{a:?}");
     // The survivor applied the write: it knows the leader that is to die.
     let deadline = Instant::now() + Duration::from_secs(10);
     while g.gws[&survivor].node().status().raft.leader != Some(leader) {
