@@ -164,13 +164,9 @@ pub async fn read_barrier(
 ) -> Result<ReadCtx, ApiError> {
     let min = min_index(headers)?;
     let bound = state.config.write_timeout.saturating_mul(2);
-    let mut shutdown = state.shutdown.clone();
-    tokio::select! {
-        r = tokio::time::timeout(bound, barrier(state, consistency, min)) => match r {
-            Ok(r) => r,
-            Err(_) => Err(read_error(NodeError::Timeout)),
-        },
-        _ = super::stopped(&mut shutdown) => Err(read_error(NodeError::Shutdown)),
+    match tokio::time::timeout(bound, barrier(state, consistency, min)).await {
+        Ok(r) => r,
+        Err(_) => Err(read_error(NodeError::Timeout)),
     }
 }
 
@@ -197,7 +193,12 @@ async fn barrier(
             }
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match state.node.wait_applied(n, left).await {
+        let mut shutdown = state.shutdown.clone();
+        let waited = tokio::select! {
+            r = state.node.wait_applied(n, left) => r,
+            _ = super::stopped(&mut shutdown) => Err(NodeError::Shutdown),
+        };
+        match waited {
             Ok(()) => {}
             Err(NodeError::Timeout) => {
                 let applied = state.db.applied_index();
