@@ -67,7 +67,9 @@ pub struct Args {
     /// Name of the cluster; gateways of another cluster are refused.
     #[arg(long, env = "ENTENTE_CLUSTER_ID")]
     pub cluster_id: Option<String>,
-    /// How long a write may wait for the group before failing with 503 (ms).
+    /// How long a write may wait for the group before failing with 503 (ms;
+    /// default 5000). Also bounds reads: an `Entente-Min-Index` is waited for
+    /// at most this long, a read's whole barrier at most twice this.
     #[arg(long, env = "ENTENTE_WRITE_TIMEOUT_MS")]
     pub write_timeout_ms: Option<u64>,
     /// Length of one Raft tick (ms).

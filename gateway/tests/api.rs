@@ -1062,19 +1062,37 @@ async fn consistency_levels_and_min_index() {
         .await
         .problem(StatusCode::BAD_REQUEST);
 
-    // An index this gateway never reaches: a bounded wait, then 503.
+    // An index this gateway never reaches (the group is idle): a wait
+    // bounded by the write timeout, then 503.
     let mut short = e.config.clone();
-    short.max_wait = Duration::from_millis(100);
+    short.write_timeout = Duration::from_millis(100);
     let (app, _tx) = router(&e.gw, &short);
     let future = call(&app, Method::GET, "/v1/devices/m1?consistency=local")
         .token(&e.viewer)
-        .header("entente-min-index", &(w.index() + 1_000_000).to_string())
+        .header("entente-min-index", &(w.index() + 100).to_string())
         .send()
         .await;
     let detail = future.problem(StatusCode::SERVICE_UNAVAILABLE);
     assert!(detail.contains("Entente-Min-Index"), "{detail}");
+    assert_eq!(
+        future.body["type"],
+        "urn:entente:problem:min-index-not-reached"
+    );
     assert!(future.headers.contains_key(header::RETRY_AFTER));
     assert!(future.index() >= w.index());
+    // One far beyond the group's log was never issued: refused at once.
+    let never = call(&app, Method::GET, "/v1/devices/m1?consistency=local")
+        .token(&e.viewer)
+        .header("entente-min-index", &(w.index() + 1_000_000).to_string())
+        .send()
+        .await;
+    let detail = never.problem(StatusCode::PRECONDITION_FAILED);
+    assert!(detail.contains("Entente-Min-Index"), "{detail}");
+    assert_eq!(
+        never.body["type"],
+        "urn:entente:problem:min-index-not-issued"
+    );
+    assert!(never.index() >= w.index());
 
     // A read waiting for an index that a later write produces.
     let app = e.app.clone();

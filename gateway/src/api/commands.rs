@@ -170,7 +170,7 @@ async fn wait_terminal(
         (status = 413, description = "Body too large, or params over 64 KiB as JSON", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields (name, ttl, key; params nested over 32 levels or with integers beyond 64 bits)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "No quorum or leader", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout plus 1 s, with `Retry-After`: no leader (`no-leader`, not applied), not committed within the write timeout (`write-timeout`, outcome unknown), leadership changed (`write-dropped`, not applied), the group is busy (`write-refused`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn issue_command(
@@ -244,10 +244,11 @@ pub(crate) fn issue_op(device: &str, body: NewCommand, cid: String) -> Result<Op
     responses(
         (status = 200, description = "One page", body = CommandPage,
             headers(("Entente-Index" = u64, description = "Applied log index the read reflects"))),
-        (status = 400, description = "Invalid id or query", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Invalid id or query, or an `Entente-Min-Index` that is not a log index", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "No leader for a linearizable read", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`Entente-Min-Index` is more than 1000 entries beyond the group's commit index: never issued, refused at once (`min-index-not-issued`; `Entente-Index` is the group's commit index)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not applied within the write timeout (`min-index-not-reached`) or far ahead while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn list_commands(
@@ -282,10 +283,11 @@ pub(crate) async fn list_commands(
     responses(
         (status = 200, description = "The command (terminal, or as it is when the wait ended)", body = Command,
             headers(("Entente-Index" = u64, description = "Applied log index the read reflects"))),
-        (status = 400, description = "Invalid id or query", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Invalid id or query, or an `Entente-Min-Index` that is not a log index", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such command", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "No leader for a linearizable read", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`Entente-Min-Index` is more than 1000 entries beyond the group's commit index: never issued, refused at once (`min-index-not-issued`; `Entente-Index` is the group's commit index)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not applied within the write timeout (`min-index-not-reached`) or far ahead while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn get_command(
@@ -321,7 +323,7 @@ pub(crate) async fn get_command(
         (status = 403, description = "Needs the operator role", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such command", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Already finished (succeeded, failed, expired)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "No quorum or leader", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout plus 1 s, with `Retry-After`: no leader (`no-leader`, not applied), not committed within the write timeout (`write-timeout`, outcome unknown), leadership changed (`write-dropped`, not applied), the group is busy (`write-refused`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn cancel_command(

@@ -131,7 +131,7 @@ pub(crate) fn new_secret() -> Result<String, ApiError> {
         (status = 413, description = "Body too large, or attributes over 64 KiB as JSON", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields (ids, labels; attributes not an object, nested over 32 levels, or with integers beyond 64 bits)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "No quorum or leader", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout plus 1 s, with `Retry-After`: no leader (`no-leader`, not applied), not committed within the write timeout (`write-timeout`, outcome unknown), leadership changed (`write-dropped`, not applied), the group is busy (`write-refused`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn create_device(
@@ -184,9 +184,10 @@ pub(crate) fn register_op(body: NewDevice, secret_hash: String) -> Result<Op, Ap
     responses(
         (status = 200, description = "One page", body = DevicePage,
             headers(("Entente-Index" = u64, description = "Applied log index the read reflects"))),
-        (status = 400, description = "Invalid query", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Invalid query, or an `Entente-Min-Index` that is not a log index", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "No leader for a linearizable read", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`Entente-Min-Index` is more than 1000 entries beyond the group's commit index: never issued, refused at once (`min-index-not-issued`; `Entente-Index` is the group's commit index)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not applied within the write timeout (`min-index-not-reached`) or far ahead while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn list_devices(
@@ -221,10 +222,11 @@ pub(crate) async fn list_devices(
     responses(
         (status = 200, description = "The device", body = Device,
             headers(("Entente-Index" = u64, description = "Applied log index the read reflects"))),
-        (status = 400, description = "Invalid id", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Invalid id, or an `Entente-Min-Index` that is not a log index", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "No leader for a linearizable read", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`Entente-Min-Index` is more than 1000 entries beyond the group's commit index: never issued, refused at once (`min-index-not-issued`; `Entente-Index` is the group's commit index)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not applied within the write timeout (`min-index-not-reached`) or far ahead while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn get_device(
@@ -263,7 +265,7 @@ pub(crate) fn device_not_found(id: &str) -> ApiError {
         (status = 413, description = "Body too large, or attributes over 64 KiB as JSON", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields (labels; attributes not an object, nested over 32 levels, or with integers beyond 64 bits)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "No quorum or leader", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout plus 1 s, with `Retry-After`: no leader (`no-leader`, not applied), not committed within the write timeout (`write-timeout`, outcome unknown), leadership changed (`write-dropped`, not applied), the group is busy (`write-refused`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn update_device(
@@ -314,7 +316,7 @@ pub(crate) fn update_op(id: &str, body: DeviceUpdate) -> Result<Op, ApiError> {
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Needs the operator role", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "No quorum or leader", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout plus 1 s, with `Retry-After`: no leader (`no-leader`, not applied), not committed within the write timeout (`write-timeout`, outcome unknown), leadership changed (`write-dropped`, not applied), the group is busy (`write-refused`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn delete_device(
@@ -346,7 +348,7 @@ pub(crate) async fn delete_device(
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Needs the operator role", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "No quorum or leader", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout plus 1 s, with `Retry-After`: no leader (`no-leader`, not applied), not committed within the write timeout (`write-timeout`, outcome unknown), leadership changed (`write-dropped`, not applied), the group is busy (`write-refused`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn rotate_secret(

@@ -39,7 +39,8 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
-use utoipa::IntoParams;
+use utoipa::openapi::{RefOr, Schema};
+use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::auth::Caller;
@@ -58,6 +59,210 @@ const CLIENT_BUFFER: usize = 1024;
 const EVENT_OVERHEAD: usize = 32;
 /// `Retry-After` (seconds) of a refused stream.
 const RETRY_S: u64 = 5;
+
+/// Every kind of event `GET /v1/events` sends, with the schema (a component
+/// of the OpenAPI document) of its `data` and what it means. The kinds are
+/// [`crate::ops::Op::kind`]; the data is what `state::apply` records.
+pub(crate) const EVENT_KINDS: &[(&str, &str, &str)] = &[
+    (
+        "device.registered",
+        "Device",
+        "A device was registered: the device.",
+    ),
+    (
+        "device.updated",
+        "Device",
+        "A device's labels or attributes changed: the device after the change.",
+    ),
+    (
+        "device.presence",
+        "Device",
+        "A device connected or disconnected: the device after it (`online`, `gateway`).",
+    ),
+    (
+        "device.deleted",
+        "EventDeviceRef",
+        "A device was deleted, with its shadow and commands.",
+    ),
+    (
+        "device.secret_rotated",
+        "EventDeviceRef",
+        "A device's secret was replaced (the secret is never sent).",
+    ),
+    (
+        "command.issued",
+        "Command",
+        "A command was issued: the command.",
+    ),
+    (
+        "command.sent",
+        "Command",
+        "A command was sent to its device: the command after it.",
+    ),
+    (
+        "command.accepted",
+        "Command",
+        "The device accepted a command: the command after it.",
+    ),
+    (
+        "command.result",
+        "Command",
+        "The device reported a command's result: the command after it (`succeeded` or `failed`, `output`).",
+    ),
+    (
+        "command.canceled",
+        "Command",
+        "A command was canceled: the command after it.",
+    ),
+    (
+        "command.expired",
+        "EventCommandsExpired",
+        "Commands passed their time to live unfinished: each command after it.",
+    ),
+    (
+        "shadow.desired",
+        "EventShadowChange",
+        "A desired-state patch was applied.",
+    ),
+    (
+        "shadow.reported",
+        "EventShadowChange",
+        "A device reported state: the patch applied to the reported document.",
+    ),
+    (
+        "gateway.sessions_lost",
+        "EventSessionsLost",
+        "A gateway went away; the devices connected to it are offline now.",
+    ),
+    (
+        "cluster.peer",
+        "EventPeerAddress",
+        "A gateway's peer address was recorded.",
+    ),
+    (
+        "token",
+        "EventToken",
+        "An API token was created (sent to admin tokens only; never the token or its hash).",
+    ),
+];
+
+/// `data` of `device.deleted` and `device.secret_rotated`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct EventDeviceRef {
+    /// The device id.
+    id: String,
+}
+
+/// `data` of `command.expired`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct EventCommandsExpired {
+    /// The commands that expired, each after the change.
+    commands: Vec<crate::ops::Command>,
+}
+
+/// `data` of `shadow.desired` and `shadow.reported`: the change, not the
+/// documents (read those from the shadow).
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct EventShadowChange {
+    /// The device id.
+    device: String,
+    /// The shadow's desired version after the change (a reported change
+    /// does not bump it).
+    version: u64,
+    /// The JSON merge patch applied (`null` removes a key).
+    #[schema(value_type = Object)]
+    patch: Value,
+}
+
+/// `data` of `gateway.sessions_lost`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct EventSessionsLost {
+    /// The gateway (node id) that went away.
+    gateway: u64,
+    /// The devices that were connected to it, now offline.
+    devices: Vec<String>,
+}
+
+/// `data` of `cluster.peer`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct EventPeerAddress {
+    /// The gateway's node id.
+    id: u64,
+    /// Its peer address (`host:port`).
+    address: String,
+}
+
+/// `data` of `token`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct EventToken {
+    /// The token's role.
+    role: Role,
+    /// The token's name.
+    name: String,
+}
+
+/// One event of the stream: the SSE fields `id` (the log index of the
+/// change; resume after it with `Last-Event-ID`), `event` (the kind) and
+/// `data` (JSON, by kind). For the OpenAPI document only.
+#[derive(Debug)]
+pub(crate) struct StreamEvent;
+
+impl utoipa::PartialSchema for StreamEvent {
+    fn schema() -> RefOr<Schema> {
+        let variants: Vec<Value> = EVENT_KINDS
+            .iter()
+            .map(|(kind, data, about)| {
+                serde_json::json!({
+                    "type": "object",
+                    "title": kind,
+                    "description": about,
+                    "required": ["id", "event", "data"],
+                    "properties": {
+                        "id": {"type": "integer", "format": "int64", "minimum": 0,
+                            "description": "SSE `id:` — the log index of the change"},
+                        "event": {"type": "string", "enum": [kind],
+                            "description": "SSE `event:` — the kind"},
+                        "data": {"$ref": format!("#/components/schemas/{data}")},
+                    },
+                })
+            })
+            .collect();
+        let schema = serde_json::json!({
+            "description": "One event of the stream, as its SSE fields: `id:` the log index of \
+                the change, `event:` its kind, `data:` its JSON (one line). Between events the \
+                stream sends `:` comments (keep-alive every 15 s; a note before it ends a \
+                stream whose client was too slow).",
+            "oneOf": variants,
+        });
+        serde_json::from_value(schema).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "building the event stream's schema");
+            RefOr::T(Schema::default())
+        })
+    }
+}
+
+impl ToSchema for StreamEvent {
+    fn schemas(out: &mut Vec<(String, RefOr<Schema>)>) {
+        fn add<T: ToSchema>(out: &mut Vec<(String, RefOr<Schema>)>) {
+            out.push((T::name().into_owned(), T::schema()));
+            T::schemas(out);
+        }
+        add::<crate::ops::Device>(out);
+        add::<crate::ops::Command>(out);
+        add::<EventDeviceRef>(out);
+        add::<EventCommandsExpired>(out);
+        add::<EventShadowChange>(out);
+        add::<EventSessionsLost>(out);
+        add::<EventPeerAddress>(out);
+        add::<EventToken>(out);
+    }
+}
 
 /// Query of `GET /v1/events`.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -327,8 +532,10 @@ impl Out {
         ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event id (log index)"),
     ),
     responses(
-        (status = 200, description = "An endless text/event-stream; each event's data is the JSON of the change",
-            content_type = "text/event-stream", body = String),
+        (status = 200, description = "An endless text/event-stream of committed changes, one SSE event each (schema `StreamEvent`: \
+the kinds and the JSON of their data). The `Entente-Index` header is the index the stream starts after.",
+            content_type = "text/event-stream", body = StreamEvent,
+            headers(("Entente-Index" = u64, description = "The log index the stream starts after"))),
         (status = 400, description = "Invalid Last-Event-ID or query", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "This token has the most event streams it may have open on this gateway; `Retry-After` says when to try again",

@@ -108,9 +108,12 @@ pub enum Consistency {
 #[into_params(parameter_in = Header)]
 #[allow(dead_code)]
 pub struct MinIndexHeader {
-    /// Wait (at most the gateway's max wait) until this gateway has applied
-    /// this log index — e.g. the `Entente-Index` of an earlier write — before
-    /// reading (read-your-writes).
+    /// Wait until this gateway has applied this log index — e.g. the
+    /// `Entente-Index` of an earlier write — before reading (read-your-writes):
+    /// at most the write timeout (5 s by default), then 503
+    /// `min-index-not-reached`. An index more than 1000 entries beyond the
+    /// group's commit index was never issued and is refused at once (412
+    /// `min-index-not-issued`).
     #[param(rename = "Entente-Min-Index")]
     entente_min_index: Option<u64>,
 }
@@ -140,20 +143,59 @@ fn min_index(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
         })
 }
 
+/// How far beyond the group's commit index an `Entente-Min-Index` may be and
+/// still be waited for (writes in flight may reach it soon); an index further
+/// ahead was never issued by the group and is refused at once (412).
+pub const MIN_INDEX_WINDOW: u64 = 1_000;
+
 /// The read barrier: waits for `Entente-Min-Index` (if given) to be applied
 /// locally, then for a linearizable read point (unless `consistency` is
 /// `local`). Returns the applied index to report.
+///
+/// Bounds (docs/ARCHITECTURE.md, "Bounded waits"): an `Entente-Min-Index`
+/// more than [`MIN_INDEX_WINDOW`] entries beyond the group's commit index is
+/// refused at once (412); a smaller one is waited for at most the write
+/// timeout (then 503 `min-index-not-reached`); the whole barrier takes at
+/// most twice the write timeout (then 503 `read-timeout`).
 pub async fn read_barrier(
     state: &AppState,
     consistency: Option<Consistency>,
     headers: &HeaderMap,
 ) -> Result<ReadCtx, ApiError> {
     let min = min_index(headers)?;
-    if let Some(n) = min {
-        let max = state.config.max_wait;
+    let bound = state.config.write_timeout.saturating_mul(2);
+    match tokio::time::timeout(bound, barrier(state, consistency, min)).await {
+        Ok(r) => r,
+        Err(_) => Err(read_error(NodeError::Timeout)),
+    }
+}
+
+async fn barrier(
+    state: &AppState,
+    consistency: Option<Consistency>,
+    min: Option<u64>,
+) -> Result<ReadCtx, ApiError> {
+    let linearizable = consistency.unwrap_or_default() == Consistency::Linearizable;
+    let deadline = tokio::time::Instant::now() + state.config.write_timeout;
+    let mut confirmed = false;
+    if let Some(n) = min.filter(|&n| n > state.db.applied_index()) {
+        let raft = state.node.status().raft;
+        let known = raft.commit.max(raft.last_index);
+        if n > known.saturating_add(MIN_INDEX_WINDOW) {
+            // Far beyond anything this gateway knows: ask the group how far
+            // its log goes (this is also a linearizable read point).
+            let group = read_point(state)
+                .await
+                .map_err(|e| min_index_unknown(n, known, e))?;
+            confirmed = true;
+            if n > group.saturating_add(MIN_INDEX_WINDOW) {
+                return Err(min_index_not_issued(n, group));
+            }
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let mut shutdown = state.shutdown.clone();
         let waited = tokio::select! {
-            r = state.node.wait_applied(n, max) => r,
+            r = state.node.wait_applied(n, left) => r,
             _ = super::stopped(&mut shutdown) => Err(NodeError::Shutdown),
         };
         match waited {
@@ -165,9 +207,9 @@ pub async fn read_barrier(
                     format!(
                         "this gateway has applied the log up to index {applied} and did not reach \
                          the requested Entente-Min-Index {n} within {} ms; it may be cut off from \
-                         the group (retry, or ask another gateway), or the index was never \
-                         issued by this cluster",
-                        max.as_millis()
+                         the group or behind it (retry, or ask another gateway), or the index was \
+                         never issued by this cluster",
+                        state.config.write_timeout.as_millis()
                     ),
                     1,
                 )
@@ -176,16 +218,55 @@ pub async fn read_barrier(
             Err(e) => return Err(read_error(e)),
         }
     }
-    if consistency.unwrap_or_default() == Consistency::Linearizable {
-        let mut r = state.node.read_index().await;
-        if r == Err(NodeError::NoLeader) && leader_known(state).await {
-            r = state.node.read_index().await;
-        }
-        r.map_err(read_error)?;
+    if linearizable && !confirmed {
+        read_point(state).await.map_err(read_error)?;
     }
     Ok(ReadCtx {
         index: state.db.applied_index(),
     })
+}
+
+/// A linearizable read point (ReadIndex), retried once when no leader was
+/// known yet but one appears within the write timeout. Once it returns, this
+/// gateway has applied at least the returned index.
+async fn read_point(state: &AppState) -> Result<u64, NodeError> {
+    let mut r = state.node.read_index().await;
+    if r == Err(NodeError::NoLeader) && leader_known(state).await {
+        r = state.node.read_index().await;
+    }
+    r
+}
+
+/// 412: `Entente-Min-Index` `n` is far beyond the group's commit index `group`.
+fn min_index_not_issued(n: u64, group: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PRECONDITION_FAILED,
+        "min-index-not-issued",
+        "Index not issued",
+        format!(
+            "Entente-Min-Index {n} was never issued by this group: it has committed the log up \
+             to index {group}, and an index more than {MIN_INDEX_WINDOW} entries beyond that is \
+             refused rather than waited for; send the Entente-Index of an earlier response"
+        ),
+    )
+    .with_index(group)
+}
+
+/// 503: `Entente-Min-Index` `n` is far beyond this gateway's log (`known`)
+/// and the group could not be asked where its log ends.
+fn min_index_unknown(n: u64, known: u64, e: NodeError) -> ApiError {
+    if matches!(e, NodeError::Shutdown | NodeError::Fatal(_)) {
+        return read_error(e);
+    }
+    ApiError::unavailable(
+        "min-index-unknown",
+        format!(
+            "Entente-Min-Index {n} is far beyond this gateway's log (index {known}) and the group \
+             did not confirm in time how far its log goes (no leader, or no quorum); retry \
+             shortly, or on another gateway"
+        ),
+        1,
+    )
 }
 
 /// Waits (at most the write timeout, and not past shutdown) until this

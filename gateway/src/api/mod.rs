@@ -235,12 +235,12 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
-/// Whether a request may wait on purpose (`?wait=` or `Entente-Min-Index`).
+/// Whether a request may wait on purpose (`?wait=`). An `Entente-Min-Index`
+/// wait is part of the read barrier's own bound (twice the write timeout).
 fn waits(req: &Request) -> bool {
     req.uri()
         .query()
         .is_some_and(|q| q.split('&').any(|kv| kv.starts_with("wait=")))
-        || req.headers().contains_key(ENTENTE_MIN_INDEX)
 }
 
 /// Middleware: bounds the time to a response head. Writes and linearizable

@@ -17,7 +17,11 @@ use super::{cluster, commands, devices, events, health, shadow};
         description = "Register IoT devices, send them commands and set their desired state. \
 Every write is agreed by the gateway group (Raft) before it is answered and returns the log index \
 it committed at in `Entente-Index`. Reads are linearizable unless `?consistency=local`; \
-`Entente-Min-Index: N` makes a read wait until this gateway applied index N. \
+`Entente-Min-Index: N` makes a read wait until this gateway applied index N (at most the write \
+timeout, then 503; an N more than 1000 entries beyond the group's commit index is 412 at once). \
+Every wait is bounded: reads answer within twice the write timeout, writes within twice the write \
+timeout plus 1 s, `?wait=` adds at most the wait asked for; \
+a retryable failure is always a 503 problem with `Retry-After`. \
 Errors are `application/problem+json` (RFC 9457). Every request except the health checks and \
 this document needs `Authorization: Bearer <token>`: `viewer` tokens read, `operator` tokens also \
 manage devices, commands and shadows, `admin` tokens may do everything."

@@ -67,10 +67,11 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
         (status = 200, description = "The shadow", body = Shadow, headers(
             ("Entente-Index" = u64, description = "Applied log index the read reflects"),
             ("ETag" = String, description = "The desired version, quoted: use it in If-Match"))),
-        (status = 400, description = "Invalid id", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Invalid id, or an `Entente-Min-Index` that is not a log index", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "No leader for a linearizable read", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`Entente-Min-Index` is more than 1000 entries beyond the group's commit index: never issued, refused at once (`min-index-not-issued`; `Entente-Index` is the group's commit index)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not applied within the write timeout (`min-index-not-reached`) or far ahead while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn get_shadow(
@@ -113,7 +114,7 @@ pub(crate) async fn get_shadow(
         (status = 413, description = "The patch, or the desired document it would make, is over 64 KiB as JSON; nothing changed", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "desired is not an object, is nested over 32 levels, or has integers beyond 64 bits", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "No quorum or leader", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout plus 1 s, with `Retry-After`: no leader (`no-leader`, not applied), not committed within the write timeout (`write-timeout`, outcome unknown), leadership changed (`write-dropped`, not applied), the group is busy (`write-refused`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn patch_shadow(
