@@ -21,11 +21,16 @@
 //! The harness is in `chaos/cluster.rs` and `chaos/proxy.rs`, the fault
 //! schedule in `chaos/faults.rs`, the clients in `chaos/workload.rs`, the
 //! devices in `chaos/devices.rs`, the record in `chaos/history.rs`, and what
-//! is checked, and how, in `chaos/check.rs` and `chaos/model.rs`.
+//! is checked, and how, in `chaos/check.rs` and `chaos/model.rs` — and in
+//! `chaos/delivery.rs` that a device connected to a live gateway gets its
+//! commands: every command whose device held one connection to a gateway no
+//! fault affected for the 8 s before the command's TTL ended must end
+//! `succeeded`, `failed` or `canceled`, never `expired`.
 
 mod chaos {
     pub mod check;
     pub mod cluster;
+    pub mod delivery;
     pub mod devices;
     pub mod faults;
     pub mod history;
@@ -44,11 +49,12 @@ use tokio::time::Instant;
 
 use chaos::check::{self, Verdict};
 use chaos::cluster::{Cluster, Settings, tail};
+use chaos::delivery::{self as delivery_check, Clock};
 use chaos::devices::Devices;
 use chaos::faults::Nemesis;
 use chaos::history::History;
 use chaos::rng::Rng;
-use chaos::workload::{Client, Timeouts, World, register_setup_device};
+use chaos::workload::{Client, MAX_TTL_MS, Timeouts, World, register_setup_device};
 
 fn env_u64(name: &str) -> Option<u64> {
     let v = std::env::var(name).ok()?;
@@ -173,6 +179,9 @@ async fn chaos() {
          replay with CHAOS_SEED={seed:#x}"
     );
     let started = Instant::now();
+    let clock = Clock {
+        start_wall_ms: Clock::wall_ms(),
+    };
     let tmp = tempfile::tempdir().expect("tempdir");
     let settings = Settings {
         nodes,
@@ -213,12 +222,13 @@ async fn chaos() {
             .unwrap_or_else(|e| panic!("{e}"));
         offline.push(id);
     }
+    let live: Vec<String> = sims.iter().map(|(d, _)| d.clone()).collect();
     {
         let mut w = world.lock().expect("world");
-        w.live = sims.iter().map(|(d, _)| d.clone()).collect();
+        w.live = live.clone();
         w.offline = offline;
     }
-    let devices = Devices::start(cluster.clone(), sims, seed);
+    let devices = Devices::start(cluster.clone(), sims, seed, started);
 
     // Clients and faults.
     let stop = Arc::new(AtomicBool::new(false));
@@ -259,8 +269,10 @@ async fn chaos() {
     let mut problems = nemesis.log.problems.clone();
 
     // Every command must finish: devices answer, the leader expires the rest
-    // (TTLs are at most 10 s).
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // (TTLs are at most MAX_TTL_MS; the clients have stopped, so every
+    // command was issued by now).
+    let finish_within = Duration::from_millis(MAX_TTL_MS) + Duration::from_secs(30);
+    let deadline = Instant::now() + finish_within;
     let mut open = Vec::new();
     loop {
         let g = cluster.ids()[0];
@@ -272,7 +284,7 @@ async fn chaos() {
         }
         if Instant::now() > deadline {
             problems.push(format!(
-                "{} commands still not finished 60 s after the group healed: {:?}",
+                "{} commands still not finished {finish_within:?} after the clients stopped: {:?}",
                 open.len(),
                 &open[..open.len().min(10)]
             ));
@@ -281,6 +293,7 @@ async fn chaos() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let deliveries = devices.deliveries.clone();
+    let connections = devices.connections.clone();
     let device_stats = devices.stats.clone();
     devices.stop().await;
     match quiesce(&cluster, Duration::from_secs(60)).await {
@@ -310,6 +323,41 @@ async fn chaos() {
     let records = history.records();
     let world_snapshot = std::mem::take(&mut *world.lock().expect("world"));
     let deliveries = deliveries.lock().expect("deliveries").clone();
+    let connections = connections.lock().expect("connections").clone();
+
+    // Delivery: a command whose device was connected to a live gateway for
+    // the window before its TTL ended is not left to expire.
+    let delivered = delivery_check::check(&fin, &live, &connections, &nemesis.log.spans, clock);
+    if !delivered.violations.is_empty() {
+        let events = match delivery_check::read_events(&cluster.node(1).db_path()).await {
+            Ok(e) => e,
+            Err(e) => {
+                problems.push(e);
+                Vec::new()
+            }
+        };
+        for v in delivered.violations.iter().take(5) {
+            violations.push(delivery_check::describe(
+                v,
+                &events,
+                &deliveries,
+                &connections,
+                &nemesis.log.spans,
+                clock,
+            ));
+        }
+        if delivered.violations.len() > 5 {
+            let ids: Vec<&str> = delivered
+                .violations
+                .iter()
+                .map(|v| v.cid.as_str())
+                .collect();
+            violations.push(format!(
+                "… {} qualifying commands not delivered in all: {ids:?}",
+                delivered.violations.len()
+            ));
+        }
+    }
 
     // The history.
     let check_started = Instant::now();
@@ -401,6 +449,17 @@ async fn chaos() {
         "chaos: final state: {} devices, {} commands",
         fin.devices.len(),
         fin.commands.len()
+    );
+    eprintln!(
+        "chaos: delivery: {} commands for connecting devices checked, {} qualified (device \
+         connected to a live gateway for the {} s before expiry): {:?}; not delivered: {}; \
+         expired without qualifying: {}",
+        delivered.checked,
+        delivered.qualified,
+        delivery_check::WINDOW.as_secs(),
+        delivered.by_status,
+        delivered.violations.len(),
+        delivered.expired_unqualified,
     );
     eprintln!(
         "chaos: violations: {}; harness problems: {}",

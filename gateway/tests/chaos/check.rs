@@ -18,7 +18,9 @@
 //!   commands, no idempotency key two commands, every command comes from a
 //!   request the workload made, for its device; a device's result is the
 //!   one it sent.
-//! - **Deliveries**: a device received only its own commands.
+//! - **Deliveries**: a device received only its own commands. (That a
+//!   device connected to a live gateway gets its commands at all is
+//!   checked in `delivery.rs`.)
 //! - **Sessions**: a local read with `Entente-Min-Index` at least the index
 //!   of a client's acknowledged write reflects that write; every
 //!   (version, value) of a shadow anyone observed, with any consistency, is
@@ -147,6 +149,9 @@ pub struct FinalCommand {
     pub tag: Option<String>,
     pub key: Option<String>,
     pub output: Option<Value>,
+    /// Milliseconds since the epoch, as the gateways stamped them.
+    pub issued_at: u64,
+    pub expires_at: u64,
 }
 
 pub async fn final_state(path: &Path) -> Final {
@@ -171,7 +176,8 @@ pub async fn final_state(path: &Path) -> Final {
             .insert(r.get(0), labels["op"].as_str().map(str::to_string));
     }
     for r in sqlx::query(
-        "SELECT id, device, status, params, idempotency_key, output FROM commands ORDER BY id",
+        "SELECT id, device, status, params, idempotency_key, output, issued_at, expires_at \
+         FROM commands ORDER BY id",
     )
     .fetch_all(&pool)
     .await
@@ -186,6 +192,8 @@ pub async fn final_state(path: &Path) -> Final {
             tag: params["op"].as_str().map(str::to_string),
             key: r.get(4),
             output: output.and_then(|o| serde_json::from_str(&o).ok()),
+            issued_at: r.get::<i64, _>(6) as u64,
+            expires_at: r.get::<i64, _>(7) as u64,
         });
     }
     pool.close().await;

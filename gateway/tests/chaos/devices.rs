@@ -4,9 +4,15 @@
 //! another one (chosen by their seeded RNG).
 //!
 //! A device re-publishes its recent results on every reconnect (an outbox):
-//! a gateway redelivers only `queued` and `sent` commands, so a result lost
-//! with a connection would otherwise leave its command `accepted` until it
-//! expires. The gateway ignores results for finished commands.
+//! a gateway redelivers only `queued` and `sent` commands on subscribe, so a
+//! result lost with a connection would otherwise leave its command
+//! `accepted` until the gateway's sweep delivers it again. The gateway
+//! ignores results for finished commands.
+//!
+//! Every connection is recorded ([`Connection`]: from the CONNACK until the
+//! device saw it end) with every delivery's time, in seconds since the run
+//! started: the delivery check (`delivery.rs`) needs to know which gateway
+//! held a device's session when.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +26,7 @@ use entente_protocol::{
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::cluster::Cluster;
 use super::rng::Rng;
@@ -33,6 +40,19 @@ pub struct Delivery {
     pub gateway: u64,
     /// The topic it came on.
     pub topic: String,
+    /// When (seconds since the run started).
+    pub at: f64,
+}
+
+/// One MQTT connection of a device, as the device saw it.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub device: String,
+    pub gateway: u64,
+    /// When its CONNACK arrived (seconds since the run started).
+    pub from: f64,
+    /// When the device saw it end (an error, or told to stop); `None` while open.
+    pub to: Option<f64>,
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +65,7 @@ pub struct DeviceStats {
 #[derive(Debug)]
 pub struct Devices {
     pub deliveries: Arc<Mutex<Vec<Delivery>>>,
+    pub connections: Arc<Mutex<Vec<Connection>>>,
     pub stats: Arc<DeviceStats>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -61,9 +82,15 @@ pub fn expected_result(cid: &str) -> bool {
 
 impl Devices {
     /// Starts one simulated device per `(id, secret)`; device `i` first
-    /// connects to gateway `i % n + 1`.
-    pub fn start(cluster: Arc<Cluster>, devices: Vec<(String, String)>, seed: u64) -> Devices {
+    /// connects to gateway `i % n + 1`. Times are recorded from `start`.
+    pub fn start(
+        cluster: Arc<Cluster>,
+        devices: Vec<(String, String)>,
+        seed: u64,
+        start: Instant,
+    ) -> Devices {
         let deliveries = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(Mutex::new(Vec::new()));
         let stats = Arc::new(DeviceStats::default());
         let (stop, stop_rx) = watch::channel(false);
         let tasks = devices
@@ -76,14 +103,19 @@ impl Devices {
                     i as u64,
                     cluster.clone(),
                     Rng::fork(seed, 10_000 + i as u64),
-                    deliveries.clone(),
-                    stats.clone(),
+                    Record {
+                        start,
+                        deliveries: deliveries.clone(),
+                        connections: connections.clone(),
+                        stats: stats.clone(),
+                    },
                     stop_rx.clone(),
                 ))
             })
             .collect();
         Devices {
             deliveries,
+            connections,
             stats,
             stop,
             tasks,
@@ -105,17 +137,49 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where a device records what it saw.
+struct Record {
+    start: Instant,
+    deliveries: Arc<Mutex<Vec<Delivery>>>,
+    connections: Arc<Mutex<Vec<Connection>>>,
+    stats: Arc<DeviceStats>,
+}
+
+impl Record {
+    fn now(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    /// A connection began; returns its position for [`Record::ended`].
+    fn connected(&self, device: &str, gateway: u64) -> usize {
+        let mut c = self.connections.lock().expect("connections");
+        c.push(Connection {
+            device: device.to_string(),
+            gateway,
+            from: self.now(),
+            to: None,
+        });
+        c.len() - 1
+    }
+
+    fn ended(&self, at: Option<usize>) {
+        if let Some(i) = at {
+            let now = self.now();
+            self.connections.lock().expect("connections")[i].to = Some(now);
+        }
+    }
+}
+
 async fn run_device(
     id: String,
     secret: String,
     index: u64,
     cluster: Arc<Cluster>,
     mut rng: Rng,
-    deliveries: Arc<Mutex<Vec<Delivery>>>,
-    stats: Arc<DeviceStats>,
+    rec: Record,
     mut stop: watch::Receiver<bool>,
 ) {
+    let stats = rec.stats.clone();
     let ids = cluster.ids();
     let mut gateway = ids[(index as usize) % ids.len()];
     let topic = commands_topic(&id);
@@ -132,9 +196,12 @@ async fn run_device(
         opts.set_clean_session(true);
         let (client, mut el) = AsyncClient::new(opts, 512);
         let _ = client.try_subscribe(topic.clone(), QoS::AtLeastOnce);
+        // This connection's record, once its CONNACK arrived.
+        let mut conn: Option<usize> = None;
         loop {
             let ev = tokio::select! {
                 _ = stopped(&mut stop) => {
+                    rec.ended(conn);
                     let _ = client.try_disconnect();
                     let _ = tokio::time::timeout(Duration::from_millis(500), async {
                         while el.poll().await.is_ok() {}
@@ -147,6 +214,10 @@ async fn run_device(
             match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     stats.connects.fetch_add(1, Ordering::Relaxed);
+                    // rumqttc reports a refused CONNECT as an error, so this
+                    // is a session.
+                    rec.ended(conn);
+                    conn = Some(rec.connected(&id, gateway));
                     for (cid, result) in outbox.iter().cloned() {
                         let c = client.clone();
                         let t = result_topic(&id, &cid);
@@ -160,11 +231,12 @@ async fn run_device(
                         continue;
                     };
                     stats.deliveries.fetch_add(1, Ordering::Relaxed);
-                    deliveries.lock().expect("deliveries").push(Delivery {
+                    rec.deliveries.lock().expect("deliveries").push(Delivery {
                         device: id.clone(),
                         cid: cmd.id.clone(),
                         gateway,
                         topic: p.topic.clone(),
+                        at: rec.now(),
                     });
                     let ok = expected_result(&cmd.id);
                     let result = serde_json::to_vec(&CommandResultMessage {
@@ -199,6 +271,7 @@ async fn run_device(
                 }
                 Ok(_) => {}
                 Err(_) => {
+                    rec.ended(conn);
                     stats.disconnects.fetch_add(1, Ordering::Relaxed);
                     break;
                 }

@@ -14,6 +14,14 @@
 //!   SIGCONT later;
 //! - clean restart (SIGINT, start again at once);
 //! - crash every gateway at once (SIGKILL all), restart them all.
+//!
+//! Each fault is recorded as a [`FaultSpan`]: from just before it is
+//! injected until the heal after it finished (restarted gateways up again),
+//! with the gateways it affects, decided conservatively — the gateway
+//! isolated, killed, paused or restarted; the minority side of a split;
+//! both ends of a one-way partition; every gateway for what acts on the
+//! whole group (delay, flaky links, crash-all). The delivery check trusts
+//! only gateways outside every span.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -24,11 +32,31 @@ use super::cluster::{Cluster, Life};
 use super::proxy::Mode;
 use super::rng::Rng;
 
+/// One fault from injection to heal, in seconds since the run started.
+#[derive(Debug, Clone)]
+pub struct FaultSpan {
+    pub what: String,
+    pub from: f64,
+    /// When the heal after it completed; infinite while it lasts.
+    pub to: f64,
+    /// The gateways it affects.
+    pub gateways: Vec<u64>,
+}
+
+impl FaultSpan {
+    /// Whether it affects gateway `g` at some time in `[from, to]`.
+    pub fn affects(&self, g: u64, from: f64, to: f64) -> bool {
+        self.gateways.contains(&g) && self.from <= to && self.to >= from
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct FaultLog {
     pub counts: BTreeMap<&'static str, u64>,
     /// (seconds since start, what).
     pub timeline: Vec<(f64, String)>,
+    /// Every fault, injection to heal.
+    pub spans: Vec<FaultSpan>,
     /// Harness-level anomalies (a gateway that did not come back, …).
     pub problems: Vec<String>,
 }
@@ -41,11 +69,19 @@ pub struct Nemesis<'a> {
 }
 
 impl Nemesis<'_> {
-    fn note(&mut self, kind: &'static str, what: String) {
+    /// Records a fault about to be injected that affects `gateways`; its
+    /// span ends when [`Nemesis::run`] healed it.
+    fn note(&mut self, kind: &'static str, what: String, gateways: Vec<u64>) {
         *self.log.counts.entry(kind).or_insert(0) += 1;
         let t = self.start.elapsed().as_secs_f64();
         eprintln!("chaos: [{t:>8.3}s] {what}");
-        self.log.timeline.push((t, what));
+        self.log.timeline.push((t, what.clone()));
+        self.log.spans.push(FaultSpan {
+            what,
+            from: t,
+            to: f64::INFINITY,
+            gateways,
+        });
     }
 
     /// A target: the leader half of the time (if one is known), else any gateway.
@@ -75,6 +111,10 @@ impl Nemesis<'_> {
         while Instant::now() < until {
             self.one().await;
             self.heal().await;
+            let t = self.start.elapsed().as_secs_f64();
+            for s in self.log.spans.iter_mut().filter(|s| s.to == f64::INFINITY) {
+                s.to = t;
+            }
             let gap = Duration::from_millis(self.rng.range(200, 1_500));
             sleep(gap).await;
         }
@@ -90,7 +130,11 @@ impl Nemesis<'_> {
                 let mode = self.partition_mode();
                 let others: Vec<u64> = c.ids().into_iter().filter(|x| *x != k).collect();
                 let hold = self.hold();
-                self.note("isolate", format!("isolate gw{k} ({mode:?}) for {hold:?}"));
+                self.note(
+                    "isolate",
+                    format!("isolate gw{k} ({mode:?}) for {hold:?}"),
+                    vec![k],
+                );
                 c.partition(&[k], &others, mode);
                 sleep(hold).await;
             }
@@ -104,9 +148,11 @@ impl Nemesis<'_> {
                 let (a, b) = ids.split_at(((n - 1) / 2) as usize);
                 let mode = self.partition_mode();
                 let hold = self.hold();
+                // The majority side elects a leader among itself and goes on.
                 self.note(
                     "split",
                     format!("split {a:?} | {b:?} ({mode:?}) for {hold:?}"),
+                    a.to_vec(),
                 );
                 c.partition(a, b, mode);
                 sleep(hold).await;
@@ -126,6 +172,7 @@ impl Nemesis<'_> {
                 self.note(
                     "one-way",
                     format!("one-way partition gw{from} → gw{to} ({mode:?}) for {hold:?}"),
+                    vec![from, to],
                 );
                 c.set_link(from, to, mode);
                 sleep(hold).await;
@@ -137,6 +184,7 @@ impl Nemesis<'_> {
                 self.note(
                     "delay",
                     format!("delay every link {delay_ms} ms + up to {jitter_ms} ms for {hold:?}"),
+                    c.ids(),
                 );
                 for a in c.ids() {
                     for b in c.ids() {
@@ -159,6 +207,7 @@ impl Nemesis<'_> {
                 self.note(
                     "flaky",
                     format!("reset every peer connection {times} times"),
+                    c.ids(),
                 );
                 for _ in 0..times {
                     for a in c.ids() {
@@ -176,20 +225,32 @@ impl Nemesis<'_> {
             5 => {
                 let k = self.target().await;
                 let hold = self.hold();
-                self.note("kill", format!("SIGKILL gw{k}, restart after {hold:?}"));
+                self.note(
+                    "kill",
+                    format!("SIGKILL gw{k}, restart after {hold:?}"),
+                    vec![k],
+                );
                 c.kill(k).await;
                 sleep(hold).await;
             }
             6 => {
                 let k = self.target().await;
                 let hold = self.hold();
-                self.note("pause", format!("SIGSTOP gw{k}, SIGCONT after {hold:?}"));
+                self.note(
+                    "pause",
+                    format!("SIGSTOP gw{k}, SIGCONT after {hold:?}"),
+                    vec![k],
+                );
                 c.pause(k);
                 sleep(hold).await;
             }
             7 => {
                 let k = self.target().await;
-                self.note("restart", format!("clean restart (SIGINT) of gw{k}"));
+                self.note(
+                    "restart",
+                    format!("clean restart (SIGINT) of gw{k}"),
+                    vec![k],
+                );
                 if !c.stop(k).await {
                     self.log
                         .problems
@@ -201,6 +262,7 @@ impl Nemesis<'_> {
                 self.note(
                     "crash-all",
                     format!("SIGKILL every gateway, restart after {hold:?}"),
+                    c.ids(),
                 );
                 for k in c.ids() {
                     c.kill(k).await;

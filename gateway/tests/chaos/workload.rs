@@ -6,7 +6,8 @@
 //! device, issue a command (to a connected device, to one that never
 //! connects, or to one registered during the run; some with an idempotency
 //! key — retried with the same key when the outcome is unknown —, some with
-//! `?wait`), read a command (linearizable, long-poll, or local), cancel a
+//! `?wait`; TTLs of 2–10 s, and 20–30 s for 40 % of those to connected
+//! devices), read a command (linearizable, long-poll, or local), cancel a
 //! command, write a desired state (mostly `If-Match` with the version last
 //! seen, sometimes a stale one, sometimes none), read a shadow (linearizable
 //! or local, the latter sometimes with `Entente-Min-Index` of the client's
@@ -37,6 +38,15 @@ use super::rng::Rng;
 pub const MAX_SHADOW_OPS: usize = 60;
 pub const MAX_COMMAND_OPS: usize = 10;
 pub const MAX_DEVICE_OPS: usize = 12;
+/// Command TTLs (ms): most are short; a share of the commands for devices
+/// that connect live long enough for the delivery check (`delivery.rs`,
+/// which needs a device connected to a live gateway for its window before
+/// the TTL ends) to hold the gateways to them.
+pub const SHORT_TTL_MS: (u64, u64) = (2_000, 10_000);
+pub const LONG_TTL_MS: (u64, u64) = (20_000, 30_000);
+const LONG_TTL_SHARE: f64 = 0.4;
+/// The longest TTL any command gets.
+pub const MAX_TTL_MS: u64 = LONG_TTL_MS.1;
 /// The newest objects a client picks from.
 const HOT: usize = 4;
 
@@ -420,8 +430,15 @@ impl Client {
         } else {
             0
         };
-        let ttl_ms = self.rng.range(2_000, 10_000);
         let pool = self.rng.weighted(&[70, 20, 10]);
+        // Only devices that connect (pool 0) get long TTLs: commands for the
+        // others expire, and the test waits for that after the heal.
+        let (lo, hi) = if pool == 0 && self.rng.chance(LONG_TTL_SHARE) {
+            LONG_TTL_MS
+        } else {
+            SHORT_TTL_MS
+        };
+        let ttl_ms = self.rng.range(lo, hi);
         let (obj, device, key, tag) = {
             let mut w = self.world.lock().expect("world");
             let devices = match pool {
