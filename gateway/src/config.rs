@@ -128,6 +128,13 @@ pub struct Args {
     /// (default `info`).
     #[arg(long, env = "ENTENTE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Disaster recovery, offline: turn this member's data (--data-dir,
+    /// --node-id) into a new single-member group that keeps every log entry
+    /// it holds, print what was kept and what may be lost, and exit. Only
+    /// for a group that lost its quorum for good; stop the gateway first.
+    /// Members named in --peers, the snapshot or the log are dropped.
+    #[arg(long)]
+    pub recover: bool,
 }
 
 /// How the gateway writes its log (`--log-format`).

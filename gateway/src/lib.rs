@@ -12,6 +12,7 @@ mod files;
 pub mod limits;
 pub mod mqtt;
 pub mod ops;
+pub mod recover;
 mod server;
 pub mod state;
 

@@ -55,6 +55,7 @@ async fn main() {
              use --cluster-secret-file or ENTENTE_CLUSTER_SECRET"
         );
     }
+    let recover = args.recover;
     let config = match gateway::config::Config::from_args(args) {
         Ok(c) => c,
         Err(e) => {
@@ -62,6 +63,19 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    if recover {
+        let others = config.peers.keys().copied();
+        match gateway::recover::recover(&config.data_dir, config.node_id, others) {
+            Ok(r) => {
+                println!("{r}");
+                std::process::exit(0);
+            }
+            Err(e) => {
+                eprintln!("gateway: recovery refused: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     if let Err(e) = gateway::run(config, shutdown).await {
         eprintln!("gateway: {e}");
         std::process::exit(1);
