@@ -292,7 +292,7 @@ pub struct Device {
     pub updated_at: u64,
 }
 
-/// A command's lifecycle state (DESIGN §5).
+/// A command's lifecycle state (docs/ARCHITECTURE.md, "Devices over MQTT").
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
 )]

@@ -1,4 +1,4 @@
-//! Entente's MQTT contract (DESIGN §4): the topic names and payloads a device
+//! Entente's MQTT contract (docs/ARCHITECTURE.md, "Devices over MQTT"): the topic names and payloads a device
 //! and its gateway exchange. Used by the gateway and by device simulators, so
 //! both sides agree by construction.
 //!

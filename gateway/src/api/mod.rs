@@ -1,4 +1,4 @@
-//! The operators' REST API (axum): DESIGN §6.
+//! The operators' REST API (axum); its decisions are in docs/ARCHITECTURE.md ("REST decisions").
 //!
 //! `app(state)` builds the router; `gateway::start` serves it, and tests call
 //! it with `tower::ServiceExt::oneshot`.
