@@ -66,14 +66,28 @@ async fn group(dir: &Path, ids: &[u64], tweak: impl Fn(&mut Config)) -> Cluster 
         .copied()
         .zip(started.into_iter().map(|g| g.expect("start")))
         .collect();
-    let file = gws
+    let (file, applied) = gws
         .values()
-        .find_map(|g| g.admin_token_file.clone())
+        .find_map(|g| {
+            g.admin_token_file
+                .clone()
+                .map(|f| (f, g.db().applied_index()))
+        })
         .expect("the first leader wrote the admin token");
     let token = std::fs::read_to_string(file)
         .expect("token")
         .trim()
         .to_string();
+    // Tokens are checked against each gateway's own copy of the state: wait
+    // (bounded) until every gateway has applied the admin token's entry.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while gws.values().any(|g| g.db().applied_index() < applied) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateways did not apply the admin token within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     Cluster {
         gws,
         token,
