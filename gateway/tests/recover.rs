@@ -8,53 +8,26 @@ mod common;
 
 #[path = "support/ports.rs"]
 mod ports;
+#[path = "support/process.rs"]
+mod process;
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::WAIT;
 use ports::reserve_ports;
+use process::{Proc, write_secret_file};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 const SECRET: &str = "recover-test-cluster-secret-0123456789";
 
-struct Proc {
-    child: Child,
-    out: Arc<Mutex<String>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn drain(stream: impl Read + Send + 'static, out: Arc<Mutex<String>>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { return };
-            let mut o = out.lock().expect("output");
-            o.push_str(&line);
-            o.push('\n');
-        }
-    });
-}
-
 fn secret_file(root: &Path) -> PathBuf {
     let f = root.join("cluster-secret.txt");
     if !f.exists() {
-        std::fs::write(&f, SECRET).expect("secret file");
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        }
+        write_secret_file(&f, SECRET);
     }
     f
 }
@@ -82,15 +55,7 @@ fn command(root: &Path, data: &Path, args: &[&str]) -> Command {
 }
 
 fn spawn(root: &Path, data: &Path, args: &[&str]) -> Proc {
-    let mut child = command(root, data, args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start gateway");
-    let out = Arc::new(Mutex::new(String::new()));
-    drain(child.stdout.take().expect("stdout"), out.clone());
-    drain(child.stderr.take().expect("stderr"), out.clone());
-    Proc { child, out }
+    Proc::start(command(root, data, args))
 }
 
 fn run(root: &Path, data: &Path, args: &[&str]) -> Output {

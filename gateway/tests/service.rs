@@ -7,16 +7,17 @@ mod common;
 
 #[path = "support/ports.rs"]
 mod ports;
+#[path = "support/process.rs"]
+mod process;
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
 
 use common::{Seen, WAIT, connect_v5};
 use ports::reserve_ports;
+use process::{Proc, write_secret_file};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
@@ -24,125 +25,31 @@ use tokio::time::Instant;
 const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 const SECRET: &str = "service-test-secret-0123456789";
 
-/// A gateway process; everything it writes (stdout and stderr) is kept.
-struct Proc {
-    child: Child,
-    out: Arc<Mutex<String>>,
+/// A gateway in `dir` (data in `dir/data`, the group's secret in a file).
+fn spawn(dir: &Path, args: &[&str]) -> Proc {
+    let secret = dir.join("cluster-secret.txt");
+    write_secret_file(&secret, SECRET);
+    let mut c = Command::new(BIN);
+    c.arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--cluster-secret-file")
+        .arg(&secret)
+        .args(["--tick-ms", "5"])
+        .args(args)
+        .env("RUST_LOG", "info");
+    Proc::start(c)
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Waits (bounded) for a line of `gw`'s output holding every needle.
+async fn wait_line(gw: &Proc, needles: &[&str]) -> String {
+    gw.wait_line(needles, WAIT).await
 }
 
-fn drain(stream: impl Read + Send + 'static, out: Arc<Mutex<String>>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { return };
-            let mut o = out.lock().expect("output");
-            o.push_str(&line);
-            o.push('\n');
-        }
-    });
-}
-
-impl Proc {
-    fn spawn(dir: &Path, args: &[&str]) -> Proc {
-        let secret = dir.join("cluster-secret.txt");
-        std::fs::write(&secret, SECRET).expect("secret file");
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))
-                .expect("chmod");
-        }
-        let mut child = Command::new(BIN)
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--cluster-secret-file")
-            .arg(&secret)
-            .args(["--tick-ms", "5"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start gateway");
-        let out = Arc::new(Mutex::new(String::new()));
-        drain(child.stdout.take().expect("stdout"), out.clone());
-        drain(child.stderr.take().expect("stderr"), out.clone());
-        Proc { child, out }
-    }
-
-    /// What it wrote, without terminal colour codes.
-    fn output(&self) -> String {
-        strip_ansi(&self.out.lock().expect("output"))
-    }
-
-    /// Waits (bounded) for a line of its output holding every needle.
-    async fn wait_line(&self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let out = self.output();
-            if let Some(l) = out.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
-                return l.to_string();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no output line with {needles:?}; output:\n{out}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// The value after `prefix` on the first line that has it (waiting for it).
-    async fn printed(&self, prefix: &str) -> String {
-        let line = self.wait_line(&[prefix]).await;
-        line.split(prefix).nth(1).expect("value").trim().to_string()
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill")
-            .args([&format!("-{sig}"), &pid])
-            .status()
-            .expect("kill");
-        assert!(sent.success(), "kill -{sig} {pid}");
-    }
-
-    /// Its exit status, if it exits within `limit`.
-    async fn exits_within(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-/// `text` without ANSI escape sequences (`ESC [ … letter`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
+/// The value after `prefix` on the first line of `gw`'s output that has it
+/// (waiting for it).
+async fn printed(gw: &Proc, prefix: &str) -> String {
+    let line = wait_line(gw, &[prefix]).await;
+    line.split(prefix).nth(1).expect("value").trim().to_string()
 }
 
 /// Polls `GET url` (bounded) until it answers `status`.
@@ -184,7 +91,7 @@ async fn sigterm_during_a_start_without_quorum_stops_promptly() {
         (2, raft[1].to_string()),
         (3, raft[2].to_string()),
     ]);
-    let mut gw = Proc::spawn(
+    let mut gw = spawn(
         tmp.path(),
         &[
             "--node-id",
@@ -227,7 +134,7 @@ async fn sigterm_during_a_start_without_quorum_stops_promptly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigint_exits_at_once() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut gw = Proc::spawn(
+    let mut gw = spawn(
         tmp.path(),
         &[
             "--http-listen",
@@ -242,7 +149,7 @@ async fn a_second_sigint_exits_at_once() {
             "20000",
         ],
     );
-    let base = gw.printed("REST on http://").await;
+    let base = printed(&gw, "REST on http://").await;
     let base = base.split_whitespace().next().expect("address").to_string();
     let token = std::fs::read_to_string(tmp.path().join("data/admin-token")).expect("token");
     let mut slow = tokio::net::TcpStream::connect(&base)
@@ -256,7 +163,7 @@ async fn a_second_sigint_exits_at_once() {
     slow.write_all(head.as_bytes()).await.expect("write");
 
     gw.signal("INT");
-    gw.wait_line(&["stopping gracefully", "SIGINT"]).await;
+    wait_line(&gw, &["stopping gracefully", "SIGINT"]).await;
     assert!(
         gw.child.try_wait().expect("try_wait").is_none(),
         "the graceful stop waits for the request in flight"
@@ -276,7 +183,7 @@ async fn a_second_sigint_exits_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_tells_devices_answers_requests_and_exits_zero() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut gw = Proc::spawn(
+    let mut gw = spawn(
         tmp.path(),
         &[
             "--http-listen",
@@ -289,9 +196,9 @@ async fn sigterm_tells_devices_answers_requests_and_exits_zero() {
             "127.0.0.1:0",
         ],
     );
-    let rest = gw.printed("REST on ").await;
+    let rest = printed(&gw, "REST on ").await;
     let base = rest.split_whitespace().next().expect("address").to_string();
-    let devices = gw.printed("devices (MQTT 3.1.1 and 5) on ").await;
+    let devices = printed(&gw, "devices (MQTT 3.1.1 and 5) on ").await;
     let mqtt5: SocketAddr = devices
         .split(" and ")
         .nth(1)
@@ -387,7 +294,7 @@ async fn peers_named_by_host_may_start_in_any_order() {
         std::fs::create_dir_all(&dir).expect("dir");
         let raft = ports[id as usize - 1].to_string();
         let http = ports[2 + id as usize].to_string();
-        Proc::spawn(
+        spawn(
             &dir,
             &[
                 "--node-id",
@@ -406,10 +313,12 @@ async fn peers_named_by_host_may_start_in_any_order() {
         )
     };
     let mut g1 = start(1);
-    g1.wait_line(&["cannot connect to peer", "peer=2", "localhost:"])
-        .await;
-    g1.wait_line(&["cannot connect to peer", "peer=3", "no-such-host.invalid:"])
-        .await;
+    wait_line(&g1, &["cannot connect to peer", "peer=2", "localhost:"]).await;
+    wait_line(
+        &g1,
+        &["cannot connect to peer", "peer=3", "no-such-host.invalid:"],
+    )
+    .await;
     assert!(
         g1.child.try_wait().expect("try_wait").is_none(),
         "{}",
