@@ -29,7 +29,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -70,41 +70,22 @@ pub(crate) struct Message {
     pub(crate) payload: Bytes,
 }
 
-/// Tells a connection's task to end its session.
+/// Tells a connection's task to end its session (the first reason given
+/// is the one sent).
 #[derive(Debug, Default)]
 struct Closer {
-    /// `CloseReason` as a number + 1 (0: open).
-    reason: AtomicU8,
+    reason: std::sync::OnceLock<CloseReason>,
     notify: Notify,
 }
 
-const REASONS: [CloseReason; 10] = [
-    CloseReason::TakenOver,
-    CloseReason::Revoked,
-    CloseReason::ShuttingDown,
-    CloseReason::UseAnotherServer,
-    CloseReason::KeepAliveTimeout,
-    CloseReason::SlowConsumer,
-    CloseReason::ProtocolError,
-    CloseReason::NotAuthorized,
-    CloseReason::Malformed,
-    CloseReason::TooLarge,
-];
-
 impl Closer {
     fn close(&self, reason: CloseReason) {
-        let n = REASONS.iter().position(|r| *r == reason).unwrap_or(0) as u8 + 1;
-        let _ = self
-            .reason
-            .compare_exchange(0, n, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = self.reason.set(reason);
         self.notify.notify_one();
     }
 
     fn reason(&self) -> Option<CloseReason> {
-        match self.reason.load(Ordering::SeqCst) {
-            0 => None,
-            n => REASONS.get(usize::from(n) - 1).copied(),
-        }
+        self.reason.get().copied()
     }
 }
 
