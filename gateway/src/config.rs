@@ -135,6 +135,13 @@ pub struct Args {
     /// Members named in --peers, the snapshot or the log are dropped.
     #[arg(long)]
     pub recover: bool,
+    /// Restore, offline: create a new single-member group (this --node-id
+    /// its only voter) in --data-dir, which must not hold a group yet, from
+    /// a backup file taken with `GET /v1/admin/backup`; check its checksum,
+    /// print what was restored and exit. Then start the gateway on that
+    /// data directory and add members as usual.
+    #[arg(long, value_name = "FILE", conflicts_with = "recover")]
+    pub restore: Option<std::path::PathBuf>,
 }
 
 /// How the gateway writes its log (`--log-format`).

@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod backup;
 pub mod config;
 mod files;
 pub mod limits;

@@ -9,9 +9,10 @@
 //! - `error` — problem+json errors, including axum's own rejections;
 //! - `auth` — bearer tokens and roles; `extract` — extractors, the read
 //!   barrier (consistency levels) and the write helper;
-//! - `devices`, `shadow`, `commands`, `events` (SSE), `cluster`, `health`
-//!   (healthz, readyz, metrics), `openapi`.
+//! - `devices`, `shadow`, `commands`, `events` (SSE), `cluster`, `admin`
+//!   (backup), `health` (healthz, readyz, metrics), `openapi`.
 
+mod admin;
 mod auth;
 mod cluster;
 mod commands;
@@ -182,6 +183,7 @@ fn table() -> Vec<Entry> {
             Some(Admin),
             cluster::transfer_leader,
         ),
+        entry(GET, "/v1/admin/backup", Some(Admin), admin::backup),
         entry(GET, "/healthz", None, health::healthz),
         entry(GET, "/readyz", None, health::readyz),
         entry(GET, "/metrics", Some(Viewer), health::metrics),
@@ -214,6 +216,7 @@ pub fn app(state: AppState) -> Router {
         .fallback(|| async { error::ApiError::from_status(StatusCode::NOT_FOUND) })
         .layer(Extension(metrics.clone()))
         .layer(Extension(streams))
+        .layer(Extension(Arc::new(admin::BackupSlot::default())))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(state.clone(), deadline))
         .layer(RequestBodyLimitLayer::new(max_body))
@@ -251,6 +254,8 @@ async fn deadline(State(state): State<AppState>, req: Request, next: Next) -> Re
     let base = state.config.write_timeout * 2 + Duration::from_secs(1);
     let budget = if waits(&req) {
         base + state.config.max_wait
+    } else if req.uri().path() == "/v1/admin/backup" {
+        base + admin::IMAGE_BUDGET
     } else {
         base
     };

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{cluster, commands, devices, events, health, shadow};
+use super::{admin, cluster, commands, devices, events, health, shadow};
 
 /// The API description; `/openapi.json` serves it.
 #[derive(Debug, OpenApi)]
@@ -44,6 +44,7 @@ manage devices, commands and shadows, `admin` tokens may do everything."
         cluster::add_member,
         cluster::remove_member,
         cluster::transfer_leader,
+        admin::backup,
         health::healthz,
         health::readyz,
         health::metrics,
@@ -58,6 +59,7 @@ manage devices, commands and shadows, `admin` tokens may do everything."
         (name = "commands", description = "Commands to devices"),
         (name = "events", description = "The stream of committed changes"),
         (name = "cluster", description = "The gateway group"),
+        (name = "admin", description = "Backups of the replicated state"),
         (name = "health", description = "Liveness, readiness, metrics and this document"),
     )
 )]

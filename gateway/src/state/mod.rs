@@ -55,6 +55,7 @@ pub mod merge;
 mod queries;
 mod rows;
 mod snapshot;
+pub use snapshot::{BackupImage, install_new_group_image};
 #[cfg(test)]
 mod tests;
 
