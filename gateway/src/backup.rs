@@ -194,6 +194,8 @@ pub async fn restore(
     data_dir: &Path,
     node_id: NodeId,
 ) -> Result<Restored, GatewayError> {
+    crate::files::create_private_dir(data_dir).map_err(io_at("creating", data_dir))?;
+    let _lock = crate::lock_data_dir(data_dir)?;
     for existing in [data_dir.join("raft"), data_dir.join("state.db")] {
         if existing.exists() {
             return Err(GatewayError::Config(format!(
@@ -203,7 +205,6 @@ pub async fn restore(
             )));
         }
     }
-    crate::files::create_private_dir(data_dir).map_err(io_at("creating", data_dir))?;
     let staging = data_dir.join(STAGING);
     if staging.exists() {
         // What a restore that did not finish left.
@@ -227,11 +228,11 @@ async fn restore_into(
 
     // The image, copied out while its checksum is computed.
     let image = staging.join("image.db");
-    let mut out = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&image)
-        .map_err(io_at("creating", &image))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, crate::files::FILE_MODE);
+    let mut out = opts.open(&image).map_err(io_at("creating", &image))?;
     let mut hasher = Sha256::new();
     let mut left = header.size;
     let mut buf = vec![0u8; 256 << 10];

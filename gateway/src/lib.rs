@@ -114,6 +114,8 @@ pub struct Gateway {
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     mqtt: mqtt::Mqtt,
+    /// The data directory's lock, released when the gateway is dropped.
+    _lock: files::DirLock,
 }
 
 impl Gateway {
@@ -192,6 +194,7 @@ async fn start_until(
         "gateway starting"
     );
     prepare_data_dir(&config.data_dir)?;
+    let lock = lock_data_dir(&config.data_dir)?;
     let (cluster_secret, cluster_secret_file) = match &config.cluster_secret {
         Some(secret) => (secret.clone(), None),
         None => {
@@ -326,6 +329,7 @@ async fn start_until(
         "gateway started"
     );
     Ok(Gateway {
+        _lock: lock,
         http_addr,
         raft_addr,
         mqtt_addr: mqtt.v4_addr,
@@ -343,6 +347,12 @@ async fn start_until(
 
 /// Creates the data directory private (0700), or makes an existing one and
 /// everything in it private (0700 / 0600), saying so.
+/// Takes the data directory's lock (a second process on it is refused,
+/// naming the holder).
+pub(crate) fn lock_data_dir(dir: &std::path::Path) -> Result<files::DirLock, GatewayError> {
+    files::lock_dir(dir).map_err(|e| GatewayError::Config(e.to_string()))
+}
+
 fn prepare_data_dir(dir: &std::path::Path) -> Result<(), GatewayError> {
     let what = || format!("preparing the data directory {}", dir.display());
     if dir.exists() {

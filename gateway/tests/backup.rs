@@ -303,14 +303,15 @@ async fn a_backup_taken_under_load_restores_exactly_the_state_at_its_index() {
         assert!(err.contains(why), "{name}: {err}");
         assert!(!dir.join("raft").exists() && !dir.join("state.db").exists());
     }
-    // A data directory that holds a group is refused.
+    // The data directory of a running gateway is refused.
     let out = run(
         root,
         &data[0],
         &["--restore", file.to_str().unwrap(), "--node-id", "7"],
     );
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("exists"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another process"), "{err}");
 
     // The restore.
     let new_dir = root.join("restored");
@@ -332,6 +333,16 @@ async fn a_backup_taken_under_load_restores_exactly_the_state_at_its_index() {
         )),
         "{printed}"
     );
+
+    // A data directory that holds a group is refused.
+    let out = run(
+        root,
+        &new_dir,
+        &["--restore", file.to_str().unwrap(), "--node-id", "7"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exists"), "{err}");
 
     // The new group: exactly the acknowledged writes up to the index.
     let _new = Proc::start(command(

@@ -108,10 +108,23 @@ async fn prepare_image_with(path: &Path, index: u64, new_group: bool) -> Result<
                 .await?;
             sqlx::query("DELETE FROM peers").execute(&mut *conn).await?;
         }
-        store_applied_index(&mut conn, index).await
+        store_applied_index(&mut conn, index).await?;
+        // Everything into the main file now: closing the last connection
+        // would do it too, but that close may finish on SQLite's worker
+        // thread after `close()` below has returned.
+        let (busy, _, _): (i64, i64, i64) =
+            sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+                .fetch_one(&mut *conn)
+                .await?;
+        if busy != 0 {
+            return Err(StateError::Corrupt(format!(
+                "{} could not be checkpointed (busy)",
+                path.display()
+            )));
+        }
+        Ok(())
     }
     .await;
-    // Closing the last connection checkpoints the WAL into the file.
     pool.close().await;
     result?;
     let wal = with_suffix(path, "-wal");
