@@ -1209,7 +1209,10 @@ async fn every_answer_of_the_cluster_endpoints_is_in_their_openapi_entries() {
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
-        let r = req.send().await.expect("request");
+        let r = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path} (expecting {expected}): {e:?}"));
         let status = r.status().as_u16();
         let text = r.text().await.unwrap_or_default();
         assert_eq!(status, expected, "{method} {path}: {text}");

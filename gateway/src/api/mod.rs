@@ -283,14 +283,29 @@ fn is_problem(headers: &HeaderMap) -> bool {
 
 /// Middleware: error responses produced outside the handlers (405, 413 of
 /// the body limit, …) get a problem body too.
+///
+/// A 413 also says `Connection: close`: the body it refused may be left
+/// unread, so the server closes the connection after answering, and a
+/// client that reused it would see its next request fail.
 async fn bare_errors_as_problems(req: Request, next: Next) -> Response {
-    let res = next.run(req).await;
+    let mut res = next.run(req).await;
     let status = res.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        res.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
     if !(status.is_client_error() || status.is_server_error()) || is_problem(res.headers()) {
         return res;
     }
     let mut problem = error::ApiError::from_status(status).into_response();
-    for name in [header::ALLOW, header::RETRY_AFTER, header::WWW_AUTHENTICATE] {
+    for name in [
+        header::ALLOW,
+        header::RETRY_AFTER,
+        header::WWW_AUTHENTICATE,
+        header::CONNECTION,
+    ] {
         if let Some(v) = res.headers().get(&name) {
             problem.headers_mut().insert(name, v.clone());
         }
