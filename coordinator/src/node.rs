@@ -428,14 +428,20 @@ impl<O: Send + 'static> Node<O> {
 
     async fn request<T>(&self, make: impl FnOnce(Reply<T>) -> Command<O>) -> Result<T, NodeError> {
         let (tx, rx) = oneshot::channel();
-        self.cmd
-            .send(make(tx))
-            .await
-            .map_err(|_| NodeError::Shutdown)?;
+        self.cmd.send(make(tx)).await.map_err(|_| self.stopped())?;
         match tokio::time::timeout(self.timeout + Duration::from_millis(100), rx).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(NodeError::Shutdown),
+            Ok(Err(_)) => Err(self.stopped()),
             Err(_) => Err(NodeError::Timeout),
+        }
+    }
+
+    /// Why the driver no longer takes requests: its fatal error, if it
+    /// stopped on one, else a shutdown.
+    fn stopped(&self) -> NodeError {
+        match &self.status.borrow().fatal {
+            Some(e) => NodeError::Fatal(e.clone()),
+            None => NodeError::Shutdown,
         }
     }
 
@@ -644,8 +650,10 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
             }
             if let Err(e) = result {
                 tracing::error!(node = self.id, error = %e, "node stopped after a fatal error");
-                self.fail_all(NodeError::Fatal(e.to_string()));
+                // Published first: whoever is told of the failure finds it
+                // in the status.
                 self.status.send_modify(|s| s.fatal = Some(e.to_string()));
+                self.fail_all(NodeError::Fatal(e.to_string()));
                 return;
             }
             if stop {

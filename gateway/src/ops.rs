@@ -22,6 +22,20 @@ pub struct Proposal {
     pub op: Op,
 }
 
+/// The entry format this gateway writes and reads: 1, a JSON object (its
+/// first byte is `{`). A later format starts with a version byte that
+/// cannot begin JSON, so a gateway that meets one names it.
+pub const ENTRY_FORMAT: u8 = 1;
+
+/// What the format of an entry's bytes appears to be, for an error message.
+pub fn describe_format(bytes: &[u8]) -> String {
+    match bytes.first() {
+        None => "an empty entry".to_string(),
+        Some(b'{') => "entry format 1 (JSON), damaged".to_string(),
+        Some(b) => format!("an unknown entry format (first byte 0x{b:02x})"),
+    }
+}
+
 impl Proposal {
     /// Encodes for the log.
     pub fn encode(&self) -> Vec<u8> {

@@ -1399,3 +1399,42 @@ async fn a_stopped_device_listener_fails_health_and_readiness() {
     drop(tx);
     e.gw.stop().await;
 }
+
+/// Finding (issue 14): a committed entry this gateway cannot decode was
+/// applied as a no-op. Now the node stops on it, naming the entry and its
+/// format; nothing after it is applied, writes answer 500 (the node is
+/// gone), `/readyz` says why not ready, and local reads still answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_this_gateway_cannot_decode_stops_its_node() {
+    let e = env().await;
+    e.register("before", json!({})).await;
+    let applied = e.gw.db().applied_index();
+    // An entry of a format this version does not read (a version byte).
+    let r = e.gw.node().propose(vec![0x07, 0, 1, 2]).await;
+    let err = format!("{:?}", r.expect_err("the node cannot apply it"));
+    assert!(err.contains("Fatal"), "{err}");
+    let fatal = e.gw.node().status().fatal.expect("the node stopped");
+    assert!(
+        fatal.contains(&format!("committed entry {}", applied + 1))
+            && fatal.contains("first byte 0x07"),
+        "{fatal}"
+    );
+    assert_eq!(
+        e.gw.db().applied_index(),
+        applied,
+        "nothing applied after it"
+    );
+    let write = call(&e.app, Method::POST, "/v1/devices")
+        .token(&e.operator)
+        .json(json!({"id":"after"}))
+        .send()
+        .await;
+    write.problem(StatusCode::INTERNAL_SERVER_ERROR);
+    let ready = call(&e.app, Method::GET, "/readyz").send().await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE, "{ready:?}");
+    let local = call(&e.app, Method::GET, "/v1/devices/before?consistency=local")
+        .token(&e.viewer)
+        .send()
+        .await;
+    assert_eq!(local.status, StatusCode::OK, "{local:?}");
+}

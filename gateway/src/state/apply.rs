@@ -18,8 +18,9 @@ use crate::ops::{Command, CommandStatus, Device, Event, Op, OpResult, Proposal, 
 impl StateDb {
     /// Applies a batch of committed entries in one transaction and records
     /// `last_index`. Returns one result per entry. An entry that does not
-    /// decode is applied as a no-op with `OpResult::Conflict` (it cannot come
-    /// from this code; it is logged).
+    /// decode is an error (`StateError::Corrupt`, naming its index and
+    /// format) and nothing of the batch is applied: the node driver stops
+    /// on it.
     ///
     /// Entries at or below the applied index are skipped with
     /// `OpResult::Ignored` (exactly-once). Each entry that changed something
@@ -46,12 +47,19 @@ impl StateDb {
             let proposal = match Proposal::decode(&entry.data) {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::error!(index = entry.index, error = %e, "committed entry does not decode; applied as a no-op");
-                    results.push(OpResult::Conflict(format!(
-                        "entry {} does not decode: {e}",
-                        entry.index
+                    // Every member applies the same entries: one this
+                    // gateway cannot read (a newer version's format, or
+                    // damage) must stop it, not be skipped — skipping would
+                    // make its state differ from its peers' for good.
+                    // Nothing of this batch is committed.
+                    return Err(StateError::Corrupt(format!(
+                        "committed entry {} cannot be decoded by this gateway ({}; this gateway \
+                         reads entry format {}): {e}; it stops here — upgrade it to the version \
+                         of the gateway that proposed the entry",
+                        entry.index,
+                        crate::ops::describe_format(&entry.data),
+                        crate::ops::ENTRY_FORMAT
                     )));
-                    continue;
                 }
             };
             let (result, data) = apply_op(&mut tx, proposal.ts_ms, &proposal.op).await?;

@@ -1206,22 +1206,41 @@ async fn determinism_same_entries_same_state() {
     assert_eq!(v["tokens"]["t-op"], json!("operator"));
 }
 
+/// Finding (issue 14): an entry the state machine could not decode was
+/// applied as a no-op and the applied index moved on, so a member of
+/// another version would silently diverge. Now it is an error naming the
+/// entry and its format, and nothing of its batch is applied.
 #[tokio::test]
-async fn undecodable_entry_is_a_noop_conflict() {
+async fn an_undecodable_entry_stops_apply_and_applies_nothing_of_its_batch() {
     let t = Db::new().await;
-    let bad = Committed {
-        index: 1,
-        term: 1,
-        data: b"{not json".to_vec(),
-    };
-    let good = entry(2, T0, register("d"));
-    let r = t.db.apply(vec![bad, good], 2).await.unwrap();
-    assert!(matches!(r[0], OpResult::Conflict(_)));
-    assert!(matches!(r[1], OpResult::Device(_)));
-    assert_eq!(t.db.applied_index(), 2);
-    let ev = t.db.events_since(0, 10).await.unwrap();
-    assert_eq!(ev.len(), 1);
-    assert_eq!(ev[0].index, 2);
+    t.db.apply(vec![entry(1, T0, register("before"))], 1)
+        .await
+        .unwrap();
+    for (data, says) in [
+        (b"{not json".to_vec(), "entry format 1 (JSON), damaged"),
+        (
+            vec![0x02, 1, 2, 3],
+            "unknown entry format (first byte 0x02)",
+        ),
+    ] {
+        let bad = Committed {
+            index: 3,
+            term: 1,
+            data,
+        };
+        let batch = vec![
+            entry(2, T0, register("d")),
+            bad,
+            entry(4, T0, register("e")),
+        ];
+        let err = t.db.apply(batch, 4).await.unwrap_err().to_string();
+        assert!(err.contains("committed entry 3"), "{err}");
+        assert!(err.contains(says), "{err}");
+        assert_eq!(t.db.applied_index(), 1, "nothing of the batch is applied");
+        let ev = t.db.events_since(0, 10).await.unwrap();
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert!(t.db.device("d").await.unwrap().is_none());
+    }
 }
 
 // ---------------------------------------------------------------- events
