@@ -5,6 +5,7 @@
 //! driver for tests, simulations and benchmarks.
 #![deny(missing_docs)]
 
+pub mod image;
 pub mod memory;
 pub mod node;
 pub mod raft;

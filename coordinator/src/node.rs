@@ -55,12 +55,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::image::{ImageReader, SnapshotImage, StagedImage};
 use crate::raft::{
     ConfChange, ConfState, Entry, EntryPayload, HardState, Index, InitialState, Message,
     MessageKind, NodeId, ProposeError, Proposed, Raft, Ready, Role, SnapshotMeta, Status, Term,
@@ -80,12 +82,22 @@ pub trait LogStore: Send + 'static {
     fn set_hard_state(&mut self, hs: HardState) -> Result<(), BoxError>;
     /// Makes everything written so far durable.
     fn sync(&mut self) -> Result<(), BoxError>;
-    /// Stores a snapshot image durably.
-    fn save_snapshot(&mut self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), BoxError>;
+    /// A directory where snapshot images are staged
+    /// ([`StagedImage::create_in`]) before [`LogStore::save_snapshot`]
+    /// stores them; it should be on the storage's file system, so storing
+    /// is a rename.
+    fn staging_dir(&self) -> PathBuf;
+    /// Stores a snapshot durably, taking over its sealed image file (the
+    /// image is never read into memory). Returns the stored image.
+    fn save_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        image: StagedImage,
+    ) -> Result<SnapshotImage, BoxError>;
     /// Drops log entries at or below `index`.
     fn compact(&mut self, index: Index) -> Result<(), BoxError>;
-    /// The latest snapshot, if any.
-    fn load_snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, BoxError>;
+    /// The latest snapshot and its image, if any.
+    fn load_snapshot(&self) -> Result<Option<(SnapshotMeta, SnapshotImage)>, BoxError>;
     /// Makes everything durable, including a hard state whose write was
     /// deferred; called on graceful shutdown.
     fn flush(&mut self) -> Result<(), BoxError> {
@@ -98,8 +110,8 @@ pub trait LogStore: Send + 'static {
 pub trait PeerSender: Send + Sync + 'static {
     /// Sends one message to `msg.to`.
     fn send(&self, msg: Message);
-    /// Sends a snapshot message with its image.
-    fn send_snapshot(&self, msg: Message, data: Arc<Vec<u8>>);
+    /// Sends a snapshot message with its image (streamed from the file).
+    fn send_snapshot(&self, msg: Message, image: SnapshotImage);
 }
 
 pub use crate::transport::Inbound;
@@ -133,16 +145,33 @@ pub trait StateMachine: Send + 'static {
         last_index: Index,
     ) -> impl Future<Output = Result<Vec<Self::Output>, BoxError>> + Send;
 
-    /// An image of the state as of [`StateMachine::applied_index`].
-    fn snapshot(&mut self) -> impl Future<Output = Result<Vec<u8>, BoxError>> + Send;
+    /// What a snapshot is built from: a consistent view of the state that
+    /// writes its image on another task while entries go on being applied.
+    type Snapshot: SnapshotView;
 
-    /// Replaces the whole state with a snapshot image. An empty image at
-    /// index 0 stands for the initial, empty state.
+    /// Takes a view of the state for a snapshot. Should return quickly: the
+    /// image is written by [`SnapshotView::write_to`], off the apply path.
+    fn snapshot(&mut self) -> impl Future<Output = Result<Self::Snapshot, BoxError>> + Send;
+
+    /// Replaces the whole state with a snapshot image (streamed from its
+    /// file; the reader fails at the end if the image is damaged). An
+    /// empty image at index 0 stands for the initial, empty state. The
+    /// state's applied index becomes `meta.index`.
     fn restore(
         &mut self,
         meta: &SnapshotMeta,
-        data: Vec<u8>,
+        image: ImageReader,
     ) -> impl Future<Output = Result<(), BoxError>> + Send;
+}
+
+/// A consistent view of a state machine's state, taken by
+/// [`StateMachine::snapshot`].
+pub trait SnapshotView: Send + 'static {
+    /// Writes the image into the empty file at `dest` (any way: a database
+    /// may write it there itself) and returns the log index the image
+    /// stands at: every entry up to it applied, none after. Runs on a task
+    /// of its own while the state machine goes on applying entries.
+    fn write_to(self, dest: PathBuf) -> impl Future<Output = Result<Index, BoxError>> + Send;
 }
 
 /// Settings of the driver.
@@ -351,8 +380,11 @@ impl<O: Send + 'static> Node<O> {
                 .load_snapshot()
                 .map_err(|e| NodeError::Fatal(e.to_string()))?;
             match snap {
-                Some((meta, data)) if meta.index == init.snapshot.index => {
-                    sm.restore(&meta, data)
+                Some((meta, image)) if meta.index == init.snapshot.index => {
+                    let reader = image
+                        .open()
+                        .map_err(|e| NodeError::Fatal(format!("opening snapshot image: {e}")))?;
+                    sm.restore(&meta, reader)
                         .await
                         .map_err(|e| NodeError::Fatal(e.to_string()))?;
                 }
@@ -367,8 +399,7 @@ impl<O: Send + 'static> Node<O> {
         init.applied = sm.applied_index().max(init.snapshot.index);
         let latest_snapshot = storage
             .load_snapshot()
-            .map_err(|e| NodeError::Fatal(e.to_string()))?
-            .map(|(m, d)| (m, Arc::new(d)));
+            .map_err(|e| NodeError::Fatal(e.to_string()))?;
         let hard_state = init.hard_state;
         let raft = Raft::new(cfg.raft.clone(), init)
             .map_err(|e| NodeError::Refused(format!("invalid configuration: {e}")))?;
@@ -544,8 +575,8 @@ struct Driver<S, P, M: StateMachine> {
     /// Membership changes forwarded to the leader: answered when an equal
     /// change commits after the request, or with a timeout.
     forwarded_confs: Vec<(ConfChange, Reply<Index>, Instant)>,
-    incoming_snapshot: Option<(SnapshotMeta, Vec<u8>)>,
-    latest_snapshot: Option<(SnapshotMeta, Arc<Vec<u8>>)>,
+    incoming_snapshot: Option<(SnapshotMeta, StagedImage)>,
+    latest_snapshot: Option<(SnapshotMeta, SnapshotImage)>,
     status: watch::Sender<NodeStatus>,
     syncs: u64,
     entries_persisted: u64,
@@ -1033,9 +1064,9 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         }
         let result = match inbound {
             Inbound::Message(m) => self.raft.step(m),
-            Inbound::Snapshot { msg, data } => {
+            Inbound::Snapshot { msg, image } => {
                 if let MessageKind::Snapshot { meta } = &msg.kind {
-                    self.incoming_snapshot = Some((meta.clone(), data));
+                    self.incoming_snapshot = Some((meta.clone(), image));
                 }
                 self.raft.step(msg)
             }
@@ -1098,12 +1129,12 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         for m in msgs {
             if let MessageKind::Snapshot { meta } = &m.kind {
                 match &self.latest_snapshot {
-                    Some((stored, data)) if stored.index == meta.index => {
-                        self.peers.send_snapshot(m, data.clone())
+                    Some((stored, image)) if stored.index == meta.index => {
+                        self.peers.send_snapshot(m, image.clone())
                     }
                     // A member added to a group that never snapshotted is
                     // sent the empty state at index 0 with the membership.
-                    _ if meta.index == 0 => self.peers.send_snapshot(m, Arc::new(Vec::new())),
+                    _ if meta.index == 0 => self.peers.send_snapshot(m, SnapshotImage::empty()),
                     _ => {
                         tracing::error!(
                             node = self.id,
@@ -1130,22 +1161,26 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         self.send_all(msgs);
         // 2. A snapshot from the leader.
         if let Some(meta) = rd.snapshot.clone() {
-            let data = match self.incoming_snapshot.take() {
+            let staged = match self.incoming_snapshot.take() {
                 Some((m, d)) if m.index == meta.index && m.term == meta.term => d,
                 _ => {
                     return Err(format!("snapshot {} arrived without its image", meta.index).into());
                 }
             };
-            self.sm.restore(&meta, data.clone()).await?;
-            let data = Arc::new(data);
-            let (m2, d2) = (meta.clone(), data.clone());
-            self.with_storage(move |s| {
-                s.save_snapshot(&m2, &d2)?;
-                s.compact(m2.index)
-            })
-            .await?;
+            let m2 = meta.clone();
+            let image = self
+                .with_storage(move |s| {
+                    let image = s.save_snapshot(&m2, staged)?;
+                    s.compact(m2.index)?;
+                    Ok(image)
+                })
+                .await?;
+            let reader = image
+                .open()
+                .map_err(|e| format!("opening snapshot image: {e}"))?;
+            self.sm.restore(&meta, reader).await?;
             self.last_snapshot_index = meta.index;
-            self.latest_snapshot = Some((meta, data));
+            self.latest_snapshot = Some((meta, image));
         }
         // 3. Entries and hard state, with one fsync.
         let entries = std::mem::take(&mut rd.entries);
@@ -1286,18 +1321,33 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         if applied < self.last_snapshot_index + self.cfg.snapshot_every {
             return Ok(false);
         }
-        let data = Arc::new(self.sm.snapshot().await?);
-        let index = self.sm.applied_index().min(applied);
+        let view = self.sm.snapshot().await?;
+        let dir = self
+            .storage
+            .as_ref()
+            .ok_or("storage is gone after an earlier failure")?
+            .staging_dir();
+        let mut staged = StagedImage::create_in(&dir)
+            .map_err(|e| format!("staging a snapshot in {}: {e}", dir.display()))?;
+        let index = view.write_to(staged.path().to_path_buf()).await?;
+        let staged = tokio::task::spawn_blocking(move || staged.seal_written().map(|()| staged))
+            .await
+            .map_err(|e| format!("snapshot thread panicked: {e}"))??;
+        if index <= self.raft.snapshot_meta().index || index > applied {
+            return Ok(false);
+        }
         let meta = self.raft.compact_keeping(index, self.cfg.snapshot_keep)?;
-        let (m2, d2) = (meta.clone(), data.clone());
+        let m2 = meta.clone();
         let keep = self.cfg.snapshot_keep;
-        self.with_storage(move |s| {
-            s.save_snapshot(&m2, &d2)?;
-            s.compact(m2.index.saturating_sub(keep))
-        })
-        .await?;
+        let image = self
+            .with_storage(move |s| {
+                let image = s.save_snapshot(&m2, staged)?;
+                s.compact(m2.index.saturating_sub(keep))?;
+                Ok(image)
+            })
+            .await?;
         self.last_snapshot_index = meta.index;
-        self.latest_snapshot = Some((meta, data));
+        self.latest_snapshot = Some((meta, image));
         Ok(true)
     }
 

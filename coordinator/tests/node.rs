@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use coordinator::image::{ImageReader, SnapshotImage, StagedImage};
 use coordinator::node::{
-    BoxError, Committed, Inbound, Node, NodeConfig, NodeError, PeerSender, StateMachine,
+    BoxError, Committed, Inbound, Node, NodeConfig, NodeError, PeerSender, SnapshotView,
+    StateMachine,
 };
 use coordinator::raft::{ConfChange, ConfState, Index, Message, NodeId, Role, SnapshotMeta};
 use coordinator::storage::{Storage, StorageOptions};
@@ -49,16 +51,20 @@ impl PeerSender for HubSender {
         }
     }
 
-    fn send_snapshot(&self, msg: Message, data: Arc<Vec<u8>>) {
+    fn send_snapshot(&self, msg: Message, image: SnapshotImage) {
         let to = msg.to;
+        // The receiver gets its own copy of the file, as over the network.
+        let copy = || -> std::io::Result<StagedImage> {
+            let mut staged = StagedImage::create_in(&std::env::temp_dir())?;
+            std::io::copy(&mut image.open()?, &mut staged)?;
+            staged.seal()?;
+            Ok(staged)
+        };
         let ok = !self.hub.cut(self.from, to)
-            && self.route(
-                to,
-                Inbound::Snapshot {
-                    msg,
-                    data: data.as_ref().clone(),
-                },
-            );
+            && match copy() {
+                Ok(image) => self.route(to, Inbound::Snapshot { msg, image }),
+                Err(_) => false,
+            };
         self.route(self.from, Inbound::SnapshotStatus { to, ok });
     }
 }
@@ -89,11 +95,20 @@ impl StateMachine for Log {
         Ok(out)
     }
 
-    async fn snapshot(&mut self) -> Result<Vec<u8>, BoxError> {
-        Ok(self.0.lock().expect("log").0.join("\n").into_bytes())
+    type Snapshot = LogView;
+
+    async fn snapshot(&mut self) -> Result<LogView, BoxError> {
+        let g = self.0.lock().expect("log");
+        Ok(LogView(g.0.join("\n").into_bytes(), g.1))
     }
 
-    async fn restore(&mut self, meta: &SnapshotMeta, data: Vec<u8>) -> Result<(), BoxError> {
+    async fn restore(
+        &mut self,
+        meta: &SnapshotMeta,
+        mut image: ImageReader,
+    ) -> Result<(), BoxError> {
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut image, &mut data)?;
         let text = String::from_utf8(data)?;
         let items = if text.is_empty() {
             Vec::new()
@@ -102,6 +117,16 @@ impl StateMachine for Log {
         };
         *self.0.lock().expect("log") = (items, meta.index);
         Ok(())
+    }
+}
+
+/// The log as of its applied index, written out later.
+struct LogView(Vec<u8>, Index);
+
+impl SnapshotView for LogView {
+    async fn write_to(self, dest: std::path::PathBuf) -> Result<Index, BoxError> {
+        std::fs::write(dest, &self.0)?;
+        Ok(self.1)
     }
 }
 

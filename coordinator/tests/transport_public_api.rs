@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use coordinator::raft::{ConfState, Message, MessageKind, NodeId, SnapshotMeta};
@@ -104,14 +103,17 @@ async fn three_nodes_on_a_multi_threaded_runtime() {
             },
         },
     };
-    nodes[0]
-        .0
-        .send_snapshot(snap.clone(), Arc::new(image.clone()));
+    let files = tempfile::tempdir().expect("tempdir");
+    let path = files.path().join("image");
+    std::fs::write(&path, &image).expect("write image");
+    let stored =
+        coordinator::image::SnapshotImage::new(path, image.len() as u64, crc32c::crc32c(&image));
+    nodes[0].0.send_snapshot(snap.clone(), stored);
     loop {
         match next(&mut nodes[2].1).await {
-            Inbound::Snapshot { msg, data } => {
+            Inbound::Snapshot { msg, image: got } => {
                 assert_eq!(msg, snap);
-                assert!(data == image);
+                assert!(std::fs::read(got.path()).expect("read") == image);
                 break;
             }
             Inbound::Unreachable(_) => {}

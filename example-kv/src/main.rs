@@ -31,7 +31,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use coordinator::node::{BoxError, Committed, Node, NodeConfig, StateMachine};
+use coordinator::image::ImageReader;
+use coordinator::node::{BoxError, Committed, Node, NodeConfig, SnapshotView, StateMachine};
 use coordinator::raft::{ConfState, Index, NodeId, SnapshotMeta};
 use coordinator::storage::{Storage, StorageOptions};
 use coordinator::transport::{Transport, TransportConfig};
@@ -118,15 +119,38 @@ impl StateMachine for KvMachine {
         Ok(out)
     }
 
-    async fn snapshot(&mut self) -> Result<Vec<u8>, BoxError> {
-        Ok(self.0.read().map_err(|_| "state lock poisoned")?.encode())
+    type Snapshot = KvImage;
+
+    async fn snapshot(&mut self) -> Result<KvImage, BoxError> {
+        // The map is small: encoded at once, written out on another task.
+        let kv = self.0.read().map_err(|_| "state lock poisoned")?;
+        Ok(KvImage(kv.encode(), kv.applied))
     }
 
-    async fn restore(&mut self, meta: &SnapshotMeta, data: Vec<u8>) -> Result<(), BoxError> {
+    async fn restore(
+        &mut self,
+        meta: &SnapshotMeta,
+        mut image: ImageReader,
+    ) -> Result<(), BoxError> {
+        let data = tokio::task::spawn_blocking(move || {
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut image, &mut data).map(|_| data)
+        })
+        .await??;
         let mut restored = Kv::decode(&data)?;
         restored.applied = meta.index;
         *self.0.write().map_err(|_| "state lock poisoned")? = restored;
         Ok(())
+    }
+}
+
+/// The encoded map and the index it stands at.
+struct KvImage(Vec<u8>, Index);
+
+impl SnapshotView for KvImage {
+    async fn write_to(self, dest: PathBuf) -> Result<Index, BoxError> {
+        tokio::fs::write(dest, self.0).await?;
+        Ok(self.1)
     }
 }
 
@@ -398,6 +422,7 @@ async fn start_node(
         .filter(|(id, _)| **id != args.id)
         .map(|(i, a)| (*i, (*a).into()))
         .collect();
+    tcfg.snapshot_dir = Some(storage.staging_dir().to_path_buf());
     let (transport, inbound) = Transport::start(tcfg)?;
     let transport = Arc::new(transport);
     let raft_addr = transport.local_addr();

@@ -226,6 +226,8 @@ async fn start_until(
         .filter(|(id, _)| **id != config.node_id)
         .map(|(i, a)| (*i, a.clone()))
         .collect();
+    // Snapshots from the leader arrive where storing them is a rename.
+    tcfg.snapshot_dir = Some(storage.staging_dir().to_path_buf());
     let (transport, inbound) = Transport::start(tcfg)?;
     let transport = Arc::new(transport);
     let raft_addr = transport.local_addr();

@@ -109,12 +109,14 @@
 //!   [`Recovered::snapshot`], then `Raft::new(config,
 //!   recovered.into_initial_state(initial_membership))`.
 //! * Each [`Ready`](crate::raft::Ready), step 2: [`Storage::save_snapshot`]
-//!   with the received image (the log restarts after it if needed). Step 3:
+//!   (or [`Storage::save_snapshot_image`], for an image received into a
+//!   file) with the received image (the log restarts after it if needed). Step 3:
 //!   [`Storage::append`] the entries and [`Storage::set_hard_state`]; then
 //!   one [`Storage::sync`] may cover the entries of several `Ready`s, and
 //!   `persisted_messages` may leave, and `advance` be called, only after it.
 //! * Local snapshot: `let meta = raft.compact(i)?`, then
-//!   [`Storage::save_snapshot`] with the image at `i`, then
+//!   [`Storage::save_snapshot`] (or [`Storage::save_snapshot_image`]) with
+//!   the image at `i`, then
 //!   [`Storage::compact`]`(meta.index)` (or lower, to keep a tail).
 //! * Stop: [`Storage::close`]. Dropping the storage instead is a crash as
 //!   far as unsynced entries and the deferred commit index are concerned.
@@ -961,6 +963,52 @@ impl Storage {
         fsutil::sync_dir(&self.snap_dir, &mut self.stats)
     }
 
+    /// Where snapshot images are staged before they are stored (the
+    /// snapshot directory: a [`StagedImage`](crate::image::StagedImage)
+    /// made there is stored by renaming it, and a leftover is removed when
+    /// the storage opens). Hand it to the transport for incoming images.
+    pub fn staging_dir(&self) -> &Path {
+        &self.snap_dir
+    }
+
+    /// [`Storage::save_snapshot`] with an image staged in a file (sealed):
+    /// the file is moved into the snapshot's directory (renamed; copied if
+    /// it is on another file system), never read into memory. Returns the
+    /// stored image. Storing a snapshot that is already stored keeps the
+    /// stored image (and drops `staged`).
+    pub fn save_snapshot_image(
+        &mut self,
+        meta: &SnapshotMeta,
+        staged: crate::image::StagedImage,
+    ) -> Result<crate::image::SnapshotImage, StorageError> {
+        self.check_usable()?;
+        self.check_not_stale(meta)?;
+        if !self
+            .snapshots
+            .iter()
+            .any(|s| (s.meta.index, s.meta.term) == (meta.index, meta.term))
+        {
+            let writer = SnapshotWriter::adopt(&self.snap_dir, meta, staged)?;
+            self.finish_snapshot(writer)?;
+        } else {
+            self.flush_hard_state()?;
+        }
+        self.snapshot_image(meta)
+    }
+
+    /// A stored snapshot's image: its file, length and checksum.
+    pub fn snapshot_image(
+        &self,
+        meta: &SnapshotMeta,
+    ) -> Result<crate::image::SnapshotImage, StorageError> {
+        let info = self.snapshot_info(meta)?;
+        Ok(crate::image::SnapshotImage::new(
+            self.snapshot_path(meta).join(snapshot::DATA_FILE),
+            info.data_len,
+            info.data_crc,
+        ))
+    }
+
     /// The directory of the snapshot `meta` (whether or not it is stored). It
     /// holds `data`, the image, and `meta`.
     pub fn snapshot_path(&self, meta: &SnapshotMeta) -> PathBuf {
@@ -1071,24 +1119,30 @@ impl crate::node::LogStore for Storage {
         Ok(())
     }
 
+    fn staging_dir(&self) -> PathBuf {
+        self.snap_dir.clone()
+    }
+
     fn save_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        data: &[u8],
-    ) -> Result<(), crate::node::BoxError> {
-        Ok(Storage::save_snapshot(self, meta, data)?)
+        image: crate::image::StagedImage,
+    ) -> Result<crate::image::SnapshotImage, crate::node::BoxError> {
+        Ok(Storage::save_snapshot_image(self, meta, image)?)
     }
 
     fn compact(&mut self, index: Index) -> Result<(), crate::node::BoxError> {
         Ok(Storage::compact(self, index)?)
     }
 
-    fn load_snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, crate::node::BoxError> {
+    fn load_snapshot(
+        &self,
+    ) -> Result<Option<(SnapshotMeta, crate::image::SnapshotImage)>, crate::node::BoxError> {
         let Some(meta) = self.snapshot().cloned() else {
             return Ok(None);
         };
-        let data = self.read_snapshot_data(&meta)?;
-        Ok(Some((meta, data)))
+        let image = self.snapshot_image(&meta)?;
+        Ok(Some((meta, image)))
     }
 
     fn flush(&mut self) -> Result<(), crate::node::BoxError> {

@@ -94,8 +94,14 @@ pub(crate) fn scan(
     for name in fsutil::list_dir(snap_dir)? {
         let path = snap_dir.join(&name);
         if name.starts_with(TMP_PREFIX) {
-            tracing::info!(dir = %path.display(), "removing an unfinished snapshot");
-            fs::remove_dir_all(&path).map_err(StorageError::io("remove", &path))?;
+            // Unfinished snapshot directories, and images staged for
+            // building or receiving a snapshot (files).
+            tracing::info!(path = %path.display(), "removing an unfinished snapshot");
+            if path.is_dir() {
+                fs::remove_dir_all(&path).map_err(StorageError::io("remove", &path))?;
+            } else {
+                fs::remove_file(&path).map_err(StorageError::io("remove", &path))?;
+            }
             removed = true;
             continue;
         }
@@ -154,6 +160,8 @@ pub struct SnapshotWriter {
     file: Option<BufWriter<File>>,
     len: u64,
     crc: u32,
+    /// The image was moved in already complete and fsynced.
+    adopted: bool,
 }
 
 impl SnapshotWriter {
@@ -179,6 +187,7 @@ impl SnapshotWriter {
             file: Some(BufWriter::with_capacity(1 << 20, file)),
             len: 0,
             crc: 0,
+            adopted: false,
         })
     }
 
@@ -201,20 +210,22 @@ impl SnapshotWriter {
     /// directory; the caller then renames it into place.
     pub(crate) fn seal(&mut self, stats: &mut StorageStats) -> Result<SnapshotInfo, StorageError> {
         let data = self.tmp_dir.join(DATA_FILE);
-        let Some(file) = self.file.take() else {
-            return Err(StorageError::Io {
-                op: "finish",
-                path: data,
-                source: io::Error::other("snapshot writer already finished"),
-            });
-        };
-        let file = file.into_inner().map_err(|e| StorageError::Io {
-            op: "write",
-            path: data.clone(),
-            source: e.into_error(),
-        })?;
-        file.sync_all().map_err(StorageError::io("fsync", &data))?;
-        stats.fsyncs += 1;
+        if !self.adopted {
+            let Some(file) = self.file.take() else {
+                return Err(StorageError::Io {
+                    op: "finish",
+                    path: data,
+                    source: io::Error::other("snapshot writer already finished"),
+                });
+            };
+            let file = file.into_inner().map_err(|e| StorageError::Io {
+                op: "write",
+                path: data.clone(),
+                source: e.into_error(),
+            })?;
+            file.sync_all().map_err(StorageError::io("fsync", &data))?;
+            stats.fsyncs += 1;
+        }
         let info = SnapshotInfo {
             meta: self.meta.clone(),
             data_len: self.len,
@@ -241,6 +252,49 @@ impl SnapshotWriter {
     /// the caller).
     pub(crate) fn disarm(&mut self) {
         self.tmp_dir = PathBuf::new();
+    }
+}
+
+impl SnapshotWriter {
+    /// A writer whose image is the sealed `staged` file, moved into a new
+    /// temporary snapshot directory (renamed; copied if it is on another
+    /// file system). Finish it like any other.
+    pub(crate) fn adopt(
+        snap_dir: &Path,
+        meta: &SnapshotMeta,
+        mut staged: crate::image::StagedImage,
+    ) -> Result<Self, StorageError> {
+        if !staged.is_sealed() {
+            return Err(StorageError::Io {
+                op: "store",
+                path: staged.path().to_path_buf(),
+                source: io::Error::other("the staged snapshot image is not sealed"),
+            });
+        }
+        let mut writer = SnapshotWriter::create(snap_dir, meta)?;
+        writer.file = None;
+        let data = writer.tmp_dir.join(DATA_FILE);
+        match fs::rename(staged.path(), &data) {
+            Ok(()) => {
+                staged.disarm();
+            }
+            Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
+                let from = staged.path().to_path_buf();
+                let mut src = File::open(&from).map_err(StorageError::io("open", &from))?;
+                let mut dst = fsutil::private_options()
+                    .write(true)
+                    .truncate(true)
+                    .open(&data)
+                    .map_err(StorageError::io("open", &data))?;
+                io::copy(&mut src, &mut dst).map_err(StorageError::io("copy into", &data))?;
+                dst.sync_all().map_err(StorageError::io("fsync", &data))?;
+            }
+            Err(e) => return Err(StorageError::io("rename into", &data)(e)),
+        }
+        writer.len = staged.len();
+        writer.crc = staged.crc32c();
+        writer.adopted = true;
+        Ok(writer)
     }
 }
 

@@ -60,6 +60,12 @@ pub struct TransportConfig {
     pub snapshot_chunk_size: usize,
     /// Largest snapshot image accepted from a peer. Default 4 GiB.
     pub max_snapshot_size: u64,
+    /// Where incoming snapshot images are written as they arrive (files
+    /// `tmp-image-…`, mode 0600). Give the storage's
+    /// [`staging_dir`](crate::storage::Storage::staging_dir), so that
+    /// storing an image is a rename. Default (`None`): the system's
+    /// temporary directory.
+    pub snapshot_dir: Option<std::path::PathBuf>,
     /// Shortest interval between two [`Inbound::Unreachable`](super::Inbound::Unreachable)
     /// reports for the same peer. Default 100 ms.
     pub unreachable_report_interval: Duration,
@@ -110,6 +116,7 @@ impl TransportConfig {
             io_timeout: Duration::from_secs(10),
             snapshot_chunk_size: Self::DEFAULT_SNAPSHOT_CHUNK_SIZE,
             max_snapshot_size: 4 * 1024 * 1024 * 1024,
+            snapshot_dir: None,
             unreachable_report_interval: Duration::from_millis(100),
             max_pending_handshakes: 64,
             max_pending_handshakes_per_ip: 8,
@@ -184,6 +191,7 @@ impl fmt::Debug for TransportConfig {
             .field("io_timeout", &self.io_timeout)
             .field("snapshot_chunk_size", &self.snapshot_chunk_size)
             .field("max_snapshot_size", &self.max_snapshot_size)
+            .field("snapshot_dir", &self.snapshot_dir)
             .field(
                 "unreachable_report_interval",
                 &self.unreachable_report_interval,

@@ -186,6 +186,9 @@ pub(crate) enum SnapshotSendError {
     /// The receiver answered with something other than an acknowledgement.
     #[error("unexpected {0} frame instead of an acknowledgement")]
     Unexpected(&'static str),
+    /// The image could not be read (or failed its checksum).
+    #[error("reading the snapshot image: {0}")]
+    Image(std::io::Error),
 }
 
 /// Why an incoming snapshot was rejected.
@@ -226,4 +229,7 @@ pub(crate) enum SnapshotRecvError {
     /// The driver's inbound channel is closed.
     #[error("the inbound channel is closed")]
     InboundClosed,
+    /// Writing the image to its file failed.
+    #[error("writing the snapshot image: {0}")]
+    Image(std::io::Error),
 }

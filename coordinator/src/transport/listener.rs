@@ -1,6 +1,7 @@
 //! The accept loop and the read side of accepted connections.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -17,13 +18,11 @@ use super::frame::{Frame, StreamKind, read_frame, send_frame};
 use super::gate::Slot;
 use super::handshake::accept;
 use super::shared::{Context, lock};
+use crate::image::StagedImage;
 use crate::raft::{MessageKind, NodeId};
 
 /// Read buffer per accepted connection.
 const READ_BUFFER: usize = 64 * 1024;
-/// Largest up-front allocation for an incoming snapshot image; beyond this
-/// the buffer grows with the bytes that actually arrive.
-const MAX_SNAPSHOT_PREALLOC: u64 = 64 * 1024 * 1024;
 
 /// The live authenticated inbound connections, one per peer and stream
 /// kind. A newer connection from the same peer supersedes the older one
@@ -317,41 +316,62 @@ async fn read_snapshot<S: AsyncRead + AsyncWrite + Unpin>(
             max: ctx.config.max_snapshot_size,
         });
     }
-    let prealloc = usize::try_from(total_len.min(MAX_SNAPSHOT_PREALLOC)).unwrap_or(0);
-    let mut data = Vec::with_capacity(prealloc);
-    let mut hasher = Sha256::new();
-    loop {
+    let dir = ctx
+        .config
+        .snapshot_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir);
+    let staged = StagedImage::create_in(&dir).map_err(SnapshotRecvError::Image)?;
+    // The file and the hasher move to a blocking thread for each chunk.
+    let mut sink = Some((staged, Sha256::new()));
+    let mut got = 0u64;
+    let staged = loop {
         match read_timed(s, ctx).await? {
             Frame::SnapshotChunk { data: chunk } => {
-                let got = (data.len() as u64).saturating_add(chunk.0.len() as u64);
+                got = got.saturating_add(chunk.0.len() as u64);
                 if got > total_len {
                     return Err(SnapshotRecvError::Length {
                         expected: total_len,
                         got,
                     });
                 }
-                hasher.update(&chunk.0);
-                data.extend_from_slice(&chunk.0);
+                let (mut staged, mut hasher) = sink.take().ok_or(SnapshotRecvError::Closed)?;
+                let (staged, hasher, written) = tokio::task::spawn_blocking(move || {
+                    hasher.update(&chunk.0);
+                    let r = staged.write_all(&chunk.0);
+                    (staged, hasher, r)
+                })
+                .await
+                .map_err(|e| SnapshotRecvError::Image(std::io::Error::other(e)))?;
+                written.map_err(SnapshotRecvError::Image)?;
+                sink = Some((staged, hasher));
             }
             Frame::SnapshotEnd { digest } => {
-                let got = data.len() as u64;
                 if got != total_len {
                     return Err(SnapshotRecvError::Length {
                         expected: total_len,
                         got,
                     });
                 }
+                let (mut staged, hasher) = sink.take().ok_or(SnapshotRecvError::Closed)?;
                 let actual: [u8; 32] = hasher.finalize().into();
                 if actual != digest {
                     return Err(SnapshotRecvError::Digest);
                 }
-                break;
+                let (staged, sealed) = tokio::task::spawn_blocking(move || {
+                    let r = staged.seal();
+                    (staged, r)
+                })
+                .await
+                .map_err(|e| SnapshotRecvError::Image(std::io::Error::other(e)))?;
+                sealed.map_err(SnapshotRecvError::Image)?;
+                break staged;
             }
             other => return Err(SnapshotRecvError::Unexpected(other.name())),
         }
-    }
+    };
     inbound
-        .send(Inbound::Snapshot { msg, data })
+        .send(Inbound::Snapshot { msg, image: staged })
         .await
         .map_err(|_| SnapshotRecvError::InboundClosed)?;
     Ok(total_len)

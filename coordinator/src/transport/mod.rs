@@ -126,9 +126,13 @@
 //!
 //! [`Transport::send_snapshot`] dials the peer on a snapshot connection and
 //! sends `SnapshotBegin`, the image in `SnapshotChunk`s, and `SnapshotEnd`.
-//! The receiver checks sender, recipient, kind, length (at most
-//! `max_snapshot_size`) and digest, delivers [`Inbound::Snapshot`] to its
-//! driver, and answers `SnapshotAck{ok}`. The sender reports
+//! The image is streamed from its file, one chunk in memory at a time, on
+//! both sides: the receiver writes each chunk into a
+//! [`StagedImage`] in [`TransportConfig::snapshot_dir`] (the storage's
+//! staging directory, so storing it is a rename). It checks sender,
+//! recipient, kind, length (at most `max_snapshot_size`) and digest, fsyncs
+//! the file, delivers [`Inbound::Snapshot`] to its driver, and answers
+//! `SnapshotAck{ok}`; a rejected image's file is removed. The sender reports
 //! [`Inbound::SnapshotStatus`] — `ok: true` only once the receiver has
 //! acknowledged. A newer snapshot to the same peer cancels an older one
 //! still in flight (which then reports `ok: false`). Each send reports
@@ -156,7 +160,7 @@
 //! while let Some(event) = inbound.recv().await {
 //!     match event {
 //!         Inbound::Message(msg) => { /* raft.step(msg) */ }
-//!         Inbound::Snapshot { msg, data } => { /* keep `data`, then raft.step(msg) */ }
+//!         Inbound::Snapshot { msg, image } => { /* keep `image`, then raft.step(msg) */ }
 //!         Inbound::Unreachable(id) => { /* raft.report_unreachable(id) */ }
 //!         Inbound::SnapshotStatus { to, ok } => { /* raft.report_snapshot(to, ok) */ }
 //!     }
@@ -197,6 +201,7 @@ pub use config::TransportConfig;
 pub use error::TransportError;
 pub use handshake::PROTOCOL_VERSION;
 
+use crate::image::{SnapshotImage, StagedImage};
 use crate::raft::{Message, MessageKind, NodeId};
 use handshake::Identity;
 use peer::PeerHandle;
@@ -204,7 +209,7 @@ use shared::{Context, Reporter, lock};
 use snapshot::SnapshotJob;
 
 /// What the transport hands to the driver.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 pub enum Inbound {
     /// A message from an authenticated peer, addressed to this node.
     Message(Message),
@@ -213,8 +218,9 @@ pub enum Inbound {
     Snapshot {
         /// The snapshot message.
         msg: Message,
-        /// The state machine image.
-        data: Vec<u8>,
+        /// The state machine image, received into a file (sealed), in
+        /// [`TransportConfig::snapshot_dir`].
+        image: StagedImage,
     },
     /// A message to this peer was dropped (its queue was full, it is not
     /// connected, or it is unknown). Rate-limited per peer. The driver calls
@@ -234,10 +240,11 @@ impl fmt::Debug for Inbound {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Inbound::Message(m) => f.debug_tuple("Message").field(m).finish(),
-            Inbound::Snapshot { msg, data } => f
+            Inbound::Snapshot { msg, image } => f
                 .debug_struct("Snapshot")
                 .field("msg", msg)
-                .field("data_len", &data.len())
+                .field("image", &image.path())
+                .field("len", &image.len())
                 .finish(),
             Inbound::Unreachable(id) => f.debug_tuple("Unreachable").field(id).finish(),
             Inbound::SnapshotStatus { to, ok } => f
@@ -529,11 +536,13 @@ impl Transport {
     }
 
     /// Sends a snapshot: `msg` (a [`MessageKind::Snapshot`] from this node)
-    /// with the image `data`, in chunks on a connection of its own. Never
-    /// blocks. The outcome arrives as exactly one [`Inbound::SnapshotStatus`]
-    /// for `msg.to` — immediately `ok: false` if the peer is unknown or `msg`
-    /// is not a snapshot message from this node.
-    pub fn send_snapshot(&self, msg: Message, data: Arc<Vec<u8>>) {
+    /// with the image, streamed from its file in chunks on a connection of
+    /// its own (one chunk in memory at a time). Never blocks. The outcome
+    /// arrives as exactly one [`Inbound::SnapshotStatus`] for `msg.to` —
+    /// immediately `ok: false` if the peer is unknown or `msg` is not a
+    /// snapshot message from this node; `ok: false` too if the image cannot
+    /// be read whole or fails its checksum.
+    pub fn send_snapshot(&self, msg: Message, image: SnapshotImage) {
         let to = msg.to;
         let mut state = lock(&self.state);
         let Some(reporter) = state.reporter.clone() else {
@@ -562,7 +571,7 @@ impl Transport {
             self.ctx.clone(),
             addr,
             msg,
-            data,
+            image,
             reporter,
             reported.clone(),
         ));
@@ -628,7 +637,7 @@ impl crate::node::PeerSender for Transport {
         Transport::send(self, msg);
     }
 
-    fn send_snapshot(&self, msg: Message, data: Arc<Vec<u8>>) {
-        Transport::send_snapshot(self, msg, data);
+    fn send_snapshot(&self, msg: Message, image: SnapshotImage) {
+        Transport::send_snapshot(self, msg, image);
     }
 }

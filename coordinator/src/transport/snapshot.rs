@@ -1,5 +1,6 @@
 //! Sending a snapshot image on its own connection.
 
+use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -12,6 +13,7 @@ use super::addr::PeerAddr;
 use super::error::{FrameError, SnapshotSendError};
 use super::frame::{Bytes, Frame, StreamKind, read_frame, write_frame};
 use super::shared::{Context, Reporter, connect};
+use crate::image::{ImageReader, SnapshotImage};
 use crate::raft::Message;
 
 /// A snapshot send in flight, so that a newer one to the same peer can
@@ -41,13 +43,13 @@ pub(crate) async fn send_job(
     ctx: Arc<Context>,
     addr: PeerAddr,
     msg: Message,
-    data: Arc<Vec<u8>>,
+    image: SnapshotImage,
     reporter: Reporter,
     reported: Arc<AtomicBool>,
 ) {
     let to = msg.to;
-    let len = data.len();
-    let ok = match send(&ctx, &addr, msg, &data).await {
+    let len = image.len();
+    let ok = match send(&ctx, &addr, msg, &image).await {
         Ok(()) => {
             info!(peer = to, peer_addr = %addr, bytes = len, "snapshot sent and acknowledged");
             true
@@ -71,29 +73,74 @@ async fn timed<T>(
         .unwrap_or(Err(FrameError::Timeout))
 }
 
+/// The image being sent: read one chunk at a time, hashed as it goes.
+struct Source {
+    reader: ImageReader,
+    hasher: Sha256,
+    left: u64,
+}
+
+impl Source {
+    /// The next chunk (at most `max` bytes), or `None` at the end, once the
+    /// reader has checked the image's length and checksum. Blocking.
+    fn next_chunk(&mut self, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+        if self.left == 0 {
+            let mut probe = [0u8; 1];
+            return match self.reader.read(&mut probe)? {
+                0 => Ok(None),
+                _ => Err(std::io::Error::other("the image is longer than recorded")),
+            };
+        }
+        let n = usize::try_from(self.left.min(max as u64)).unwrap_or(max);
+        let mut buf = vec![0u8; n];
+        self.reader.read_exact(&mut buf)?;
+        self.hasher.update(&buf);
+        self.left -= n as u64;
+        Ok(Some(buf))
+    }
+}
+
 async fn send(
     ctx: &Context,
     addr: &PeerAddr,
     msg: Message,
-    data: &[u8],
+    image: &SnapshotImage,
 ) -> Result<(), SnapshotSendError> {
     let max = ctx.config.max_frame_size;
+    let chunk_size = ctx.config.snapshot_chunk_size;
+    // Opened first: the file stays readable for the whole send even if the
+    // storage removes this snapshot meanwhile.
+    let mut source = Some(Source {
+        reader: image.open().map_err(SnapshotSendError::Image)?,
+        hasher: Sha256::new(),
+        left: image.len(),
+    });
     let (stream, _) = connect(ctx, addr, msg.to, StreamKind::Snapshot).await?;
     let (mut rd, wr) = stream.into_split();
     let mut wr = BufWriter::with_capacity(64 * 1024, wr);
     let begin = Frame::SnapshotBegin {
         msg,
-        total_len: data.len() as u64,
+        total_len: image.len(),
     };
     timed(ctx, write_frame(&mut wr, &begin, max)).await?;
-    let mut hasher = Sha256::new();
-    for chunk in data.chunks(ctx.config.snapshot_chunk_size) {
-        hasher.update(chunk);
-        let frame = Frame::SnapshotChunk {
-            data: Bytes(chunk.to_vec()),
+    loop {
+        // Reading and hashing happen on a blocking thread.
+        let mut s = source.take().ok_or(SnapshotSendError::NoAck)?;
+        let (s, chunk) = tokio::task::spawn_blocking(move || {
+            let r = s.next_chunk(chunk_size);
+            (s, r)
+        })
+        .await
+        .map_err(|e| SnapshotSendError::Image(std::io::Error::other(e)))?;
+        let Some(chunk) = chunk.map_err(SnapshotSendError::Image)? else {
+            source = Some(s);
+            break;
         };
+        source = Some(s);
+        let frame = Frame::SnapshotChunk { data: Bytes(chunk) };
         timed(ctx, write_frame(&mut wr, &frame, max)).await?;
     }
+    let hasher = source.map(|s| s.hasher).unwrap_or_default();
     let end = Frame::SnapshotEnd {
         digest: hasher.finalize().into(),
     };

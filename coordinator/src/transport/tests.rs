@@ -1320,6 +1320,19 @@ fn image(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }
 
+/// `data` stored as a snapshot image file in `dir`.
+fn stored(dir: &tempfile::TempDir, name: &str, data: &[u8]) -> crate::image::SnapshotImage {
+    let path = dir.path().join(name);
+    std::fs::write(&path, data).expect("write image");
+    crate::image::SnapshotImage::new(path, data.len() as u64, crc32c::crc32c(data))
+}
+
+/// The bytes of a received image.
+fn received(image: &crate::image::StagedImage) -> Vec<u8> {
+    assert!(image.is_sealed(), "a delivered image is sealed");
+    std::fs::read(image.path()).expect("read received image")
+}
+
 #[tokio::test]
 async fn snapshot_of_several_mib_arrives_intact() {
     let mut nodes = cluster(&[1, 2]);
@@ -1327,16 +1340,18 @@ async fn snapshot_of_several_mib_arrives_intact() {
     let (a, mut rx_a) = nodes.pop().expect("a");
     // Six 1 MiB chunks, the last one partial.
     let data = image(5 * 1024 * 1024 + 12_345);
-    a.send_snapshot(snap_msg(1, 2), Arc::new(data.clone()));
+    let files = tempfile::tempdir().expect("tempdir");
+    a.send_snapshot(snap_msg(1, 2), stored(&files, "img", &data));
     // Ordinary messages are not held up behind it.
     a.send(msg(1, 2, 7));
     let mut got_snapshot = false;
     let mut got_message = false;
     while !(got_snapshot && got_message) {
         match next(&mut rx_b).await {
-            Inbound::Snapshot { msg: m, data: d } => {
+            Inbound::Snapshot { msg: m, image } => {
                 assert_eq!(m, snap_msg(1, 2));
-                assert!(d == data, "snapshot image differs");
+                assert!(received(&image) == data, "snapshot image differs");
+                assert_eq!(image.crc32c(), crc32c::crc32c(&data));
                 got_snapshot = true;
             }
             Inbound::Message(m) => {
@@ -1368,7 +1383,8 @@ async fn snapshot_to_dead_or_unknown_peer_reports_failure() {
     };
     let (a, mut rx_a) = start(config(1));
     a.set_peer(2, dead).expect("set_peer");
-    let data = Arc::new(image(3 * 1024 * 1024));
+    let files = tempfile::tempdir().expect("tempdir");
+    let data = stored(&files, "img", &image(3 * 1024 * 1024));
     a.send_snapshot(snap_msg(1, 2), data.clone());
     let status = |ev: Inbound| match ev {
         Inbound::SnapshotStatus { to, ok } => Some((to, ok)),
@@ -1412,10 +1428,12 @@ async fn newer_snapshot_supersedes_older() {
     let mut nodes = cluster(&[1, 2]);
     let (b, mut rx_b) = nodes.pop().expect("b");
     let (a, mut rx_a) = nodes.pop().expect("a");
-    let older = Arc::new(image(2 * 1024 * 1024));
-    let newer = Arc::new(image(1024 * 1024 + 1));
+    let files = tempfile::tempdir().expect("tempdir");
+    let older = stored(&files, "older", &image(2 * 1024 * 1024));
+    let newer_data = image(1024 * 1024 + 1);
+    let newer = stored(&files, "newer", &newer_data);
     a.send_snapshot(snap_msg(1, 2), older);
-    a.send_snapshot(snap_msg(1, 2), newer.clone());
+    a.send_snapshot(snap_msg(1, 2), newer);
     let mut statuses = Vec::new();
     while statuses.len() < 2 {
         if let Inbound::SnapshotStatus { to, ok } = next(&mut rx_a).await {
@@ -1425,7 +1443,7 @@ async fn newer_snapshot_supersedes_older() {
     // Exactly one report each: the cancelled one failed, the newer one worked.
     assert_eq!(statuses, vec![(2, false), (2, true)]);
     match next(&mut rx_b).await {
-        Inbound::Snapshot { data, .. } => assert!(data == *newer),
+        Inbound::Snapshot { image, .. } => assert!(received(&image) == newer_data),
         other => panic!("unexpected {other:?}"),
     }
     a.shutdown().await;

@@ -7,8 +7,10 @@
 //! asks [`StateMachine::applied_index`] on start). Apply reads no clock: it
 //! uses the proposal's `ts_ms`.
 //!
-//! Snapshots are `VACUUM INTO` a file; restoring replaces `state.db`
-//! atomically (write a temp file, fsync, rename, reopen the pool).
+//! Snapshots are `VACUUM INTO` a file the node driver stages (on a
+//! connection of their own, while apply goes on); restoring streams the
+//! image into a temp file and replaces `state.db` atomically (fsync,
+//! rename, reopen the pool).
 //!
 //! Schema: `migrations/` at the workspace root, applied by `sqlx::migrate!`
 //! on open.
@@ -41,7 +43,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use coordinator::node::{BoxError, Committed, StateMachine};
+use coordinator::image::ImageReader;
+use coordinator::node::{BoxError, Committed, SnapshotView, StateMachine};
 use coordinator::raft::{Index, SnapshotMeta};
 use sqlx::SqlitePool;
 use sqlx::migrate::Migrator;
@@ -299,11 +302,25 @@ impl StateMachine for Machine {
         Ok(self.0.apply(entries, last_index).await?)
     }
 
-    async fn snapshot(&mut self) -> Result<Vec<u8>, BoxError> {
-        Ok(self.0.snapshot().await?)
+    type Snapshot = DbView;
+
+    async fn snapshot(&mut self) -> Result<DbView, BoxError> {
+        Ok(DbView(self.0.clone()))
     }
 
-    async fn restore(&mut self, meta: &SnapshotMeta, data: Vec<u8>) -> Result<(), BoxError> {
-        Ok(self.0.restore(meta, data).await?)
+    async fn restore(&mut self, meta: &SnapshotMeta, image: ImageReader) -> Result<(), BoxError> {
+        Ok(self.0.restore(meta, image).await?)
+    }
+}
+
+/// A snapshot of the state database: `VACUUM INTO` the file the driver
+/// gives, on its own connection while apply goes on; the image records the
+/// index it stands at.
+#[derive(Debug)]
+pub struct DbView(std::sync::Arc<StateDb>);
+
+impl SnapshotView for DbView {
+    async fn write_to(self, dest: PathBuf) -> Result<Index, BoxError> {
+        Ok(self.0.write_image(&dest).await?)
     }
 }

@@ -1,13 +1,17 @@
-//! Snapshots (`VACUUM INTO`) and restoring one in place of `state.db`.
+//! Snapshots (`VACUUM INTO` a file) and restoring one in place of `state.db`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-use coordinator::raft::SnapshotMeta;
+use coordinator::image::ImageReader;
+use coordinator::raft::{Index, SnapshotMeta};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 use super::rows::store_applied_index;
-use super::{DB_FILE, MIGRATOR, RESTORE_TMP, SNAPSHOT_TMP_PREFIX, StateDb, StateError, open_pool};
+use super::{
+    DB_FILE, MIGRATOR, RESTORE_TMP, SNAPSHOT_TMP_PREFIX, StateDb, StateError, make_private,
+    open_pool,
+};
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StateError {
     let path = path.to_path_buf();
@@ -139,6 +143,24 @@ async fn prepare_image_with(path: &Path, index: u64, new_group: bool) -> Result<
     }
     remove_if_exists(&wal).await?;
     remove_if_exists(&with_suffix(path, "-shm")).await
+}
+
+/// Streams a snapshot image into the (empty, private) file at `to`, on a
+/// blocking thread, a buffer at a time; the reader fails at the end if the
+/// image is damaged.
+async fn copy_image(mut image: ImageReader, to: &Path) -> Result<(), StateError> {
+    let path = to.to_path_buf();
+    let copied = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)?;
+        std::io::copy(&mut image, &mut file)?;
+        file.sync_all()
+    })
+    .await
+    .map_err(|e| io_err("writing snapshot image", to)(std::io::Error::other(e)))?;
+    copied.map_err(io_err("writing snapshot image", to))
 }
 
 /// A consistent image of the state database in a file, for a backup.
@@ -288,31 +310,23 @@ impl StateDb {
         Ok(image)
     }
 
-    /// Writes a consistent image of the database (`VACUUM INTO`) and returns its bytes.
-    pub async fn snapshot(&self) -> Result<Vec<u8>, StateError> {
-        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.join(format!("{SNAPSHOT_TMP_PREFIX}{n}.tmp"));
-        remove_db_files(&path).await?;
-        // `VACUUM INTO` fills an empty file, which keeps the mode we give it.
-        super::make_private(&path).await?;
-        let result = async {
-            let target = utf8(&path)?;
-            {
-                let pool = self.pool.read().await;
-                sqlx::query("VACUUM INTO ?")
-                    .bind(&target)
-                    .execute(&*pool)
-                    .await?;
-            }
-            tokio::fs::read(&path)
-                .await
-                .map_err(io_err("reading snapshot image", &path))
+    /// Writes a consistent image of the database into the empty file
+    /// `dest` (`VACUUM INTO`: one read transaction on a connection of its
+    /// own, so apply goes on meanwhile — WAL mode) and returns the log index
+    /// it stands at, as recorded in the image itself (the applied index
+    /// and the state it covers are written in one transaction).
+    pub async fn write_image(&self, dest: &Path) -> Result<Index, StateError> {
+        // `VACUUM INTO` fills an empty file, which keeps the mode it has.
+        make_private(dest).await?;
+        let target = utf8(dest)?;
+        {
+            let pool = self.pool.read().await;
+            sqlx::query("VACUUM INTO ?")
+                .bind(&target)
+                .execute(&*pool)
+                .await?;
         }
-        .await;
-        let cleanup = remove_db_files(&path).await;
-        let bytes = result?;
-        cleanup?;
-        Ok(bytes)
+        image_index(dest).await
     }
 
     /// Replaces the database with a snapshot image (empty data = an empty
@@ -323,7 +337,7 @@ impl StateDb {
     /// pool's write lock) while the old pool closes, the file is renamed over
     /// `state.db`, the directory fsynced and a new pool opened — a few
     /// milliseconds. Queries issued meanwhile wait, then read the new state.
-    pub async fn restore(&self, meta: &SnapshotMeta, data: Vec<u8>) -> Result<(), StateError> {
+    pub async fn restore(&self, meta: &SnapshotMeta, image: ImageReader) -> Result<(), StateError> {
         let _writer = self.writer.lock().await;
         let tmp = self.dir.join(RESTORE_TMP);
         remove_db_files(&tmp).await?;
@@ -331,12 +345,9 @@ impl StateDb {
             // Created private (it becomes `state.db`); empty stands for an
             // empty database.
             super::make_private(&tmp).await?;
-            if !data.is_empty() {
-                tokio::fs::write(&tmp, &data)
-                    .await
-                    .map_err(io_err("writing snapshot image", &tmp))?;
+            if !image.is_empty() {
+                copy_image(image, &tmp).await?;
             }
-            drop(data);
             prepare_image(&tmp, meta.index).await?;
             fsync_file(&tmp).await
         }

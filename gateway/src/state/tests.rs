@@ -1360,13 +1360,30 @@ async fn broadcast_after_commit() {
 
 // ---------------------------------------------------------------- snapshots
 
+/// An image of `db`, as the node driver would have it written, read whole.
+async fn snapshot_bytes(db: &StateDb) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("image");
+    db.write_image(&path).await.unwrap();
+    std::fs::read(&path).unwrap()
+}
+
+/// Restores `db` from `data`, streamed from a file as the driver does.
+async fn restore_bytes(db: &StateDb, meta: &SnapshotMeta, data: Vec<u8>) -> Result<(), StateError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("image");
+    std::fs::write(&path, &data).unwrap();
+    let image = coordinator::image::SnapshotImage::of_file(path).unwrap();
+    db.restore(meta, image.open().unwrap()).await
+}
+
 #[tokio::test]
 async fn snapshot_restore_into_another_directory() {
     let src = Db::new().await;
     let entries = workload();
     let n = entries.len() as u64;
     src.db.apply(entries, n).await.unwrap();
-    let image = src.db.snapshot().await.unwrap();
+    let image = snapshot_bytes(&src.db).await;
     assert!(image.starts_with(b"SQLite format 3\0"));
     // The temp file is gone.
     let names: Vec<String> = std::fs::read_dir(src.dir.path())
@@ -1385,7 +1402,7 @@ async fn snapshot_restore_into_another_directory() {
         term: 3,
         conf_state: ConfState::with_voters([1, 2, 3]),
     };
-    dst.db.restore(&meta, image.clone()).await.unwrap();
+    restore_bytes(&dst.db, &meta, image.clone()).await.unwrap();
     assert_eq!(dst.db.applied_index(), n);
     assert!(watch.has_changed().unwrap());
     assert_eq!(*watch.borrow_and_update(), n);
@@ -1426,14 +1443,14 @@ async fn restore_sets_the_applied_index_from_meta() {
         .apply(vec![entry(1, T0, register("d"))], 1)
         .await
         .unwrap();
-    let image = src.db.snapshot().await.unwrap();
+    let image = snapshot_bytes(&src.db).await;
     let dst = Db::new().await;
     let meta = SnapshotMeta {
         index: 4,
         term: 1,
         conf_state: ConfState::with_voters([1]),
     };
-    dst.db.restore(&meta, image).await.unwrap();
+    restore_bytes(&dst.db, &meta, image).await.unwrap();
     assert_eq!(dst.db.applied_index(), 4);
     assert!(dst.db.device("d").await.unwrap().is_some());
     let r = dst
@@ -1457,7 +1474,7 @@ async fn restore_with_empty_data() {
         term: 2,
         conf_state: ConfState::with_voters([1]),
     };
-    t.db.restore(&meta, Vec::new()).await.unwrap();
+    restore_bytes(&t.db, &meta, Vec::new()).await.unwrap();
     assert_eq!(t.db.applied_index(), 7);
     assert!(t.db.device("d").await.unwrap().is_none());
     assert!(!t.db.has_tokens().await.unwrap());
@@ -1474,7 +1491,7 @@ async fn restore_with_empty_data() {
         term: 0,
         conf_state: ConfState::with_voters([1]),
     };
-    t.db.restore(&meta0, Vec::new()).await.unwrap();
+    restore_bytes(&t.db, &meta0, Vec::new()).await.unwrap();
     assert_eq!(t.db.applied_index(), 0);
     assert_eq!(
         dump(&t.db).await,
@@ -1516,18 +1533,18 @@ async fn the_database_files_are_private() {
     let mut t = Db::new().await;
     t.run(register("d")).await;
     private(t.dir.path());
-    let image = t.db.snapshot().await.unwrap();
+    let image = snapshot_bytes(&t.db).await;
     private(t.dir.path());
     let meta = SnapshotMeta {
         index: 9,
         term: 2,
         conf_state: ConfState::with_voters([1]),
     };
-    t.db.restore(&meta, image).await.unwrap();
+    restore_bytes(&t.db, &meta, image).await.unwrap();
     t.next = 10;
     t.run(register("e")).await;
     private(t.dir.path());
-    t.db.restore(&meta, Vec::new()).await.unwrap();
+    restore_bytes(&t.db, &meta, Vec::new()).await.unwrap();
     t.next = 10;
     t.run(register("f")).await;
     private(t.dir.path());
@@ -1554,7 +1571,7 @@ async fn restore_of_garbage_fails_and_keeps_the_state() {
         conf_state: ConfState::with_voters([1]),
     };
     let garbage = vec![0x42u8; 8192];
-    assert!(t.db.restore(&meta, garbage).await.is_err());
+    assert!(restore_bytes(&t.db, &meta, garbage).await.is_err());
     assert_eq!(t.db.applied_index(), 1);
     assert_eq!(dump(&t.db).await, before);
     assert!(!t.dir.path().join(RESTORE_TMP).exists());
@@ -1566,7 +1583,7 @@ async fn queries_during_restore_wait_instead_of_failing() {
     let entries = workload();
     let n = entries.len() as u64;
     src.db.apply(entries, n).await.unwrap();
-    let image = src.db.snapshot().await.unwrap();
+    let image = snapshot_bytes(&src.db).await;
 
     let dst = Arc::new(Db::new().await);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1593,7 +1610,7 @@ async fn queries_during_restore_wait_instead_of_failing() {
             term: 1,
             conf_state: ConfState::with_voters([1]),
         };
-        dst.db.restore(&meta, image.clone()).await.unwrap();
+        restore_bytes(&dst.db, &meta, image.clone()).await.unwrap();
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for r in readers {
