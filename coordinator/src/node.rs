@@ -53,7 +53,7 @@
 //! catches up. [`NodeStatus::raft`]`.removed` and the configuration tell
 //! the embedder; the driver logs each change of this node's membership.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -181,10 +181,20 @@ pub struct NodeConfig {
     pub raft: crate::raft::Config,
     /// Length of one tick.
     pub tick: Duration,
-    /// Take a snapshot after this many entries applied since the last one.
+    /// Take a snapshot once the entries committed since the last one hold
+    /// this many bytes (application data, plus [`ENTRY_OVERHEAD`] per
+    /// entry for what the log keeps beside it). Default 64 MiB.
+    pub snapshot_log_bytes: u64,
+    /// Also take one after this many entries. Default: never
+    /// (`u64::MAX`); tests set it low.
     pub snapshot_every: u64,
     /// Entries kept in the log behind a snapshot, for slightly slow followers.
     pub snapshot_keep: u64,
+    /// Bytes of committed entries (counted as for `snapshot_log_bytes`)
+    /// handed to the state machine and not yet applied, beyond which the
+    /// driver takes no new requests until it catches up (default 16 MiB).
+    /// Bounds the apply pipeline; replication and the log go on.
+    pub apply_queue_bytes: u64,
     /// How long a proposal, read or membership change may take before it
     /// fails with [`NodeError::Timeout`].
     pub request_timeout: Duration,
@@ -192,7 +202,7 @@ pub struct NodeConfig {
 
 impl NodeConfig {
     /// Defaults: 20 ms ticks, elections after 200–400 ms of silence,
-    /// heartbeats every 40 ms, a snapshot every 10,000 entries.
+    /// heartbeats every 40 ms, a snapshot every 64 MiB of log.
     pub fn new(id: NodeId) -> Self {
         let raft = crate::raft::Config {
             election_tick: 10,
@@ -202,8 +212,10 @@ impl NodeConfig {
         NodeConfig {
             raft,
             tick: Duration::from_millis(20),
-            snapshot_every: 10_000,
+            snapshot_log_bytes: 64 << 20,
+            snapshot_every: u64::MAX,
             snapshot_keep: 1_000,
+            apply_queue_bytes: 16 << 20,
             request_timeout: Duration::from_secs(5),
         }
     }
@@ -335,6 +347,15 @@ const REFUSAL_LOG_PER_PEER: Duration = Duration::from_secs(60);
 
 /// The proposal header: node id, incarnation, sequence number.
 const HEADER: usize = 24;
+/// What an entry is counted for beside its application data (see
+/// [`NodeConfig::snapshot_log_bytes`]): its index, term and the log's own
+/// bookkeeping.
+pub const ENTRY_OVERHEAD: u64 = 64;
+/// Batches queued for the apply task behind each other are applied in one
+/// call up to this many entries.
+const APPLY_MERGE_ENTRIES: usize = 4096;
+/// After a snapshot build failed, the next is tried this much later.
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(5);
 
 fn encode_proposal(node: NodeId, incarnation: u64, seq: u64, data: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(HEADER + data.len());
@@ -397,6 +418,13 @@ impl<O: Send + 'static> Node<O> {
             }
         }
         init.applied = sm.applied_index().max(init.snapshot.index);
+        let applied = init.applied;
+        let log_bytes = init
+            .entries
+            .iter()
+            .filter(|e| e.index > init.snapshot.index)
+            .map(entry_bytes)
+            .sum();
         let latest_snapshot = storage
             .load_snapshot()
             .map_err(|e| NodeError::Fatal(e.to_string()))?;
@@ -414,13 +442,25 @@ impl<O: Send + 'static> Node<O> {
         });
         let mut incarnation = [0u8; 8];
         getrandom::fill(&mut incarnation).map_err(|e| NodeError::Fatal(e.to_string()))?;
-        let driver = Driver {
+        let (work_tx, work_rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let apply_task = tokio::spawn(apply_loop(sm, work_rx, events_tx.clone()));
+        let driver: Driver<S, P, M> = Driver {
             id: cfg.raft.id,
             incarnation: u64::from_be_bytes(incarnation),
             raft,
             storage: Some(storage),
             peers,
-            sm,
+            work: work_tx,
+            events: events_tx,
+            apply_task: Some(apply_task),
+            applied,
+            handed: applied,
+            unapplied: VecDeque::new(),
+            unapplied_bytes: 0,
+            log_bytes,
+            build: None,
+            snapshot_retry_at: None,
             cfg: cfg.clone(),
             seq: 0,
             proposals: HashMap::new(),
@@ -448,7 +488,7 @@ impl<O: Send + 'static> Node<O> {
             told_not_member: HashMap::new(),
             listed,
         };
-        let task = tokio::spawn(driver.run(cmd_rx, inbound));
+        let task = tokio::spawn(driver.run(cmd_rx, inbound, events_rx));
         Ok(Node {
             cmd: cmd_tx,
             status: status_rx,
@@ -505,7 +545,9 @@ impl<O: Send + 'static> Node<O> {
             .await
     }
 
-    /// Hands leadership to `to`; resolves once this node sees `to` lead.
+    /// Hands leadership to `to`; resolves once this node sees `to` lead
+    /// and an entry of its term committed (from then on it takes
+    /// membership changes and serves reads).
     pub async fn transfer_leader(&self, to: NodeId) -> Result<(), NodeError> {
         self.request(|tx| Command::Transfer(to, tx)).await
     }
@@ -561,7 +603,27 @@ struct Driver<S, P, M: StateMachine> {
     /// `None` only while a blocking storage call runs.
     storage: Option<S>,
     peers: Arc<P>,
-    sm: M,
+    /// Work for the apply task, which owns the state machine.
+    work: mpsc::UnboundedSender<ApplyWork>,
+    /// What the apply task and snapshot builds report (the builds get a
+    /// clone).
+    events: mpsc::UnboundedSender<ApplyEvent<M::Output, M::Snapshot>>,
+    apply_task: Option<tokio::task::JoinHandle<()>>,
+    /// What the state machine has applied (as last reported).
+    applied: Index,
+    /// The last index handed to the apply task.
+    handed: Index,
+    /// Handed and not yet applied: (last index of a hand-off, its bytes).
+    unapplied: VecDeque<(Index, u64)>,
+    /// Their sum.
+    unapplied_bytes: u64,
+    /// Bytes of the entries committed since the last snapshot (see
+    /// [`NodeConfig::snapshot_log_bytes`]).
+    log_bytes: u64,
+    /// The snapshot being built, if any.
+    build: Option<Build>,
+    /// After a failed build: no other before this.
+    snapshot_retry_at: Option<Instant>,
     cfg: NodeConfig,
     seq: u64,
     proposals: HashMap<u64, PendingProposal<M::Output>>,
@@ -611,12 +673,17 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         mut self,
         mut cmds: mpsc::Receiver<Command<M::Output>>,
         mut inbound: mpsc::Receiver<Inbound>,
+        mut events: mpsc::UnboundedReceiver<ApplyEvent<M::Output, M::Snapshot>>,
     ) {
         self.last_snapshot_index = self.raft.snapshot_meta().index;
         let mut ticker = tokio::time::interval(self.cfg.tick);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut inbound_open = true;
         loop {
+            // A bounded apply pipeline: while the state machine is this far
+            // behind, requests wait (replication goes on).
+            let take_requests = self.unapplied_bytes <= self.cfg.apply_queue_bytes;
+            let mut result: Result<(), BoxError> = Ok(());
             tokio::select! {
                 _ = ticker.tick() => {
                     self.raft.tick();
@@ -627,8 +694,16 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                     }
                     self.watch_view();
                     self.expire(Instant::now());
+                    if self.apply_task.as_ref().is_some_and(|t| t.is_finished()) {
+                        // It ends only when told to, or after reporting a
+                        // failure (taken first): otherwise it panicked.
+                        result = match events.try_recv() {
+                            Ok(ev) => self.on_event(ev).await,
+                            Err(_) => Err("the state machine's apply task stopped unexpectedly".into()),
+                        };
+                    }
                 }
-                cmd = cmds.recv() => match cmd {
+                cmd = cmds.recv(), if take_requests => match cmd {
                     Some(Command::Shutdown) | None => break,
                     Some(c) => self.handle_command(c),
                 },
@@ -636,6 +711,19 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                     Some(m) => self.handle_inbound(m),
                     None => inbound_open = false,
                 },
+                ev = events.recv() => match ev {
+                    Some(ev) => result = self.on_event(ev).await,
+                    // The driver holds a sender itself.
+                    None => result = Err("the apply events channel closed".into()),
+                },
+            }
+            // Everything the state machine finished meanwhile: proposals
+            // answered together.
+            while result.is_ok() {
+                match events.try_recv() {
+                    Ok(ev) => result = self.on_event(ev).await,
+                    Err(_) => break,
+                }
             }
             // Take everything else that is already waiting, so one cycle
             // (and one fsync) covers it all.
@@ -647,6 +735,9 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
             }
             let mut stop = false;
             for _ in 0..4096 {
+                if !take_requests {
+                    break;
+                }
                 match cmds.try_recv() {
                     Ok(Command::Shutdown) => {
                         stop = true;
@@ -658,12 +749,17 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
             }
             // `advance` can itself produce work (a group of one commits once
             // its own entry is durable), so cycle until the core is idle.
-            let mut result = self.cycle().await;
+            if result.is_ok() {
+                result = self.cycle().await;
+            }
             for _ in 0..64 {
                 if result.is_err() || !self.raft.has_ready() {
                     break;
                 }
                 result = self.cycle().await;
+            }
+            if result.is_ok() {
+                result = self.maybe_snapshot();
             }
             if result.is_ok() {
                 self.watch_view();
@@ -685,6 +781,9 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                 // in the status.
                 self.status.send_modify(|s| s.fatal = Some(e.to_string()));
                 self.fail_all(NodeError::Fatal(e.to_string()));
+                if let Some(task) = self.build.take().and_then(|b| b.task) {
+                    task.abort();
+                }
                 return;
             }
             if stop {
@@ -692,6 +791,15 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
             }
         }
         self.fail_all(NodeError::Shutdown);
+        if let Some(task) = self.build.take().and_then(|b| b.task) {
+            task.abort();
+        }
+        // What was handed to the state machine is applied before the
+        // storage closes (at most `apply_queue_bytes` and a cycle's worth).
+        drop(self.work);
+        if let Some(task) = self.apply_task.take() {
+            let _ = task.await;
+        }
         if let Some(mut storage) = self.storage.take() {
             let hs = self.raft.hard_state();
             let done = tokio::task::spawn_blocking(move || {
@@ -1175,10 +1283,24 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                     Ok(image)
                 })
                 .await?;
+            // Opened now: the file stays readable for the restore even if
+            // a newer snapshot replaces this one meanwhile.
             let reader = image
                 .open()
                 .map_err(|e| format!("opening snapshot image: {e}"))?;
-            self.sm.restore(&meta, reader).await?;
+            // The state machine restores it on the apply task, in log
+            // order (after what was handed to it before, before what
+            // follows); reads wait for it there.
+            self.work
+                .send(ApplyWork::Restore {
+                    meta: meta.clone(),
+                    image: reader,
+                })
+                .map_err(|_| "the apply task stopped")?;
+            self.handed = self.handed.max(meta.index);
+            self.unapplied.push_back((meta.index, 0));
+            // The log restarts after it.
+            self.log_bytes = 0;
             self.last_snapshot_index = meta.index;
             self.latest_snapshot = Some((meta, image));
         }
@@ -1205,15 +1327,27 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         // 4. Messages that acknowledge what is now durable.
         let msgs = std::mem::take(&mut rd.persisted_messages);
         self.send_all(msgs);
-        // 5. Apply.
+        // 5. Apply: handed to the apply task, which applies while the next
+        // cycles persist and replicate. (The core counts these entries as
+        // applied from here on; compaction and snapshots go only by what
+        // the state machine has really applied, which the task reports.)
         let committed = std::mem::take(&mut rd.committed_entries);
-        self.apply(committed).await?;
+        self.hand_off(committed)?;
         for rs in std::mem::take(&mut rd.read_states) {
             if let Some((reply, _)) = self.reads.remove(&rs.ctx) {
                 self.reads_waiting_apply.push((rs.index, reply));
             }
         }
-        let applied = self.sm.applied_index().max(self.raft.applied_index());
+        self.serve_reads();
+        self.raft.advance();
+        self.publish_status();
+        self.finish_transfers();
+        Ok(())
+    }
+
+    /// Answers the reads whose index the state machine has applied.
+    fn serve_reads(&mut self) {
+        let applied = self.applied;
         let mut i = 0;
         while i < self.reads_waiting_apply.len() {
             if self.reads_waiting_apply[i].0 <= applied {
@@ -1223,19 +1357,19 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                 i += 1;
             }
         }
-        self.raft.advance();
-        self.publish_status();
-        if self.maybe_snapshot().await? {
-            self.publish_status();
-        }
-        self.finish_transfers();
-        Ok(())
     }
 
-    async fn apply(&mut self, committed: Vec<Entry>) -> Result<(), BoxError> {
+    /// Hands committed entries to the apply task (membership waiters are
+    /// answered here, at commit).
+    fn hand_off(&mut self, committed: Vec<Entry>) -> Result<(), BoxError> {
         let Some(last) = committed.last().map(|e| e.index) else {
             return Ok(());
         };
+        let bytes: u64 = committed
+            .iter()
+            .filter(|e| e.index > self.handed)
+            .map(entry_bytes)
+            .sum();
         let mut batch = Vec::new();
         // For each entry handed to the state machine: whose proposal it was.
         let mut owners = Vec::new();
@@ -1277,7 +1411,7 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
             let EntryPayload::Normal(bytes) = e.payload else {
                 continue;
             };
-            if e.index <= self.sm.applied_index() {
+            if e.index <= self.handed {
                 continue;
             }
             match decode_proposal(&bytes) {
@@ -1300,41 +1434,135 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                 }
             }
         }
-        if last <= self.sm.applied_index() && batch.is_empty() {
+        if last <= self.handed {
             return Ok(());
         }
-        let indexes: Vec<Index> = batch.iter().map(|c| c.index).collect();
-        let outputs = self.sm.apply(batch, last).await?;
-        for ((owner, output), index) in owners.into_iter().zip(outputs).zip(indexes) {
-            if let Some(seq) = owner
-                && let Some(p) = self.proposals.remove(&seq)
-            {
-                let _ = p.reply.send(Ok(Applied { index, output }));
+        self.work
+            .send(ApplyWork::Batch {
+                entries: batch,
+                last,
+                owners,
+            })
+            .map_err(|_| "the apply task stopped")?;
+        self.handed = last;
+        self.unapplied.push_back((last, bytes));
+        self.unapplied_bytes += bytes;
+        self.log_bytes += bytes;
+        Ok(())
+    }
+
+    /// Takes what the apply task or a snapshot build reports.
+    async fn on_event(&mut self, ev: ApplyEvent<M::Output, M::Snapshot>) -> Result<(), BoxError> {
+        match ev {
+            ApplyEvent::Applied { applied, outputs } => {
+                for (owner, index, output) in outputs {
+                    if let Some(seq) = owner
+                        && let Some(p) = self.proposals.remove(&seq)
+                    {
+                        let _ = p.reply.send(Ok(Applied { index, output }));
+                    }
+                }
+                self.note_applied(applied);
             }
+            ApplyEvent::Restored { applied } => self.note_applied(applied),
+            ApplyEvent::View(view) => {
+                let staged = self.build.as_mut().and_then(|b| b.staged.take());
+                if let (Some(build), Some(staged)) = (self.build.as_mut(), staged) {
+                    let events = self.events.clone();
+                    build.task = Some(tokio::spawn(build_image(view, staged, events)));
+                }
+            }
+            ApplyEvent::Built { image, index } => self.store_snapshot(image, index).await?,
+            ApplyEvent::BuildFailed(e) => {
+                tracing::warn!(
+                    node = self.id,
+                    error = %e,
+                    retry_in = ?SNAPSHOT_RETRY,
+                    "building a snapshot failed"
+                );
+                self.build = None;
+                self.snapshot_retry_at = Some(Instant::now() + SNAPSHOT_RETRY);
+            }
+            ApplyEvent::Fatal(e) => return Err(e.into()),
         }
         Ok(())
     }
 
-    /// Takes a snapshot if enough entries were applied since the last one.
-    async fn maybe_snapshot(&mut self) -> Result<bool, BoxError> {
-        let applied = self.raft.applied_index();
-        if applied < self.last_snapshot_index + self.cfg.snapshot_every {
-            return Ok(false);
+    /// The state machine has applied everything up to `applied`.
+    fn note_applied(&mut self, applied: Index) {
+        self.applied = self.applied.max(applied);
+        while let Some(&(last, bytes)) = self.unapplied.front() {
+            if last > self.applied {
+                break;
+            }
+            self.unapplied.pop_front();
+            self.unapplied_bytes = self.unapplied_bytes.saturating_sub(bytes);
         }
-        let view = self.sm.snapshot().await?;
-        let dir = self
-            .storage
-            .as_ref()
-            .ok_or("storage is gone after an earlier failure")?
-            .staging_dir();
-        let mut staged = StagedImage::create_in(&dir)
-            .map_err(|e| format!("staging a snapshot in {}: {e}", dir.display()))?;
-        let index = view.write_to(staged.path().to_path_buf()).await?;
-        let staged = tokio::task::spawn_blocking(move || staged.seal_written().map(|()| staged))
-            .await
-            .map_err(|e| format!("snapshot thread panicked: {e}"))??;
-        if index <= self.raft.snapshot_meta().index || index > applied {
-            return Ok(false);
+        self.serve_reads();
+        self.publish_status();
+    }
+
+    /// Starts a snapshot if the log grew enough since the last one: the
+    /// apply task takes a view of the state (between two batches, so it
+    /// stands at an index the state machine has applied) and a task of its
+    /// own writes the image into a staged file; the loop goes on meanwhile
+    /// ([`Driver::store_snapshot`] takes the result).
+    fn maybe_snapshot(&mut self) -> Result<(), BoxError> {
+        if self.build.is_some() || self.snapshot_retry_at.is_some_and(|at| Instant::now() < at) {
+            return Ok(());
+        }
+        let entries = self.handed.saturating_sub(self.last_snapshot_index);
+        let due = self.log_bytes >= self.cfg.snapshot_log_bytes
+            || entries >= self.cfg.snapshot_every.max(1);
+        if !due || self.applied <= self.raft.snapshot_meta().index {
+            return Ok(());
+        }
+        let Some(storage) = self.storage.as_ref() else {
+            return Ok(());
+        };
+        let dir = storage.staging_dir();
+        let staged = match StagedImage::create_in(&dir) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(
+                    node = self.id,
+                    dir = %dir.display(),
+                    error = %e,
+                    retry_in = ?SNAPSHOT_RETRY,
+                    "cannot stage a snapshot"
+                );
+                self.snapshot_retry_at = Some(Instant::now() + SNAPSHOT_RETRY);
+                return Ok(());
+            }
+        };
+        self.work
+            .send(ApplyWork::Snapshot)
+            .map_err(|_| "the apply task stopped")?;
+        self.build = Some(Build {
+            staged: Some(staged),
+            task: None,
+            log_bytes: self.log_bytes,
+            started: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Stores a snapshot built at `index` and compacts the log behind it
+    /// (keeping [`NodeConfig::snapshot_keep`] entries).
+    async fn store_snapshot(&mut self, staged: StagedImage, index: Index) -> Result<(), BoxError> {
+        let Some(build) = self.build.take() else {
+            return Ok(());
+        };
+        if index <= self.raft.snapshot_meta().index || index > self.raft.applied_index() {
+            // A snapshot from the leader overtook it.
+            tracing::debug!(
+                node = self.id,
+                index,
+                snapshot = self.raft.snapshot_meta().index,
+                "dropping a snapshot built behind the latest one"
+            );
+            self.snapshot_retry_at = Some(Instant::now() + SNAPSHOT_RETRY);
+            return Ok(());
         }
         let meta = self.raft.compact_keeping(index, self.cfg.snapshot_keep)?;
         let m2 = meta.clone();
@@ -1346,12 +1574,31 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                 Ok(image)
             })
             .await?;
+        tracing::info!(
+            node = self.id,
+            index,
+            term = meta.term,
+            bytes = image.len(),
+            log_bytes = build.log_bytes,
+            took_ms = build.started.elapsed().as_millis() as u64,
+            "took a snapshot"
+        );
+        self.log_bytes = self.log_bytes.saturating_sub(build.log_bytes);
         self.last_snapshot_index = meta.index;
         self.latest_snapshot = Some((meta, image));
-        Ok(true)
+        self.publish_status();
+        Ok(())
     }
 
+    /// Answers the transfers whose target leads, once an entry of its term
+    /// is committed here too: until then the new leader takes no
+    /// membership change (and holds reads).
     fn finish_transfers(&mut self) {
+        if self.transfers.is_empty()
+            || self.raft.term_at(self.raft.commit_index()) != Some(self.raft.term())
+        {
+            return;
+        }
         let leader = self.raft.leader();
         let mut i = 0;
         while i < self.transfers.len() {
@@ -1428,7 +1675,9 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
     }
 
     fn publish_status(&mut self) {
-        let raft = self.raft.status();
+        let mut raft = self.raft.status();
+        // What the state machine has applied, not what the core handed out.
+        raft.applied = self.applied;
         self.announce(&raft);
         let (syncs, entries_persisted) = (self.syncs, self.entries_persisted);
         let refused_non_member = self.refused_non_member;
@@ -1439,6 +1688,161 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
             s.refused_non_member = refused_non_member;
         });
     }
+}
+
+/// Bytes an entry is counted for (see [`NodeConfig::snapshot_log_bytes`]).
+fn entry_bytes(e: &Entry) -> u64 {
+    let data = match &e.payload {
+        EntryPayload::Normal(b) => b.len() as u64,
+        _ => 0,
+    };
+    data + ENTRY_OVERHEAD
+}
+
+/// A snapshot being built.
+struct Build {
+    /// The file the image goes into, until the build task takes it.
+    staged: Option<StagedImage>,
+    /// The task writing it.
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// [`Driver::log_bytes`] when it was started.
+    log_bytes: u64,
+    started: Instant,
+}
+
+/// Work for the apply task, in log order.
+enum ApplyWork {
+    /// Committed entries with application data, and the index up to which
+    /// everything is applied after them.
+    Batch {
+        entries: Vec<Committed>,
+        last: Index,
+        /// Per entry: the sequence number of this node's proposal, if it is one.
+        owners: Vec<Option<u64>>,
+    },
+    /// Replace the state with a snapshot image.
+    Restore {
+        meta: SnapshotMeta,
+        image: ImageReader,
+    },
+    /// Take a view of the state for a snapshot.
+    Snapshot,
+}
+
+/// What the apply task and snapshot builds report to the driver.
+enum ApplyEvent<O, V> {
+    /// Applied up to `applied`; each entry's output with its owner.
+    Applied {
+        applied: Index,
+        outputs: Vec<(Option<u64>, Index, O)>,
+    },
+    /// A snapshot was restored; the state stands at `applied`.
+    Restored { applied: Index },
+    /// The view of the state a snapshot is written from.
+    View(V),
+    /// A snapshot image was written and sealed.
+    Built { image: StagedImage, index: Index },
+    /// Building a snapshot failed (not fatal: retried later).
+    BuildFailed(String),
+    /// The state machine failed; the node stops.
+    Fatal(String),
+}
+
+/// The apply task: owns the state machine and does what the driver hands
+/// it, in order. Batches queued behind each other are applied in one call
+/// (up to [`APPLY_MERGE_ENTRIES`] entries).
+async fn apply_loop<M: StateMachine>(
+    mut sm: M,
+    mut work: mpsc::UnboundedReceiver<ApplyWork>,
+    events: mpsc::UnboundedSender<ApplyEvent<M::Output, M::Snapshot>>,
+) {
+    let mut next = None;
+    loop {
+        let item = match next.take() {
+            Some(w) => w,
+            None => match work.recv().await {
+                Some(w) => w,
+                None => return,
+            },
+        };
+        let event = match item {
+            ApplyWork::Batch {
+                mut entries,
+                mut last,
+                mut owners,
+            } => {
+                while entries.len() < APPLY_MERGE_ENTRIES {
+                    match work.try_recv() {
+                        Ok(ApplyWork::Batch {
+                            entries: more,
+                            last: l,
+                            owners: o,
+                        }) => {
+                            entries.extend(more);
+                            owners.extend(o);
+                            last = last.max(l);
+                        }
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let indexes: Vec<Index> = entries.iter().map(|c| c.index).collect();
+                match sm.apply(entries, last).await {
+                    Ok(outputs) => ApplyEvent::Applied {
+                        applied: last,
+                        outputs: owners
+                            .into_iter()
+                            .zip(indexes)
+                            .zip(outputs)
+                            .map(|((owner, index), output)| (owner, index, output))
+                            .collect(),
+                    },
+                    Err(e) => ApplyEvent::Fatal(e.to_string()),
+                }
+            }
+            ApplyWork::Restore { meta, image } => match sm.restore(&meta, image).await {
+                Ok(()) => ApplyEvent::Restored {
+                    applied: meta.index,
+                },
+                Err(e) => ApplyEvent::Fatal(format!(
+                    "restoring the snapshot at index {}: {e}",
+                    meta.index
+                )),
+            },
+            ApplyWork::Snapshot => match sm.snapshot().await {
+                Ok(view) => ApplyEvent::View(view),
+                Err(e) => ApplyEvent::BuildFailed(e.to_string()),
+            },
+        };
+        let fatal = matches!(event, ApplyEvent::Fatal(_));
+        if events.send(event).is_err() || fatal {
+            return;
+        }
+    }
+}
+
+/// Writes a snapshot image from `view` into `staged` and seals it, on a
+/// task of its own.
+async fn build_image<O, V: SnapshotView>(
+    view: V,
+    staged: StagedImage,
+    events: mpsc::UnboundedSender<ApplyEvent<O, V>>,
+) {
+    let built = async {
+        let index = view.write_to(staged.path().to_path_buf()).await?;
+        let mut staged = staged;
+        let staged =
+            tokio::task::spawn_blocking(move || staged.seal_written().map(|()| staged)).await??;
+        Ok::<_, BoxError>((staged, index))
+    }
+    .await;
+    let _ = events.send(match built {
+        Ok((image, index)) => ApplyEvent::Built { image, index },
+        Err(e) => ApplyEvent::BuildFailed(e.to_string()),
+    });
 }
 
 fn map_propose_error(e: ProposeError) -> NodeError {

@@ -71,7 +71,17 @@ impl PeerSender for HubSender {
 
 /// A log of applied strings; the output of each apply is its position.
 #[derive(Default, Clone)]
-struct Log(Arc<Mutex<(Vec<String>, Index)>>);
+struct Log(Arc<Mutex<(Vec<String>, Index)>>, Gates);
+
+/// Ways for a test to hold the state machine up: while a test holds a
+/// gate's write lock, applying (or writing a snapshot image) waits.
+#[derive(Default, Clone)]
+struct Gates {
+    apply: Arc<tokio::sync::RwLock<()>>,
+    snapshot: Arc<tokio::sync::RwLock<()>>,
+    /// Snapshot views taken.
+    views: Arc<std::sync::atomic::AtomicUsize>,
+}
 
 impl StateMachine for Log {
     type Output = usize;
@@ -85,6 +95,7 @@ impl StateMachine for Log {
         entries: Vec<Committed>,
         last: Index,
     ) -> Result<Vec<usize>, BoxError> {
+        drop(self.1.apply.read().await);
         let mut g = self.0.lock().expect("log");
         let mut out = Vec::new();
         for e in entries {
@@ -98,8 +109,15 @@ impl StateMachine for Log {
     type Snapshot = LogView;
 
     async fn snapshot(&mut self) -> Result<LogView, BoxError> {
+        self.1
+            .views
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let g = self.0.lock().expect("log");
-        Ok(LogView(g.0.join("\n").into_bytes(), g.1))
+        Ok(LogView(
+            g.0.join("\n").into_bytes(),
+            g.1,
+            self.1.snapshot.clone(),
+        ))
     }
 
     async fn restore(
@@ -120,11 +138,13 @@ impl StateMachine for Log {
     }
 }
 
-/// The log as of its applied index, written out later.
-struct LogView(Vec<u8>, Index);
+/// The log as of its applied index, written out later (once the snapshot
+/// gate lets it).
+struct LogView(Vec<u8>, Index, Arc<tokio::sync::RwLock<()>>);
 
 impl SnapshotView for LogView {
     async fn write_to(self, dest: std::path::PathBuf) -> Result<Index, BoxError> {
+        drop(self.2.read().await);
         std::fs::write(dest, &self.0)?;
         Ok(self.1)
     }
@@ -610,4 +630,139 @@ async fn a_leader_cut_off_from_its_followers_answers_its_writes_promptly() {
         "answered after {:?}",
         started.elapsed()
     );
+}
+
+/// Issue 14: the driver wrote each snapshot image inside its loop — no
+/// ticks, heartbeats, appends or answers meanwhile. Now a task of its own
+/// writes it: with every image write held up, a hundred writes (enough for
+/// five snapshots every 20 entries) are answered as usual, and the
+/// snapshot is stored once its image is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_being_written_holds_up_no_write() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let hub = Arc::new(Hub::default());
+    let gates = Gates::default();
+    let held = gates.snapshot.clone().write_owned().await;
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        let mut cfg = config(id);
+        cfg.snapshot_every = 20;
+        let log = Log(Arc::default(), gates.clone());
+        nodes.insert(
+            id,
+            start_with(&hub, tmp.path(), id, &[1, 2, 3], log, cfg).await,
+        );
+    }
+    let leader = leader_of(&nodes).await;
+    let term = nodes[&leader].status().raft.term;
+    for i in 0..100 {
+        let started = tokio::time::Instant::now();
+        let r = nodes[&leader].propose(format!("w{i}").into_bytes()).await;
+        assert!(r.is_ok(), "write {i}: {r:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "write {i} took {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(
+        gates.views.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "a snapshot was started"
+    );
+    let st = nodes[&leader].status();
+    assert_eq!(st.raft.snapshot_index, 0, "no image could be written yet");
+    assert_eq!(st.raft.term, term, "no election meanwhile");
+    drop(held);
+    let mut watch = nodes[&leader].watch_status();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        watch.wait_for(|s| s.raft.snapshot_index >= 20),
+    )
+    .await
+    .expect("the snapshot is stored once its image is written")
+    .expect("status");
+    for n in nodes.values() {
+        n.shutdown().await;
+    }
+}
+
+/// Issue 14: the state machine applied each batch inside the driver's
+/// cycle, and the driver waited for it. Now it applies on a task of its
+/// own: with the leader's state machine held up for a second (many
+/// election timeouts of 25–50 ms), the leader goes on replicating and
+/// committing (the followers apply), no election happens, a linearizable
+/// read on it waits for its state machine, and everything is answered once
+/// it catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_state_machine_holds_up_neither_replication_nor_leadership() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let hub = Arc::new(Hub::default());
+    let mut logs = BTreeMap::new();
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        let log = Log::default();
+        logs.insert(id, log.clone());
+        nodes.insert(id, start(&hub, tmp.path(), id, &[1, 2, 3], log).await);
+    }
+    let leader = leader_of(&nodes).await;
+    let follower = (1..=3).find(|&i| i != leader).expect("a follower");
+    let applied = nodes[&leader]
+        .propose(b"before".to_vec())
+        .await
+        .expect("a first write")
+        .index;
+    nodes[&leader]
+        .wait_applied(applied, Duration::from_secs(5))
+        .await
+        .expect("status");
+    let term = nodes[&leader].status().raft.term;
+
+    let held = logs[&leader].1.apply.clone().write_owned().await;
+    let mut writes = Vec::new();
+    for i in 0..20 {
+        let n = nodes[&leader].clone();
+        writes.push(tokio::spawn(async move {
+            n.propose(format!("held{i}").into_bytes()).await
+        }));
+    }
+    // Committed on the leader, applied by a follower, while the leader's
+    // state machine is held.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = nodes[&leader].status().raft;
+        let f = nodes[&follower].status().raft;
+        if st.commit >= applied + 20 && f.applied >= applied + 20 {
+            assert_eq!(st.applied, applied, "the leader applied nothing meanwhile");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not committed: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let read = {
+        let n = nodes[&leader].clone();
+        tokio::spawn(async move { n.read_index().await })
+    };
+    // The fault lasts a second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!read.is_finished(), "a read waits for the state machine");
+    assert!(writes.iter().all(|w| !w.is_finished()), "writes wait too");
+    for (id, n) in &nodes {
+        let st = n.status().raft;
+        assert_eq!(st.term, term, "node {id}: no election");
+        assert_eq!(st.leader, Some(leader), "node {id}");
+    }
+    drop(held);
+    for w in writes {
+        let r = w.await.expect("join");
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let at = read.await.expect("join").expect("the read is answered");
+    assert!(at >= applied + 20);
+    assert_eq!(logs[&leader].0.lock().expect("log").0.len(), 21);
+    for n in nodes.values() {
+        n.shutdown().await;
+    }
 }

@@ -75,7 +75,13 @@ pub struct Args {
     /// Length of one Raft tick (ms).
     #[arg(long, env = "ENTENTE_TICK_MS")]
     pub tick_ms: Option<u64>,
-    /// Take a state snapshot every this many applied entries.
+    /// Take a state snapshot once the log since the last one holds this
+    /// many bytes (default 67108864, 64 MiB). Snapshots are built in the
+    /// background; the log is compacted behind each.
+    #[arg(long, env = "ENTENTE_SNAPSHOT_LOG_BYTES")]
+    pub snapshot_log_bytes: Option<u64>,
+    /// Also take a state snapshot every this many log entries (default:
+    /// only by the log's size).
     #[arg(long, env = "ENTENTE_SNAPSHOT_EVERY")]
     pub snapshot_every: Option<u64>,
     /// MQTT 3.1.1 listen address for devices (default 0.0.0.0:1883).
@@ -193,6 +199,7 @@ struct FileConfig {
     cluster_id: Option<String>,
     write_timeout_ms: Option<u64>,
     tick_ms: Option<u64>,
+    snapshot_log_bytes: Option<u64>,
     snapshot_every: Option<u64>,
     mqtt_listen: Option<SocketAddr>,
     mqtt5_listen: Option<SocketAddr>,
@@ -234,7 +241,9 @@ pub struct Config {
     pub write_timeout: Duration,
     /// Raft tick length.
     pub tick: Duration,
-    /// Snapshot policy.
+    /// Snapshot policy: by the log's size in bytes ...
+    pub snapshot_log_bytes: u64,
+    /// ... or every this many entries, whichever comes first.
     pub snapshot_every: u64,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
@@ -327,7 +336,8 @@ impl Config {
             cluster_id: "entente".into(),
             write_timeout: Duration::from_secs(5),
             tick: Duration::from_millis(20),
-            snapshot_every: 10_000,
+            snapshot_log_bytes: 64 << 20,
+            snapshot_every: u64::MAX,
             max_body_bytes: 64 * 1024,
             max_page: 1000,
             max_wait: Duration::from_secs(60),
@@ -401,6 +411,9 @@ impl Config {
         }
         if let Some(ms) = args.tick_ms.or(file.tick_ms) {
             c.tick = Duration::from_millis(ms.max(1));
+        }
+        if let Some(n) = args.snapshot_log_bytes.or(file.snapshot_log_bytes) {
+            c.snapshot_log_bytes = n.max(1);
         }
         if let Some(n) = args.snapshot_every.or(file.snapshot_every) {
             c.snapshot_every = n.max(1);

@@ -234,6 +234,7 @@ async fn start_until(
 
     let mut ncfg = NodeConfig::new(config.node_id);
     ncfg.tick = config.tick;
+    ncfg.snapshot_log_bytes = config.snapshot_log_bytes;
     ncfg.snapshot_every = config.snapshot_every;
     ncfg.request_timeout = config.write_timeout;
     ncfg.raft.seed ^= now_ms();
