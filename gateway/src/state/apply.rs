@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use coordinator::node::Committed;
 use coordinator::raft::Index;
 use serde_json::{Value, json};
-use sqlx::SqliteConnection;
+use sqlx::{Connection, SqliteConnection};
 
 use super::rows::{
     db_int, load_applied_index, load_command, load_device, load_shadow, store_applied_index,
@@ -31,9 +31,12 @@ impl StateDb {
         entries: Vec<Committed>,
         last_index: Index,
     ) -> Result<Vec<OpResult>, StateError> {
-        let _writer = self.writer.lock().await;
-        let pool = self.pool.read().await;
-        let mut tx = pool.begin().await?;
+        let mut writer = self.writer.lock().await;
+        let conn = match &mut *writer {
+            Some(conn) => conn,
+            empty => empty.insert(super::open_writer(&self.dir.join(super::DB_FILE)).await?),
+        };
+        let mut tx = conn.begin().await?;
         let start = load_applied_index(&mut tx).await?;
         let mut mark = start;
         let mut results = Vec::with_capacity(entries.len());
@@ -95,7 +98,7 @@ impl StateDb {
         }
         store_applied_index(&mut tx, new_applied).await?;
         tx.commit().await?;
-        drop(pool);
+        drop(writer);
         self.applied.send_replace(new_applied);
         for ev in events {
             // No subscriber is fine.

@@ -46,9 +46,9 @@ use std::time::Duration;
 use coordinator::image::ImageReader;
 use coordinator::node::{BoxError, Committed, SnapshotView, StateMachine};
 use coordinator::raft::{Index, SnapshotMeta};
-use sqlx::SqlitePool;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, RwLock, broadcast, watch};
 
 use crate::ops::{Event, OpResult};
@@ -129,8 +129,11 @@ pub struct StateDb {
     /// Behind a lock so a restore can swap it: queries hold the read lock
     /// while they run, a restore takes the write lock for the swap.
     pool: RwLock<SqlitePool>,
-    /// Serialises the writers (apply, restore).
-    writer: Mutex<()>,
+    /// Serialises the writers (apply, restore), and holds apply's own
+    /// connection, outside the pool (opened on first use, closed by a
+    /// restore): apply never waits for a reader's connection, and its
+    /// prepared statements stay cached.
+    writer: Mutex<Option<SqliteConnection>>,
     /// The applied index, published after each commit.
     applied: watch::Sender<Index>,
     /// Events of committed batches.
@@ -141,9 +144,9 @@ pub struct StateDb {
     tmp_seq: AtomicU64,
 }
 
-/// Opens a pool on `path` (creating the file) and brings the schema up to date.
-async fn open_pool(path: &Path) -> Result<SqlitePool, StateError> {
-    let opts = SqliteConnectOptions::new()
+/// How the state database is opened (pool and writer alike).
+fn connect_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
@@ -151,7 +154,17 @@ async fn open_pool(path: &Path) -> Result<SqlitePool, StateError> {
         // past the recorded applied index are applied again.
         .synchronous(SqliteSynchronous::Normal)
         .foreign_keys(true)
-        .busy_timeout(Duration::from_secs(10));
+        .busy_timeout(Duration::from_secs(10))
+}
+
+/// Opens apply's own connection to `path` (the schema is the pool's).
+async fn open_writer(path: &Path) -> Result<SqliteConnection, StateError> {
+    Ok(SqliteConnection::connect_with(&connect_options(path)).await?)
+}
+
+/// Opens a pool on `path` (creating the file) and brings the schema up to date.
+async fn open_pool(path: &Path) -> Result<SqlitePool, StateError> {
+    let opts = connect_options(path);
     let pool = SqlitePoolOptions::new()
         .max_connections(POOL_SIZE)
         .acquire_timeout(Duration::from_secs(30))
@@ -247,7 +260,7 @@ impl StateDb {
         Ok(StateDb {
             dir: dir.to_path_buf(),
             pool: RwLock::new(pool),
-            writer: Mutex::new(()),
+            writer: Mutex::new(None),
             applied,
             events,
             restores: watch::channel(0).0,
@@ -277,8 +290,14 @@ impl StateDb {
         self.restores.subscribe()
     }
 
-    /// Closes the pool (waiting for running queries). Later queries fail.
+    /// Closes the pool (waiting for running queries) and apply's
+    /// connection. Later queries fail.
     pub async fn close(&self) {
+        if let Some(conn) = self.writer.lock().await.take()
+            && let Err(e) = conn.close().await
+        {
+            tracing::debug!(error = %e, "closing the state database's writer");
+        }
         self.pool.read().await.close().await;
     }
 }

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 
 use coordinator::image::ImageReader;
 use coordinator::raft::{Index, SnapshotMeta};
+use sqlx::Connection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 use super::rows::store_applied_index;
@@ -338,7 +339,7 @@ impl StateDb {
     /// `state.db`, the directory fsynced and a new pool opened — a few
     /// milliseconds. Queries issued meanwhile wait, then read the new state.
     pub async fn restore(&self, meta: &SnapshotMeta, image: ImageReader) -> Result<(), StateError> {
-        let _writer = self.writer.lock().await;
+        let mut writer = self.writer.lock().await;
         let tmp = self.dir.join(RESTORE_TMP);
         remove_db_files(&tmp).await?;
         let prepared = async {
@@ -368,6 +369,13 @@ impl StateDb {
             {
                 tracing::debug!(error = %e, "checkpoint before restore");
             }
+        }
+        // Apply's connection goes first (it would go on writing to the old
+        // file); apply opens a new one on the new file.
+        if let Some(conn) = writer.take()
+            && let Err(e) = conn.close().await
+        {
+            tracing::debug!(error = %e, "closing the writer before restore");
         }
         let mut pool = self.pool.write().await;
         // Waits for every connection to close; the last one checkpoints the WAL.
