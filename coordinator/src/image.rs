@@ -34,6 +34,12 @@ static NEXT_STAGED: AtomicU64 = AtomicU64::new(0);
 /// Buffer used to stream an image.
 const IO_BUFFER: usize = 1 << 20;
 
+/// An image is written back to the disk in steps of this many bytes as it
+/// is written, not all at once when it is sealed: a flush of hundreds of
+/// megabytes at once would hold up every other fsync on the disk (the Raft
+/// log's among them) for as long as it takes.
+pub const FLUSH_STEP: u64 = 8 << 20;
+
 /// A snapshot image being written to a new private file. See the
 /// [module documentation](self).
 #[derive(Debug)]
@@ -41,6 +47,8 @@ pub struct StagedImage {
     path: PathBuf,
     file: Option<BufWriter<File>>,
     len: u64,
+    /// `len` when the file was last flushed to the disk.
+    flushed: u64,
     crc: u32,
     sealed: bool,
     /// Whether the file is still ours to remove on drop.
@@ -64,6 +72,7 @@ impl StagedImage {
             path,
             file: Some(BufWriter::with_capacity(IO_BUFFER, file)),
             len: 0,
+            flushed: 0,
             crc: 0,
             sealed: false,
             armed: true,
@@ -159,6 +168,11 @@ impl Write for StagedImage {
         let n = file.write(buf)?;
         self.len += n as u64;
         self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        if self.len - self.flushed >= FLUSH_STEP {
+            file.flush()?;
+            file.get_ref().sync_data()?;
+            self.flushed = self.len;
+        }
         Ok(n)
     }
 
@@ -176,6 +190,53 @@ impl Drop for StagedImage {
             self.file = None;
             // Best effort: leftovers are removed when the storage opens.
             let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Writes back a file that someone else is filling (SQLite's `VACUUM
+/// INTO`), a [`FLUSH_STEP`] at a time as it grows, until stopped: its data
+/// reaches the disk as it is written rather than in one flush at the end.
+#[derive(Debug)]
+pub struct Flusher {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flusher {
+    /// Starts flushing the file at `path` on a thread of its own (it looks
+    /// at the file's length every 20 ms).
+    pub fn start(path: &Path) -> io::Result<Flusher> {
+        let file = File::open(path)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("image-flusher".into())
+            .spawn(move || {
+                let mut flushed = 0u64;
+                while !stopped.load(Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    let Ok(meta) = file.metadata() else { return };
+                    if meta.len() >= flushed + FLUSH_STEP {
+                        if file.sync_data().is_err() {
+                            return;
+                        }
+                        flushed = meta.len();
+                    }
+                }
+            })?;
+        Ok(Flusher {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

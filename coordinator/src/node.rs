@@ -94,8 +94,19 @@ pub trait LogStore: Send + 'static {
         meta: &SnapshotMeta,
         image: StagedImage,
     ) -> Result<SnapshotImage, BoxError>;
-    /// Drops log entries at or below `index`.
+    /// Drops log entries at or below `index` (covered by the latest
+    /// snapshot). Should not wait for the disk: the loop waits for it.
     fn compact(&mut self, index: Index) -> Result<(), BoxError>;
+    /// A snapshot made durable beside the storage by a
+    /// [`LogStore::snapshot_preparer`], to be registered.
+    type Prepared: Send + 'static;
+    /// A function that makes a snapshot of this node's own state durable
+    /// without the storage (blocking; the driver runs it on another thread
+    /// while the storage goes on taking the log).
+    fn snapshot_preparer(&self) -> Preparer<Self::Prepared>;
+    /// Takes a prepared snapshot as the latest and returns its image.
+    /// Should not wait for the disk: the loop waits for it.
+    fn register_snapshot(&mut self, prepared: Self::Prepared) -> Result<SnapshotImage, BoxError>;
     /// The latest snapshot and its image, if any.
     fn load_snapshot(&self) -> Result<Option<(SnapshotMeta, SnapshotImage)>, BoxError>;
     /// Makes everything durable, including a hard state whose write was
@@ -105,12 +116,18 @@ pub trait LogStore: Send + 'static {
     }
 }
 
+/// See [`LogStore::snapshot_preparer`].
+pub type Preparer<P> = Box<dyn FnOnce(SnapshotMeta, StagedImage) -> Result<P, BoxError> + Send>;
+
 /// Where outgoing messages go (the consumer declares its interface). Neither
 /// call may block.
 pub trait PeerSender: Send + Sync + 'static {
     /// Sends one message to `msg.to`.
     fn send(&self, msg: Message);
     /// Sends a snapshot message with its image (streamed from the file).
+    /// The outcome must come back exactly once, as
+    /// [`Inbound::SnapshotStatus`]: the driver starts no other send to that
+    /// peer until it does.
     fn send_snapshot(&self, msg: Message, image: SnapshotImage);
 }
 
@@ -281,6 +298,10 @@ pub struct NodeStatus {
     pub refused_non_member: u64,
     /// Set once the driver stopped after a fatal error.
     pub fatal: Option<String>,
+    /// Snapshots this node built and stored since it started.
+    pub snapshots_built: u64,
+    /// The last one: how long from its start to stored, and its image's size.
+    pub last_snapshot: Option<(Duration, u64)>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
@@ -439,6 +460,8 @@ impl<O: Send + 'static> Node<O> {
             entries_persisted: 0,
             refused_non_member: 0,
             fatal: None,
+            snapshots_built: 0,
+            last_snapshot: None,
         });
         let mut incarnation = [0u8; 8];
         getrandom::fill(&mut incarnation).map_err(|e| NodeError::Fatal(e.to_string()))?;
@@ -461,6 +484,8 @@ impl<O: Send + 'static> Node<O> {
             log_bytes,
             build: None,
             snapshot_retry_at: None,
+            snapshot_sends: HashMap::new(),
+            slow_storage_log: LogLimiter::new(Duration::from_secs(10), 1),
             cfg: cfg.clone(),
             seq: 0,
             proposals: HashMap::new(),
@@ -499,8 +524,15 @@ impl<O: Send + 'static> Node<O> {
 
     async fn request<T>(&self, make: impl FnOnce(Reply<T>) -> Command<O>) -> Result<T, NodeError> {
         let (tx, rx) = oneshot::channel();
-        self.cmd.send(make(tx)).await.map_err(|_| self.stopped())?;
-        match tokio::time::timeout(self.timeout + Duration::from_millis(100), rx).await {
+        // The whole request is bounded, queueing included: the driver takes
+        // no requests while its state machine is far behind.
+        let deadline = Instant::now() + self.timeout + Duration::from_millis(100);
+        match tokio::time::timeout_at(deadline, self.cmd.send(make(tx))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(self.stopped()),
+            Err(_) => return Err(NodeError::Timeout),
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(self.stopped()),
             Err(_) => Err(NodeError::Timeout),
@@ -596,7 +628,7 @@ struct PendingProposal<O> {
     orphaned: bool,
 }
 
-struct Driver<S, P, M: StateMachine> {
+struct Driver<S: LogStore, P, M: StateMachine> {
     id: NodeId,
     incarnation: u64,
     raft: Raft,
@@ -607,7 +639,7 @@ struct Driver<S, P, M: StateMachine> {
     work: mpsc::UnboundedSender<ApplyWork>,
     /// What the apply task and snapshot builds report (the builds get a
     /// clone).
-    events: mpsc::UnboundedSender<ApplyEvent<M::Output, M::Snapshot>>,
+    events: mpsc::UnboundedSender<ApplyEvent<M::Output, M::Snapshot, S::Prepared>>,
     apply_task: Option<tokio::task::JoinHandle<()>>,
     /// What the state machine has applied (as last reported).
     applied: Index,
@@ -624,6 +656,11 @@ struct Driver<S, P, M: StateMachine> {
     build: Option<Build>,
     /// After a failed build: no other before this.
     snapshot_retry_at: Option<Instant>,
+    /// Bounds the warnings about slow storage calls.
+    slow_storage_log: LogLimiter,
+    /// Snapshot sends under way, by peer: the index and when it started.
+    /// The peer sender reports each exactly once.
+    snapshot_sends: HashMap<NodeId, (Index, Instant)>,
     cfg: NodeConfig,
     seq: u64,
     proposals: HashMap<u64, PendingProposal<M::Output>>,
@@ -673,7 +710,7 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         mut self,
         mut cmds: mpsc::Receiver<Command<M::Output>>,
         mut inbound: mpsc::Receiver<Inbound>,
-        mut events: mpsc::UnboundedReceiver<ApplyEvent<M::Output, M::Snapshot>>,
+        mut events: mpsc::UnboundedReceiver<ApplyEvent<M::Output, M::Snapshot, S::Prepared>>,
     ) {
         self.last_snapshot_index = self.raft.snapshot_meta().index;
         let mut ticker = tokio::time::interval(self.cfg.tick);
@@ -750,13 +787,13 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
             // `advance` can itself produce work (a group of one commits once
             // its own entry is durable), so cycle until the core is idle.
             if result.is_ok() {
-                result = self.cycle().await;
+                result = self.cycle(&mut events).await;
             }
             for _ in 0..64 {
                 if result.is_err() || !self.raft.has_ready() {
                     break;
                 }
-                result = self.cycle().await;
+                result = self.cycle(&mut events).await;
             }
             if result.is_ok() {
                 result = self.maybe_snapshot();
@@ -1183,6 +1220,7 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                 Ok(())
             }
             Inbound::SnapshotStatus { to, ok } => {
+                self.snapshot_sends.remove(&to);
                 self.raft.report_snapshot(to, ok);
                 Ok(())
             }
@@ -1215,6 +1253,30 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         let _ = r.send(Err(NodeError::Refused(reason.to_string())));
     }
 
+    /// Warns (at most once per 10 s) when a storage call the loop waited
+    /// for took more than half an election timeout: ticks and heartbeats
+    /// wait too, and a disk that slow costs elections.
+    fn note_slow_storage(&mut self, what: &'static str, started: Instant) {
+        let took = started.elapsed();
+        if took > self.election_timeout() / 4 {
+            tracing::debug!(
+                node = self.id,
+                took_ms = took.as_millis() as u64,
+                "slow: {what}"
+            );
+        }
+        if took > self.election_timeout() / 2
+            && let Some(suppressed) = self.slow_storage_log.allow()
+        {
+            tracing::warn!(
+                node = self.id,
+                took_ms = took.as_millis() as u64,
+                suppressed,
+                "a storage call held up the Raft loop: {what}"
+            );
+        }
+    }
+
     async fn with_storage<T: Send + 'static>(
         &mut self,
         f: impl FnOnce(&mut S) -> Result<T, BoxError> + Send + 'static,
@@ -1236,14 +1298,36 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
     fn send_all(&mut self, msgs: Vec<Message>) {
         for m in msgs {
             if let MessageKind::Snapshot { meta } = &m.kind {
-                match &self.latest_snapshot {
-                    Some((stored, image)) if stored.index == meta.index => {
-                        self.peers.send_snapshot(m, image.clone())
-                    }
+                if let Some(&(index, since)) = self.snapshot_sends.get(&m.to) {
+                    // One send per peer at a time, to its end: the core asks
+                    // again while a large image is still streaming (it takes
+                    // one unreported for two election timeouts as lost), and
+                    // a new send would cancel the one under way — forever, for
+                    // an image that takes longer than that.
+                    tracing::debug!(
+                        node = self.id,
+                        peer = m.to,
+                        sending = index,
+                        asked = meta.index,
+                        for_ms = since.elapsed().as_millis() as u64,
+                        "a snapshot is still being sent to this peer"
+                    );
+                    continue;
+                }
+                let image = match &self.latest_snapshot {
+                    Some((stored, image)) if stored.index == meta.index => Some(image.clone()),
                     // A member added to a group that never snapshotted is
                     // sent the empty state at index 0 with the membership.
-                    _ if meta.index == 0 => self.peers.send_snapshot(m, SnapshotImage::empty()),
-                    _ => {
+                    _ if meta.index == 0 => Some(SnapshotImage::empty()),
+                    _ => None,
+                };
+                match image {
+                    Some(image) => {
+                        self.snapshot_sends
+                            .insert(m.to, (meta.index, Instant::now()));
+                        self.peers.send_snapshot(m, image);
+                    }
+                    None => {
                         tracing::error!(
                             node = self.id,
                             "asked to send a snapshot but none is stored"
@@ -1258,7 +1342,10 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
     }
 
     /// One `ready` / `advance` cycle, if there is work.
-    async fn cycle(&mut self) -> Result<(), BoxError> {
+    async fn cycle(
+        &mut self,
+        events: &mut mpsc::UnboundedReceiver<ApplyEvent<M::Output, M::Snapshot, S::Prepared>>,
+    ) -> Result<(), BoxError> {
         if !self.raft.has_ready() {
             self.finish_transfers();
             return Ok(());
@@ -1268,6 +1355,10 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         let msgs = std::mem::take(&mut rd.messages);
         self.send_all(msgs);
         // 2. A snapshot from the leader.
+        if rd.snapshot.is_none() && self.incoming_snapshot.is_some() {
+            // The core did not take it (stale): its file goes now.
+            self.incoming_snapshot = None;
+        }
         if let Some(meta) = rd.snapshot.clone() {
             let staged = match self.incoming_snapshot.take() {
                 Some((m, d)) if m.index == meta.index && m.term == meta.term => d,
@@ -1289,8 +1380,11 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                 .open()
                 .map_err(|e| format!("opening snapshot image: {e}"))?;
             // The state machine restores it on the apply task, in log
-            // order (after what was handed to it before, before what
-            // follows); reads wait for it there.
+            // order (after what was handed to it before). This node
+            // acknowledges the snapshot (step 4) only once it is restored,
+            // as before: a leader that counts it caught up (to promote it,
+            // say) finds its state there. Its own loop waits meanwhile; the
+            // group does not.
             self.work
                 .send(ApplyWork::Restore {
                     meta: meta.clone(),
@@ -1302,7 +1396,13 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
             // The log restarts after it.
             self.log_bytes = 0;
             self.last_snapshot_index = meta.index;
-            self.latest_snapshot = Some((meta, image));
+            self.latest_snapshot = Some((meta.clone(), image));
+            while self.applied < meta.index {
+                match events.recv().await {
+                    Some(ev) => self.on_event(ev).await?,
+                    None => return Err("the apply events channel closed".into()),
+                }
+            }
         }
         // 3. Entries and hard state, with one fsync.
         let entries = std::mem::take(&mut rd.entries);
@@ -1314,12 +1414,14 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         let hs = self.latest_hs;
         if !entries.is_empty() || (hs.term, hs.vote) != self.durable_term_vote {
             let n = entries.len() as u64;
+            let started = Instant::now();
             self.with_storage(move |s| {
                 s.append(&entries)?;
                 s.set_hard_state(hs)?;
                 s.sync()
             })
             .await?;
+            self.note_slow_storage("appending and syncing the log", started);
             self.durable_term_vote = (hs.term, hs.vote);
             self.syncs += 1;
             self.entries_persisted += n;
@@ -1452,7 +1554,10 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
     }
 
     /// Takes what the apply task or a snapshot build reports.
-    async fn on_event(&mut self, ev: ApplyEvent<M::Output, M::Snapshot>) -> Result<(), BoxError> {
+    async fn on_event(
+        &mut self,
+        ev: ApplyEvent<M::Output, M::Snapshot, S::Prepared>,
+    ) -> Result<(), BoxError> {
         match ev {
             ApplyEvent::Applied { applied, outputs } => {
                 for (owner, index, output) in outputs {
@@ -1472,7 +1577,10 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                     build.task = Some(tokio::spawn(build_image(view, staged, events)));
                 }
             }
-            ApplyEvent::Built { image, index } => self.store_snapshot(image, index).await?,
+            ApplyEvent::Built { image, index } => self.prepare_snapshot(image, index)?,
+            ApplyEvent::Prepared { meta, prepared } => {
+                self.register_snapshot(meta, prepared).await?
+            }
             ApplyEvent::BuildFailed(e) => {
                 tracing::warn!(
                     node = self.id,
@@ -1547,33 +1655,86 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         Ok(())
     }
 
-    /// Stores a snapshot built at `index` and compacts the log behind it
-    /// (keeping [`NodeConfig::snapshot_keep`] entries).
-    async fn store_snapshot(&mut self, staged: StagedImage, index: Index) -> Result<(), BoxError> {
+    /// A snapshot was built at `index`: makes it durable beside the
+    /// storage, on a blocking thread (the fsyncs of its files would
+    /// otherwise hold up the loop while the disk is busy, as it is right
+    /// after writing an image).
+    fn prepare_snapshot(&mut self, staged: StagedImage, index: Index) -> Result<(), BoxError> {
+        let meta = match self.raft.snapshot_meta_at(index) {
+            Ok(meta) => meta,
+            Err(e) => {
+                // A snapshot from the leader overtook it.
+                tracing::debug!(
+                    node = self.id,
+                    index,
+                    error = %e,
+                    "dropping a snapshot built behind the latest one"
+                );
+                self.build = None;
+                self.snapshot_retry_at = Some(Instant::now() + SNAPSHOT_RETRY);
+                return Ok(());
+            }
+        };
+        let prepare = self
+            .storage
+            .as_ref()
+            .ok_or("storage is gone after an earlier failure")?
+            .snapshot_preparer();
+        let events = self.events.clone();
+        let m2 = meta.clone();
+        tokio::task::spawn_blocking(move || {
+            let prepared = prepare(m2, staged).map_err(|e| e.to_string());
+            let _ = events.send(ApplyEvent::Prepared { meta, prepared });
+        });
+        Ok(())
+    }
+
+    /// A snapshot was made durable: the storage takes it as the latest
+    /// and compacts the log behind it (keeping [`NodeConfig::snapshot_keep`]
+    /// entries), then the core. Neither waits for the disk.
+    async fn register_snapshot(
+        &mut self,
+        meta: SnapshotMeta,
+        prepared: Result<S::Prepared, String>,
+    ) -> Result<(), BoxError> {
         let Some(build) = self.build.take() else {
             return Ok(());
         };
-        if index <= self.raft.snapshot_meta().index || index > self.raft.applied_index() {
-            // A snapshot from the leader overtook it.
-            tracing::debug!(
-                node = self.id,
-                index,
-                snapshot = self.raft.snapshot_meta().index,
-                "dropping a snapshot built behind the latest one"
-            );
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(
+                    node = self.id,
+                    index = meta.index,
+                    error = %e,
+                    retry_in = ?SNAPSHOT_RETRY,
+                    "storing a snapshot failed"
+                );
+                self.snapshot_retry_at = Some(Instant::now() + SNAPSHOT_RETRY);
+                return Ok(());
+            }
+        };
+        if meta.index <= self.raft.snapshot_meta().index {
+            // A snapshot from the leader overtook it: the storage refuses
+            // it and removes its files.
+            let _ = self
+                .with_storage(move |s| s.register_snapshot(prepared).map(|_| ()))
+                .await;
             self.snapshot_retry_at = Some(Instant::now() + SNAPSHOT_RETRY);
             return Ok(());
         }
-        let meta = self.raft.compact_keeping(index, self.cfg.snapshot_keep)?;
-        let m2 = meta.clone();
         let keep = self.cfg.snapshot_keep;
+        let index = meta.index;
+        let started = Instant::now();
         let image = self
             .with_storage(move |s| {
-                let image = s.save_snapshot(&m2, staged)?;
-                s.compact(m2.index.saturating_sub(keep))?;
+                let image = s.register_snapshot(prepared)?;
+                s.compact(index.saturating_sub(keep))?;
                 Ok(image)
             })
             .await?;
+        self.note_slow_storage("storing a snapshot and compacting the log", started);
+        let meta = self.raft.compact_keeping(index, keep)?;
         tracing::info!(
             node = self.id,
             index,
@@ -1585,6 +1746,11 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         );
         self.log_bytes = self.log_bytes.saturating_sub(build.log_bytes);
         self.last_snapshot_index = meta.index;
+        let built = (build.started.elapsed(), image.len());
+        self.status.send_modify(|s| {
+            s.snapshots_built += 1;
+            s.last_snapshot = Some(built);
+        });
         self.latest_snapshot = Some((meta, image));
         self.publish_status();
         Ok(())
@@ -1730,7 +1896,7 @@ enum ApplyWork {
 }
 
 /// What the apply task and snapshot builds report to the driver.
-enum ApplyEvent<O, V> {
+enum ApplyEvent<O, V, P> {
     /// Applied up to `applied`; each entry's output with its owner.
     Applied {
         applied: Index,
@@ -1742,6 +1908,11 @@ enum ApplyEvent<O, V> {
     View(V),
     /// A snapshot image was written and sealed.
     Built { image: StagedImage, index: Index },
+    /// A snapshot was made durable beside the storage.
+    Prepared {
+        meta: SnapshotMeta,
+        prepared: Result<P, String>,
+    },
     /// Building a snapshot failed (not fatal: retried later).
     BuildFailed(String),
     /// The state machine failed; the node stops.
@@ -1751,10 +1922,10 @@ enum ApplyEvent<O, V> {
 /// The apply task: owns the state machine and does what the driver hands
 /// it, in order. Batches queued behind each other are applied in one call
 /// (up to [`APPLY_MERGE_ENTRIES`] entries).
-async fn apply_loop<M: StateMachine>(
+async fn apply_loop<M: StateMachine, P>(
     mut sm: M,
     mut work: mpsc::UnboundedReceiver<ApplyWork>,
-    events: mpsc::UnboundedSender<ApplyEvent<M::Output, M::Snapshot>>,
+    events: mpsc::UnboundedSender<ApplyEvent<M::Output, M::Snapshot, P>>,
 ) {
     let mut next = None;
     loop {
@@ -1826,13 +1997,20 @@ async fn apply_loop<M: StateMachine>(
 
 /// Writes a snapshot image from `view` into `staged` and seals it, on a
 /// task of its own.
-async fn build_image<O, V: SnapshotView>(
+async fn build_image<O, V: SnapshotView, P>(
     view: V,
     staged: StagedImage,
-    events: mpsc::UnboundedSender<ApplyEvent<O, V>>,
+    events: mpsc::UnboundedSender<ApplyEvent<O, V, P>>,
 ) {
     let built = async {
-        let index = view.write_to(staged.path().to_path_buf()).await?;
+        // Written back as it grows (see `image::FLUSH_STEP`); stopped
+        // before the seal (dropping it joins its thread: a blocking wait of
+        // at most one poll and one step's flush).
+        let flusher = crate::image::Flusher::start(staged.path())?;
+        let written = view.write_to(staged.path().to_path_buf()).await;
+        let index = tokio::task::spawn_blocking(move || drop(flusher))
+            .await
+            .map(|()| written)??;
         let mut staged = staged;
         let staged =
             tokio::task::spawn_blocking(move || staged.seal_written().map(|()| staged)).await??;

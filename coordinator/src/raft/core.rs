@@ -717,6 +717,16 @@ impl Raft {
         index: Index,
         keep: u64,
     ) -> Result<SnapshotMeta, CompactError> {
+        let meta = self.snapshot_meta_at(index)?;
+        self.log.compact(meta.clone(), index.saturating_sub(keep));
+        self.conf_history.retain(|(i, _)| *i > index);
+        Ok(meta)
+    }
+
+    /// The metadata [`Raft::compact`] would return for a snapshot at
+    /// `index`, without compacting: for a driver that makes the snapshot
+    /// durable first.
+    pub fn snapshot_meta_at(&self, index: Index) -> Result<SnapshotMeta, CompactError> {
         if index > self.log.applied {
             return Err(CompactError::NotApplied {
                 index,
@@ -730,14 +740,11 @@ impl Raft {
             });
         }
         let term = self.log.term(index).unwrap_or(self.log.snapshot.term);
-        let meta = SnapshotMeta {
+        Ok(SnapshotMeta {
             index,
             term,
             conf_state: self.conf_at(index),
-        };
-        self.log.compact(meta.clone(), index.saturating_sub(keep));
-        self.conf_history.retain(|(i, _)| *i > index);
-        Ok(meta)
+        })
     }
 
     fn conf_at(&self, index: Index) -> ConfState {

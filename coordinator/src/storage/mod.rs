@@ -351,6 +351,16 @@ pub struct Storage {
     stats: StorageStats,
     scratch: Vec<u8>,
     poisoned: bool,
+    /// Threads removing pruned snapshots (joined on drop).
+    removals: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        for r in self.removals.drain(..) {
+            let _ = r.join();
+        }
+    }
 }
 
 impl Storage {
@@ -482,6 +492,7 @@ impl Storage {
             stats,
             scratch: Vec::new(),
             poisoned: false,
+            removals: Vec::new(),
         };
         if let (true, Some(meta)) = (restart, &latest) {
             storage.restart_log(meta)?;
@@ -752,6 +763,55 @@ impl Storage {
         Ok(())
     }
 
+    /// [`Storage::compact`] for a driver that must not wait for the disk:
+    /// the segments are dropped from the log at once and their files
+    /// removed on a thread of their own (oldest first, the directory
+    /// fsynced after each, as [`Storage::compact`] does; joined when the
+    /// storage is dropped), and a deferred hard state stays deferred.
+    /// Nothing here waits for an fsync.
+    pub fn compact_behind(&mut self, index: Index) -> Result<(), StorageError> {
+        self.check_usable()?;
+        let snapshot = self.snapshot_index();
+        if index > snapshot {
+            return Err(StorageError::CompactBeyondSnapshot { index, snapshot });
+        }
+        let mut doomed = Vec::new();
+        while let Some(seg) = self.sealed.front() {
+            if seg.max_index > index {
+                break;
+            }
+            doomed.push(self.wal_dir.join(seg.name()));
+            self.sealed.pop_front();
+        }
+        self.terms.compact(index);
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        let wal_dir = self.wal_dir.clone();
+        self.in_background(move || {
+            let mut stats = StorageStats::default();
+            for path in doomed {
+                fsutil::remove_file_if_exists(&path)?;
+                fsutil::sync_dir(&wal_dir, &mut stats)?;
+                tracing::debug!(file = %path.display(), "removed a compacted log segment");
+            }
+            Ok(())
+        });
+        Ok(())
+    }
+
+    /// Runs `job` on a thread of its own (file removals that need not hold
+    /// anything up); a failure is logged. Joined when the storage is
+    /// dropped.
+    fn in_background(&mut self, job: impl FnOnce() -> Result<(), StorageError> + Send + 'static) {
+        self.removals.retain(|r| !r.is_finished());
+        self.removals.push(std::thread::spawn(move || {
+            if let Err(e) = job() {
+                tracing::warn!(error = %e, "removing files the storage no longer needs");
+            }
+        }));
+    }
+
     fn drop_segments_through(&mut self, index: Index) -> Result<(), StorageError> {
         while let Some(seg) = self.sealed.front() {
             if seg.max_index > index {
@@ -951,16 +1011,29 @@ impl Storage {
             .snapshots
             .drain(..self.snapshots.len() - keep)
             .collect();
+        let mut doomed = Vec::new();
         for info in &old {
             let name = snapshot::dir_name(info.meta.index, info.meta.term);
             let dir = self.snap_dir.join(&name);
-            let doomed = self
+            let tmp = self
                 .snap_dir
                 .join(format!("{}old-{name}", snapshot::TMP_PREFIX));
-            fs::rename(&dir, &doomed).map_err(StorageError::io("rename", &dir))?;
-            fs::remove_dir_all(&doomed).map_err(StorageError::io("remove", &doomed))?;
+            fs::rename(&dir, &tmp).map_err(StorageError::io("rename", &dir))?;
+            doomed.push(tmp);
         }
-        fsutil::sync_dir(&self.snap_dir, &mut self.stats)
+        // Freeing a large image can take a while, and nothing waits for it:
+        // a thread of its own does it, and makes the renames durable (a
+        // crash before leaves the old snapshot, pruned again on open, or
+        // `tmp-*`, removed on open).
+        let snap_dir = self.snap_dir.clone();
+        self.in_background(move || {
+            fsutil::sync_dir(&snap_dir, &mut StorageStats::default())?;
+            for dir in doomed {
+                fs::remove_dir_all(&dir).map_err(StorageError::io("remove", &dir))?;
+            }
+            Ok(())
+        });
+        Ok(())
     }
 
     /// Where snapshot images are staged before they are stored (the
@@ -994,6 +1067,87 @@ impl Storage {
             self.flush_hard_state()?;
         }
         self.snapshot_image(meta)
+    }
+
+    /// A function that makes a local snapshot durable without the storage:
+    /// blocking, for another thread, while the storage goes on taking the
+    /// log. It moves the sealed image into a new directory, writes and
+    /// fsyncs its metadata, renames the directory into place and fsyncs the
+    /// snapshot directory. Then [`Storage::register_snapshot`].
+    pub fn snapshot_preparer(
+        &self,
+    ) -> impl FnOnce(
+        &SnapshotMeta,
+        crate::image::StagedImage,
+    ) -> Result<PreparedSnapshot, StorageError>
+    + Send
+    + 'static {
+        let snap_dir = self.snap_dir.clone();
+        move |meta: &SnapshotMeta, staged: crate::image::StagedImage| {
+            let mut stats = StorageStats::default();
+            let final_dir = snap_dir.join(snapshot::dir_name(meta.index, meta.term));
+            if final_dir.exists() {
+                // The same snapshot is stored already; registering keeps it.
+                return Ok(PreparedSnapshot {
+                    info: None,
+                    meta: meta.clone(),
+                    stats,
+                });
+            }
+            let mut writer = SnapshotWriter::adopt(&snap_dir, meta, staged)?;
+            let info = writer.seal(&mut stats)?;
+            fs::rename(&writer.tmp_dir, &final_dir)
+                .map_err(StorageError::io("rename into place", &final_dir))?;
+            writer.disarm();
+            fsutil::sync_dir(&snap_dir, &mut stats)?;
+            Ok(PreparedSnapshot {
+                info: Some(info),
+                meta: meta.clone(),
+                stats,
+            })
+        }
+    }
+
+    /// Takes a snapshot that [`Storage::snapshot_preparer`] made durable as
+    /// the latest, keeping the newest [`StorageOptions::snapshots_to_keep`]
+    /// (older ones are renamed aside and removed on a thread of their own).
+    /// Waits for no fsync. The log must hold the snapshot's last entry (a
+    /// snapshot of this node's own state); a stale one is removed and
+    /// refused. Returns the stored image.
+    pub fn register_snapshot(
+        &mut self,
+        prepared: PreparedSnapshot,
+    ) -> Result<crate::image::SnapshotImage, StorageError> {
+        self.check_usable()?;
+        let meta = prepared.meta.clone();
+        let Some(info) = prepared.info else {
+            return self.snapshot_image(&meta);
+        };
+        let dir = self.snapshot_path(&meta);
+        let refuse = if let Err(e) = self.check_not_stale(&meta) {
+            Some(e)
+        } else if self.term(meta.index) != Some(meta.term) {
+            Some(StorageError::SnapshotNotFound {
+                index: meta.index,
+                term: meta.term,
+            })
+        } else {
+            None
+        };
+        if let Some(e) = refuse {
+            let snap_dir = self.snap_dir.clone();
+            self.in_background(move || {
+                fs::remove_dir_all(&dir).map_err(StorageError::io("remove", &dir))?;
+                fsutil::sync_dir(&snap_dir, &mut StorageStats::default())
+            });
+            return Err(e);
+        }
+        self.stats.fsyncs += prepared.stats.fsyncs;
+        self.snapshots.push(info);
+        self.snapshots.sort_by_key(|s| s.meta.index);
+        let r = self.prune_snapshots();
+        self.guard(r)?;
+        self.snapshot_image(&meta)
     }
 
     /// A stored snapshot's image: its file, length and checksum.
@@ -1071,6 +1225,16 @@ impl Storage {
     }
 }
 
+/// A snapshot made durable by [`Storage::snapshot_preparer`], to be given
+/// to [`Storage::register_snapshot`].
+#[derive(Debug)]
+pub struct PreparedSnapshot {
+    /// `None` if it was stored already.
+    info: Option<SnapshotInfo>,
+    meta: SnapshotMeta,
+    stats: StorageStats,
+}
+
 /// The sequence number after `seg`'s.
 fn next_seq(seg: &Segment, path: &Path) -> Result<u64, StorageError> {
     seg.seq
@@ -1132,7 +1296,21 @@ impl crate::node::LogStore for Storage {
     }
 
     fn compact(&mut self, index: Index) -> Result<(), crate::node::BoxError> {
-        Ok(Storage::compact(self, index)?)
+        Ok(Storage::compact_behind(self, index)?)
+    }
+
+    type Prepared = PreparedSnapshot;
+
+    fn snapshot_preparer(&self) -> crate::node::Preparer<PreparedSnapshot> {
+        let prepare = Storage::snapshot_preparer(self);
+        Box::new(move |meta, staged| Ok(prepare(&meta, staged)?))
+    }
+
+    fn register_snapshot(
+        &mut self,
+        prepared: PreparedSnapshot,
+    ) -> Result<crate::image::SnapshotImage, crate::node::BoxError> {
+        Ok(Storage::register_snapshot(self, prepared)?)
     }
 
     fn load_snapshot(

@@ -1416,3 +1416,63 @@ fn everything_storage_writes_is_private() {
         assert_eq!(mode, want, "{} is {mode:o}", path.display());
     }
 }
+
+/// An image written into a staged file in the storage's staging directory.
+fn staged(st: &Storage, data: &[u8]) -> crate::image::StagedImage {
+    let mut s = crate::image::StagedImage::create_in(st.staging_dir()).unwrap();
+    s.write_all(data).unwrap();
+    s.seal().unwrap();
+    s
+}
+
+#[test]
+fn a_snapshot_prepared_beside_the_storage_is_registered_and_recovered() {
+    let tmp = TempDir::new().unwrap();
+    let (mut st, _) = open(tmp.path());
+    st.append(&ents(1, 60, 1)).unwrap();
+    st.sync().unwrap();
+    let prepare = st.snapshot_preparer();
+    // Prepared on another thread while the storage goes on.
+    let image = staged(&st, b"image at 40");
+    let prepared = std::thread::spawn(move || prepare(&snap(40, 1), image))
+        .join()
+        .unwrap()
+        .unwrap();
+    st.append(&ents(61, 70, 1)).unwrap();
+    let stored = st.register_snapshot(prepared).unwrap();
+    assert_eq!(st.snapshot(), Some(&snap(40, 1)));
+    let mut back = Vec::new();
+    stored.open().unwrap().read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"image at 40");
+    let before = segments(tmp.path()).len();
+    st.compact_behind(30).unwrap();
+    // No staged file is left behind.
+    let names: Vec<String> = fs::read_dir(st.staging_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, vec![snapshot::dir_name(40, 1)]);
+
+    // One behind the latest is refused, and its files go.
+    let prepare = st.snapshot_preparer();
+    let stale = prepare(&snap(35, 1), staged(&st, b"stale")).unwrap();
+    assert!(matches!(
+        st.register_snapshot(stale),
+        Err(StorageError::StaleSnapshot { index: 35, .. })
+    ));
+    st.close().unwrap();
+    let names: Vec<String> = fs::read_dir(tmp.path().join(SNAPSHOT_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, vec![snapshot::dir_name(40, 1)]);
+
+    // The compacted segments are gone; the rest of the log and the
+    // snapshot come back.
+    let after = segments(tmp.path()).len();
+    assert!(after < before, "{after} segments of {before} left");
+    let (st, rec) = open(tmp.path());
+    assert_eq!(rec.snapshot, Some(snap(40, 1)));
+    assert_eq!(rec.entries, ents(41, 70, 1));
+    assert_eq!(st.read_snapshot_data(&snap(40, 1)).unwrap(), b"image at 40");
+}

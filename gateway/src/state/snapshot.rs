@@ -152,11 +152,29 @@ async fn prepare_image_with(path: &Path, index: u64, new_group: bool) -> Result<
 async fn copy_image(mut image: ImageReader, to: &Path) -> Result<(), StateError> {
     let path = to.to_path_buf();
     let copied = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        use std::io::{Read, Write};
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .truncate(true)
             .open(&path)?;
-        std::io::copy(&mut image, &mut file)?;
+        // Written back a step at a time, not in one flush at the end,
+        // which would hold up the Raft log's fsyncs on the same disk.
+        let mut buf = vec![0u8; 1 << 20];
+        let mut unflushed = 0u64;
+        loop {
+            let n = match image.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            file.write_all(&buf[..n])?;
+            unflushed += n as u64;
+            if unflushed >= coordinator::image::FLUSH_STEP {
+                file.sync_data()?;
+                unflushed = 0;
+            }
+        }
         file.sync_all()
     })
     .await
