@@ -5,8 +5,8 @@ use std::sync::atomic::Ordering;
 
 use coordinator::image::ImageReader;
 use coordinator::raft::{Index, SnapshotMeta};
-use sqlx::Connection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{ConnectOptions, Connection, SqliteConnection};
 
 use super::rows::store_applied_index;
 use super::{
@@ -339,11 +339,21 @@ impl StateDb {
         make_private(dest).await?;
         let target = utf8(dest)?;
         {
-            let pool = self.pool.read().await;
-            sqlx::query("VACUUM INTO ?")
+            // Held so that a restore does not swap the file meanwhile.
+            let _pool = self.pool.read().await;
+            // A connection of its own, so no reader waits for one; a large
+            // state takes seconds, which is expected: not logged as a slow
+            // statement.
+            let opts = super::connect_options(&self.dir.join(DB_FILE)).disable_statement_logging();
+            let mut conn = SqliteConnection::connect_with(&opts).await?;
+            let vacuumed = sqlx::query("VACUUM INTO ?")
                 .bind(&target)
-                .execute(&*pool)
-                .await?;
+                .execute(&mut conn)
+                .await;
+            if let Err(e) = conn.close().await {
+                tracing::debug!(error = %e, "closing the snapshot connection");
+            }
+            vacuumed?;
         }
         image_index(dest).await
     }
