@@ -766,3 +766,62 @@ async fn a_slow_state_machine_holds_up_neither_replication_nor_leadership() {
         n.shutdown().await;
     }
 }
+
+/// The apply pipeline is bounded: while more than `apply_queue_bytes` are
+/// committed and not applied, the driver takes no new requests (they wait,
+/// and are answered once the state machine catches up); replication of
+/// what was proposed goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apply_pipeline_is_bounded() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let hub = Arc::new(Hub::default());
+    let mut logs = BTreeMap::new();
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        let mut cfg = config(id);
+        // About ten 100-byte entries.
+        cfg.apply_queue_bytes = 1_500;
+        let log = Log::default();
+        logs.insert(id, log.clone());
+        nodes.insert(
+            id,
+            start_with(&hub, tmp.path(), id, &[1, 2, 3], log, cfg).await,
+        );
+    }
+    let leader = leader_of(&nodes).await;
+    let first = nodes[&leader]
+        .propose(b"first".to_vec())
+        .await
+        .expect("a first write")
+        .index;
+    let held = logs[&leader].1.apply.clone().write_owned().await;
+    // Forty writes, one every 10 ms (the driver takes whatever requests
+    // are queued at once, so they must not all be there together).
+    let mut writes = Vec::new();
+    for i in 0..40 {
+        let n = nodes[&leader].clone();
+        writes.push(tokio::spawn(async move {
+            n.propose(format!("{i:0>100}").into_bytes()).await
+        }));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Some were committed, then the leader took no more: its log stops well
+    // short of all forty.
+    let st = nodes[&leader].status().raft;
+    assert!(st.commit >= first + 5, "some were committed: {st:?}");
+    assert_eq!(st.applied, first, "the leader's state machine is held");
+    assert!(
+        st.last_index < first + 30,
+        "the leader took requests beyond the bound: last index {} (first {first})",
+        st.last_index
+    );
+    drop(held);
+    for w in writes {
+        let r = w.await.expect("join");
+        assert!(r.is_ok(), "{r:?}");
+    }
+    assert_eq!(logs[&leader].0.lock().expect("log").0.len(), 41);
+    for n in nodes.values() {
+        n.shutdown().await;
+    }
+}
