@@ -93,8 +93,11 @@ pub struct Args {
     /// device sessions lost (ms).
     #[arg(long, env = "ENTENTE_SESSION_GRACE_MS")]
     pub session_grace_ms: Option<u64>,
-    /// Window over which a device's reported-state patches are coalesced
-    /// into one proposal (ms).
+    /// Least time between the starts of two proposals of one device's
+    /// reported-state patches (ms, default 0). One is in flight at a time,
+    /// and the patches that arrive meanwhile are coalesced into the next;
+    /// by default it starts as soon as the one before committed. More means
+    /// fewer, larger proposals and later acknowledgements.
     #[arg(long, env = "ENTENTE_REPORT_COALESCE_MS")]
     pub report_coalesce_ms: Option<u64>,
     /// Most REST connections open at once (default: a quarter of the
@@ -242,7 +245,8 @@ pub struct Config {
     /// How long a peer must be unreachable from the leader before its device
     /// sessions are declared lost.
     pub session_grace: Duration,
-    /// Reported-state patches of one device are coalesced over this window.
+    /// Least time between the starts of two proposals of one device's
+    /// reported-state patches (zero: as soon as the one before committed).
     pub report_coalesce: Duration,
     /// Largest MQTT packet a device may send; a bigger one disconnects it.
     pub mqtt_max_packet: usize,
@@ -327,7 +331,7 @@ impl Config {
             mqtt_listen: Some(SocketAddr::new(http_listen.ip(), 0)),
             mqtt5_listen: Some(SocketAddr::new(http_listen.ip(), 0)),
             session_grace: Duration::from_secs(10),
-            report_coalesce: Duration::from_millis(50),
+            report_coalesce: Duration::ZERO,
             mqtt_max_packet: 256 * 1024,
             mqtt_max_payload: 64 * 1024,
             mqtt_max_connections: default_mqtt_max_connections(),
@@ -415,7 +419,7 @@ impl Config {
             c.session_grace = Duration::from_millis(ms);
         }
         if let Some(ms) = args.report_coalesce_ms.or(file.report_coalesce_ms) {
-            c.report_coalesce = Duration::from_millis(ms.max(1));
+            c.report_coalesce = Duration::from_millis(ms);
         }
         if let Some(n) = args.http_max_connections.or(file.http_max_connections) {
             if n == 0 {

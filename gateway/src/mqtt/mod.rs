@@ -9,6 +9,8 @@
 //! - `auth` checks logins against the registry (cached, throttled).
 //! - `sessions` owns the sessions' replicated side: presence, delivery,
 //!   device messages.
+//! - `ingest` proposes what devices publish and answers each message once
+//!   what it causes is committed (the PUBACK means committed).
 //! - `watch_peers`: the leader declares a peer's sessions lost once it has
 //!   not heard from it for the grace period.
 //!
@@ -17,6 +19,7 @@
 
 mod auth;
 mod endpoint;
+mod ingest;
 mod sessions;
 mod wire;
 
@@ -40,6 +43,15 @@ use crate::{Config, GatewayError, io};
 pub struct MqttStats {
     /// Device sessions open on this gateway.
     pub sessions: AtomicU64,
+    /// Device messages read and not yet answered (their proposal not yet
+    /// committed).
+    pub messages_uncommitted: AtomicU64,
+    /// Times a device connection stopped reading because its window of
+    /// unanswered messages or the endpoint's pipeline was full.
+    pub reads_paused: AtomicU64,
+    /// Device connections closed because a message could not be committed
+    /// in time (it was not acknowledged; the device sends it again).
+    pub not_committed: AtomicU64,
     /// Device sessions started since boot.
     pub sessions_started: AtomicU64,
     /// Logins refused.
@@ -77,12 +89,30 @@ pub struct MqttStats {
 impl MqttStats {
     /// Appends the counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, &AtomicU64); 15] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 18] = [
             (
                 "entente_mqtt_sessions",
                 "gauge",
                 "Device sessions open on this gateway.",
                 &self.sessions,
+            ),
+            (
+                "entente_mqtt_messages_uncommitted",
+                "gauge",
+                "Device messages read and not yet acknowledged: their proposals are not committed yet.",
+                &self.messages_uncommitted,
+            ),
+            (
+                "entente_mqtt_reads_paused_total",
+                "counter",
+                "Times a device connection stopped reading: its window of unacknowledged messages or the pipeline was full.",
+                &self.reads_paused,
+            ),
+            (
+                "entente_mqtt_not_committed_total",
+                "counter",
+                "Device connections closed because a message could not be committed in time (not acknowledged).",
+                &self.not_committed,
             ),
             (
                 "entente_mqtt_sessions_started_total",
@@ -334,8 +364,9 @@ impl Listeners {
     }
 }
 
-/// Bound on device messages waiting for the session manager: when it is
+/// Bound on session events waiting for the session manager: when it is
 /// full, connections stop reading until there is room (nothing is dropped).
+/// (Device messages are bounded by the pipeline's permits too.)
 const EVENT_QUEUE: usize = 16_384;
 
 /// Starts the device listeners (if any are configured), the session manager
@@ -374,6 +405,14 @@ pub(crate) async fn start(
         config.mqtt_max_packet,
         config.mqtt_max_connections,
     ));
+    let ingest = ingest::Ingest::new(
+        node.clone(),
+        db.clone(),
+        stats.clone(),
+        config.mqtt_max_payload,
+        config.report_coalesce,
+        ingest::patience(config.write_timeout),
+    );
     let manager = sessions::Manager {
         node: node.clone(),
         db,
@@ -381,10 +420,8 @@ pub(crate) async fn start(
         stats: stats.clone(),
         auth,
         endpoint: shared.clone(),
-        max_payload: config.mqtt_max_payload,
-        coalesce: config.report_coalesce,
+        ingest,
         sessions: HashMap::new(),
-        reports: HashMap::new(),
         redelivered: HashMap::new(),
     };
     mqtt.tasks
