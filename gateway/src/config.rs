@@ -93,11 +93,12 @@ pub struct Args {
     /// device sessions lost (ms).
     #[arg(long, env = "ENTENTE_SESSION_GRACE_MS")]
     pub session_grace_ms: Option<u64>,
-    /// Least time between the starts of two proposals of one device's
-    /// reported-state patches (ms, default 0). One is in flight at a time,
-    /// and the patches that arrive meanwhile are coalesced into the next;
-    /// by default it starts as soon as the one before committed. More means
-    /// fewer, larger proposals and later acknowledgements.
+    /// Longest a device's reported-state patches wait to be proposed
+    /// together with the rest of its window (ms, default 50). One proposal
+    /// of a device's patches is in flight at a time; the next one carries
+    /// what arrived meanwhile and goes as soon as the device has sent again
+    /// as many as it had out (ten in flight: ten per proposal), or after
+    /// this wait. 0: as soon as the one before committed.
     #[arg(long, env = "ENTENTE_REPORT_COALESCE_MS")]
     pub report_coalesce_ms: Option<u64>,
     /// Most REST connections open at once (default: a quarter of the
@@ -245,8 +246,9 @@ pub struct Config {
     /// How long a peer must be unreachable from the leader before its device
     /// sessions are declared lost.
     pub session_grace: Duration,
-    /// Least time between the starts of two proposals of one device's
-    /// reported-state patches (zero: as soon as the one before committed).
+    /// Longest a device's reported-state patches wait to be proposed
+    /// together with the rest of its window (zero: as soon as the proposal
+    /// before committed).
     pub report_coalesce: Duration,
     /// Largest MQTT packet a device may send; a bigger one disconnects it.
     pub mqtt_max_packet: usize,
@@ -331,7 +333,7 @@ impl Config {
             mqtt_listen: Some(SocketAddr::new(http_listen.ip(), 0)),
             mqtt5_listen: Some(SocketAddr::new(http_listen.ip(), 0)),
             session_grace: Duration::from_secs(10),
-            report_coalesce: Duration::ZERO,
+            report_coalesce: Duration::from_millis(50),
             mqtt_max_packet: 256 * 1024,
             mqtt_max_payload: 64 * 1024,
             mqtt_max_connections: default_mqtt_max_connections(),

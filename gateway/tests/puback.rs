@@ -452,6 +452,65 @@ async fn messages_that_change_nothing_are_acknowledged_with_a_reason() {
     g.stop_all().await;
 }
 
+/// A device that keeps ten reported patches in flight gets ten per
+/// proposal: the next proposal waits until the device has sent again as
+/// many as it had out (here up to a second: the wait only shows in the
+/// last, short proposal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_keeping_ten_in_flight_gets_ten_per_proposal() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let raft = reserve_ports(1);
+    let peers = BTreeMap::from([(1, raft[0])]);
+    let mut c = config(tmp.path(), 1, &peers);
+    c.report_coalesce = Duration::from_secs(1);
+    let gw = gateway::start(c).await.expect("start");
+    let token = std::fs::read_to_string(gw.admin_token_file.clone().expect("token file"))
+        .expect("token")
+        .trim()
+        .to_string();
+    let g = Group {
+        configs: BTreeMap::new(),
+        gws: BTreeMap::from([(1, gw)]),
+        token,
+        http: reqwest::Client::new(),
+    };
+    let secret = g.register(1, "t").await;
+    let mut d = RawDevice::connect(g.mqtt(1, false), false, "t", &secret).await;
+    let topic = reported_topic("t");
+    let mut sent = 0u16;
+    let mut out = BytesMut::new();
+    while sent < 10 {
+        sent += 1;
+        let patch = format!("{{\"n\": {sent}}}");
+        d.codec.publish(&topic, patch.as_bytes(), 1, sent, &mut out);
+    }
+    d.send(&out).await;
+    let mut acked = 0;
+    while acked < 100 {
+        match d.rd.next(WAIT).await {
+            Got::PubAck(_, 0) => acked += 1,
+            other => panic!("{other:?} after {acked} acknowledgements"),
+        }
+        if sent < 100 {
+            sent += 1;
+            let patch = format!("{{\"n\": {sent}}}");
+            d.publish(&topic, patch.as_bytes(), 1, sent).await;
+        }
+    }
+    let m = g.metrics(1).await;
+    assert_eq!(
+        metric(&m, "entente_mqtt_reports_received_total"),
+        100,
+        "{m}"
+    );
+    // The first alone, then ten at a time, the last nine together.
+    let proposals = metric(&m, "entente_mqtt_report_proposals_total");
+    assert_eq!(proposals, 11, "{m}");
+    let reported = g.get(1, "/v1/devices/t/shadow").await["reported"].clone();
+    assert_eq!(reported["n"], json!(100));
+    g.stop_all().await;
+}
+
 // ---------------------------------------------------------------------------
 // Real processes, `kill -9`.
 

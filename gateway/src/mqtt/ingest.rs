@@ -14,10 +14,12 @@
 //!
 //! - Reported-state patches are coalesced per device: one proposal of a
 //!   device's patches is in flight at a time, and whatever arrives meanwhile
-//!   is composed into the next one, proposed as soon as the one before
-//!   committed (group commit per device; `--report-coalesce-ms` can space
-//!   them further). Every message folded into a proposal is answered when
-//!   that proposal commits.
+//!   is composed into the next one (group commit per device). That one goes
+//!   once the device has sent again as many patches as it had out when the
+//!   one before committed — a device keeping ten in flight gets ten per
+//!   proposal, one keeping one gets its patch proposed at once — or after
+//!   `--report-coalesce-ms` (50 ms). Every message folded into a proposal is
+//!   answered when that proposal commits.
 //! - `accepted` and `result` messages are each their own proposal, all in
 //!   flight at once, after checking that the command is the device's.
 //! - A proposal that fails (no leader, a timeout) is tried again with
@@ -32,7 +34,7 @@
 //! its socket. The proposals run in tasks the manager owns (a `JoinSet`):
 //! none outlives it, and none holds anything that was acknowledged.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -140,26 +142,50 @@ impl Drop for Ack {
     }
 }
 
-/// One device's reported-state patches on their way to the group.
+/// One device's reported-state patches on their way to the group (kept
+/// while its session lasts).
 struct Reports {
     /// The session they came from; a newer session's patches replace them
     /// (the device sends what was not acknowledged again).
     epoch: u64,
+    /// The session has not ended.
+    open: bool,
     /// Patches to propose, in order, each with the messages composed into
     /// it; the last one absorbs new patches.
     patches: Vec<(Value, Vec<Ack>)>,
-    /// A proposal of this device's patches is in flight.
-    inflight: bool,
-    /// The next proposal may not start before this (`--report-coalesce-ms`
-    /// after the one before started).
-    next: Instant,
+    /// Messages in `patches`.
+    waiting: usize,
+    /// Messages in the proposal in flight (zero: none is).
+    inflight: usize,
+    /// How many patches the device had out when its last proposal
+    /// committed: as many are expected back before the next one (a device
+    /// with ten in flight sends ten more once they are acknowledged)...
+    expect: usize,
+    /// ...or, counting from here, until the wait is over.
+    since: Instant,
+}
+
+impl Reports {
+    /// Whether the waiting patches are to be proposed now.
+    fn due(&self, now: Instant, wait: Duration) -> bool {
+        self.inflight == 0
+            && self.waiting > 0
+            && (self.waiting >= self.expect || now >= self.since + wait)
+    }
 }
 
 /// What a proposal task reports when it ends.
 #[derive(Debug)]
 pub(crate) enum Done {
-    /// A device's patches: all committed, or not.
-    Reports { device: String, committed: bool },
+    /// A device's patches: the messages of those committed with their
+    /// answers, for the manager to send (so it knows that the device's
+    /// next patches cannot have been sent yet when it counts those
+    /// waiting); whether all committed.
+    Reports {
+        device: String,
+        answers: Vec<(Vec<Ack>, AckCode)>,
+        committed: bool,
+    },
     /// A command step (answered by the task itself).
     Command,
 }
@@ -171,12 +197,15 @@ pub(crate) struct Ingest {
     pub(crate) db: Arc<StateDb>,
     pub(crate) stats: Arc<MqttStats>,
     pub(crate) max_payload: usize,
-    /// Least time between the starts of two proposals of one device's
-    /// patches (zero: as soon as the one before committed).
+    /// Longest a device's patches wait for the rest of its window before
+    /// they are proposed (`--report-coalesce-ms`).
     pub(crate) coalesce: Duration,
     /// How long one proposal is tried (see [`patience`]).
     pub(crate) patience: Duration,
     reports: HashMap<String, Reports>,
+    /// Devices whose patches wait for the rest of their window (checked by
+    /// [`Ingest::tick`]).
+    held: HashSet<String>,
     /// The proposals in flight.
     pub(crate) tasks: JoinSet<Done>,
     /// The tasks proposing a device's patches, by task id (to clear the
@@ -205,6 +234,7 @@ impl Ingest {
             coalesce,
             patience,
             reports: HashMap::new(),
+            held: HashSet::new(),
             tasks: JoinSet::new(),
             flushing: HashMap::new(),
             logs: Arc::default(),
@@ -278,9 +308,12 @@ impl Ingest {
         let now = Instant::now();
         let pending = self.reports.entry(device.clone()).or_insert(Reports {
             epoch,
+            open: true,
             patches: Vec::new(),
-            inflight: false,
-            next: now,
+            waiting: 0,
+            inflight: 0,
+            expect: 0,
+            since: now,
         });
         if epoch < pending.epoch {
             // From a session already replaced: its connection is closing
@@ -292,8 +325,12 @@ impl Ingest {
             // A new session: what the old one left is sent again by the
             // device, which got no acknowledgement for it.
             pending.epoch = epoch;
+            pending.open = true;
             pending.patches.clear();
+            pending.waiting = 0;
+            pending.expect = 0;
         }
+        pending.waiting += 1;
         // Two patches are composed only while the result stays within the
         // document limit: the state machine refuses a patch over it as a
         // whole, which would lose the other's change too.
@@ -315,9 +352,10 @@ impl Ingest {
         } else {
             pending.patches.push((patch, vec![ack]));
         }
-        let due = !pending.inflight && pending.next <= now;
-        if due {
+        if pending.due(now, self.coalesce) {
             self.flush(&device);
+        } else if pending.inflight == 0 {
+            self.held.insert(device);
         }
     }
 
@@ -326,12 +364,10 @@ impl Ingest {
         let Some(pending) = self.reports.get_mut(device) else {
             return;
         };
-        if pending.inflight || pending.patches.is_empty() {
+        if pending.inflight > 0 || pending.patches.is_empty() {
             return;
         }
-        let now = Instant::now();
-        pending.inflight = true;
-        pending.next = now + self.coalesce;
+        pending.inflight = std::mem::take(&mut pending.waiting);
         let patches = std::mem::take(&mut pending.patches);
         self.stats
             .report_proposals
@@ -348,16 +384,21 @@ impl Ingest {
         self.flushing.insert(task.id(), name);
     }
 
-    /// Proposes every device's waiting patches that are due (with
-    /// `--report-coalesce-ms`: the ones held back by it).
+    /// Proposes the patches that waited long enough for the rest of their
+    /// device's window.
     pub(crate) fn tick(&mut self) {
         let now = Instant::now();
-        let due: Vec<String> = self
-            .reports
-            .iter()
-            .filter(|(_, p)| !p.inflight && !p.patches.is_empty() && p.next <= now)
-            .map(|(d, _)| d.clone())
-            .collect();
+        let mut due = Vec::new();
+        let reports = &self.reports;
+        let wait = self.coalesce;
+        self.held.retain(|d| match reports.get(d) {
+            Some(p) if p.due(now, wait) => {
+                due.push(d.clone());
+                false
+            }
+            Some(p) => p.inflight == 0 && p.waiting > 0,
+            None => false,
+        });
         for device in due {
             self.flush(&device);
         }
@@ -366,9 +407,22 @@ impl Ingest {
     /// A proposal task ended (`None`: there are none).
     pub(crate) fn finished(&mut self, r: Option<Result<(Id, Done), JoinError>>) {
         match r {
-            Some(Ok((id, Done::Reports { device, committed }))) => {
+            Some(Ok((
+                id,
+                Done::Reports {
+                    device,
+                    answers,
+                    committed,
+                },
+            ))) => {
                 self.flushing.remove(&id);
                 self.reports_done(&device, committed);
+                // Only now: the device's next patches come after these.
+                for (acks, code) in answers {
+                    for a in acks {
+                        a.answer(code);
+                    }
+                }
             }
             Some(Ok((_, Done::Command))) | None => {}
             Some(Err(e)) => {
@@ -386,16 +440,25 @@ impl Ingest {
         let Some(pending) = self.reports.get_mut(device) else {
             return;
         };
-        pending.inflight = false;
-        if !committed {
+        let now = Instant::now();
+        // Its answers are not out yet: what waits came before them.
+        let proposed = std::mem::take(&mut pending.inflight);
+        if committed {
+            pending.expect = proposed + pending.waiting;
+        } else {
             // The device is being disconnected: it sends what was not
             // acknowledged again, in order, when it reconnects.
             pending.patches.clear();
+            pending.waiting = 0;
+            pending.expect = 0;
         }
-        if pending.patches.is_empty() {
+        pending.since = now;
+        if !pending.open && pending.waiting == 0 {
             self.reports.remove(device);
-        } else if pending.next <= Instant::now() {
+        } else if pending.due(now, self.coalesce) {
             self.flush(device);
+        } else if pending.waiting > 0 {
+            self.held.insert(device.to_string());
         }
     }
 
@@ -406,7 +469,9 @@ impl Ingest {
             && p.epoch == epoch
         {
             p.patches.clear();
-            if !p.inflight {
+            p.waiting = 0;
+            p.open = false;
+            if p.inflight == 0 {
                 self.reports.remove(device);
             }
         }
@@ -447,6 +512,7 @@ async fn propose_reports(
         logs: &logs,
         patience,
     };
+    let mut answers = Vec::with_capacity(patches.len());
     for (patch, acks) in patches {
         let op = Op::ReportState {
             device: device.clone(),
@@ -454,21 +520,16 @@ async fn propose_reports(
         };
         if let Err(e) = crate::limits::check_op(&op) {
             tracing::warn!(device, "reported-state patch refused: {e}");
-            for a in acks {
-                a.answer(AckCode::TooLarge);
-            }
+            answers.push((acks, AckCode::TooLarge));
             continue;
         }
         match propose(ctx, &device, op, &acks, patience).await {
-            Some(r) => {
-                let code = code_of(&r);
-                for a in acks {
-                    a.answer(code);
-                }
-            }
+            Some(r) => answers.push((acks, code_of(&r))),
             None => {
+                // These acks and the rest are dropped: not committed.
                 return Done::Reports {
                     device,
+                    answers,
                     committed: false,
                 };
             }
@@ -476,6 +537,7 @@ async fn propose_reports(
     }
     Done::Reports {
         device,
+        answers,
         committed: true,
     }
 }

@@ -130,9 +130,11 @@ impl Manager {
     ) {
         let mut events = self.db.subscribe();
         let mut restores = self.db.watch_restores();
-        // Only with `--report-coalesce-ms`: proposals it held back.
+        // Only with `--report-coalesce-ms`: reported patches that waited
+        // long enough for the rest of their device's window.
         let spaced = !self.ingest.coalesce.is_zero();
-        let mut tick = tokio::time::interval(self.ingest.coalesce.max(Duration::from_millis(1)));
+        let every = (self.ingest.coalesce / 2).max(Duration::from_millis(1));
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
