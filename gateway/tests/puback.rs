@@ -400,6 +400,45 @@ async fn a_message_not_committed_in_time_is_not_acknowledged_and_is_sent_again()
     g.stop_all().await;
 }
 
+/// A session taken over while its patch is being proposed without a
+/// quorum: the old proposal is abandoned (nobody waits for it), and that
+/// does not cost the new session its own patches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_takeover_while_a_patch_waits_for_the_quorum_keeps_the_new_session() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut g = Group::start(tmp.path(), 2, Duration::from_secs(5)).await;
+    // The device is on the follower and the leader stops: proposals fail
+    // at once (no leader) and are tried again.
+    let leader = g.gws[&1].node().status().raft.leader.expect("a leader");
+    let (on, off) = if leader == 1 { (2, 1) } else { (1, 2) };
+    let secret = g.register(on, "o").await;
+    let mut old = RawDevice::connect(g.mqtt(on, true), true, "o", &secret).await;
+    g.stop(off).await;
+    old.publish(&reported_topic("o"), br#"{"a": 1}"#, 1, 1)
+        .await;
+    until_metrics(&g, on, "the patch being proposed", |m| {
+        metric(m, "entente_mqtt_messages_uncommitted") == 1
+    })
+    .await;
+    let mut new = RawDevice::connect(g.mqtt(on, true), true, "o", &secret).await;
+    assert_eq!(old.rd.next(WAIT).await, Got::Disconnect(0x8E), "taken over");
+    new.publish(&reported_topic("o"), br#"{"a": 1, "b": 2}"#, 1, 1)
+        .await;
+    // The old proposal is abandoned after its attempt (nobody waits for
+    // it); the new session's patch waits for the quorum, and is not
+    // dropped with it (it was: the new session was closed with 0x89).
+    let got = collect(&mut new, Instant::now() + Duration::from_secs(2), |g| {
+        !g.is_empty()
+    })
+    .await;
+    assert!(got.is_empty(), "the new session was answered: {got:?}");
+    g.restart(off).await;
+    assert_eq!(new.rd.next(WAIT).await, Got::PubAck(1, 0));
+    let reported = g.get(on, "/v1/devices/o/shadow").await["reported"].clone();
+    assert_eq!(reported, json!({"a": 1, "b": 2}));
+    g.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn messages_that_change_nothing_are_acknowledged_with_a_reason() {
     let tmp = tempfile::tempdir().expect("tmp");

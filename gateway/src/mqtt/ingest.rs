@@ -157,6 +157,8 @@ struct Reports {
     waiting: usize,
     /// Messages in the proposal in flight (zero: none is).
     inflight: usize,
+    /// The session the proposal in flight came from.
+    inflight_epoch: u64,
     /// How many patches the device had out when its last proposal
     /// committed: as many are expected back before the next one (a device
     /// with ten in flight sends ten more once they are acknowledged)...
@@ -312,6 +314,7 @@ impl Ingest {
             patches: Vec::new(),
             waiting: 0,
             inflight: 0,
+            inflight_epoch: epoch,
             expect: 0,
             since: now,
         });
@@ -368,6 +371,7 @@ impl Ingest {
             return;
         }
         pending.inflight = std::mem::take(&mut pending.waiting);
+        pending.inflight_epoch = pending.epoch;
         let patches = std::mem::take(&mut pending.patches);
         self.stats
             .report_proposals
@@ -443,7 +447,10 @@ impl Ingest {
         let now = Instant::now();
         // Its answers are not out yet: what waits came before them.
         let proposed = std::mem::take(&mut pending.inflight);
-        if committed {
+        if pending.inflight_epoch != pending.epoch {
+            // A new session took over meanwhile: what waits is its own.
+            pending.expect = 0;
+        } else if committed {
             pending.expect = proposed + pending.waiting;
         } else {
             // The device is being disconnected: it sends what was not
