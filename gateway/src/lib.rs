@@ -220,6 +220,8 @@ async fn start_until(
         cluster_secret.into_bytes(),
         config.raft_listen,
     );
+    // Members must read each other's log entries.
+    tcfg.app_format = u32::from(ops::ENTRY_FORMAT);
     tcfg.peers = config
         .peers
         .iter()

@@ -2,8 +2,12 @@
 //! domain types they act on. Both the state machine (which applies them) and
 //! the REST API (which proposes them and returns their results) use these.
 //!
-//! Entries are JSON (`serde_json`) so they can carry arbitrary command
-//! parameters, outputs and state patches, and stay readable in a log dump.
+//! Entry format ([`ENTRY_FORMAT`] 2): a version byte, then the proposal as
+//! MessagePack (`rmp-serde`, fields by name): binary and compact, and
+//! self-describing, as the tagged operations and the arbitrary JSON values
+//! they carry (command parameters, outputs, state patches) need. Entries
+//! of format 1 (JSON, written by earlier versions; the first byte is `{`)
+//! are still read.
 
 use std::collections::BTreeMap;
 
@@ -22,30 +26,68 @@ pub struct Proposal {
     pub op: Op,
 }
 
-/// The entry format this gateway writes and reads: 1, a JSON object (its
-/// first byte is `{`). A later format starts with a version byte that
-/// cannot begin JSON, so a gateway that meets one names it.
-pub const ENTRY_FORMAT: u8 = 1;
+/// The entry format this gateway writes: the byte that starts every entry
+/// it proposes. It reads this one and format 1 (JSON, which starts with
+/// `{`). Gateways of a group must speak the same format: the peer
+/// handshake refuses a gateway of another one.
+pub const ENTRY_FORMAT: u8 = 2;
+
+/// The deepest nesting an entry may have when decoded (as serde_json's own
+/// limit for format 1). `limits::MAX_DEPTH` keeps every value a handler
+/// accepts far below it.
+pub const MAX_DECODE_DEPTH: usize = 128;
 
 /// What the format of an entry's bytes appears to be, for an error message.
 pub fn describe_format(bytes: &[u8]) -> String {
     match bytes.first() {
         None => "an empty entry".to_string(),
         Some(b'{') => "entry format 1 (JSON), damaged".to_string(),
+        Some(&ENTRY_FORMAT) => format!("entry format {ENTRY_FORMAT} (MessagePack), damaged"),
         Some(b) => format!("an unknown entry format (first byte 0x{b:02x})"),
     }
 }
 
+/// Why an entry does not decode.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Format 1 (JSON) that does not parse.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// Format 2 (MessagePack) that does not parse.
+    #[error("{0}")]
+    MessagePack(#[from] rmp_serde::decode::Error),
+    /// A format this version does not know.
+    #[error("{0}")]
+    UnknownFormat(String),
+}
+
 impl Proposal {
-    /// Encodes for the log.
+    /// Encodes for the log, in [`ENTRY_FORMAT`].
     pub fn encode(&self) -> Vec<u8> {
-        // Serialising plain data to a Vec cannot fail.
+        let mut out = vec![ENTRY_FORMAT];
+        // Plain data with string map keys: serialising to a Vec cannot fail.
+        if let Err(e) = rmp_serde::encode::write_named(&mut out, self) {
+            tracing::error!(error = %e, "encoding a proposal");
+        }
+        out
+    }
+
+    /// Encodes in format 1 (JSON), as earlier versions did.
+    pub fn encode_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Decodes a log entry.
-    pub fn decode(bytes: &[u8]) -> Result<Proposal, serde_json::Error> {
-        serde_json::from_slice(bytes)
+    /// Decodes a log entry of format 2 or 1.
+    pub fn decode(bytes: &[u8]) -> Result<Proposal, DecodeError> {
+        match bytes.first() {
+            Some(&ENTRY_FORMAT) => {
+                let mut de = rmp_serde::Deserializer::from_read_ref(&bytes[1..]);
+                de.set_max_depth(MAX_DECODE_DEPTH);
+                Ok(Proposal::deserialize(&mut de)?)
+            }
+            Some(b'{') => Ok(serde_json::from_slice(bytes)?),
+            _ => Err(DecodeError::UnknownFormat(describe_format(bytes))),
+        }
     }
 }
 
@@ -436,4 +478,51 @@ pub struct Event {
     /// Details (the SSE `data`), e.g. the command after the change.
     #[schema(value_type = Object)]
     pub data: Value,
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    fn sample() -> Proposal {
+        Proposal {
+            ts_ms: 1_764_144_000_123,
+            op: Op::SetDesired {
+                device: "pump-7".into(),
+                patch: serde_json::json!({"speed": 3, "mode": null, "f": 0.1, "n": -5, "big": u64::MAX}),
+                expected_version: Some(4),
+            },
+        }
+    }
+
+    #[test]
+    fn entries_are_written_in_format_2_and_read_back_exactly() {
+        let p = sample();
+        let bytes = p.encode();
+        assert_eq!(bytes[0], ENTRY_FORMAT);
+        assert_eq!(Proposal::decode(&bytes).unwrap(), p);
+        // Smaller than the JSON of format 1.
+        assert!(bytes.len() < p.encode_json().len(), "{} bytes", bytes.len());
+    }
+
+    #[test]
+    fn entries_of_format_1_written_by_earlier_versions_are_still_read() {
+        let p = sample();
+        let json = p.encode_json();
+        assert_eq!(json[0], b'{');
+        assert_eq!(Proposal::decode(&json).unwrap(), p);
+    }
+
+    #[test]
+    fn unknown_and_damaged_entries_are_refused_with_their_format() {
+        for (bytes, says) in [
+            (vec![], "empty"),
+            (vec![0x09, 0x80], "first byte 0x09"),
+            (vec![ENTRY_FORMAT], "damaged"),
+            (b"{\"ts_ms\":".to_vec(), "damaged"),
+        ] {
+            assert!(Proposal::decode(&bytes).is_err(), "{bytes:?}");
+            assert!(describe_format(&bytes).contains(says), "{bytes:?}");
+        }
+    }
 }

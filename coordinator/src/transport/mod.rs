@@ -47,7 +47,7 @@
 //!
 //! | variant | fields | used |
 //! |---|---|---|
-//! | 0 `Hello` | `version: u32, cluster_id: String, from: u64, to: u64, stream: {Messages, Snapshot}, nonce: [u8; 32]` | handshake, dialer |
+//! | 0 `Hello` | `version: u32, cluster_id: String, from: u64, to: u64, stream: {Messages, Snapshot}, nonce: [u8; 32], app_format: u32` | handshake, dialer |
 //! | 1 `Challenge` | `nonce: [u8; 32], mac: [u8; 32]` | retired (protocol 1); refused |
 //! | 2 `Auth` | `mac: [u8; 32]` | handshake, dialer |
 //! | 3 `Refused` | `reason` | handshake, either side, then close |
@@ -346,6 +346,7 @@ impl Transport {
                 cluster_id: config.cluster_id.clone(),
                 secret: config.cluster_secret.clone(),
                 version,
+                app_format: config.app_format,
             },
             gate: Arc::new(gate::Gate::new(&config)),
             refusal_log: gate::LogLimiter::new(REFUSAL_LOG_WINDOW, REFUSAL_LOG_BURST),

@@ -1218,9 +1218,10 @@ async fn an_undecodable_entry_stops_apply_and_applies_nothing_of_its_batch() {
         .unwrap();
     for (data, says) in [
         (b"{not json".to_vec(), "entry format 1 (JSON), damaged"),
+        (vec![0x02, 0xc1], "entry format 2 (MessagePack), damaged"),
         (
-            vec![0x02, 1, 2, 3],
-            "unknown entry format (first byte 0x02)",
+            vec![0x07, 1, 2, 3],
+            "unknown entry format (first byte 0x07)",
         ),
     ] {
         let bad = Committed {
