@@ -23,6 +23,7 @@ mod health;
 mod openapi;
 #[cfg(test)]
 mod roundtrip_tests;
+pub(crate) mod schemas;
 mod shadow;
 pub(crate) mod validate;
 
@@ -199,6 +200,7 @@ pub fn app(state: AppState) -> Router {
     let metrics = Arc::new(health::Metrics::default());
     let streams = Arc::new(events::EventStreams::new(&state.config));
     let max_body = state.config.max_body_bytes;
+    let document = openapi::document(&state.config);
     let mut router = Router::new();
     for (info, method_router) in table() {
         let method_router = match info.role {
@@ -214,6 +216,7 @@ pub fn app(state: AppState) -> Router {
         .fallback(|| async { error::ApiError::from_status(StatusCode::NOT_FOUND) })
         .layer(Extension(metrics.clone()))
         .layer(Extension(streams))
+        .layer(Extension(document))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(state.clone(), deadline))
         .layer(RequestBodyLimitLayer::new(max_body))
