@@ -424,13 +424,13 @@ pub struct Command {
     pub device: String,
     /// Name.
     pub name: String,
-    /// Parameters.
-    #[schema(value_type = Object)]
+    /// Parameters: any JSON.
+    #[schema(value_type = crate::api::schemas::JsonValue)]
     pub params: Value,
     /// Lifecycle state.
     pub status: CommandStatus,
-    /// The device's output, once it reported a result.
-    #[schema(value_type = Option<Object>)]
+    /// The device's output (any JSON), once it reported a result.
+    #[schema(value_type = crate::api::schemas::JsonValue)]
     pub output: Option<Value>,
     /// The client's idempotency key, if any.
     pub idempotency_key: Option<String>,

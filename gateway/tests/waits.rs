@@ -221,15 +221,18 @@ async fn min_index_far_beyond_the_log_is_refused_at_once() {
 }
 
 /// An index slightly ahead of an idle group is waited for at most the write
-/// timeout, then answered with 503 and `Retry-After`.
+/// timeout; then the leader, which can tell that the group still has not
+/// issued it, refuses it with 412 (a 503 would say this healthy gateway
+/// cannot serve reads).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn min_index_slightly_ahead_answers_503_within_the_write_timeout() {
+async fn min_index_slightly_ahead_is_refused_as_never_issued_after_the_write_timeout() {
     let dir = tempfile::tempdir().expect("tempdir");
     let g = group(dir.path(), 1).await;
     let ahead = (g.applied(1) + 100).to_string();
     for path in ["/v1/devices", "/v1/devices?consistency=local"] {
         let a = g.get(1, path, Some(&ahead)).await;
-        a.unavailable("min-index-not-reached");
+        let detail = a.problem(StatusCode::PRECONDITION_FAILED, "min-index-not-issued");
+        assert!(detail.contains(&ahead), "{detail}");
         assert!(
             a.took >= WRITE_TIMEOUT.mul_f64(0.9),
             "answered before the wait was over: {a:?}"

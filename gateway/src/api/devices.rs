@@ -15,6 +15,7 @@ use super::extract::{
     ApiJson, ApiPath, ApiQuery, Consistency, MinIndexHeader, page_query, read_barrier, reply,
     split_page, unexpected, write,
 };
+use super::schemas::{DeviceId, JsonObject, LabelFilter, Labels};
 use super::validate;
 use crate::ops::{Device, Op, OpResult};
 use crate::state::DeviceFilter;
@@ -27,13 +28,15 @@ use crate::{hash_secret, random_token};
 pub struct NewDevice {
     /// Device id: 1–64 characters from `A-Za-z0-9_.-`, not `.` or `..`; also
     /// its MQTT client id.
+    #[schema(value_type = DeviceId)]
     pub id: String,
     /// Labels for filtering (keys `[A-Za-z0-9_./-]{1,63}`, values ≤ 256 characters).
     #[serde(default)]
+    #[schema(value_type = Labels)]
     pub labels: BTreeMap<String, String>,
     /// Free-form JSON object (default `{}`).
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<JsonObject>)]
     pub attributes: Option<Value>,
 }
 
@@ -57,16 +60,48 @@ pub struct NewSecret {
 }
 
 /// Body of `PATCH /v1/devices/{id}`: each field given replaces the stored one.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"labels":{"site":"south"}}))]
 pub struct DeviceUpdate {
     /// New labels (replace all labels).
     pub labels: Option<BTreeMap<String, String>>,
     /// New attributes (replace the object).
-    #[schema(value_type = Option<Object>)]
     pub attributes: Option<Value>,
 }
+
+impl utoipa::PartialSchema for DeviceUpdate {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        super::schemas::from_json(update_schema())
+    }
+}
+
+/// The schema of [`DeviceUpdate`]: at least one of the fields, not null
+/// (an update that changes nothing is refused, 422).
+pub(crate) fn update_schema() -> Value {
+    serde_json::json!({
+        "type": "object",
+        "description": "Body of `PATCH /v1/devices/{id}`: each field given replaces the \
+            stored one; at least one of them, not null.",
+        "properties": {
+            "labels": {
+                "description": "New labels (replace all labels).",
+                "oneOf": [{"$ref": "#/components/schemas/Labels"}, {"type": "null"}],
+            },
+            "attributes": {
+                "description": "New attributes (replace the object).",
+                "oneOf": [{"$ref": "#/components/schemas/JsonObject"}, {"type": "null"}],
+            },
+        },
+        "additionalProperties": false,
+        "anyOf": [
+            {"required": ["labels"], "properties": {"labels": {"type": "object"}}},
+            {"required": ["attributes"], "properties": {"attributes": {"type": "object"}}},
+        ],
+        "example": {"labels": {"site": "south"}},
+    })
+}
+
+impl ToSchema for DeviceUpdate {}
 
 /// One page of devices.
 #[derive(Debug, Serialize, ToSchema)]
@@ -83,11 +118,12 @@ pub struct DevicePage {
 #[serde(deny_unknown_fields)]
 pub struct ListDevicesQuery {
     /// Only devices with this label, as `key=value`.
-    #[param(example = "site=north")]
+    #[param(example = "site=north", value_type = Option<LabelFilter>)]
     pub label: Option<String>,
     /// Only online (`true`) or offline (`false`) devices.
     pub online: Option<bool>,
     /// The `next` cursor of the previous page.
+    #[param(value_type = Option<DeviceId>)]
     pub after: Option<String>,
     /// Page size (default 100, at most the gateway's `max_page`, 1000 by default).
     pub limit: Option<u32>,
@@ -186,8 +222,8 @@ pub(crate) fn register_op(body: NewDevice, secret_hash: String) -> Result<Op, Ap
             headers(("Entente-Index" = u64, description = "Applied log index the read reflects"))),
         (status = 400, description = "Invalid query, or an `Entente-Min-Index` that is not a log index", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`Entente-Min-Index` is more than 1000 entries beyond the group's commit index: never issued, refused at once (`min-index-not-issued`; `Entente-Index` is the group's commit index)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not applied within the write timeout (`min-index-not-reached`) or far ahead while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`Entente-Min-Index` was never issued (`min-index-not-issued`; `Entente-Index` is the group's commit index): more than 1000 entries beyond the group's commit index, refused at once; or, on the leader, still beyond it when the wait (the write timeout) is over", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not reached here within the write timeout (`min-index-not-reached`), or far beyond this gateway's log while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn list_devices(
@@ -218,15 +254,15 @@ pub(crate) async fn list_devices(
 /// Get a device.
 #[utoipa::path(
     get, path = "/v1/devices/{id}", tag = "devices",
-    params(("id" = String, Path, description = "Device id"), ReadQuery, MinIndexHeader),
+    params(("id" = DeviceId, Path, description = "Device id"), ReadQuery, MinIndexHeader),
     responses(
         (status = 200, description = "The device", body = Device,
             headers(("Entente-Index" = u64, description = "Applied log index the read reflects"))),
         (status = 400, description = "Invalid id, or an `Entente-Min-Index` that is not a log index", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`Entente-Min-Index` is more than 1000 entries beyond the group's commit index: never issued, refused at once (`min-index-not-issued`; `Entente-Index` is the group's commit index)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not applied within the write timeout (`min-index-not-reached`) or far ahead while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`Entente-Min-Index` was never issued (`min-index-not-issued`; `Entente-Index` is the group's commit index): more than 1000 entries beyond the group's commit index, refused at once; or, on the leader, still beyond it when the wait (the write timeout) is over", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not reached here within the write timeout (`min-index-not-reached`), or far beyond this gateway's log while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn get_device(
@@ -253,7 +289,7 @@ pub(crate) fn device_not_found(id: &str) -> ApiError {
 /// Update a device's labels and/or attributes.
 #[utoipa::path(
     patch, path = "/v1/devices/{id}", tag = "devices",
-    params(("id" = String, Path, description = "Device id")),
+    params(("id" = DeviceId, Path, description = "Device id")),
     request_body = DeviceUpdate,
     responses(
         (status = 200, description = "The updated device", body = Device,
@@ -308,7 +344,7 @@ pub(crate) fn update_op(id: &str, body: DeviceUpdate) -> Result<Op, ApiError> {
 /// Delete a device, with its shadow and commands.
 #[utoipa::path(
     delete, path = "/v1/devices/{id}", tag = "devices",
-    params(("id" = String, Path, description = "Device id")),
+    params(("id" = DeviceId, Path, description = "Device id")),
     responses(
         (status = 204, description = "Deleted",
             headers(("Entente-Index" = u64, description = "Log index of the write"))),
@@ -340,7 +376,7 @@ pub(crate) async fn delete_device(
 /// already open are not closed by this call).
 #[utoipa::path(
     post, path = "/v1/devices/{id}/secret", tag = "devices",
-    params(("id" = String, Path, description = "Device id")),
+    params(("id" = DeviceId, Path, description = "Device id")),
     responses(
         (status = 200, description = "The new secret", body = NewSecret,
             headers(("Entente-Index" = u64, description = "Log index of the write"))),

@@ -215,36 +215,40 @@ pub(crate) struct StreamEvent;
 
 impl utoipa::PartialSchema for StreamEvent {
     fn schema() -> RefOr<Schema> {
-        let variants: Vec<Value> = EVENT_KINDS
-            .iter()
-            .map(|(kind, data, about)| {
-                serde_json::json!({
-                    "type": "object",
-                    "title": kind,
-                    "description": about,
-                    "required": ["id", "event", "data"],
-                    "properties": {
-                        "id": {"type": "integer", "format": "int64", "minimum": 0,
-                            "description": "SSE `id:` — the log index of the change"},
-                        "event": {"type": "string", "enum": [kind],
-                            "description": "SSE `event:` — the kind"},
-                        "data": {"$ref": format!("#/components/schemas/{data}")},
-                    },
-                })
-            })
-            .collect();
-        let schema = serde_json::json!({
-            "description": "One event of the stream, as its SSE fields: `id:` the log index of \
-                the change, `event:` its kind, `data:` its JSON (one line). Between events the \
-                stream sends `:` comments (keep-alive every 15 s; a note before it ends a \
-                stream whose client was too slow).",
-            "oneOf": variants,
-        });
-        serde_json::from_value(schema).unwrap_or_else(|e| {
-            tracing::error!(error = %e, "building the event stream's schema");
-            RefOr::T(Schema::default())
-        })
+        super::schemas::from_json(stream_event_schema())
     }
+}
+
+/// The schema of [`StreamEvent`] (the served document takes it as written).
+pub(crate) fn stream_event_schema() -> Value {
+    let variants: Vec<Value> = EVENT_KINDS
+        .iter()
+        .map(|(kind, data, about)| {
+            serde_json::json!({
+                "type": "object",
+                "title": kind,
+                "description": about,
+                "required": ["id", "event", "data"],
+                "properties": {
+                    "id": {"type": "string", "pattern": "^[0-9]{1,20}$",
+                        "description": "SSE `id:` — the log index of the change"},
+                    "event": {"type": "string", "enum": [kind],
+                        "description": "SSE `event:` — the kind"},
+                    "data": {"type": "string", "contentMediaType": "application/json",
+                        "contentSchema": {"$ref": format!("#/components/schemas/{data}")},
+                        "description": "SSE `data:` — the change, as JSON (one line)"},
+                },
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "description": "One event of the stream, as its SSE fields (each a string, as in \
+            OpenAPI 3.2's description of event streams): `id:` the log index of the change, \
+            `event:` its kind, `data:` its JSON (one line; `contentSchema` by kind). Between \
+            events the stream sends `:` comments (keep-alive every 15 s; a note before it \
+            ends a stream whose client was too slow).",
+        "oneOf": variants,
+    })
 }
 
 impl ToSchema for StreamEvent {

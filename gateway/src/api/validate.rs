@@ -147,10 +147,34 @@ pub fn object(what: &str, v: &Value) -> Result<(), ApiError> {
 }
 
 /// A JSON value the operation will carry (`what` names the field): at most
-/// [`limits::MAX_DEPTH`] levels deep (422) and [`limits::MAX_DOCUMENT_BYTES`]
-/// as JSON (413).
+/// [`limits::MAX_DEPTH`] levels deep (422), every number between −2^63 and
+/// 2^64 − 1 (422; integer literals beyond are refused when the body is
+/// read), and [`limits::MAX_DOCUMENT_BYTES`] as JSON (413).
 pub fn json_value(what: &'static str, v: &Value) -> Result<(), ApiError> {
-    limits::check_value(what, v).map_err(ApiError::from)
+    limits::check_value(what, v).map_err(ApiError::from)?;
+    numbers_in_range(what, v)
+}
+
+/// Every number of `v` within the range of 64-bit integers (`JsonValue` in
+/// the OpenAPI document): the integers are (the body's reader refused the
+/// others); a floating-point number may be anything, and is held to the same
+/// range, which one JSON Schema can state for all numbers alike.
+fn numbers_in_range(what: &'static str, v: &Value) -> Result<(), ApiError> {
+    // -2^63 and 2^64, exactly representable as f64.
+    const LOW: f64 = -9_223_372_036_854_775_808.0;
+    const HIGH: f64 = 18_446_744_073_709_551_616.0;
+    match v {
+        Value::Number(n) if n.is_f64() => match n.as_f64() {
+            Some(f) if (LOW..HIGH).contains(&f) => Ok(()),
+            _ => Err(ApiError::invalid(format!(
+                "{what} holds the number {n}, beyond the range of 64-bit integers (-2^63 to \
+                 2^64-1) that numbers in this gateway's documents must keep to"
+            ))),
+        },
+        Value::Array(a) => a.iter().try_for_each(|x| numbers_in_range(what, x)),
+        Value::Object(m) => m.values().try_for_each(|x| numbers_in_range(what, x)),
+        _ => Ok(()),
+    }
 }
 
 /// A command name: 1–128 characters, no control characters.
@@ -232,6 +256,17 @@ mod tests {
         );
         assert!(label_filter("site").is_err());
         assert!(label_filter("=x").is_err());
+    }
+
+    #[test]
+    fn numbers_keep_to_64_bits() {
+        let ok = serde_json::json!({"a": [1.5, -9.223372036854775e18, 1.8e19, u64::MAX, i64::MIN]});
+        assert!(json_value("x", &ok).is_ok());
+        for bad in [1.9e19, -9.3e18, 1e300] {
+            let v = serde_json::json!({"a": {"b": [bad]}});
+            let e = json_value("x", &v).expect_err("refused");
+            assert_eq!(e.problem().status, 422, "{bad}");
+        }
     }
 
     #[test]
