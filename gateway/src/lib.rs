@@ -14,6 +14,7 @@ pub mod mqtt;
 pub mod ops;
 pub mod recover;
 mod server;
+pub mod shared;
 pub mod state;
 
 use std::future::Future;
@@ -21,17 +22,17 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use coordinator::node::{Node, NodeConfig, NodeError};
 use coordinator::raft::{ConfState, Role as RaftRole};
 use coordinator::storage::{Storage, StorageOptions};
 use coordinator::transport::{PeerAddr, Transport, TransportConfig};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 pub use config::Config;
-use ops::{Op, OpResult, Proposal};
+use ops::{Op, OpResult};
+pub use shared::{hash_secret, now_ms, propose};
 use state::StateDb;
 
 /// Why the gateway could not start or stopped.
@@ -67,27 +68,21 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> GatewayError {
     move |source| GatewayError::Io { what, source }
 }
 
-/// Milliseconds since the Unix epoch (the proposer's stamp).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Hex SHA-256 of a secret or token (both are high-entropy random strings).
-pub fn hash_secret(secret: &str) -> String {
-    let digest = Sha256::digest(secret.as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A random 32-byte token, hex-encoded.
 pub fn random_token() -> Result<String, GatewayError> {
-    let mut b = [0u8; 32];
-    getrandom::fill(&mut b).map_err(|e| GatewayError::Io {
+    shared::random_token().map_err(|source| GatewayError::Io {
         what: "reading the OS random source".into(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+        source,
+    })
+}
+
+impl From<mqtt::ListenerError> for GatewayError {
+    fn from(e: mqtt::ListenerError) -> GatewayError {
+        GatewayError::Io {
+            what: e.what,
+            source: e.source,
+        }
+    }
 }
 
 /// A running gateway.
@@ -148,25 +143,6 @@ impl Gateway {
         self.transport.shutdown().await;
         tracing::info!(node, "gateway stopped");
     }
-}
-
-/// Proposes `op` and waits for its result.
-///
-/// An operation that fails [`limits::check_op`] is refused without being
-/// proposed (`NodeError::Refused`): nothing reaches the log that a member
-/// could not decode. Callers with input from outside check first, to
-/// answer with the reason.
-pub async fn propose(node: &Node<OpResult>, op: Op) -> Result<(u64, OpResult), NodeError> {
-    if let Err(e) = limits::check_op(&op) {
-        tracing::warn!(kind = op.kind(), "operation refused before proposing: {e}");
-        return Err(NodeError::Refused(e.to_string()));
-    }
-    let p = Proposal {
-        ts_ms: now_ms(),
-        op,
-    };
-    let applied = node.propose(p.encode()).await?;
-    Ok((applied.index, applied.output))
 }
 
 /// Starts a gateway: storage, state database, transport, node, REST API and

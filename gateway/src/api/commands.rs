@@ -20,7 +20,7 @@ use super::extract::{
 };
 use super::validate;
 use crate::ops::{Command, CommandStatus, Op, OpResult};
-use crate::{now_ms, random_token};
+use crate::shared::{now_ms, random_token};
 
 /// Default time to live of a command.
 pub const DEFAULT_TTL_MS: u64 = 60_000;

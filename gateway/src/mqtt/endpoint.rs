@@ -46,6 +46,7 @@ use super::sessions::SessionEvent;
 use super::wire::{
     self, Advertised, CloseReason, ConnectInfo, Incoming, Outgoing, ReadError, Refusal, Version,
 };
+use crate::shared::now_ms;
 
 /// How long a new connection has to send its CONNECT (and be answered).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -285,7 +286,7 @@ impl Shared {
     /// boots and, clocks permitting, of sessions that started earlier on
     /// other gateways — so a device that reconnects elsewhere moves there.
     fn next_epoch(&self) -> u64 {
-        let floor = crate::now_ms().saturating_mul(1000);
+        let floor = now_ms().saturating_mul(1000);
         let prev = self
             .epoch
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| {

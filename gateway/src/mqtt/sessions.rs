@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use coordinator::node::{Node, NodeError};
+use coordinator::node::Node;
 use entente_protocol::{
     CommandMessage, CommandResultMessage, DevicePublish, ResultStatus, ShadowDocument,
     commands_topic, delta_topic, desired_topic, filter_matches,
@@ -34,6 +34,7 @@ use super::MqttStats;
 use super::auth::Authenticator;
 use super::endpoint::{Message, Shared};
 use crate::ops::{Command, CommandStatus, Event, Op, OpResult, Shadow};
+use crate::shared::{Ended, now_ms, propose_retrying};
 use crate::state::{Page, StateDb};
 
 /// What a connection tells the manager.
@@ -124,9 +125,6 @@ const REDELIVER_MAX: Duration = Duration::from_secs(300);
 /// Most stale commands one sweep looks at.
 const SWEEP_LIMIT: u32 = 5_000;
 
-/// How many times an MQTT-originated proposal is tried before giving up.
-const PROPOSAL_ATTEMPTS: u32 = 20;
-
 impl Manager {
     pub(crate) async fn run(
         mut self,
@@ -172,7 +170,7 @@ impl Manager {
                         sweeping = true;
                         let (db, tx) = (self.db.clone(), stale_tx.clone());
                         tokio::spawn(async move {
-                            let before = crate::now_ms()
+                            let before = now_ms()
                                 .saturating_sub(STALE_AFTER.as_millis() as u64);
                             let cmds = match db.stale_commands(before, SWEEP_LIMIT).await {
                                 Ok(c) => c,
@@ -633,76 +631,6 @@ async fn presence_task(
         }
     }
     propose_retrying(&node, op(false), None).await;
-}
-
-/// Resolves once a session ended — and again every time it is awaited
-/// after that (a oneshot receiver may be awaited only until it completes).
-struct Ended {
-    rx: oneshot::Receiver<()>,
-    done: bool,
-}
-
-impl Ended {
-    fn new(rx: oneshot::Receiver<()>) -> Ended {
-        Ended { rx, done: false }
-    }
-
-    async fn wait(&mut self) {
-        if !self.done {
-            // The sender is dropped when the session ends: either way it ended.
-            let _ = (&mut self.rx).await;
-            self.done = true;
-        }
-    }
-}
-
-/// Proposes `op` until it commits, `PROPOSAL_ATTEMPTS` failures (about
-/// 35 s with the backoff), or (between attempts) `stop` resolved. A device's
-/// message was acknowledged (PUBACK) when it arrived, so what it says must not
-/// be dropped because an election was running: every operation proposed
-/// here is idempotent (presence by epoch, command steps by state, a
-/// reported-state merge patch), so a retry after an unknown outcome is safe.
-async fn propose_retrying(node: &Node<OpResult>, op: Op, mut stop: Option<&mut Ended>) {
-    // Over a limit: refused before proposing, and the answer never changes.
-    if let Err(e) = crate::limits::check_op(&op) {
-        tracing::warn!(error = %e, kind = op.kind(), "MQTT-originated proposal refused");
-        return;
-    }
-    let mut backoff = Duration::from_millis(50);
-    for attempt in 1..=PROPOSAL_ATTEMPTS {
-        match crate::propose(node, op.clone()).await {
-            Ok((_, OpResult::NotFound(what) | OpResult::Conflict(what))) => {
-                tracing::info!("MQTT-originated proposal refused: {what}");
-                return;
-            }
-            Ok((_, OpResult::TooLarge(what))) => {
-                tracing::warn!("MQTT-originated proposal refused: {what}");
-                return;
-            }
-            Ok(_) => return,
-            // Stopping: what is still being proposed is abandoned (quietly;
-            // a fatal node error is logged once by the node itself).
-            Err(e @ (NodeError::Shutdown | NodeError::Fatal(_))) => {
-                tracing::debug!(error = %e, kind = op.kind(), "MQTT-originated proposal abandoned");
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, attempt, kind = op.kind(), "proposal failed; retrying");
-            }
-        }
-        let stopped = async {
-            match stop.as_deref_mut() {
-                Some(s) => s.wait().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stopped => return,
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-    tracing::warn!(?op, "giving up on an MQTT-originated proposal");
 }
 
 /// [`propose_retrying`] with nothing to stop it early.
