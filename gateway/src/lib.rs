@@ -379,7 +379,7 @@ fn single_gateway_secret(config: &Config) -> Result<(String, PathBuf), GatewayEr
 
 /// Keeps the transport's peer table in step with the replicated peer
 /// addresses (`SetPeerAddress`): all of them at start and after a snapshot
-/// restore or a lagged event stream, then each one as it commits.
+/// restore or a lagged change feed, then each one as it commits.
 async fn follow_peer_addresses(
     db: Arc<StateDb>,
     transport: Arc<Transport>,
@@ -417,7 +417,7 @@ async fn follow_peer_addresses(
             Err(e) => tracing::warn!(error = %e, "reading the replicated peer addresses"),
         }
     }
-    let mut events = db.subscribe();
+    let mut changes = db.changes();
     let mut restores = db.watch_restores();
     load_all(&db, &transport, self_id).await;
     loop {
@@ -425,12 +425,8 @@ async fn follow_peer_addresses(
         // borrow of the shutdown flag is held across the awaits below.)
         let reload = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
-            r = events.recv() => match r {
-                Ok(ev) if ev.kind == "cluster.peer" => {
-                    let id = ev.data["id"].as_u64().unwrap_or_default();
-                    let address = ev.data["address"].as_str().unwrap_or_default().to_string();
-                    Some((id, address))
-                }
+            r = changes.recv() => match r {
+                Ok(state::Change::PeerAddress { id, address }) => Some((id, address)),
                 Ok(_) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,

@@ -1,7 +1,7 @@
 //! The session manager: one task that owns this gateway's device sessions.
 //!
 //! It hears the connections' codecs ([`SessionEvent`]) and the state
-//! database's committed events, and
+//! database's typed change feed ([`Change`]), and
 //! - replicates presence (one task per session proposes `online`, then, after
 //!   the session ended, `offline`, so the two never commit out of order);
 //! - delivers to a device, once its SUBSCRIBE took effect, every command
@@ -33,9 +33,9 @@ use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use super::MqttStats;
 use super::auth::Authenticator;
 use super::endpoint::{Message, Shared};
-use crate::ops::{Command, CommandStatus, Event, Op, OpResult, Shadow};
+use crate::ops::{Command, CommandStatus, Op, OpResult, Shadow};
 use crate::shared::{Ended, now_ms, propose_retrying};
-use crate::state::{Page, StateDb};
+use crate::state::{Change, CommandStep, Page, ShadowSide, StateDb};
 
 /// What a connection tells the manager.
 #[derive(Debug)]
@@ -131,7 +131,7 @@ impl Manager {
         mut rx: mpsc::Receiver<SessionEvent>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut events = self.db.subscribe();
+        let mut changes = self.db.changes();
         let mut restores = self.db.watch_restores();
         let mut tick = tokio::time::interval(self.coalesce.max(Duration::from_millis(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -150,8 +150,8 @@ impl Manager {
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => break,
                 Some(ev) = rx.recv() => self.on_session(ev),
-                r = events.recv() => match r {
-                    Ok(ev) => self.on_state(ev, &shadows),
+                r = changes.recv() => match r {
+                    Ok(change) => self.on_change(change, &shadows),
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "MQTT sessions lagged behind the state events; re-delivering");
                         self.auth.clear();
@@ -451,12 +451,9 @@ impl Manager {
             .retain(|_, p| p.inflight || !p.patches.is_empty());
     }
 
-    fn on_state(&mut self, ev: Event, shadows: &ShadowOutbox) {
-        match ev.kind.as_str() {
-            "command.issued" => {
-                let Ok(cmd) = serde_json::from_value::<Command>(ev.data) else {
-                    return;
-                };
+    fn on_change(&mut self, change: Change, shadows: &ShadowOutbox) {
+        match change {
+            Change::Command(CommandStep::Issued, cmd) => {
                 let Some(s) = self.sessions.get(&cmd.device) else {
                     return;
                 };
@@ -473,39 +470,29 @@ impl Manager {
                     propose_logged(&node, op).await;
                 });
             }
-            kind @ ("shadow.desired" | "shadow.reported") => {
-                // The event carries the change; the documents are read from
-                // the state (by one task, in order: see `ShadowOutbox`).
-                let Some(device) = ev.data.get("device").and_then(Value::as_str) else {
-                    return;
-                };
+            Change::Shadow { side, device, .. } => {
+                // The change is the patch; the documents are read from the
+                // state (by one task, in order: see `ShadowOutbox`).
                 // Only what the device subscribed to here.
-                if let Some(s) = self.sessions.get(device) {
-                    let desired = kind == "shadow.desired" && s.wants(&desired_topic(device));
-                    let delta = s.wants(&delta_topic(device));
+                if let Some(s) = self.sessions.get(&device) {
+                    let desired = side == ShadowSide::Desired && s.wants(&desired_topic(&device));
+                    let delta = s.wants(&delta_topic(&device));
                     if desired || delta {
-                        shadows.push(device, desired, delta);
+                        shadows.push(&device, desired, delta);
                     }
                 }
             }
-            "device.registered" => {
-                if let Some(id) = ev.data.get("id").and_then(Value::as_str) {
-                    self.auth.invalidate(id);
-                }
+            Change::DeviceRegistered(d) => self.auth.invalidate(&d.id),
+            Change::DeviceDeleted { id } => {
+                self.auth.invalidate(&id);
+                // Its session here ends now, whatever it logged in with.
+                self.endpoint.registry.revoke(&id, None);
             }
-            kind @ ("device.secret_rotated" | "device.deleted") => {
-                let Some(id) = ev.data.get("id").and_then(Value::as_str) else {
-                    return;
-                };
-                self.auth.invalidate(id);
-                if kind == "device.deleted" {
-                    // Its session here ends now, whatever it logged in with.
-                    self.endpoint.registry.revoke(id, None);
-                    return;
-                }
+            Change::SecretRotated { id } => {
+                self.auth.invalidate(&id);
                 // A session that logged in with the old secret ends; one
                 // that already uses the new secret stays.
-                let (db, endpoint, id) = (self.db.clone(), self.endpoint.clone(), id.to_string());
+                let (db, endpoint) = (self.db.clone(), self.endpoint.clone());
                 tokio::spawn(async move {
                     match db.device_secret_hash(&id).await {
                         Ok(Some(hash)) => endpoint.registry.revoke(&id, Some(&hash)),
@@ -517,9 +504,7 @@ impl Manager {
                     }
                 });
             }
-            "gateway.sessions_lost"
-                if ev.data.get("gateway").and_then(Value::as_u64) == Some(self.node_id) =>
-            {
+            Change::SessionsLost { gateway, .. } if gateway == self.node_id => {
                 // The leader gave up on us while our sessions lived on: say
                 // again that they are here.
                 tracing::warn!("this gateway's sessions were declared lost; announcing them again");
