@@ -3,7 +3,9 @@
 //!
 //! [`start`] brings a gateway up and returns a handle with its bound
 //! addresses; [`run`] is `start` plus waiting for a shutdown signal, which is
-//! what `main` calls. Tests call [`start`] with port-0 listeners and temp dirs.
+//! what `main` calls. Tests call [`start_with`] with listeners they bound on
+//! port 0 themselves ([`Listeners`]), or [`start`] with port-0 addresses,
+//! and temp dirs.
 #![deny(missing_docs)]
 
 pub mod api;
@@ -145,11 +147,37 @@ impl Gateway {
     }
 }
 
+/// Listeners bound by the caller, for [`start_with`]: each one given is
+/// served as it is, in place of binding the address the configuration
+/// names. A caller that binds port 0 itself (as the tests do) knows every
+/// address before the gateway starts — the peers' addresses a group needs
+/// up front included — and no other process can take a port in between.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// The REST listener, in place of [`Config::http_listen`].
+    pub rest: Option<std::net::TcpListener>,
+    /// The peer listener, in place of [`Config::raft_listen`].
+    pub peer: Option<std::net::TcpListener>,
+    /// The first device listener, in place of [`Config::mqtt_listen`]
+    /// (served even if that is unset).
+    pub mqtt: Option<std::net::TcpListener>,
+    /// The second device listener, in place of [`Config::mqtt5_listen`]
+    /// (served even if that is unset).
+    pub mqtt5: Option<std::net::TcpListener>,
+}
+
 /// Starts a gateway: storage, state database, transport, node, REST API and
-/// the leader's background duties.
+/// the leader's background duties, on the addresses the configuration names.
 pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+    start_with(config, Listeners::default()).await
+}
+
+/// [`start`] on listeners the caller bound (as mini-redis's
+/// `run(listener, shutdown)`): those given are served instead of binding
+/// the configured addresses.
+pub async fn start_with(config: Config, listeners: Listeners) -> Result<Gateway, GatewayError> {
     let (_keep, never) = watch::channel(false);
-    start_until(config, never).await
+    start_until(config, listeners, never).await
 }
 
 /// [`start`], giving up the waits for the group (a leader to bootstrap the
@@ -158,6 +186,7 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
 /// once. The gateway returned is then to be stopped.
 async fn start_until(
     config: Config,
+    listeners: Listeners,
     mut cancel: watch::Receiver<bool>,
 ) -> Result<Gateway, GatewayError> {
     tracing::info!(
@@ -198,7 +227,10 @@ async fn start_until(
         .filter(|(id, _)| **id != config.node_id)
         .map(|(i, a)| (*i, a.clone()))
         .collect();
-    let (transport, inbound) = Transport::start(tcfg)?;
+    let (transport, inbound) = match listeners.peer {
+        Some(l) => Transport::start_on(tcfg, l)?,
+        None => Transport::start(tcfg)?,
+    };
     let transport = Arc::new(transport);
     let raft_addr = transport.local_addr();
 
@@ -217,12 +249,18 @@ async fn start_until(
     )
     .await?;
 
-    let listener = tokio::net::TcpListener::bind(config.http_listen)
-        .await
-        .map_err(io(format!(
-            "binding the REST listener {}",
-            config.http_listen
-        )))?;
+    let listener = match listeners.rest {
+        Some(l) => l
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(l))
+            .map_err(io("setting up the REST listener"))?,
+        None => tokio::net::TcpListener::bind(config.http_listen)
+            .await
+            .map_err(io(format!(
+                "binding the REST listener {}",
+                config.http_listen
+            )))?,
+    };
     let http_addr = listener
         .local_addr()
         .map_err(io("reading the REST address"))?;
@@ -275,6 +313,7 @@ async fn start_until(
     forget_own_sessions(&node, &db, config.node_id, &mut cancel).await;
     let mqtt = mqtt::start(
         &config,
+        [listeners.mqtt, listeners.mqtt5],
         node.clone(),
         db.clone(),
         mqtt_stats,
@@ -693,7 +732,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // event carries the addresses instead.
     let plain = config.log_format == config::LogFormat::Text;
     let (cancel_tx, cancel_rx) = watch::channel(false);
-    let starting = start_until(config, cancel_rx);
+    let starting = start_until(config, Listeners::default(), cancel_rx);
     tokio::pin!(starting, shutdown);
     let mut stopping = false;
     let gw = loop {

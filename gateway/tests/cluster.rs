@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use common::{Device, Seen, SseStream, WAIT, connect_v4, connect_v5};
+use common::{Device, Seen, SseStream, WAIT, addr_of, connect_v4, connect_v5, loopback_listeners};
 use entente_protocol::CommandMessage;
 use gateway::{Config, Gateway};
 use ports::reserve_ports;
@@ -51,21 +51,37 @@ async fn three_with(dir: &Path, tweak: impl Fn(&mut Config)) -> Cluster {
     group(dir, &[1, 2, 3], tweak).await
 }
 
-/// A group of gateways with these node ids.
+/// A group of gateways with these node ids, each on listeners bound here
+/// first (so every peer address is known, and held, before any starts).
 async fn group(dir: &Path, ids: &[u64], tweak: impl Fn(&mut Config)) -> Cluster {
-    let raft = reserve_ports(ids.len());
-    let peers: BTreeMap<u64, SocketAddr> = ids.iter().copied().zip(raft.iter().copied()).collect();
-    let configs = peers.keys().map(|&id| {
+    let listeners: Vec<gateway::Listeners> = ids.iter().map(|_| loopback_listeners()).collect();
+    let peers: BTreeMap<u64, SocketAddr> = ids
+        .iter()
+        .copied()
+        .zip(listeners.iter().map(|l| addr_of(&l.peer)))
+        .collect();
+    let bound: Vec<[SocketAddr; 3]> = listeners
+        .iter()
+        .map(|l| [addr_of(&l.rest), addr_of(&l.peer), addr_of(&l.mqtt)])
+        .collect();
+    let starts = peers.keys().zip(listeners).map(|(&id, listeners)| {
         let mut c = config(dir, id, &peers);
         tweak(&mut c);
-        c
+        gateway::start_with(c, listeners)
     });
-    let started = futures_join(configs.map(gateway::start).collect()).await;
+    let started = futures_join(starts.collect()).await;
     let gws: BTreeMap<u64, Gateway> = peers
         .keys()
         .copied()
         .zip(started.into_iter().map(|g| g.expect("start")))
         .collect();
+    // Each serves on the listeners it was given.
+    for (g, bound) in gws.values().zip(&bound) {
+        assert_eq!(
+            [g.http_addr, g.raft_addr, g.mqtt_addr.expect("mqtt")],
+            *bound
+        );
+    }
     let (file, applied) = gws
         .values()
         .find_map(|g| {
@@ -340,10 +356,13 @@ async fn membership_add_a_learner_by_snapshot_promote_transfer_and_remove() {
     // Gateway 4 starts with --join (no membership of its own) ...
     let mut peers: BTreeMap<u64, SocketAddr> =
         c.gws.iter().map(|(&id, g)| (id, g.raft_addr)).collect();
-    peers.insert(4, reserve_ports(1)[0]);
+    let listeners = loopback_listeners();
+    peers.insert(4, addr_of(&listeners.peer));
     let mut cfg = config(tmp.path(), 4, &peers);
     cfg.join = true;
-    let g4 = gateway::start(cfg).await.expect("start gateway 4");
+    let g4 = gateway::start_with(cfg, listeners)
+        .await
+        .expect("start gateway 4");
     assert_eq!(g4.node().status().raft.conf_state.voters.len(), 0);
     let address = g4.raft_addr.to_string();
     c.gws.insert(4, g4);

@@ -214,10 +214,11 @@ impl Listeners {
 /// full, connections stop reading until there is room (nothing is dropped).
 const EVENT_QUEUE: usize = 16_384;
 
-/// Starts the device listeners (if any are configured), the session manager
-/// and the peer watcher.
+/// Starts the device listeners (the ones given, else those configured, if
+/// any), the session manager and the peer watcher.
 pub(crate) async fn start(
     config: &Config,
+    given: [Option<std::net::TcpListener>; 2],
     node: Node<OpResult>,
     db: Arc<StateDb>,
     stats: Arc<MqttStats>,
@@ -234,7 +235,12 @@ pub(crate) async fn start(
             shutdown.clone(),
         ))],
     };
-    if config.mqtt_listen.is_none() && config.mqtt5_listen.is_none() {
+    let [given4, given5] = given;
+    if config.mqtt_listen.is_none()
+        && config.mqtt5_listen.is_none()
+        && given4.is_none()
+        && given5.is_none()
+    {
         return Ok(mqtt);
     }
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
@@ -273,9 +279,16 @@ pub(crate) async fn start(
         .build()
         .map_err(io("starting the MQTT runtime"))?;
     let mut sockets = Vec::new();
-    for (addr, name) in [(config.mqtt_listen, "mqtt"), (config.mqtt5_listen, "mqtt5")] {
-        let Some(addr) = addr else { continue };
-        let (std_listener, bound) = match bind(addr) {
+    for (addr, given, name) in [
+        (config.mqtt_listen, given4, "mqtt"),
+        (config.mqtt5_listen, given5, "mqtt5"),
+    ] {
+        let listening = match (given, addr) {
+            (Some(l), _) => adopt(l),
+            (None, Some(addr)) => bind(addr),
+            (None, None) => continue,
+        };
+        let (std_listener, bound) = match listening {
             Ok(l) => l,
             Err(e) => {
                 // A runtime may not be dropped (blocking) inside another one.
@@ -306,6 +319,20 @@ pub(crate) async fn start(
     mqtt.runtime = Some(rt);
     mqtt.listeners = Some(listeners);
     Ok(mqtt)
+}
+
+/// Sets up a device listener the caller bound (non-blocking, for the MQTT
+/// runtime).
+fn adopt(
+    listener: std::net::TcpListener,
+) -> Result<(std::net::TcpListener, SocketAddr), ListenerError> {
+    let bound = listener
+        .local_addr()
+        .map_err(io("reading a given MQTT listener's address"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io(format!("setting up the MQTT listener {bound}")))?;
+    Ok((listener, bound))
 }
 
 /// Binds a device listener (non-blocking, for the MQTT runtime); the error
