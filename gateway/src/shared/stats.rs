@@ -41,12 +41,15 @@ pub struct MqttStats {
     pub accept_errors: AtomicU64,
     /// Device listeners that stopped while the gateway runs (health fails).
     pub listeners_down: AtomicU64,
+    /// Messages not sent because they were larger than the device's MQTT 5
+    /// Maximum Packet Size.
+    pub messages_too_large: AtomicU64,
 }
 
 impl MqttStats {
     /// Appends the counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, &AtomicU64); 15] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 16] = [
             (
                 "entente_mqtt_sessions",
                 "gauge",
@@ -136,6 +139,12 @@ impl MqttStats {
                 "gauge",
                 "Device listeners that stopped while the gateway runs.",
                 &self.listeners_down,
+            ),
+            (
+                "entente_mqtt_messages_too_large_total",
+                "counter",
+                "Messages not sent: larger than the device's Maximum Packet Size.",
+                &self.messages_too_large,
             ),
         ];
         for (name, kind, help, v) in rows {
