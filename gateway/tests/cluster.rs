@@ -1241,3 +1241,86 @@ async fn every_answer_of_the_cluster_endpoints_is_in_their_openapi_entries() {
     }
     gw.stop().await;
 }
+
+/// One client id, one session, wherever it connects: a device that logs in
+/// on a second gateway while its session on the first lives takes that
+/// session over — the first is told 0x8E and closed, as a second login on
+/// one gateway would be — and its commands go to where it is now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logging_in_on_a_second_gateway_takes_the_session_over() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let c = three(tmp.path()).await;
+    let leader = c.leader();
+    let followers: Vec<u64> = (1..=3).filter(|&g| g != leader).collect();
+    let (a, b) = (followers[0], followers[1]);
+    let secret = c.register(leader, "twin").await;
+    let mut first = connect_v5(c.mqtt(a), "twin", &secret);
+    first.expect_connack().await;
+    first
+        .subscribed(&entente_protocol::commands_topic("twin"))
+        .await;
+    c.wait_presence(leader, "twin", true, Some(a)).await;
+
+    let mut second = online_device(c.mqtt(b), "twin", &secret).await;
+    let why = timeout_at(Instant::now() + WAIT, first.expect_closed())
+        .await
+        .expect("the session on the first gateway ended");
+    assert_eq!(why, "DISCONNECT 0x8E");
+    c.wait_presence(leader, "twin", true, Some(b)).await;
+    let cid = c.command(a, "twin", "go").await;
+    assert_eq!(answer(&mut second, "twin").await, cid);
+    c.wait_status(leader, &cid, "succeeded").await;
+    // The end of the first session did not take the device offline.
+    let d = c.get(leader, "/v1/devices/twin").await;
+    assert_eq!(
+        (d["online"].clone(), d["gateway"].clone()),
+        (json!(true), json!(b))
+    );
+    c.stop().await;
+}
+
+/// Deleting a device, or giving it a new secret, through any gateway ends
+/// its live session within a second wherever it is (MQTT 5: 0x98): on a
+/// follower after a rotation through the other follower, on the leader
+/// after a deletion through a follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delete_and_rotate_end_the_session_within_a_second_wherever_it_is() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let c = three(tmp.path()).await;
+    let leader = c.leader();
+    let followers: Vec<u64> = (1..=3).filter(|&g| g != leader).collect();
+    let (a, b) = (followers[0], followers[1]);
+    let secret = c.register(leader, "kick").await;
+
+    let mut d = connect_v5(c.mqtt(a), "kick", &secret);
+    d.expect_connack().await;
+    c.wait_presence(b, "kick", true, Some(a)).await;
+    let start = Instant::now();
+    let rotated = c
+        .request(
+            b,
+            reqwest::Method::POST,
+            "/v1/devices/kick/secret",
+            json!({}),
+        )
+        .await;
+    let why = timeout_at(start + Duration::from_secs(1), d.expect_closed())
+        .await
+        .expect("the session on the other follower ended within a second of the rotation");
+    assert_eq!(why, "DISCONNECT 0x98");
+    let new_secret = rotated["secret"].as_str().expect("secret").to_string();
+
+    let mut d = connect_v5(c.mqtt(leader), "kick", &new_secret);
+    d.expect_connack().await;
+    c.wait_presence(a, "kick", true, Some(leader)).await;
+    let start = Instant::now();
+    let (status, _) = c
+        .try_request(a, reqwest::Method::DELETE, "/v1/devices/kick", Value::Null)
+        .await;
+    assert!(status.is_success(), "{status}");
+    let why = timeout_at(start + Duration::from_secs(1), d.expect_closed())
+        .await
+        .expect("the session on the leader ended within a second of the deletion");
+    assert_eq!(why, "DISCONNECT 0x98");
+    c.stop().await;
+}

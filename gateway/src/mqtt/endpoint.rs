@@ -165,6 +165,21 @@ impl Registry {
         }
     }
 
+    /// `device` started a session on another gateway with `epoch`: its
+    /// session here, if older, is taken over (MQTT 5: 0x8E), as a second
+    /// login here would. One that started here since (a higher epoch) stays.
+    pub(crate) fn taken_over_elsewhere(&self, device: &str, epoch: u64) {
+        if let Some(h) = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(device)
+            && h.epoch < epoch
+        {
+            h.closer.close(CloseReason::TakenOver);
+        }
+    }
+
     /// Closes every session, telling MQTT 5 devices why.
     fn close_all(&self, reason: CloseReason) {
         for h in self

@@ -10,6 +10,8 @@
 //!   here (and proposes `CommandSent`), and the desired document and delta
 //!   when the shadow changes (shadow events carry the change: the documents
 //!   are read from the state);
+//! - ends a session here when its device logged in on another gateway
+//!   since (a takeover, as a second login here would be);
 //! - turns `accepted` and `result` messages into proposals, after checking
 //!   the command exists and is this device's;
 //! - coalesces reported-state patches per device over a window into one
@@ -481,6 +483,15 @@ impl Manager {
                         shadows.push(&device, desired, delta);
                     }
                 }
+            }
+            Change::Presence { device, epoch }
+                if device.online && device.gateway != Some(self.node_id) =>
+            {
+                // The device logged in on another gateway since: one client
+                // id, one session, wherever it connects.
+                self.endpoint
+                    .registry
+                    .taken_over_elsewhere(&device.id, epoch);
             }
             Change::DeviceRegistered(d) => self.auth.invalidate(&d.id),
             Change::DeviceDeleted { id } => {
