@@ -497,3 +497,152 @@ async fn session_present_follows_the_session_expiry_interval() {
     assert!(matches!(d.next4().await, v4::Packet::ConnAck(a) if a.session_present));
     env.gw.stop().await;
 }
+
+/// QoS 1 towards a device has packet ids and at most the device's Receive
+/// Maximum in flight: with 2, two commands come, the rest wait until one
+/// is acknowledged; QoS 0 subscriptions get QoS 0 messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbound_window_is_the_devices_receive_maximum() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let secret = env.register("w").await;
+    for i in 0..5 {
+        env.command("w", json!({ "name": format!("c{i}") })).await;
+    }
+    let (mut d, _) = login5(&env, "w", &secret, |c| {
+        c.properties = Some(v5::ConnectProperties {
+            receive_maximum: Some(2),
+            ..v5::ConnectProperties::new()
+        });
+    })
+    .await;
+    d.send(&subscribe5(&["devices/w/commands"], None)).await;
+    let mut inflight = Vec::new();
+    while inflight.len() < 2 {
+        match d.next5().await {
+            v5::Packet::SubAck(_) => {}
+            v5::Packet::Publish(p) => {
+                assert_eq!(p.qos, QoS::AtLeastOnce);
+                assert_ne!(p.pkid, 0);
+                inflight.push(p.pkid);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_ne!(inflight[0], inflight[1]);
+    // Nothing more while both are unacknowledged.
+    let more = d.next_within(Duration::from_millis(500)).await;
+    assert!(more.is_none(), "a third message in flight: {more:?}");
+    let mut b = BytesMut::new();
+    v5::PubAck::new(inflight[0], None)
+        .write(&mut b)
+        .expect("encode");
+    d.send(&b).await;
+    match d.next5().await {
+        v5::Packet::Publish(p) => assert!(!inflight.contains(&p.pkid)),
+        other => panic!("{other:?}"),
+    }
+
+    // QoS 0 both ways.
+    let secret = env.register("q0").await;
+    let (mut d, _) = login5(&env, "q0", &secret, |_| {}).await;
+    let mut s = v5::Subscribe::new(
+        v5::Filter::new("devices/q0/commands", QoS::AtMostOnce),
+        None,
+    );
+    s.pkid = 1;
+    let mut b = BytesMut::new();
+    s.write(&mut b).expect("encode");
+    d.send(&b).await;
+    assert!(matches!(d.next5().await, v5::Packet::SubAck(_)));
+    let cid = env.command("q0", json!({"name": "q"})).await;
+    match d.next5().await {
+        v5::Packet::Publish(p) => {
+            assert_eq!((p.qos, p.pkid), (QoS::AtMostOnce, 0));
+            let msg: CommandMessage = serde_json::from_slice(&p.payload).expect("command");
+            assert_eq!(msg.id, cid);
+            let result = entente_protocol::result_topic("q0", &cid);
+            let mut b = BytesMut::new();
+            v5::Publish::new(
+                &result,
+                QoS::AtMostOnce,
+                br#"{"status": "succeeded"}"#.to_vec(),
+                None,
+            )
+            .write(&mut b)
+            .expect("encode");
+            d.send(&b).await;
+        }
+        other => panic!("{other:?}"),
+    }
+    let path = format!("/v1/commands/{cid}");
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    loop {
+        let c = env
+            .http
+            .get(format!("{}{path}", env.base))
+            .bearer_auth(&env.token)
+            .send()
+            .await
+            .expect("get")
+            .json::<Value>()
+            .await
+            .expect("json");
+        if c["status"] == "succeeded" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{c}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.gw.stop().await;
+}
+
+/// A last will is parsed and refused (the endpoint keeps presence instead):
+/// 3.1.1 return code 5, MQTT 5 0x87 not authorized.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_will_is_refused_in_both_versions() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let secret = env.register("will").await;
+    let mut d = RawDevice::open(env.v4(), false).await;
+    d.send(&connect4("will", &secret, |c| {
+        c.last_will = Some(v4::LastWill::new(
+            "devices/will/shadow/reported",
+            "{}",
+            QoS4::AtLeastOnce,
+            false,
+        ));
+    }))
+    .await;
+    match d.next4().await {
+        v4::Packet::ConnAck(a) => assert_eq!(a.code, v4::ConnectReturnCode::NotAuthorized),
+        other => panic!("{other:?}"),
+    }
+    let mut d = RawDevice::open(env.v5(), true).await;
+    let mut c = v5::Connect {
+        keep_alive: 30,
+        client_id: "will".into(),
+        clean_start: true,
+        properties: None,
+    };
+    c.clean_start = true;
+    let will = v5::LastWill::new(
+        "devices/will/shadow/reported",
+        "{}",
+        QoS::AtLeastOnce,
+        false,
+        None,
+    );
+    let login = v5::Login {
+        username: "will".into(),
+        password: secret.clone(),
+    };
+    let mut b = BytesMut::new();
+    c.write(&Some(will), &Some(login), &mut b).expect("encode");
+    d.send(&b).await;
+    assert_eq!(
+        d.connack5().await.code,
+        v5::ConnectReturnCode::NotAuthorized
+    );
+    env.gw.stop().await;
+}
