@@ -4,16 +4,12 @@
 //! with their documented status (docs/ARCHITECTURE.md, "Bounded waits"), on
 //! real sockets against real gateways.
 
-#[path = "support/ports.rs"]
-mod ports;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use gateway::{Config, Gateway};
-use ports::reserve_ports;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -77,11 +73,24 @@ fn config(dir: &Path, id: u64, peers: &BTreeMap<u64, SocketAddr>) -> Config {
 /// A group of `n` gateways (ids 1..=n), started together.
 async fn group(dir: &Path, n: u64) -> Group {
     let ids: Vec<u64> = (1..=n).collect();
-    let addrs = reserve_ports(ids.len());
+    // Each gateway's peer listener is bound here first: every address is
+    // known, and held, before any gateway starts.
+    let listeners: Vec<std::net::TcpListener> = ids
+        .iter()
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let addrs = listeners.iter().map(|l| l.local_addr().expect("addr"));
     let peers: BTreeMap<u64, SocketAddr> = ids.iter().copied().zip(addrs).collect();
     let handles: Vec<_> = peers
         .keys()
-        .map(|&id| tokio::spawn(gateway::start(config(dir, id, &peers))))
+        .zip(listeners)
+        .map(|(&id, peer)| {
+            let listeners = gateway::Listeners {
+                peer: Some(peer),
+                ..Default::default()
+            };
+            tokio::spawn(gateway::start_with(config(dir, id, &peers), listeners))
+        })
         .collect();
     let mut gws = BTreeMap::new();
     for (id, h) in ids.iter().zip(handles) {

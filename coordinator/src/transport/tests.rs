@@ -780,7 +780,7 @@ async fn refused_peer(bad: TransportConfig, version: u32, target: NodeId, reason
     let mut nodes = cluster(&[1, 2]);
     let (b, mut rx_b) = nodes.pop().expect("b");
     let (a, mut rx_a) = nodes.pop().expect("a");
-    let (c, mut rx_c) = Transport::start_with_version(bad, version).expect("start c");
+    let (c, mut rx_c) = Transport::start_with_version(bad, version, None).expect("start c");
     c.set_peer(target, a.local_addr()).expect("set_peer");
     c.send(msg(3, target, 1));
 

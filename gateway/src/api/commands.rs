@@ -21,7 +21,8 @@ use super::extract::{
 use super::schemas::{CommandId, CommandName, DeviceId, IdempotencyKey, JsonValue, integral_opt};
 use super::validate;
 use crate::ops::{Command, CommandStatus, Op, OpResult};
-use crate::{now_ms, random_token};
+use crate::shared::{now_ms, random_token};
+use crate::state::Change;
 
 /// Default time to live of a command.
 pub const DEFAULT_TTL_MS: u64 = 60_000;
@@ -130,22 +131,32 @@ async fn wait_terminal(
     wait: Duration,
 ) -> Result<(Option<Command>, u64), ApiError> {
     // Subscribe before the first read, so no change between the two is missed.
-    let mut events = state.db.subscribe();
+    let mut changes = state.db.changes();
     let mut shutdown = state.shutdown.clone();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let index = state.db.applied_index();
         let cmd = state.db.command(cid).await?;
-        let pending = cmd.as_ref().is_some_and(|c| !c.status.is_terminal());
-        if !pending || wait.is_zero() {
+        let Some(current) = cmd.as_ref().filter(|c| !c.status.is_terminal()) else {
+            return Ok((cmd, index));
+        };
+        if wait.is_zero() {
             return Ok((cmd, index));
         }
+        // What may have ended it: a step of this command, its expiry, its
+        // device's deletion.
+        let ends = |ch: &Change| match ch {
+            Change::Command(_, c) => c.id == cid,
+            Change::CommandsExpired(cmds) => cmds.iter().any(|c| c.id == cid),
+            Change::DeviceDeleted { id } => *id == current.device,
+            _ => false,
+        };
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return Ok((cmd, index)),
                 _ = super::stopped(&mut shutdown) => return Ok((cmd, index)),
-                ev = events.recv() => match ev {
-                    Ok(e) if e.kind.starts_with("command.") || e.kind == "device.deleted" => break,
+                ch = changes.recv() => match ch {
+                    Ok(ch) if ends(&ch) => break,
                     Ok(_) => {}
                     Err(RecvError::Lagged(_)) => break,
                     Err(RecvError::Closed) => return Ok((cmd, index)),

@@ -18,8 +18,8 @@ use super::extract::{
 use super::schemas::{DeviceId, JsonObject, LabelFilter, Labels};
 use super::validate;
 use crate::ops::{Device, Op, OpResult};
+use crate::shared::{hash_secret, random_token};
 use crate::state::DeviceFilter;
-use crate::{hash_secret, random_token};
 
 /// Body of `POST /v1/devices`.
 #[derive(Debug, Deserialize, ToSchema)]

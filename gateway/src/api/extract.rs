@@ -18,6 +18,7 @@ use super::AppState;
 use super::error::{ApiError, ENTENTE_INDEX, read_error, write_error};
 use crate::limits;
 use crate::ops::{Op, OpResult};
+use crate::shared::{leader_known, propose_placed};
 
 /// The request header asking a read to wait until this log index is applied.
 pub const ENTENTE_MIN_INDEX: HeaderName = HeaderName::from_static("entente-min-index");
@@ -245,7 +246,9 @@ async fn barrier(
 /// gateway has applied at least the returned index.
 async fn read_point(state: &AppState) -> Result<u64, NodeError> {
     let mut r = state.node.read_index().await;
-    if r == Err(NodeError::NoLeader) && leader_known(state).await {
+    if r == Err(NodeError::NoLeader)
+        && leader_known(&state.node, state.config.write_timeout, &state.shutdown).await
+    {
         r = state.node.read_index().await;
     }
     r
@@ -285,24 +288,6 @@ fn min_index_unknown(n: u64, known: u64, e: NodeError) -> ApiError {
     )
 }
 
-/// Waits (at most the write timeout, and not past shutdown) until this
-/// gateway knows a leader; `false` if it still does not.
-async fn leader_known(state: &AppState) -> bool {
-    let mut status = state.node.watch_status();
-    let mut shutdown = state.shutdown.clone();
-    let known = async {
-        // `wait_for`'s guard must not outlive this expression.
-        status
-            .wait_for(|s| s.raft.leader.is_some() || s.fatal.is_some())
-            .await
-            .is_ok_and(|s| s.fatal.is_none())
-    };
-    tokio::select! {
-        r = tokio::time::timeout(state.config.write_timeout, known) => r.unwrap_or(false),
-        _ = super::stopped(&mut shutdown) => false,
-    }
-}
-
 /// Proposes `op` through the group and waits for its result; returns the log
 /// index it was applied at.
 pub async fn write(state: &AppState, op: Op) -> Result<(u64, OpResult), ApiError> {
@@ -310,12 +295,7 @@ pub async fn write(state: &AppState, op: Op) -> Result<(u64, OpResult), ApiError
     // log that a member could not decode.
     limits::check_op(&op)?;
     let kind = op.kind();
-    let mut r = crate::propose(&state.node, op.clone()).await;
-    // Not placed at all: safe to retry once a leader is known (an election
-    // usually takes a fraction of a second).
-    if matches!(r, Err(NodeError::NoLeader)) && leader_known(state).await {
-        r = crate::propose(&state.node, op).await;
-    }
+    let r = propose_placed(&state.node, op, state.config.write_timeout, &state.shutdown).await;
     match r {
         Ok(r) => Ok(r),
         Err(e) => {

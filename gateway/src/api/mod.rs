@@ -64,7 +64,7 @@ pub struct AppState {
     /// Becomes `true` when the gateway shuts down (ends SSE streams and long polls).
     pub shutdown: watch::Receiver<bool>,
     /// The MQTT side's counters (for `/metrics`).
-    pub mqtt: Arc<crate::mqtt::MqttStats>,
+    pub mqtt: Arc<crate::shared::MqttStats>,
 }
 
 impl std::fmt::Debug for AppState {

@@ -7,8 +7,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use crate::limits;
 
-/// Longest id (devices, commands).
-pub const MAX_ID: usize = 64;
+pub use crate::shared::{MAX_ID, id_ok};
 /// Most labels per device.
 pub const MAX_LABELS: usize = 64;
 /// Longest label key.
@@ -19,19 +18,6 @@ pub const MAX_LABEL_VALUE: usize = 256;
 pub const MAX_COMMAND_NAME: usize = 128;
 /// Longest idempotency key.
 pub const MAX_IDEMPOTENCY_KEY: usize = 128;
-
-/// Whether `s` is a valid device or command id: `[A-Za-z0-9_.-]{1,64}`,
-/// except `.` and `..` (path segments every HTTP client resolves away, so
-/// such a device could never be addressed). Ids are also MQTT client ids and
-/// topic levels: the alphabet has none of `/`, `+`, `#`, `:`.
-pub fn id_ok(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_ID
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
 
 /// `s` quoted for an error message, at most [`limits::MAX_ECHO_CHARS`]
 /// characters of it.

@@ -27,6 +27,7 @@ use coordinator::node::Node;
 use super::MqttStats;
 use super::wire::Refusal;
 use crate::ops::OpResult;
+use crate::shared::{hash_secret, id_ok};
 use crate::state::StateDb;
 
 /// Longest wait for the read barrier of a login that failed locally.
@@ -87,7 +88,7 @@ impl Authenticator {
         password: &str,
         addr: IpAddr,
     ) -> Result<String, Refusal> {
-        if client_id != username || !crate::api::validate::id_ok(client_id) {
+        if client_id != username || !id_ok(client_id) {
             self.refused(
                 client_id,
                 addr,
@@ -95,7 +96,7 @@ impl Authenticator {
             );
             return Err(Refusal::BadClientId);
         }
-        let given = crate::hash_secret(password);
+        let given = hash_secret(password);
         let now = Instant::now();
         let suspect = self
             .throttle

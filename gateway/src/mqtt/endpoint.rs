@@ -46,6 +46,7 @@ use super::sessions::SessionEvent;
 use super::wire::{
     self, Advertised, CloseReason, ConnectInfo, Incoming, Outgoing, ReadError, Refusal, Version,
 };
+use crate::shared::now_ms;
 
 /// How long a new connection has to send its CONNECT (and be answered).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,6 +63,13 @@ const INFLIGHT_MAX: u16 = 100;
 const RECEIVE_MAX: u16 = 100;
 /// Filters one session may hold.
 const MAX_FILTERS: usize = 16;
+/// The longest keep-alive an MQTT 5 client gets (seconds): one that asks
+/// for none (0) or for more is told this one (Server Keep Alive), and held
+/// to 1.5 × it like any other.
+const SERVER_KEEP_ALIVE_MAX: u16 = 1_200;
+/// A 3.1.1 client that asks for no keep-alive (it cannot be told another)
+/// is still disconnected after this long without a packet.
+const NO_KEEP_ALIVE_LIMIT: Duration = Duration::from_secs(86_400);
 
 /// A message for one device.
 #[derive(Debug)]
@@ -100,12 +108,21 @@ struct Handle {
 }
 
 /// The sessions live on this gateway, by device id; and the subscriptions
-/// of devices that asked for a persistent session (clean session 0), so a
-/// reconnect is answered "session present" and needs no new SUBSCRIBE.
+/// of devices that asked for a session that outlives the connection (3.1.1:
+/// clean session 0; MQTT 5: a Session Expiry Interval), so a reconnect is
+/// answered "session present" and needs no new SUBSCRIBE.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     live: Mutex<HashMap<String, Handle>>,
-    persistent: Mutex<HashMap<String, Vec<(String, u8)>>>,
+    persistent: Mutex<HashMap<String, Kept>>,
+}
+
+/// A kept session: its filters, and when it expires now that no connection
+/// holds it (`None` while one does, or if it never expires).
+#[derive(Debug)]
+struct Kept {
+    filters: Vec<(String, u8)>,
+    expires: Option<Instant>,
 }
 
 impl Registry {
@@ -148,6 +165,21 @@ impl Registry {
         }
     }
 
+    /// `device` started a session on another gateway with `epoch`: its
+    /// session here, if older, is taken over (MQTT 5: 0x8E), as a second
+    /// login here would. One that started here since (a higher epoch) stays.
+    pub(crate) fn taken_over_elsewhere(&self, device: &str, epoch: u64) {
+        if let Some(h) = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(device)
+            && h.epoch < epoch
+        {
+            h.closer.close(CloseReason::TakenOver);
+        }
+    }
+
     /// Closes every session, telling MQTT 5 devices why.
     fn close_all(&self, reason: CloseReason) {
         for h in self
@@ -172,24 +204,57 @@ impl Registry {
         }
     }
 
-    /// Leaves, if the place is still this session's.
-    fn unregister(&self, device: &str, epoch: u64) {
+    /// Leaves, if the place is still this session's. A session this one
+    /// kept (`kept` is `Some`) then expires after the interval it holds
+    /// (`None`: never; zero: now); one a newer connection took over is left
+    /// to that one.
+    fn unregister(&self, device: &str, epoch: u64, kept: Option<Option<Duration>>) {
         let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-        if live.get(device).is_some_and(|h| h.epoch == epoch) {
-            live.remove(device);
+        if live.get(device).is_none_or(|h| h.epoch != epoch) {
+            return;
         }
-    }
-
-    fn persistent(&self, device: &str, clean: bool) -> Option<Vec<(String, u8)>> {
+        live.remove(device);
+        let Some(expiry) = kept else { return };
         let mut p = self
             .persistent
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if clean {
+        match expiry {
+            Some(d) if d.is_zero() => {
+                p.remove(device);
+            }
+            Some(d) => {
+                if let Some(k) = p.get_mut(device) {
+                    k.expires = Instant::now().checked_add(d);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// The filters of `device`'s kept session, if it has one that has not
+    /// expired (it is this connection's from now on), unless the client
+    /// asked to start afresh (`discard`).
+    fn resume(&self, device: &str, discard: bool) -> Option<Vec<(String, u8)>> {
+        let mut p = self
+            .persistent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if discard {
             p.remove(device);
-            None
-        } else {
-            p.get(device).cloned()
+            return None;
+        }
+        let now = Instant::now();
+        match p.get_mut(device) {
+            Some(k) if k.expires.is_none_or(|t| t > now) => {
+                k.expires = None;
+                Some(k.filters.clone())
+            }
+            Some(_) => {
+                p.remove(device);
+                None
+            }
+            None => None,
         }
     }
 
@@ -197,7 +262,13 @@ impl Registry {
         self.persistent
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(device.to_string(), filters.to_vec());
+            .insert(
+                device.to_string(),
+                Kept {
+                    filters: filters.to_vec(),
+                    expires: None,
+                },
+            );
     }
 }
 
@@ -285,7 +356,7 @@ impl Shared {
     /// boots and, clocks permitting, of sessions that started earlier on
     /// other gateways — so a device that reconnects elsewhere moves there.
     fn next_epoch(&self) -> u64 {
-        let floor = crate::now_ms().saturating_mul(1000);
+        let floor = now_ms().saturating_mul(1000);
         let prev = self
             .epoch
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| {
@@ -383,6 +454,7 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             Outgoing::ConnAck {
                 refusal: Some(refusal),
                 session_present: false,
+                server_keep_alive: None,
             },
             adv,
             &mut out,
@@ -437,13 +509,38 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     if !shared.serving.load(Ordering::SeqCst) {
         closer.close(CloseReason::UseAnotherServer);
     }
-    let restored = shared.registry.persistent(&device, connect.clean);
+    // Whether the session outlives the connection, and for how long after
+    // it: 3.1.1's clean session 0 keeps it for good; MQTT 5 keeps it for its
+    // Session Expiry Interval (0, the default: it ends with the connection,
+    // but is still found by a takeover meanwhile; u32::MAX: never expires).
+    let (persist, expiry) = match version {
+        Version::V4 => (!connect.clean, None),
+        Version::V5 => (
+            !connect.clean || connect.session_expiry > 0,
+            (connect.session_expiry != u32::MAX)
+                .then(|| Duration::from_secs(u64::from(connect.session_expiry))),
+        ),
+    };
+    let restored = shared.registry.resume(&device, connect.clean);
+    // MQTT 5 clients asking for no keep-alive, or a longer one than the
+    // endpoint allows, are told the endpoint's (Server Keep Alive).
+    let (keep_alive, server_keep_alive) = match version {
+        Version::V5 if connect.keep_alive == 0 || connect.keep_alive > SERVER_KEEP_ALIVE_MAX => {
+            (SERVER_KEEP_ALIVE_MAX, Some(SERVER_KEEP_ALIVE_MAX))
+        }
+        _ => (connect.keep_alive, None),
+    };
     let mut conn = Conn {
         version,
         adv,
         device,
         epoch,
-        clean: connect.clean,
+        persist,
+        expiry,
+        max_out: connect
+            .max_packet
+            .map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
+        too_large: 0,
         window: INFLIGHT_MAX.min(connect.receive_max),
         filters: restored.clone().unwrap_or_default(),
         inflight: HashSet::new(),
@@ -455,6 +552,7 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     conn.push(Outgoing::ConnAck {
         refusal: None,
         session_present: restored.is_some(),
+        server_keep_alive,
     });
     let end = if write_all(&mut stream, &conn.take_out()).await.is_ok() {
         let _ = shared
@@ -474,7 +572,7 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
                 })
                 .await;
         }
-        let keep_alive = Duration::from_millis(u64::from(connect.keep_alive) * 1500);
+        let keep_alive = Duration::from_millis(u64::from(keep_alive) * 1500);
         let end = session(&mut stream, &mut conn, buf, rx, &closer, keep_alive, shared).await;
         if let Some(reason) = end {
             conn.push(Outgoing::Disconnect(reason));
@@ -485,7 +583,9 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     } else {
         None
     };
-    shared.registry.unregister(&conn.device, epoch);
+    shared
+        .registry
+        .unregister(&conn.device, epoch, conn.persist.then_some(conn.expiry));
     tracing::debug!(device = conn.device, epoch, reason = ?end, "MQTT connection ended");
     let _ = shared
         .events
@@ -579,7 +679,15 @@ struct Conn {
     adv: Advertised,
     device: String,
     epoch: u64,
-    clean: bool,
+    /// The session outlives the connection: its filters are kept in the
+    /// registry…
+    persist: bool,
+    /// …for this long after it (`None`: for good).
+    expiry: Option<Duration>,
+    /// The largest packet the device takes (MQTT 5's Maximum Packet Size).
+    max_out: Option<usize>,
+    /// Messages discarded since last counted, too large for the device.
+    too_large: u64,
     /// QoS 1 messages we may have in flight to the device.
     window: u16,
     /// Subscribed filters and their granted QoS.
@@ -625,12 +733,7 @@ impl Conn {
             return Ok(());
         };
         if qos == 0 {
-            self.push(Outgoing::Publish {
-                topic: &msg.topic,
-                payload: &msg.payload,
-                qos: 0,
-                pkid: 0,
-            });
+            self.push_publish(&msg, 0, 0);
             return Ok(());
         }
         if self.inflight.len() < usize::from(self.window) {
@@ -646,13 +749,28 @@ impl Conn {
 
     fn send_qos1(&mut self, msg: &Message) {
         let pkid = self.alloc_pkid();
-        self.inflight.insert(pkid);
+        if self.push_publish(msg, 1, pkid) {
+            self.inflight.insert(pkid);
+        }
+    }
+
+    /// Writes a PUBLISH, unless it is larger than the device takes (its
+    /// MQTT 5 Maximum Packet Size): then it is discarded as if it had been
+    /// delivered [MQTT-3.1.2-25] and counted; false.
+    fn push_publish(&mut self, msg: &Message, qos: u8, pkid: u16) -> bool {
+        let start = self.out.len();
         self.push(Outgoing::Publish {
             topic: &msg.topic,
             payload: &msg.payload,
-            qos: 1,
+            qos,
             pkid,
         });
+        if self.max_out.is_some_and(|max| self.out.len() - start > max) {
+            self.out.truncate(start);
+            self.too_large += 1;
+            return false;
+        }
+        true
     }
 }
 
@@ -669,8 +787,8 @@ async fn session(
     shared: &Shared,
 ) -> Option<CloseReason> {
     let idle_limit = if keep_alive.is_zero() {
-        // No keep-alive asked: still bounded, at a day.
-        Duration::from_secs(86_400)
+        // No keep-alive asked (3.1.1): still bounded.
+        NO_KEEP_ALIVE_LIMIT
     } else {
         keep_alive
     };
@@ -748,6 +866,22 @@ async fn session(
         // An idle connection keeps no read buffer.
         if buf.is_empty() && buf.capacity() > 0 {
             buf = BytesMut::new();
+        }
+        if conn.too_large > 0 {
+            let n = std::mem::take(&mut conn.too_large);
+            shared
+                .stats
+                .messages_too_large
+                .fetch_add(n, Ordering::Relaxed);
+            if let Some(more) = shared.logs.allow("too-large") {
+                tracing::warn!(
+                    device = conn.device,
+                    max_packet = conn.max_out,
+                    discarded = n,
+                    suppressed = more,
+                    "a message larger than the device's Maximum Packet Size was not sent"
+                );
+            }
         }
         if !conn.out.is_empty() {
             let out = conn.take_out();
@@ -887,7 +1021,7 @@ async fn on_packet(
                 pkid,
                 granted: &granted,
             });
-            if !conn.clean {
+            if conn.persist {
                 shared.registry.keep(&conn.device, &conn.filters);
             }
             if !added.is_empty() {
@@ -903,13 +1037,17 @@ async fn on_packet(
             Ok(())
         }
         Incoming::Unsubscribe { pkid, filters } => {
+            let existed: Vec<bool> = filters
+                .iter()
+                .map(|f| conn.filters.iter().any(|(g, _)| g == f))
+                .collect();
             conn.filters.retain(|(f, _)| !filters.contains(f));
-            if !conn.clean {
+            if conn.persist {
                 shared.registry.keep(&conn.device, &conn.filters);
             }
             conn.push(Outgoing::UnsubAck {
                 pkid,
-                count: filters.len(),
+                existed: &existed,
             });
             Ok(())
         }
@@ -917,8 +1055,32 @@ async fn on_packet(
             conn.push(Outgoing::PingResp);
             Ok(())
         }
-        // The device said goodbye: nothing to send back.
-        Incoming::Disconnect => Err(None),
+        // The device said goodbye: nothing to send back. An MQTT 5 device
+        // may shorten its session's expiry (to 0: discard it) — but not
+        // make a session that ends with the connection outlive it.
+        Incoming::Disconnect { session_expiry } => {
+            if let Some(secs) = session_expiry
+                && conn.expiry.is_none_or(|d| !d.is_zero())
+            {
+                conn.expiry = (secs != u32::MAX).then(|| Duration::from_secs(u64::from(secs)));
+            }
+            Err(None)
+        }
+        Incoming::Unsupported(reason) => {
+            shared
+                .stats
+                .protocol_violations
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(more) = shared.logs.allow("unsupported") {
+                tracing::warn!(
+                    device = conn.device,
+                    ?reason,
+                    suppressed = more,
+                    "an MQTT 5 feature the endpoint does not offer; disconnecting"
+                );
+            }
+            Err(Some(reason))
+        }
         Incoming::Unexpected(what) => {
             shared
                 .stats

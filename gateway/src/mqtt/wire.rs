@@ -37,6 +37,12 @@ pub(crate) struct ConnectInfo {
     pub(crate) has_will: bool,
     /// The client's Receive Maximum (MQTT 5; 3.1.1 clients get the default).
     pub(crate) receive_max: u16,
+    /// The largest packet the client takes (MQTT 5's Maximum Packet Size;
+    /// `None`: no limit but the protocol's).
+    pub(crate) max_packet: Option<u32>,
+    /// MQTT 5's Session Expiry Interval (seconds; 0 when absent: the
+    /// session ends with the connection). 3.1.1 clients: 0.
+    pub(crate) session_expiry: u32,
 }
 
 /// A packet from a device.
@@ -62,9 +68,18 @@ pub(crate) enum Incoming {
         filters: Vec<String>,
     },
     PingReq,
-    Disconnect,
+    /// The device said goodbye; an MQTT 5 device may change its Session
+    /// Expiry Interval with it.
+    Disconnect {
+        session_expiry: Option<u32>,
+    },
     /// A packet only a server sends (CONNACK, SUBACK, …) or AUTH.
     Unexpected(&'static str),
+    /// An MQTT 5 feature the endpoint told the client (in its CONNACK) it
+    /// does not support: a protocol error, ending the session with this
+    /// reason (retained messages 0x9A, QoS 2 0x9B, topic aliases 0x94,
+    /// shared subscriptions 0x9E, subscription identifiers 0xA1).
+    Unsupported(CloseReason),
 }
 
 /// Why bytes could not be read as a packet.
@@ -116,6 +131,17 @@ pub(crate) enum CloseReason {
     Malformed,
     /// A packet over the size limit (0x95).
     TooLarge,
+    /// A retained message: Retain Available is 0 (0x9A).
+    RetainNotSupported,
+    /// A QoS 2 message: Maximum QoS is 1 (0x9B).
+    QosNotSupported,
+    /// A topic alias: Topic Alias Maximum is 0 (0x94).
+    TopicAliasInvalid,
+    /// A shared subscription: Shared Subscription Available is 0 (0x9E).
+    SharedNotSupported,
+    /// A subscription identifier: Subscription Identifiers Available is 0
+    /// (0xA1).
+    SubscriptionIdsNotSupported,
 }
 
 /// A packet to a device.
@@ -124,6 +150,9 @@ pub(crate) enum Outgoing<'a> {
     ConnAck {
         refusal: Option<Refusal>,
         session_present: bool,
+        /// MQTT 5's Server Keep Alive: the keep-alive the client must use
+        /// instead of the one it asked for.
+        server_keep_alive: Option<u16>,
     },
     Publish {
         topic: &'a str,
@@ -134,14 +163,17 @@ pub(crate) enum Outgoing<'a> {
     PubAck(u16),
     PubRec(u16),
     PubComp(u16),
-    /// Per filter: the granted QoS, or `None` for a refused filter.
+    /// Per filter: the granted QoS, or `None` for a filter refused for
+    /// the session's quota of filters (3.1.1: 0x80, MQTT 5: 0x97).
     SubAck {
         pkid: u16,
         granted: &'a [Option<u8>],
     },
+    /// Per filter: whether the session held it (MQTT 5: 0x00, else 0x11
+    /// "no subscription existed"; 3.1.1 UNSUBACK has no codes).
     UnsubAck {
         pkid: u16,
-        count: usize,
+        existed: &'a [bool],
     },
     PingResp,
     /// Written for MQTT 5 only (3.1.1 has no server DISCONNECT).
@@ -250,6 +282,8 @@ fn read_v4(buf: &mut BytesMut, max: usize) -> Result<Incoming, ReadError> {
                 clean: c.clean_session,
                 has_will: c.last_will.is_some(),
                 receive_max: u16::MAX,
+                max_packet: None,
+                session_expiry: 0,
             }))
         }
         v4::Packet::Publish(p) => Incoming::Publish {
@@ -274,7 +308,9 @@ fn read_v4(buf: &mut BytesMut, max: usize) -> Result<Incoming, ReadError> {
             filters: u.topics,
         },
         v4::Packet::PingReq => Incoming::PingReq,
-        v4::Packet::Disconnect => Incoming::Disconnect,
+        v4::Packet::Disconnect => Incoming::Disconnect {
+            session_expiry: None,
+        },
         v4::Packet::ConnAck(_) => Incoming::Unexpected("CONNACK"),
         v4::Packet::SubAck(_) => Incoming::Unexpected("SUBACK"),
         v4::Packet::UnsubAck(_) => Incoming::Unexpected("UNSUBACK"),
@@ -295,12 +331,14 @@ fn read_v5(buf: &mut BytesMut, max: usize) -> Result<Incoming, ReadError> {
     Ok(match packet {
         v5::Packet::Connect(c, will, login) => {
             let (username, password) = login.map(|l| (l.username, l.password)).unwrap_or_default();
-            let receive_max = c
-                .properties
-                .as_ref()
+            let props = c.properties.as_ref();
+            let receive_max = props
                 .and_then(|p| p.receive_maximum)
                 .filter(|&m| m > 0)
                 .unwrap_or(u16::MAX);
+            if props.and_then(|p| p.max_packet_size) == Some(0) {
+                return Err(ReadError::Malformed("a Maximum Packet Size of 0".into()));
+            }
             Incoming::Connect(Box::new(ConnectInfo {
                 client_id: c.client_id,
                 username,
@@ -309,7 +347,23 @@ fn read_v5(buf: &mut BytesMut, max: usize) -> Result<Incoming, ReadError> {
                 clean: c.clean_start,
                 has_will: will.is_some(),
                 receive_max,
+                max_packet: props.and_then(|p| p.max_packet_size),
+                session_expiry: props.and_then(|p| p.session_expiry_interval).unwrap_or(0),
             }))
+        }
+        // What the CONNACK said is not available is a protocol error.
+        v5::Packet::Publish(p) if p.retain => {
+            Incoming::Unsupported(CloseReason::RetainNotSupported)
+        }
+        v5::Packet::Publish(p) if p.qos == V5QoS::ExactlyOnce => {
+            Incoming::Unsupported(CloseReason::QosNotSupported)
+        }
+        v5::Packet::Publish(p)
+            if p.properties
+                .as_ref()
+                .is_some_and(|pr| pr.topic_alias.is_some()) =>
+        {
+            Incoming::Unsupported(CloseReason::TopicAliasInvalid)
         }
         v5::Packet::Publish(p) => Incoming::Publish {
             topic: String::from_utf8(p.topic.to_vec())
@@ -318,6 +372,12 @@ fn read_v5(buf: &mut BytesMut, max: usize) -> Result<Incoming, ReadError> {
             qos: v5_qos(p.qos),
             pkid: p.pkid,
         },
+        v5::Packet::Subscribe(s) if s.properties.as_ref().is_some_and(|p| p.id.is_some()) => {
+            Incoming::Unsupported(CloseReason::SubscriptionIdsNotSupported)
+        }
+        v5::Packet::Subscribe(s) if s.filters.iter().any(|f| f.path.starts_with("$share/")) => {
+            Incoming::Unsupported(CloseReason::SharedNotSupported)
+        }
         v5::Packet::PubAck(a) => Incoming::PubAck(a.pkid),
         v5::Packet::PubRel(r) => Incoming::PubRel(r.pkid),
         v5::Packet::PubRec(_) | v5::Packet::PubComp(_) => Incoming::Ignored,
@@ -334,7 +394,9 @@ fn read_v5(buf: &mut BytesMut, max: usize) -> Result<Incoming, ReadError> {
             filters: u.filters,
         },
         v5::Packet::PingReq(_) => Incoming::PingReq,
-        v5::Packet::Disconnect(_) => Incoming::Disconnect,
+        v5::Packet::Disconnect(d) => Incoming::Disconnect {
+            session_expiry: d.properties.and_then(|p| p.session_expiry_interval),
+        },
         v5::Packet::ConnAck(_) => Incoming::Unexpected("CONNACK"),
         v5::Packet::SubAck(_) => Incoming::Unexpected("SUBACK"),
         v5::Packet::UnsubAck(_) => Incoming::Unexpected("UNSUBACK"),
@@ -379,6 +441,11 @@ fn v5_disconnect(r: CloseReason) -> v5::DisconnectReasonCode {
         CloseReason::NotAuthorized => D::NotAuthorized,
         CloseReason::Malformed => D::MalformedPacket,
         CloseReason::TooLarge => D::PacketTooLarge,
+        CloseReason::RetainNotSupported => D::RetainNotSupported,
+        CloseReason::QosNotSupported => D::QoSNotSupported,
+        CloseReason::TopicAliasInvalid => D::TopicAliasInvalid,
+        CloseReason::SharedNotSupported => D::SharedSubscriptionNotSupported,
+        CloseReason::SubscriptionIdsNotSupported => D::SubscriptionIdentifiersNotSupported,
     }
 }
 
@@ -400,6 +467,7 @@ fn write_v4(packet: Outgoing<'_>, out: &mut BytesMut) -> Result<usize, String> {
         Outgoing::ConnAck {
             refusal,
             session_present,
+            ..
         } => v4::ConnAck::new(v4_code(refusal), session_present && refusal.is_none())
             .write(out)
             .map_err(e),
@@ -444,6 +512,7 @@ fn write_v5(packet: Outgoing<'_>, adv: Advertised, out: &mut BytesMut) -> Result
         Outgoing::ConnAck {
             refusal,
             session_present,
+            server_keep_alive,
         } => {
             let properties = refusal.is_none().then(|| v5::ConnAckProperties {
                 receive_max: Some(adv.receive_max),
@@ -458,7 +527,7 @@ fn write_v5(packet: Outgoing<'_>, adv: Advertised, out: &mut BytesMut) -> Result
                 assigned_client_identifier: None,
                 reason_string: None,
                 user_properties: Vec::new(),
-                server_keep_alive: None,
+                server_keep_alive,
                 response_information: None,
                 server_reference: None,
                 authentication_method: None,
@@ -496,7 +565,7 @@ fn write_v5(packet: Outgoing<'_>, adv: Advertised, out: &mut BytesMut) -> Result
                 .iter()
                 .map(|g| match g {
                     Some(q) => v5::SubscribeReasonCode::Success(v5_qos_of(*q)),
-                    None => v5::SubscribeReasonCode::NotAuthorized,
+                    None => v5::SubscribeReasonCode::QuotaExceeded,
                 })
                 .collect();
             v5::SubAck {
@@ -507,9 +576,18 @@ fn write_v5(packet: Outgoing<'_>, adv: Advertised, out: &mut BytesMut) -> Result
             .write(out)
             .map_err(e)
         }
-        Outgoing::UnsubAck { pkid, count } => v5::UnsubAck {
+        Outgoing::UnsubAck { pkid, existed } => v5::UnsubAck {
             pkid,
-            reasons: vec![v5::UnsubAckReason::Success; count],
+            reasons: existed
+                .iter()
+                .map(|&e| {
+                    if e {
+                        v5::UnsubAckReason::Success
+                    } else {
+                        v5::UnsubAckReason::NoSubscriptionExisted
+                    }
+                })
+                .collect(),
             properties: None,
         }
         .write(out)

@@ -1610,3 +1610,118 @@ async fn queries_during_restore_wait_instead_of_failing() {
         2
     );
 }
+
+#[tokio::test]
+async fn the_change_feed_types_what_the_events_say() {
+    let mut t = Db::new().await;
+    let mut changes = t.db.changes();
+    let mut events = t.db.subscribe();
+    let ops = vec![
+        Op::BootstrapAdmin {
+            token_hash: "h".into(),
+        },
+        register("d"),
+        Op::UpdateDevice {
+            id: "d".into(),
+            labels: None,
+            attributes: Some(json!({"model": "X3"})),
+        },
+        Op::RotateSecret {
+            id: "d".into(),
+            secret_hash: "h2".into(),
+        },
+        Op::Presence {
+            device: "d".into(),
+            gateway: 2,
+            epoch: 77,
+            online: true,
+        },
+        issue("c1", "d", 1000, None),
+        Op::CommandSent {
+            cid: "c1".into(),
+            gateway: 2,
+        },
+        Op::CommandAccepted { cid: "c1".into() },
+        Op::CommandResult {
+            cid: "c1".into(),
+            succeeded: true,
+            output: json!({"ok": 1}),
+        },
+        issue("c2", "d", 1000, None),
+        Op::CancelCommand { cid: "c2".into() },
+        issue("c3", "d", 1, None),
+        Op::ExpireCommands {
+            cids: vec!["c3".into()],
+        },
+        Op::SetDesired {
+            device: "d".into(),
+            patch: json!({"on": true}),
+            expected_version: None,
+        },
+        Op::ReportState {
+            device: "d".into(),
+            patch: json!({"on": false}),
+        },
+        Op::GatewaySessionsLost { gateway: 2 },
+        Op::SetPeerAddress {
+            id: 4,
+            address: "gw4:7000".into(),
+        },
+        Op::DeleteDevice { id: "d".into() },
+        // Changes nothing: neither a change nor an event.
+        Op::DeleteDevice { id: "d".into() },
+    ];
+    let kinds: Vec<&str> = ops.iter().map(Op::kind).collect();
+    for op in ops {
+        // Stamped late enough for c3 to have expired.
+        let ts = T0 + 10_000 + t.next;
+        t.run_at(ts, op).await;
+    }
+    let mut got = Vec::new();
+    while let Ok(change) = changes.try_recv() {
+        let ev = events.try_recv().expect("an event per change");
+        assert_eq!(change.kind(), ev.kind, "{change:?}");
+        assert_eq!(change.data().unwrap(), ev.data, "{change:?}");
+        got.push(change);
+    }
+    assert!(events.try_recv().is_err(), "a change per event");
+    let got_kinds: Vec<&str> = got.iter().map(Change::kind).collect();
+    assert_eq!(got_kinds, kinds[..kinds.len() - 1]);
+
+    // What the gateway's own consumers match on is typed.
+    assert!(matches!(&got[4], Change::Presence { device, epoch: 77 }
+        if device.gateway == Some(2) && device.online));
+    assert!(matches!(&got[5], Change::Command(CommandStep::Issued, c)
+        if c.id == "c1" && c.status == CommandStatus::Queued));
+    assert!(matches!(&got[12], Change::CommandsExpired(cmds) if cmds[0].id == "c3"));
+    assert!(matches!(
+        &got[13],
+        Change::Shadow {
+            side: ShadowSide::Desired,
+            version: 1,
+            ..
+        }
+    ));
+    assert!(matches!(
+        &got[14],
+        Change::Shadow {
+            side: ShadowSide::Reported,
+            ..
+        }
+    ));
+    assert_eq!(
+        got[15],
+        Change::SessionsLost {
+            gateway: 2,
+            devices: vec!["d".into()]
+        }
+    );
+    assert_eq!(
+        got[16],
+        Change::PeerAddress {
+            id: 4,
+            address: "gw4:7000".into()
+        }
+    );
+    assert_eq!(got[17], Change::DeviceDeleted { id: "d".into() });
+}
