@@ -248,7 +248,7 @@ async fn unsuback_and_suback_answer_per_filter() {
     let secret = env.register("u").await;
     let (mut d, _) = login5(&env, "u", &secret, |_| {}).await;
     d.send(&subscribe5(&["devices/u/#"], None)).await;
-    match d.next5().await {
+    match d.next5_not_publish().await {
         v5::Packet::SubAck(a) => assert_eq!(
             a.return_codes,
             [v5::SubscribeReasonCode::Success(QoS::AtLeastOnce)]
@@ -261,7 +261,7 @@ async fn unsuback_and_suback_answer_per_filter() {
     let mut b = BytesMut::new();
     u.write(&mut b).expect("encode");
     d.send(&b).await;
-    match d.next5().await {
+    match d.next5_not_publish().await {
         v5::Packet::UnsubAck(a) => {
             assert_eq!(a.pkid, 2);
             assert_eq!(
@@ -277,7 +277,7 @@ async fn unsuback_and_suback_answer_per_filter() {
     let many: Vec<String> = (0..17).map(|i| format!("devices/u/f{i}")).collect();
     let refs: Vec<&str> = many.iter().map(String::as_str).collect();
     d.send(&subscribe5(&refs, None)).await;
-    match d.next5().await {
+    match d.next5_not_publish().await {
         v5::Packet::SubAck(a) => {
             assert_eq!(a.return_codes.len(), 17);
             assert_eq!(a.return_codes[16], v5::SubscribeReasonCode::QuotaExceeded);

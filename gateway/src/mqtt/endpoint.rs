@@ -554,6 +554,7 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         session_present: restored.is_some(),
         server_keep_alive,
     });
+    let mut told = false;
     let end = if write_all(&mut stream, &conn.take_out()).await.is_ok() {
         let _ = shared
             .events
@@ -577,7 +578,9 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         if let Some(reason) = end {
             conn.push(Outgoing::Disconnect(reason));
             let out = conn.take_out();
-            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+            told = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out))
+                .await
+                .is_ok_and(|r| r.is_ok());
         }
         end
     } else {
@@ -594,6 +597,11 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             epoch,
         })
         .await;
+    // The session is over for everyone; the client may still be reading
+    // why.
+    if told {
+        linger_close(&mut stream).await;
+    }
 }
 
 /// At most 64 characters of something a client sent, for a log line.
@@ -606,6 +614,29 @@ fn truncated(s: &str) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
+}
+
+/// Closes a connection the endpoint ends after telling the client why (a
+/// DISCONNECT with its reason): sends FIN, then reads and drops what the
+/// client still sends until it closes too — for at most a second and 64
+/// KiB. Closing with unread bytes in the socket would send a reset, and a
+/// reset makes the client's system drop the DISCONNECT it has not read
+/// yet: the client would see a lost connection instead of the reason.
+async fn linger_close(stream: &mut TcpStream) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        let mut left = 64 << 10;
+        while left > 0 {
+            match tokio::io::AsyncReadExt::read(stream, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left -= n.min(left),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 async fn write_all(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {

@@ -428,6 +428,27 @@ fn v5_code(r: Option<Refusal>) -> v5::ConnectReturnCode {
     }
 }
 
+/// The Reason String sent with an MQTT 5 DISCONNECT (at most 100 bytes).
+fn reason_text(r: CloseReason) -> &'static str {
+    match r {
+        CloseReason::TakenOver => "another connection with this client id took the session over",
+        CloseReason::Revoked => "the device was deleted, disabled or its credentials changed",
+        CloseReason::ShuttingDown => "the gateway is shutting down",
+        CloseReason::UseAnotherServer => "this gateway is not serving devices; connect to another",
+        CloseReason::KeepAliveTimeout => "no packet within 1.5 times the keep-alive",
+        CloseReason::SlowConsumer => "too many messages waiting for this device",
+        CloseReason::ProtocolError => "protocol error",
+        CloseReason::NotAuthorized => "a topic outside this device's own",
+        CloseReason::Malformed => "malformed packet",
+        CloseReason::TooLarge => "packet larger than the maximum packet size",
+        CloseReason::RetainNotSupported => "retained messages are not supported",
+        CloseReason::QosNotSupported => "QoS 2 is not supported",
+        CloseReason::TopicAliasInvalid => "topic aliases are not supported",
+        CloseReason::SharedNotSupported => "shared subscriptions are not supported",
+        CloseReason::SubscriptionIdsNotSupported => "subscription identifiers are not supported",
+    }
+}
+
 fn v5_disconnect(r: CloseReason) -> v5::DisconnectReasonCode {
     use v5::DisconnectReasonCode as D;
     match r {
@@ -596,9 +617,25 @@ fn write_v5(packet: Outgoing<'_>, adv: Advertised, out: &mut BytesMut) -> Result
         // Written here: rumqttc's encoder gets the remaining length of a
         // DISCONNECT with a reason code wrong (with or without properties).
         // Reason code, then an empty property list.
+        // The properties carry a Reason String: clients log it, and
+        // paho-mqtt 2.1 reads the reason code only from a DISCONNECT
+        // longer than two bytes.
         Outgoing::Disconnect(reason) => {
-            out.extend_from_slice(&[0xE0, 0x02, v5_disconnect(reason) as u8, 0x00]);
-            Ok(4)
+            let text = reason_text(reason).as_bytes();
+            // Every text is short: all lengths fit in one byte.
+            let props = 3 + text.len();
+            let remaining = 2 + props;
+            out.extend_from_slice(&[
+                0xE0,
+                remaining as u8,
+                v5_disconnect(reason) as u8,
+                props as u8,
+                0x1F,
+                0x00,
+                text.len() as u8,
+            ]);
+            out.extend_from_slice(text);
+            Ok(2 + remaining)
         }
     }
 }
@@ -671,14 +708,17 @@ mod tests {
                     &mut out,
                 );
                 let mut copy = out.clone();
-                assert_eq!(
-                    v5::Packet::read(&mut copy, None).ok(),
-                    Some(v5::Packet::Disconnect(v5::Disconnect {
-                        reason_code: v5::DisconnectReasonCode::SessionTakenOver,
-                        properties: None,
-                    })),
-                    "{out:?}"
-                );
+                match v5::Packet::read(&mut copy, None) {
+                    Ok(v5::Packet::Disconnect(d)) => {
+                        assert_eq!(d.reason_code, v5::DisconnectReasonCode::SessionTakenOver);
+                        assert_eq!(
+                            d.properties.and_then(|p| p.reason_string).as_deref(),
+                            Some(reason_text(CloseReason::TakenOver)),
+                            "{out:?}"
+                        );
+                    }
+                    other => panic!("{other:?}: {out:?}"),
+                }
                 assert!(copy.is_empty(), "exactly one packet: {out:?}");
                 out.clear();
             }

@@ -132,6 +132,17 @@ impl RawDevice {
         }
     }
 
+    /// The next MQTT 5 packet that is not a PUBLISH: the documents a
+    /// subscription makes the gateway send may come before an answer.
+    pub async fn next5_not_publish(&mut self) -> v5::Packet {
+        loop {
+            match self.next5().await {
+                v5::Packet::Publish(_) => continue,
+                p => return p,
+            }
+        }
+    }
+
     /// The next MQTT 3.1.1 packet (panics on anything else).
     pub async fn next4(&mut self) -> v4::Packet {
         match self.next().await {
