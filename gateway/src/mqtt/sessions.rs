@@ -495,6 +495,15 @@ impl Manager {
                     self.auth.invalidate(id);
                 }
             }
+            "device.updated" => {
+                // Its certificate fingerprint may have changed: a session
+                // that logged in with another certificate ends.
+                if let Some(id) = ev.data.get("id").and_then(Value::as_str) {
+                    self.auth.invalidate(id);
+                    let cert = ev.data.get("cert_sha256").and_then(Value::as_str);
+                    self.endpoint.registry.revoke_certificate(id, cert);
+                }
+            }
             kind @ ("device.secret_rotated" | "device.deleted") => {
                 let Some(id) = ev.data.get("id").and_then(Value::as_str) else {
                     return;
