@@ -757,7 +757,7 @@ async fn until_closed(s: &mut TcpStream) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tls_garbage_and_silent_clients_end_alone_and_are_counted() {
     const SILENT: usize = 20;
-    const DEADLINE: Duration = Duration::from_secs(2);
+    const DEADLINE: Duration = Duration::from_secs(3);
     let tmp = tempfile::tempdir().expect("tmp");
     let pki = Pki::new(tmp.path(), "main");
     let env = boot(tmp.path(), &pki, |c| c.mqtt_connect_timeout = DEADLINE).await;
