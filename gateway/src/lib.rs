@@ -99,6 +99,9 @@ pub struct Gateway {
     pub mqtt_addr: Option<SocketAddr>,
     /// Where devices connect with MQTT 5, if enabled.
     pub mqtt5_addr: Option<SocketAddr>,
+    /// Where devices connect with MQTT (3.1.1 or 5) over TLS, if enabled
+    /// (a certificate and key are configured).
+    pub mqtt_tls_addr: Option<SocketAddr>,
     /// The file holding the admin token created on first start, if this
     /// gateway created it.
     pub admin_token_file: Option<PathBuf>,
@@ -198,6 +201,7 @@ async fn start_until(
         data_dir = %config.data_dir.display(),
         "gateway starting"
     );
+    let mqtt_tls = mqtt::tls_config(&config).map_err(GatewayError::Config)?;
     prepare_data_dir(&config.data_dir)?;
     let lock = lock_data_dir(&config.data_dir)?;
     let (cluster_secret, cluster_secret_file) = match &config.cluster_secret {
@@ -320,6 +324,7 @@ async fn start_until(
     let mqtt = mqtt::start(
         &config,
         [listeners.mqtt, listeners.mqtt5],
+        mqtt_tls,
         node.clone(),
         db.clone(),
         mqtt_stats,
@@ -336,11 +341,13 @@ async fn start_until(
         .flatten()
         .map(ToString::to_string)
         .collect();
+    let devices_tls = mqtt.tls_addr.map(|a| a.to_string());
     tracing::info!(
         node = config.node_id,
         rest = %http_addr,
         peers = %raft_addr,
         devices = devices.join(","),
+        devices_tls,
         admin_token_file = admin_token_file.as_ref().map(|f| f.display().to_string()),
         generated_cluster_secret_file = cluster_secret_file.as_ref().map(|f| f.display().to_string()),
         "gateway started"
@@ -351,6 +358,7 @@ async fn start_until(
         raft_addr,
         mqtt_addr: mqtt.v4_addr,
         mqtt5_addr: mqtt.v5_addr,
+        mqtt_tls_addr: mqtt.tls_addr,
         mqtt,
         admin_token_file,
         cluster_secret_file,
@@ -790,6 +798,9 @@ fn print_addresses(gw: &Gateway, plain: bool) {
             "devices (MQTT 3.1.1 and 5) on {}",
             devices.join(" and ")
         );
+    }
+    if let Some(addr) = gw.mqtt_tls_addr {
+        let _ = writeln!(out, "devices over TLS (MQTT 3.1.1 and 5) on {addr}");
     }
     if let Some(f) = &gw.cluster_secret_file {
         let _ = writeln!(out, "cluster secret: {} (generated)", f.display());

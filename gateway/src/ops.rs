@@ -109,18 +109,26 @@ pub enum Op {
         /// A label for people.
         name: String,
     },
-    /// Registers a device. Conflict if the id exists.
+    /// Registers a device. Conflict if the id exists, or if another device
+    /// has the certificate fingerprint.
     RegisterDevice {
         /// Device id (validated by the API: `[A-Za-z0-9_.-]{1,64}`, not `.` or `..`).
         id: String,
-        /// SHA-256 (hex) of the device secret.
+        /// SHA-256 (hex) of the device secret; empty for a device without
+        /// one (it logs in with its certificate only).
         secret_hash: String,
         /// Labels for filtering.
         labels: BTreeMap<String, String>,
         /// Free-form JSON object.
         attributes: Value,
+        /// SHA-256 (lowercase hex) of the DER client certificate the device
+        /// may log in with over TLS, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cert_sha256: Option<String>,
     },
-    /// Replaces labels and/or attributes. NotFound if the device does not exist.
+    /// Replaces labels, attributes and/or the certificate fingerprint.
+    /// NotFound if the device does not exist; Conflict if another device
+    /// has the fingerprint.
     UpdateDevice {
         /// Device id.
         id: String,
@@ -128,6 +136,14 @@ pub enum Op {
         labels: Option<BTreeMap<String, String>>,
         /// New attributes, if given.
         attributes: Option<Value>,
+        /// A new certificate fingerprint (`Some(Some)`), none any more
+        /// (`Some(None)`), or unchanged (`None`).
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            with = "double_option"
+        )]
+        cert_sha256: Option<Option<String>>,
     },
     /// Deletes a device with its shadow and commands.
     DeleteDevice {
@@ -257,6 +273,32 @@ impl Op {
     }
 }
 
+/// `Option<Option<T>>` as a JSON field: absent is `None`, `null` is
+/// `Some(None)` (set to nothing), a value is `Some(Some(value))`. Use with
+/// `#[serde(default, skip_serializing_if = "Option::is_none")]`.
+pub(crate) mod double_option {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(crate) fn deserialize<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de>,
+    {
+        Option::<T>::deserialize(d).map(Some)
+    }
+
+    pub(crate) fn serialize<S, T>(v: &Option<Option<T>>, s: S) -> Result<S::Ok, S::Error>
+    where
+        S: Serializer,
+        T: Serialize,
+    {
+        match v {
+            Some(inner) => inner.serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 /// What applying an operation produced, returned to its proposer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OpResult {
@@ -329,7 +371,8 @@ impl Role {
 /// A registered device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({"id":"pump-7","labels":{"site":"north"},"attributes":{"model":"X2"},
-    "online":false,"gateway":null,"created_at":1764144000000u64,"updated_at":1764144000000u64}))]
+    "online":false,"gateway":null,"cert_sha256":null,"created_at":1764144000000u64,
+    "updated_at":1764144000000u64}))]
 pub struct Device {
     /// Device id.
     pub id: String,
@@ -342,6 +385,10 @@ pub struct Device {
     pub online: bool,
     /// The gateway holding its session, if online.
     pub gateway: Option<u64>,
+    /// SHA-256 (lowercase hex) of the DER client certificate the device may
+    /// log in with over TLS, if it has one.
+    #[serde(default)]
+    pub cert_sha256: Option<String>,
     /// Registration time (ms since epoch).
     pub created_at: u64,
     /// Last change (ms since epoch).
@@ -503,6 +550,23 @@ mod format_tests {
         assert_eq!(Proposal::decode(&bytes).unwrap(), p);
         // Smaller than the JSON of format 1.
         assert!(bytes.len() < p.encode_json().len(), "{} bytes", bytes.len());
+    }
+
+    #[test]
+    fn an_absent_and_a_removed_fingerprint_stay_apart_in_format_2() {
+        for cert_sha256 in [None, Some(None), Some(Some("ab".repeat(32)))] {
+            let p = Proposal {
+                ts_ms: 1,
+                op: Op::UpdateDevice {
+                    id: "d".into(),
+                    labels: None,
+                    attributes: None,
+                    cert_sha256,
+                },
+            };
+            assert_eq!(Proposal::decode(&p.encode()).unwrap(), p);
+            assert_eq!(Proposal::decode(&p.encode_json()).unwrap(), p);
+        }
     }
 
     #[test]

@@ -1433,6 +1433,7 @@ async fn a_stream_that_falls_behind_the_broadcast_misses_nothing() {
                     secret_hash: hash_secret("s"),
                     labels: Default::default(),
                     attributes: json!({}),
+                    cert_sha256: None,
                 };
                 gateway::propose(&node, op).await.expect("write").0
             });

@@ -122,13 +122,34 @@ pub(crate) fn document(config: &Config) -> Document {
     let json = serde_json::to_value(ApiDoc::openapi())
         .map(|mut doc| {
             refine(&mut doc, config);
-            doc.to_string()
+            openapi_first(doc)
         })
         .unwrap_or_else(|e| {
             tracing::error!(error = %e, "serialising the OpenAPI document");
             String::from("{}")
         });
     Document(json.into())
+}
+
+/// The document as text with `openapi` (the version) as its first member,
+/// where readers (and people) look for it; the other members follow in
+/// name order.
+fn openapi_first(doc: Value) -> String {
+    let Value::Object(mut members) = doc else {
+        return doc.to_string();
+    };
+    let Some(version) = members.remove("openapi") else {
+        return Value::Object(members).to_string();
+    };
+    let rest = Value::Object(members).to_string();
+    let mut out = format!("{{\"openapi\":{version}");
+    if rest.len() > 2 {
+        out.push(',');
+        out.push_str(&rest[1..]);
+    } else {
+        out.push('}');
+    }
+    out
 }
 
 fn refine(doc: &mut Value, config: &Config) {

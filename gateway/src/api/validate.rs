@@ -199,6 +199,33 @@ pub fn limit(limit: Option<u32>, max: u32) -> Result<u32, ApiError> {
     }
 }
 
+/// A certificate fingerprint in a body (422 otherwise): the SHA-256 of the
+/// DER certificate as 64 hex digits, either case, optionally in pairs
+/// separated by `:` (as `openssl x509 -fingerprint -sha256` prints it).
+/// Returns it as stored: lowercase, without separators.
+pub fn cert_sha256(v: &str) -> Result<String, ApiError> {
+    let digits: String = if v.contains(':') {
+        let pairs: Vec<&str> = v.split(':').collect();
+        if pairs.iter().all(|p| p.len() == 2) {
+            pairs.concat()
+        } else {
+            String::new()
+        }
+    } else {
+        v.to_string()
+    };
+    if digits.len() == 64 && digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(digits.to_ascii_lowercase())
+    } else {
+        Err(ApiError::invalid(format!(
+            "cert_sha256 {} is not a SHA-256 fingerprint: give the SHA-256 of the device's DER \
+             certificate as 64 hex digits (e.g. from `openssl x509 -in device.pem -noout \
+             -fingerprint -sha256`)",
+            quoted(v)
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,5 +289,25 @@ mod tests {
         assert!(limit(Some(0), 1000).is_err());
         assert!(limit(Some(1001), 1000).is_err());
         assert_eq!(limit(Some(1000), 1000).ok(), Some(1000));
+    }
+
+    #[test]
+    fn certificate_fingerprints_are_sha256_hex_stored_lowercase() {
+        let hex = "ab".repeat(32);
+        assert_eq!(cert_sha256(&hex).ok(), Some(hex.clone()));
+        assert_eq!(cert_sha256(&hex.to_uppercase()).ok(), Some(hex.clone()));
+        let colons = vec!["AB"; 32].join(":");
+        assert_eq!(cert_sha256(&colons).ok(), Some(hex.clone()));
+        for bad in [
+            "",
+            "ab",
+            &"ab".repeat(31),
+            &"ab".repeat(33),
+            &"zz".repeat(32),
+            &vec!["abc"; 21].join(":"),
+            &format!("{}:", "ab".repeat(32)),
+        ] {
+            assert!(cert_sha256(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -4,8 +4,12 @@
 //! Devices only ever talk to their gateway (a device publishes to and
 //! subscribes to its own `devices/{id}/…` topics), so there is no routing
 //! between clients to do. Each connection is one task that
+//! - on the TLS listener, runs the TLS handshake first (under the same
+//!   deadline as the CONNECT, so a slow or hostile client holds up nothing
+//!   but its own task);
 //! - reads the CONNECT (under a deadline), picks the protocol version from
-//!   it (3.1.1 and 5 on every port; 3.1 is refused), checks the login;
+//!   it (3.1.1 and 5 on every port; 3.1 is refused), checks the login (the
+//!   secret, or the client certificate of the TLS handshake);
 //! - takes the device's place in the [`Registry`] (a session of the same
 //!   device already there is closed: a takeover);
 //! - from then on its identity is fixed: a second CONNECT is a protocol
@@ -27,6 +31,7 @@
 //! own.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,21 +40,21 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use entente_protocol::{device_namespace, filter_matches, parse_device_publish};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 use super::MqttStats;
-use super::auth::{Authenticator, LogLimiter};
+use super::auth::{Authenticator, Credential, LogLimiter};
 use super::sessions::SessionEvent;
 use super::wire::{
     self, Advertised, CloseReason, ConnectInfo, Incoming, Outgoing, ReadError, Refusal, Version,
 };
 use crate::shared::now_ms;
 
-/// How long a new connection has to send its CONNECT (and be answered).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one write to a device may take before the device is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deliveries waiting for a connection's task.
@@ -103,8 +108,8 @@ struct Handle {
     epoch: u64,
     tx: mpsc::Sender<Arc<Message>>,
     closer: Arc<Closer>,
-    /// The secret hash the session logged in with.
-    secret_hash: String,
+    /// What the session logged in with.
+    credential: Credential,
 }
 
 /// The sessions live on this gateway, by device id; and the subscriptions
@@ -145,17 +150,24 @@ impl Registry {
     }
 
     /// Ends `device`'s session here, unless it logged in with `keep_hash`
-    /// (a session started with the new secret after a rotation stays).
-    /// A deleted device's persistent subscriptions are forgotten too.
+    /// (a session started with the new secret after a rotation stays, and
+    /// so does one that logged in with the device's certificate). With no
+    /// `keep_hash` (deleted) it ends whatever it logged in with, and the
+    /// device's persistent subscriptions are forgotten too.
     pub(crate) fn revoke(&self, device: &str, keep_hash: Option<&str>) {
         if let Some(h) = self
             .live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(device)
-            && keep_hash != Some(h.secret_hash.as_str())
         {
-            h.closer.close(CloseReason::Revoked);
+            let keep = match &h.credential {
+                Credential::Secret(hash) => keep_hash == Some(hash.as_str()),
+                Credential::Certificate(_) => keep_hash.is_some(),
+            };
+            if !keep {
+                h.closer.close(CloseReason::Revoked);
+            }
         }
         if keep_hash.is_none() {
             self.persistent
@@ -177,6 +189,22 @@ impl Registry {
             && h.epoch < epoch
         {
             h.closer.close(CloseReason::TakenOver);
+        }
+    }
+
+    /// Ends `device`'s session here if it logged in with a client
+    /// certificate other than `registered` (the device's fingerprint was
+    /// changed or removed). A session that logged in with the secret stays.
+    pub(crate) fn revoke_certificate(&self, device: &str, registered: Option<&str>) {
+        if let Some(h) = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(device)
+            && let Credential::Certificate(fingerprint) = &h.credential
+            && registered != Some(fingerprint.as_str())
+        {
+            h.closer.close(CloseReason::Revoked);
         }
     }
 
@@ -280,6 +308,9 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<MqttStats>,
     pub(crate) auth: Arc<Authenticator>,
     pub(crate) max_packet: usize,
+    /// How long a new connection has for its TLS handshake (TLS listener),
+    /// its CONNECT and the login check together.
+    pub(crate) connect_timeout: Duration,
     /// Connection slots (all device listeners together).
     pub(crate) slots: Arc<Semaphore>,
     /// How many there are.
@@ -301,6 +332,7 @@ impl Shared {
         auth: Arc<Authenticator>,
         max_packet: usize,
         max_connections: usize,
+        connect_timeout: Duration,
     ) -> Shared {
         Shared {
             registry: Registry::default(),
@@ -308,6 +340,7 @@ impl Shared {
             stats,
             auth,
             max_packet,
+            connect_timeout,
             slots: Arc::new(Semaphore::new(max_connections.max(1))),
             max_connections: max_connections.max(1),
             closed: AtomicBool::new(false),
@@ -377,7 +410,13 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 /// accept error (out of descriptors, say) waits, doubling up to 1 s; a
 /// connection over the limit is closed at once (counted, logged at a
 /// bounded rate), so the backlog does not fill with sockets nobody serves.
-pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, name: &'static str) {
+/// With `tls`, each connection's task runs the TLS handshake first.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    name: &'static str,
+    tls: Option<TlsAcceptor>,
+) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -392,9 +431,9 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, name
                 backoff = Duration::from_millis(5);
                 match shared.slots.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        let shared = shared.clone();
+                        let (shared, tls) = (shared.clone(), tls.clone());
                         tokio::spawn(async move {
-                            serve(stream, peer, &shared).await;
+                            serve(stream, peer, &shared, tls).await;
                             drop(permit);
                         });
                     }
@@ -434,10 +473,89 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, name
     }
 }
 
-/// One connection, start to end.
-async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+/// A device connection's byte stream: plain TCP or TLS over TCP.
+///
+/// Besides reading and writing, a session waits for input without holding
+/// a read buffer ([`DeviceIo::ready`]) and then reads what there is
+/// without waiting ([`DeviceIo::try_read_buf`]), so an idle connection
+/// keeps no buffer of its own.
+pub(crate) trait DeviceIo: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Resolves once a read may make progress (cancel-safe).
+    fn ready(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Reads what is there into `buf` without waiting: `WouldBlock` if
+    /// nothing is, `Ok(0)` at the end of the stream.
+    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize>;
+}
+
+impl DeviceIo for TcpStream {
+    async fn ready(&mut self) -> io::Result<()> {
+        self.readable().await
+    }
+
+    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        TcpStream::try_read_buf(self, buf)
+    }
+}
+
+impl DeviceIo for TlsStream<TcpStream> {
+    async fn ready(&mut self) -> io::Result<()> {
+        let (tcp, tls) = self.get_mut();
+        // Records already read may hold plaintext the socket will not
+        // signal again; an error or the peer's close_notify is for the
+        // read to report.
+        let waiting = tls.process_new_packets().map_or(true, |s| {
+            s.plaintext_bytes_to_read() > 0 || s.peer_has_closed()
+        });
+        if waiting {
+            return Ok(());
+        }
+        tcp.readable().await
+    }
+
+    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        use std::task::{Context, Poll, Waker};
+        use tokio::io::AsyncReadExt;
+        // One poll of a read: whatever rustls can decrypt from the bytes
+        // the socket has. If it needs more, the socket's readiness was
+        // cleared on the way, so the next `ready` waits for it.
+        let mut read = std::pin::pin!(self.read_buf(buf));
+        match read.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+/// One connection, start to end: the TLS handshake if the listener has
+/// `tls`, then the device's session. Handshake, CONNECT and login share
+/// one deadline.
+async fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared, tls: Option<TlsAcceptor>) {
     let _ = stream.set_nodelay(true);
-    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    let deadline = Instant::now() + shared.connect_timeout;
+    let Some(acceptor) = tls else {
+        serve_device(stream, peer, None, deadline, shared).await;
+        return;
+    };
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => {
+            let cert = super::tls::client_fingerprint(stream.get_ref().1);
+            serve_device(stream, peer, cert, deadline, shared).await;
+        }
+        Ok(Err(e)) => shared.handshake_failed(&peer, Some(&e)),
+        Err(_) => shared.handshake_failed(&peer, None),
+    }
+}
+
+/// A device connection after its TLS handshake (if any): CONNECT, login,
+/// session. `cert`: the SHA-256 of the client certificate it presented.
+async fn serve_device<S: DeviceIo>(
+    mut stream: S,
+    peer: SocketAddr,
+    cert: Option<String>,
+    deadline: Instant,
+    shared: &Shared,
+) {
     let Ok(Some((version, connect, buf))) =
         tokio::time::timeout_at(deadline, read_connect(&mut stream, peer, shared)).await
     else {
@@ -475,12 +593,13 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             &connect.client_id,
             &connect.username,
             &connect.password,
+            cert.as_deref(),
             peer.ip(),
         ),
     )
     .await
     .unwrap_or(Err(Refusal::Unavailable));
-    let secret_hash = match login {
+    let credential = match login {
         Ok(h) => h,
         Err(refusal) => {
             let _ = write_all(&mut stream, &refuse(refusal)).await;
@@ -501,7 +620,7 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             epoch,
             tx,
             closer: closer.clone(),
-            secret_hash,
+            credential,
         },
     );
     // Stopped serving between the check above and the registration: the
@@ -578,9 +697,12 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         if let Some(reason) = end {
             conn.push(Outgoing::Disconnect(reason));
             let out = conn.take_out();
-            told = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out))
-                .await
-                .is_ok_and(|r| r.is_ok());
+            told = tokio::time::timeout(Duration::from_secs(1), async {
+                stream.write_all(&out).await?;
+                stream.flush().await
+            })
+            .await
+            .is_ok_and(|r: io::Result<()>| r.is_ok());
         }
         end
     } else {
@@ -622,7 +744,7 @@ fn truncated(s: &str) -> String {
 /// KiB. Closing with unread bytes in the socket would send a reset, and a
 /// reset makes the client's system drop the DISCONNECT it has not read
 /// yet: the client would see a lost connection instead of the reason.
-async fn linger_close(stream: &mut TcpStream) {
+async fn linger_close<S: DeviceIo>(stream: &mut S) {
     if stream.shutdown().await.is_err() {
         return;
     }
@@ -639,8 +761,14 @@ async fn linger_close(stream: &mut TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
-async fn write_all(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
-    match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(bytes)).await {
+/// Writes and flushes (TLS holds records until flushed), within
+/// [`WRITE_TIMEOUT`].
+async fn write_all<S: DeviceIo>(stream: &mut S, bytes: &[u8]) -> io::Result<()> {
+    let write = async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
     }
@@ -649,8 +777,8 @@ async fn write_all(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
 /// Reads until a whole CONNECT is in: its version, contents, and whatever
 /// bytes came after it. `None` (logged, counted) if the bytes are not a
 /// CONNECT or the connection closed.
-async fn read_connect(
-    stream: &mut TcpStream,
+async fn read_connect<S: DeviceIo>(
+    stream: &mut S,
     peer: SocketAddr,
     shared: &Shared,
 ) -> Option<(Version, Box<ConnectInfo>, BytesMut)> {
@@ -696,7 +824,7 @@ async fn read_connect(
 }
 
 /// Reads what the socket has into `buf`, growing it only when needed.
-async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+async fn read_some<S: DeviceIo>(stream: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
     use tokio::io::AsyncReadExt;
     if buf.capacity() - buf.len() < 512 {
         buf.reserve(4096);
@@ -808,8 +936,8 @@ impl Conn {
 /// The session after CONNACK, until it ends: `Some(reason)` when the
 /// endpoint ends it (sent to MQTT 5 clients), `None` when the device or
 /// the network did.
-async fn session(
-    stream: &mut TcpStream,
+async fn session<S: DeviceIo>(
+    stream: &mut S,
     conn: &mut Conn,
     mut buf: BytesMut,
     mut rx: mpsc::Receiver<Arc<Message>>,
@@ -852,7 +980,7 @@ async fn session(
                         }
                     }
                 }
-                r = stream.readable() => {
+                r = stream.ready() => {
                     if r.is_err() {
                         return None;
                     }
@@ -930,6 +1058,36 @@ impl Shared {
         self.stats.malformed_packets.fetch_add(1, Ordering::Relaxed);
         if let Some(more) = self.logs.allow("malformed") {
             tracing::warn!(%who, ?error, suppressed = more, "{what}");
+        }
+    }
+
+    /// Counts a TLS handshake that failed (`None`: did not finish within
+    /// the connect deadline) and logs it at a bounded rate. A client that
+    /// closed its connection before finishing (a TCP probe, say) is no
+    /// failure.
+    fn handshake_failed(&self, peer: &SocketAddr, error: Option<&io::Error>) {
+        use io::ErrorKind as K;
+        let reason = match error {
+            Some(e) => e.to_string(),
+            None => format!(
+                "no TLS handshake within {:?} of connecting",
+                self.connect_timeout
+            ),
+        };
+        if error.is_some_and(|e| {
+            matches!(
+                e.kind(),
+                K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe
+            )
+        }) {
+            tracing::debug!(%peer, error = reason, "MQTT TLS client left during the handshake");
+            return;
+        }
+        self.stats
+            .tls_handshake_failures
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(more) = self.logs.allow("tls-handshake") {
+            tracing::warn!(%peer, error = reason, suppressed = more, "MQTT TLS handshake failed; connection closed");
         }
     }
 

@@ -7,6 +7,7 @@
 //! - `endpoint`: accept loops and one task per connection; the registry of
 //!   live sessions (delivery, takeover, revocation).
 //! - `auth` checks logins against the registry (cached, throttled).
+//! - `tls`: the TLS device listener's certificate, key and client CA.
 //! - `sessions` owns the sessions' replicated side: presence, delivery,
 //!   device messages.
 //! - `watch_peers`: the leader declares a peer's sessions lost once it has
@@ -18,6 +19,7 @@
 mod auth;
 mod endpoint;
 mod sessions;
+mod tls;
 mod wire;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -61,6 +63,8 @@ pub(crate) struct Mqtt {
     pub(crate) v4_addr: Option<SocketAddr>,
     /// The second device listener's address (MQTT 5 by default).
     pub(crate) v5_addr: Option<SocketAddr>,
+    /// The TLS device listener's address (both versions), if it is on.
+    pub(crate) tls_addr: Option<SocketAddr>,
     /// The device listeners (none when none is configured).
     pub(crate) listeners: Option<Arc<Listeners>>,
     /// The runtime the listeners and their connections run on, so device
@@ -109,6 +113,8 @@ pub(crate) struct Listeners {
     shared: Arc<endpoint::Shared>,
     stats: Arc<MqttStats>,
     runtime: tokio::runtime::Handle,
+    /// The TLS settings of the listener named [`TLS_LISTENER`].
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     /// Each listener's bound address and name; it binds there again when
     /// it reopens.
     bound: Vec<(SocketAddr, &'static str)>,
@@ -132,9 +138,15 @@ impl Listeners {
             tokio::net::TcpListener::from_std(listener)?
         };
         let (sh, st) = (self.shared.clone(), self.stats.clone());
+        let tls = match &self.tls {
+            Some(config) if name == TLS_LISTENER => {
+                Some(tokio_rustls::TlsAcceptor::from(config.clone()))
+            }
+            _ => None,
+        };
         let run = self
             .runtime
-            .spawn(endpoint::accept_loop(listener, sh.clone(), name));
+            .spawn(endpoint::accept_loop(listener, sh.clone(), name, tls));
         let accept = run.abort_handle();
         let watch = self.runtime.spawn(async move {
             // The loop only returns when the gateway stops or leaves the
@@ -210,15 +222,42 @@ impl Listeners {
     }
 }
 
+/// The name of the TLS device listener.
+const TLS_LISTENER: &str = "mqtt-tls";
+
 /// Bound on device messages waiting for the session manager: when it is
 /// full, connections stop reading until there is room (nothing is dropped).
 const EVENT_QUEUE: usize = 16_384;
 
+/// The TLS device listener's settings, read from the configured files
+/// (`None` if it is off). Called first thing at start, so a bad file stops
+/// the start before anything runs; the error names the file.
+pub(crate) fn tls_config(config: &Config) -> Result<Option<TlsConfig>, String> {
+    config.check_mqtt_tls()?;
+    match (&config.mqtt_tls_cert, &config.mqtt_tls_key) {
+        (Some(cert), Some(key)) if config.mqtt_tls_enabled() => {
+            let files = tls::Files {
+                cert,
+                key,
+                client_ca: config.mqtt_tls_client_ca.as_deref(),
+            };
+            Ok(Some(TlsConfig(tls::server_config(files)?)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The TLS device listener's settings (see [`tls_config`]).
+#[derive(Debug, Clone)]
+pub(crate) struct TlsConfig(Arc<tokio_rustls::rustls::ServerConfig>);
+
 /// Starts the device listeners (the ones given, else those configured, if
-/// any), the session manager and the peer watcher.
+/// any; the TLS listener with `tls`), the session manager and the peer
+/// watcher.
 pub(crate) async fn start(
     config: &Config,
     given: [Option<std::net::TcpListener>; 2],
+    tls: Option<TlsConfig>,
     node: Node<OpResult>,
     db: Arc<StateDb>,
     stats: Arc<MqttStats>,
@@ -227,6 +266,7 @@ pub(crate) async fn start(
     let mut mqtt = Mqtt {
         v4_addr: None,
         v5_addr: None,
+        tls_addr: None,
         listeners: None,
         runtime: None,
         tasks: vec![tokio::spawn(watch_peers(
@@ -240,6 +280,7 @@ pub(crate) async fn start(
         && config.mqtt5_listen.is_none()
         && given4.is_none()
         && given5.is_none()
+        && tls.is_none()
     {
         return Ok(mqtt);
     }
@@ -255,6 +296,7 @@ pub(crate) async fn start(
         auth.clone(),
         config.mqtt_max_packet,
         config.mqtt_max_connections,
+        config.mqtt_connect_timeout,
     ));
     let manager = sessions::Manager {
         node: node.clone(),
@@ -279,9 +321,11 @@ pub(crate) async fn start(
         .build()
         .map_err(io("starting the MQTT runtime"))?;
     let mut sockets = Vec::new();
+    let tls_listen = config.mqtt_tls_listen.filter(|_| tls.is_some());
     for (addr, given, name) in [
         (config.mqtt_listen, given4, "mqtt"),
         (config.mqtt5_listen, given5, "mqtt5"),
+        (tls_listen, None, TLS_LISTENER),
     ] {
         let listening = match (given, addr) {
             (Some(l), _) => adopt(l),
@@ -296,10 +340,10 @@ pub(crate) async fn start(
                 return Err(e);
             }
         };
-        if name == "mqtt" {
-            mqtt.v4_addr = Some(bound);
-        } else {
-            mqtt.v5_addr = Some(bound);
+        match name {
+            "mqtt" => mqtt.v4_addr = Some(bound),
+            "mqtt5" => mqtt.v5_addr = Some(bound),
+            _ => mqtt.tls_addr = Some(bound),
         }
         sockets.push((std_listener, bound, name));
     }
@@ -307,6 +351,7 @@ pub(crate) async fn start(
         shared,
         stats,
         runtime: rt.handle().clone(),
+        tls: tls.map(|t| t.0),
         bound: sockets.iter().map(|(_, a, n)| (*a, *n)).collect(),
         open: Mutex::new(HashMap::new()),
     });

@@ -494,6 +494,14 @@ impl Manager {
                     .taken_over_elsewhere(&device.id, epoch);
             }
             Change::DeviceRegistered(d) => self.auth.invalidate(&d.id),
+            Change::DeviceUpdated(d) => {
+                // Its certificate fingerprint may have changed: a session
+                // that logged in with another certificate ends.
+                self.auth.invalidate(&d.id);
+                self.endpoint
+                    .registry
+                    .revoke_certificate(&d.id, d.cert_sha256.as_deref());
+            }
             Change::DeviceDeleted { id } => {
                 self.auth.invalidate(&id);
                 // Its session here ends now, whatever it logged in with.

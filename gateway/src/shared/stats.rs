@@ -44,12 +44,15 @@ pub struct MqttStats {
     /// Messages not sent because they were larger than the device's MQTT 5
     /// Maximum Packet Size.
     pub messages_too_large: AtomicU64,
+    /// TLS handshakes on the device listener that failed or did not finish
+    /// within the connect deadline (clients that closed are not counted).
+    pub tls_handshake_failures: AtomicU64,
 }
 
 impl MqttStats {
     /// Appends the counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, &AtomicU64); 16] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 17] = [
             (
                 "entente_mqtt_sessions",
                 "gauge",
@@ -145,6 +148,12 @@ impl MqttStats {
                 "counter",
                 "Messages not sent: larger than the device's Maximum Packet Size.",
                 &self.messages_too_large,
+            ),
+            (
+                "entente_mqtt_tls_handshake_failures_total",
+                "counter",
+                "TLS handshakes of device connections that failed or did not finish in time.",
+                &self.tls_handshake_failures,
             ),
         ];
         for (name, kind, help, v) in rows {

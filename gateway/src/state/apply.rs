@@ -159,14 +159,35 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             secret_hash,
             labels,
             attributes,
-        } => register_device(conn, ts, id, secret_hash, labels, attributes).await,
+            cert_sha256,
+        } => {
+            let device = NewDeviceRow {
+                id,
+                secret_hash,
+                labels,
+                attributes,
+                cert_sha256: cert_sha256.as_deref(),
+            };
+            register_device(conn, ts, device).await
+        }
         Op::UpdateDevice {
             id,
             labels,
             attributes,
+            cert_sha256,
         } => {
             if load_device(conn, id).await?.is_none() {
                 return Ok(not_found_device(id));
+            }
+            if let Some(cert) = cert_sha256 {
+                if let Some(conflict) = cert_taken(conn, cert.as_deref(), id).await? {
+                    return Ok(conflict);
+                }
+                sqlx::query("UPDATE devices SET cert_sha256 = ? WHERE id = ?")
+                    .bind(cert.as_deref())
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await?;
             }
             if let Some(labels) = labels {
                 sqlx::query("UPDATE devices SET labels = ? WHERE id = ?")
@@ -459,33 +480,45 @@ async fn insert_token(
     ))
 }
 
+/// A device to register (the fields of `Op::RegisterDevice`).
+struct NewDeviceRow<'a> {
+    id: &'a str,
+    secret_hash: &'a str,
+    labels: &'a BTreeMap<String, String>,
+    attributes: &'a Value,
+    cert_sha256: Option<&'a str>,
+}
+
 async fn register_device(
     conn: &mut SqliteConnection,
     ts: u64,
-    id: &str,
-    secret_hash: &str,
-    labels: &BTreeMap<String, String>,
-    attributes: &Value,
+    d: NewDeviceRow<'_>,
 ) -> Result<Applied, StateError> {
+    let id = d.id;
     if load_device(conn, id).await?.is_some() {
         return Ok((
             OpResult::Conflict(format!("device {id} already exists")),
             None,
         ));
     }
+    if let Some(conflict) = cert_taken(conn, d.cert_sha256, id).await? {
+        return Ok(conflict);
+    }
     sqlx::query(
         "INSERT INTO devices (id, secret_hash, labels, attributes, online, gateway, \
-         presence_epoch, created_at, updated_at) VALUES (?, ?, ?, ?, 0, NULL, 0, ?, ?)",
+         presence_epoch, cert_sha256, created_at, updated_at) \
+         VALUES (?, ?, ?, ?, 0, NULL, 0, ?, ?, ?)",
     )
     .bind(id)
-    .bind(secret_hash)
-    .bind(to_json_text(labels)?)
-    .bind(to_json_text(attributes)?)
+    .bind(d.secret_hash)
+    .bind(to_json_text(d.labels)?)
+    .bind(to_json_text(d.attributes)?)
+    .bind(d.cert_sha256)
     .bind(db_int(ts))
     .bind(db_int(ts))
     .execute(&mut *conn)
     .await?;
-    write_labels(conn, id, labels).await?;
+    write_labels(conn, id, d.labels).await?;
     sqlx::query(
         "INSERT INTO shadows (device, desired, reported, version, desired_updated, \
          reported_updated) VALUES (?, '{}', '{}', 0, '{}', '{}')",
@@ -494,6 +527,32 @@ async fn register_device(
     .execute(&mut *conn)
     .await?;
     device_changed(conn, id, Change::DeviceRegistered).await
+}
+
+/// A conflict if a device other than `id` has the certificate fingerprint
+/// `cert` (one certificate identifies one device).
+async fn cert_taken(
+    conn: &mut SqliteConnection,
+    cert: Option<&str>,
+    id: &str,
+) -> Result<Option<Applied>, StateError> {
+    let Some(cert) = cert else {
+        return Ok(None);
+    };
+    let holder: Option<String> =
+        sqlx::query_scalar("SELECT id FROM devices WHERE cert_sha256 = ? AND id != ?")
+            .bind(cert)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(holder.map(|other| {
+        (
+            OpResult::Conflict(format!(
+                "device {other} is registered with this certificate fingerprint"
+            )),
+            None,
+        )
+    }))
 }
 
 async fn write_labels(

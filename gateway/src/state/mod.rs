@@ -107,6 +107,15 @@ pub enum StateError {
     Corrupt(String),
 }
 
+/// What a device may log in with (for authenticating its MQTT sessions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceCredentials {
+    /// SHA-256 (hex) of its secret; empty if it has none.
+    pub secret_hash: String,
+    /// SHA-256 (lowercase hex) of its client certificate, if it has one.
+    pub cert_sha256: Option<String>,
+}
+
 /// Filters for listing devices.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceFilter {

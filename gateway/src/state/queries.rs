@@ -10,7 +10,7 @@ use super::rows::{
     COMMAND_COLS, DEVICE_COLS, command_from_row, db_int, device_from_row, from_db_int,
     load_command, load_device, load_shadow, parse_json,
 };
-use super::{DeviceFilter, Page, StateDb, StateError};
+use super::{DeviceCredentials, DeviceFilter, Page, StateDb, StateError};
 use crate::ops::{Command, CommandStatus, Device, Event, Role, Shadow};
 
 impl StateDb {
@@ -31,6 +31,23 @@ impl StateDb {
                 .fetch_optional(&*pool)
                 .await?,
         )
+    }
+
+    /// What a device may log in with (`None` if the device does not exist).
+    pub async fn device_credentials(
+        &self,
+        id: &str,
+    ) -> Result<Option<DeviceCredentials>, StateError> {
+        let pool = self.pool.read().await;
+        let row: Option<(String, Option<String>)> =
+            sqlx::query_as("SELECT secret_hash, cert_sha256 FROM devices WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&*pool)
+                .await?;
+        Ok(row.map(|(secret_hash, cert_sha256)| DeviceCredentials {
+            secret_hash,
+            cert_sha256,
+        }))
     }
 
     /// Devices matching `filter`, ordered by id, one page.

@@ -65,6 +65,7 @@ fn register_with(id: &str, labels: &[(&str, &str)]) -> Op {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         attributes: json!({"model": "X2"}),
+        cert_sha256: None,
     }
 }
 
@@ -118,6 +119,26 @@ fn shadow_of(r: OpResult) -> Shadow {
     match r {
         OpResult::Shadow(s) => s,
         other => panic!("expected a shadow, got {other:?}"),
+    }
+}
+
+/// A registration with a certificate fingerprint.
+fn with_cert(op: Op, fingerprint: &str) -> Op {
+    match op {
+        Op::RegisterDevice {
+            id,
+            secret_hash,
+            labels,
+            attributes,
+            ..
+        } => Op::RegisterDevice {
+            id,
+            secret_hash,
+            labels,
+            attributes,
+            cert_sha256: Some(fingerprint.into()),
+        },
+        other => other,
     }
 }
 
@@ -186,11 +207,12 @@ fn workload() -> Vec<Committed> {
         },
         register_with("pump-1", &[("site", "north")]),
         register_with("pump-2", &[("site", "south")]),
-        register("valve-9"),
+        with_cert(register("valve-9"), &"ab".repeat(32)),
         Op::UpdateDevice {
             id: "pump-2".into(),
             labels: Some(BTreeMap::from([("site".into(), "north".into())])),
             attributes: None,
+            cert_sha256: Some(Some("cd".repeat(32))),
         },
         Op::RotateSecret {
             id: "pump-1".into(),
@@ -325,6 +347,7 @@ async fn device_register_update_rotate_delete() {
             id: "pump-7".into(),
             labels: None,
             attributes: Some(json!({"model": "X3"})),
+            cert_sha256: None,
         })
         .await,
     );
@@ -337,6 +360,7 @@ async fn device_register_update_rotate_delete() {
             id: "pump-7".into(),
             labels: Some(BTreeMap::from([("zone".into(), "a".into())])),
             attributes: None,
+            cert_sha256: None,
         })
         .await,
     );
@@ -357,7 +381,8 @@ async fn device_register_update_rotate_delete() {
         t.run(Op::UpdateDevice {
             id: "ghost".into(),
             labels: None,
-            attributes: None
+            attributes: None,
+            cert_sha256: None,
         })
         .await,
         OpResult::NotFound(_)
@@ -417,6 +442,61 @@ async fn device_register_update_rotate_delete() {
     assert_eq!(c.id, "c-2");
     let sh = t.db.shadow("pump-7").await.unwrap().unwrap();
     assert_eq!(sh.version, 0);
+}
+
+#[tokio::test]
+async fn device_certificates_are_registered_changed_and_unique() {
+    let mut t = Db::new().await;
+    let (a, b) = ("aa".repeat(32), "bb".repeat(32));
+    let d = device_of(t.run(with_cert(register("cam-1"), &a)).await);
+    assert_eq!(d.cert_sha256.as_deref(), Some(a.as_str()));
+    let creds = t.db.device_credentials("cam-1").await.unwrap().unwrap();
+    assert_eq!(creds.cert_sha256.as_deref(), Some(a.as_str()));
+    assert_eq!(creds.secret_hash, "hash-cam-1");
+    assert_eq!(t.db.device_credentials("ghost").await.unwrap(), None);
+    // One certificate, one device: registering or updating another device
+    // with it is a conflict that changes nothing.
+    let r = t.run(with_cert(register("cam-2"), &a)).await;
+    assert!(
+        matches!(&r, OpResult::Conflict(m) if m.contains("cam-1")),
+        "{r:?}"
+    );
+    assert!(t.db.device("cam-2").await.unwrap().is_none());
+    device_of(t.run(with_cert(register("cam-2"), &b)).await);
+    let update = |cert: Option<Option<String>>| Op::UpdateDevice {
+        id: "cam-2".into(),
+        labels: None,
+        attributes: None,
+        cert_sha256: cert,
+    };
+    assert!(matches!(
+        t.run(update(Some(Some(a.clone())))).await,
+        OpResult::Conflict(_)
+    ));
+    assert_eq!(
+        t.db.device("cam-2").await.unwrap().unwrap().cert_sha256,
+        Some(b.clone())
+    );
+    // Its own fingerprint again is no conflict; no change leaves it; null
+    // removes it (and frees it for another device).
+    device_of(t.run(update(Some(Some(b.clone())))).await);
+    let kept = device_of(t.run(update(None)).await);
+    assert_eq!(kept.cert_sha256, Some(b.clone()));
+    let removed = device_of(t.run(update(Some(None))).await);
+    assert_eq!(removed.cert_sha256, None);
+    let events = t.db.events_since(0, 100).await.unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(last.kind, "device.updated");
+    assert_eq!(last.data["cert_sha256"], Value::Null);
+    device_of(t.run(with_cert(register("cam-3"), &b)).await);
+    // A device with no secret (certificate only) stores an empty hash.
+    let mut cert_only = with_cert(register("cam-4"), &"cc".repeat(32));
+    if let Op::RegisterDevice { secret_hash, .. } = &mut cert_only {
+        secret_hash.clear();
+    }
+    device_of(t.run(cert_only).await);
+    let creds = t.db.device_credentials("cam-4").await.unwrap().unwrap();
+    assert_eq!(creds.secret_hash, "");
 }
 
 #[tokio::test]
@@ -1625,6 +1705,7 @@ async fn the_change_feed_types_what_the_events_say() {
             id: "d".into(),
             labels: None,
             attributes: Some(json!({"model": "X3"})),
+            cert_sha256: None,
         },
         Op::RotateSecret {
             id: "d".into(),

@@ -133,6 +133,11 @@ pub fn connect_v4_keep_alive(
     let mut opts = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
     opts.set_credentials(user, password);
     opts.set_keep_alive(keep_alive);
+    connect_v4_with(opts)
+}
+
+/// Connects with MQTT 3.1.1 and the given options (TLS, say).
+pub fn connect_v4_with(opts: rumqttc::MqttOptions) -> Device {
     let (client, mut el) = rumqttc::AsyncClient::new(opts, 64);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -169,6 +174,11 @@ pub fn connect_v5(addr: SocketAddr, id: &str, password: &str) -> Device {
     let mut opts = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
     opts.set_credentials(id, password);
     opts.set_keep_alive(Duration::from_secs(5));
+    connect_v5_with(opts)
+}
+
+/// Connects with MQTT 5 and the given options (TLS, say).
+pub fn connect_v5_with(opts: rumqttc::v5::MqttOptions) -> Device {
     let (client, mut el) = rumqttc::v5::AsyncClient::new(opts, 64);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
