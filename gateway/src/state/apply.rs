@@ -53,7 +53,10 @@ impl StateDb {
                     // gateway cannot read (a newer version's format, or
                     // damage) must stop it, not be skipped — skipping would
                     // make its state differ from its peers' for good.
-                    // Nothing of this batch is committed.
+                    // Nothing of this batch is committed: rolled back
+                    // here, not left to the transaction's drop (which
+                    // finishes later, holding the write lock meanwhile).
+                    tx.rollback().await?;
                     return Err(StateError::Corrupt(format!(
                         "committed entry {} cannot be decoded by this gateway ({}; this gateway \
                          reads entry format {}): {e}; it stops here — upgrade it to the version \
