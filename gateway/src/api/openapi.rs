@@ -161,6 +161,20 @@ fn refine(doc: &mut Value, config: &Config) {
             components.insert(name.into(), schema);
         }
     }
+    // A device registered to log in by certificate only needs one.
+    if let Some(new_device) = doc
+        .pointer_mut("/components/schemas/NewDevice")
+        .and_then(Value::as_object_mut)
+    {
+        new_device.insert(
+            "if".into(),
+            serde_json::json!({"properties": {"auth": {"const": "certificate"}}, "required": ["auth"]}),
+        );
+        new_device.insert(
+            "then".into(),
+            serde_json::json!({"required": ["cert_sha256"], "properties": {"cert_sha256": {"type": "string"}}}),
+        );
+    }
     unsigned(doc);
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
         return;
