@@ -83,6 +83,13 @@ pub const CHANGE_CHANNEL_CAPACITY: usize = 4096;
 /// Events are kept for this many log indexes behind the applied index.
 pub const EVENTS_RETAINED: u64 = 100_000;
 
+/// The lowest index an event stream can resume after, at applied index
+/// `applied`: apply drops the events below `applied - EVENTS_RETAINED`, so
+/// resuming after anything lower would silently skip some.
+pub fn resumable_after(applied: Index) -> Index {
+    applied.saturating_sub(EVENTS_RETAINED).saturating_sub(1)
+}
+
 /// Why a state operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {

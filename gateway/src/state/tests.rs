@@ -1806,3 +1806,38 @@ async fn the_change_feed_types_what_the_events_say() {
     );
     assert_eq!(got[17], Change::DeviceDeleted { id: "d".into() });
 }
+
+/// A resume from before the kept events is refused with the oldest index a
+/// stream can resume after, in the same read as the events (issue 14).
+#[tokio::test]
+async fn events_after_an_index_no_longer_kept_are_refused_with_the_oldest() {
+    let t = Db::new().await;
+    t.db.apply(vec![entry(1, T0, register("early"))], 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        t.db.events_since_checked(0, 10, usize::MAX)
+            .await
+            .unwrap()
+            .unwrap()
+            .len(),
+        1
+    );
+    // Far along the log: the early event is dropped.
+    let late = EVENTS_RETAINED + 500;
+    t.db.apply(vec![entry(late, T0, register("late"))], late)
+        .await
+        .unwrap();
+    let oldest = resumable_after(late);
+    assert_eq!(oldest, 499);
+    assert_eq!(
+        t.db.events_since_checked(0, 10, usize::MAX).await.unwrap(),
+        Err(oldest)
+    );
+    let kept =
+        t.db.events_since_checked(oldest, 10, usize::MAX)
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(kept.iter().map(|e| e.index).collect::<Vec<_>>(), [late]);
+}
