@@ -1,6 +1,6 @@
 # Builds the gateway and the device simulator; one image runs either.
 #   docker build -t entente .
-FROM rust:1.88-bookworm AS build
+FROM rust:1.89-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p gateway -p device-sim \

@@ -195,6 +195,14 @@ pub enum NodeError {
     /// The request did not complete in time; it may still take effect.
     #[error("timed out; the request may or may not take effect")]
     Timeout,
+    /// The leader the proposal went to (or this node's own leadership) was
+    /// lost while it was in flight, and it was not applied within an
+    /// election timeout after: it may or may not still take effect.
+    #[error(
+        "the leader changed or was lost while the request was in flight; it may or may not take \
+         effect"
+    )]
+    OutcomeUnknown,
     /// The entry was overwritten by a new leader; it did not take effect.
     #[error("leadership changed before the entry committed; it did not take effect")]
     Dropped,
@@ -403,6 +411,7 @@ impl<O: Send + 'static> Node<O> {
             refusal_log: LogLimiter::new(REFUSAL_LOG_WINDOW, REFUSAL_LOG_BURST),
             refusal_log_per_peer: RepeatLimiter::new(REFUSAL_LOG_PER_PEER, 64),
             ticks_without_leader: 0,
+            view: (None, 0),
             announced_leader: None,
             announced_conf: ConfState::default(),
             told_not_member: HashMap::new(),
@@ -419,14 +428,20 @@ impl<O: Send + 'static> Node<O> {
 
     async fn request<T>(&self, make: impl FnOnce(Reply<T>) -> Command<O>) -> Result<T, NodeError> {
         let (tx, rx) = oneshot::channel();
-        self.cmd
-            .send(make(tx))
-            .await
-            .map_err(|_| NodeError::Shutdown)?;
+        self.cmd.send(make(tx)).await.map_err(|_| self.stopped())?;
         match tokio::time::timeout(self.timeout + Duration::from_millis(100), rx).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(NodeError::Shutdown),
+            Ok(Err(_)) => Err(self.stopped()),
             Err(_) => Err(NodeError::Timeout),
+        }
+    }
+
+    /// Why the driver no longer takes requests: its fatal error, if it
+    /// stopped on one, else a shutdown.
+    fn stopped(&self) -> NodeError {
+        match &self.status.borrow().fatal {
+            Some(e) => NodeError::Fatal(e.clone()),
+            None => NodeError::Shutdown,
         }
     }
 
@@ -500,6 +515,12 @@ impl<O: Send + 'static> Node<O> {
 struct PendingProposal<O> {
     reply: Reply<Applied<O>>,
     deadline: Instant,
+    /// The leader and term this node knew when it proposed.
+    view: (Option<NodeId>, Term),
+    /// The leader or term changed since: its fate is unknown, and it is
+    /// answered [`NodeError::OutcomeUnknown`] if it is not applied within
+    /// an election timeout of the change.
+    orphaned: bool,
 }
 
 struct Driver<S, P, M: StateMachine> {
@@ -541,6 +562,8 @@ struct Driver<S, P, M: StateMachine> {
     refusal_log_per_peer: RepeatLimiter<NodeId>,
     /// Ticks since this node last knew a leader (0 while it knows one).
     ticks_without_leader: u64,
+    /// The leader and term as last seen by [`Driver::watch_view`].
+    view: (Option<NodeId>, Term),
     /// The leader and term last logged (`None`: none known).
     announced_leader: Option<(NodeId, Term)>,
     /// The membership last logged.
@@ -571,6 +594,7 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                     } else {
                         self.ticks_without_leader = self.ticks_without_leader.saturating_add(1);
                     }
+                    self.watch_view();
                     self.expire(Instant::now());
                 }
                 cmd = cmds.recv() => match cmd {
@@ -611,6 +635,7 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                 result = self.cycle().await;
             }
             if result.is_ok() {
+                self.watch_view();
                 let published = self.status.borrow();
                 let stale = published.refused_non_member != self.refused_non_member
                     || published.raft.removed != self.raft.removed();
@@ -625,8 +650,10 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
             }
             if let Err(e) = result {
                 tracing::error!(node = self.id, error = %e, "node stopped after a fatal error");
-                self.fail_all(NodeError::Fatal(e.to_string()));
+                // Published first: whoever is told of the failure finds it
+                // in the status.
                 self.status.send_modify(|s| s.fatal = Some(e.to_string()));
+                self.fail_all(NodeError::Fatal(e.to_string()));
                 return;
             }
             if stop {
@@ -677,7 +704,12 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
             .collect();
         for seq in expired {
             if let Some(p) = self.proposals.remove(&seq) {
-                let _ = p.reply.send(Err(NodeError::Timeout));
+                let e = if p.orphaned {
+                    NodeError::OutcomeUnknown
+                } else {
+                    NodeError::Timeout
+                };
+                let _ = p.reply.send(Err(e));
             }
         }
         let expired: Vec<Vec<u8>> = self
@@ -717,6 +749,46 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         Instant::now() + self.cfg.request_timeout
     }
 
+    /// One election timeout (the shortest the core draws).
+    fn election_timeout(&self) -> Duration {
+        self.cfg
+            .tick
+            .saturating_mul(self.cfg.raft.election_tick.max(1))
+    }
+
+    /// Reacts to a change of leader or term. Proposals made under another
+    /// view may have died with the leader they went to (or with this node's
+    /// own leadership): each is answered when applied, or else
+    /// [`NodeError::OutcomeUnknown`] one election timeout after the change —
+    /// not after the whole request timeout. (A forwarded proposal cannot be
+    /// sent again safely: a follower that held it may still forward it to
+    /// the new leader, and it would be applied twice.) Pending reads, which
+    /// change nothing, are asked again of a new leader.
+    fn watch_view(&mut self) {
+        let view = (self.raft.leader(), self.raft.term());
+        if view == self.view {
+            return;
+        }
+        self.view = view;
+        let by = Instant::now() + self.election_timeout();
+        for p in self.proposals.values_mut() {
+            if p.view != view && !p.orphaned {
+                p.orphaned = true;
+                p.deadline = p.deadline.min(by);
+            }
+        }
+        if view.0.is_some() {
+            let ctxs: Vec<Vec<u8>> = self.reads.keys().cloned().collect();
+            for ctx in ctxs {
+                if let Err(e) = self.raft.read_index(ctx.clone())
+                    && let Some((r, _)) = self.reads.remove(&ctx)
+                {
+                    let _ = r.send(Err(map_propose_error(e)));
+                }
+            }
+        }
+    }
+
     fn handle_command(&mut self, cmd: Command<M::Output>) {
         match cmd {
             Command::Propose(data, reply) => {
@@ -729,8 +801,16 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                             self.appended.insert(index, (term, seq));
                         }
                         let deadline = self.deadline();
-                        self.proposals
-                            .insert(seq, PendingProposal { reply, deadline });
+                        let view = (self.raft.leader(), self.raft.term());
+                        self.proposals.insert(
+                            seq,
+                            PendingProposal {
+                                reply,
+                                deadline,
+                                view,
+                                orphaned: false,
+                            },
+                        );
                     }
                     Err(e) => {
                         let _ = reply.send(Err(map_propose_error(e)));

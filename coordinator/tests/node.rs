@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use coordinator::node::{BoxError, Committed, Inbound, Node, NodeConfig, PeerSender, StateMachine};
+use coordinator::node::{
+    BoxError, Committed, Inbound, Node, NodeConfig, NodeError, PeerSender, StateMachine,
+};
 use coordinator::raft::{ConfChange, ConfState, Index, Message, NodeId, Role, SnapshotMeta};
 use coordinator::storage::{Storage, StorageOptions};
 use tokio::sync::mpsc;
@@ -16,6 +18,15 @@ use tokio::sync::mpsc;
 #[derive(Default)]
 struct Hub {
     routes: Mutex<BTreeMap<NodeId, mpsc::Sender<Inbound>>>,
+    /// Nodes cut off: nothing from or to them is delivered.
+    down: Mutex<std::collections::BTreeSet<NodeId>>,
+}
+
+impl Hub {
+    fn cut(&self, a: NodeId, b: NodeId) -> bool {
+        let down = self.down.lock().expect("down");
+        down.contains(&a) || down.contains(&b)
+    }
 }
 
 struct HubSender {
@@ -33,20 +44,21 @@ impl HubSender {
 impl PeerSender for HubSender {
     fn send(&self, msg: Message) {
         let to = msg.to;
-        if !self.route(to, Inbound::Message(msg)) {
+        if self.hub.cut(self.from, to) || !self.route(to, Inbound::Message(msg)) {
             self.route(self.from, Inbound::Unreachable(to));
         }
     }
 
     fn send_snapshot(&self, msg: Message, data: Arc<Vec<u8>>) {
         let to = msg.to;
-        let ok = self.route(
-            to,
-            Inbound::Snapshot {
-                msg,
-                data: data.as_ref().clone(),
-            },
-        );
+        let ok = !self.hub.cut(self.from, to)
+            && self.route(
+                to,
+                Inbound::Snapshot {
+                    msg,
+                    data: data.as_ref().clone(),
+                },
+            );
         self.route(self.from, Inbound::SnapshotStatus { to, ok });
     }
 }
@@ -109,6 +121,17 @@ async fn start(
     voters: &[NodeId],
     sm: Log,
 ) -> Node<usize> {
+    start_with(hub, dir, id, voters, sm, config(id)).await
+}
+
+async fn start_with(
+    hub: &Arc<Hub>,
+    dir: &std::path::Path,
+    id: NodeId,
+    voters: &[NodeId],
+    sm: Log,
+    cfg: NodeConfig,
+) -> Node<usize> {
     let (storage, rec) =
         Storage::open(dir.join(id.to_string()), StorageOptions::default()).expect("open");
     let init = rec.into_initial_state(ConfState::with_voters(voters.iter().copied()));
@@ -118,7 +141,7 @@ async fn start(
         hub: hub.clone(),
         from: id,
     });
-    Node::start(config(id), init, storage, peers, rx, sm)
+    Node::start(cfg, init, storage, peers, rx, sm)
         .await
         .expect("start")
 }
@@ -442,4 +465,124 @@ async fn a_member_back_from_an_outage_follows_a_leader_added_meanwhile() {
         n.shutdown().await;
     }
     back.shutdown().await;
+}
+
+/// A three-node group whose proposals wait up to 30 s, for the tests of
+/// answers that must come long before that.
+async fn patient_group(hub: &Arc<Hub>, dir: &std::path::Path) -> BTreeMap<NodeId, Node<usize>> {
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        let mut cfg = config(id);
+        cfg.request_timeout = Duration::from_secs(30);
+        nodes.insert(
+            id,
+            start_with(hub, dir, id, &[1, 2, 3], Log::default(), cfg).await,
+        );
+    }
+    let leader = leader_of(&nodes).await;
+    // Every node knows the leader and has applied its first entry.
+    nodes[&leader]
+        .propose(b"warm".to_vec())
+        .await
+        .expect("warm-up");
+    for n in nodes.values() {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while n.status().raft.leader != Some(leader) || n.status().raft.applied < 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a node never followed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    nodes
+}
+
+/// How long answers may take in these tests: many election timeouts (5 ms
+/// ticks, 10 each), far below the 30 s request timeout.
+const PROMPT: Duration = Duration::from_secs(5);
+
+/// Finding (issue 14): a write forwarded to a leader that died waited out
+/// the whole request timeout. Now it is answered "outcome unknown" about an
+/// election timeout after the follower saw the leader change, and the next
+/// one goes to the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_forwarded_to_a_leader_that_dies_is_answered_soon() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let hub = Arc::new(Hub::default());
+    let nodes = patient_group(&hub, tmp.path()).await;
+    let leader = leader_of(&nodes).await;
+    let f = *nodes.keys().find(|&&id| id != leader).expect("follower");
+    hub.down.lock().expect("down").insert(leader);
+    let started = tokio::time::Instant::now();
+    let r = nodes[&f].propose(b"lost".to_vec()).await;
+    assert!(
+        matches!(r, Err(NodeError::OutcomeUnknown)),
+        "forwarded to a dead leader: {r:?}"
+    );
+    assert!(
+        started.elapsed() < PROMPT,
+        "answered after {:?}",
+        started.elapsed()
+    );
+    let r = nodes[&f].propose(b"next".to_vec()).await;
+    assert!(
+        r.is_ok(),
+        "the next proposal, through the new leader: {r:?}"
+    );
+}
+
+/// Finding (issue 14): a member cut off from the group (the minority side
+/// of a partition) held writes for the whole request timeout. Now a write
+/// in flight is answered "outcome unknown" soon after it loses its leader,
+/// and a new one "no leader" at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cut_off_from_the_group_answers_writes_promptly() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let hub = Arc::new(Hub::default());
+    let nodes = patient_group(&hub, tmp.path()).await;
+    let leader = leader_of(&nodes).await;
+    let f = *nodes.keys().find(|&&id| id != leader).expect("follower");
+    hub.down.lock().expect("down").insert(f);
+    let started = tokio::time::Instant::now();
+    let r = nodes[&f].propose(b"cut".to_vec()).await;
+    assert!(
+        matches!(r, Err(NodeError::OutcomeUnknown)),
+        "a write on the cut-off member: {r:?}"
+    );
+    assert!(
+        started.elapsed() < PROMPT,
+        "answered after {:?}",
+        started.elapsed()
+    );
+    let started = tokio::time::Instant::now();
+    let r = nodes[&f].propose(b"again".to_vec()).await;
+    assert!(matches!(r, Err(NodeError::NoLeader)), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // The others go on.
+    let r = nodes[&leader].propose(b"majority".to_vec()).await;
+    assert!(r.is_ok(), "{r:?}");
+}
+
+/// Finding (issue 14): a leader cut off from its followers held the writes
+/// it had appended for the whole request timeout. Now it steps down
+/// (check-quorum) and answers them "outcome unknown" soon after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_its_followers_answers_its_writes_promptly() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let hub = Arc::new(Hub::default());
+    let nodes = patient_group(&hub, tmp.path()).await;
+    let leader = leader_of(&nodes).await;
+    hub.down.lock().expect("down").insert(leader);
+    let started = tokio::time::Instant::now();
+    let r = nodes[&leader].propose(b"alone".to_vec()).await;
+    assert!(
+        matches!(r, Err(NodeError::OutcomeUnknown)),
+        "a write on the cut-off leader: {r:?}"
+    );
+    assert!(
+        started.elapsed() < PROMPT,
+        "answered after {:?}",
+        started.elapsed()
+    );
 }

@@ -68,3 +68,75 @@ pub(crate) fn private_options() -> tokio::fs::OpenOptions {
     opts.mode(FILE_MODE);
     opts
 }
+
+/// The lock file in a data directory.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// An exclusive lock on a data directory, held while the value lives (the
+/// operating system releases it when the process ends, however it ends).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Why a data directory could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process holds it.
+    #[error(
+        "the data directory {dir} is in use by another process ({holder}); stop it first, or \
+         use another --data-dir"
+    )]
+    Held {
+        /// The data directory.
+        dir: std::path::PathBuf,
+        /// What the lock file says of its holder.
+        holder: String,
+    },
+    /// The lock file could not be opened or locked.
+    #[error("locking the data directory {dir}: {source}")]
+    Io {
+        /// The data directory.
+        dir: std::path::PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// Takes the exclusive lock on data directory `dir` (which must exist):
+/// `<dir>/LOCK`, locked with the operating system's file lock and holding
+/// the holder's process id. A second gateway (or `--recover`, `--restore`)
+/// on the same directory is refused, naming the holder.
+pub fn lock_dir(dir: &Path) -> Result<DirLock, LockError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join(LOCK_FILE);
+    let err = |source| LockError::Io {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, FILE_MODE);
+    let mut file = opts.open(&path).map_err(err)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.take(256).read_to_string(&mut text);
+            let holder = match text.trim() {
+                "" => "a process that has not said which".to_string(),
+                t => t.to_string(),
+            };
+            return Err(LockError::Held {
+                dir: dir.to_path_buf(),
+                holder,
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(err(e)),
+    }
+    file.set_len(0).map_err(err)?;
+    file.rewind().map_err(err)?;
+    write!(file, "pid {}", std::process::id()).map_err(err)?;
+    Ok(DirLock { _file: file })
+}

@@ -56,6 +56,7 @@ async fn main() {
         );
     }
     let recover = args.recover;
+    let restore = args.restore.clone();
     let config = match gateway::config::Config::from_args(args) {
         Ok(c) => c,
         Err(e) => {
@@ -72,6 +73,18 @@ async fn main() {
             }
             Err(e) => {
                 eprintln!("gateway: recovery refused: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    if let Some(file) = restore {
+        match gateway::backup::restore(&file, &config.data_dir, config.node_id).await {
+            Ok(r) => {
+                println!("{r}");
+                std::process::exit(0);
+            }
+            Err(e) => {
+                eprintln!("gateway: restore refused: {e}");
                 std::process::exit(1);
             }
         }

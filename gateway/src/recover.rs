@@ -100,6 +100,7 @@ pub fn recover(
             data_dir.display()
         )));
     }
+    let _lock = crate::lock_data_dir(data_dir)?;
     let (mut storage, recovered) = Storage::open(&raft_dir, StorageOptions::default())?;
     let old = recovered.hard_state;
     let last = storage.last_index();

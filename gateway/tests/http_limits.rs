@@ -304,3 +304,39 @@ async fn at_the_limit_with_every_connection_busy_a_new_one_is_answered_503() {
     drop(streams);
     env.gw.stop().await;
 }
+
+/// Finding: an oversize body is refused (413) before it is read, and the
+/// server then closes the connection — but the 413 did not say so, so a
+/// client that reused the connection for its next request saw that request
+/// fail (`IncompleteMessage`). A 413 now says `Connection: close`, and the
+/// next request on the same client succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_body_is_answered_413_with_connection_close() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let env = boot(tmp.path(), |_| {}).await;
+    let big = json!({"id": "x", "labels": {"k": "v".repeat(2 << 20)}});
+    for round in 0..5 {
+        let r = env
+            .http
+            .post(format!("{}/v1/devices", env.base))
+            .bearer_auth(&env.token)
+            .json(&big)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the oversize request: {e:?}"));
+        assert_eq!(r.status(), 413);
+        assert_eq!(
+            r.headers().get("connection").map(|v| v.as_bytes()),
+            Some(&b"close"[..]),
+            "a 413 must close the connection it leaves unread"
+        );
+        let r = env
+            .http
+            .get(format!("{}/v1/devices", env.base))
+            .bearer_auth(&env.token)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the request after a 413: {e:?}"));
+        assert_eq!(r.status(), 200);
+    }
+}

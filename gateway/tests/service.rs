@@ -349,3 +349,86 @@ async fn peers_named_by_host_may_start_in_any_order() {
         );
     }
 }
+
+/// Finding (issue 14): two processes could open one data directory, each
+/// writing the same log and state database. Now the second gateway — and
+/// `--recover` or `--restore` on that directory — is refused, naming the
+/// holder; the lock goes with the process that held it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_in_use_is_refused_naming_its_holder() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ports = reserve_ports(2);
+    let listen = |p: &SocketAddr| p.to_string();
+    let args = |http: &SocketAddr| {
+        vec![
+            "--http-listen".to_string(),
+            listen(http),
+            "--raft-listen".to_string(),
+            "127.0.0.1:0".to_string(),
+            "--mqtt-listen".to_string(),
+            "127.0.0.1:0".to_string(),
+            "--mqtt5-listen".to_string(),
+            "127.0.0.1:0".to_string(),
+        ]
+    };
+    let first_args = args(&ports[0]);
+    let first_args: Vec<&str> = first_args.iter().map(String::as_str).collect();
+    let mut first = spawn(tmp.path(), &first_args);
+    until_status(
+        &reqwest::Client::new(),
+        &format!("http://{}/readyz", ports[0]),
+        200,
+    )
+    .await;
+    let pid = first.child.id();
+
+    let second_args = args(&ports[1]);
+    let second_args: Vec<&str> = second_args.iter().map(String::as_str).collect();
+    let mut second = spawn(tmp.path(), &second_args);
+    let status = second
+        .exits_within(WAIT)
+        .await
+        .expect("the second gateway exits");
+    assert_eq!(status.code(), Some(1), "{}", second.output());
+    let out = second.output();
+    assert!(
+        out.contains("is in use by another process") && out.contains(&format!("pid {pid}")),
+        "{out}"
+    );
+    let data = tmp.path().join("data");
+    for offline in [
+        vec!["--recover", "--node-id", "1"],
+        vec!["--restore", "/nonexistent-backup", "--node-id", "1"],
+    ] {
+        let out = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(&offline)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{offline:?} ran on a directory in use"
+        );
+        assert!(err.contains(&format!("pid {pid}")), "{offline:?}: {err}");
+    }
+    // The holder is alive and well; once it is gone the directory is free.
+    until_status(
+        &reqwest::Client::new(),
+        &format!("http://{}/readyz", ports[0]),
+        200,
+    )
+    .await;
+    first.signal("KILL");
+    first.exits_within(WAIT).await.expect("killed");
+    let mut third = spawn(tmp.path(), &second_args);
+    until_status(
+        &reqwest::Client::new(),
+        &format!("http://{}/readyz", ports[1]),
+        200,
+    )
+    .await;
+    third.signal("TERM");
+    assert!(third.exits_within(WAIT).await.is_some_and(|s| s.success()));
+}

@@ -297,6 +297,13 @@ pub fn write_error(e: NodeError, write_timeout: std::time::Duration) -> ApiError
             ),
             1,
         ),
+        NodeError::OutcomeUnknown => ApiError::unavailable(
+            "outcome-unknown",
+            "the group's leader changed or was lost while this write was in flight; it may or \
+             may not have been applied — read the resource before retrying (commands: retry \
+             with the same idempotency_key)",
+            1,
+        ),
         NodeError::Dropped => ApiError::unavailable(
             "write-dropped",
             "leadership changed before the write committed; it did not take effect — retry",
@@ -338,13 +345,15 @@ pub fn read_error(e: NodeError) -> ApiError {
                 1,
             )
         }
-        NodeError::Timeout | NodeError::Dropped => ApiError::unavailable(
-            "read-timeout",
-            "the group did not confirm this gateway's read point in time (it may have lost its \
+        NodeError::Timeout | NodeError::Dropped | NodeError::OutcomeUnknown => {
+            ApiError::unavailable(
+                "read-timeout",
+                "the group did not confirm this gateway's read point in time (it may have lost its \
              quorum); retry, or add ?consistency=local to read this gateway's possibly stale \
              state",
-            1,
-        ),
+                1,
+            )
+        }
         NodeError::Shutdown => ApiError::unavailable(
             "shutting-down",
             "this gateway is shutting down; retry on another gateway",

@@ -9,9 +9,10 @@
 //! - `error` — problem+json errors, including axum's own rejections;
 //! - `auth` — bearer tokens and roles; `extract` — extractors, the read
 //!   barrier (consistency levels) and the write helper;
-//! - `devices`, `shadow`, `commands`, `events` (SSE), `cluster`, `health`
-//!   (healthz, readyz, metrics), `openapi`.
+//! - `devices`, `shadow`, `commands`, `events` (SSE), `cluster`, `admin`
+//!   (backup), `health` (healthz, readyz, metrics), `openapi`.
 
+mod admin;
 mod auth;
 mod cluster;
 mod commands;
@@ -23,6 +24,7 @@ mod health;
 mod openapi;
 #[cfg(test)]
 mod roundtrip_tests;
+pub(crate) mod schemas;
 mod shadow;
 pub(crate) mod validate;
 
@@ -62,7 +64,7 @@ pub struct AppState {
     /// Becomes `true` when the gateway shuts down (ends SSE streams and long polls).
     pub shutdown: watch::Receiver<bool>,
     /// The MQTT side's counters (for `/metrics`).
-    pub mqtt: Arc<crate::mqtt::MqttStats>,
+    pub mqtt: Arc<crate::shared::MqttStats>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -182,6 +184,7 @@ fn table() -> Vec<Entry> {
             Some(Admin),
             cluster::transfer_leader,
         ),
+        entry(GET, "/v1/admin/backup", Some(Admin), admin::backup),
         entry(GET, "/healthz", None, health::healthz),
         entry(GET, "/readyz", None, health::readyz),
         entry(GET, "/metrics", Some(Viewer), health::metrics),
@@ -199,6 +202,7 @@ pub fn app(state: AppState) -> Router {
     let metrics = Arc::new(health::Metrics::default());
     let streams = Arc::new(events::EventStreams::new(&state.config));
     let max_body = state.config.max_body_bytes;
+    let document = openapi::document(&state.config);
     let mut router = Router::new();
     for (info, method_router) in table() {
         let method_router = match info.role {
@@ -214,6 +218,8 @@ pub fn app(state: AppState) -> Router {
         .fallback(|| async { error::ApiError::from_status(StatusCode::NOT_FOUND) })
         .layer(Extension(metrics.clone()))
         .layer(Extension(streams))
+        .layer(Extension(Arc::new(admin::BackupSlot::default())))
+        .layer(Extension(document))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(state.clone(), deadline))
         .layer(RequestBodyLimitLayer::new(max_body))
@@ -251,6 +257,8 @@ async fn deadline(State(state): State<AppState>, req: Request, next: Next) -> Re
     let base = state.config.write_timeout * 2 + Duration::from_secs(1);
     let budget = if waits(&req) {
         base + state.config.max_wait
+    } else if req.uri().path() == "/v1/admin/backup" {
+        base + admin::IMAGE_BUDGET
     } else {
         base
     };
@@ -278,14 +286,29 @@ fn is_problem(headers: &HeaderMap) -> bool {
 
 /// Middleware: error responses produced outside the handlers (405, 413 of
 /// the body limit, …) get a problem body too.
+///
+/// A 413 also says `Connection: close`: the body it refused may be left
+/// unread, so the server closes the connection after answering, and a
+/// client that reused it would see its next request fail.
 async fn bare_errors_as_problems(req: Request, next: Next) -> Response {
-    let res = next.run(req).await;
+    let mut res = next.run(req).await;
     let status = res.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        res.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
     if !(status.is_client_error() || status.is_server_error()) || is_problem(res.headers()) {
         return res;
     }
     let mut problem = error::ApiError::from_status(status).into_response();
-    for name in [header::ALLOW, header::RETRY_AFTER, header::WWW_AUTHENTICATE] {
+    for name in [
+        header::ALLOW,
+        header::RETRY_AFTER,
+        header::WWW_AUTHENTICATE,
+        header::CONNECTION,
+    ] {
         if let Some(v) = res.headers().get(&name) {
             problem.headers_mut().insert(name, v.clone());
         }

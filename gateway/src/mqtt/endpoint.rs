@@ -4,8 +4,12 @@
 //! Devices only ever talk to their gateway (a device publishes to and
 //! subscribes to its own `devices/{id}/…` topics), so there is no routing
 //! between clients to do. Each connection is one task that
+//! - on the TLS listener, runs the TLS handshake first (under the same
+//!   deadline as the CONNECT, so a slow or hostile client holds up nothing
+//!   but its own task);
 //! - reads the CONNECT (under a deadline), picks the protocol version from
-//!   it (3.1.1 and 5 on every port; 3.1 is refused), checks the login;
+//!   it (3.1.1 and 5 on every port; 3.1 is refused), checks the login (the
+//!   secret, or the client certificate of the TLS handshake);
 //! - takes the device's place in the [`Registry`] (a session of the same
 //!   device already there is closed: a takeover);
 //! - from then on its identity is fixed: a second CONNECT is a protocol
@@ -32,6 +36,7 @@
 //! own.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,22 +45,23 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use entente_protocol::{DevicePublish, device_namespace, filter_matches, parse_device_publish};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 use super::MqttStats;
-use super::auth::{Authenticator, LogLimiter};
+use super::auth::{Authenticator, Credential, LogLimiter};
 use super::ingest::{Ack, Acked, PIPELINE};
 use super::sessions::SessionEvent;
 use super::wire::{
     self, AckCode, Advertised, CloseReason, ConnectInfo, Incoming, Outgoing, ReadError, Refusal,
     Version,
 };
+use crate::shared::now_ms;
 
-/// How long a new connection has to send its CONNECT (and be answered).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one write to a device may take before the device is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deliveries waiting for a connection's task.
@@ -72,6 +78,13 @@ const INFLIGHT_MAX: u16 = 100;
 const RECEIVE_MAX: u16 = 100;
 /// Filters one session may hold.
 const MAX_FILTERS: usize = 16;
+/// The longest keep-alive an MQTT 5 client gets (seconds): one that asks
+/// for none (0) or for more is told this one (Server Keep Alive), and held
+/// to 1.5 × it like any other.
+const SERVER_KEEP_ALIVE_MAX: u16 = 1_200;
+/// A 3.1.1 client that asks for no keep-alive (it cannot be told another)
+/// is still disconnected after this long without a packet.
+const NO_KEEP_ALIVE_LIMIT: Duration = Duration::from_secs(86_400);
 
 /// A message for one device.
 #[derive(Debug)]
@@ -105,17 +118,26 @@ struct Handle {
     epoch: u64,
     tx: mpsc::Sender<Arc<Message>>,
     closer: Arc<Closer>,
-    /// The secret hash the session logged in with.
-    secret_hash: String,
+    /// What the session logged in with.
+    credential: Credential,
 }
 
 /// The sessions live on this gateway, by device id; and the subscriptions
-/// of devices that asked for a persistent session (clean session 0), so a
-/// reconnect is answered "session present" and needs no new SUBSCRIBE.
+/// of devices that asked for a session that outlives the connection (3.1.1:
+/// clean session 0; MQTT 5: a Session Expiry Interval), so a reconnect is
+/// answered "session present" and needs no new SUBSCRIBE.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     live: Mutex<HashMap<String, Handle>>,
-    persistent: Mutex<HashMap<String, Vec<(String, u8)>>>,
+    persistent: Mutex<HashMap<String, Kept>>,
+}
+
+/// A kept session: its filters, and when it expires now that no connection
+/// holds it (`None` while one does, or if it never expires).
+#[derive(Debug)]
+struct Kept {
+    filters: Vec<(String, u8)>,
+    expires: Option<Instant>,
 }
 
 impl Registry {
@@ -138,23 +160,61 @@ impl Registry {
     }
 
     /// Ends `device`'s session here, unless it logged in with `keep_hash`
-    /// (a session started with the new secret after a rotation stays).
-    /// A deleted device's persistent subscriptions are forgotten too.
+    /// (a session started with the new secret after a rotation stays, and
+    /// so does one that logged in with the device's certificate). With no
+    /// `keep_hash` (deleted) it ends whatever it logged in with, and the
+    /// device's persistent subscriptions are forgotten too.
     pub(crate) fn revoke(&self, device: &str, keep_hash: Option<&str>) {
         if let Some(h) = self
             .live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(device)
-            && keep_hash != Some(h.secret_hash.as_str())
         {
-            h.closer.close(CloseReason::Revoked);
+            let keep = match &h.credential {
+                Credential::Secret(hash) => keep_hash == Some(hash.as_str()),
+                Credential::Certificate(_) => keep_hash.is_some(),
+            };
+            if !keep {
+                h.closer.close(CloseReason::Revoked);
+            }
         }
         if keep_hash.is_none() {
             self.persistent
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(device);
+        }
+    }
+
+    /// `device` started a session on another gateway with `epoch`: its
+    /// session here, if older, is taken over (MQTT 5: 0x8E), as a second
+    /// login here would. One that started here since (a higher epoch) stays.
+    pub(crate) fn taken_over_elsewhere(&self, device: &str, epoch: u64) {
+        if let Some(h) = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(device)
+            && h.epoch < epoch
+        {
+            h.closer.close(CloseReason::TakenOver);
+        }
+    }
+
+    /// Ends `device`'s session here if it logged in with a client
+    /// certificate other than `registered` (the device's fingerprint was
+    /// changed or removed). A session that logged in with the secret stays.
+    pub(crate) fn revoke_certificate(&self, device: &str, registered: Option<&str>) {
+        if let Some(h) = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(device)
+            && let Credential::Certificate(fingerprint) = &h.credential
+            && registered != Some(fingerprint.as_str())
+        {
+            h.closer.close(CloseReason::Revoked);
         }
     }
 
@@ -182,24 +242,57 @@ impl Registry {
         }
     }
 
-    /// Leaves, if the place is still this session's.
-    fn unregister(&self, device: &str, epoch: u64) {
+    /// Leaves, if the place is still this session's. A session this one
+    /// kept (`kept` is `Some`) then expires after the interval it holds
+    /// (`None`: never; zero: now); one a newer connection took over is left
+    /// to that one.
+    fn unregister(&self, device: &str, epoch: u64, kept: Option<Option<Duration>>) {
         let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-        if live.get(device).is_some_and(|h| h.epoch == epoch) {
-            live.remove(device);
+        if live.get(device).is_none_or(|h| h.epoch != epoch) {
+            return;
         }
-    }
-
-    fn persistent(&self, device: &str, clean: bool) -> Option<Vec<(String, u8)>> {
+        live.remove(device);
+        let Some(expiry) = kept else { return };
         let mut p = self
             .persistent
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if clean {
+        match expiry {
+            Some(d) if d.is_zero() => {
+                p.remove(device);
+            }
+            Some(d) => {
+                if let Some(k) = p.get_mut(device) {
+                    k.expires = Instant::now().checked_add(d);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// The filters of `device`'s kept session, if it has one that has not
+    /// expired (it is this connection's from now on), unless the client
+    /// asked to start afresh (`discard`).
+    fn resume(&self, device: &str, discard: bool) -> Option<Vec<(String, u8)>> {
+        let mut p = self
+            .persistent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if discard {
             p.remove(device);
-            None
-        } else {
-            p.get(device).cloned()
+            return None;
+        }
+        let now = Instant::now();
+        match p.get_mut(device) {
+            Some(k) if k.expires.is_none_or(|t| t > now) => {
+                k.expires = None;
+                Some(k.filters.clone())
+            }
+            Some(_) => {
+                p.remove(device);
+                None
+            }
+            None => None,
         }
     }
 
@@ -207,7 +300,13 @@ impl Registry {
         self.persistent
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(device.to_string(), filters.to_vec());
+            .insert(
+                device.to_string(),
+                Kept {
+                    filters: filters.to_vec(),
+                    expires: None,
+                },
+            );
     }
 }
 
@@ -222,6 +321,9 @@ pub(crate) struct Shared {
     /// Permits of device messages read and not yet answered, all
     /// connections together ([`PIPELINE`]).
     pipeline: Arc<Semaphore>,
+    /// How long a new connection has for its TLS handshake (TLS listener),
+    /// its CONNECT and the login check together.
+    pub(crate) connect_timeout: Duration,
     /// Connection slots (all device listeners together).
     pub(crate) slots: Arc<Semaphore>,
     /// How many there are.
@@ -243,6 +345,7 @@ impl Shared {
         auth: Arc<Authenticator>,
         max_packet: usize,
         max_connections: usize,
+        connect_timeout: Duration,
     ) -> Shared {
         Shared {
             registry: Registry::default(),
@@ -251,6 +354,7 @@ impl Shared {
             auth,
             max_packet,
             pipeline: Arc::new(Semaphore::new(PIPELINE)),
+            connect_timeout,
             slots: Arc::new(Semaphore::new(max_connections.max(1))),
             max_connections: max_connections.max(1),
             closed: AtomicBool::new(false),
@@ -299,7 +403,7 @@ impl Shared {
     /// boots and, clocks permitting, of sessions that started earlier on
     /// other gateways — so a device that reconnects elsewhere moves there.
     fn next_epoch(&self) -> u64 {
-        let floor = crate::now_ms().saturating_mul(1000);
+        let floor = now_ms().saturating_mul(1000);
         let prev = self
             .epoch
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| {
@@ -320,7 +424,13 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 /// accept error (out of descriptors, say) waits, doubling up to 1 s; a
 /// connection over the limit is closed at once (counted, logged at a
 /// bounded rate), so the backlog does not fill with sockets nobody serves.
-pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, name: &'static str) {
+/// With `tls`, each connection's task runs the TLS handshake first.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    name: &'static str,
+    tls: Option<TlsAcceptor>,
+) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -335,9 +445,9 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, name
                 backoff = Duration::from_millis(5);
                 match shared.slots.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        let shared = shared.clone();
+                        let (shared, tls) = (shared.clone(), tls.clone());
                         tokio::spawn(async move {
-                            serve(stream, peer, &shared).await;
+                            serve(stream, peer, &shared, tls).await;
                             drop(permit);
                         });
                     }
@@ -377,10 +487,89 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, name
     }
 }
 
-/// One connection, start to end.
-async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+/// A device connection's byte stream: plain TCP or TLS over TCP.
+///
+/// Besides reading and writing, a session waits for input without holding
+/// a read buffer ([`DeviceIo::ready`]) and then reads what there is
+/// without waiting ([`DeviceIo::try_read_buf`]), so an idle connection
+/// keeps no buffer of its own.
+pub(crate) trait DeviceIo: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Resolves once a read may make progress (cancel-safe).
+    fn ready(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Reads what is there into `buf` without waiting: `WouldBlock` if
+    /// nothing is, `Ok(0)` at the end of the stream.
+    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize>;
+}
+
+impl DeviceIo for TcpStream {
+    async fn ready(&mut self) -> io::Result<()> {
+        self.readable().await
+    }
+
+    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        TcpStream::try_read_buf(self, buf)
+    }
+}
+
+impl DeviceIo for TlsStream<TcpStream> {
+    async fn ready(&mut self) -> io::Result<()> {
+        let (tcp, tls) = self.get_mut();
+        // Records already read may hold plaintext the socket will not
+        // signal again; an error or the peer's close_notify is for the
+        // read to report.
+        let waiting = tls.process_new_packets().map_or(true, |s| {
+            s.plaintext_bytes_to_read() > 0 || s.peer_has_closed()
+        });
+        if waiting {
+            return Ok(());
+        }
+        tcp.readable().await
+    }
+
+    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        use std::task::{Context, Poll, Waker};
+        use tokio::io::AsyncReadExt;
+        // One poll of a read: whatever rustls can decrypt from the bytes
+        // the socket has. If it needs more, the socket's readiness was
+        // cleared on the way, so the next `ready` waits for it.
+        let mut read = std::pin::pin!(self.read_buf(buf));
+        match read.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+/// One connection, start to end: the TLS handshake if the listener has
+/// `tls`, then the device's session. Handshake, CONNECT and login share
+/// one deadline.
+async fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared, tls: Option<TlsAcceptor>) {
     let _ = stream.set_nodelay(true);
-    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    let deadline = Instant::now() + shared.connect_timeout;
+    let Some(acceptor) = tls else {
+        serve_device(stream, peer, None, deadline, shared).await;
+        return;
+    };
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => {
+            let cert = super::tls::client_fingerprint(stream.get_ref().1);
+            serve_device(stream, peer, cert, deadline, shared).await;
+        }
+        Ok(Err(e)) => shared.handshake_failed(&peer, Some(&e)),
+        Err(_) => shared.handshake_failed(&peer, None),
+    }
+}
+
+/// A device connection after its TLS handshake (if any): CONNECT, login,
+/// session. `cert`: the SHA-256 of the client certificate it presented.
+async fn serve_device<S: DeviceIo>(
+    mut stream: S,
+    peer: SocketAddr,
+    cert: Option<String>,
+    deadline: Instant,
+    shared: &Shared,
+) {
     let Ok(Some((version, connect, buf))) =
         tokio::time::timeout_at(deadline, read_connect(&mut stream, peer, shared)).await
     else {
@@ -397,6 +586,7 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             Outgoing::ConnAck {
                 refusal: Some(refusal),
                 session_present: false,
+                server_keep_alive: None,
             },
             adv,
             &mut out,
@@ -417,12 +607,13 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             &connect.client_id,
             &connect.username,
             &connect.password,
+            cert.as_deref(),
             peer.ip(),
         ),
     )
     .await
     .unwrap_or(Err(Refusal::Unavailable));
-    let secret_hash = match login {
+    let credential = match login {
         Ok(h) => h,
         Err(refusal) => {
             let _ = write_all(&mut stream, &refuse(refusal)).await;
@@ -443,7 +634,7 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             epoch,
             tx,
             closer: closer.clone(),
-            secret_hash,
+            credential,
         },
     );
     // Stopped serving between the check above and the registration: the
@@ -451,7 +642,27 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     if !shared.serving.load(Ordering::SeqCst) {
         closer.close(CloseReason::UseAnotherServer);
     }
-    let restored = shared.registry.persistent(&device, connect.clean);
+    // Whether the session outlives the connection, and for how long after
+    // it: 3.1.1's clean session 0 keeps it for good; MQTT 5 keeps it for its
+    // Session Expiry Interval (0, the default: it ends with the connection,
+    // but is still found by a takeover meanwhile; u32::MAX: never expires).
+    let (persist, expiry) = match version {
+        Version::V4 => (!connect.clean, None),
+        Version::V5 => (
+            !connect.clean || connect.session_expiry > 0,
+            (connect.session_expiry != u32::MAX)
+                .then(|| Duration::from_secs(u64::from(connect.session_expiry))),
+        ),
+    };
+    let restored = shared.registry.resume(&device, connect.clean);
+    // MQTT 5 clients asking for no keep-alive, or a longer one than the
+    // endpoint allows, are told the endpoint's (Server Keep Alive).
+    let (keep_alive, server_keep_alive) = match version {
+        Version::V5 if connect.keep_alive == 0 || connect.keep_alive > SERVER_KEEP_ALIVE_MAX => {
+            (SERVER_KEEP_ALIVE_MAX, Some(SERVER_KEEP_ALIVE_MAX))
+        }
+        _ => (connect.keep_alive, None),
+    };
     // Room for the answer of every message the window lets out.
     let (acks_tx, acks_rx) = mpsc::channel(usize::from(RECEIVE_MAX));
     let mut conn = Conn {
@@ -459,7 +670,12 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         adv,
         device,
         epoch,
-        clean: connect.clean,
+        persist,
+        expiry,
+        max_out: connect
+            .max_packet
+            .map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
+        too_large: 0,
         window: INFLIGHT_MAX.min(connect.receive_max),
         filters: restored.clone().unwrap_or_default(),
         inflight: HashSet::new(),
@@ -475,7 +691,9 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     conn.push(Outgoing::ConnAck {
         refusal: None,
         session_present: restored.is_some(),
+        server_keep_alive,
     });
+    let mut told = false;
     let end = if write_all(&mut stream, &conn.take_out()).await.is_ok() {
         let _ = shared
             .events
@@ -494,7 +712,7 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
                 })
                 .await;
         }
-        let keep_alive = Duration::from_millis(u64::from(connect.keep_alive) * 1500);
+        let keep_alive = Duration::from_millis(u64::from(keep_alive) * 1500);
         let channels = (rx, acks_rx);
         let end = session(
             &mut stream,
@@ -509,13 +727,20 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         if let Some(reason) = end {
             conn.push(Outgoing::Disconnect(reason));
             let out = conn.take_out();
-            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+            told = tokio::time::timeout(Duration::from_secs(1), async {
+                stream.write_all(&out).await?;
+                stream.flush().await
+            })
+            .await
+            .is_ok_and(|r: io::Result<()>| r.is_ok());
         }
         end
     } else {
         None
     };
-    shared.registry.unregister(&conn.device, epoch);
+    shared
+        .registry
+        .unregister(&conn.device, epoch, conn.persist.then_some(conn.expiry));
     tracing::debug!(device = conn.device, epoch, reason = ?end, "MQTT connection ended");
     let _ = shared
         .events
@@ -524,6 +749,11 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             epoch,
         })
         .await;
+    // The session is over for everyone; the client may still be reading
+    // why.
+    if told {
+        linger_close(&mut stream).await;
+    }
 }
 
 /// At most 64 characters of something a client sent, for a log line.
@@ -538,8 +768,37 @@ fn truncated(s: &str) -> String {
     format!("{}…", &s[..end])
 }
 
-async fn write_all(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
-    match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(bytes)).await {
+/// Closes a connection the endpoint ends after telling the client why (a
+/// DISCONNECT with its reason): sends FIN, then reads and drops what the
+/// client still sends until it closes too — for at most a second and 64
+/// KiB. Closing with unread bytes in the socket would send a reset, and a
+/// reset makes the client's system drop the DISCONNECT it has not read
+/// yet: the client would see a lost connection instead of the reason.
+async fn linger_close<S: DeviceIo>(stream: &mut S) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        let mut left = 64 << 10;
+        while left > 0 {
+            match tokio::io::AsyncReadExt::read(stream, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left -= n.min(left),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
+/// Writes and flushes (TLS holds records until flushed), within
+/// [`WRITE_TIMEOUT`].
+async fn write_all<S: DeviceIo>(stream: &mut S, bytes: &[u8]) -> io::Result<()> {
+    let write = async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
     }
@@ -548,8 +807,8 @@ async fn write_all(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
 /// Reads until a whole CONNECT is in: its version, contents, and whatever
 /// bytes came after it. `None` (logged, counted) if the bytes are not a
 /// CONNECT or the connection closed.
-async fn read_connect(
-    stream: &mut TcpStream,
+async fn read_connect<S: DeviceIo>(
+    stream: &mut S,
     peer: SocketAddr,
     shared: &Shared,
 ) -> Option<(Version, Box<ConnectInfo>, BytesMut)> {
@@ -595,7 +854,7 @@ async fn read_connect(
 }
 
 /// Reads what the socket has into `buf`, growing it only when needed.
-async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+async fn read_some<S: DeviceIo>(stream: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
     use tokio::io::AsyncReadExt;
     if buf.capacity() - buf.len() < 512 {
         buf.reserve(4096);
@@ -609,7 +868,15 @@ struct Conn {
     adv: Advertised,
     device: String,
     epoch: u64,
-    clean: bool,
+    /// The session outlives the connection: its filters are kept in the
+    /// registry…
+    persist: bool,
+    /// …for this long after it (`None`: for good).
+    expiry: Option<Duration>,
+    /// The largest packet the device takes (MQTT 5's Maximum Packet Size).
+    max_out: Option<usize>,
+    /// Messages discarded since last counted, too large for the device.
+    too_large: u64,
     /// QoS 1 messages we may have in flight to the device.
     window: u16,
     /// Subscribed filters and their granted QoS.
@@ -739,12 +1006,7 @@ impl Conn {
             return Ok(());
         };
         if qos == 0 {
-            self.push(Outgoing::Publish {
-                topic: &msg.topic,
-                payload: &msg.payload,
-                qos: 0,
-                pkid: 0,
-            });
+            self.push_publish(&msg, 0, 0);
             return Ok(());
         }
         if self.inflight.len() < usize::from(self.window) {
@@ -760,21 +1022,36 @@ impl Conn {
 
     fn send_qos1(&mut self, msg: &Message) {
         let pkid = self.alloc_pkid();
-        self.inflight.insert(pkid);
+        if self.push_publish(msg, 1, pkid) {
+            self.inflight.insert(pkid);
+        }
+    }
+
+    /// Writes a PUBLISH, unless it is larger than the device takes (its
+    /// MQTT 5 Maximum Packet Size): then it is discarded as if it had been
+    /// delivered [MQTT-3.1.2-25] and counted; false.
+    fn push_publish(&mut self, msg: &Message, qos: u8, pkid: u16) -> bool {
+        let start = self.out.len();
         self.push(Outgoing::Publish {
             topic: &msg.topic,
             payload: &msg.payload,
-            qos: 1,
+            qos,
             pkid,
         });
+        if self.max_out.is_some_and(|max| self.out.len() - start > max) {
+            self.out.truncate(start);
+            self.too_large += 1;
+            return false;
+        }
+        true
     }
 }
 
 /// The session after CONNACK, until it ends: `Some(reason)` when the
 /// endpoint ends it (sent to MQTT 5 clients), `None` when the device or
 /// the network did.
-async fn session(
-    stream: &mut TcpStream,
+async fn session<S: DeviceIo>(
+    stream: &mut S,
     conn: &mut Conn,
     mut buf: BytesMut,
     (mut rx, mut acks): (mpsc::Receiver<Arc<Message>>, mpsc::Receiver<Acked>),
@@ -783,8 +1060,8 @@ async fn session(
     shared: &Shared,
 ) -> Option<CloseReason> {
     let idle_limit = if keep_alive.is_zero() {
-        // No keep-alive asked: still bounded, at a day.
-        Duration::from_secs(86_400)
+        // No keep-alive asked (3.1.1): still bounded.
+        NO_KEEP_ALIVE_LIMIT
     } else {
         keep_alive
     };
@@ -840,7 +1117,7 @@ async fn session(
                         }
                     }
                 }
-                r = stream.readable(), if reading => {
+                r = stream.ready(), if reading => {
                     if r.is_err() {
                         return None;
                     }
@@ -886,6 +1163,22 @@ async fn session(
         if buf.is_empty() && buf.capacity() > 0 {
             buf = BytesMut::new();
         }
+        if conn.too_large > 0 {
+            let n = std::mem::take(&mut conn.too_large);
+            shared
+                .stats
+                .messages_too_large
+                .fetch_add(n, Ordering::Relaxed);
+            if let Some(more) = shared.logs.allow("too-large") {
+                tracing::warn!(
+                    device = conn.device,
+                    max_packet = conn.max_out,
+                    discarded = n,
+                    suppressed = more,
+                    "a message larger than the device's Maximum Packet Size was not sent"
+                );
+            }
+        }
         if !conn.out.is_empty() {
             let out = conn.take_out();
             if write_all(stream, &out).await.is_err() {
@@ -902,6 +1195,36 @@ impl Shared {
         self.stats.malformed_packets.fetch_add(1, Ordering::Relaxed);
         if let Some(more) = self.logs.allow("malformed") {
             tracing::warn!(%who, ?error, suppressed = more, "{what}");
+        }
+    }
+
+    /// Counts a TLS handshake that failed (`None`: did not finish within
+    /// the connect deadline) and logs it at a bounded rate. A client that
+    /// closed its connection before finishing (a TCP probe, say) is no
+    /// failure.
+    fn handshake_failed(&self, peer: &SocketAddr, error: Option<&io::Error>) {
+        use io::ErrorKind as K;
+        let reason = match error {
+            Some(e) => e.to_string(),
+            None => format!(
+                "no TLS handshake within {:?} of connecting",
+                self.connect_timeout
+            ),
+        };
+        if error.is_some_and(|e| {
+            matches!(
+                e.kind(),
+                K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe
+            )
+        }) {
+            tracing::debug!(%peer, error = reason, "MQTT TLS client left during the handshake");
+            return;
+        }
+        self.stats
+            .tls_handshake_failures
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(more) = self.logs.allow("tls-handshake") {
+            tracing::warn!(%peer, error = reason, suppressed = more, "MQTT TLS handshake failed; connection closed");
         }
     }
 
@@ -1031,7 +1354,7 @@ async fn on_packet(
                 pkid,
                 granted: &granted,
             });
-            if !conn.clean {
+            if conn.persist {
                 shared.registry.keep(&conn.device, &conn.filters);
             }
             if !added.is_empty() {
@@ -1047,13 +1370,17 @@ async fn on_packet(
             Ok(())
         }
         Incoming::Unsubscribe { pkid, filters } => {
+            let existed: Vec<bool> = filters
+                .iter()
+                .map(|f| conn.filters.iter().any(|(g, _)| g == f))
+                .collect();
             conn.filters.retain(|(f, _)| !filters.contains(f));
-            if !conn.clean {
+            if conn.persist {
                 shared.registry.keep(&conn.device, &conn.filters);
             }
             conn.push(Outgoing::UnsubAck {
                 pkid,
-                count: filters.len(),
+                existed: &existed,
             });
             Ok(())
         }
@@ -1061,8 +1388,32 @@ async fn on_packet(
             conn.push(Outgoing::PingResp);
             Ok(())
         }
-        // The device said goodbye: nothing to send back.
-        Incoming::Disconnect => Err(None),
+        // The device said goodbye: nothing to send back. An MQTT 5 device
+        // may shorten its session's expiry (to 0: discard it) — but not
+        // make a session that ends with the connection outlive it.
+        Incoming::Disconnect { session_expiry } => {
+            if let Some(secs) = session_expiry
+                && conn.expiry.is_none_or(|d| !d.is_zero())
+            {
+                conn.expiry = (secs != u32::MAX).then(|| Duration::from_secs(u64::from(secs)));
+            }
+            Err(None)
+        }
+        Incoming::Unsupported(reason) => {
+            shared
+                .stats
+                .protocol_violations
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(more) = shared.logs.allow("unsupported") {
+                tracing::warn!(
+                    device = conn.device,
+                    ?reason,
+                    suppressed = more,
+                    "an MQTT 5 feature the endpoint does not offer; disconnecting"
+                );
+            }
+            Err(Some(reason))
+        }
         Incoming::Unexpected(what) => {
             shared
                 .stats

@@ -672,7 +672,7 @@ async fn propose(
     let mut backoff = Duration::from_millis(20);
     let kind = op.kind();
     loop {
-        match crate::propose(ctx.node, op.clone()).await {
+        match crate::shared::propose(ctx.node, op.clone()).await {
             Ok((_, r)) => return Some(r),
             // Stopping: nothing more is proposed (quietly; a fatal node
             // error is logged once by the node itself).

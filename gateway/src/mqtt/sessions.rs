@@ -1,7 +1,7 @@
 //! The session manager: one task that owns this gateway's device sessions.
 //!
 //! It hears the connections' codecs ([`SessionEvent`]) and the state
-//! database's committed events, and
+//! database's typed change feed ([`Change`]), and
 //! - replicates presence (one task per session proposes `online`, then, after
 //!   the session ended, `offline`, so the two never commit out of order);
 //! - delivers to a device, once its SUBSCRIBE took effect, every command
@@ -10,6 +10,8 @@
 //!   here (and proposes `CommandSent`), and the desired document and delta
 //!   when the shadow changes (shadow events carry the change: the documents
 //!   are read from the state);
+//! - ends a session here when its device logged in on another gateway
+//!   since (a takeover, as a second login here would be);
 //! - passes what devices publish (`accepted`, `result`, reported state) to
 //!   [`Ingest`], which proposes it and answers each message once what it
 //!   causes is committed (see `ingest`), and polls its proposals.
@@ -20,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use coordinator::node::{Node, NodeError};
+use coordinator::node::Node;
 use entente_protocol::{
     CommandMessage, DevicePublish, ShadowDocument, commands_topic, delta_topic, desired_topic,
     filter_matches,
@@ -32,8 +34,9 @@ use super::MqttStats;
 use super::auth::Authenticator;
 use super::endpoint::{Message, Shared};
 use super::ingest::{Ack, Ingest};
-use crate::ops::{Command, CommandStatus, Event, Op, OpResult, Shadow};
-use crate::state::{Page, StateDb};
+use crate::ops::{Command, CommandStatus, Op, OpResult, Shadow};
+use crate::shared::{Ended, now_ms, propose_retrying};
+use crate::state::{Change, CommandStep, Page, ShadowSide, StateDb};
 
 /// What a connection tells the manager.
 #[derive(Debug)]
@@ -118,17 +121,13 @@ const REDELIVER_MAX: Duration = Duration::from_secs(300);
 /// Most stale commands one sweep looks at.
 const SWEEP_LIMIT: u32 = 5_000;
 
-/// How many times one of the gateway's own proposals for its sessions
-/// (presence, `sent`) is tried before giving up.
-const PROPOSAL_ATTEMPTS: u32 = 20;
-
 impl Manager {
     pub(crate) async fn run(
         mut self,
         mut rx: mpsc::Receiver<SessionEvent>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut events = self.db.subscribe();
+        let mut changes = self.db.changes();
         let mut restores = self.db.watch_restores();
         // Only with `--report-coalesce-ms`: reported patches that waited
         // long enough for the rest of their device's window.
@@ -150,8 +149,8 @@ impl Manager {
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => break,
                 Some(ev) = rx.recv() => self.on_session(ev),
-                r = events.recv() => match r {
-                    Ok(ev) => self.on_state(ev, &shadows),
+                r = changes.recv() => match r {
+                    Ok(change) => self.on_change(change, &shadows),
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "MQTT sessions lagged behind the state events; re-delivering");
                         self.auth.clear();
@@ -173,7 +172,7 @@ impl Manager {
                         sweeping = true;
                         let (db, tx) = (self.db.clone(), stale_tx.clone());
                         tokio::spawn(async move {
-                            let before = crate::now_ms()
+                            let before = now_ms()
                                 .saturating_sub(STALE_AFTER.as_millis() as u64);
                             let cmds = match db.stale_commands(before, SWEEP_LIMIT).await {
                                 Ok(c) => c,
@@ -347,12 +346,9 @@ impl Manager {
         }
     }
 
-    fn on_state(&mut self, ev: Event, shadows: &ShadowOutbox) {
-        match ev.kind.as_str() {
-            "command.issued" => {
-                let Ok(cmd) = serde_json::from_value::<Command>(ev.data) else {
-                    return;
-                };
+    fn on_change(&mut self, change: Change, shadows: &ShadowOutbox) {
+        match change {
+            Change::Command(CommandStep::Issued, cmd) => {
                 let Some(s) = self.sessions.get(&cmd.device) else {
                     return;
                 };
@@ -369,39 +365,46 @@ impl Manager {
                     propose_logged(&node, op).await;
                 });
             }
-            kind @ ("shadow.desired" | "shadow.reported") => {
-                // The event carries the change; the documents are read from
-                // the state (by one task, in order: see `ShadowOutbox`).
-                let Some(device) = ev.data.get("device").and_then(Value::as_str) else {
-                    return;
-                };
+            Change::Shadow { side, device, .. } => {
+                // The change is the patch; the documents are read from the
+                // state (by one task, in order: see `ShadowOutbox`).
                 // Only what the device subscribed to here.
-                if let Some(s) = self.sessions.get(device) {
-                    let desired = kind == "shadow.desired" && s.wants(&desired_topic(device));
-                    let delta = s.wants(&delta_topic(device));
+                if let Some(s) = self.sessions.get(&device) {
+                    let desired = side == ShadowSide::Desired && s.wants(&desired_topic(&device));
+                    let delta = s.wants(&delta_topic(&device));
                     if desired || delta {
-                        shadows.push(device, desired, delta);
+                        shadows.push(&device, desired, delta);
                     }
                 }
             }
-            "device.registered" => {
-                if let Some(id) = ev.data.get("id").and_then(Value::as_str) {
-                    self.auth.invalidate(id);
-                }
+            Change::Presence { device, epoch }
+                if device.online && device.gateway != Some(self.node_id) =>
+            {
+                // The device logged in on another gateway since: one client
+                // id, one session, wherever it connects.
+                self.endpoint
+                    .registry
+                    .taken_over_elsewhere(&device.id, epoch);
             }
-            kind @ ("device.secret_rotated" | "device.deleted") => {
-                let Some(id) = ev.data.get("id").and_then(Value::as_str) else {
-                    return;
-                };
-                self.auth.invalidate(id);
-                if kind == "device.deleted" {
-                    // Its session here ends now, whatever it logged in with.
-                    self.endpoint.registry.revoke(id, None);
-                    return;
-                }
+            Change::DeviceRegistered(d) => self.auth.invalidate(&d.id),
+            Change::DeviceUpdated(d) => {
+                // Its certificate fingerprint may have changed: a session
+                // that logged in with another certificate ends.
+                self.auth.invalidate(&d.id);
+                self.endpoint
+                    .registry
+                    .revoke_certificate(&d.id, d.cert_sha256.as_deref());
+            }
+            Change::DeviceDeleted { id } => {
+                self.auth.invalidate(&id);
+                // Its session here ends now, whatever it logged in with.
+                self.endpoint.registry.revoke(&id, None);
+            }
+            Change::SecretRotated { id } => {
+                self.auth.invalidate(&id);
                 // A session that logged in with the old secret ends; one
                 // that already uses the new secret stays.
-                let (db, endpoint, id) = (self.db.clone(), self.endpoint.clone(), id.to_string());
+                let (db, endpoint) = (self.db.clone(), self.endpoint.clone());
                 tokio::spawn(async move {
                     match db.device_secret_hash(&id).await {
                         Ok(Some(hash)) => endpoint.registry.revoke(&id, Some(&hash)),
@@ -413,9 +416,7 @@ impl Manager {
                     }
                 });
             }
-            "gateway.sessions_lost"
-                if ev.data.get("gateway").and_then(Value::as_u64) == Some(self.node_id) =>
-            {
+            Change::SessionsLost { gateway, .. } if gateway == self.node_id => {
                 // The leader gave up on us while our sessions lived on: say
                 // again that they are here.
                 tracing::warn!("this gateway's sessions were declared lost; announcing them again");
@@ -496,76 +497,6 @@ async fn presence_task(
         }
     }
     propose_retrying(&node, op(false), None).await;
-}
-
-/// Resolves once a session ended — and again every time it is awaited
-/// after that (a oneshot receiver may be awaited only until it completes).
-struct Ended {
-    rx: oneshot::Receiver<()>,
-    done: bool,
-}
-
-impl Ended {
-    fn new(rx: oneshot::Receiver<()>) -> Ended {
-        Ended { rx, done: false }
-    }
-
-    async fn wait(&mut self) {
-        if !self.done {
-            // The sender is dropped when the session ends: either way it ended.
-            let _ = (&mut self.rx).await;
-            self.done = true;
-        }
-    }
-}
-
-/// Proposes `op` (one of the gateway's own: presence, `sent`) until it
-/// commits, `PROPOSAL_ATTEMPTS` failures (about 35 s with the backoff), or
-/// (between attempts) `stop` resolved, so that what the gateway says about
-/// its sessions is not dropped because an election was running: presence is
-/// idempotent by epoch and command steps by state, so a retry after an
-/// unknown outcome is safe. (Device messages are proposed by `ingest`.)
-async fn propose_retrying(node: &Node<OpResult>, op: Op, mut stop: Option<&mut Ended>) {
-    // Over a limit: refused before proposing, and the answer never changes.
-    if let Err(e) = crate::limits::check_op(&op) {
-        tracing::warn!(error = %e, kind = op.kind(), "MQTT-originated proposal refused");
-        return;
-    }
-    let mut backoff = Duration::from_millis(50);
-    for attempt in 1..=PROPOSAL_ATTEMPTS {
-        match crate::propose(node, op.clone()).await {
-            Ok((_, OpResult::NotFound(what) | OpResult::Conflict(what))) => {
-                tracing::info!("MQTT-originated proposal refused: {what}");
-                return;
-            }
-            Ok((_, OpResult::TooLarge(what))) => {
-                tracing::warn!("MQTT-originated proposal refused: {what}");
-                return;
-            }
-            Ok(_) => return,
-            // Stopping: what is still being proposed is abandoned (quietly;
-            // a fatal node error is logged once by the node itself).
-            Err(e @ (NodeError::Shutdown | NodeError::Fatal(_))) => {
-                tracing::debug!(error = %e, kind = op.kind(), "MQTT-originated proposal abandoned");
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, attempt, kind = op.kind(), "proposal failed; retrying");
-            }
-        }
-        let stopped = async {
-            match stop.as_deref_mut() {
-                Some(s) => s.wait().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stopped => return,
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-    tracing::warn!(?op, "giving up on an MQTT-originated proposal");
 }
 
 /// [`propose_retrying`] with nothing to stop it early.

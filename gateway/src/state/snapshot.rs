@@ -38,6 +38,16 @@ pub(super) async fn remove_db_files(path: &Path) -> Result<(), StateError> {
     remove_if_exists(path).await
 }
 
+/// `path` as a string SQLite can take.
+fn utf8(path: &Path) -> Result<String, StateError> {
+    path.to_str().map(str::to_owned).ok_or_else(|| {
+        io_err("writing an image to", path)(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the data directory's path is not UTF-8",
+        ))
+    })
+}
+
 async fn fsync_file(path: &Path) -> Result<(), StateError> {
     let f = tokio::fs::File::open(path)
         .await
@@ -62,6 +72,13 @@ async fn fsync_dir(dir: &Path) -> Result<(), StateError> {
 /// `meta.applied_index = index`. It is left in WAL mode (so opening it as
 /// `state.db` needs no journal change) but as a single, checkpointed file.
 async fn prepare_image(path: &Path, index: u64) -> Result<(), StateError> {
+    prepare_image_with(path, index, false).await
+}
+
+/// [`prepare_image`], and when `new_group`, also forgets what only the old
+/// group's gateways knew: every device session (all devices offline) and
+/// the peer addresses of members added at run time.
+async fn prepare_image_with(path: &Path, index: u64, new_group: bool) -> Result<(), StateError> {
     let opts = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
@@ -85,10 +102,29 @@ async fn prepare_image(path: &Path, index: u64) -> Result<(), StateError> {
         }
         MIGRATOR.run(&pool).await?;
         let mut conn = pool.acquire().await?;
-        store_applied_index(&mut conn, index).await
+        if new_group {
+            sqlx::query("UPDATE devices SET online = 0, gateway = NULL WHERE online = 1 OR gateway IS NOT NULL")
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("DELETE FROM peers").execute(&mut *conn).await?;
+        }
+        store_applied_index(&mut conn, index).await?;
+        // Everything into the main file now: closing the last connection
+        // would do it too, but that close may finish on SQLite's worker
+        // thread after `close()` below has returned.
+        let (busy, _, _): (i64, i64, i64) =
+            sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+                .fetch_one(&mut *conn)
+                .await?;
+        if busy != 0 {
+            return Err(StateError::Corrupt(format!(
+                "{} could not be checkpointed (busy)",
+                path.display()
+            )));
+        }
+        Ok(())
     }
     .await;
-    // Closing the last connection checkpoints the WAL into the file.
     pool.close().await;
     result?;
     let wal = with_suffix(path, "-wal");
@@ -105,7 +141,153 @@ async fn prepare_image(path: &Path, index: u64) -> Result<(), StateError> {
     remove_if_exists(&with_suffix(path, "-shm")).await
 }
 
+/// A consistent image of the state database in a file, for a backup.
+#[derive(Debug)]
+pub struct BackupImage {
+    /// The image, open for reading from its start. Its name is already
+    /// removed from the data directory: closing it frees the space.
+    pub file: std::fs::File,
+    /// Its length in bytes.
+    pub len: u64,
+    /// The log index the image stands at (every entry up to it applied,
+    /// none after).
+    pub index: u64,
+    /// SHA-256 of the image's bytes.
+    pub sha256: [u8; 32],
+}
+
+/// Reads `meta.applied_index` from a database image, read-only.
+async fn image_index(path: &Path) -> Result<u64, StateError> {
+    let opts = SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .immutable(true);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(opts)
+        .await?;
+    let result = async {
+        let mut conn = pool.acquire().await?;
+        super::rows::load_applied_index(&mut conn).await
+    }
+    .await;
+    pool.close().await;
+    result
+}
+
+/// SHA-256 of everything `file` holds from its start, leaving it at its
+/// start again; and its length.
+fn hash_file(file: &mut std::fs::File) -> std::io::Result<([u8; 32], u64)> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(0))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut len = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+    file.seek(SeekFrom::Start(0))?;
+    Ok((hasher.finalize().into(), len))
+}
+
+/// Installs the database image at `image` as the state of a **new group**
+/// in the empty data directory `dir`, standing at log `index`: checks it
+/// (integrity, and that it records `index` as applied), brings its schema up
+/// to date, marks every device offline and forgets the old group's peer
+/// addresses (no session and no run-time member of the old group exists in
+/// the new one), then renames it to `state.db`. The file at `image` is
+/// consumed. Offline: no gateway may be running on `dir`.
+pub async fn install_new_group_image(
+    dir: &Path,
+    image: &Path,
+    index: u64,
+) -> Result<(), StateError> {
+    let db = dir.join(DB_FILE);
+    if tokio::fs::try_exists(&db).await.unwrap_or(true) {
+        return Err(StateError::Corrupt(format!(
+            "{} already exists: a new group's state goes into an empty data directory",
+            db.display()
+        )));
+    }
+    let found = image_index(image).await?;
+    if found != index {
+        return Err(StateError::Corrupt(format!(
+            "the image records log index {found} as applied, its description says {index}"
+        )));
+    }
+    let tmp = dir.join(RESTORE_TMP);
+    remove_db_files(&tmp).await?;
+    tokio::fs::rename(image, &tmp)
+        .await
+        .map_err(io_err("moving the image to", &tmp))?;
+    let prepared = async {
+        super::make_private(&tmp).await?;
+        prepare_image_with(&tmp, index, true).await?;
+        fsync_file(&tmp).await?;
+        tokio::fs::rename(&tmp, &db)
+            .await
+            .map_err(io_err("renaming the image to", &db))?;
+        fsync_dir(dir).await
+    }
+    .await;
+    if prepared.is_err() {
+        let _ = remove_db_files(&tmp).await;
+    }
+    prepared
+}
+
 impl StateDb {
+    /// A consistent image of the database for a backup (`VACUUM INTO` a
+    /// temp file in the data directory, which is unlinked once open), with
+    /// the log index it stands at and its checksum. Writers go on meanwhile
+    /// (WAL mode: the image is one read transaction).
+    pub async fn backup_image(&self) -> Result<BackupImage, StateError> {
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .dir
+            .join(format!("{SNAPSHOT_TMP_PREFIX}backup-{n}.tmp"));
+        remove_db_files(&path).await?;
+        super::make_private(&path).await?;
+        let result = async {
+            let target = utf8(&path)?;
+            {
+                let pool = self.pool.read().await;
+                sqlx::query("VACUUM INTO ?")
+                    .bind(&target)
+                    .execute(&*pool)
+                    .await?;
+            }
+            let index = image_index(&path).await?;
+            let mut file =
+                std::fs::File::open(&path).map_err(io_err("opening backup image", &path))?;
+            let hashed = tokio::task::spawn_blocking(move || {
+                let r = hash_file(&mut file);
+                r.map(|(sha, len)| (file, sha, len))
+            })
+            .await
+            .map_err(|e| io_err("hashing backup image", &path)(std::io::Error::other(e)))?;
+            let (file, sha256, len) = hashed.map_err(io_err("reading backup image", &path))?;
+            Ok::<_, StateError>(BackupImage {
+                file,
+                len,
+                index,
+                sha256,
+            })
+        }
+        .await;
+        // The open file keeps the image; its name goes now (or on failure).
+        let cleanup = remove_db_files(&path).await;
+        let image = result?;
+        cleanup?;
+        Ok(image)
+    }
+
     /// Writes a consistent image of the database (`VACUUM INTO`) and returns its bytes.
     pub async fn snapshot(&self) -> Result<Vec<u8>, StateError> {
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
@@ -113,16 +295,8 @@ impl StateDb {
         remove_db_files(&path).await?;
         // `VACUUM INTO` fills an empty file, which keeps the mode we give it.
         super::make_private(&path).await?;
-        let target = path
-            .to_str()
-            .ok_or_else(|| {
-                io_err("snapshotting into", &path)(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "the data directory's path is not UTF-8",
-                ))
-            })?
-            .to_owned();
         let result = async {
+            let target = utf8(&path)?;
             {
                 let pool = self.pool.read().await;
                 sqlx::query("VACUUM INTO ?")
