@@ -477,7 +477,9 @@ struct DeviceTask {
     phase: Phase,
     outbox: VecDeque<Out>,
     /// Kinds of the publishes handed to the client, oldest first; each
-    /// PUBACK (in order) settles the front one.
+    /// PUBACK settles the front one (the counts by kind are approximate when
+    /// a gateway acknowledges a result before an earlier report; the totals
+    /// are exact).
     ledger: VecDeque<OutKind>,
     backoff: Backoff,
     rng: Rng,

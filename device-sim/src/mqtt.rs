@@ -195,8 +195,10 @@ pub enum Ev {
         /// Its payload.
         payload: Bytes,
     },
-    /// The broker acknowledged one of our QoS 1 publishes (brokers do so in
-    /// order on a connection).
+    /// The broker acknowledged one of our QoS 1 publishes. Brokers that
+    /// acknowledge on receipt do so in order; an Entente gateway does once
+    /// the message is committed, in order for a device's reported state, but
+    /// a command result may be acknowledged before an earlier report.
     PubAck,
     /// Anything else (pings, outgoing packets).
     Other,

@@ -110,8 +110,12 @@ pub struct Args {
     /// device sessions lost (ms).
     #[arg(long, env = "ENTENTE_SESSION_GRACE_MS")]
     pub session_grace_ms: Option<u64>,
-    /// Window over which a device's reported-state patches are coalesced
-    /// into one proposal (ms).
+    /// Longest a device's reported-state patches wait to be proposed
+    /// together with the rest of its window (ms, default 50). One proposal
+    /// of a device's patches is in flight at a time; the next one carries
+    /// what arrived meanwhile and goes as soon as the device has sent again
+    /// as many as it had out (ten in flight: ten per proposal), or after
+    /// this wait. 0: as soon as the one before committed.
     #[arg(long, env = "ENTENTE_REPORT_COALESCE_MS")]
     pub report_coalesce_ms: Option<u64>,
     /// Most REST connections open at once (default: a quarter of the
@@ -283,7 +287,9 @@ pub struct Config {
     /// How long a peer must be unreachable from the leader before its device
     /// sessions are declared lost.
     pub session_grace: Duration,
-    /// Reported-state patches of one device are coalesced over this window.
+    /// Longest a device's reported-state patches wait to be proposed
+    /// together with the rest of its window (zero: as soon as the proposal
+    /// before committed).
     pub report_coalesce: Duration,
     /// Largest MQTT packet a device may send; a bigger one disconnects it.
     pub mqtt_max_packet: usize,
@@ -470,7 +476,7 @@ impl Config {
             c.session_grace = Duration::from_millis(ms);
         }
         if let Some(ms) = args.report_coalesce_ms.or(file.report_coalesce_ms) {
-            c.report_coalesce = Duration::from_millis(ms.max(1));
+            c.report_coalesce = Duration::from_millis(ms);
         }
         if let Some(n) = args.http_max_connections.or(file.http_max_connections) {
             if n == 0 {

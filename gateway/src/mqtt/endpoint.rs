@@ -15,9 +15,14 @@
 //! - from then on its identity is fixed: a second CONNECT is a protocol
 //!   violation that closes the connection;
 //! - checks every PUBLISH and SUBSCRIBE against the device's own topics;
-//! - hands device publishes to the session manager (a bounded channel: a
-//!   manager that falls behind slows the socket reads, nothing is dropped)
-//!   and acknowledges them;
+//! - hands device publishes to the session manager, each with an [`Ack`],
+//!   and acknowledges each (PUBACK, or PUBREC for QoS 2) when its answer
+//!   comes back: once what it causes is committed (see `ingest`). At most
+//!   [`RECEIVE_MAX`] messages of a connection, and [`PIPELINE`] of all
+//!   together, are unanswered at a time; without room a connection stops
+//!   reading its socket (back-pressure, nothing is dropped). A message that
+//!   could not be committed closes the connection unacknowledged (MQTT 5:
+//!   0x89), so the device sends it again;
 //! - writes what the manager delivers (through the registry) if a filter of
 //!   the session matches, at the granted QoS, with at most the client's
 //!   Receive Maximum of QoS 1 messages in flight.
@@ -39,19 +44,21 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use entente_protocol::{device_namespace, filter_matches, parse_device_publish};
+use entente_protocol::{DevicePublish, device_namespace, filter_matches, parse_device_publish};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use super::MqttStats;
 use super::auth::{Authenticator, Credential, LogLimiter};
+use super::ingest::{Ack, Acked, PIPELINE};
 use super::sessions::SessionEvent;
 use super::wire::{
-    self, Advertised, CloseReason, ConnectInfo, Incoming, Outgoing, ReadError, Refusal, Version,
+    self, AckCode, Advertised, CloseReason, ConnectInfo, Incoming, Outgoing, ReadError, Refusal,
+    Version,
 };
 use crate::shared::now_ms;
 
@@ -64,7 +71,10 @@ const PENDING_MAX: usize = 1_000;
 /// Our window of QoS 1 messages in flight to one device (capped further by
 /// the client's Receive Maximum).
 const INFLIGHT_MAX: u16 = 100;
-/// Inbound Receive Maximum advertised to MQTT 5 clients.
+/// Inbound Receive Maximum advertised to MQTT 5 clients, and the window of
+/// every connection (3.1.1 too): at most this many messages from a device
+/// are unanswered (waiting for their proposal to commit); at the limit its
+/// connection stops reading until one is answered.
 const RECEIVE_MAX: u16 = 100;
 /// Filters one session may hold.
 const MAX_FILTERS: usize = 16;
@@ -308,6 +318,9 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<MqttStats>,
     pub(crate) auth: Arc<Authenticator>,
     pub(crate) max_packet: usize,
+    /// Permits of device messages read and not yet answered, all
+    /// connections together ([`PIPELINE`]).
+    pipeline: Arc<Semaphore>,
     /// How long a new connection has for its TLS handshake (TLS listener),
     /// its CONNECT and the login check together.
     pub(crate) connect_timeout: Duration,
@@ -340,6 +353,7 @@ impl Shared {
             stats,
             auth,
             max_packet,
+            pipeline: Arc::new(Semaphore::new(PIPELINE)),
             connect_timeout,
             slots: Arc::new(Semaphore::new(max_connections.max(1))),
             max_connections: max_connections.max(1),
@@ -649,6 +663,8 @@ async fn serve_device<S: DeviceIo>(
         }
         _ => (connect.keep_alive, None),
     };
+    // Room for the answer of every message the window lets out.
+    let (acks_tx, acks_rx) = mpsc::channel(usize::from(RECEIVE_MAX));
     let mut conn = Conn {
         version,
         adv,
@@ -665,6 +681,10 @@ async fn serve_device<S: DeviceIo>(
         inflight: HashSet::new(),
         pending: VecDeque::new(),
         awaiting_rel: HashSet::new(),
+        unanswered: HashMap::new(),
+        unanswered_qos0: 0,
+        acks: acks_tx,
+        held: None,
         next_pkid: 0,
         out: BytesMut::new(),
     };
@@ -693,7 +713,17 @@ async fn serve_device<S: DeviceIo>(
                 .await;
         }
         let keep_alive = Duration::from_millis(u64::from(keep_alive) * 1500);
-        let end = session(&mut stream, &mut conn, buf, rx, &closer, keep_alive, shared).await;
+        let channels = (rx, acks_rx);
+        let end = session(
+            &mut stream,
+            &mut conn,
+            buf,
+            channels,
+            &closer,
+            keep_alive,
+            shared,
+        )
+        .await;
         if let Some(reason) = end {
             conn.push(Outgoing::Disconnect(reason));
             let out = conn.take_out();
@@ -855,15 +885,99 @@ struct Conn {
     inflight: HashSet<u16>,
     /// QoS 1 messages waiting for room in the window.
     pending: VecDeque<Arc<Message>>,
-    /// QoS 2 packet ids received, waiting for their PUBREL.
+    /// QoS 2 packet ids committed and answered (PUBREC), waiting for their
+    /// PUBREL.
     awaiting_rel: HashSet<u16>,
+    /// QoS 1 and 2 messages handed over and not yet answered: packet id →
+    /// QoS.
+    unanswered: HashMap<u16, u8>,
+    /// QoS 0 messages handed over and not yet through (they take room in
+    /// the window too).
+    unanswered_qos0: usize,
+    /// Where the answers to this connection's messages come back.
+    acks: mpsc::Sender<Acked>,
+    /// A message read while the pipeline was full: it goes first once a
+    /// permit is free, and nothing more is read until then.
+    held: Option<Held>,
     next_pkid: u16,
     out: BytesMut,
+}
+
+/// A device publish waiting for a permit of the pipeline.
+struct Held {
+    kind: DevicePublish,
+    payload: Bytes,
+    qos: u8,
+    pkid: u16,
 }
 
 impl Conn {
     fn push(&mut self, p: Outgoing<'_>) {
         wire::write(self.version, p, self.adv, &mut self.out);
+    }
+
+    /// Whether the connection reads from its device: its window has room
+    /// and no message waits for the pipeline.
+    fn reading(&self) -> bool {
+        self.held.is_none()
+            && self.unanswered.len() + self.unanswered_qos0 < usize::from(RECEIVE_MAX)
+    }
+
+    /// Hands a device publish to the session manager with its claim on an
+    /// answer.
+    async fn hand_over(
+        &mut self,
+        p: Held,
+        permit: OwnedSemaphorePermit,
+        shared: &Shared,
+    ) -> Result<(), Option<CloseReason>> {
+        let packet = (p.qos > 0).then_some((p.pkid, p.qos));
+        match packet {
+            Some((pkid, qos)) => {
+                self.unanswered.insert(pkid, qos);
+            }
+            None => self.unanswered_qos0 += 1,
+        }
+        if !self.reading() {
+            shared.stats.reads_paused.fetch_add(1, Ordering::Relaxed);
+        }
+        let ack = Ack::new(packet, self.acks.clone(), shared.stats.clone(), permit);
+        let ev = SessionEvent::Publish {
+            device: self.device.clone(),
+            epoch: self.epoch,
+            kind: p.kind,
+            payload: p.payload,
+            ack,
+        };
+        if shared.events.send(ev).await.is_err() {
+            return Err(Some(CloseReason::ShuttingDown));
+        }
+        Ok(())
+    }
+
+    /// The answer to one of the device's messages: its acknowledgement, or
+    /// `Err` when it was not committed (the connection is closed without
+    /// acknowledging it, so the device sends it again).
+    fn answered(&mut self, a: Acked, stats: &MqttStats) -> Result<(), CloseReason> {
+        let Some((pkid, qos)) = a.packet else {
+            // QoS 0: nothing to acknowledge, and nothing to send again.
+            self.unanswered_qos0 = self.unanswered_qos0.saturating_sub(1);
+            return Ok(());
+        };
+        self.unanswered.remove(&pkid);
+        let Some(code) = a.code else {
+            stats.not_committed.fetch_add(1, Ordering::Relaxed);
+            return Err(CloseReason::NotCommitted);
+        };
+        if qos == 1 {
+            self.push(Outgoing::PubAck(pkid, code));
+        } else {
+            if code == AckCode::Success {
+                self.awaiting_rel.insert(pkid);
+            }
+            self.push(Outgoing::PubRec(pkid, code));
+        }
+        Ok(())
     }
 
     fn take_out(&mut self) -> BytesMut {
@@ -940,7 +1054,7 @@ async fn session<S: DeviceIo>(
     stream: &mut S,
     conn: &mut Conn,
     mut buf: BytesMut,
-    mut rx: mpsc::Receiver<Arc<Message>>,
+    (mut rx, mut acks): (mpsc::Receiver<Arc<Message>>, mpsc::Receiver<Acked>),
     closer: &Closer,
     keep_alive: Duration,
     shared: &Shared,
@@ -959,6 +1073,9 @@ async fn session<S: DeviceIo>(
             if let Some(r) = closer.reason() {
                 return Some(r);
             }
+            // Not reading, the device cannot be heard: its keep-alive only
+            // counts while the connection reads.
+            let reading = conn.reading();
             tokio::select! {
                 biased;
                 _ = closer.notify.notified() => {
@@ -967,7 +1084,27 @@ async fn session<S: DeviceIo>(
                     }
                     continue;
                 }
-                _ = &mut idle => return Some(CloseReason::KeepAliveTimeout),
+                Some(a) = acks.recv() => {
+                    if let Err(r) = conn.answered(a, &shared.stats) {
+                        return Some(r);
+                    }
+                    while let Ok(a) = acks.try_recv() {
+                        if let Err(r) = conn.answered(a, &shared.stats) {
+                            return Some(r);
+                        }
+                    }
+                    idle.as_mut().reset(Instant::now() + idle_limit);
+                }
+                permit = shared.pipeline.clone().acquire_owned(), if conn.held.is_some() => {
+                    let (Ok(permit), Some(held)) = (permit, conn.held.take()) else {
+                        return Some(CloseReason::ShuttingDown);
+                    };
+                    if let Err(end) = conn.hand_over(held, permit, shared).await {
+                        return end;
+                    }
+                    idle.as_mut().reset(Instant::now() + idle_limit);
+                }
+                _ = &mut idle, if reading => return Some(CloseReason::KeepAliveTimeout),
                 msg = rx.recv() => {
                     let msg = msg?;
                     if let Err(r) = conn.deliver(msg) {
@@ -980,7 +1117,7 @@ async fn session<S: DeviceIo>(
                         }
                     }
                 }
-                r = stream.ready() => {
+                r = stream.ready(), if reading => {
                     if r.is_err() {
                         return None;
                     }
@@ -999,8 +1136,8 @@ async fn session<S: DeviceIo>(
             }
         }
         first = false;
-        // Every whole packet in the buffer.
-        loop {
+        // Every whole packet in the buffer, while the window has room.
+        while conn.reading() {
             match wire::read(conn.version, &mut buf, shared.max_packet) {
                 Ok(p) => {
                     if let Err(end) = on_packet(conn, p, shared).await {
@@ -1144,29 +1281,36 @@ async fn on_packet(
                 let what = format!("publish to {:?}", truncated(&topic));
                 return Err(Some(shared.violation(conn, &what)));
             };
-            let fresh = qos < 2 || !conn.awaiting_rel.contains(&pkid);
-            if fresh {
-                let ev = SessionEvent::Publish {
-                    device: conn.device.clone(),
-                    kind,
-                    payload,
-                };
-                if shared.events.send(ev).await.is_err() {
-                    return Err(Some(CloseReason::ShuttingDown));
+            if qos > 0 && conn.unanswered.contains_key(&pkid) {
+                // Sent again before its answer: that answer is for both.
+                return Ok(());
+            }
+            if qos == 2 {
+                if conn.awaiting_rel.contains(&pkid) {
+                    // Committed and answered, the PUBREL still to come.
+                    conn.push(Outgoing::PubRec(pkid, AckCode::Success));
+                    return Ok(());
+                }
+                if conn.awaiting_rel.len() >= usize::from(RECEIVE_MAX) {
+                    return Err(Some(CloseReason::SlowConsumer));
                 }
             }
-            match qos {
-                0 => {}
-                1 => conn.push(Outgoing::PubAck(pkid)),
-                _ => {
-                    if conn.awaiting_rel.len() >= usize::from(RECEIVE_MAX) && fresh {
-                        return Err(Some(CloseReason::SlowConsumer));
-                    }
-                    conn.awaiting_rel.insert(pkid);
-                    conn.push(Outgoing::PubRec(pkid));
+            let held = Held {
+                kind,
+                payload,
+                qos,
+                pkid,
+            };
+            match shared.pipeline.clone().try_acquire_owned() {
+                Ok(permit) => conn.hand_over(held, permit, shared).await,
+                Err(_) => {
+                    // The pipeline is full: read nothing more until it has
+                    // room for this one.
+                    shared.stats.reads_paused.fetch_add(1, Ordering::Relaxed);
+                    conn.held = Some(held);
+                    Ok(())
                 }
             }
-            Ok(())
         }
         Incoming::PubRel(pkid) => {
             conn.awaiting_rel.remove(&pkid);

@@ -10,6 +10,8 @@
 //! - `tls`: the TLS device listener's certificate, key and client CA.
 //! - `sessions` owns the sessions' replicated side: presence, delivery,
 //!   device messages.
+//! - `ingest` proposes what devices publish and answers each message once
+//!   what it causes is committed (the PUBACK means committed).
 //! - `watch_peers`: the leader declares a peer's sessions lost once it has
 //!   not heard from it for the grace period.
 //!
@@ -18,6 +20,7 @@
 
 mod auth;
 mod endpoint;
+mod ingest;
 mod sessions;
 mod tls;
 mod wire;
@@ -225,8 +228,9 @@ impl Listeners {
 /// The name of the TLS device listener.
 const TLS_LISTENER: &str = "mqtt-tls";
 
-/// Bound on device messages waiting for the session manager: when it is
+/// Bound on session events waiting for the session manager: when it is
 /// full, connections stop reading until there is room (nothing is dropped).
+/// (Device messages are bounded by the pipeline's permits too.)
 const EVENT_QUEUE: usize = 16_384;
 
 /// The TLS device listener's settings, read from the configured files
@@ -298,6 +302,14 @@ pub(crate) async fn start(
         config.mqtt_max_connections,
         config.mqtt_connect_timeout,
     ));
+    let ingest = ingest::Ingest::new(
+        node.clone(),
+        db.clone(),
+        stats.clone(),
+        config.mqtt_max_payload,
+        config.report_coalesce,
+        ingest::patience(config.write_timeout),
+    );
     let manager = sessions::Manager {
         node: node.clone(),
         db,
@@ -305,10 +317,8 @@ pub(crate) async fn start(
         stats: stats.clone(),
         auth,
         endpoint: shared.clone(),
-        max_payload: config.mqtt_max_payload,
-        coalesce: config.report_coalesce,
+        ingest,
         sessions: HashMap::new(),
-        reports: HashMap::new(),
         redelivered: HashMap::new(),
     };
     mqtt.tasks

@@ -12,11 +12,9 @@
 //!   are read from the state);
 //! - ends a session here when its device logged in on another gateway
 //!   since (a takeover, as a second login here would be);
-//! - turns `accepted` and `result` messages into proposals, after checking
-//!   the command exists and is this device's;
-//! - coalesces reported-state patches per device over a window into one
-//!   `ReportState` proposal (several, in order, when two patches cannot be
-//!   composed exactly).
+//! - passes what devices publish (`accepted`, `result`, reported state) to
+//!   [`Ingest`], which proposes it and answers each message once what it
+//!   causes is committed (see `ingest`), and polls its proposals.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,15 +24,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use coordinator::node::Node;
 use entente_protocol::{
-    CommandMessage, CommandResultMessage, DevicePublish, ResultStatus, ShadowDocument,
-    commands_topic, delta_topic, desired_topic, filter_matches,
+    CommandMessage, DevicePublish, ShadowDocument, commands_topic, delta_topic, desired_topic,
+    filter_matches,
 };
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
 use super::MqttStats;
 use super::auth::Authenticator;
 use super::endpoint::{Message, Shared};
+use super::ingest::{Ack, Ingest};
 use crate::ops::{Command, CommandStatus, Op, OpResult, Shadow};
 use crate::shared::{Ended, now_ms, propose_retrying};
 use crate::state::{Change, CommandStep, Page, ShadowSide, StateDb};
@@ -69,10 +68,14 @@ pub(crate) enum SessionEvent {
     Publish {
         /// Device id.
         device: String,
+        /// Session epoch.
+        epoch: u64,
         /// Which of its topics.
         kind: DevicePublish,
         /// The payload.
         payload: Bytes,
+        /// Its claim on an answer (the acknowledgement, once committed).
+        ack: Ack,
     },
 }
 
@@ -92,14 +95,6 @@ impl Session {
     }
 }
 
-#[derive(Default)]
-pub(crate) struct PendingReports {
-    /// Patches to propose, in order; the last one absorbs new patches.
-    patches: Vec<Value>,
-    /// A flush of this device is being proposed.
-    inflight: bool,
-}
-
 /// The manager's state (see the module docs).
 pub(crate) struct Manager {
     pub(crate) node: Node<OpResult>,
@@ -109,10 +104,9 @@ pub(crate) struct Manager {
     pub(crate) auth: Arc<Authenticator>,
     /// The device endpoint: delivery to the sessions live here.
     pub(crate) endpoint: Arc<Shared>,
-    pub(crate) max_payload: usize,
-    pub(crate) coalesce: Duration,
+    /// Device messages on their way to the group.
+    pub(crate) ingest: Ingest,
     pub(crate) sessions: HashMap<String, Session>,
-    pub(crate) reports: HashMap<String, PendingReports>,
     /// Commands delivered again by the sweep: when next, and how often so far.
     pub(crate) redelivered: HashMap<String, (tokio::time::Instant, u32)>,
 }
@@ -135,9 +129,12 @@ impl Manager {
     ) {
         let mut changes = self.db.changes();
         let mut restores = self.db.watch_restores();
-        let mut tick = tokio::time::interval(self.coalesce.max(Duration::from_millis(1)));
+        // Only with `--report-coalesce-ms`: reported patches that waited
+        // long enough for the rest of their device's window.
+        let spaced = !self.ingest.coalesce.is_zero();
+        let every = (self.ingest.coalesce / 2).max(Duration::from_millis(1));
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (stale_tx, mut stale_rx) = mpsc::channel::<Vec<Command>>(1);
@@ -166,7 +163,10 @@ impl Manager {
                     self.auth.clear();
                     self.redeliver_all();
                 }
-                _ = tick.tick() => self.flush_reports(&done_tx),
+                _ = tick.tick(), if spaced => self.ingest.tick(),
+                r = self.ingest.tasks.join_next_with_id(), if !self.ingest.tasks.is_empty() => {
+                    self.ingest.finished(r);
+                }
                 _ = sweep.tick() => {
                     if !sweeping && !self.sessions.is_empty() {
                         sweeping = true;
@@ -189,18 +189,11 @@ impl Manager {
                     sweeping = false;
                     self.redeliver_stale(cmds);
                 }
-                Some(device) = done_rx.recv() => {
-                    if let Some(p) = self.reports.get_mut(&device) {
-                        p.inflight = false;
-                        if p.patches.is_empty() {
-                            self.reports.remove(&device);
-                        }
-                    }
-                }
             }
         }
-        // Best effort: what was still being coalesced is proposed.
-        self.flush_reports(&done_tx);
+        // What is still being proposed is abandoned: none of it was
+        // acknowledged, and the devices send it again.
+        self.ingest.tasks.abort_all();
         publisher.abort();
     }
 
@@ -237,6 +230,7 @@ impl Manager {
                 self.set_gauge();
             }
             SessionEvent::Down { device, epoch } => {
+                self.ingest.session_ended(&device, epoch);
                 if self.sessions.get(&device).is_some_and(|s| s.epoch == epoch) {
                     self.sessions.remove(&device);
                     tracing::debug!(device, epoch, "MQTT session ended");
@@ -260,9 +254,11 @@ impl Manager {
             }
             SessionEvent::Publish {
                 device,
+                epoch,
                 kind,
                 payload,
-            } => self.on_publish(device, kind, payload),
+                ack,
+            } => self.ingest.publish(device, epoch, kind, payload, ack),
         }
     }
 
@@ -348,109 +344,6 @@ impl Manager {
             let delta = s.wants(&delta_topic(device));
             self.spawn_delivery(device.clone(), commands, desired, delta);
         }
-    }
-
-    fn ignore(&self, device: &str, why: &str) {
-        self.stats.ignored_messages.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(device, "MQTT message ignored: {why}");
-    }
-
-    fn on_publish(&mut self, device: String, kind: DevicePublish, payload: Bytes) {
-        if payload.len() > self.max_payload {
-            let why = format!(
-                "payload of {} bytes is over the limit of {}",
-                payload.len(),
-                self.max_payload
-            );
-            self.ignore(&device, &why);
-            return;
-        }
-        match kind {
-            DevicePublish::Reported => {
-                // The same limits as the REST API's (depth, size, 64-bit
-                // integers): what is proposed must decode on every member.
-                let patch = match crate::limits::parse_value("a reported patch", &payload) {
-                    Ok(v @ Value::Object(_)) => v,
-                    Ok(_) => return self.ignore(&device, "a reported patch must be a JSON object"),
-                    Err(e) => return self.ignore(&device, &e.to_string()),
-                };
-                self.stats.reports_received.fetch_add(1, Ordering::Relaxed);
-                let pending = self.reports.entry(device).or_default();
-                // (Patches being proposed were taken out: these are all new.)
-                // Two patches are composed only while the result stays within
-                // the document limit: the state machine refuses a patch over
-                // it as a whole, which would lose the other's change too.
-                let composed = pending.patches.last_mut().is_some_and(|last| {
-                    let before = last.clone();
-                    if !compose(last, &patch) {
-                        return false;
-                    }
-                    if crate::limits::encoded_len(last) > crate::limits::MAX_DOCUMENT_BYTES {
-                        *last = before;
-                        return false;
-                    }
-                    true
-                });
-                if !composed {
-                    pending.patches.push(patch);
-                }
-            }
-            DevicePublish::Accepted { cid } => {
-                let (db, node, stats) = (self.db.clone(), self.node.clone(), self.stats.clone());
-                tokio::spawn(async move {
-                    if own_command(&db, &stats, &device, &cid).await {
-                        propose_logged(&node, Op::CommandAccepted { cid }).await;
-                    }
-                });
-            }
-            DevicePublish::Result { cid } => {
-                let msg = match crate::limits::parse_value("a command result", &payload)
-                    .map_err(|e| e.to_string())
-                    .and_then(|v| {
-                        serde_json::from_value::<CommandResultMessage>(v).map_err(|e| e.to_string())
-                    }) {
-                    Ok(m) => m,
-                    Err(e) => return self.ignore(&device, &format!("malformed result: {e}")),
-                };
-                let (db, node, stats) = (self.db.clone(), self.node.clone(), self.stats.clone());
-                tokio::spawn(async move {
-                    if own_command(&db, &stats, &device, &cid).await {
-                        let op = Op::CommandResult {
-                            cid,
-                            succeeded: msg.status == ResultStatus::Succeeded,
-                            output: msg.output,
-                        };
-                        propose_logged(&node, op).await;
-                    }
-                });
-            }
-        }
-    }
-
-    fn flush_reports(&mut self, done: &mpsc::UnboundedSender<String>) {
-        for (device, p) in self.reports.iter_mut() {
-            if p.inflight || p.patches.is_empty() {
-                continue;
-            }
-            p.inflight = true;
-            let patches = std::mem::take(&mut p.patches);
-            let (node, device, done) = (self.node.clone(), device.clone(), done.clone());
-            self.stats
-                .report_proposals
-                .fetch_add(patches.len() as u64, Ordering::Relaxed);
-            tokio::spawn(async move {
-                for patch in patches {
-                    let op = Op::ReportState {
-                        device: device.clone(),
-                        patch,
-                    };
-                    propose_logged(&node, op).await;
-                }
-                let _ = done.send(device);
-            });
-        }
-        self.reports
-            .retain(|_, p| p.inflight || !p.patches.is_empty());
     }
 
     fn on_change(&mut self, change: Change, shadows: &ShadowOutbox) {
@@ -579,37 +472,6 @@ async fn publish_shadows(db: Arc<StateDb>, out: Arc<Shared>, outbox: Arc<ShadowO
     }
 }
 
-/// Composes merge patch `next` into `acc` so that applying `acc` equals
-/// applying both in turn. Returns false (leaving `acc` unchanged) when that
-/// cannot be done exactly: `next` merges an object into a key that `acc`
-/// replaces with a non-object (or removes).
-fn compose(acc: &mut Value, next: &Value) -> bool {
-    fn exact(acc: &Map<String, Value>, next: &Map<String, Value>) -> bool {
-        next.iter().all(|(k, v)| match (acc.get(k), v) {
-            (Some(Value::Object(a)), Value::Object(n)) => exact(a, n),
-            (Some(_), Value::Object(_)) => false,
-            _ => true,
-        })
-    }
-    fn merge(acc: &mut Map<String, Value>, next: &Map<String, Value>) {
-        for (k, v) in next {
-            match (acc.get_mut(k), v) {
-                (Some(Value::Object(a)), Value::Object(n)) => merge(a, n),
-                _ => {
-                    acc.insert(k.clone(), v.clone());
-                }
-            }
-        }
-    }
-    match (acc, next) {
-        (Value::Object(a), Value::Object(n)) if exact(a, n) => {
-            merge(a, n);
-            true
-        }
-        _ => false,
-    }
-}
-
 /// Proposes presence `online`, again whenever asked, and `offline` once the
 /// session ended — all from one task, so they commit in this order.
 async fn presence_task(
@@ -640,28 +502,6 @@ async fn presence_task(
 /// [`propose_retrying`] with nothing to stop it early.
 async fn propose_logged(node: &Node<OpResult>, op: Op) {
     propose_retrying(node, op, None).await;
-}
-
-/// Whether command `cid` exists and belongs to `device` (else it is
-/// ignored, logged and counted).
-async fn own_command(db: &StateDb, stats: &MqttStats, device: &str, cid: &str) -> bool {
-    let ok = match db.command(cid).await {
-        Ok(Some(c)) => c.device == device,
-        Ok(None) => false,
-        Err(e) => {
-            tracing::warn!(error = %e, "reading a command for an MQTT message");
-            return false;
-        }
-    };
-    if !ok {
-        stats.ignored_messages.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            device,
-            cid,
-            "MQTT message ignored: no such command for this device"
-        );
-    }
-    ok
 }
 
 fn publish_command(out: &Shared, stats: &MqttStats, c: &Command) {
@@ -756,37 +596,5 @@ async fn deliver_pending_commands(
                 _ => break,
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use serde_json::json;
-
-    use super::compose;
-    use crate::state::merge::merge_patch;
-
-    #[test]
-    fn composed_patches_apply_like_the_sequence() {
-        let cases = [
-            (json!({"a": 1}), json!({"b": 2})),
-            (json!({"a": {"x": 1}}), json!({"a": {"y": null}, "c": null})),
-            (json!({"a": null}), json!({"a": 3})),
-            (json!({"a": {"x": {"y": 1}}}), json!({"a": {"x": {"z": 2}}})),
-        ];
-        let base = json!({"a": {"x": 0, "y": 9}, "c": 1});
-        for (p1, p2) in cases {
-            let mut acc = p1.clone();
-            assert!(compose(&mut acc, &p2), "{p1} then {p2}");
-            let mut seq = base.clone();
-            merge_patch(&mut seq, &p1);
-            merge_patch(&mut seq, &p2);
-            let mut one = base.clone();
-            merge_patch(&mut one, &acc);
-            assert_eq!(seq, one, "{p1} then {p2}");
-        }
-        let mut acc = json!({"a": null});
-        assert!(!compose(&mut acc, &json!({"a": {"b": 1}})));
-        assert_eq!(acc, json!({"a": null}));
     }
 }

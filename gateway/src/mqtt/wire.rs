@@ -131,6 +131,10 @@ pub(crate) enum CloseReason {
     Malformed,
     /// A packet over the size limit (0x95).
     TooLarge,
+    /// What the device sent could not be committed in time (0x89, server
+    /// busy): it was not acknowledged, and the device sends it again when
+    /// it reconnects.
+    NotCommitted,
     /// A retained message: Retain Available is 0 (0x9A).
     RetainNotSupported,
     /// A QoS 2 message: Maximum QoS is 1 (0x9B).
@@ -142,6 +146,23 @@ pub(crate) enum CloseReason {
     /// A subscription identifier: Subscription Identifiers Available is 0
     /// (0xA1).
     SubscriptionIdsNotSupported,
+}
+
+/// How the endpoint answers a device's QoS 1 or 2 message once its fate is
+/// known: the reason code of an MQTT 5 PUBACK or PUBREC (MQTT 3.1.1 has
+/// none: every answer is a plain acknowledgement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AckCode {
+    /// What the message causes is committed, or it changes nothing (a
+    /// duplicate) (0x00).
+    Success,
+    /// Refused for good: no such command for this device, or the device is
+    /// gone (0x83, implementation specific error).
+    Refused,
+    /// Over a size limit (0x97, quota exceeded).
+    TooLarge,
+    /// Not the JSON its topic calls for (0x99, payload format invalid).
+    Malformed,
 }
 
 /// A packet to a device.
@@ -160,8 +181,8 @@ pub(crate) enum Outgoing<'a> {
         qos: u8,
         pkid: u16,
     },
-    PubAck(u16),
-    PubRec(u16),
+    PubAck(u16, AckCode),
+    PubRec(u16, AckCode),
     PubComp(u16),
     /// Per filter: the granted QoS, or `None` for a filter refused for
     /// the session's quota of filters (3.1.1: 0x80, MQTT 5: 0x97).
@@ -441,6 +462,7 @@ fn reason_text(r: CloseReason) -> &'static str {
         CloseReason::NotAuthorized => "a topic outside this device's own",
         CloseReason::Malformed => "malformed packet",
         CloseReason::TooLarge => "packet larger than the maximum packet size",
+        CloseReason::NotCommitted => "a message could not be committed in time; send it again",
         CloseReason::RetainNotSupported => "retained messages are not supported",
         CloseReason::QosNotSupported => "QoS 2 is not supported",
         CloseReason::TopicAliasInvalid => "topic aliases are not supported",
@@ -462,11 +484,30 @@ fn v5_disconnect(r: CloseReason) -> v5::DisconnectReasonCode {
         CloseReason::NotAuthorized => D::NotAuthorized,
         CloseReason::Malformed => D::MalformedPacket,
         CloseReason::TooLarge => D::PacketTooLarge,
+        CloseReason::NotCommitted => D::ServerBusy,
         CloseReason::RetainNotSupported => D::RetainNotSupported,
         CloseReason::QosNotSupported => D::QoSNotSupported,
         CloseReason::TopicAliasInvalid => D::TopicAliasInvalid,
         CloseReason::SharedNotSupported => D::SharedSubscriptionNotSupported,
         CloseReason::SubscriptionIdsNotSupported => D::SubscriptionIdentifiersNotSupported,
+    }
+}
+
+fn v5_puback(c: AckCode) -> v5::PubAckReason {
+    match c {
+        AckCode::Success => v5::PubAckReason::Success,
+        AckCode::Refused => v5::PubAckReason::ImplementationSpecificError,
+        AckCode::TooLarge => v5::PubAckReason::QuotaExceeded,
+        AckCode::Malformed => v5::PubAckReason::PayloadFormatInvalid,
+    }
+}
+
+fn v5_pubrec(c: AckCode) -> v5::PubRecReason {
+    match c {
+        AckCode::Success => v5::PubRecReason::Success,
+        AckCode::Refused => v5::PubRecReason::ImplementationSpecificError,
+        AckCode::TooLarge => v5::PubRecReason::QuotaExceeded,
+        AckCode::Malformed => v5::PubRecReason::PayloadFormatInvalid,
     }
 }
 
@@ -508,8 +549,9 @@ fn write_v4(packet: Outgoing<'_>, out: &mut BytesMut) -> Result<usize, String> {
             };
             p.write(out).map_err(e)
         }
-        Outgoing::PubAck(pkid) => v4::PubAck::new(pkid).write(out).map_err(e),
-        Outgoing::PubRec(pkid) => v4::PubRec::new(pkid).write(out).map_err(e),
+        // 3.1.1 acknowledgements carry no reason: every answer is one.
+        Outgoing::PubAck(pkid, _) => v4::PubAck::new(pkid).write(out).map_err(e),
+        Outgoing::PubRec(pkid, _) => v4::PubRec::new(pkid).write(out).map_err(e),
         Outgoing::PubComp(pkid) => v4::PubComp::new(pkid).write(out).map_err(e),
         Outgoing::SubAck { pkid, granted } => {
             let codes = granted
@@ -578,8 +620,20 @@ fn write_v5(packet: Outgoing<'_>, adv: Advertised, out: &mut BytesMut) -> Result
         }
         .write(out)
         .map_err(e),
-        Outgoing::PubAck(pkid) => v5::PubAck::new(pkid, None).write(out).map_err(e),
-        Outgoing::PubRec(pkid) => v5::PubRec::new(pkid, None).write(out).map_err(e),
+        Outgoing::PubAck(pkid, code) => v5::PubAck {
+            pkid,
+            reason: v5_puback(code),
+            properties: None,
+        }
+        .write(out)
+        .map_err(e),
+        Outgoing::PubRec(pkid, code) => v5::PubRec {
+            pkid,
+            reason: v5_pubrec(code),
+            properties: None,
+        }
+        .write(out)
+        .map_err(e),
         Outgoing::PubComp(pkid) => v5::PubComp::new(pkid, None).write(out).map_err(e),
         Outgoing::SubAck { pkid, granted } => {
             let return_codes = granted

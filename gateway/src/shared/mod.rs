@@ -7,8 +7,9 @@
 //! - [`propose`]: the one way an operation enters the log, and its two
 //!   retry policies — [`propose_placed`] for requests whose caller waits for
 //!   the answer (REST), [`propose_retrying`] for idempotent operations that
-//!   must not be dropped (what devices said, presence, the leader's
-//!   declarations);
+//!   must not be dropped (the gateway's own for its sessions: presence,
+//!   `sent`; the leader's declarations); what devices send is proposed by
+//!   the endpoint's ingest, which answers each message once committed;
 //! - [`MqttStats`]: the device endpoint's counters, which it counts and
 //!   `/metrics` and the health checks read.
 

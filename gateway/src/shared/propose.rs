@@ -102,10 +102,10 @@ impl Ended {
 
 /// Proposes `op` until it commits, `PROPOSAL_ATTEMPTS` failures (about
 /// 35 s with the backoff), or (between attempts) `stop` resolved. For
-/// operations that must not be dropped because an election was running (a
-/// device's message was acknowledged when it arrived): every operation
-/// proposed so is idempotent (presence by epoch, command steps by state, a
-/// reported-state merge patch), so a retry after an unknown outcome is safe.
+/// operations that must not be dropped because an election was running
+/// (what the gateway says about its sessions: presence, `sent`): every
+/// operation proposed so is idempotent (presence by epoch, command steps by
+/// state), so a retry after an unknown outcome is safe.
 pub async fn propose_retrying(node: &Node<OpResult>, op: Op, mut stop: Option<&mut Ended>) {
     // Over a limit: refused before proposing, and the answer never changes.
     if let Err(e) = limits::check_op(&op) {

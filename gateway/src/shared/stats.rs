@@ -9,6 +9,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct MqttStats {
     /// Device sessions open on this gateway.
     pub sessions: AtomicU64,
+    /// Device messages read and not yet answered (their proposal not yet
+    /// committed).
+    pub messages_uncommitted: AtomicU64,
+    /// Times a device connection stopped reading because its window of
+    /// unanswered messages or the endpoint's pipeline was full.
+    pub reads_paused: AtomicU64,
+    /// Device connections closed because a message could not be committed
+    /// in time (it was not acknowledged; the device sends it again).
+    pub not_committed: AtomicU64,
     /// Device sessions started since boot.
     pub sessions_started: AtomicU64,
     /// Logins refused.
@@ -52,12 +61,30 @@ pub struct MqttStats {
 impl MqttStats {
     /// Appends the counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, &AtomicU64); 17] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 20] = [
             (
                 "entente_mqtt_sessions",
                 "gauge",
                 "Device sessions open on this gateway.",
                 &self.sessions,
+            ),
+            (
+                "entente_mqtt_messages_uncommitted",
+                "gauge",
+                "Device messages read and not yet acknowledged: their proposals are not committed yet.",
+                &self.messages_uncommitted,
+            ),
+            (
+                "entente_mqtt_reads_paused_total",
+                "counter",
+                "Times a device connection stopped reading: its window of unacknowledged messages or the pipeline was full.",
+                &self.reads_paused,
+            ),
+            (
+                "entente_mqtt_not_committed_total",
+                "counter",
+                "Device connections closed because a message could not be committed in time (not acknowledged).",
+                &self.not_committed,
             ),
             (
                 "entente_mqtt_sessions_started_total",
