@@ -1327,3 +1327,26 @@ async fn delete_and_rotate_end_the_session_within_a_second_wherever_it_is() {
     assert_eq!(why, "DISCONNECT 0x98");
     c.stop().await;
 }
+
+/// Finding: a membership change asked while another was being committed —
+/// or right after a leadership transfer, before the new leader's first
+/// entry committed — was refused 409 "already pending", though that state
+/// lasts moments. Such a refusal is now retried within the write timeout:
+/// changes asked at once, of different gateways, all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_asked_at_once_all_succeed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let c = three(tmp.path()).await;
+    let add = |gw: u64, id: u64| {
+        c.try_request(
+            gw,
+            reqwest::Method::POST,
+            "/v1/cluster/members",
+            json!({"id": id, "address": closed_address(), "suffrage": "learner"}),
+        )
+    };
+    let (a, b, d) = tokio::join!(add(1, 5), add(2, 6), add(3, 7));
+    for (status, body) in [a, b, d] {
+        assert!(status.is_success(), "{status} {body}");
+    }
+}

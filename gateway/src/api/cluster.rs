@@ -205,11 +205,20 @@ async fn commit_change(
     force: bool,
     how_to_force: &str,
 ) -> Result<u64, ApiError> {
-    let index = state
-        .node
-        .change_membership(change, force)
-        .await
-        .map_err(|e| member_error(e, state, how_to_force))?;
+    // Another change being committed — or a new leader's first entry, which
+    // must commit before it takes any change — is over in moments: such a
+    // refusal is retried within the write timeout, not handed back.
+    let deadline = tokio::time::Instant::now() + state.config.write_timeout;
+    let index = loop {
+        match state.node.change_membership(change, force).await {
+            Err(NodeError::Refused(reason))
+                if reason.contains("already pending") && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            r => break r.map_err(|e| member_error(e, state, how_to_force))?,
+        }
+    };
     let _ = state
         .node
         .wait_applied(index, state.config.write_timeout)
