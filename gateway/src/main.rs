@@ -12,8 +12,8 @@ use gateway::config::LogFormat;
 /// the long-lived ones in per-thread arenas, resident; jemalloc groups
 /// allocations by size class and its background thread gives pages unused
 /// for a second back to the system (settings in `.cargo/config.toml`).
-/// Measured with 10,000 idle devices: about 5.6 KiB of resident memory per
-/// device against 7.8–8.4 KiB with glibc (bench/BENCHMARKS.md).
+/// Measured with 10,000 idle devices: 5.4–5.6 KiB of resident memory per
+/// device against 7.8–8.4 KiB with glibc's (bench/BENCHMARKS.md).
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
