@@ -491,15 +491,15 @@ pub(crate) async fn accept_loop(
 ///
 /// Besides reading and writing, a session waits for input without holding
 /// a read buffer ([`DeviceIo::ready`]) and then reads what there is
-/// without waiting ([`DeviceIo::try_read_buf`]), so an idle connection
-/// keeps no buffer of its own.
+/// without waiting ([`DeviceIo::try_read`]) into a buffer on the stack
+/// ([`read_ready`]), so an idle connection keeps no buffer of its own.
 pub(crate) trait DeviceIo: AsyncRead + AsyncWrite + Unpin + Send {
     /// Resolves once a read may make progress (cancel-safe).
     fn ready(&mut self) -> impl Future<Output = io::Result<()>> + Send;
 
     /// Reads what is there into `buf` without waiting: `WouldBlock` if
     /// nothing is, `Ok(0)` at the end of the stream.
-    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize>;
+    fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
 }
 
 impl DeviceIo for TcpStream {
@@ -507,8 +507,8 @@ impl DeviceIo for TcpStream {
         self.readable().await
     }
 
-    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        TcpStream::try_read_buf(self, buf)
+    fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        TcpStream::try_read(self, buf)
     }
 }
 
@@ -527,13 +527,13 @@ impl DeviceIo for TlsStream<TcpStream> {
         tcp.readable().await
     }
 
-    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+    fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         use std::task::{Context, Poll, Waker};
         use tokio::io::AsyncReadExt;
         // One poll of a read: whatever rustls can decrypt from the bytes
         // the socket has. If it needs more, the socket's readiness was
         // cleared on the way, so the next `ready` waits for it.
-        let mut read = std::pin::pin!(self.read_buf(buf));
+        let mut read = std::pin::pin!(self.read(buf));
         match read.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(r) => r,
             Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
@@ -544,20 +544,59 @@ impl DeviceIo for TlsStream<TcpStream> {
 /// One connection, start to end: the TLS handshake if the listener has
 /// `tls`, then the device's session. Handshake, CONNECT and login share
 /// one deadline.
+///
+/// A connection's task lives as long as its device is connected, and its
+/// future is as large as its largest state: the TLS states (rustls's
+/// connection and the handshake) are boxed so that a plain connection does
+/// not carry them.
 async fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared, tls: Option<TlsAcceptor>) {
     let _ = stream.set_nodelay(true);
     let deadline = Instant::now() + shared.connect_timeout;
-    let Some(acceptor) = tls else {
-        serve_device(stream, peer, None, deadline, shared).await;
+    match tls {
+        None => serve_device(stream, peer, None, deadline, shared).await,
+        Some(acceptor) => Box::pin(serve_tls(stream, peer, acceptor, deadline, shared)).await,
+    }
+}
+
+/// The TLS handshake (under the connect deadline), then the device.
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    deadline: Instant,
+    shared: &Shared,
+) {
+    // (The handshake's result is not matched across the session's await:
+    // the future would keep a second place for the TLS stream.)
+    let Some((stream, cert)) = tls_handshake(stream, peer, acceptor, deadline, shared).await else {
         return;
     };
+    serve_device(stream, peer, cert, deadline, shared).await;
+}
+
+/// The TLS handshake under the connect deadline: the stream and the
+/// SHA-256 of the client certificate it presented, or `None` (counted and
+/// logged) if it failed.
+async fn tls_handshake(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    deadline: Instant,
+    shared: &Shared,
+) -> Option<(TlsStream<TcpStream>, Option<String>)> {
     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => {
             let cert = super::tls::client_fingerprint(stream.get_ref().1);
-            serve_device(stream, peer, cert, deadline, shared).await;
+            Some((stream, cert))
         }
-        Ok(Err(e)) => shared.handshake_failed(&peer, Some(&e)),
-        Err(_) => shared.handshake_failed(&peer, None),
+        Ok(Err(e)) => {
+            shared.handshake_failed(&peer, Some(&e));
+            None
+        }
+        Err(_) => {
+            shared.handshake_failed(&peer, None);
+            None
+        }
     }
 }
 
@@ -571,7 +610,7 @@ async fn serve_device<S: DeviceIo>(
     shared: &Shared,
 ) {
     let Ok(Some((version, connect, buf))) =
-        tokio::time::timeout_at(deadline, read_connect(&mut stream, peer, shared)).await
+        tokio::time::timeout_at(deadline, Box::pin(read_connect(&mut stream, peer, shared))).await
     else {
         return;
     };
@@ -601,15 +640,18 @@ async fn serve_device<S: DeviceIo>(
         let _ = write_all(&mut stream, &refuse(Refusal::NotAuthorized)).await;
         return;
     }
+    // The CONNECT and the login are boxed, like every state the task is in
+    // only for a moment: the task's future, kept for as long as the device
+    // is connected, is as large as its largest state.
     let login = tokio::time::timeout_at(
         deadline,
-        shared.auth.check(
+        Box::pin(shared.auth.check(
             &connect.client_id,
             &connect.username,
             &connect.password,
             cert.as_deref(),
             peer.ip(),
-        ),
+        )),
     )
     .await
     .unwrap_or(Err(Refusal::Unavailable));
@@ -688,6 +730,9 @@ async fn serve_device<S: DeviceIo>(
         next_pkid: 0,
         out: BytesMut::new(),
     };
+    // Everything the session needs from the CONNECT is in `conn` now; its
+    // strings are not kept for as long as the device stays connected.
+    drop(connect);
     conn.push(Outgoing::ConnAck {
         refusal: None,
         session_present: restored.is_some(),
@@ -779,7 +824,9 @@ async fn linger_close<S: DeviceIo>(stream: &mut S) {
         return;
     }
     let drain = async {
-        let mut buf = [0u8; 4096];
+        // On the heap, and only now: a buffer in the future itself would be
+        // carried by every connection's task for as long as it lives.
+        let mut buf = vec![0u8; 4096];
         let mut left = 64 << 10;
         while left > 0 {
             match tokio::io::AsyncReadExt::read(stream, &mut buf).await {
@@ -853,13 +900,34 @@ async fn read_connect<S: DeviceIo>(
     }
 }
 
-/// Reads what the socket has into `buf`, growing it only when needed.
+/// Waits for the socket, then reads what it has onto the end of `buf`
+/// (see [`read_ready`]).
 async fn read_some<S: DeviceIo>(stream: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
-    use tokio::io::AsyncReadExt;
-    if buf.capacity() - buf.len() < 512 {
-        buf.reserve(4096);
+    loop {
+        stream.ready().await?;
+        match read_ready(stream, buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
     }
-    stream.read_buf(buf).await
+}
+
+/// Bytes one read takes from a device's socket at most.
+const READ_CHUNK: usize = 4096;
+
+/// Reads what the socket has (at most [`READ_CHUNK`]) without waiting,
+/// onto the end of `buf`, through a buffer on the stack: `buf` grows by
+/// the bytes read and no more. A read buffer on the heap would be
+/// allocated whole for every read, and while it lives every device's
+/// 2-byte PINGREQ, its SUBSCRIBE and its CONNECT would hold a few
+/// kilobytes; those holes between long-lived session state stay in the
+/// process's memory. (Not `async`: the stack buffer is never part of the
+/// connection's future.)
+fn read_ready<S: DeviceIo>(stream: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
+    let mut chunk = [0u8; READ_CHUNK];
+    let n = stream.try_read(&mut chunk)?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n)
 }
 
 /// One connection's session state.
@@ -1073,6 +1141,11 @@ async fn session<S: DeviceIo>(
             if let Some(r) = closer.reason() {
                 return Some(r);
             }
+            // A connection waiting for its device holds no read buffer,
+            // unless a packet is partly read.
+            if buf.is_empty() && buf.capacity() > 0 {
+                buf = BytesMut::new();
+            }
             // Not reading, the device cannot be heard: its keep-alive only
             // counts while the connection reads.
             let reading = conn.reading();
@@ -1099,7 +1172,8 @@ async fn session<S: DeviceIo>(
                     let (Ok(permit), Some(held)) = (permit, conn.held.take()) else {
                         return Some(CloseReason::ShuttingDown);
                     };
-                    if let Err(end) = conn.hand_over(held, permit, shared).await {
+                    // Boxed, as packet handling below.
+                    if let Err(end) = Box::pin(conn.hand_over(held, permit, shared)).await {
                         return end;
                     }
                     idle.as_mut().reset(Instant::now() + idle_limit);
@@ -1121,10 +1195,7 @@ async fn session<S: DeviceIo>(
                     if r.is_err() {
                         return None;
                     }
-                    if buf.capacity() - buf.len() < 512 {
-                        buf.reserve(4096);
-                    }
-                    match stream.try_read_buf(&mut buf) {
+                    match read_ready(stream, &mut buf) {
                         Ok(0) => return None,
                         Ok(_) => {
                             idle.as_mut().reset(Instant::now() + idle_limit);
@@ -1140,7 +1211,10 @@ async fn session<S: DeviceIo>(
         while conn.reading() {
             match wire::read(conn.version, &mut buf, shared.max_packet) {
                 Ok(p) => {
-                    if let Err(end) = on_packet(conn, p, shared).await {
+                    // Boxed: the connection's future (kept for as long as
+                    // the device is connected) need not hold the largest
+                    // state of a packet's handling.
+                    if let Err(end) = Box::pin(on_packet(conn, p, shared)).await {
                         return end;
                     }
                 }
@@ -1158,10 +1232,6 @@ async fn session<S: DeviceIo>(
                     return Some(CloseReason::Malformed);
                 }
             }
-        }
-        // An idle connection keeps no read buffer.
-        if buf.is_empty() && buf.capacity() > 0 {
-            buf = BytesMut::new();
         }
         if conn.too_large > 0 {
             let n = std::mem::take(&mut conn.too_large);
@@ -1429,5 +1499,44 @@ async fn on_packet(
             }
             Err(Some(CloseReason::ProtocolError))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future an async fn taking four arguments returns
+    /// (without calling it).
+    fn future_size<A, B, C, D, F: Future>(_: impl FnOnce(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// The same for five arguments.
+    fn future_size5<A, B, C, D, E, F: Future>(_: impl FnOnce(A, B, C, D, E) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// A connection's task lives as long as its device is connected, and
+    /// its future is as large as its largest state: what is only there for
+    /// a moment (the TLS states, the login, a packet's handling, the
+    /// closing drain's buffer) is boxed. Unboxed, a plain connection's
+    /// task was about 10 KiB.
+    #[test]
+    fn a_connection_task_is_small() {
+        let plain =
+            future_size::<TcpStream, SocketAddr, &'static Shared, Option<TlsAcceptor>, _>(serve);
+        assert!(plain <= 2048, "a connection's future is {plain} bytes");
+        // On the TLS listener the task's future boxes the TLS states: the
+        // handshake, the stream (rustls's connection is 1.2 KiB) and a
+        // session over it. The handshake's result matched across the
+        // session's await kept a second place for the stream (6 KiB).
+        let tls = future_size5::<TcpStream, SocketAddr, TlsAcceptor, Instant, &'static Shared, _>(
+            serve_tls,
+        );
+        assert!(
+            tls <= 4096,
+            "a TLS connection's boxed future is {tls} bytes"
+        );
     }
 }
