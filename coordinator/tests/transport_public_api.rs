@@ -155,3 +155,43 @@ fn transport_can_be_shared_across_tasks() {
         shutdown.await;
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transports_serve_listeners_their_caller_bound() {
+    // Bound first, so every address is known before any transport starts
+    // (no port picked, released and bound again, which another process
+    // could take in between).
+    let listeners: Vec<std::net::TcpListener> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr"))
+        .collect();
+    let mut nodes: Vec<(Transport, Receiver<Inbound>)> = listeners
+        .into_iter()
+        .zip(1..)
+        .map(|(l, id)| {
+            let mut c = config(id);
+            let other = if id == 1 { 2 } else { 1 };
+            c.peers.insert(other, addrs[(other - 1) as usize].into());
+            Transport::start_on(c, l).expect("start on a bound listener")
+        })
+        .collect();
+    assert_eq!(nodes[0].0.local_addr(), addrs[0]);
+    assert_eq!(nodes[1].0.local_addr(), addrs[1]);
+    nodes[0].0.send(heartbeat(1, 2, 1));
+    loop {
+        match next(&mut nodes[1].1).await {
+            Inbound::Message(m) => {
+                assert_eq!((m.from, m.to, m.term), (1, 2, 1));
+                break;
+            }
+            Inbound::Unreachable(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    for (t, _) in nodes {
+        t.shutdown().await;
+    }
+}

@@ -15,7 +15,7 @@ use crate::creds::{Credentials, Provision, check_prefix, device_id, provision};
 use crate::device::Behaviour;
 use crate::fleet::{Fleet, FleetConfig};
 use crate::ingest::{self, IngestClient, IngestConfig};
-use crate::mqtt::{BrokerAddr, Protocol};
+use crate::mqtt::{BrokerAddr, Protocol, Tls};
 use crate::rest::Api;
 use crate::run::{self, RunOptions};
 
@@ -103,6 +103,11 @@ pub struct Common {
     /// Speak MQTT 5 instead of 3.1.1.
     #[arg(long)]
     pub mqtt5: bool,
+    /// Connect over TLS, trusting the CA certificates (PEM) in this file;
+    /// point --gateways at the gateways' TLS listeners (--mqtt-tls-listen,
+    /// 8883 by default) by a name or address their certificate carries.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -139,6 +144,11 @@ pub struct Common {
 }
 
 impl Common {
+    /// The TLS settings of `--tls-ca`, if given.
+    fn tls(&self) -> Result<Option<Tls>> {
+        self.tls_ca.as_deref().map(Tls::trusting).transpose()
+    }
+
     fn protocol(&self) -> Protocol {
         if self.mqtt5 {
             Protocol::V5
@@ -244,8 +254,8 @@ pub struct FleetArgs {
 }
 
 impl FleetArgs {
-    fn config(&self, common: &Common) -> FleetConfig {
-        FleetConfig {
+    fn config(&self, common: &Common) -> Result<FleetConfig> {
+        Ok(FleetConfig {
             gateways: common.gateways.clone(),
             protocol: common.protocol(),
             keep_alive: Duration::from_secs(common.keep_alive_secs),
@@ -260,7 +270,8 @@ impl FleetArgs {
             backoff_max: Duration::from_millis(self.backoff_max_ms),
             seed: common.seed,
             observer: None,
-        }
+            tls: common.tls()?,
+        })
     }
 }
 
@@ -400,7 +411,7 @@ async fn run_cmd(a: RunArgs) -> Result<()> {
     };
     let duration = (a.duration_secs > 0).then(|| Duration::from_secs(a.duration_secs));
     let report = run::run(
-        a.fleet.config(&a.common),
+        a.fleet.config(&a.common)?,
         &creds,
         api.as_ref(),
         &options,
@@ -420,7 +431,7 @@ async fn bench_cmd(a: BenchArgs) -> Result<()> {
         .credentials(Some(&api), &a.fleet.prefix, a.fleet.devices)
         .await?;
     let (seen_tx, seen_rx) = mpsc::unbounded_channel();
-    let mut config = a.fleet.config(&a.common);
+    let mut config = a.fleet.config(&a.common)?;
     config.observer = Some(seen_tx);
     let fleet = Fleet::start(config, &creds)?;
     let connect_timeout = Duration::from_secs(a.common.connect_timeout_secs);
@@ -485,6 +496,7 @@ async fn ingest_cmd(a: IngestArgs) -> Result<()> {
         keep_alive: Duration::from_secs(a.common.keep_alive_secs),
         progress: interactive(),
         seed: a.common.seed,
+        tls: a.common.tls()?,
     };
     let before = match &api {
         Some(api) => Some(api.sample().await?),

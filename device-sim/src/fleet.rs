@@ -26,7 +26,9 @@ use tokio::time::Instant;
 use crate::backoff::Backoff;
 use crate::creds::Credentials;
 use crate::device::{Behaviour, DeviceLogic, OutKind, Outgoing};
-use crate::mqtt::{BrokerAddr, Client, ClientSettings, Ev, Link, Polled, Protocol, new_client};
+use crate::mqtt::{
+    BrokerAddr, Client, ClientSettings, Ev, Link, Polled, Protocol, Tls, new_client,
+};
 use crate::rng::Rng;
 use crate::sleep_until_opt;
 use crate::stats::{Latency, LatencySummary};
@@ -63,6 +65,8 @@ pub struct FleetConfig {
     pub seed: u64,
     /// Told the first time any device sees a command (bench uses it).
     pub observer: Option<mpsc::UnboundedSender<CommandSeen>>,
+    /// TLS towards the gateways (their TLS listeners), if set.
+    pub tls: Option<Tls>,
 }
 
 impl FleetConfig {
@@ -85,6 +89,7 @@ impl FleetConfig {
             backoff_max: Duration::from_secs(5),
             seed: 1,
             observer: None,
+            tls: None,
         }
     }
 }
@@ -472,7 +477,9 @@ struct DeviceTask {
     phase: Phase,
     outbox: VecDeque<Out>,
     /// Kinds of the publishes handed to the client, oldest first; each
-    /// PUBACK (in order) settles the front one.
+    /// PUBACK settles the front one (the counts by kind are approximate when
+    /// a gateway acknowledges a result before an earlier report; the totals
+    /// are exact).
     ledger: VecDeque<OutKind>,
     backoff: Backoff,
     rng: Rng,
@@ -497,6 +504,7 @@ impl DeviceTask {
             inflight: DEVICE_INFLIGHT,
             channel_capacity: DEVICE_INFLIGHT as usize,
             attempt_timeout: c.attempt_timeout,
+            tls: c.tls.clone(),
         };
         let gateway = index % c.gateways.len().max(1);
         let (client, conn) = new_client(&settings, &c.gateways[gateway]);

@@ -27,7 +27,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
-use crate::mqtt::{BrokerAddr, ClientSettings, Ev, Link, Protocol, new_client};
+use crate::mqtt::{BrokerAddr, ClientSettings, Ev, Link, Protocol, Tls, new_client};
 use crate::rng::Rng;
 use crate::sleep_until_opt;
 use crate::stats::{Latency, LatencySummary, per_sec};
@@ -71,6 +71,8 @@ pub struct IngestConfig {
     pub progress: bool,
     /// Seed (jitter of reconnects).
     pub seed: u64,
+    /// TLS towards the brokers, if set.
+    pub tls: Option<Tls>,
 }
 
 /// What an ingest run measured.
@@ -218,6 +220,7 @@ pub async fn run(cfg: &IngestConfig, clients: &[IngestClient]) -> Result<IngestR
             inflight: cfg.inflight.max(1),
             channel_capacity: usize::from(cfg.inflight.max(1)),
             attempt_timeout: cfg.attempt_timeout,
+            tls: cfg.tls.clone(),
         };
         let client = ClientRun {
             shared: shared.clone(),

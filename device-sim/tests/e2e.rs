@@ -275,6 +275,7 @@ async fn mqtt5_devices_fail_over_apply_desired_state_and_ingest() {
         keep_alive: Duration::from_secs(5),
         progress: false,
         seed: 1,
+        tls: None,
     };
     let clients: Vec<IngestClient> = creds
         .iter()

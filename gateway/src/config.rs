@@ -90,7 +90,24 @@ pub struct Args {
     /// MQTT 5 listen address for devices (default 0.0.0.0:1884).
     #[arg(long, env = "ENTENTE_MQTT5_LISTEN")]
     pub mqtt5_listen: Option<SocketAddr>,
-    /// Most device connections open at once, both listeners together
+    /// MQTT over TLS listen address for devices (default 0.0.0.0:8883);
+    /// open only when --mqtt-tls-cert and --mqtt-tls-key are given. Serves
+    /// MQTT 3.1.1 and 5 like the other device listeners.
+    #[arg(long, env = "ENTENTE_MQTT_TLS_LISTEN")]
+    pub mqtt_tls_listen: Option<SocketAddr>,
+    /// The TLS device listener's certificate chain (PEM, leaf first).
+    #[arg(long, env = "ENTENTE_MQTT_TLS_CERT")]
+    pub mqtt_tls_cert: Option<PathBuf>,
+    /// The TLS device listener's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "ENTENTE_MQTT_TLS_KEY")]
+    pub mqtt_tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) whose client certificates the TLS listener
+    /// asks for. A device registered with `cert_sha256` logs in with the
+    /// certificate of that fingerprint, without a password; a certificate
+    /// stays optional for devices that use their secret.
+    #[arg(long, env = "ENTENTE_MQTT_TLS_CLIENT_CA")]
+    pub mqtt_tls_client_ca: Option<PathBuf>,
+    /// Most device connections open at once, all device listeners together
     /// (default 15000, less if the open-file limit is lower); one more is
     /// closed as soon as it is accepted.
     #[arg(long, env = "ENTENTE_MQTT_MAX_CONNECTIONS")]
@@ -99,8 +116,12 @@ pub struct Args {
     /// device sessions lost (ms).
     #[arg(long, env = "ENTENTE_SESSION_GRACE_MS")]
     pub session_grace_ms: Option<u64>,
-    /// Window over which a device's reported-state patches are coalesced
-    /// into one proposal (ms).
+    /// Longest a device's reported-state patches wait to be proposed
+    /// together with the rest of its window (ms, default 50). One proposal
+    /// of a device's patches is in flight at a time; the next one carries
+    /// what arrived meanwhile and goes as soon as the device has sent again
+    /// as many as it had out (ten in flight: ten per proposal), or after
+    /// this wait. 0: as soon as the one before committed.
     #[arg(long, env = "ENTENTE_REPORT_COALESCE_MS")]
     pub report_coalesce_ms: Option<u64>,
     /// Most REST connections open at once (default: a quarter of the
@@ -203,6 +224,10 @@ struct FileConfig {
     snapshot_every: Option<u64>,
     mqtt_listen: Option<SocketAddr>,
     mqtt5_listen: Option<SocketAddr>,
+    mqtt_tls_listen: Option<SocketAddr>,
+    mqtt_tls_cert: Option<PathBuf>,
+    mqtt_tls_key: Option<PathBuf>,
+    mqtt_tls_client_ca: Option<PathBuf>,
     mqtt_max_connections: Option<usize>,
     session_grace_ms: Option<u64>,
     report_coalesce_ms: Option<u64>,
@@ -255,10 +280,25 @@ pub struct Config {
     pub mqtt_listen: Option<SocketAddr>,
     /// MQTT 5 listener for devices (`None`: none).
     pub mqtt5_listen: Option<SocketAddr>,
+    /// MQTT over TLS listener for devices; open only when
+    /// [`Config::mqtt_tls_cert`] and [`Config::mqtt_tls_key`] are set.
+    pub mqtt_tls_listen: Option<SocketAddr>,
+    /// The TLS listener's certificate chain (PEM file, leaf first).
+    pub mqtt_tls_cert: Option<PathBuf>,
+    /// The TLS listener's private key (PEM file).
+    pub mqtt_tls_key: Option<PathBuf>,
+    /// CA certificates (PEM file) whose client certificates the TLS
+    /// listener asks for (optional for the client).
+    pub mqtt_tls_client_ca: Option<PathBuf>,
+    /// How long a new device connection has for its TLS handshake (on the
+    /// TLS listener), its CONNECT and the login check together.
+    pub mqtt_connect_timeout: Duration,
     /// How long a peer must be unreachable from the leader before its device
     /// sessions are declared lost.
     pub session_grace: Duration,
-    /// Reported-state patches of one device are coalesced over this window.
+    /// Longest a device's reported-state patches wait to be proposed
+    /// together with the rest of its window (zero: as soon as the proposal
+    /// before committed).
     pub report_coalesce: Duration,
     /// Largest MQTT packet a device may send; a bigger one disconnects it.
     pub mqtt_max_packet: usize,
@@ -343,6 +383,11 @@ impl Config {
             max_wait: Duration::from_secs(60),
             mqtt_listen: Some(SocketAddr::new(http_listen.ip(), 0)),
             mqtt5_listen: Some(SocketAddr::new(http_listen.ip(), 0)),
+            mqtt_tls_listen: Some(SocketAddr::new(http_listen.ip(), 0)),
+            mqtt_tls_cert: None,
+            mqtt_tls_key: None,
+            mqtt_tls_client_ca: None,
+            mqtt_connect_timeout: Duration::from_secs(10),
             session_grace: Duration::from_secs(10),
             report_coalesce: Duration::from_millis(50),
             mqtt_max_packet: 256 * 1024,
@@ -428,6 +473,15 @@ impl Config {
                 .or(file.mqtt5_listen)
                 .unwrap_or(([0, 0, 0, 0], 1884).into()),
         );
+        c.mqtt_tls_listen = Some(
+            args.mqtt_tls_listen
+                .or(file.mqtt_tls_listen)
+                .unwrap_or(([0, 0, 0, 0], 8883).into()),
+        );
+        c.mqtt_tls_cert = args.mqtt_tls_cert.or(file.mqtt_tls_cert);
+        c.mqtt_tls_key = args.mqtt_tls_key.or(file.mqtt_tls_key);
+        c.mqtt_tls_client_ca = args.mqtt_tls_client_ca.or(file.mqtt_tls_client_ca);
+        c.check_mqtt_tls()?;
         if let Some(n) = args.mqtt_max_connections.or(file.mqtt_max_connections) {
             c.mqtt_max_connections = n.max(1);
         }
@@ -435,7 +489,7 @@ impl Config {
             c.session_grace = Duration::from_millis(ms);
         }
         if let Some(ms) = args.report_coalesce_ms.or(file.report_coalesce_ms) {
-            c.report_coalesce = Duration::from_millis(ms.max(1));
+            c.report_coalesce = Duration::from_millis(ms);
         }
         if let Some(n) = args.http_max_connections.or(file.http_max_connections) {
             if n == 0 {
@@ -461,6 +515,30 @@ impl Config {
         }
         c.log_format = args.log_format.or(file.log_format).unwrap_or_default();
         Ok(c)
+    }
+}
+
+impl Config {
+    /// Whether the TLS device listener is to open: a certificate and a key
+    /// are given (and a listen address).
+    pub fn mqtt_tls_enabled(&self) -> bool {
+        self.mqtt_tls_listen.is_some()
+            && self.mqtt_tls_cert.is_some()
+            && self.mqtt_tls_key.is_some()
+    }
+
+    /// Refuses TLS settings that cannot work together: a certificate
+    /// without a key or the other way round, a client CA without both.
+    pub fn check_mqtt_tls(&self) -> Result<(), String> {
+        match (&self.mqtt_tls_cert, &self.mqtt_tls_key) {
+            (Some(_), None) => Err("--mqtt-tls-cert needs --mqtt-tls-key (its private key)".into()),
+            (None, Some(_)) => Err("--mqtt-tls-key needs --mqtt-tls-cert".into()),
+            (None, None) if self.mqtt_tls_client_ca.is_some() => Err(
+                "--mqtt-tls-client-ca needs the TLS listener: --mqtt-tls-cert and --mqtt-tls-key"
+                    .into(),
+            ),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -641,6 +719,57 @@ mod tests {
         let parsed = Args::try_parse_from(["gateway", "--log-format", "json"]).expect("parse");
         assert_eq!(parsed.log_format, Some(LogFormat::Json));
         assert!(Args::try_parse_from(["gateway", "--log-format", "xml"]).is_err());
+    }
+
+    #[test]
+    fn the_tls_listener_needs_a_certificate_and_its_key() {
+        let c = Config::from_args(Args::default()).expect("defaults");
+        assert_eq!(c.mqtt_tls_listen.map(|a| a.port()), Some(8883));
+        assert!(!c.mqtt_tls_enabled(), "off without a certificate");
+        assert_eq!(c.mqtt_connect_timeout, Duration::from_secs(10));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("g.toml");
+        std::fs::write(
+            &file,
+            "mqtt_tls_key = \"key.pem\"\nmqtt_tls_listen = \"127.0.0.1:9883\"\n",
+        )
+        .expect("write");
+        // The certificate from a flag, the key from the file.
+        let c = Config::from_args(Args {
+            config: Some(file),
+            mqtt_tls_cert: Some("cert.pem".into()),
+            ..Args::default()
+        })
+        .expect("config");
+        assert!(c.mqtt_tls_enabled());
+        assert_eq!(c.mqtt_tls_listen.map(|a| a.port()), Some(9883));
+        assert_eq!(c.mqtt_tls_key, Some(PathBuf::from("key.pem")));
+        for (args, want) in [
+            (
+                Args {
+                    mqtt_tls_cert: Some("cert.pem".into()),
+                    ..Args::default()
+                },
+                "--mqtt-tls-key",
+            ),
+            (
+                Args {
+                    mqtt_tls_key: Some("key.pem".into()),
+                    ..Args::default()
+                },
+                "--mqtt-tls-cert",
+            ),
+            (
+                Args {
+                    mqtt_tls_client_ca: Some("ca.pem".into()),
+                    ..Args::default()
+                },
+                "--mqtt-tls-client-ca needs",
+            ),
+        ] {
+            let err = Config::from_args(args).expect_err("refused");
+            assert!(err.contains(want), "{err}");
+        }
     }
 
     #[test]

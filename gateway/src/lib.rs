@@ -3,7 +3,9 @@
 //!
 //! [`start`] brings a gateway up and returns a handle with its bound
 //! addresses; [`run`] is `start` plus waiting for a shutdown signal, which is
-//! what `main` calls. Tests call [`start`] with port-0 listeners and temp dirs.
+//! what `main` calls. Tests call [`start_with`] with listeners they bound on
+//! port 0 themselves ([`Listeners`]), or [`start`] with port-0 addresses,
+//! and temp dirs.
 #![deny(missing_docs)]
 
 pub mod api;
@@ -15,6 +17,7 @@ pub mod mqtt;
 pub mod ops;
 pub mod recover;
 mod server;
+pub mod shared;
 pub mod state;
 
 use std::future::Future;
@@ -22,17 +25,17 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use coordinator::node::{Node, NodeConfig, NodeError};
 use coordinator::raft::{ConfState, Role as RaftRole};
 use coordinator::storage::{Storage, StorageOptions};
 use coordinator::transport::{PeerAddr, Transport, TransportConfig};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 pub use config::Config;
-use ops::{Op, OpResult, Proposal};
+use ops::{Op, OpResult};
+pub use shared::{hash_secret, now_ms, propose};
 use state::StateDb;
 
 /// Why the gateway could not start or stopped.
@@ -68,27 +71,21 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> GatewayError {
     move |source| GatewayError::Io { what, source }
 }
 
-/// Milliseconds since the Unix epoch (the proposer's stamp).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Hex SHA-256 of a secret or token (both are high-entropy random strings).
-pub fn hash_secret(secret: &str) -> String {
-    let digest = Sha256::digest(secret.as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A random 32-byte token, hex-encoded.
 pub fn random_token() -> Result<String, GatewayError> {
-    let mut b = [0u8; 32];
-    getrandom::fill(&mut b).map_err(|e| GatewayError::Io {
+    shared::random_token().map_err(|source| GatewayError::Io {
         what: "reading the OS random source".into(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+        source,
+    })
+}
+
+impl From<mqtt::ListenerError> for GatewayError {
+    fn from(e: mqtt::ListenerError) -> GatewayError {
+        GatewayError::Io {
+            what: e.what,
+            source: e.source,
+        }
+    }
 }
 
 /// A running gateway.
@@ -102,6 +99,9 @@ pub struct Gateway {
     pub mqtt_addr: Option<SocketAddr>,
     /// Where devices connect with MQTT 5, if enabled.
     pub mqtt5_addr: Option<SocketAddr>,
+    /// Where devices connect with MQTT (3.1.1 or 5) over TLS, if enabled
+    /// (a certificate and key are configured).
+    pub mqtt_tls_addr: Option<SocketAddr>,
     /// The file holding the admin token created on first start, if this
     /// gateway created it.
     pub admin_token_file: Option<PathBuf>,
@@ -153,30 +153,37 @@ impl Gateway {
     }
 }
 
-/// Proposes `op` and waits for its result.
-///
-/// An operation that fails [`limits::check_op`] is refused without being
-/// proposed (`NodeError::Refused`): nothing reaches the log that a member
-/// could not decode. Callers with input from outside check first, to
-/// answer with the reason.
-pub async fn propose(node: &Node<OpResult>, op: Op) -> Result<(u64, OpResult), NodeError> {
-    if let Err(e) = limits::check_op(&op) {
-        tracing::warn!(kind = op.kind(), "operation refused before proposing: {e}");
-        return Err(NodeError::Refused(e.to_string()));
-    }
-    let p = Proposal {
-        ts_ms: now_ms(),
-        op,
-    };
-    let applied = node.propose(p.encode()).await?;
-    Ok((applied.index, applied.output))
+/// Listeners bound by the caller, for [`start_with`]: each one given is
+/// served as it is, in place of binding the address the configuration
+/// names. A caller that binds port 0 itself (as the tests do) knows every
+/// address before the gateway starts — the peers' addresses a group needs
+/// up front included — and no other process can take a port in between.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// The REST listener, in place of [`Config::http_listen`].
+    pub rest: Option<std::net::TcpListener>,
+    /// The peer listener, in place of [`Config::raft_listen`].
+    pub peer: Option<std::net::TcpListener>,
+    /// The first device listener, in place of [`Config::mqtt_listen`]
+    /// (served even if that is unset).
+    pub mqtt: Option<std::net::TcpListener>,
+    /// The second device listener, in place of [`Config::mqtt5_listen`]
+    /// (served even if that is unset).
+    pub mqtt5: Option<std::net::TcpListener>,
 }
 
 /// Starts a gateway: storage, state database, transport, node, REST API and
-/// the leader's background duties.
+/// the leader's background duties, on the addresses the configuration names.
 pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+    start_with(config, Listeners::default()).await
+}
+
+/// [`start`] on listeners the caller bound (as mini-redis's
+/// `run(listener, shutdown)`): those given are served instead of binding
+/// the configured addresses.
+pub async fn start_with(config: Config, listeners: Listeners) -> Result<Gateway, GatewayError> {
     let (_keep, never) = watch::channel(false);
-    start_until(config, never).await
+    start_until(config, listeners, never).await
 }
 
 /// [`start`], giving up the waits for the group (a leader to bootstrap the
@@ -185,6 +192,7 @@ pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
 /// once. The gateway returned is then to be stopped.
 async fn start_until(
     config: Config,
+    listeners: Listeners,
     mut cancel: watch::Receiver<bool>,
 ) -> Result<Gateway, GatewayError> {
     tracing::info!(
@@ -193,6 +201,7 @@ async fn start_until(
         data_dir = %config.data_dir.display(),
         "gateway starting"
     );
+    let mqtt_tls = mqtt::tls_config(&config).map_err(GatewayError::Config)?;
     prepare_data_dir(&config.data_dir)?;
     let lock = lock_data_dir(&config.data_dir)?;
     let (cluster_secret, cluster_secret_file) = match &config.cluster_secret {
@@ -220,6 +229,8 @@ async fn start_until(
         cluster_secret.into_bytes(),
         config.raft_listen,
     );
+    // Members must read each other's log entries.
+    tcfg.app_format = u32::from(ops::ENTRY_FORMAT);
     tcfg.peers = config
         .peers
         .iter()
@@ -228,7 +239,10 @@ async fn start_until(
         .collect();
     // Snapshots from the leader arrive where storing them is a rename.
     tcfg.snapshot_dir = Some(storage.staging_dir().to_path_buf());
-    let (transport, inbound) = Transport::start(tcfg)?;
+    let (transport, inbound) = match listeners.peer {
+        Some(l) => Transport::start_on(tcfg, l)?,
+        None => Transport::start(tcfg)?,
+    };
     let transport = Arc::new(transport);
     let raft_addr = transport.local_addr();
 
@@ -248,12 +262,18 @@ async fn start_until(
     )
     .await?;
 
-    let listener = tokio::net::TcpListener::bind(config.http_listen)
-        .await
-        .map_err(io(format!(
-            "binding the REST listener {}",
-            config.http_listen
-        )))?;
+    let listener = match listeners.rest {
+        Some(l) => l
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(l))
+            .map_err(io("setting up the REST listener"))?,
+        None => tokio::net::TcpListener::bind(config.http_listen)
+            .await
+            .map_err(io(format!(
+                "binding the REST listener {}",
+                config.http_listen
+            )))?,
+    };
     let http_addr = listener
         .local_addr()
         .map_err(io("reading the REST address"))?;
@@ -306,6 +326,8 @@ async fn start_until(
     forget_own_sessions(&node, &db, config.node_id, &mut cancel).await;
     let mqtt = mqtt::start(
         &config,
+        [listeners.mqtt, listeners.mqtt5],
+        mqtt_tls,
         node.clone(),
         db.clone(),
         mqtt_stats,
@@ -322,11 +344,13 @@ async fn start_until(
         .flatten()
         .map(ToString::to_string)
         .collect();
+    let devices_tls = mqtt.tls_addr.map(|a| a.to_string());
     tracing::info!(
         node = config.node_id,
         rest = %http_addr,
         peers = %raft_addr,
         devices = devices.join(","),
+        devices_tls,
         admin_token_file = admin_token_file.as_ref().map(|f| f.display().to_string()),
         generated_cluster_secret_file = cluster_secret_file.as_ref().map(|f| f.display().to_string()),
         "gateway started"
@@ -337,6 +361,7 @@ async fn start_until(
         raft_addr,
         mqtt_addr: mqtt.v4_addr,
         mqtt5_addr: mqtt.v5_addr,
+        mqtt_tls_addr: mqtt.tls_addr,
         mqtt,
         admin_token_file,
         cluster_secret_file,
@@ -417,7 +442,7 @@ fn single_gateway_secret(config: &Config) -> Result<(String, PathBuf), GatewayEr
 
 /// Keeps the transport's peer table in step with the replicated peer
 /// addresses (`SetPeerAddress`): all of them at start and after a snapshot
-/// restore or a lagged event stream, then each one as it commits.
+/// restore or a lagged change feed, then each one as it commits.
 async fn follow_peer_addresses(
     db: Arc<StateDb>,
     transport: Arc<Transport>,
@@ -455,7 +480,7 @@ async fn follow_peer_addresses(
             Err(e) => tracing::warn!(error = %e, "reading the replicated peer addresses"),
         }
     }
-    let mut events = db.subscribe();
+    let mut changes = db.changes();
     let mut restores = db.watch_restores();
     load_all(&db, &transport, self_id).await;
     loop {
@@ -463,12 +488,8 @@ async fn follow_peer_addresses(
         // borrow of the shutdown flag is held across the awaits below.)
         let reload = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
-            r = events.recv() => match r {
-                Ok(ev) if ev.kind == "cluster.peer" => {
-                    let id = ev.data["id"].as_u64().unwrap_or_default();
-                    let address = ev.data["address"].as_str().unwrap_or_default().to_string();
-                    Some((id, address))
-                }
+            r = changes.recv() => match r {
+                Ok(state::Change::PeerAddress { id, address }) => Some((id, address)),
                 Ok(_) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
@@ -735,7 +756,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // event carries the addresses instead.
     let plain = config.log_format == config::LogFormat::Text;
     let (cancel_tx, cancel_rx) = watch::channel(false);
-    let starting = start_until(config, cancel_rx);
+    let starting = start_until(config, Listeners::default(), cancel_rx);
     tokio::pin!(starting, shutdown);
     let mut stopping = false;
     let gw = loop {
@@ -780,6 +801,9 @@ fn print_addresses(gw: &Gateway, plain: bool) {
             "devices (MQTT 3.1.1 and 5) on {}",
             devices.join(" and ")
         );
+    }
+    if let Some(addr) = gw.mqtt_tls_addr {
+        let _ = writeln!(out, "devices over TLS (MQTT 3.1.1 and 5) on {addr}");
     }
     if let Some(f) = &gw.cluster_secret_file {
         let _ = writeln!(out, "cluster secret: {} (generated)", f.display());

@@ -5,6 +5,19 @@ use clap::Parser;
 
 use gateway::config::LogFormat;
 
+/// jemalloc rather than the C library's allocator. A connected device is a
+/// few small, long-lived allocations (its connection task, presence task,
+/// registry entries), made among many short-lived ones (packets, logins,
+/// proposals, database rows). glibc keeps what those leave free between
+/// the long-lived ones in per-thread arenas, resident; jemalloc groups
+/// allocations by size class and its background thread gives pages unused
+/// for a second back to the system (settings in `.cargo/config.toml`).
+/// Measured with 10,000 idle devices: 5.4–5.6 KiB of resident memory per
+/// device against 7.8–8.4 KiB with glibc's (bench/BENCHMARKS.md).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The log on stdout: `RUST_LOG` (default `info`) in the chosen format.
 /// Text is coloured only on a terminal (and not with `NO_COLOR` set), so a
 /// log collected from a pipe or file holds no escape codes.

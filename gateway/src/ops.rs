@@ -2,8 +2,12 @@
 //! domain types they act on. Both the state machine (which applies them) and
 //! the REST API (which proposes them and returns their results) use these.
 //!
-//! Entries are JSON (`serde_json`) so they can carry arbitrary command
-//! parameters, outputs and state patches, and stay readable in a log dump.
+//! Entry format ([`ENTRY_FORMAT`] 2): a version byte, then the proposal as
+//! MessagePack (`rmp-serde`, fields by name): binary and compact, and
+//! self-describing, as the tagged operations and the arbitrary JSON values
+//! they carry (command parameters, outputs, state patches) need. Entries
+//! of format 1 (JSON, written by earlier versions; the first byte is `{`)
+//! are still read.
 
 use std::collections::BTreeMap;
 
@@ -22,30 +26,68 @@ pub struct Proposal {
     pub op: Op,
 }
 
-/// The entry format this gateway writes and reads: 1, a JSON object (its
-/// first byte is `{`). A later format starts with a version byte that
-/// cannot begin JSON, so a gateway that meets one names it.
-pub const ENTRY_FORMAT: u8 = 1;
+/// The entry format this gateway writes: the byte that starts every entry
+/// it proposes. It reads this one and format 1 (JSON, which starts with
+/// `{`). Gateways of a group must speak the same format: the peer
+/// handshake refuses a gateway of another one.
+pub const ENTRY_FORMAT: u8 = 2;
+
+/// The deepest nesting an entry may have when decoded (as serde_json's own
+/// limit for format 1). `limits::MAX_DEPTH` keeps every value a handler
+/// accepts far below it.
+pub const MAX_DECODE_DEPTH: usize = 128;
 
 /// What the format of an entry's bytes appears to be, for an error message.
 pub fn describe_format(bytes: &[u8]) -> String {
     match bytes.first() {
         None => "an empty entry".to_string(),
         Some(b'{') => "entry format 1 (JSON), damaged".to_string(),
+        Some(&ENTRY_FORMAT) => format!("entry format {ENTRY_FORMAT} (MessagePack), damaged"),
         Some(b) => format!("an unknown entry format (first byte 0x{b:02x})"),
     }
 }
 
+/// Why an entry does not decode.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Format 1 (JSON) that does not parse.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// Format 2 (MessagePack) that does not parse.
+    #[error("{0}")]
+    MessagePack(#[from] rmp_serde::decode::Error),
+    /// A format this version does not know.
+    #[error("{0}")]
+    UnknownFormat(String),
+}
+
 impl Proposal {
-    /// Encodes for the log.
+    /// Encodes for the log, in [`ENTRY_FORMAT`].
     pub fn encode(&self) -> Vec<u8> {
-        // Serialising plain data to a Vec cannot fail.
+        let mut out = vec![ENTRY_FORMAT];
+        // Plain data with string map keys: serialising to a Vec cannot fail.
+        if let Err(e) = rmp_serde::encode::write_named(&mut out, self) {
+            tracing::error!(error = %e, "encoding a proposal");
+        }
+        out
+    }
+
+    /// Encodes in format 1 (JSON), as earlier versions did.
+    pub fn encode_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Decodes a log entry.
-    pub fn decode(bytes: &[u8]) -> Result<Proposal, serde_json::Error> {
-        serde_json::from_slice(bytes)
+    /// Decodes a log entry of format 2 or 1.
+    pub fn decode(bytes: &[u8]) -> Result<Proposal, DecodeError> {
+        match bytes.first() {
+            Some(&ENTRY_FORMAT) => {
+                let mut de = rmp_serde::Deserializer::from_read_ref(&bytes[1..]);
+                de.set_max_depth(MAX_DECODE_DEPTH);
+                Ok(Proposal::deserialize(&mut de)?)
+            }
+            Some(b'{') => Ok(serde_json::from_slice(bytes)?),
+            _ => Err(DecodeError::UnknownFormat(describe_format(bytes))),
+        }
     }
 }
 
@@ -67,18 +109,26 @@ pub enum Op {
         /// A label for people.
         name: String,
     },
-    /// Registers a device. Conflict if the id exists.
+    /// Registers a device. Conflict if the id exists, or if another device
+    /// has the certificate fingerprint.
     RegisterDevice {
         /// Device id (validated by the API: `[A-Za-z0-9_.-]{1,64}`, not `.` or `..`).
         id: String,
-        /// SHA-256 (hex) of the device secret.
+        /// SHA-256 (hex) of the device secret; empty for a device without
+        /// one (it logs in with its certificate only).
         secret_hash: String,
         /// Labels for filtering.
         labels: BTreeMap<String, String>,
         /// Free-form JSON object.
         attributes: Value,
+        /// SHA-256 (lowercase hex) of the DER client certificate the device
+        /// may log in with over TLS, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cert_sha256: Option<String>,
     },
-    /// Replaces labels and/or attributes. NotFound if the device does not exist.
+    /// Replaces labels, attributes and/or the certificate fingerprint.
+    /// NotFound if the device does not exist; Conflict if another device
+    /// has the fingerprint.
     UpdateDevice {
         /// Device id.
         id: String,
@@ -86,6 +136,14 @@ pub enum Op {
         labels: Option<BTreeMap<String, String>>,
         /// New attributes, if given.
         attributes: Option<Value>,
+        /// A new certificate fingerprint (`Some(Some)`), none any more
+        /// (`Some(None)`), or unchanged (`None`).
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            with = "double_option"
+        )]
+        cert_sha256: Option<Option<String>>,
     },
     /// Deletes a device with its shadow and commands.
     DeleteDevice {
@@ -215,6 +273,32 @@ impl Op {
     }
 }
 
+/// `Option<Option<T>>` as a JSON field: absent is `None`, `null` is
+/// `Some(None)` (set to nothing), a value is `Some(Some(value))`. Use with
+/// `#[serde(default, skip_serializing_if = "Option::is_none")]`.
+pub(crate) mod double_option {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(crate) fn deserialize<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de>,
+    {
+        Option::<T>::deserialize(d).map(Some)
+    }
+
+    pub(crate) fn serialize<S, T>(v: &Option<Option<T>>, s: S) -> Result<S::Ok, S::Error>
+    where
+        S: Serializer,
+        T: Serialize,
+    {
+        match v {
+            Some(inner) => inner.serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 /// What applying an operation produced, returned to its proposer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OpResult {
@@ -287,7 +371,8 @@ impl Role {
 /// A registered device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({"id":"pump-7","labels":{"site":"north"},"attributes":{"model":"X2"},
-    "online":false,"gateway":null,"created_at":1764144000000u64,"updated_at":1764144000000u64}))]
+    "online":false,"gateway":null,"cert_sha256":null,"created_at":1764144000000u64,
+    "updated_at":1764144000000u64}))]
 pub struct Device {
     /// Device id.
     pub id: String,
@@ -300,6 +385,10 @@ pub struct Device {
     pub online: bool,
     /// The gateway holding its session, if online.
     pub gateway: Option<u64>,
+    /// SHA-256 (lowercase hex) of the DER client certificate the device may
+    /// log in with over TLS, if it has one.
+    #[serde(default)]
+    pub cert_sha256: Option<String>,
     /// Registration time (ms since epoch).
     pub created_at: u64,
     /// Last change (ms since epoch).
@@ -382,13 +471,13 @@ pub struct Command {
     pub device: String,
     /// Name.
     pub name: String,
-    /// Parameters.
-    #[schema(value_type = Object)]
+    /// Parameters: any JSON.
+    #[schema(value_type = crate::api::schemas::JsonValue)]
     pub params: Value,
     /// Lifecycle state.
     pub status: CommandStatus,
-    /// The device's output, once it reported a result.
-    #[schema(value_type = Option<Object>)]
+    /// The device's output (any JSON), once it reported a result.
+    #[schema(value_type = crate::api::schemas::JsonValue)]
     pub output: Option<Value>,
     /// The client's idempotency key, if any.
     pub idempotency_key: Option<String>,
@@ -436,4 +525,68 @@ pub struct Event {
     /// Details (the SSE `data`), e.g. the command after the change.
     #[schema(value_type = Object)]
     pub data: Value,
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    fn sample() -> Proposal {
+        Proposal {
+            ts_ms: 1_764_144_000_123,
+            op: Op::SetDesired {
+                device: "pump-7".into(),
+                patch: serde_json::json!({"speed": 3, "mode": null, "f": 0.1, "n": -5, "big": u64::MAX}),
+                expected_version: Some(4),
+            },
+        }
+    }
+
+    #[test]
+    fn entries_are_written_in_format_2_and_read_back_exactly() {
+        let p = sample();
+        let bytes = p.encode();
+        assert_eq!(bytes[0], ENTRY_FORMAT);
+        assert_eq!(Proposal::decode(&bytes).unwrap(), p);
+        // Smaller than the JSON of format 1.
+        assert!(bytes.len() < p.encode_json().len(), "{} bytes", bytes.len());
+    }
+
+    #[test]
+    fn an_absent_and_a_removed_fingerprint_stay_apart_in_format_2() {
+        for cert_sha256 in [None, Some(None), Some(Some("ab".repeat(32)))] {
+            let p = Proposal {
+                ts_ms: 1,
+                op: Op::UpdateDevice {
+                    id: "d".into(),
+                    labels: None,
+                    attributes: None,
+                    cert_sha256,
+                },
+            };
+            assert_eq!(Proposal::decode(&p.encode()).unwrap(), p);
+            assert_eq!(Proposal::decode(&p.encode_json()).unwrap(), p);
+        }
+    }
+
+    #[test]
+    fn entries_of_format_1_written_by_earlier_versions_are_still_read() {
+        let p = sample();
+        let json = p.encode_json();
+        assert_eq!(json[0], b'{');
+        assert_eq!(Proposal::decode(&json).unwrap(), p);
+    }
+
+    #[test]
+    fn unknown_and_damaged_entries_are_refused_with_their_format() {
+        for (bytes, says) in [
+            (vec![], "empty"),
+            (vec![0x09, 0x80], "first byte 0x09"),
+            (vec![ENTRY_FORMAT], "damaged"),
+            (b"{\"ts_ms\":".to_vec(), "damaged"),
+        ] {
+            assert!(Proposal::decode(&bytes).is_err(), "{bytes:?}");
+            assert!(describe_format(&bytes).contains(says), "{bytes:?}");
+        }
+    }
 }

@@ -1062,23 +1062,25 @@ async fn consistency_levels_and_min_index() {
         .await
         .problem(StatusCode::BAD_REQUEST);
 
-    // An index this gateway never reaches (the group is idle): a wait
-    // bounded by the write timeout, then 503.
+    // An index the group never issues (it is idle): waited for at most the
+    // write timeout, then refused by the leader as never issued (412, not a
+    // 503 as if this healthy gateway could not serve the read).
     let mut short = e.config.clone();
     short.write_timeout = Duration::from_millis(100);
     let (app, _tx) = router(&e.gw, &short);
+    let started = tokio::time::Instant::now();
     let future = call(&app, Method::GET, "/v1/devices/m1?consistency=local")
         .token(&e.viewer)
         .header("entente-min-index", &(w.index() + 100).to_string())
         .send()
         .await;
-    let detail = future.problem(StatusCode::SERVICE_UNAVAILABLE);
+    let detail = future.problem(StatusCode::PRECONDITION_FAILED);
     assert!(detail.contains("Entente-Min-Index"), "{detail}");
     assert_eq!(
         future.body["type"],
-        "urn:entente:problem:min-index-not-reached"
+        "urn:entente:problem:min-index-not-issued"
     );
-    assert!(future.headers.contains_key(header::RETRY_AFTER));
+    assert!(started.elapsed() >= short.write_timeout, "not waited for");
     assert!(future.index() >= w.index());
     // One far beyond the group's log was never issued: refused at once.
     let never = call(&app, Method::GET, "/v1/devices/m1?consistency=local")
@@ -1218,6 +1220,103 @@ async fn openapi_document_matches_the_router() {
     e.gw.stop().await;
 }
 
+/// What Schemathesis found the server refusing though the OpenAPI document
+/// allows it, or taking though the document forbids it
+/// (tests/schemathesis.rs runs the whole check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_judged_as_the_openapi_document_says() {
+    let e = env().await;
+    let admin = |m: Method, p: &str| call(&e.app, m, p).token(&e.admin);
+    e.register("dev", json!({})).await;
+
+    // JSON Schema's `integer` includes numbers with an integral value.
+    let led = admin(Method::POST, "/v1/cluster/leader")
+        .json(json!({"id": 1.0}))
+        .send()
+        .await;
+    assert_eq!(led.status, StatusCode::OK, "{led:?}");
+    let added = admin(Method::POST, "/v1/cluster/members")
+        .json(json!({"id": 5.0, "address": "127.0.0.1:9", "suffrage": "learner"}))
+        .send()
+        .await;
+    assert_eq!(added.status, StatusCode::OK, "{added:?}");
+    assert_eq!(added.body["id"], 5, "{added:?}");
+    let issued = e.issue("dev", json!({"name": "x", "ttl_ms": 1000.0})).await;
+    assert_eq!(issued.status, StatusCode::CREATED, "{issued:?}");
+    for half in [json!({"id": 1.5}), json!({"id": -1})] {
+        admin(Method::POST, "/v1/cluster/leader")
+            .json(half)
+            .send()
+            .await
+            .problem(StatusCode::UNPROCESSABLE_ENTITY);
+    }
+    // Node ids start at 1 (the document's `NodeId`).
+    admin(Method::POST, "/v1/cluster/leader")
+        .json(json!({"id": 0}))
+        .send()
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY);
+    // A well-formed request for a gateway the group does not know, without
+    // its address: refused for the group's state (409), not as malformed.
+    let new = admin(Method::POST, "/v1/cluster/members")
+        .json(json!({"id": 6, "suffrage": "learner"}))
+        .send()
+        .await;
+    let detail = new.problem(StatusCode::CONFLICT);
+    assert!(detail.contains("address"), "{detail}");
+
+    // Numbers in JSON documents keep to 64 bits, floating-point ones too
+    // (the document's `JsonValue`).
+    for (method, path, body) in [
+        (
+            Method::POST,
+            "/v1/devices",
+            json!({"id": "big", "attributes": {"x": 1e300}}),
+        ),
+        (
+            Method::PATCH,
+            "/v1/devices/dev",
+            json!({"attributes": {"x": [-1e19]}}),
+        ),
+        (
+            Method::PATCH,
+            "/v1/devices/dev/shadow",
+            json!({"desired": {"x": {"y": 2e19}}}),
+        ),
+        (
+            Method::POST,
+            "/v1/devices/dev/commands",
+            json!({"name": "x", "params": 1.9e19}),
+        ),
+    ] {
+        let r = e.op(method, path).json(body).send().await;
+        let detail = r.problem(StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(detail.contains("64-bit"), "{path}: {detail}");
+    }
+    let r = e
+        .op(Method::PATCH, "/v1/devices/dev/shadow")
+        .json(json!({"desired": {"x": 1.8e19, "y": -9.2e18, "z": 0.5}}))
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+
+    // If-Match: up to 20 digits, plain or quoted; one beyond 64 bits is a
+    // version no shadow has (412), a sign or more digits are malformed.
+    let patch = |m: &'static str| {
+        e.op(Method::PATCH, "/v1/devices/dev/shadow")
+            .header("if-match", m)
+            .json(json!({"desired": {}}))
+    };
+    patch("99999999999999999999")
+        .send()
+        .await
+        .problem(StatusCode::PRECONDITION_FAILED);
+    for bad in ["+1", "123456789012345678901", "\"\""] {
+        patch(bad).send().await.problem(StatusCode::BAD_REQUEST);
+    }
+    e.gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_survives_a_restart() {
     let e = env().await;
@@ -1334,6 +1433,7 @@ async fn a_stream_that_falls_behind_the_broadcast_misses_nothing() {
                     secret_hash: hash_secret("s"),
                     labels: Default::default(),
                     attributes: json!({}),
+                    cert_sha256: None,
                 };
                 gateway::propose(&node, op).await.expect("write").0
             });

@@ -16,14 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
 
-use common::WAIT;
 use ports::reserve_ports;
-use process::{Proc, write_secret_file};
+use process::{Proc, until, write_secret_file};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::time::Instant;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 const SECRET: &str = "backup-test-cluster-secret-0123456789";
@@ -54,21 +51,6 @@ fn command(root: &Path, data: &Path, args: &[&str]) -> Command {
 
 fn run(root: &Path, data: &Path, args: &[&str]) -> Output {
     command(root, data, args).output().expect("run gateway")
-}
-
-/// Polls until `f` answers `Some` (bounded by [`WAIT`]).
-async fn until<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    mut f: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn index_of(r: &reqwest::Response) -> u64 {

@@ -197,7 +197,12 @@ async fn every_event_sent_is_described_by_the_openapi_document() {
             variant["required"].as_array().is_some_and(|r| r.len() == 3),
             "{variant}"
         );
-        kinds.insert(kind, variant["properties"]["data"].clone());
+        // Each field is a string, as SSE sends it; `data` is JSON, whose
+        // schema is its `contentSchema`.
+        assert_eq!(variant["properties"]["id"]["type"], "string", "{variant}");
+        let data = &variant["properties"]["data"];
+        assert_eq!(data["contentMediaType"], "application/json", "{variant}");
+        kinds.insert(kind, data["contentSchema"].clone());
     }
     for k in SEEN {
         assert!(kinds.contains_key(*k), "the document lacks event kind {k}");

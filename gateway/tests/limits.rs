@@ -283,7 +283,7 @@ async fn inputs_the_log_cannot_carry_are_refused_before_proposing() {
         .patch_desired(
             "lamp",
             &format!(
-                r#"{{"deep":{},"max":18446744073709551615,"min":-9223372036854775808,"f":1e300}}"#,
+                r#"{{"deep":{},"max":18446744073709551615,"min":-9223372036854775808,"f":1.5e19}}"#,
                 nested(MAX_DEPTH - 1)
             ),
         )
@@ -292,7 +292,12 @@ async fn inputs_the_log_cannot_carry_are_refused_before_proposing() {
     let sh = e.shadow("lamp").await;
     assert_eq!(sh["desired"]["max"].as_u64(), Some(u64::MAX));
     assert_eq!(sh["desired"]["min"].as_i64(), Some(i64::MIN));
-    assert_eq!(sh["desired"]["f"].as_f64(), Some(1e300));
+    assert_eq!(sh["desired"]["f"].as_f64(), Some(1.5e19));
+    // Beyond the range every number of a document keeps to (the one a
+    // JSON Schema can state for all numbers): refused.
+    e.patch_desired("lamp", r#"{"f":1e300}"#)
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY);
     // Every committed entry decoded: no apply answered "does not decode".
     assert_eq!(e.register("after").await.status, StatusCode::CREATED);
 

@@ -187,6 +187,7 @@ async fn a_single_gateway_generates_its_secret_and_the_listener_reveals_nothing(
             to: 9,
             stream: peer_client::Stream::Messages,
             nonce: [1; 32],
+            app_format: peer_client::APP_FORMAT,
         }),
     )
     .await;
@@ -440,5 +441,38 @@ async fn the_data_directory_and_its_files_are_private() {
     }
     let gw = gateway::start(c).await.expect("restart");
     assert_private(&data);
+    gw.stop().await;
+}
+
+/// Finding (issue 14): members of different versions could join one group
+/// and apply each other's entries differently. A peer that announces
+/// another log entry format in its handshake is refused, with the reason,
+/// even with the right secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_another_entry_format_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(dir.path());
+    c.cluster_secret = Some(SECRET.into());
+    let gw = gateway::start(c).await.expect("start");
+    let other = peer_client::APP_FORMAT + 1;
+    let outcome =
+        peer_client::handshake_as(gw.raft_addr, "entente", 2, 1, SECRET.as_bytes(), other).await;
+    match outcome {
+        Outcome::Refused {
+            after_proof: Some(Frame::Refused { reason }),
+            ..
+        } => assert_eq!(
+            reason,
+            peer_client::Refusal::AppFormat {
+                supported: peer_client::APP_FORMAT
+            }
+        ),
+        other => panic!("a peer of another entry format: {other:?}"),
+    }
+    // The same peer with this format gets in.
+    assert!(matches!(
+        handshake(gw.raft_addr, "entente", 2, 1, SECRET.as_bytes()).await,
+        Outcome::Welcome(_)
+    ));
     gw.stop().await;
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use common::WAIT;
 use ports::reserve_ports;
-use process::{Proc, write_secret_file};
+use process::{Proc, until, write_secret_file};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -60,21 +60,6 @@ fn spawn(root: &Path, data: &Path, args: &[&str]) -> Proc {
 
 fn run(root: &Path, data: &Path, args: &[&str]) -> Output {
     command(root, data, args).output().expect("run gateway")
-}
-
-/// Polls until `f` answers `Some` (bounded by [`WAIT`]).
-async fn until<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    mut f: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn count_commands(http: &reqwest::Client, base: &str, token: &str) -> Option<usize> {

@@ -4,16 +4,12 @@
 //! with their documented status (docs/ARCHITECTURE.md, "Bounded waits"), on
 //! real sockets against real gateways.
 
-#[path = "support/ports.rs"]
-mod ports;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use gateway::{Config, Gateway};
-use ports::reserve_ports;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -77,11 +73,24 @@ fn config(dir: &Path, id: u64, peers: &BTreeMap<u64, SocketAddr>) -> Config {
 /// A group of `n` gateways (ids 1..=n), started together.
 async fn group(dir: &Path, n: u64) -> Group {
     let ids: Vec<u64> = (1..=n).collect();
-    let addrs = reserve_ports(ids.len());
+    // Each gateway's peer listener is bound here first: every address is
+    // known, and held, before any gateway starts.
+    let listeners: Vec<std::net::TcpListener> = ids
+        .iter()
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let addrs = listeners.iter().map(|l| l.local_addr().expect("addr"));
     let peers: BTreeMap<u64, SocketAddr> = ids.iter().copied().zip(addrs).collect();
     let handles: Vec<_> = peers
         .keys()
-        .map(|&id| tokio::spawn(gateway::start(config(dir, id, &peers))))
+        .zip(listeners)
+        .map(|(&id, peer)| {
+            let listeners = gateway::Listeners {
+                peer: Some(peer),
+                ..Default::default()
+            };
+            tokio::spawn(gateway::start_with(config(dir, id, &peers), listeners))
+        })
         .collect();
     let mut gws = BTreeMap::new();
     for (id, h) in ids.iter().zip(handles) {
@@ -221,15 +230,18 @@ async fn min_index_far_beyond_the_log_is_refused_at_once() {
 }
 
 /// An index slightly ahead of an idle group is waited for at most the write
-/// timeout, then answered with 503 and `Retry-After`.
+/// timeout; then the leader, which can tell that the group still has not
+/// issued it, refuses it with 412 (a 503 would say this healthy gateway
+/// cannot serve reads).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn min_index_slightly_ahead_answers_503_within_the_write_timeout() {
+async fn min_index_slightly_ahead_is_refused_as_never_issued_after_the_write_timeout() {
     let dir = tempfile::tempdir().expect("tempdir");
     let g = group(dir.path(), 1).await;
     let ahead = (g.applied(1) + 100).to_string();
     for path in ["/v1/devices", "/v1/devices?consistency=local"] {
         let a = g.get(1, path, Some(&ahead)).await;
-        a.unavailable("min-index-not-reached");
+        let detail = a.problem(StatusCode::PRECONDITION_FAILED, "min-index-not-issued");
+        assert!(detail.contains(&ahead), "{detail}");
         assert!(
             a.took >= WRITE_TIMEOUT.mul_f64(0.9),
             "answered before the wait was over: {a:?}"

@@ -447,8 +447,8 @@ fn ingest_table(r: &Results, out: &mut String) {
         let _ = writeln!(
             out,
             "\nOver these runs the Entente gateways received {} reported messages and made {} Raft \
-             proposals of them ({:.0} per proposal: reports are coalesced per device over \
-             `--report-coalesce-ms`).",
+             proposals of them ({:.0} per proposal: a device's reports are coalesced into one \
+             proposal in flight at a time).",
             num(rec),
             num(prop),
             rec / prop

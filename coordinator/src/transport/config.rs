@@ -81,6 +81,10 @@ pub struct TransportConfig {
     /// peer opens one message connection and at most a few snapshot
     /// connections).
     pub reserved_handshakes_per_peer: usize,
+    /// The embedder's data format (for the gateway: its log entry format),
+    /// announced in every handshake: a peer announcing another is refused
+    /// (both sides log why). Default 0.
+    pub app_format: u32,
     /// Seed for the reconnect jitter. `None` (the default) seeds from the
     /// operating system's random source.
     pub rng_seed: Option<u64>,
@@ -121,6 +125,7 @@ impl TransportConfig {
             max_pending_handshakes: 64,
             max_pending_handshakes_per_ip: 8,
             reserved_handshakes_per_peer: 4,
+            app_format: 0,
             rng_seed: None,
         }
     }

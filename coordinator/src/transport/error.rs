@@ -99,6 +99,18 @@ pub(crate) enum HandshakeError {
         /// The peer's.
         theirs: u32,
     },
+    /// The dialer speaks another data format of the embedder (the
+    /// gateway's log entry format): a member of another version.
+    #[error(
+        "data format mismatch: peer speaks format {theirs}, we speak {ours} (members of a group \
+         must run versions with the same log entry format)"
+    )]
+    AppFormat {
+        /// Ours.
+        ours: u32,
+        /// The peer's.
+        theirs: u32,
+    },
     /// The dialer belongs to another cluster.
     #[error("wrong cluster id {theirs:?} (expected {ours:?})")]
     ClusterId {
@@ -162,6 +174,7 @@ impl ConnectError {
                 HandshakeError::Refused(_)
                     | HandshakeError::BadMac
                     | HandshakeError::Version { .. }
+                    | HandshakeError::AppFormat { .. }
                     | HandshakeError::Unexpected(_)
             )
         )

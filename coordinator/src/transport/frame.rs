@@ -62,6 +62,11 @@ pub(crate) enum RefuseReason {
     Authentication,
     /// A frame that does not belong in the handshake.
     Protocol,
+    /// The embedders' data formats differ; carries the refusing side's.
+    AppFormat {
+        /// The format the refusing side speaks.
+        supported: u32,
+    },
 }
 
 impl fmt::Display for RefuseReason {
@@ -80,6 +85,9 @@ impl fmt::Display for RefuseReason {
                 f.write_str("authentication failed (wrong cluster secret?)")
             }
             RefuseReason::Protocol => f.write_str("protocol violation during the handshake"),
+            RefuseReason::AppFormat { supported } => {
+                write!(f, "data format mismatch (peer speaks format {supported})")
+            }
         }
     }
 }
@@ -100,6 +108,9 @@ pub(crate) struct Hello {
     pub stream: StreamKind,
     /// The dialer's fresh nonce.
     pub nonce: [u8; NONCE_LEN],
+    /// The embedder's data format the dialer speaks (the gateway's log
+    /// entry format); the acceptor's must be the same.
+    pub app_format: u32,
 }
 
 /// Opaque bytes, encoded as one length-prefixed byte string rather than a

@@ -2,12 +2,13 @@
 //!
 //! ```text
 //! dialer                                          acceptor
-//!   Hello{version, cluster_id, from, to, stream, nonce_d} ->
+//!   Hello{version, cluster_id, from, to, stream, nonce_d, app_format} ->
 //!                                                 checks the version only
 //!                                      <- Nonce{nonce_a}
 //!   Auth{mac_d = HMAC(secret, D | transcript)} ->
 //!                                                 verifies mac_d, then checks
-//!                                                 cluster id, `to`, `from`
+//!                                                 cluster id, app_format,
+//!                                                 `to`, `from`
 //!                      <- Welcome{mac_a = HMAC(secret, A | transcript)}
 //!   verifies mac_a
 //! ```
@@ -44,8 +45,9 @@ type HmacSha256 = Hmac<Sha256>;
 /// The protocol version this implementation speaks.
 ///
 /// Version 2: the dialer proves first (version 1 had the acceptor send its
-/// MAC before the dialer had proved anything).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// MAC before the dialer had proved anything). Version 3: the `Hello`
+/// announces the embedder's data format (`app_format`), which must match.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Role label mixed into the acceptor's MAC.
 const LABEL_ACCEPTOR: &[u8] = b"entente/transport/handshake/acceptor";
@@ -63,6 +65,8 @@ pub(crate) struct Identity {
     pub secret: Vec<u8>,
     /// The protocol version to speak (always [`PROTOCOL_VERSION`] outside tests).
     pub version: u32,
+    /// The embedder's data format (`TransportConfig::app_format`).
+    pub app_format: u32,
 }
 
 impl fmt::Debug for Identity {
@@ -72,6 +76,7 @@ impl fmt::Debug for Identity {
             .field("cluster_id", &self.cluster_id)
             .field("secret", &"<redacted>")
             .field("version", &self.version)
+            .field("app_format", &self.app_format)
             .finish()
     }
 }
@@ -94,6 +99,7 @@ fn transcript_mac(
     mac.update(&hello.to.to_be_bytes());
     mac.update(&[hello.stream.tag()]);
     mac.update(&hello.nonce);
+    mac.update(&hello.app_format.to_be_bytes());
     mac.update(acceptor_nonce);
     Ok(mac)
 }
@@ -127,6 +133,7 @@ pub(crate) async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
         to,
         stream,
         nonce: fresh_nonce()?,
+        app_format: local.app_format,
     };
     send_frame(s, &Frame::Hello(hello.clone()), MAX_HANDSHAKE_FRAME).await?;
     let acceptor_nonce = match read_frame(s, MAX_HANDSHAKE_FRAME).await? {
@@ -210,6 +217,19 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(HandshakeError::ClusterId {
             ours: local.cluster_id.clone(),
             theirs: hello.cluster_id,
+        });
+    }
+    if hello.app_format != local.app_format {
+        refuse(
+            s,
+            RefuseReason::AppFormat {
+                supported: local.app_format,
+            },
+        )
+        .await;
+        return Err(HandshakeError::AppFormat {
+            ours: local.app_format,
+            theirs: hello.app_format,
         });
     }
     if hello.to != local.node_id {

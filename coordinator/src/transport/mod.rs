@@ -47,7 +47,7 @@
 //!
 //! | variant | fields | used |
 //! |---|---|---|
-//! | 0 `Hello` | `version: u32, cluster_id: String, from: u64, to: u64, stream: {Messages, Snapshot}, nonce: [u8; 32]` | handshake, dialer |
+//! | 0 `Hello` | `version: u32, cluster_id: String, from: u64, to: u64, stream: {Messages, Snapshot}, nonce: [u8; 32], app_format: u32` | handshake, dialer |
 //! | 1 `Challenge` | `nonce: [u8; 32], mac: [u8; 32]` | retired (protocol 1); refused |
 //! | 2 `Auth` | `mac: [u8; 32]` | handshake, dialer |
 //! | 3 `Refused` | `reason` | handshake, either side, then close |
@@ -324,17 +324,38 @@ impl Transport {
     pub fn start(
         config: TransportConfig,
     ) -> Result<(Transport, mpsc::Receiver<Inbound>), TransportError> {
-        Self::start_with_version(config, PROTOCOL_VERSION)
+        Self::start_with_version(config, PROTOCOL_VERSION, None)
     }
 
-    /// [`Transport::start`], speaking protocol `version` (tests speak others).
+    /// [`Transport::start`] on a listener the caller bound (so a caller
+    /// that binds port 0 knows the address before anything starts, and no
+    /// other process can take the port in between); `config.listen_addr`
+    /// is not used.
+    pub fn start_on(
+        config: TransportConfig,
+        listener: std::net::TcpListener,
+    ) -> Result<(Transport, mpsc::Receiver<Inbound>), TransportError> {
+        Self::start_with_version(config, PROTOCOL_VERSION, Some(listener))
+    }
+
+    /// [`Transport::start`], speaking protocol `version` (tests speak
+    /// others), on `listener` if given.
     fn start_with_version(
         config: TransportConfig,
         version: u32,
+        listener: Option<std::net::TcpListener>,
     ) -> Result<(Transport, mpsc::Receiver<Inbound>), TransportError> {
         config.validate()?;
         let runtime = Handle::try_current().map_err(|_| TransportError::NoRuntime)?;
-        let listener = bind(config.listen_addr)?;
+        let listener = match listener {
+            None => bind(config.listen_addr)?,
+            Some(l) => {
+                let addr = l.local_addr().unwrap_or(config.listen_addr);
+                l.set_nonblocking(true)
+                    .and_then(|()| TcpListener::from_std(l))
+                    .map_err(|source| TransportError::Listen { addr, source })?
+            }
+        };
         let local_addr = listener
             .local_addr()
             .map_err(|source| TransportError::Listen {
@@ -353,6 +374,7 @@ impl Transport {
                 cluster_id: config.cluster_id.clone(),
                 secret: config.cluster_secret.clone(),
                 version,
+                app_format: config.app_format,
             },
             gate: Arc::new(gate::Gate::new(&config)),
             refusal_log: gate::LogLimiter::new(REFUSAL_LOG_WINDOW, REFUSAL_LOG_BURST),

@@ -97,6 +97,7 @@ fn identity(id: NodeId) -> Identity {
         cluster_id: CLUSTER.to_string(),
         secret: SECRET.to_vec(),
         version: PROTOCOL_VERSION,
+        app_format: 0,
     }
 }
 
@@ -274,6 +275,7 @@ fn frames_round_trip() {
             to: 2,
             stream: StreamKind::Snapshot,
             nonce: [7; 32],
+            app_format: 2,
         }),
         Frame::Challenge {
             nonce: [1; 32],
@@ -480,6 +482,20 @@ async fn handshake_refusals_name_the_reason() {
             ours: PROTOCOL_VERSION,
             theirs: 99
         })
+    ));
+
+    let mut other_format = identity(1);
+    other_format.app_format = 8;
+    let (d, a) = handshake_pair(other_format, identity(2), 2).await;
+    assert!(matches!(
+        d,
+        Err(HandshakeError::Refused(RefuseReason::AppFormat {
+            supported: 0
+        }))
+    ));
+    assert!(matches!(
+        a,
+        Err(HandshakeError::AppFormat { ours: 0, theirs: 8 })
     ));
 
     let (d, a) = handshake_pair(identity(1), identity(2), 3).await;
@@ -764,7 +780,7 @@ async fn refused_peer(bad: TransportConfig, version: u32, target: NodeId, reason
     let mut nodes = cluster(&[1, 2]);
     let (b, mut rx_b) = nodes.pop().expect("b");
     let (a, mut rx_a) = nodes.pop().expect("a");
-    let (c, mut rx_c) = Transport::start_with_version(bad, version).expect("start c");
+    let (c, mut rx_c) = Transport::start_with_version(bad, version, None).expect("start c");
     c.set_peer(target, a.local_addr()).expect("set_peer");
     c.send(msg(3, target, 1));
 
@@ -841,6 +857,7 @@ async fn raw_hello(s: &mut TcpStream, cluster_id: &str, from: NodeId, to: NodeId
         to,
         stream: StreamKind::Messages,
         nonce: [5; 32],
+        app_format: 0,
     };
     send_frame(s, &Frame::Hello(hello), MAX_HANDSHAKE_FRAME)
         .await

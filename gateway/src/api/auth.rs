@@ -14,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 use super::error::ApiError;
-use crate::hash_secret;
 use crate::ops::Role;
+use crate::shared::hash_secret;
 
 /// Longest token accepted (ours are 64 hex characters).
 const MAX_TOKEN: usize = 512;

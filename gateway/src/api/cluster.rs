@@ -136,9 +136,12 @@ pub enum Suffrage {
 #[schema(example = json!({"id": 4, "address": "127.0.0.1:7004", "suffrage": "learner"}))]
 pub struct MemberChange {
     /// The gateway's node id (≥ 1).
+    #[serde(deserialize_with = "super::schemas::integral")]
+    #[schema(value_type = super::schemas::NodeId)]
     pub id: u64,
     /// `host:port` of its peer listener: needed when it is added, optional
     /// when it is promoted (recorded for every member, so all can reach it).
+    #[schema(value_type = Option<super::schemas::PeerAddress>)]
     pub address: Option<String>,
     /// `learner` to add it, `voter` to promote a learner that has caught up.
     pub suffrage: Suffrage,
@@ -177,6 +180,8 @@ pub struct MemberChanged {
 #[serde(deny_unknown_fields)]
 pub struct LeaderTransfer {
     /// The voter to hand leadership to.
+    #[serde(deserialize_with = "super::schemas::integral")]
+    #[schema(value_type = super::schemas::NodeId)]
     pub id: u64,
 }
 
@@ -184,7 +189,7 @@ fn valid_address(a: &str) -> Result<(), ApiError> {
     // The same syntax as `--peers`: every member parses it into its peer
     // table, looking a host name up at every dial.
     match a.parse::<coordinator::transport::PeerAddr>() {
-        Ok(_) if a.len() <= 255 => Ok(()),
+        Ok(_) if a.len() <= super::schemas::MAX_PEER_ADDRESS => Ok(()),
         _ => Err(ApiError::invalid(format!(
             "address {} is not host:port of a peer listener",
             super::validate::quoted(a)
@@ -200,11 +205,20 @@ async fn commit_change(
     force: bool,
     how_to_force: &str,
 ) -> Result<u64, ApiError> {
-    let index = state
-        .node
-        .change_membership(change, force)
-        .await
-        .map_err(|e| member_error(e, state, how_to_force))?;
+    // Another change being committed — or a new leader's first entry, which
+    // must commit before it takes any change — is over in moments: such a
+    // refusal is retried within the write timeout, not handed back.
+    let deadline = tokio::time::Instant::now() + state.config.write_timeout;
+    let index = loop {
+        match state.node.change_membership(change, force).await {
+            Err(NodeError::Refused(reason))
+                if reason.contains("already pending") && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            r => break r.map_err(|e| member_error(e, state, how_to_force))?,
+        }
+    };
     let _ = state
         .node
         .wait_applied(index, state.config.write_timeout)
@@ -252,10 +266,10 @@ fn member_error(e: NodeError, state: &AppState, how_to_force: &str) -> ApiError 
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Needs the admin role", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Refused, with the reason and what to do: a voter cannot become a learner; only a learner can be promoted; a guard (the learner is not connected or has not caught up, or the voters would lack an active quorum; `force` overrides); another change pending", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Refused, with the reason and what to do: a voter cannot become a learner; only a learner can be promoted; a new member needs its address; a guard (the learner is not connected or has not caught up, or the voters would lack an active quorum; `force` overrides); another change pending", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields (id 0, an address that is not host:port, a new member without an address, an unknown field)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields (id 0, an address that is not host:port, an unknown field)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "No quorum or leader; or timed out (the change may still take effect)", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -294,8 +308,12 @@ pub(crate) async fn add_member(
             if !is_learner && body.address.is_none() && !state.config.peers.contains_key(&body.id) {
                 let known = state.db.peer_addresses().await?;
                 if !known.iter().any(|(id, _)| *id == body.id) {
-                    return Err(ApiError::invalid(format!(
-                        "gateway {} is new: give the address of its peer listener",
+                    // Not a malformed request: the group does not know
+                    // this gateway yet (409, like the other refusals that
+                    // depend on the group's state).
+                    return Err(ApiError::conflict(format!(
+                        "gateway {} is new to the group: give the address of its peer listener \
+                         (\"address\": \"host:port\")",
                         body.id
                     )));
                 }
@@ -413,7 +431,7 @@ pub(crate) async fn remove_member(
         (status = 409, description = "Not a voter", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields (a missing or non-numeric id, an unknown field)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields (a missing, non-numeric or 0 id, an unknown field)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "No leader, or the transfer timed out", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -421,6 +439,9 @@ pub(crate) async fn transfer_leader(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<LeaderTransfer>,
 ) -> Result<Response, ApiError> {
+    if body.id == 0 {
+        return Err(ApiError::invalid("id must be at least 1"));
+    }
     state
         .node
         .transfer_leader(body.id)

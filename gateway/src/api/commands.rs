@@ -18,9 +18,11 @@ use super::extract::{
     ApiJson, ApiPath, ApiQuery, Consistency, MinIndexHeader, page_query, read_barrier, reply,
     split_page, unexpected, wait_param, write,
 };
+use super::schemas::{CommandId, CommandName, DeviceId, IdempotencyKey, JsonValue, integral_opt};
 use super::validate;
 use crate::ops::{Command, CommandStatus, Op, OpResult};
-use crate::{now_ms, random_token};
+use crate::shared::{now_ms, random_token};
+use crate::state::Change;
 
 /// Default time to live of a command.
 pub const DEFAULT_TTL_MS: u64 = 60_000;
@@ -34,15 +36,20 @@ pub const MAX_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
     "idempotency_key":"reboot-2025-11-26"}))]
 pub struct NewCommand {
     /// Command name (1–128 characters).
+    #[schema(value_type = CommandName)]
     pub name: String,
     /// Parameters, any JSON (default `{}`).
     #[serde(default)]
+    #[schema(value_type = JsonValue)]
     pub params: Option<Value>,
     /// Time to live in ms (default 60000, at most 7 days); after it the
     /// command expires unless it finished.
+    #[serde(default, deserialize_with = "integral_opt")]
+    #[schema(minimum = 1, maximum = 604_800_000)]
     pub ttl_ms: Option<u64>,
     /// A key of yours: issuing again with the same key for the same device
     /// returns the first command (200) instead of creating another.
+    #[schema(value_type = Option<IdempotencyKey>)]
     pub idempotency_key: Option<String>,
 }
 
@@ -78,6 +85,7 @@ pub struct ListCommandsQuery {
     #[param(inline)]
     pub status: Option<CommandStatus>,
     /// The `next` cursor of the previous page.
+    #[param(value_type = Option<CommandId>)]
     pub after: Option<String>,
     /// Page size (default 100, at most the gateway's `max_page`).
     pub limit: Option<u32>,
@@ -123,22 +131,32 @@ async fn wait_terminal(
     wait: Duration,
 ) -> Result<(Option<Command>, u64), ApiError> {
     // Subscribe before the first read, so no change between the two is missed.
-    let mut events = state.db.subscribe();
+    let mut changes = state.db.changes();
     let mut shutdown = state.shutdown.clone();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let index = state.db.applied_index();
         let cmd = state.db.command(cid).await?;
-        let pending = cmd.as_ref().is_some_and(|c| !c.status.is_terminal());
-        if !pending || wait.is_zero() {
+        let Some(current) = cmd.as_ref().filter(|c| !c.status.is_terminal()) else {
+            return Ok((cmd, index));
+        };
+        if wait.is_zero() {
             return Ok((cmd, index));
         }
+        // What may have ended it: a step of this command, its expiry, its
+        // device's deletion.
+        let ends = |ch: &Change| match ch {
+            Change::Command(_, c) => c.id == cid,
+            Change::CommandsExpired(cmds) => cmds.iter().any(|c| c.id == cid),
+            Change::DeviceDeleted { id } => *id == current.device,
+            _ => false,
+        };
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return Ok((cmd, index)),
                 _ = super::stopped(&mut shutdown) => return Ok((cmd, index)),
-                ev = events.recv() => match ev {
-                    Ok(e) if e.kind.starts_with("command.") || e.kind == "device.deleted" => break,
+                ch = changes.recv() => match ch {
+                    Ok(ch) if ends(&ch) => break,
                     Ok(_) => {}
                     Err(RecvError::Lagged(_)) => break,
                     Err(RecvError::Closed) => return Ok((cmd, index)),
@@ -155,7 +173,7 @@ async fn wait_terminal(
 /// terminal or the wait is over, whichever is first.
 #[utoipa::path(
     post, path = "/v1/devices/{id}/commands", tag = "commands",
-    params(("id" = String, Path, description = "Device id"), IssueQuery),
+    params(("id" = DeviceId, Path, description = "Device id"), IssueQuery),
     request_body = NewCommand,
     responses(
         (status = 201, description = "Created", body = Command,
@@ -240,15 +258,15 @@ pub(crate) fn issue_op(device: &str, body: NewCommand, cid: String) -> Result<Op
 /// List a device's commands.
 #[utoipa::path(
     get, path = "/v1/devices/{id}/commands", tag = "commands",
-    params(("id" = String, Path, description = "Device id"), ListCommandsQuery, MinIndexHeader),
+    params(("id" = DeviceId, Path, description = "Device id"), ListCommandsQuery, MinIndexHeader),
     responses(
         (status = 200, description = "One page", body = CommandPage,
             headers(("Entente-Index" = u64, description = "Applied log index the read reflects"))),
         (status = 400, description = "Invalid id or query, or an `Entente-Min-Index` that is not a log index", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`Entente-Min-Index` is more than 1000 entries beyond the group's commit index: never issued, refused at once (`min-index-not-issued`; `Entente-Index` is the group's commit index)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not applied within the write timeout (`min-index-not-reached`) or far ahead while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`Entente-Min-Index` was never issued (`min-index-not-issued`; `Entente-Index` is the group's commit index): more than 1000 entries beyond the group's commit index, refused at once; or, on the leader, still beyond it when the wait (the write timeout) is over", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not reached here within the write timeout (`min-index-not-reached`), or far beyond this gateway's log while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn list_commands(
@@ -279,15 +297,15 @@ pub(crate) async fn list_commands(
 /// Get a command; with `?wait=` long-poll until it is terminal.
 #[utoipa::path(
     get, path = "/v1/commands/{cid}", tag = "commands",
-    params(("cid" = String, Path, description = "Command id"), GetCommandQuery, MinIndexHeader),
+    params(("cid" = CommandId, Path, description = "Command id"), GetCommandQuery, MinIndexHeader),
     responses(
         (status = 200, description = "The command (terminal, or as it is when the wait ended)", body = Command,
             headers(("Entente-Index" = u64, description = "Applied log index the read reflects"))),
         (status = 400, description = "Invalid id or query, or an `Entente-Min-Index` that is not a log index", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such command", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`Entente-Min-Index` is more than 1000 entries beyond the group's commit index: never issued, refused at once (`min-index-not-issued`; `Entente-Index` is the group's commit index)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not applied within the write timeout (`min-index-not-reached`) or far ahead while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`Entente-Min-Index` was never issued (`min-index-not-issued`; `Entente-Index` is the group's commit index): more than 1000 entries beyond the group's commit index, refused at once; or, on the leader, still beyond it when the wait (the write timeout) is over", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not reached here within the write timeout (`min-index-not-reached`), or far beyond this gateway's log while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn get_command(
@@ -314,7 +332,7 @@ pub(crate) async fn get_command(
 /// Cancel a command that has not finished.
 #[utoipa::path(
     post, path = "/v1/commands/{cid}/cancel", tag = "commands",
-    params(("cid" = String, Path, description = "Command id")),
+    params(("cid" = CommandId, Path, description = "Command id")),
     responses(
         (status = 200, description = "The canceled command", body = Command,
             headers(("Entente-Index" = u64, description = "Log index of the write"))),

@@ -15,10 +15,24 @@ use super::extract::{
     ApiJson, ApiPath, ApiQuery, Consistency, MinIndexHeader, page_query, read_barrier, reply,
     split_page, unexpected, write,
 };
+use super::schemas::{DeviceId, JsonObject, LabelFilter, Labels};
 use super::validate;
 use crate::ops::{Device, Op, OpResult};
+use crate::shared::{hash_secret, random_token};
 use crate::state::DeviceFilter;
-use crate::{hash_secret, random_token};
+
+/// How a new device logs in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceAuth {
+    /// A secret is generated and returned (its MQTT password); with
+    /// `cert_sha256` the device may also log in with that certificate.
+    #[default]
+    Secret,
+    /// No secret: the device logs in over TLS with the client certificate
+    /// of `cert_sha256` only.
+    Certificate,
+}
 
 /// Body of `POST /v1/devices`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -27,14 +41,30 @@ use crate::{hash_secret, random_token};
 pub struct NewDevice {
     /// Device id: 1–64 characters from `A-Za-z0-9_.-`, not `.` or `..`; also
     /// its MQTT client id.
+    #[schema(value_type = DeviceId)]
     pub id: String,
     /// Labels for filtering (keys `[A-Za-z0-9_./-]{1,63}`, values ≤ 256 characters).
     #[serde(default)]
+    #[schema(value_type = Labels)]
     pub labels: BTreeMap<String, String>,
     /// Free-form JSON object (default `{}`).
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<JsonObject>)]
     pub attributes: Option<Value>,
+    /// SHA-256 of the DER client certificate the device may log in with
+    /// over TLS (instead of a password): 64 hex digits, optionally
+    /// `:`-separated pairs; stored lowercase. One certificate identifies
+    /// one device (409 if another device has it).
+    #[serde(default)]
+    #[schema(
+        example = "5d41402abc4b2a76b9719d911017c592a06b3e4f8a9c1d2e3f40516273849506",
+        pattern = "^([0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){31})$"
+    )]
+    pub cert_sha256: Option<String>,
+    /// `secret` (default: a secret is generated and returned) or
+    /// `certificate` (no secret; needs `cert_sha256`).
+    #[serde(default)]
+    pub auth: Option<DeviceAuth>,
 }
 
 /// Response of `POST /v1/devices`: the device and its MQTT password.
@@ -43,8 +73,10 @@ pub struct RegisteredDevice {
     /// The registered device.
     pub device: Device,
     /// The device's secret (its MQTT password). Returned only now; only a
-    /// hash is stored.
-    pub secret: String,
+    /// hash is stored. Absent for a device registered with `"auth":
+    /// "certificate"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
 }
 
 /// Response of `POST /v1/devices/{id}/secret`.
@@ -57,16 +89,65 @@ pub struct NewSecret {
 }
 
 /// Body of `PATCH /v1/devices/{id}`: each field given replaces the stored one.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"labels":{"site":"south"}}))]
 pub struct DeviceUpdate {
     /// New labels (replace all labels).
     pub labels: Option<BTreeMap<String, String>>,
     /// New attributes (replace the object).
-    #[schema(value_type = Option<Object>)]
     pub attributes: Option<Value>,
+    /// A new client-certificate fingerprint (as in `POST /v1/devices`), or
+    /// `null` to remove it. A session that logged in with the certificate
+    /// it replaces ends (MQTT 5: 0x98). 409 if another device has it.
+    #[serde(default, with = "crate::ops::double_option")]
+    pub cert_sha256: Option<Option<String>>,
 }
+
+impl utoipa::PartialSchema for DeviceUpdate {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        super::schemas::from_json(update_schema())
+    }
+}
+
+/// What `validate::cert_sha256` accepts: 64 hex digits, or 32 pairs
+/// separated by `:`.
+pub(crate) const CERT_SHA256_PATTERN: &str =
+    r"^([0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){31})$";
+
+/// The schema of [`DeviceUpdate`]: at least one of the fields, not null
+/// (an update that changes nothing is refused, 422).
+pub(crate) fn update_schema() -> Value {
+    serde_json::json!({
+        "type": "object",
+        "description": "Body of `PATCH /v1/devices/{id}`: each field given replaces the \
+            stored one; at least one of them, not null.",
+        "properties": {
+            "labels": {
+                "description": "New labels (replace all labels).",
+                "oneOf": [{"$ref": "#/components/schemas/Labels"}, {"type": "null"}],
+            },
+            "attributes": {
+                "description": "New attributes (replace the object).",
+                "oneOf": [{"$ref": "#/components/schemas/JsonObject"}, {"type": "null"}],
+            },
+            "cert_sha256": {
+                "description": "A new client-certificate fingerprint (as in `POST /v1/devices`), \
+                    or null to remove it. A session that logged in with the certificate it \
+                    replaces ends (MQTT 5: 0x98). 409 if another device has it.",
+                "oneOf": [{"type": "string", "pattern": CERT_SHA256_PATTERN}, {"type": "null"}],
+            },
+        },
+        "additionalProperties": false,
+        "anyOf": [
+            {"required": ["labels"], "properties": {"labels": {"type": "object"}}},
+            {"required": ["attributes"], "properties": {"attributes": {"type": "object"}}},
+            {"required": ["cert_sha256"]},
+        ],
+        "example": {"labels": {"site": "south"}},
+    })
+}
+
+impl ToSchema for DeviceUpdate {}
 
 /// One page of devices.
 #[derive(Debug, Serialize, ToSchema)]
@@ -83,11 +164,12 @@ pub struct DevicePage {
 #[serde(deny_unknown_fields)]
 pub struct ListDevicesQuery {
     /// Only devices with this label, as `key=value`.
-    #[param(example = "site=north")]
+    #[param(example = "site=north", value_type = Option<LabelFilter>)]
     pub label: Option<String>,
     /// Only online (`true`) or offline (`false`) devices.
     pub online: Option<bool>,
     /// The `next` cursor of the previous page.
+    #[param(value_type = Option<DeviceId>)]
     pub after: Option<String>,
     /// Page size (default 100, at most the gateway's `max_page`, 1000 by default).
     pub limit: Option<u32>,
@@ -117,7 +199,8 @@ pub(crate) fn new_secret() -> Result<String, ApiError> {
 /// Register a device.
 ///
 /// The response carries the device's secret (its MQTT password) — the only
-/// time it is shown.
+/// time it is shown. A device may instead (`"auth": "certificate"`) or as
+/// well log in over TLS with the client certificate of `cert_sha256`.
 #[utoipa::path(
     post, path = "/v1/devices", tag = "devices",
     request_body = NewDevice,
@@ -127,10 +210,10 @@ pub(crate) fn new_secret() -> Result<String, ApiError> {
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Needs the operator role", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The id is taken", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The id is taken, or another device has the certificate fingerprint", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large, or attributes over 64 KiB as JSON", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields (ids, labels; attributes not an object, nested over 32 levels, or with integers beyond 64 bits)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields (ids, labels, a `cert_sha256` that is not 64 hex digits, `\"auth\": \"certificate\"` without one; attributes not an object, nested over 32 levels, or with integers beyond 64 bits)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Within twice the write timeout plus 1 s, with `Retry-After`: no leader (`no-leader`, not applied), not committed within the write timeout (`write-timeout`, outcome unknown), leadership changed (`write-dropped`, not applied), the group is busy (`write-refused`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -138,9 +221,12 @@ pub(crate) async fn create_device(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<NewDevice>,
 ) -> Result<Response, ApiError> {
-    let secret = new_secret()?;
+    let secret = match body.auth.unwrap_or_default() {
+        DeviceAuth::Secret => Some(new_secret()?),
+        DeviceAuth::Certificate => None,
+    };
     let id = body.id.clone();
-    let op = register_op(body, hash_secret(&secret))?;
+    let op = register_op(body, secret.as_deref().map(hash_secret).unwrap_or_default())?;
     let (index, result) = write(&state, op).await?;
     match result {
         OpResult::Device(device) => Ok(reply(
@@ -148,6 +234,10 @@ pub(crate) async fn create_device(
             index,
             &RegisteredDevice { device, secret },
         )),
+        OpResult::Conflict(why) if why.contains("certificate") => Err(ApiError::conflict(format!(
+            "{why}; a certificate identifies one device: give {id:?} a certificate of its own"
+        ))
+        .with_index(index)),
         OpResult::Conflict(_) => Err(ApiError::conflict(format!(
             "a device with id {id:?} is already registered; choose another id, or rotate its \
              secret with POST /v1/devices/{id}/secret"
@@ -158,7 +248,8 @@ pub(crate) async fn create_device(
 }
 
 /// Checks a registration and builds the operation `POST /v1/devices`
-/// proposes (`secret_hash`: of the secret generated for it).
+/// proposes (`secret_hash`: of the secret generated for it, empty for
+/// none).
 pub(crate) fn register_op(body: NewDevice, secret_hash: String) -> Result<Op, ApiError> {
     validate::body_device_id(&body.id)?;
     validate::labels(&body.labels)?;
@@ -167,11 +258,23 @@ pub(crate) fn register_op(body: NewDevice, secret_hash: String) -> Result<Op, Ap
         .unwrap_or_else(|| Value::Object(Default::default()));
     validate::object("attributes", &attributes)?;
     validate::json_value("attributes", &attributes)?;
+    let cert_sha256 = body
+        .cert_sha256
+        .as_deref()
+        .map(validate::cert_sha256)
+        .transpose()?;
+    if body.auth == Some(DeviceAuth::Certificate) && cert_sha256.is_none() {
+        return Err(ApiError::invalid(
+            "\"auth\": \"certificate\" needs cert_sha256, the SHA-256 of the device's client \
+             certificate; without it the device could not log in",
+        ));
+    }
     Ok(Op::RegisterDevice {
         id: body.id,
         secret_hash,
         labels: body.labels,
         attributes,
+        cert_sha256,
     })
 }
 
@@ -186,8 +289,8 @@ pub(crate) fn register_op(body: NewDevice, secret_hash: String) -> Result<Op, Ap
             headers(("Entente-Index" = u64, description = "Applied log index the read reflects"))),
         (status = 400, description = "Invalid query, or an `Entente-Min-Index` that is not a log index", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`Entente-Min-Index` is more than 1000 entries beyond the group's commit index: never issued, refused at once (`min-index-not-issued`; `Entente-Index` is the group's commit index)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not applied within the write timeout (`min-index-not-reached`) or far ahead while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`Entente-Min-Index` was never issued (`min-index-not-issued`; `Entente-Index` is the group's commit index): more than 1000 entries beyond the group's commit index, refused at once; or, on the leader, still beyond it when the wait (the write timeout) is over", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not reached here within the write timeout (`min-index-not-reached`), or far beyond this gateway's log while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn list_devices(
@@ -218,15 +321,15 @@ pub(crate) async fn list_devices(
 /// Get a device.
 #[utoipa::path(
     get, path = "/v1/devices/{id}", tag = "devices",
-    params(("id" = String, Path, description = "Device id"), ReadQuery, MinIndexHeader),
+    params(("id" = DeviceId, Path, description = "Device id"), ReadQuery, MinIndexHeader),
     responses(
         (status = 200, description = "The device", body = Device,
             headers(("Entente-Index" = u64, description = "Applied log index the read reflects"))),
         (status = 400, description = "Invalid id, or an `Entente-Min-Index` that is not a log index", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`Entente-Min-Index` is more than 1000 entries beyond the group's commit index: never issued, refused at once (`min-index-not-issued`; `Entente-Index` is the group's commit index)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not applied within the write timeout (`min-index-not-reached`) or far ahead while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`Entente-Min-Index` was never issued (`min-index-not-issued`; `Entente-Index` is the group's commit index): more than 1000 entries beyond the group's commit index, refused at once; or, on the leader, still beyond it when the wait (the write timeout) is over", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not reached here within the write timeout (`min-index-not-reached`), or far beyond this gateway's log while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn get_device(
@@ -250,10 +353,13 @@ pub(crate) fn device_not_found(id: &str) -> ApiError {
     ))
 }
 
-/// Update a device's labels and/or attributes.
+/// Update a device's labels, attributes and/or certificate fingerprint.
+///
+/// Replacing or removing `cert_sha256` ends a session that logged in with
+/// the old certificate.
 #[utoipa::path(
     patch, path = "/v1/devices/{id}", tag = "devices",
-    params(("id" = String, Path, description = "Device id")),
+    params(("id" = DeviceId, Path, description = "Device id")),
     request_body = DeviceUpdate,
     responses(
         (status = 200, description = "The updated device", body = Device,
@@ -262,9 +368,10 @@ pub(crate) fn device_not_found(id: &str) -> ApiError {
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Needs the operator role", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Another device has the certificate fingerprint", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large, or attributes over 64 KiB as JSON", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields (labels; attributes not an object, nested over 32 levels, or with integers beyond 64 bits)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields (labels, a `cert_sha256` that is not 64 hex digits; attributes not an object, nested over 32 levels, or with integers beyond 64 bits)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Within twice the write timeout plus 1 s, with `Retry-After`: no leader (`no-leader`, not applied), not committed within the write timeout (`write-timeout`, outcome unknown), leadership changed (`write-dropped`, not applied), the group is busy (`write-refused`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -278,6 +385,10 @@ pub(crate) async fn update_device(
     match result {
         OpResult::Device(d) => Ok(reply(StatusCode::OK, index, &d)),
         OpResult::NotFound(_) => Err(device_not_found(&id).with_index(index)),
+        OpResult::Conflict(why) => Err(ApiError::conflict(format!(
+            "{why}; a certificate identifies one device: give {id:?} a certificate of its own"
+        ))
+        .with_index(index)),
         r => Err(unexpected("update device", &r, index)),
     }
 }
@@ -286,9 +397,9 @@ pub(crate) async fn update_device(
 /// `PATCH /v1/devices/{id}` proposes.
 pub(crate) fn update_op(id: &str, body: DeviceUpdate) -> Result<Op, ApiError> {
     validate::path_device_id(id)?;
-    if body.labels.is_none() && body.attributes.is_none() {
+    if body.labels.is_none() && body.attributes.is_none() && body.cert_sha256.is_none() {
         return Err(ApiError::invalid(
-            "give labels, attributes or both; an empty update changes nothing",
+            "give labels, attributes or cert_sha256; an empty update changes nothing",
         ));
     }
     if let Some(l) = &body.labels {
@@ -298,17 +409,22 @@ pub(crate) fn update_op(id: &str, body: DeviceUpdate) -> Result<Op, ApiError> {
         validate::object("attributes", a)?;
         validate::json_value("attributes", a)?;
     }
+    let cert_sha256 = match body.cert_sha256 {
+        Some(Some(c)) => Some(Some(validate::cert_sha256(&c)?)),
+        other => other,
+    };
     Ok(Op::UpdateDevice {
         id: id.to_string(),
         labels: body.labels,
         attributes: body.attributes,
+        cert_sha256,
     })
 }
 
 /// Delete a device, with its shadow and commands.
 #[utoipa::path(
     delete, path = "/v1/devices/{id}", tag = "devices",
-    params(("id" = String, Path, description = "Device id")),
+    params(("id" = DeviceId, Path, description = "Device id")),
     responses(
         (status = 204, description = "Deleted",
             headers(("Entente-Index" = u64, description = "Log index of the write"))),
@@ -336,11 +452,13 @@ pub(crate) async fn delete_device(
 
 /// Rotate a device's secret.
 ///
-/// The new secret is returned once; the old one stops working (sessions
-/// already open are not closed by this call).
+/// The new secret is returned once; the old one stops working, and a
+/// session that logged in with it ends (one that logged in with the
+/// device's certificate stays). A device registered with a certificate
+/// only gets a secret this way.
 #[utoipa::path(
     post, path = "/v1/devices/{id}/secret", tag = "devices",
-    params(("id" = String, Path, description = "Device id")),
+    params(("id" = DeviceId, Path, description = "Device id")),
     responses(
         (status = 200, description = "The new secret", body = NewSecret,
             headers(("Entente-Index" = u64, description = "Log index of the write"))),

@@ -215,36 +215,40 @@ pub(crate) struct StreamEvent;
 
 impl utoipa::PartialSchema for StreamEvent {
     fn schema() -> RefOr<Schema> {
-        let variants: Vec<Value> = EVENT_KINDS
-            .iter()
-            .map(|(kind, data, about)| {
-                serde_json::json!({
-                    "type": "object",
-                    "title": kind,
-                    "description": about,
-                    "required": ["id", "event", "data"],
-                    "properties": {
-                        "id": {"type": "integer", "format": "int64", "minimum": 0,
-                            "description": "SSE `id:` — the log index of the change"},
-                        "event": {"type": "string", "enum": [kind],
-                            "description": "SSE `event:` — the kind"},
-                        "data": {"$ref": format!("#/components/schemas/{data}")},
-                    },
-                })
-            })
-            .collect();
-        let schema = serde_json::json!({
-            "description": "One event of the stream, as its SSE fields: `id:` the log index of \
-                the change, `event:` its kind, `data:` its JSON (one line). Between events the \
-                stream sends `:` comments (keep-alive every 15 s; a note before it ends a \
-                stream whose client was too slow).",
-            "oneOf": variants,
-        });
-        serde_json::from_value(schema).unwrap_or_else(|e| {
-            tracing::error!(error = %e, "building the event stream's schema");
-            RefOr::T(Schema::default())
-        })
+        super::schemas::from_json(stream_event_schema())
     }
+}
+
+/// The schema of [`StreamEvent`] (the served document takes it as written).
+pub(crate) fn stream_event_schema() -> Value {
+    let variants: Vec<Value> = EVENT_KINDS
+        .iter()
+        .map(|(kind, data, about)| {
+            serde_json::json!({
+                "type": "object",
+                "title": kind,
+                "description": about,
+                "required": ["id", "event", "data"],
+                "properties": {
+                    "id": {"type": "string", "pattern": "^[0-9]{1,20}$",
+                        "description": "SSE `id:` — the log index of the change"},
+                    "event": {"type": "string", "enum": [kind],
+                        "description": "SSE `event:` — the kind"},
+                    "data": {"type": "string", "contentMediaType": "application/json",
+                        "contentSchema": {"$ref": format!("#/components/schemas/{data}")},
+                        "description": "SSE `data:` — the change, as JSON (one line)"},
+                },
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "description": "One event of the stream, as its SSE fields (each a string, as in \
+            OpenAPI 3.2's description of event streams): `id:` the log index of the change, \
+            `event:` its kind, `data:` its JSON (one line; `contentSchema` by kind). Between \
+            events the stream sends `:` comments (keep-alive every 15 s; a note before it \
+            ends a stream whose client was too slow).",
+        "oneOf": variants,
+    })
 }
 
 impl ToSchema for StreamEvent {
@@ -537,6 +541,8 @@ the kinds and the JSON of their data). The `Entente-Index` header is the index t
             content_type = "text/event-stream", body = StreamEvent,
             headers(("Entente-Index" = u64, description = "The log index the stream starts after"))),
         (status = 400, description = "Invalid Last-Event-ID or query", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "The events after Last-Event-ID (or `after`) are no longer kept: a gateway keeps those of the last 100,000 log indexes. `Entente-Index` names the oldest id a stream can resume after; read the current state instead",
+            body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "This token has the most event streams it may have open on this gateway; `Retry-After` says when to try again",
             body = Problem, content_type = "application/problem+json"),
@@ -552,6 +558,12 @@ pub(crate) async fn events(
     ApiQuery(q): ApiQuery<EventsQuery>,
 ) -> Result<Response, ApiError> {
     let resume = last_event_id(&headers)?.or(q.after);
+    if let Some(after) = resume {
+        gone_check(
+            after,
+            crate::state::resumable_after(state.db.applied_index()),
+        )?;
+    }
     let (admin, token) = match caller {
         Some(Extension(c)) => (c.role >= Role::Admin, c.token_hash),
         None => (false, Arc::from("")),
@@ -608,14 +620,44 @@ async fn send(out: &Out, cursor: &mut u64, admin: bool, e: Event) -> Step {
 }
 
 /// Replays stored events after `cursor` until caught up.
+/// 410 when events after `after` are no longer kept (`oldest` is the
+/// lowest index a stream can resume after).
+fn gone_check(after: u64, oldest: u64) -> Result<(), ApiError> {
+    if after >= oldest {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::GONE,
+        "events-gone",
+        "Gone",
+        format!(
+            "events after index {after} are no longer kept (a gateway keeps the events of the \
+             last {} log indexes); the oldest id a stream can resume after is {oldest} — read \
+             the current state and follow the stream from its Entente-Index",
+            crate::state::EVENTS_RETAINED
+        ),
+    )
+    .with_index(oldest))
+}
+
 async fn replay(state: &AppState, out: &Out, cursor: &mut u64, admin: bool) -> Step {
     loop {
         let batch = match state
             .db
-            .events_since_bounded(*cursor, REPLAY_BATCH, REPLAY_BATCH_BYTES)
+            .events_since_checked(*cursor, REPLAY_BATCH, REPLAY_BATCH_BYTES)
             .await
         {
-            Ok(b) => b,
+            Ok(Ok(b)) => b,
+            Ok(Err(oldest)) => {
+                // Pruned past this stream while it replayed: it ends, and
+                // resuming answers 410.
+                tracing::debug!(
+                    cursor = *cursor,
+                    oldest,
+                    "events dropped under a stream; ending it"
+                );
+                return Step::Stop;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "reading events for a stream; ending it");
                 return Step::Stop;
@@ -790,5 +832,29 @@ mod tests {
             serde_json::json!({"id":"d","secret_hash":"x","nested":[{"token_hash":"y","k":1}]});
         scrub(&mut v);
         assert_eq!(v, serde_json::json!({"id":"d","nested":[{"k":1}]}));
+    }
+}
+
+#[cfg(test)]
+mod gone_tests {
+    use super::*;
+
+    #[test]
+    fn a_resume_older_than_the_kept_events_is_gone_with_the_oldest_id() {
+        use crate::state::{EVENTS_RETAINED, resumable_after};
+        assert_eq!(resumable_after(0), 0);
+        assert_eq!(resumable_after(EVENTS_RETAINED), 0);
+        assert_eq!(resumable_after(EVENTS_RETAINED + 10), 9);
+        let oldest = resumable_after(EVENTS_RETAINED + 10);
+        assert!(gone_check(oldest, oldest).is_ok());
+        assert!(gone_check(oldest + 5, oldest).is_ok());
+        let err = gone_check(oldest - 1, oldest).unwrap_err();
+        let problem = err.problem();
+        assert_eq!(problem.status, 410);
+        assert!(
+            problem
+                .detail
+                .contains("oldest id a stream can resume after is 9")
+        );
     }
 }

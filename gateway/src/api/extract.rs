@@ -9,6 +9,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use coordinator::node::NodeError;
+use coordinator::raft::Role as RaftRole;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -17,6 +18,7 @@ use super::AppState;
 use super::error::{ApiError, ENTENTE_INDEX, read_error, write_error};
 use crate::limits;
 use crate::ops::{Op, OpResult};
+use crate::shared::{leader_known, propose_placed};
 
 /// The request header asking a read to wait until this log index is applied.
 pub const ENTENTE_MIN_INDEX: HeaderName = HeaderName::from_static("entente-min-index");
@@ -111,9 +113,10 @@ pub struct MinIndexHeader {
     /// Wait until this gateway has applied this log index — e.g. the
     /// `Entente-Index` of an earlier write — before reading (read-your-writes):
     /// at most the write timeout (5 s by default), then 503
-    /// `min-index-not-reached`. An index more than 1000 entries beyond the
-    /// group's commit index was never issued and is refused at once (412
-    /// `min-index-not-issued`).
+    /// `min-index-not-reached` — or 412 `min-index-not-issued` when this
+    /// gateway leads the group and the group has not committed it by then.
+    /// An index more than 1000 entries beyond the group's commit index was
+    /// never issued and is refused at once (412 `min-index-not-issued`).
     #[param(rename = "Entente-Min-Index")]
     entente_min_index: Option<u64>,
 }
@@ -155,8 +158,10 @@ pub const MIN_INDEX_WINDOW: u64 = 1_000;
 /// Bounds (docs/ARCHITECTURE.md, "Bounded waits"): an `Entente-Min-Index`
 /// more than [`MIN_INDEX_WINDOW`] entries beyond the group's commit index is
 /// refused at once (412); a smaller one is waited for at most the write
-/// timeout (then 503 `min-index-not-reached`); the whole barrier takes at
-/// most twice the write timeout (then 503 `read-timeout`).
+/// timeout, then refused: 412 `min-index-not-issued` when this gateway is
+/// the leader and the group has still not committed it (checked with a read
+/// point), else 503 `min-index-not-reached`; the whole barrier takes at most
+/// twice the write timeout (then 503 `read-timeout`).
 pub async fn read_barrier(
     state: &AppState,
     consistency: Option<Consistency>,
@@ -201,6 +206,16 @@ async fn barrier(
         match waited {
             Ok(()) => {}
             Err(NodeError::Timeout) => {
+                // A leader can tell, with one read point, that the group
+                // has still not issued the index (a follower would have to
+                // ask across the network, and may be cut off): a precondition
+                // that failed (412), not a gateway unable to serve (503).
+                if state.node.status().raft.role == RaftRole::Leader
+                    && let Ok(group) = read_point(state).await
+                    && n > group
+                {
+                    return Err(min_index_not_issued(n, group));
+                }
                 let applied = state.db.applied_index();
                 return Err(ApiError::unavailable(
                     "min-index-not-reached",
@@ -231,13 +246,16 @@ async fn barrier(
 /// gateway has applied at least the returned index.
 async fn read_point(state: &AppState) -> Result<u64, NodeError> {
     let mut r = state.node.read_index().await;
-    if r == Err(NodeError::NoLeader) && leader_known(state).await {
+    if r == Err(NodeError::NoLeader)
+        && leader_known(&state.node, state.config.write_timeout, &state.shutdown).await
+    {
         r = state.node.read_index().await;
     }
     r
 }
 
-/// 412: `Entente-Min-Index` `n` is far beyond the group's commit index `group`.
+/// 412: `Entente-Min-Index` `n` is beyond the group's commit index `group`
+/// (far beyond, or still after the wait).
 fn min_index_not_issued(n: u64, group: u64) -> ApiError {
     ApiError::new(
         StatusCode::PRECONDITION_FAILED,
@@ -245,8 +263,9 @@ fn min_index_not_issued(n: u64, group: u64) -> ApiError {
         "Index not issued",
         format!(
             "Entente-Min-Index {n} was never issued by this group: it has committed the log up \
-             to index {group}, and an index more than {MIN_INDEX_WINDOW} entries beyond that is \
-             refused rather than waited for; send the Entente-Index of an earlier response"
+             to index {group} (an index up to {MIN_INDEX_WINDOW} entries beyond that is waited \
+             for, at most the write timeout; a further one is refused at once); send the \
+             Entente-Index of an earlier response"
         ),
     )
     .with_index(group)
@@ -269,24 +288,6 @@ fn min_index_unknown(n: u64, known: u64, e: NodeError) -> ApiError {
     )
 }
 
-/// Waits (at most the write timeout, and not past shutdown) until this
-/// gateway knows a leader; `false` if it still does not.
-async fn leader_known(state: &AppState) -> bool {
-    let mut status = state.node.watch_status();
-    let mut shutdown = state.shutdown.clone();
-    let known = async {
-        // `wait_for`'s guard must not outlive this expression.
-        status
-            .wait_for(|s| s.raft.leader.is_some() || s.fatal.is_some())
-            .await
-            .is_ok_and(|s| s.fatal.is_none())
-    };
-    tokio::select! {
-        r = tokio::time::timeout(state.config.write_timeout, known) => r.unwrap_or(false),
-        _ = super::stopped(&mut shutdown) => false,
-    }
-}
-
 /// Proposes `op` through the group and waits for its result; returns the log
 /// index it was applied at.
 pub async fn write(state: &AppState, op: Op) -> Result<(u64, OpResult), ApiError> {
@@ -294,12 +295,7 @@ pub async fn write(state: &AppState, op: Op) -> Result<(u64, OpResult), ApiError
     // log that a member could not decode.
     limits::check_op(&op)?;
     let kind = op.kind();
-    let mut r = crate::propose(&state.node, op.clone()).await;
-    // Not placed at all: safe to retry once a leader is known (an election
-    // usually takes a fraction of a second).
-    if matches!(r, Err(NodeError::NoLeader)) && leader_known(state).await {
-        r = crate::propose(&state.node, op).await;
-    }
+    let r = propose_placed(&state.node, op, state.config.write_timeout, &state.shutdown).await;
     match r {
         Ok(r) => Ok(r),
         Err(e) => {

@@ -24,6 +24,7 @@ mod health;
 mod openapi;
 #[cfg(test)]
 mod roundtrip_tests;
+pub(crate) mod schemas;
 mod shadow;
 pub(crate) mod validate;
 
@@ -63,7 +64,7 @@ pub struct AppState {
     /// Becomes `true` when the gateway shuts down (ends SSE streams and long polls).
     pub shutdown: watch::Receiver<bool>,
     /// The MQTT side's counters (for `/metrics`).
-    pub mqtt: Arc<crate::mqtt::MqttStats>,
+    pub mqtt: Arc<crate::shared::MqttStats>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -201,6 +202,7 @@ pub fn app(state: AppState) -> Router {
     let metrics = Arc::new(health::Metrics::default());
     let streams = Arc::new(events::EventStreams::new(&state.config));
     let max_body = state.config.max_body_bytes;
+    let document = openapi::document(&state.config);
     let mut router = Router::new();
     for (info, method_router) in table() {
         let method_router = match info.role {
@@ -217,6 +219,7 @@ pub fn app(state: AppState) -> Router {
         .layer(Extension(metrics.clone()))
         .layer(Extension(streams))
         .layer(Extension(Arc::new(admin::BackupSlot::default())))
+        .layer(Extension(document))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(state.clone(), deadline))
         .layer(RequestBodyLimitLayer::new(max_body))

@@ -13,6 +13,7 @@ use super::error::{ApiError, Problem};
 use super::extract::{
     ApiJson, ApiPath, ApiQuery, MinIndexHeader, read_barrier, reply, unexpected, write,
 };
+use super::schemas::{DeviceId, IfMatch, JsonObject};
 use super::validate;
 use crate::ops::{Op, OpResult, Shadow};
 
@@ -23,7 +24,7 @@ use crate::ops::{Op, OpResult, Shadow};
 pub struct ShadowPatch {
     /// JSON merge patch (RFC 7386) of the desired state: keys set to `null`
     /// are removed, objects merge recursively.
-    #[schema(value_type = Object)]
+    #[schema(value_type = JsonObject)]
     pub desired: Value,
 }
 
@@ -34,8 +35,11 @@ fn with_etag(mut res: Response, version: u64) -> Response {
     res
 }
 
-/// Parses `If-Match`: `5`, `"5"` or `*` (no constraint). Weak tags never
-/// match (RFC 9110 §13.1.1 uses strong comparison), so they are refused.
+/// Parses `If-Match`: `5`, `"5"` or `*` (no constraint), at most 20 digits
+/// (the `IfMatch` schema). Weak tags never match (RFC 9110 §13.1.1 uses
+/// strong comparison), so they are refused. A version beyond 64 bits is
+/// well formed but no shadow has it: it becomes `u64::MAX`, which never
+/// matches either (412).
 fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     let Some(v) = headers.get(header::IF_MATCH) else {
         return Ok(None);
@@ -49,11 +53,14 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     if s == "*" {
         return Ok(None);
     }
-    let unquoted = s
+    let digits = s
         .strip_prefix('"')
         .and_then(|s| s.strip_suffix('"'))
         .unwrap_or(s);
-    unquoted.parse::<u64>().map(Some).map_err(|_| bad())
+    if digits.is_empty() || digits.len() > 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    Ok(Some(digits.parse::<u64>().unwrap_or(u64::MAX)))
 }
 
 /// Get a device's shadow.
@@ -62,7 +69,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
 /// `ETag`) and per-key update times.
 #[utoipa::path(
     get, path = "/v1/devices/{id}/shadow", tag = "shadow",
-    params(("id" = String, Path, description = "Device id"), ReadQuery, MinIndexHeader),
+    params(("id" = DeviceId, Path, description = "Device id"), ReadQuery, MinIndexHeader),
     responses(
         (status = 200, description = "The shadow", body = Shadow, headers(
             ("Entente-Index" = u64, description = "Applied log index the read reflects"),
@@ -70,8 +77,8 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
         (status = 400, description = "Invalid id, or an `Entente-Min-Index` that is not a log index", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such device", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`Entente-Min-Index` is more than 1000 entries beyond the group's commit index: never issued, refused at once (`min-index-not-issued`; `Entente-Index` is the group's commit index)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not applied within the write timeout (`min-index-not-reached`) or far ahead while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`Entente-Min-Index` was never issued (`min-index-not-issued`; `Entente-Index` is the group's commit index): more than 1000 entries beyond the group's commit index, refused at once; or, on the leader, still beyond it when the wait (the write timeout) is over", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not reached here within the write timeout (`min-index-not-reached`), or far beyond this gateway's log while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn get_shadow(
@@ -97,8 +104,8 @@ pub(crate) async fn get_shadow(
 #[utoipa::path(
     patch, path = "/v1/devices/{id}/shadow", tag = "shadow",
     params(
-        ("id" = String, Path, description = "Device id"),
-        ("If-Match" = Option<String>, Header, description = "The version you read (`5` or `\"5\"`); `*` for any"),
+        ("id" = DeviceId, Path, description = "Device id"),
+        ("If-Match" = Option<IfMatch>, Header, description = "The version you read (`5` or `\"5\"`); `*` for any"),
     ),
     request_body = ShadowPatch,
     responses(
@@ -186,5 +193,47 @@ mod tests {
         assert!(if_match(&h("W/\"7\"")).is_err());
         assert!(if_match(&h("\"7\", \"8\"")).is_err());
         assert!(if_match(&h("seven")).is_err());
+        assert!(if_match(&h("+7")).is_err());
+        assert!(if_match(&h("\"\"")).is_err());
+        assert!(if_match(&h(&"1".repeat(21))).is_err());
+        assert_eq!(
+            if_match(&h("99999999999999999999")).ok(),
+            Some(Some(u64::MAX))
+        );
+    }
+
+    /// The `IfMatch` schema of the document takes exactly what the parser takes.
+    #[test]
+    fn if_match_follows_its_schema() {
+        let schema = serde_json::to_value(
+            <super::super::schemas::IfMatch as utoipa::PartialSchema>::schema(),
+        )
+        .expect("schema");
+        let pattern =
+            regex::Regex::new(schema["pattern"].as_str().expect("pattern")).expect("regex");
+        for v in [
+            "*",
+            "0",
+            "7",
+            "\"7\"",
+            "007",
+            "18446744073709551615",
+            "99999999999999999999",
+            "123456789012345678901",
+            "\"\"",
+            "",
+            "+7",
+            "-7",
+            "W/\"7\"",
+            "\"7",
+            "7\"",
+            "seven",
+            "**",
+            "\"*\"",
+            "1 2",
+            "\"7\", \"8\"",
+        ] {
+            assert_eq!(pattern.is_match(v), if_match(&h(v)).is_ok(), "{v:?}");
+        }
     }
 }

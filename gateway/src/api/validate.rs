@@ -7,8 +7,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use crate::limits;
 
-/// Longest id (devices, commands).
-pub const MAX_ID: usize = 64;
+pub use crate::shared::{MAX_ID, id_ok};
 /// Most labels per device.
 pub const MAX_LABELS: usize = 64;
 /// Longest label key.
@@ -19,19 +18,6 @@ pub const MAX_LABEL_VALUE: usize = 256;
 pub const MAX_COMMAND_NAME: usize = 128;
 /// Longest idempotency key.
 pub const MAX_IDEMPOTENCY_KEY: usize = 128;
-
-/// Whether `s` is a valid device or command id: `[A-Za-z0-9_.-]{1,64}`,
-/// except `.` and `..` (path segments every HTTP client resolves away, so
-/// such a device could never be addressed). Ids are also MQTT client ids and
-/// topic levels: the alphabet has none of `/`, `+`, `#`, `:`.
-pub fn id_ok(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_ID
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
 
 /// `s` quoted for an error message, at most [`limits::MAX_ECHO_CHARS`]
 /// characters of it.
@@ -147,10 +133,34 @@ pub fn object(what: &str, v: &Value) -> Result<(), ApiError> {
 }
 
 /// A JSON value the operation will carry (`what` names the field): at most
-/// [`limits::MAX_DEPTH`] levels deep (422) and [`limits::MAX_DOCUMENT_BYTES`]
-/// as JSON (413).
+/// [`limits::MAX_DEPTH`] levels deep (422), every number between −2^63 and
+/// 2^64 − 1 (422; integer literals beyond are refused when the body is
+/// read), and [`limits::MAX_DOCUMENT_BYTES`] as JSON (413).
 pub fn json_value(what: &'static str, v: &Value) -> Result<(), ApiError> {
-    limits::check_value(what, v).map_err(ApiError::from)
+    limits::check_value(what, v).map_err(ApiError::from)?;
+    numbers_in_range(what, v)
+}
+
+/// Every number of `v` within the range of 64-bit integers (`JsonValue` in
+/// the OpenAPI document): the integers are (the body's reader refused the
+/// others); a floating-point number may be anything, and is held to the same
+/// range, which one JSON Schema can state for all numbers alike.
+fn numbers_in_range(what: &'static str, v: &Value) -> Result<(), ApiError> {
+    // -2^63 and 2^64, exactly representable as f64.
+    const LOW: f64 = -9_223_372_036_854_775_808.0;
+    const HIGH: f64 = 18_446_744_073_709_551_616.0;
+    match v {
+        Value::Number(n) if n.is_f64() => match n.as_f64() {
+            Some(f) if (LOW..HIGH).contains(&f) => Ok(()),
+            _ => Err(ApiError::invalid(format!(
+                "{what} holds the number {n}, beyond the range of 64-bit integers (-2^63 to \
+                 2^64-1) that numbers in this gateway's documents must keep to"
+            ))),
+        },
+        Value::Array(a) => a.iter().try_for_each(|x| numbers_in_range(what, x)),
+        Value::Object(m) => m.values().try_for_each(|x| numbers_in_range(what, x)),
+        _ => Ok(()),
+    }
 }
 
 /// A command name: 1–128 characters, no control characters.
@@ -186,6 +196,33 @@ pub fn limit(limit: Option<u32>, max: u32) -> Result<u32, ApiError> {
         Some(_) => Err(ApiError::bad_request(format!(
             "limit must be between 1 and {max}"
         ))),
+    }
+}
+
+/// A certificate fingerprint in a body (422 otherwise): the SHA-256 of the
+/// DER certificate as 64 hex digits, either case, optionally in pairs
+/// separated by `:` (as `openssl x509 -fingerprint -sha256` prints it).
+/// Returns it as stored: lowercase, without separators.
+pub fn cert_sha256(v: &str) -> Result<String, ApiError> {
+    let digits: String = if v.contains(':') {
+        let pairs: Vec<&str> = v.split(':').collect();
+        if pairs.iter().all(|p| p.len() == 2) {
+            pairs.concat()
+        } else {
+            String::new()
+        }
+    } else {
+        v.to_string()
+    };
+    if digits.len() == 64 && digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(digits.to_ascii_lowercase())
+    } else {
+        Err(ApiError::invalid(format!(
+            "cert_sha256 {} is not a SHA-256 fingerprint: give the SHA-256 of the device's DER \
+             certificate as 64 hex digits (e.g. from `openssl x509 -in device.pem -noout \
+             -fingerprint -sha256`)",
+            quoted(v)
+        )))
     }
 }
 
@@ -235,11 +272,42 @@ mod tests {
     }
 
     #[test]
+    fn numbers_keep_to_64_bits() {
+        let ok = serde_json::json!({"a": [1.5, -9.223372036854775e18, 1.8e19, u64::MAX, i64::MIN]});
+        assert!(json_value("x", &ok).is_ok());
+        for bad in [1.9e19, -9.3e18, 1e300] {
+            let v = serde_json::json!({"a": {"b": [bad]}});
+            let e = json_value("x", &v).expect_err("refused");
+            assert_eq!(e.problem().status, 422, "{bad}");
+        }
+    }
+
+    #[test]
     fn limits_are_capped() {
         assert_eq!(limit(None, 1000).ok(), Some(100));
         assert_eq!(limit(None, 10).ok(), Some(10));
         assert!(limit(Some(0), 1000).is_err());
         assert!(limit(Some(1001), 1000).is_err());
         assert_eq!(limit(Some(1000), 1000).ok(), Some(1000));
+    }
+
+    #[test]
+    fn certificate_fingerprints_are_sha256_hex_stored_lowercase() {
+        let hex = "ab".repeat(32);
+        assert_eq!(cert_sha256(&hex).ok(), Some(hex.clone()));
+        assert_eq!(cert_sha256(&hex.to_uppercase()).ok(), Some(hex.clone()));
+        let colons = vec!["AB"; 32].join(":");
+        assert_eq!(cert_sha256(&colons).ok(), Some(hex.clone()));
+        for bad in [
+            "",
+            "ab",
+            &"ab".repeat(31),
+            &"ab".repeat(33),
+            &"zz".repeat(32),
+            &vec!["abc"; 21].join(":"),
+            &format!("{}:", "ab".repeat(32)),
+        ] {
+            assert!(cert_sha256(bad).is_err(), "{bad:?}");
+        }
     }
 }

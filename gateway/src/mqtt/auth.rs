@@ -1,13 +1,15 @@
 //! Device authentication at CONNECT: client id = username = a registered
-//! device id, password = its secret (compared by SHA-256 hash).
+//! device id, password = its secret (compared by SHA-256 hash); or, on the
+//! TLS listener, a client certificate whose SHA-256 is the fingerprint
+//! registered for the device id (`cert_sha256`), the password unused.
 //!
 //! The check runs in the connection's own task, so a slow lookup never
 //! holds up the accept loop; the secret hashes are cached so 10,000
 //! devices reconnecting at once cost one database read each at most once.
 //! Failed logins are throttled per address and per device id, and their log
 //! lines are rate-limited (see [`Authenticator::check`]).
-//! The cache is invalidated by the registry's events (registration, secret
-//! rotation, deletion) and cleared when the event stream lagged.
+//! The cache is invalidated by the registry's events (registration, update,
+//! secret rotation, deletion) and cleared when the event stream lagged.
 //!
 //! This gateway's copy of the registry may be a little behind the group: a
 //! device registered (or given a new secret) through another gateway a
@@ -27,7 +29,8 @@ use coordinator::node::Node;
 use super::MqttStats;
 use super::wire::Refusal;
 use crate::ops::OpResult;
-use crate::state::StateDb;
+use crate::shared::{hash_secret, id_ok};
+use crate::state::{DeviceCredentials, StateDb};
 
 /// Longest wait for the read barrier of a login that failed locally.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -41,14 +44,40 @@ const FAILURES_PER_SEC: f64 = 1.0;
 const CACHE_MAX: usize = 200_000;
 const THROTTLE_MAX: usize = 50_000;
 
+/// What a session logged in with. A change of the registry ends the
+/// sessions whose credential it no longer holds (see `Registry::revoke`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Credential {
+    /// The device's secret: its SHA-256 (hex).
+    Secret(String),
+    /// A client certificate: its SHA-256 (hex).
+    Certificate(String),
+}
+
+impl Credential {
+    /// Whether the registry's credentials of a device take this one.
+    fn accepted_by(&self, stored: &DeviceCredentials) -> bool {
+        match self {
+            // An empty hash: the device has no secret (certificate only).
+            Credential::Secret(h) => {
+                !stored.secret_hash.is_empty() && constant_time_eq(&stored.secret_hash, h)
+            }
+            Credential::Certificate(f) => stored
+                .cert_sha256
+                .as_deref()
+                .is_some_and(|c| constant_time_eq(c, f)),
+        }
+    }
+}
+
 /// Checks device logins against the registry.
 #[derive(Debug)]
 pub(crate) struct Authenticator {
     db: Arc<StateDb>,
     node: Node<OpResult>,
     stats: Arc<MqttStats>,
-    /// Device id → SHA-256 (hex) of its secret, `None` for no such device.
-    cache: Mutex<HashMap<String, Option<String>>>,
+    /// Device id → its credentials, `None` for no such device.
+    cache: Mutex<HashMap<String, Option<DeviceCredentials>>>,
     throttle: Mutex<Throttle>,
     logs: LogLimiter,
     /// Bumped on every invalidation, so a lookup that raced one is not cached.
@@ -72,11 +101,15 @@ impl Authenticator {
         }
     }
 
-    /// Checks a login: `Ok` with the secret hash it matched, or why not.
+    /// Checks a login: `Ok` with the credential it matched, or why not.
+    /// `cert` is the SHA-256 of the client certificate the connection
+    /// presented (TLS only): then it alone decides — it must be the one
+    /// registered for `client_id` (else not authorized), the password is
+    /// not looked at, and the username may be left out.
     ///
     /// Failed logins are throttled per address and per device id (see
     /// [`Throttle`]): past the budget, a login is checked against the
-    /// cached secret only — no database read, no read barrier — and
+    /// cached credentials only — no database read, no read barrier — and
     /// refused as over the rate if that does not match, so a guessing
     /// client costs a hash per attempt while a device that logged in before
     /// still gets in from a busy address.
@@ -85,9 +118,11 @@ impl Authenticator {
         client_id: &str,
         username: &str,
         password: &str,
+        cert: Option<&str>,
         addr: IpAddr,
-    ) -> Result<String, Refusal> {
-        if client_id != username || !crate::api::validate::id_ok(client_id) {
+    ) -> Result<Credential, Refusal> {
+        let username_ok = client_id == username || (cert.is_some() && username.is_empty());
+        if !username_ok || !id_ok(client_id) {
             self.refused(
                 client_id,
                 addr,
@@ -95,7 +130,10 @@ impl Authenticator {
             );
             return Err(Refusal::BadClientId);
         }
-        let given = crate::hash_secret(password);
+        let given = match cert {
+            Some(fingerprint) => Credential::Certificate(fingerprint.to_string()),
+            None => Credential::Secret(hash_secret(password)),
+        };
         let now = Instant::now();
         let suspect = self
             .throttle
@@ -104,7 +142,7 @@ impl Authenticator {
             .over_budget(addr, client_id, now);
         if suspect {
             let cached = self.cached(client_id);
-            if cached.is_some_and(|h| constant_time_eq(&h, &given)) {
+            if cached.is_some_and(|c| given.accepted_by(&c)) {
                 return Ok(given);
             }
             self.stats.logins_throttled.fetch_add(1, Ordering::Relaxed);
@@ -118,7 +156,7 @@ impl Authenticator {
         if self.matches(client_id, &given).await {
             return Ok(given);
         }
-        // Perhaps registered or rotated elsewhere and not applied here yet:
+        // Perhaps registered or changed elsewhere and not applied here yet:
         // one read barrier per device id per `BARRIER_EVERY` at most.
         let barrier_due = self
             .throttle
@@ -135,12 +173,24 @@ impl Authenticator {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .failed(addr, client_id, now);
-        self.refused(
-            client_id,
-            addr,
-            "client id and username must be a registered device id, password its secret",
-        );
-        Err(Refusal::BadCredentials)
+        match given {
+            Credential::Secret(_) => {
+                self.refused(
+                    client_id,
+                    addr,
+                    "client id and username must be a registered device id, password its secret",
+                );
+                Err(Refusal::BadCredentials)
+            }
+            Credential::Certificate(_) => {
+                self.refused(
+                    client_id,
+                    addr,
+                    "the client certificate is not the one registered for this device id",
+                );
+                Err(Refusal::NotAuthorized)
+            }
+        }
     }
 
     fn refused(&self, client_id: &str, addr: IpAddr, why: &str) {
@@ -151,7 +201,7 @@ impl Authenticator {
         }
     }
 
-    fn cached(&self, client_id: &str) -> Option<String> {
+    fn cached(&self, client_id: &str) -> Option<DeviceCredentials> {
         self.cache
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -173,10 +223,10 @@ impl Authenticator {
         self.node.wait_applied(index, BARRIER_TIMEOUT).await.is_ok()
     }
 
-    /// Whether `given` is the stored secret hash of `client_id`. Both
-    /// answers are cached (an unknown id as `None`), so repeated logins cost
-    /// one database read per id until the registry changes it.
-    async fn matches(&self, client_id: &str, given: &str) -> bool {
+    /// Whether the registry takes `given` for `client_id`. Both answers
+    /// are cached (an unknown id as `None`), so repeated logins cost one
+    /// database read per id until the registry changes it.
+    async fn matches(&self, client_id: &str, given: &Credential) -> bool {
         let cached = self
             .cache
             .lock()
@@ -184,13 +234,13 @@ impl Authenticator {
             .get(client_id)
             .cloned();
         let stored = match cached {
-            Some(h) => h,
+            Some(c) => c,
             None => {
                 let generation = self.generation.load(Ordering::SeqCst);
-                let stored = match self.db.device_secret_hash(client_id).await {
-                    Ok(h) => h,
+                let stored = match self.db.device_credentials(client_id).await {
+                    Ok(c) => c,
                     Err(e) => {
-                        tracing::warn!(error = %e, "reading a device secret for an MQTT login");
+                        tracing::warn!(error = %e, "reading a device's credentials for an MQTT login");
                         return false;
                     }
                 };
@@ -204,10 +254,10 @@ impl Authenticator {
                 stored
             }
         };
-        stored.is_some_and(|s| constant_time_eq(&s, given))
+        stored.is_some_and(|s| given.accepted_by(&s))
     }
 
-    /// Forgets one device's cached secret.
+    /// Forgets one device's cached credentials.
     pub(crate) fn invalidate(&self, device: &str) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.cache
@@ -216,7 +266,7 @@ impl Authenticator {
             .remove(device);
     }
 
-    /// Forgets every cached secret.
+    /// Forgets every cached credential.
     pub(crate) fn clear(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.cache

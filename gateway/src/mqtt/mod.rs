@@ -7,8 +7,11 @@
 //! - `endpoint`: accept loops and one task per connection; the registry of
 //!   live sessions (delivery, takeover, revocation).
 //! - `auth` checks logins against the registry (cached, throttled).
+//! - `tls`: the TLS device listener's certificate, key and client CA.
 //! - `sessions` owns the sessions' replicated side: presence, delivery,
 //!   device messages.
+//! - `ingest` proposes what devices publish and answers each message once
+//!   what it causes is committed (the PUBACK means committed).
 //! - `watch_peers`: the leader declares a peer's sessions lost once it has
 //!   not heard from it for the grace period.
 //!
@@ -17,13 +20,14 @@
 
 mod auth;
 mod endpoint;
+mod ingest;
 mod sessions;
+mod tls;
 mod wire;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,150 +35,27 @@ use coordinator::node::Node;
 use coordinator::raft::Role as RaftRole;
 use tokio::sync::{mpsc, watch};
 
+use crate::config::Config;
 use crate::ops::{Op, OpResult};
+pub use crate::shared::MqttStats;
+use crate::shared::propose;
 use crate::state::StateDb;
-use crate::{Config, GatewayError, io};
 
-/// Counters of the MQTT side, rendered on `/metrics`.
-#[derive(Debug, Default)]
-pub struct MqttStats {
-    /// Device sessions open on this gateway.
-    pub sessions: AtomicU64,
-    /// Device sessions started since boot.
-    pub sessions_started: AtomicU64,
-    /// Logins refused.
-    pub auth_failures: AtomicU64,
-    /// Devices disconnected for publishing or subscribing outside their topics.
-    pub acl_violations: AtomicU64,
-    /// Connections closed for a malformed or oversize packet.
-    pub malformed_packets: AtomicU64,
-    /// Device messages ignored (unknown or foreign command, malformed JSON,
-    /// oversize payload).
-    pub ignored_messages: AtomicU64,
-    /// Commands published to devices.
-    pub commands_published: AtomicU64,
-    /// Reported-state patches received from devices (before coalescing).
-    pub reports_received: AtomicU64,
-    /// `ReportState` proposals made from them (after coalescing).
-    pub report_proposals: AtomicU64,
-    /// Commands delivered again to a device connected here because they
-    /// waited too long for it.
-    pub commands_redelivered: AtomicU64,
-    /// Connections closed for a protocol violation (a second CONNECT, a
-    /// server's packet from a device).
-    pub protocol_violations: AtomicU64,
-    /// Logins refused unchecked because the address or device id had too
-    /// many failed logins.
-    pub logins_throttled: AtomicU64,
-    /// Connections closed at once because the connection limit was reached.
-    pub connections_refused: AtomicU64,
-    /// Errors accepting a connection (such as running out of descriptors).
-    pub accept_errors: AtomicU64,
-    /// Device listeners that stopped while the gateway runs (health fails).
-    pub listeners_down: AtomicU64,
+/// A device listener that could not be set up or opened again (the
+/// message names its address).
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct ListenerError {
+    /// What was being done.
+    pub what: String,
+    /// The error.
+    #[source]
+    pub source: std::io::Error,
 }
 
-impl MqttStats {
-    /// Appends the counters in the Prometheus text format.
-    pub fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, &AtomicU64); 15] = [
-            (
-                "entente_mqtt_sessions",
-                "gauge",
-                "Device sessions open on this gateway.",
-                &self.sessions,
-            ),
-            (
-                "entente_mqtt_sessions_started_total",
-                "counter",
-                "Device sessions started.",
-                &self.sessions_started,
-            ),
-            (
-                "entente_mqtt_auth_failures_total",
-                "counter",
-                "MQTT logins refused.",
-                &self.auth_failures,
-            ),
-            (
-                "entente_mqtt_acl_violations_total",
-                "counter",
-                "Devices disconnected for using another device's topics.",
-                &self.acl_violations,
-            ),
-            (
-                "entente_mqtt_malformed_packets_total",
-                "counter",
-                "Connections closed for a malformed or oversize packet.",
-                &self.malformed_packets,
-            ),
-            (
-                "entente_mqtt_ignored_messages_total",
-                "counter",
-                "Device messages ignored (unknown command, malformed, oversize).",
-                &self.ignored_messages,
-            ),
-            (
-                "entente_mqtt_commands_published_total",
-                "counter",
-                "Commands published to devices.",
-                &self.commands_published,
-            ),
-            (
-                "entente_mqtt_reports_received_total",
-                "counter",
-                "Reported-state patches received from devices.",
-                &self.reports_received,
-            ),
-            (
-                "entente_mqtt_report_proposals_total",
-                "counter",
-                "Reported-state proposals made from them after coalescing.",
-                &self.report_proposals,
-            ),
-            (
-                "entente_mqtt_commands_redelivered_total",
-                "counter",
-                "Commands delivered again to a device connected here after waiting too long.",
-                &self.commands_redelivered,
-            ),
-            (
-                "entente_mqtt_protocol_violations_total",
-                "counter",
-                "Connections closed for a protocol violation (such as a second CONNECT).",
-                &self.protocol_violations,
-            ),
-            (
-                "entente_mqtt_logins_throttled_total",
-                "counter",
-                "Logins refused unchecked after too many failures from the address or for the id.",
-                &self.logins_throttled,
-            ),
-            (
-                "entente_mqtt_connections_refused_total",
-                "counter",
-                "Connections closed at once because the connection limit was reached.",
-                &self.connections_refused,
-            ),
-            (
-                "entente_mqtt_accept_errors_total",
-                "counter",
-                "Errors accepting device connections (such as running out of descriptors).",
-                &self.accept_errors,
-            ),
-            (
-                "entente_mqtt_listeners_down",
-                "gauge",
-                "Device listeners that stopped while the gateway runs.",
-                &self.listeners_down,
-            ),
-        ];
-        for (name, kind, help, v) in rows {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
-        }
-    }
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ListenerError {
+    let what = what.into();
+    move |source| ListenerError { what, source }
 }
 
 /// The running MQTT side of a gateway.
@@ -185,6 +66,8 @@ pub(crate) struct Mqtt {
     pub(crate) v4_addr: Option<SocketAddr>,
     /// The second device listener's address (MQTT 5 by default).
     pub(crate) v5_addr: Option<SocketAddr>,
+    /// The TLS device listener's address (both versions), if it is on.
+    pub(crate) tls_addr: Option<SocketAddr>,
     /// The device listeners (none when none is configured).
     pub(crate) listeners: Option<Arc<Listeners>>,
     /// The runtime the listeners and their connections run on, so device
@@ -233,6 +116,8 @@ pub(crate) struct Listeners {
     shared: Arc<endpoint::Shared>,
     stats: Arc<MqttStats>,
     runtime: tokio::runtime::Handle,
+    /// The TLS settings of the listener named [`TLS_LISTENER`].
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     /// Each listener's bound address and name; it binds there again when
     /// it reopens.
     bound: Vec<(SocketAddr, &'static str)>,
@@ -256,9 +141,15 @@ impl Listeners {
             tokio::net::TcpListener::from_std(listener)?
         };
         let (sh, st) = (self.shared.clone(), self.stats.clone());
+        let tls = match &self.tls {
+            Some(config) if name == TLS_LISTENER => {
+                Some(tokio_rustls::TlsAcceptor::from(config.clone()))
+            }
+            _ => None,
+        };
         let run = self
             .runtime
-            .spawn(endpoint::accept_loop(listener, sh.clone(), name));
+            .spawn(endpoint::accept_loop(listener, sh.clone(), name, tls));
         let accept = run.abort_handle();
         let watch = self.runtime.spawn(async move {
             // The loop only returns when the gateway stops or leaves the
@@ -308,7 +199,7 @@ impl Listeners {
 
     /// Opens the listeners that are closed again, at the addresses they
     /// had. Returns the first error (the others are still tried).
-    pub(crate) fn reopen(&self) -> Result<(), GatewayError> {
+    pub(crate) fn reopen(&self) -> Result<(), ListenerError> {
         let mut first = None;
         for &(addr, name) in &self.bound {
             let is_open = self
@@ -323,7 +214,7 @@ impl Listeners {
                 .and_then(|l| l.set_nonblocking(true).map(|()| l))
                 .and_then(|l| self.spawn(l, name));
             if let Err(e) = opened {
-                first.get_or_insert(GatewayError::Io {
+                first.get_or_insert(ListenerError {
                     what: format!("opening the MQTT listener {addr} again"),
                     source: e,
                 });
@@ -334,22 +225,52 @@ impl Listeners {
     }
 }
 
-/// Bound on device messages waiting for the session manager: when it is
+/// The name of the TLS device listener.
+const TLS_LISTENER: &str = "mqtt-tls";
+
+/// Bound on session events waiting for the session manager: when it is
 /// full, connections stop reading until there is room (nothing is dropped).
+/// (Device messages are bounded by the pipeline's permits too.)
 const EVENT_QUEUE: usize = 16_384;
 
-/// Starts the device listeners (if any are configured), the session manager
-/// and the peer watcher.
+/// The TLS device listener's settings, read from the configured files
+/// (`None` if it is off). Called first thing at start, so a bad file stops
+/// the start before anything runs; the error names the file.
+pub(crate) fn tls_config(config: &Config) -> Result<Option<TlsConfig>, String> {
+    config.check_mqtt_tls()?;
+    match (&config.mqtt_tls_cert, &config.mqtt_tls_key) {
+        (Some(cert), Some(key)) if config.mqtt_tls_enabled() => {
+            let files = tls::Files {
+                cert,
+                key,
+                client_ca: config.mqtt_tls_client_ca.as_deref(),
+            };
+            Ok(Some(TlsConfig(tls::server_config(files)?)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The TLS device listener's settings (see [`tls_config`]).
+#[derive(Debug, Clone)]
+pub(crate) struct TlsConfig(Arc<tokio_rustls::rustls::ServerConfig>);
+
+/// Starts the device listeners (the ones given, else those configured, if
+/// any; the TLS listener with `tls`), the session manager and the peer
+/// watcher.
 pub(crate) async fn start(
     config: &Config,
+    given: [Option<std::net::TcpListener>; 2],
+    tls: Option<TlsConfig>,
     node: Node<OpResult>,
     db: Arc<StateDb>,
     stats: Arc<MqttStats>,
     shutdown: watch::Receiver<bool>,
-) -> Result<Mqtt, GatewayError> {
+) -> Result<Mqtt, ListenerError> {
     let mut mqtt = Mqtt {
         v4_addr: None,
         v5_addr: None,
+        tls_addr: None,
         listeners: None,
         runtime: None,
         tasks: vec![tokio::spawn(watch_peers(
@@ -358,7 +279,13 @@ pub(crate) async fn start(
             shutdown.clone(),
         ))],
     };
-    if config.mqtt_listen.is_none() && config.mqtt5_listen.is_none() {
+    let [given4, given5] = given;
+    if config.mqtt_listen.is_none()
+        && config.mqtt5_listen.is_none()
+        && given4.is_none()
+        && given5.is_none()
+        && tls.is_none()
+    {
         return Ok(mqtt);
     }
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
@@ -373,7 +300,16 @@ pub(crate) async fn start(
         auth.clone(),
         config.mqtt_max_packet,
         config.mqtt_max_connections,
+        config.mqtt_connect_timeout,
     ));
+    let ingest = ingest::Ingest::new(
+        node.clone(),
+        db.clone(),
+        stats.clone(),
+        config.mqtt_max_payload,
+        config.report_coalesce,
+        ingest::patience(config.write_timeout),
+    );
     let manager = sessions::Manager {
         node: node.clone(),
         db,
@@ -381,10 +317,8 @@ pub(crate) async fn start(
         stats: stats.clone(),
         auth,
         endpoint: shared.clone(),
-        max_payload: config.mqtt_max_payload,
-        coalesce: config.report_coalesce,
+        ingest,
         sessions: HashMap::new(),
-        reports: HashMap::new(),
         redelivered: HashMap::new(),
     };
     mqtt.tasks
@@ -397,9 +331,18 @@ pub(crate) async fn start(
         .build()
         .map_err(io("starting the MQTT runtime"))?;
     let mut sockets = Vec::new();
-    for (addr, name) in [(config.mqtt_listen, "mqtt"), (config.mqtt5_listen, "mqtt5")] {
-        let Some(addr) = addr else { continue };
-        let (std_listener, bound) = match bind(addr) {
+    let tls_listen = config.mqtt_tls_listen.filter(|_| tls.is_some());
+    for (addr, given, name) in [
+        (config.mqtt_listen, given4, "mqtt"),
+        (config.mqtt5_listen, given5, "mqtt5"),
+        (tls_listen, None, TLS_LISTENER),
+    ] {
+        let listening = match (given, addr) {
+            (Some(l), _) => adopt(l),
+            (None, Some(addr)) => bind(addr),
+            (None, None) => continue,
+        };
+        let (std_listener, bound) = match listening {
             Ok(l) => l,
             Err(e) => {
                 // A runtime may not be dropped (blocking) inside another one.
@@ -407,10 +350,10 @@ pub(crate) async fn start(
                 return Err(e);
             }
         };
-        if name == "mqtt" {
-            mqtt.v4_addr = Some(bound);
-        } else {
-            mqtt.v5_addr = Some(bound);
+        match name {
+            "mqtt" => mqtt.v4_addr = Some(bound),
+            "mqtt5" => mqtt.v5_addr = Some(bound),
+            _ => mqtt.tls_addr = Some(bound),
         }
         sockets.push((std_listener, bound, name));
     }
@@ -418,6 +361,7 @@ pub(crate) async fn start(
         shared,
         stats,
         runtime: rt.handle().clone(),
+        tls: tls.map(|t| t.0),
         bound: sockets.iter().map(|(_, a, n)| (*a, *n)).collect(),
         open: Mutex::new(HashMap::new()),
     });
@@ -432,9 +376,23 @@ pub(crate) async fn start(
     Ok(mqtt)
 }
 
+/// Sets up a device listener the caller bound (non-blocking, for the MQTT
+/// runtime).
+fn adopt(
+    listener: std::net::TcpListener,
+) -> Result<(std::net::TcpListener, SocketAddr), ListenerError> {
+    let bound = listener
+        .local_addr()
+        .map_err(io("reading a given MQTT listener's address"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io(format!("setting up the MQTT listener {bound}")))?;
+    Ok((listener, bound))
+}
+
 /// Binds a device listener (non-blocking, for the MQTT runtime); the error
 /// names the address.
-fn bind(addr: SocketAddr) -> Result<(std::net::TcpListener, SocketAddr), GatewayError> {
+fn bind(addr: SocketAddr) -> Result<(std::net::TcpListener, SocketAddr), ListenerError> {
     let std_listener = std::net::TcpListener::bind(addr)
         .map_err(io(format!("binding the MQTT listener {addr}")))?;
     std_listener
@@ -476,7 +434,7 @@ async fn watch_peers(node: Node<OpResult>, grace: Duration, mut shutdown: watch:
                     gateway = id,
                     "peer unreachable past the grace period: its device sessions are lost"
                 );
-                match crate::propose(&node, Op::GatewaySessionsLost { gateway: id }).await {
+                match propose(&node, Op::GatewaySessionsLost { gateway: id }).await {
                     Ok(_) => {
                         declared.insert(id);
                     }

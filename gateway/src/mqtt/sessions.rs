@@ -1,7 +1,7 @@
 //! The session manager: one task that owns this gateway's device sessions.
 //!
 //! It hears the connections' codecs ([`SessionEvent`]) and the state
-//! database's committed events, and
+//! database's typed change feed ([`Change`]), and
 //! - replicates presence (one task per session proposes `online`, then, after
 //!   the session ended, `offline`, so the two never commit out of order);
 //! - delivers to a device, once its SUBSCRIBE took effect, every command
@@ -10,11 +10,11 @@
 //!   here (and proposes `CommandSent`), and the desired document and delta
 //!   when the shadow changes (shadow events carry the change: the documents
 //!   are read from the state);
-//! - turns `accepted` and `result` messages into proposals, after checking
-//!   the command exists and is this device's;
-//! - coalesces reported-state patches per device over a window into one
-//!   `ReportState` proposal (several, in order, when two patches cannot be
-//!   composed exactly).
+//! - ends a session here when its device logged in on another gateway
+//!   since (a takeover, as a second login here would be);
+//! - passes what devices publish (`accepted`, `result`, reported state) to
+//!   [`Ingest`], which proposes it and answers each message once what it
+//!   causes is committed (see `ingest`), and polls its proposals.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,19 +22,21 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use coordinator::node::{Node, NodeError};
+use coordinator::node::Node;
 use entente_protocol::{
-    CommandMessage, CommandResultMessage, DevicePublish, ResultStatus, ShadowDocument,
-    commands_topic, delta_topic, desired_topic, filter_matches,
+    CommandMessage, DevicePublish, ShadowDocument, commands_topic, delta_topic, desired_topic,
+    filter_matches,
 };
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
 use super::MqttStats;
 use super::auth::Authenticator;
 use super::endpoint::{Message, Shared};
-use crate::ops::{Command, CommandStatus, Event, Op, OpResult, Shadow};
-use crate::state::{Page, StateDb};
+use super::ingest::{Ack, Ingest};
+use crate::ops::{Command, CommandStatus, Op, OpResult, Shadow};
+use crate::shared::{Ended, now_ms, propose_retrying};
+use crate::state::{Change, CommandStep, Page, ShadowSide, StateDb};
 
 /// What a connection tells the manager.
 #[derive(Debug)]
@@ -66,10 +68,14 @@ pub(crate) enum SessionEvent {
     Publish {
         /// Device id.
         device: String,
+        /// Session epoch.
+        epoch: u64,
         /// Which of its topics.
         kind: DevicePublish,
         /// The payload.
         payload: Bytes,
+        /// Its claim on an answer (the acknowledgement, once committed).
+        ack: Ack,
     },
 }
 
@@ -89,14 +95,6 @@ impl Session {
     }
 }
 
-#[derive(Default)]
-pub(crate) struct PendingReports {
-    /// Patches to propose, in order; the last one absorbs new patches.
-    patches: Vec<Value>,
-    /// A flush of this device is being proposed.
-    inflight: bool,
-}
-
 /// The manager's state (see the module docs).
 pub(crate) struct Manager {
     pub(crate) node: Node<OpResult>,
@@ -106,10 +104,9 @@ pub(crate) struct Manager {
     pub(crate) auth: Arc<Authenticator>,
     /// The device endpoint: delivery to the sessions live here.
     pub(crate) endpoint: Arc<Shared>,
-    pub(crate) max_payload: usize,
-    pub(crate) coalesce: Duration,
+    /// Device messages on their way to the group.
+    pub(crate) ingest: Ingest,
     pub(crate) sessions: HashMap<String, Session>,
-    pub(crate) reports: HashMap<String, PendingReports>,
     /// Commands delivered again by the sweep: when next, and how often so far.
     pub(crate) redelivered: HashMap<String, (tokio::time::Instant, u32)>,
 }
@@ -124,20 +121,20 @@ const REDELIVER_MAX: Duration = Duration::from_secs(300);
 /// Most stale commands one sweep looks at.
 const SWEEP_LIMIT: u32 = 5_000;
 
-/// How many times an MQTT-originated proposal is tried before giving up.
-const PROPOSAL_ATTEMPTS: u32 = 20;
-
 impl Manager {
     pub(crate) async fn run(
         mut self,
         mut rx: mpsc::Receiver<SessionEvent>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut events = self.db.subscribe();
+        let mut changes = self.db.changes();
         let mut restores = self.db.watch_restores();
-        let mut tick = tokio::time::interval(self.coalesce.max(Duration::from_millis(1)));
+        // Only with `--report-coalesce-ms`: reported patches that waited
+        // long enough for the rest of their device's window.
+        let spaced = !self.ingest.coalesce.is_zero();
+        let every = (self.ingest.coalesce / 2).max(Duration::from_millis(1));
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (stale_tx, mut stale_rx) = mpsc::channel::<Vec<Command>>(1);
@@ -152,8 +149,8 @@ impl Manager {
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => break,
                 Some(ev) = rx.recv() => self.on_session(ev),
-                r = events.recv() => match r {
-                    Ok(ev) => self.on_state(ev, &shadows),
+                r = changes.recv() => match r {
+                    Ok(change) => self.on_change(change, &shadows),
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "MQTT sessions lagged behind the state events; re-delivering");
                         self.auth.clear();
@@ -166,13 +163,16 @@ impl Manager {
                     self.auth.clear();
                     self.redeliver_all();
                 }
-                _ = tick.tick() => self.flush_reports(&done_tx),
+                _ = tick.tick(), if spaced => self.ingest.tick(),
+                r = self.ingest.tasks.join_next_with_id(), if !self.ingest.tasks.is_empty() => {
+                    self.ingest.finished(r);
+                }
                 _ = sweep.tick() => {
                     if !sweeping && !self.sessions.is_empty() {
                         sweeping = true;
                         let (db, tx) = (self.db.clone(), stale_tx.clone());
                         tokio::spawn(async move {
-                            let before = crate::now_ms()
+                            let before = now_ms()
                                 .saturating_sub(STALE_AFTER.as_millis() as u64);
                             let cmds = match db.stale_commands(before, SWEEP_LIMIT).await {
                                 Ok(c) => c,
@@ -189,18 +189,11 @@ impl Manager {
                     sweeping = false;
                     self.redeliver_stale(cmds);
                 }
-                Some(device) = done_rx.recv() => {
-                    if let Some(p) = self.reports.get_mut(&device) {
-                        p.inflight = false;
-                        if p.patches.is_empty() {
-                            self.reports.remove(&device);
-                        }
-                    }
-                }
             }
         }
-        // Best effort: what was still being coalesced is proposed.
-        self.flush_reports(&done_tx);
+        // What is still being proposed is abandoned: none of it was
+        // acknowledged, and the devices send it again.
+        self.ingest.tasks.abort_all();
         publisher.abort();
     }
 
@@ -237,6 +230,7 @@ impl Manager {
                 self.set_gauge();
             }
             SessionEvent::Down { device, epoch } => {
+                self.ingest.session_ended(&device, epoch);
                 if self.sessions.get(&device).is_some_and(|s| s.epoch == epoch) {
                     self.sessions.remove(&device);
                     tracing::debug!(device, epoch, "MQTT session ended");
@@ -260,9 +254,11 @@ impl Manager {
             }
             SessionEvent::Publish {
                 device,
+                epoch,
                 kind,
                 payload,
-            } => self.on_publish(device, kind, payload),
+                ack,
+            } => self.ingest.publish(device, epoch, kind, payload, ack),
         }
     }
 
@@ -350,115 +346,9 @@ impl Manager {
         }
     }
 
-    fn ignore(&self, device: &str, why: &str) {
-        self.stats.ignored_messages.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(device, "MQTT message ignored: {why}");
-    }
-
-    fn on_publish(&mut self, device: String, kind: DevicePublish, payload: Bytes) {
-        if payload.len() > self.max_payload {
-            let why = format!(
-                "payload of {} bytes is over the limit of {}",
-                payload.len(),
-                self.max_payload
-            );
-            self.ignore(&device, &why);
-            return;
-        }
-        match kind {
-            DevicePublish::Reported => {
-                // The same limits as the REST API's (depth, size, 64-bit
-                // integers): what is proposed must decode on every member.
-                let patch = match crate::limits::parse_value("a reported patch", &payload) {
-                    Ok(v @ Value::Object(_)) => v,
-                    Ok(_) => return self.ignore(&device, "a reported patch must be a JSON object"),
-                    Err(e) => return self.ignore(&device, &e.to_string()),
-                };
-                self.stats.reports_received.fetch_add(1, Ordering::Relaxed);
-                let pending = self.reports.entry(device).or_default();
-                // (Patches being proposed were taken out: these are all new.)
-                // Two patches are composed only while the result stays within
-                // the document limit: the state machine refuses a patch over
-                // it as a whole, which would lose the other's change too.
-                let composed = pending.patches.last_mut().is_some_and(|last| {
-                    let before = last.clone();
-                    if !compose(last, &patch) {
-                        return false;
-                    }
-                    if crate::limits::encoded_len(last) > crate::limits::MAX_DOCUMENT_BYTES {
-                        *last = before;
-                        return false;
-                    }
-                    true
-                });
-                if !composed {
-                    pending.patches.push(patch);
-                }
-            }
-            DevicePublish::Accepted { cid } => {
-                let (db, node, stats) = (self.db.clone(), self.node.clone(), self.stats.clone());
-                tokio::spawn(async move {
-                    if own_command(&db, &stats, &device, &cid).await {
-                        propose_logged(&node, Op::CommandAccepted { cid }).await;
-                    }
-                });
-            }
-            DevicePublish::Result { cid } => {
-                let msg = match crate::limits::parse_value("a command result", &payload)
-                    .map_err(|e| e.to_string())
-                    .and_then(|v| {
-                        serde_json::from_value::<CommandResultMessage>(v).map_err(|e| e.to_string())
-                    }) {
-                    Ok(m) => m,
-                    Err(e) => return self.ignore(&device, &format!("malformed result: {e}")),
-                };
-                let (db, node, stats) = (self.db.clone(), self.node.clone(), self.stats.clone());
-                tokio::spawn(async move {
-                    if own_command(&db, &stats, &device, &cid).await {
-                        let op = Op::CommandResult {
-                            cid,
-                            succeeded: msg.status == ResultStatus::Succeeded,
-                            output: msg.output,
-                        };
-                        propose_logged(&node, op).await;
-                    }
-                });
-            }
-        }
-    }
-
-    fn flush_reports(&mut self, done: &mpsc::UnboundedSender<String>) {
-        for (device, p) in self.reports.iter_mut() {
-            if p.inflight || p.patches.is_empty() {
-                continue;
-            }
-            p.inflight = true;
-            let patches = std::mem::take(&mut p.patches);
-            let (node, device, done) = (self.node.clone(), device.clone(), done.clone());
-            self.stats
-                .report_proposals
-                .fetch_add(patches.len() as u64, Ordering::Relaxed);
-            tokio::spawn(async move {
-                for patch in patches {
-                    let op = Op::ReportState {
-                        device: device.clone(),
-                        patch,
-                    };
-                    propose_logged(&node, op).await;
-                }
-                let _ = done.send(device);
-            });
-        }
-        self.reports
-            .retain(|_, p| p.inflight || !p.patches.is_empty());
-    }
-
-    fn on_state(&mut self, ev: Event, shadows: &ShadowOutbox) {
-        match ev.kind.as_str() {
-            "command.issued" => {
-                let Ok(cmd) = serde_json::from_value::<Command>(ev.data) else {
-                    return;
-                };
+    fn on_change(&mut self, change: Change, shadows: &ShadowOutbox) {
+        match change {
+            Change::Command(CommandStep::Issued, cmd) => {
                 let Some(s) = self.sessions.get(&cmd.device) else {
                     return;
                 };
@@ -475,39 +365,46 @@ impl Manager {
                     propose_logged(&node, op).await;
                 });
             }
-            kind @ ("shadow.desired" | "shadow.reported") => {
-                // The event carries the change; the documents are read from
-                // the state (by one task, in order: see `ShadowOutbox`).
-                let Some(device) = ev.data.get("device").and_then(Value::as_str) else {
-                    return;
-                };
+            Change::Shadow { side, device, .. } => {
+                // The change is the patch; the documents are read from the
+                // state (by one task, in order: see `ShadowOutbox`).
                 // Only what the device subscribed to here.
-                if let Some(s) = self.sessions.get(device) {
-                    let desired = kind == "shadow.desired" && s.wants(&desired_topic(device));
-                    let delta = s.wants(&delta_topic(device));
+                if let Some(s) = self.sessions.get(&device) {
+                    let desired = side == ShadowSide::Desired && s.wants(&desired_topic(&device));
+                    let delta = s.wants(&delta_topic(&device));
                     if desired || delta {
-                        shadows.push(device, desired, delta);
+                        shadows.push(&device, desired, delta);
                     }
                 }
             }
-            "device.registered" => {
-                if let Some(id) = ev.data.get("id").and_then(Value::as_str) {
-                    self.auth.invalidate(id);
-                }
+            Change::Presence { device, epoch }
+                if device.online && device.gateway != Some(self.node_id) =>
+            {
+                // The device logged in on another gateway since: one client
+                // id, one session, wherever it connects.
+                self.endpoint
+                    .registry
+                    .taken_over_elsewhere(&device.id, epoch);
             }
-            kind @ ("device.secret_rotated" | "device.deleted") => {
-                let Some(id) = ev.data.get("id").and_then(Value::as_str) else {
-                    return;
-                };
-                self.auth.invalidate(id);
-                if kind == "device.deleted" {
-                    // Its session here ends now, whatever it logged in with.
-                    self.endpoint.registry.revoke(id, None);
-                    return;
-                }
+            Change::DeviceRegistered(d) => self.auth.invalidate(&d.id),
+            Change::DeviceUpdated(d) => {
+                // Its certificate fingerprint may have changed: a session
+                // that logged in with another certificate ends.
+                self.auth.invalidate(&d.id);
+                self.endpoint
+                    .registry
+                    .revoke_certificate(&d.id, d.cert_sha256.as_deref());
+            }
+            Change::DeviceDeleted { id } => {
+                self.auth.invalidate(&id);
+                // Its session here ends now, whatever it logged in with.
+                self.endpoint.registry.revoke(&id, None);
+            }
+            Change::SecretRotated { id } => {
+                self.auth.invalidate(&id);
                 // A session that logged in with the old secret ends; one
                 // that already uses the new secret stays.
-                let (db, endpoint, id) = (self.db.clone(), self.endpoint.clone(), id.to_string());
+                let (db, endpoint) = (self.db.clone(), self.endpoint.clone());
                 tokio::spawn(async move {
                     match db.device_secret_hash(&id).await {
                         Ok(Some(hash)) => endpoint.registry.revoke(&id, Some(&hash)),
@@ -519,9 +416,7 @@ impl Manager {
                     }
                 });
             }
-            "gateway.sessions_lost"
-                if ev.data.get("gateway").and_then(Value::as_u64) == Some(self.node_id) =>
-            {
+            Change::SessionsLost { gateway, .. } if gateway == self.node_id => {
                 // The leader gave up on us while our sessions lived on: say
                 // again that they are here.
                 tracing::warn!("this gateway's sessions were declared lost; announcing them again");
@@ -577,39 +472,12 @@ async fn publish_shadows(db: Arc<StateDb>, out: Arc<Shared>, outbox: Arc<ShadowO
     }
 }
 
-/// Composes merge patch `next` into `acc` so that applying `acc` equals
-/// applying both in turn. Returns false (leaving `acc` unchanged) when that
-/// cannot be done exactly: `next` merges an object into a key that `acc`
-/// replaces with a non-object (or removes).
-fn compose(acc: &mut Value, next: &Value) -> bool {
-    fn exact(acc: &Map<String, Value>, next: &Map<String, Value>) -> bool {
-        next.iter().all(|(k, v)| match (acc.get(k), v) {
-            (Some(Value::Object(a)), Value::Object(n)) => exact(a, n),
-            (Some(_), Value::Object(_)) => false,
-            _ => true,
-        })
-    }
-    fn merge(acc: &mut Map<String, Value>, next: &Map<String, Value>) {
-        for (k, v) in next {
-            match (acc.get_mut(k), v) {
-                (Some(Value::Object(a)), Value::Object(n)) => merge(a, n),
-                _ => {
-                    acc.insert(k.clone(), v.clone());
-                }
-            }
-        }
-    }
-    match (acc, next) {
-        (Value::Object(a), Value::Object(n)) if exact(a, n) => {
-            merge(a, n);
-            true
-        }
-        _ => false,
-    }
-}
-
 /// Proposes presence `online`, again whenever asked, and `offline` once the
 /// session ended — all from one task, so they commit in this order.
+///
+/// The task lives as long as the session; the proposals are boxed, so
+/// that while it waits (nearly always) it holds a small future rather than
+/// the largest state of a proposal.
 async fn presence_task(
     node: Node<OpResult>,
     device: String,
@@ -626,110 +494,18 @@ async fn presence_task(
     };
     let mut ended = Ended::new(ended);
     loop {
-        propose_retrying(&node, op(true), Some(&mut ended)).await;
+        Box::pin(propose_retrying(&node, op(true), Some(&mut ended))).await;
         tokio::select! {
             _ = ended.wait() => break,
             _ = reannounce.notified() => {}
         }
     }
-    propose_retrying(&node, op(false), None).await;
-}
-
-/// Resolves once a session ended — and again every time it is awaited
-/// after that (a oneshot receiver may be awaited only until it completes).
-struct Ended {
-    rx: oneshot::Receiver<()>,
-    done: bool,
-}
-
-impl Ended {
-    fn new(rx: oneshot::Receiver<()>) -> Ended {
-        Ended { rx, done: false }
-    }
-
-    async fn wait(&mut self) {
-        if !self.done {
-            // The sender is dropped when the session ends: either way it ended.
-            let _ = (&mut self.rx).await;
-            self.done = true;
-        }
-    }
-}
-
-/// Proposes `op` until it commits, `PROPOSAL_ATTEMPTS` failures (about
-/// 35 s with the backoff), or (between attempts) `stop` resolved. A device's
-/// message was acknowledged (PUBACK) when it arrived, so what it says must not
-/// be dropped because an election was running: every operation proposed
-/// here is idempotent (presence by epoch, command steps by state, a
-/// reported-state merge patch), so a retry after an unknown outcome is safe.
-async fn propose_retrying(node: &Node<OpResult>, op: Op, mut stop: Option<&mut Ended>) {
-    // Over a limit: refused before proposing, and the answer never changes.
-    if let Err(e) = crate::limits::check_op(&op) {
-        tracing::warn!(error = %e, kind = op.kind(), "MQTT-originated proposal refused");
-        return;
-    }
-    let mut backoff = Duration::from_millis(50);
-    for attempt in 1..=PROPOSAL_ATTEMPTS {
-        match crate::propose(node, op.clone()).await {
-            Ok((_, OpResult::NotFound(what) | OpResult::Conflict(what))) => {
-                tracing::info!("MQTT-originated proposal refused: {what}");
-                return;
-            }
-            Ok((_, OpResult::TooLarge(what))) => {
-                tracing::warn!("MQTT-originated proposal refused: {what}");
-                return;
-            }
-            Ok(_) => return,
-            // Stopping: what is still being proposed is abandoned (quietly;
-            // a fatal node error is logged once by the node itself).
-            Err(e @ (NodeError::Shutdown | NodeError::Fatal(_))) => {
-                tracing::debug!(error = %e, kind = op.kind(), "MQTT-originated proposal abandoned");
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, attempt, kind = op.kind(), "proposal failed; retrying");
-            }
-        }
-        let stopped = async {
-            match stop.as_deref_mut() {
-                Some(s) => s.wait().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stopped => return,
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-    tracing::warn!(?op, "giving up on an MQTT-originated proposal");
+    Box::pin(propose_retrying(&node, op(false), None)).await;
 }
 
 /// [`propose_retrying`] with nothing to stop it early.
 async fn propose_logged(node: &Node<OpResult>, op: Op) {
     propose_retrying(node, op, None).await;
-}
-
-/// Whether command `cid` exists and belongs to `device` (else it is
-/// ignored, logged and counted).
-async fn own_command(db: &StateDb, stats: &MqttStats, device: &str, cid: &str) -> bool {
-    let ok = match db.command(cid).await {
-        Ok(Some(c)) => c.device == device,
-        Ok(None) => false,
-        Err(e) => {
-            tracing::warn!(error = %e, "reading a command for an MQTT message");
-            return false;
-        }
-    };
-    if !ok {
-        stats.ignored_messages.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            device,
-            cid,
-            "MQTT message ignored: no such command for this device"
-        );
-    }
-    ok
 }
 
 fn publish_command(out: &Shared, stats: &MqttStats, c: &Command) {
@@ -829,32 +605,31 @@ async fn deliver_pending_commands(
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use std::sync::Arc;
 
-    use super::compose;
-    use crate::state::merge::merge_patch;
+    use coordinator::node::Node;
+    use tokio::sync::{Notify, oneshot};
 
+    use super::presence_task;
+    use crate::ops::OpResult;
+
+    /// The size of the future an async fn taking six arguments returns
+    /// (without calling it).
+    fn future_size<A, B, C, D, E, G, F: std::future::Future>(
+        _: impl FnOnce(A, B, C, D, E, G) -> F,
+    ) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// A session's presence task waits for as long as the session lives;
+    /// its proposals are boxed, so the waiting future is small (it was
+    /// about 1.3 KiB with a proposal's largest state in it).
     #[test]
-    fn composed_patches_apply_like_the_sequence() {
-        let cases = [
-            (json!({"a": 1}), json!({"b": 2})),
-            (json!({"a": {"x": 1}}), json!({"a": {"y": null}, "c": null})),
-            (json!({"a": null}), json!({"a": 3})),
-            (json!({"a": {"x": {"y": 1}}}), json!({"a": {"x": {"z": 2}}})),
-        ];
-        let base = json!({"a": {"x": 0, "y": 9}, "c": 1});
-        for (p1, p2) in cases {
-            let mut acc = p1.clone();
-            assert!(compose(&mut acc, &p2), "{p1} then {p2}");
-            let mut seq = base.clone();
-            merge_patch(&mut seq, &p1);
-            merge_patch(&mut seq, &p2);
-            let mut one = base.clone();
-            merge_patch(&mut one, &acc);
-            assert_eq!(seq, one, "{p1} then {p2}");
-        }
-        let mut acc = json!({"a": null});
-        assert!(!compose(&mut acc, &json!({"a": {"b": 1}})));
-        assert_eq!(acc, json!({"a": null}));
+    fn a_presence_task_is_small() {
+        let size =
+            future_size::<Node<OpResult>, String, u64, u64, oneshot::Receiver<()>, Arc<Notify>, _>(
+                presence_task,
+            );
+        assert!(size <= 512, "a presence task's future is {size} bytes");
     }
 }

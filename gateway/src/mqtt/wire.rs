@@ -37,6 +37,12 @@ pub(crate) struct ConnectInfo {
     pub(crate) has_will: bool,
     /// The client's Receive Maximum (MQTT 5; 3.1.1 clients get the default).
     pub(crate) receive_max: u16,
+    /// The largest packet the client takes (MQTT 5's Maximum Packet Size;
+    /// `None`: no limit but the protocol's).
+    pub(crate) max_packet: Option<u32>,
+    /// MQTT 5's Session Expiry Interval (seconds; 0 when absent: the
+    /// session ends with the connection). 3.1.1 clients: 0.
+    pub(crate) session_expiry: u32,
 }
 
 /// A packet from a device.
@@ -62,9 +68,18 @@ pub(crate) enum Incoming {
         filters: Vec<String>,
     },
     PingReq,
-    Disconnect,
+    /// The device said goodbye; an MQTT 5 device may change its Session
+    /// Expiry Interval with it.
+    Disconnect {
+        session_expiry: Option<u32>,
+    },
     /// A packet only a server sends (CONNACK, SUBACK, …) or AUTH.
     Unexpected(&'static str),
+    /// An MQTT 5 feature the endpoint told the client (in its CONNACK) it
+    /// does not support: a protocol error, ending the session with this
+    /// reason (retained messages 0x9A, QoS 2 0x9B, topic aliases 0x94,
+    /// shared subscriptions 0x9E, subscription identifiers 0xA1).
+    Unsupported(CloseReason),
 }
 
 /// Why bytes could not be read as a packet.
@@ -116,6 +131,38 @@ pub(crate) enum CloseReason {
     Malformed,
     /// A packet over the size limit (0x95).
     TooLarge,
+    /// What the device sent could not be committed in time (0x89, server
+    /// busy): it was not acknowledged, and the device sends it again when
+    /// it reconnects.
+    NotCommitted,
+    /// A retained message: Retain Available is 0 (0x9A).
+    RetainNotSupported,
+    /// A QoS 2 message: Maximum QoS is 1 (0x9B).
+    QosNotSupported,
+    /// A topic alias: Topic Alias Maximum is 0 (0x94).
+    TopicAliasInvalid,
+    /// A shared subscription: Shared Subscription Available is 0 (0x9E).
+    SharedNotSupported,
+    /// A subscription identifier: Subscription Identifiers Available is 0
+    /// (0xA1).
+    SubscriptionIdsNotSupported,
+}
+
+/// How the endpoint answers a device's QoS 1 or 2 message once its fate is
+/// known: the reason code of an MQTT 5 PUBACK or PUBREC (MQTT 3.1.1 has
+/// none: every answer is a plain acknowledgement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AckCode {
+    /// What the message causes is committed, or it changes nothing (a
+    /// duplicate) (0x00).
+    Success,
+    /// Refused for good: no such command for this device, or the device is
+    /// gone (0x83, implementation specific error).
+    Refused,
+    /// Over a size limit (0x97, quota exceeded).
+    TooLarge,
+    /// Not the JSON its topic calls for (0x99, payload format invalid).
+    Malformed,
 }
 
 /// A packet to a device.
@@ -124,6 +171,9 @@ pub(crate) enum Outgoing<'a> {
     ConnAck {
         refusal: Option<Refusal>,
         session_present: bool,
+        /// MQTT 5's Server Keep Alive: the keep-alive the client must use
+        /// instead of the one it asked for.
+        server_keep_alive: Option<u16>,
     },
     Publish {
         topic: &'a str,
@@ -131,17 +181,20 @@ pub(crate) enum Outgoing<'a> {
         qos: u8,
         pkid: u16,
     },
-    PubAck(u16),
-    PubRec(u16),
+    PubAck(u16, AckCode),
+    PubRec(u16, AckCode),
     PubComp(u16),
-    /// Per filter: the granted QoS, or `None` for a refused filter.
+    /// Per filter: the granted QoS, or `None` for a filter refused for
+    /// the session's quota of filters (3.1.1: 0x80, MQTT 5: 0x97).
     SubAck {
         pkid: u16,
         granted: &'a [Option<u8>],
     },
+    /// Per filter: whether the session held it (MQTT 5: 0x00, else 0x11
+    /// "no subscription existed"; 3.1.1 UNSUBACK has no codes).
     UnsubAck {
         pkid: u16,
-        count: usize,
+        existed: &'a [bool],
     },
     PingResp,
     /// Written for MQTT 5 only (3.1.1 has no server DISCONNECT).
@@ -250,6 +303,8 @@ fn read_v4(buf: &mut BytesMut, max: usize) -> Result<Incoming, ReadError> {
                 clean: c.clean_session,
                 has_will: c.last_will.is_some(),
                 receive_max: u16::MAX,
+                max_packet: None,
+                session_expiry: 0,
             }))
         }
         v4::Packet::Publish(p) => Incoming::Publish {
@@ -274,7 +329,9 @@ fn read_v4(buf: &mut BytesMut, max: usize) -> Result<Incoming, ReadError> {
             filters: u.topics,
         },
         v4::Packet::PingReq => Incoming::PingReq,
-        v4::Packet::Disconnect => Incoming::Disconnect,
+        v4::Packet::Disconnect => Incoming::Disconnect {
+            session_expiry: None,
+        },
         v4::Packet::ConnAck(_) => Incoming::Unexpected("CONNACK"),
         v4::Packet::SubAck(_) => Incoming::Unexpected("SUBACK"),
         v4::Packet::UnsubAck(_) => Incoming::Unexpected("UNSUBACK"),
@@ -295,12 +352,14 @@ fn read_v5(buf: &mut BytesMut, max: usize) -> Result<Incoming, ReadError> {
     Ok(match packet {
         v5::Packet::Connect(c, will, login) => {
             let (username, password) = login.map(|l| (l.username, l.password)).unwrap_or_default();
-            let receive_max = c
-                .properties
-                .as_ref()
+            let props = c.properties.as_ref();
+            let receive_max = props
                 .and_then(|p| p.receive_maximum)
                 .filter(|&m| m > 0)
                 .unwrap_or(u16::MAX);
+            if props.and_then(|p| p.max_packet_size) == Some(0) {
+                return Err(ReadError::Malformed("a Maximum Packet Size of 0".into()));
+            }
             Incoming::Connect(Box::new(ConnectInfo {
                 client_id: c.client_id,
                 username,
@@ -309,7 +368,23 @@ fn read_v5(buf: &mut BytesMut, max: usize) -> Result<Incoming, ReadError> {
                 clean: c.clean_start,
                 has_will: will.is_some(),
                 receive_max,
+                max_packet: props.and_then(|p| p.max_packet_size),
+                session_expiry: props.and_then(|p| p.session_expiry_interval).unwrap_or(0),
             }))
+        }
+        // What the CONNACK said is not available is a protocol error.
+        v5::Packet::Publish(p) if p.retain => {
+            Incoming::Unsupported(CloseReason::RetainNotSupported)
+        }
+        v5::Packet::Publish(p) if p.qos == V5QoS::ExactlyOnce => {
+            Incoming::Unsupported(CloseReason::QosNotSupported)
+        }
+        v5::Packet::Publish(p)
+            if p.properties
+                .as_ref()
+                .is_some_and(|pr| pr.topic_alias.is_some()) =>
+        {
+            Incoming::Unsupported(CloseReason::TopicAliasInvalid)
         }
         v5::Packet::Publish(p) => Incoming::Publish {
             topic: String::from_utf8(p.topic.to_vec())
@@ -318,6 +393,12 @@ fn read_v5(buf: &mut BytesMut, max: usize) -> Result<Incoming, ReadError> {
             qos: v5_qos(p.qos),
             pkid: p.pkid,
         },
+        v5::Packet::Subscribe(s) if s.properties.as_ref().is_some_and(|p| p.id.is_some()) => {
+            Incoming::Unsupported(CloseReason::SubscriptionIdsNotSupported)
+        }
+        v5::Packet::Subscribe(s) if s.filters.iter().any(|f| f.path.starts_with("$share/")) => {
+            Incoming::Unsupported(CloseReason::SharedNotSupported)
+        }
         v5::Packet::PubAck(a) => Incoming::PubAck(a.pkid),
         v5::Packet::PubRel(r) => Incoming::PubRel(r.pkid),
         v5::Packet::PubRec(_) | v5::Packet::PubComp(_) => Incoming::Ignored,
@@ -334,7 +415,9 @@ fn read_v5(buf: &mut BytesMut, max: usize) -> Result<Incoming, ReadError> {
             filters: u.filters,
         },
         v5::Packet::PingReq(_) => Incoming::PingReq,
-        v5::Packet::Disconnect(_) => Incoming::Disconnect,
+        v5::Packet::Disconnect(d) => Incoming::Disconnect {
+            session_expiry: d.properties.and_then(|p| p.session_expiry_interval),
+        },
         v5::Packet::ConnAck(_) => Incoming::Unexpected("CONNACK"),
         v5::Packet::SubAck(_) => Incoming::Unexpected("SUBACK"),
         v5::Packet::UnsubAck(_) => Incoming::Unexpected("UNSUBACK"),
@@ -366,6 +449,28 @@ fn v5_code(r: Option<Refusal>) -> v5::ConnectReturnCode {
     }
 }
 
+/// The Reason String sent with an MQTT 5 DISCONNECT (at most 100 bytes).
+fn reason_text(r: CloseReason) -> &'static str {
+    match r {
+        CloseReason::TakenOver => "another connection with this client id took the session over",
+        CloseReason::Revoked => "the device was deleted, disabled or its credentials changed",
+        CloseReason::ShuttingDown => "the gateway is shutting down",
+        CloseReason::UseAnotherServer => "this gateway is not serving devices; connect to another",
+        CloseReason::KeepAliveTimeout => "no packet within 1.5 times the keep-alive",
+        CloseReason::SlowConsumer => "too many messages waiting for this device",
+        CloseReason::ProtocolError => "protocol error",
+        CloseReason::NotAuthorized => "a topic outside this device's own",
+        CloseReason::Malformed => "malformed packet",
+        CloseReason::TooLarge => "packet larger than the maximum packet size",
+        CloseReason::NotCommitted => "a message could not be committed in time; send it again",
+        CloseReason::RetainNotSupported => "retained messages are not supported",
+        CloseReason::QosNotSupported => "QoS 2 is not supported",
+        CloseReason::TopicAliasInvalid => "topic aliases are not supported",
+        CloseReason::SharedNotSupported => "shared subscriptions are not supported",
+        CloseReason::SubscriptionIdsNotSupported => "subscription identifiers are not supported",
+    }
+}
+
 fn v5_disconnect(r: CloseReason) -> v5::DisconnectReasonCode {
     use v5::DisconnectReasonCode as D;
     match r {
@@ -379,6 +484,30 @@ fn v5_disconnect(r: CloseReason) -> v5::DisconnectReasonCode {
         CloseReason::NotAuthorized => D::NotAuthorized,
         CloseReason::Malformed => D::MalformedPacket,
         CloseReason::TooLarge => D::PacketTooLarge,
+        CloseReason::NotCommitted => D::ServerBusy,
+        CloseReason::RetainNotSupported => D::RetainNotSupported,
+        CloseReason::QosNotSupported => D::QoSNotSupported,
+        CloseReason::TopicAliasInvalid => D::TopicAliasInvalid,
+        CloseReason::SharedNotSupported => D::SharedSubscriptionNotSupported,
+        CloseReason::SubscriptionIdsNotSupported => D::SubscriptionIdentifiersNotSupported,
+    }
+}
+
+fn v5_puback(c: AckCode) -> v5::PubAckReason {
+    match c {
+        AckCode::Success => v5::PubAckReason::Success,
+        AckCode::Refused => v5::PubAckReason::ImplementationSpecificError,
+        AckCode::TooLarge => v5::PubAckReason::QuotaExceeded,
+        AckCode::Malformed => v5::PubAckReason::PayloadFormatInvalid,
+    }
+}
+
+fn v5_pubrec(c: AckCode) -> v5::PubRecReason {
+    match c {
+        AckCode::Success => v5::PubRecReason::Success,
+        AckCode::Refused => v5::PubRecReason::ImplementationSpecificError,
+        AckCode::TooLarge => v5::PubRecReason::QuotaExceeded,
+        AckCode::Malformed => v5::PubRecReason::PayloadFormatInvalid,
     }
 }
 
@@ -400,6 +529,7 @@ fn write_v4(packet: Outgoing<'_>, out: &mut BytesMut) -> Result<usize, String> {
         Outgoing::ConnAck {
             refusal,
             session_present,
+            ..
         } => v4::ConnAck::new(v4_code(refusal), session_present && refusal.is_none())
             .write(out)
             .map_err(e),
@@ -419,8 +549,9 @@ fn write_v4(packet: Outgoing<'_>, out: &mut BytesMut) -> Result<usize, String> {
             };
             p.write(out).map_err(e)
         }
-        Outgoing::PubAck(pkid) => v4::PubAck::new(pkid).write(out).map_err(e),
-        Outgoing::PubRec(pkid) => v4::PubRec::new(pkid).write(out).map_err(e),
+        // 3.1.1 acknowledgements carry no reason: every answer is one.
+        Outgoing::PubAck(pkid, _) => v4::PubAck::new(pkid).write(out).map_err(e),
+        Outgoing::PubRec(pkid, _) => v4::PubRec::new(pkid).write(out).map_err(e),
         Outgoing::PubComp(pkid) => v4::PubComp::new(pkid).write(out).map_err(e),
         Outgoing::SubAck { pkid, granted } => {
             let codes = granted
@@ -444,6 +575,7 @@ fn write_v5(packet: Outgoing<'_>, adv: Advertised, out: &mut BytesMut) -> Result
         Outgoing::ConnAck {
             refusal,
             session_present,
+            server_keep_alive,
         } => {
             let properties = refusal.is_none().then(|| v5::ConnAckProperties {
                 receive_max: Some(adv.receive_max),
@@ -458,7 +590,7 @@ fn write_v5(packet: Outgoing<'_>, adv: Advertised, out: &mut BytesMut) -> Result
                 assigned_client_identifier: None,
                 reason_string: None,
                 user_properties: Vec::new(),
-                server_keep_alive: None,
+                server_keep_alive,
                 response_information: None,
                 server_reference: None,
                 authentication_method: None,
@@ -488,15 +620,27 @@ fn write_v5(packet: Outgoing<'_>, adv: Advertised, out: &mut BytesMut) -> Result
         }
         .write(out)
         .map_err(e),
-        Outgoing::PubAck(pkid) => v5::PubAck::new(pkid, None).write(out).map_err(e),
-        Outgoing::PubRec(pkid) => v5::PubRec::new(pkid, None).write(out).map_err(e),
+        Outgoing::PubAck(pkid, code) => v5::PubAck {
+            pkid,
+            reason: v5_puback(code),
+            properties: None,
+        }
+        .write(out)
+        .map_err(e),
+        Outgoing::PubRec(pkid, code) => v5::PubRec {
+            pkid,
+            reason: v5_pubrec(code),
+            properties: None,
+        }
+        .write(out)
+        .map_err(e),
         Outgoing::PubComp(pkid) => v5::PubComp::new(pkid, None).write(out).map_err(e),
         Outgoing::SubAck { pkid, granted } => {
             let return_codes = granted
                 .iter()
                 .map(|g| match g {
                     Some(q) => v5::SubscribeReasonCode::Success(v5_qos_of(*q)),
-                    None => v5::SubscribeReasonCode::NotAuthorized,
+                    None => v5::SubscribeReasonCode::QuotaExceeded,
                 })
                 .collect();
             v5::SubAck {
@@ -507,9 +651,18 @@ fn write_v5(packet: Outgoing<'_>, adv: Advertised, out: &mut BytesMut) -> Result
             .write(out)
             .map_err(e)
         }
-        Outgoing::UnsubAck { pkid, count } => v5::UnsubAck {
+        Outgoing::UnsubAck { pkid, existed } => v5::UnsubAck {
             pkid,
-            reasons: vec![v5::UnsubAckReason::Success; count],
+            reasons: existed
+                .iter()
+                .map(|&e| {
+                    if e {
+                        v5::UnsubAckReason::Success
+                    } else {
+                        v5::UnsubAckReason::NoSubscriptionExisted
+                    }
+                })
+                .collect(),
             properties: None,
         }
         .write(out)
@@ -518,9 +671,25 @@ fn write_v5(packet: Outgoing<'_>, adv: Advertised, out: &mut BytesMut) -> Result
         // Written here: rumqttc's encoder gets the remaining length of a
         // DISCONNECT with a reason code wrong (with or without properties).
         // Reason code, then an empty property list.
+        // The properties carry a Reason String: clients log it, and
+        // paho-mqtt 2.1 reads the reason code only from a DISCONNECT
+        // longer than two bytes.
         Outgoing::Disconnect(reason) => {
-            out.extend_from_slice(&[0xE0, 0x02, v5_disconnect(reason) as u8, 0x00]);
-            Ok(4)
+            let text = reason_text(reason).as_bytes();
+            // Every text is short: all lengths fit in one byte.
+            let props = 3 + text.len();
+            let remaining = 2 + props;
+            out.extend_from_slice(&[
+                0xE0,
+                remaining as u8,
+                v5_disconnect(reason) as u8,
+                props as u8,
+                0x1F,
+                0x00,
+                text.len() as u8,
+            ]);
+            out.extend_from_slice(text);
+            Ok(2 + remaining)
         }
     }
 }
@@ -593,14 +762,17 @@ mod tests {
                     &mut out,
                 );
                 let mut copy = out.clone();
-                assert_eq!(
-                    v5::Packet::read(&mut copy, None).ok(),
-                    Some(v5::Packet::Disconnect(v5::Disconnect {
-                        reason_code: v5::DisconnectReasonCode::SessionTakenOver,
-                        properties: None,
-                    })),
-                    "{out:?}"
-                );
+                match v5::Packet::read(&mut copy, None) {
+                    Ok(v5::Packet::Disconnect(d)) => {
+                        assert_eq!(d.reason_code, v5::DisconnectReasonCode::SessionTakenOver);
+                        assert_eq!(
+                            d.properties.and_then(|p| p.reason_string).as_deref(),
+                            Some(reason_text(CloseReason::TakenOver)),
+                            "{out:?}"
+                        );
+                    }
+                    other => panic!("{other:?}: {out:?}"),
+                }
                 assert!(copy.is_empty(), "exactly one packet: {out:?}");
                 out.clear();
             }

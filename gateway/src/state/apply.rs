@@ -4,12 +4,13 @@ use std::collections::BTreeMap;
 
 use coordinator::node::Committed;
 use coordinator::raft::Index;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::{Connection, SqliteConnection};
 
+use super::change::{Change, CommandStep, ShadowSide};
 use super::rows::{
     db_int, load_applied_index, load_command, load_device, load_shadow, store_applied_index,
-    to_json_text, to_json_value,
+    to_json_text,
 };
 use super::{EVENTS_RETAINED, StateDb, StateError};
 use crate::limits::{self, MAX_DOCUMENT_BYTES};
@@ -41,6 +42,7 @@ impl StateDb {
         let mut mark = start;
         let mut results = Vec::with_capacity(entries.len());
         let mut events = Vec::new();
+        let mut changes = Vec::new();
         for entry in &entries {
             if entry.index <= mark {
                 results.push(OpResult::Ignored);
@@ -54,7 +56,10 @@ impl StateDb {
                     // gateway cannot read (a newer version's format, or
                     // damage) must stop it, not be skipped — skipping would
                     // make its state differ from its peers' for good.
-                    // Nothing of this batch is committed.
+                    // Nothing of this batch is committed: rolled back
+                    // here, not left to the transaction's drop (which
+                    // finishes later, holding the write lock meanwhile).
+                    tx.rollback().await?;
                     return Err(StateError::Corrupt(format!(
                         "committed entry {} cannot be decoded by this gateway ({}; this gateway \
                          reads entry format {}): {e}; it stops here — upgrade it to the version \
@@ -65,13 +70,15 @@ impl StateDb {
                     )));
                 }
             };
-            let (result, data) = apply_op(&mut tx, proposal.ts_ms, &proposal.op).await?;
-            if let Some(data) = data {
+            let (result, change) = apply_op(&mut tx, proposal.ts_ms, &proposal.op).await?;
+            if let Some(change) = change {
+                debug_assert_eq!(change.kind(), proposal.op.kind());
                 events.push(Event {
                     index: entry.index,
-                    kind: proposal.op.kind().to_string(),
-                    data,
+                    kind: change.kind().to_string(),
+                    data: change.data()?,
                 });
+                changes.push(change);
             }
             results.push(result);
         }
@@ -100,8 +107,11 @@ impl StateDb {
         tx.commit().await?;
         drop(writer);
         self.applied.send_replace(new_applied);
+        // No subscriber is fine.
+        for change in changes {
+            let _ = self.changes.send(change);
+        }
         for ev in events {
-            // No subscriber is fine.
             let _ = self.events.send(ev);
         }
         Ok(results)
@@ -109,8 +119,8 @@ impl StateDb {
 }
 
 /// What one operation did: its result and, if it changed something, the
-/// event data.
-type Applied = (OpResult, Option<Value>);
+/// change (which the public event renders).
+type Applied = (OpResult, Option<Change>);
 
 fn not_found_device(id: &str) -> Applied {
     (OpResult::NotFound(format!("device {id}")), None)
@@ -155,14 +165,35 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             secret_hash,
             labels,
             attributes,
-        } => register_device(conn, ts, id, secret_hash, labels, attributes).await,
+            cert_sha256,
+        } => {
+            let device = NewDeviceRow {
+                id,
+                secret_hash,
+                labels,
+                attributes,
+                cert_sha256: cert_sha256.as_deref(),
+            };
+            register_device(conn, ts, device).await
+        }
         Op::UpdateDevice {
             id,
             labels,
             attributes,
+            cert_sha256,
         } => {
             if load_device(conn, id).await?.is_none() {
                 return Ok(not_found_device(id));
+            }
+            if let Some(cert) = cert_sha256 {
+                if let Some(conflict) = cert_taken(conn, cert.as_deref(), id).await? {
+                    return Ok(conflict);
+                }
+                sqlx::query("UPDATE devices SET cert_sha256 = ? WHERE id = ?")
+                    .bind(cert.as_deref())
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await?;
             }
             if let Some(labels) = labels {
                 sqlx::query("UPDATE devices SET labels = ? WHERE id = ?")
@@ -180,7 +211,7 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
                     .await?;
             }
             touch_device(conn, id, ts).await?;
-            device_changed(conn, id).await
+            device_changed(conn, id, Change::DeviceUpdated).await
         }
         Op::DeleteDevice { id } => {
             if load_device(conn, id).await?.is_none() {
@@ -196,7 +227,10 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             ] {
                 sqlx::query(sql).bind(id).execute(&mut *conn).await?;
             }
-            Ok((OpResult::Done, Some(json!({ "id": id }))))
+            Ok((
+                OpResult::Done,
+                Some(Change::DeviceDeleted { id: id.clone() }),
+            ))
         }
         Op::RotateSecret { id, secret_hash } => {
             if load_device(conn, id).await?.is_none() {
@@ -209,7 +243,10 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
                 .execute(&mut *conn)
                 .await?;
             let device = must_device(conn, id).await?;
-            Ok((OpResult::Device(device), Some(json!({ "id": id }))))
+            Ok((
+                OpResult::Device(device),
+                Some(Change::SecretRotated { id: id.clone() }),
+            ))
         }
         Op::IssueCommand {
             cid,
@@ -238,7 +275,7 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             if cmd.status != CommandStatus::Queued {
                 return Ok((OpResult::Ignored, None));
             }
-            transition(conn, ts, cid, CommandStatus::Sent, None).await
+            transition(conn, ts, cid, CommandStatus::Sent, None, CommandStep::Sent).await
         }
         Op::CommandAccepted { cid } => {
             let Some(cmd) = load_command(conn, cid).await? else {
@@ -247,7 +284,8 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             if !matches!(cmd.status, CommandStatus::Queued | CommandStatus::Sent) {
                 return Ok((OpResult::Ignored, None));
             }
-            transition(conn, ts, cid, CommandStatus::Accepted, None).await
+            let step = CommandStep::Accepted;
+            transition(conn, ts, cid, CommandStatus::Accepted, None, step).await
         }
         Op::CommandResult {
             cid,
@@ -265,7 +303,7 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             } else {
                 CommandStatus::Failed
             };
-            transition(conn, ts, cid, status, Some(output)).await
+            transition(conn, ts, cid, status, Some(output), CommandStep::Result).await
         }
         Op::CancelCommand { cid } => {
             let Some(cmd) = load_command(conn, cid).await? else {
@@ -277,7 +315,8 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
                     None,
                 ));
             }
-            transition(conn, ts, cid, CommandStatus::Canceled, None).await
+            let step = CommandStep::Canceled;
+            transition(conn, ts, cid, CommandStatus::Canceled, None, step).await
         }
         Op::ExpireCommands { cids } => {
             let mut expired = Vec::new();
@@ -294,10 +333,7 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             if expired.is_empty() {
                 return Ok((OpResult::Ignored, None));
             }
-            Ok((
-                OpResult::Done,
-                Some(json!({ "commands": to_json_value(&expired)? })),
-            ))
+            Ok((OpResult::Done, Some(Change::CommandsExpired(expired))))
         }
         Op::SetDesired {
             device,
@@ -339,8 +375,8 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             .bind(device)
             .execute(&mut *conn)
             .await?;
-            let data = shadow_change(device, sh.version, patch);
-            Ok((OpResult::Shadow(sh.into_shadow()), Some(data)))
+            let change = shadow_change(ShadowSide::Desired, device, sh.version, patch);
+            Ok((OpResult::Shadow(sh.into_shadow()), Some(change)))
         }
         Op::ReportState { device, patch } => {
             let Some(mut sh) = load_shadow(conn, device).await? else {
@@ -371,8 +407,8 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
                 .bind(device)
                 .execute(&mut *conn)
                 .await?;
-            let data = shadow_change(device, sh.version, patch);
-            Ok((OpResult::Shadow(sh.into_shadow()), Some(data)))
+            let change = shadow_change(ShadowSide::Reported, device, sh.version, patch);
+            Ok((OpResult::Shadow(sh.into_shadow()), Some(change)))
         }
         Op::Presence {
             device,
@@ -391,7 +427,10 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             .await?;
             Ok((
                 OpResult::Done,
-                Some(json!({ "id": id, "address": address })),
+                Some(Change::PeerAddress {
+                    id: *id,
+                    address: address.clone(),
+                }),
             ))
         }
         Op::GatewaySessionsLost { gateway } => {
@@ -414,7 +453,10 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             .await?;
             Ok((
                 OpResult::Done,
-                Some(json!({ "gateway": gateway, "devices": ids })),
+                Some(Change::SessionsLost {
+                    gateway: *gateway,
+                    devices: ids,
+                }),
             ))
         }
     }
@@ -434,40 +476,55 @@ async fn insert_token(
         .bind(db_int(ts))
         .execute(&mut *conn)
         .await?;
-    // The event never carries the hash.
+    // The change (and the event) never carries the hash.
     Ok((
         OpResult::Done,
-        Some(json!({ "role": role.as_str(), "name": name })),
+        Some(Change::Token {
+            role,
+            name: name.to_string(),
+        }),
     ))
+}
+
+/// A device to register (the fields of `Op::RegisterDevice`).
+struct NewDeviceRow<'a> {
+    id: &'a str,
+    secret_hash: &'a str,
+    labels: &'a BTreeMap<String, String>,
+    attributes: &'a Value,
+    cert_sha256: Option<&'a str>,
 }
 
 async fn register_device(
     conn: &mut SqliteConnection,
     ts: u64,
-    id: &str,
-    secret_hash: &str,
-    labels: &BTreeMap<String, String>,
-    attributes: &Value,
+    d: NewDeviceRow<'_>,
 ) -> Result<Applied, StateError> {
+    let id = d.id;
     if load_device(conn, id).await?.is_some() {
         return Ok((
             OpResult::Conflict(format!("device {id} already exists")),
             None,
         ));
     }
+    if let Some(conflict) = cert_taken(conn, d.cert_sha256, id).await? {
+        return Ok(conflict);
+    }
     sqlx::query(
         "INSERT INTO devices (id, secret_hash, labels, attributes, online, gateway, \
-         presence_epoch, created_at, updated_at) VALUES (?, ?, ?, ?, 0, NULL, 0, ?, ?)",
+         presence_epoch, cert_sha256, created_at, updated_at) \
+         VALUES (?, ?, ?, ?, 0, NULL, 0, ?, ?, ?)",
     )
     .bind(id)
-    .bind(secret_hash)
-    .bind(to_json_text(labels)?)
-    .bind(to_json_text(attributes)?)
+    .bind(d.secret_hash)
+    .bind(to_json_text(d.labels)?)
+    .bind(to_json_text(d.attributes)?)
+    .bind(d.cert_sha256)
     .bind(db_int(ts))
     .bind(db_int(ts))
     .execute(&mut *conn)
     .await?;
-    write_labels(conn, id, labels).await?;
+    write_labels(conn, id, d.labels).await?;
     sqlx::query(
         "INSERT INTO shadows (device, desired, reported, version, desired_updated, \
          reported_updated) VALUES (?, '{}', '{}', 0, '{}', '{}')",
@@ -475,7 +532,33 @@ async fn register_device(
     .bind(id)
     .execute(&mut *conn)
     .await?;
-    device_changed(conn, id).await
+    device_changed(conn, id, Change::DeviceRegistered).await
+}
+
+/// A conflict if a device other than `id` has the certificate fingerprint
+/// `cert` (one certificate identifies one device).
+async fn cert_taken(
+    conn: &mut SqliteConnection,
+    cert: Option<&str>,
+    id: &str,
+) -> Result<Option<Applied>, StateError> {
+    let Some(cert) = cert else {
+        return Ok(None);
+    };
+    let holder: Option<String> =
+        sqlx::query_scalar("SELECT id FROM devices WHERE cert_sha256 = ? AND id != ?")
+            .bind(cert)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(holder.map(|other| {
+        (
+            OpResult::Conflict(format!(
+                "device {other} is registered with this certificate fingerprint"
+            )),
+            None,
+        )
+    }))
 }
 
 async fn write_labels(
@@ -519,11 +602,14 @@ async fn must_command(conn: &mut SqliteConnection, cid: &str) -> Result<Command,
         .ok_or_else(|| StateError::Corrupt(format!("command {cid} vanished during apply")))
 }
 
-/// The device after a change, as result and event.
-async fn device_changed(conn: &mut SqliteConnection, id: &str) -> Result<Applied, StateError> {
+/// The device after a change, as result and change.
+async fn device_changed(
+    conn: &mut SqliteConnection,
+    id: &str,
+    change: impl FnOnce(Device) -> Change,
+) -> Result<Applied, StateError> {
     let device = must_device(conn, id).await?;
-    let data = to_json_value(&device)?;
-    Ok((OpResult::Device(device), Some(data)))
+    Ok((OpResult::Device(device.clone()), Some(change(device))))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -579,13 +665,13 @@ async fn issue_command(
     .execute(&mut *conn)
     .await?;
     let command = must_command(conn, cid).await?;
-    let data = to_json_value(&command)?;
+    let change = Change::Command(CommandStep::Issued, command.clone());
     Ok((
         OpResult::Command {
             command,
             created: true,
         },
-        Some(data),
+        Some(change),
     ))
 }
 
@@ -610,23 +696,25 @@ async fn set_status(
     Ok(())
 }
 
-/// Moves a command to `status`; the command after it is result and event.
+/// Moves a command to `status` (a `step` of its life); the command after
+/// it is result and change.
 async fn transition(
     conn: &mut SqliteConnection,
     ts: u64,
     cid: &str,
     status: CommandStatus,
     output: Option<&Value>,
+    step: CommandStep,
 ) -> Result<Applied, StateError> {
     set_status(conn, ts, cid, status, output).await?;
     let command = must_command(conn, cid).await?;
-    let data = to_json_value(&command)?;
+    let change = Change::Command(step, command.clone());
     Ok((
         OpResult::Command {
             command,
             created: false,
         },
-        Some(data),
+        Some(change),
     ))
 }
 
@@ -664,10 +752,15 @@ fn merge_within_limits(
     Ok(Ok(text))
 }
 
-/// The event of a shadow change: the patch applied and the desired version
-/// after it — the change, not the documents (read those from the shadow).
-fn shadow_change(device: &str, version: u64, patch: &Value) -> Value {
-    json!({ "device": device, "version": version, "patch": patch })
+/// A shadow change: the patch applied and the desired version after it —
+/// the change, not the documents (read those from the shadow).
+fn shadow_change(side: ShadowSide, device: &str, version: u64, patch: &Value) -> Change {
+    Change::Shadow {
+        side,
+        device: device.to_string(),
+        version,
+        patch: patch.clone(),
+    }
 }
 
 /// Records when each top-level key of `patch` changed (a `null` removes the key).
@@ -736,5 +829,6 @@ async fn presence(
             .execute(&mut *conn)
             .await?;
     }
-    device_changed(conn, device).await
+    let epoch = u64::try_from(epoch).unwrap_or_default();
+    device_changed(conn, device, |device| Change::Presence { device, epoch }).await
 }

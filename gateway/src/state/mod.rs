@@ -16,7 +16,8 @@
 //! on open.
 //!
 //! Decisions where DESIGN is silent:
-//! - Each entry that changed something yields exactly one [`Event`] (so an
+//! - Each entry that changed something yields exactly one [`Change`] on the
+//!   typed feed ([`StateDb::changes`]) and its rendering as one [`Event`] (so an
 //!   SSE `id` names one event and `Last-Event-ID` resumes exactly); an entry
 //!   that was ignored, refused or not found yields none. `command.expired`
 //!   carries `{"commands": [..]}`, `gateway.sessions_lost`
@@ -52,8 +53,10 @@ use sqlx::{Connection, SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, RwLock, broadcast, watch};
 
 use crate::ops::{Event, OpResult};
+pub use change::{Change, CommandStep, ShadowSide};
 
 mod apply;
+mod change;
 pub mod merge;
 mod queries;
 mod rows;
@@ -76,8 +79,19 @@ const POOL_SIZE: u32 = 4;
 /// Capacity of the event broadcast; a receiver that lags further gets
 /// `RecvError::Lagged` and should catch up with [`StateDb::events_since`].
 pub const EVENT_CHANNEL_CAPACITY: usize = 4096;
+/// Capacity of the change feed ([`StateDb::changes`]); a receiver that lags
+/// further gets `RecvError::Lagged` and rebuilds what it derives from the
+/// state.
+pub const CHANGE_CHANNEL_CAPACITY: usize = 4096;
 /// Events are kept for this many log indexes behind the applied index.
 pub const EVENTS_RETAINED: u64 = 100_000;
+
+/// The lowest index an event stream can resume after, at applied index
+/// `applied`: apply drops the events below `applied - EVENTS_RETAINED`, so
+/// resuming after anything lower would silently skip some.
+pub fn resumable_after(applied: Index) -> Index {
+    applied.saturating_sub(EVENTS_RETAINED).saturating_sub(1)
+}
 
 /// Why a state operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +115,15 @@ pub enum StateError {
     /// Stored data (or a snapshot image) is not what the schema says.
     #[error("corrupt state: {0}")]
     Corrupt(String),
+}
+
+/// What a device may log in with (for authenticating its MQTT sessions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceCredentials {
+    /// SHA-256 (hex) of its secret; empty if it has none.
+    pub secret_hash: String,
+    /// SHA-256 (lowercase hex) of its client certificate, if it has one.
+    pub cert_sha256: Option<String>,
 }
 
 /// Filters for listing devices.
@@ -138,6 +161,8 @@ pub struct StateDb {
     applied: watch::Sender<Index>,
     /// Events of committed batches.
     events: broadcast::Sender<Event>,
+    /// The same changes, typed, for the gateway's own consumers.
+    changes: broadcast::Sender<Change>,
     /// Counts snapshot restores (which change state without events).
     restores: watch::Sender<u64>,
     /// Numbers temp snapshot files.
@@ -257,12 +282,14 @@ impl StateDb {
         };
         let (applied, _) = watch::channel(applied);
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
+        let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
         Ok(StateDb {
             dir: dir.to_path_buf(),
             pool: RwLock::new(pool),
             writer: Mutex::new(None),
             applied,
             events,
+            changes,
             restores: watch::channel(0).0,
             tmp_seq: AtomicU64::new(0),
         })
@@ -278,9 +305,19 @@ impl StateDb {
         self.applied.subscribe()
     }
 
-    /// Events of each committed batch, in index order, sent after the commit.
+    /// Events of each committed batch, in index order, sent after the
+    /// commit: the public event stream (`GET /v1/events`).
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    /// The typed change feed: what each applied entry changed, in index
+    /// order, sent after the commit (before the same changes as events).
+    /// For the gateway's own consumers; a receiver that lagged rebuilds
+    /// from the state, as after a restore ([`StateDb::watch_restores`]),
+    /// which no change announces.
+    pub fn changes(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
     }
 
     /// A receiver that changes after every snapshot restore: state replaced

@@ -8,9 +8,9 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::rows::{
     COMMAND_COLS, DEVICE_COLS, command_from_row, db_int, device_from_row, from_db_int,
-    load_command, load_device, load_shadow, parse_json,
+    load_applied_index, load_command, load_device, load_shadow, parse_json,
 };
-use super::{DeviceFilter, Page, StateDb, StateError};
+use super::{DeviceCredentials, DeviceFilter, Page, StateDb, StateError, resumable_after};
 use crate::ops::{Command, CommandStatus, Device, Event, Role, Shadow};
 
 impl StateDb {
@@ -31,6 +31,23 @@ impl StateDb {
                 .fetch_optional(&*pool)
                 .await?,
         )
+    }
+
+    /// What a device may log in with (`None` if the device does not exist).
+    pub async fn device_credentials(
+        &self,
+        id: &str,
+    ) -> Result<Option<DeviceCredentials>, StateError> {
+        let pool = self.pool.read().await;
+        let row: Option<(String, Option<String>)> =
+            sqlx::query_as("SELECT secret_hash, cert_sha256 FROM devices WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&*pool)
+                .await?;
+        Ok(row.map(|(secret_hash, cert_sha256)| DeviceCredentials {
+            secret_hash,
+            cert_sha256,
+        }))
     }
 
     /// Devices matching `filter`, ordered by id, one page.
@@ -167,6 +184,52 @@ impl StateDb {
     /// indexes behind the applied index).
     pub async fn events_since(&self, after: Index, limit: u32) -> Result<Vec<Event>, StateError> {
         self.events_since_bounded(after, limit, usize::MAX).await
+    }
+
+    /// [`StateDb::events_since_bounded`], checked: `Err(oldest)` if events
+    /// after `after` were already dropped (see [`resumable_after`]), where
+    /// `oldest` is the lowest index a stream can still resume after. The
+    /// check and the read are one read transaction, so a prune committed
+    /// meanwhile cannot slip between them.
+    pub async fn events_since_checked(
+        &self,
+        after: Index,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<Result<Vec<Event>, Index>, StateError> {
+        use tokio_stream::StreamExt;
+        let pool = self.pool.read().await;
+        let mut tx = pool.begin().await?;
+        let applied = load_applied_index(&mut tx).await?;
+        let oldest = resumable_after(applied);
+        if after < oldest {
+            return Ok(Err(oldest));
+        }
+        let mut events = Vec::new();
+        {
+            let mut rows = sqlx::query(
+                "SELECT idx, kind, data FROM events WHERE idx > ? ORDER BY idx LIMIT ?",
+            )
+            .bind(db_int(after))
+            .bind(i64::from(limit))
+            .fetch(&mut *tx);
+            let mut bytes = 0usize;
+            while let Some(row) = rows.next().await {
+                let r = row?;
+                let data: String = r.try_get("data")?;
+                bytes = bytes.saturating_add(data.len());
+                events.push(Event {
+                    index: from_db_int(r.try_get("idx")?, "events.idx")?,
+                    kind: r.try_get("kind")?,
+                    data: parse_json(&data, "events.data")?,
+                });
+                if bytes >= max_bytes {
+                    break;
+                }
+            }
+        }
+        tx.rollback().await?;
+        Ok(Ok(events))
     }
 
     /// [`StateDb::events_since`], stopping after the event that brings the

@@ -14,7 +14,7 @@ use crate::ops::{Command, CommandStatus, Device, Shadow};
 
 /// Columns read by [`device_from_row`].
 pub(super) const DEVICE_COLS: &str =
-    "id, labels, attributes, online, gateway, created_at, updated_at";
+    "id, labels, attributes, online, gateway, cert_sha256, created_at, updated_at";
 
 /// Columns read by [`command_from_row`].
 pub(super) const COMMAND_COLS: &str = "id, device, name, params, status, output, \
@@ -67,6 +67,7 @@ pub(super) fn device_from_row(row: &SqliteRow) -> Result<Device, StateError> {
         gateway: gateway
             .map(|g| from_db_int(g, "devices.gateway"))
             .transpose()?,
+        cert_sha256: row.try_get("cert_sha256")?,
         created_at: u64_col(row, "created_at")?,
         updated_at: u64_col(row, "updated_at")?,
     })

@@ -65,6 +65,7 @@ fn register_with(id: &str, labels: &[(&str, &str)]) -> Op {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         attributes: json!({"model": "X2"}),
+        cert_sha256: None,
     }
 }
 
@@ -118,6 +119,26 @@ fn shadow_of(r: OpResult) -> Shadow {
     match r {
         OpResult::Shadow(s) => s,
         other => panic!("expected a shadow, got {other:?}"),
+    }
+}
+
+/// A registration with a certificate fingerprint.
+fn with_cert(op: Op, fingerprint: &str) -> Op {
+    match op {
+        Op::RegisterDevice {
+            id,
+            secret_hash,
+            labels,
+            attributes,
+            ..
+        } => Op::RegisterDevice {
+            id,
+            secret_hash,
+            labels,
+            attributes,
+            cert_sha256: Some(fingerprint.into()),
+        },
+        other => other,
     }
 }
 
@@ -186,11 +207,12 @@ fn workload() -> Vec<Committed> {
         },
         register_with("pump-1", &[("site", "north")]),
         register_with("pump-2", &[("site", "south")]),
-        register("valve-9"),
+        with_cert(register("valve-9"), &"ab".repeat(32)),
         Op::UpdateDevice {
             id: "pump-2".into(),
             labels: Some(BTreeMap::from([("site".into(), "north".into())])),
             attributes: None,
+            cert_sha256: Some(Some("cd".repeat(32))),
         },
         Op::RotateSecret {
             id: "pump-1".into(),
@@ -325,6 +347,7 @@ async fn device_register_update_rotate_delete() {
             id: "pump-7".into(),
             labels: None,
             attributes: Some(json!({"model": "X3"})),
+            cert_sha256: None,
         })
         .await,
     );
@@ -337,6 +360,7 @@ async fn device_register_update_rotate_delete() {
             id: "pump-7".into(),
             labels: Some(BTreeMap::from([("zone".into(), "a".into())])),
             attributes: None,
+            cert_sha256: None,
         })
         .await,
     );
@@ -357,7 +381,8 @@ async fn device_register_update_rotate_delete() {
         t.run(Op::UpdateDevice {
             id: "ghost".into(),
             labels: None,
-            attributes: None
+            attributes: None,
+            cert_sha256: None,
         })
         .await,
         OpResult::NotFound(_)
@@ -417,6 +442,61 @@ async fn device_register_update_rotate_delete() {
     assert_eq!(c.id, "c-2");
     let sh = t.db.shadow("pump-7").await.unwrap().unwrap();
     assert_eq!(sh.version, 0);
+}
+
+#[tokio::test]
+async fn device_certificates_are_registered_changed_and_unique() {
+    let mut t = Db::new().await;
+    let (a, b) = ("aa".repeat(32), "bb".repeat(32));
+    let d = device_of(t.run(with_cert(register("cam-1"), &a)).await);
+    assert_eq!(d.cert_sha256.as_deref(), Some(a.as_str()));
+    let creds = t.db.device_credentials("cam-1").await.unwrap().unwrap();
+    assert_eq!(creds.cert_sha256.as_deref(), Some(a.as_str()));
+    assert_eq!(creds.secret_hash, "hash-cam-1");
+    assert_eq!(t.db.device_credentials("ghost").await.unwrap(), None);
+    // One certificate, one device: registering or updating another device
+    // with it is a conflict that changes nothing.
+    let r = t.run(with_cert(register("cam-2"), &a)).await;
+    assert!(
+        matches!(&r, OpResult::Conflict(m) if m.contains("cam-1")),
+        "{r:?}"
+    );
+    assert!(t.db.device("cam-2").await.unwrap().is_none());
+    device_of(t.run(with_cert(register("cam-2"), &b)).await);
+    let update = |cert: Option<Option<String>>| Op::UpdateDevice {
+        id: "cam-2".into(),
+        labels: None,
+        attributes: None,
+        cert_sha256: cert,
+    };
+    assert!(matches!(
+        t.run(update(Some(Some(a.clone())))).await,
+        OpResult::Conflict(_)
+    ));
+    assert_eq!(
+        t.db.device("cam-2").await.unwrap().unwrap().cert_sha256,
+        Some(b.clone())
+    );
+    // Its own fingerprint again is no conflict; no change leaves it; null
+    // removes it (and frees it for another device).
+    device_of(t.run(update(Some(Some(b.clone())))).await);
+    let kept = device_of(t.run(update(None)).await);
+    assert_eq!(kept.cert_sha256, Some(b.clone()));
+    let removed = device_of(t.run(update(Some(None))).await);
+    assert_eq!(removed.cert_sha256, None);
+    let events = t.db.events_since(0, 100).await.unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(last.kind, "device.updated");
+    assert_eq!(last.data["cert_sha256"], Value::Null);
+    device_of(t.run(with_cert(register("cam-3"), &b)).await);
+    // A device with no secret (certificate only) stores an empty hash.
+    let mut cert_only = with_cert(register("cam-4"), &"cc".repeat(32));
+    if let Op::RegisterDevice { secret_hash, .. } = &mut cert_only {
+        secret_hash.clear();
+    }
+    device_of(t.run(cert_only).await);
+    let creds = t.db.device_credentials("cam-4").await.unwrap().unwrap();
+    assert_eq!(creds.secret_hash, "");
 }
 
 #[tokio::test]
@@ -1218,9 +1298,10 @@ async fn an_undecodable_entry_stops_apply_and_applies_nothing_of_its_batch() {
         .unwrap();
     for (data, says) in [
         (b"{not json".to_vec(), "entry format 1 (JSON), damaged"),
+        (vec![0x02, 0xc1], "entry format 2 (MessagePack), damaged"),
         (
-            vec![0x02, 1, 2, 3],
-            "unknown entry format (first byte 0x02)",
+            vec![0x07, 1, 2, 3],
+            "unknown entry format (first byte 0x07)",
         ),
     ] {
         let bad = Committed {
@@ -1625,4 +1706,155 @@ async fn queries_during_restore_wait_instead_of_failing() {
             .len(),
         2
     );
+}
+
+#[tokio::test]
+async fn the_change_feed_types_what_the_events_say() {
+    let mut t = Db::new().await;
+    let mut changes = t.db.changes();
+    let mut events = t.db.subscribe();
+    let ops = vec![
+        Op::BootstrapAdmin {
+            token_hash: "h".into(),
+        },
+        register("d"),
+        Op::UpdateDevice {
+            id: "d".into(),
+            labels: None,
+            attributes: Some(json!({"model": "X3"})),
+            cert_sha256: None,
+        },
+        Op::RotateSecret {
+            id: "d".into(),
+            secret_hash: "h2".into(),
+        },
+        Op::Presence {
+            device: "d".into(),
+            gateway: 2,
+            epoch: 77,
+            online: true,
+        },
+        issue("c1", "d", 1000, None),
+        Op::CommandSent {
+            cid: "c1".into(),
+            gateway: 2,
+        },
+        Op::CommandAccepted { cid: "c1".into() },
+        Op::CommandResult {
+            cid: "c1".into(),
+            succeeded: true,
+            output: json!({"ok": 1}),
+        },
+        issue("c2", "d", 1000, None),
+        Op::CancelCommand { cid: "c2".into() },
+        issue("c3", "d", 1, None),
+        Op::ExpireCommands {
+            cids: vec!["c3".into()],
+        },
+        Op::SetDesired {
+            device: "d".into(),
+            patch: json!({"on": true}),
+            expected_version: None,
+        },
+        Op::ReportState {
+            device: "d".into(),
+            patch: json!({"on": false}),
+        },
+        Op::GatewaySessionsLost { gateway: 2 },
+        Op::SetPeerAddress {
+            id: 4,
+            address: "gw4:7000".into(),
+        },
+        Op::DeleteDevice { id: "d".into() },
+        // Changes nothing: neither a change nor an event.
+        Op::DeleteDevice { id: "d".into() },
+    ];
+    let kinds: Vec<&str> = ops.iter().map(Op::kind).collect();
+    for op in ops {
+        // Stamped late enough for c3 to have expired.
+        let ts = T0 + 10_000 + t.next;
+        t.run_at(ts, op).await;
+    }
+    let mut got = Vec::new();
+    while let Ok(change) = changes.try_recv() {
+        let ev = events.try_recv().expect("an event per change");
+        assert_eq!(change.kind(), ev.kind, "{change:?}");
+        assert_eq!(change.data().unwrap(), ev.data, "{change:?}");
+        got.push(change);
+    }
+    assert!(events.try_recv().is_err(), "a change per event");
+    let got_kinds: Vec<&str> = got.iter().map(Change::kind).collect();
+    assert_eq!(got_kinds, kinds[..kinds.len() - 1]);
+
+    // What the gateway's own consumers match on is typed.
+    assert!(matches!(&got[4], Change::Presence { device, epoch: 77 }
+        if device.gateway == Some(2) && device.online));
+    assert!(matches!(&got[5], Change::Command(CommandStep::Issued, c)
+        if c.id == "c1" && c.status == CommandStatus::Queued));
+    assert!(matches!(&got[12], Change::CommandsExpired(cmds) if cmds[0].id == "c3"));
+    assert!(matches!(
+        &got[13],
+        Change::Shadow {
+            side: ShadowSide::Desired,
+            version: 1,
+            ..
+        }
+    ));
+    assert!(matches!(
+        &got[14],
+        Change::Shadow {
+            side: ShadowSide::Reported,
+            ..
+        }
+    ));
+    assert_eq!(
+        got[15],
+        Change::SessionsLost {
+            gateway: 2,
+            devices: vec!["d".into()]
+        }
+    );
+    assert_eq!(
+        got[16],
+        Change::PeerAddress {
+            id: 4,
+            address: "gw4:7000".into()
+        }
+    );
+    assert_eq!(got[17], Change::DeviceDeleted { id: "d".into() });
+}
+
+/// A resume from before the kept events is refused with the oldest index a
+/// stream can resume after, in the same read as the events (issue 14).
+#[tokio::test]
+async fn events_after_an_index_no_longer_kept_are_refused_with_the_oldest() {
+    let t = Db::new().await;
+    t.db.apply(vec![entry(1, T0, register("early"))], 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        t.db.events_since_checked(0, 10, usize::MAX)
+            .await
+            .unwrap()
+            .unwrap()
+            .len(),
+        1
+    );
+    // Far along the log: the early event is dropped.
+    let late = EVENTS_RETAINED + 500;
+    t.db.apply(vec![entry(late, T0, register("late"))], late)
+        .await
+        .unwrap();
+    let oldest = resumable_after(late);
+    assert_eq!(oldest, 499);
+    assert_eq!(
+        t.db.events_since_checked(0, 10, usize::MAX).await.unwrap(),
+        Err(oldest)
+    );
+    let kept =
+        t.db.events_since_checked(oldest, 10, usize::MAX)
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(kept.iter().map(|e| e.index).collect::<Vec<_>>(), [late]);
 }

@@ -1,6 +1,7 @@
-//! Test support shared by the multi-gateway and MQTT tests: MQTT test
-//! devices (rumqttc, v4 and v5), a Server-Sent Events reader and a metrics
-//! parser. (Each test binary uses a different part of it.)
+//! Test support shared by the multi-gateway and MQTT tests: listeners bound
+//! on loopback before a gateway starts, MQTT test devices (rumqttc, v4 and
+//! v5), a Server-Sent Events reader and a metrics parser. (Each test binary
+//! uses a different part of it.)
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -12,6 +13,32 @@ use tokio::time::timeout;
 
 /// How long a test waits for any one thing.
 pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A listener on a loopback port the OS picked, held from now on: a
+/// gateway started on it ([`gateway::start_with`]) never races another
+/// process for the port, and its address is known before anything starts.
+pub fn bind_loopback() -> std::net::TcpListener {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port")
+}
+
+/// A gateway's listeners (REST, peers, both device ports) bound on loopback
+/// ports here; `.peer`'s address is what the group's `--peers` names.
+pub fn loopback_listeners() -> gateway::Listeners {
+    gateway::Listeners {
+        rest: Some(bind_loopback()),
+        peer: Some(bind_loopback()),
+        mqtt: Some(bind_loopback()),
+        mqtt5: Some(bind_loopback()),
+    }
+}
+
+/// The address a listener is bound to.
+pub fn addr_of(l: &Option<std::net::TcpListener>) -> SocketAddr {
+    l.as_ref()
+        .expect("a listener")
+        .local_addr()
+        .expect("its address")
+}
 
 pub type ByteStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
@@ -106,6 +133,11 @@ pub fn connect_v4_keep_alive(
     let mut opts = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
     opts.set_credentials(user, password);
     opts.set_keep_alive(keep_alive);
+    connect_v4_with(opts)
+}
+
+/// Connects with MQTT 3.1.1 and the given options (TLS, say).
+pub fn connect_v4_with(opts: rumqttc::MqttOptions) -> Device {
     let (client, mut el) = rumqttc::AsyncClient::new(opts, 64);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -142,6 +174,11 @@ pub fn connect_v5(addr: SocketAddr, id: &str, password: &str) -> Device {
     let mut opts = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
     opts.set_credentials(id, password);
     opts.set_keep_alive(Duration::from_secs(5));
+    connect_v5_with(opts)
+}
+
+/// Connects with MQTT 5 and the given options (TLS, say).
+pub fn connect_v5_with(opts: rumqttc::v5::MqttOptions) -> Device {
     let (client, mut el) = rumqttc::v5::AsyncClient::new(opts, 64);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {

@@ -15,7 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// The protocol version spoken.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
+/// The gateway's log entry format, announced in the `Hello`.
+pub const APP_FORMAT: u32 = gateway::ops::ENTRY_FORMAT as u32;
 /// Bound on any one read.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -28,6 +30,7 @@ pub enum Refusal {
     Sender,
     Authentication,
     Protocol,
+    AppFormat { supported: u32 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +47,7 @@ pub struct Hello {
     pub to: u64,
     pub stream: Stream,
     pub nonce: [u8; 32],
+    pub app_format: u32,
 }
 
 /// Every frame, in wire order.
@@ -111,6 +115,7 @@ pub fn transcript_mac(secret: &[u8], label: &[u8], hello: &Hello, nonce_a: &[u8;
         Stream::Snapshot => 2,
     }]);
     mac.update(&hello.nonce);
+    mac.update(&hello.app_format.to_be_bytes());
     mac.update(nonce_a);
     mac.finalize().into_bytes().into()
 }
@@ -139,6 +144,18 @@ pub async fn handshake(
     to: u64,
     secret: &[u8],
 ) -> Outcome {
+    handshake_as(addr, cluster_id, from, to, secret, APP_FORMAT).await
+}
+
+/// [`handshake`], announcing `app_format` as the entry format.
+pub async fn handshake_as(
+    addr: SocketAddr,
+    cluster_id: &str,
+    from: u64,
+    to: u64,
+    secret: &[u8],
+    app_format: u32,
+) -> Outcome {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let hello = Hello {
         version: VERSION,
@@ -147,6 +164,7 @@ pub async fn handshake(
         to,
         stream: Stream::Messages,
         nonce: [0x42; 32],
+        app_format,
     };
     send(&mut s, &Frame::Hello(hello.clone())).await;
     let nonce_a = match recv(&mut s).await {

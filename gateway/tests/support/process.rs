@@ -123,3 +123,28 @@ pub fn strip_ansi(text: &str) -> String {
     }
     out
 }
+
+/// Polls until `f` answers `Some`, at most `wait`, every 50 ms (a bounded
+/// wait for a condition, not a sleep standing in for one).
+pub async fn until_within<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    wait: Duration,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// [`until_within`] 15 s, the tests' usual bound.
+pub async fn until<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    f: impl FnMut() -> F,
+) -> T {
+    until_within(what, Duration::from_secs(15), f).await
+}

@@ -395,12 +395,17 @@ pub fn check_static(cmd: &str) -> Result<(), String> {
     }
 }
 
-/// A free loopback port (the OS picks it; released for the script).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+/// `n` distinct free loopback ports (the OS picks them; released for the
+/// script). Every listener is held until all are picked: a port released at
+/// once can be handed out again by the next bind, and two README ports
+/// standing for one made a gateway listen on another's address.
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("a bound address").port())
+        .collect()
 }
 
 /// The gateway's default listeners: `ENTENTE_*_LISTEN` moves them.
@@ -433,14 +438,13 @@ impl Runner {
             .filter(|b| b.runner == name)
             .collect();
         assert!(!blocks.is_empty(), "{file} has no block for {name}");
-        let mut ports = BTreeMap::new();
         let mut all: Vec<u16> = GATEWAY_DEFAULTS.iter().map(|(_, p)| *p).collect();
         for b in &blocks {
             all.extend(ports_in(&b.text).into_iter().map(|(_, _, p)| p));
         }
-        for p in all {
-            ports.entry(p).or_insert_with(free_port);
-        }
+        all.sort_unstable();
+        all.dedup();
+        let ports: BTreeMap<u16, u16> = all.iter().copied().zip(free_ports(all.len())).collect();
         Runner {
             name: name.to_string(),
             blocks,
@@ -811,4 +815,15 @@ fn the_readme_check_parses_its_markers_and_rewrites() {
             vec!["cargo".to_string(), "test".to_string()]
         )
     );
+}
+
+#[test]
+fn the_ports_standing_in_for_the_readme_ports_are_distinct() {
+    // Released one at a time, 500 picks of the OS collide almost surely
+    // (the birthday bound over ~28,000 ephemeral ports).
+    let mut ports = free_ports(500);
+    ports.sort_unstable();
+    let before = ports.len();
+    ports.dedup();
+    assert_eq!(ports.len(), before, "a free port was handed out twice");
 }

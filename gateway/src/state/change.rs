@@ -1,0 +1,157 @@
+//! The typed change feed: what each applied entry changed, as an enum, for
+//! the gateway's own consumers (the device sessions, the peer table, REST
+//! waits). The public event stream (`GET /v1/events`) is each change
+//! rendered as `{kind, data}` ([`Change::kind`], [`Change::data`]), so the
+//! two never disagree.
+
+use serde_json::{Value, json};
+
+use super::StateError;
+use super::rows::to_json_value;
+use crate::ops::{Command, Device, Role};
+
+/// A step of a command's life that changed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandStep {
+    /// Issued (`command.issued`), queued for its device.
+    Issued,
+    /// Published to the device's session (`command.sent`).
+    Sent,
+    /// The device has it (`command.accepted`).
+    Accepted,
+    /// The device answered (`command.result`: succeeded or failed).
+    Result,
+    /// An operator canceled it (`command.canceled`).
+    Canceled,
+}
+
+/// Which of a shadow's documents a patch changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShadowSide {
+    /// The desired document (`shadow.desired`; the version moved).
+    Desired,
+    /// The reported document (`shadow.reported`).
+    Reported,
+}
+
+/// What one applied entry changed. An entry that changed nothing yields
+/// none.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// An API token was created (`token`; never with its hash).
+    Token {
+        /// Its role.
+        role: Role,
+        /// Its name.
+        name: String,
+    },
+    /// A device was registered (`device.registered`).
+    DeviceRegistered(Device),
+    /// A device's labels or attributes changed (`device.updated`).
+    DeviceUpdated(Device),
+    /// A device was deleted with its shadow and commands (`device.deleted`).
+    DeviceDeleted {
+        /// Its id.
+        id: String,
+    },
+    /// A device got a new secret (`device.secret_rotated`).
+    SecretRotated {
+        /// Its id.
+        id: String,
+    },
+    /// A device's session started or ended somewhere (`device.presence`).
+    Presence {
+        /// The device after the change (`online`, `gateway`).
+        device: Device,
+        /// The epoch of the session the change names.
+        epoch: u64,
+    },
+    /// A command moved on (`command.issued`, `.sent`, `.accepted`,
+    /// `.result`, `.canceled`).
+    Command(CommandStep, Command),
+    /// Commands whose TTL passed (`command.expired`).
+    CommandsExpired(Vec<Command>),
+    /// A patch was merged into a shadow (`shadow.desired`,
+    /// `shadow.reported`): the change, not the documents.
+    Shadow {
+        /// Which document.
+        side: ShadowSide,
+        /// The device.
+        device: String,
+        /// The desired version after the change.
+        version: u64,
+        /// The merge patch applied.
+        patch: Value,
+    },
+    /// A gateway's sessions were declared lost (`gateway.sessions_lost`).
+    SessionsLost {
+        /// The gateway.
+        gateway: u64,
+        /// The devices that were online there.
+        devices: Vec<String>,
+    },
+    /// A peer's address was set (`cluster.peer`).
+    PeerAddress {
+        /// The member's node id.
+        id: u64,
+        /// Its address, `host:port`.
+        address: String,
+    },
+}
+
+impl Change {
+    /// The public event's kind (the SSE `event`): the kind of the operation
+    /// that made the change.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::Token { .. } => "token",
+            Change::DeviceRegistered(_) => "device.registered",
+            Change::DeviceUpdated(_) => "device.updated",
+            Change::DeviceDeleted { .. } => "device.deleted",
+            Change::SecretRotated { .. } => "device.secret_rotated",
+            Change::Presence { .. } => "device.presence",
+            Change::Command(step, _) => match step {
+                CommandStep::Issued => "command.issued",
+                CommandStep::Sent => "command.sent",
+                CommandStep::Accepted => "command.accepted",
+                CommandStep::Result => "command.result",
+                CommandStep::Canceled => "command.canceled",
+            },
+            Change::CommandsExpired(_) => "command.expired",
+            Change::Shadow {
+                side: ShadowSide::Desired,
+                ..
+            } => "shadow.desired",
+            Change::Shadow {
+                side: ShadowSide::Reported,
+                ..
+            } => "shadow.reported",
+            Change::SessionsLost { .. } => "gateway.sessions_lost",
+            Change::PeerAddress { .. } => "cluster.peer",
+        }
+    }
+
+    /// The public event's data (the SSE `data`), as the OpenAPI document's
+    /// `StreamEvent` describes it per kind.
+    pub fn data(&self) -> Result<Value, StateError> {
+        Ok(match self {
+            Change::Token { role, name } => json!({ "role": role.as_str(), "name": name }),
+            Change::DeviceRegistered(d)
+            | Change::DeviceUpdated(d)
+            | Change::Presence { device: d, .. } => to_json_value(d)?,
+            Change::DeviceDeleted { id } | Change::SecretRotated { id } => json!({ "id": id }),
+            Change::Command(_, c) => to_json_value(c)?,
+            Change::CommandsExpired(cmds) => json!({ "commands": to_json_value(cmds)? }),
+            Change::Shadow {
+                device,
+                version,
+                patch,
+                ..
+            } => json!({ "device": device, "version": version, "patch": patch }),
+            Change::SessionsLost { gateway, devices } => {
+                json!({ "gateway": gateway, "devices": devices })
+            }
+            Change::PeerAddress { id, address } => json!({ "id": id, "address": address }),
+        })
+    }
+}
