@@ -15,7 +15,7 @@
 //! Schema: `migrations/` at the workspace root, applied by `sqlx::migrate!`
 //! on open.
 //!
-//! Decisions where DESIGN is silent:
+//! Decisions the first design left open (docs/ARCHITECTURE.md):
 //! - Each entry that changed something yields exactly one [`Change`] on the
 //!   typed feed ([`StateDb::changes`]) and its rendering as one [`Event`] (so an
 //!   SSE `id` names one event and `Last-Event-ID` resumes exactly); an entry
