@@ -307,6 +307,98 @@ async fn command_round_trip_and_presence() {
     env.gw.stop().await;
 }
 
+/// A device that accepts a command and answers it at once costs the command
+/// two committed entries, issued and result: its `accepted` is answered
+/// when the result commits (no entry of its own), and the command is not
+/// marked `sent` once it has been answered. Both messages are still
+/// acknowledged, and only once the result committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_answered_at_once_costs_two_entries() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let secret = env.register("valve").await;
+    let mut d = connect_v4(env.v4(), "valve", "valve", &secret);
+    d.expect_connack().await;
+    d.subscribed("devices/valve/commands").await;
+    env.wait_online("valve", true).await;
+
+    let mut sse = env.events().await;
+    let cid = env.command("valve", json!({"name": "open"})).await;
+    let msg: CommandMessage =
+        serde_json::from_slice(&d.message("devices/valve/commands").await).expect("command");
+    assert_eq!(msg.id, cid);
+    d.publish(
+        &format!("devices/valve/commands/{cid}/accepted"),
+        b"{}".to_vec(),
+    )
+    .await;
+    d.publish(
+        &format!("devices/valve/commands/{cid}/result"),
+        serde_json::to_vec(&json!({"status": "succeeded"})).expect("json"),
+    )
+    .await;
+    // Both are acknowledged (after the result committed).
+    let mut acks = 0;
+    while acks < 2 {
+        if let common::Seen::PubAck(_) = d.next().await {
+            acks += 1;
+        }
+    }
+    env.wait_status(&cid, "succeeded").await;
+
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("command.result") {
+        let (_, event, data) = sse.next().await;
+        if data["id"] == json!(cid) {
+            seen.push(event);
+        }
+    }
+    assert_eq!(seen, ["command.issued", "command.result"]);
+    let m = env.metrics().await;
+    assert_eq!(metric(&m, "entente_mqtt_accepted_folded_total"), 1);
+    assert_eq!(metric(&m, "entente_mqtt_sent_skipped_total"), 1);
+
+    // A device slower than that still has every step recorded: an accepted
+    // whose result does not follow is committed on its own, and a command
+    // not answered for a while is marked sent (the test's device waits for
+    // each to show before it goes on).
+    let cid = env.command("valve", json!({"name": "close"})).await;
+    let _ = d.message("devices/valve/commands").await;
+    env.wait_status(&cid, "sent").await;
+    d.publish(
+        &format!("devices/valve/commands/{cid}/accepted"),
+        b"{}".to_vec(),
+    )
+    .await;
+    env.wait_status(&cid, "accepted").await;
+    d.publish(
+        &format!("devices/valve/commands/{cid}/result"),
+        serde_json::to_vec(&json!({"status": "failed"})).expect("json"),
+    )
+    .await;
+    env.wait_status(&cid, "failed").await;
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("command.result") {
+        let (_, event, data) = sse.next().await;
+        if data["id"] == json!(cid) {
+            seen.push(event);
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "command.issued",
+            "command.sent",
+            "command.accepted",
+            "command.result"
+        ]
+    );
+    let m = env.metrics().await;
+    assert_eq!(metric(&m, "entente_mqtt_accepted_folded_total"), 1);
+    d.disconnect().await;
+    env.gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn offline_device_gets_queued_commands_and_desired_state_on_connect() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -463,7 +555,16 @@ async fn bad_messages_are_ignored_and_the_gateway_serves_on() {
         env.get(&format!("/v1/commands/{foreign}")).await["status"],
         json!("queued")
     );
-    let m = env.metrics().await;
+    // The `accepted` for an unknown command waits for a result that never
+    // comes before it is checked (and ignored): polled, bounded.
+    let deadline = Instant::now() + WAIT;
+    let m = loop {
+        let m = env.metrics().await;
+        if metric(&m, "entente_mqtt_ignored_messages_total") >= 6 || Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert!(
         metric(&m, "entente_mqtt_ignored_messages_total") >= 6,
         "{m}"

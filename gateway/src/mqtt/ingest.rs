@@ -20,8 +20,13 @@
 //!   proposal, one keeping one gets its patch proposed at once — or after
 //!   `--report-coalesce-ms` (50 ms). Every message folded into a proposal is
 //!   answered when that proposal commits.
-//! - `accepted` and `result` messages are each their own proposal, all in
-//!   flight at once, after checking that the command is the device's.
+//! - `result` messages are each their own proposal, all in flight at once,
+//!   after checking that the command is the device's. An `accepted` waits
+//!   [`ACCEPT_HOLD`] for its command's `result`: if the result comes, the
+//!   accepted message is answered when the result commits (a result implies
+//!   the device accepted the command) and costs no entry of its own;
+//!   otherwise it is proposed on its own. A command a device answers at
+//!   once thus costs two committed entries, issued and result.
 //! - A proposal that fails (no leader, a timeout) is tried again with
 //!   backoff until it commits, until no connection waits for it any more, or
 //!   for [`patience`] (twice the write timeout); then its messages are not
@@ -57,6 +62,12 @@ use crate::state::StateDb;
 /// When every permit is taken, connections stop reading their sockets until
 /// one is returned.
 pub(crate) const PIPELINE: usize = 16_384;
+
+/// How long a device's `accepted` waits for the same command's `result`
+/// before it is proposed on its own (see the module docs). Its
+/// acknowledgement waits as long: a device that sends its result only once
+/// its `accepted` is acknowledged answers this much later.
+pub(crate) const ACCEPT_HOLD: Duration = Duration::from_millis(50);
 
 /// Longest wait for the read barrier that checks a command id this gateway
 /// does not know (it may have been issued through another one a moment ago).
@@ -176,6 +187,14 @@ impl Reports {
     }
 }
 
+/// A device's `accepted` messages for one command, waiting for its result
+/// (see [`ACCEPT_HOLD`]).
+struct HeldAccept {
+    device: String,
+    acks: Vec<Ack>,
+    due: Instant,
+}
+
 /// What a proposal task reports when it ends.
 #[derive(Debug)]
 pub(crate) enum Done {
@@ -208,6 +227,9 @@ pub(crate) struct Ingest {
     /// Devices whose patches wait for the rest of their window (checked by
     /// [`Ingest::tick`]).
     held: HashSet<String>,
+    /// `accepted` messages waiting for their command's result, by command
+    /// id (bounded: each holds a permit of the pipeline).
+    accepts: HashMap<String, HeldAccept>,
     /// The proposals in flight.
     pub(crate) tasks: JoinSet<Done>,
     /// The tasks proposing a device's patches, by task id (to clear the
@@ -237,6 +259,7 @@ impl Ingest {
             patience,
             reports: HashMap::new(),
             held: HashSet::new(),
+            accepts: HashMap::new(),
             tasks: JoinSet::new(),
             flushing: HashMap::new(),
             logs: Arc::default(),
@@ -270,9 +293,7 @@ impl Ingest {
         }
         match kind {
             DevicePublish::Reported => self.report(device, epoch, &payload, ack),
-            DevicePublish::Accepted { cid } => {
-                self.command(device, cid.clone(), Op::CommandAccepted { cid }, ack);
-            }
+            DevicePublish::Accepted { cid } => self.hold_accept(device, cid, ack),
             DevicePublish::Result { cid } => {
                 let msg = match crate::limits::parse_value("a command result", &payload)
                     .map_err(|e| e.to_string())
@@ -290,7 +311,17 @@ impl Ingest {
                     succeeded: msg.status == ResultStatus::Succeeded,
                     output: msg.output,
                 };
-                self.command(device, cid, op, ack);
+                // The device's `accepted` for this command, if it waits.
+                let accepted = match self.accepts.get(&cid) {
+                    Some(h) if h.device == device => self.accepts.remove(&cid).map(|h| h.acks),
+                    _ => None,
+                };
+                if let Some(acks) = &accepted {
+                    self.stats
+                        .accepted_folded
+                        .fetch_add(acks.len() as u64, Ordering::Relaxed);
+                }
+                self.command(device, cid, op, ack, accepted.unwrap_or_default());
             }
         }
     }
@@ -388,10 +419,56 @@ impl Ingest {
         self.flushing.insert(task.id(), name);
     }
 
+    /// An `accepted` message: held for [`ACCEPT_HOLD`], waiting for the
+    /// command's result.
+    fn hold_accept(&mut self, device: String, cid: String, ack: Ack) {
+        let due = Instant::now() + ACCEPT_HOLD;
+        match self.accepts.get_mut(&cid) {
+            Some(h) if h.device == device => h.acks.push(ack),
+            Some(_) => {
+                // Another device names the same command: not held (the
+                // owner check refuses one of them).
+                self.command(
+                    device,
+                    cid.clone(),
+                    Op::CommandAccepted { cid },
+                    ack,
+                    Vec::new(),
+                );
+            }
+            None => {
+                let acks = vec![ack];
+                self.accepts.insert(cid, HeldAccept { device, acks, due });
+            }
+        }
+    }
+
     /// Proposes the patches that waited long enough for the rest of their
-    /// device's window.
+    /// device's window, and the `accepted` messages whose result did not
+    /// come within [`ACCEPT_HOLD`].
     pub(crate) fn tick(&mut self) {
         let now = Instant::now();
+        if !self.accepts.is_empty() {
+            let due: Vec<String> = self
+                .accepts
+                .iter()
+                .filter(|(_, h)| h.due <= now)
+                .map(|(cid, _)| cid.clone())
+                .collect();
+            for cid in due {
+                let Some(mut h) = self.accepts.remove(&cid) else {
+                    continue;
+                };
+                // A closed connection's messages need no proposal: its
+                // device sends them again.
+                h.acks.retain(Ack::awaited);
+                let mut acks = h.acks.into_iter();
+                if let Some(first) = acks.next() {
+                    let op = Op::CommandAccepted { cid: cid.clone() };
+                    self.command(h.device, cid, op, first, acks.collect());
+                }
+            }
+        }
         let mut due = Vec::new();
         let reports = &self.reports;
         let wait = self.coalesce;
@@ -484,7 +561,10 @@ impl Ingest {
         }
     }
 
-    fn command(&mut self, device: String, cid: String, op: Op, ack: Ack) {
+    /// Proposes a command step for `ack`'s message; `accepted` are the
+    /// device's `accepted` messages for the same command that the step (a
+    /// result) answers too.
+    fn command(&mut self, device: String, cid: String, op: Op, ack: Ack, accepted: Vec<Ack>) {
         let (node, db, stats, logs, patience) = (
             self.node.clone(),
             self.db.clone(),
@@ -498,7 +578,7 @@ impl Ingest {
                 logs: &logs,
                 patience,
             };
-            command_step(ctx, &db, &stats, &device, &cid, op, ack).await;
+            command_step(ctx, &db, &stats, &device, &cid, op, ack, accepted).await;
             Done::Command
         });
     }
@@ -559,7 +639,11 @@ struct Ctx<'a> {
 }
 
 /// An `accepted` or `result` message: proposed if command `cid` is
-/// `device`'s, answered when that commits.
+/// `device`'s, answered when that commits. `accepted` (the device's
+/// `accepted` messages for the command, with a result) are answered with
+/// it once it committed; should the result be refused, they are proposed
+/// on their own.
+#[allow(clippy::too_many_arguments)]
 async fn command_step(
     ctx: Ctx<'_>,
     db: &StateDb,
@@ -568,6 +652,7 @@ async fn command_step(
     cid: &str,
     op: Op,
     ack: Ack,
+    accepted: Vec<Ack>,
 ) {
     let deadline = Instant::now() + ctx.patience;
     let mut backoff = Duration::from_millis(20);
@@ -577,6 +662,9 @@ async fn command_step(
             Ok(_) => {
                 ignored(stats, ctx.logs, device, "no such command for this device");
                 ack.answer(AckCode::Refused);
+                for a in accepted {
+                    a.answer(AckCode::Refused);
+                }
                 return;
             }
             Err(e) => {
@@ -594,8 +682,33 @@ async fn command_step(
         }
     }
     let left = deadline.saturating_duration_since(Instant::now());
-    if let Some(r) = propose(ctx, device, op, std::slice::from_ref(&ack), left).await {
-        ack.answer(code_of(&r));
+    let Some(r) = propose(ctx, device, op, std::slice::from_ref(&ack), left).await else {
+        // Not committed: none is acknowledged (the accepted ones are
+        // dropped with it, and the device sends them again).
+        return;
+    };
+    let code = code_of(&r);
+    ack.answer(code);
+    if accepted.is_empty() {
+        return;
+    }
+    if code == AckCode::Success {
+        for a in accepted {
+            a.answer(AckCode::Success);
+        }
+        return;
+    }
+    // The result was refused (too large, say): the device did accept the
+    // command, and that must not be lost.
+    let op = Op::CommandAccepted {
+        cid: cid.to_string(),
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    if let Some(r) = propose(ctx, device, op, &accepted, left).await {
+        let code = code_of(&r);
+        for a in accepted {
+            a.answer(code);
+        }
     }
 }
 

@@ -320,6 +320,8 @@ pub(crate) async fn start(
         ingest,
         sessions: HashMap::new(),
         redelivered: HashMap::new(),
+        sent_due: HashMap::new(),
+        sent_tasks: tokio::task::JoinSet::new(),
     };
     mqtt.tasks
         .push(tokio::spawn(manager.run(events_rx, shutdown.clone())));

@@ -7,7 +7,8 @@
 //! - delivers to a device, once its SUBSCRIBE took effect, every command
 //!   still queued or sent for it, its desired document and its delta;
 //! - publishes each newly issued command to the device holding a session
-//!   here (and proposes `CommandSent`), and the desired document and delta
+//!   here (and proposes `CommandSent` for it after [`SENT_AFTER`], unless
+//!   the device answered first), and the desired document and delta
 //!   when the shadow changes (shadow events carry the change: the documents
 //!   are read from the state);
 //! - ends a session here when its device logged in on another gateway
@@ -109,7 +110,24 @@ pub(crate) struct Manager {
     pub(crate) sessions: HashMap<String, Session>,
     /// Commands delivered again by the sweep: when next, and how often so far.
     pub(crate) redelivered: HashMap<String, (tokio::time::Instant, u32)>,
+    /// Commands published here whose `CommandSent` is due at the given
+    /// time unless their device answers first (see [`SENT_AFTER`]).
+    pub(crate) sent_due: HashMap<String, tokio::time::Instant>,
+    /// The `CommandSent` proposals in flight (at most [`SENT_INFLIGHT`]).
+    pub(crate) sent_tasks: tokio::task::JoinSet<()>,
 }
+
+/// A command published to a device here is marked `sent` (a committed
+/// entry) only if the device has not answered it within this time: a
+/// device that accepts at once moves it from `queued` to `accepted`
+/// directly, and the command costs one entry less.
+pub(crate) const SENT_AFTER: Duration = Duration::from_secs(1);
+/// Most commands waiting for their `sent` mark; past it a command is not
+/// marked (it stays `queued` until its device answers).
+const SENT_DUE_MAX: usize = 65_536;
+/// Most `CommandSent` proposals in flight; the rest wait for the next
+/// sweep.
+const SENT_INFLIGHT: usize = 256;
 
 /// How often the manager looks for commands still waiting for a device
 /// connected here (see [`Manager::redeliver_stale`]).
@@ -131,8 +149,14 @@ impl Manager {
         let mut restores = self.db.watch_restores();
         // Only with `--report-coalesce-ms`: reported patches that waited
         // long enough for the rest of their device's window.
-        let spaced = !self.ingest.coalesce.is_zero();
-        let every = (self.ingest.coalesce / 2).max(Duration::from_millis(1));
+        // (and device `accepted` messages whose result did not come).
+        let hold = super::ingest::ACCEPT_HOLD / 2;
+        let every = if self.ingest.coalesce.is_zero() {
+            hold
+        } else {
+            (self.ingest.coalesce / 2).min(hold)
+        }
+        .max(Duration::from_millis(1));
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
@@ -163,11 +187,13 @@ impl Manager {
                     self.auth.clear();
                     self.redeliver_all();
                 }
-                _ = tick.tick(), if spaced => self.ingest.tick(),
+                _ = tick.tick() => self.ingest.tick(),
+                Some(_) = self.sent_tasks.join_next(), if !self.sent_tasks.is_empty() => {}
                 r = self.ingest.tasks.join_next_with_id(), if !self.ingest.tasks.is_empty() => {
                     self.ingest.finished(r);
                 }
                 _ = sweep.tick() => {
+                    self.propose_sent_due();
                     if !sweeping && !self.sessions.is_empty() {
                         sweeping = true;
                         let (db, tx) = (self.db.clone(), stale_tx.clone());
@@ -194,7 +220,37 @@ impl Manager {
         // What is still being proposed is abandoned: none of it was
         // acknowledged, and the devices send it again.
         self.ingest.tasks.abort_all();
+        self.sent_tasks.abort_all();
         publisher.abort();
+    }
+
+    /// Proposes `CommandSent` for the commands whose device has not
+    /// answered within [`SENT_AFTER`] (at most [`SENT_INFLIGHT`] at once).
+    fn propose_sent_due(&mut self) {
+        if self.sent_due.is_empty() {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let room = SENT_INFLIGHT.saturating_sub(self.sent_tasks.len());
+        let due: Vec<String> = self
+            .sent_due
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(cid, _)| cid.clone())
+            .take(room)
+            .collect();
+        for cid in due {
+            self.sent_due.remove(&cid);
+            let (node, op) = (
+                self.node.clone(),
+                Op::CommandSent {
+                    cid,
+                    gateway: self.node_id,
+                },
+            );
+            self.sent_tasks
+                .spawn(async move { propose_logged(&node, op).await });
+        }
     }
 
     fn set_gauge(&self) {
@@ -356,14 +412,20 @@ impl Manager {
                     return;
                 }
                 publish_command(&self.endpoint, &self.stats, &cmd);
-                let (node, node_id) = (self.node.clone(), self.node_id);
-                tokio::spawn(async move {
-                    let op = Op::CommandSent {
-                        cid: cmd.id,
-                        gateway: node_id,
-                    };
-                    propose_logged(&node, op).await;
-                });
+                if self.sent_due.len() < SENT_DUE_MAX {
+                    let at = tokio::time::Instant::now() + SENT_AFTER;
+                    self.sent_due.insert(cmd.id, at);
+                }
+            }
+            // Answered (or canceled) before its `sent` was due: that mark
+            // would say less than what is already committed.
+            Change::Command(_, cmd) if self.sent_due.remove(&cmd.id).is_some() => {
+                self.stats.sent_skipped.fetch_add(1, Ordering::Relaxed);
+            }
+            Change::CommandsExpired(cmds) => {
+                for c in cmds {
+                    self.sent_due.remove(&c.id);
+                }
             }
             Change::Shadow { side, device, .. } => {
                 // The change is the patch; the documents are read from the

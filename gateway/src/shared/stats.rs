@@ -35,6 +35,12 @@ pub struct MqttStats {
     pub reports_received: AtomicU64,
     /// `ReportState` proposals made from them (after coalescing).
     pub report_proposals: AtomicU64,
+    /// `accepted` messages answered by their command's result, without an
+    /// entry of their own.
+    pub accepted_folded: AtomicU64,
+    /// Commands whose `sent` was not proposed because their device answered
+    /// before it was due.
+    pub sent_skipped: AtomicU64,
     /// Commands delivered again to a device connected here because they
     /// waited too long for it.
     pub commands_redelivered: AtomicU64,
@@ -61,7 +67,7 @@ pub struct MqttStats {
 impl MqttStats {
     /// Appends the counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, &AtomicU64); 20] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 22] = [
             (
                 "entente_mqtt_sessions",
                 "gauge",
@@ -133,6 +139,18 @@ impl MqttStats {
                 "counter",
                 "Reported-state proposals made from them after coalescing.",
                 &self.report_proposals,
+            ),
+            (
+                "entente_mqtt_accepted_folded_total",
+                "counter",
+                "Device accepted messages committed with their command's result, not on their own.",
+                &self.accepted_folded,
+            ),
+            (
+                "entente_mqtt_sent_skipped_total",
+                "counter",
+                "Commands whose sent step was not proposed because the device answered first.",
+                &self.sent_skipped,
             ),
             (
                 "entente_mqtt_commands_redelivered_total",
