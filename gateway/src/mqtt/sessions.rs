@@ -348,7 +348,8 @@ impl Manager {
     /// to the device's answer before (a leader that died with them, a
     /// subscription that raced the command's commit). Each command is sent
     /// again after `STALE_AFTER`, then twice as long each time, up to
-    /// [`REDELIVER_MAX`]; `CommandSent` is proposed for the queued ones.
+    /// [`REDELIVER_MAX`]; `CommandSent` is proposed for the queued ones (at
+    /// the next sweep).
     /// Devices deduplicate by id and repeat their answer.
     fn redeliver_stale(&mut self, cmds: Vec<Command>) {
         let now = tokio::time::Instant::now();
@@ -375,15 +376,9 @@ impl Manager {
                 .commands_redelivered
                 .fetch_add(1, Ordering::Relaxed);
             publish_command(&self.endpoint, &self.stats, &c);
-            if c.status == CommandStatus::Queued {
-                let (node, op) = (
-                    self.node.clone(),
-                    Op::CommandSent {
-                        cid: c.id.clone(),
-                        gateway: self.node_id,
-                    },
-                );
-                tokio::spawn(async move { propose_logged(&node, op).await });
+            if c.status == CommandStatus::Queued && self.sent_due.len() < SENT_DUE_MAX {
+                // Marked at the next sweep, by the bounded set of tasks.
+                self.sent_due.insert(c.id.clone(), now);
             }
             let wait = STALE_AFTER
                 .saturating_mul(1 << count.min(5))
