@@ -359,6 +359,16 @@ pub fn default_mqtt_max_connections() -> usize {
 }
 
 impl Config {
+    /// How long a request that found no leader waits for one before it is
+    /// answered 503: about two election timeouts (an election takes one;
+    /// the Raft core draws each from 10–20 ticks, 200–400 ms at the default
+    /// tick), never longer than the write timeout. A gateway cut off from
+    /// its quorum keeps having no leader, and says so within this time
+    /// instead of after the whole write timeout.
+    pub fn leader_wait(&self) -> Duration {
+        self.tick.saturating_mul(40).min(self.write_timeout)
+    }
+
     /// A single-node gateway in `data_dir` listening on the given addresses:
     /// what tests start from. Its MQTT listeners (3.1.1 and 5) are on the REST
     /// listener's IP with port 0 (picked by the OS); [`Config::from_args`]

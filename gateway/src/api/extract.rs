@@ -242,12 +242,12 @@ async fn barrier(
 }
 
 /// A linearizable read point (ReadIndex), retried once when no leader was
-/// known yet but one appears within the write timeout. Once it returns, this
+/// known yet but one appears within [`Config::leader_wait`](crate::Config::leader_wait). Once it returns, this
 /// gateway has applied at least the returned index.
 async fn read_point(state: &AppState) -> Result<u64, NodeError> {
     let mut r = state.node.read_index().await;
     if r == Err(NodeError::NoLeader)
-        && leader_known(&state.node, state.config.write_timeout, &state.shutdown).await
+        && leader_known(&state.node, state.config.leader_wait(), &state.shutdown).await
     {
         r = state.node.read_index().await;
     }
@@ -295,7 +295,7 @@ pub async fn write(state: &AppState, op: Op) -> Result<(u64, OpResult), ApiError
     // log that a member could not decode.
     limits::check_op(&op)?;
     let kind = op.kind();
-    let r = propose_placed(&state.node, op, state.config.write_timeout, &state.shutdown).await;
+    let r = propose_placed(&state.node, op, state.config.leader_wait(), &state.shutdown).await;
     match r {
         Ok(r) => Ok(r),
         Err(e) => {
