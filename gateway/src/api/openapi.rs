@@ -33,6 +33,7 @@ manage devices, commands and shadows, `admin` tokens may do everything."
     ),
     paths(
         devices::create_device,
+        devices::create_devices,
         devices::list_devices,
         devices::get_device,
         devices::update_device,

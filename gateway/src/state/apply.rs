@@ -1,6 +1,6 @@
 //! Applying committed entries: one transaction per batch, deterministic.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use coordinator::node::Committed;
 use coordinator::raft::Index;
@@ -14,7 +14,10 @@ use super::rows::{
 };
 use super::{EVENTS_RETAINED, StateDb, StateError};
 use crate::limits::{self, MAX_DOCUMENT_BYTES};
-use crate::ops::{Command, CommandStatus, Device, Event, Op, OpResult, Proposal, Role};
+use crate::ops::{
+    Command, CommandStatus, Device, DeviceRegistration, Event, MAX_CONFLICTS_LISTED, Op, OpResult,
+    Proposal, Role,
+};
 
 impl StateDb {
     /// Applies a batch of committed entries in one transaction and records
@@ -173,6 +176,7 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             };
             register_device(conn, ts, device).await
         }
+        Op::RegisterDevices { devices } => register_devices(conn, ts, devices).await,
         Op::UpdateDevice {
             id,
             labels,
@@ -507,6 +511,81 @@ async fn register_device(
     if let Some(conflict) = cert_taken(conn, d.cert_sha256, id).await? {
         return Ok(conflict);
     }
+    insert_device(conn, ts, &d).await?;
+    device_changed(conn, id, Change::DeviceRegistered).await
+}
+
+/// Registers all of `devices` or none: every one is checked first — its id
+/// not registered, its fingerprint no other device's, and neither shared
+/// with another device of the batch — and only if none conflicts are they
+/// inserted. A conflict is a result (`BatchConflict`, no change), never an
+/// error, so every member decides alike and none stops on it.
+async fn register_devices(
+    conn: &mut SqliteConnection,
+    ts: u64,
+    devices: &[DeviceRegistration],
+) -> Result<Applied, StateError> {
+    let mut ids = HashSet::with_capacity(devices.len());
+    let mut certs = HashSet::new();
+    let mut conflicts = Vec::new();
+    let mut total = 0;
+    for d in devices {
+        let why = if !ids.insert(d.id.as_str()) {
+            Some("named twice in the batch".to_string())
+        } else if device_exists(conn, &d.id).await? {
+            Some("already registered".to_string())
+        } else if let Some(cert) = d.cert_sha256.as_deref() {
+            if !certs.insert(cert) {
+                Some("its certificate fingerprint is another device's of the batch".to_string())
+            } else {
+                cert_holder(conn, cert, &d.id)
+                    .await?
+                    .map(|other| format!("its certificate fingerprint is device {other}'s"))
+            }
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            total += 1;
+            if conflicts.len() < MAX_CONFLICTS_LISTED {
+                conflicts.push((d.id.clone(), why));
+            }
+        }
+    }
+    if total > 0 {
+        return Ok((OpResult::BatchConflict { conflicts, total }, None));
+    }
+    for d in devices {
+        let row = NewDeviceRow {
+            id: &d.id,
+            secret_hash: &d.secret_hash,
+            labels: &d.labels,
+            attributes: &d.attributes,
+            cert_sha256: d.cert_sha256.as_deref(),
+        };
+        insert_device(conn, ts, &row).await?;
+    }
+    let ids = devices.iter().map(|d| d.id.clone()).collect();
+    Ok((OpResult::Done, Some(Change::DevicesRegistered { ids })))
+}
+
+async fn device_exists(conn: &mut SqliteConnection, id: &str) -> Result<bool, StateError> {
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM devices WHERE id = ?)")
+            .bind(id)
+            .fetch_one(&mut *conn)
+            .await?,
+    )
+}
+
+/// Inserts a device that does not exist yet, with its labels and an empty
+/// shadow.
+async fn insert_device(
+    conn: &mut SqliteConnection,
+    ts: u64,
+    d: &NewDeviceRow<'_>,
+) -> Result<(), StateError> {
+    let id = d.id;
     sqlx::query(
         "INSERT INTO devices (id, secret_hash, labels, attributes, online, gateway, \
          presence_epoch, cert_sha256, created_at, updated_at) \
@@ -529,7 +608,23 @@ async fn register_device(
     .bind(id)
     .execute(&mut *conn)
     .await?;
-    device_changed(conn, id, Change::DeviceRegistered).await
+    Ok(())
+}
+
+/// The device other than `id` that has the certificate fingerprint `cert`,
+/// if any.
+async fn cert_holder(
+    conn: &mut SqliteConnection,
+    cert: &str,
+    id: &str,
+) -> Result<Option<String>, StateError> {
+    Ok(
+        sqlx::query_scalar("SELECT id FROM devices WHERE cert_sha256 = ? AND id != ?")
+            .bind(cert)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?,
+    )
 }
 
 /// A conflict if a device other than `id` has the certificate fingerprint
@@ -542,12 +637,7 @@ async fn cert_taken(
     let Some(cert) = cert else {
         return Ok(None);
     };
-    let holder: Option<String> =
-        sqlx::query_scalar("SELECT id FROM devices WHERE cert_sha256 = ? AND id != ?")
-            .bind(cert)
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let holder = cert_holder(conn, cert, id).await?;
     Ok(holder.map(|other| {
         (
             OpResult::Conflict(format!(
