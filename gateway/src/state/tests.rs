@@ -573,43 +573,46 @@ async fn a_batch_registers_all_or_none() {
     );
 
     // None conflicting: all registered at the entry's time, with shadows
-    // and labels, and one event at the entry's index.
+    // and labels, and one event at the entry's index (more devices than one
+    // statement of apply writes).
+    let n = 2 * super::apply::ROWS_PER_STATEMENT + 100;
+    assert_eq!(n, 1100);
     let index = t.next;
-    let devices: Vec<DeviceRegistration> = (0..300)
-        .map(|i| batch_device(&format!("b-{i:03}"), (i == 7).then_some(b.as_str())))
+    let devices: Vec<DeviceRegistration> = (0..n)
+        .map(|i| batch_device(&format!("b-{i:04}"), (i == 7).then_some(b.as_str())))
         .collect();
     assert_eq!(t.run(batch(devices)).await, OpResult::Done);
-    assert_eq!(device_count(&t.db).await, 301);
-    let d = t.db.device("b-007").await.unwrap().unwrap();
+    assert_eq!(device_count(&t.db).await, 1101);
+    let d = t.db.device("b-0007").await.unwrap().unwrap();
     assert_eq!(d.cert_sha256.as_deref(), Some(b.as_str()));
     assert_eq!(d.created_at, T0 + index);
     assert_eq!(d.labels["site"], "north");
     assert_eq!(
-        t.db.device_credentials("b-299")
+        t.db.device_credentials("b-1099")
             .await
             .unwrap()
             .unwrap()
             .secret_hash,
-        "hash-b-299"
+        "hash-b-1099"
     );
-    assert!(t.db.shadow("b-150").await.unwrap().is_some());
+    assert!(t.db.shadow("b-0750").await.unwrap().is_some());
     let north = DeviceFilter {
         label: Some(("site".into(), "north".into())),
         online: None,
     };
     assert_eq!(
-        t.db.list_devices(&north, &page(1000)).await.unwrap().len(),
-        300
+        t.db.list_devices(&north, &page(2000)).await.unwrap().len(),
+        1100
     );
     let events = t.db.events_since(index - 1, 100).await.unwrap();
     assert_eq!(events.len(), 1, "one entry, one event");
     assert_eq!(events[0].index, index);
     assert_eq!(events[0].kind, "devices.registered");
     let ids = events[0].data["devices"].as_array().unwrap();
-    assert_eq!(ids.len(), 300);
+    assert_eq!(ids.len(), 1100);
     assert_eq!(
-        (ids[0].as_str(), ids[299].as_str()),
-        (Some("b-000"), Some("b-299"))
+        (ids[0].as_str(), ids[1099].as_str()),
+        (Some("b-0000"), Some("b-1099"))
     );
 }
 
