@@ -567,9 +567,9 @@ fn twice_in_batch(devices: &[DeviceRegistration]) -> Result<(), ApiError> {
 
 /// `GET`, `PATCH` and `DELETE /v1/devices/batch`: the routes of
 /// `/v1/devices/{id}` for the device whose id is `batch`, which the static
-/// path of the batch registration would otherwise hide. Routed by
-/// `api::app` with the roles of those routes; not separate routes of the
-/// API (the document's `/v1/devices/{id}` covers them).
+/// path of the batch registration would otherwise hide, with those
+/// routes' roles. The OpenAPI document describes them as copies of those
+/// routes' operations without the `id` parameter (`openapi::refine`).
 pub(crate) mod batch_named_device {
     use super::*;
 

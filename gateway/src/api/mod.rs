@@ -113,6 +113,26 @@ fn table() -> Vec<Entry> {
             Some(Operator),
             devices::create_devices,
         ),
+        // The batch path is also `/v1/devices/{id}` of the device named
+        // `batch`, which the static path would otherwise hide.
+        entry(
+            GET,
+            devices::BATCH_PATH,
+            Some(Viewer),
+            devices::batch_named_device::get,
+        ),
+        entry(
+            PATCH,
+            devices::BATCH_PATH,
+            Some(Operator),
+            devices::batch_named_device::patch,
+        ),
+        entry(
+            DELETE,
+            devices::BATCH_PATH,
+            Some(Operator),
+            devices::batch_named_device::delete,
+        ),
         entry(GET, "/v1/devices", Some(Viewer), devices::list_devices),
         entry(GET, "/v1/devices/{id}", Some(Viewer), devices::get_device),
         entry(
@@ -211,30 +231,22 @@ pub fn app(state: AppState) -> Router {
         batch: state.config.batch_max_body_bytes,
     };
     let document = openapi::document(&state.config);
-    let auth = |role: Role| middleware::from_fn_with_state((state.clone(), role), auth::layer);
     let mut router = Router::new();
     for (info, method_router) in table() {
         let method_router = match info.role {
-            Some(role) => method_router.route_layer(auth(role)),
+            Some(role) => method_router.route_layer(middleware::from_fn_with_state(
+                (state.clone(), role),
+                auth::layer,
+            )),
             None => method_router,
         };
         // The batch registration reads bodies up to its own limit.
-        let method_router = if info.path == devices::BATCH_PATH {
+        let method_router = if info.path == devices::BATCH_PATH && info.method == "POST" {
             method_router.layer(DefaultBodyLimit::max(limits.batch))
         } else {
             method_router
         };
         router = router.route(info.path, method_router);
-    }
-    // The other methods of the batch path are `/v1/devices/{id}` for the
-    // device named `batch`, with those routes' roles.
-    {
-        use devices::batch_named_device as named;
-        let reads = axum::routing::get(named::get).route_layer(auth(Role::Viewer));
-        let writes = axum::routing::patch(named::patch)
-            .delete(named::delete)
-            .route_layer(auth(Role::Operator));
-        router = router.route(devices::BATCH_PATH, reads.merge(writes));
     }
     router
         .fallback(|| async { error::ApiError::from_status(StatusCode::NOT_FOUND) })
