@@ -21,7 +21,7 @@ use super::extract::{
 };
 use super::schemas::{DeviceId, JsonObject, LabelFilter, Labels};
 use super::validate;
-use crate::limits::{self, LimitError, MAX_BATCH_DEVICES};
+use crate::limits::{LimitError, MAX_BATCH_DEVICES};
 use crate::ops::{Device, DeviceRegistration, MAX_CONFLICTS_LISTED, Op, OpResult};
 use crate::shared::{hash_secret, random_token};
 use crate::state::DeviceFilter;
@@ -470,9 +470,9 @@ pub(crate) async fn create_devices(
     }
     twice_in_batch(&devices)?;
     let ids: Vec<String> = devices.iter().map(|d| d.id.clone()).collect();
+    // `write` checks the entry's size first (413 over 8 MiB, nothing
+    // proposed).
     let op = Op::RegisterDevices { devices };
-    // The entry's size (413) before proposing; `write` checks it again.
-    limits::check_op(&op)?;
     let (index, result) = write(&state, op).await?;
     match result {
         OpResult::Done => {
