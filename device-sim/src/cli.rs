@@ -135,7 +135,10 @@ pub struct Common {
     /// the devices file, a new secret (instead of failing).
     #[arg(long)]
     pub rotate_existing: bool,
-    /// Registrations in flight at once.
+    /// Single registrations in flight at once. Devices are registered in
+    /// batches of 1,000 (POST /v1/devices/batch, one log entry each); one
+    /// request per device only for a batch that met devices registered
+    /// already.
     #[arg(long, default_value_t = 32)]
     pub register_concurrency: usize,
     /// Timeout of one REST request, in milliseconds.

@@ -1,5 +1,6 @@
-//! Device credentials: registering simulated devices over REST, and the
-//! devices file that keeps their secrets between runs.
+//! Device credentials: registering simulated devices over REST (in
+//! batches of 1,000, one log entry each), and the devices file that keeps
+//! their secrets between runs.
 //!
 //! The gateway shows a device's secret only once, at registration. A run
 //! writes every id and secret it knows to `--devices-file`; a later run
@@ -18,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::rest::{Api, Registration};
+use crate::rest::{Api, BatchRegistration, MAX_BATCH, Registration};
 
 /// A device id and its MQTT password.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,9 +199,80 @@ pub async fn provision(api: Option<&Api>, p: &Provision<'_>) -> Result<Vec<Crede
         .collect()
 }
 
-/// Registers `ids`; returns the new credentials and the ids that were
-/// already taken (unless rotated).
+/// Batch registrations in flight at once: two keep the gateway busy (one
+/// is checked and proposed while the other commits) without holding more
+/// than two bodies of up to 1,000 devices there.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// Registers `ids` in batches of up to [`MAX_BATCH`] (one log entry each);
+/// a batch refused because some of its ids are taken is registered one
+/// device at a time instead (finding the taken ones, and rotating them if
+/// asked). Returns the new credentials and the ids that were already taken
+/// (unless rotated). What was registered is saved to the devices file
+/// before an error is returned.
 async fn register_all(
+    api: &Api,
+    ids: &[String],
+    p: &Provision<'_>,
+) -> Result<(Vec<Credentials>, Vec<String>)> {
+    let gate = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    let mut tasks = JoinSet::new();
+    for chunk in ids.chunks(MAX_BATCH) {
+        let (api, gate, chunk) = (api.clone(), gate.clone(), chunk.to_vec());
+        tasks.spawn(async move {
+            let _permit = gate.acquire_owned().await;
+            let r = api.register_batch(&chunk).await;
+            (chunk, r)
+        });
+    }
+    let mut created = Vec::new();
+    let mut one_by_one = Vec::new();
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        let (chunk, r) = joined.context("a registration task failed")?;
+        match r {
+            Ok(BatchRegistration::Created(done)) => created.extend(
+                done.into_iter()
+                    .map(|(id, secret)| Credentials { id, secret }),
+            ),
+            Ok(BatchRegistration::Conflict(_)) => one_by_one.extend(chunk),
+            Err(e) => {
+                if first_error.is_none() {
+                    first_error = Some(e);
+                }
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        save_partial(p, &created)?;
+        return Err(e);
+    }
+    one_by_one.sort();
+    let (more, taken) = match register_each(api, &one_by_one, p).await {
+        Ok(r) => r,
+        Err(e) => {
+            save_partial(p, &created)?;
+            return Err(e);
+        }
+    };
+    created.extend(more);
+    Ok((created, taken))
+}
+
+/// Keeps what was registered before a failure: the devices file gets it.
+fn save_partial(p: &Provision<'_>, created: &[Credentials]) -> Result<()> {
+    if let Some(path) = p.file {
+        let mut file = DevicesFile::load(path)?;
+        file.merge(created);
+        file.save(path)?;
+    }
+    Ok(())
+}
+
+/// Registers `ids` one request each (`--register-concurrency` at once);
+/// returns the new credentials and the ids that were already taken
+/// (unless rotated).
+async fn register_each(
     api: &Api,
     ids: &[String],
     p: &Provision<'_>,
@@ -238,11 +310,7 @@ async fn register_all(
     taken.sort();
     if let Some(e) = first_error {
         // Keep what was registered: the caller saves it before failing.
-        if let Some(path) = p.file {
-            let mut file = DevicesFile::load(path)?;
-            file.merge(&created);
-            file.save(path)?;
-        }
+        save_partial(p, &created)?;
         return Err(e);
     }
     Ok((created, taken))

@@ -29,6 +29,24 @@ pub enum Registration {
     Exists,
 }
 
+/// The outcome of registering devices in one batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchRegistration {
+    /// All registered: each id with its secret, in the order asked.
+    Created(Vec<(String, String)>),
+    /// None registered: some ids are taken (409; the gateway names at most
+    /// 100 of them).
+    Conflict(Vec<String>),
+}
+
+/// The most devices one `POST /v1/devices/batch` registers.
+pub const MAX_BATCH: usize = 1000;
+
+/// How often a batch refused before it was proposed (503 `batch-busy`,
+/// `no-leader`, `write-dropped`, `write-refused`: not applied) is sent
+/// again, waiting its `Retry-After` (at most 5 s) in between.
+const BATCH_RETRIES: u32 = 5;
+
 /// Why a request failed, as counted by the benchmarks.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RequestError {
@@ -88,6 +106,47 @@ fn problem_text(body: &str) -> String {
                 .map(str::to_string)
         })
         .unwrap_or_else(|| body.chars().take(300).collect())
+}
+
+/// Whether a 503 problem says its write was not applied (so sending it
+/// again cannot register anything twice).
+fn not_applied(body: &str) -> bool {
+    let kind = serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("type").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_default();
+    ["batch-busy", "no-leader", "write-dropped", "write-refused"]
+        .iter()
+        .any(|slug| kind == format!("urn:entente:problem:{slug}"))
+}
+
+/// Each id of a batch with the secret the gateway answered for it, which
+/// must come in the order asked.
+fn secrets_in_order(ids: &[String], answer: &Value) -> Result<Vec<(String, String)>> {
+    let devices = answer
+        .get("devices")
+        .and_then(Value::as_array)
+        .context("the answer has no devices")?;
+    if devices.len() != ids.len() {
+        bail!(
+            "the answer has {} devices for the {} asked",
+            devices.len(),
+            ids.len()
+        );
+    }
+    ids.iter()
+        .zip(devices)
+        .map(|(id, d)| {
+            if d.get("id").and_then(Value::as_str) != Some(id.as_str()) {
+                bail!("the answer's devices are not in the order asked (expected {id})");
+            }
+            let secret = d
+                .get("secret")
+                .and_then(Value::as_str)
+                .with_context(|| format!("the answer has no secret for {id}"))?;
+            Ok((id.clone(), secret.to_string()))
+        })
+        .collect()
 }
 
 async fn fail(what: &str, res: reqwest::Response) -> anyhow::Error {
@@ -162,6 +221,79 @@ impl Api {
             }
             StatusCode::CONFLICT => Ok(Registration::Exists),
             _ => Err(fail(&format!("registering {id}"), res).await),
+        }
+    }
+
+    /// `POST /v1/devices/batch` on the first gateway: registers `ids`
+    /// (at most [`MAX_BATCH`]) in one log entry, all or none.
+    pub async fn register_batch(&self, ids: &[String]) -> Result<BatchRegistration> {
+        let url = format!("{}/v1/devices/batch", self.base(0));
+        let devices: Vec<Value> = ids
+            .iter()
+            .map(|id| json!({ "id": id, "labels": { "sim": "true" } }))
+            .collect();
+        let body = json!({ "devices": devices });
+        let what = || {
+            format!(
+                "registering {} devices from {} (POST {url})",
+                ids.len(),
+                ids.first().map_or("", String::as_str)
+            )
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let res = self
+                .request(reqwest::Method::POST, url.clone())
+                .json(&body)
+                .send()
+                .await
+                .with_context(what)?;
+            match res.status() {
+                StatusCode::CREATED => {
+                    let answer: Value = res.json().await.with_context(what)?;
+                    return secrets_in_order(ids, &answer)
+                        .map(BatchRegistration::Created)
+                        .with_context(what);
+                }
+                StatusCode::CONFLICT => {
+                    let answer: Value = res.json().await.with_context(what)?;
+                    let taken = answer
+                        .get("conflicting_ids")
+                        .and_then(Value::as_array)
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(Value::as_str)
+                                .map(str::to_string)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    return Ok(BatchRegistration::Conflict(taken));
+                }
+                StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => {
+                    bail!(
+                        "{}: the gateway has no POST /v1/devices/batch (HTTP {}); it is older \
+                         than this simulator — use a simulator of its version",
+                        what(),
+                        res.status().as_u16()
+                    );
+                }
+                StatusCode::SERVICE_UNAVAILABLE if attempt <= BATCH_RETRIES => {
+                    let retry = res
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(1)
+                        .min(5);
+                    let text = res.text().await.unwrap_or_default();
+                    if !not_applied(&text) {
+                        bail!("{}: HTTP 503: {}", what(), problem_text(&text));
+                    }
+                    tokio::time::sleep(Duration::from_secs(retry)).await;
+                }
+                _ => return Err(fail(&what(), res).await),
+            }
         }
     }
 
@@ -397,5 +529,26 @@ mod tests {
         );
         assert_eq!(problem_text("plain"), "plain");
         assert_eq!(RequestError::Status(503).to_string(), "http 503");
+    }
+
+    #[test]
+    fn batch_answers_are_read_in_order_and_retried_only_when_not_applied() {
+        let ids = vec!["a".to_string(), "b".to_string()];
+        let ok = json!({"index": 5, "devices": [{"id": "a", "secret": "s1"}, {"id": "b", "secret": "s2"}]});
+        assert_eq!(
+            secrets_in_order(&ids, &ok).expect("in order"),
+            [("a".into(), "s1".into()), ("b".into(), "s2".into())]
+        );
+        let swapped =
+            json!({"devices": [{"id": "b", "secret": "s2"}, {"id": "a", "secret": "s1"}]});
+        assert!(secrets_in_order(&ids, &swapped).is_err());
+        let short = json!({"devices": [{"id": "a", "secret": "s1"}]});
+        assert!(secrets_in_order(&ids, &short).is_err());
+        let problem = |slug: &str| format!(r#"{{"type":"urn:entente:problem:{slug}"}}"#);
+        assert!(not_applied(&problem("batch-busy")));
+        assert!(not_applied(&problem("no-leader")));
+        assert!(!not_applied(&problem("write-timeout")));
+        assert!(!not_applied(&problem("outcome-unknown")));
+        assert!(!not_applied("not json"));
     }
 }

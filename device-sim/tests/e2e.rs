@@ -62,6 +62,59 @@ async fn status(api: &Api, cid: &str) -> String {
         .to_string()
 }
 
+/// Whether `secret` is what the gateway holds for device `id`.
+async fn holds_secret(gw: &Gateway, id: &str, secret: &str) -> bool {
+    let creds = gw
+        .db()
+        .device_credentials(id)
+        .await
+        .expect("read")
+        .unwrap_or_else(|| panic!("{id} is not registered"));
+    creds.secret_hash == gateway::hash_secret(secret)
+}
+
+/// A fleet is registered in batches of 1,000, one log entry each (2,500
+/// devices: three entries, not 2,500); a batch that meets devices already
+/// registered is registered one device at a time instead, which finds the
+/// taken ones and, when asked, gives them new secrets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_is_registered_in_batches_of_a_thousand() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let before = env.gw.db().applied_index();
+    let p = Provision {
+        prefix: "b-",
+        count: 2500,
+        file: None,
+        rotate_existing: false,
+        concurrency: 16,
+    };
+    let creds = provision(Some(&env.api), &p).await.expect("register");
+    assert_eq!(creds.len(), 2500);
+    assert_eq!(env.gw.db().applied_index(), before + 3, "three entries");
+    for i in [0, 999, 1000, 2499] {
+        assert_eq!(creds[i].id, format!("b-{i:06}"));
+        assert!(holds_secret(&env.gw, &creds[i].id, &creds[i].secret).await);
+    }
+
+    // One of the next fleet is registered already, its secret unknown.
+    use device_sim::rest::Registration;
+    let early = env.api.register("r-000003").await.expect("register one");
+    assert!(matches!(early, Registration::Created(_)), "{early:?}");
+    let p = Provision {
+        prefix: "r-",
+        count: 10,
+        rotate_existing: true,
+        ..p
+    };
+    let creds = provision(Some(&env.api), &p).await.expect("register");
+    assert_eq!(creds.len(), 10);
+    for c in &creds {
+        assert!(holds_secret(&env.gw, &c.id, &c.secret).await, "{}", c.id);
+    }
+    env.gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fleet_answers_commands_failures_and_offline_queues() {
     let tmp = tempfile::tempdir().expect("tmp");

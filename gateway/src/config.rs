@@ -272,6 +272,9 @@ pub struct Config {
     pub snapshot_every: u64,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Largest accepted body of `POST /v1/devices/batch` (up to 1,000
+    /// devices); every other route takes at most `max_body_bytes`.
+    pub batch_max_body_bytes: usize,
     /// Largest page size of list endpoints.
     pub max_page: u32,
     /// Longest `?wait=` a client may ask for.
@@ -389,6 +392,7 @@ impl Config {
             snapshot_log_bytes: 64 << 20,
             snapshot_every: u64::MAX,
             max_body_bytes: 64 * 1024,
+            batch_max_body_bytes: 4 * 1024 * 1024,
             max_page: 1000,
             max_wait: Duration::from_secs(60),
             mqtt_listen: Some(SocketAddr::new(http_listen.ip(), 0)),

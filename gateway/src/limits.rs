@@ -44,6 +44,17 @@ pub const MAX_DOCUMENT_BYTES: usize = 64 * 1024;
 /// The most characters of an input quoted back in an error message.
 pub const MAX_ECHO_CHARS: usize = 64;
 
+/// The most devices one [`Op::RegisterDevices`] (one
+/// `POST /v1/devices/batch`) registers.
+pub const MAX_BATCH_DEVICES: usize = 1000;
+
+/// The largest entry a gateway proposes, encoded: 8 MiB. Only a batch
+/// registration comes near it (every other operation carries at most a
+/// few values of [`MAX_DOCUMENT_BYTES`]). Half the peer transport's frame
+/// limit (16 MiB): a proposal forwarded to the leader, and an append
+/// carrying the entry, always fit in a frame, with room to spare.
+pub const MAX_ENTRY_BYTES: usize = 8 * 1024 * 1024;
+
 /// Why a JSON value may not be proposed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {
@@ -83,6 +94,24 @@ pub enum LimitError {
         what: &'static str,
         /// The parser's message.
         error: String,
+    },
+    /// A batch of no devices, or of more than [`MAX_BATCH_DEVICES`].
+    #[error(
+        "a batch registers 1 to {MAX_BATCH_DEVICES} devices ({count} given); send more in \
+         further batches"
+    )]
+    BatchSize {
+        /// How many devices it has.
+        count: usize,
+    },
+    /// The entry would be larger than [`MAX_ENTRY_BYTES`].
+    #[error(
+        "the log entry would be {size} bytes; an entry may be at most {MAX_ENTRY_BYTES} bytes \
+         (8 MiB) — send fewer devices, or smaller attributes, per batch"
+    )]
+    EntryTooLarge {
+        /// Its encoded size.
+        size: usize,
     },
 }
 
@@ -145,6 +174,23 @@ pub fn check_value(what: &'static str, v: &Value) -> Result<(), LimitError> {
 pub fn check_op(op: &Op) -> Result<(), LimitError> {
     match op {
         Op::RegisterDevice { attributes, .. } => check_value("attributes", attributes),
+        Op::RegisterDevices { devices } => {
+            if devices.is_empty() || devices.len() > MAX_BATCH_DEVICES {
+                return Err(LimitError::BatchSize {
+                    count: devices.len(),
+                });
+            }
+            for d in devices {
+                check_value("attributes", &d.attributes)?;
+            }
+            // The only operation whose entry can come near the limit: the
+            // others carry a few values of at most MAX_DOCUMENT_BYTES.
+            let size = crate::ops::entry_len(op);
+            if size > MAX_ENTRY_BYTES {
+                return Err(LimitError::EntryTooLarge { size });
+            }
+            Ok(())
+        }
         Op::UpdateDevice { attributes, .. } => attributes
             .as_ref()
             .map_or(Ok(()), |a| check_value("attributes", a)),

@@ -61,6 +61,37 @@ pub enum DecodeError {
     UnknownFormat(String),
 }
 
+/// The size of the entry a proposal of `op` encodes to (in
+/// [`ENTRY_FORMAT`], with the widest time stamp), counted without building
+/// it.
+pub fn entry_len(op: &Op) -> usize {
+    /// A [`Proposal`] by reference: encodes the same.
+    #[derive(Serialize)]
+    struct ProposalRef<'a> {
+        ts_ms: u64,
+        op: &'a Op,
+    }
+    /// Counts bytes written.
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Counter(1);
+    let p = ProposalRef {
+        ts_ms: u64::MAX,
+        op,
+    };
+    // Plain data with string map keys: serialising cannot fail.
+    let _ = rmp_serde::encode::write_named(&mut c, &p);
+    c.0
+}
+
 impl Proposal {
     /// Encodes for the log, in [`ENTRY_FORMAT`].
     pub fn encode(&self) -> Vec<u8> {
@@ -125,6 +156,16 @@ pub enum Op {
         /// may log in with over TLS, if any.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cert_sha256: Option<String>,
+    },
+    /// Registers several devices in one entry (`POST /v1/devices/batch`),
+    /// all or none: if any id is registered already, or any fingerprint
+    /// belongs to another device (or two of the entry name the same id or
+    /// fingerprint), the result is `BatchConflict` and nothing changes.
+    /// Gateways before this operation existed cannot decode it and stop
+    /// on it (as on any entry they cannot read).
+    RegisterDevices {
+        /// The devices, in the order of the request.
+        devices: Vec<DeviceRegistration>,
     },
     /// Replaces labels, attributes and/or the certificate fingerprint.
     /// NotFound if the device does not exist; Conflict if another device
@@ -249,12 +290,31 @@ pub enum Op {
     },
 }
 
+/// One device of [`Op::RegisterDevices`]: the fields of
+/// [`Op::RegisterDevice`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRegistration {
+    /// Device id (validated by the API).
+    pub id: String,
+    /// SHA-256 (hex) of the device secret; empty for a device without one.
+    pub secret_hash: String,
+    /// Labels for filtering.
+    pub labels: BTreeMap<String, String>,
+    /// Free-form JSON object.
+    pub attributes: Value,
+    /// SHA-256 (lowercase hex) of the DER client certificate the device may
+    /// log in with over TLS, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_sha256: Option<String>,
+}
+
 impl Op {
     /// The event kind this operation produces, for the event stream.
     pub fn kind(&self) -> &'static str {
         match self {
             Op::BootstrapAdmin { .. } | Op::CreateToken { .. } => "token",
             Op::RegisterDevice { .. } => "device.registered",
+            Op::RegisterDevices { .. } => "devices.registered",
             Op::UpdateDevice { .. } => "device.updated",
             Op::DeleteDevice { .. } => "device.deleted",
             Op::RotateSecret { .. } => "device.secret_rotated",
@@ -331,7 +391,19 @@ pub enum OpResult {
     /// document past its maximum size); nothing changed. The message says
     /// which and by how much.
     TooLarge(String),
+    /// Devices of an [`Op::RegisterDevices`] conflict with the registry or
+    /// with each other; nothing was registered.
+    BatchConflict {
+        /// The first conflicting devices in the entry's order (at most
+        /// [`MAX_CONFLICTS_LISTED`]): the id and why.
+        conflicts: Vec<(String, String)>,
+        /// How many devices of the entry conflict in all.
+        total: usize,
+    },
 }
+
+/// The most conflicting devices an [`OpResult::BatchConflict`] lists.
+pub const MAX_CONFLICTS_LISTED: usize = 100;
 
 /// What a token may do. Ordered: admin ⊃ operator ⊃ viewer.
 #[derive(
@@ -548,6 +620,12 @@ mod format_tests {
         let bytes = p.encode();
         assert_eq!(bytes[0], ENTRY_FORMAT);
         assert_eq!(Proposal::decode(&bytes).unwrap(), p);
+        // `entry_len` counts what `encode` writes (with the widest stamp).
+        let widest = Proposal {
+            ts_ms: u64::MAX,
+            op: p.op.clone(),
+        };
+        assert_eq!(entry_len(&p.op), widest.encode().len());
         // Smaller than the JSON of format 1.
         assert!(bytes.len() < p.encode_json().len(), "{} bytes", bytes.len());
     }
@@ -567,6 +645,36 @@ mod format_tests {
             assert_eq!(Proposal::decode(&p.encode()).unwrap(), p);
             assert_eq!(Proposal::decode(&p.encode_json()).unwrap(), p);
         }
+    }
+
+    #[test]
+    fn a_batch_registration_reads_back_exactly_and_an_unknown_operation_is_refused() {
+        let device = |id: &str, cert: Option<String>| DeviceRegistration {
+            id: id.into(),
+            secret_hash: "ab".repeat(32),
+            labels: BTreeMap::from([("site".to_string(), "north".to_string())]),
+            attributes: serde_json::json!({"model": "X2", "f": 0.1}),
+            cert_sha256: cert,
+        };
+        let p = Proposal {
+            ts_ms: 7,
+            op: Op::RegisterDevices {
+                devices: vec![device("a", None), device("b", Some("cd".repeat(32)))],
+            },
+        };
+        assert_eq!(Proposal::decode(&p.encode()).unwrap(), p);
+        assert_eq!(Proposal::decode(&p.encode_json()).unwrap(), p);
+        // A gateway that does not know an operation cannot decode its entry
+        // (and so stops on it rather than skip it): what a gateway of the
+        // version before `register_devices` meets.
+        let mut v: Value = serde_json::from_slice(&p.encode_json()).unwrap();
+        v["op"]["op"] = "register_devices_v2".into();
+        let future = Proposal::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(future.to_string().contains("unknown variant"), "{future}");
+        let mut packed = vec![ENTRY_FORMAT];
+        rmp_serde::encode::write_named(&mut packed, &v).unwrap();
+        let future = Proposal::decode(&packed).unwrap_err();
+        assert!(future.to_string().contains("unknown variant"), "{future}");
     }
 
     #[test]

@@ -299,6 +299,60 @@ async fn a_device_is_reached_through_whichever_gateway_holds_it() {
     c.stop().await;
 }
 
+/// A batch registration sent to a follower is forwarded as one entry and
+/// registered on every member: each applies the same entry, so each lists
+/// the same devices at the same index, and a device logs in with the
+/// secret the batch returned on a gateway other than the one that took it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_sent_to_a_follower_is_registered_on_every_member() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let c = three(tmp.path()).await;
+    let leader = c.leader();
+    let follower = (1..=3).find(|&g| g != leader).expect("a follower");
+    let other = (1..=3)
+        .find(|&g| g != leader && g != follower)
+        .expect("another follower");
+    let devices: Vec<Value> = (0..500)
+        .map(|i| json!({"id": format!("fleet-{i:03}"), "labels": {"batch": "one"}}))
+        .collect();
+    let (status, answer) = c
+        .try_request(
+            follower,
+            reqwest::Method::POST,
+            "/v1/devices/batch",
+            json!({ "devices": devices }),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{answer}");
+    let index = answer["index"].as_u64().expect("index");
+    for g in 1..=3 {
+        c.gws[&g]
+            .node()
+            .wait_applied(index, WAIT)
+            .await
+            .expect("applied on every member");
+        let page = c
+            .get(
+                g,
+                "/v1/devices?consistency=local&label=batch=one&limit=1000",
+            )
+            .await;
+        let items = page["items"].as_array().expect("items");
+        assert_eq!(items.len(), 500, "gateway {g}");
+        assert_eq!(items[499]["id"], "fleet-499", "gateway {g}");
+    }
+    // One entry: every member stored the same single event at its index.
+    let (_, kind, data) = c.events(other, index - 1).await.next().await;
+    assert_eq!(kind, "devices.registered");
+    assert_eq!(data["devices"].as_array().map(Vec::len), Some(500));
+    let secret = answer["devices"][250]["secret"].as_str().expect("secret");
+    let mut d = connect_v4(c.mqtt(other), "fleet-250", "fleet-250", secret);
+    d.expect_connack().await;
+    c.wait_presence(leader, "fleet-250", true, Some(other))
+        .await;
+    c.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_of_a_lost_gateway_are_declared_lost_and_move_on() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -129,6 +129,7 @@ fn validate(doc: &Value, schema: &Value, v: &Value, at: &str) -> Vec<String> {
 const SEEN: &[&str] = &[
     "token",
     "device.registered",
+    "devices.registered",
     "device.updated",
     "shadow.desired",
     "command.issued",
@@ -229,6 +230,12 @@ async fn every_event_sent_is_described_by_the_openapi_document() {
     )
     .await;
     let secret = created["secret"].as_str().expect("secret").to_string();
+    send(
+        Method::POST,
+        "/v1/devices/batch",
+        Some(json!({"devices": [{"id": "pump-2"}, {"id": "pump-3", "labels": {"site": "b"}}]})),
+    )
+    .await;
     send(
         Method::PATCH,
         "/v1/devices/pump-1",

@@ -48,11 +48,12 @@ fn the_readme_gateway_commands_work() {
         &[("gateway", env!("CARGO_BIN_EXE_gateway"))],
     );
     let out = runner.run();
-    // What the requests answered: a device, a command, the API document,
+    // What the requests answered: a device, a command, a batch, the API document,
     // the members, the transfer and the removal.
     for expected in [
         "\"id\":\"pump-7\"",
         "\"name\":\"reboot\"",
+        "\"devices\":[{\"id\":\"pump-8\",\"secret\":",
         "{\"openapi\":",
         "\"suffrage\":\"learner\"",
         "\"suffrage\":\"voter\"",

@@ -1,12 +1,16 @@
 //! `/v1/devices`: register, list, read, update, delete, rotate secrets.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::State;
+use axum::Extension;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
@@ -17,7 +21,8 @@ use super::extract::{
 };
 use super::schemas::{DeviceId, JsonObject, LabelFilter, Labels};
 use super::validate;
-use crate::ops::{Device, Op, OpResult};
+use crate::limits::{LimitError, MAX_BATCH_DEVICES};
+use crate::ops::{Device, DeviceRegistration, MAX_CONFLICTS_LISTED, Op, OpResult};
 use crate::shared::{hash_secret, random_token};
 use crate::state::DeviceFilter;
 
@@ -251,31 +256,345 @@ pub(crate) async fn create_device(
 /// proposes (`secret_hash`: of the secret generated for it, empty for
 /// none).
 pub(crate) fn register_op(body: NewDevice, secret_hash: String) -> Result<Op, ApiError> {
-    validate::body_device_id(&body.id)?;
-    validate::labels(&body.labels)?;
+    let d = registration(body, secret_hash).map_err(|(_, e)| e)?;
+    Ok(Op::RegisterDevice {
+        id: d.id,
+        secret_hash: d.secret_hash,
+        labels: d.labels,
+        attributes: d.attributes,
+        cert_sha256: d.cert_sha256,
+    })
+}
+
+/// Checks one device's registration: the device as an entry carries it, or
+/// the field that is wrong (its name in the body) and why.
+fn registration(
+    body: NewDevice,
+    secret_hash: String,
+) -> Result<DeviceRegistration, (&'static str, ApiError)> {
+    validate::body_device_id(&body.id).map_err(|e| ("id", e))?;
+    validate::labels(&body.labels).map_err(|e| ("labels", e))?;
     let attributes = body
         .attributes
         .unwrap_or_else(|| Value::Object(Default::default()));
-    validate::object("attributes", &attributes)?;
-    validate::json_value("attributes", &attributes)?;
+    validate::object("attributes", &attributes)
+        .and_then(|()| validate::json_value("attributes", &attributes))
+        .map_err(|e| ("attributes", e))?;
     let cert_sha256 = body
         .cert_sha256
         .as_deref()
         .map(validate::cert_sha256)
-        .transpose()?;
+        .transpose()
+        .map_err(|e| ("cert_sha256", e))?;
     if body.auth == Some(DeviceAuth::Certificate) && cert_sha256.is_none() {
-        return Err(ApiError::invalid(
-            "\"auth\": \"certificate\" needs cert_sha256, the SHA-256 of the device's client \
-             certificate; without it the device could not log in",
+        return Err((
+            "auth",
+            ApiError::invalid(
+                "\"auth\": \"certificate\" needs cert_sha256, the SHA-256 of the device's \
+                 client certificate; without it the device could not log in",
+            ),
         ));
     }
-    Ok(Op::RegisterDevice {
+    Ok(DeviceRegistration {
         id: body.id,
         secret_hash,
         labels: body.labels,
         attributes,
         cert_sha256,
     })
+}
+
+/// The path of the batch registration. The same path with GET, PATCH and
+/// DELETE is `/v1/devices/{id}` of a device named `batch` (an id the API
+/// has always allowed): see [`batch_named_device`].
+pub(crate) const BATCH_PATH: &str = "/v1/devices/batch";
+
+/// Most `POST /v1/devices/batch` requests a gateway works on at once. Each
+/// holds its body (up to `batch_max_body_bytes`, 4 MiB by default) and
+/// what it decodes to until its entry is proposed; more wait for a place,
+/// at most the write timeout, and then get 503 `batch-busy`.
+pub(crate) const BATCHES_AT_ONCE: usize = 4;
+
+/// The places of [`BATCHES_AT_ONCE`].
+#[derive(Debug)]
+pub(crate) struct BatchSlots(Arc<Semaphore>);
+
+impl BatchSlots {
+    pub(crate) fn new() -> BatchSlots {
+        BatchSlots(Arc::new(Semaphore::new(BATCHES_AT_ONCE)))
+    }
+
+    /// A place for one batch, waiting at most `wait`.
+    async fn enter(&self, wait: Duration) -> Result<OwnedSemaphorePermit, ApiError> {
+        match tokio::time::timeout(wait, self.0.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(ApiError::unavailable(
+                "batch-busy",
+                format!(
+                    "this gateway is working on {BATCHES_AT_ONCE} batch registrations already; \
+                     nothing of this one was registered — retry shortly, or on another gateway"
+                ),
+                1,
+            )),
+        }
+    }
+}
+
+/// Body of `POST /v1/devices/batch`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"devices": [
+    {"id": "pump-7", "labels": {"site": "north"}, "attributes": {"model": "X2"}},
+    {"id": "pump-8", "labels": {"site": "north"}}
+]}))]
+pub struct NewDevices {
+    /// 1 to 1,000 devices, each as the body of `POST /v1/devices`. Their
+    /// ids, and their certificate fingerprints, must differ (409 if two
+    /// are the same).
+    #[serde(deserialize_with = "at_most_a_batch")]
+    #[schema(min_items = 1, max_items = 1000)]
+    pub devices: Vec<NewDevice>,
+}
+
+/// Reads the devices of a batch, refusing the 1,001st as soon as it is met
+/// (the body's size alone would let hundreds of thousands of tiny devices
+/// be decoded first).
+fn at_most_a_batch<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<NewDevice>, D::Error> {
+    struct Devices;
+    impl<'de> serde::de::Visitor<'de> for Devices {
+        type Value = Vec<NewDevice>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "an array of 1 to {MAX_BATCH_DEVICES} devices")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_BATCH_DEVICES));
+            while let Some(d) = seq.next_element()? {
+                if out.len() == MAX_BATCH_DEVICES {
+                    return Err(serde::de::Error::custom(format!(
+                        "a batch registers at most {MAX_BATCH_DEVICES} devices; send the rest \
+                         in further batches"
+                    )));
+                }
+                out.push(d);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Devices)
+}
+
+/// One device of a batch registration's answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchDevice {
+    /// Device id.
+    #[schema(value_type = DeviceId)]
+    pub id: String,
+    /// The device's secret (its MQTT password), as `POST /v1/devices`
+    /// returns it: only now; only a hash is stored. Absent for a device
+    /// registered with `"auth": "certificate"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// Response of `POST /v1/devices/batch`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"index": 42, "devices": [
+    {"id": "pump-7", "secret": "9f3c1a7e5b2d4c6e8a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f708192a3b4c5"},
+    {"id": "pump-8", "secret": "0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e"}
+]}))]
+pub struct RegisteredDevices {
+    /// The log index of the one entry that registered them all (as
+    /// `Entente-Index`).
+    pub index: u64,
+    /// Every device, in the order of the request.
+    pub devices: Vec<BatchDevice>,
+}
+
+/// Register up to 1,000 devices at once.
+///
+/// All or none, in one log entry: every device is checked before anything
+/// is proposed (a bad one is refused naming its position, e.g.
+/// `/devices/17/id`), and if any id is already registered, or any
+/// certificate fingerprint is another device's, none is registered (409,
+/// naming them). The answer carries each device's secret, in the order of
+/// the request — the only time they are shown. Each device is as
+/// `POST /v1/devices` registers it; the event stream announces them as one
+/// `devices.registered` event. The body may be up to 4 MiB (the gateway's
+/// `batch_max_body_bytes`); GET, PATCH and DELETE on this path address the
+/// device whose id is `batch`.
+#[utoipa::path(
+    post, path = "/v1/devices/batch", tag = "devices",
+    request_body = NewDevices,
+    responses(
+        (status = 201, description = "All registered, in one entry", body = RegisteredDevices,
+            headers(("Entente-Index" = u64, description = "Log index of the write"))),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs the operator role", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Nothing registered: some ids are taken, or some certificate fingerprints are other devices' — or two devices of the batch share an id or a fingerprint (`pointer` names the second). `conflicting_ids` names them (at most 100)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the batch limit (4 MiB by default), a device's attributes over 64 KiB as JSON (`pointer` names it), or a log entry over 8 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "No devices or more than 1,000, or a device's fields are invalid as in `POST /v1/devices` (`pointer` names the field, e.g. `/devices/17/id`)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout plus 1 s, with `Retry-After`: the gateway works on 4 batches already (`batch-busy`, not applied), no leader (`no-leader`, not applied), not committed within the write timeout (`write-timeout`, outcome unknown), leadership changed (`write-dropped`, not applied), the group is busy (`write-refused`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn create_devices(
+    State(state): State<AppState>,
+    Extension(slots): Extension<Arc<BatchSlots>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    // A place first: the body is read only with one.
+    let _slot = slots.enter(state.config.write_timeout).await?;
+    let ApiJson(body) = ApiJson::<NewDevices>::from_request(req, &state).await?;
+    let n = body.devices.len();
+    if n == 0 {
+        return Err(ApiError::from(LimitError::BatchSize { count: 0 }).at("/devices".into()));
+    }
+    let mut devices = Vec::with_capacity(n);
+    let mut secrets = Vec::with_capacity(n);
+    for (i, item) in body.devices.into_iter().enumerate() {
+        let secret = match item.auth.unwrap_or_default() {
+            DeviceAuth::Secret => Some(new_secret()?),
+            DeviceAuth::Certificate => None,
+        };
+        let hash = secret.as_deref().map(hash_secret).unwrap_or_default();
+        let d =
+            registration(item, hash).map_err(|(field, e)| e.at(format!("/devices/{i}/{field}")))?;
+        devices.push(d);
+        secrets.push(secret);
+    }
+    twice_in_batch(&devices)?;
+    let ids: Vec<String> = devices.iter().map(|d| d.id.clone()).collect();
+    // `write` checks the entry's size first (413 over 8 MiB, nothing
+    // proposed).
+    let op = Op::RegisterDevices { devices };
+    let (index, result) = write(&state, op).await?;
+    match result {
+        OpResult::Done => {
+            let devices = ids
+                .into_iter()
+                .zip(secrets)
+                .map(|(id, secret)| BatchDevice { id, secret })
+                .collect();
+            Ok(reply(
+                StatusCode::CREATED,
+                index,
+                &RegisteredDevices { index, devices },
+            ))
+        }
+        OpResult::BatchConflict { conflicts, total } => {
+            Err(batch_conflict(n, &conflicts, total).with_index(index))
+        }
+        r => Err(unexpected("register devices", &r, index)),
+    }
+}
+
+/// 409 for a batch whose devices `conflicts` (of `total`) conflict with the
+/// registry.
+fn batch_conflict(n: usize, conflicts: &[(String, String)], total: usize) -> ApiError {
+    const NAMED: usize = 5;
+    let named: Vec<String> = conflicts
+        .iter()
+        .take(NAMED)
+        .map(|(id, why)| format!("{id:?} ({why})"))
+        .collect();
+    let more = if total > named.len() {
+        format!(" and {} more", total - named.len())
+    } else {
+        String::new()
+    };
+    ApiError::conflict(format!(
+        "{total} of the {n} devices conflict with the registry, so none was registered: {}{more}; \
+         leave them out (or delete the registered ones) and send the batch again",
+        named.join(", ")
+    ))
+    .with_conflicting_ids(conflicts.iter().map(|(id, _)| id.clone()).collect())
+}
+
+/// 409 if two devices of a batch have the same id or the same certificate
+/// fingerprint: the second cannot be registered once the first is (the
+/// document cannot say "distinct ids", so a request it allows may have
+/// them; it is refused as a conflict, as an id already registered is).
+fn twice_in_batch(devices: &[DeviceRegistration]) -> Result<(), ApiError> {
+    let mut ids: HashMap<&str, usize> = HashMap::with_capacity(devices.len());
+    let mut certs: HashMap<&str, usize> = HashMap::new();
+    let mut first: Option<ApiError> = None;
+    let mut twice = Vec::new();
+    for (i, d) in devices.iter().enumerate() {
+        let clash = if let Some(&j) = ids.get(d.id.as_str()) {
+            Some(("id", format!("{:?} is also the id of /devices/{j}", d.id)))
+        } else {
+            ids.insert(&d.id, i);
+            let cert = d.cert_sha256.as_deref();
+            match cert.and_then(|c| certs.get(c)) {
+                Some(&j) => Some((
+                    "cert_sha256",
+                    format!("the certificate fingerprint is also the one of /devices/{j}"),
+                )),
+                None => {
+                    if let Some(c) = cert {
+                        certs.insert(c, i);
+                    }
+                    None
+                }
+            }
+        };
+        if let Some((field, why)) = clash {
+            if twice.len() < MAX_CONFLICTS_LISTED {
+                twice.push(d.id.clone());
+            }
+            if first.is_none() {
+                first = Some(
+                    ApiError::conflict(format!(
+                        "{why}; a device is registered once, and a certificate identifies one \
+                         device — nothing was registered"
+                    ))
+                    .at(format!("/devices/{i}/{field}")),
+                );
+            }
+        }
+    }
+    match first {
+        Some(e) => Err(e.with_conflicting_ids(twice)),
+        None => Ok(()),
+    }
+}
+
+/// `GET`, `PATCH` and `DELETE /v1/devices/batch`: the routes of
+/// `/v1/devices/{id}` for the device whose id is `batch`, which the static
+/// path of the batch registration would otherwise hide, with those
+/// routes' roles. The OpenAPI document describes them as copies of those
+/// routes' operations without the `id` parameter (`openapi::refine`).
+pub(crate) mod batch_named_device {
+    use super::*;
+
+    fn id() -> ApiPath<String> {
+        ApiPath("batch".to_string())
+    }
+
+    pub(crate) async fn get(
+        state: State<AppState>,
+        headers: HeaderMap,
+        q: ApiQuery<ReadQuery>,
+    ) -> Result<Response, ApiError> {
+        get_device(state, id(), headers, q).await
+    }
+
+    pub(crate) async fn patch(
+        state: State<AppState>,
+        body: ApiJson<DeviceUpdate>,
+    ) -> Result<Response, ApiError> {
+        update_device(state, id(), body).await
+    }
+
+    pub(crate) async fn delete(state: State<AppState>) -> Result<Response, ApiError> {
+        delete_device(state, id()).await
+    }
 }
 
 /// List devices.
@@ -486,5 +805,36 @@ pub(crate) async fn rotate_secret(
         }
         OpResult::NotFound(_) => Err(device_not_found(&id).with_index(index)),
         r => Err(unexpected("rotate secret", &r, index)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Batches beyond the places wait for one (bounded), then are refused
+    /// with 503 `batch-busy`; a place freed is taken by the next.
+    #[tokio::test]
+    async fn batches_beyond_the_places_wait_and_then_are_refused() {
+        let slots = BatchSlots::new();
+        let mut held = Vec::new();
+        for _ in 0..BATCHES_AT_ONCE {
+            held.push(slots.enter(Duration::ZERO).await.expect("a place"));
+        }
+        let refused = slots
+            .enter(Duration::from_millis(20))
+            .await
+            .expect_err("no place");
+        let p = refused.problem();
+        assert_eq!(
+            (p.status, p.kind.as_str()),
+            (503, "urn:entente:problem:batch-busy")
+        );
+        // A batch waiting while all places are taken gets the one freed.
+        let (waited, ()) = tokio::join!(slots.enter(Duration::from_secs(10)), async {
+            tokio::task::yield_now().await;
+            held.pop();
+        });
+        let _place = waited.expect("the freed place");
     }
 }

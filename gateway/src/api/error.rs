@@ -40,6 +40,16 @@ pub struct Problem {
     /// On a version conflict (412): the shadow's current version.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub current_version: Option<u64>,
+    /// Where in the request body the problem is, as a JSON pointer (RFC
+    /// 6901), when one item of a batch is refused: e.g. `/devices/17/id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "/devices/17/id")]
+    pub pointer: Option<String>,
+    /// On a batch refused because devices conflict with the registry
+    /// (409): their ids, in request order (at most 100; the detail says
+    /// how many in all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conflicting_ids: Option<Vec<String>>,
 }
 
 /// An error response: a problem document plus the headers that go with it.
@@ -53,6 +63,8 @@ struct Inner {
     title: &'static str,
     detail: String,
     current_version: Option<u64>,
+    pointer: Option<String>,
+    conflicting_ids: Option<Vec<String>>,
     retry_after: Option<u64>,
     www_authenticate: Option<&'static str>,
     index: Option<u64>,
@@ -73,6 +85,8 @@ impl ApiError {
             title,
             detail: detail.into(),
             current_version: None,
+            pointer: None,
+            conflicting_ids: None,
             retry_after: None,
             www_authenticate: None,
             index: None,
@@ -226,9 +240,34 @@ impl ApiError {
         ApiError::new(status, slug, title, detail)
     }
 
+    /// 413 for a request body over `limit` bytes (when known).
+    pub fn body_too_large(limit: Option<usize>) -> ApiError {
+        let mut e = ApiError::from_status(StatusCode::PAYLOAD_TOO_LARGE);
+        if let Some(limit) = limit {
+            e.0.detail = format!(
+                "the request body is larger than this endpoint accepts: at most {limit} bytes"
+            );
+        }
+        e
+    }
+
     /// Sets the log index header on the error response.
     pub fn with_index(mut self, index: u64) -> ApiError {
         self.0.index = Some(index);
+        self
+    }
+
+    /// Says where in the body the problem is: `pointer` (a JSON pointer)
+    /// goes in front of the detail and into the problem's `pointer`.
+    pub fn at(mut self, pointer: String) -> ApiError {
+        self.0.detail = format!("{pointer}: {}", self.0.detail);
+        self.0.pointer = Some(pointer);
+        self
+    }
+
+    /// Names the conflicting ids in the problem's `conflicting_ids`.
+    pub fn with_conflicting_ids(mut self, ids: Vec<String>) -> ApiError {
+        self.0.conflicting_ids = Some(ids);
         self
     }
 
@@ -241,6 +280,8 @@ impl ApiError {
             status: i.status.as_u16(),
             detail: i.detail.clone(),
             current_version: i.current_version,
+            pointer: i.pointer.clone(),
+            conflicting_ids: i.conflicting_ids.clone(),
         }
     }
 }
@@ -371,7 +412,10 @@ pub fn read_error(e: NodeError) -> ApiError {
 impl From<LimitError> for ApiError {
     fn from(e: LimitError) -> ApiError {
         match e {
-            LimitError::TooLarge { .. } => ApiError::too_large(e.to_string()),
+            LimitError::TooLarge { .. } | LimitError::EntryTooLarge { .. } => {
+                ApiError::too_large(e.to_string())
+            }
+            LimitError::BatchSize { .. } => ApiError::invalid(e.to_string()),
             LimitError::Malformed { .. } => ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "malformed-json",

@@ -70,6 +70,11 @@ pub(crate) const EVENT_KINDS: &[(&str, &str, &str)] = &[
         "A device was registered: the device.",
     ),
     (
+        "devices.registered",
+        "EventDevicesRegistered",
+        "Devices were registered together by one `POST /v1/devices/batch`, in one log entry (one event id): their ids, in the order of the request. Read a device with `GET /v1/devices/{id}`.",
+    ),
+    (
         "device.updated",
         "Device",
         "A device's labels or attributes changed: the device after the change.",
@@ -152,6 +157,16 @@ pub(crate) const EVENT_KINDS: &[(&str, &str, &str)] = &[
 pub(crate) struct EventDeviceRef {
     /// The device id.
     id: String,
+}
+
+/// `data` of `devices.registered`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct EventDevicesRegistered {
+    /// The ids of the devices registered, in the order of the request
+    /// (1 to 1,000).
+    #[schema(value_type = Vec<crate::api::schemas::DeviceId>)]
+    devices: Vec<String>,
 }
 
 /// `data` of `command.expired`.
@@ -260,6 +275,7 @@ impl ToSchema for StreamEvent {
         add::<crate::ops::Device>(out);
         add::<crate::ops::Command>(out);
         add::<EventDeviceRef>(out);
+        add::<EventDevicesRegistered>(out);
         add::<EventCommandsExpired>(out);
         add::<EventShadowChange>(out);
         add::<EventSessionsLost>(out);

@@ -41,12 +41,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                 "send the body as JSON with the header Content-Type: application/json",
             ));
         }
+        let limit = req.extensions().get::<super::BodyLimit>().map(|l| l.0);
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|r| match r.status() {
-                StatusCode::PAYLOAD_TOO_LARGE => {
-                    ApiError::from_status(StatusCode::PAYLOAD_TOO_LARGE)
-                }
+                StatusCode::PAYLOAD_TOO_LARGE => ApiError::body_too_large(limit),
                 s => {
                     tracing::debug!(status = %s, rejection = %r.body_text(), "reading a body");
                     ApiError::bad_request("the request body could not be read")

@@ -40,7 +40,6 @@ use axum::routing::{MethodFilter, MethodRouter, on};
 use axum::{Extension, Router};
 use coordinator::node::Node;
 use tokio::sync::watch;
-use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use crate::config::Config;
@@ -108,6 +107,32 @@ fn table() -> Vec<Entry> {
     use Role::{Admin, Operator, Viewer};
     vec![
         entry(POST, "/v1/devices", Some(Operator), devices::create_device),
+        entry(
+            POST,
+            devices::BATCH_PATH,
+            Some(Operator),
+            devices::create_devices,
+        ),
+        // The batch path is also `/v1/devices/{id}` of the device named
+        // `batch`, which the static path would otherwise hide.
+        entry(
+            GET,
+            devices::BATCH_PATH,
+            Some(Viewer),
+            devices::batch_named_device::get,
+        ),
+        entry(
+            PATCH,
+            devices::BATCH_PATH,
+            Some(Operator),
+            devices::batch_named_device::patch,
+        ),
+        entry(
+            DELETE,
+            devices::BATCH_PATH,
+            Some(Operator),
+            devices::batch_named_device::delete,
+        ),
         entry(GET, "/v1/devices", Some(Viewer), devices::list_devices),
         entry(GET, "/v1/devices/{id}", Some(Viewer), devices::get_device),
         entry(
@@ -201,7 +226,10 @@ pub fn routes() -> Vec<RouteInfo> {
 pub fn app(state: AppState) -> Router {
     let metrics = Arc::new(health::Metrics::default());
     let streams = Arc::new(events::EventStreams::new(&state.config));
-    let max_body = state.config.max_body_bytes;
+    let limits = BodyLimits {
+        any: state.config.max_body_bytes,
+        batch: state.config.batch_max_body_bytes,
+    };
     let document = openapi::document(&state.config);
     let mut router = Router::new();
     for (info, method_router) in table() {
@@ -212,6 +240,12 @@ pub fn app(state: AppState) -> Router {
             )),
             None => method_router,
         };
+        // The batch registration reads bodies up to its own limit.
+        let method_router = if info.path == devices::BATCH_PATH && info.method == "POST" {
+            method_router.layer(DefaultBodyLimit::max(limits.batch))
+        } else {
+            method_router
+        };
         router = router.route(info.path, method_router);
     }
     router
@@ -219,10 +253,11 @@ pub fn app(state: AppState) -> Router {
         .layer(Extension(metrics.clone()))
         .layer(Extension(streams))
         .layer(Extension(Arc::new(admin::BackupSlot::default())))
+        .layer(Extension(Arc::new(devices::BatchSlots::new())))
         .layer(Extension(document))
-        .layer(DefaultBodyLimit::max(max_body))
+        .layer(DefaultBodyLimit::max(limits.any))
         .layer(middleware::from_fn_with_state(state.clone(), deadline))
-        .layer(RequestBodyLimitLayer::new(max_body))
+        .layer(middleware::from_fn_with_state(limits, body_limit))
         .layer(middleware::from_fn(bare_errors_as_problems))
         .layer(middleware::from_fn_with_state(metrics, health::track))
         // A 503 (no leader, not ready, shutting down) is normal in a group's
@@ -233,6 +268,41 @@ pub fn app(state: AppState) -> Router {
                 .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
         )
         .with_state(state)
+}
+
+/// The largest request bodies: `batch` for `POST /v1/devices/batch`, `any`
+/// for every other request.
+#[derive(Debug, Clone, Copy)]
+struct BodyLimits {
+    any: usize,
+    batch: usize,
+}
+
+/// The body limit a request met, for the 413 to name.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyLimit(pub(crate) usize);
+
+/// Middleware: bounds every request body by the limit of its route — a
+/// declared length over it is refused (413) before anything is read, and
+/// a body that turns out longer fails when read (413 too).
+async fn body_limit(State(limits): State<BodyLimits>, req: Request, next: Next) -> Response {
+    let limit =
+        if req.method() == axum::http::Method::POST && req.uri().path() == devices::BATCH_PATH {
+            limits.batch
+        } else {
+            limits.any
+        };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return error::ApiError::body_too_large(Some(limit)).into_response();
+    }
+    let mut req = req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, limit)));
+    req.extensions_mut().insert(BodyLimit(limit));
+    next.run(req).await
 }
 
 /// Resolves when the gateway shuts down (or its shutdown sender is gone).

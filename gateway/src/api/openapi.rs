@@ -33,6 +33,7 @@ manage devices, commands and shadows, `admin` tokens may do everything."
     ),
     paths(
         devices::create_device,
+        devices::create_devices,
         devices::list_devices,
         devices::get_device,
         devices::update_device,
@@ -179,6 +180,7 @@ fn refine(doc: &mut Value, config: &Config) {
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
         return;
     };
+    device_named_batch(paths);
     for operation in paths.values_mut().filter_map(Value::as_object_mut) {
         for op in operation.values_mut() {
             let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) else {
@@ -204,6 +206,45 @@ fn refine(doc: &mut Value, config: &Config) {
                 }
             }
         }
+    }
+}
+
+/// `GET`, `PATCH` and `DELETE /v1/devices/batch` are `/v1/devices/{id}`
+/// of the device whose id is `batch` (a concrete path wins over a template,
+/// so the document must say so): those operations, without the `id`
+/// parameter.
+fn device_named_batch(paths: &mut serde_json::Map<String, Value>) {
+    let Some(device) = paths.get("/v1/devices/{id}").cloned() else {
+        return;
+    };
+    let Some(batch) = paths
+        .get_mut(super::devices::BATCH_PATH)
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    for method in ["get", "patch", "delete"] {
+        let Some(mut op) = device.get(method).cloned() else {
+            continue;
+        };
+        if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
+            params.retain(|p| !(p["in"] == "path" && p["name"] == "id"));
+        }
+        if let Some(o) = op.as_object_mut() {
+            let id = o
+                .get("operationId")
+                .and_then(Value::as_str)
+                .unwrap_or(method);
+            let id = format!("{id}_named_batch");
+            o.insert("operationId".into(), id.into());
+            let about = o.get("description").and_then(Value::as_str).unwrap_or("");
+            let about = format!(
+                "`/v1/devices/{{id}}` of the device whose id is `batch` (this path is also \
+                 the batch registration's, with POST). {about}"
+            );
+            o.insert("description".into(), about.into());
+        }
+        batch.insert(method.into(), op);
     }
 }
 

@@ -444,6 +444,11 @@ impl Manager {
                     .taken_over_elsewhere(&device.id, epoch);
             }
             Change::DeviceRegistered(d) => self.auth.invalidate(&d.id),
+            Change::DevicesRegistered { ids } => {
+                for id in &ids {
+                    self.auth.invalidate(id);
+                }
+            }
             Change::DeviceUpdated(d) => {
                 // Its certificate fingerprint may have changed: a session
                 // that logged in with another certificate ends.

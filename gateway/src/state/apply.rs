@@ -1,11 +1,11 @@
 //! Applying committed entries: one transaction per batch, deterministic.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use coordinator::node::Committed;
 use coordinator::raft::Index;
 use serde_json::Value;
-use sqlx::{Connection, SqliteConnection};
+use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
 
 use super::change::{Change, CommandStep, ShadowSide};
 use super::rows::{
@@ -14,7 +14,10 @@ use super::rows::{
 };
 use super::{EVENTS_RETAINED, StateDb, StateError};
 use crate::limits::{self, MAX_DOCUMENT_BYTES};
-use crate::ops::{Command, CommandStatus, Device, Event, Op, OpResult, Proposal, Role};
+use crate::ops::{
+    Command, CommandStatus, Device, DeviceRegistration, Event, MAX_CONFLICTS_LISTED, Op, OpResult,
+    Proposal, Role,
+};
 
 impl StateDb {
     /// Applies a batch of committed entries in one transaction and records
@@ -176,6 +179,7 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             };
             register_device(conn, ts, device).await
         }
+        Op::RegisterDevices { devices } => register_devices(conn, ts, devices).await,
         Op::UpdateDevice {
             id,
             labels,
@@ -510,6 +514,179 @@ async fn register_device(
     if let Some(conflict) = cert_taken(conn, d.cert_sha256, id).await? {
         return Ok(conflict);
     }
+    insert_device(conn, ts, &d).await?;
+    device_changed(conn, id, Change::DeviceRegistered).await
+}
+
+/// Rows per statement of a batch registration: one statement reads or
+/// writes up to this many rows (at most 7 bound values each, far below
+/// SQLite's 32,766 per statement), so 1,000 devices take a handful of
+/// statements rather than thousands.
+pub(super) const ROWS_PER_STATEMENT: usize = 500;
+
+/// Registers all of `devices` or none: every one is checked first — its id
+/// not registered, its fingerprint no other device's, and neither shared
+/// with another device of the batch — and only if none conflicts are they
+/// inserted. A conflict is a result (`BatchConflict`, no change), never an
+/// error, so every member decides alike and none stops on it.
+async fn register_devices(
+    conn: &mut SqliteConnection,
+    ts: u64,
+    devices: &[DeviceRegistration],
+) -> Result<Applied, StateError> {
+    let registered = registered_ids(conn, devices).await?;
+    let holders = certificate_holders(conn, devices).await?;
+    let mut ids = HashSet::with_capacity(devices.len());
+    let mut certs = HashSet::new();
+    let mut conflicts = Vec::new();
+    let mut total = 0;
+    for d in devices {
+        let why = if !ids.insert(d.id.as_str()) {
+            Some("named twice in the batch".to_string())
+        } else if registered.contains(&d.id) {
+            Some("already registered".to_string())
+        } else if let Some(cert) = d.cert_sha256.as_deref() {
+            if !certs.insert(cert) {
+                Some("its certificate fingerprint is another device's of the batch".to_string())
+            } else {
+                // Not this device's own: it is not registered.
+                holders
+                    .get(cert)
+                    .map(|other| format!("its certificate fingerprint is device {other}'s"))
+            }
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            total += 1;
+            if conflicts.len() < MAX_CONFLICTS_LISTED {
+                conflicts.push((d.id.clone(), why));
+            }
+        }
+    }
+    if total > 0 {
+        return Ok((OpResult::BatchConflict { conflicts, total }, None));
+    }
+    insert_devices(conn, ts, devices).await?;
+    let ids = devices.iter().map(|d| d.id.clone()).collect();
+    Ok((OpResult::Done, Some(Change::DevicesRegistered { ids })))
+}
+
+/// Which of the ids of `devices` are registered.
+async fn registered_ids(
+    conn: &mut SqliteConnection,
+    devices: &[DeviceRegistration],
+) -> Result<HashSet<String>, StateError> {
+    let mut found = HashSet::new();
+    for chunk in devices.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::<Sqlite>::new("SELECT id FROM devices WHERE id IN (");
+        let mut list = q.separated(", ");
+        for d in chunk {
+            list.push_bind(d.id.as_str());
+        }
+        q.push(")");
+        let rows: Vec<String> = q.build_query_scalar().fetch_all(&mut *conn).await?;
+        found.extend(rows);
+    }
+    Ok(found)
+}
+
+/// The registered device holding each certificate fingerprint of
+/// `devices` that one holds.
+async fn certificate_holders(
+    conn: &mut SqliteConnection,
+    devices: &[DeviceRegistration],
+) -> Result<HashMap<String, String>, StateError> {
+    let certs: Vec<&str> = devices
+        .iter()
+        .filter_map(|d| d.cert_sha256.as_deref())
+        .collect();
+    let mut holders = HashMap::new();
+    for chunk in certs.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT cert_sha256, id FROM devices WHERE cert_sha256 IN (",
+        );
+        let mut list = q.separated(", ");
+        for c in chunk {
+            list.push_bind(*c);
+        }
+        q.push(")");
+        let rows: Vec<(String, String)> = q.build_query_as().fetch_all(&mut *conn).await?;
+        holders.extend(rows);
+    }
+    Ok(holders)
+}
+
+/// Inserts `devices`, none of which exists yet, with their labels and
+/// empty shadows: the rows [`insert_device`] writes for one, a few
+/// statements for all.
+async fn insert_devices(
+    conn: &mut SqliteConnection,
+    ts: u64,
+    devices: &[DeviceRegistration],
+) -> Result<(), StateError> {
+    for chunk in devices.chunks(ROWS_PER_STATEMENT) {
+        let rows = chunk
+            .iter()
+            .map(|d| Ok((d, to_json_text(&d.labels)?, to_json_text(&d.attributes)?)))
+            .collect::<Result<Vec<_>, StateError>>()?;
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO devices (id, secret_hash, labels, attributes, online, gateway, \
+             presence_epoch, cert_sha256, created_at, updated_at) ",
+        );
+        q.push_values(rows, |mut row, (d, labels, attributes)| {
+            row.push_bind(d.id.as_str())
+                .push_bind(d.secret_hash.as_str())
+                .push_bind(labels)
+                .push_bind(attributes)
+                .push("0")
+                .push("NULL")
+                .push("0")
+                .push_bind(d.cert_sha256.as_deref())
+                .push_bind(db_int(ts))
+                .push_bind(db_int(ts));
+        });
+        q.build().execute(&mut *conn).await?;
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO shadows (device, desired, reported, version, desired_updated, \
+             reported_updated) ",
+        );
+        q.push_values(chunk, |mut row, d| {
+            row.push_bind(d.id.as_str())
+                .push("'{}'")
+                .push("'{}'")
+                .push("0")
+                .push("'{}'")
+                .push("'{}'");
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    let labels: Vec<(&str, &str, &str)> = devices
+        .iter()
+        .flat_map(|d| {
+            d.labels
+                .iter()
+                .map(|(k, v)| (d.id.as_str(), k.as_str(), v.as_str()))
+        })
+        .collect();
+    for chunk in labels.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO device_labels (device, key, value) ");
+        q.push_values(chunk, |mut row, (device, k, v)| {
+            row.push_bind(*device).push_bind(*k).push_bind(*v);
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Inserts a device that does not exist yet, with its labels and an empty
+/// shadow.
+async fn insert_device(
+    conn: &mut SqliteConnection,
+    ts: u64,
+    d: &NewDeviceRow<'_>,
+) -> Result<(), StateError> {
+    let id = d.id;
     sqlx::query(
         "INSERT INTO devices (id, secret_hash, labels, attributes, online, gateway, \
          presence_epoch, cert_sha256, created_at, updated_at) \
@@ -532,7 +709,23 @@ async fn register_device(
     .bind(id)
     .execute(&mut *conn)
     .await?;
-    device_changed(conn, id, Change::DeviceRegistered).await
+    Ok(())
+}
+
+/// The device other than `id` that has the certificate fingerprint `cert`,
+/// if any.
+async fn cert_holder(
+    conn: &mut SqliteConnection,
+    cert: &str,
+    id: &str,
+) -> Result<Option<String>, StateError> {
+    Ok(
+        sqlx::query_scalar("SELECT id FROM devices WHERE cert_sha256 = ? AND id != ?")
+            .bind(cert)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?,
+    )
 }
 
 /// A conflict if a device other than `id` has the certificate fingerprint
@@ -545,12 +738,7 @@ async fn cert_taken(
     let Some(cert) = cert else {
         return Ok(None);
     };
-    let holder: Option<String> =
-        sqlx::query_scalar("SELECT id FROM devices WHERE cert_sha256 = ? AND id != ?")
-            .bind(cert)
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let holder = cert_holder(conn, cert, id).await?;
     Ok(holder.map(|other| {
         (
             OpResult::Conflict(format!(

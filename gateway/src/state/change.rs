@@ -47,6 +47,14 @@ pub enum Change {
     },
     /// A device was registered (`device.registered`).
     DeviceRegistered(Device),
+    /// Devices were registered together, in one entry
+    /// (`devices.registered`): their ids, in the order of the request. The
+    /// public event carries the ids only (one entry, one event id; a
+    /// batch's devices with their attributes could be megabytes).
+    DevicesRegistered {
+        /// The ids.
+        ids: Vec<String>,
+    },
     /// A device's labels or attributes changed (`device.updated`).
     DeviceUpdated(Device),
     /// A device was deleted with its shadow and commands (`device.deleted`).
@@ -106,6 +114,7 @@ impl Change {
         match self {
             Change::Token { .. } => "token",
             Change::DeviceRegistered(_) => "device.registered",
+            Change::DevicesRegistered { .. } => "devices.registered",
             Change::DeviceUpdated(_) => "device.updated",
             Change::DeviceDeleted { .. } => "device.deleted",
             Change::SecretRotated { .. } => "device.secret_rotated",
@@ -140,6 +149,7 @@ impl Change {
             | Change::DeviceUpdated(d)
             | Change::Presence { device: d, .. } => to_json_value(d)?,
             Change::DeviceDeleted { id } | Change::SecretRotated { id } => json!({ "id": id }),
+            Change::DevicesRegistered { ids } => json!({ "devices": ids }),
             Change::Command(_, c) => to_json_value(c)?,
             Change::CommandsExpired(cmds) => json!({ "commands": to_json_value(cmds)? }),
             Change::Shadow {

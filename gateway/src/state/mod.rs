@@ -24,8 +24,14 @@
 //!   `{"gateway": g, "devices": [ids]}`, deletions and secret rotation
 //!   `{"id": ..}`, tokens `{"role", "name"}` (never the hash), shadow
 //!   changes `{"device", "version", "patch"}` (the merge patch applied and
-//!   the desired version after it: the change, not the documents); the
+//!   the desired version after it: the change, not the documents); a
+//!   batch registration (`devices.registered`, one entry however many
+//!   devices) `{"devices": [ids]}`, in the order of the request; the
 //!   others the device or command after the change.
+//! - `RegisterDevices` is all or none: every device is checked first (its
+//!   id not registered, its certificate fingerprint no other device's,
+//!   neither shared within the entry); one conflict makes the result
+//!   `BatchConflict` and nothing changes.
 //! - Presence epochs are per device and only move forward: a lower epoch is
 //!   stale; `online` with an epoch ≥ the highest seen takes the device; an
 //!   `offline` counts only for the current gateway and epoch. Presence

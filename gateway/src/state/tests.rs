@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 
 use super::*;
-use crate::ops::{Command, CommandStatus, Device, Op, Proposal, Role, Shadow};
+use crate::ops::{Command, CommandStatus, Device, DeviceRegistration, Op, Proposal, Role, Shadow};
 
 const T0: u64 = 1_764_144_000_000;
 
@@ -497,6 +497,123 @@ async fn device_certificates_are_registered_changed_and_unique() {
     device_of(t.run(cert_only).await);
     let creds = t.db.device_credentials("cam-4").await.unwrap().unwrap();
     assert_eq!(creds.secret_hash, "");
+}
+
+async fn device_count(db: &StateDb) -> usize {
+    db.list_devices(&DeviceFilter::default(), &page(u32::MAX))
+        .await
+        .unwrap()
+        .len()
+}
+
+/// One device of a batch registration.
+fn batch_device(id: &str, cert: Option<&str>) -> DeviceRegistration {
+    DeviceRegistration {
+        id: id.into(),
+        secret_hash: format!("hash-{id}"),
+        labels: BTreeMap::from([("site".to_string(), "north".to_string())]),
+        attributes: json!({"model": "X2"}),
+        cert_sha256: cert.map(String::from),
+    }
+}
+
+/// A batch registration registers every device in one entry, with one
+/// event of the entry's index naming them in order; a conflict of any one
+/// (id registered, fingerprint another device's, either twice in the
+/// entry) registers none and makes no event — deterministically, never a
+/// database error that would stop the member.
+#[tokio::test]
+async fn a_batch_registers_all_or_none() {
+    let mut t = Db::new().await;
+    let (a, b) = ("aa".repeat(32), "bb".repeat(32));
+    device_of(t.run(with_cert(register("taken"), &a)).await);
+    let before = t.db.events_since(0, 100).await.unwrap().len();
+    let batch = |devices: Vec<DeviceRegistration>| Op::RegisterDevices { devices };
+    for (devices, conflicting) in [
+        (
+            vec![batch_device("n1", None), batch_device("taken", None)],
+            vec![("taken", "already registered")],
+        ),
+        (
+            vec![batch_device("n1", None), batch_device("n2", Some(&a))],
+            vec![("n2", "device taken's")],
+        ),
+        (
+            vec![batch_device("n1", None), batch_device("n1", None)],
+            vec![("n1", "twice")],
+        ),
+        (
+            vec![batch_device("n1", Some(&b)), batch_device("n2", Some(&b))],
+            vec![("n2", "another device's of the batch")],
+        ),
+    ] {
+        let r = t.run(batch(devices)).await;
+        let OpResult::BatchConflict { conflicts, total } = &r else {
+            panic!("expected a batch conflict, got {r:?}");
+        };
+        assert_eq!(*total, conflicting.len(), "{r:?}");
+        for ((id, why), (want_id, says)) in conflicts.iter().zip(&conflicting) {
+            assert_eq!(id, want_id, "{r:?}");
+            assert!(why.contains(says), "{r:?}");
+        }
+        assert_eq!(device_count(&t.db).await, 1, "nothing registered: {r:?}");
+        assert!(t.db.shadow("n1").await.unwrap().is_none());
+        assert_eq!(t.db.events_since(0, 100).await.unwrap().len(), before);
+    }
+    // Conflicts are counted in full, listed up to the bound.
+    let many: Vec<DeviceRegistration> = (0..=crate::ops::MAX_CONFLICTS_LISTED)
+        .map(|_| batch_device("taken", None))
+        .collect();
+    let r = t.run(batch(many)).await;
+    assert!(
+        matches!(&r, OpResult::BatchConflict { conflicts, total }
+            if conflicts.len() == crate::ops::MAX_CONFLICTS_LISTED
+                && *total == crate::ops::MAX_CONFLICTS_LISTED + 1),
+        "{r:?}"
+    );
+
+    // None conflicting: all registered at the entry's time, with shadows
+    // and labels, and one event at the entry's index (more devices than one
+    // statement of apply writes).
+    let n = 2 * super::apply::ROWS_PER_STATEMENT + 100;
+    assert_eq!(n, 1100);
+    let index = t.next;
+    let devices: Vec<DeviceRegistration> = (0..n)
+        .map(|i| batch_device(&format!("b-{i:04}"), (i == 7).then_some(b.as_str())))
+        .collect();
+    assert_eq!(t.run(batch(devices)).await, OpResult::Done);
+    assert_eq!(device_count(&t.db).await, 1101);
+    let d = t.db.device("b-0007").await.unwrap().unwrap();
+    assert_eq!(d.cert_sha256.as_deref(), Some(b.as_str()));
+    assert_eq!(d.created_at, T0 + index);
+    assert_eq!(d.labels["site"], "north");
+    assert_eq!(
+        t.db.device_credentials("b-1099")
+            .await
+            .unwrap()
+            .unwrap()
+            .secret_hash,
+        "hash-b-1099"
+    );
+    assert!(t.db.shadow("b-0750").await.unwrap().is_some());
+    let north = DeviceFilter {
+        label: Some(("site".into(), "north".into())),
+        online: None,
+    };
+    assert_eq!(
+        t.db.list_devices(&north, &page(2000)).await.unwrap().len(),
+        1100
+    );
+    let events = t.db.events_since(index - 1, 100).await.unwrap();
+    assert_eq!(events.len(), 1, "one entry, one event");
+    assert_eq!(events[0].index, index);
+    assert_eq!(events[0].kind, "devices.registered");
+    let ids = events[0].data["devices"].as_array().unwrap();
+    assert_eq!(ids.len(), 1100);
+    assert_eq!(
+        (ids[0].as_str(), ids[1099].as_str()),
+        (Some("b-0000"), Some("b-1099"))
+    );
 }
 
 #[tokio::test]
