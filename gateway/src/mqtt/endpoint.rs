@@ -508,8 +508,27 @@ impl DeviceIo for TcpStream {
     }
 
     fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        TcpStream::try_read(self, buf)
+        let n = TcpStream::try_read(self, buf)?;
+        quick_ack(self);
+        Ok(n)
     }
+}
+
+/// Acknowledges at once what was just read (`TCP_QUICKACK`, which the
+/// kernel clears again by itself). Without it the kernel delays the ACK of
+/// a segment the gateway does not answer at once (an `accepted` or a
+/// reported patch waits for its commit before its PUBACK) by up to 40 ms,
+/// and a device whose TCP stack holds back small writes until the last one
+/// is acknowledged (Nagle's algorithm, on by default on most stacks and in
+/// most MQTT clients) sends its next message — the command's result —
+/// that much later.
+fn quick_ack(tcp: &TcpStream) {
+    #[cfg(target_os = "linux")]
+    {
+        let _ = socket2::SockRef::from(tcp).set_tcp_quickack(true);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = tcp;
 }
 
 impl DeviceIo for TlsStream<TcpStream> {
@@ -533,11 +552,15 @@ impl DeviceIo for TlsStream<TcpStream> {
         // One poll of a read: whatever rustls can decrypt from the bytes
         // the socket has. If it needs more, the socket's readiness was
         // cleared on the way, so the next `ready` waits for it.
-        let mut read = std::pin::pin!(self.read(buf));
-        match read.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(r) => r,
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-        }
+        let r = {
+            let mut read = std::pin::pin!(self.read(buf));
+            match read.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+                Poll::Ready(r) => r,
+                Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+            }
+        };
+        quick_ack(self.get_ref().0);
+        r
     }
 }
 
@@ -1505,6 +1528,40 @@ async fn on_packet(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a device sends is acknowledged at once (`TCP_QUICKACK` after
+    /// each read), even on a connection the kernel has put in delayed-ACK
+    /// mode: otherwise a device with Nagle's algorithm on holds its next
+    /// small message (the result after an `accepted` the gateway answers
+    /// only once committed) for up to 40 ms.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn what_a_device_sends_is_acknowledged_at_once() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut device = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (mut gateway, _) = listener.accept().await.expect("accept");
+        // Delayed ACKs, as on a connection that has been talking for a
+        // while.
+        let sock = socket2::SockRef::from(&gateway);
+        sock.set_tcp_quickack(false).expect("quickack off");
+        assert!(!sock.tcp_quickack().expect("read quickack"));
+        device.write_all(b"\x30\x00").await.expect("write");
+        DeviceIo::ready(&mut gateway).await.expect("readable");
+        let mut buf = [0u8; 16];
+        let n = DeviceIo::try_read(&mut gateway, &mut buf).expect("read");
+        assert_eq!(n, 2);
+        assert!(
+            socket2::SockRef::from(&gateway)
+                .tcp_quickack()
+                .expect("read quickack"),
+            "a read left the connection delaying its ACKs"
+        );
+    }
 
     /// The size of the future an async fn taking four arguments returns
     /// (without calling it).
