@@ -163,6 +163,17 @@ impl Env {
         .await;
     }
 
+    /// Registers device `id`, connects it (3.1.1) subscribed to its
+    /// commands, and waits until the group has it online.
+    async fn commanded_device(&self, id: &str) -> common::Device {
+        let secret = self.register(id).await;
+        let mut d = connect_v4(self.v4(), id, id, &secret);
+        d.expect_connack().await;
+        d.subscribed(&format!("devices/{id}/commands")).await;
+        self.wait_online(id, true).await;
+        d
+    }
+
     async fn wait_status(&self, cid: &str, status: &str) -> Value {
         let path = format!("/v1/commands/{cid}");
         self.eventually(&format!("{cid} {status}"), || async {
@@ -171,6 +182,18 @@ impl Env {
         .await;
         self.get(&path).await
     }
+}
+
+/// The kinds of command `cid`'s events on `sse`, up to its result.
+async fn command_events(sse: &mut SseStream, cid: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("command.result") {
+        let (_, event, data) = sse.next().await;
+        if data["id"] == json!(cid) {
+            seen.push(event);
+        }
+    }
+    seen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -246,11 +269,7 @@ async fn another_devices_topics_disconnect() {
 async fn command_round_trip_and_presence() {
     let tmp = tempfile::tempdir().expect("tmp");
     let env = boot(tmp.path()).await;
-    let secret = env.register("pump").await;
-    let mut d = connect_v4(env.v4(), "pump", "pump", &secret);
-    d.expect_connack().await;
-    d.subscribed("devices/pump/commands").await;
-    env.wait_online("pump", true).await;
+    let mut d = env.commanded_device("pump").await;
 
     // Follow the event stream from here on: the command's whole life shows there.
     let mut sse = env.events().await;
@@ -316,11 +335,7 @@ async fn command_round_trip_and_presence() {
 async fn a_command_answered_at_once_costs_two_entries() {
     let tmp = tempfile::tempdir().expect("tmp");
     let env = boot(tmp.path()).await;
-    let secret = env.register("valve").await;
-    let mut d = connect_v4(env.v4(), "valve", "valve", &secret);
-    d.expect_connack().await;
-    d.subscribed("devices/valve/commands").await;
-    env.wait_online("valve", true).await;
+    let mut d = env.commanded_device("valve").await;
 
     let mut sse = env.events().await;
     let cid = env.command("valve", json!({"name": "open"})).await;
@@ -346,13 +361,7 @@ async fn a_command_answered_at_once_costs_two_entries() {
     }
     env.wait_status(&cid, "succeeded").await;
 
-    let mut seen = Vec::new();
-    while seen.last().map(String::as_str) != Some("command.result") {
-        let (_, event, data) = sse.next().await;
-        if data["id"] == json!(cid) {
-            seen.push(event);
-        }
-    }
+    let seen = command_events(&mut sse, &cid).await;
     assert_eq!(seen, ["command.issued", "command.result"]);
     let m = env.metrics().await;
     assert_eq!(metric(&m, "entente_mqtt_accepted_folded_total"), 1);
@@ -377,13 +386,7 @@ async fn a_command_answered_at_once_costs_two_entries() {
     )
     .await;
     env.wait_status(&cid, "failed").await;
-    let mut seen = Vec::new();
-    while seen.last().map(String::as_str) != Some("command.result") {
-        let (_, event, data) = sse.next().await;
-        if data["id"] == json!(cid) {
-            seen.push(event);
-        }
-    }
+    let seen = command_events(&mut sse, &cid).await;
     assert_eq!(
         seen,
         [
