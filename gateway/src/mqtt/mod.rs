@@ -322,6 +322,10 @@ pub(crate) async fn start(
         redelivered: HashMap::new(),
         sent_due: HashMap::new(),
         sent_tasks: tokio::task::JoinSet::new(),
+        published: {
+            let (tx, rx) = mpsc::channel(sessions::PUBLISHED_BATCHES);
+            (tx, Some(rx))
+        },
     };
     mqtt.tasks
         .push(tokio::spawn(manager.run(events_rx, shutdown.clone())));

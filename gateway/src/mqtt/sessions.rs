@@ -115,7 +115,18 @@ pub(crate) struct Manager {
     pub(crate) sent_due: HashMap<String, tokio::time::Instant>,
     /// The `CommandSent` proposals in flight (at most [`SENT_INFLIGHT`]).
     pub(crate) sent_tasks: tokio::task::JoinSet<()>,
+    /// Queued commands a delivery task published (on a device's
+    /// subscribe), to be marked `sent` as above: the sending side, given to
+    /// each delivery task, and the receiving side, taken by [`Manager::run`].
+    pub(crate) published: (
+        mpsc::Sender<Vec<String>>,
+        Option<mpsc::Receiver<Vec<String>>>,
+    ),
 }
+
+/// Batches of published command ids waiting for the manager (each batch is
+/// one page of a device's queued commands, at most 500).
+pub(crate) const PUBLISHED_BATCHES: usize = 64;
 
 /// A command published to a device here is marked `sent` (a committed
 /// entry) only if the device has not answered it within this time: a
@@ -146,6 +157,10 @@ impl Manager {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut changes = self.db.changes();
+        let Some(mut published) = self.published.1.take() else {
+            tracing::error!("the MQTT session manager was started twice");
+            return;
+        };
         let mut restores = self.db.watch_restores();
         // Only with `--report-coalesce-ms`: reported patches that waited
         // long enough for the rest of their device's window.
@@ -189,6 +204,15 @@ impl Manager {
                 }
                 _ = tick.tick() => self.ingest.tick(),
                 Some(_) = self.sent_tasks.join_next(), if !self.sent_tasks.is_empty() => {}
+                Some(cids) = published.recv() => {
+                    let at = tokio::time::Instant::now() + SENT_AFTER;
+                    for cid in cids {
+                        if self.sent_due.len() >= SENT_DUE_MAX {
+                            break;
+                        }
+                        self.sent_due.insert(cid, at);
+                    }
+                }
                 r = self.ingest.tasks.join_next_with_id(), if !self.ingest.tasks.is_empty() => {
                     self.ingest.finished(r);
                 }
@@ -321,16 +345,15 @@ impl Manager {
     /// Sends a device what it should have: commands still queued or sent,
     /// and/or its desired document and delta.
     fn spawn_delivery(&self, device: String, commands: bool, desired: bool, delta: bool) {
-        let (db, node, out, stats, node_id) = (
+        let (db, out, stats, published) = (
             self.db.clone(),
-            self.node.clone(),
             self.endpoint.clone(),
             self.stats.clone(),
-            self.node_id,
+            self.published.0.clone(),
         );
         tokio::spawn(async move {
             if commands {
-                deliver_pending_commands(&db, &node, &out, &stats, node_id, &device).await;
+                deliver_pending_commands(&db, &out, &stats, &published, &device).await;
             }
             if desired || delta {
                 match db.shadow(&device).await {
@@ -616,15 +639,15 @@ fn publish_shadow(out: &Shared, sh: &Shadow, desired: bool, delta: bool) {
 }
 
 /// Publishes every command still queued, sent or accepted for `device`, and
-/// proposes `CommandSent` for the queued ones. (An accepted command whose
+/// hands the queued ones to the manager, which marks them `sent` unless the
+/// device answers first (see [`SENT_AFTER`]). (An accepted command whose
 /// result never reached the group is delivered again: the device, which
 /// deduplicates by id, answers with its result again.)
 async fn deliver_pending_commands(
     db: &StateDb,
-    node: &Node<OpResult>,
     out: &Shared,
     stats: &MqttStats,
-    node_id: u64,
+    published: &mpsc::Sender<Vec<String>>,
     device: &str,
 ) {
     for status in [
@@ -646,13 +669,13 @@ async fn deliver_pending_commands(
             };
             for c in &cmds {
                 publish_command(out, stats, c);
-                if status == CommandStatus::Queued {
-                    let op = Op::CommandSent {
-                        cid: c.id.clone(),
-                        gateway: node_id,
-                    };
-                    let node = node.clone();
-                    tokio::spawn(async move { propose_logged(&node, op).await });
+            }
+            if status == CommandStatus::Queued && !cmds.is_empty() {
+                let cids = cmds.iter().map(|c| c.id.clone()).collect();
+                // Waits while the manager is behind (bounded); fails only
+                // once it stopped.
+                if published.send(cids).await.is_err() {
+                    return;
                 }
             }
             match cmds.last() {
