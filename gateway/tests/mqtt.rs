@@ -184,6 +184,16 @@ impl Env {
     }
 }
 
+/// Device `id` accepts command `cid` and, without waiting for the
+/// acknowledgement, answers it: succeeded.
+async fn answer_at_once(d: &common::Device, id: &str, cid: &str) {
+    let accepted = format!("devices/{id}/commands/{cid}/accepted");
+    d.publish(&accepted, b"{}".to_vec()).await;
+    let result = serde_json::to_vec(&json!({"status": "succeeded"})).expect("json");
+    d.publish(&format!("devices/{id}/commands/{cid}/result"), result)
+        .await;
+}
+
 /// The kinds of command `cid`'s events on `sse`, up to its result.
 async fn command_events(sse: &mut SseStream, cid: &str) -> Vec<String> {
     let mut seen = Vec::new();
@@ -342,16 +352,7 @@ async fn a_command_answered_at_once_costs_two_entries() {
     let msg: CommandMessage =
         serde_json::from_slice(&d.message("devices/valve/commands").await).expect("command");
     assert_eq!(msg.id, cid);
-    d.publish(
-        &format!("devices/valve/commands/{cid}/accepted"),
-        b"{}".to_vec(),
-    )
-    .await;
-    d.publish(
-        &format!("devices/valve/commands/{cid}/result"),
-        serde_json::to_vec(&json!({"status": "succeeded"})).expect("json"),
-    )
-    .await;
+    answer_at_once(&d, "valve", &cid).await;
     // Both are acknowledged (after the result committed).
     let mut acks = 0;
     while acks < 2 {
@@ -424,16 +425,7 @@ async fn a_queued_command_answered_on_connect_is_not_marked_sent() {
     let msg: CommandMessage =
         serde_json::from_slice(&d.message("devices/lamp/commands").await).expect("command");
     assert_eq!(msg.id, cid);
-    d.publish(
-        &format!("devices/lamp/commands/{cid}/accepted"),
-        b"{}".to_vec(),
-    )
-    .await;
-    d.publish(
-        &format!("devices/lamp/commands/{cid}/result"),
-        serde_json::to_vec(&json!({"status": "succeeded"})).expect("json"),
-    )
-    .await;
+    answer_at_once(&d, "lamp", &cid).await;
     env.wait_status(&cid, "succeeded").await;
     assert_eq!(
         command_events(&mut sse, &cid).await,
