@@ -1508,6 +1508,26 @@ async fn events_are_bounded() {
     assert_eq!(ids, [50_000, last]);
 }
 
+/// A batch with more events than one statement writes (events go in
+/// statements of `ROWS_PER_STATEMENT`) stores every one, in order, each at
+/// its entry's index; an entry that changed nothing has none.
+#[tokio::test]
+async fn a_large_batch_stores_every_event_at_its_index() {
+    let t = Db::new().await;
+    let n = 1_201u64;
+    let mut entries: Vec<_> = (1..=n)
+        .map(|i| entry(i, T0, register(&format!("d{i}"))))
+        .collect();
+    // Registering d7 again changes nothing: no event at that index.
+    entries.push(entry(n + 1, T0, register("d7")));
+    t.db.apply(entries, n + 1).await.unwrap();
+    let events = t.db.events_since(0, 2_000).await.unwrap();
+    let ids: Vec<u64> = events.iter().map(|e| e.index).collect();
+    assert_eq!(ids, (1..=n).collect::<Vec<_>>());
+    assert!(events.iter().all(|e| e.kind == "device.registered"));
+    assert_eq!(events[700].data["id"], "d701");
+}
+
 #[tokio::test]
 async fn broadcast_after_commit() {
     let t = Arc::new(Db::new().await);
