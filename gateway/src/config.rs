@@ -369,7 +369,11 @@ impl Config {
     /// its quorum keeps having no leader, and says so within this time
     /// instead of after the whole write timeout.
     pub fn leader_wait(&self) -> Duration {
-        self.tick.saturating_mul(40).min(self.write_timeout)
+        // The longest election timeout is twice `election_tick` ticks.
+        let election_max = 2 * coordinator::raft::Config::new(self.node_id).election_tick;
+        self.tick
+            .saturating_mul(2 * election_max)
+            .min(self.write_timeout)
     }
 
     /// A single-node gateway in `data_dir` listening on the given addresses:

@@ -559,7 +559,9 @@ impl DeviceIo for TlsStream<TcpStream> {
                 Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
             }
         };
-        quick_ack(self.get_ref().0);
+        if matches!(r, Ok(n) if n > 0) {
+            quick_ack(self.get_ref().0);
+        }
         r
     }
 }

@@ -207,10 +207,7 @@ impl Manager {
                 Some(cids) = published.recv() => {
                     let at = tokio::time::Instant::now() + SENT_AFTER;
                     for cid in cids {
-                        if self.sent_due.len() >= SENT_DUE_MAX {
-                            break;
-                        }
-                        self.sent_due.insert(cid, at);
+                        self.mark_sent_at(cid, at);
                     }
                 }
                 r = self.ingest.tasks.join_next_with_id(), if !self.ingest.tasks.is_empty() => {
@@ -246,6 +243,15 @@ impl Manager {
         self.ingest.tasks.abort_all();
         self.sent_tasks.abort_all();
         publisher.abort();
+    }
+
+    /// Marks command `cid` `sent` at `at` unless its device answers first
+    /// (see [`SENT_AFTER`]); past [`SENT_DUE_MAX`] waiting marks it is not
+    /// marked.
+    fn mark_sent_at(&mut self, cid: String, at: tokio::time::Instant) {
+        if self.sent_due.len() < SENT_DUE_MAX {
+            self.sent_due.insert(cid, at);
+        }
     }
 
     /// Proposes `CommandSent` for the commands whose device has not
@@ -399,9 +405,9 @@ impl Manager {
                 .commands_redelivered
                 .fetch_add(1, Ordering::Relaxed);
             publish_command(&self.endpoint, &self.stats, &c);
-            if c.status == CommandStatus::Queued && self.sent_due.len() < SENT_DUE_MAX {
+            if c.status == CommandStatus::Queued {
                 // Marked at the next sweep, by the bounded set of tasks.
-                self.sent_due.insert(c.id.clone(), now);
+                self.mark_sent_at(c.id.clone(), now);
             }
             let wait = STALE_AFTER
                 .saturating_mul(1 << count.min(5))
@@ -430,10 +436,7 @@ impl Manager {
                     return;
                 }
                 publish_command(&self.endpoint, &self.stats, &cmd);
-                if self.sent_due.len() < SENT_DUE_MAX {
-                    let at = tokio::time::Instant::now() + SENT_AFTER;
-                    self.sent_due.insert(cmd.id, at);
-                }
+                self.mark_sent_at(cmd.id, tokio::time::Instant::now() + SENT_AFTER);
             }
             // Answered (or canceled) before its `sent` was due: that mark
             // would say less than what is already committed.
