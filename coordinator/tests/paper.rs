@@ -1090,10 +1090,13 @@ fn follower_truncates_conflicting_suffix() {
     ];
     for (prev_index, prev_term, entries, want_log, want_unstable) in table {
         let mut r = restore(paper_cfg(1), &[1, 2, 3], hs(2, None, 0), ents(&[1, 2]));
+        // The message's term is the newest entry's: a leader holds no entry
+        // of a term above its own.
+        let term = entries.iter().map(|e| e.term).max().unwrap_or(2).max(2);
         r.step(msg(
             2,
             1,
-            2,
+            term,
             append(prev_index, prev_term, entries.clone(), 0),
         ))
         .unwrap();
@@ -1321,6 +1324,227 @@ fn reordered_appends_do_not_truncate() {
     for (index, reject, _) in out.append_responses() {
         assert!(!reject);
         assert!(index >= 1);
+    }
+}
+
+/// An append whose entries do not follow `prev_index` one by one, or whose
+/// terms no leader could have written, and any message with a term past
+/// `MAX_TERM` (where a campaign would overflow the term) is refused with an
+/// error naming the sender, and leaves the term, the log, the commit index
+/// and the outbox untouched.
+/// Before the check, entries starting past `prev_index + 1` made the log's
+/// arithmetic underflow: a buggy or older peer could crash a member.
+#[test]
+fn malformed_appends_are_refused_without_touching_the_log() {
+    let cases: Vec<(&str, MessageKind)> = vec![
+        ("a gap after prev", append(2, 2, vec![ent(4, 2)], 0)),
+        ("a gap inside", append(2, 2, vec![ent(3, 2), ent(5, 2)], 0)),
+        ("starting at prev", append(2, 2, vec![ent(2, 3)], 0)),
+        ("starting before prev", append(2, 2, vec![ent(1, 2)], 0)),
+        (
+            "decreasing terms",
+            append(2, 2, vec![ent(3, 3), ent(4, 2)], 0),
+        ),
+        ("a term below prev_term", append(2, 2, vec![ent(3, 1)], 0)),
+        (
+            "a term above the message's",
+            append(2, 2, vec![ent(3, 9)], 0),
+        ),
+        ("prev_term above the message's", append(2, 9, Vec::new(), 0)),
+        (
+            "indexes past the end of u64",
+            append(Index::MAX, 3, vec![ent(0, 3)], 0),
+        ),
+    ];
+    let cases = cases
+        .into_iter()
+        .map(|(what, kind)| (what, 3, kind))
+        .chain([
+            (
+                "a term no group can reach",
+                coordinator::raft::MAX_TERM + 1,
+                append(2, 2, vec![ent(3, 2)], 0),
+            ),
+            ("a vote at u64::MAX", Term::MAX, vote_req(9, 9)),
+        ]);
+    for (what, term, kind) in cases {
+        let mut r = restore(paper_cfg(1), &[1, 2, 3], hs(3, None, 1), ents(&[1, 2]));
+        let err = r.step(msg(2, 1, term, kind)).expect_err(what);
+        assert!(
+            matches!(err, coordinator::raft::StepError::Malformed { from: 2, .. }),
+            "{what}: {err:?}"
+        );
+        assert!(err.to_string().contains("node 2"), "{what}: {err}");
+        assert_eq!(log_of(&r), ents(&[1, 2]), "{what}");
+        assert_eq!(r.term(), 3, "{what}");
+        assert_eq!(r.commit_index(), 1, "{what}");
+        let out = drain(&mut r);
+        assert!(out.all().next().is_none(), "{what}: {:?}", out.messages);
+        assert!(out.entries.is_empty(), "{what}");
+    }
+}
+
+/// Thousands of appends with arbitrary indexes and terms (seeded): a
+/// follower never panics, answers only well-formed ones, and its log stays
+/// contiguous with terms that never decrease.
+#[test]
+fn arbitrary_appends_never_panic_and_keep_the_log_whole() {
+    let mut rng = coordinator::raft::SplitMix64::new(0x5eed_a99e);
+    for round in 0..200 {
+        let mut r = restore(paper_cfg(1), &[1, 2, 3], hs(3, None, 0), ents(&[1, 2, 2]));
+        for _ in 0..50 {
+            let prev_index = match rng.range(0, 4) {
+                0 => Index::MAX - rng.range(0, 3),
+                _ => rng.range(0, 8),
+            };
+            let prev_term = rng.range(0, 5);
+            let n = rng.range(0, 4);
+            let mut entries = Vec::new();
+            let mut index = prev_index.wrapping_add(1);
+            for _ in 0..n {
+                if rng.range(0, 6) == 0 {
+                    index = rng.range(0, 10);
+                }
+                entries.push(ent(index, rng.range(0, 5)));
+                index = index.wrapping_add(1);
+            }
+            let commit = rng.range(0, 10);
+            let _ = r.step(msg(2, 1, 3, append(prev_index, prev_term, entries, commit)));
+            let log = log_of(&r);
+            for (i, e) in log.iter().enumerate() {
+                assert_eq!(e.index, i as Index + 1, "round {round}: {log:?}");
+            }
+            for w in log.windows(2) {
+                assert!(w[0].term <= w[1].term, "round {round}: {log:?}");
+            }
+            assert!(r.commit_index() <= r.last_index(), "round {round}");
+            drain(&mut r);
+        }
+    }
+}
+
+/// A number near the interesting edges: small, near the log's end, or
+/// near the top of u64.
+fn edgy(rng: &mut coordinator::raft::SplitMix64, near: u64) -> u64 {
+    match rng.range(0, 5) {
+        0 => u64::MAX - rng.range(0, 3),
+        1 => near.saturating_add(rng.range(0, 3)),
+        2 => near.saturating_sub(rng.range(0, 3)),
+        _ => rng.range(0, 12),
+    }
+}
+
+/// Any message a peer (correct, buggy or older) could send, with fields
+/// drawn at the edges.
+fn arbitrary_message(rng: &mut coordinator::raft::SplitMix64, r: &Raft) -> Message {
+    let last = r.last_index();
+    let term = r.term();
+    let from = rng.range(2, 5);
+    let msg_term = edgy(rng, term);
+    let entries = |rng: &mut coordinator::raft::SplitMix64, start: u64| -> Vec<Entry> {
+        (0..rng.range(0, 3))
+            .map(|i| ent(start.wrapping_add(i), rng.range(0, term.saturating_add(2))))
+            .collect()
+    };
+    let kind = match rng.range(0, 14) {
+        0 => {
+            let prev = edgy(rng, last);
+            let start = prev.wrapping_add(1);
+            append(prev, edgy(rng, term), entries(rng, start), edgy(rng, last))
+        }
+        1 => MessageKind::AppendResponse {
+            index: edgy(rng, last),
+            reject: rng.range(0, 2) == 0,
+            hint: (rng.range(0, 2) == 0).then(|| (edgy(rng, last), edgy(rng, term))),
+        },
+        2 => MessageKind::Vote {
+            pre: rng.range(0, 2) == 0,
+            last_index: edgy(rng, last),
+            last_term: edgy(rng, term),
+            transfer: rng.range(0, 2) == 0,
+        },
+        3 => MessageKind::VoteResponse {
+            pre: rng.range(0, 2) == 0,
+            granted: rng.range(0, 2) == 0,
+        },
+        4 => MessageKind::Heartbeat {
+            commit: edgy(rng, last),
+            ctx: (rng.range(0, 2) == 0).then(|| vec![rng.range(0, 4) as u8]),
+        },
+        5 => MessageKind::HeartbeatResponse {
+            ctx: (rng.range(0, 2) == 0).then(|| vec![rng.range(0, 4) as u8]),
+        },
+        6 => MessageKind::Snapshot {
+            meta: coordinator::raft::SnapshotMeta {
+                index: edgy(rng, last),
+                term: edgy(rng, term),
+                conf_state: r.conf_state().clone(),
+            },
+        },
+        7 => {
+            let start = edgy(rng, last);
+            MessageKind::Propose {
+                entries: entries(rng, start),
+            }
+        }
+        8 => MessageKind::ReadIndex {
+            ctx: vec![rng.range(0, 4) as u8],
+        },
+        9 => MessageKind::ReadIndexResponse {
+            ctx: vec![rng.range(0, 4) as u8],
+            index: edgy(rng, last),
+        },
+        10 => MessageKind::TimeoutNow,
+        11 => MessageKind::TransferLeader {
+            to: rng.range(0, 6),
+        },
+        12 => MessageKind::NotMember {
+            commit: edgy(rng, last),
+        },
+        _ => MessageKind::ProposeConfChange {
+            change: coordinator::raft::ConfChange::AddLearner(rng.range(0, 6)),
+            force: rng.range(0, 2) == 0,
+        },
+    };
+    msg(from, 1, msg_term, kind)
+}
+
+/// Whatever a peer sends, in any role, a node never panics: every message
+/// kind with fields at the edges (indexes past the log, terms near the top
+/// of u64, hints beyond the end), seeded, with ticks and proposals mixed
+/// in. The node's commit index never passes its log, and its log stays
+/// contiguous.
+#[test]
+fn arbitrary_peer_messages_never_panic_in_any_role() {
+    let mut rng = coordinator::raft::SplitMix64::new(0xbad_9ee2);
+    for round in 0..300 {
+        let mut r = match round % 3 {
+            0 => stable_leader(3),
+            1 => restore(paper_cfg(1), &[1, 2, 3], hs(2, None, 1), ents(&[1, 2, 2])),
+            _ => {
+                let mut r = fresh(1, &[1, 2, 3, 4]);
+                r.campaign();
+                r
+            }
+        };
+        for _ in 0..60 {
+            match rng.range(0, 10) {
+                0 => r.tick(),
+                1 => {
+                    let _ = r.propose(b"x".to_vec());
+                }
+                _ => {
+                    let m = arbitrary_message(&mut rng, &r);
+                    let _ = r.step(m);
+                }
+            }
+            assert!(r.commit_index() <= r.last_index(), "round {round}");
+            let log = log_of(&r);
+            for w in log.windows(2) {
+                assert_eq!(w[0].index + 1, w[1].index, "round {round}");
+            }
+            drain(&mut r);
+        }
     }
 }
 

@@ -48,6 +48,6 @@ pub use ready::{
 };
 pub use rng::SplitMix64;
 pub use types::{
-    ConfChange, ConfState, Entry, EntryPayload, HardState, Index, InvalidConfChange, NodeId, Role,
-    SnapshotMeta, Term,
+    ConfChange, ConfState, Entry, EntryPayload, HardState, Index, InvalidConfChange, MAX_INDEX,
+    MAX_TERM, NodeId, Role, SnapshotMeta, Term,
 };

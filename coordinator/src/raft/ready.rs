@@ -241,6 +241,21 @@ pub enum StepError {
         /// The claimed sender.
         from: NodeId,
     },
+    /// A message no correct member sends: a term beyond [`MAX_TERM`]
+    /// (a campaign could not count past it), an index beyond
+    /// [`MAX_INDEX`], a snapshot of a term above the message's, or an append whose entries do
+    /// not follow `prev_index` one by one or carry terms no leader could
+    /// have written (below `prev_term`, decreasing, or above the message's
+    /// term). It is dropped before it can touch any state.
+    ///
+    /// [`MAX_TERM`]: super::MAX_TERM
+    /// [`MAX_INDEX`]: super::MAX_INDEX
+    Malformed {
+        /// The sender.
+        from: NodeId,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
 
 impl std::fmt::Display for StepError {
@@ -248,6 +263,9 @@ impl std::fmt::Display for StepError {
         match self {
             StepError::WrongRecipient { to } => write!(f, "message addressed to node {to}"),
             StepError::BadSender { from } => write!(f, "message from invalid sender {from}"),
+            StepError::Malformed { from, reason } => {
+                write!(f, "malformed message from node {from}: {reason}")
+            }
         }
     }
 }

@@ -4,7 +4,80 @@
 use super::core::Raft;
 use super::message::{Message, MessageKind};
 use super::ready::StepError;
-use super::types::{Index, NodeId, Role, Term};
+use super::types::{Index, MAX_INDEX, MAX_TERM, NodeId, Role, Term};
+
+/// Whether a message is one a correct member could send: terms at most
+/// [`MAX_TERM`], indexes at most [`MAX_INDEX`], and an append's entries at
+/// `prev_index + 1, + 2, …` with terms from `prev_term` up to the
+/// message's, never decreasing. The core's arithmetic relies on it.
+fn well_formed(m: &Message) -> Result<(), &'static str> {
+    if m.term > MAX_TERM {
+        return Err("term beyond the largest a group can reach");
+    }
+    let index_ok = |i: Index| i <= MAX_INDEX;
+    let ok = match &m.kind {
+        MessageKind::Append {
+            prev_index,
+            prev_term,
+            entries,
+            commit,
+        } => {
+            if !index_ok(*prev_index) || !index_ok(*commit) {
+                return Err("index beyond the largest a log can reach");
+            }
+            if *prev_term > m.term {
+                return Err("prev_term is above the message's term");
+            }
+            let mut expected = *prev_index;
+            let mut last_term = *prev_term;
+            for e in entries {
+                expected += 1;
+                if e.index != expected {
+                    return Err("entries do not follow prev_index one by one");
+                }
+                if e.term < last_term {
+                    return Err("entry terms decrease");
+                }
+                if e.term > m.term {
+                    return Err("an entry's term is above the message's");
+                }
+                last_term = e.term;
+            }
+            index_ok(expected)
+        }
+        MessageKind::AppendResponse { index, hint, .. } => {
+            index_ok(*index) && hint.is_none_or(|(i, t)| index_ok(i) && t <= MAX_TERM)
+        }
+        MessageKind::Vote {
+            last_index,
+            last_term,
+            ..
+        } => index_ok(*last_index) && *last_term <= MAX_TERM,
+        MessageKind::Heartbeat { commit, .. } | MessageKind::NotMember { commit } => {
+            index_ok(*commit)
+        }
+        MessageKind::Snapshot { meta } => {
+            if meta.term > m.term {
+                return Err("snapshot term is above the message's term");
+            }
+            index_ok(meta.index)
+        }
+        MessageKind::ReadIndexResponse { index, .. } => index_ok(*index),
+        MessageKind::VoteResponse { .. }
+        | MessageKind::HeartbeatResponse { .. }
+        | MessageKind::Propose { .. }
+        | MessageKind::ReadIndex { .. }
+        | MessageKind::TimeoutNow
+        | MessageKind::TransferLeader { .. }
+        | MessageKind::ProposeConfChange { .. }
+        | MessageKind::ConfChangeRefused { .. } => true,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err("index beyond the largest a log can reach")
+    }
+}
 
 impl Raft {
     /// Feeds one message from another member.
@@ -14,6 +87,12 @@ impl Raft {
         }
         if m.from == 0 || m.from == self.id {
             return Err(StepError::BadSender { from: m.from });
+        }
+        if let Err(reason) = well_formed(&m) {
+            return Err(StepError::Malformed {
+                from: m.from,
+                reason,
+            });
         }
         if let MessageKind::NotMember { commit } = m.kind {
             self.not_member(commit);

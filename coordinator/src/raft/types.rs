@@ -9,6 +9,14 @@ use serde::{Deserialize, Serialize};
 pub type NodeId = u64;
 /// A Raft term (§5.1). Terms only grow.
 pub type Term = u64;
+/// The largest term a message may carry. Each election adds one to the
+/// term, so no group reaches 2^62 in any lifetime; a message beyond it is
+/// refused, so a peer cannot push a member's term to where a campaign would
+/// overflow it.
+pub const MAX_TERM: Term = 1 << 62;
+/// The largest index a message may name, for the same reason: no log
+/// reaches it, and the core may add to any index it is sent.
+pub const MAX_INDEX: Index = 1 << 62;
 /// A position in the replicated log; the first real entry has index 1.
 pub type Index = u64;
 
