@@ -282,6 +282,26 @@ struct BodyLimits {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BodyLimit(pub(crate) usize);
 
+/// A refused body declared at most this long is read and dropped before
+/// the 413 is sent (at most [`REFUSED_BODY_DRAIN_TIME`]), as servers'
+/// "lingering close" does: closing with the client's body still arriving
+/// makes the kernel reset the connection, and the client — still writing —
+/// sees a broken pipe instead of the 413. A longer body is refused at once
+/// and the client may see the reset.
+pub const REFUSED_BODY_DRAIN_BYTES: u64 = 16 << 20;
+
+/// How long reading a refused body may take before the 413 goes anyway.
+pub const REFUSED_BODY_DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// Reads and drops `body`, within [`REFUSED_BODY_DRAIN_BYTES`] and
+/// [`REFUSED_BODY_DRAIN_TIME`].
+async fn drain_refused_body(body: axum::body::Body) {
+    use http_body_util::BodyExt;
+    let mut body = http_body_util::Limited::new(body, REFUSED_BODY_DRAIN_BYTES as usize);
+    let drain = async { while let Some(Ok(_)) = body.frame().await {} };
+    let _ = tokio::time::timeout(REFUSED_BODY_DRAIN_TIME, drain).await;
+}
+
 /// Middleware: bounds every request body by the limit of its route — a
 /// declared length over it is refused (413) before anything is read, and
 /// a body that turns out longer fails when read (413 too).
@@ -297,7 +317,10 @@ async fn body_limit(State(limits): State<BodyLimits>, req: Request, next: Next) 
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if let Some(n) = declared.filter(|&n| n > limit as u64) {
+        if n <= REFUSED_BODY_DRAIN_BYTES {
+            drain_refused_body(req.into_body()).await;
+        }
         return error::ApiError::body_too_large(Some(limit)).into_response();
     }
     let mut req = req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, limit)));
