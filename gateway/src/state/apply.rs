@@ -4,20 +4,35 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use coordinator::node::Committed;
 use coordinator::raft::Index;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use serde_json::Value;
-use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
 
 use super::change::{Change, CommandStep, ShadowSide};
-use super::rows::{
-    db_int, load_applied_index, load_command, load_device, load_shadow, store_applied_index,
-    to_json_text,
+use super::rows::db_int;
+use super::rows::sync::{
+    exec, load_applied_index, load_command, load_device, load_shadow, scalar, store_applied_index,
 };
+use super::rows::to_json_text;
 use super::{EVENTS_RETAINED, StateDb, StateError};
 use crate::limits::{self, MAX_DOCUMENT_BYTES};
 use crate::ops::{
     Command, CommandStatus, Device, DeviceRegistration, Event, MAX_CONFLICTS_LISTED, Op, OpResult,
     Proposal, Role,
 };
+
+/// Entries (or bytes of entries) from which a batch counts as heavy: it is
+/// applied where the runtime expects blocking work, not inline.
+const HEAVY_ENTRIES: usize = 64;
+const HEAVY_BYTES: usize = 256 * 1024;
+
+/// What applying a batch did, published once it is committed.
+struct AppliedBatch {
+    results: Vec<OpResult>,
+    events: Vec<Event>,
+    changes: Vec<Change>,
+    /// The new applied index, or `None` if nothing was new.
+    applied: Option<Index>,
+}
 
 impl StateDb {
     /// Applies a batch of committed entries in one transaction and records
@@ -30,104 +45,119 @@ impl StateDb {
     /// `OpResult::Ignored` (exactly-once). Each entry that changed something
     /// yields one [`Event`]; the events are stored in the same transaction and
     /// broadcast (and the applied-index watch updated) after the commit.
+    ///
+    /// The whole batch runs in one call on apply's own connection (see
+    /// [`super::Writer`]): no hand-off to another thread per statement.
     pub async fn apply(
         &self,
         entries: Vec<Committed>,
         last_index: Index,
     ) -> Result<Vec<OpResult>, StateError> {
         let mut writer = self.writer.lock().await;
-        let conn = match &mut *writer {
-            Some(conn) => conn,
-            empty => empty.insert(super::open_writer(&self.dir.join(super::DB_FILE)).await?),
+        let w = match &mut *writer {
+            Some(w) => w,
+            empty => empty.insert(super::Writer::open(&self.dir.join(super::DB_FILE)).await?),
         };
-        let mut tx = conn.begin().await?;
-        let start = load_applied_index(&mut tx).await?;
-        let mut mark = start;
-        let mut results = Vec::with_capacity(entries.len());
-        let mut events = Vec::new();
-        let mut changes = Vec::new();
-        for entry in &entries {
-            if entry.index <= mark {
-                results.push(OpResult::Ignored);
-                continue;
-            }
-            mark = entry.index;
-            let proposal = match Proposal::decode(&entry.data) {
-                Ok(p) => p,
-                Err(e) => {
-                    // Every member applies the same entries: one this
-                    // gateway cannot read (a newer version's format, or
-                    // damage) must stop it, not be skipped — skipping would
-                    // make its state differ from its peers' for good.
-                    // Nothing of this batch is committed: rolled back
-                    // here, not left to the transaction's drop (which
-                    // finishes later, holding the write lock meanwhile).
-                    tx.rollback().await?;
-                    return Err(StateError::Corrupt(format!(
-                        "committed entry {} cannot be decoded by this gateway ({}; this gateway \
-                         reads entry format {}): {e}; it stops here — upgrade it to the version \
-                         of the gateway that proposed the entry",
-                        entry.index,
-                        crate::ops::describe_format(&entry.data),
-                        crate::ops::ENTRY_FORMAT
-                    )));
-                }
-            };
-            let (result, change) = apply_op(&mut tx, proposal.ts_ms, &proposal.op).await?;
-            if let Some(change) = change {
-                debug_assert_eq!(change.kind(), proposal.op.kind());
-                events.push(Event {
-                    index: entry.index,
-                    kind: change.kind().to_string(),
-                    data: change.data()?,
-                });
-                changes.push(change);
-            }
-            results.push(result);
-        }
-        let new_applied = mark.max(last_index);
-        if new_applied == start {
-            // Nothing new: no write, no commit needed.
-            tx.rollback().await?;
-            return Ok(results);
-        }
-        // Up to ROWS_PER_STATEMENT events per statement: one hand-off to
-        // SQLite's thread for a batch's events, not one per event (an event
-        // row per write was 12–14 % of a write's CPU). Not kept among the
-        // cached statements, whose text varies with the count.
-        for chunk in events.chunks(ROWS_PER_STATEMENT) {
-            let rows = chunk
-                .iter()
-                .map(|ev| Ok((ev, to_json_text(&ev.data)?)))
-                .collect::<Result<Vec<_>, StateError>>()?;
-            let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO events (idx, kind, data) ");
-            q.push_values(rows, |mut row, (ev, data)| {
-                row.push_bind(db_int(ev.index))
-                    .push_bind(ev.kind.as_str())
-                    .push_bind(data);
-            });
-            q.build().persistent(false).execute(&mut *tx).await?;
-        }
-        let floor = new_applied.saturating_sub(EVENTS_RETAINED);
-        if floor > 0 {
-            sqlx::query("DELETE FROM events WHERE idx < ?")
-                .bind(db_int(floor))
-                .execute(&mut *tx)
-                .await?;
-        }
-        store_applied_index(&mut tx, new_applied).await?;
-        tx.commit().await?;
+        let bytes: usize = entries.iter().map(|e| e.data.len()).sum();
+        let heavy = entries.len() >= HEAVY_ENTRIES || bytes >= HEAVY_BYTES;
+        let batch = w
+            .run(heavy, move |conn| apply_batch(conn, &entries, last_index))
+            .await??;
         drop(writer);
-        self.applied.send_replace(new_applied);
+        if let Some(applied) = batch.applied {
+            self.applied.send_replace(applied);
+        }
         // No subscriber is fine.
-        for change in changes {
+        for change in batch.changes {
             let _ = self.changes.send(change);
         }
-        for ev in events {
+        for ev in batch.events {
             let _ = self.events.send(ev);
         }
-        Ok(results)
+        Ok(batch.results)
     }
+}
+
+/// Applies `entries` in one transaction (see [`StateDb::apply`]); an error
+/// rolls all of it back.
+fn apply_batch(
+    conn: &mut Connection,
+    entries: &[Committed],
+    last_index: Index,
+) -> Result<AppliedBatch, StateError> {
+    // Immediate: apply is the only writer; taking the write lock at once
+    // means no read-then-upgrade can be refused mid-batch.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let start = load_applied_index(&tx)?;
+    let mut mark = start;
+    let mut results = Vec::with_capacity(entries.len());
+    let mut events = Vec::new();
+    let mut changes = Vec::new();
+    for entry in entries {
+        if entry.index <= mark {
+            results.push(OpResult::Ignored);
+            continue;
+        }
+        mark = entry.index;
+        let proposal = match Proposal::decode(&entry.data) {
+            Ok(p) => p,
+            Err(e) => {
+                // Every member applies the same entries: one this gateway
+                // cannot read (a newer version's format, or damage) must
+                // stop it, not be skipped — skipping would make its state
+                // differ from its peers' for good. Nothing of this batch is
+                // committed (the transaction rolls back as it drops).
+                return Err(StateError::Corrupt(format!(
+                    "committed entry {} cannot be decoded by this gateway ({}; this gateway \
+                     reads entry format {}): {e}; it stops here — upgrade it to the version \
+                     of the gateway that proposed the entry",
+                    entry.index,
+                    crate::ops::describe_format(&entry.data),
+                    crate::ops::ENTRY_FORMAT
+                )));
+            }
+        };
+        let (result, change) = apply_op(&tx, proposal.ts_ms, &proposal.op)?;
+        if let Some(change) = change {
+            debug_assert_eq!(change.kind(), proposal.op.kind());
+            events.push(Event {
+                index: entry.index,
+                kind: change.kind().to_string(),
+                data: change.data()?,
+            });
+            changes.push(change);
+        }
+        results.push(result);
+    }
+    let new_applied = mark.max(last_index);
+    if new_applied == start {
+        // Nothing new: no write, nothing to commit (rolled back on drop).
+        return Ok(AppliedBatch {
+            results,
+            events,
+            changes,
+            applied: None,
+        });
+    }
+    for ev in &events {
+        exec(
+            &tx,
+            "INSERT INTO events (idx, kind, data) VALUES (?1, ?2, ?3)",
+            (db_int(ev.index), ev.kind.as_str(), to_json_text(&ev.data)?),
+        )?;
+    }
+    let floor = new_applied.saturating_sub(EVENTS_RETAINED);
+    if floor > 0 {
+        exec(&tx, "DELETE FROM events WHERE idx < ?1", [db_int(floor)])?;
+    }
+    store_applied_index(&tx, new_applied)?;
+    tx.commit()?;
+    Ok(AppliedBatch {
+        results,
+        events,
+        changes,
+        applied: Some(new_applied),
+    })
 }
 
 /// What one operation did: its result and, if it changed something, the
@@ -143,34 +173,34 @@ fn not_found_command(cid: &str) -> Applied {
 }
 
 /// Applies one operation at time `ts` (the proposer's stamp).
-async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Applied, StateError> {
+fn apply_op(conn: &Connection, ts: u64, op: &Op) -> Result<Applied, StateError> {
     match op {
         Op::BootstrapAdmin { token_hash } => {
-            let any: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tokens)")
-                .fetch_one(&mut *conn)
-                .await?;
+            let any =
+                scalar::<bool>(conn, "SELECT EXISTS (SELECT 1 FROM tokens)", [])?.unwrap_or(false);
             if any {
                 return Ok((OpResult::Ignored, None));
             }
-            insert_token(conn, ts, token_hash, Role::Admin, "bootstrap admin").await
+            insert_token(conn, ts, token_hash, Role::Admin, "bootstrap admin")
         }
         Op::CreateToken {
             token_hash,
             role,
             name,
         } => {
-            let exists: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tokens WHERE token_hash = ?)")
-                    .bind(token_hash)
-                    .fetch_one(&mut *conn)
-                    .await?;
+            let exists = scalar::<bool>(
+                conn,
+                "SELECT EXISTS (SELECT 1 FROM tokens WHERE token_hash = ?)",
+                [token_hash],
+            )?
+            .unwrap_or(false);
             if exists {
                 return Ok((
                     OpResult::Conflict("a token with this hash already exists".into()),
                     None,
                 ));
             }
-            insert_token(conn, ts, token_hash, *role, name).await
+            insert_token(conn, ts, token_hash, *role, name)
         }
         Op::RegisterDevice {
             id,
@@ -186,48 +216,48 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
                 attributes,
                 cert_sha256: cert_sha256.as_deref(),
             };
-            register_device(conn, ts, device).await
+            register_device(conn, ts, device)
         }
-        Op::RegisterDevices { devices } => register_devices(conn, ts, devices).await,
+        Op::RegisterDevices { devices } => register_devices(conn, ts, devices),
         Op::UpdateDevice {
             id,
             labels,
             attributes,
             cert_sha256,
         } => {
-            if load_device(conn, id).await?.is_none() {
+            if load_device(conn, id)?.is_none() {
                 return Ok(not_found_device(id));
             }
             if let Some(cert) = cert_sha256 {
-                if let Some(conflict) = cert_taken(conn, cert.as_deref(), id).await? {
+                if let Some(conflict) = cert_taken(conn, cert.as_deref(), id)? {
                     return Ok(conflict);
                 }
-                sqlx::query("UPDATE devices SET cert_sha256 = ? WHERE id = ?")
-                    .bind(cert.as_deref())
-                    .bind(id)
-                    .execute(&mut *conn)
-                    .await?;
+                exec(
+                    conn,
+                    "UPDATE devices SET cert_sha256 = ? WHERE id = ?",
+                    (cert.as_deref(), id),
+                )?;
             }
             if let Some(labels) = labels {
-                sqlx::query("UPDATE devices SET labels = ? WHERE id = ?")
-                    .bind(to_json_text(labels)?)
-                    .bind(id)
-                    .execute(&mut *conn)
-                    .await?;
-                write_labels(conn, id, labels).await?;
+                exec(
+                    conn,
+                    "UPDATE devices SET labels = ? WHERE id = ?",
+                    (to_json_text(labels)?, id),
+                )?;
+                write_labels(conn, id, labels)?;
             }
             if let Some(attributes) = attributes {
-                sqlx::query("UPDATE devices SET attributes = ? WHERE id = ?")
-                    .bind(to_json_text(attributes)?)
-                    .bind(id)
-                    .execute(&mut *conn)
-                    .await?;
+                exec(
+                    conn,
+                    "UPDATE devices SET attributes = ? WHERE id = ?",
+                    (to_json_text(attributes)?, id),
+                )?;
             }
-            touch_device(conn, id, ts).await?;
-            device_changed(conn, id, Change::DeviceUpdated).await
+            touch_device(conn, id, ts)?;
+            device_changed(conn, id, Change::DeviceUpdated)
         }
         Op::DeleteDevice { id } => {
-            if load_device(conn, id).await?.is_none() {
+            if load_device(conn, id)?.is_none() {
                 return Ok(not_found_device(id));
             }
             // The foreign keys cascade too; deleting explicitly keeps this
@@ -238,7 +268,7 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
                 "DELETE FROM device_labels WHERE device = ?",
                 "DELETE FROM devices WHERE id = ?",
             ] {
-                sqlx::query(sql).bind(id).execute(&mut *conn).await?;
+                exec(conn, sql, (id,))?;
             }
             Ok((
                 OpResult::Done,
@@ -246,16 +276,15 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             ))
         }
         Op::RotateSecret { id, secret_hash } => {
-            if load_device(conn, id).await?.is_none() {
+            if load_device(conn, id)?.is_none() {
                 return Ok(not_found_device(id));
             }
-            sqlx::query("UPDATE devices SET secret_hash = ?, updated_at = ? WHERE id = ?")
-                .bind(secret_hash)
-                .bind(db_int(ts))
-                .bind(id)
-                .execute(&mut *conn)
-                .await?;
-            let device = must_device(conn, id).await?;
+            exec(
+                conn,
+                "UPDATE devices SET secret_hash = ?, updated_at = ? WHERE id = ?",
+                (secret_hash, db_int(ts), id),
+            )?;
+            let device = must_device(conn, id)?;
             Ok((
                 OpResult::Device(device),
                 Some(Change::SecretRotated { id: id.clone() }),
@@ -268,44 +297,41 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             params,
             ttl_ms,
             idempotency_key,
-        } => {
-            issue_command(
-                conn,
-                ts,
-                cid,
-                device,
-                name,
-                params,
-                *ttl_ms,
-                idempotency_key.as_deref(),
-            )
-            .await
-        }
+        } => issue_command(
+            conn,
+            ts,
+            cid,
+            device,
+            name,
+            params,
+            *ttl_ms,
+            idempotency_key.as_deref(),
+        ),
         Op::CommandSent { cid, gateway: _ } => {
-            let Some(cmd) = load_command(conn, cid).await? else {
+            let Some(cmd) = load_command(conn, cid)? else {
                 return Ok(not_found_command(cid));
             };
             if cmd.status != CommandStatus::Queued {
                 return Ok((OpResult::Ignored, None));
             }
-            transition(conn, ts, cid, CommandStatus::Sent, None, CommandStep::Sent).await
+            transition(conn, ts, cid, CommandStatus::Sent, None, CommandStep::Sent)
         }
         Op::CommandAccepted { cid } => {
-            let Some(cmd) = load_command(conn, cid).await? else {
+            let Some(cmd) = load_command(conn, cid)? else {
                 return Ok(not_found_command(cid));
             };
             if !matches!(cmd.status, CommandStatus::Queued | CommandStatus::Sent) {
                 return Ok((OpResult::Ignored, None));
             }
             let step = CommandStep::Accepted;
-            transition(conn, ts, cid, CommandStatus::Accepted, None, step).await
+            transition(conn, ts, cid, CommandStatus::Accepted, None, step)
         }
         Op::CommandResult {
             cid,
             succeeded,
             output,
         } => {
-            let Some(cmd) = load_command(conn, cid).await? else {
+            let Some(cmd) = load_command(conn, cid)? else {
                 return Ok(not_found_command(cid));
             };
             if cmd.status.is_terminal() {
@@ -316,10 +342,10 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             } else {
                 CommandStatus::Failed
             };
-            transition(conn, ts, cid, status, Some(output), CommandStep::Result).await
+            transition(conn, ts, cid, status, Some(output), CommandStep::Result)
         }
         Op::CancelCommand { cid } => {
-            let Some(cmd) = load_command(conn, cid).await? else {
+            let Some(cmd) = load_command(conn, cid)? else {
                 return Ok(not_found_command(cid));
             };
             if cmd.status.is_terminal() {
@@ -329,19 +355,19 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
                 ));
             }
             let step = CommandStep::Canceled;
-            transition(conn, ts, cid, CommandStatus::Canceled, None, step).await
+            transition(conn, ts, cid, CommandStatus::Canceled, None, step)
         }
         Op::ExpireCommands { cids } => {
             let mut expired = Vec::new();
             for cid in cids {
-                let Some(cmd) = load_command(conn, cid).await? else {
+                let Some(cmd) = load_command(conn, cid)? else {
                     continue;
                 };
                 if cmd.status.is_terminal() || cmd.expires_at > ts {
                     continue;
                 }
-                set_status(conn, ts, cid, CommandStatus::Expired, None).await?;
-                expired.push(must_command(conn, cid).await?);
+                set_status(conn, ts, cid, CommandStatus::Expired, None)?;
+                expired.push(must_command(conn, cid)?);
             }
             if expired.is_empty() {
                 return Ok((OpResult::Ignored, None));
@@ -353,7 +379,7 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             patch,
             expected_version,
         } => {
-            let Some(mut sh) = load_shadow(conn, device).await? else {
+            let Some(mut sh) = load_shadow(conn, device)? else {
                 return Ok(not_found_device(device));
             };
             if let Some(v) = expected_version
@@ -379,20 +405,21 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
                 };
             stamp_keys(&mut sh.desired_updated, patch, ts);
             sh.version = sh.version.saturating_add(1);
-            sqlx::query(
+            exec(
+                conn,
                 "UPDATE shadows SET desired = ?, desired_updated = ?, version = ? WHERE device = ?",
-            )
-            .bind(text)
-            .bind(to_json_text(&sh.desired_updated)?)
-            .bind(db_int(sh.version))
-            .bind(device)
-            .execute(&mut *conn)
-            .await?;
+                (
+                    text,
+                    to_json_text(&sh.desired_updated)?,
+                    db_int(sh.version),
+                    device,
+                ),
+            )?;
             let change = shadow_change(ShadowSide::Desired, device, sh.version, patch);
             Ok((OpResult::Shadow(sh.into_shadow()), Some(change)))
         }
         Op::ReportState { device, patch } => {
-            let Some(mut sh) = load_shadow(conn, device).await? else {
+            let Some(mut sh) = load_shadow(conn, device)? else {
                 return Ok(not_found_device(device));
             };
             if !patch.is_object() {
@@ -414,12 +441,11 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
                 }
             };
             stamp_keys(&mut sh.reported_updated, patch, ts);
-            sqlx::query("UPDATE shadows SET reported = ?, reported_updated = ? WHERE device = ?")
-                .bind(text)
-                .bind(to_json_text(&sh.reported_updated)?)
-                .bind(device)
-                .execute(&mut *conn)
-                .await?;
+            exec(
+                conn,
+                "UPDATE shadows SET reported = ?, reported_updated = ? WHERE device = ?",
+                (text, to_json_text(&sh.reported_updated)?, device),
+            )?;
             let change = shadow_change(ShadowSide::Reported, device, sh.version, patch);
             Ok((OpResult::Shadow(sh.into_shadow()), Some(change)))
         }
@@ -428,16 +454,14 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             gateway,
             epoch,
             online,
-        } => presence(conn, ts, device, *gateway, *epoch, *online).await,
+        } => presence(conn, ts, device, *gateway, *epoch, *online),
         Op::SetPeerAddress { id, address } => {
-            sqlx::query(
+            exec(
+                conn,
                 "INSERT INTO peers (id, address) VALUES (?, ?) \
                  ON CONFLICT (id) DO UPDATE SET address = excluded.address",
-            )
-            .bind(db_int(*id))
-            .bind(address)
-            .execute(&mut *conn)
-            .await?;
+                (db_int(*id), address),
+            )?;
             Ok((
                 OpResult::Done,
                 Some(Change::PeerAddress {
@@ -447,23 +471,22 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
             ))
         }
         Op::GatewaySessionsLost { gateway } => {
-            let ids: Vec<String> = sqlx::query_scalar(
-                "SELECT id FROM devices WHERE online = 1 AND gateway = ? ORDER BY id",
-            )
-            .bind(db_int(*gateway))
-            .fetch_all(&mut *conn)
-            .await?;
+            let ids = {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT id FROM devices WHERE online = 1 AND gateway = ? ORDER BY id",
+                )?;
+                let rows = stmt.query_map([db_int(*gateway)], |r| r.get::<_, String>(0))?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            };
             if ids.is_empty() {
                 return Ok((OpResult::Ignored, None));
             }
-            sqlx::query(
+            exec(
+                conn,
                 "UPDATE devices SET online = 0, gateway = NULL, updated_at = ? \
                  WHERE online = 1 AND gateway = ?",
-            )
-            .bind(db_int(ts))
-            .bind(db_int(*gateway))
-            .execute(&mut *conn)
-            .await?;
+                (db_int(ts), db_int(*gateway)),
+            )?;
             Ok((
                 OpResult::Done,
                 Some(Change::SessionsLost {
@@ -475,20 +498,18 @@ async fn apply_op(conn: &mut SqliteConnection, ts: u64, op: &Op) -> Result<Appli
     }
 }
 
-async fn insert_token(
-    conn: &mut SqliteConnection,
+fn insert_token(
+    conn: &Connection,
     ts: u64,
     token_hash: &str,
     role: Role,
     name: &str,
 ) -> Result<Applied, StateError> {
-    sqlx::query("INSERT INTO tokens (token_hash, role, name, created_at) VALUES (?, ?, ?, ?)")
-        .bind(token_hash)
-        .bind(role.as_str())
-        .bind(name)
-        .bind(db_int(ts))
-        .execute(&mut *conn)
-        .await?;
+    exec(
+        conn,
+        "INSERT INTO tokens (token_hash, role, name, created_at) VALUES (?, ?, ?, ?)",
+        (token_hash, role.as_str(), name, db_int(ts)),
+    )?;
     // The change (and the event) never carries the hash.
     Ok((
         OpResult::Done,
@@ -508,43 +529,33 @@ struct NewDeviceRow<'a> {
     cert_sha256: Option<&'a str>,
 }
 
-async fn register_device(
-    conn: &mut SqliteConnection,
-    ts: u64,
-    d: NewDeviceRow<'_>,
-) -> Result<Applied, StateError> {
+fn register_device(conn: &Connection, ts: u64, d: NewDeviceRow<'_>) -> Result<Applied, StateError> {
     let id = d.id;
-    if load_device(conn, id).await?.is_some() {
+    if load_device(conn, id)?.is_some() {
         return Ok((
             OpResult::Conflict(format!("device {id} already exists")),
             None,
         ));
     }
-    if let Some(conflict) = cert_taken(conn, d.cert_sha256, id).await? {
+    if let Some(conflict) = cert_taken(conn, d.cert_sha256, id)? {
         return Ok(conflict);
     }
-    insert_device(conn, ts, &d).await?;
-    device_changed(conn, id, Change::DeviceRegistered).await
+    insert_device(conn, ts, &d)?;
+    device_changed(conn, id, Change::DeviceRegistered)
 }
-
-/// Rows per statement of a batch registration: one statement reads or
-/// writes up to this many rows (at most 7 bound values each, far below
-/// SQLite's 32,766 per statement), so 1,000 devices take a handful of
-/// statements rather than thousands.
-pub(super) const ROWS_PER_STATEMENT: usize = 500;
 
 /// Registers all of `devices` or none: every one is checked first — its id
 /// not registered, its fingerprint no other device's, and neither shared
 /// with another device of the batch — and only if none conflicts are they
 /// inserted. A conflict is a result (`BatchConflict`, no change), never an
 /// error, so every member decides alike and none stops on it.
-async fn register_devices(
-    conn: &mut SqliteConnection,
+fn register_devices(
+    conn: &Connection,
     ts: u64,
     devices: &[DeviceRegistration],
 ) -> Result<Applied, StateError> {
-    let registered = registered_ids(conn, devices).await?;
-    let holders = certificate_holders(conn, devices).await?;
+    let registered = registered_ids(conn, devices)?;
+    let holders = certificate_holders(conn, devices)?;
     let mut ids = HashSet::with_capacity(devices.len());
     let mut certs = HashSet::new();
     let mut conflicts = Vec::new();
@@ -576,178 +587,111 @@ async fn register_devices(
     if total > 0 {
         return Ok((OpResult::BatchConflict { conflicts, total }, None));
     }
-    insert_devices(conn, ts, devices).await?;
+    insert_devices(conn, ts, devices)?;
     let ids = devices.iter().map(|d| d.id.clone()).collect();
     Ok((OpResult::Done, Some(Change::DevicesRegistered { ids })))
 }
 
 /// Which of the ids of `devices` are registered.
-async fn registered_ids(
-    conn: &mut SqliteConnection,
+fn registered_ids(
+    conn: &Connection,
     devices: &[DeviceRegistration],
 ) -> Result<HashSet<String>, StateError> {
     let mut found = HashSet::new();
-    for chunk in devices.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::<Sqlite>::new("SELECT id FROM devices WHERE id IN (");
-        let mut list = q.separated(", ");
-        for d in chunk {
-            list.push_bind(d.id.as_str());
+    for d in devices {
+        if scalar::<i64>(conn, "SELECT 1 FROM devices WHERE id = ?", [&d.id])?.is_some() {
+            found.insert(d.id.clone());
         }
-        q.push(")");
-        let rows: Vec<String> = q.build_query_scalar().fetch_all(&mut *conn).await?;
-        found.extend(rows);
     }
     Ok(found)
 }
 
 /// The registered device holding each certificate fingerprint of
 /// `devices` that one holds.
-async fn certificate_holders(
-    conn: &mut SqliteConnection,
+fn certificate_holders(
+    conn: &Connection,
     devices: &[DeviceRegistration],
 ) -> Result<HashMap<String, String>, StateError> {
-    let certs: Vec<&str> = devices
-        .iter()
-        .filter_map(|d| d.cert_sha256.as_deref())
-        .collect();
     let mut holders = HashMap::new();
-    for chunk in certs.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "SELECT cert_sha256, id FROM devices WHERE cert_sha256 IN (",
-        );
-        let mut list = q.separated(", ");
-        for c in chunk {
-            list.push_bind(*c);
+    for cert in devices.iter().filter_map(|d| d.cert_sha256.as_deref()) {
+        let sql = "SELECT id FROM devices WHERE cert_sha256 = ?";
+        if let Some(id) = scalar::<String>(conn, sql, [cert])? {
+            holders.insert(cert.to_string(), id);
         }
-        q.push(")");
-        let rows: Vec<(String, String)> = q.build_query_as().fetch_all(&mut *conn).await?;
-        holders.extend(rows);
     }
     Ok(holders)
 }
 
 /// Inserts `devices`, none of which exists yet, with their labels and
-/// empty shadows: the rows [`insert_device`] writes for one, a few
-/// statements for all.
-async fn insert_devices(
-    conn: &mut SqliteConnection,
+/// empty shadows, as [`insert_device`] does for one.
+fn insert_devices(
+    conn: &Connection,
     ts: u64,
     devices: &[DeviceRegistration],
 ) -> Result<(), StateError> {
-    for chunk in devices.chunks(ROWS_PER_STATEMENT) {
-        let rows = chunk
-            .iter()
-            .map(|d| Ok((d, to_json_text(&d.labels)?, to_json_text(&d.attributes)?)))
-            .collect::<Result<Vec<_>, StateError>>()?;
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO devices (id, secret_hash, labels, attributes, online, gateway, \
-             presence_epoch, cert_sha256, created_at, updated_at) ",
-        );
-        q.push_values(rows, |mut row, (d, labels, attributes)| {
-            row.push_bind(d.id.as_str())
-                .push_bind(d.secret_hash.as_str())
-                .push_bind(labels)
-                .push_bind(attributes)
-                .push("0")
-                .push("NULL")
-                .push("0")
-                .push_bind(d.cert_sha256.as_deref())
-                .push_bind(db_int(ts))
-                .push_bind(db_int(ts));
-        });
-        q.build().execute(&mut *conn).await?;
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO shadows (device, desired, reported, version, desired_updated, \
-             reported_updated) ",
-        );
-        q.push_values(chunk, |mut row, d| {
-            row.push_bind(d.id.as_str())
-                .push("'{}'")
-                .push("'{}'")
-                .push("0")
-                .push("'{}'")
-                .push("'{}'");
-        });
-        q.build().execute(&mut *conn).await?;
-    }
-    let labels: Vec<(&str, &str, &str)> = devices
-        .iter()
-        .flat_map(|d| {
-            d.labels
-                .iter()
-                .map(|(k, v)| (d.id.as_str(), k.as_str(), v.as_str()))
-        })
-        .collect();
-    for chunk in labels.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO device_labels (device, key, value) ");
-        q.push_values(chunk, |mut row, (device, k, v)| {
-            row.push_bind(*device).push_bind(*k).push_bind(*v);
-        });
-        q.build().execute(&mut *conn).await?;
+    for d in devices {
+        let row = NewDeviceRow {
+            id: &d.id,
+            secret_hash: &d.secret_hash,
+            labels: &d.labels,
+            attributes: &d.attributes,
+            cert_sha256: d.cert_sha256.as_deref(),
+        };
+        insert_device(conn, ts, &row)?;
     }
     Ok(())
 }
 
 /// Inserts a device that does not exist yet, with its labels and an empty
 /// shadow.
-async fn insert_device(
-    conn: &mut SqliteConnection,
-    ts: u64,
-    d: &NewDeviceRow<'_>,
-) -> Result<(), StateError> {
+fn insert_device(conn: &Connection, ts: u64, d: &NewDeviceRow<'_>) -> Result<(), StateError> {
     let id = d.id;
-    sqlx::query(
+    exec(
+        conn,
         "INSERT INTO devices (id, secret_hash, labels, attributes, online, gateway, \
          presence_epoch, cert_sha256, created_at, updated_at) \
          VALUES (?, ?, ?, ?, 0, NULL, 0, ?, ?, ?)",
-    )
-    .bind(id)
-    .bind(d.secret_hash)
-    .bind(to_json_text(d.labels)?)
-    .bind(to_json_text(d.attributes)?)
-    .bind(d.cert_sha256)
-    .bind(db_int(ts))
-    .bind(db_int(ts))
-    .execute(&mut *conn)
-    .await?;
-    write_labels(conn, id, d.labels).await?;
-    sqlx::query(
+        (
+            id,
+            d.secret_hash,
+            to_json_text(d.labels)?,
+            to_json_text(d.attributes)?,
+            d.cert_sha256,
+            db_int(ts),
+            db_int(ts),
+        ),
+    )?;
+    write_labels(conn, id, d.labels)?;
+    exec(
+        conn,
         "INSERT INTO shadows (device, desired, reported, version, desired_updated, \
          reported_updated) VALUES (?, '{}', '{}', 0, '{}', '{}')",
-    )
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
+        (id,),
+    )?;
     Ok(())
 }
 
 /// The device other than `id` that has the certificate fingerprint `cert`,
 /// if any.
-async fn cert_holder(
-    conn: &mut SqliteConnection,
-    cert: &str,
-    id: &str,
-) -> Result<Option<String>, StateError> {
-    Ok(
-        sqlx::query_scalar("SELECT id FROM devices WHERE cert_sha256 = ? AND id != ?")
-            .bind(cert)
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?,
-    )
+fn cert_holder(conn: &Connection, cert: &str, id: &str) -> Result<Option<String>, StateError> {
+    Ok(scalar(
+        conn,
+        "SELECT id FROM devices WHERE cert_sha256 = ? AND id != ?",
+        (cert, id),
+    )?)
 }
 
 /// A conflict if a device other than `id` has the certificate fingerprint
 /// `cert` (one certificate identifies one device).
-async fn cert_taken(
-    conn: &mut SqliteConnection,
+fn cert_taken(
+    conn: &Connection,
     cert: Option<&str>,
     id: &str,
 ) -> Result<Option<Applied>, StateError> {
     let Some(cert) = cert else {
         return Ok(None);
     };
-    let holder = cert_holder(conn, cert, id).await?;
+    let holder = cert_holder(conn, cert, id)?;
     Ok(holder.map(|other| {
         (
             OpResult::Conflict(format!(
@@ -758,60 +702,54 @@ async fn cert_taken(
     }))
 }
 
-async fn write_labels(
-    conn: &mut SqliteConnection,
+fn write_labels(
+    conn: &Connection,
     id: &str,
     labels: &BTreeMap<String, String>,
 ) -> Result<(), StateError> {
-    sqlx::query("DELETE FROM device_labels WHERE device = ?")
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
+    exec(conn, "DELETE FROM device_labels WHERE device = ?", (id,))?;
     for (k, v) in labels {
-        sqlx::query("INSERT INTO device_labels (device, key, value) VALUES (?, ?, ?)")
-            .bind(id)
-            .bind(k)
-            .bind(v)
-            .execute(&mut *conn)
-            .await?;
+        exec(
+            conn,
+            "INSERT INTO device_labels (device, key, value) VALUES (?, ?, ?)",
+            (id, k, v),
+        )?;
     }
     Ok(())
 }
 
-async fn touch_device(conn: &mut SqliteConnection, id: &str, ts: u64) -> Result<(), StateError> {
-    sqlx::query("UPDATE devices SET updated_at = ? WHERE id = ?")
-        .bind(db_int(ts))
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
+fn touch_device(conn: &Connection, id: &str, ts: u64) -> Result<(), StateError> {
+    exec(
+        conn,
+        "UPDATE devices SET updated_at = ? WHERE id = ?",
+        (db_int(ts), id),
+    )?;
     Ok(())
 }
 
-async fn must_device(conn: &mut SqliteConnection, id: &str) -> Result<Device, StateError> {
-    load_device(conn, id)
-        .await?
+fn must_device(conn: &Connection, id: &str) -> Result<Device, StateError> {
+    load_device(conn, id)?
         .ok_or_else(|| StateError::Corrupt(format!("device {id} vanished during apply")))
 }
 
-async fn must_command(conn: &mut SqliteConnection, cid: &str) -> Result<Command, StateError> {
-    load_command(conn, cid)
-        .await?
+fn must_command(conn: &Connection, cid: &str) -> Result<Command, StateError> {
+    load_command(conn, cid)?
         .ok_or_else(|| StateError::Corrupt(format!("command {cid} vanished during apply")))
 }
 
 /// The device after a change, as result and change.
-async fn device_changed(
-    conn: &mut SqliteConnection,
+fn device_changed(
+    conn: &Connection,
     id: &str,
     change: impl FnOnce(Device) -> Change,
 ) -> Result<Applied, StateError> {
-    let device = must_device(conn, id).await?;
+    let device = must_device(conn, id)?;
     Ok((OpResult::Device(device.clone()), Some(change(device))))
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn issue_command(
-    conn: &mut SqliteConnection,
+fn issue_command(
+    conn: &Connection,
     ts: u64,
     cid: &str,
     device: &str,
@@ -820,18 +758,17 @@ async fn issue_command(
     ttl_ms: u64,
     idempotency_key: Option<&str>,
 ) -> Result<Applied, StateError> {
-    if load_device(conn, device).await?.is_none() {
+    if load_device(conn, device)?.is_none() {
         return Ok(not_found_device(device));
     }
     if let Some(key) = idempotency_key {
-        let existing: Option<String> =
-            sqlx::query_scalar("SELECT id FROM commands WHERE device = ? AND idempotency_key = ?")
-                .bind(device)
-                .bind(key)
-                .fetch_optional(&mut *conn)
-                .await?;
+        let existing: Option<String> = scalar(
+            conn,
+            "SELECT id FROM commands WHERE device = ? AND idempotency_key = ?",
+            (device, key),
+        )?;
         if let Some(existing) = existing {
-            let command = must_command(conn, &existing).await?;
+            let command = must_command(conn, &existing)?;
             return Ok((
                 OpResult::Command {
                     command,
@@ -841,27 +778,28 @@ async fn issue_command(
             ));
         }
     }
-    if load_command(conn, cid).await?.is_some() {
+    if load_command(conn, cid)?.is_some() {
         return Ok((
             OpResult::Conflict(format!("command {cid} already exists")),
             None,
         ));
     }
-    sqlx::query(
+    exec(
+        conn,
         "INSERT INTO commands (id, device, name, params, status, output, idempotency_key, \
          issued_at, expires_at, updated_at) VALUES (?, ?, ?, ?, 'queued', NULL, ?, ?, ?, ?)",
-    )
-    .bind(cid)
-    .bind(device)
-    .bind(name)
-    .bind(to_json_text(params)?)
-    .bind(idempotency_key)
-    .bind(db_int(ts))
-    .bind(db_int(ts.saturating_add(ttl_ms)))
-    .bind(db_int(ts))
-    .execute(&mut *conn)
-    .await?;
-    let command = must_command(conn, cid).await?;
+        (
+            cid,
+            device,
+            name,
+            to_json_text(params)?,
+            idempotency_key,
+            db_int(ts),
+            db_int(ts.saturating_add(ttl_ms)),
+            db_int(ts),
+        ),
+    )?;
+    let command = must_command(conn, cid)?;
     let change = Change::Command(CommandStep::Issued, command.clone());
     Ok((
         OpResult::Command {
@@ -872,39 +810,35 @@ async fn issue_command(
     ))
 }
 
-async fn set_status(
-    conn: &mut SqliteConnection,
+fn set_status(
+    conn: &Connection,
     ts: u64,
     cid: &str,
     status: CommandStatus,
     output: Option<&Value>,
 ) -> Result<(), StateError> {
     let output = output.map(to_json_text).transpose()?;
-    sqlx::query(
+    exec(
+        conn,
         "UPDATE commands SET status = ?, output = COALESCE(?, output), updated_at = ? \
          WHERE id = ?",
-    )
-    .bind(status.as_str())
-    .bind(output)
-    .bind(db_int(ts))
-    .bind(cid)
-    .execute(&mut *conn)
-    .await?;
+        (status.as_str(), output, db_int(ts), cid),
+    )?;
     Ok(())
 }
 
 /// Moves a command to `status` (a `step` of its life); the command after
 /// it is result and change.
-async fn transition(
-    conn: &mut SqliteConnection,
+fn transition(
+    conn: &Connection,
     ts: u64,
     cid: &str,
     status: CommandStatus,
     output: Option<&Value>,
     step: CommandStep,
 ) -> Result<Applied, StateError> {
-    set_status(conn, ts, cid, status, output).await?;
-    let command = must_command(conn, cid).await?;
+    set_status(conn, ts, cid, status, output)?;
+    let command = must_command(conn, cid)?;
     let change = Change::Command(step, command.clone());
     Ok((
         OpResult::Command {
@@ -980,19 +914,18 @@ fn stamp_keys(updated: &mut BTreeMap<String, u64>, patch: &Value, ts: u64) {
 /// records the gateway and the epoch. Offline counts only if it names the
 /// current gateway and epoch (a late "offline" from an older session, or from
 /// a gateway the device already left, changes nothing).
-async fn presence(
-    conn: &mut SqliteConnection,
+fn presence(
+    conn: &Connection,
     ts: u64,
     device: &str,
     gateway: u64,
     epoch: u64,
     online: bool,
 ) -> Result<Applied, StateError> {
-    let row: Option<(i64, Option<i64>, i64)> =
-        sqlx::query_as("SELECT online, gateway, presence_epoch FROM devices WHERE id = ?")
-            .bind(device)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let row: Option<(i64, Option<i64>, i64)> = conn
+        .prepare_cached("SELECT online, gateway, presence_epoch FROM devices WHERE id = ?")?
+        .query_row([device], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
     let Some((cur_online, cur_gateway, cur_epoch)) = row else {
         return Ok(not_found_device(device));
     };
@@ -1006,26 +939,22 @@ async fn presence(
         if cur_online && cur_gateway == Some(gateway) && cur_epoch == epoch {
             return Ok((OpResult::Ignored, None));
         }
-        sqlx::query(
+        exec(
+            conn,
             "UPDATE devices SET online = 1, gateway = ?, presence_epoch = ?, updated_at = ? \
              WHERE id = ?",
-        )
-        .bind(gateway)
-        .bind(epoch)
-        .bind(db_int(ts))
-        .bind(device)
-        .execute(&mut *conn)
-        .await?;
+            (gateway, epoch, db_int(ts), device),
+        )?;
     } else {
         if !(cur_online && cur_gateway == Some(gateway) && cur_epoch == epoch) {
             return Ok((OpResult::Ignored, None));
         }
-        sqlx::query("UPDATE devices SET online = 0, gateway = NULL, updated_at = ? WHERE id = ?")
-            .bind(db_int(ts))
-            .bind(device)
-            .execute(&mut *conn)
-            .await?;
+        exec(
+            conn,
+            "UPDATE devices SET online = 0, gateway = NULL, updated_at = ? WHERE id = ?",
+            (db_int(ts), device),
+        )?;
     }
     let epoch = u64::try_from(epoch).unwrap_or_default();
-    device_changed(conn, device, |device| Change::Presence { device, epoch }).await
+    device_changed(conn, device, |device| Change::Presence { device, epoch })
 }

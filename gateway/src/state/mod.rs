@@ -56,7 +56,7 @@ use coordinator::raft::{Index, SnapshotMeta};
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, SqliteConnection, SqlitePool};
-use tokio::sync::{Mutex, RwLock, broadcast, watch};
+use tokio::sync::{Mutex, RwLock, broadcast, mpsc, oneshot, watch};
 
 use crate::ops::{Event, OpResult};
 pub use change::{Change, CommandStep, ShadowSide};
@@ -105,6 +105,9 @@ pub enum StateError {
     /// SQLite failed.
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    /// SQLite failed on apply's handle.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// A migration failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -162,7 +165,7 @@ pub struct StateDb {
     /// connection, outside the pool (opened on first use, closed by a
     /// restore): apply never waits for a reader's connection, and its
     /// prepared statements stay cached.
-    writer: Mutex<Option<SqliteConnection>>,
+    writer: Mutex<Option<Writer>>,
     /// The applied index, published after each commit.
     applied: watch::Sender<Index>,
     /// Events of committed batches.
@@ -188,9 +191,129 @@ fn connect_options(path: &Path) -> SqliteConnectOptions {
         .busy_timeout(Duration::from_secs(10))
 }
 
-/// Opens apply's own connection to `path` (the schema is the pool's).
-async fn open_writer(path: &Path) -> Result<SqliteConnection, StateError> {
-    Ok(SqliteConnection::connect_with(&connect_options(path)).await?)
+/// Apply's own connection: opened, configured and closed by sqlx, and
+/// driven through rusqlite on the same SQLite handle, which a task of its
+/// own keeps locked (sqlx's `lock_handle`) for the connection's life.
+/// sqlx runs each statement on its worker thread and hands the result
+/// back — two thread wake-ups per statement, most of the cost of applying
+/// an entry; here a whole batch is one call, on statements prepared once.
+pub(super) struct Writer {
+    jobs: mpsc::Sender<WriterJob>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A call on the writer's handle, and whether it is heavy.
+type WriterJob = (bool, Box<dyn FnOnce(&mut rusqlite::Connection) + Send>);
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").finish_non_exhaustive()
+    }
+}
+
+/// Statements apply keeps prepared (its distinct statements, with room).
+const WRITER_STATEMENTS: usize = 96;
+
+/// How long opening the writer may wait for sqlx's lock on its handle
+/// (it is free at once: the connection has just been opened).
+const WRITER_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+impl Writer {
+    /// Opens apply's own connection to `path` (the schema is the pool's).
+    async fn open(path: &Path) -> Result<Writer, StateError> {
+        let conn = SqliteConnection::connect_with(&connect_options(path)).await?;
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (jobs, rx) = mpsc::channel(1);
+        let task = tokio::spawn(Self::serve(conn, ready_tx, rx));
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(Writer { jobs, task }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(writer_stopped()),
+        }
+    }
+
+    /// Holds the handle and runs the calls sent to it, one at a time, until
+    /// the writer is closed (or dropped).
+    #[allow(unsafe_code)]
+    async fn serve(
+        mut conn: SqliteConnection,
+        ready: oneshot::Sender<Result<(), StateError>>,
+        mut jobs: mpsc::Receiver<WriterJob>,
+    ) {
+        let mut handle = match tokio::time::timeout(WRITER_LOCK_WAIT, conn.lock_handle()).await {
+            Ok(Ok(handle)) => handle,
+            Ok(Err(e)) => {
+                let _ = ready.send(Err(e.into()));
+                return;
+            }
+            Err(_) => {
+                let _ = ready.send(Err(StateError::Corrupt(format!(
+                    "the state database's writer connection was not free within {} s",
+                    WRITER_LOCK_WAIT.as_secs()
+                ))));
+                return;
+            }
+        };
+        // SAFETY: the handle is sqlx's open connection, locked by `handle`
+        // (so sqlx's worker thread never uses it meanwhile) until after
+        // `raw` is dropped below; rusqlite does not close a handle it did
+        // not open. Both link the one libsqlite3-sys (cargo allows one).
+        let raw = unsafe { rusqlite::Connection::from_handle(handle.as_raw_handle().as_ptr()) };
+        let mut raw = match raw {
+            Ok(raw) => raw,
+            Err(e) => {
+                let _ = ready.send(Err(e.into()));
+                return;
+            }
+        };
+        raw.set_prepared_statement_cache_capacity(WRITER_STATEMENTS);
+        if ready.send(Ok(())).is_ok() {
+            let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+                == tokio::runtime::RuntimeFlavor::MultiThread;
+            while let Some((heavy, job)) = jobs.recv().await {
+                if heavy && multi_thread {
+                    // The runtime moves other tasks off this thread meanwhile.
+                    tokio::task::block_in_place(|| job(&mut raw));
+                } else {
+                    job(&mut raw);
+                }
+            }
+        }
+        // Finalizes the cached statements while the handle is still open.
+        drop(raw);
+        drop(handle);
+        if let Err(e) = conn.close().await {
+            tracing::debug!(error = %e, "closing the state database's writer");
+        }
+    }
+
+    /// Runs `f` on the handle. A `heavy` call (a large batch) runs where the
+    /// runtime expects blocking work.
+    async fn run<T: Send + 'static>(
+        &self,
+        heavy: bool,
+        f: impl FnOnce(&mut rusqlite::Connection) -> T + Send + 'static,
+    ) -> Result<T, StateError> {
+        let (tx, rx) = oneshot::channel();
+        let job = Box::new(move |conn: &mut rusqlite::Connection| {
+            let _ = tx.send(f(conn));
+        });
+        self.jobs
+            .send((heavy, job))
+            .await
+            .map_err(|_| writer_stopped())?;
+        rx.await.map_err(|_| writer_stopped())
+    }
+
+    /// Closes the connection (after the call in progress, if any).
+    async fn close(self) -> Result<(), StateError> {
+        drop(self.jobs);
+        self.task.await.map_err(|_| writer_stopped())
+    }
+}
+
+fn writer_stopped() -> StateError {
+    StateError::Corrupt("the state database's writer stopped".into())
 }
 
 /// Opens a pool on `path` (creating the file) and brings the schema up to date.
@@ -336,8 +459,8 @@ impl StateDb {
     /// Closes the pool (waiting for running queries) and apply's
     /// connection. Later queries fail.
     pub async fn close(&self) {
-        if let Some(conn) = self.writer.lock().await.take()
-            && let Err(e) = conn.close().await
+        if let Some(writer) = self.writer.lock().await.take()
+            && let Err(e) = writer.close().await
         {
             tracing::debug!(error = %e, "closing the state database's writer");
         }

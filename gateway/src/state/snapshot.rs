@@ -400,8 +400,8 @@ impl StateDb {
         }
         // Apply's connection goes first (it would go on writing to the old
         // file); apply opens a new one on the new file.
-        if let Some(conn) = writer.take()
-            && let Err(e) = conn.close().await
+        if let Some(w) = writer.take()
+            && let Err(e) = w.close().await
         {
             tracing::debug!(error = %e, "closing the writer before restore");
         }
