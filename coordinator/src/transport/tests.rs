@@ -1529,3 +1529,83 @@ async fn corrupt_snapshot_is_rejected() {
     assert_eq!(next(&mut rx_a).await, Inbound::Message(msg(2, 1, 5)));
     a.shutdown().await;
 }
+
+/// Peer frames are hostile input: seeded cases decode arbitrary bytes and
+/// valid frames of every kind with bytes changed, cut or appended. Decoding
+/// answers a frame or an error, never panics, and a frame it answers
+/// encodes again within the frame limit.
+#[test]
+fn arbitrary_frame_bytes_never_panic_the_decoder() {
+    let mut rng = crate::raft::SplitMix64::new(0xf7a3_e5ed);
+    let entries: Vec<Entry> = (1..=3)
+        .map(|i| Entry {
+            term: 2,
+            index: i,
+            payload: EntryPayload::Normal(vec![i as u8; 20]),
+        })
+        .collect();
+    let append = Message {
+        from: 1,
+        to: 2,
+        term: 2,
+        kind: MessageKind::Append {
+            prev_index: 0,
+            prev_term: 0,
+            entries,
+            commit: 1,
+        },
+    };
+    let samples = [
+        Frame::Message(append.clone()),
+        Frame::Message(big_msg(1, 2, 300)),
+        Frame::SnapshotBegin {
+            msg: Message {
+                from: 1,
+                to: 2,
+                term: 2,
+                kind: MessageKind::Snapshot {
+                    meta: SnapshotMeta {
+                        index: 9,
+                        term: 2,
+                        conf_state: ConfState::with_voters([1, 2, 3]),
+                    },
+                },
+            },
+            total_len: 1 << 20,
+        },
+        Frame::SnapshotAck { ok: false },
+    ];
+    let encoded: Vec<Vec<u8>> = samples
+        .iter()
+        .map(|f| encode_frame(f, 1 << 20).expect("encode")[4..].to_vec())
+        .collect();
+    let (mut decoded, mut refused) = (0u32, 0u32);
+    for _ in 0..20_000 {
+        let mut bytes = encoded[rng.range(0, encoded.len() as u64) as usize].clone();
+        match rng.range(0, 4) {
+            0 => {
+                let len = rng.range(0, 64);
+                bytes = (0..len).map(|_| rng.next_u64() as u8).collect();
+            }
+            1 => {
+                for _ in 0..rng.range(1, 4) {
+                    let at = rng.range(0, bytes.len() as u64) as usize;
+                    bytes[at] = rng.next_u64() as u8;
+                }
+            }
+            2 => bytes.truncate(rng.range(0, bytes.len() as u64) as usize),
+            _ => bytes.extend((0..rng.range(1, 9)).map(|_| rng.next_u64() as u8)),
+        }
+        match decode_frame(&bytes) {
+            Ok(frame) => {
+                decoded += 1;
+                encode_frame(&frame, 1 << 21).expect("a decoded frame encodes again");
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(
+        decoded > 1_000 && refused > 1_000,
+        "{decoded} decoded, {refused} refused"
+    );
+}
