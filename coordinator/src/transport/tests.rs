@@ -1529,3 +1529,5 @@ async fn corrupt_snapshot_is_rejected() {
     assert_eq!(next(&mut rx_a).await, Inbound::Message(msg(2, 1, 5)));
     a.shutdown().await;
 }
+
+mod tls;
