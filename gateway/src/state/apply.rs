@@ -674,11 +674,11 @@ fn insert_device(conn: &Connection, ts: u64, d: &NewDeviceRow<'_>) -> Result<(),
 /// The device other than `id` that has the certificate fingerprint `cert`,
 /// if any.
 fn cert_holder(conn: &Connection, cert: &str, id: &str) -> Result<Option<String>, StateError> {
-    Ok(scalar(
+    scalar(
         conn,
         "SELECT id FROM devices WHERE cert_sha256 = ? AND id != ?",
         (cert, id),
-    )?)
+    )
 }
 
 /// A conflict if a device other than `id` has the certificate fingerprint
