@@ -30,6 +30,11 @@
 #   BENCH_OUT=bench/BENCHMARKS.md, BENCH_CHART=bench/chart.png
 #   BENCH_NO_INSTALL=1       do not run apt-get (the tools must be there)
 #   BENCH_KEEP=1             keep the data directories afterwards
+#   BENCH_PEER_TLS=1         also run a three-gateway group whose gateways talk
+#                            mutual TLS (gateway certs) and, after the write
+#                            phase, closed-loop writes against it and the plain
+#                            group in turn at each level (ports BASE+341 .. 643);
+#                            the figures are appended to the report
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -37,7 +42,8 @@ cd "$ROOT"
 STARTED=$(date +%s)
 COMMAND="bench/run.sh"
 for k in BENCH_SECS BENCH_WARMUP BENCH_QUICK BENCH_CLIENTS BENCH_KILLS BENCH_INGEST_CLIENTS \
-         BENCH_INGEST_INFLIGHT BENCH_SPREAD BENCH_PROFILE BENCH_MATCHED_FAILOVER BENCH_QUIET_WAIT; do
+         BENCH_INGEST_INFLIGHT BENCH_SPREAD BENCH_PROFILE BENCH_MATCHED_FAILOVER BENCH_QUIET_WAIT \
+         BENCH_PEER_TLS; do
   if [ -n "${!k:-}" ]; then COMMAND="$k=\"${!k}\" $COMMAND"; fi
 done
 
@@ -54,6 +60,7 @@ else
   OPEN_FRACTIONS="0.25 0.5 0.75 0.9"; MATCHED=${BENCH_MATCHED_FAILOVER:-1}
 fi
 INFLIGHT=${BENCH_INGEST_INFLIGHT:-"1 10"}
+PEER_TLS=${BENCH_PEER_TLS:-0}
 SPREAD=${BENCH_SPREAD:-rotate}
 QUIET_WAIT=${BENCH_QUIET_WAIT:-20}
 BASE=${BENCH_PORT_BASE:-23000}
@@ -153,6 +160,10 @@ USED_PORTS=""
 for p in 100 710 720; do for o in 1 2 3 101 102 103; do USED_PORTS+=" $((BASE + p + o))"; done; done
 for p in 300 730; do for o in 1 2 3 101 102 103 201 202 203 301 302 303; do USED_PORTS+=" $((BASE + p + o))"; done; done
 USED_PORTS+=" $((BASE + 701))"
+# The peer-TLS group (BENCH_PEER_TLS=1): P = 340.
+if [ "$PEER_TLS" = 1 ]; then
+  for o in 1 2 3 101 102 103 201 202 203 301 302 303; do USED_PORTS+=" $((BASE + 340 + o))"; done
+fi
 for port in $USED_PORTS; do
   port_in_use "$port" && die "port $port is in use; set BENCH_PORT_BASE"
 done
@@ -255,6 +266,39 @@ if [ -n "$OPEN_FRACTIONS" ]; then
     done
     n=$((n + 1))
   done
+fi
+
+# --- 7b. Writes with peer TLS (BENCH_PEER_TLS=1) -------------------------------------
+# A third group, its gateways talking mutual TLS, against the plain group:
+# the same closed-loop writes, the two taking turns at each level. Results
+# stay out of $RES (the report reads those); a summary is appended to it.
+PEER_TLS_SUMMARY="$DIR/peer-tls/summary.txt"
+if [ "$PEER_TLS" = 1 ]; then
+  phase "writes with and without peer TLS"
+  TB=$((BASE + 340)); TDATA="$DIR/gw-tls"; mkdir -p "$TDATA" "$DIR/peer-tls"
+  "$GATEWAY" certs --out "$DIR/pki" --nodes 1,2,3 >"$DIR/logs/certs.log"
+  TLS_PIDS=()
+  for i in 1 2 3; do
+    # shellcheck disable=SC2046
+    $(gw_cmd $i $TB "$TDATA") --peer-tls-ca "$DIR/pki/ca.pem" --peer-tls-cert "$DIR/pki/node-$i.pem" \
+      --peer-tls-key "$DIR/pki/node-$i.key" >"$DIR/logs/gw-tls$i.log" 2>&1 &
+    TLS_PIDS+=($!); PIDS+=($!)
+  done
+  T_EP=$(gw_endpoints $TB); T_TOK=$(gw_tokens "$TDATA"); T_PIDS=$(IFS=,; echo "${TLS_PIDS[*]}")
+  "$LOADGEN" ready --target entente --endpoints "$T_EP" --token-file "$T_TOK" >/dev/null
+  "$LOADGEN" setup --target entente --endpoints "$T_EP" --token-file "$T_TOK" --clients "$MAXC"
+  for c in $CLIENTS; do
+    for s in $(order $n); do
+      if [ "$s" = etcd ]; then mode=plain ep=$G_EP tok=$G_TOK pids=$N_PIDS
+      else mode=tls ep=$T_EP tok=$T_TOK pids=$T_PIDS; fi
+      line=$("$LOADGEN" write --target entente --endpoints "$ep" --token-file "$tok" --pids "$pids" \
+        --warmup-secs "$WARMUP" --duration-secs "$SECS" --spread "$SPREAD" --clients "$c" \
+        --out "$DIR/peer-tls/write-$mode-c$c.json" 2>&1 >/dev/null | tail -1)
+      echo "peer $mode: $line" | tee -a "$PEER_TLS_SUMMARY" >&2
+    done
+    n=$((n + 1))
+  done
+  stop_pids "${TLS_PIDS[@]}"
 fi
 
 # --- 8. Reads -----------------------------------------------------------------------
@@ -424,4 +468,18 @@ NOTES="$ROOT/bench/NOTES.md"
 "$LOADGEN" report --results "$RES" --out "$OUT" --chart-data "$DIR/chart" \
   --chart-out "$CHART_ABS" --chart-link "$CHART_LINK" --notes "$NOTES"
 gnuplot "$DIR/chart/chart.gp" || log "gnuplot failed; the chart was not drawn"
+if [ "$PEER_TLS" = 1 ] && [ -s "$PEER_TLS_SUMMARY" ]; then
+  {
+    echo
+    echo "## Entente writes with and without TLS between gateways (BENCH_PEER_TLS=1)"
+    echo
+    echo "Two three-gateway groups of this run, one talking plain TCP between gateways, one mutual"
+    echo "TLS 1.3 (certificates from \`gateway certs\`); the same closed-loop writes as above against"
+    echo "each in turn at every level ($SECS s each, after $WARMUP s warm-up):"
+    echo
+    echo '```'
+    cat "$PEER_TLS_SUMMARY"
+    echo '```'
+  } >>"$OUT"
+fi
 log "wrote $OUT and $CHART ($((ELAPSED / 60)) min $((ELAPSED % 60)) s); raw results in $RES"

@@ -107,6 +107,25 @@ pub struct Args {
     /// stays optional for devices that use their secret.
     #[arg(long, env = "ENTENTE_MQTT_TLS_CLIENT_CA")]
     pub mqtt_tls_client_ca: Option<PathBuf>,
+    /// Mutual TLS between gateways: the cluster CA certificate (PEM). With
+    /// --peer-tls-cert and --peer-tls-key; `gateway certs` makes all three.
+    /// Every member must use peer TLS, or none.
+    #[arg(long, env = "ENTENTE_PEER_TLS_CA")]
+    pub peer_tls_ca: Option<PathBuf>,
+    /// This gateway's peer certificate (PEM, leaf first), issued by the
+    /// cluster CA for the DNS name `node-<node-id>.<cluster-id>.entente`.
+    #[arg(long, env = "ENTENTE_PEER_TLS_CERT")]
+    pub peer_tls_cert: Option<PathBuf>,
+    /// The private key of --peer-tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "ENTENTE_PEER_TLS_KEY")]
+    pub peer_tls_key: Option<PathBuf>,
+    /// Serve the REST API over HTTPS (HTTP/2 and HTTP/1.1, by ALPN) with
+    /// this certificate chain (PEM, leaf first); with --http-tls-key.
+    #[arg(long, env = "ENTENTE_HTTP_TLS_CERT")]
+    pub http_tls_cert: Option<PathBuf>,
+    /// The private key of --http-tls-cert (PEM).
+    #[arg(long, env = "ENTENTE_HTTP_TLS_KEY")]
+    pub http_tls_key: Option<PathBuf>,
     /// Most device connections open at once, all device listeners together
     /// (default 15000, less if the open-file limit is lower); one more is
     /// closed as soon as it is accepted.
@@ -169,6 +188,19 @@ pub struct Args {
     /// data directory and add members as usual.
     #[arg(long, value_name = "FILE", conflicts_with = "recover")]
     pub restore: Option<std::path::PathBuf>,
+    /// A subcommand instead of running the gateway.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands (without one, the gateway runs).
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Make the certificates of a group with peer TLS: a cluster CA (key and
+    /// certificate) and a key and certificate per gateway, signed by it,
+    /// as private files (0600) in --out; print what was written and the
+    /// flags each gateway takes. Refuses to overwrite a file.
+    Certs(crate::certs::CertsArgs),
 }
 
 /// How the gateway writes its log (`--log-format`).
@@ -228,6 +260,11 @@ struct FileConfig {
     mqtt_tls_cert: Option<PathBuf>,
     mqtt_tls_key: Option<PathBuf>,
     mqtt_tls_client_ca: Option<PathBuf>,
+    peer_tls_ca: Option<PathBuf>,
+    peer_tls_cert: Option<PathBuf>,
+    peer_tls_key: Option<PathBuf>,
+    http_tls_cert: Option<PathBuf>,
+    http_tls_key: Option<PathBuf>,
     mqtt_max_connections: Option<usize>,
     session_grace_ms: Option<u64>,
     report_coalesce_ms: Option<u64>,
@@ -293,6 +330,12 @@ pub struct Config {
     /// CA certificates (PEM file) whose client certificates the TLS
     /// listener asks for (optional for the client).
     pub mqtt_tls_client_ca: Option<PathBuf>,
+    /// Mutual TLS between gateways: the cluster CA, this gateway's
+    /// certificate and its key (PEM files); all three or none (plain TCP).
+    pub peer_tls: Option<PeerTlsFiles>,
+    /// HTTPS for the REST API: certificate chain and key (PEM files);
+    /// `None`: plain HTTP.
+    pub http_tls: Option<(PathBuf, PathBuf)>,
     /// How long a new device connection has for its TLS handshake (on the
     /// TLS listener), its CONNECT and the login check together.
     pub mqtt_connect_timeout: Duration,
@@ -331,6 +374,18 @@ pub struct Config {
     /// plain-text address lines on stdout (the "gateway started" log event
     /// carries them).
     pub log_format: LogFormat,
+}
+
+/// The files of peer TLS (`--peer-tls-ca`, `--peer-tls-cert`,
+/// `--peer-tls-key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerTlsFiles {
+    /// The cluster CA certificate.
+    pub ca: PathBuf,
+    /// This gateway's certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
 }
 
 /// The default of `--events-max-streams`: 256, or a quarter of the REST
@@ -405,6 +460,8 @@ impl Config {
             mqtt_tls_cert: None,
             mqtt_tls_key: None,
             mqtt_tls_client_ca: None,
+            peer_tls: None,
+            http_tls: None,
             mqtt_connect_timeout: Duration::from_secs(10),
             session_grace: Duration::from_secs(10),
             report_coalesce: Duration::from_millis(50),
@@ -500,6 +557,30 @@ impl Config {
         c.mqtt_tls_key = args.mqtt_tls_key.or(file.mqtt_tls_key);
         c.mqtt_tls_client_ca = args.mqtt_tls_client_ca.or(file.mqtt_tls_client_ca);
         c.check_mqtt_tls()?;
+        c.peer_tls = match (
+            args.peer_tls_ca.or(file.peer_tls_ca),
+            args.peer_tls_cert.or(file.peer_tls_cert),
+            args.peer_tls_key.or(file.peer_tls_key),
+        ) {
+            (Some(ca), Some(cert), Some(key)) => Some(PeerTlsFiles { ca, cert, key }),
+            (None, None, None) => None,
+            _ => {
+                return Err(
+                    "peer TLS needs all three of --peer-tls-ca, --peer-tls-cert and \
+                     --peer-tls-key (`gateway certs` makes them)"
+                        .into(),
+                );
+            }
+        };
+        c.http_tls = match (
+            args.http_tls_cert.or(file.http_tls_cert),
+            args.http_tls_key.or(file.http_tls_key),
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => return Err("--http-tls-cert needs --http-tls-key".into()),
+            (None, Some(_)) => return Err("--http-tls-key needs --http-tls-cert".into()),
+        };
         if let Some(n) = args.mqtt_max_connections.or(file.mqtt_max_connections) {
             c.mqtt_max_connections = n.max(1);
         }

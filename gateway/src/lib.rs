@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod backup;
+pub mod certs;
 pub mod config;
 mod files;
 pub mod limits;
@@ -202,6 +203,10 @@ async fn start_until(
         "gateway starting"
     );
     let mqtt_tls = mqtt::tls_config(&config).map_err(GatewayError::Config)?;
+    let http_tls = match &config.http_tls {
+        Some((cert, key)) => Some(server::tls_acceptor(cert, key).map_err(GatewayError::Config)?),
+        None => None,
+    };
     prepare_data_dir(&config.data_dir)?;
     let lock = lock_data_dir(&config.data_dir)?;
     let (cluster_secret, cluster_secret_file) = match &config.cluster_secret {
@@ -239,6 +244,26 @@ async fn start_until(
         .collect();
     // Snapshots from the leader arrive where storing them is a rename.
     tcfg.snapshot_dir = Some(storage.staging_dir().to_path_buf());
+    match &config.peer_tls {
+        Some(files) => {
+            let tls =
+                coordinator::transport::PeerTls::from_pem_files(&files.ca, &files.cert, &files.key)
+                    .map_err(|e| GatewayError::Config(format!("peer TLS: {e}")))?;
+            tcfg.tls = Some(tls);
+            tracing::info!(
+                ca = %files.ca.display(),
+                cert = %files.cert.display(),
+                name = %coordinator::transport::peer_tls_name(&config.cluster_id, config.node_id),
+                "peer traffic is mutual TLS"
+            );
+        }
+        None if config.peers.len() > 1 || config.join => tracing::warn!(
+            "peer traffic is unencrypted: plain TCP, authenticated by the cluster secret only; \
+             anyone on the path between gateways can read and alter it (use --peer-tls-ca, \
+             --peer-tls-cert and --peer-tls-key; `gateway certs` makes them)"
+        ),
+        None => {}
+    }
     let (transport, inbound) = match listeners.peer {
         Some(l) => Transport::start_on(tcfg, l)?,
         None => Transport::start(tcfg)?,
@@ -302,6 +327,7 @@ async fn start_until(
         header_timeout: config.http_header_timeout,
         send_timeout: config.http_send_timeout,
         shutdown_grace: config.write_timeout + Duration::from_secs(1),
+        tls: http_tls,
     };
     let http = tokio::spawn(server::serve(
         listener,

@@ -39,6 +39,18 @@ async fn main() {
     // First: a signal from here on stops the gateway gracefully.
     let shutdown = shutdown_signals();
     let args = gateway::config::Args::parse();
+    if let Some(gateway::config::Command::Certs(certs)) = &args.command {
+        match gateway::certs::make(certs) {
+            Ok(written) => {
+                print!("{written}");
+                std::process::exit(0);
+            }
+            Err(e) => {
+                eprintln!("gateway certs: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let format = match args.log_format() {
         Ok(f) => f,
         Err(e) => {

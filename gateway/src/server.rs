@@ -74,6 +74,8 @@ pub(crate) struct Limits {
     pub send_timeout: Duration,
     /// How long requests in flight may run on after shutdown begins.
     pub shutdown_grace: Duration,
+    /// HTTPS: the TLS settings (ALPN h2 and http/1.1); `None`: plain HTTP.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 /// Counters of the REST listener, for `/metrics`.
@@ -467,6 +469,54 @@ impl RateLog {
     }
 }
 
+/// The HTTPS settings: the certificate chain and key from PEM files, ALPN
+/// `h2` then `http/1.1`. Errors name the file.
+pub(crate) fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<tokio_rustls::rustls::ServerConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            format!(
+                "REST TLS: cannot read certificates from {}: {e}",
+                cert.display()
+            )
+        })?;
+    if chain.is_empty() {
+        return Err(format!(
+            "REST TLS: {} holds no CERTIFICATE section",
+            cert.display()
+        ));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        format!(
+            "REST TLS: cannot read a private key from {}: {e}",
+            key.display()
+        )
+    })?;
+    // ring, as the device listener's TLS (see mqtt/tls.rs).
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("REST TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .map_err(|e| {
+            format!(
+                "REST TLS: the certificate {} and the key {} do not make a server identity: {e}",
+                cert.display(),
+                key.display()
+            )
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// Serves `router` on `listener` until `shutdown`, then lets the open
 /// connections finish (bounded by `limits.shutdown_grace`).
 pub(crate) async fn serve(
@@ -553,9 +603,142 @@ async fn connection(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let peer = stream.peer_addr().ok();
+    let Some(tls) = limits.tls.clone().map(tokio_rustls::TlsAcceptor::from) else {
+        let io = TokioIo::new(SendTimeout::new(stream, limits.send_timeout));
+        let service = service(router, slot.clone());
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(MAX_BUF);
+        let conn = builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        let ended = tokio::select! {
+            r = conn.as_mut() => Ended::Done(r.map_err(Into::into)),
+            () = slot.evict.notified() => Ended::Evicted,
+            () = stopped(&mut shutdown) => Ended::Stopping,
+        };
+        let result = match ended {
+            Ended::Stopping => {
+                conn.as_mut().graceful_shutdown();
+                tokio::time::timeout(limits.shutdown_grace, conn.as_mut())
+                    .await
+                    .ok()
+                    .map(|r| r.map_err(Into::into))
+            }
+            other => other.result(),
+        };
+        return finish(peer, result, registered);
+    };
+    // The TLS handshake is bounded like a request head, and the connection
+    // is idle (so evictable) meanwhile: a client that connects and says
+    // nothing, or trickles its handshake, holds its slot no longer.
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(limits.header_timeout, tls.accept(stream)) => r,
+        () = slot.evict.notified() => return finish(peer, None, registered),
+        () = stopped(&mut shutdown) => return finish(peer, None, registered),
+    };
+    let stream = match handshake {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(?peer, error = %e, "REST TLS handshake failed");
+            return finish(peer, None, registered);
+        }
+        Err(_) => {
+            inc(&registered.stats.timed_out);
+            tracing::debug!(?peer, "REST TLS handshake timed out");
+            return finish(peer, None, registered);
+        }
+    };
     let io = TokioIo::new(SendTimeout::new(stream, limits.send_timeout));
-    let service_slot = slot.clone();
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+    let service = service(router, slot.clone());
+    // HTTP/1.1 or HTTP/2, as ALPN chose (the preface tells them apart).
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_BUF);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_header_list_size(MAX_BUF as u32)
+        .max_send_buf_size(MAX_BUF)
+        // A peer that stops answering pings is gone: close its connection.
+        .keep_alive_interval(limits.header_timeout)
+        .keep_alive_timeout(limits.header_timeout);
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        r = conn.as_mut() => Ended::Done(r),
+        () = slot.evict.notified() => Ended::Evicted,
+        () = stopped(&mut shutdown) => Ended::Stopping,
+    };
+    let result = match ended {
+        Ended::Stopping => {
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(limits.shutdown_grace, conn.as_mut())
+                .await
+                .ok()
+        }
+        other => other.result(),
+    };
+    finish(peer, result, registered)
+}
+
+/// Most concurrent requests (streams) on one HTTP/2 connection.
+const H2_MAX_STREAMS: u32 = 64;
+
+type ConnError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How serving a connection ended.
+enum Ended {
+    Done(Result<(), ConnError>),
+    Evicted,
+    Stopping,
+}
+
+impl Ended {
+    fn result(self) -> Option<Result<(), ConnError>> {
+        match self {
+            Ended::Done(r) => Some(r),
+            Ended::Evicted | Ended::Stopping => None,
+        }
+    }
+}
+
+/// Counts and logs how a connection ended, and frees its slot.
+fn finish(
+    peer: Option<std::net::SocketAddr>,
+    result: Option<Result<(), ConnError>>,
+    registered: Registered,
+) {
+    match result {
+        Some(Err(e)) => {
+            if timed_out(e.as_ref()) {
+                inc(&registered.stats.timed_out);
+            }
+            tracing::debug!(?peer, error = %e, "REST connection ended");
+        }
+        Some(Ok(())) => {}
+        None => tracing::debug!(?peer, "REST connection closed (evicted or stopping)"),
+    }
+    drop(registered);
+}
+
+/// The service of one connection: each request marks it busy while it runs.
+fn service(
+    router: Router,
+    service_slot: Arc<Slot>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Tracked>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Tracked>, Infallible>> + Send,
+> + Clone {
+    hyper::service::service_fn(move |req: Request<Incoming>| {
         let busy = Busy::begin(&service_slot);
         let router = router.clone();
         async move {
@@ -572,56 +755,18 @@ async fn connection(
             };
             Ok::<_, Infallible>(res.map(|body| Tracked { body, _busy: busy }))
         }
-    });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(MAX_BUF);
-    let conn = builder.serve_connection(io, service);
-    tokio::pin!(conn);
-    enum Ended {
-        Done(Result<(), hyper::Error>),
-        Evicted,
-        Stopping,
-    }
-    let ended = tokio::select! {
-        r = conn.as_mut() => Ended::Done(r),
-        () = slot.evict.notified() => Ended::Evicted,
-        () = stopped(&mut shutdown) => Ended::Stopping,
-    };
-    let result = match ended {
-        Ended::Done(r) => Some(r),
-        Ended::Evicted => {
-            tracing::debug!(
-                ?peer,
-                "closed an idle REST connection to make room for a new one"
-            );
-            None
-        }
-        Ended::Stopping => {
-            conn.as_mut().graceful_shutdown();
-            tokio::time::timeout(limits.shutdown_grace, conn.as_mut())
-                .await
-                .ok()
-        }
-    };
-    if let Some(Err(e)) = result {
-        if timed_out(&e) {
-            inc(&registered.stats.timed_out);
-        }
-        tracing::debug!(?peer, error = %e, "REST connection ended");
-    }
-    drop(registered);
+    })
 }
 
 /// Whether hyper gave up on the connection for a timeout (header read, or
 /// our send timeout).
-fn timed_out(e: &hyper::Error) -> bool {
-    if e.is_timeout() {
+fn timed_out(e: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    if e.downcast_ref::<hyper::Error>()
+        .is_some_and(hyper::Error::is_timeout)
+    {
         return true;
     }
-    let mut source = std::error::Error::source(e);
+    let mut source = e.source();
     while let Some(s) = source {
         if s.downcast_ref::<io::Error>()
             .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)

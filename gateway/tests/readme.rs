@@ -58,6 +58,8 @@ fn the_readme_gateway_commands_work() {
         "\"suffrage\":\"learner\"",
         "\"suffrage\":\"voter\"",
         "\"suffrage\":\"removed\"",
+        // A device registered through the group that talks mutual TLS.
+        "\"id\":\"valve-1\"",
     ] {
         assert!(out.contains(expected), "no {expected} in\n{out}");
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::addr::{PeerAddr, Resolve, SystemResolver};
 use super::error::TransportError;
 use super::frame::{CHUNK_OVERHEAD, MAX_CLUSTER_ID_LEN};
+use super::tls::PeerTls;
 use crate::raft::NodeId;
 
 /// Settings for a [`Transport`](super::Transport).
@@ -85,6 +86,10 @@ pub struct TransportConfig {
     /// announced in every handshake: a peer announcing another is refused
     /// (both sides log why). Default 0.
     pub app_format: u32,
+    /// Mutual TLS between members ([`PeerTls`]); `None` (the default):
+    /// plain TCP, authenticated by the cluster secret but neither encrypted
+    /// nor integrity-protected. A group must be all-TLS or all-plain.
+    pub tls: Option<PeerTls>,
     /// Seed for the reconnect jitter. `None` (the default) seeds from the
     /// operating system's random source.
     pub rng_seed: Option<u64>,
@@ -126,6 +131,7 @@ impl TransportConfig {
             max_pending_handshakes_per_ip: 8,
             reserved_handshakes_per_peer: 4,
             app_format: 0,
+            tls: None,
             rng_seed: None,
         }
     }
@@ -210,6 +216,7 @@ impl fmt::Debug for TransportConfig {
                 "reserved_handshakes_per_peer",
                 &self.reserved_handshakes_per_peer,
             )
+            .field("tls", &self.tls)
             .field("rng_seed", &self.rng_seed)
             .finish()
     }

@@ -37,6 +37,9 @@ pub enum TransportError {
     /// The transport has been shut down.
     #[error("the transport has been shut down")]
     ShutDown,
+    /// The peer TLS settings are unusable; the text says why.
+    #[error("peer TLS: {0}")]
+    Tls(String),
 }
 
 /// Why a single frame could not be read or written. Ends that connection.
@@ -145,6 +148,42 @@ pub(crate) enum HandshakeError {
     /// The MAC could not be keyed (cannot happen with HMAC).
     #[error("cannot key the MAC")]
     Key,
+    /// The TLS handshake failed, or TLS failed during the handshake that
+    /// follows it (e.g. the peer's alert refusing our certificate).
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
+    /// The dialer spoke plain TCP to this TLS listener.
+    #[error("the peer spoke plain TCP to this TLS listener (a group must be all-TLS or all-plain)")]
+    PlainToTls,
+    /// The dialer spoke TLS to this plain-TCP listener.
+    #[error(
+        "the peer spoke TLS to this plain-TCP listener, which has no peer TLS configured (a group \
+         must be all-TLS or all-plain)"
+    )]
+    TlsToPlain,
+    /// The dialed peer answered a TLS handshake with plain TCP.
+    #[error(
+        "the peer answered without TLS: it listens in plain TCP (a group must be all-TLS or \
+         all-plain)"
+    )]
+    NotTls,
+    /// The dialer's certificate does not name the node id it claims.
+    #[error("certificate refused: {0}")]
+    Certificate(String),
+}
+
+impl HandshakeError {
+    /// A TLS failure under a frame error (the peer's alert, a record that
+    /// does not decrypt) as [`HandshakeError::Tls`]; anything else as is.
+    pub(crate) fn tls_cause(self) -> HandshakeError {
+        match self {
+            HandshakeError::Frame(FrameError::Io(e)) => match super::tls::rustls_error(&e) {
+                Some(t) => HandshakeError::Tls(t.to_string()),
+                None => HandshakeError::Frame(FrameError::Io(e)),
+            },
+            other => other,
+        }
+    }
 }
 
 /// Why dialing a peer failed.
@@ -176,6 +215,9 @@ impl ConnectError {
                     | HandshakeError::Version { .. }
                     | HandshakeError::AppFormat { .. }
                     | HandshakeError::Unexpected(_)
+                    | HandshakeError::Tls(_)
+                    | HandshakeError::NotTls
+                    | HandshakeError::Certificate(_)
             )
         )
     }

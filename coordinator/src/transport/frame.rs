@@ -67,6 +67,10 @@ pub(crate) enum RefuseReason {
         /// The format the refusing side speaks.
         supported: u32,
     },
+    /// The acceptor uses peer TLS and the dialer spoke plain TCP.
+    TlsRequired,
+    /// The dialer's TLS certificate does not name the node id it claims.
+    Certificate,
 }
 
 impl fmt::Display for RefuseReason {
@@ -87,6 +91,13 @@ impl fmt::Display for RefuseReason {
             RefuseReason::Protocol => f.write_str("protocol violation during the handshake"),
             RefuseReason::AppFormat { supported } => {
                 write!(f, "data format mismatch (peer speaks format {supported})")
+            }
+            RefuseReason::TlsRequired => f.write_str(
+                "the peer requires TLS and this node spoke plain TCP (a group must be all-TLS or \
+                 all-plain)",
+            ),
+            RefuseReason::Certificate => {
+                f.write_str("this node's TLS certificate does not name the node id it claims")
             }
         }
     }

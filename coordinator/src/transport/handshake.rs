@@ -167,9 +167,22 @@ pub(crate) async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Runs the acceptor's side of the handshake. Returns the authenticated peer
 /// id and what the connection will carry.
+#[cfg(test)]
 pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     local: &Identity,
+) -> Result<(NodeId, StreamKind), HandshakeError> {
+    accept_checked(s, local, |_| Ok(())).await
+}
+
+/// [`accept`], with `check` run on the id the dialer claims once its proof
+/// has verified and before `Welcome` (on a TLS connection: that the
+/// dialer's certificate names that id). A failed check is refused with
+/// `Refused{Certificate}`.
+pub(crate) async fn accept_checked<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    local: &Identity,
+    check: impl FnOnce(NodeId) -> Result<(), HandshakeError>,
 ) -> Result<(NodeId, StreamKind), HandshakeError> {
     let hello = match read_frame(s, MAX_HANDSHAKE_FRAME).await? {
         None => return Err(HandshakeError::NoHello),
@@ -242,6 +255,10 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     if hello.from == 0 || hello.from == local.node_id {
         refuse(s, RefuseReason::Sender).await;
         return Err(HandshakeError::Sender(hello.from));
+    }
+    if let Err(e) = check(hello.from) {
+        refuse(s, RefuseReason::Certificate).await;
+        return Err(e);
     }
     let mac = tag(transcript_mac(
         &local.secret,

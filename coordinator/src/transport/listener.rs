@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -14,10 +14,11 @@ use tracing::{debug, info, warn};
 
 use super::Inbound;
 use super::error::{FrameError, HandshakeError, SnapshotRecvError};
-use super::frame::{Frame, StreamKind, read_frame, send_frame};
+use super::frame::{Frame, MAX_HANDSHAKE_FRAME, RefuseReason, StreamKind, read_frame, send_frame};
 use super::gate::Slot;
-use super::handshake::accept;
+use super::handshake::accept_checked;
 use super::shared::{Context, lock};
+use super::tls::{PeerStream, TLS_HANDSHAKE_RECORD, names_node};
 use crate::image::StagedImage;
 use crate::raft::{MessageKind, NodeId};
 
@@ -130,7 +131,7 @@ pub(crate) async fn accept_loop(
 
 /// Handles one accepted connection: handshake, then the stream.
 async fn serve(
-    mut stream: TcpStream,
+    stream: TcpStream,
     addr: SocketAddr,
     ctx: Arc<Context>,
     inbound: mpsc::Sender<Inbound>,
@@ -138,14 +139,12 @@ async fn serve(
     slot: Slot,
 ) {
     let _ = stream.set_nodelay(true);
-    let handshake = tokio::time::timeout(
-        ctx.config.handshake_timeout,
-        accept(&mut stream, &ctx.identity),
-    )
-    .await
-    .unwrap_or(Err(HandshakeError::Timeout));
+    // The TLS handshake and the one inside it share the handshake timeout.
+    let handshake = tokio::time::timeout(ctx.config.handshake_timeout, open(stream, &ctx))
+        .await
+        .unwrap_or(Err(HandshakeError::Timeout));
     drop(slot);
-    let (peer, kind) = match handshake {
+    let (stream, peer, kind) = match handshake {
         Ok(ok) => ok,
         Err(HandshakeError::NoHello) => {
             debug!(peer_addr = %addr, "connection closed before the handshake");
@@ -182,10 +181,78 @@ async fn serve(
     }
 }
 
+/// The acceptor's side of opening a connection: TLS if configured (the
+/// dialer's certificate verified against the cluster CA), then the
+/// handshake, in which a TLS dialer's certificate must name the node id it
+/// claims. A dialer that speaks plain TCP to a TLS listener, or TLS to a
+/// plain one, is refused.
+async fn open(
+    stream: TcpStream,
+    ctx: &Context,
+) -> Result<(PeerStream, NodeId, StreamKind), HandshakeError> {
+    let mut first = [0u8; 1];
+    let n = stream
+        .peek(&mut first)
+        .await
+        .map_err(|e| HandshakeError::Frame(FrameError::Io(e)))?;
+    if n == 0 {
+        return Err(HandshakeError::NoHello);
+    }
+    let speaks_tls = first[0] == TLS_HANDSHAKE_RECORD;
+    let mut stream = match (&ctx.tls, speaks_tls) {
+        (None, false) => PeerStream::Plain(stream),
+        (Some(tls), true) => {
+            let s =
+                tls.acceptor.accept(stream).await.map_err(|e| {
+                    match super::tls::rustls_error(&e) {
+                        Some(t) => HandshakeError::Tls(t.to_string()),
+                        None => HandshakeError::Tls(e.to_string()),
+                    }
+                })?;
+            PeerStream::Tls(Box::new(tokio_rustls::TlsStream::Server(s)))
+        }
+        (Some(_), false) => {
+            // Read its Hello first, so the refusal is not lost to a reset.
+            let mut s = stream;
+            let _ = read_frame(&mut s, MAX_HANDSHAKE_FRAME).await;
+            let refused = Frame::Refused {
+                reason: RefuseReason::TlsRequired,
+            };
+            let _ = send_frame(&mut s, &refused, MAX_HANDSHAKE_FRAME).await;
+            return Err(HandshakeError::PlainToTls);
+        }
+        (None, true) => {
+            // Take its ClientHello, answer with a plain refusal (which its
+            // TLS stack reports as a peer that does not speak TLS).
+            let mut s = stream;
+            let mut hello = [0u8; 2048];
+            let _ = s.read(&mut hello).await;
+            let refused = Frame::Refused {
+                reason: RefuseReason::Protocol,
+            };
+            let _ = send_frame(&mut s, &refused, MAX_HANDSHAKE_FRAME).await;
+            return Err(HandshakeError::TlsToPlain);
+        }
+    };
+    let cert = stream.peer_certificate().cloned();
+    let cluster_id = ctx.identity.cluster_id.clone();
+    let tls = ctx.tls.is_some();
+    let (peer, kind) = accept_checked(&mut stream, &ctx.identity, |from| match (&cert, tls) {
+        (Some(cert), _) => names_node(cert, &cluster_id, from).map_err(HandshakeError::Certificate),
+        (None, false) => Ok(()),
+        (None, true) => Err(HandshakeError::Certificate(
+            "the peer presented no certificate".into(),
+        )),
+    })
+    .await
+    .map_err(HandshakeError::tls_cause)?;
+    Ok((stream, peer, kind))
+}
+
 /// Reads message frames from an authenticated peer until the connection
 /// ends or misbehaves.
 async fn read_messages(
-    stream: TcpStream,
+    stream: PeerStream,
     addr: SocketAddr,
     peer: NodeId,
     ctx: &Context,
@@ -246,7 +313,7 @@ async fn read_messages(
 
 /// Receives one snapshot, hands it to the driver and acknowledges it.
 async fn receive_snapshot(
-    mut stream: TcpStream,
+    mut stream: PeerStream,
     addr: SocketAddr,
     peer: NodeId,
     ctx: &Context,

@@ -5,9 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter, WriteHalf};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -18,6 +16,7 @@ use super::error::FrameError;
 use super::frame::{Frame, StreamKind, encode_frame};
 use super::gate::RepeatLimiter;
 use super::shared::{Context, Reporter, connect};
+use super::tls::PeerStream;
 use crate::raft::{Message, NodeId};
 
 /// Most messages written between two flushes.
@@ -203,10 +202,10 @@ impl Writer {
 
     /// Sends queued messages on an established connection until it fails,
     /// the peer closes it, the address changes or the transport stops.
-    async fn pump(&mut self, stream: TcpStream, addr: &PeerAddr, reached: SocketAddr) -> Exit {
+    async fn pump(&mut self, stream: PeerStream, addr: &PeerAddr, reached: SocketAddr) -> Exit {
         let peer = self.peer;
         let io_timeout = self.ctx.config.io_timeout;
-        let (mut rd, wr) = stream.into_split();
+        let (mut rd, wr) = tokio::io::split(stream);
         let mut wr = BufWriter::with_capacity(WRITE_BUFFER, wr);
         let mut probe = [0u8; 1];
         loop {
@@ -265,7 +264,7 @@ impl Writer {
 
 /// Writes `first` and whatever else is queued (up to a batch), then flushes.
 async fn write_batch(
-    wr: &mut BufWriter<OwnedWriteHalf>,
+    wr: &mut BufWriter<WriteHalf<PeerStream>>,
     first: Message,
     queue: &mut mpsc::Receiver<Message>,
     ctx: &Context,
@@ -284,7 +283,7 @@ async fn write_batch(
 
 /// Writes one message frame into the buffer.
 async fn write_one(
-    wr: &mut BufWriter<OwnedWriteHalf>,
+    wr: &mut BufWriter<WriteHalf<PeerStream>>,
     msg: Message,
     ctx: &Context,
     reporter: &Reporter,

@@ -10,14 +10,17 @@ use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
+use tokio_rustls::TlsStream;
 
 use super::Inbound;
 use super::addr::PeerAddr;
 use super::config::TransportConfig;
 use super::error::ConnectError;
+use super::error::HandshakeError;
 use super::frame::StreamKind;
 use super::gate::{Gate, LogLimiter, RepeatLimiter};
 use super::handshake::{Identity, dial};
+use super::tls::{PeerStream, TlsContext, rustls_error, server_name};
 use crate::raft::NodeId;
 
 /// Settings and shared limits every task reads.
@@ -25,6 +28,8 @@ use crate::raft::NodeId;
 pub(crate) struct Context {
     /// Who we are in handshakes.
     pub identity: Identity,
+    /// Peer TLS, if configured: every connection is TLS, both ways.
+    pub tls: Option<TlsContext>,
     /// The configuration the transport started with (its `peers` field is
     /// the initial set only).
     pub config: TransportConfig,
@@ -106,7 +111,7 @@ pub(crate) async fn connect(
     addr: &PeerAddr,
     peer: NodeId,
     stream: StreamKind,
-) -> Result<(TcpStream, SocketAddr), ConnectError> {
+) -> Result<(PeerStream, SocketAddr), ConnectError> {
     let attempt = async {
         let targets = match addr {
             PeerAddr::Ip(a) => vec![*a],
@@ -130,10 +135,18 @@ pub(crate) async fn connect(
         let mut last = None;
         for target in targets {
             match TcpStream::connect(target).await {
-                Ok(mut s) => {
+                Ok(s) => {
                     // Raft messages are latency-sensitive; we batch writes ourselves.
                     let _ = s.set_nodelay(true);
-                    dial(&mut s, &ctx.identity, peer, stream).await?;
+                    let mut s = match &ctx.tls {
+                        None => PeerStream::Plain(s),
+                        Some(tls) => PeerStream::Tls(Box::new(TlsStream::Client(
+                            tls_connect(tls, &ctx.identity.cluster_id, peer, s).await?,
+                        ))),
+                    };
+                    dial(&mut s, &ctx.identity, peer, stream)
+                        .await
+                        .map_err(HandshakeError::tls_cause)?;
                     return Ok((s, target));
                 }
                 Err(e) => last = Some(e),
@@ -147,4 +160,25 @@ pub(crate) async fn connect(
         Ok(r) => r,
         Err(_) => Err(ConnectError::Timeout),
     }
+}
+
+/// The dialer's TLS handshake with `peer`, whose certificate must name it.
+async fn tls_connect(
+    tls: &TlsContext,
+    cluster_id: &str,
+    peer: NodeId,
+    s: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, HandshakeError> {
+    let name = server_name(cluster_id, peer).map_err(HandshakeError::Tls)?;
+    tls.connector.connect(name, s).await.map_err(|e| {
+        match rustls_error(&e) {
+            // What came back is not TLS: a plain listener's refusal.
+            Some(tokio_rustls::rustls::Error::InvalidMessage(_)) => HandshakeError::NotTls,
+            Some(t) => HandshakeError::Tls(t.to_string()),
+            None if e.kind() == io::ErrorKind::UnexpectedEof => HandshakeError::Tls(
+                "the peer closed the connection during the TLS handshake".into(),
+            ),
+            None => HandshakeError::Tls(e.to_string()),
+        }
+    })
 }

@@ -116,7 +116,7 @@ async fn send(
         left: image.len(),
     });
     let (stream, _) = connect(ctx, addr, msg.to, StreamKind::Snapshot).await?;
-    let (mut rd, wr) = stream.into_split();
+    let (mut rd, wr) = tokio::io::split(stream);
     let mut wr = BufWriter::with_capacity(64 * 1024, wr);
     let begin = Frame::SnapshotBegin {
         msg,

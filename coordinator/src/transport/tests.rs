@@ -1609,3 +1609,5 @@ fn arbitrary_frame_bytes_never_panic_the_decoder() {
         "{decoded} decoded, {refused} refused"
     );
 }
+
+mod tls;
