@@ -155,4 +155,68 @@ mod tests {
         assert_eq!(delta(&json!({"a":{}}), &json!({"a":{"b":1}})), json!({}));
         assert_eq!(delta(&json!({"a":{}}), &json!({})), json!({"a":{}}));
     }
+
+    /// Any JSON value, a few levels deep, with keys from a small set so
+    /// that patches and targets share keys.
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| json!(f)),
+            "[a-c]{0,3}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-d]", inner, 0..5)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Merge patch and delta over arbitrary documents (seeded): nothing
+    /// panics; a patch applied twice changes nothing more than once; a
+    /// patch object's `null` members are absent from the result, its other
+    /// members present; a document has no delta against itself, and a
+    /// delta names only desired keys.
+    #[test]
+    fn merge_patch_and_delta_properties_hold_for_arbitrary_documents() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+        let mut config = Config::with_cases(2_000);
+        config.failure_persistence = None;
+        let seed = *b"merge patches of arbitrary docs!";
+        let mut runner =
+            TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &seed));
+        let result = runner.run(&(json_value(), json_value()), |(target, patch)| {
+            let once = patched(target.clone(), patch.clone());
+            let twice = patched(once.clone(), patch.clone());
+            prop_assert_eq!(&once, &twice);
+            if let Value::Object(p) = &patch {
+                let merged = once.as_object().expect("an object patch gives an object");
+                for (k, v) in p {
+                    if v.is_null() {
+                        prop_assert!(!merged.contains_key(k), "{} kept", k);
+                    } else {
+                        prop_assert!(merged.contains_key(k), "{} missing", k);
+                    }
+                }
+            } else {
+                prop_assert_eq!(&once, &patch);
+            }
+            prop_assert_eq!(delta(&once, &once), json!({}));
+            let d = delta(&target, &once);
+            if let (Value::Object(d), Some(t)) = (&d, target.as_object()) {
+                prop_assert!(d.keys().all(|k| t.contains_key(k)));
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+    }
 }
