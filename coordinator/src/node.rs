@@ -296,6 +296,10 @@ pub struct NodeStatus {
     /// Messages refused because their sender is not a member of this
     /// node's configuration (see the [module documentation](self)).
     pub refused_non_member: u64,
+    /// Messages the core refused as malformed (`StepError::Malformed`: a
+    /// term or index beyond any a group reaches, an append whose entries
+    /// do not follow it); logged like the refusals of non-members.
+    pub refused_malformed: u64,
     /// Set once the driver stopped after a fatal error.
     pub fatal: Option<String>,
     /// Snapshots this node built and stored since it started.
@@ -459,6 +463,7 @@ impl<O: Send + 'static> Node<O> {
             syncs: 0,
             entries_persisted: 0,
             refused_non_member: 0,
+            refused_malformed: 0,
             fatal: None,
             snapshots_built: 0,
             last_snapshot: None,
@@ -504,6 +509,7 @@ impl<O: Send + 'static> Node<O> {
             latest_hs: hard_state,
             durable_term_vote: (hard_state.term, hard_state.vote),
             refused_non_member: 0,
+            refused_malformed: 0,
             refusal_log: LogLimiter::new(REFUSAL_LOG_WINDOW, REFUSAL_LOG_BURST),
             refusal_log_per_peer: RepeatLimiter::new(REFUSAL_LOG_PER_PEER, 64),
             ticks_without_leader: 0,
@@ -686,6 +692,8 @@ struct Driver<S: LogStore, P, M: StateMachine> {
     durable_term_vote: (Term, Option<NodeId>),
     /// Messages refused from non-members so far.
     refused_non_member: u64,
+    /// Messages the core refused as malformed so far.
+    refused_malformed: u64,
     /// Bounds the warnings about them.
     refusal_log: LogLimiter,
     /// And per sender.
@@ -802,6 +810,7 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                 self.watch_view();
                 let published = self.status.borrow();
                 let stale = published.refused_non_member != self.refused_non_member
+                    || published.refused_malformed != self.refused_malformed
                     || published.raft.removed != self.raft.removed();
                 drop(published);
                 if stale {
@@ -1226,7 +1235,26 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
             }
         };
         if let Err(e) = result {
-            tracing::warn!(node = self.id, error = %e, "dropped a peer message");
+            if let crate::raft::StepError::Malformed { from, .. } = e {
+                self.refused_malformed += 1;
+                // Bounded like the refusals of non-members: a peer sending
+                // them in a loop cannot flood the log.
+                let Some(repeated) = self.refusal_log_per_peer.allow(from) else {
+                    return;
+                };
+                if let Some(suppressed) = self.refusal_log.allow() {
+                    tracing::warn!(
+                        node = self.id,
+                        peer = from,
+                        error = %e,
+                        repeated,
+                        suppressed,
+                        "refused a malformed peer message"
+                    );
+                }
+            } else {
+                tracing::warn!(node = self.id, error = %e, "dropped a peer message");
+            }
         }
     }
 
@@ -1846,12 +1874,14 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         raft.applied = self.applied;
         self.announce(&raft);
         let (syncs, entries_persisted) = (self.syncs, self.entries_persisted);
-        let refused_non_member = self.refused_non_member;
+        let (refused_non_member, refused_malformed) =
+            (self.refused_non_member, self.refused_malformed);
         self.status.send_modify(|s| {
             s.raft = raft;
             s.syncs = syncs;
             s.entries_persisted = entries_persisted;
             s.refused_non_member = refused_non_member;
+            s.refused_malformed = refused_malformed;
         });
     }
 }

@@ -423,6 +423,85 @@ async fn messages_from_non_members_are_refused_and_counted() {
     }
 }
 
+/// A member (authenticated, in the configuration) that sends malformed
+/// messages — an append whose entries skip past `prev_index + 1`, a term
+/// past `MAX_TERM` — has them refused and counted
+/// (`NodeStatus::refused_malformed`); before the core checked them, the
+/// first crashed the member and the second would have overflowed its next
+/// campaign. The group goes on, same term and leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_from_a_member_are_refused_and_counted() {
+    use coordinator::raft::{Entry, EntryPayload, MAX_TERM, MessageKind};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let hub = Arc::new(Hub::default());
+    let mut logs = BTreeMap::new();
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        let log = Log::default();
+        logs.insert(id, log.clone());
+        nodes.insert(id, start(&hub, tmp.path(), id, &[1, 2, 3], log).await);
+    }
+    let leader = leader_of(&nodes).await;
+    let follower = (1..=3).find(|&i| i != leader).expect("a follower");
+    nodes[&leader]
+        .propose(b"first".to_vec())
+        .await
+        .expect("propose");
+    let term = nodes[&leader].status().raft.term;
+    let gap = Message {
+        from: leader,
+        to: follower,
+        term,
+        kind: MessageKind::Append {
+            prev_index: 1,
+            prev_term: term,
+            entries: vec![Entry {
+                term,
+                index: 5,
+                payload: EntryPayload::Normal(b"out of place".to_vec()),
+            }],
+            commit: 0,
+        },
+    };
+    let huge_term = Message {
+        from: leader,
+        to: follower,
+        term: MAX_TERM + 1,
+        kind: MessageKind::Heartbeat {
+            commit: 0,
+            ctx: None,
+        },
+    };
+    inject(&hub, gap);
+    inject(&hub, huge_term);
+    let mut watch = nodes[&follower].watch_status();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        watch.wait_for(|s| s.refused_malformed >= 2),
+    )
+    .await
+    .expect("both refused and counted")
+    .expect("node running");
+    drop(watch);
+    let last = nodes[&leader]
+        .propose(b"last".to_vec())
+        .await
+        .expect("propose")
+        .index;
+    for (id, n) in &nodes {
+        n.wait_applied(last, Duration::from_secs(10))
+            .await
+            .expect("applied");
+        let st = n.status();
+        assert_eq!(st.raft.term, term, "node {id} changed term");
+        assert_eq!(st.raft.leader, Some(leader), "node {id}");
+        assert_eq!(logs[id].0.lock().expect("log").0, vec!["first", "last"]);
+    }
+    for n in nodes.values() {
+        n.shutdown().await;
+    }
+}
+
 /// A member that was down while a node was added, and comes back when that
 /// node leads, does not know the leader; it still catches up (after ten
 /// election timeouts without a leader it takes the leader's traffic) and so

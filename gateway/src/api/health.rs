@@ -412,6 +412,16 @@ pub(crate) async fn metrics(
         "entente_raft_refused_non_member_total {}",
         st.refused_non_member
     );
+    let _ = writeln!(
+        out,
+        "# HELP entente_raft_refused_malformed_total Peer messages refused as malformed (terms or indexes out of range, appends not following their previous entry)."
+    );
+    let _ = writeln!(out, "# TYPE entente_raft_refused_malformed_total counter");
+    let _ = writeln!(
+        out,
+        "entente_raft_refused_malformed_total {}",
+        st.refused_malformed
+    );
     gauge(
         &mut out,
         "entente_state_applied_index",
