@@ -72,6 +72,11 @@ pub struct Args {
     /// at most this long, a read's whole barrier at most twice this.
     #[arg(long, env = "ENTENTE_WRITE_TIMEOUT_MS")]
     pub write_timeout_ms: Option<u64>,
+    /// REST requests a second each API token may make (bursts of twice
+    /// as many); over it the answer is 429 with Retry-After. 0 turns the
+    /// limit off (default 1000).
+    #[arg(long, env = "ENTENTE_REST_RATE_LIMIT")]
+    pub rest_rate_limit: Option<u32>,
     /// Length of one Raft tick (ms).
     #[arg(long, env = "ENTENTE_TICK_MS")]
     pub tick_ms: Option<u64>,
@@ -251,6 +256,7 @@ struct FileConfig {
     cluster_secret_file: Option<PathBuf>,
     cluster_id: Option<String>,
     write_timeout_ms: Option<u64>,
+    rest_rate_limit: Option<u32>,
     tick_ms: Option<u64>,
     snapshot_log_bytes: Option<u64>,
     snapshot_every: Option<u64>,
@@ -275,6 +281,10 @@ struct FileConfig {
     events_max_streams_per_token: Option<usize>,
     log_format: Option<LogFormat>,
 }
+
+/// REST requests a second per API token by default: far above what an
+/// operator or an integration sends, far below what a runaway loop does.
+pub const DEFAULT_REST_RATE_LIMIT: u32 = 1000;
 
 /// Resolved settings of one gateway.
 #[derive(Debug, Clone)]
@@ -307,6 +317,9 @@ pub struct Config {
     pub snapshot_log_bytes: u64,
     /// ... or every this many entries, whichever comes first.
     pub snapshot_every: u64,
+    /// REST requests a second per API token (bursts of twice as many);
+    /// 0: no limit.
+    pub rest_rate_limit: u32,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
     /// Largest accepted body of `POST /v1/devices/batch` (up to 1,000
@@ -450,6 +463,7 @@ impl Config {
             tick: Duration::from_millis(20),
             snapshot_log_bytes: 64 << 20,
             snapshot_every: u64::MAX,
+            rest_rate_limit: DEFAULT_REST_RATE_LIMIT,
             max_body_bytes: 64 * 1024,
             batch_max_body_bytes: 4 * 1024 * 1024,
             max_page: 1000,
@@ -528,6 +542,9 @@ impl Config {
         }
         if let Some(ms) = args.write_timeout_ms.or(file.write_timeout_ms) {
             c.write_timeout = Duration::from_millis(ms.max(1));
+        }
+        if let Some(n) = args.rest_rate_limit.or(file.rest_rate_limit) {
+            c.rest_rate_limit = n;
         }
         if let Some(ms) = args.tick_ms.or(file.tick_ms) {
             c.tick = Duration::from_millis(ms.max(1));

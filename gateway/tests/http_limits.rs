@@ -346,3 +346,81 @@ async fn an_oversize_body_is_answered_413_with_connection_close() {
         assert_eq!(r.status(), 200);
     }
 }
+
+/// Requests per token are limited (`rest_rate_limit`, here 5 a second,
+/// bursts of 10): a token that sends more at once gets 429 with a
+/// problem body and `Retry-After`, nothing of those requests runs, a
+/// request needing no token is not limited, and once the wait has passed
+/// the token is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_over_its_rate_is_answered_429_with_retry_after() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let env = boot(tmp.path(), |c| c.rest_rate_limit = 5).await;
+    let (mut ok, mut limited) = (0, 0);
+    let mut retry_after = None;
+    for _ in 0..30 {
+        let r = env
+            .http
+            .get(format!("{}/v1/devices", env.base))
+            .bearer_auth(&env.token)
+            .send()
+            .await
+            .expect("request");
+        match r.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                limited += 1;
+                retry_after = r
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                assert_eq!(
+                    r.headers().get("content-type").map(|v| v.as_bytes()),
+                    Some(&b"application/problem+json"[..])
+                );
+                let body: Value = r.json().await.expect("problem");
+                assert!(
+                    body["type"]
+                        .as_str()
+                        .is_some_and(|t| t.ends_with("rate-limited")),
+                    "{body}"
+                );
+            }
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    // The burst (10) plus what the rate refills while the loop runs.
+    assert!((10..30).contains(&ok), "{ok} served, {limited} limited");
+    assert!(limited > 0);
+    let wait = retry_after.expect("Retry-After in whole seconds");
+    assert!(wait >= 1, "{wait}");
+    let health = env
+        .http
+        .get(format!("{}/healthz", env.base))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(
+        health.status(),
+        200,
+        "a request needing no token is not limited"
+    );
+    // Served again once the wait has passed (polling, bounded).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = env
+            .http
+            .get(format!("{}/v1/devices", env.base))
+            .bearer_auth(&env.token)
+            .send()
+            .await
+            .expect("request");
+        if r.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still limited after {WAIT:?}");
+        sleep(Duration::from_millis(100)).await;
+    }
+    env.gw.stop().await;
+}

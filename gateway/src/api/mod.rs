@@ -22,6 +22,7 @@ mod events;
 mod extract;
 mod health;
 mod openapi;
+mod ratelimit;
 #[cfg(test)]
 mod roundtrip_tests;
 pub(crate) mod schemas;
@@ -231,13 +232,20 @@ pub fn app(state: AppState) -> Router {
         batch: state.config.batch_max_body_bytes,
     };
     let document = openapi::document(&state.config);
+    let rate_limits = ratelimit::RateLimits::new(state.config.rest_rate_limit);
     let mut router = Router::new();
     for (info, method_router) in table() {
         let method_router = match info.role {
-            Some(role) => method_router.route_layer(middleware::from_fn_with_state(
-                (state.clone(), role),
-                auth::layer,
-            )),
+            // Authentication first (the outer layer), then the token's rate.
+            Some(role) => method_router
+                .route_layer(middleware::from_fn_with_state(
+                    rate_limits.clone(),
+                    ratelimit::layer,
+                ))
+                .route_layer(middleware::from_fn_with_state(
+                    (state.clone(), role),
+                    auth::layer,
+                )),
             None => method_router,
         };
         // The batch registration reads bodies up to its own limit.
