@@ -58,6 +58,8 @@ async fn create_token(gw: &Gateway, role: Role) -> String {
             token_hash: hash_secret(&token),
             role,
             name: format!("test {}", role.as_str()),
+            id: None,
+            expires_at: None,
         },
     )
     .await

@@ -486,6 +486,8 @@ async fn a_device_named_batch_is_still_read_updated_and_deleted() {
             token_hash: gateway::hash_secret(&viewer),
             role: gateway::ops::Role::Viewer,
             name: "viewer".into(),
+            id: None,
+            expires_at: None,
         },
     )
     .await

@@ -981,6 +981,8 @@ async fn every_answer_of_the_cluster_endpoints_is_in_their_openapi_entries() {
             token_hash: gateway::hash_secret(&viewer),
             role: Role::Viewer,
             name: "viewer".into(),
+            id: None,
+            expires_at: None,
         },
     )
     .await

@@ -76,6 +76,8 @@ impl Env {
                 token_hash: hash_secret(&token),
                 role: Role::Viewer,
                 name: "stream reader".into(),
+                id: None,
+                expires_at: None,
             })
             .await;
         assert_eq!(r, OpResult::Done);

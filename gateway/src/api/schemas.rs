@@ -265,6 +265,7 @@ pub(crate) fn raw() -> Vec<(&'static str, Value)> {
         ("JsonObject", JsonObject::json()),
         ("DeviceUpdate", super::devices::update_schema()),
         ("StreamEvent", super::events::stream_event_schema()),
+        ("EventBy", super::events::event_by_schema()),
     ]
 }
 
