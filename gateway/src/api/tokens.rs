@@ -26,6 +26,7 @@ use super::error::{ApiError, ENTENTE_INDEX, Problem};
 use super::extract::{
     ApiJson, ApiPath, ApiQuery, MinIndexHeader, read_barrier, reply, unexpected, write,
 };
+use super::schemas::TokenId;
 use super::validate;
 use crate::ops::{MAX_TOKENS, Op, OpResult, Role, TokenInfo};
 use crate::shared::{hash_secret, id_ok, propose, random_token};
@@ -46,11 +47,7 @@ pub const USE_FLUSH_INTERVAL: Duration = Duration::from_secs(60);
 #[schema(example = json!({"name": "ci-deployer", "role": "operator", "expires_in": 2592000}))]
 pub struct NewTokenRequest {
     /// A label for people: 1–128 characters, no control characters.
-    #[schema(
-        min_length = 1,
-        max_length = 128,
-        pattern = r"^[^\x00-\x1f\x7f]{1,128}$"
-    )]
+    #[schema(value_type = super::schemas::TokenName)]
     pub name: String,
     /// What the token may do: `viewer` (reads), `operator` (also devices,
     /// commands and shadows) or `admin` (everything, including tokens and
@@ -249,8 +246,7 @@ pub(crate) async fn list_tokens(
 /// create another first, or rotate it.
 #[utoipa::path(
     delete, path = "/v1/tokens/{id}", tag = "tokens",
-    params(("id" = String, Path, description = "Token id, as `GET /v1/tokens` lists it",
-        pattern = r"^[A-Za-z0-9_.-]{1,64}$", example = "tok-5f1e0c2a9b7d4e31")),
+    params(("id" = TokenId, Path, description = "Token id, as `GET /v1/tokens` lists it")),
     responses(
         (status = 204, description = "Revoked",
             headers(("Entente-Index" = u64, description = "Log index of the write"))),
@@ -286,8 +282,7 @@ pub(crate) async fn revoke_token(
 /// gateway once it applied the change. The id, name, role and expiry stay.
 #[utoipa::path(
     post, path = "/v1/tokens/{id}/rotate", tag = "tokens",
-    params(("id" = String, Path, description = "Token id, as `GET /v1/tokens` lists it",
-        pattern = r"^[A-Za-z0-9_.-]{1,64}$", example = "bootstrap")),
+    params(("id" = TokenId, Path, description = "Token id, as `GET /v1/tokens` lists it")),
     responses(
         (status = 200, description = "The new secret, returned only now", body = RotatedToken,
             headers(("Entente-Index" = u64, description = "Log index of the write"))),
