@@ -25,6 +25,7 @@ fn entry(index: u64, op: Op) -> Committed {
         data: Proposal {
             ts_ms: 1_764_144_000_000 + index,
             op,
+            by: Some("device:pump-1".into()),
         }
         .encode(),
     }

@@ -200,6 +200,9 @@ pub fn check_op(op: &Op) -> Result<(), LimitError> {
         Op::ReportState { patch, .. } => check_value("the reported-state patch", patch),
         Op::BootstrapAdmin { .. }
         | Op::CreateToken { .. }
+        | Op::RevokeToken { .. }
+        | Op::RotateToken { .. }
+        | Op::TokensUsed { .. }
         | Op::DeleteDevice { .. }
         | Op::RotateSecret { .. }
         | Op::CommandSent { .. }

@@ -24,6 +24,13 @@ pub struct Proposal {
     pub ts_ms: u64,
     /// What to do.
     pub op: Op,
+    /// Who asked for it, for the audit trail (the `by` of its event):
+    /// `token:<id>` for a REST write, `gateway:<node id>` for the gateway's
+    /// own (presence, sweeps, membership), `device:<id>` for what a device
+    /// sent over MQTT. Absent in entries written before it existed (their
+    /// events say `null`); an older gateway ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// The entry format this gateway writes: the byte that starts every entry
@@ -31,6 +38,10 @@ pub struct Proposal {
 /// `{`). Gateways of a group must speak the same format: the peer
 /// handshake refuses a gateway of another one.
 pub const ENTRY_FORMAT: u8 = 2;
+
+/// The longest `by` ([`Proposal::by`]) a proposal carries: `device:` and a
+/// device id, or `token:` and a token id.
+pub const MAX_BY: usize = 80;
 
 /// The deepest nesting an entry may have when decoded (as serde_json's own
 /// limit for format 1). `limits::MAX_DEPTH` keeps every value a handler
@@ -70,6 +81,7 @@ pub fn entry_len(op: &Op) -> usize {
     struct ProposalRef<'a> {
         ts_ms: u64,
         op: &'a Op,
+        by: &'a str,
     }
     /// Counts bytes written.
     struct Counter(usize);
@@ -83,9 +95,12 @@ pub fn entry_len(op: &Op) -> usize {
         }
     }
     let mut c = Counter(1);
+    // The longest `by` a proposal carries.
+    let by = "x".repeat(MAX_BY);
     let p = ProposalRef {
         ts_ms: u64::MAX,
         op,
+        by: &by,
     };
     // Plain data with string map keys: serialising cannot fail.
     let _ = rmp_serde::encode::write_named(&mut c, &p);
@@ -126,12 +141,14 @@ impl Proposal {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    /// Creates the first admin token, only if no token exists yet.
+    /// Creates the first admin token, only if no token exists yet. Its id
+    /// is [`BOOTSTRAP_TOKEN_ID`].
     BootstrapAdmin {
         /// SHA-256 (hex) of the token.
         token_hash: String,
     },
-    /// Creates an API token.
+    /// Creates an API token. Conflict if the id or the hash exists, or if
+    /// the group has [`MAX_TOKENS`] tokens already.
     CreateToken {
         /// SHA-256 (hex) of the token.
         token_hash: String,
@@ -139,6 +156,38 @@ pub enum Op {
         role: Role,
         /// A label for people.
         name: String,
+        /// Its id, chosen by the proposer (`tok-` and 16 hex digits).
+        /// Entries written before ids existed have none: the token's id is
+        /// then `t<log index>`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        /// When it stops working (ms since the Unix epoch); never if absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
+    },
+    /// Revokes (deletes) an API token. NotFound if there is none with the
+    /// id; Conflict if it is an admin token and no other admin token
+    /// without an expiry would remain (so the group always keeps one).
+    RevokeToken {
+        /// The token's id.
+        id: String,
+    },
+    /// Replaces a token's secret (its hash); the old secret stops working.
+    /// NotFound if there is no token with the id; Conflict if the hash
+    /// exists.
+    RotateToken {
+        /// The token's id.
+        id: String,
+        /// SHA-256 (hex) of the new secret.
+        token_hash: String,
+    },
+    /// When tokens were last used, as a gateway saw them (its flush of
+    /// the uses it recorded, at most once a minute): each token's
+    /// `last_used` becomes the later of the two. Unknown ids are skipped.
+    /// Yields no event.
+    TokensUsed {
+        /// Token id → time of its latest use (ms since the Unix epoch).
+        uses: BTreeMap<String, u64>,
     },
     /// Registers a device. Conflict if the id exists, or if another device
     /// has the certificate fingerprint.
@@ -313,6 +362,9 @@ impl Op {
     pub fn kind(&self) -> &'static str {
         match self {
             Op::BootstrapAdmin { .. } | Op::CreateToken { .. } => "token",
+            Op::RevokeToken { .. } => "token.revoked",
+            Op::RotateToken { .. } => "token.rotated",
+            Op::TokensUsed { .. } => "token.used",
             Op::RegisterDevice { .. } => "device.registered",
             Op::RegisterDevices { .. } => "devices.registered",
             Op::UpdateDevice { .. } => "device.updated",
@@ -368,6 +420,8 @@ pub enum OpResult {
     Ignored,
     /// The device after the operation.
     Device(Device),
+    /// The token created (never its hash).
+    Token(TokenInfo),
     /// The command after the operation. `created` is false when an
     /// idempotency key returned an existing command.
     Command {
@@ -404,6 +458,34 @@ pub enum OpResult {
 
 /// The most conflicting devices an [`OpResult::BatchConflict`] lists.
 pub const MAX_CONFLICTS_LISTED: usize = 100;
+
+/// The id of the first admin token (created by [`Op::BootstrapAdmin`]).
+pub const BOOTSTRAP_TOKEN_ID: &str = "bootstrap";
+
+/// The most API tokens a group holds; creating one more is refused
+/// (conflict) until one is revoked.
+pub const MAX_TOKENS: usize = 1_000;
+
+/// An API token as listed: never its secret or hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"id":"tok-5f1e0c2a9b7d4e31","name":"ci-deployer","role":"operator",
+    "created_at":1764144000000u64,"expires_at":1795680000000u64,"last_used":1764147600000u64}))]
+pub struct TokenInfo {
+    /// Its id (`bootstrap` for the group's first admin token).
+    pub id: String,
+    /// A label for people.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// Creation time (ms since epoch).
+    pub created_at: u64,
+    /// When it stops working (ms since epoch); `null` for never.
+    pub expires_at: Option<u64>,
+    /// Its latest use known (ms since epoch; `null` if never used): the
+    /// group's record, flushed by each gateway at most once a minute, or
+    /// this gateway's own later one.
+    pub last_used: Option<u64>,
+}
 
 /// What a token may do. Ordered: admin ⊃ operator ⊃ viewer.
 #[derive(
@@ -597,6 +679,11 @@ pub struct Event {
     /// Details (the SSE `data`), e.g. the command after the change.
     #[schema(value_type = Object)]
     pub data: Value,
+    /// Who made the change ([`Proposal::by`]): `token:<id>`,
+    /// `gateway:<node id>` or `device:<id>`; `None` for entries written
+    /// before the audit trail existed. The stream sends it as `data.by`.
+    #[serde(default)]
+    pub by: Option<String>,
 }
 
 #[cfg(test)]
@@ -611,6 +698,7 @@ mod format_tests {
                 patch: serde_json::json!({"speed": 3, "mode": null, "f": 0.1, "n": -5, "big": u64::MAX}),
                 expected_version: Some(4),
             },
+            by: Some("token:tok-0123456789abcdef".into()),
         }
     }
 
@@ -624,6 +712,7 @@ mod format_tests {
         let widest = Proposal {
             ts_ms: u64::MAX,
             op: p.op.clone(),
+            by: Some("x".repeat(MAX_BY)),
         };
         assert_eq!(entry_len(&p.op), widest.encode().len());
         // Smaller than the JSON of format 1.
@@ -641,6 +730,7 @@ mod format_tests {
                     attributes: None,
                     cert_sha256,
                 },
+                by: None,
             };
             assert_eq!(Proposal::decode(&p.encode()).unwrap(), p);
             assert_eq!(Proposal::decode(&p.encode_json()).unwrap(), p);
@@ -661,6 +751,7 @@ mod format_tests {
             op: Op::RegisterDevices {
                 devices: vec![device("a", None), device("b", Some("cd".repeat(32)))],
             },
+            by: Some("token:bootstrap".into()),
         };
         assert_eq!(Proposal::decode(&p.encode()).unwrap(), p);
         assert_eq!(Proposal::decode(&p.encode_json()).unwrap(), p);
@@ -675,6 +766,88 @@ mod format_tests {
         rmp_serde::encode::write_named(&mut packed, &v).unwrap();
         let future = Proposal::decode(&packed).unwrap_err();
         assert!(future.to_string().contains("unknown variant"), "{future}");
+    }
+
+    #[test]
+    fn entries_written_before_by_existed_still_decode_and_token_ops_read_back() {
+        // What an earlier version wrote: no `by`, and a token creation
+        // without id or expiry.
+        #[derive(Serialize)]
+        struct Old {
+            ts_ms: u64,
+            op: Value,
+        }
+        let old = Old {
+            ts_ms: 5,
+            op: serde_json::json!({"op": "create_token", "token_hash": "ab", "role": "viewer",
+                "name": "n"}),
+        };
+        let mut packed = vec![ENTRY_FORMAT];
+        rmp_serde::encode::write_named(&mut packed, &old).unwrap();
+        let expected = Proposal {
+            ts_ms: 5,
+            op: Op::CreateToken {
+                token_hash: "ab".into(),
+                role: Role::Viewer,
+                name: "n".into(),
+                id: None,
+                expires_at: None,
+            },
+            by: None,
+        };
+        assert_eq!(Proposal::decode(&packed).unwrap(), expected);
+        assert_eq!(
+            Proposal::decode(&serde_json::to_vec(&old).unwrap()).unwrap(),
+            expected
+        );
+        // Without `by`, an entry is byte for byte what an earlier version
+        // wrote (an older member reads it).
+        assert_eq!(
+            Proposal {
+                ts_ms: 5,
+                op: Op::BootstrapAdmin {
+                    token_hash: "ab".into()
+                },
+                by: None
+            }
+            .encode(),
+            {
+                let mut b = vec![ENTRY_FORMAT];
+                rmp_serde::encode::write_named(
+                    &mut b,
+                    &Old {
+                        ts_ms: 5,
+                        op: serde_json::json!({"op": "bootstrap_admin", "token_hash": "ab"}),
+                    },
+                )
+                .unwrap();
+                b
+            }
+        );
+        for op in [
+            Op::CreateToken {
+                token_hash: "cd".into(),
+                role: Role::Admin,
+                name: "ops".into(),
+                id: Some("tok-0011223344556677".into()),
+                expires_at: Some(99),
+            },
+            Op::RevokeToken { id: "t7".into() },
+            Op::RotateToken {
+                id: "bootstrap".into(),
+                token_hash: "ef".into(),
+            },
+            Op::TokensUsed {
+                uses: BTreeMap::from([("bootstrap".to_string(), 42)]),
+            },
+        ] {
+            let p = Proposal {
+                ts_ms: 1,
+                op,
+                by: Some("gateway:3".into()),
+            };
+            assert_eq!(Proposal::decode(&p.encode()).unwrap(), p);
+        }
     }
 
     #[test]

@@ -58,11 +58,16 @@ async fn create_token(gw: &Gateway, role: Role) -> String {
             token_hash: hash_secret(&token),
             role,
             name: format!("test {}", role.as_str()),
+            id: None,
+            expires_at: None,
         },
     )
     .await
     .expect("create token");
-    assert_eq!(r, OpResult::Done);
+    assert!(
+        matches!(r, OpResult::Token(ref t) if t.role == role),
+        "{r:?}"
+    );
     token
 }
 

@@ -381,7 +381,12 @@ async fn sessions_of_a_lost_gateway_are_declared_lost_and_move_on() {
             panic!("the stopped gateway reported the session's end itself: {data}");
         }
         if kind == "gateway.sessions_lost" {
-            assert_eq!(data, json!({"gateway": lost, "devices": ["meter"]}));
+            // Declared by the leader itself.
+            let by = format!("gateway:{leader}");
+            assert_eq!(
+                data,
+                json!({"gateway": lost, "devices": ["meter"], "by": by})
+            );
             break;
         }
     }
@@ -981,11 +986,13 @@ async fn every_answer_of_the_cluster_endpoints_is_in_their_openapi_entries() {
             token_hash: gateway::hash_secret(&viewer),
             role: Role::Viewer,
             name: "viewer".into(),
+            id: None,
+            expires_at: None,
         },
     )
     .await
     .expect("create token");
-    assert_eq!(r, OpResult::Done);
+    assert!(matches!(r, OpResult::Token(_)), "{r:?}");
     let base = format!("http://{}", gw.http_addr);
     let http = reqwest::Client::new();
     let doc: Value = http
@@ -1403,4 +1410,252 @@ async fn membership_changes_asked_at_once_all_succeed() {
     for (status, body) in [a, b, d] {
         assert!(status.is_success(), "{status} {body}");
     }
+}
+
+/// A request with `token`: status, `Entente-Index` and the JSON body.
+async fn call(
+    c: &Cluster,
+    gw: u64,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, u64, Value) {
+    let mut req = c
+        .http
+        .request(method, format!("{}{path}", c.base(gw)))
+        .bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.expect("request");
+    let status = r.status().as_u16();
+    let index = r
+        .headers()
+        .get("entente-index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (status, index, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Waits (bounded, woken by each apply) until every gateway applied `index`.
+async fn applied_everywhere(c: &Cluster, index: u64) {
+    let deadline = Instant::now() + WAIT;
+    for g in c.gws.values() {
+        let mut applied = g.db().watch_applied();
+        let reached = timeout_at(deadline, applied.wait_for(|&a| a >= index)).await;
+        assert!(
+            matches!(reached, Ok(Ok(_))),
+            "gateway {} did not apply {index}",
+            g.node().status().raft.id
+        );
+    }
+}
+
+/// Tokens made, used and revoked through different gateways of a group:
+/// each works on every gateway once applied there, within its role; the
+/// listing shows no secret or hash; a revocation is refused by every
+/// gateway once it applied it; the last admin token stays; an expired
+/// token is refused; the bootstrap token can be rotated; and every
+/// member's events name the token that made each change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokens_are_managed_through_any_gateway_and_revocation_holds_on_each() {
+    use reqwest::Method;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let c = three(tmp.path()).await;
+    let leader = c.leader();
+    let followers: Vec<u64> = (1..=3).filter(|&g| g != leader).collect();
+    let (a, b) = (followers[0], followers[1]);
+    let admin = c.token.clone();
+
+    // Created through followers (forwarded to the leader).
+    let (s, idx_op, op) = call(
+        &c,
+        a,
+        &admin,
+        Method::POST,
+        "/v1/tokens",
+        Some(json!({"name": "ops", "role": "operator"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{op}");
+    let (s, idx_view, view) = call(
+        &c,
+        b,
+        &admin,
+        Method::POST,
+        "/v1/tokens",
+        Some(json!({"name": "dash", "role": "viewer", "expires_in": 3600})),
+    )
+    .await;
+    assert_eq!(s, 201, "{view}");
+    let (op_id, op_token) = (op["id"].as_str().unwrap(), op["token"].as_str().unwrap());
+    let view_token = view["token"].as_str().unwrap();
+    assert!(view["expires_at"].as_u64().unwrap() > view["created_at"].as_u64().unwrap());
+    applied_everywhere(&c, idx_op.max(idx_view)).await;
+
+    // Each role on each gateway: the operator writes devices but manages
+    // no tokens; the viewer reads only.
+    let mut events = Vec::new();
+    for g in 1..=3 {
+        events.push((g, c.events(g, idx_view).await));
+    }
+    for g in 1..=3 {
+        let (s, _, body) = call(
+            &c,
+            g,
+            op_token,
+            Method::POST,
+            "/v1/devices",
+            Some(json!({"id": format!("pump-{g}")})),
+        )
+        .await;
+        assert_eq!(s, 201, "operator on {g}: {body}");
+        let (s, _, _) = call(&c, g, op_token, Method::GET, "/v1/tokens", None).await;
+        assert_eq!(s, 403, "operator listing tokens on {g}");
+        let (s, _, _) = call(&c, g, view_token, Method::GET, "/v1/devices", None).await;
+        assert_eq!(s, 200, "viewer reading on {g}");
+        let (s, _, _) = call(
+            &c,
+            g,
+            view_token,
+            Method::POST,
+            "/v1/devices",
+            Some(json!({"id": "nope"})),
+        )
+        .await;
+        assert_eq!(s, 403, "viewer writing on {g}");
+    }
+    // Every member's events name the operator's token for every device it
+    // registered, whichever gateway took the request.
+    let by = format!("token:{op_id}");
+    for (g, stream) in &mut events {
+        let mut seen = BTreeMap::new();
+        while seen.len() < 3 {
+            let (_, kind, data) = stream.next().await;
+            if kind == "device.registered" {
+                seen.insert(data["id"].as_str().unwrap().to_string(), data["by"].clone());
+            }
+        }
+        for (id, who) in &seen {
+            assert_eq!(who, &json!(by), "{id} on gateway {g}");
+        }
+    }
+
+    // The listing: every token with its role; no secret or hash; the
+    // operator's use known to the gateways it used (unflushed use merged).
+    let (s, _, list) = call(&c, a, &admin, Method::GET, "/v1/tokens", None).await;
+    assert_eq!(s, 200, "{list}");
+    let text = list.to_string();
+    for secret in [admin.as_str(), op_token, view_token] {
+        assert!(!text.contains(secret), "a secret listed: {text}");
+        assert!(
+            !text.contains(&gateway::hash_secret(secret)),
+            "a hash listed: {text}"
+        );
+    }
+    let items = list["items"].as_array().unwrap();
+    let roles: BTreeMap<&str, &str> = items
+        .iter()
+        .map(|t| (t["id"].as_str().unwrap(), t["role"].as_str().unwrap()))
+        .collect();
+    assert_eq!(roles["bootstrap"], "admin");
+    assert_eq!(roles[op_id], "operator");
+    let op_item = items.iter().find(|t| t["id"] == json!(op_id)).unwrap();
+    assert!(op_item["last_used"].as_u64().is_some(), "{op_item}");
+
+    // The last admin token without an expiry stays, on any gateway.
+    for g in 1..=3 {
+        let (s, _, body) = call(&c, g, &admin, Method::DELETE, "/v1/tokens/bootstrap", None).await;
+        assert_eq!(s, 409, "{body}");
+    }
+    let (s, _, _) = call(&c, a, &admin, Method::DELETE, "/v1/tokens/tok-nope", None).await;
+    assert_eq!(s, 404);
+
+    // Revoked through one follower: refused by every gateway once applied
+    // there.
+    let (s, idx_rev, _) = call(
+        &c,
+        b,
+        &admin,
+        Method::DELETE,
+        &format!("/v1/tokens/{op_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 204);
+    applied_everywhere(&c, idx_rev).await;
+    for g in 1..=3 {
+        let (s, _, body) = call(&c, g, op_token, Method::GET, "/v1/devices", None).await;
+        assert_eq!(s, 401, "revoked token on {g}: {body}");
+    }
+
+    // An expired token is refused (by each gateway's clock).
+    let (s, idx_exp, short) = call(
+        &c,
+        leader,
+        &admin,
+        Method::POST,
+        "/v1/tokens",
+        Some(json!({"name": "short", "role": "viewer", "expires_in": 1})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    applied_everywhere(&c, idx_exp).await;
+    let expires_at = short["expires_at"].as_u64().unwrap();
+    let deadline = Instant::now() + WAIT;
+    for g in 1..=3 {
+        loop {
+            let (s, _, body) = call(
+                &c,
+                g,
+                short["token"].as_str().unwrap(),
+                Method::GET,
+                "/v1/cluster",
+                None,
+            )
+            .await;
+            if s == 401 {
+                assert!(
+                    body["detail"].as_str().unwrap().contains("expired"),
+                    "{body}"
+                );
+                assert!(gateway::now_ms() >= expires_at);
+                break;
+            }
+            assert_eq!(s, 200, "{body}");
+            assert!(
+                gateway::now_ms() <= expires_at + 1_000,
+                "still accepted on {g}"
+            );
+            assert!(Instant::now() < deadline, "never expired on {g}");
+            let mut applied = c.gws[&g].db().watch_applied();
+            let _ = tokio::time::timeout(Duration::from_millis(50), applied.changed()).await;
+        }
+    }
+
+    // The bootstrap token rotated: the old secret is refused everywhere,
+    // the new one works.
+    let (s, idx_rot, rotated) = call(
+        &c,
+        a,
+        &admin,
+        Method::POST,
+        "/v1/tokens/bootstrap/rotate",
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{rotated}");
+    assert_eq!(rotated["id"], "bootstrap");
+    applied_everywhere(&c, idx_rot).await;
+    let new_admin = rotated["token"].as_str().unwrap();
+    for g in 1..=3 {
+        let (s, _, _) = call(&c, g, &admin, Method::GET, "/v1/tokens", None).await;
+        assert_eq!(s, 401, "old admin secret on {g}");
+        let (s, _, _) = call(&c, g, new_admin, Method::GET, "/v1/tokens", None).await;
+        assert_eq!(s, 200, "new admin secret on {g}");
+    }
+    drop(events);
+    c.stop().await;
 }

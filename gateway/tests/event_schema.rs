@@ -141,6 +141,8 @@ const SEEN: &[&str] = &[
     "command.canceled",
     "device.secret_rotated",
     "device.deleted",
+    "token.rotated",
+    "token.revoked",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,9 +312,57 @@ async fn every_event_sent_is_described_by_the_openapi_document() {
     send(Method::POST, &format!("/v1/commands/{c2}/cancel"), None).await;
     send(Method::POST, "/v1/devices/pump-1/secret", None).await;
     send(Method::DELETE, "/v1/devices/pump-1", None).await;
+    let made = send(
+        Method::POST,
+        "/v1/tokens",
+        Some(json!({"name": "ops", "role": "operator", "expires_in": 60})),
+    )
+    .await;
+    let made = made["id"].as_str().expect("token id").to_string();
+    send(Method::POST, &format!("/v1/tokens/{made}/rotate"), None).await;
+    send(Method::DELETE, &format!("/v1/tokens/{made}"), None).await;
     until(&mut events, &mut seen, SEEN).await;
 
-    // The check itself bites: data of the wrong shape fails it.
+    // Every event says who made the change: the admin token through REST,
+    // the device for what it sent, the gateway for presence.
+    let by = |kind: &str| -> Vec<Value> {
+        seen.iter()
+            .filter(|(_, k, _)| k == kind)
+            .map(|(_, _, d)| d["by"].clone())
+            .collect()
+    };
+    for (_, kind, data) in &seen {
+        assert!(data.get("by").is_some(), "{kind} without by: {data}");
+    }
+    for kind in [
+        "device.registered",
+        "command.issued",
+        "token.revoked",
+        "device.deleted",
+    ] {
+        assert!(
+            by(kind).iter().all(|b| b == "token:bootstrap"),
+            "{kind}: {:?}",
+            by(kind)
+        );
+    }
+    for kind in ["shadow.reported", "command.result", "command.accepted"] {
+        assert!(
+            by(kind).iter().all(|b| b == "device:pump-1"),
+            "{kind}: {:?}",
+            by(kind)
+        );
+    }
+    assert!(by("device.presence").iter().all(|b| b == "gateway:1"));
+    assert!(
+        by("token").iter().all(|b| b.is_string()),
+        "{:?}",
+        by("token")
+    );
+
+    // The check itself bites: data of the wrong shape fails it, and so
+    // does data without `by`.
+    assert!(!validate(&doc, &kinds["device.deleted"], &json!({"id": "pump-1"}), "").is_empty());
     assert!(!validate(&doc, &kinds["device.registered"], &json!({"id": 7}), "").is_empty());
     assert!(!validate(&doc, &kinds["shadow.desired"], &json!({"device": "d"}), "").is_empty());
     let mut problems = Vec::new();

@@ -814,3 +814,175 @@ fn a_port_in_use_is_a_clear_error() {
         gw.assert_clean();
     }
 }
+
+/// A raw MQTT 3.1.1 login: the CONNACK's return code (0: accepted).
+async fn login_code(addr: SocketAddr, id: &str, password: &str) -> u8 {
+    use rumqttc::mqttbytes::v4::Connect;
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut connect = Connect::new(id);
+    connect.keep_alive = 60;
+    connect.set_login(id, password);
+    let mut buf = BytesMut::new();
+    connect.write(&mut buf).expect("encode CONNECT");
+    s.write_all(&buf).await.expect("send CONNECT");
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut connack))
+        .await
+        .expect("CONNACK in time")
+        .expect("CONNACK");
+    connack[3]
+}
+
+/// Secrets never reach the log, even at DEBUG: a whole scenario — the
+/// bootstrap, tokens created (one expiring), used, rotated and revoked,
+/// devices registered with secrets, logins with good and bad passwords,
+/// commands, a device secret rotated, requests with unknown, revoked and
+/// malformed tokens — and no line holds any token, device secret or
+/// password tried, nor the SHA-256 of any.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_log_at_debug() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("gw");
+    let mut gw = spawn(
+        "gateway",
+        &args(&dir, "127.0.0.1:0", &[]),
+        &[("RUST_LOG", "debug")],
+    );
+    let (base, mqtt) = gw.text_addresses();
+    let admin = token(&dir);
+    let http = reqwest::Client::new();
+    let mut secrets: Vec<String> = vec![admin.clone()];
+    let call = |method: reqwest::Method, path: &str, token: &str, body: Option<Value>| {
+        let mut req = http
+            .request(method, format!("{base}{path}"))
+            .bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let r = req.send().await.expect("request");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    use reqwest::Method;
+
+    // Tokens.
+    let (s, op) = call(
+        Method::POST,
+        "/v1/tokens",
+        &admin,
+        Some(json!({"name": "ops", "role": "operator"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{op}");
+    let op_token = op["token"].as_str().expect("token").to_string();
+    let (s, view) = call(
+        Method::POST,
+        "/v1/tokens",
+        &admin,
+        Some(json!({"name": "dash", "role": "viewer", "expires_in": 60})),
+    )
+    .await;
+    assert_eq!(s, 201, "{view}");
+    let view_token = view["token"].as_str().expect("token").to_string();
+    secrets.extend([op_token.clone(), view_token.clone()]);
+    let (s, _) = call(Method::GET, "/v1/devices", &view_token, None).await;
+    assert_eq!(s, 200);
+
+    // Devices, logins good and bad, commands.
+    let ids = ["log-1", "log-2"];
+    let mut device_secrets = Vec::new();
+    for id in ids {
+        let (s, d) = call(
+            Method::POST,
+            "/v1/devices",
+            &op_token,
+            Some(json!({"id": id})),
+        )
+        .await;
+        assert_eq!(s, 201, "{d}");
+        device_secrets.push(d["secret"].as_str().expect("secret").to_string());
+    }
+    secrets.extend(device_secrets.iter().cloned());
+    let _online = device(mqtt[0], ids[0], &device_secrets[0]).await;
+    let wrong = gateway::random_token().expect("random");
+    secrets.push(wrong.clone());
+    assert_ne!(
+        login_code(mqtt[1], ids[1], &wrong).await,
+        0,
+        "a wrong password"
+    );
+    // Another device's secret is a wrong password too.
+    assert_ne!(
+        login_code(mqtt[0], ids[1], &device_secrets[0]).await,
+        0,
+        "another device's secret"
+    );
+    let (s, c) = call(
+        Method::POST,
+        "/v1/devices/log-1/commands?wait=0",
+        &op_token,
+        Some(json!({"name": "reboot", "params": {"delay_s": 1}})),
+    )
+    .await;
+    assert!(s == 200 || s == 201, "{s} {c}");
+    let (s, rotated) = call(Method::POST, "/v1/devices/log-2/secret", &op_token, None).await;
+    assert_eq!(s, 200, "{rotated}");
+    let new_device_secret = rotated["secret"].as_str().expect("secret").to_string();
+    secrets.push(new_device_secret.clone());
+    assert_ne!(
+        login_code(mqtt[1], ids[1], &device_secrets[1]).await,
+        0,
+        "the old secret"
+    );
+    assert_eq!(login_code(mqtt[1], ids[1], &new_device_secret).await, 0);
+
+    // Refused tokens: unknown, malformed, revoked.
+    let unknown = gateway::random_token().expect("random");
+    secrets.push(unknown.clone());
+    let (s, _) = call(Method::GET, "/v1/devices", &unknown, None).await;
+    assert_eq!(s, 401);
+    let (s, _) = call(Method::GET, "/v1/devices", &format!("{unknown} x"), None).await;
+    assert_eq!(s, 401);
+    let op_id = op["id"].as_str().expect("id");
+    let (s, _) = call(Method::DELETE, &format!("/v1/tokens/{op_id}"), &admin, None).await;
+    assert_eq!(s, 204);
+    let (s, _) = call(Method::GET, "/v1/devices", &op_token, None).await;
+    assert_eq!(s, 401);
+    // The bootstrap token rotated.
+    let (s, rot) = call(Method::POST, "/v1/tokens/bootstrap/rotate", &admin, None).await;
+    assert_eq!(s, 200, "{rot}");
+    let new_admin = rot["token"].as_str().expect("token").to_string();
+    secrets.push(new_admin.clone());
+    let (s, list) = call(Method::GET, "/v1/tokens", &new_admin, None).await;
+    assert_eq!(s, 200, "{list}");
+
+    gw.stop();
+    let log = gw.log();
+    assert!(
+        log.iter().any(|l| l.contains(" DEBUG ")),
+        "the log was not at DEBUG\n{}",
+        gw.dump()
+    );
+    let mut leaks = Vec::new();
+    for secret in &secrets {
+        let hash = gateway::hash_secret(secret);
+        for (what, needle) in [("a secret", secret.as_str()), ("a secret's hash", &hash)] {
+            // Also a prefix long enough to identify it (a truncated print).
+            let prefix = &needle[..16];
+            for l in &log {
+                if l.contains(prefix) {
+                    leaks.push(format!("{what} ({prefix}…): {l}"));
+                }
+            }
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "{} lines of {} hold secrets:\n{}",
+        leaks.len(),
+        log.len(),
+        leaks.join("\n")
+    );
+}

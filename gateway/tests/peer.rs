@@ -82,7 +82,10 @@ async fn a_non_member_cannot_get_a_proposal_applied_through_the_peer_port() {
                 token_hash: hash_secret(&token),
                 role: Role::Admin,
                 name: "from the peer port".into(),
+                id: None,
+                expires_at: None,
             },
+            by: None,
         }
         .encode(),
     );
@@ -113,6 +116,8 @@ async fn a_non_member_cannot_get_a_proposal_applied_through_the_peer_port() {
             token_hash: hash_secret("another"),
             role: Role::Viewer,
             name: "a later write".into(),
+            id: None,
+            expires_at: None,
         },
     )
     .await
@@ -296,6 +301,8 @@ async fn a_restarted_member_gets_through_a_flood_of_strangers() {
                     token_hash: hash_secret(&format!("t{n}")),
                     role: Role::Viewer,
                     name: format!("write {n}"),
+                    id: None,
+                    expires_at: None,
                 },
             )
             .await
@@ -404,6 +411,8 @@ async fn the_data_directory_and_its_files_are_private() {
                 token_hash: hash_secret(&format!("t{n}")),
                 role: Role::Viewer,
                 name: format!("token {n}"),
+                id: None,
+                expires_at: None,
             },
         )
         .await

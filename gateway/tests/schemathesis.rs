@@ -143,7 +143,12 @@ async fn the_api_does_what_its_openapi_document_says() {
         .arg("--report")
         .arg("ndjson")
         .arg("--report-ndjson-path")
-        .arg(dir.path().join("events.ndjson"));
+        .arg(dir.path().join("events.ndjson"))
+        // The authorization check runs here too (an admin token may use
+        // every route), and the run's own token is kept.
+        .env("ENTENTE_ROLE", "admin")
+        .env("ENTENTE_ROUTE_ROLES", route_roles())
+        .env("ENTENTE_PROTECT_TOKEN", "bootstrap");
     println!("schemathesis: seed {seed}, {examples} examples per operation and phase");
     let mut run = Proc::start(cmd);
     // Bounded: the run's own budget is about a second per example and
@@ -187,6 +192,179 @@ async fn the_api_does_what_its_openapi_document_says() {
         .await
         .expect("readyz");
     assert_eq!(ready.status(), 200, "{}", gw.output());
+    assert!(
+        gw.exits_within(Duration::ZERO).await.is_none(),
+        "{}",
+        gw.output()
+    );
+}
+
+/// The route table as the hooks' `role_is_respected` check reads it:
+/// `METHOD /path` → the least role (`null`: public).
+fn route_roles() -> String {
+    let map: BTreeMap<String, Option<&str>> = gateway::api::routes()
+        .iter()
+        .map(|r| {
+            (
+                format!("{} {}", r.method, r.path),
+                r.role.map(|role| role.as_str()),
+            )
+        })
+        .collect();
+    serde_json::to_string(&map).expect("json")
+}
+
+/// Examples per operation and phase of each authorization run
+/// (`SCHEMATHESIS_ROLE_EXAMPLES`, default 5).
+fn role_examples() -> u32 {
+    match std::env::var("SCHEMATHESIS_ROLE_EXAMPLES") {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("SCHEMATHESIS_ROLE_EXAMPLES={v:?} is not a number")),
+        Err(_) => 5,
+    }
+}
+
+/// A request with the admin token; the status and the JSON body.
+async fn admin_call(
+    base: &str,
+    admin: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(admin);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Authorization, property-tested: Schemathesis runs every operation of the
+/// document with a viewer, an operator, a revoked and an expired token (the
+/// admin token is the main run's), and the hooks' `role_is_respected` check
+/// fails the run on any answer but a refusal to what the token may not do
+/// — a viewer reads only, an operator administers no tokens or members,
+/// a revoked or expired token gets 401 everywhere but the public routes.
+/// A few examples per operation and phase (`SCHEMATHESIS_ROLE_EXAMPLES`),
+/// no stateful phase: the roles' refusals come before any state is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_does_more_than_its_role_allows() {
+    use reqwest::Method;
+    let st = schemathesis();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut gw, base, admin) = gateway(dir.path()).await;
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/schemathesis");
+    let (examples, seed) = (role_examples(), seed());
+
+    let make = async |name: &str, role: &str, extra: Value| {
+        let mut body = serde_json::json!({"name": name, "role": role});
+        if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+            b.extend(e);
+        }
+        let (s, t) = admin_call(&base, &admin, Method::POST, "/v1/tokens", Some(body)).await;
+        assert_eq!(s, 201, "{t}");
+        (
+            t["id"].as_str().expect("id").to_string(),
+            t["token"].as_str().expect("token").to_string(),
+        )
+    };
+    let (_, viewer) = make("viewer", "viewer", Value::Null).await;
+    let (_, operator) = make("operator", "operator", Value::Null).await;
+    let (revoked_id, revoked) = make("revoked", "admin", Value::Null).await;
+    let (_, expired) = make("expired", "admin", serde_json::json!({"expires_in": 1})).await;
+    let (s, _) = admin_call(
+        &base,
+        &admin,
+        Method::DELETE,
+        &format!("/v1/tokens/{revoked_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 204);
+    // The expired token: refused once the gateway's clock passed its
+    // expiry (a second from its creation; polled, bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, _) = admin_call(&base, &expired, Method::GET, "/v1/cluster", None).await;
+        if s == 401 {
+            break;
+        }
+        assert_eq!(s, 200);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the token never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut report = String::new();
+    for (role, token) in [
+        ("viewer", &viewer),
+        ("operator", &operator),
+        ("revoked", &revoked),
+        ("expired", &expired),
+    ] {
+        let events = dir.path().join(format!("events-{role}.ndjson"));
+        let mut cmd = Command::new(&st);
+        cmd.current_dir(dir.path())
+            .env("SCHEMATHESIS_HOOKS", here.join("hooks.py"))
+            .env("ENTENTE_ROLE", role)
+            .env("ENTENTE_ROUTE_ROLES", route_roles())
+            .arg("--config-file")
+            .arg(here.join("schemathesis.toml"))
+            .arg("run")
+            .arg(format!("{base}/openapi.json"))
+            .args(["--phases", "examples,coverage,fuzzing"])
+            .args(["--checks", "not_a_server_error,role_is_respected"])
+            .arg("--header")
+            .arg(format!("Authorization: Bearer {token}"))
+            .arg("--max-examples")
+            .arg(examples.to_string())
+            .arg("--seed")
+            .arg(seed.to_string())
+            .args(["--generation-database", "none"])
+            .args(["--request-timeout", "20"])
+            .args(["--workers", "1", "--no-color"])
+            .args(["--report", "ndjson", "--report-ndjson-path"])
+            .arg(&events);
+        let mut run = Proc::start(cmd);
+        let limit = Duration::from_secs(300 + 20 * u64::from(examples));
+        let status = run.exits_within(limit).await;
+        let out = run.output();
+        let status = status
+            .unwrap_or_else(|| panic!("the {role} run did not finish within {limit:?}:\n{out}"));
+        assert!(
+            status.success(),
+            "the {role} token did what its role may not (seed {seed}):\n{out}\ngateway log:\n{}",
+            gw.output()
+        );
+        let covered = coverage(&events);
+        for r in gateway::api::routes()
+            .iter()
+            .filter(|r| r.path != "/openapi.json")
+        {
+            let label = format!("{} {}", r.method, r.path);
+            assert!(
+                covered.operations.contains(&label),
+                "{label} was not tested with the {role} token:\n{covered}"
+            );
+        }
+        assert!(covered.checks.contains("role_is_respected"), "{covered}");
+        let cases: usize = covered.cases.values().sum();
+        report.push_str(&format!(
+            "{role}: {} operations, {cases} test cases ({:?})\n",
+            covered.operations.len(),
+            covered.cases
+        ));
+    }
+    println!(
+        "authorization runs (seed {seed}, {examples} examples per operation and phase):\n{report}"
+    );
     assert!(
         gw.exits_within(Duration::ZERO).await.is_none(),
         "{}",

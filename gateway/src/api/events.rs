@@ -149,6 +149,16 @@ pub(crate) const EVENT_KINDS: &[(&str, &str, &str)] = &[
         "EventToken",
         "An API token was created (sent to admin tokens only; never the token or its hash).",
     ),
+    (
+        "token.revoked",
+        "EventTokenRevoked",
+        "An API token was revoked (sent to admin tokens only).",
+    ),
+    (
+        "token.rotated",
+        "EventTokenRef",
+        "An API token got a new secret (sent to admin tokens only; never the secret or its hash).",
+    ),
 ];
 
 /// `data` of `device.deleted` and `device.secret_rotated`.
@@ -216,10 +226,34 @@ pub(crate) struct EventPeerAddress {
 #[derive(Debug, ToSchema)]
 #[allow(dead_code)]
 pub(crate) struct EventToken {
+    /// The token's id.
+    id: String,
     /// The token's role.
     role: Role,
     /// The token's name.
     name: String,
+    /// When it stops working (ms since epoch); `null` for never.
+    expires_at: Option<u64>,
+}
+
+/// `data` of `token.revoked`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct EventTokenRevoked {
+    /// The token's id.
+    id: String,
+    /// The token's role.
+    role: Role,
+    /// The token's name.
+    name: String,
+}
+
+/// `data` of `token.rotated`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct EventTokenRef {
+    /// The token's id.
+    id: String,
 }
 
 /// One event of the stream: the SSE fields `id` (the log index of the
@@ -232,6 +266,27 @@ impl utoipa::PartialSchema for StreamEvent {
     fn schema() -> RefOr<Schema> {
         super::schemas::from_json(stream_event_schema())
     }
+}
+
+/// What every event's `data` carries besides the change: who made it.
+pub(crate) fn event_by_schema() -> Value {
+    serde_json::json!({
+        "type": "object",
+        "description": "Who made the change (the audit trail), in every event's data.",
+        "required": ["by"],
+        "properties": {
+            "by": {
+                "type": ["string", "null"],
+                "pattern": "^(token:[A-Za-z0-9_.-]{1,64}|gateway:[0-9]{1,20}|device:[A-Za-z0-9_.-]{1,64})$",
+                "description": "`token:<id>` for a write through the REST API (the id as \
+                    `GET /v1/tokens` lists it), `gateway:<node id>` for what a gateway did \
+                    itself (device presence, command expiry, lost sessions), \
+                    `device:<id>` for what a device sent over MQTT (reports, command \
+                    results). `null` for changes written before the audit trail existed.",
+                "example": "token:tok-5f1e0c2a9b7d4e31",
+            },
+        },
+    })
 }
 
 /// The schema of [`StreamEvent`] (the served document takes it as written).
@@ -250,7 +305,10 @@ pub(crate) fn stream_event_schema() -> Value {
                     "event": {"type": "string", "enum": [kind],
                         "description": "SSE `event:` — the kind"},
                     "data": {"type": "string", "contentMediaType": "application/json",
-                        "contentSchema": {"$ref": format!("#/components/schemas/{data}")},
+                        "contentSchema": {"allOf": [
+                            {"$ref": format!("#/components/schemas/{data}")},
+                            {"$ref": "#/components/schemas/EventBy"},
+                        ]},
                         "description": "SSE `data:` — the change, as JSON (one line)"},
                 },
             })
@@ -281,6 +339,8 @@ impl ToSchema for StreamEvent {
         add::<EventSessionsLost>(out);
         add::<EventPeerAddress>(out);
         add::<EventToken>(out);
+        add::<EventTokenRevoked>(out);
+        add::<EventTokenRef>(out);
     }
 }
 
@@ -325,6 +385,11 @@ fn scrub(v: &mut Value) {
 /// The event as sent, and about how many bytes it takes.
 fn to_sse(mut e: Event) -> (SseEvent, usize) {
     scrub(&mut e.data);
+    // The audit trail: who made the change (null for entries written
+    // before it existed).
+    if let Value::Object(m) = &mut e.data {
+        m.insert("by".into(), e.by.map_or(Value::Null, Value::String));
+    }
     let data = serde_json::to_string(&e.data).unwrap_or_else(|_| "null".into());
     let size = data.len() + e.kind.len() + EVENT_OVERHEAD;
     let ev = SseEvent::default()
@@ -622,7 +687,13 @@ fn admit(cursor: &mut u64, admin: bool, e: &Event) -> bool {
         return false;
     }
     *cursor = e.index;
-    admin || e.kind != "token"
+    admin || !is_token_event(&e.kind)
+}
+
+/// Whether `kind` is about API tokens (`token`, `token.revoked`,
+/// `token.rotated`): sent to admin tokens only.
+fn is_token_event(kind: &str) -> bool {
+    kind == "token" || kind.starts_with("token.")
 }
 
 /// Sends one event unless it was sent already; returns `Stop` when the client
@@ -743,6 +814,7 @@ mod tests {
             index,
             kind: kind.into(),
             data: serde_json::json!({ "i": index }),
+            by: None,
         }
     }
 
@@ -755,6 +827,8 @@ mod tests {
             ev(4, "device.updated"),
             ev(6, "token"),
             ev(7, "command.issued"),
+            ev(8, "token.revoked"),
+            ev(9, "token.rotated"),
         ];
         let run = |admin: bool| {
             let mut cursor = 4;
@@ -767,10 +841,10 @@ mod tests {
         };
         assert_eq!(
             run(false),
-            (vec![5, 7], 7),
+            (vec![5, 7], 9),
             "a hidden event still moves the cursor"
         );
-        assert_eq!(run(true), (vec![5, 6, 7], 7));
+        assert_eq!(run(true), (vec![5, 6, 7, 8, 9], 9));
     }
 
     fn out(config: &Config) -> (Out, mpsc::Receiver<Item>) {
@@ -811,6 +885,7 @@ mod tests {
             index: i,
             kind: "shadow.desired".into(),
             data: serde_json::json!({ "pad": "x".repeat(300) }),
+            by: None,
         };
         let mut cursor = 0;
         // Two events of ~360 bytes fit in 1000 bytes; the third waits.

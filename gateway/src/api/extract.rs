@@ -294,7 +294,18 @@ pub async fn write(state: &AppState, op: Op) -> Result<(u64, OpResult), ApiError
     // log that a member could not decode.
     limits::check_op(&op)?;
     let kind = op.kind();
-    let r = propose_placed(&state.node, op, state.config.leader_wait(), &state.shutdown).await;
+    // Every route that writes needs a token: the write is the token's.
+    let by = super::auth::AUDIT_BY
+        .try_with(|by| by.to_string())
+        .unwrap_or_else(|_| format!("gateway:{}", state.config.node_id));
+    let r = propose_placed(
+        &state.node,
+        op,
+        by,
+        state.config.leader_wait(),
+        &state.shutdown,
+    )
+    .await;
     match r {
         Ok(r) => Ok(r),
         Err(e) => {

@@ -10,7 +10,8 @@
 //! - `auth` — bearer tokens and roles; `extract` — extractors, the read
 //!   barrier (consistency levels) and the write helper;
 //! - `devices`, `shadow`, `commands`, `events` (SSE), `cluster`, `admin`
-//!   (backup), `health` (healthz, readyz, metrics), `openapi`.
+//!   (backup), `tokens` (API tokens), `health` (healthz, readyz, metrics),
+//!   `openapi`.
 
 mod admin;
 mod auth;
@@ -27,6 +28,7 @@ mod ratelimit;
 mod roundtrip_tests;
 pub(crate) mod schemas;
 mod shadow;
+mod tokens;
 pub(crate) mod validate;
 
 use std::sync::Arc;
@@ -211,6 +213,15 @@ fn table() -> Vec<Entry> {
             cluster::transfer_leader,
         ),
         entry(GET, "/v1/admin/backup", Some(Admin), admin::backup),
+        entry(POST, "/v1/tokens", Some(Admin), tokens::create_token),
+        entry(GET, "/v1/tokens", Some(Admin), tokens::list_tokens),
+        entry(DELETE, "/v1/tokens/{id}", Some(Admin), tokens::revoke_token),
+        entry(
+            POST,
+            "/v1/tokens/{id}/rotate",
+            Some(Admin),
+            tokens::rotate_token,
+        ),
         entry(GET, "/healthz", None, health::healthz),
         entry(GET, "/readyz", None, health::readyz),
         entry(GET, "/metrics", Some(Viewer), health::metrics),
@@ -233,6 +244,12 @@ pub fn app(state: AppState) -> Router {
     };
     let document = openapi::document(&state.config);
     let rate_limits = ratelimit::RateLimits::new(state.config.rest_rate_limit);
+    let uses = Arc::new(tokens::TokenUses::default());
+    // Flushes the token uses this gateway saw to the group, until shutdown
+    // (a router built outside a runtime, in a test, has none).
+    if tokio::runtime::Handle::try_current().is_ok() {
+        tokio::spawn(uses.clone().run(state.node.clone(), state.shutdown.clone()));
+    }
     let mut router = Router::new();
     for (info, method_router) in table() {
         let method_router = match info.role {
@@ -243,7 +260,7 @@ pub fn app(state: AppState) -> Router {
                     ratelimit::layer,
                 ))
                 .route_layer(middleware::from_fn_with_state(
-                    (state.clone(), role),
+                    (state.clone(), uses.clone(), role),
                     auth::layer,
                 )),
             None => method_router,
@@ -263,6 +280,7 @@ pub fn app(state: AppState) -> Router {
         .layer(Extension(Arc::new(admin::BackupSlot::default())))
         .layer(Extension(Arc::new(devices::BatchSlots::new())))
         .layer(Extension(document))
+        .layer(Extension(uses))
         .layer(DefaultBodyLimit::max(limits.any))
         .layer(middleware::from_fn_with_state(state.clone(), deadline))
         .layer(middleware::from_fn_with_state(limits, body_limit))

@@ -10,7 +10,7 @@ use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, cluster, commands, devices, events, health, schemas, shadow};
+use super::{admin, cluster, commands, devices, events, health, schemas, shadow, tokens};
 use crate::config::Config;
 
 /// The API description; `/openapi.json` serves it.
@@ -29,7 +29,8 @@ timeout plus 1 s, `?wait=` adds at most the wait asked for; \
 a retryable failure is always a 503 problem with `Retry-After`. \
 Errors are `application/problem+json` (RFC 9457). Every request except the health checks and \
 this document needs `Authorization: Bearer <token>`: `viewer` tokens read, `operator` tokens also \
-manage devices, commands and shadows, `admin` tokens may do everything."
+manage devices, commands and shadows, `admin` tokens may do everything (including managing \
+tokens with `/v1/tokens` and the cluster). Every event names who made the change (`by`)."
     ),
     paths(
         devices::create_device,
@@ -51,6 +52,10 @@ manage devices, commands and shadows, `admin` tokens may do everything."
         cluster::remove_member,
         cluster::transfer_leader,
         admin::backup,
+        tokens::create_token,
+        tokens::list_tokens,
+        tokens::revoke_token,
+        tokens::rotate_token,
         health::healthz,
         health::readyz,
         health::metrics,
@@ -66,6 +71,7 @@ manage devices, commands and shadows, `admin` tokens may do everything."
         (name = "events", description = "The stream of committed changes"),
         (name = "cluster", description = "The gateway group"),
         (name = "admin", description = "Backups of the replicated state"),
+        (name = "tokens", description = "API tokens: create, list, revoke, rotate (admin only)"),
         (name = "health", description = "Liveness, readiness, metrics and this document"),
     )
 )]

@@ -267,7 +267,11 @@ fn every_accepted_input_is_an_entry_that_decodes_to_its_operation() {
                 continue;
             };
             accepted.set(accepted.get() + 1);
-            let proposal = Proposal { ts_ms: 1, op };
+            let proposal = Proposal {
+                ts_ms: 1,
+                op,
+                by: None,
+            };
             let decoded = Proposal::decode(&proposal.encode())
                 .map_err(|e| TestCaseError::fail(format!("{input:?} does not decode: {e}")))?;
             prop_assert_eq!(&decoded, &proposal, "{:?}", input);
@@ -296,6 +300,16 @@ fn the_limits_are_what_keeps_entries_decodable() {
         patch: parsed.desired.clone(),
         expected_version: None,
     };
-    assert!(Proposal::decode(&Proposal { ts_ms: 1, op }.encode()).is_err());
+    assert!(
+        Proposal::decode(
+            &Proposal {
+                ts_ms: 1,
+                op,
+                by: None
+            }
+            .encode()
+        )
+        .is_err()
+    );
     assert!(desired_op("d", parsed, None).is_err());
 }

@@ -174,6 +174,26 @@ component!(
 );
 
 component!(
+    /// An API token's name.
+    TokenName => json!({
+        "type": "string", "minLength": 1, "maxLength": MAX_COMMAND_NAME,
+        "pattern": printable_pattern(MAX_COMMAND_NAME),
+        "description": "1–128 characters, no control characters",
+        "example": "ci-deployer",
+    })
+);
+
+component!(
+    /// An API token's id.
+    TokenId => json!({
+        "type": "string", "minLength": 1, "maxLength": MAX_ID, "pattern": id_pattern(),
+        "description": "A token id, as `GET /v1/tokens` lists it (`bootstrap` for the group's \
+            first admin token, `tok-` + 16 hex digits for the others)",
+        "example": "tok-5f1e0c2a9b7d4e31",
+    })
+);
+
+component!(
     /// An idempotency key.
     IdempotencyKey => json!({
         "type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY,
@@ -257,6 +277,8 @@ pub(crate) fn raw() -> Vec<(&'static str, Value)> {
         ("Labels", Labels::json()),
         ("LabelFilter", LabelFilter::json()),
         ("CommandName", CommandName::json()),
+        ("TokenName", TokenName::json()),
+        ("TokenId", TokenId::json()),
         ("IdempotencyKey", IdempotencyKey::json()),
         ("NodeId", NodeId::json()),
         ("PeerAddress", PeerAddress::json()),
@@ -265,6 +287,7 @@ pub(crate) fn raw() -> Vec<(&'static str, Value)> {
         ("JsonObject", JsonObject::json()),
         ("DeviceUpdate", super::devices::update_schema()),
         ("StreamEvent", super::events::stream_event_schema()),
+        ("EventBy", super::events::event_by_schema()),
     ]
 }
 

@@ -785,7 +785,8 @@ async fn propose(
     let mut backoff = Duration::from_millis(20);
     let kind = op.kind();
     loop {
-        match crate::shared::propose(ctx.node, op.clone()).await {
+        let by = format!("device:{device}");
+        match crate::shared::propose_as(ctx.node, op.clone(), by).await {
             Ok((_, r)) => return Some(r),
             // Stopping: nothing more is proposed (quietly; a fatal node
             // error is logged once by the node itself).

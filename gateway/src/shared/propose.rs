@@ -21,6 +21,18 @@ pub const PROPOSAL_ATTEMPTS: u32 = 20;
 /// could not decode. Callers with input from outside check first, to
 /// answer with the reason.
 pub async fn propose(node: &Node<OpResult>, op: Op) -> Result<(u64, OpResult), NodeError> {
+    let by = format!("gateway:{}", node.status().raft.id);
+    propose_as(node, op, by).await
+}
+
+/// [`propose`] on behalf of `by` (the audit trail's [`Proposal::by`]):
+/// `token:<id>` for a REST write, `device:<id>` for what a device sent.
+/// [`propose`] itself is the gateway's own: `gateway:<node id>`.
+pub async fn propose_as(
+    node: &Node<OpResult>,
+    op: Op,
+    by: String,
+) -> Result<(u64, OpResult), NodeError> {
     if let Err(e) = limits::check_op(&op) {
         tracing::warn!(kind = op.kind(), "operation refused before proposing: {e}");
         return Err(NodeError::Refused(e.to_string()));
@@ -28,6 +40,7 @@ pub async fn propose(node: &Node<OpResult>, op: Op) -> Result<(u64, OpResult), N
     let p = Proposal {
         ts_ms: now_ms(),
         op,
+        by: Some(by),
     };
     let applied = node.propose(p.encode()).await?;
     Ok((applied.index, applied.output))
@@ -41,14 +54,15 @@ pub async fn propose(node: &Node<OpResult>, op: Op) -> Result<(u64, OpResult), N
 pub async fn propose_placed(
     node: &Node<OpResult>,
     op: Op,
+    by: String,
     leader_wait: Duration,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<(u64, OpResult), NodeError> {
-    let r = propose(node, op.clone()).await;
+    let r = propose_as(node, op.clone(), by.clone()).await;
     // Not placed at all: safe to retry once a leader is known (an election
     // usually takes a fraction of a second).
     if matches!(r, Err(NodeError::NoLeader)) && leader_known(node, leader_wait, shutdown).await {
-        return propose(node, op).await;
+        return propose_as(node, op, by).await;
     }
     r
 }

@@ -16,8 +16,8 @@ use super::rows::to_json_text;
 use super::{EVENTS_RETAINED, StateDb, StateError};
 use crate::limits::{self, MAX_DOCUMENT_BYTES};
 use crate::ops::{
-    Command, CommandStatus, Device, DeviceRegistration, Event, MAX_CONFLICTS_LISTED, Op, OpResult,
-    Proposal, Role,
+    BOOTSTRAP_TOKEN_ID, Command, CommandStatus, Device, DeviceRegistration, Event,
+    MAX_CONFLICTS_LISTED, MAX_TOKENS, Op, OpResult, Proposal, Role, TokenInfo,
 };
 
 /// Entries (or bytes of entries) from which a batch counts as heavy: it is
@@ -124,6 +124,7 @@ fn apply_batch(
                 index: entry.index,
                 kind: change.kind().to_string(),
                 data: change.data()?,
+                by: proposal.by.clone(),
             });
             changes.push(change);
         }
@@ -142,8 +143,13 @@ fn apply_batch(
     for ev in &events {
         exec(
             &tx,
-            "INSERT INTO events (idx, kind, data) VALUES (?1, ?2, ?3)",
-            (db_int(ev.index), ev.kind.as_str(), to_json_text(&ev.data)?),
+            "INSERT INTO events (idx, kind, data, actor) VALUES (?1, ?2, ?3, ?4)",
+            (
+                db_int(ev.index),
+                ev.kind.as_str(),
+                to_json_text(&ev.data)?,
+                ev.by.as_deref(),
+            ),
         )?;
     }
     let floor = new_applied.saturating_sub(EVENTS_RETAINED);
@@ -181,26 +187,64 @@ fn apply_op(conn: &Connection, ts: u64, op: &Op) -> Result<Applied, StateError> 
             if any {
                 return Ok((OpResult::Ignored, None));
             }
-            insert_token(conn, ts, token_hash, Role::Admin, "bootstrap admin")
+            let token = NewToken {
+                id: BOOTSTRAP_TOKEN_ID,
+                token_hash,
+                role: Role::Admin,
+                name: "bootstrap admin",
+                expires_at: None,
+            };
+            // (Its proposer waits for `Done`, as ever.)
+            let (_, change) = insert_token(conn, ts, &token)?;
+            Ok((OpResult::Done, change))
         }
         Op::CreateToken {
             token_hash,
             role,
             name,
+            id,
+            expires_at,
         } => {
-            let exists = scalar::<bool>(
-                conn,
-                "SELECT EXISTS (SELECT 1 FROM tokens WHERE token_hash = ?)",
-                [token_hash],
-            )?
-            .unwrap_or(false);
-            if exists {
-                return Ok((
-                    OpResult::Conflict("a token with this hash already exists".into()),
-                    None,
-                ));
+            let id = match id {
+                Some(id) => id.clone(),
+                None => legacy_token_id(conn, ts)?,
+            };
+            let token = NewToken {
+                id: &id,
+                token_hash,
+                role: *role,
+                name,
+                expires_at: *expires_at,
+            };
+            create_token(conn, ts, &token)
+        }
+        Op::RevokeToken { id } => revoke_token(conn, ts, id),
+        Op::RotateToken { id, token_hash } => {
+            if scalar::<i64>(conn, "SELECT 1 FROM tokens WHERE id = ?", [id])?.is_none() {
+                return Ok(not_found_token(id));
             }
-            insert_token(conn, ts, token_hash, *role, name)
+            if hash_taken(conn, token_hash)? {
+                return Ok(hash_conflict());
+            }
+            exec(
+                conn,
+                "UPDATE tokens SET token_hash = ? WHERE id = ?",
+                (token_hash, id),
+            )?;
+            Ok((
+                OpResult::Done,
+                Some(Change::TokenRotated { id: id.clone() }),
+            ))
+        }
+        Op::TokensUsed { uses } => {
+            for (id, at) in uses {
+                exec(
+                    conn,
+                    "UPDATE tokens SET last_used = MAX(COALESCE(last_used, 0), ?) WHERE id = ?",
+                    (db_int(*at), id),
+                )?;
+            }
+            Ok((OpResult::Done, None))
         }
         Op::RegisterDevice {
             id,
@@ -498,24 +542,137 @@ fn apply_op(conn: &Connection, ts: u64, op: &Op) -> Result<Applied, StateError> 
     }
 }
 
-fn insert_token(
-    conn: &Connection,
-    ts: u64,
-    token_hash: &str,
+fn not_found_token(id: &str) -> Applied {
+    (OpResult::NotFound(format!("token {id}")), None)
+}
+
+fn hash_conflict() -> Applied {
+    (
+        OpResult::Conflict("a token with this hash already exists".into()),
+        None,
+    )
+}
+
+fn hash_taken(conn: &Connection, token_hash: &str) -> Result<bool, StateError> {
+    Ok(scalar::<bool>(
+        conn,
+        "SELECT EXISTS (SELECT 1 FROM tokens WHERE token_hash = ?)",
+        [token_hash],
+    )?
+    .unwrap_or(false))
+}
+
+/// The id of a token created by an entry written before token ids existed
+/// (no endpoint created such tokens): `t<ts>`, or `t<ts>-<n>` when taken —
+/// as migration 0004 names the tokens it finds.
+fn legacy_token_id(conn: &Connection, ts: u64) -> Result<String, StateError> {
+    let base = format!("t{}", db_int(ts));
+    let mut id = base.clone();
+    let mut n = 0u32;
+    while scalar::<i64>(conn, "SELECT 1 FROM tokens WHERE id = ?", [&id])?.is_some() {
+        n += 1;
+        id = format!("{base}-{n}");
+    }
+    Ok(id)
+}
+
+/// A token to insert.
+struct NewToken<'a> {
+    id: &'a str,
+    token_hash: &'a str,
     role: Role,
-    name: &str,
-) -> Result<Applied, StateError> {
+    name: &'a str,
+    expires_at: Option<u64>,
+}
+
+/// `CreateToken`: refused if the id or the hash exists, or the group holds
+/// [`MAX_TOKENS`] tokens.
+fn create_token(conn: &Connection, ts: u64, t: &NewToken<'_>) -> Result<Applied, StateError> {
+    if hash_taken(conn, t.token_hash)? {
+        return Ok(hash_conflict());
+    }
+    if scalar::<i64>(conn, "SELECT 1 FROM tokens WHERE id = ?", [t.id])?.is_some() {
+        return Ok((
+            OpResult::Conflict(format!("a token with the id {} already exists", t.id)),
+            None,
+        ));
+    }
+    let count = scalar::<i64>(conn, "SELECT COUNT(*) FROM tokens", [])?.unwrap_or(0);
+    if count >= MAX_TOKENS as i64 {
+        return Ok((
+            OpResult::Conflict(format!(
+                "the group holds {MAX_TOKENS} tokens, the most it may; revoke one first"
+            )),
+            None,
+        ));
+    }
+    insert_token(conn, ts, t)
+}
+
+fn insert_token(conn: &Connection, ts: u64, t: &NewToken<'_>) -> Result<Applied, StateError> {
     exec(
         conn,
-        "INSERT INTO tokens (token_hash, role, name, created_at) VALUES (?, ?, ?, ?)",
-        (token_hash, role.as_str(), name, db_int(ts)),
+        "INSERT INTO tokens (token_hash, role, name, created_at, id, expires_at) \
+         VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            t.token_hash,
+            t.role.as_str(),
+            t.name,
+            db_int(ts),
+            t.id,
+            t.expires_at.map(db_int),
+        ),
     )?;
     // The change (and the event) never carries the hash.
+    let info = TokenInfo {
+        id: t.id.to_string(),
+        name: t.name.to_string(),
+        role: t.role,
+        created_at: ts,
+        expires_at: t.expires_at,
+        last_used: None,
+    };
+    Ok((OpResult::Token(info.clone()), Some(Change::Token(info))))
+}
+
+/// `RevokeToken`: deletes the token, unless it is an admin token and no
+/// other admin token without an expiry would remain — so the group always
+/// keeps an admin token that does not run out, whatever the order of the
+/// calls.
+fn revoke_token(conn: &Connection, _ts: u64, id: &str) -> Result<Applied, StateError> {
+    let row: Option<(String, String)> = conn
+        .prepare_cached("SELECT role, name FROM tokens WHERE id = ?")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((role, name)) = row else {
+        return Ok(not_found_token(id));
+    };
+    let role = Role::parse(&role)
+        .ok_or_else(|| StateError::Corrupt(format!("unknown token role {role:?}")))?;
+    if role == Role::Admin {
+        let others = scalar::<i64>(
+            conn,
+            "SELECT COUNT(*) FROM tokens WHERE role = 'admin' AND expires_at IS NULL AND id != ?",
+            [id],
+        )?
+        .unwrap_or(0);
+        if others == 0 {
+            return Ok((
+                OpResult::Conflict(format!(
+                    "token {id} is the last admin token without an expiry; create another \
+                     admin token (without expires_in) before revoking it, or rotate it instead"
+                )),
+                None,
+            ));
+        }
+    }
+    exec(conn, "DELETE FROM tokens WHERE id = ?", [id])?;
     Ok((
         OpResult::Done,
-        Some(Change::Token {
+        Some(Change::TokenRevoked {
+            id: id.to_string(),
+            name,
             role,
-            name: name.to_string(),
         }),
     ))
 }

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::StateError;
 use super::rows::to_json_value;
-use crate::ops::{Command, Device, Role};
+use crate::ops::{Command, Device, Role, TokenInfo};
 
 /// A step of a command's life that changed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,11 +39,20 @@ pub enum ShadowSide {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     /// An API token was created (`token`; never with its hash).
-    Token {
-        /// Its role.
-        role: Role,
+    Token(TokenInfo),
+    /// An API token was revoked (`token.revoked`).
+    TokenRevoked {
+        /// Its id.
+        id: String,
         /// Its name.
         name: String,
+        /// Its role.
+        role: Role,
+    },
+    /// An API token got a new secret (`token.rotated`).
+    TokenRotated {
+        /// Its id.
+        id: String,
     },
     /// A device was registered (`device.registered`).
     DeviceRegistered(Device),
@@ -112,7 +121,9 @@ impl Change {
     /// that made the change.
     pub fn kind(&self) -> &'static str {
         match self {
-            Change::Token { .. } => "token",
+            Change::Token(_) => "token",
+            Change::TokenRevoked { .. } => "token.revoked",
+            Change::TokenRotated { .. } => "token.rotated",
             Change::DeviceRegistered(_) => "device.registered",
             Change::DevicesRegistered { .. } => "devices.registered",
             Change::DeviceUpdated(_) => "device.updated",
@@ -144,7 +155,13 @@ impl Change {
     /// `StreamEvent` describes it per kind.
     pub fn data(&self) -> Result<Value, StateError> {
         Ok(match self {
-            Change::Token { role, name } => json!({ "role": role.as_str(), "name": name }),
+            Change::Token(t) => json!({
+                "id": t.id, "role": t.role.as_str(), "name": t.name, "expires_at": t.expires_at,
+            }),
+            Change::TokenRevoked { id, name, role } => {
+                json!({ "id": id, "role": role.as_str(), "name": name })
+            }
+            Change::TokenRotated { id } => json!({ "id": id }),
             Change::DeviceRegistered(d)
             | Change::DeviceUpdated(d)
             | Change::Presence { device: d, .. } => to_json_value(d)?,

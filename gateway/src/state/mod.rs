@@ -65,6 +65,7 @@ mod apply;
 mod change;
 pub mod merge;
 mod queries;
+pub use queries::TokenAuth;
 mod rows;
 mod snapshot;
 pub use snapshot::{BackupImage, install_new_group_image};

@@ -11,7 +11,22 @@ use super::rows::{
     load_applied_index, load_command, load_device, load_shadow, parse_json,
 };
 use super::{DeviceCredentials, DeviceFilter, Page, StateDb, StateError, resumable_after};
-use crate::ops::{Command, CommandStatus, Device, Event, Role, Shadow};
+use crate::ops::{Command, CommandStatus, Device, Event, Role, Shadow, TokenInfo};
+
+/// What authenticating a request needs of a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenAuth {
+    /// Its id.
+    pub id: String,
+    /// What it may do.
+    pub role: Role,
+    /// When it stops working (ms since the epoch), if ever.
+    pub expires_at: Option<u64>,
+}
+
+fn parse_role(r: &str) -> Result<Role, StateError> {
+    Role::parse(r).ok_or_else(|| StateError::Corrupt(format!("unknown token role {r:?}")))
+}
 
 impl StateDb {
     /// A device.
@@ -142,18 +157,60 @@ impl StateDb {
         rows.iter().map(command_from_row).collect()
     }
 
-    /// The role of the token with this SHA-256 (hex), if any.
+    /// The role of the token with this SHA-256 (hex), if any (whether or
+    /// not it expired).
     pub async fn token_role(&self, token_hash: &str) -> Result<Option<Role>, StateError> {
+        Ok(self.token(token_hash).await?.map(|t| t.role))
+    }
+
+    /// The token with this SHA-256 (hex), if any (whether or not it
+    /// expired: the caller compares [`TokenAuth::expires_at`] with its
+    /// clock).
+    pub async fn token(&self, token_hash: &str) -> Result<Option<TokenAuth>, StateError> {
         let pool = self.pool.read().await;
-        let role: Option<String> =
-            sqlx::query_scalar("SELECT role FROM tokens WHERE token_hash = ?")
+        let row: Option<(String, String, Option<i64>)> =
+            sqlx::query_as("SELECT id, role, expires_at FROM tokens WHERE token_hash = ?")
                 .bind(token_hash)
                 .fetch_optional(&*pool)
                 .await?;
-        role.map(|r| {
-            Role::parse(&r).ok_or_else(|| StateError::Corrupt(format!("unknown token role {r:?}")))
+        row.map(|(id, role, expires_at)| {
+            Ok(TokenAuth {
+                id,
+                role: parse_role(&role)?,
+                expires_at: expires_at
+                    .map(|e| from_db_int(e, "tokens.expires_at"))
+                    .transpose()?,
+            })
         })
         .transpose()
+    }
+
+    /// Every token (never its hash), by id.
+    pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>, StateError> {
+        let pool = self.pool.read().await;
+        /// id, name, role, created_at, expires_at, last_used.
+        type Row = (String, String, String, i64, Option<i64>, Option<i64>);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, name, role, created_at, expires_at, last_used FROM tokens ORDER BY id",
+        )
+        .fetch_all(&*pool)
+        .await?;
+        rows.into_iter()
+            .map(|(id, name, role, created, expires, used)| {
+                Ok(TokenInfo {
+                    id,
+                    name,
+                    role: parse_role(&role)?,
+                    created_at: from_db_int(created, "tokens.created_at")?,
+                    expires_at: expires
+                        .map(|e| from_db_int(e, "tokens.expires_at"))
+                        .transpose()?,
+                    last_used: used
+                        .map(|u| from_db_int(u, "tokens.last_used"))
+                        .transpose()?,
+                })
+            })
+            .collect()
     }
 
     /// Peer addresses recorded by `SetPeerAddress`, by node id.
@@ -208,7 +265,7 @@ impl StateDb {
         let mut events = Vec::new();
         {
             let mut rows = sqlx::query(
-                "SELECT idx, kind, data FROM events WHERE idx > ? ORDER BY idx LIMIT ?",
+                "SELECT idx, kind, data, actor FROM events WHERE idx > ? ORDER BY idx LIMIT ?",
             )
             .bind(db_int(after))
             .bind(i64::from(limit))
@@ -222,6 +279,7 @@ impl StateDb {
                     index: from_db_int(r.try_get("idx")?, "events.idx")?,
                     kind: r.try_get("kind")?,
                     data: parse_json(&data, "events.data")?,
+                    by: r.try_get("actor")?,
                 });
                 if bytes >= max_bytes {
                     break;
@@ -244,11 +302,12 @@ impl StateDb {
     ) -> Result<Vec<Event>, StateError> {
         use tokio_stream::StreamExt;
         let pool = self.pool.read().await;
-        let mut rows =
-            sqlx::query("SELECT idx, kind, data FROM events WHERE idx > ? ORDER BY idx LIMIT ?")
-                .bind(db_int(after))
-                .bind(i64::from(limit))
-                .fetch(&*pool);
+        let mut rows = sqlx::query(
+            "SELECT idx, kind, data, actor FROM events WHERE idx > ? ORDER BY idx LIMIT ?",
+        )
+        .bind(db_int(after))
+        .bind(i64::from(limit))
+        .fetch(&*pool);
         let mut events = Vec::new();
         let mut bytes = 0usize;
         while let Some(row) = rows.next().await {
@@ -259,6 +318,7 @@ impl StateDb {
                 index: from_db_int(r.try_get("idx")?, "events.idx")?,
                 kind: r.try_get("kind")?,
                 data: parse_json(&data, "events.data")?,
+                by: r.try_get("actor")?,
             });
             if bytes >= max_bytes {
                 break;

@@ -14,11 +14,19 @@ use crate::ops::{Command, CommandStatus, Device, DeviceRegistration, Op, Proposa
 
 const T0: u64 = 1_764_144_000_000;
 
+/// Who the test entries say made them.
+const BY: &str = "token:tok-test";
+
 fn entry(index: u64, ts_ms: u64, op: Op) -> Committed {
     Committed {
         index,
         term: 1,
-        data: Proposal { ts_ms, op }.encode(),
+        data: Proposal {
+            ts_ms,
+            op,
+            by: Some(BY.into()),
+        }
+        .encode(),
     }
 }
 
@@ -179,7 +187,7 @@ async fn dump(db: &StateDb) -> String {
         .map(|(s, n)| (s.as_str().to_string(), n))
         .collect();
     let mut tokens = BTreeMap::new();
-    for h in ["t-admin", "t-op", "t-view"] {
+    for h in ["t-admin", "t-op", "t-view", "t-v0", "t-admin2"] {
         tokens.insert(h, db.token_role(h).await.unwrap());
     }
     serde_json::to_string_pretty(&json!({
@@ -188,6 +196,7 @@ async fn dump(db: &StateDb) -> String {
         "events": events,
         "counts": counts,
         "tokens": tokens,
+        "token_list": db.list_tokens().await.unwrap(),
         "has_tokens": db.has_tokens().await.unwrap(),
         "expired": db.expired_commands(u64::MAX / 2, 1000).await.unwrap(),
     }))
@@ -204,6 +213,8 @@ fn workload() -> Vec<Committed> {
             token_hash: "t-op".into(),
             role: Role::Operator,
             name: "ops".into(),
+            id: Some("tok-op".into()),
+            expires_at: None,
         },
         register_with("pump-1", &[("site", "north")]),
         register_with("pump-2", &[("site", "south")]),
@@ -246,6 +257,34 @@ fn workload() -> Vec<Committed> {
         Op::GatewaySessionsLost { gateway: 2 },
         Op::DeleteDevice {
             id: "pump-2".into(),
+        },
+        // Tokens last, so the indexes above stay as the tests name them.
+        Op::CreateToken {
+            token_hash: "t-v0".into(),
+            role: Role::Viewer,
+            name: "dash".into(),
+            id: Some("tok-v".into()),
+            expires_at: Some(T0 + 1_000_000),
+        },
+        Op::RotateToken {
+            id: "tok-v".into(),
+            token_hash: "t-view".into(),
+        },
+        Op::TokensUsed {
+            uses: BTreeMap::from([("tok-v".into(), T0 + 5), ("gone".into(), T0)]),
+        },
+        Op::RevokeToken {
+            id: "bootstrap".into(),
+        },
+        Op::CreateToken {
+            token_hash: "t-admin2".into(),
+            role: Role::Admin,
+            name: "second admin".into(),
+            id: None,
+            expires_at: None,
+        },
+        Op::RevokeToken {
+            id: "bootstrap".into(),
         },
     ];
     ops.into_iter()
@@ -292,21 +331,189 @@ async fn bootstrap_and_tokens() {
         token_hash: "t-view".into(),
         role: Role::Viewer,
         name: "dashboard".into(),
+        id: Some("tok-view".into()),
+        expires_at: None,
     };
-    assert_eq!(t.run(create.clone()).await, OpResult::Done);
+    assert!(matches!(t.run(create.clone()).await, OpResult::Token(_)));
     assert_eq!(t.db.token_role("t-view").await.unwrap(), Some(Role::Viewer));
     assert!(matches!(t.run(create).await, OpResult::Conflict(_)));
     assert_eq!(t.db.token_role("nope").await.unwrap(), None);
 
-    // Token events never carry the hash.
+    // Token events never carry the hash; they carry who made them.
     let events = t.db.events_since(0, 10).await.unwrap();
     assert_eq!(events.len(), 2);
     assert_eq!(events[0].kind, "token");
     assert_eq!(
         events[1].data,
-        json!({"role": "viewer", "name": "dashboard"})
+        json!({"id": "tok-view", "role": "viewer", "name": "dashboard", "expires_at": null})
     );
+    assert_eq!(events[1].by.as_deref(), Some(BY));
     assert!(!events[0].data.to_string().contains("t-admin"));
+}
+
+#[tokio::test]
+async fn tokens_have_ids_expire_rotate_and_the_last_admin_stays() {
+    let mut t = Db::new().await;
+    let create = |hash: &str, role, id: Option<&str>, expires_at| Op::CreateToken {
+        token_hash: hash.into(),
+        role,
+        name: "label".into(),
+        id: id.map(Into::into),
+        expires_at,
+    };
+    t.run(Op::BootstrapAdmin {
+        token_hash: "h-boot".into(),
+    })
+    .await;
+    let boot = t.db.token("h-boot").await.unwrap().unwrap();
+    assert_eq!((boot.id.as_str(), boot.role), ("bootstrap", Role::Admin));
+    // The only admin token without an expiry cannot be revoked, not even
+    // with another admin token that expires.
+    let r = t
+        .run(create("h-exp", Role::Admin, Some("tok-exp"), Some(T0 + 10)))
+        .await;
+    assert!(
+        matches!(r, OpResult::Token(ref i) if i.expires_at == Some(T0 + 10)),
+        "{r:?}"
+    );
+    assert_eq!(
+        t.db.token("h-exp").await.unwrap().unwrap().expires_at,
+        Some(T0 + 10)
+    );
+    let last = t
+        .run(Op::RevokeToken {
+            id: "bootstrap".into(),
+        })
+        .await;
+    assert!(
+        matches!(last, OpResult::Conflict(ref m) if m.contains("last admin")),
+        "{last:?}"
+    );
+    assert!(t.db.token("h-boot").await.unwrap().is_some());
+    // An id taken, an id unknown.
+    let dup = t
+        .run(create("h-other", Role::Viewer, Some("tok-exp"), None))
+        .await;
+    assert!(matches!(dup, OpResult::Conflict(_)), "{dup:?}");
+    for op in [
+        Op::RevokeToken { id: "nope".into() },
+        Op::RotateToken {
+            id: "nope".into(),
+            token_hash: "h-x".into(),
+        },
+    ] {
+        assert!(matches!(t.run(op).await, OpResult::NotFound(_)));
+    }
+    // Rotating: the old hash stops working, the id stays; a hash in use
+    // is refused.
+    let taken = Op::RotateToken {
+        id: "bootstrap".into(),
+        token_hash: "h-exp".into(),
+    };
+    assert!(matches!(t.run(taken).await, OpResult::Conflict(_)));
+    let rotate = Op::RotateToken {
+        id: "bootstrap".into(),
+        token_hash: "h-boot2".into(),
+    };
+    assert_eq!(t.run(rotate).await, OpResult::Done);
+    assert!(t.db.token("h-boot").await.unwrap().is_none());
+    assert_eq!(
+        t.db.token("h-boot2").await.unwrap().unwrap().id,
+        "bootstrap"
+    );
+    // With a second admin token that does not expire, the first may go.
+    t.run(create("h-a2", Role::Admin, Some("tok-a2"), None))
+        .await;
+    assert_eq!(
+        t.run(Op::RevokeToken {
+            id: "bootstrap".into()
+        })
+        .await,
+        OpResult::Done
+    );
+    assert!(t.db.token("h-boot2").await.unwrap().is_none());
+    let last = t
+        .run(Op::RevokeToken {
+            id: "tok-a2".into(),
+        })
+        .await;
+    assert!(matches!(last, OpResult::Conflict(_)), "{last:?}");
+    // Last use: the later of the two, unknown ids skipped, no event.
+    let before = t.db.events_since(0, 100).await.unwrap().len();
+    for at in [T0 + 50, T0 + 20] {
+        let uses = BTreeMap::from([("tok-a2".to_string(), at), ("gone".to_string(), at)]);
+        assert_eq!(t.run(Op::TokensUsed { uses }).await, OpResult::Done);
+    }
+    assert_eq!(t.db.events_since(0, 100).await.unwrap().len(), before);
+    // A token created by an entry without an id (an earlier version's).
+    t.run_at(T0 + 7, create("h-old", Role::Viewer, None, None))
+        .await;
+    t.run_at(T0 + 7, create("h-old2", Role::Viewer, None, None))
+        .await;
+    let list = t.db.list_tokens().await.unwrap();
+    let ids: Vec<&str> = list.iter().map(|i| i.id.as_str()).collect();
+    let expected: Vec<String> = vec![
+        format!("t{}", T0 + 7),
+        format!("t{}-1", T0 + 7),
+        "tok-a2".into(),
+        "tok-exp".into(),
+    ];
+    assert_eq!(ids, expected);
+    let a2 = list.iter().find(|i| i.id == "tok-a2").unwrap();
+    assert_eq!(a2.last_used, Some(T0 + 50));
+    assert_eq!(a2.role, Role::Admin);
+    // The listing never holds a hash.
+    let text = serde_json::to_string(&list).unwrap();
+    assert!(!text.contains("h-"), "{text}");
+    // Events: created, rotated, revoked — each naming who did it.
+    let events = t.db.events_since(0, 100).await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert!(
+        kinds.contains(&"token.rotated") && kinds.contains(&"token.revoked"),
+        "{kinds:?}"
+    );
+    assert!(events.iter().all(|e| e.by.as_deref() == Some(BY)));
+    assert!(!serde_json::to_string(&events).unwrap().contains("h-"));
+}
+
+/// Migration 0004 names the tokens an earlier version created as applying
+/// their entries names them now: the first admin token `bootstrap`, any
+/// other `t<created_at>` (`-<n>` after a second of the same millisecond).
+#[test]
+fn migration_0004_names_existing_tokens_as_apply_does() {
+    let c = rusqlite::Connection::open_in_memory().unwrap();
+    c.execute_batch(
+        "CREATE TABLE tokens (token_hash TEXT PRIMARY KEY NOT NULL, role TEXT NOT NULL, \
+         name TEXT NOT NULL, created_at INTEGER NOT NULL) WITHOUT ROWID; \
+         CREATE TABLE events (idx INTEGER PRIMARY KEY NOT NULL, kind TEXT NOT NULL, \
+         data TEXT NOT NULL); \
+         INSERT INTO tokens VALUES ('b', 'admin', 'bootstrap admin', 10); \
+         INSERT INTO tokens VALUES ('x', 'viewer', 'dash', 20); \
+         INSERT INTO tokens VALUES ('y', 'operator', 'ops', 20); \
+         INSERT INTO tokens VALUES ('z', 'admin', 'bootstrap admin', 30);",
+    )
+    .unwrap();
+    c.execute_batch(include_str!("../../../migrations/0004_token_ids.sql"))
+        .unwrap();
+    let mut q = c
+        .prepare("SELECT token_hash, id FROM tokens ORDER BY token_hash")
+        .unwrap();
+    let ids: Vec<(String, String)> = q
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let want = [
+        ("b", "bootstrap"),
+        ("x", "t20"),
+        ("y", "t20-1"),
+        ("z", "t30"),
+    ];
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    assert_eq!(ids, want);
 }
 
 // ---------------------------------------------------------------- devices

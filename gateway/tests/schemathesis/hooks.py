@@ -23,12 +23,59 @@
 # gateway takes in a body) is sent as `4`, because the phase carries it from
 # the body of POST /v1/cluster/members into the path of
 # DELETE /v1/cluster/members/{id}, where it would be written `4.0`.
+#
+# The run's own token is kept: a request revoking or rotating the token
+# the run authenticates with (ENTENTE_PROTECT_TOKEN, its id) names an id no
+# token has instead (404), or every later request would be refused.
+#
+# The check `role_is_respected` (authorization, property-tested): with
+# ENTENTE_ROLE set to the role of the run's token (`viewer`, `operator`,
+# `admin`) or to `revoked` / `expired`, and ENTENTE_ROUTE_ROLES the
+# gateway's route table (`METHOD /path` -> the least role, null for public
+# routes), every response to an operation the token may not use must be a
+# refusal: 403 (or 401) for a role below the route's, and 401 for a revoked
+# or expired token on every route that needs a token. A 2xx, or anything
+# else, fails the run.
+import json
+import os
 import re
 
 import schemathesis
 
 WAIT_CAP_MS = 200
 LOOPBACK_PEER = "127.0.0.1:9"
+NO_SUCH_TOKEN = "tok-0000000000000000"
+ROLE = os.environ.get("ENTENTE_ROLE")
+ROUTE_ROLES = json.loads(os.environ.get("ENTENTE_ROUTE_ROLES", "{}"))
+PROTECT = os.environ.get("ENTENTE_PROTECT_TOKEN")
+RANK = {"viewer": 0, "operator": 1, "admin": 2}
+
+
+@schemathesis.check
+def role_is_respected(ctx, response, case):
+    if ROLE is None:
+        return None
+    # The method sent (the coverage phase also tries methods the document
+    # does not list for the path).
+    label = f"{response.request.method.upper()} {case.operation.path}"
+    if label not in ROUTE_ROLES:
+        # A method the document does not list for the path (the coverage
+        # phase tries some): 405, checked by the main run.
+        return None
+    needed = ROUTE_ROLES[label]
+    status = response.status_code
+    if needed is None:
+        return None
+    if ROLE in ("revoked", "expired"):
+        if status != 401:
+            raise AssertionError(
+                f"{label} answered {status} to a {ROLE} token; only 401 is right"
+            )
+    elif RANK[ROLE] < RANK[needed] and status not in (401, 403):
+        raise AssertionError(
+            f"{label} needs the {needed} role and answered {status} to a {ROLE} token"
+        )
+    return None
 
 
 def _component(case, name):
@@ -48,6 +95,13 @@ def _parameter(case, name):
 def before_call(context, case, kwargs):
     method = case.operation.method.upper()
     path = case.operation.path
+    if (
+        PROTECT
+        and path in ("/v1/tokens/{id}", "/v1/tokens/{id}/rotate")
+        and isinstance(case.path_parameters, dict)
+        and case.path_parameters.get("id") == PROTECT
+    ):
+        case.path_parameters["id"] = NO_SUCH_TOKEN
     if method == "POST" and path == "/v1/cluster/members" and isinstance(case.body, dict):
         node = case.body.get("id")
         if isinstance(node, float) and node.is_integer() and 0 <= node < 2**64:
