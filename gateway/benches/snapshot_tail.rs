@@ -33,11 +33,15 @@
 //! Printed: the state database's and the image's sizes; per phase (and per
 //! part of the snapshot phase) writes, p50, p99, p99.9 and max; the build
 //! time, the time to send and install the image and to catch up; snapshots
-//! each member built in each phase; the p99.9 added by the snapshot
-//! against the goal. Figures are reported, not asserted: the bench exits
-//! non-zero only on an error — a write that failed, an election (a
-//! member's term or leader changed), a learner that did not catch up
-//! within 10 minutes.
+//! each member built in each phase; the seconds of each phase whose
+//! writes were slowest (where a stall fell); the machine's load averages;
+//! the p99.9 added by the snapshot against the goal. With `RUST_LOG` set
+//! (say `warn,coordinator=info`) the gateways' logs go to stderr: a
+//! storage call that held up a member's Raft loop is logged there.
+//! Figures are reported, not asserted: the bench exits non-zero only on
+//! an error — a write that failed, an election (a member's term or leader
+//! changed), a learner that did not catch up within 10 minutes or was
+//! not sent the snapshot taken in the phase.
 //!
 //! One process, as `catchup` and `tests/snapshot_load.rs`: the bench asks
 //! the leader's node for its snapshot and reads every member's status
@@ -346,6 +350,30 @@ fn row(name: &str, (n, f): (usize, [Duration; 4])) {
     );
 }
 
+/// The seconds of a run (by due time) whose slowest writes were slowest:
+/// where a stall fell.
+fn slowest_seconds(run: &Run, n: usize) -> String {
+    let mut worst: BTreeMap<u64, (Duration, usize)> = BTreeMap::new();
+    for (due, took) in &run.writes {
+        let w = worst.entry(due.as_secs()).or_default();
+        w.0 = w.0.max(*took);
+        w.1 += usize::from(*took > Duration::from_millis(100));
+    }
+    let mut worst: Vec<_> = worst.into_iter().collect();
+    worst.sort_by_key(|w| std::cmp::Reverse(w.1.0));
+    worst
+        .iter()
+        .take(n)
+        .map(|(s, (max, slow))| {
+            format!(
+                "+{s} s: max {:.0} ms, {slow} over 100 ms",
+                max.as_secs_f64() * 1e3
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn mb(bytes: u64) -> f64 {
     bytes as f64 / 1e6
 }
@@ -524,6 +552,12 @@ async fn main() {
     let secs: u64 = if quick { 2 } else { env_or("SNAP_SECS", 30) };
     let rate: f64 = env_or("SNAP_RATE", 500.0f64).clamp(1.0, 100_000.0);
     let mut errors: Vec<String> = Vec::new();
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
 
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = |id: u64| tmp.path().join(format!("g{id}"));
@@ -592,7 +626,11 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(secs.max(1))).await;
     let baseline = load.finish().await;
     check_phase("baseline", &gws, &before, &mut errors);
-    println!("baseline: load average {}", loadavg());
+    println!(
+        "baseline: load average {}; slowest seconds: {}",
+        loadavg(),
+        slowest_seconds(&baseline, 5)
+    );
 
     // The fourth gateway, started now so that its start is not in the phase.
     let mut all = peers.clone();
@@ -608,7 +646,11 @@ async fn main() {
     let lasted = load.started.elapsed();
     let snapshot = load.finish().await;
     check_phase("snapshot", &gws, &before, &mut errors);
-    println!("snapshot: load average {}", loadavg());
+    println!(
+        "snapshot: load average {}; slowest seconds: {}",
+        loadavg(),
+        slowest_seconds(&snapshot, 5)
+    );
 
     let all_time = Duration::MAX;
     println!();
