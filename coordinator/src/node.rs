@@ -315,6 +315,7 @@ enum Command<O> {
     ReadIndex(Reply<Index>),
     ConfChange(ConfChange, bool, Reply<Index>),
     Transfer(NodeId, Reply<()>),
+    Snapshot(Reply<()>),
     Shutdown,
 }
 
@@ -345,6 +346,7 @@ impl<O> std::fmt::Debug for Command<O> {
             Command::ReadIndex(..) => "ReadIndex",
             Command::ConfChange(..) => "ConfChange",
             Command::Transfer(..) => "Transfer",
+            Command::Snapshot(..) => "Snapshot",
             Command::Shutdown => "Shutdown",
         })
     }
@@ -489,6 +491,7 @@ impl<O: Send + 'static> Node<O> {
             log_bytes,
             build: None,
             snapshot_retry_at: None,
+            snapshot_asked: false,
             snapshot_sends: HashMap::new(),
             slow_storage_log: LogLimiter::new(Duration::from_secs(10), 1),
             cfg: cfg.clone(),
@@ -590,6 +593,19 @@ impl<O: Send + 'static> Node<O> {
         self.request(|tx| Command::Transfer(to, tx)).await
     }
 
+    /// Asks for a snapshot of the state as it stands now, whatever the
+    /// log's size: the build starts once the driver takes the request, or
+    /// right after the one under way (which may stand at an older index)
+    /// is stored. Requests made before a build starts are served by it.
+    /// None is built if the latest snapshot already stands at the applied
+    /// index. Resolves once the driver has taken the request, not when the
+    /// snapshot is stored: [`NodeStatus::snapshots_built`] and
+    /// [`NodeStatus::last_snapshot`] show that (a large image takes longer
+    /// than a request may wait).
+    pub async fn request_snapshot(&self) -> Result<(), NodeError> {
+        self.request(Command::Snapshot).await
+    }
+
     /// The latest status.
     pub fn status(&self) -> NodeStatus {
         self.status.borrow().clone()
@@ -662,6 +678,9 @@ struct Driver<S: LogStore, P, M: StateMachine> {
     build: Option<Build>,
     /// After a failed build: no other before this.
     snapshot_retry_at: Option<Instant>,
+    /// A snapshot was asked for ([`Node::request_snapshot`]) and no build
+    /// has started since.
+    snapshot_asked: bool,
     /// Bounds the warnings about slow storage calls.
     slow_storage_log: LogLimiter,
     /// Snapshot sends under way, by peer: the index and when it started.
@@ -1047,6 +1066,10 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                         let _ = reply.send(Err(NodeError::Refused(e.to_string())));
                     }
                 }
+            }
+            Command::Snapshot(reply) => {
+                self.snapshot_asked = true;
+                let _ = reply.send(Ok(()));
             }
             Command::Shutdown => {}
         }
@@ -1638,7 +1661,8 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         self.publish_status();
     }
 
-    /// Starts a snapshot if the log grew enough since the last one: the
+    /// Starts a snapshot if the log grew enough since the last one (or one
+    /// was asked for): the
     /// apply task takes a view of the state (between two batches, so it
     /// stands at an index the state machine has applied) and a task of its
     /// own writes the image into a staged file; the loop goes on meanwhile
@@ -1648,9 +1672,15 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
             return Ok(());
         }
         let entries = self.handed.saturating_sub(self.last_snapshot_index);
-        let due = self.log_bytes >= self.cfg.snapshot_log_bytes
+        let due = self.snapshot_asked
+            || self.log_bytes >= self.cfg.snapshot_log_bytes
             || entries >= self.cfg.snapshot_every.max(1);
-        if !due || self.applied <= self.raft.snapshot_meta().index {
+        if !due {
+            return Ok(());
+        }
+        if self.applied <= self.raft.snapshot_meta().index {
+            // The latest snapshot already holds the state as it stands.
+            self.snapshot_asked = false;
             return Ok(());
         }
         let Some(storage) = self.storage.as_ref() else {
@@ -1674,6 +1704,7 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         self.work
             .send(ApplyWork::Snapshot)
             .map_err(|_| "the apply task stopped")?;
+        self.snapshot_asked = false;
         self.build = Some(Build {
             staged: Some(staged),
             task: None,

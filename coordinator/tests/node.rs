@@ -904,3 +904,131 @@ async fn the_apply_pipeline_is_bounded() {
         n.shutdown().await;
     }
 }
+
+/// Waits (at most 10 s) until `node` has stored a snapshot at `index` or
+/// beyond; returns its status then.
+async fn wait_snapshot(node: &Node<usize>, index: Index) -> coordinator::node::NodeStatus {
+    let mut watch = node.watch_status();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        watch.wait_for(|s| s.raft.snapshot_index >= index),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no snapshot at {index} or beyond within 10 s"))
+    .expect("status")
+    .clone()
+}
+
+/// Issue 14: a snapshot can be asked for, whatever the log's size (its
+/// benchmark takes one of a large state at a moment of its choosing).
+/// With both triggers off, none is built until asked; asked on the leader
+/// and a follower, each builds one of its state as it stands; asked while
+/// one is being built, another follows it at the newer index; asked when
+/// the latest one holds the state already, none is built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_built_when_asked_for() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let hub = Arc::new(Hub::default());
+    let gates = Gates::default();
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        let mut cfg = config(id);
+        cfg.snapshot_every = u64::MAX;
+        cfg.snapshot_log_bytes = u64::MAX;
+        let log = Log(Arc::default(), gates.clone());
+        nodes.insert(
+            id,
+            start_with(&hub, tmp.path(), id, &[1, 2, 3], log, cfg).await,
+        );
+    }
+    let leader = leader_of(&nodes).await;
+    let follower = (1..=3).find(|&i| i != leader).expect("a follower");
+    let mut last = 0;
+    for i in 0..30 {
+        last = nodes[&leader]
+            .propose(format!("w{i}").into_bytes())
+            .await
+            .expect("write")
+            .index;
+    }
+    for id in [leader, follower] {
+        nodes[&id]
+            .wait_applied(last, Duration::from_secs(5))
+            .await
+            .expect("applied");
+        let st = nodes[&id].status();
+        assert_eq!(
+            (st.snapshots_built, st.raft.snapshot_index),
+            (0, 0),
+            "node {id}: no snapshot before one is asked for"
+        );
+    }
+
+    for id in [leader, follower] {
+        nodes[&id].request_snapshot().await.expect("ask");
+        let st = wait_snapshot(&nodes[&id], last).await;
+        assert_eq!(st.snapshots_built, 1, "node {id}");
+        let (_, bytes) = st.last_snapshot.expect("the snapshot's figures");
+        assert!(bytes > 0, "node {id}: its image holds the state");
+    }
+
+    // Asked while a build is held up: once it is stored, another follows
+    // at the index applied by then.
+    let held = gates.snapshot.clone().write_owned().await;
+    let views = gates.views.load(std::sync::atomic::Ordering::SeqCst);
+    nodes[&leader]
+        .propose(b"one more".to_vec())
+        .await
+        .expect("write");
+    nodes[&leader].request_snapshot().await.expect("ask");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while gates.views.load(std::sync::atomic::Ordering::SeqCst) == views {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no build started when asked"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut later = 0;
+    for i in 0..5 {
+        later = nodes[&leader]
+            .propose(format!("x{i}").into_bytes())
+            .await
+            .expect("write")
+            .index;
+    }
+    nodes[&leader].request_snapshot().await.expect("ask again");
+    assert_eq!(
+        nodes[&leader].status().raft.snapshot_index,
+        last,
+        "the build is held up"
+    );
+    drop(held);
+    let st = wait_snapshot(&nodes[&leader], later).await;
+    assert_eq!(
+        st.snapshots_built, 3,
+        "one build for the request made while it was being built"
+    );
+
+    // Nothing applied since: asking builds nothing (a write afterwards is
+    // not in a snapshot, so none started meanwhile).
+    nodes[&leader].request_snapshot().await.expect("ask");
+    let after = nodes[&leader]
+        .propose(b"after".to_vec())
+        .await
+        .expect("write")
+        .index;
+    nodes[&leader]
+        .wait_applied(after, Duration::from_secs(5))
+        .await
+        .expect("applied");
+    let st = nodes[&leader].status();
+    assert_eq!(
+        (st.snapshots_built, st.raft.snapshot_index),
+        (3, later),
+        "no snapshot when the latest one holds the state"
+    );
+    for n in nodes.values() {
+        n.shutdown().await;
+    }
+}

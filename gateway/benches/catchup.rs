@@ -9,50 +9,23 @@
 //! the size). Snapshots are taken every 1,000 entries (100 with `--test`), so the new member
 //! cannot be sent the log from the start and gets a snapshot.
 
+#[path = "../tests/support/group.rs"]
+mod group;
 #[path = "../tests/support/ports.rs"]
 mod ports;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gateway::{Config, Gateway};
+use group::{admin_token, dir_size, member_config, start_group};
 use ports::reserve_ports;
 use serde_json::json;
 use tokio::time::Instant;
 
 const CLIENTS: usize = 64;
-
-fn config(dir: &Path, id: u64, peers: &BTreeMap<u64, SocketAddr>, snapshot_every: u64) -> Config {
-    let mut c = Config::single(
-        dir.join(format!("g{id}")),
-        "127.0.0.1:0".parse().expect("addr"),
-        peers[&id],
-    );
-    c.node_id = id;
-    c.peers = peers.iter().map(|(id, a)| (*id, (*a).into())).collect();
-    c.cluster_secret = Some("catchup-bench-secret".into());
-    c.snapshot_every = snapshot_every;
-    c.mqtt_listen = None;
-    c.mqtt5_listen = None;
-    c
-}
-
-fn dir_size(p: &Path) -> u64 {
-    std::fs::read_dir(p)
-        .map(|rd| {
-            rd.filter_map(Result::ok)
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => dir_size(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}
+const SECRET: &str = "catchup-bench-secret";
 
 #[tokio::main]
 async fn main() {
@@ -67,23 +40,13 @@ async fn main() {
     let mut ports = reserve_ports(4);
     let fourth = ports.pop().expect("port");
     let peers: BTreeMap<u64, SocketAddr> = (1..=3).zip(ports).collect();
-    let starts: Vec<_> = (1..=3)
-        .map(|id| tokio::spawn(gateway::start(config(tmp.path(), id, &peers, every))))
-        .collect();
-    let mut gws: BTreeMap<u64, Gateway> = BTreeMap::new();
-    for (id, s) in (1..=3).zip(starts) {
-        gws.insert(id, s.await.expect("join").expect("start"));
-    }
-    let token = gws
-        .values()
-        .find_map(|g| g.admin_token_file.clone())
-        .map(|f| {
-            std::fs::read_to_string(f)
-                .expect("token")
-                .trim()
-                .to_string()
-        })
-        .expect("admin token");
+    let config = |id, peers: &BTreeMap<u64, SocketAddr>| {
+        let mut c = member_config(tmp.path(), id, peers, SECRET);
+        c.snapshot_every = every;
+        c
+    };
+    let gws = start_group(&peers, |id| config(id, &peers)).await;
+    let token = admin_token(&gws);
     let leader = gws[&1].node().status().raft.leader.expect("leader");
     let base = Arc::new(format!("http://{}", gws[&leader].http_addr));
     let http = reqwest::Client::new();
@@ -132,7 +95,7 @@ async fn main() {
     // The fourth gateway joins.
     let mut all = peers.clone();
     all.insert(4, fourth);
-    let mut c4 = config(tmp.path(), 4, &all, every);
+    let mut c4 = config(4, &all);
     c4.join = true;
     let g4 = gateway::start(c4).await.expect("start gateway 4");
     let target = gws[&leader].node().status().raft.commit;

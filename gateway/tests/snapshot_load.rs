@@ -23,6 +23,8 @@
 //! snapshot_load -- --nocapture` with `SNAPSHOT_LOAD_MB=400` for the
 //! hundreds-of-megabytes run.
 
+#[path = "support/group.rs"]
+mod group;
 #[path = "support/ports.rs"]
 mod ports;
 
@@ -33,7 +35,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use gateway::{Config, Gateway};
+use gateway::Config;
+use group::{admin_token, member_config, percentile, seeded_text, settled_leader, start_group};
 use ports::reserve_ports;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -54,33 +57,16 @@ fn config(
     log_bytes: u64,
     every: u64,
 ) -> Config {
-    let mut c = Config::single(
-        dir.join(format!("g{id}")),
-        "127.0.0.1:0".parse().expect("addr"),
-        peers[&id],
-    );
-    c.node_id = id;
-    c.peers = peers.iter().map(|(id, a)| (*id, (*a).into())).collect();
-    c.cluster_secret = Some("snapshot-load-secret".into());
+    let mut c = member_config(dir, id, peers, "snapshot-load-secret");
     c.snapshot_log_bytes = log_bytes;
     c.snapshot_every = every;
-    c.mqtt_listen = None;
-    c.mqtt5_listen = None;
     c
 }
 
 /// A device's attributes: `ATTR_BYTES` of text that differs per device and
 /// version (seeded, so every run writes the same).
 fn attributes(device: usize, version: u64) -> Value {
-    let mut x = (device as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ version;
-    let blob: String = (0..ATTR_BYTES)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'a' + (x % 26) as u8)
-        })
-        .collect();
+    let blob = seeded_text((device as u64) ^ (version << 32), ATTR_BYTES);
     json!({ "blob": blob, "version": version })
 }
 
@@ -105,14 +91,6 @@ impl Client {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i]
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_large_snapshot_is_built_and_sent_while_writes_go_on() {
     let mb: u64 = std::env::var("SNAPSHOT_LOAD_MB")
@@ -134,31 +112,11 @@ async fn a_large_snapshot_is_built_and_sent_while_writes_go_on() {
     let mut ports = reserve_ports(4);
     let fourth = ports.pop().expect("port");
     let peers: BTreeMap<u64, SocketAddr> = (1..=3).zip(ports).collect();
-    let starts: Vec<_> = (1..=3)
-        .map(|id| {
-            tokio::spawn(gateway::start(config(
-                tmp.path(),
-                id,
-                &peers,
-                log_bytes,
-                every,
-            )))
-        })
-        .collect();
-    let mut gws: BTreeMap<u64, Gateway> = BTreeMap::new();
-    for (id, s) in (1..=3).zip(starts) {
-        gws.insert(id, s.await.expect("join").expect("start"));
-    }
-    let token = gws
-        .values()
-        .find_map(|g| g.admin_token_file.clone())
-        .map(|f| {
-            std::fs::read_to_string(f)
-                .expect("token")
-                .trim()
-                .to_string()
-        })
-        .expect("admin token");
+    let gws = start_group(&peers, |id| {
+        config(tmp.path(), id, &peers, log_bytes, every)
+    })
+    .await;
+    let token = admin_token(&gws);
     let leader = gws[&1].node().status().raft.leader.expect("leader");
     let client = Arc::new(Client {
         http: reqwest::Client::new(),
@@ -204,23 +162,7 @@ async fn a_large_snapshot_is_built_and_sent_while_writes_go_on() {
         retried += f.await.expect("fill");
     }
     // The group settles: one leader that everyone follows.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let leader = loop {
-        let views: Vec<(Option<u64>, u64)> = gws
-            .values()
-            .map(|g| {
-                let r = g.node().status().raft;
-                (r.leader, r.term)
-            })
-            .collect();
-        if let Some(&(Some(l), term)) = views.first()
-            && views.iter().all(|v| *v == (Some(l), term))
-        {
-            break l;
-        }
-        assert!(Instant::now() < deadline, "no settled leader: {views:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let leader = settled_leader(&gws, Duration::from_secs(30)).await;
     let client = Arc::new(Client {
         http: reqwest::Client::new(),
         base: format!("http://{}", gws[&leader].http_addr),
