@@ -13,8 +13,9 @@ use tokio::time::Instant;
 
 /// The settings of member `id` of a group whose members' peer ports are
 /// `peers`: data in `dir/g{id}`, REST on a port the OS picks, no MQTT
-/// listeners, everything else as `Config::single` has it (default timings,
-/// snapshot policy and fsync).
+/// listeners, no per-token REST rate limit (the load these groups carry
+/// comes from one token), everything else as `Config::single` has it
+/// (default timings, snapshot policy and fsync).
 pub fn member_config(
     dir: &Path,
     id: u64,
@@ -31,6 +32,7 @@ pub fn member_config(
     c.cluster_secret = Some(secret.into());
     c.mqtt_listen = None;
     c.mqtt5_listen = None;
+    c.rest_rate_limit = 0;
     c
 }
 
