@@ -440,7 +440,7 @@ etcd_durability=Raft WAL fdatasync before a write is acknowledged, batched acros
 entente_durability=Raft log fdatasync before a write is acknowledged, one per batch of queued entries (group commit); SQLite state in WAL mode, synchronous=NORMAL (the Raft log is the durability point)
 mosquitto_durability=none: persistence off (its default); a QoS 1 PUBACK goes out on receipt, messages live in memory
 etcd_store=bbolt, backend commit every 100 ms or 10,000 writes (defaults)
-entente_store=SQLite (sqlx), one transaction per applied batch; each shadow write also stores an event row
+entente_store=SQLite (sqlx opens the connections; apply runs each committed batch as one transaction in one call on its connection's handle); each shadow write also stores an event row
 mosquitto_store=memory
 etcd_snapshots=every 100,000 applied entries (--snapshot-count default): not reached in this run's writes
 entente_snapshots=every 10,000 applied entries (--snapshot-every default): a VACUUM INTO copy of the state database, several per write run
@@ -458,7 +458,7 @@ etcd_auth=none (auth off, the default)
 entente_auth=bearer token on every REST request; MQTT clients log in with their device secret and pass through the ACL codec wrapper (both always on)
 mosquitto_auth=anonymous (allow_anonymous true), no ACL
 etcd_flags=--name, --data-dir, listen/advertise URLs on 127.0.0.1, --initial-cluster, --initial-cluster-token, --initial-cluster-state new; nothing else
-entente_flags=--node-id, --peers, --data-dir, --http-listen, --raft-listen, --cluster-secret, --mqtt-listen, --mqtt5-listen on 127.0.0.1; nothing else
+entente_flags=--node-id, --peers, --data-dir, --http-listen, --raft-listen, --cluster-secret, --mqtt-listen, --mqtt5-listen on 127.0.0.1, and --rest-rate-limit 0 (the per-token limit, 1,000/s by default, off for the load generator's one token; etcd has none); nothing else
 mosquitto_flags=-c with the two lines above (listener, allow_anonymous)
 failover_desc=Each system as three fresh processes on loopback with fsync on, quiet (no load). Per trial: wait until every member has applied what the leader has, wait 0.5 s, SIGKILL the leader, then start a write attempt every 10 ms alternating between the two survivors (each allowed 5 s, none abandoned) and stop the clock at the first success (etcd PUT, Entente desired-state PATCH). The killed member is restarted on its data and caught up before the next trial. Both systems at their default timings (above); the extra etcd row gives etcd Entente's timings, to separate the protocol from the defaults.
 ingest_desc=device-sim ingest (the same code for both brokers): each client connects (MQTT 3.1.1, clean session off), then publishes QoS 1 JSON of 100 bytes to devices/{id}/shadow/reported, keeping at most 1 or 10 messages unacknowledged (closed loop: the next goes when one is acknowledged), for $SECS s after all are connected; latency is publish → PUBACK. Mosquitto: anonymous clients. Entente: registered devices logging in with their secrets, on the leader gateway's 3.1.1 listener; the gateway's PUBACK means committed (the reported-state proposal a message is folded into, one per device in flight carrying what arrived meanwhile, is committed by the group and applied), Mosquitto's means received, in memory.

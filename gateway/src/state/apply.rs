@@ -32,6 +32,9 @@ struct AppliedBatch {
     changes: Vec<Change>,
     /// The new applied index, or `None` if nothing was new.
     applied: Option<Index>,
+    /// Whether an entry of the batch may have changed what a token
+    /// authenticates as (created, revoked, rotated).
+    tokens_changed: bool,
 }
 
 impl StateDb {
@@ -64,6 +67,11 @@ impl StateDb {
             .run(heavy, move |conn| apply_batch(conn, &entries, last_index))
             .await??;
         drop(writer);
+        if batch.tokens_changed {
+            // Before the applied index moves: whoever waits for it then
+            // sees the change, never a cached token from before.
+            self.forget_tokens();
+        }
         if let Some(applied) = batch.applied {
             self.applied.send_replace(applied);
         }
@@ -93,6 +101,7 @@ fn apply_batch(
     let mut results = Vec::with_capacity(entries.len());
     let mut events = Vec::new();
     let mut changes = Vec::new();
+    let mut tokens_changed = false;
     for entry in entries {
         if entry.index <= mark {
             results.push(OpResult::Ignored);
@@ -117,6 +126,13 @@ fn apply_batch(
                 )));
             }
         };
+        tokens_changed |= matches!(
+            proposal.op,
+            Op::BootstrapAdmin { .. }
+                | Op::CreateToken { .. }
+                | Op::RevokeToken { .. }
+                | Op::RotateToken { .. }
+        );
         let (result, change) = apply_op(&tx, proposal.ts_ms, &proposal.op)?;
         if let Some(change) = change {
             debug_assert_eq!(change.kind(), proposal.op.kind());
@@ -138,6 +154,7 @@ fn apply_batch(
             events,
             changes,
             applied: None,
+            tokens_changed: false,
         });
     }
     for ev in &events {
@@ -163,6 +180,7 @@ fn apply_batch(
         events,
         changes,
         applied: Some(new_applied),
+        tokens_changed,
     })
 }
 

@@ -177,7 +177,15 @@ pub struct StateDb {
     restores: watch::Sender<u64>,
     /// Numbers temp snapshot files.
     tmp_seq: AtomicU64,
+    /// Tokens found by authentication, with the generation they were read
+    /// at (see [`StateDb::token`]).
+    token_cache: std::sync::Mutex<std::collections::HashMap<String, (u64, TokenAuth)>>,
+    /// Moves on with every applied change to the tokens.
+    tokens_generation: AtomicU64,
 }
+
+/// Tokens kept by the authentication cache (a group holds at most 1,000).
+const TOKEN_CACHE_MAX: usize = 4096;
 
 /// How the state database is opened (pool and writer alike).
 fn connect_options(path: &Path) -> SqliteConnectOptions {
@@ -422,6 +430,8 @@ impl StateDb {
             changes,
             restores: watch::channel(0).0,
             tmp_seq: AtomicU64::new(0),
+            token_cache: std::sync::Mutex::new(std::collections::HashMap::new()),
+            tokens_generation: AtomicU64::new(0),
         })
     }
 
@@ -455,6 +465,17 @@ impl StateDb {
     /// on it.
     pub fn watch_restores(&self) -> watch::Receiver<u64> {
         self.restores.subscribe()
+    }
+
+    /// Drops the cached tokens (a token was created, revoked or rotated, or
+    /// the state replaced).
+    pub(crate) fn forget_tokens(&self) {
+        self.tokens_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.token_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 
     /// Closes the pool (waiting for running queries) and apply's

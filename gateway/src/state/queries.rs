@@ -166,7 +166,48 @@ impl StateDb {
     /// The token with this SHA-256 (hex), if any (whether or not it
     /// expired: the caller compares [`TokenAuth::expires_at`] with its
     /// clock).
+    ///
+    /// Tokens found are cached: every REST request authenticates, and a
+    /// read through the pool is a hand-off to another thread and back. The
+    /// cache is dropped whenever an applied batch creates, revokes or
+    /// rotates a token, or a snapshot replaces the state, before the
+    /// applied index moves — so a token check never answers from before a
+    /// change this gateway has applied. Unknown tokens are not cached.
     pub async fn token(&self, token_hash: &str) -> Result<Option<TokenAuth>, StateError> {
+        let generation = self
+            .tokens_generation
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if let Some(found) = self
+            .token_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(token_hash)
+            .filter(|(g, _)| *g == generation)
+        {
+            return Ok(Some(found.1.clone()));
+        }
+        let found = self.token_uncached(token_hash).await?;
+        if let Some(t) = &found {
+            let mut cache = self
+                .token_cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Only if no change was applied meanwhile.
+            if self
+                .tokens_generation
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == generation
+            {
+                if cache.len() >= super::TOKEN_CACHE_MAX {
+                    cache.clear();
+                }
+                cache.insert(token_hash.to_string(), (generation, t.clone()));
+            }
+        }
+        Ok(found)
+    }
+
+    async fn token_uncached(&self, token_hash: &str) -> Result<Option<TokenAuth>, StateError> {
         let pool = self.pool.read().await;
         let row: Option<(String, String, Option<i64>)> =
             sqlx::query_as("SELECT id, role, expires_at FROM tokens WHERE token_hash = ?")

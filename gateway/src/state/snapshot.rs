@@ -424,6 +424,8 @@ impl StateDb {
             Ok(p) => *pool = p,
             Err(e) => return Err(swapped.err().unwrap_or(e)),
         }
+        // Before queries resume on the new state.
+        self.forget_tokens();
         swapped?;
         drop(pool);
         self.applied.send_replace(meta.index);
