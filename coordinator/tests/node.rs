@@ -313,6 +313,69 @@ async fn proposals_reads_snapshots_membership_and_restart() {
     restarted.shutdown().await;
 }
 
+/// A group of three on `hub`, its leader and a follower, with one write
+/// ("first") applied, and the term it was made in.
+struct Group {
+    logs: BTreeMap<NodeId, Log>,
+    nodes: BTreeMap<NodeId, Node<usize>>,
+    leader: NodeId,
+    follower: NodeId,
+    term: u64,
+}
+
+async fn group_with_a_first_write(hub: &Arc<Hub>, dir: &std::path::Path) -> Group {
+    let mut logs = BTreeMap::new();
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        let log = Log::default();
+        logs.insert(id, log.clone());
+        nodes.insert(id, start(hub, dir, id, &[1, 2, 3], log).await);
+    }
+    let leader = leader_of(&nodes).await;
+    let follower = (1..=3).find(|&i| i != leader).expect("a follower");
+    nodes[&leader]
+        .propose(b"first".to_vec())
+        .await
+        .expect("propose");
+    let term = nodes[&leader].status().raft.term;
+    Group {
+        logs,
+        nodes,
+        leader,
+        follower,
+        term,
+    }
+}
+
+/// The group goes on as before: a write ("last") proposed through `via`
+/// is applied everywhere, with the same term and leader, and nothing else
+/// in anyone's state; then the nodes stop.
+async fn goes_on_unchanged(
+    nodes: &BTreeMap<NodeId, Node<usize>>,
+    logs: &BTreeMap<NodeId, Log>,
+    via: NodeId,
+    leader: NodeId,
+    term: u64,
+) {
+    let last = nodes[&via]
+        .propose(b"last".to_vec())
+        .await
+        .expect("propose")
+        .index;
+    for (id, n) in nodes {
+        n.wait_applied(last, Duration::from_secs(10))
+            .await
+            .expect("applied");
+        let st = n.status();
+        assert_eq!(st.raft.term, term, "node {id} changed term");
+        assert_eq!(st.raft.leader, Some(leader), "node {id}");
+        assert_eq!(logs[id].0.lock().expect("log").0, vec!["first", "last"]);
+    }
+    for n in nodes.values() {
+        n.shutdown().await;
+    }
+}
+
 /// Hands `msg` to node `to` as if its transport had received it.
 fn inject(hub: &Hub, msg: Message) {
     let tx = hub.routes.lock().expect("routes")[&msg.to].clone();
@@ -341,20 +404,13 @@ async fn messages_from_non_members_are_refused_and_counted() {
     use coordinator::raft::{Entry, EntryPayload, MessageKind};
     let tmp = tempfile::tempdir().expect("tempdir");
     let hub = Arc::new(Hub::default());
-    let mut logs = BTreeMap::new();
-    let mut nodes = BTreeMap::new();
-    for id in 1..=3 {
-        let log = Log::default();
-        logs.insert(id, log.clone());
-        nodes.insert(id, start(&hub, tmp.path(), id, &[1, 2, 3], log).await);
-    }
-    let leader = leader_of(&nodes).await;
-    let follower = (1..=3).find(|&i| i != leader).expect("a follower");
-    nodes[&leader]
-        .propose(b"first".to_vec())
-        .await
-        .expect("propose");
-    let term = nodes[&leader].status().raft.term;
+    let Group {
+        logs,
+        nodes,
+        leader,
+        follower,
+        term,
+    } = group_with_a_first_write(&hub, tmp.path()).await;
 
     let stranger = 9;
     let propose = |to| Message {
@@ -404,23 +460,7 @@ async fn messages_from_non_members_are_refused_and_counted() {
 
     // The group goes on as before: same term and leader, and nothing from
     // the stranger in anyone's state.
-    let last = nodes[&follower]
-        .propose(b"last".to_vec())
-        .await
-        .expect("propose")
-        .index;
-    for (id, n) in &nodes {
-        n.wait_applied(last, Duration::from_secs(10))
-            .await
-            .expect("applied");
-        let st = n.status();
-        assert_eq!(st.raft.term, term, "node {id} changed term");
-        assert_eq!(st.raft.leader, Some(leader), "node {id}");
-        assert_eq!(logs[id].0.lock().expect("log").0, vec!["first", "last"]);
-    }
-    for n in nodes.values() {
-        n.shutdown().await;
-    }
+    goes_on_unchanged(&nodes, &logs, follower, leader, term).await;
 }
 
 /// A member (authenticated, in the configuration) that sends malformed
@@ -434,20 +474,13 @@ async fn malformed_messages_from_a_member_are_refused_and_counted() {
     use coordinator::raft::{Entry, EntryPayload, MAX_TERM, MessageKind};
     let tmp = tempfile::tempdir().expect("tempdir");
     let hub = Arc::new(Hub::default());
-    let mut logs = BTreeMap::new();
-    let mut nodes = BTreeMap::new();
-    for id in 1..=3 {
-        let log = Log::default();
-        logs.insert(id, log.clone());
-        nodes.insert(id, start(&hub, tmp.path(), id, &[1, 2, 3], log).await);
-    }
-    let leader = leader_of(&nodes).await;
-    let follower = (1..=3).find(|&i| i != leader).expect("a follower");
-    nodes[&leader]
-        .propose(b"first".to_vec())
-        .await
-        .expect("propose");
-    let term = nodes[&leader].status().raft.term;
+    let Group {
+        logs,
+        nodes,
+        leader,
+        follower,
+        term,
+    } = group_with_a_first_write(&hub, tmp.path()).await;
     let gap = Message {
         from: leader,
         to: follower,
@@ -483,23 +516,7 @@ async fn malformed_messages_from_a_member_are_refused_and_counted() {
     .expect("both refused and counted")
     .expect("node running");
     drop(watch);
-    let last = nodes[&leader]
-        .propose(b"last".to_vec())
-        .await
-        .expect("propose")
-        .index;
-    for (id, n) in &nodes {
-        n.wait_applied(last, Duration::from_secs(10))
-            .await
-            .expect("applied");
-        let st = n.status();
-        assert_eq!(st.raft.term, term, "node {id} changed term");
-        assert_eq!(st.raft.leader, Some(leader), "node {id}");
-        assert_eq!(logs[id].0.lock().expect("log").0, vec!["first", "last"]);
-    }
-    for n in nodes.values() {
-        n.shutdown().await;
-    }
+    goes_on_unchanged(&nodes, &logs, leader, leader, term).await;
 }
 
 /// A member that was down while a node was added, and comes back when that

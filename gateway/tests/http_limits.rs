@@ -356,16 +356,18 @@ async fn an_oversize_body_is_answered_413_with_connection_close() {
 async fn a_token_over_its_rate_is_answered_429_with_retry_after() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let env = boot(tmp.path(), |c| c.rest_rate_limit = 5).await;
-    let (mut ok, mut limited) = (0, 0);
-    let mut retry_after = None;
-    for _ in 0..30 {
-        let r = env
-            .http
+    let list = || async {
+        env.http
             .get(format!("{}/v1/devices", env.base))
             .bearer_auth(&env.token)
             .send()
             .await
-            .expect("request");
+            .expect("request")
+    };
+    let (mut ok, mut limited) = (0, 0);
+    let mut retry_after = None;
+    for _ in 0..30 {
+        let r = list().await;
         match r.status().as_u16() {
             200 => ok += 1,
             429 => {
@@ -409,14 +411,7 @@ async fn a_token_over_its_rate_is_answered_429_with_retry_after() {
     // Served again once the wait has passed (polling, bounded).
     let deadline = Instant::now() + WAIT;
     loop {
-        let r = env
-            .http
-            .get(format!("{}/v1/devices", env.base))
-            .bearer_auth(&env.token)
-            .send()
-            .await
-            .expect("request");
-        if r.status() == 200 {
+        if list().await.status() == 200 {
             break;
         }
         assert!(Instant::now() < deadline, "still limited after {WAIT:?}");
