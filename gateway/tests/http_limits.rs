@@ -419,3 +419,82 @@ async fn a_token_over_its_rate_is_answered_429_with_retry_after() {
     }
     env.gw.stop().await;
 }
+
+/// Reads a streaming body to its end (bounded by `WAIT`); its text.
+async fn read_to_end(body: &mut common::ByteStream) -> String {
+    use tokio_stream::StreamExt;
+    let mut text = String::new();
+    loop {
+        match timeout(WAIT, body.next())
+            .await
+            .expect("the stream ends in time")
+        {
+            Some(Ok(chunk)) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            Some(Err(_)) | None => return text,
+        }
+    }
+}
+
+/// Finding: an event stream opened with a token went on after the token
+/// was revoked (or expired). It now ends, with a comment saying why, as
+/// soon as the revocation is applied on the gateway serving it, or when
+/// the token expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_ends_when_its_token_is_revoked_or_expires() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let env = boot(tmp.path(), |_| {}).await;
+    let create = |body: Value| {
+        let env = &env;
+        async move {
+            let r = env
+                .http
+                .post(format!("{}/v1/tokens", env.base))
+                .bearer_auth(&env.token)
+                .json(&body)
+                .send()
+                .await
+                .expect("create a token");
+            assert_eq!(r.status(), 201);
+            let v: Value = r.json().await.expect("json");
+            (
+                v["id"].as_str().expect("id").to_string(),
+                v["token"].as_str().expect("token").to_string(),
+            )
+        }
+    };
+    let (revoked_id, revoked) = create(json!({"name": "to revoke", "role": "operator"})).await;
+    let (_, expiring) = create(json!({"name": "short", "role": "viewer", "expires_in": 2})).await;
+    let open = |token: String| {
+        let env = &env;
+        async move {
+            let r = env
+                .http
+                .get(format!("{}/v1/events", env.base))
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("open a stream");
+            assert_eq!(r.status(), 200);
+            Box::pin(r.bytes_stream()) as common::ByteStream
+        }
+    };
+    let mut revoked_stream = open(revoked).await;
+    let mut expiring_stream = open(expiring).await;
+    let r = env
+        .http
+        .delete(format!("{}/v1/tokens/{revoked_id}", env.base))
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(r.status(), 204);
+    let text = read_to_end(&mut revoked_stream).await;
+    assert!(text.contains("ending: this stream's token"), "{text}");
+    assert!(
+        !text.contains("token.revoked"),
+        "the revocation reached the revoked: {text}"
+    );
+    let text = read_to_end(&mut expiring_stream).await;
+    assert!(text.contains("ending: this stream's token"), "{text}");
+    env.gw.stop().await;
+}

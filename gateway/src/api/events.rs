@@ -649,6 +649,7 @@ pub(crate) async fn events(
         Some(Extension(c)) => (c.role >= Role::Admin, c.token_hash),
         None => (false, Arc::from("")),
     };
+    let holder = (!token.is_empty()).then(|| token.clone());
     let slot = streams.admit(token)?;
     // Subscribe first: everything committed from now on reaches us live.
     let live = state.db.subscribe();
@@ -659,7 +660,7 @@ pub(crate) async fn events(
         budget: Arc::new(Semaphore::new(streams.buffer_bytes)),
         streams,
     };
-    tokio::spawn(pump(state, live, start, admin, out));
+    tokio::spawn(pump(state, live, start, admin, holder, out));
     // The slot lives as long as the body: until the response is sent or the
     // connection closes.
     let body = ReceiverStream::new(rx).map(move |(ev, buffered)| {
@@ -761,21 +762,63 @@ async fn replay(state: &AppState, out: &Out, cursor: &mut u64, admin: bool) -> S
     }
 }
 
+/// When the token `holder` stops working (it is not known here any more —
+/// revoked, or rotated to another secret — or it expired): `None` if it
+/// still works and never expires, a time in the past if it stopped.
+/// A database error keeps the stream going (it is checked again at the
+/// next token change).
+async fn token_stops(state: &AppState, holder: &str) -> Option<tokio::time::Instant> {
+    let now = tokio::time::Instant::now();
+    match state.db.token(holder).await {
+        Ok(Some(t)) => t.expires_at.map(|e| {
+            let left = e.saturating_sub(crate::now_ms());
+            now + Duration::from_millis(left)
+        }),
+        Ok(None) => Some(now),
+        Err(e) => {
+            tracing::warn!(error = %e, "checking an event stream's token");
+            None
+        }
+    }
+}
+
+/// Tells the client its stream ends because its token stopped working.
+fn end_for_token(out: &Out) -> Step {
+    let _ = out.tx.try_send((
+        SseEvent::default().comment(
+            "ending: this stream's token was revoked, rotated or expired; reconnect with a              valid token and the Last-Event-ID of the last event received to resume",
+        ),
+        None,
+    ));
+    Step::Stop
+}
+
 /// Feeds one client: replay, then live, until the client leaves, falls too
-/// far behind, or the gateway shuts down.
+/// far behind, the gateway shuts down, or the stream's token (`holder`)
+/// stops working — checked when the stream starts, whenever a token change
+/// is applied, and at the token's expiry.
 async fn pump(
     state: AppState,
     mut live: tokio::sync::broadcast::Receiver<Event>,
     mut cursor: u64,
     admin: bool,
+    holder: Option<Arc<str>>,
     out: Out,
 ) {
     let mut shutdown = state.shutdown.clone();
     if *shutdown.borrow() {
         return;
     }
+    let mut stops = match &holder {
+        Some(h) => token_stops(&state, h).await,
+        None => None,
+    };
     let mut need_replay = true;
     loop {
+        if stops.is_some_and(|t| t <= tokio::time::Instant::now()) {
+            end_for_token(&out);
+            return;
+        }
         if need_replay {
             need_replay = false;
             let step = tokio::select! {
@@ -785,11 +828,32 @@ async fn pump(
             if let Step::Stop = step {
                 return;
             }
+            // A token change may have been among the events replayed.
+            if let Some(h) = &holder {
+                stops = token_stops(&state, h).await;
+                continue;
+            }
         }
+        let expiry = async {
+            match stops {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         let step = tokio::select! {
             _ = super::stopped(&mut shutdown) => Step::Stop,
             _ = out.tx.closed() => Step::Stop,
+            () = expiry => end_for_token(&out),
             ev = live.recv() => match ev {
+                Ok(e) if is_token_event(&e.kind) && holder.is_some() => {
+                    // Applied before it was broadcast: the check sees it.
+                    stops = token_stops(&state, holder.as_deref().unwrap_or_default()).await;
+                    if stops.is_some_and(|t| t <= tokio::time::Instant::now()) {
+                        end_for_token(&out)
+                    } else {
+                        send(&out, &mut cursor, admin, e).await
+                    }
+                }
                 Ok(e) => send(&out, &mut cursor, admin, e).await,
                 Err(RecvError::Lagged(n)) => {
                     tracing::debug!(missed = n, "event stream fell behind; replaying from the store");
