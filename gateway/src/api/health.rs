@@ -317,10 +317,16 @@ pub(crate) async fn metrics(
     streams.render(&mut out);
     state.mqtt.render(&mut out);
 
-    let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
+    let metric = |out: &mut String, kind: &str, name: &str, help: &str, value: u64| {
         let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} gauge");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
         let _ = writeln!(out, "{name} {value}");
+    };
+    let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
+        metric(out, "gauge", name, help, value)
+    };
+    let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+        metric(out, "counter", name, help, value)
     };
     let _ = writeln!(
         out,
@@ -389,38 +395,30 @@ pub(crate) async fn metrics(
         "Learners.",
         r.conf_state.learners.len() as u64,
     );
-    let _ = writeln!(out, "# HELP entente_raft_fsyncs_total Log fsyncs.");
-    let _ = writeln!(out, "# TYPE entente_raft_fsyncs_total counter");
-    let _ = writeln!(out, "entente_raft_fsyncs_total {}", st.syncs);
-    let _ = writeln!(
-        out,
-        "# HELP entente_raft_entries_persisted_total Log entries made durable."
+    counter(
+        &mut out,
+        "entente_raft_fsyncs_total",
+        "Log fsyncs.",
+        st.syncs,
     );
-    let _ = writeln!(out, "# TYPE entente_raft_entries_persisted_total counter");
-    let _ = writeln!(
-        out,
-        "entente_raft_entries_persisted_total {}",
-        st.entries_persisted
+    counter(
+        &mut out,
+        "entente_raft_entries_persisted_total",
+        "Log entries made durable.",
+        st.entries_persisted,
     );
-    let _ = writeln!(
-        out,
-        "# HELP entente_raft_refused_non_member_total Peer messages refused because their sender is not a member."
+    counter(
+        &mut out,
+        "entente_raft_refused_non_member_total",
+        "Peer messages refused because their sender is not a member.",
+        st.refused_non_member,
     );
-    let _ = writeln!(out, "# TYPE entente_raft_refused_non_member_total counter");
-    let _ = writeln!(
-        out,
-        "entente_raft_refused_non_member_total {}",
-        st.refused_non_member
-    );
-    let _ = writeln!(
-        out,
-        "# HELP entente_raft_refused_malformed_total Peer messages refused as malformed (terms or indexes out of range, appends not following their previous entry)."
-    );
-    let _ = writeln!(out, "# TYPE entente_raft_refused_malformed_total counter");
-    let _ = writeln!(
-        out,
-        "entente_raft_refused_malformed_total {}",
-        st.refused_malformed
+    counter(
+        &mut out,
+        "entente_raft_refused_malformed_total",
+        "Peer messages refused as malformed (terms or indexes out of range, appends not \
+         following their previous entry).",
+        st.refused_malformed,
     );
     gauge(
         &mut out,

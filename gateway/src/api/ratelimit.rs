@@ -51,7 +51,7 @@ impl RateLimits {
         };
         limiter
             .check_key(token_hash)
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+            .map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
     }
 }
 
