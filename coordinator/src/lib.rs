@@ -1,13 +1,16 @@
 //! Entente's consensus library.
 //!
-//! [`raft`] is a sans-IO Raft core: it decides, and the embedding driver
-//! persists, sends and applies what it decides. [`memory`] is an in-memory
-//! driver for tests, simulations and benchmarks.
+//! The engines themselves live in the `consensus` crate, which depends on no
+//! runtime, clock, file or socket; they decide, and this crate persists,
+//! sends and applies what they decide: [`storage`] (the durable log, hard
+//! state and snapshots), [`transport`] (the peer connections) and [`node`]
+//! (the driver that runs an engine on them). [`engine`] and [`raft`] are
+//! re-exported from `consensus`.
 #![deny(missing_docs)]
 
 pub mod image;
-pub mod memory;
 pub mod node;
-pub mod raft;
 pub mod storage;
 pub mod transport;
+
+pub use consensus::{engine, raft, ready, types};

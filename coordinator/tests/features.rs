@@ -12,7 +12,7 @@
 
 use std::collections::BTreeSet;
 
-use coordinator::memory::{MemNode, MemStorage, Network};
+use consensus::memory::{MemNode, MemStorage, Network};
 use coordinator::raft::{
     CompactError, ConfChange, ConfState, Config, ConfigError, InvalidConfChange, Message,
     MessageKind, NodeId, ProgressState, ProposeError, Proposed, Raft, ReadOnlyOption, ReadState,

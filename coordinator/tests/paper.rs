@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 
-use coordinator::memory::{MemNode, MemStorage, Network};
+use consensus::memory::{MemNode, MemStorage, Network};
 use coordinator::raft::{
     ConfChange, Config, Entry, EntryPayload, HardState, Index, InitialState, Message, MessageKind,
     NodeId, ProgressState, ProposeError, Proposed, Raft, Role, Term,
@@ -2248,7 +2248,7 @@ fn leader_counts_own_entry_only_after_advance() {
 /// that was never persisted was never announced either.
 #[test]
 fn vote_survives_restart() {
-    let vote_from = |from: NodeId| coordinator::memory::Envelope {
+    let vote_from = |from: NodeId| consensus::memory::Envelope {
         msg: msg(from, 1, 5, vote_req(0, 0)),
         image: None,
     };

@@ -1,5 +1,5 @@
 //! Deterministic simulation of the Raft core (`coordinator::raft`) run through
-//! the in-memory driver (`coordinator::memory`).
+//! the in-memory driver (`consensus::memory`).
 //!
 //! Every run is one seed. The seed picks the cluster (1–7 nodes), the core's
 //! configuration and the fault mix, and drives a [`SplitMix64`] from which
@@ -42,7 +42,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use coordinator::memory::{Envelope, MemNode, MemStorage};
+use consensus::memory::{Envelope, MemNode, MemStorage};
 use coordinator::raft::{
     ConfChange, ConfState, Config, Entry, EntryPayload, HardState, Index, Message, MessageKind,
     NodeId, Raft, ReadOnlyOption, Role, SplitMix64, Term,

@@ -1,5 +1,5 @@
 //! A first end-to-end check of the in-memory driver.
-use coordinator::memory::Network;
+use consensus::memory::Network;
 use coordinator::raft::Role;
 
 #[test]

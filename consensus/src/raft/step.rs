@@ -3,8 +3,8 @@
 
 use super::core::Raft;
 use super::message::{Message, MessageKind};
-use super::ready::StepError;
-use super::types::{Index, MAX_INDEX, MAX_TERM, NodeId, Role, Term};
+use crate::ready::StepError;
+use crate::types::{Index, MAX_INDEX, MAX_TERM, NodeId, Role, Term};
 
 /// Whether a message is one a correct member could send: terms at most
 /// [`MAX_TERM`], indexes at most [`MAX_INDEX`], and an append's entries at
@@ -234,7 +234,7 @@ impl Raft {
             }
             MessageKind::ReadIndexResponse { ctx, index } => {
                 self.read_states
-                    .push(super::ready::ReadState { index, ctx });
+                    .push(crate::ready::ReadState { index, ctx });
             }
             MessageKind::TransferLeader { to } => {
                 if let Some(leader) = self.leader {

@@ -1,6 +1,6 @@
 //! Configuration of one core.
 
-use super::types::NodeId;
+use crate::types::NodeId;
 
 /// How ReadIndex requests are confirmed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -5,8 +5,8 @@
 use super::core::Raft;
 use super::message::{Message, MessageKind};
 use super::progress::ProgressState;
-use super::ready::ReadState;
-use super::types::{Entry, EntryPayload, Index, NodeId, SnapshotMeta};
+use crate::ready::ReadState;
+use crate::types::{Entry, EntryPayload, Index, NodeId, SnapshotMeta};
 
 impl Raft {
     pub(crate) fn peers(&self) -> Vec<NodeId> {

@@ -28,26 +28,28 @@
 
 mod config;
 mod core;
+mod engine;
 mod log;
 mod message;
 mod progress;
 mod read_only;
-mod ready;
 mod replication;
 mod rng;
 mod step;
-mod types;
 
+pub use crate::ready::{
+    CompactError, ProposeError, Proposed, ReadState, SoftState, StepError, TransferError,
+    UnsafeConfChange,
+};
 pub use config::{Config, ConfigError, ReadOnlyOption};
 pub use core::{InitialState, Raft, Status};
 pub use message::{Message, MessageKind};
 pub use progress::{ProgressState, ProgressStatus};
-pub use ready::{
-    CompactError, ProposeError, Proposed, ReadState, Ready, SoftState, StepError, TransferError,
-    UnsafeConfChange,
-};
-pub use rng::SplitMix64;
-pub use types::{
+/// What the Raft core hands to its driver: the engines' [`crate::ready::Ready`]
+/// with Raft's messages.
+pub type Ready = crate::ready::Ready<Message>;
+pub use crate::types::{
     ConfChange, ConfState, Entry, EntryPayload, HardState, Index, InvalidConfChange, MAX_INDEX,
     MAX_TERM, NodeId, Role, SnapshotMeta, Term,
 };
+pub use rng::SplitMix64;

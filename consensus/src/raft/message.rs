@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{ConfChange, Entry, Index, NodeId, SnapshotMeta, Term};
+use crate::types::{ConfChange, Entry, Index, NodeId, SnapshotMeta, Term};
 
 /// One message from one member to another.
 ///

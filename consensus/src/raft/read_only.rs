@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use super::types::{Index, NodeId};
+use crate::types::{Index, NodeId};
 
 #[derive(Debug)]
 pub(crate) struct PendingRead {

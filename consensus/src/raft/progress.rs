@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 
-use super::types::Index;
+use crate::types::Index;
 
 /// How the leader is currently sending to one follower.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

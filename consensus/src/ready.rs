@@ -1,7 +1,6 @@
 //! What the core hands to its driver, and the errors of its inputs.
 
-use super::message::Message;
-use super::types::{Entry, HardState, Index, InvalidConfChange, NodeId, Role, SnapshotMeta, Term};
+use crate::types::{Entry, HardState, Index, InvalidConfChange, NodeId, Role, SnapshotMeta, Term};
 
 /// Who leads, as this node sees it. Not persisted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,12 +17,12 @@ pub struct SoftState {
 pub struct ReadState {
     /// The commit index the read must wait for.
     pub index: Index,
-    /// The context given to [`super::Raft::read_index`].
+    /// The context given to [`crate::raft::Raft::read_index`].
     pub ctx: Vec<u8>,
 }
 
 /// A batch of work for the driver. Handle it in this order, then call
-/// [`super::Raft::advance`], without calling any other input of the core in
+/// [`crate::raft::Raft::advance`], without calling any other input of the core in
 /// between:
 ///
 /// 1. send `messages` (they do not depend on anything being durable);
@@ -35,8 +34,10 @@ pub struct ReadState {
 /// 4. send `persisted_messages`, which acknowledge what step 3 made durable;
 /// 5. apply `committed_entries` in order and serve `read_states` once their
 ///    index is applied.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Ready {
+///
+/// `M` is the engine's message type ([`crate::raft::Message`] for Raft).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ready<M> {
     /// Set when the leader or role changed since the last batch.
     pub soft_state: Option<SoftState>,
     /// Set when term, vote or commit changed since the last batch.
@@ -46,17 +47,32 @@ pub struct Ready {
     /// Entries to append to durable storage.
     pub entries: Vec<Entry>,
     /// Messages that may leave at once.
-    pub messages: Vec<Message>,
+    pub messages: Vec<M>,
     /// Messages that may only leave after `entries`, `hard_state` and
     /// `snapshot` are durable.
-    pub persisted_messages: Vec<Message>,
+    pub persisted_messages: Vec<M>,
     /// Committed entries to apply to the state machine, in order.
     pub committed_entries: Vec<Entry>,
     /// ReadIndex requests that became safe.
     pub read_states: Vec<ReadState>,
 }
 
-impl Ready {
+impl<M> Default for Ready<M> {
+    fn default() -> Self {
+        Ready {
+            soft_state: None,
+            hard_state: None,
+            snapshot: None,
+            entries: Vec::new(),
+            messages: Vec::new(),
+            persisted_messages: Vec::new(),
+            committed_entries: Vec::new(),
+            read_states: Vec::new(),
+        }
+    }
+}
+
+impl<M> Ready<M> {
     /// Whether the batch holds nothing to do.
     pub fn is_empty(&self) -> bool {
         self.soft_state.is_none()
@@ -109,8 +125,10 @@ pub enum ProposeError {
     /// The membership change makes no sense against the current membership.
     InvalidConfChange(InvalidConfChange),
     /// The membership change is valid but unsafe now (see
-    /// [`Raft::propose_conf_change_checked`](super::Raft::propose_conf_change_checked)).
+    /// [`Raft::propose_conf_change_checked`](crate::raft::Raft::propose_conf_change_checked)).
     UnsafeConfChange(UnsafeConfChange),
+    /// The group's consensus engine has a fixed membership.
+    Unsupported,
 }
 
 /// Why the leader's guards refused a membership change that is valid but
@@ -202,6 +220,9 @@ impl std::fmt::Display for ProposeError {
             }
             ProposeError::InvalidConfChange(e) => write!(f, "invalid membership change: {e}"),
             ProposeError::UnsafeConfChange(e) => write!(f, "unsafe membership change: {e}"),
+            ProposeError::Unsupported => {
+                write!(f, "the group's consensus engine has a fixed membership")
+            }
         }
     }
 }
@@ -215,6 +236,8 @@ pub enum TransferError {
     NoLeader,
     /// The target is not a voter of the current configuration.
     NotVoter(NodeId),
+    /// The group's consensus engine does not hand leadership over.
+    Unsupported,
 }
 
 impl std::fmt::Display for TransferError {
@@ -222,13 +245,19 @@ impl std::fmt::Display for TransferError {
         match self {
             TransferError::NoLeader => write!(f, "no leader is known"),
             TransferError::NotVoter(id) => write!(f, "node {id} is not a voter"),
+            TransferError::Unsupported => {
+                write!(
+                    f,
+                    "the group's consensus engine does not transfer leadership"
+                )
+            }
         }
     }
 }
 
 impl std::error::Error for TransferError {}
 
-/// Why [`super::Raft::step`] refused a message.
+/// Why [`crate::raft::Raft::step`] refused a message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StepError {
     /// The message is addressed to another node.
@@ -248,8 +277,8 @@ pub enum StepError {
     /// have written (below `prev_term`, decreasing, or above the message's
     /// term). It is dropped before it can touch any state.
     ///
-    /// [`MAX_TERM`]: super::MAX_TERM
-    /// [`MAX_INDEX`]: super::MAX_INDEX
+    /// [`MAX_TERM`]: crate::types::MAX_TERM
+    /// [`MAX_INDEX`]: crate::types::MAX_INDEX
     Malformed {
         /// The sender.
         from: NodeId,
@@ -272,7 +301,7 @@ impl std::fmt::Display for StepError {
 
 impl std::error::Error for StepError {}
 
-/// Why [`super::Raft::compact`] refused.
+/// Why [`crate::raft::Raft::compact`] refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CompactError {
     /// The index is not applied yet; only applied state can be snapshotted.

@@ -3,17 +3,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::Ready;
 use super::config::{Config, ConfigError, ReadOnlyOption};
 use super::log::RaftLog;
 use super::message::{Message, MessageKind};
 use super::progress::{Progress, ProgressStatus};
 use super::read_only::ReadOnly;
-use super::ready::{
-    CompactError, ProposeError, Proposed, ReadState, Ready, SoftState, TransferError,
-    UnsafeConfChange,
-};
 use super::rng::SplitMix64;
-use super::types::{
+use crate::ready::{
+    CompactError, ProposeError, Proposed, ReadState, SoftState, TransferError, UnsafeConfChange,
+};
+use crate::types::{
     ConfChange, ConfState, Entry, EntryPayload, HardState, Index, NodeId, Role, SnapshotMeta, Term,
 };
 

@@ -6,7 +6,7 @@
 //! restart through [`super::InitialState`]. Memory stays bounded because the
 //! driver compacts the log behind each snapshot.
 
-use super::types::{Entry, Index, SnapshotMeta, Term};
+use crate::types::{Entry, Index, SnapshotMeta, Term};
 
 #[derive(Debug)]
 pub(crate) struct RaftLog {
@@ -220,7 +220,7 @@ impl RaftLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::raft::types::EntryPayload;
+    use crate::types::EntryPayload;
 
     fn ents(terms: &[Term]) -> Vec<Entry> {
         terms
