@@ -14,37 +14,9 @@ use crate::ready::{
     CompactError, ProposeError, Proposed, ReadState, SoftState, TransferError, UnsafeConfChange,
 };
 use crate::types::{
-    ConfChange, ConfState, Entry, EntryPayload, HardState, Index, NodeId, Role, SnapshotMeta, Term,
+    ConfChange, ConfState, Entry, EntryPayload, HardState, Index, InitialState, NodeId, Role,
+    SnapshotMeta, Term,
 };
-
-/// What a node starts from: empty for a new group, or what its storage kept.
-#[derive(Clone, Debug, Default)]
-pub struct InitialState {
-    /// The last durable hard state.
-    pub hard_state: HardState,
-    /// The latest durable snapshot; index 0 when there is none, in which case
-    /// its `conf_state` is the group's initial membership (empty for a node
-    /// that will be added to an existing group).
-    pub snapshot: SnapshotMeta,
-    /// Durable entries following the snapshot, contiguous.
-    pub entries: Vec<Entry>,
-    /// The highest index the application has applied (at least the snapshot's).
-    pub applied: Index,
-}
-
-impl InitialState {
-    /// The state of a brand new group whose members are `voters`.
-    pub fn bootstrap(voters: impl IntoIterator<Item = NodeId>) -> Self {
-        InitialState {
-            snapshot: SnapshotMeta {
-                index: 0,
-                term: 0,
-                conf_state: ConfState::with_voters(voters),
-            },
-            ..InitialState::default()
-        }
-    }
-}
 
 /// A summary of a node's state, for operators and tests.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -42,14 +42,14 @@ pub use crate::ready::{
     UnsafeConfChange,
 };
 pub use config::{Config, ConfigError, ReadOnlyOption};
-pub use core::{InitialState, Raft, Status};
+pub use core::{Raft, Status};
 pub use message::{Message, MessageKind};
 pub use progress::{ProgressState, ProgressStatus};
 /// What the Raft core hands to its driver: the engines' [`crate::ready::Ready`]
 /// with Raft's messages.
 pub type Ready = crate::ready::Ready<Message>;
 pub use crate::types::{
-    ConfChange, ConfState, Entry, EntryPayload, HardState, Index, InvalidConfChange, MAX_INDEX,
-    MAX_TERM, NodeId, Role, SnapshotMeta, Term,
+    ConfChange, ConfState, Entry, EntryPayload, HardState, Index, InitialState, InvalidConfChange,
+    MAX_INDEX, MAX_TERM, NodeId, Role, SnapshotMeta, Term,
 };
 pub use rng::SplitMix64;
