@@ -42,7 +42,7 @@
 //! may never learn of it from the log: a removed voter would campaign (in
 //! vain: members refuse it, and pre-vote keeps its term from growing)
 //! forever. So a member that refuses a message from a node its
-//! configuration does not list answers with [`MessageKind::NotMember`]
+//! configuration does not list answers with [`MessageKind::NotMember`](crate::raft::MessageKind::NotMember)
 //! carrying its commit index (at most once a second per sender), and each
 //! member that applies a node's removal tells that node once. The core
 //! believes it only if the sender has committed more of the log than it
@@ -64,10 +64,12 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::image::{ImageReader, SnapshotImage, StagedImage};
 use crate::raft::{
-    ConfChange, ConfState, Entry, EntryPayload, HardState, Index, InitialState, Message,
-    MessageKind, NodeId, ProposeError, Proposed, Raft, Ready, Role, SnapshotMeta, Status, Term,
+    ConfChange, ConfState, Entry, EntryPayload, HardState, Index, InitialState, NodeId,
+    ProposeError, Proposed, Raft, Role, SnapshotMeta, Status, Term,
 };
 use crate::transport::gate::{LogLimiter, RepeatLimiter};
+use consensus::engine::{Engine, EngineKind, EngineMessage};
+use consensus::ready::Ready;
 
 /// An error from storage or the state machine, boxed at the boundary.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -121,14 +123,14 @@ pub type Preparer<P> = Box<dyn FnOnce(SnapshotMeta, StagedImage) -> Result<P, Bo
 
 /// Where outgoing messages go (the consumer declares its interface). Neither
 /// call may block.
-pub trait PeerSender: Send + Sync + 'static {
-    /// Sends one message to `msg.to`.
-    fn send(&self, msg: Message);
+pub trait PeerSender<Msg>: Send + Sync + 'static {
+    /// Sends one message to its recipient.
+    fn send(&self, msg: Msg);
     /// Sends a snapshot message with its image (streamed from the file).
     /// The outcome must come back exactly once, as
     /// [`Inbound::SnapshotStatus`]: the driver starts no other send to that
     /// peer until it does.
-    fn send_snapshot(&self, msg: Message, image: SnapshotImage);
+    fn send_snapshot(&self, msg: Msg, image: SnapshotImage);
 }
 
 pub use crate::transport::Inbound;
@@ -191,10 +193,29 @@ pub trait SnapshotView: Send + 'static {
     fn write_to(self, dest: PathBuf) -> impl Future<Output = Result<Index, BoxError>> + Send;
 }
 
+/// An engine the driver can build from its settings and what storage kept.
+pub trait BuildEngine: Engine + Sized {
+    /// Builds the engine [`NodeConfig::engine`] names from the timing,
+    /// seed and limits of [`NodeConfig::raft`] and the recovered state.
+    fn build(cfg: &NodeConfig, init: InitialState) -> Result<Self, String>;
+}
+
+impl BuildEngine for Raft {
+    fn build(cfg: &NodeConfig, init: InitialState) -> Result<Self, String> {
+        if cfg.engine != EngineKind::Raft {
+            return Err(format!("the Raft engine cannot run as {}", cfg.engine));
+        }
+        Raft::new(cfg.raft.clone(), init).map_err(|e| e.to_string())
+    }
+}
+
 /// Settings of the driver.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
-    /// The core's settings (its id is this node's id).
+    /// The consensus engine the group runs (default Raft).
+    pub engine: EngineKind,
+    /// The core's settings (its id is this node's id). Every engine takes
+    /// its id, election and heartbeat ticks, seed and limits from here.
     pub raft: crate::raft::Config,
     /// Length of one tick.
     pub tick: Duration,
@@ -227,6 +248,7 @@ impl NodeConfig {
             ..crate::raft::Config::new(id)
         };
         NodeConfig {
+            engine: EngineKind::Raft,
             raft,
             tick: Duration::from_millis(20),
             snapshot_log_bytes: 64 << 20,
@@ -409,17 +431,18 @@ impl<O: Send + 'static> Node<O> {
     /// Starts a node from what its storage recovered. `inbound` is the
     /// transport's receiving end. If the state machine is behind the latest
     /// snapshot it is restored from it first.
-    pub async fn start<S, P, M>(
+    pub async fn start<E, S, P, M>(
         cfg: NodeConfig,
         recovered: InitialState,
         storage: S,
         peers: Arc<P>,
-        inbound: mpsc::Receiver<Inbound>,
+        inbound: mpsc::Receiver<Inbound<E::Message>>,
         mut sm: M,
     ) -> Result<Node<O>, NodeError>
     where
+        E: BuildEngine,
         S: LogStore,
-        P: PeerSender,
+        P: PeerSender<E::Message>,
         M: StateMachine<Output = O>,
     {
         let mut init = recovered;
@@ -456,7 +479,7 @@ impl<O: Send + 'static> Node<O> {
             .load_snapshot()
             .map_err(|e| NodeError::Fatal(e.to_string()))?;
         let hard_state = init.hard_state;
-        let raft = Raft::new(cfg.raft.clone(), init)
+        let raft = E::build(&cfg, init)
             .map_err(|e| NodeError::Refused(format!("invalid configuration: {e}")))?;
         let listed = raft.conf_state().contains(cfg.raft.id);
         let (cmd_tx, cmd_rx) = mpsc::channel(4096);
@@ -475,7 +498,7 @@ impl<O: Send + 'static> Node<O> {
         let (work_tx, work_rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let apply_task = tokio::spawn(apply_loop(sm, work_rx, events_tx.clone()));
-        let driver: Driver<S, P, M> = Driver {
+        let driver: Driver<E, S, P, M> = Driver {
             id: cfg.raft.id,
             incarnation: u64::from_be_bytes(incarnation),
             raft,
@@ -650,10 +673,10 @@ struct PendingProposal<O> {
     orphaned: bool,
 }
 
-struct Driver<S: LogStore, P, M: StateMachine> {
+struct Driver<E: Engine, S: LogStore, P, M: StateMachine> {
     id: NodeId,
     incarnation: u64,
-    raft: Raft,
+    raft: E,
     /// `None` only while a blocking storage call runs.
     storage: Option<S>,
     peers: Arc<P>,
@@ -732,11 +755,11 @@ struct Driver<S: LogStore, P, M: StateMachine> {
     listed: bool,
 }
 
-impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
+impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<E, S, P, M> {
     async fn run(
         mut self,
         mut cmds: mpsc::Receiver<Command<M::Output>>,
-        mut inbound: mpsc::Receiver<Inbound>,
+        mut inbound: mpsc::Receiver<Inbound<E::Message>>,
         mut events: mpsc::UnboundedReceiver<ApplyEvent<M::Output, M::Snapshot, S::Prepared>>,
     ) {
         self.last_snapshot_index = self.raft.snapshot_meta().index;
@@ -1077,7 +1100,7 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
 
     /// Whether a message from `from` may reach the core. Members of this
     /// node's configuration (voters and learners) may send anything, and
-    /// anyone may send [`MessageKind::NotMember`] (the core weighs it).
+    /// anyone may send [`MessageKind::NotMember`](crate::raft::MessageKind::NotMember) (the core weighs it).
     /// From anyone else only a leader's traffic (appends, heartbeats,
     /// snapshots) is taken, and only by a node its own configuration does
     /// not list (none yet — one waiting to be added: the leader's snapshot
@@ -1086,23 +1109,17 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
     /// election timeouts, or already follows that sender: a member that was
     /// down while a node was added, and comes back when that node leads,
     /// must still catch up. A leader takes nothing from a non-member.
-    fn admit(&mut self, msg: &Message) -> bool {
+    fn admit(&mut self, msg: &E::Message) -> bool {
         // The core weighs it against its own commit index (a stale sender
         // proves nothing), whoever sends it.
-        if matches!(msg.kind, MessageKind::NotMember { .. }) {
+        if msg.is_not_member() {
             return true;
         }
         let conf = self.raft.conf_state();
-        if conf.contains(msg.from) {
+        if conf.contains(msg.from()) {
             return true;
         }
-        let leader_traffic = matches!(
-            msg.kind,
-            MessageKind::Append { .. }
-                | MessageKind::Heartbeat { .. }
-                | MessageKind::Snapshot { .. }
-        );
-        if !leader_traffic {
+        if !msg.is_leader_traffic() {
             return false;
         }
         // Not a member itself (no configuration yet, removed, or its
@@ -1115,15 +1132,15 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
             return false;
         }
         let leader = self.raft.leader();
-        if leader == Some(msg.from) {
+        if leader == Some(msg.from()) {
             return true;
         }
         let wait = STRANGER_LEADER_TIMEOUTS.saturating_mul(self.cfg.raft.election_tick as u64);
         if leader.is_none() && self.ticks_without_leader >= wait {
             tracing::info!(
                 node = self.id,
-                peer = msg.from,
-                term = msg.term,
+                peer = msg.from(),
+                term = msg.term(),
                 "following a leader this node's configuration does not list (added while this node was away?)"
             );
             return true;
@@ -1131,22 +1148,22 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         false
     }
 
-    fn refuse(&mut self, msg: &Message) {
+    fn refuse(&mut self, msg: &E::Message) {
         self.refused_non_member += 1;
-        let Some(repeated) = self.refusal_log_per_peer.allow(msg.from) else {
+        let Some(repeated) = self.refusal_log_per_peer.allow(msg.from()) else {
             return;
         };
         if let Some(suppressed) = self.refusal_log.allow() {
             tracing::warn!(
                 node = self.id,
-                peer = msg.from,
-                kind = msg.kind.name(),
+                peer = msg.from(),
+                kind = msg.name(),
                 repeated,
                 suppressed,
                 "refused a message from a node that is not a member of this node's configuration"
             );
         }
-        self.tell_not_member(msg.from);
+        self.tell_not_member(msg.from());
     }
 
     /// Tells `to` that this node's configuration (as of its commit index)
@@ -1174,12 +1191,12 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
     }
 
     fn send_not_member(&self, to: NodeId, commit: Index) {
-        self.peers.send(Message {
-            from: self.id,
+        self.peers.send(E::Message::not_member(
+            self.id,
             to,
-            term: self.raft.term(),
-            kind: MessageKind::NotMember { commit },
-        });
+            self.raft.term(),
+            commit,
+        ));
     }
 
     /// Logs a change of this node's own membership: removed (its
@@ -1223,26 +1240,24 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         }
     }
 
-    fn handle_inbound(&mut self, inbound: Inbound) {
+    fn handle_inbound(&mut self, inbound: Inbound<E::Message>) {
         if let Inbound::Message(msg) | Inbound::Snapshot { msg, .. } = &inbound
             && !self.admit(msg)
         {
             self.refuse(msg);
             return;
         }
-        if let Inbound::Message(Message {
-            from,
-            kind: MessageKind::ConfChangeRefused { change, reason },
-            ..
-        }) = &inbound
+        if let Inbound::Message(msg) = &inbound
+            && let Some((change, reason)) = msg.conf_change_refused()
         {
-            self.conf_change_refused(*from, *change, reason);
+            let reason = reason.to_owned();
+            self.conf_change_refused(msg.from(), change, &reason);
             return;
         }
         let result = match inbound {
             Inbound::Message(m) => self.raft.step(m),
             Inbound::Snapshot { msg, image } => {
-                if let MessageKind::Snapshot { meta } = &msg.kind {
+                if let Some(meta) = msg.snapshot() {
                     self.incoming_snapshot = Some((meta.clone(), image));
                 }
                 self.raft.step(msg)
@@ -1346,10 +1361,10 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
         result
     }
 
-    fn send_all(&mut self, msgs: Vec<Message>) {
+    fn send_all(&mut self, msgs: Vec<E::Message>) {
         for m in msgs {
-            if let MessageKind::Snapshot { meta } = &m.kind {
-                if let Some(&(index, since)) = self.snapshot_sends.get(&m.to) {
+            if let Some(meta) = m.snapshot() {
+                if let Some(&(index, since)) = self.snapshot_sends.get(&m.to()) {
                     // One send per peer at a time, to its end: the core asks
                     // again while a large image is still streaming (it takes
                     // one unreported for two election timeouts as lost), and
@@ -1357,7 +1372,7 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                     // an image that takes longer than that.
                     tracing::debug!(
                         node = self.id,
-                        peer = m.to,
+                        peer = m.to(),
                         sending = index,
                         asked = meta.index,
                         for_ms = since.elapsed().as_millis() as u64,
@@ -1375,7 +1390,7 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                 match image {
                     Some(image) => {
                         self.snapshot_sends
-                            .insert(m.to, (meta.index, Instant::now()));
+                            .insert(m.to(), (meta.index, Instant::now()));
                         self.peers.send_snapshot(m, image);
                     }
                     None => {
@@ -1383,7 +1398,7 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
                             node = self.id,
                             "asked to send a snapshot but none is stored"
                         );
-                        self.raft.report_snapshot(m.to, false);
+                        self.raft.report_snapshot(m.to(), false);
                     }
                 }
             } else {
@@ -1401,7 +1416,7 @@ impl<S: LogStore, P: PeerSender, M: StateMachine> Driver<S, P, M> {
             self.finish_transfers();
             return Ok(());
         }
-        let mut rd: Ready = self.raft.ready();
+        let mut rd: Ready<E::Message> = self.raft.ready();
         // 1. Messages that do not wait for the disk.
         let msgs = std::mem::take(&mut rd.messages);
         self.send_all(msgs);

@@ -43,7 +43,7 @@ impl HubSender {
     }
 }
 
-impl PeerSender for HubSender {
+impl PeerSender<Message> for HubSender {
     fn send(&self, msg: Message) {
         let to = msg.to;
         if self.hub.cut(self.from, to) || !self.route(to, Inbound::Message(msg)) {
@@ -186,7 +186,7 @@ async fn start_with(
         hub: hub.clone(),
         from: id,
     });
-    Node::start(cfg, init, storage, peers, rx, sm)
+    Node::start::<coordinator::raft::Raft, _, _, _>(cfg, init, storage, peers, rx, sm)
         .await
         .expect("start")
 }

@@ -48,7 +48,7 @@ async fn three_nodes_on_a_multi_threaded_runtime() {
     // Bind first, then tell everyone the addresses (as a driver reading a
     // static membership would, via set_peer for the late-bound ports).
     let mut nodes: Vec<(Transport, Receiver<Inbound>)> = (1..=3)
-        .map(|id| Transport::start(config(id)).expect("start"))
+        .map(|id| Transport::<Message>::start(config(id)).expect("start"))
         .collect();
     let addrs: BTreeMap<NodeId, SocketAddr> = nodes
         .iter()
@@ -149,7 +149,7 @@ fn transport_can_be_shared_across_tasks() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let (t, _rx) = Transport::start(config(1)).expect("start");
+        let (t, _rx) = Transport::<Message>::start(config(1)).expect("start");
         let shutdown = t.shutdown();
         send(&shutdown);
         shutdown.await;

@@ -5,8 +5,11 @@
 //! ```text
 //! entente-kv --id 1 --data-dir /tmp/kv1 --raft-listen 127.0.0.1:7001 \
 //!     --client-listen 127.0.0.1:8001 --peers 2=127.0.0.1:7002,3=127.0.0.1:7003 \
-//!     --voters 1,2,3 --secret s3cret
+//!     --voters 1,2,3 --secret s3cret [--consensus raft|multi-paxos|basic-paxos]
 //! ```
+//!
+//! `--consensus` picks the group's consensus engine (default `raft`); every
+//! member must run the same one.
 //!
 //! Clients speak a line protocol on `--client-listen`:
 //!
@@ -31,11 +34,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use coordinator::engine::EngineKind;
 use coordinator::image::ImageReader;
-use coordinator::node::{BoxError, Committed, Node, NodeConfig, SnapshotView, StateMachine};
-use coordinator::raft::{ConfState, Index, NodeId, SnapshotMeta};
+use coordinator::node::{
+    BoxError, BuildEngine, Committed, Node, NodeConfig, SnapshotView, StateMachine,
+};
+use coordinator::raft::{ConfState, Index, InitialState, NodeId, Raft, SnapshotMeta};
 use coordinator::storage::{Storage, StorageOptions};
-use coordinator::transport::{Transport, TransportConfig};
+use coordinator::transport::{PeerBook, Transport, TransportConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -164,6 +170,7 @@ struct Args {
     secret: String,
     cluster: String,
     snapshot_every: u64,
+    consensus: EngineKind,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -177,6 +184,7 @@ fn parse_args() -> Result<Args, String> {
         secret: "entente-kv".into(),
         cluster: "entente-kv".into(),
         snapshot_every: 10_000,
+        consensus: EngineKind::Raft,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -210,6 +218,9 @@ fn parse_args() -> Result<Args, String> {
                     .collect::<Result<_, _>>()?
             }
             "--secret" => a.secret = val()?,
+            "--consensus" => {
+                a.consensus = val()?.parse().map_err(|e| format!("--consensus: {e}"))?
+            }
             "--cluster" => a.cluster = val()?,
             "--snapshot-every" => {
                 a.snapshot_every = val()?
@@ -401,6 +412,21 @@ async fn run(args: Args) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// Starts the transport and the node for the engine `E`.
+async fn run_engine<E: BuildEngine>(
+    tcfg: TransportConfig,
+    cfg: NodeConfig,
+    init: InitialState,
+    storage: Storage,
+    sm: KvMachine,
+) -> Result<(Arc<dyn PeerBook>, Node<()>), BoxError> {
+    let (transport, inbound) = Transport::<E::Message>::start(tcfg)?;
+    let transport = Arc::new(transport);
+    let node =
+        Node::start::<E, _, _, _>(cfg, init, storage, transport.clone(), inbound, sm).await?;
+    Ok((transport, node))
+}
+
 /// Opens the durable log, starts the transport and the node.
 async fn start_node(
     args: &Args,
@@ -423,12 +449,16 @@ async fn start_node(
         .map(|(i, a)| (*i, (*a).into()))
         .collect();
     tcfg.snapshot_dir = Some(storage.staging_dir().to_path_buf());
-    let (transport, inbound) = Transport::start(tcfg)?;
-    let transport = Arc::new(transport);
+    tcfg.engine = args.consensus;
+    let mut cfg = cfg;
+    cfg.engine = args.consensus;
+    let (transport, node) = match args.consensus {
+        EngineKind::Raft => run_engine::<Raft>(tcfg, cfg, init, storage, sm).await?,
+        other => return Err(format!("the {other} consensus engine is not built in").into()),
+    };
     let raft_addr = transport.local_addr();
-    let node = Node::start(cfg, init, storage, transport.clone(), inbound, sm).await?;
     let set_peer: PeerSetter = Arc::new(move |id, addr| {
-        if let Err(e) = transport.set_peer(id, addr) {
+        if let Err(e) = transport.set_peer(id, addr.into()) {
             eprintln!("entente-kv: peer {id} at {addr}: {e}");
         }
     });

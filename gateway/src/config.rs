@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use coordinator::engine::EngineKind;
 use coordinator::transport::PeerAddr;
 use serde::Deserialize;
 
@@ -45,6 +46,12 @@ pub struct Args {
     /// lists the running members and this one.
     #[arg(long, env = "ENTENTE_JOIN")]
     pub join: bool,
+    /// The consensus engine the group runs: `raft` (the default),
+    /// `multi-paxos` or `basic-paxos`. Every member must run the same one
+    /// (a member running another is refused at the handshake); Raft alone
+    /// changes membership at run time.
+    #[arg(long, env = "ENTENTE_CONSENSUS")]
+    pub consensus: Option<EngineKind>,
     /// Where the Raft log and the state database live.
     #[arg(long, env = "ENTENTE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -249,6 +256,7 @@ struct FileConfig {
     node_id: Option<u64>,
     peers: Option<String>,
     join: Option<bool>,
+    consensus: Option<String>,
     data_dir: Option<PathBuf>,
     http_listen: Option<SocketAddr>,
     raft_listen: Option<SocketAddr>,
@@ -297,6 +305,8 @@ pub struct Config {
     /// Joining a running group: start with no membership (the leader's
     /// snapshot brings it) rather than with `peers` as the voters.
     pub join: bool,
+    /// The consensus engine the group runs.
+    pub consensus: EngineKind,
     /// Data directory.
     pub data_dir: PathBuf,
     /// REST listen address (port 0 picks one).
@@ -454,6 +464,7 @@ impl Config {
             node_id: 1,
             peers: BTreeMap::from([(1, raft_listen.into())]),
             join: false,
+            consensus: EngineKind::Raft,
             data_dir,
             http_listen,
             raft_listen,
@@ -524,6 +535,18 @@ impl Config {
             c.peers = BTreeMap::from([(c.node_id, raft.into())]);
         }
         c.join = args.join || file.join.unwrap_or(false);
+        c.consensus = match (args.consensus, file.consensus) {
+            (Some(kind), _) => kind,
+            (None, Some(name)) => name.parse()?,
+            (None, None) => EngineKind::Raft,
+        };
+        if c.join && !c.consensus.reconfigurable() {
+            return Err(format!(
+                "--join adds a member at run time, which the {} engine does not do (its \
+                 membership is fixed at start: list every member in --peers)",
+                c.consensus
+            ));
+        }
         // Flags and environment win over the settings file, as a pair: a
         // secret from one place and a file from another are not mixed.
         c.cluster_secret = match secret_source(args.cluster_secret, args.cluster_secret_file)? {

@@ -28,10 +28,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use coordinator::engine::EngineKind;
+use coordinator::node::BuildEngine;
 use coordinator::node::{Node, NodeConfig, NodeError};
+use coordinator::raft::Raft;
 use coordinator::raft::{ConfState, Role as RaftRole};
 use coordinator::storage::{Storage, StorageOptions};
-use coordinator::transport::{PeerAddr, Transport, TransportConfig};
+use coordinator::transport::{PeerAddr, PeerBook, Transport, TransportConfig};
 use tokio::sync::watch;
 
 pub use config::Config;
@@ -111,7 +114,7 @@ pub struct Gateway {
     pub cluster_secret_file: Option<PathBuf>,
     node: Node<OpResult>,
     db: Arc<StateDb>,
-    transport: Arc<Transport>,
+    transport: Arc<dyn PeerBook>,
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     mqtt: mqtt::Mqtt,
@@ -216,6 +219,7 @@ async fn start_until(
             (secret, Some(file))
         }
     };
+    check_engine_record(&config.data_dir, config.consensus)?;
     let (storage, recovered) =
         Storage::open(config.data_dir.join("raft"), StorageOptions::default())?;
     // A joining gateway starts with no membership: the leader's snapshot
@@ -264,28 +268,27 @@ async fn start_until(
         ),
         None => {}
     }
-    let (transport, inbound) = match listeners.peer {
-        Some(l) => Transport::start_on(tcfg, l)?,
-        None => Transport::start(tcfg)?,
-    };
-    let transport = Arc::new(transport);
-    let raft_addr = transport.local_addr();
-
+    tcfg.engine = config.consensus;
     let mut ncfg = NodeConfig::new(config.node_id);
+    ncfg.engine = config.consensus;
     ncfg.tick = config.tick;
     ncfg.snapshot_log_bytes = config.snapshot_log_bytes;
     ncfg.snapshot_every = config.snapshot_every;
     ncfg.request_timeout = config.write_timeout;
     ncfg.raft.seed ^= now_ms();
-    let node = Node::start(
-        ncfg,
-        init,
-        storage,
-        transport.clone(),
-        inbound,
-        state::Machine(db.clone()),
-    )
-    .await?;
+    let machine = state::Machine(db.clone());
+    let peer_listener = listeners.peer;
+    let (transport, node) = match config.consensus {
+        EngineKind::Raft => {
+            run_engine::<Raft>(tcfg, peer_listener, ncfg, init, storage, machine).await?
+        }
+        other => {
+            return Err(GatewayError::Config(format!(
+                "the {other} consensus engine is not built into this gateway"
+            )));
+        }
+    };
+    let raft_addr = transport.local_addr();
 
     let listener = match listeners.rest {
         Some(l) => l
@@ -399,6 +402,68 @@ async fn start_until(
     })
 }
 
+/// Starts the peer transport and the node driver for the engine `E`: the
+/// one place where the gateway knows which consensus engine it runs.
+async fn run_engine<E>(
+    tcfg: TransportConfig,
+    listener: Option<std::net::TcpListener>,
+    ncfg: NodeConfig,
+    init: coordinator::raft::InitialState,
+    storage: Storage,
+    machine: state::Machine,
+) -> Result<(Arc<dyn PeerBook>, Node<OpResult>), GatewayError>
+where
+    E: BuildEngine,
+{
+    let (transport, inbound) = match listener {
+        Some(l) => Transport::<E::Message>::start_on(tcfg, l)?,
+        None => Transport::<E::Message>::start(tcfg)?,
+    };
+    let transport = Arc::new(transport);
+    let node =
+        Node::start::<E, _, _, _>(ncfg, init, storage, transport.clone(), inbound, machine).await?;
+    Ok((transport, node))
+}
+
+/// The file in the data directory naming the consensus engine its log
+/// was written by.
+const ENGINE_RECORD: &str = "consensus";
+
+/// Refuses a data directory whose log another consensus engine wrote (its
+/// terms, votes and entries mean something else to another engine), and
+/// records the engine in a new one. A directory with a log and no record
+/// was written by Raft, the only engine before the record existed.
+fn check_engine_record(dir: &std::path::Path, engine: EngineKind) -> Result<(), GatewayError> {
+    let path = dir.join(ENGINE_RECORD);
+    let recorded = match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => Some(text.trim().to_owned()),
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            dir.join("raft").exists().then(|| EngineKind::Raft.name().to_owned())
+        }
+        Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
+    };
+    match recorded {
+        Some(name) if name == engine.name() => {}
+        Some(name) => {
+            return Err(GatewayError::Config(format!(
+                "the data directory {} holds a log written by the {name:?} consensus engine and \
+                 this gateway was started with --consensus {engine}: a group keeps the engine \
+                 it was created with (start with --consensus {name}, or with a new data \
+                 directory)",
+                dir.display()
+            )));
+        }
+        None => {}
+    }
+    // Written aside and renamed, so a crash never leaves a partial record.
+    let tmp = dir.join(format!("{ENGINE_RECORD}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    write_private(&tmp, &format!("{}\n", engine.name()))?;
+    std::fs::rename(&tmp, &path).map_err(io(format!("creating {}", path.display())))?;
+    Ok(())
+}
+
 /// Creates the data directory private (0700), or makes an existing one and
 /// everything in it private (0700 / 0600), saying so.
 /// Takes the data directory's lock (a second process on it is refused,
@@ -471,11 +536,11 @@ fn single_gateway_secret(config: &Config) -> Result<(String, PathBuf), GatewayEr
 /// restore or a lagged change feed, then each one as it commits.
 async fn follow_peer_addresses(
     db: Arc<StateDb>,
-    transport: Arc<Transport>,
+    transport: Arc<dyn PeerBook>,
     self_id: u64,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    fn set(transport: &Transport, self_id: u64, id: u64, address: &str) {
+    fn set(transport: &dyn PeerBook, self_id: u64, id: u64, address: &str) {
         if id == self_id {
             return;
         }
@@ -496,7 +561,7 @@ async fn follow_peer_addresses(
             }
         }
     }
-    async fn load_all(db: &StateDb, transport: &Transport, self_id: u64) {
+    async fn load_all(db: &StateDb, transport: &dyn PeerBook, self_id: u64) {
         match db.peer_addresses().await {
             Ok(rows) => {
                 for (id, address) in rows {
@@ -508,7 +573,7 @@ async fn follow_peer_addresses(
     }
     let mut changes = db.changes();
     let mut restores = db.watch_restores();
-    load_all(&db, &transport, self_id).await;
+    load_all(&db, transport.as_ref(), self_id).await;
     loop {
         // (What to do is decided inside `select!` and done outside it, so no
         // borrow of the shutdown flag is held across the awaits below.)
@@ -523,8 +588,8 @@ async fn follow_peer_addresses(
             Ok(()) = restores.changed() => None,
         };
         match reload {
-            Some((id, address)) => set(&transport, self_id, id, &address),
-            None => load_all(&db, &transport, self_id).await,
+            Some((id, address)) => set(transport.as_ref(), self_id, id, &address),
+            None => load_all(&db, transport.as_ref(), self_id).await,
         }
     }
 }
@@ -842,4 +907,36 @@ fn print_addresses(gw: &Gateway, plain: bool) {
         );
     }
     let _ = out.flush();
+}
+
+#[cfg(test)]
+mod engine_record_tests {
+    use super::*;
+
+    #[test]
+    fn a_data_directory_keeps_the_engine_it_was_created_with() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A new directory takes the engine it is started with, again and again.
+        check_engine_record(dir.path(), EngineKind::MultiPaxos).expect("new directory");
+        check_engine_record(dir.path(), EngineKind::MultiPaxos).expect("same engine");
+        let err = check_engine_record(dir.path(), EngineKind::Raft)
+            .expect_err("another engine is refused")
+            .to_string();
+        assert!(
+            err.contains("\"multi-paxos\"") && err.contains("--consensus raft"),
+            "{err}"
+        );
+        // A log without a record was written by Raft (before the record).
+        let old = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(old.path().join("raft")).expect("log dir");
+        let err = check_engine_record(old.path(), EngineKind::BasicPaxos)
+            .expect_err("a Raft log is not read by Paxos")
+            .to_string();
+        assert!(err.contains("\"raft\""), "{err}");
+        check_engine_record(old.path(), EngineKind::Raft).expect("Raft reads its own log");
+        assert_eq!(
+            std::fs::read_to_string(old.path().join(ENGINE_RECORD)).expect("record"),
+            "raft\n"
+        );
+    }
 }

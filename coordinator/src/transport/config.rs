@@ -11,6 +11,7 @@ use super::error::TransportError;
 use super::frame::{CHUNK_OVERHEAD, MAX_CLUSTER_ID_LEN};
 use super::tls::PeerTls;
 use crate::raft::NodeId;
+use consensus::engine::EngineKind;
 
 /// Settings for a [`Transport`](super::Transport).
 ///
@@ -86,6 +87,10 @@ pub struct TransportConfig {
     /// announced in every handshake: a peer announcing another is refused
     /// (both sides log why). Default 0.
     pub app_format: u32,
+    /// The consensus engine this node runs, announced in every handshake: a
+    /// peer running another is refused (both sides log why). Default
+    /// [`EngineKind::Raft`].
+    pub engine: EngineKind,
     /// Mutual TLS between members ([`PeerTls`]); `None` (the default):
     /// plain TCP, authenticated by the cluster secret but neither encrypted
     /// nor integrity-protected. A group must be all-TLS or all-plain.
@@ -131,6 +136,7 @@ impl TransportConfig {
             max_pending_handshakes_per_ip: 8,
             reserved_handshakes_per_peer: 4,
             app_format: 0,
+            engine: EngineKind::Raft,
             tls: None,
             rng_seed: None,
         }

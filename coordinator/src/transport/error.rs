@@ -114,6 +114,17 @@ pub(crate) enum HandshakeError {
         /// The peer's.
         theirs: u32,
     },
+    /// The peer runs another consensus engine.
+    #[error(
+        "the peer runs the {theirs:?} consensus engine and this node {ours:?} (a group runs one \
+         engine: start every member with the same --consensus)"
+    )]
+    Engine {
+        /// Ours.
+        ours: String,
+        /// The peer's.
+        theirs: String,
+    },
     /// The dialer belongs to another cluster.
     #[error("wrong cluster id {theirs:?} (expected {ours:?})")]
     ClusterId {
@@ -214,6 +225,7 @@ impl ConnectError {
                     | HandshakeError::BadMac
                     | HandshakeError::Version { .. }
                     | HandshakeError::AppFormat { .. }
+                    | HandshakeError::Engine { .. }
                     | HandshakeError::Unexpected(_)
                     | HandshakeError::Tls(_)
                     | HandshakeError::NotTls

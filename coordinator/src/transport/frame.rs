@@ -6,7 +6,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::error::FrameError;
-use crate::raft::{Message, NodeId};
+use crate::raft::NodeId;
 
 /// Length of a handshake nonce in bytes.
 pub(crate) const NONCE_LEN: usize = 32;
@@ -45,7 +45,7 @@ impl StreamKind {
 }
 
 /// Why a handshake was refused, sent to the other side before closing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum RefuseReason {
     /// The protocol versions differ; carries the refusing side's version.
     Version {
@@ -71,6 +71,12 @@ pub(crate) enum RefuseReason {
     TlsRequired,
     /// The dialer's TLS certificate does not name the node id it claims.
     Certificate,
+    /// The members run different consensus engines; carries the refusing
+    /// side's.
+    Engine {
+        /// The engine the refusing side runs.
+        supported: String,
+    },
 }
 
 impl fmt::Display for RefuseReason {
@@ -99,6 +105,10 @@ impl fmt::Display for RefuseReason {
             RefuseReason::Certificate => {
                 f.write_str("this node's TLS certificate does not name the node id it claims")
             }
+            RefuseReason::Engine { supported } => write!(
+                f,
+                "consensus engine mismatch (peer runs {supported:?}; a group must run one engine)"
+            ),
         }
     }
 }
@@ -122,6 +132,9 @@ pub(crate) struct Hello {
     /// The embedder's data format the dialer speaks (the gateway's log
     /// entry format); the acceptor's must be the same.
     pub app_format: u32,
+    /// The consensus engine the dialer runs (`raft`, `multi-paxos`, ...);
+    /// the acceptor's must be the same.
+    pub engine: String,
 }
 
 /// Opaque bytes, encoded as one length-prefixed byte string rather than a
@@ -174,8 +187,16 @@ impl<'de> Deserialize<'de> for Bytes {
 /// length-delimited frame is one `Frame` in postcard encoding.
 ///
 /// Variant order is part of the wire format: append new variants at the end.
+///
+/// `M` is the engine's message type. The handshake frames carry none, so
+/// their bytes are the same whatever `M` is: the handshake reads and writes
+/// them as [`BareFrame`]s.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) enum Frame {
+#[serde(bound(
+    serialize = "M: Serialize",
+    deserialize = "M: serde::de::DeserializeOwned"
+))]
+pub(crate) enum Frame<M> {
     /// Handshake step 1, dialer to acceptor.
     Hello(Hello),
     /// Protocol 1's second handshake step (the acceptor's nonce with its
@@ -200,12 +221,12 @@ pub(crate) enum Frame {
         reason: RefuseReason,
     },
     /// One Raft message (message streams only).
-    Message(Message),
+    Message(M),
     /// Starts a snapshot stream: the `MessageKind::Snapshot` message and the
     /// image's total length.
     SnapshotBegin {
         /// The snapshot message.
-        msg: Message,
+        msg: M,
         /// Length of the image in bytes.
         total_len: u64,
     },
@@ -238,7 +259,15 @@ pub(crate) enum Frame {
     },
 }
 
-impl Frame {
+/// A message type with no values: the handshake's frames never carry one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum NoMessage {}
+
+/// A frame that carries no message (the handshake's, a refusal, a snapshot
+/// chunk, end or acknowledgement).
+pub(crate) type BareFrame = Frame<NoMessage>;
+
+impl<M> Frame<M> {
     /// A short name for logs.
     pub(crate) fn name(&self) -> &'static str {
         match self {
@@ -259,7 +288,10 @@ impl Frame {
 
 /// Encodes `frame` as `[len u32 BE][postcard payload]`, refusing payloads
 /// longer than `max`.
-pub(crate) fn encode_frame(frame: &Frame, max: usize) -> Result<Vec<u8>, FrameError> {
+pub(crate) fn encode_frame<M: Serialize>(
+    frame: &Frame<M>,
+    max: usize,
+) -> Result<Vec<u8>, FrameError> {
     let mut out = postcard::to_extend(frame, vec![0u8; 4]).map_err(FrameError::Encode)?;
     let len = out.len() - 4;
     let wire_len = u32::try_from(len)
@@ -274,8 +306,11 @@ pub(crate) fn encode_frame(frame: &Frame, max: usize) -> Result<Vec<u8>, FrameEr
 }
 
 /// Decodes one frame payload; trailing bytes are an error.
-pub(crate) fn decode_frame(payload: &[u8]) -> Result<Frame, FrameError> {
-    let (frame, rest) = postcard::take_from_bytes::<Frame>(payload).map_err(FrameError::Decode)?;
+pub(crate) fn decode_frame<M: serde::de::DeserializeOwned>(
+    payload: &[u8],
+) -> Result<Frame<M>, FrameError> {
+    let (frame, rest) =
+        postcard::take_from_bytes::<Frame<M>>(payload).map_err(FrameError::Decode)?;
     if !rest.is_empty() {
         return Err(FrameError::TrailingBytes(rest.len()));
     }
@@ -283,9 +318,9 @@ pub(crate) fn decode_frame(payload: &[u8]) -> Result<Frame, FrameError> {
 }
 
 /// Writes one frame (without flushing).
-pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
+pub(crate) async fn write_frame<W: AsyncWrite + Unpin, M: Serialize>(
     w: &mut W,
-    frame: &Frame,
+    frame: &Frame<M>,
     max: usize,
 ) -> Result<(), FrameError> {
     let bytes = encode_frame(frame, max)?;
@@ -293,9 +328,9 @@ pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
 }
 
 /// Writes one frame and flushes.
-pub(crate) async fn send_frame<W: AsyncWrite + Unpin>(
+pub(crate) async fn send_frame<W: AsyncWrite + Unpin, M: Serialize>(
     w: &mut W,
-    frame: &Frame,
+    frame: &Frame<M>,
     max: usize,
 ) -> Result<(), FrameError> {
     write_frame(w, frame, max).await?;
@@ -308,10 +343,10 @@ pub(crate) async fn send_frame<W: AsyncWrite + Unpin>(
 /// Never reads past the end of the frame, so the stream can be handed on
 /// (e.g. wrapped in a buffer) afterwards. Memory grows with the bytes that
 /// actually arrive, not with the announced length.
-pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
+pub(crate) async fn read_frame<R: AsyncRead + Unpin, M: serde::de::DeserializeOwned>(
     r: &mut R,
     max: usize,
-) -> Result<Option<Frame>, FrameError> {
+) -> Result<Option<Frame<M>>, FrameError> {
     let mut len_buf = [0u8; 4];
     let mut got = 0;
     while got < len_buf.len() {

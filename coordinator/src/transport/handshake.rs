@@ -35,8 +35,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::error::HandshakeError;
 use super::frame::{
-    Frame, Hello, MAC_LEN, MAX_HANDSHAKE_FRAME, NONCE_LEN, RefuseReason, StreamKind, read_frame,
-    send_frame,
+    BareFrame as Frame, Hello, MAC_LEN, MAX_HANDSHAKE_FRAME, NONCE_LEN, RefuseReason, StreamKind,
+    read_frame, send_frame,
 };
 use crate::raft::NodeId;
 
@@ -47,7 +47,9 @@ type HmacSha256 = Hmac<Sha256>;
 /// Version 2: the dialer proves first (version 1 had the acceptor send its
 /// MAC before the dialer had proved anything). Version 3: the `Hello`
 /// announces the embedder's data format (`app_format`), which must match.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// Version 4: the `Hello` names the consensus engine the dialer runs
+/// (`engine`), which must match.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Role label mixed into the acceptor's MAC.
 const LABEL_ACCEPTOR: &[u8] = b"entente/transport/handshake/acceptor";
@@ -67,6 +69,8 @@ pub(crate) struct Identity {
     pub version: u32,
     /// The embedder's data format (`TransportConfig::app_format`).
     pub app_format: u32,
+    /// The consensus engine this node runs (`TransportConfig::engine`).
+    pub engine: String,
 }
 
 impl fmt::Debug for Identity {
@@ -77,6 +81,7 @@ impl fmt::Debug for Identity {
             .field("secret", &"<redacted>")
             .field("version", &self.version)
             .field("app_format", &self.app_format)
+            .field("engine", &self.engine)
             .finish()
     }
 }
@@ -100,6 +105,8 @@ fn transcript_mac(
     mac.update(&[hello.stream.tag()]);
     mac.update(&hello.nonce);
     mac.update(&hello.app_format.to_be_bytes());
+    mac.update(&(hello.engine.len() as u64).to_be_bytes());
+    mac.update(hello.engine.as_bytes());
     mac.update(acceptor_nonce);
     Ok(mac)
 }
@@ -134,6 +141,7 @@ pub(crate) async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
         stream,
         nonce: fresh_nonce()?,
         app_format: local.app_format,
+        engine: local.engine.clone(),
     };
     send_frame(s, &Frame::Hello(hello.clone()), MAX_HANDSHAKE_FRAME).await?;
     let acceptor_nonce = match read_frame(s, MAX_HANDSHAKE_FRAME).await? {
@@ -243,6 +251,19 @@ pub(crate) async fn accept_checked<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(HandshakeError::AppFormat {
             ours: local.app_format,
             theirs: hello.app_format,
+        });
+    }
+    if hello.engine != local.engine {
+        refuse(
+            s,
+            RefuseReason::Engine {
+                supported: local.engine.clone(),
+            },
+        )
+        .await;
+        return Err(HandshakeError::Engine {
+            ours: local.engine.clone(),
+            theirs: hello.engine,
         });
     }
     if hello.to != local.node_id {

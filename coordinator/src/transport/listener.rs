@@ -14,13 +14,17 @@ use tracing::{debug, info, warn};
 
 use super::Inbound;
 use super::error::{FrameError, HandshakeError, SnapshotRecvError};
-use super::frame::{Frame, MAX_HANDSHAKE_FRAME, RefuseReason, StreamKind, read_frame, send_frame};
+use super::frame::{
+    BareFrame, Frame, MAX_HANDSHAKE_FRAME, NoMessage, RefuseReason, StreamKind, read_frame,
+    send_frame,
+};
 use super::gate::Slot;
 use super::handshake::accept_checked;
 use super::shared::{Context, lock};
 use super::tls::{PeerStream, TLS_HANDSHAKE_RECORD, names_node};
 use crate::image::StagedImage;
-use crate::raft::{MessageKind, NodeId};
+use crate::raft::NodeId;
+use consensus::engine::EngineMessage;
 
 /// Read buffer per accepted connection.
 const READ_BUFFER: usize = 64 * 1024;
@@ -81,10 +85,10 @@ impl Drop for Registration {
 
 /// Accepts connections until shutdown, then closes the listener and every
 /// accepted connection.
-pub(crate) async fn accept_loop(
+pub(crate) async fn accept_loop<M: EngineMessage>(
     listener: TcpListener,
     ctx: Arc<Context>,
-    inbound: mpsc::Sender<Inbound>,
+    inbound: mpsc::Sender<Inbound<M>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
@@ -130,11 +134,11 @@ pub(crate) async fn accept_loop(
 }
 
 /// Handles one accepted connection: handshake, then the stream.
-async fn serve(
+async fn serve<M: EngineMessage>(
     stream: TcpStream,
     addr: SocketAddr,
     ctx: Arc<Context>,
-    inbound: mpsc::Sender<Inbound>,
+    inbound: mpsc::Sender<Inbound<M>>,
     registry: Arc<Mutex<Registry>>,
     slot: Slot,
 ) {
@@ -214,8 +218,8 @@ async fn open(
         (Some(_), false) => {
             // Read its Hello first, so the refusal is not lost to a reset.
             let mut s = stream;
-            let _ = read_frame(&mut s, MAX_HANDSHAKE_FRAME).await;
-            let refused = Frame::Refused {
+            let _ = read_frame::<_, NoMessage>(&mut s, MAX_HANDSHAKE_FRAME).await;
+            let refused = BareFrame::Refused {
                 reason: RefuseReason::TlsRequired,
             };
             let _ = send_frame(&mut s, &refused, MAX_HANDSHAKE_FRAME).await;
@@ -227,7 +231,7 @@ async fn open(
             let mut s = stream;
             let mut hello = [0u8; 2048];
             let _ = s.read(&mut hello).await;
-            let refused = Frame::Refused {
+            let refused = BareFrame::Refused {
                 reason: RefuseReason::Protocol,
             };
             let _ = send_frame(&mut s, &refused, MAX_HANDSHAKE_FRAME).await;
@@ -251,12 +255,12 @@ async fn open(
 
 /// Reads message frames from an authenticated peer until the connection
 /// ends or misbehaves.
-async fn read_messages(
+async fn read_messages<M: EngineMessage>(
     stream: PeerStream,
     addr: SocketAddr,
     peer: NodeId,
     ctx: &Context,
-    inbound: &mpsc::Sender<Inbound>,
+    inbound: &mpsc::Sender<Inbound<M>>,
     mut superseded: oneshot::Receiver<()>,
 ) {
     let local = ctx.identity.node_id;
@@ -280,29 +284,29 @@ async fn read_messages(
                 warn!(peer, peer_addr = %addr, error = %e, "bad frame from peer; dropping connection");
                 return;
             }
-            Ok(Some(Frame::Message(msg))) => msg,
+            Ok(Some(Frame::<M>::Message(msg))) => msg,
             Ok(Some(other)) => {
                 warn!(peer, peer_addr = %addr, frame = other.name(), "unexpected frame on a message stream; dropping connection");
                 return;
             }
         };
-        if msg.from != peer {
+        if msg.from() != peer {
             warn!(
                 peer,
                 peer_addr = %addr,
-                claimed_from = msg.from,
-                kind = msg.kind.name(),
+                claimed_from = msg.from(),
+                kind = msg.name(),
                 "message claims another sender than the authenticated peer; dropped"
             );
             continue;
         }
-        if matches!(msg.kind, MessageKind::Snapshot { .. }) {
+        if msg.snapshot().is_some() {
             // Without its image a snapshot message must never reach the core.
             warn!(peer, peer_addr = %addr, "snapshot message without its image on a message stream; dropped");
             continue;
         }
-        if msg.to != local {
-            warn!(peer, peer_addr = %addr, to = msg.to, kind = msg.kind.name(), "message addressed to another node; dropped");
+        if msg.to() != local {
+            warn!(peer, peer_addr = %addr, to = msg.to(), kind = msg.name(), "message addressed to another node; dropped");
             continue;
         }
         if inbound.send(Inbound::Message(msg)).await.is_err() {
@@ -312,12 +316,12 @@ async fn read_messages(
 }
 
 /// Receives one snapshot, hands it to the driver and acknowledges it.
-async fn receive_snapshot(
+async fn receive_snapshot<M: EngineMessage>(
     mut stream: PeerStream,
     addr: SocketAddr,
     peer: NodeId,
     ctx: &Context,
-    inbound: &mpsc::Sender<Inbound>,
+    inbound: &mpsc::Sender<Inbound<M>>,
 ) {
     let result = read_snapshot(&mut stream, peer, ctx, inbound).await;
     let ok = match &result {
@@ -331,17 +335,17 @@ async fn receive_snapshot(
         }
     };
     if !matches!(result, Err(SnapshotRecvError::InboundClosed)) {
-        let ack = Frame::SnapshotAck { ok };
+        let ack = BareFrame::SnapshotAck { ok };
         let send = send_frame(&mut stream, &ack, ctx.config.max_frame_size);
         let _ = tokio::time::timeout(ctx.config.io_timeout, send).await;
     }
 }
 
 /// Reads one frame within the I/O timeout.
-async fn read_timed<S: AsyncRead + Unpin>(
+async fn read_timed<S: AsyncRead + Unpin, M: serde::de::DeserializeOwned>(
     s: &mut S,
     ctx: &Context,
-) -> Result<Frame, SnapshotRecvError> {
+) -> Result<Frame<M>, SnapshotRecvError> {
     match tokio::time::timeout(
         ctx.config.io_timeout,
         read_frame(s, ctx.config.max_frame_size),
@@ -356,25 +360,25 @@ async fn read_timed<S: AsyncRead + Unpin>(
 }
 
 /// Reads, checks and delivers a snapshot; returns its length.
-async fn read_snapshot<S: AsyncRead + AsyncWrite + Unpin>(
+async fn read_snapshot<S: AsyncRead + AsyncWrite + Unpin, M: EngineMessage>(
     s: &mut S,
     peer: NodeId,
     ctx: &Context,
-    inbound: &mpsc::Sender<Inbound>,
+    inbound: &mpsc::Sender<Inbound<M>>,
 ) -> Result<u64, SnapshotRecvError> {
-    let (msg, total_len) = match read_timed(s, ctx).await? {
+    let (msg, total_len) = match read_timed::<_, M>(s, ctx).await? {
         Frame::SnapshotBegin { msg, total_len } => (msg, total_len),
         other => return Err(SnapshotRecvError::Unexpected(other.name())),
     };
-    if msg.from != peer {
+    if msg.from() != peer {
         return Err(SnapshotRecvError::BadMessage(
             "sender is not the authenticated peer",
         ));
     }
-    if msg.to != ctx.identity.node_id {
+    if msg.to() != ctx.identity.node_id {
         return Err(SnapshotRecvError::BadMessage("addressed to another node"));
     }
-    if !matches!(msg.kind, MessageKind::Snapshot { .. }) {
+    if msg.snapshot().is_none() {
         return Err(SnapshotRecvError::BadMessage("not a snapshot message"));
     }
     if total_len > ctx.config.max_snapshot_size {
@@ -393,7 +397,7 @@ async fn read_snapshot<S: AsyncRead + AsyncWrite + Unpin>(
     let mut sink = Some((staged, Sha256::new()));
     let mut got = 0u64;
     let staged = loop {
-        match read_timed(s, ctx).await? {
+        match read_timed::<_, M>(s, ctx).await? {
             Frame::SnapshotChunk { data: chunk } => {
                 got = got.saturating_add(chunk.0.len() as u64);
                 if got > total_len {

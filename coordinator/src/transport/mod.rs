@@ -1,4 +1,5 @@
-//! The peer transport: carries Raft [`Message`]s and snapshot images between
+//! The peer transport: carries a consensus engine's messages (Raft's
+//! [`Message`]s, or any [`EngineMessage`]) and snapshot images between
 //! the members of a group over authenticated TCP connections, optionally
 //! inside mutual TLS.
 //!
@@ -48,7 +49,7 @@
 //!
 //! | variant | fields | used |
 //! |---|---|---|
-//! | 0 `Hello` | `version: u32, cluster_id: String, from: u64, to: u64, stream: {Messages, Snapshot}, nonce: [u8; 32], app_format: u32` | handshake, dialer |
+//! | 0 `Hello` | `version: u32, cluster_id: String, from: u64, to: u64, stream: {Messages, Snapshot}, nonce: [u8; 32], app_format: u32, engine: String` | handshake, dialer |
 //! | 1 `Challenge` | `nonce: [u8; 32], mac: [u8; 32]` | retired (protocol 1); refused |
 //! | 2 `Auth` | `mac: [u8; 32]` | handshake, dialer |
 //! | 3 `Refused` | `reason` | handshake, either side, then close |
@@ -183,11 +184,13 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use coordinator::raft::Message;
 //! use coordinator::transport::{Inbound, Transport, TransportConfig};
 //!
 //! let mut config = TransportConfig::new(1, "cluster-a", b"secret".to_vec(), "0.0.0.0:7000".parse()?);
 //! config.peers.insert(2, "gw2.example:7000".parse()?);
-//! let (transport, mut inbound) = Transport::start(config)?;
+//! // The transport carries the messages of one engine (here Raft's).
+//! let (transport, mut inbound) = Transport::<Message>::start(config)?;
 //! while let Some(event) = inbound.recv().await {
 //!     match event {
 //!         Inbound::Message(msg) => { /* raft.step(msg) */ }
@@ -235,22 +238,23 @@ pub use handshake::PROTOCOL_VERSION;
 pub use tls::{PeerTls, peer_tls_name};
 
 use crate::image::{SnapshotImage, StagedImage};
-use crate::raft::{Message, MessageKind, NodeId};
+use crate::raft::{Message, NodeId};
+use consensus::engine::EngineMessage;
 use handshake::Identity;
 use peer::PeerHandle;
 use shared::{Context, Reporter, lock};
 use snapshot::SnapshotJob;
 
-/// What the transport hands to the driver.
+/// What the transport hands to the driver. `M` is the engine's message type.
 #[derive(PartialEq, Eq)]
-pub enum Inbound {
+pub enum Inbound<M = Message> {
     /// A message from an authenticated peer, addressed to this node.
-    Message(Message),
+    Message(M),
     /// A complete, verified snapshot image with its
-    /// [`MessageKind::Snapshot`] message.
+    /// snapshot message (one whose [`EngineMessage::snapshot`] is set).
     Snapshot {
         /// The snapshot message.
-        msg: Message,
+        msg: M,
         /// The state machine image, received into a file (sealed), in
         /// [`TransportConfig::snapshot_dir`].
         image: StagedImage,
@@ -269,7 +273,7 @@ pub enum Inbound {
     },
 }
 
-impl fmt::Debug for Inbound {
+impl<M: fmt::Debug> fmt::Debug for Inbound<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Inbound::Message(m) => f.debug_tuple("Message").field(m).finish(),
@@ -302,10 +306,10 @@ const REPEAT_LOG_KEYS: usize = 1024;
 
 /// Mutable transport state, behind one short-held lock.
 #[derive(Debug)]
-struct State {
+struct State<M> {
     /// `None` once shut down.
-    reporter: Option<Reporter>,
-    peers: HashMap<NodeId, PeerHandle>,
+    reporter: Option<Reporter<M>>,
+    peers: HashMap<NodeId, PeerHandle<M>>,
     snapshots: HashMap<NodeId, SnapshotJob>,
     accept_task: Option<JoinHandle<()>>,
 }
@@ -315,17 +319,21 @@ struct State {
 /// All methods take `&self`; share it behind an `Arc` if several tasks send.
 /// Dropping it stops all its tasks abruptly; [`Transport::shutdown`] stops
 /// them gracefully.
-pub struct Transport {
+///
+/// `M` is the message type of the consensus engine the group runs; the
+/// handshake makes sure both ends run the same engine
+/// ([`TransportConfig::engine`]).
+pub struct Transport<M = Message> {
     node_id: NodeId,
     local_addr: SocketAddr,
     seed: u64,
     ctx: Arc<Context>,
     runtime: Handle,
     shutdown_tx: watch::Sender<bool>,
-    state: Mutex<State>,
+    state: Mutex<State<M>>,
 }
 
-impl fmt::Debug for Transport {
+impl<M> fmt::Debug for Transport<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Transport")
             .field("node_id", &self.node_id)
@@ -348,7 +356,7 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, TransportError> {
     socket.listen(1024).map_err(err)
 }
 
-impl Transport {
+impl<M: EngineMessage> Transport<M> {
     /// Starts listening and dialing the configured peers. Must be called from
     /// within a Tokio runtime, on which the transport then runs.
     ///
@@ -356,7 +364,7 @@ impl Transport {
     /// [`Inbound`] events; the channel closes after [`Transport::shutdown`].
     pub fn start(
         config: TransportConfig,
-    ) -> Result<(Transport, mpsc::Receiver<Inbound>), TransportError> {
+    ) -> Result<(Transport<M>, mpsc::Receiver<Inbound<M>>), TransportError> {
         Self::start_with_version(config, PROTOCOL_VERSION, None)
     }
 
@@ -367,7 +375,7 @@ impl Transport {
     pub fn start_on(
         config: TransportConfig,
         listener: std::net::TcpListener,
-    ) -> Result<(Transport, mpsc::Receiver<Inbound>), TransportError> {
+    ) -> Result<(Transport<M>, mpsc::Receiver<Inbound<M>>), TransportError> {
         Self::start_with_version(config, PROTOCOL_VERSION, Some(listener))
     }
 
@@ -377,7 +385,7 @@ impl Transport {
         config: TransportConfig,
         version: u32,
         listener: Option<std::net::TcpListener>,
-    ) -> Result<(Transport, mpsc::Receiver<Inbound>), TransportError> {
+    ) -> Result<(Transport<M>, mpsc::Receiver<Inbound<M>>), TransportError> {
         config.validate()?;
         let runtime = Handle::try_current().map_err(|_| TransportError::NoRuntime)?;
         let listener = match listener {
@@ -415,6 +423,7 @@ impl Transport {
                 secret: config.cluster_secret.clone(),
                 version,
                 app_format: config.app_format,
+                engine: config.engine.name().to_owned(),
             },
             tls,
             gate: Arc::new(gate::Gate::new(&config)),
@@ -545,26 +554,26 @@ impl Transport {
     /// [`Inbound::Unreachable`] reported (at most once per
     /// `unreachable_report_interval` per peer). Messages whose `from` is not
     /// this node are dropped with a warning, since peers would drop them.
-    /// A [`MessageKind::Snapshot`] message belongs to
+    /// A snapshot message belongs to
     /// [`Transport::send_snapshot`]: here it is dropped and reported as
     /// `SnapshotStatus { ok: false }`. After shutdown, messages are dropped
     /// silently.
-    pub fn send(&self, msg: Message) {
-        let to = msg.to;
+    pub fn send(&self, msg: M) {
+        let to = msg.to();
         let state = lock(&self.state);
         let Some(reporter) = state.reporter.as_ref() else {
             return;
         };
-        if msg.from != self.node_id {
+        if msg.from() != self.node_id {
             warn!(
-                from = msg.from,
+                from = msg.from(),
                 to,
-                kind = msg.kind.name(),
+                kind = msg.name(),
                 "message not from this node; dropped"
             );
             return;
         }
-        if matches!(msg.kind, MessageKind::Snapshot { .. }) {
+        if msg.snapshot().is_some() {
             // The image would be missing: such a message must go through
             // `send_snapshot`. Fail the snapshot so the leader retries.
             warn!(
@@ -580,7 +589,7 @@ impl Transport {
                 Err(TrySendError::Full(msg)) => {
                     debug!(
                         peer = to,
-                        kind = msg.kind.name(),
+                        kind = msg.name(),
                         "peer queue full; message dropped"
                     );
                     reporter.unreachable(to);
@@ -590,7 +599,7 @@ impl Transport {
             None => {
                 debug!(
                     peer = to,
-                    kind = msg.kind.name(),
+                    kind = msg.name(),
                     "unknown peer; message dropped"
                 );
                 reporter.unreachable(to);
@@ -598,24 +607,24 @@ impl Transport {
         }
     }
 
-    /// Sends a snapshot: `msg` (a [`MessageKind::Snapshot`] from this node)
+    /// Sends a snapshot: `msg` (a snapshot message from this node)
     /// with the image, streamed from its file in chunks on a connection of
     /// its own (one chunk in memory at a time). Never blocks. The outcome
     /// arrives as exactly one [`Inbound::SnapshotStatus`] for `msg.to` —
     /// immediately `ok: false` if the peer is unknown or `msg` is not a
     /// snapshot message from this node; `ok: false` too if the image cannot
     /// be read whole or fails its checksum.
-    pub fn send_snapshot(&self, msg: Message, image: SnapshotImage) {
-        let to = msg.to;
+    pub fn send_snapshot(&self, msg: M, image: SnapshotImage) {
+        let to = msg.to();
         let mut state = lock(&self.state);
         let Some(reporter) = state.reporter.clone() else {
             return;
         };
-        if !matches!(msg.kind, MessageKind::Snapshot { .. }) || msg.from != self.node_id {
+        if msg.snapshot().is_none() || msg.from() != self.node_id {
             warn!(
-                from = msg.from,
+                from = msg.from(),
                 to,
-                kind = msg.kind.name(),
+                kind = msg.name(),
                 "send_snapshot needs a snapshot message from this node"
             );
             reporter.snapshot_status(to, false);
@@ -679,7 +688,7 @@ impl Transport {
     }
 }
 
-impl Drop for Transport {
+impl<M> Drop for Transport<M> {
     fn drop(&mut self) {
         self.shutdown_tx.send_replace(true);
         let state = lock(&self.state);
@@ -695,12 +704,50 @@ impl Drop for Transport {
     }
 }
 
-impl crate::node::PeerSender for Transport {
-    fn send(&self, msg: Message) {
+/// What an embedder does with a transport besides sending: its address
+/// book and its lifetime. Object-safe, so a service that picks its
+/// consensus engine at start can hold any engine's transport.
+pub trait PeerBook: Send + Sync + fmt::Debug {
+    /// See [`Transport::local_addr`].
+    fn local_addr(&self) -> SocketAddr;
+    /// See [`Transport::set_peer`].
+    fn set_peer(&self, id: NodeId, addr: PeerAddr) -> Result<(), TransportError>;
+    /// See [`Transport::remove_peer`].
+    fn remove_peer(&self, id: NodeId) -> bool;
+    /// See [`Transport::peers`].
+    fn peers(&self) -> BTreeMap<NodeId, PeerAddr>;
+    /// See [`Transport::shutdown`].
+    fn shutdown(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
+}
+
+impl<M: EngineMessage> PeerBook for Transport<M> {
+    fn local_addr(&self) -> SocketAddr {
+        Transport::local_addr(self)
+    }
+
+    fn set_peer(&self, id: NodeId, addr: PeerAddr) -> Result<(), TransportError> {
+        Transport::set_peer(self, id, addr)
+    }
+
+    fn remove_peer(&self, id: NodeId) -> bool {
+        Transport::remove_peer(self, id)
+    }
+
+    fn peers(&self) -> BTreeMap<NodeId, PeerAddr> {
+        Transport::peers(self)
+    }
+
+    fn shutdown(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(Transport::shutdown(self))
+    }
+}
+
+impl<M: EngineMessage> crate::node::PeerSender<M> for Transport<M> {
+    fn send(&self, msg: M) {
         Transport::send(self, msg);
     }
 
-    fn send_snapshot(&self, msg: Message, image: SnapshotImage) {
+    fn send_snapshot(&self, msg: M, image: SnapshotImage) {
         Transport::send_snapshot(self, msg, image);
     }
 }

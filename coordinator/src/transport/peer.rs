@@ -17,7 +17,8 @@ use super::frame::{Frame, StreamKind, encode_frame};
 use super::gate::RepeatLimiter;
 use super::shared::{Context, Reporter, connect};
 use super::tls::PeerStream;
-use crate::raft::{Message, NodeId};
+use crate::raft::NodeId;
+use consensus::engine::EngineMessage;
 
 /// Most messages written between two flushes.
 const MAX_BATCH: usize = 256;
@@ -31,21 +32,21 @@ const FAILURE_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// The transport's handle on one peer's writer.
 #[derive(Debug)]
-pub(crate) struct PeerHandle {
+pub(crate) struct PeerHandle<M> {
     /// The peer's queue.
-    pub queue: mpsc::Sender<Message>,
+    pub queue: mpsc::Sender<M>,
     /// The peer's address; the writer redials when it changes.
     pub addr: watch::Sender<PeerAddr>,
     /// The writer task.
     pub task: JoinHandle<()>,
 }
 
-impl PeerHandle {
+impl<M: EngineMessage> PeerHandle<M> {
     /// Starts the writer for `peer` at `addr` on `runtime`.
     pub(crate) fn spawn(
         runtime: &tokio::runtime::Handle,
         ctx: Arc<Context>,
-        reporter: Reporter,
+        reporter: Reporter<M>,
         shutdown: watch::Receiver<bool>,
         peer: NodeId,
         addr: PeerAddr,
@@ -81,11 +82,11 @@ enum Exit {
 }
 
 /// The writer task's state.
-struct Writer {
+struct Writer<M> {
     peer: NodeId,
     ctx: Arc<Context>,
-    reporter: Reporter,
-    queue: mpsc::Receiver<Message>,
+    reporter: Reporter<M>,
+    queue: mpsc::Receiver<M>,
     addr: watch::Receiver<PeerAddr>,
     shutdown: watch::Receiver<bool>,
     backoff: Backoff,
@@ -94,7 +95,7 @@ struct Writer {
     refusal_log: RepeatLimiter<String>,
 }
 
-impl Writer {
+impl<M: EngineMessage> Writer<M> {
     async fn run(mut self) {
         let peer = self.peer;
         let mut failures: u32 = 0;
@@ -263,12 +264,12 @@ impl Writer {
 }
 
 /// Writes `first` and whatever else is queued (up to a batch), then flushes.
-async fn write_batch(
+async fn write_batch<M: EngineMessage>(
     wr: &mut BufWriter<WriteHalf<PeerStream>>,
-    first: Message,
-    queue: &mut mpsc::Receiver<Message>,
+    first: M,
+    queue: &mut mpsc::Receiver<M>,
     ctx: &Context,
-    reporter: &Reporter,
+    reporter: &Reporter<M>,
     peer: NodeId,
 ) -> Result<(), FrameError> {
     write_one(wr, first, ctx, reporter, peer).await?;
@@ -282,14 +283,14 @@ async fn write_batch(
 }
 
 /// Writes one message frame into the buffer.
-async fn write_one(
+async fn write_one<M: EngineMessage>(
     wr: &mut BufWriter<WriteHalf<PeerStream>>,
-    msg: Message,
+    msg: M,
     ctx: &Context,
-    reporter: &Reporter,
+    reporter: &Reporter<M>,
     peer: NodeId,
 ) -> Result<(), FrameError> {
-    let kind = msg.kind.name();
+    let kind = msg.name();
     match encode_frame(&Frame::Message(msg), ctx.config.max_frame_size) {
         Ok(bytes) => wr.write_all(&bytes).await.map_err(FrameError::Io),
         Err(e) => {

@@ -50,17 +50,17 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Feeds transport feedback into the driver's inbound channel.
 #[derive(Clone, Debug)]
-pub(crate) struct Reporter {
-    tx: mpsc::Sender<Inbound>,
+pub(crate) struct Reporter<M> {
+    tx: mpsc::Sender<Inbound<M>>,
     last_unreachable: Arc<Mutex<HashMap<NodeId, Instant>>>,
     interval: Duration,
     runtime: Handle,
 }
 
-impl Reporter {
+impl<M: Send + 'static> Reporter<M> {
     /// A reporter on `tx`, reporting each unreachable peer at most once per
     /// `interval`.
-    pub(crate) fn new(tx: mpsc::Sender<Inbound>, interval: Duration, runtime: Handle) -> Self {
+    pub(crate) fn new(tx: mpsc::Sender<Inbound<M>>, interval: Duration, runtime: Handle) -> Self {
         Reporter {
             tx,
             last_unreachable: Arc::new(Mutex::new(HashMap::new())),

@@ -11,10 +11,10 @@ use tracing::{info, warn};
 
 use super::addr::PeerAddr;
 use super::error::{FrameError, SnapshotSendError};
-use super::frame::{Bytes, Frame, StreamKind, read_frame, write_frame};
+use super::frame::{BareFrame, Bytes, Frame, NoMessage, StreamKind, read_frame, write_frame};
 use super::shared::{Context, Reporter, connect};
 use crate::image::{ImageReader, SnapshotImage};
-use crate::raft::Message;
+use consensus::engine::EngineMessage;
 
 /// A snapshot send in flight, so that a newer one to the same peer can
 /// cancel it.
@@ -28,7 +28,11 @@ pub(crate) struct SnapshotJob {
 
 impl SnapshotJob {
     /// Cancels the job, reporting failure unless it already reported.
-    pub(crate) fn cancel(&self, to: crate::raft::NodeId, reporter: Option<&Reporter>) {
+    pub(crate) fn cancel<M: Send + 'static>(
+        &self,
+        to: crate::raft::NodeId,
+        reporter: Option<&Reporter<M>>,
+    ) {
         self.abort.abort();
         if !self.reported.swap(true, Ordering::SeqCst)
             && let Some(reporter) = reporter
@@ -39,15 +43,15 @@ impl SnapshotJob {
 }
 
 /// Sends `msg` with its image to `addr` and reports the outcome once.
-pub(crate) async fn send_job(
+pub(crate) async fn send_job<M: EngineMessage>(
     ctx: Arc<Context>,
     addr: PeerAddr,
-    msg: Message,
+    msg: M,
     image: SnapshotImage,
-    reporter: Reporter,
+    reporter: Reporter<M>,
     reported: Arc<AtomicBool>,
 ) {
-    let to = msg.to;
+    let to = msg.to();
     let len = image.len();
     let ok = match send(&ctx, &addr, msg, &image).await {
         Ok(()) => {
@@ -100,10 +104,10 @@ impl Source {
     }
 }
 
-async fn send(
+async fn send<M: EngineMessage>(
     ctx: &Context,
     addr: &PeerAddr,
-    msg: Message,
+    msg: M,
     image: &SnapshotImage,
 ) -> Result<(), SnapshotSendError> {
     let max = ctx.config.max_frame_size;
@@ -115,7 +119,7 @@ async fn send(
         hasher: Sha256::new(),
         left: image.len(),
     });
-    let (stream, _) = connect(ctx, addr, msg.to, StreamKind::Snapshot).await?;
+    let (stream, _) = connect(ctx, addr, msg.to(), StreamKind::Snapshot).await?;
     let (mut rd, wr) = tokio::io::split(stream);
     let mut wr = BufWriter::with_capacity(64 * 1024, wr);
     let begin = Frame::SnapshotBegin {
@@ -137,16 +141,16 @@ async fn send(
             break;
         };
         source = Some(s);
-        let frame = Frame::SnapshotChunk { data: Bytes(chunk) };
+        let frame = BareFrame::SnapshotChunk { data: Bytes(chunk) };
         timed(ctx, write_frame(&mut wr, &frame, max)).await?;
     }
     let hasher = source.map(|s| s.hasher).unwrap_or_default();
-    let end = Frame::SnapshotEnd {
+    let end = BareFrame::SnapshotEnd {
         digest: hasher.finalize().into(),
     };
     timed(ctx, write_frame(&mut wr, &end, max)).await?;
     timed(ctx, async { wr.flush().await.map_err(FrameError::Io) }).await?;
-    match timed(ctx, read_frame(&mut rd, max)).await? {
+    match timed(ctx, read_frame::<_, NoMessage>(&mut rd, max)).await? {
         Some(Frame::SnapshotAck { ok: true }) => Ok(()),
         Some(Frame::SnapshotAck { ok: false }) => Err(SnapshotSendError::Rejected),
         Some(other) => Err(SnapshotSendError::Unexpected(other.name())),

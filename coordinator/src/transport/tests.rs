@@ -17,9 +17,11 @@ use tokio::time::{Instant, timeout, timeout_at};
 use super::backoff::Backoff;
 use super::error::{FrameError, HandshakeError};
 use super::frame::{
-    Bytes, Frame, Hello, MAX_HANDSHAKE_FRAME, RefuseReason, StreamKind, decode_frame, encode_frame,
+    Bytes, Hello, MAX_HANDSHAKE_FRAME, RefuseReason, StreamKind, decode_frame, encode_frame,
     read_frame, send_frame,
 };
+/// Frames as the Raft engine's members exchange them.
+type Frame = super::frame::Frame<Message>;
 use super::handshake::{Identity, accept, dial};
 use super::{Inbound, PROTOCOL_VERSION, Transport, TransportConfig, TransportError};
 use crate::raft::{ConfState, Entry, EntryPayload, Message, MessageKind, NodeId, SnapshotMeta};
@@ -98,13 +100,14 @@ fn identity(id: NodeId) -> Identity {
         secret: SECRET.to_vec(),
         version: PROTOCOL_VERSION,
         app_format: 0,
+        engine: "raft".to_owned(),
     }
 }
 
 type Node = (Transport, mpsc::Receiver<Inbound>);
 
 fn start(c: TransportConfig) -> Node {
-    Transport::start(c).expect("transport starts")
+    Transport::<Message>::start(c).expect("transport starts")
 }
 
 /// Starts one transport per id, each knowing all the others.
@@ -276,6 +279,7 @@ fn frames_round_trip() {
             stream: StreamKind::Snapshot,
             nonce: [7; 32],
             app_format: 2,
+            engine: "raft".to_owned(),
         }),
         Frame::Challenge {
             nonce: [1; 32],
@@ -302,7 +306,7 @@ fn frames_round_trip() {
         let bytes = encode_frame(&frame, 1 << 20).expect("encode");
         let len = u32::from_be_bytes(bytes[..4].try_into().expect("prefix")) as usize;
         assert_eq!(len, bytes.len() - 4);
-        assert_eq!(decode_frame(&bytes[4..]).expect("decode"), frame);
+        assert_eq!(decode_frame::<Message>(&bytes[4..]).expect("decode"), frame);
     }
 }
 
@@ -329,15 +333,18 @@ fn encode_refuses_oversize() {
 
 #[test]
 fn decode_refuses_garbage_and_trailing_bytes() {
-    assert!(matches!(decode_frame(&[]), Err(FrameError::Decode(_))));
     assert!(matches!(
-        decode_frame(&[0xFF; 8]),
+        decode_frame::<Message>(&[]),
+        Err(FrameError::Decode(_))
+    ));
+    assert!(matches!(
+        decode_frame::<Message>(&[0xFF; 8]),
         Err(FrameError::Decode(_))
     ));
     let mut bytes = encode_frame(&Frame::SnapshotAck { ok: true }, 64).expect("encode");
     bytes.push(0);
     assert!(matches!(
-        decode_frame(&bytes[4..]),
+        decode_frame::<Message>(&bytes[4..]),
         Err(FrameError::TrailingBytes(1))
     ));
 }
@@ -346,11 +353,14 @@ fn decode_refuses_garbage_and_trailing_bytes() {
 async fn read_frame_handles_eof_truncation_and_oversize() {
     // Clean end of stream.
     let mut empty: &[u8] = &[];
-    assert!(matches!(read_frame(&mut empty, 64).await, Ok(None)));
+    assert!(matches!(
+        read_frame::<_, Message>(&mut empty, 64).await,
+        Ok(None)
+    ));
     // End inside the length prefix.
     let mut short: &[u8] = &[0, 0];
     assert!(matches!(
-        read_frame(&mut short, 64).await,
+        read_frame::<_, Message>(&mut short, 64).await,
         Err(FrameError::Truncated {
             expected: 4,
             got: 2
@@ -359,7 +369,7 @@ async fn read_frame_handles_eof_truncation_and_oversize() {
     // End inside the payload.
     let mut trunc: &[u8] = &[0, 0, 0, 10, 1, 2, 3];
     assert!(matches!(
-        read_frame(&mut trunc, 64).await,
+        read_frame::<_, Message>(&mut trunc, 64).await,
         Err(FrameError::Truncated {
             expected: 10,
             got: 3
@@ -368,7 +378,7 @@ async fn read_frame_handles_eof_truncation_and_oversize() {
     // Announced length over the limit: refused before reading the payload.
     let mut big: &[u8] = &[0xFF, 0xFF, 0xFF, 0xFF];
     assert!(matches!(
-        read_frame(&mut big, 64).await,
+        read_frame::<_, Message>(&mut big, 64).await,
         Err(FrameError::Oversize { max: 64, .. })
     ));
     // Two frames back to back.
@@ -383,7 +393,10 @@ async fn read_frame_handles_eof_truncation_and_oversize() {
         read_frame(&mut r, 64).await.expect("second"),
         Some(Frame::SnapshotAck { ok: false })
     );
-    assert!(matches!(read_frame(&mut r, 64).await, Ok(None)));
+    assert!(matches!(
+        read_frame::<_, Message>(&mut r, 64).await,
+        Ok(None)
+    ));
 }
 
 #[test]
@@ -498,6 +511,28 @@ async fn handshake_refusals_name_the_reason() {
         Err(HandshakeError::AppFormat { ours: 0, theirs: 8 })
     ));
 
+    // Members running different consensus engines refuse each other, each
+    // side naming the other's engine.
+    let mut other_engine = identity(1);
+    other_engine.engine = "multi-paxos".to_owned();
+    let (d, a) = handshake_pair(other_engine, identity(2), 2).await;
+    match d {
+        Err(HandshakeError::Refused(RefuseReason::Engine { supported })) => {
+            assert_eq!(supported, "raft")
+        }
+        other => panic!("the dialer was not refused for its engine: {other:?}"),
+    }
+    match a {
+        Err(e @ HandshakeError::Engine { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("\"multi-paxos\"") && text.contains("\"raft\""),
+                "{text}"
+            );
+        }
+        other => panic!("the acceptor did not refuse the engine: {other:?}"),
+    }
+
     let (d, a) = handshake_pair(identity(1), identity(2), 3).await;
     assert!(matches!(
         d,
@@ -556,7 +591,7 @@ fn config_is_validated() {
 #[test]
 fn start_needs_a_runtime() {
     assert!(matches!(
-        Transport::start(config(1)),
+        Transport::<Message>::start(config(1)),
         Err(TransportError::NoRuntime)
     ));
 }
@@ -858,6 +893,7 @@ async fn raw_hello(s: &mut TcpStream, cluster_id: &str, from: NodeId, to: NodeId
         stream: StreamKind::Messages,
         nonce: [5; 32],
         app_format: 0,
+        engine: "raft".to_owned(),
     };
     send_frame(s, &Frame::Hello(hello), MAX_HANDSHAKE_FRAME)
         .await
@@ -1596,7 +1632,7 @@ fn arbitrary_frame_bytes_never_panic_the_decoder() {
             2 => bytes.truncate(rng.range(0, bytes.len() as u64) as usize),
             _ => bytes.extend((0..rng.range(1, 9)).map(|_| rng.next_u64() as u8)),
         }
-        match decode_frame(&bytes) {
+        match decode_frame::<Message>(&bytes) {
             Ok(frame) => {
                 decoded += 1;
                 encode_frame(&frame, 1 << 21).expect("a decoded frame encodes again");

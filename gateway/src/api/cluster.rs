@@ -226,6 +226,21 @@ async fn commit_change(
     Ok(index)
 }
 
+/// Membership changes and leadership transfer exist on Raft only: on
+/// another engine they are a 409 saying so, before anything is checked or
+/// proposed.
+fn fixed_membership(state: &AppState) -> Result<(), ApiError> {
+    let engine = state.config.consensus;
+    if engine.reconfigurable() {
+        return Ok(());
+    }
+    Err(ApiError::conflict(format!(
+        "the group runs the {engine} consensus engine, whose membership is fixed at start and \
+         which does not hand leadership over: membership changes and leadership transfer need \
+         the raft engine"
+    )))
+}
+
 /// A refusal is a 409 naming the leader's reason; one of its guards adds
 /// how to override it (`how_to_force`).
 fn member_error(e: NodeError, state: &AppState, how_to_force: &str) -> ApiError {
@@ -266,7 +281,7 @@ fn member_error(e: NodeError, state: &AppState, how_to_force: &str) -> ApiError 
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Needs the admin role", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Refused, with the reason and what to do: a voter cannot become a learner; only a learner can be promoted; a new member needs its address; a guard (the learner is not connected or has not caught up, or the voters would lack an active quorum; `force` overrides); another change pending", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Refused, with the reason and what to do: a voter cannot become a learner; only a learner can be promoted; a new member needs its address; a guard (the learner is not connected or has not caught up, or the voters would lack an active quorum; `force` overrides); another change pending; the group's consensus engine has a fixed membership (any engine but raft)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields (id 0, an address that is not host:port, an unknown field)", body = Problem, content_type = "application/problem+json"),
@@ -277,6 +292,7 @@ pub(crate) async fn add_member(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<MemberChange>,
 ) -> Result<Response, ApiError> {
+    fixed_membership(&state)?;
     if body.id == 0 {
         return Err(ApiError::invalid("id must be at least 1"));
     }
@@ -379,7 +395,7 @@ pub(crate) async fn add_member(
         (status = 403, description = "Needs the admin role", body = Problem, content_type = "application/problem+json"),
         (status = 400, description = "Malformed id or query", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Not a member", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Refused, with the reason and what to do: the last voter; the voters left would lack an active quorum (`force` overrides); another change pending", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Refused, with the reason and what to do: the last voter; the voters left would lack an active quorum (`force` overrides); another change pending; the group's consensus engine has a fixed membership (any engine but raft)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "No quorum or leader; or timed out (the change may still take effect)", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -388,6 +404,7 @@ pub(crate) async fn remove_member(
     ApiPath(id): ApiPath<u64>,
     ApiQuery(opts): ApiQuery<RemoveOptions>,
 ) -> Result<Response, ApiError> {
+    fixed_membership(&state)?;
     let conf = state.node.status().raft.conf_state;
     if !conf.voters.contains(&id) && !conf.learners.contains(&id) {
         return Err(ApiError::not_found(format!(
@@ -428,7 +445,7 @@ pub(crate) async fn remove_member(
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Needs the admin role", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Not a voter", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not a voter; the group's consensus engine does not transfer leadership (any engine but raft)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields (a missing, non-numeric or 0 id, an unknown field)", body = Problem, content_type = "application/problem+json"),
@@ -439,6 +456,7 @@ pub(crate) async fn transfer_leader(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<LeaderTransfer>,
 ) -> Result<Response, ApiError> {
+    fixed_membership(&state)?;
     if body.id == 0 {
         return Err(ApiError::invalid("id must be at least 1"));
     }

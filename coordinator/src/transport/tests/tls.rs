@@ -169,12 +169,16 @@ async fn a_member_whose_own_certificate_names_another_node_does_not_start() {
     let ca = Ca::new("cluster");
     let mut c = config(1);
     c.tls = Some(ca.tls(2));
-    let err = Transport::start(c).expect_err("refused").to_string();
+    let err = Transport::<Message>::start(c)
+        .expect_err("refused")
+        .to_string();
     assert!(err.contains("does not name node 1"), "{err}");
     assert!(err.contains(&peer_tls_name(CLUSTER, 1)), "{err}");
     let mut c = tls_config(&ca, 1);
     c.cluster_id = "not a dns name!".into();
-    let err = Transport::start(c).expect_err("refused").to_string();
+    let err = Transport::<Message>::start(c)
+        .expect_err("refused")
+        .to_string();
     assert!(err.contains("DNS name"), "{err}");
 }
 
