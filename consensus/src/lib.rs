@@ -8,6 +8,7 @@
 //!
 //! * [`engine`] — the contract every engine implements;
 //! * [`raft`] — Raft, the default engine;
+//! * [`paxos`] — Multi-Paxos and basic Paxos;
 //! * [`types`] and [`ready`] — the vocabulary the engines share with their
 //!   drivers: log entries, hard state, snapshot metadata, membership, and the
 //!   batch of work an engine hands out.
@@ -15,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod engine;
+pub mod paxos;
 pub mod raft;
 pub mod ready;
 pub mod types;

@@ -1,15 +1,18 @@
-//! An in-memory driver for the Raft core: durable state kept in memory, a
-//! state machine that records every applied entry, and a network that passes
-//! messages directly. For tests, simulations, benchmarks and as a compact
-//! example of the [`Ready`](crate::raft::Ready) contract.
+//! An in-memory driver for any consensus engine (Raft by default): durable
+//! state kept in memory, a state machine that records every applied entry,
+//! and a network that passes messages directly. For tests, simulations,
+//! benchmarks and as a compact example of the [`Ready`](crate::ready::Ready)
+//! contract.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use crate::engine::{Engine, EngineMessage};
 use crate::raft::{
     CompactError, Config, ConfigError, Entry, EntryPayload, HardState, Index, InitialState,
-    Message, MessageKind, NodeId, Raft, Ready, SnapshotMeta, StepError, Term,
+    Message, NodeId, Raft, SnapshotMeta, StepError, Term,
 };
+use crate::ready::{ReadState, Ready};
 
 /// The state machine of the in-memory driver: every applied normal entry,
 /// with its index, in order.
@@ -76,27 +79,27 @@ impl MemStorage {
     }
 }
 
-/// A message together with the snapshot image it carries, if it is a
-/// [`MessageKind::Snapshot`].
+/// A message together with the snapshot image it carries, if it installs a
+/// snapshot ([`EngineMessage::snapshot`]).
 #[derive(Clone, Debug)]
-pub struct Envelope {
+pub struct Envelope<M = Message> {
     /// The message.
-    pub msg: Message,
+    pub msg: M,
     /// The snapshot image for snapshot messages.
     pub image: Option<Arc<Applied>>,
 }
 
-/// One node: a core, its durable storage and its state machine.
+/// One node: an engine, its durable storage and its state machine.
 #[derive(Debug)]
-pub struct MemNode {
-    raft: Raft,
-    cfg: Config,
+pub struct MemNode<E: Engine = Raft> {
+    raft: E,
     storage: MemStorage,
     applied: Applied,
+    read_states: Vec<ReadState>,
     received_images: BTreeMap<(Index, Term), Arc<Applied>>,
 }
 
-impl MemNode {
+impl MemNode<Raft> {
     /// A new member of a group of `voters` (empty for a node to be added later).
     pub fn new(cfg: Config, voters: &[NodeId]) -> Result<Self, ConfigError> {
         Self::restart(cfg, MemStorage::bootstrap(voters))
@@ -104,13 +107,29 @@ impl MemNode {
 
     /// A node restarting from what it had made durable.
     pub fn restart(cfg: Config, storage: MemStorage) -> Result<Self, ConfigError> {
-        let raft = Raft::new(cfg.clone(), storage.initial_state())?;
+        Self::start(storage, |init| Raft::new(cfg, init))
+    }
+
+    /// The configuration the node was started with.
+    pub fn config(&self) -> &Config {
+        self.raft.config()
+    }
+}
+
+impl<E: Engine> MemNode<E> {
+    /// A node (re)starting from `storage`, its engine built by `build` from
+    /// what the storage kept.
+    pub fn start<Err>(
+        storage: MemStorage,
+        build: impl FnOnce(InitialState) -> Result<E, Err>,
+    ) -> Result<Self, Err> {
+        let raft = build(storage.initial_state())?;
         let applied = storage.snapshot_image.as_ref().clone();
         Ok(MemNode {
             raft,
-            cfg,
             storage,
             applied,
+            read_states: Vec::new(),
             received_images: BTreeMap::new(),
         })
     }
@@ -120,19 +139,24 @@ impl MemNode {
         self.storage
     }
 
-    /// The core.
-    pub fn raft(&self) -> &Raft {
+    /// The engine.
+    pub fn raft(&self) -> &E {
         &self.raft
     }
 
-    /// The core, to feed inputs.
-    pub fn raft_mut(&mut self) -> &mut Raft {
+    /// The engine, to feed inputs.
+    pub fn raft_mut(&mut self) -> &mut E {
         &mut self.raft
     }
 
-    /// The configuration the node was started with.
-    pub fn config(&self) -> &Config {
-        &self.cfg
+    /// The engine (the same as [`MemNode::raft`]).
+    pub fn engine(&self) -> &E {
+        &self.raft
+    }
+
+    /// The engine, to feed inputs (the same as [`MemNode::raft_mut`]).
+    pub fn engine_mut(&mut self) -> &mut E {
+        &mut self.raft
     }
 
     /// The durable state.
@@ -145,11 +169,16 @@ impl MemNode {
         &self.applied
     }
 
+    /// Every read that became safe, in order (served once applied).
+    pub fn read_states(&self) -> &[ReadState] {
+        &self.read_states
+    }
+
     /// Feeds a message (keeping the snapshot image it carries). A snapshot
     /// message without its image is dropped (see [`MemNode::envelopes`]);
     /// the leader sends a new one.
-    pub fn step(&mut self, env: Envelope) -> Result<(), StepError> {
-        if let MessageKind::Snapshot { meta } = &env.msg.kind {
+    pub fn step(&mut self, env: Envelope<E::Message>) -> Result<(), StepError> {
+        if let Some(meta) = env.msg.snapshot() {
             let Some(image) = env.image else {
                 return Ok(());
             };
@@ -162,13 +191,14 @@ impl MemNode {
     /// snapshot messages. A snapshot message asked for before the node
     /// compacted again refers to an image that is gone: it gets none (the
     /// stored image is of another index and must not be installed under it).
-    pub fn envelopes(&self, msgs: Vec<Message>) -> Vec<Envelope> {
+    pub fn envelopes(&self, msgs: Vec<E::Message>) -> Vec<Envelope<E::Message>> {
         let stored = &self.storage.snapshot;
         msgs.into_iter()
             .map(|msg| {
-                let image = matches!(&msg.kind, MessageKind::Snapshot { meta }
-                    if meta.index == stored.index && meta.term == stored.term)
-                .then(|| self.storage.snapshot_image.clone());
+                let image = msg
+                    .snapshot()
+                    .is_some_and(|meta| meta.index == stored.index && meta.term == stored.term)
+                    .then(|| self.storage.snapshot_image.clone());
                 Envelope { msg, image }
             })
             .collect()
@@ -176,7 +206,7 @@ impl MemNode {
 
     /// Step 2 and 3 of the [`Ready`] contract: install the snapshot and make
     /// entries and hard state durable.
-    pub fn persist(&mut self, rd: &Ready) {
+    pub fn persist(&mut self, rd: &Ready<E::Message>) {
         if let Some(meta) = &rd.snapshot {
             let image = self
                 .received_images
@@ -197,17 +227,18 @@ impl MemNode {
     }
 
     /// Step 5 of the [`Ready`] contract: apply committed entries.
-    pub fn apply(&mut self, rd: &Ready) {
+    pub fn apply(&mut self, rd: &Ready<E::Message>) {
         for e in &rd.committed_entries {
             if let EntryPayload::Normal(data) = &e.payload {
                 self.applied.push((e.index, data.clone()));
             }
         }
+        self.read_states.extend(rd.read_states.iter().cloned());
     }
 
     /// Runs one whole `ready` / `advance` cycle if there is work, and
     /// returns the messages to deliver, in the order they may leave.
-    pub fn handle_ready(&mut self) -> Vec<Envelope> {
+    pub fn handle_ready(&mut self) -> Vec<Envelope<E::Message>> {
         if !self.raft.has_ready() {
             return Vec::new();
         }
@@ -224,7 +255,7 @@ impl MemNode {
     /// compacts the log behind it.
     pub fn snapshot_and_compact(&mut self) -> Result<SnapshotMeta, CompactError> {
         let index = self.raft.applied_index();
-        let meta = self.raft.compact(index)?;
+        let meta = self.raft.compact_keeping(index, 0)?;
         let image: Applied = self
             .applied
             .iter()
@@ -238,16 +269,44 @@ impl MemNode {
 
 /// A set of [`MemNode`]s and a network between them that delivers messages
 /// at once, unless a link is cut or a message kind is ignored.
-#[derive(Debug, Default)]
-pub struct Network {
-    nodes: BTreeMap<NodeId, MemNode>,
+#[derive(Debug)]
+pub struct Network<E: Engine = Raft> {
+    nodes: BTreeMap<NodeId, MemNode<E>>,
     cut: BTreeSet<(NodeId, NodeId)>,
     ignored: BTreeSet<&'static str>,
     /// Every message delivered, in order (for assertions).
-    delivered: Vec<Message>,
+    delivered: Vec<E::Message>,
 }
 
-impl Network {
+impl<E: Engine> Default for Network<E> {
+    fn default() -> Self {
+        Network {
+            nodes: BTreeMap::new(),
+            cut: BTreeSet::new(),
+            ignored: BTreeSet::new(),
+            delivered: Vec::new(),
+        }
+    }
+}
+
+impl<E: Engine> Network<E> {
+    /// A new group of `ids`, all voters, each engine built by `build` from
+    /// its node id and its (bootstrap) initial state.
+    pub fn with_engines<Err: std::fmt::Display>(
+        ids: &[NodeId],
+        build: impl Fn(NodeId, InitialState) -> Result<E, Err>,
+    ) -> Self {
+        let mut net = Network::default();
+        for &id in ids {
+            let node = MemNode::start(MemStorage::bootstrap(ids), |init| build(id, init))
+                .unwrap_or_else(|e| panic!("engine of {id}: {e}"));
+            net.nodes.insert(id, node);
+        }
+        net
+    }
+}
+
+impl Network<Raft> {
     /// A new group of `ids`, all voters, configured by `cfg`.
     pub fn new(ids: &[NodeId], cfg: impl Fn(NodeId) -> Config) -> Self {
         let mut net = Network::default();
@@ -267,14 +326,16 @@ impl Network {
             ..Config::new(id)
         })
     }
+}
 
+impl<E: Engine> Network<E> {
     /// Adds (or replaces) a node.
-    pub fn insert(&mut self, node: MemNode) {
+    pub fn insert(&mut self, node: MemNode<E>) {
         self.nodes.insert(node.raft().id(), node);
     }
 
     /// Removes a node, returning it.
-    pub fn remove(&mut self, id: NodeId) -> Option<MemNode> {
+    pub fn remove(&mut self, id: NodeId) -> Option<MemNode<E>> {
         self.nodes.remove(&id)
     }
 
@@ -287,7 +348,7 @@ impl Network {
     ///
     /// # Panics
     /// If there is no node `id`.
-    pub fn node(&self, id: NodeId) -> &MemNode {
+    pub fn node(&self, id: NodeId) -> &MemNode<E> {
         self.nodes
             .get(&id)
             .unwrap_or_else(|| panic!("no node {id}"))
@@ -297,19 +358,19 @@ impl Network {
     ///
     /// # Panics
     /// If there is no node `id`.
-    pub fn node_mut(&mut self, id: NodeId) -> &mut MemNode {
+    pub fn node_mut(&mut self, id: NodeId) -> &mut MemNode<E> {
         self.nodes
             .get_mut(&id)
             .unwrap_or_else(|| panic!("no node {id}"))
     }
 
     /// The core of a node.
-    pub fn raft(&self, id: NodeId) -> &Raft {
+    pub fn raft(&self, id: NodeId) -> &E {
         self.node(id).raft()
     }
 
     /// The core of a node, mutably.
-    pub fn raft_mut(&mut self, id: NodeId) -> &mut Raft {
+    pub fn raft_mut(&mut self, id: NodeId) -> &mut E {
         self.node_mut(id).raft_mut()
     }
 
@@ -333,7 +394,7 @@ impl Network {
         }
     }
 
-    /// Drops every message of this kind (see [`MessageKind::name`]).
+    /// Drops every message of this kind (see [`EngineMessage::name`]).
     pub fn ignore(&mut self, kind: &'static str) {
         self.ignored.insert(kind);
     }
@@ -345,7 +406,7 @@ impl Network {
     }
 
     /// Every message delivered so far.
-    pub fn delivered(&self) -> &[Message] {
+    pub fn delivered(&self) -> &[E::Message] {
         &self.delivered
     }
 
@@ -354,22 +415,22 @@ impl Network {
         self.delivered.clear();
     }
 
-    fn passes(&self, m: &Message) -> bool {
-        self.nodes.contains_key(&m.to)
-            && !self.cut.contains(&(m.from, m.to))
-            && !self.ignored.contains(m.kind.name())
+    fn passes(&self, m: &E::Message) -> bool {
+        self.nodes.contains_key(&m.to())
+            && !self.cut.contains(&(m.from(), m.to()))
+            && !self.ignored.contains(m.name())
     }
 
     /// Delivers `msgs` and everything they cause, until no node has work.
-    pub fn deliver(&mut self, msgs: Vec<Envelope>) {
-        let mut queue: std::collections::VecDeque<Envelope> = msgs.into();
+    pub fn deliver(&mut self, msgs: Vec<Envelope<E::Message>>) {
+        let mut queue: std::collections::VecDeque<Envelope<E::Message>> = msgs.into();
         loop {
             while let Some(env) = queue.pop_front() {
                 if !self.passes(&env.msg) {
                     continue;
                 }
                 self.delivered.push(env.msg.clone());
-                let to = env.msg.to;
+                let to = env.msg.to();
                 if let Some(node) = self.nodes.get_mut(&to) {
                     let _ = node.step(env);
                 }
@@ -430,7 +491,7 @@ impl Network {
     pub fn leader(&self) -> Option<NodeId> {
         self.nodes
             .values()
-            .filter(|n| n.raft().role() == crate::raft::Role::Leader)
+            .filter(|n| n.raft().role() == crate::types::Role::Leader)
             .max_by_key(|n| n.raft().term())
             .map(|n| n.raft().id())
     }
