@@ -4,7 +4,7 @@
 //! runtime, clock, file or socket; they decide, and this crate persists,
 //! sends and applies what they decide: [`storage`] (the durable log, hard
 //! state and snapshots), [`transport`] (the peer connections) and [`node`]
-//! (the driver that runs an engine on them). [`engine`] and [`raft`] are
+//! (the driver that runs an engine on them). [`engine`], [`raft`] and [`paxos`] are
 //! re-exported from `consensus`.
 #![deny(missing_docs)]
 
@@ -13,4 +13,4 @@ pub mod node;
 pub mod storage;
 pub mod transport;
 
-pub use consensus::{engine, raft, ready, types};
+pub use consensus::{engine, paxos, raft, ready, types};

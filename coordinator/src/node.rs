@@ -209,6 +209,30 @@ impl BuildEngine for Raft {
     }
 }
 
+impl BuildEngine for consensus::paxos::MultiPaxos {
+    fn build(cfg: &NodeConfig, init: InitialState) -> Result<Self, String> {
+        use consensus::paxos::{Config, Mode};
+        let mode = match cfg.engine {
+            EngineKind::MultiPaxos => Mode::Multi,
+            EngineKind::BasicPaxos => Mode::Basic,
+            EngineKind::Raft => return Err("the Paxos engine cannot run as raft".into()),
+        };
+        let r = &cfg.raft;
+        let paxos = Config {
+            id: r.id,
+            mode,
+            election_tick: r.election_tick,
+            heartbeat_tick: r.heartbeat_tick,
+            max_size_per_msg: r.max_size_per_msg,
+            max_inflight_msgs: r.max_inflight_msgs,
+            disable_proposal_forwarding: r.disable_proposal_forwarding,
+            seed: r.seed,
+            ..Config::new(r.id)
+        };
+        consensus::paxos::MultiPaxos::new(paxos, init).map_err(|e| e.to_string())
+    }
+}
+
 /// Settings of the driver.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {

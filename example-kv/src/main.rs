@@ -39,6 +39,7 @@ use coordinator::image::ImageReader;
 use coordinator::node::{
     BoxError, BuildEngine, Committed, Node, NodeConfig, SnapshotView, StateMachine,
 };
+use coordinator::paxos::MultiPaxos;
 use coordinator::raft::{ConfState, Index, InitialState, NodeId, Raft, SnapshotMeta};
 use coordinator::storage::{Storage, StorageOptions};
 use coordinator::transport::{PeerBook, Transport, TransportConfig};
@@ -454,7 +455,9 @@ async fn start_node(
     cfg.engine = args.consensus;
     let (transport, node) = match args.consensus {
         EngineKind::Raft => run_engine::<Raft>(tcfg, cfg, init, storage, sm).await?,
-        other => return Err(format!("the {other} consensus engine is not built in").into()),
+        EngineKind::MultiPaxos | EngineKind::BasicPaxos => {
+            run_engine::<MultiPaxos>(tcfg, cfg, init, storage, sm).await?
+        }
     };
     let raft_addr = transport.local_addr();
     let set_peer: PeerSetter = Arc::new(move |id, addr| {

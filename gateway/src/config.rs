@@ -46,10 +46,11 @@ pub struct Args {
     /// lists the running members and this one.
     #[arg(long, env = "ENTENTE_JOIN")]
     pub join: bool,
-    /// The consensus engine the group runs: `raft` (the default),
-    /// `multi-paxos` or `basic-paxos`. Every member must run the same one
-    /// (a member running another is refused at the handshake); Raft alone
-    /// changes membership at run time.
+    /// The consensus engine the group runs: `raft` (the default) or
+    /// `multi-paxos`. Every member must run the same one (a member running
+    /// another is refused at the handshake); Raft alone changes membership
+    /// at run time. (`basic-paxos`, which has no leader, runs in the example
+    /// group and the benchmarks, not in a gateway.)
     #[arg(long, env = "ENTENTE_CONSENSUS")]
     pub consensus: Option<EngineKind>,
     /// Where the Raft log and the state database live.
@@ -540,6 +541,14 @@ impl Config {
             (None, Some(name)) => name.parse()?,
             (None, None) => EngineKind::Raft,
         };
+        if c.consensus == EngineKind::BasicPaxos {
+            return Err(
+                "--consensus basic-paxos has no leader, and a gateway needs one (it bootstraps the \
+                 admin token, expires commands and declares lost sessions): use raft or \
+                 multi-paxos (basic Paxos runs in the example group and the benchmarks)"
+                    .into(),
+            );
+        }
         if c.join && !c.consensus.reconfigurable() {
             return Err(format!(
                 "--join adds a member at run time, which the {} engine does not do (its \
@@ -1019,5 +1028,38 @@ mod tests {
             ..Args::default()
         });
         assert!(join.unwrap_err().contains("cluster-secret-file"));
+    }
+
+    #[test]
+    fn consensus_picks_the_engine_and_refuses_what_a_gateway_cannot_run() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["gateway"];
+            argv.extend_from_slice(extra);
+            Config::from_args(Args::try_parse_from(argv).expect("parse"))
+        };
+        assert_eq!(parse(&[]).expect("default").consensus, EngineKind::Raft);
+        assert_eq!(
+            parse(&["--consensus", "multi-paxos"])
+                .expect("multi-paxos")
+                .consensus,
+            EngineKind::MultiPaxos
+        );
+        let basic = parse(&["--consensus", "basic-paxos"]).expect_err("no leader");
+        assert!(basic.contains("basic-paxos has no leader"), "{basic}");
+        let join = parse(&[
+            "--consensus",
+            "multi-paxos",
+            "--join",
+            "--cluster-secret",
+            "s",
+            "--peers",
+            "1=127.0.0.1:7000,2=127.0.0.1:7001",
+        ])
+        .expect_err("fixed membership");
+        assert!(
+            join.contains("--join") && join.contains("multi-paxos"),
+            "{join}"
+        );
+        assert!(Args::try_parse_from(["gateway", "--consensus", "pbft"]).is_err());
     }
 }

@@ -31,6 +31,7 @@ use std::time::Duration;
 use coordinator::engine::EngineKind;
 use coordinator::node::BuildEngine;
 use coordinator::node::{Node, NodeConfig, NodeError};
+use coordinator::paxos::MultiPaxos;
 use coordinator::raft::Raft;
 use coordinator::raft::{ConfState, Role as RaftRole};
 use coordinator::storage::{Storage, StorageOptions};
@@ -282,10 +283,10 @@ async fn start_until(
         EngineKind::Raft => {
             run_engine::<Raft>(tcfg, peer_listener, ncfg, init, storage, machine).await?
         }
-        other => {
-            return Err(GatewayError::Config(format!(
-                "the {other} consensus engine is not built into this gateway"
-            )));
+        // `Config::from_args` refuses basic Paxos: it has no leader to run
+        // the gateway's leader duties.
+        EngineKind::MultiPaxos | EngineKind::BasicPaxos => {
+            run_engine::<MultiPaxos>(tcfg, peer_listener, ncfg, init, storage, machine).await?
         }
     };
     let raft_addr = transport.local_addr();
@@ -438,9 +439,10 @@ fn check_engine_record(dir: &std::path::Path, engine: EngineKind) -> Result<(), 
     let recorded = match std::fs::read_to_string(&path) {
         Ok(text) if !text.trim().is_empty() => Some(text.trim().to_owned()),
         Ok(_) => None,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            dir.join("raft").exists().then(|| EngineKind::Raft.name().to_owned())
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => dir
+            .join("raft")
+            .exists()
+            .then(|| EngineKind::Raft.name().to_owned()),
         Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
     };
     match recorded {

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::{Device, Seen, SseStream, WAIT, addr_of, connect_v4, connect_v5, loopback_listeners};
+use coordinator::engine::EngineKind;
 use entente_protocol::CommandMessage;
 use gateway::{Config, Gateway};
 use ports::reserve_ports;
@@ -44,7 +45,64 @@ fn config(dir: &Path, id: u64, peers: &BTreeMap<u64, SocketAddr>) -> Config {
     c.tick = Duration::from_millis(5);
     c.session_grace = Duration::from_millis(400);
     c.report_coalesce = Duration::from_millis(10);
+    c.consensus = engine_under_test();
     c
+}
+
+/// The consensus engine these tests run the group on: Raft, unless
+/// `ENTENTE_TEST_CONSENSUS` names another (as the runs of
+/// [`the_engine_agnostic_tests_pass_on_every_engine`] do).
+fn engine_under_test() -> EngineKind {
+    match std::env::var("ENTENTE_TEST_CONSENSUS") {
+        Ok(name) => name
+            .parse()
+            .expect("ENTENTE_TEST_CONSENSUS names an engine"),
+        Err(_) => EngineKind::Raft,
+    }
+}
+
+/// The tests of this file that hold whatever the group's consensus engine
+/// (the others change membership or hand leadership over, which only Raft
+/// does).
+const ENGINE_AGNOSTIC: &[&str] = &[
+    "a_device_is_reached_through_whichever_gateway_holds_it",
+    "a_batch_sent_to_a_follower_is_registered_on_every_member",
+    "sessions_of_a_lost_gateway_are_declared_lost_and_move_on",
+    "logging_in_on_a_second_gateway_takes_the_session_over",
+    "delete_and_rotate_end_the_session_within_a_second_wherever_it_is",
+    "tokens_are_managed_through_any_gateway_and_revocation_holds_on_each",
+];
+
+/// The same tests, parametrised by engine rather than copied: this test
+/// runs this test binary again for each engine other than Raft, with
+/// `ENTENTE_TEST_CONSENSUS` set, on the engine-agnostic tests, and fails
+/// if any of them fails there.
+#[test]
+fn the_engine_agnostic_tests_pass_on_every_engine() {
+    if std::env::var_os("ENTENTE_TEST_CONSENSUS").is_some() {
+        return; // Already a run on another engine.
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    // Basic Paxos has no leader; a gateway refuses it (`--consensus`).
+    for engine in [EngineKind::MultiPaxos] {
+        let out = std::process::Command::new(&exe)
+            .env("ENTENTE_TEST_CONSENSUS", engine.name())
+            .arg("--exact")
+            .args(ENGINE_AGNOSTIC)
+            .output()
+            .expect("run the test binary");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "on {engine}:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let passed = format!("test result: ok. {} passed", ENGINE_AGNOSTIC.len());
+        assert!(
+            stdout.contains(&passed),
+            "on {engine}, not all ran:\n{stdout}"
+        );
+    }
 }
 
 async fn three_with(dir: &Path, tweak: impl Fn(&mut Config)) -> Cluster {
@@ -1658,4 +1716,56 @@ async fn tokens_are_managed_through_any_gateway_and_revocation_holds_on_each() {
     }
     drop(events);
     c.stop().await;
+}
+
+/// On an engine with a fixed membership (Multi-Paxos), adding, removing
+/// and transferring leadership are refused at once with a 409 that names
+/// the engine, on any gateway, and the group goes on serving writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_endpoints_answer_409_on_an_engine_with_a_fixed_membership() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = three_with(dir.path(), |c| c.consensus = EngineKind::MultiPaxos).await;
+    let token = c.token.clone();
+    for gw in [1, 2, 3] {
+        let asks = [
+            (
+                reqwest::Method::POST,
+                "/v1/cluster/members".to_string(),
+                Some(json!({"id": 4, "address": "127.0.0.1:1", "suffrage": "learner"})),
+            ),
+            (
+                reqwest::Method::DELETE,
+                "/v1/cluster/members/3".to_string(),
+                None,
+            ),
+            (
+                reqwest::Method::POST,
+                "/v1/cluster/leader".to_string(),
+                Some(json!({"id": 2})),
+            ),
+        ];
+        for (method, path, body) in asks {
+            let (status, _, problem) = call(&c, gw, &token, method.clone(), &path, body).await;
+            assert_eq!(status, 409, "{method} {path} on gateway {gw}: {problem}");
+            let detail = problem["detail"].as_str().unwrap_or_default();
+            assert!(
+                detail.contains("multi-paxos") && detail.contains("fixed"),
+                "{method} {path} on gateway {gw}: {problem}"
+            );
+        }
+    }
+    // Still three voters, and writes go on.
+    let view = c.get(1, "/v1/cluster").await;
+    assert_eq!(voters(&view), vec![1, 2, 3]);
+    let (status, index, _) = call(
+        &c,
+        2,
+        &token,
+        reqwest::Method::POST,
+        "/v1/devices",
+        Some(json!({"id": "after-refusals"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    applied_everywhere(&c, index).await;
 }
