@@ -83,8 +83,12 @@ fn the_engine_agnostic_tests_pass_on_every_engine() {
         return; // Already a run on another engine.
     }
     let exe = std::env::current_exe().expect("test binary");
-    // Basic Paxos has no leader; a gateway refuses it (`--consensus`).
-    for engine in [EngineKind::MultiPaxos] {
+    // Every engine a gateway runs besides Raft (basic Paxos has no leader;
+    // a gateway refuses it, see `--consensus`).
+    let others = EngineKind::ALL
+        .into_iter()
+        .filter(|k| !matches!(k, EngineKind::Raft | EngineKind::BasicPaxos));
+    for engine in others {
         let out = std::process::Command::new(&exe)
             .env("ENTENTE_TEST_CONSENSUS", engine.name())
             .arg("--exact")
