@@ -14,6 +14,7 @@
 //! choice come from it (the processes' timing does not). Settings:
 //! `CHAOS_SEED` (a number, or `random`; default a fixed seed), `CHAOS_MINUTES` (minutes of faults; default 1.5),
 //! `CHAOS_NODES` (3 or 5; default 3), `CHAOS_CLIENTS` (default 6),
+//! `CHAOS_ENGINE` (`raft` or `multi-paxos`; default both, one after the other),
 //! `CHAOS_LOG` (the gateways' `RUST_LOG`, default `info`), `CHAOS_KEEP=1`
 //! (keep the data directories and logs even when the run passes; a failing
 //! run always keeps them and prints where).
@@ -159,8 +160,21 @@ async fn quiesce(cluster: &Cluster, limit: Duration) -> Result<u64, String> {
     ))
 }
 
+/// The chaos run, on each consensus engine a gateway runs in turn (Raft,
+/// then Multi-Paxos), or on the one `CHAOS_ENGINE` names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos() {
+    let engines: Vec<String> = match std::env::var("CHAOS_ENGINE") {
+        Ok(name) => vec![name],
+        Err(_) => vec!["raft".into(), "multi-paxos".into()],
+    };
+    for engine in engines {
+        chaos_on(&engine).await;
+    }
+}
+
+/// One chaos run on the group running `engine`.
+async fn chaos_on(engine: &str) {
     // A fixed seed unless told otherwise, so CI runs the same schedule each
     // time; `CHAOS_SEED=random` explores a new one.
     let seed = match std::env::var("CHAOS_SEED").as_deref() {
@@ -175,8 +189,8 @@ async fn chaos() {
     let clients = env_u64("CHAOS_CLIENTS").unwrap_or(6) as usize;
     let keep = std::env::var("CHAOS_KEEP").is_ok_and(|v| v == "1");
     eprintln!(
-        "chaos: seed {seed:#x} ({minutes} min of faults, {nodes} gateways, {clients} clients); \
-         replay with CHAOS_SEED={seed:#x}"
+        "chaos: seed {seed:#x} on {engine} ({minutes} min of faults, {nodes} gateways, {clients} \
+         clients); replay with CHAOS_SEED={seed:#x} CHAOS_ENGINE={engine}"
     );
     let started = Instant::now();
     let clock = Clock {
@@ -190,6 +204,7 @@ async fn chaos() {
         session_grace_ms: 2_000,
         snapshot_every: 300,
         log_filter: std::env::var("CHAOS_LOG").unwrap_or_else(|_| "info".into()),
+        consensus: engine.to_owned(),
     };
     let timeouts = Timeouts {
         // The gateway answers within 2 × write timeout + 1 s (its own deadline).
@@ -527,6 +542,7 @@ async fn minority_partition_refuses_writes_and_catches_up_after_heal() {
         session_grace_ms: 2_000,
         snapshot_every: 10_000,
         log_filter: "warn".into(),
+        consensus: "raft".into(),
     };
     let cluster = Cluster::start(tmp.path(), settings, 7).await;
     let http = &cluster.http;

@@ -82,6 +82,7 @@ async fn commands_committed_as_the_leader_dies_reach_their_devices() {
         session_grace_ms: 30_000,
         snapshot_every: 100_000,
         log_filter: "info".into(),
+        consensus: "raft".into(),
     };
     let cluster = Arc::new(Cluster::start(tmp.path(), settings, 0x5eed_f00d).await);
     let leader = {

@@ -51,6 +51,8 @@ pub struct Settings {
     pub session_grace_ms: u64,
     pub snapshot_every: u64,
     pub log_filter: String,
+    /// The consensus engine (`--consensus`).
+    pub consensus: String,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -285,6 +287,8 @@ impl Cluster {
                 &s.session_grace_ms.to_string(),
                 "--snapshot-every",
                 &s.snapshot_every.to_string(),
+                "--consensus",
+                &s.consensus,
             ])
             .env("RUST_LOG", &s.log_filter)
             .env("NO_COLOR", "1")
