@@ -126,7 +126,11 @@ pub struct MultiPaxos {
     /// over, at a basic-mode proposer until each is chosen.
     queue: VecDeque<Pending>,
     instance: Option<Instance>,
+    /// The slot where the front of `queue` was last proposed in phase 2.
+    front_slot: Option<Index>,
     backoff: u32,
+    /// Basic mode: instances lost in a row, for exponential back-off.
+    failures: u32,
 
     // Output.
     msgs: Vec<Message>,
@@ -264,7 +268,9 @@ impl MultiPaxos {
             reads: VecDeque::new(),
             queue: VecDeque::new(),
             instance: None,
+            front_slot: None,
             backoff: 0,
+            failures: 0,
             msgs: Vec::new(),
             persisted_msgs: Vec::new(),
             self_pending: Vec::new(),
@@ -612,6 +618,7 @@ impl MultiPaxos {
                     if inst.elapsed >= timeout {
                         self.instance = None;
                         self.timeout = self.random_timeout();
+                        self.back_off();
                     }
                 }
                 self.basic_progress();
@@ -988,6 +995,7 @@ impl MultiPaxos {
             self.leader = None;
             self.elapsed = 0;
         }
+        self.defer_to(from);
         let lo = first.max(self.snapshot.index + 1);
         let accepted: Vec<Entry> = if lo <= last {
             self.log
@@ -1031,6 +1039,7 @@ impl MultiPaxos {
             self.leader = Some(from);
             self.elapsed = 0;
         }
+        self.defer_to(from);
         let limit = self.gap_limit();
         let mut runs: Vec<(Index, Index)> = Vec::new();
         for e in entries {
@@ -1241,8 +1250,7 @@ impl MultiPaxos {
             Mode::Basic => {
                 if self.instance.as_ref().is_some_and(|i| i.ballot == b) {
                     self.instance = None;
-                    let e = self.cfg.election_tick as u64;
-                    self.backoff = self.rng.range(1, e + 1) as u32;
+                    self.back_off();
                 }
             }
         }
@@ -1536,7 +1544,25 @@ impl MultiPaxos {
                 self.instance = None;
                 if ours {
                     self.finish_own(s);
+                } else {
+                    // Lost the slot: let the others' instances finish before
+                    // contending again, rather than all preempting each other
+                    // on the next slot at once.
+                    self.back_off();
                 }
+            }
+        }
+        if self.instance.is_none()
+            && let Some(s0) = self.front_slot
+            && (s0 <= self.commit || self.chosen_above.contains(&s0))
+        {
+            // The front value went out in phase 2 at `s0`, which is chosen
+            // now (completed by another proposer, perhaps): it is done if it
+            // is the value chosen there.
+            self.front_slot = None;
+            let chosen = self.log.get(&s0).map(|x| &x.payload);
+            if chosen.is_some() && chosen == self.queue.front().map(|p| &p.payload) {
+                self.finish_own(s0);
             }
         }
         if self.instance.is_some() || self.backoff > 0 || self.queue.is_empty() {
@@ -1562,7 +1588,27 @@ impl MultiPaxos {
         self.broadcast(b, MessageKind::Prepare { first: s, last: s });
     }
 
+    /// Basic mode: waits a random number of ticks before contending again,
+    /// the range doubling with every instance lost in a row.
+    fn back_off(&mut self) {
+        self.failures = (self.failures + 1).min(5);
+        let e = self.cfg.election_tick as u64;
+        let hi = e << (self.failures - 1);
+        self.backoff = self.backoff.max(self.rng.range(1, hi + 1) as u32);
+    }
+
+    /// Basic mode: another proposer is running an instance; an idle node
+    /// lets it finish before starting one of its own.
+    fn defer_to(&mut self, from: NodeId) {
+        if self.cfg.mode == Mode::Basic && from != self.id && self.instance.is_none() {
+            let e = self.cfg.election_tick as u64;
+            self.backoff = self.backoff.max(self.rng.range(e / 2, e + 1) as u32);
+        }
+    }
+
     fn finish_own(&mut self, slot: Index) {
+        self.front_slot = None;
+        self.failures = 0;
         if let Some(p) = self.queue.pop_front()
             && let Some(ctx) = p.read
         {
@@ -1598,13 +1644,17 @@ impl MultiPaxos {
             .filter_map(|p| p.accepted.iter().find(|e| e.index == s))
             .max_by_key(|e| e.term)
             .map(|e| e.payload.clone());
-        let value = match highest {
-            Some(v) => (v, false),
-            None => match self.queue.front() {
-                Some(p) => (p.payload.clone(), true),
-                None => (EntryPayload::Empty, false),
-            },
+        let front = self.queue.front().map(|p| p.payload.clone());
+        let value = match (highest, front) {
+            // Its own value, accepted in an earlier attempt.
+            (Some(v), Some(f)) if v == f => (v, true),
+            (Some(v), _) => (v, false),
+            (None, Some(f)) => (f, true),
+            (None, None) => (EntryPayload::Empty, false),
         };
+        if value.1 {
+            self.front_slot = Some(s);
+        }
         inst.value = Some(value.clone());
         let entries = vec![Entry {
             index: s,
