@@ -736,9 +736,11 @@ struct Driver<E: Engine, S: LogStore, P, M: StateMachine> {
     cfg: NodeConfig,
     seq: u64,
     proposals: HashMap<u64, PendingProposal<M::Output>>,
-    /// Locally appended proposals: index → (term, seq), to fail fast when a
-    /// different entry commits at that index.
-    appended: BTreeMap<Index, (Term, u64)>,
+    /// Locally appended proposals: index → seq, to fail fast when another
+    /// entry commits at that index (told apart by the proposal header, not
+    /// the term: an engine may choose the same value under a later term, as
+    /// Paxos does when a new leader re-proposes it).
+    appended: BTreeMap<Index, u64>,
     reads: HashMap<Vec<u8>, (Reply<Index>, Instant)>,
     reads_waiting_apply: Vec<(Index, Reply<Index>)>,
     conf_waiters: BTreeMap<Index, (Term, Reply<Index>)>,
@@ -993,7 +995,20 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
             }
         }
         let oldest_pending = self.proposals.keys().min().copied().unwrap_or(u64::MAX);
-        self.appended.retain(|_, (_, seq)| *seq >= oldest_pending);
+        self.appended.retain(|_, seq| *seq >= oldest_pending);
+    }
+
+    /// Whether the committed entry `e` is this node's proposal `seq` (this
+    /// incarnation's), whatever term it was committed in.
+    fn carries(&self, e: &Entry, seq: u64) -> bool {
+        match &e.payload {
+            EntryPayload::Normal(bytes) => {
+                decode_proposal(bytes).is_some_and(|(node, inc, s, _)| {
+                    node == self.id && inc == self.incarnation && s == seq
+                })
+            }
+            _ => false,
+        }
     }
 
     fn deadline(&self) -> Instant {
@@ -1048,8 +1063,8 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
                 let bytes = encode_proposal(self.id, self.incarnation, seq, &data);
                 match self.raft.propose(bytes) {
                     Ok(proposed) => {
-                        if let Proposed::Appended { index, term } = proposed {
-                            self.appended.insert(index, (term, seq));
+                        if let Proposed::Appended { index, .. } = proposed {
+                            self.appended.insert(index, seq);
                         }
                         let deadline = self.deadline();
                         let view = (self.raft.leader(), self.raft.term());
@@ -1566,10 +1581,11 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
         // For each entry handed to the state machine: whose proposal it was.
         let mut owners = Vec::new();
         for e in committed {
-            if let Some((term, seq)) = self.appended.remove(&e.index)
-                && term != e.term
+            if let Some(seq) = self.appended.remove(&e.index)
+                && !self.carries(&e, seq)
             {
-                // Our entry at this index was overwritten by a new leader.
+                // Another entry was chosen at this index: ours was
+                // overwritten by a new leader.
                 if let Some(p) = self.proposals.remove(&seq) {
                     let _ = p.reply.send(Err(NodeError::Dropped));
                 }

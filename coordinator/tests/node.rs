@@ -1049,3 +1049,149 @@ async fn a_snapshot_is_built_when_asked_for() {
         n.shutdown().await;
     }
 }
+
+/// Raft, except that every committed entry comes out under a later term
+/// than the one its proposal was appended in: what a Paxos engine does
+/// when a new leader re-proposes a value it found accepted, and that value
+/// is chosen under the new ballot at the same slot.
+#[derive(Debug)]
+struct Reballot(coordinator::raft::Raft);
+
+impl coordinator::engine::Engine for Reballot {
+    type Message = Message;
+    fn kind(&self) -> coordinator::engine::EngineKind {
+        self.0.kind()
+    }
+    fn id(&self) -> NodeId {
+        self.0.id()
+    }
+    fn role(&self) -> Role {
+        self.0.role()
+    }
+    fn term(&self) -> u64 {
+        self.0.term()
+    }
+    fn leader(&self) -> Option<NodeId> {
+        self.0.leader()
+    }
+    fn hard_state(&self) -> coordinator::raft::HardState {
+        self.0.hard_state()
+    }
+    fn commit_index(&self) -> Index {
+        self.0.commit_index()
+    }
+    fn applied_index(&self) -> Index {
+        self.0.applied_index()
+    }
+    fn term_at(&self, index: Index) -> Option<u64> {
+        self.0.term_at(index)
+    }
+    fn conf_state(&self) -> &ConfState {
+        self.0.conf_state()
+    }
+    fn snapshot_meta(&self) -> &SnapshotMeta {
+        self.0.snapshot_meta()
+    }
+    fn snapshot_meta_at(
+        &self,
+        index: Index,
+    ) -> Result<SnapshotMeta, coordinator::raft::CompactError> {
+        self.0.snapshot_meta_at(index)
+    }
+    fn status(&self) -> coordinator::raft::Status {
+        self.0.status()
+    }
+    fn tick(&mut self) {
+        self.0.tick()
+    }
+    fn campaign(&mut self) {
+        self.0.campaign()
+    }
+    fn step(&mut self, msg: Message) -> Result<(), coordinator::raft::StepError> {
+        self.0.step(msg)
+    }
+    fn propose(
+        &mut self,
+        data: Vec<u8>,
+    ) -> Result<coordinator::raft::Proposed, coordinator::raft::ProposeError> {
+        self.0.propose(data)
+    }
+    fn read_index(&mut self, ctx: Vec<u8>) -> Result<(), coordinator::raft::ProposeError> {
+        self.0.read_index(ctx)
+    }
+    fn report_unreachable(&mut self, id: NodeId) {
+        self.0.report_unreachable(id)
+    }
+    fn report_snapshot(&mut self, id: NodeId, success: bool) {
+        self.0.report_snapshot(id, success)
+    }
+    fn compact_keeping(
+        &mut self,
+        index: Index,
+        keep: u64,
+    ) -> Result<SnapshotMeta, coordinator::raft::CompactError> {
+        self.0.compact_keeping(index, keep)
+    }
+    fn has_ready(&self) -> bool {
+        self.0.has_ready()
+    }
+    fn ready(&mut self) -> coordinator::raft::Ready {
+        let mut rd = self.0.ready();
+        for e in &mut rd.committed_entries {
+            e.term += 1_000;
+        }
+        rd
+    }
+    fn advance(&mut self) {
+        self.0.advance()
+    }
+}
+
+impl coordinator::node::BuildEngine for Reballot {
+    fn build(cfg: &NodeConfig, init: coordinator::raft::InitialState) -> Result<Self, String> {
+        coordinator::raft::Raft::build(cfg, init).map(Reballot)
+    }
+}
+
+/// A proposal whose value is chosen under a later term (ballot) than the
+/// one it was appended in is still the proposal: it is answered with the
+/// state machine's output, not as dropped. (The driver used to take a
+/// different term at the index for another entry, and answered such a
+/// write "dropped" although it was applied — which Multi-Paxos does after
+/// a change of leader.)
+#[tokio::test]
+async fn a_proposal_chosen_under_a_later_term_is_answered_with_its_result() {
+    use coordinator::node::BuildEngine as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hub = Arc::new(Hub::default());
+    let (storage, rec) =
+        Storage::open(dir.path().join("1"), StorageOptions::default()).expect("open");
+    let init = rec.into_initial_state(ConfState::with_voters([1]));
+    let (tx, rx) = mpsc::channel(4096);
+    hub.routes.lock().expect("routes").insert(1, tx);
+    let peers = Arc::new(HubSender {
+        hub: hub.clone(),
+        from: 1,
+    });
+    let log = Log::default();
+    let node = Node::start::<Reballot, _, _, _>(config(1), init, storage, peers, rx, log.clone())
+        .await
+        .expect("start");
+    let mut status = node.watch_status();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.raft.role == Role::Leader),
+    )
+    .await
+    .expect("a leader in time")
+    .expect("status");
+    for i in 0..5 {
+        let applied = node
+            .propose(format!("v{i}").into_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("proposal {i}: {e}"));
+        assert_eq!(applied.output, i + 1);
+    }
+    assert_eq!(log.0.lock().expect("log").0, ["v0", "v1", "v2", "v3", "v4"]);
+    node.shutdown().await;
+}
