@@ -1161,7 +1161,6 @@ impl coordinator::node::BuildEngine for Reballot {
 /// a change of leader.)
 #[tokio::test]
 async fn a_proposal_chosen_under_a_later_term_is_answered_with_its_result() {
-    use coordinator::node::BuildEngine as _;
     let dir = tempfile::tempdir().expect("tempdir");
     let hub = Arc::new(Hub::default());
     let (storage, rec) =
