@@ -644,3 +644,57 @@ fn basic_mode_commits_values_from_every_proposer_in_one_order() {
         "the read's no-op follows node 3's own value"
     );
 }
+
+/// An acceptor that already knows slots chosen (an old leader taught it)
+/// still answers a new leader's accept for them when the value is the one
+/// it holds — which Paxos guarantees it is —, so the new leader, which
+/// took over before the acceptor learned, gets its majority and goes on.
+/// (It skipped them silently: a new leader that re-proposed them never
+/// committed again — found by the chaos run on Multi-Paxos.)
+#[test]
+fn an_acceptor_that_knows_slots_chosen_still_answers_their_accept() {
+    let old = ballot(132, 2);
+    let new = ballot(133, 3);
+    let mut st = storage(
+        &[1, 2, 3],
+        new,
+        vec![
+            entry(1, old, b"a"),
+            entry(2, old, b"b"),
+            entry(3, old, b"c"),
+        ],
+    );
+    st.hard_state.commit = 3;
+    let mut node = start(1, st);
+    let accept = MessageKind::Accept {
+        entries: vec![
+            entry(1, new, b"a"),
+            entry(2, new, b"b"),
+            entry(3, new, b"c"),
+        ],
+        commit: 0,
+    };
+    node.step(msg(3, 1, new, accept)).expect("step");
+    let out = node.handle_ready();
+    let acked: Vec<(u64, u64)> = out
+        .iter()
+        .filter(|e| e.msg.to == 3 && e.msg.ballot == new)
+        .filter_map(|e| match e.msg.kind {
+            MessageKind::Accepted { first, last } => Some((first, last)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acked, vec![(1, 3)], "answers: {out:?}");
+    // A value other than the chosen one is never acknowledged.
+    let other = MessageKind::Accept {
+        entries: vec![entry(2, new, b"x")],
+        commit: 0,
+    };
+    node.step(msg(3, 1, new, other)).expect("step");
+    let out = node.handle_ready();
+    assert!(
+        !out.iter()
+            .any(|e| matches!(e.msg.kind, MessageKind::Accepted { .. })),
+        "{out:?}"
+    );
+}
