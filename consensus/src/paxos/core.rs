@@ -1047,23 +1047,11 @@ impl MultiPaxos {
             if s > limit {
                 break;
             }
-            if s <= self.commit || s <= self.snapshot.index || self.chosen_above.contains(&s) {
-                // Known chosen (an earlier leader may have taught this
-                // acceptor after it promised `b`). A leader of a higher
-                // ballot can only propose the chosen value (P2c), so when it
-                // is the value held here, say so: otherwise a leader that
-                // took over before this acceptor learned waits for a
-                // majority that never answers. Nothing is written: the
-                // chosen value stays as it is.
-                if self.log.get(&s).is_some_and(|x| x.payload == e.payload) {
-                    match runs.last_mut() {
-                        Some((_, last)) if *last + 1 == s => *last = s,
-                        _ => runs.push((s, s)),
-                    }
-                }
-                continue;
-            }
-            if self.log.get(&s).is_some_and(|x| x.ballot > b) {
+            if s <= self.commit
+                || s <= self.snapshot.index
+                || self.chosen_above.contains(&s)
+                || self.log.get(&s).is_some_and(|x| x.ballot > b)
+            {
                 continue;
             }
             if self
