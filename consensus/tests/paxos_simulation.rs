@@ -52,8 +52,10 @@ const LIVENESS_TICKS: u64 = 600;
 const LIVENESS_VALUES: usize = 3;
 /// Trace lines kept for a failure report.
 const TRACE_LINES: usize = 300;
-/// Seed regressions: seeds that once failed, run first every time.
-const REGRESSION_SEEDS: &[u64] = &[];
+/// Seeds that once failed, run first every time: 52 (basic: seven proposers
+/// dueling past the liveness bound), 2047 (multi: a new leader behind its
+/// acceptors waited forever for acceptances of slots they knew chosen).
+const REGRESSION_SEEDS: &[u64] = &[52, 2047];
 
 struct Rng(SplitMix64);
 
