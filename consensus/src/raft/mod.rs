@@ -10,7 +10,7 @@
 //! # Example: a group of one
 //!
 //! ```
-//! use coordinator::raft::{Config, InitialState, Raft, Role};
+//! use consensus::raft::{Config, InitialState, Raft, Role};
 //!
 //! let mut node = Raft::new(Config::new(1), InitialState::bootstrap([1])).unwrap();
 //! node.campaign();
