@@ -56,8 +56,10 @@ const TRACE_LINES: usize = 300;
 /// dueling past the liveness bound), 2047 (multi: a new leader behind its
 /// acceptors waited forever for acceptances of slots they knew chosen), 15230
 /// (multi: the liveness phase proposed before a node cut off until the heal
-/// took over, losing the value in flight).
-const REGRESSION_SEEDS: &[u64] = &[52, 2047, 15230];
+/// took over, losing the value in flight), 2452 (basic: a proposer that
+/// learned the slot of its value only through a snapshot proposed it again,
+/// and it was chosen twice).
+const REGRESSION_SEEDS: &[u64] = &[52, 2047, 15230, 2452];
 
 struct Rng(SplitMix64);
 

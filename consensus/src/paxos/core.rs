@@ -1173,6 +1173,17 @@ impl MultiPaxos {
             };
             self.log.retain(|&i, _| i > index);
             self.chosen_above.retain(|&i| i > index);
+            if self.front_slot.is_some_and(|f| f <= index) {
+                // Basic mode: the slot where this node's front value went out
+                // is chosen, but the value there is only in the image. The
+                // value's fate is unknown here: it is not proposed again
+                // (proposals are at most once, as a forwarded one is).
+                self.front_slot = None;
+                if self.instance.as_ref().is_none_or(|i| i.slot <= index) {
+                    self.instance = None;
+                    self.queue.pop_front();
+                }
+            }
             self.commit = index;
             self.handed = index;
             self.pending_snapshot = Some(self.snapshot.clone());

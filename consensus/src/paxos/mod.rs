@@ -67,7 +67,11 @@
 //! no-op through both phases and its slot is the read point. Each node
 //! announces its chosen prefix every heartbeat so that members that missed a
 //! `Learn` catch up. `propose` and `read_index` answer
-//! `Forwarded { to: own id }`: the slot is known only once chosen.
+//! `Forwarded { to: own id }`: the slot is known only once chosen. A value
+//! is chosen at most once, like a forwarded proposal: if the slot where its
+//! proposer sent it out is chosen but reaches the proposer only inside a
+//! snapshot, the proposer cannot tell whether it was its value and does not
+//! propose it again.
 //!
 //! # Durability on the shared storage
 //!
