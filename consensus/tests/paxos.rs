@@ -230,9 +230,6 @@ fn a_read_needs_a_majority_still_holding_the_ballot() {
     assert!(net.node(1).read_states().is_empty(), "no majority heard");
     // Another node takes over meanwhile: the old leader's read never
     // becomes safe.
-    net.cut(2, 3);
-    net.recover();
-    net.isolate(1);
     elect(&mut net, 2);
     net.recover();
     for _ in 0..3 {
@@ -643,4 +640,53 @@ fn basic_mode_commits_values_from_every_proposer_in_one_order() {
         rs[0].index >= 2,
         "the read's no-op follows node 3's own value"
     );
+}
+
+#[test]
+fn an_acceptor_refuses_to_accept_below_its_promise() {
+    let ids = [1, 2, 3];
+    let mut node = start(2, storage(&ids, 0, vec![]));
+    let (low, high) = (ballot(1, 1), ballot(2, 3));
+    node.step(msg(
+        3,
+        2,
+        high,
+        MessageKind::Prepare {
+            first: 1,
+            last: MAX_INDEX,
+        },
+    ))
+    .unwrap();
+    node.handle_ready();
+    node.step(msg(
+        1,
+        2,
+        low,
+        MessageKind::Accept {
+            entries: vec![entry(1, low, b"stale")],
+            commit: 0,
+        },
+    ))
+    .unwrap();
+    let out = node.handle_ready();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].msg.kind, MessageKind::Reject { promised: high });
+    assert!(node.storage().entries.is_empty(), "nothing accepted");
+    assert_eq!(node.raft().promised(), high);
+}
+
+#[test]
+fn a_leader_needs_a_majority_not_its_own_acceptance() {
+    let mut net = group(&[1, 2, 3], Mode::Multi);
+    elect(&mut net, 1);
+    net.isolate(1);
+    net.propose(1, b"alone").unwrap();
+    for _ in 0..3 {
+        net.tick(1, 1);
+    }
+    assert_eq!(net.raft(1).commit_index(), 0, "chosen by a minority");
+    assert!(values(&net, 1).is_empty());
+    net.recover();
+    net.tick(1, 1);
+    assert_eq!(net.raft(1).commit_index(), 1);
 }

@@ -52,8 +52,14 @@ const LIVENESS_TICKS: u64 = 600;
 const LIVENESS_VALUES: usize = 3;
 /// Trace lines kept for a failure report.
 const TRACE_LINES: usize = 300;
-/// Seed regressions: seeds that once failed, run first every time.
-const REGRESSION_SEEDS: &[u64] = &[];
+/// Seeds that once failed, run first every time: 52 (basic: seven proposers
+/// dueling past the liveness bound), 2047 (multi: a new leader behind its
+/// acceptors waited forever for acceptances of slots they knew chosen), 15230
+/// (multi: the liveness phase proposed before a node cut off until the heal
+/// took over, losing the value in flight), 2452 (basic: a proposer that
+/// learned the slot of its value only through a snapshot proposed it again,
+/// and it was chosen twice).
+const REGRESSION_SEEDS: &[u64] = &[52, 2047, 15230, 2452];
 
 struct Rng(SplitMix64);
 
@@ -630,11 +636,28 @@ impl Sim {
         }
         let deadline = self.now + LIVENESS_TICKS * TICK;
         let mut values: Vec<Vec<u8>> = Vec::new();
+        // Multi mode: the leader all agree on, and since when. Values are
+        // proposed once it has held for two of the longest election
+        // timeouts, so no node that missed the leader before healing is
+        // still about to take over (a takeover may lose values in flight).
+        let mut stable: Option<(NodeId, u64)> = None;
+        let settle = 2 * 2 * u64::from(Config::new(1).election_tick) * TICK;
         while self.now < deadline {
             self.step_time()?;
+            if self.mode == Mode::Multi {
+                let l = self.converged_leader();
+                stable = match (l, stable) {
+                    (Some(l), Some((s, since))) if s == l => Some((s, since)),
+                    (Some(l), _) => Some((l, self.now)),
+                    (None, _) => None,
+                };
+            }
             if values.len() < LIVENESS_VALUES && self.now.is_multiple_of(TICK) {
+                let settled = stable
+                    .filter(|&(_, since)| self.now >= since + settle)
+                    .map(|(l, _)| l);
                 let at = match self.mode {
-                    Mode::Multi => self.converged_leader().map(|l| {
+                    Mode::Multi => settled.map(|l| {
                         // At the leader or, forwarded, at a follower.
                         if self.rng.chance(500) {
                             l

@@ -1042,16 +1042,27 @@ impl MultiPaxos {
         self.defer_to(from);
         let limit = self.gap_limit();
         let mut runs: Vec<(Index, Index)> = Vec::new();
+        // Slots this acceptor knows chosen: the leader gets their values (it
+        // may have missed them) instead of acceptances.
+        let mut known = Vec::new();
+        let mut compacted = false;
         for e in entries {
             let s = e.index;
             if s > limit {
                 break;
             }
-            if s <= self.commit
-                || s <= self.snapshot.index
-                || self.chosen_above.contains(&s)
-                || self.log.get(&s).is_some_and(|x| x.ballot > b)
-            {
+            if s <= self.commit || s <= self.snapshot.index || self.chosen_above.contains(&s) {
+                match self.log.get(&s) {
+                    Some(x) if x.ballot > 0 => known.push(Entry {
+                        index: s,
+                        term: x.ballot,
+                        payload: x.payload.clone(),
+                    }),
+                    _ => compacted |= s <= self.snapshot.index,
+                }
+                continue;
+            }
+            if self.log.get(&s).is_some_and(|x| x.ballot > b) {
                 continue;
             }
             if self
@@ -1068,6 +1079,15 @@ impl MultiPaxos {
         }
         for (first, last) in runs {
             self.send_persisted(from, b, MessageKind::Accepted { first, last });
+        }
+        if self.cfg.mode == Mode::Multi && from != self.id {
+            if compacted {
+                let meta = self.snapshot.clone();
+                self.send(from, b, MessageKind::Snapshot { meta });
+            }
+            if !known.is_empty() {
+                self.send(from, b, MessageKind::Learn { entries: known });
+            }
         }
         if self.cfg.mode == Mode::Multi && from != self.id {
             self.learn_by_ballot(from, b, commit);
@@ -1126,9 +1146,6 @@ impl MultiPaxos {
     }
 
     fn on_learn(&mut self, from: NodeId, b: Ballot, entries: Vec<Entry>) {
-        if self.cfg.mode == Mode::Multi && self.role == Role::Leader {
-            return;
-        }
         for e in entries {
             self.learn_value(e.index, e.term, e.payload);
         }
@@ -1147,9 +1164,6 @@ impl MultiPaxos {
     }
 
     fn on_snapshot(&mut self, from: NodeId, b: Ballot, meta: SnapshotMeta) {
-        if self.cfg.mode == Mode::Multi && self.role == Role::Leader {
-            return;
-        }
         if meta.index > self.commit {
             let index = meta.index;
             self.snapshot = SnapshotMeta {
@@ -1159,6 +1173,17 @@ impl MultiPaxos {
             };
             self.log.retain(|&i, _| i > index);
             self.chosen_above.retain(|&i| i > index);
+            if self.front_slot.is_some_and(|f| f <= index) {
+                // Basic mode: the slot where this node's front value went out
+                // is chosen, but the value there is only in the image. The
+                // value's fate is unknown here: it is not proposed again
+                // (proposals are at most once, as a forwarded one is).
+                self.front_slot = None;
+                if self.instance.as_ref().is_none_or(|i| i.slot <= index) {
+                    self.instance = None;
+                    self.queue.pop_front();
+                }
+            }
             self.commit = index;
             self.handed = index;
             self.pending_snapshot = Some(self.snapshot.clone());

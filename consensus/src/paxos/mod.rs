@@ -36,9 +36,19 @@
 //! that prefix was accepted in the leader's ballot holds the leader's own
 //! proposal there, hence the chosen value; otherwise it answers with its
 //! prefix and the leader sends the chosen values (`Learn`), or its snapshot
-//! when they are compacted away. A leader never takes chosen values from a
-//! message of a lower ballot, so a slot it proposed in `b` is only ever
-//! chosen, in its eyes, by its own majority.
+//! when they are compacted away. An acceptor asked to accept in a slot it
+//! already knows chosen sends the leader the chosen value instead.
+//!
+//! Why learning by ballot is sound: a node knows a value chosen in ballot
+//! `c` only once it has promised `c` or higher (it learns through the
+//! leader of a ballot it promised, through promises to its own ballot, or
+//! from the leader of a ballot it acknowledged), and every message that
+//! teaches chosen values carries the sender's promise; a leader of `b` steps
+//! down on a message of a higher ballot first. So a leader of `b` only ever
+//! learns values chosen in ballots up to `b`, which are its own proposals
+//! where it made one (phase 1 guarantees a proposal of `b` carries any value
+//! chosen below `b`), and an acceptor holding the leader's ballot at a slot
+//! the leader says is chosen holds the chosen value.
 //!
 //! Reads: the leader records its read point — its chosen prefix, and at
 //! least the last slot it re-proposed on takeover (values chosen by earlier
@@ -57,7 +67,11 @@
 //! no-op through both phases and its slot is the read point. Each node
 //! announces its chosen prefix every heartbeat so that members that missed a
 //! `Learn` catch up. `propose` and `read_index` answer
-//! `Forwarded { to: own id }`: the slot is known only once chosen.
+//! `Forwarded { to: own id }`: the slot is known only once chosen. A value
+//! is chosen at most once, like a forwarded proposal: if the slot where its
+//! proposer sent it out is chosen but reaches the proposer only inside a
+//! snapshot, the proposer cannot tell whether it was its value and does not
+//! propose it again.
 //!
 //! # Durability on the shared storage
 //!
