@@ -1,6 +1,8 @@
 //! The REST API against a real single-node gateway (Raft node, WAL, SQLite),
 //! driven through `gateway::api::app` with `tower::ServiceExt::oneshot`.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +36,23 @@ fn config(dir: &std::path::Path) -> Config {
     let mut c = Config::single(dir.to_path_buf(), any, any);
     c.tick = Duration::from_millis(2);
     c.max_wait = Duration::from_secs(10);
+    c.consensus = common::engine_under_test();
     c
+}
+
+/// Every test of this file again on every other engine a gateway runs,
+/// but the one that adds a member and transfers leadership (Raft only; on
+/// the others those answer 409, which `cluster.rs` checks).
+#[test]
+fn every_test_passes_on_every_engine() {
+    common::rerun_on_every_other_engine(
+        None,
+        &[
+            "every_test_passes_on_every_engine",
+            "requests_are_judged_as_the_openapi_document_says",
+        ],
+        16,
+    );
 }
 
 /// An API router over `gw` with settings `config` and its own shutdown switch.

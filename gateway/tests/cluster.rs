@@ -45,20 +45,8 @@ fn config(dir: &Path, id: u64, peers: &BTreeMap<u64, SocketAddr>) -> Config {
     c.tick = Duration::from_millis(5);
     c.session_grace = Duration::from_millis(400);
     c.report_coalesce = Duration::from_millis(10);
-    c.consensus = engine_under_test();
+    c.consensus = common::engine_under_test();
     c
-}
-
-/// The consensus engine these tests run the group on: Raft, unless
-/// `ENTENTE_TEST_CONSENSUS` names another (as the runs of
-/// [`the_engine_agnostic_tests_pass_on_every_engine`] do).
-fn engine_under_test() -> EngineKind {
-    match std::env::var("ENTENTE_TEST_CONSENSUS") {
-        Ok(name) => name
-            .parse()
-            .expect("ENTENTE_TEST_CONSENSUS names an engine"),
-        Err(_) => EngineKind::Raft,
-    }
 }
 
 /// The tests of this file that hold whatever the group's consensus engine
@@ -73,40 +61,10 @@ const ENGINE_AGNOSTIC: &[&str] = &[
     "tokens_are_managed_through_any_gateway_and_revocation_holds_on_each",
 ];
 
-/// The same tests, parametrised by engine rather than copied: this test
-/// runs this test binary again for each engine other than Raft, with
-/// `ENTENTE_TEST_CONSENSUS` set, on the engine-agnostic tests, and fails
-/// if any of them fails there.
+/// The same tests on every other engine a gateway runs.
 #[test]
 fn the_engine_agnostic_tests_pass_on_every_engine() {
-    if std::env::var_os("ENTENTE_TEST_CONSENSUS").is_some() {
-        return; // Already a run on another engine.
-    }
-    let exe = std::env::current_exe().expect("test binary");
-    // Every engine a gateway runs besides Raft (basic Paxos has no leader;
-    // a gateway refuses it, see `--consensus`).
-    let others = EngineKind::ALL
-        .into_iter()
-        .filter(|k| !matches!(k, EngineKind::Raft | EngineKind::BasicPaxos));
-    for engine in others {
-        let out = std::process::Command::new(&exe)
-            .env("ENTENTE_TEST_CONSENSUS", engine.name())
-            .arg("--exact")
-            .args(ENGINE_AGNOSTIC)
-            .output()
-            .expect("run the test binary");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "on {engine}:\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let passed = format!("test result: ok. {} passed", ENGINE_AGNOSTIC.len());
-        assert!(
-            stdout.contains(&passed),
-            "on {engine}, not all ran:\n{stdout}"
-        );
-    }
+    common::rerun_on_every_other_engine(Some(ENGINE_AGNOSTIC), &[], ENGINE_AGNOSTIC.len());
 }
 
 async fn three_with(dir: &Path, tweak: impl Fn(&mut Config)) -> Cluster {

@@ -16,6 +16,12 @@ mod common;
 
 use common::{Seen, SseStream, WAIT, connect_v4, connect_v4_keep_alive, connect_v5, metric};
 
+/// Every test of this file again on every other engine a gateway runs.
+#[test]
+fn every_test_passes_on_every_engine() {
+    common::rerun_on_every_other_engine(None, &["every_test_passes_on_every_engine"], 16);
+}
+
 struct Env {
     gw: Gateway,
     base: String,
@@ -32,6 +38,7 @@ async fn boot(dir: &Path) -> Env {
     config.tick = Duration::from_millis(5);
     config.report_coalesce = Duration::from_millis(30);
     config.mqtt_max_payload = 1024;
+    config.consensus = common::engine_under_test();
     let gw = gateway::start(config).await.expect("start");
     let file = gw.admin_token_file.clone().expect("admin token file");
     let token = std::fs::read_to_string(file)
@@ -1178,6 +1185,7 @@ async fn connections_over_the_limit_are_closed_at_once() {
     );
     config.tick = Duration::from_millis(5);
     config.mqtt_max_connections = 3;
+    config.consensus = common::engine_under_test();
     let gw = gateway::start(config).await.expect("start");
     let addr = gw.mqtt_addr.expect("listener");
     let mut held = Vec::new();

@@ -11,6 +11,66 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
+/// The consensus engine a test runs its gateways on: Raft, unless
+/// `ENTENTE_TEST_CONSENSUS` names another (as the runs of
+/// [`rerun_on_every_other_engine`] do).
+pub fn engine_under_test() -> coordinator::engine::EngineKind {
+    match std::env::var("ENTENTE_TEST_CONSENSUS") {
+        Ok(name) => name
+            .parse()
+            .expect("ENTENTE_TEST_CONSENSUS names an engine"),
+        Err(_) => coordinator::engine::EngineKind::Raft,
+    }
+}
+
+/// Tests parametrised by engine rather than copied: runs this test binary
+/// again for each engine a gateway runs besides Raft (not basic Paxos,
+/// which has no leader and which a gateway refuses), with
+/// `ENTENTE_TEST_CONSENSUS` set, on `tests` (exact names) or, if `None`,
+/// on every test but those in `skip` (the caller, and tests of what only
+/// Raft does); fails if any fails there or fewer than `expected` pass.
+/// Does nothing inside such a run.
+pub fn rerun_on_every_other_engine(tests: Option<&[&str]>, skip: &[&str], expected: usize) {
+    use coordinator::engine::EngineKind;
+    if std::env::var_os("ENTENTE_TEST_CONSENSUS").is_some() {
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    let others = EngineKind::ALL
+        .into_iter()
+        .filter(|k| !matches!(k, EngineKind::Raft | EngineKind::BasicPaxos));
+    for engine in others {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.env("ENTENTE_TEST_CONSENSUS", engine.name());
+        match tests {
+            Some(names) => {
+                cmd.arg("--exact").args(names);
+            }
+            None => {
+                for name in skip {
+                    cmd.args(["--skip", name]);
+                }
+            }
+        }
+        let out = cmd.output().expect("run the test binary");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "on {engine}:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let passed = stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("test result: ok. "))
+            .filter_map(|l| l.split(' ').next()?.parse::<usize>().ok())
+            .sum::<usize>();
+        assert!(
+            passed >= expected,
+            "on {engine}, {passed} tests passed, not {expected}:\n{stdout}"
+        );
+    }
+}
+
 /// How long a test waits for any one thing.
 pub const WAIT: Duration = Duration::from_secs(15);
 
