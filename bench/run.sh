@@ -25,7 +25,7 @@
 #                            for the CPUs to be at most 25 % busy (0: do not wait)
 #   BENCH_PROFILE=1          0 skips the perf profiles
 #   BENCH_MATCHED_FAILOVER=1 0 skips etcd's extra failover run with Entente's timings
-#   BENCH_PORT_BASE=23000    ports BASE+101 .. BASE+1033 on 127.0.0.1
+#   BENCH_PORT_BASE=23000    ports BASE+101 .. BASE+1103 on 127.0.0.1
 #   BENCH_DIR=...            data and results (default: a new directory under target/)
 #   BENCH_OUT=bench/BENCHMARKS.md, BENCH_CHART=bench/chart.png
 #   BENCH_NO_INSTALL=1       do not run apt-get (the tools must be there)
@@ -35,6 +35,11 @@
 #                            phase, closed-loop writes against it and the plain
 #                            group in turn at each level (ports BASE+341 .. 643);
 #                            the figures are appended to the report
+#   BENCH_ENGINES=1          0 skips the Multi-Paxos group: a three-gateway
+#                            group on --consensus multi-paxos, closed-loop
+#                            writes against it and the (Raft) main group in
+#                            turn at each level, and its failover (ports
+#                            BASE+761 .. 1103); appended to the report
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -43,7 +48,7 @@ STARTED=$(date +%s)
 COMMAND="bench/run.sh"
 for k in BENCH_SECS BENCH_WARMUP BENCH_QUICK BENCH_CLIENTS BENCH_KILLS BENCH_INGEST_CLIENTS \
          BENCH_INGEST_INFLIGHT BENCH_SPREAD BENCH_PROFILE BENCH_MATCHED_FAILOVER BENCH_QUIET_WAIT \
-         BENCH_PEER_TLS; do
+         BENCH_PEER_TLS BENCH_ENGINES; do
   if [ -n "${!k:-}" ]; then COMMAND="$k=\"${!k}\" $COMMAND"; fi
 done
 
@@ -61,6 +66,7 @@ else
 fi
 INFLIGHT=${BENCH_INGEST_INFLIGHT:-"1 10"}
 PEER_TLS=${BENCH_PEER_TLS:-0}
+ENGINES=${BENCH_ENGINES:-1}
 SPREAD=${BENCH_SPREAD:-rotate}
 QUIET_WAIT=${BENCH_QUIET_WAIT:-20}
 BASE=${BENCH_PORT_BASE:-23000}
@@ -160,6 +166,10 @@ USED_PORTS=""
 for p in 100 710 720; do for o in 1 2 3 101 102 103; do USED_PORTS+=" $((BASE + p + o))"; done; done
 for p in 300 730; do for o in 1 2 3 101 102 103 201 202 203 301 302 303; do USED_PORTS+=" $((BASE + p + o))"; done; done
 USED_PORTS+=" $((BASE + 701))"
+# The Multi-Paxos groups (BENCH_ENGINES=1): P = 760 (writes), 800 (failover).
+if [ "$ENGINES" = 1 ]; then
+  for p in 760 800; do for o in 1 2 3 101 102 103 201 202 203 301 302 303; do USED_PORTS+=" $((BASE + p + o))"; done; done
+fi
 # The peer-TLS group (BENCH_PEER_TLS=1): P = 340.
 if [ "$PEER_TLS" = 1 ]; then
   for o in 1 2 3 101 102 103 201 202 203 301 302 303; do USED_PORTS+=" $((BASE + 340 + o))"; done
@@ -192,13 +202,13 @@ etcd_endpoints() { echo "http://127.0.0.1:$(($1 + 1)),http://127.0.0.1:$(($1 + 2
 # The load generator's one token sends thousands of requests a second, past
 # the default per-token limit (1,000/s): the limit is off here, as an
 # operator would set it for a load-test token; etcd has none.
-gw_cmd() { # i port_base data_root
-  local i=$1 pb=$2 root=$3
+gw_cmd() { # i port_base data_root extra...
+  local i=$1 pb=$2 root=$3; shift 3
   local peers="1=127.0.0.1:$((pb + 101)),2=127.0.0.1:$((pb + 102)),3=127.0.0.1:$((pb + 103))"
   echo "$GATEWAY --node-id $i --peers $peers --data-dir $root/g$i" \
        "--http-listen 127.0.0.1:$((pb + i)) --raft-listen 127.0.0.1:$((pb + 100 + i))" \
        "--cluster-secret entente-bench-secret --rest-rate-limit 0" \
-       "--mqtt-listen 127.0.0.1:$((pb + 200 + i)) --mqtt5-listen 127.0.0.1:$((pb + 300 + i))"
+       "--mqtt-listen 127.0.0.1:$((pb + 200 + i)) --mqtt5-listen 127.0.0.1:$((pb + 300 + i)) $*"
 }
 gw_endpoints() { echo "http://127.0.0.1:$(($1 + 1)),http://127.0.0.1:$(($1 + 2)),http://127.0.0.1:$(($1 + 3))"; }
 gw_tokens() { echo "$1/g1/admin-token,$1/g2/admin-token,$1/g3/admin-token"; }
@@ -304,6 +314,37 @@ if [ "$PEER_TLS" = 1 ]; then
   stop_pids "${TLS_PIDS[@]}"
 fi
 
+# --- 7c. Writes on Multi-Paxos (BENCH_ENGINES=1) ------------------------------------------
+# A group on the other consensus engine a gateway runs, against the main
+# (Raft) group: the same closed-loop writes, the two taking turns at each
+# level. Results stay out of $RES; a summary is appended to the report.
+ENGINES_SUMMARY="$DIR/engines/summary.txt"
+if [ "$ENGINES" = 1 ]; then
+  phase "writes on Raft and on Multi-Paxos"
+  PB=$((BASE + 760)); PDATA="$DIR/gw-paxos"; mkdir -p "$PDATA" "$DIR/engines"
+  PAXOS_PIDS=()
+  for i in 1 2 3; do
+    # shellcheck disable=SC2046
+    $(gw_cmd $i $PB "$PDATA" --consensus multi-paxos) >"$DIR/logs/gw-paxos$i.log" 2>&1 &
+    PAXOS_PIDS+=($!); PIDS+=($!)
+  done
+  P_EP=$(gw_endpoints $PB); P_TOK=$(gw_tokens "$PDATA"); P_PIDS=$(IFS=,; echo "${PAXOS_PIDS[*]}")
+  "$LOADGEN" ready --target entente --endpoints "$P_EP" --token-file "$P_TOK" >/dev/null
+  "$LOADGEN" setup --target entente --endpoints "$P_EP" --token-file "$P_TOK" --clients "$MAXC"
+  for c in $CLIENTS; do
+    for s in $(order $n); do
+      if [ "$s" = etcd ]; then engine=raft ep=$G_EP tok=$G_TOK pids=$N_PIDS
+      else engine=multi-paxos ep=$P_EP tok=$P_TOK pids=$P_PIDS; fi
+      line=$("$LOADGEN" write --target entente --endpoints "$ep" --token-file "$tok" --pids "$pids" \
+        --warmup-secs "$WARMUP" --duration-secs "$SECS" --spread "$SPREAD" --clients "$c" \
+        --out "$DIR/engines/write-$engine-c$c.json" 2>&1 >/dev/null | tail -1)
+      printf '%-12s %s\n' "$engine:" "$line" | tee -a "$ENGINES_SUMMARY" >&2
+    done
+    n=$((n + 1))
+  done
+  stop_pids "${PAXOS_PIDS[@]}"
+fi
+
 # --- 8. Reads -----------------------------------------------------------------------
 for cons in linearizable local; do
   phase "reads ($cons)"
@@ -404,6 +445,16 @@ failover() { # system slug label port_base extra-flags...
 phase "failover"
 failover etcd defaults defaults $((BASE + 710))
 failover entente defaults defaults $((BASE + 730))
+if [ "$ENGINES" = 1 ]; then
+  # The Multi-Paxos group's failover, reported beside the summary above.
+  d="$DIR/failover-entente-paxos"; mkdir -p "$d/data"
+  cmds=(); for i in 1 2 3; do cmds+=(--member-cmd "$(gw_cmd $i $((BASE + 800)) "$d/data" --consensus multi-paxos)"); done
+  "$LOADGEN" failover --target entente --endpoints "$(gw_endpoints $((BASE + 800)))" \
+    --token-file "$(gw_tokens "$d/data")" "${cmds[@]}" --log-dir "$d" --trials "$KILLS" \
+    --label "multi-paxos" --out "$DIR/engines/failover-multi-paxos.json" >/dev/null
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("multi-paxos failover: kill -> first write p50 %.0f ms, p99 %.0f ms over %d kills" % (r["p50_ms"], r["p99_ms"], len(r["trials_ms"])))' \
+    "$DIR/engines/failover-multi-paxos.json" | tee -a "$ENGINES_SUMMARY" >&2
+fi
 if [ "$MATCHED" = 1 ]; then
   failover etcd matched "Entente's timings: --heartbeat-interval 40 --election-timeout 200" $((BASE + 720)) \
     --heartbeat-interval 40 --election-timeout 200
@@ -482,6 +533,20 @@ if [ "$PEER_TLS" = 1 ] && [ -s "$PEER_TLS_SUMMARY" ]; then
     echo
     echo '```'
     cat "$PEER_TLS_SUMMARY"
+    echo '```'
+  } >>"$OUT"
+fi
+if [ "$ENGINES" = 1 ] && [ -s "$ENGINES_SUMMARY" ]; then
+  {
+    echo
+    echo "## Entente writes on Raft and on Multi-Paxos (BENCH_ENGINES=1)"
+    echo
+    echo "The main three-gateway group (Raft) and a group started with \`--consensus multi-paxos\`;"
+    echo "the same closed-loop writes as above against each in turn at every level ($SECS s each,"
+    echo "after $WARMUP s warm-up), then $KILLS leader kills of the Multi-Paxos group (as in Failover):"
+    echo
+    echo '```'
+    cat "$ENGINES_SUMMARY"
     echo '```'
   } >>"$OUT"
 fi
