@@ -427,6 +427,8 @@ pub const ENTRY_OVERHEAD: u64 = 64;
 /// Batches queued for the apply task behind each other are applied in one
 /// call up to this many entries.
 const APPLY_MERGE_ENTRIES: usize = 4096;
+/// Snapshot images kept between two cycles (each is a file, received whole).
+const INCOMING_SNAPSHOTS: usize = 4;
 /// After a snapshot build failed, the next is tried this much later.
 const SNAPSHOT_RETRY: Duration = Duration::from_secs(5);
 
@@ -550,7 +552,7 @@ impl<O: Send + 'static> Node<O> {
             conf_waiters: BTreeMap::new(),
             transfers: Vec::new(),
             forwarded_confs: Vec::new(),
-            incoming_snapshot: None,
+            incoming_snapshots: Vec::new(),
             latest_snapshot,
             status: status_tx,
             syncs: 0,
@@ -748,7 +750,12 @@ struct Driver<E: Engine, S: LogStore, P, M: StateMachine> {
     /// Membership changes forwarded to the leader: answered when an equal
     /// change commits after the request, or with a timeout.
     forwarded_confs: Vec<(ConfChange, Reply<Index>, Instant)>,
-    incoming_snapshot: Option<(SnapshotMeta, StagedImage)>,
+    /// Snapshot images received since the last cycle, with their metadata
+    /// (at most [`INCOMING_SNAPSHOTS`]): the next `ready` says which one, if
+    /// any, the engine installs — not always the last to arrive (two
+    /// members may send the same snapshot labelled with different terms,
+    /// and the engine takes the first).
+    incoming_snapshots: Vec<(SnapshotMeta, StagedImage)>,
     latest_snapshot: Option<(SnapshotMeta, SnapshotImage)>,
     status: watch::Sender<NodeStatus>,
     syncs: u64,
@@ -1297,7 +1304,16 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
             Inbound::Message(m) => self.raft.step(m),
             Inbound::Snapshot { msg, image } => {
                 if let Some(meta) = msg.snapshot() {
-                    self.incoming_snapshot = Some((meta.clone(), image));
+                    let known = self
+                        .incoming_snapshots
+                        .iter()
+                        .any(|(m, _)| m.index == meta.index && m.term == meta.term);
+                    if !known {
+                        if self.incoming_snapshots.len() >= INCOMING_SNAPSHOTS {
+                            self.incoming_snapshots.remove(0);
+                        }
+                        self.incoming_snapshots.push((meta.clone(), image));
+                    }
                 }
                 self.raft.step(msg)
             }
@@ -1460,14 +1476,20 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
         let msgs = std::mem::take(&mut rd.messages);
         self.send_all(msgs);
         // 2. A snapshot from the leader.
-        if rd.snapshot.is_none() && self.incoming_snapshot.is_some() {
-            // The core did not take it (stale): its file goes now.
-            self.incoming_snapshot = None;
-        }
+        // The image of the snapshot the engine installs, if any; the others
+        // (stale, or the same snapshot sent twice) have their files go now.
+        let mut incoming = std::mem::take(&mut self.incoming_snapshots);
+        let taken = rd.snapshot.as_ref().and_then(|meta| {
+            let i = incoming
+                .iter()
+                .position(|(m, _)| m.index == meta.index && m.term == meta.term)?;
+            Some(incoming.swap_remove(i))
+        });
+        drop(incoming);
         if let Some(meta) = rd.snapshot.clone() {
-            let staged = match self.incoming_snapshot.take() {
-                Some((m, d)) if m.index == meta.index && m.term == meta.term => d,
-                _ => {
+            let staged = match taken {
+                Some((_, d)) => d,
+                None => {
                     return Err(format!("snapshot {} arrived without its image", meta.index).into());
                 }
             };

@@ -1194,3 +1194,71 @@ async fn a_proposal_chosen_under_a_later_term_is_answered_with_its_result() {
     assert_eq!(log.0.lock().expect("log").0, ["v0", "v1", "v2", "v3", "v4"]);
     node.shutdown().await;
 }
+
+/// Two members send a lagging Multi-Paxos member the same snapshot at once,
+/// labelled with different ballots (each labels the slot with the ballot it
+/// holds there). The engine installs the first; the image it is installed
+/// from must be that one's, not the second's: the driver used to keep the
+/// image that arrived last and stopped the node ("snapshot N arrived
+/// without its image") — found by the chaos run on Multi-Paxos.
+#[tokio::test]
+async fn two_images_of_one_snapshot_arriving_together_install_once() {
+    use coordinator::engine::EngineKind;
+    use coordinator::paxos::{Message as PaxosMessage, MessageKind as PaxosKind, ballot};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (storage, rec) =
+        Storage::open(dir.path().join("2"), StorageOptions::default()).expect("open");
+    let init = rec.into_initial_state(ConfState::with_voters([1, 2, 3]));
+    let (tx, rx) = mpsc::channel(16);
+    let image = |text: &str| {
+        let mut staged = StagedImage::create_in(dir.path()).expect("stage");
+        std::io::Write::write_all(&mut staged, text.as_bytes()).expect("write");
+        staged.seal().expect("seal");
+        staged
+    };
+    for (from, label) in [(3, ballot(4, 3)), (1, ballot(4, 1))] {
+        let meta = SnapshotMeta {
+            index: 10,
+            term: label,
+            conf_state: ConfState::with_voters([1, 2, 3]),
+        };
+        let msg = PaxosMessage {
+            from,
+            to: 2,
+            ballot: ballot(4, 3),
+            kind: PaxosKind::Snapshot { meta },
+        };
+        // Both wait in the channel: the driver takes them in one go.
+        tx.send(Inbound::Snapshot {
+            msg,
+            image: image(&format!("from-{from}")),
+        })
+        .await
+        .expect("queue");
+    }
+    struct Nowhere;
+    impl PeerSender<PaxosMessage> for Nowhere {
+        fn send(&self, _: PaxosMessage) {}
+        fn send_snapshot(&self, _: PaxosMessage, _: SnapshotImage) {}
+    }
+    let mut cfg = config(2);
+    cfg.engine = EngineKind::MultiPaxos;
+    let log = Log::default();
+    let node = Node::start::<coordinator::paxos::MultiPaxos, _, _, _>(
+        cfg,
+        init,
+        storage,
+        Arc::new(Nowhere),
+        rx,
+        log.clone(),
+    )
+    .await
+    .expect("start");
+    node.wait_applied(10, Duration::from_secs(10))
+        .await
+        .expect("the snapshot is installed");
+    assert!(node.status().fatal.is_none(), "{:?}", node.status().fatal);
+    assert_eq!(log.0.lock().expect("log").0, ["from-3"]);
+    drop(tx);
+    node.shutdown().await;
+}
