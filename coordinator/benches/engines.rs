@@ -8,7 +8,8 @@
 //! leader sees it committed. Proposals that arrive while a round is in flight
 //! are batched into the next append (pipelining up to the inflight limit).
 //! Basic Paxos has no leader: every proposal runs both phases at node 1.
-//! `ENGINE_BENCH_SECS` sets the duration of each run (default 3).
+//! `ENGINE_BENCH_SECS` sets the duration of each run (default 3);
+//! `ENGINE_BENCH_ONLY=multi-paxos` (or another engine's name) runs one engine.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -193,8 +194,10 @@ fn main() {
         "{:>12} {:>10} {:>14} {:>10} {:>10} {:>10} {:>10}",
         "engine", "proposers", "commits/s", "p50 µs", "p99 µs", "max µs", "batch"
     );
+    let only = std::env::var("ENGINE_BENCH_ONLY").ok();
     for (kind, proposers) in EngineKind::ALL
         .into_iter()
+        .filter(|k| only.as_deref().is_none_or(|o| o == k.name()))
         .flat_map(|k| [1, 64, 256].map(|p| (k, p)))
     {
         let o = run(kind, proposers, duration, 100);
