@@ -58,8 +58,9 @@ const TRACE_LINES: usize = 300;
 /// (multi: the liveness phase proposed before a node cut off until the heal
 /// took over, losing the value in flight), 2452 (basic: a proposer that
 /// learned the slot of its value only through a snapshot proposed it again,
-/// and it was chosen twice).
-const REGRESSION_SEEDS: &[u64] = &[52, 2047, 15230, 2452];
+/// and it was chosen twice), 11265 (basic: a promise reporting a learned
+/// value under a ballot above the prepare's was refused as malformed).
+const REGRESSION_SEEDS: &[u64] = &[52, 2047, 15230, 2452, 11265];
 
 struct Rng(SplitMix64);
 
