@@ -842,10 +842,9 @@ impl MultiPaxos {
                     return Err(malformed(from, "promise with a nonsense chosen prefix"));
                 }
                 check_entries(from, accepted, false)?;
-                if accepted
-                    .iter()
-                    .any(|e| e.index < *first || e.index > *last || e.term > m.ballot)
-                {
+                // A value's ballot may exceed the promise: an acceptor keeps
+                // the ballot a chosen value it learned was accepted in.
+                if accepted.iter().any(|e| e.index < *first || e.index > *last) {
                     return Err(malformed(
                         from,
                         "promise reports values outside the prepare",
