@@ -527,15 +527,48 @@ impl MultiPaxos {
         self.chosen_above.insert(slot);
     }
 
+    /// [`MultiPaxos::learn_value`] for a value the caller only borrows:
+    /// false when the value must be written (then call `learn_value`).
+    fn learn_held(&mut self, slot: Index, label: Ballot, payload: &EntryPayload) -> bool {
+        if slot <= self.commit || slot <= self.snapshot.index || slot > self.gap_limit() {
+            return true;
+        }
+        let ballot = self.log.get(&slot).map_or(0, |s| s.ballot).max(label);
+        if self
+            .log
+            .get(&slot)
+            .is_none_or(|s| s.ballot != ballot || s.payload != *payload)
+        {
+            return false;
+        }
+        self.chosen_above.insert(slot);
+        true
+    }
+
     fn advance_commit(&mut self) {
         while self.chosen_above.remove(&(self.commit + 1)) {
             self.commit += 1;
         }
-        self.chosen_above.retain(|&s| s > self.commit);
+        // Trimmed from the front: only what the prefix now covers goes.
+        let commit = self.commit;
+        while self.chosen_above.first().is_some_and(|&s| s <= commit) {
+            self.chosen_above.pop_first();
+        }
         if self.role == Role::Leader {
-            let commit = self.commit;
-            self.proposals.retain(|&s, _| s > commit);
-            self.votes.retain(|&s, _| s > commit);
+            while self
+                .proposals
+                .first_key_value()
+                .is_some_and(|(&s, _)| s <= commit)
+            {
+                self.proposals.pop_first();
+            }
+            while self
+                .votes
+                .first_key_value()
+                .is_some_and(|(&s, _)| s <= commit)
+            {
+                self.votes.pop_first();
+            }
             while self.inflight.front().is_some_and(|&l| l <= commit) {
                 self.inflight.pop_front();
             }
@@ -1470,12 +1503,18 @@ impl MultiPaxos {
                 }
             }
         }
+        // The values are only borrowed: the leader's own acceptor holds them
+        // already (accepted in `b`), so most need no copy.
+        let proposals = std::mem::take(&mut self.proposals);
         for s in chosen {
-            if let Some(p) = self.proposals.get(&s).cloned() {
+            if let Some(p) = proposals.get(&s) {
                 self.votes.remove(&s);
-                self.learn_value(s, b, p);
+                if !self.learn_held(s, b, p) {
+                    self.learn_value(s, b, p.clone());
+                }
             }
         }
+        self.proposals = proposals;
         self.advance_commit();
         self.flush();
     }
