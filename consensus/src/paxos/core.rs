@@ -20,6 +20,44 @@ struct Slot {
     payload: EntryPayload,
 }
 
+/// A value the multi-mode leader proposed in its ballot, not yet chosen.
+#[derive(Clone, Debug)]
+struct Proposal {
+    payload: EntryPayload,
+    /// Acceptors that acknowledged it in the ballot.
+    votes: usize,
+    /// Still counting: not yet found chosen by its votes.
+    open: bool,
+}
+
+/// Adds `lo..=hi` to `set` (disjoint ranges, ascending, none adjacent) and
+/// calls `new` with each part of it that was not in `set` yet.
+fn add_range(
+    set: &mut Vec<(Index, Index)>,
+    lo: Index,
+    hi: Index,
+    mut new: impl FnMut(Index, Index),
+) {
+    let start = set.partition_point(|&(_, b)| b.saturating_add(1) < lo);
+    let end = set.partition_point(|&(a, _)| a <= hi.saturating_add(1));
+    let mut cur = lo;
+    for &(a, b) in &set[start..end] {
+        if a > cur && cur <= hi {
+            new(cur, (a - 1).min(hi));
+        }
+        cur = cur.max(b.saturating_add(1));
+    }
+    if cur <= hi {
+        new(cur, hi);
+    }
+    let merged = if start < end {
+        (set[start].0.min(lo), set[end - 1].1.max(hi))
+    } else {
+        (lo, hi)
+    };
+    set.splice(start..end, [merged]);
+}
+
 /// One acceptor's answer to a prepare.
 #[derive(Clone, Debug)]
 struct PromiseInfo {
@@ -115,9 +153,13 @@ pub struct MultiPaxos {
     takeover_last: Index,
     next_slot: Index,
     sent_upto: Index,
-    /// Values this leader proposed in its ballot, not yet chosen.
-    proposals: BTreeMap<Index, EntryPayload>,
-    votes: BTreeMap<Index, BTreeSet<NodeId>>,
+    /// Values this leader proposed in its ballot, not yet chosen: slots
+    /// `prop_first..next_slot`.
+    proposals: VecDeque<Proposal>,
+    prop_first: Index,
+    /// The slots each acceptor (this node too) acknowledged in the ballot,
+    /// as ranges ascending (those up to the chosen prefix trimmed away).
+    acks: BTreeMap<NodeId, Vec<(Index, Index)>>,
     inflight: VecDeque<Index>,
     read_seq: u64,
     reads: VecDeque<PendingRead>,
@@ -261,8 +303,9 @@ impl MultiPaxos {
             takeover_last: 0,
             next_slot: 0,
             sent_upto: 0,
-            proposals: BTreeMap::new(),
-            votes: BTreeMap::new(),
+            proposals: VecDeque::new(),
+            prop_first: 0,
+            acks: BTreeMap::new(),
             inflight: VecDeque::new(),
             read_seq: 0,
             reads: VecDeque::new(),
@@ -555,19 +598,12 @@ impl MultiPaxos {
             self.chosen_above.pop_first();
         }
         if self.role == Role::Leader {
-            while self
-                .proposals
-                .first_key_value()
-                .is_some_and(|(&s, _)| s <= commit)
-            {
-                self.proposals.pop_first();
+            while self.prop_first <= commit && self.proposals.pop_front().is_some() {
+                self.prop_first += 1;
             }
-            while self
-                .votes
-                .first_key_value()
-                .is_some_and(|(&s, _)| s <= commit)
-            {
-                self.votes.pop_first();
+            for set in self.acks.values_mut() {
+                let n = set.partition_point(|&(_, hi)| hi <= commit);
+                set.drain(..n);
             }
             while self.inflight.front().is_some_and(|&l| l <= commit) {
                 self.inflight.pop_front();
@@ -580,7 +616,7 @@ impl MultiPaxos {
         self.leader = leader;
         self.candidacy = None;
         self.proposals.clear();
-        self.votes.clear();
+        self.acks.clear();
         self.inflight.clear();
         self.reads.clear();
         if self.cfg.mode == Mode::Multi {
@@ -672,7 +708,7 @@ impl MultiPaxos {
         self.leader = None;
         self.ballot = b;
         self.proposals.clear();
-        self.votes.clear();
+        self.acks.clear();
         self.inflight.clear();
         self.reads.clear();
         self.elapsed = 0;
@@ -1364,7 +1400,7 @@ impl MultiPaxos {
         self.next_slot = max_slot + 1;
         self.sent_upto = self.commit;
         self.proposals.clear();
-        self.votes.clear();
+        self.acks.clear();
         self.inflight.clear();
         self.heartbeat_elapsed = 0;
         for p in self.peers.values_mut() {
@@ -1372,17 +1408,15 @@ impl MultiPaxos {
             p.heard = false;
             p.snapshot_elapsed = None;
         }
+        self.prop_first = self.commit + 1;
         for s in self.commit + 1..=max_slot {
             let payload = best.remove(&s).map_or(EntryPayload::Empty, |(_, v)| v);
-            self.proposals.insert(s, payload);
-            self.votes.insert(s, BTreeSet::new());
+            self.push_proposal(payload);
         }
         let mut queued = std::mem::take(&mut self.queue);
         for p in queued.drain(..) {
-            let s = self.next_slot;
             self.next_slot += 1;
-            self.proposals.insert(s, p.payload);
-            self.votes.insert(s, BTreeSet::new());
+            self.push_proposal(p.payload);
         }
         self.accept_own(self.commit + 1, self.next_slot - 1);
         self.flush();
@@ -1394,13 +1428,13 @@ impl MultiPaxos {
             return;
         }
         let b = self.ballot;
-        let entries: Vec<Entry> = self
-            .proposals
-            .range(first..=last)
-            .map(|(&index, p)| Entry {
-                index,
-                term: b,
-                payload: p.clone(),
+        let entries: Vec<Entry> = (first..=last)
+            .filter_map(|index| {
+                self.proposal(index).map(|p| Entry {
+                    index,
+                    term: b,
+                    payload: p.payload.clone(),
+                })
             })
             .collect();
         let commit = self.commit;
@@ -1413,8 +1447,7 @@ impl MultiPaxos {
         }
         let s = self.next_slot;
         self.next_slot += 1;
-        self.proposals.insert(s, payload);
-        self.votes.insert(s, BTreeSet::new());
+        self.push_proposal(payload);
         self.accept_own(s, s);
         self.flush();
         Ok(Proposed::Appended {
@@ -1423,14 +1456,33 @@ impl MultiPaxos {
         })
     }
 
+    /// The proposal at slot `s`, if this leader holds one.
+    fn proposal(&self, s: Index) -> Option<&Proposal> {
+        let offset = s.checked_sub(self.prop_first)?;
+        self.proposals.get(usize::try_from(offset).ok()?)
+    }
+
+    /// Appends the proposal at slot `prop_first + proposals.len()` (the
+    /// caller has moved `next_slot` past it).
+    fn push_proposal(&mut self, payload: EntryPayload) {
+        self.proposals.push_back(Proposal {
+            payload,
+            votes: 0,
+            open: true,
+        });
+    }
+
     fn accept_batch(&self, first: Index) -> Vec<Entry> {
         let b = self.ballot;
         let mut size = 0;
         let mut out = Vec::new();
-        for (&index, p) in self.proposals.range(first..self.next_slot) {
-            if index != first + out.len() as u64 {
-                break;
-            }
+        let skip = match first.checked_sub(self.prop_first) {
+            Some(o) => usize::try_from(o).unwrap_or(usize::MAX),
+            // Below the proposals held: nothing to send from there.
+            None => return out,
+        };
+        for (p, index) in self.proposals.iter().skip(skip).zip(first..) {
+            let p = &p.payload;
             size += payload_size(p);
             if !out.is_empty() && size > self.cfg.max_size_per_msg {
                 break;
@@ -1468,12 +1520,29 @@ impl MultiPaxos {
     /// not acknowledged yet (accepts may have been lost).
     fn resend(&mut self) {
         let ids: Vec<NodeId> = self.peers.keys().copied().collect();
+        let end = self.sent_upto.min(self.next_slot.saturating_sub(1));
         for id in ids {
-            let missing = self
-                .proposals
-                .range(..=self.sent_upto)
-                .map(|(&s, _)| s)
-                .find(|s| self.votes.get(s).is_some_and(|v| !v.contains(&id)));
+            // The first open proposal sent that `id` did not acknowledge.
+            let set = self.acks.get(&id).map_or(&[][..], Vec::as_slice);
+            let (mut s, mut i) = (self.prop_first, 0);
+            let missing = loop {
+                if s > end {
+                    break None;
+                }
+                while set.get(i).is_some_and(|&(_, hi)| hi < s) {
+                    i += 1;
+                }
+                if let Some(&(lo, hi)) = set.get(i)
+                    && lo <= s
+                {
+                    s = hi + 1;
+                    continue;
+                }
+                if self.proposal(s).is_some_and(|p| p.open) {
+                    break Some(s);
+                }
+                s += 1;
+            };
             if let Some(first) = missing {
                 let entries = self.accept_batch(first);
                 if !entries.is_empty() {
@@ -1494,27 +1563,35 @@ impl MultiPaxos {
         }
         let lo = first.max(self.commit + 1);
         let hi = last.min(self.next_slot.saturating_sub(1));
-        let mut chosen = Vec::new();
+        let lo = lo.max(self.prop_first);
         if lo <= hi {
-            for (&s, v) in self.votes.range_mut(lo..=hi) {
-                v.insert(from);
-                if v.len() >= self.quorum {
-                    chosen.push(s);
+            // Each acceptor's acknowledgement counts once per slot.
+            let (prop_first, proposals) = (self.prop_first, &mut self.proposals);
+            let set = self.acks.entry(from).or_default();
+            add_range(set, lo, hi, |a, z| {
+                for s in a..=z {
+                    let p = usize::try_from(s - prop_first)
+                        .ok()
+                        .and_then(|o| proposals.get_mut(o));
+                    if let Some(p) = p.filter(|p| p.open) {
+                        p.votes += 1;
+                    }
+                }
+            });
+            // The values are only borrowed: the leader's own acceptor holds
+            // them already (accepted in `b`), so most need no copy.
+            let mut proposals = std::mem::take(&mut self.proposals);
+            let first = usize::try_from(lo - prop_first).unwrap_or(usize::MAX);
+            for (p, s) in proposals.iter_mut().skip(first).zip(lo..=hi) {
+                if p.open && p.votes >= self.quorum {
+                    p.open = false;
+                    if !self.learn_held(s, b, &p.payload) {
+                        self.learn_value(s, b, p.payload.clone());
+                    }
                 }
             }
+            self.proposals = proposals;
         }
-        // The values are only borrowed: the leader's own acceptor holds them
-        // already (accepted in `b`), so most need no copy.
-        let proposals = std::mem::take(&mut self.proposals);
-        for s in chosen {
-            if let Some(p) = proposals.get(&s) {
-                self.votes.remove(&s);
-                if !self.learn_held(s, b, p) {
-                    self.learn_value(s, b, p.clone());
-                }
-            }
-        }
-        self.proposals = proposals;
         self.advance_commit();
         self.flush();
     }
