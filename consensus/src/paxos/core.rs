@@ -127,7 +127,9 @@ pub struct MultiPaxos {
 
     // Durable: the promise, the accepted values and the chosen prefix.
     promised: Ballot,
-    log: BTreeMap<Index, Slot>,
+    /// The acceptor's slots `log_first..log_first + log.len()`, contiguous.
+    log: VecDeque<Slot>,
+    log_first: Index,
     snapshot: SnapshotMeta,
     commit: Index,
 
@@ -252,21 +254,32 @@ impl MultiPaxos {
             return Err(ConfigError::PromiseTooHigh);
         }
         let snapshot = init.snapshot;
-        let log: BTreeMap<Index, Slot> = init
+        // Slots held above the snapshot, from the one after it; a hole in
+        // what storage kept holds a placeholder (nothing accepted there).
+        let log_first = snapshot.index + 1;
+        let mut log: VecDeque<Slot> = VecDeque::new();
+        for e in init
             .entries
             .into_iter()
             .filter(|e| e.index > snapshot.index)
-            .map(|e| {
-                (
-                    e.index,
-                    Slot {
-                        ballot: e.term,
-                        payload: e.payload,
-                    },
-                )
-            })
-            .collect();
-        let last = log.keys().next_back().copied().unwrap_or(snapshot.index);
+        {
+            let offset = usize::try_from(e.index - log_first).unwrap_or(usize::MAX);
+            while log.len() < offset {
+                log.push_back(Slot {
+                    ballot: 0,
+                    payload: EntryPayload::Empty,
+                });
+            }
+            let slot = Slot {
+                ballot: e.term,
+                payload: e.payload,
+            };
+            match log.get_mut(offset) {
+                Some(x) => *x = slot,
+                None => log.push_back(slot),
+            }
+        }
+        let last = snapshot.index + log.len() as u64;
         let commit = init.hard_state.commit.clamp(snapshot.index, last);
         let applied = init.applied.clamp(snapshot.index, commit);
         let quorum = conf.quorum();
@@ -285,6 +298,7 @@ impl MultiPaxos {
             conf,
             promised,
             log,
+            log_first,
             snapshot,
             commit,
             applied,
@@ -387,25 +401,21 @@ impl MultiPaxos {
     }
     /// The last slot in the log.
     pub fn last_index(&self) -> Index {
-        self.log
-            .keys()
-            .next_back()
-            .copied()
+        self.log_last()
             .unwrap_or(self.snapshot.index)
             .max(self.snapshot.index)
     }
     /// The ballot of the value at `index` (0: nothing accepted there), or the
     /// snapshot's at its index.
     pub fn term_at(&self, index: Index) -> Option<Term> {
-        if let Some(s) = self.log.get(&index) {
+        if let Some(s) = self.log_get(index) {
             return Some(s.ballot);
         }
         (index == self.snapshot.index).then_some(self.snapshot.term)
     }
     /// The accepted `(ballot, value)` at `slot`, if the log holds one.
     pub fn accepted(&self, slot: Index) -> Option<(Ballot, &EntryPayload)> {
-        self.log
-            .get(&slot)
+        self.log_get(slot)
             .filter(|s| s.ballot > 0)
             .map(|s| (s.ballot, &s.payload))
     }
@@ -539,21 +549,71 @@ impl MultiPaxos {
     /// placeholders (ballot 0) so the log stays contiguous.
     fn write_slot(&mut self, slot: Index, ballot: Ballot, payload: EntryPayload) {
         let last = self.last_index();
-        let mut first_changed = slot;
-        if slot > last + 1 {
-            for i in last + 1..slot {
-                self.log.insert(
-                    i,
-                    Slot {
-                        ballot: 0,
-                        payload: EntryPayload::Empty,
-                    },
-                );
-            }
-            first_changed = last + 1;
+        if self.log.is_empty() {
+            self.log_first = slot.min(last + 1);
         }
-        self.log.insert(slot, Slot { ballot, payload });
+        let first_changed = if slot > last + 1 { last + 1 } else { slot };
+        let hole = || Slot {
+            ballot: 0,
+            payload: EntryPayload::Empty,
+        };
+        while self.log_first > slot {
+            self.log.push_front(hole());
+            self.log_first -= 1;
+        }
+        let offset = usize::try_from(slot - self.log_first).unwrap_or(usize::MAX);
+        while self.log.len() < offset {
+            self.log.push_back(hole());
+        }
+        let value = Slot { ballot, payload };
+        match self.log.get_mut(offset) {
+            Some(x) => *x = value,
+            None => self.log.push_back(value),
+        }
         self.mark_unstable(first_changed);
+    }
+
+    /// The last slot the log holds.
+    fn log_last(&self) -> Option<Index> {
+        (!self.log.is_empty()).then(|| self.log_first + self.log.len() as u64 - 1)
+    }
+
+    /// What the acceptor holds at `slot`.
+    fn log_get(&self, slot: Index) -> Option<&Slot> {
+        let offset = slot.checked_sub(self.log_first)?;
+        self.log.get(usize::try_from(offset).ok()?)
+    }
+
+    /// The slots held in `lo..=hi`, ascending.
+    fn log_range(&self, lo: Index, hi: Index) -> impl Iterator<Item = (Index, &Slot)> {
+        let start = lo.max(self.log_first);
+        let end = hi
+            .saturating_add(1)
+            .min(self.log_first + self.log.len() as u64);
+        let (a, b) = if start < end {
+            (
+                (start - self.log_first) as usize,
+                (end - self.log_first) as usize,
+            )
+        } else {
+            (0, 0)
+        };
+        (start..).zip(self.log.range(a..b))
+    }
+
+    /// Drops the slots up to `index` from the log.
+    fn log_trim(&mut self, index: Index) {
+        if index < self.log_first {
+            return;
+        }
+        let n = usize::try_from(index - self.log_first + 1).unwrap_or(usize::MAX);
+        if n >= self.log.len() {
+            self.log.clear();
+            self.log_first = index + 1;
+        } else {
+            self.log.drain(..n);
+            self.log_first = index + 1;
+        }
     }
 
     /// Records that `payload` is chosen at `slot`. The acceptor's ballot
@@ -562,8 +622,8 @@ impl MultiPaxos {
         if slot <= self.commit || slot <= self.snapshot.index || slot > self.gap_limit() {
             return;
         }
-        let ballot = self.log.get(&slot).map_or(0, |s| s.ballot).max(label);
-        let current = self.log.get(&slot);
+        let ballot = self.log_get(slot).map_or(0, |s| s.ballot).max(label);
+        let current = self.log_get(slot);
         if current.is_none_or(|s| s.ballot != ballot || s.payload != payload) {
             self.write_slot(slot, ballot, payload);
         }
@@ -576,10 +636,9 @@ impl MultiPaxos {
         if slot <= self.commit || slot <= self.snapshot.index || slot > self.gap_limit() {
             return true;
         }
-        let ballot = self.log.get(&slot).map_or(0, |s| s.ballot).max(label);
+        let ballot = self.log_get(slot).map_or(0, |s| s.ballot).max(label);
         if self
-            .log
-            .get(&slot)
+            .log_get(slot)
             .is_none_or(|s| s.ballot != ballot || s.payload != *payload)
         {
             return false;
@@ -824,7 +883,7 @@ impl MultiPaxos {
         }
         Ok(SnapshotMeta {
             index,
-            term: self.log.get(&index).map_or(0, |s| s.ballot),
+            term: self.log_get(index).map_or(0, |s| s.ballot),
             conf_state: self.conf.clone(),
         })
     }
@@ -838,7 +897,7 @@ impl MultiPaxos {
     ) -> Result<SnapshotMeta, CompactError> {
         let meta = self.snapshot_meta_at(index)?;
         let drop_to = index.saturating_sub(keep);
-        self.log.retain(|&i, _| i > drop_to);
+        self.log_trim(drop_to);
         self.snapshot = meta.clone();
         Ok(meta)
     }
@@ -1067,10 +1126,9 @@ impl MultiPaxos {
         self.defer_to(from);
         let lo = first.max(self.snapshot.index + 1);
         let accepted: Vec<Entry> = if lo <= last {
-            self.log
-                .range(lo..=last)
+            self.log_range(lo, last)
                 .filter(|(_, s)| s.ballot > 0)
-                .map(|(&index, s)| Entry {
+                .map(|(index, s)| Entry {
                     index,
                     term: s.ballot,
                     payload: s.payload.clone(),
@@ -1121,7 +1179,7 @@ impl MultiPaxos {
                 break;
             }
             if s <= self.commit || s <= self.snapshot.index || self.chosen_above.contains(&s) {
-                match self.log.get(&s) {
+                match self.log_get(s) {
                     Some(x) if x.ballot > 0 => known.push(Entry {
                         index: s,
                         term: x.ballot,
@@ -1131,12 +1189,11 @@ impl MultiPaxos {
                 }
                 continue;
             }
-            if self.log.get(&s).is_some_and(|x| x.ballot > b) {
+            if self.log_get(s).is_some_and(|x| x.ballot > b) {
                 continue;
             }
             if self
-                .log
-                .get(&s)
+                .log_get(s)
                 .is_none_or(|x| x.ballot != b || x.payload != e.payload)
             {
                 self.write_slot(s, b, e.payload);
@@ -1174,7 +1231,7 @@ impl MultiPaxos {
         let limit = commit.min(self.gap_limit());
         while s <= limit {
             let ok =
-                self.chosen_above.contains(&s) || self.log.get(&s).is_some_and(|x| x.ballot == b);
+                self.chosen_above.contains(&s) || self.log_get(s).is_some_and(|x| x.ballot == b);
             if !ok {
                 break;
             }
@@ -1240,7 +1297,7 @@ impl MultiPaxos {
                 term: meta.term,
                 conf_state: self.conf.clone(),
             };
-            self.log.retain(|&i, _| i > index);
+            self.log_trim(index);
             self.chosen_above.retain(|&i| i > index);
             if self.front_slot.is_some_and(|f| f <= index) {
                 // Basic mode: the slot where this node's front value went out
@@ -1288,7 +1345,7 @@ impl MultiPaxos {
         }
         let first = their_commit + 1;
         let b = self.promised;
-        if !self.log.contains_key(&first) {
+        if self.log_get(first).is_none() {
             if self.snapshot.index >= first {
                 let meta = self.snapshot.clone();
                 if let Some(p) = self.peers.get_mut(&to) {
@@ -1300,7 +1357,7 @@ impl MultiPaxos {
         }
         let mut size = 0;
         let mut entries = Vec::new();
-        for (&index, s) in self.log.range(first..=self.commit) {
+        for (index, s) in self.log_range(first, self.commit) {
             if s.ballot == 0 {
                 break;
             }
@@ -1677,7 +1734,7 @@ impl MultiPaxos {
         if let Some(inst) = &self.instance {
             let s = inst.slot;
             if s <= self.commit || self.chosen_above.contains(&s) {
-                let chosen = self.log.get(&s).map(|x| x.payload.clone());
+                let chosen = self.log_get(s).map(|x| x.payload.clone());
                 let ours = match (&inst.value, chosen) {
                     (Some((v, true)), Some(c)) => *v == c,
                     _ => false,
@@ -1701,7 +1758,7 @@ impl MultiPaxos {
             // now (completed by another proposer, perhaps): it is done if it
             // is the value chosen there.
             self.front_slot = None;
-            let chosen = self.log.get(&s0).map(|x| &x.payload);
+            let chosen = self.log_get(s0).map(|x| &x.payload);
             if chosen.is_some() && chosen == self.queue.front().map(|p| &p.payload) {
                 self.finish_own(s0);
             }
@@ -1880,9 +1937,8 @@ impl MultiPaxos {
         if let Some(from) = self.unstable_from.take() {
             let from = from.max(self.snapshot.index + 1);
             rd.entries = self
-                .log
-                .range(from..)
-                .map(|(&index, s)| Entry {
+                .log_range(from, MAX_INDEX)
+                .map(|(index, s)| Entry {
                     index,
                     term: s.ballot,
                     payload: s.payload.clone(),
@@ -1893,9 +1949,8 @@ impl MultiPaxos {
         rd.persisted_messages = std::mem::take(&mut self.persisted_msgs);
         if self.commit > self.handed {
             rd.committed_entries = self
-                .log
-                .range(self.handed + 1..=self.commit)
-                .map(|(&index, s)| Entry {
+                .log_range(self.handed + 1, self.commit)
+                .map(|(index, s)| Entry {
                     index,
                     term: s.ballot,
                     payload: s.payload.clone(),
