@@ -536,8 +536,12 @@ impl MultiPaxos {
 
     fn broadcast(&mut self, ballot: Ballot, kind: MessageKind) {
         let ids: Vec<NodeId> = self.peers.keys().copied().collect();
-        for to in ids {
-            self.send(to, ballot, kind.clone());
+        // The last recipient gets the message itself, the others a copy.
+        if let Some((&last, rest)) = ids.split_last() {
+            for &to in rest {
+                self.send(to, ballot, kind.clone());
+            }
+            self.send(last, ballot, kind);
         }
     }
 
