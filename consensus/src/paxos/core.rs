@@ -20,6 +20,44 @@ struct Slot {
     payload: EntryPayload,
 }
 
+/// A value the multi-mode leader proposed in its ballot, not yet chosen.
+#[derive(Clone, Debug)]
+struct Proposal {
+    payload: EntryPayload,
+    /// Acceptors that acknowledged it in the ballot.
+    votes: usize,
+    /// Still counting: not yet found chosen by its votes.
+    open: bool,
+}
+
+/// Adds `lo..=hi` to `set` (disjoint ranges, ascending, none adjacent) and
+/// calls `new` with each part of it that was not in `set` yet.
+fn add_range(
+    set: &mut Vec<(Index, Index)>,
+    lo: Index,
+    hi: Index,
+    mut new: impl FnMut(Index, Index),
+) {
+    let start = set.partition_point(|&(_, b)| b.saturating_add(1) < lo);
+    let end = set.partition_point(|&(a, _)| a <= hi.saturating_add(1));
+    let mut cur = lo;
+    for &(a, b) in &set[start..end] {
+        if a > cur && cur <= hi {
+            new(cur, (a - 1).min(hi));
+        }
+        cur = cur.max(b.saturating_add(1));
+    }
+    if cur <= hi {
+        new(cur, hi);
+    }
+    let merged = if start < end {
+        (set[start].0.min(lo), set[end - 1].1.max(hi))
+    } else {
+        (lo, hi)
+    };
+    set.splice(start..end, [merged]);
+}
+
 /// One acceptor's answer to a prepare.
 #[derive(Clone, Debug)]
 struct PromiseInfo {
@@ -89,7 +127,9 @@ pub struct MultiPaxos {
 
     // Durable: the promise, the accepted values and the chosen prefix.
     promised: Ballot,
-    log: BTreeMap<Index, Slot>,
+    /// The acceptor's slots `log_first..log_first + log.len()`, contiguous.
+    log: VecDeque<Slot>,
+    log_first: Index,
     snapshot: SnapshotMeta,
     commit: Index,
 
@@ -115,9 +155,13 @@ pub struct MultiPaxos {
     takeover_last: Index,
     next_slot: Index,
     sent_upto: Index,
-    /// Values this leader proposed in its ballot, not yet chosen.
-    proposals: BTreeMap<Index, EntryPayload>,
-    votes: BTreeMap<Index, BTreeSet<NodeId>>,
+    /// Values this leader proposed in its ballot, not yet chosen: slots
+    /// `prop_first..next_slot`.
+    proposals: VecDeque<Proposal>,
+    prop_first: Index,
+    /// The slots each acceptor (this node too) acknowledged in the ballot,
+    /// as ranges ascending (those up to the chosen prefix trimmed away).
+    acks: BTreeMap<NodeId, Vec<(Index, Index)>>,
     inflight: VecDeque<Index>,
     read_seq: u64,
     reads: VecDeque<PendingRead>,
@@ -210,21 +254,32 @@ impl MultiPaxos {
             return Err(ConfigError::PromiseTooHigh);
         }
         let snapshot = init.snapshot;
-        let log: BTreeMap<Index, Slot> = init
+        // Slots held above the snapshot, from the one after it; a hole in
+        // what storage kept holds a placeholder (nothing accepted there).
+        let log_first = snapshot.index + 1;
+        let mut log: VecDeque<Slot> = VecDeque::new();
+        for e in init
             .entries
             .into_iter()
             .filter(|e| e.index > snapshot.index)
-            .map(|e| {
-                (
-                    e.index,
-                    Slot {
-                        ballot: e.term,
-                        payload: e.payload,
-                    },
-                )
-            })
-            .collect();
-        let last = log.keys().next_back().copied().unwrap_or(snapshot.index);
+        {
+            let offset = usize::try_from(e.index - log_first).unwrap_or(usize::MAX);
+            while log.len() < offset {
+                log.push_back(Slot {
+                    ballot: 0,
+                    payload: EntryPayload::Empty,
+                });
+            }
+            let slot = Slot {
+                ballot: e.term,
+                payload: e.payload,
+            };
+            match log.get_mut(offset) {
+                Some(x) => *x = slot,
+                None => log.push_back(slot),
+            }
+        }
+        let last = snapshot.index + log.len() as u64;
         let commit = init.hard_state.commit.clamp(snapshot.index, last);
         let applied = init.applied.clamp(snapshot.index, commit);
         let quorum = conf.quorum();
@@ -243,6 +298,7 @@ impl MultiPaxos {
             conf,
             promised,
             log,
+            log_first,
             snapshot,
             commit,
             applied,
@@ -261,8 +317,9 @@ impl MultiPaxos {
             takeover_last: 0,
             next_slot: 0,
             sent_upto: 0,
-            proposals: BTreeMap::new(),
-            votes: BTreeMap::new(),
+            proposals: VecDeque::new(),
+            prop_first: 0,
+            acks: BTreeMap::new(),
             inflight: VecDeque::new(),
             read_seq: 0,
             reads: VecDeque::new(),
@@ -344,25 +401,21 @@ impl MultiPaxos {
     }
     /// The last slot in the log.
     pub fn last_index(&self) -> Index {
-        self.log
-            .keys()
-            .next_back()
-            .copied()
+        self.log_last()
             .unwrap_or(self.snapshot.index)
             .max(self.snapshot.index)
     }
     /// The ballot of the value at `index` (0: nothing accepted there), or the
     /// snapshot's at its index.
     pub fn term_at(&self, index: Index) -> Option<Term> {
-        if let Some(s) = self.log.get(&index) {
+        if let Some(s) = self.log_get(index) {
             return Some(s.ballot);
         }
         (index == self.snapshot.index).then_some(self.snapshot.term)
     }
     /// The accepted `(ballot, value)` at `slot`, if the log holds one.
     pub fn accepted(&self, slot: Index) -> Option<(Ballot, &EntryPayload)> {
-        self.log
-            .get(&slot)
+        self.log_get(slot)
             .filter(|s| s.ballot > 0)
             .map(|s| (s.ballot, &s.payload))
     }
@@ -483,8 +536,12 @@ impl MultiPaxos {
 
     fn broadcast(&mut self, ballot: Ballot, kind: MessageKind) {
         let ids: Vec<NodeId> = self.peers.keys().copied().collect();
-        for to in ids {
-            self.send(to, ballot, kind.clone());
+        // The last recipient gets the message itself, the others a copy.
+        if let Some((&last, rest)) = ids.split_last() {
+            for &to in rest {
+                self.send(to, ballot, kind.clone());
+            }
+            self.send(last, ballot, kind);
         }
     }
 
@@ -496,21 +553,71 @@ impl MultiPaxos {
     /// placeholders (ballot 0) so the log stays contiguous.
     fn write_slot(&mut self, slot: Index, ballot: Ballot, payload: EntryPayload) {
         let last = self.last_index();
-        let mut first_changed = slot;
-        if slot > last + 1 {
-            for i in last + 1..slot {
-                self.log.insert(
-                    i,
-                    Slot {
-                        ballot: 0,
-                        payload: EntryPayload::Empty,
-                    },
-                );
-            }
-            first_changed = last + 1;
+        if self.log.is_empty() {
+            self.log_first = slot.min(last + 1);
         }
-        self.log.insert(slot, Slot { ballot, payload });
+        let first_changed = if slot > last + 1 { last + 1 } else { slot };
+        let hole = || Slot {
+            ballot: 0,
+            payload: EntryPayload::Empty,
+        };
+        while self.log_first > slot {
+            self.log.push_front(hole());
+            self.log_first -= 1;
+        }
+        let offset = usize::try_from(slot - self.log_first).unwrap_or(usize::MAX);
+        while self.log.len() < offset {
+            self.log.push_back(hole());
+        }
+        let value = Slot { ballot, payload };
+        match self.log.get_mut(offset) {
+            Some(x) => *x = value,
+            None => self.log.push_back(value),
+        }
         self.mark_unstable(first_changed);
+    }
+
+    /// The last slot the log holds.
+    fn log_last(&self) -> Option<Index> {
+        (!self.log.is_empty()).then(|| self.log_first + self.log.len() as u64 - 1)
+    }
+
+    /// What the acceptor holds at `slot`.
+    fn log_get(&self, slot: Index) -> Option<&Slot> {
+        let offset = slot.checked_sub(self.log_first)?;
+        self.log.get(usize::try_from(offset).ok()?)
+    }
+
+    /// The slots held in `lo..=hi`, ascending.
+    fn log_range(&self, lo: Index, hi: Index) -> impl Iterator<Item = (Index, &Slot)> {
+        let start = lo.max(self.log_first);
+        let end = hi
+            .saturating_add(1)
+            .min(self.log_first + self.log.len() as u64);
+        let (a, b) = if start < end {
+            (
+                (start - self.log_first) as usize,
+                (end - self.log_first) as usize,
+            )
+        } else {
+            (0, 0)
+        };
+        (start..).zip(self.log.range(a..b))
+    }
+
+    /// Drops the slots up to `index` from the log.
+    fn log_trim(&mut self, index: Index) {
+        if index < self.log_first {
+            return;
+        }
+        let n = usize::try_from(index - self.log_first + 1).unwrap_or(usize::MAX);
+        if n >= self.log.len() {
+            self.log.clear();
+            self.log_first = index + 1;
+        } else {
+            self.log.drain(..n);
+            self.log_first = index + 1;
+        }
     }
 
     /// Records that `payload` is chosen at `slot`. The acceptor's ballot
@@ -519,23 +626,48 @@ impl MultiPaxos {
         if slot <= self.commit || slot <= self.snapshot.index || slot > self.gap_limit() {
             return;
         }
-        let ballot = self.log.get(&slot).map_or(0, |s| s.ballot).max(label);
-        let current = self.log.get(&slot);
+        let ballot = self.log_get(slot).map_or(0, |s| s.ballot).max(label);
+        let current = self.log_get(slot);
         if current.is_none_or(|s| s.ballot != ballot || s.payload != payload) {
             self.write_slot(slot, ballot, payload);
         }
         self.chosen_above.insert(slot);
     }
 
+    /// [`MultiPaxos::learn_value`] for a value the caller only borrows:
+    /// false when the value must be written (then call `learn_value`).
+    fn learn_held(&mut self, slot: Index, label: Ballot, payload: &EntryPayload) -> bool {
+        if slot <= self.commit || slot <= self.snapshot.index || slot > self.gap_limit() {
+            return true;
+        }
+        let ballot = self.log_get(slot).map_or(0, |s| s.ballot).max(label);
+        if self
+            .log_get(slot)
+            .is_none_or(|s| s.ballot != ballot || s.payload != *payload)
+        {
+            return false;
+        }
+        self.chosen_above.insert(slot);
+        true
+    }
+
     fn advance_commit(&mut self) {
         while self.chosen_above.remove(&(self.commit + 1)) {
             self.commit += 1;
         }
-        self.chosen_above.retain(|&s| s > self.commit);
+        // Trimmed from the front: only what the prefix now covers goes.
+        let commit = self.commit;
+        while self.chosen_above.first().is_some_and(|&s| s <= commit) {
+            self.chosen_above.pop_first();
+        }
         if self.role == Role::Leader {
-            let commit = self.commit;
-            self.proposals.retain(|&s, _| s > commit);
-            self.votes.retain(|&s, _| s > commit);
+            while self.prop_first <= commit && self.proposals.pop_front().is_some() {
+                self.prop_first += 1;
+            }
+            for set in self.acks.values_mut() {
+                let n = set.partition_point(|&(_, hi)| hi <= commit);
+                set.drain(..n);
+            }
             while self.inflight.front().is_some_and(|&l| l <= commit) {
                 self.inflight.pop_front();
             }
@@ -547,7 +679,7 @@ impl MultiPaxos {
         self.leader = leader;
         self.candidacy = None;
         self.proposals.clear();
-        self.votes.clear();
+        self.acks.clear();
         self.inflight.clear();
         self.reads.clear();
         if self.cfg.mode == Mode::Multi {
@@ -639,7 +771,7 @@ impl MultiPaxos {
         self.leader = None;
         self.ballot = b;
         self.proposals.clear();
-        self.votes.clear();
+        self.acks.clear();
         self.inflight.clear();
         self.reads.clear();
         self.elapsed = 0;
@@ -755,7 +887,7 @@ impl MultiPaxos {
         }
         Ok(SnapshotMeta {
             index,
-            term: self.log.get(&index).map_or(0, |s| s.ballot),
+            term: self.log_get(index).map_or(0, |s| s.ballot),
             conf_state: self.conf.clone(),
         })
     }
@@ -769,7 +901,7 @@ impl MultiPaxos {
     ) -> Result<SnapshotMeta, CompactError> {
         let meta = self.snapshot_meta_at(index)?;
         let drop_to = index.saturating_sub(keep);
-        self.log.retain(|&i, _| i > drop_to);
+        self.log_trim(drop_to);
         self.snapshot = meta.clone();
         Ok(meta)
     }
@@ -997,10 +1129,9 @@ impl MultiPaxos {
         self.defer_to(from);
         let lo = first.max(self.snapshot.index + 1);
         let accepted: Vec<Entry> = if lo <= last {
-            self.log
-                .range(lo..=last)
+            self.log_range(lo, last)
                 .filter(|(_, s)| s.ballot > 0)
-                .map(|(&index, s)| Entry {
+                .map(|(index, s)| Entry {
                     index,
                     term: s.ballot,
                     payload: s.payload.clone(),
@@ -1051,7 +1182,7 @@ impl MultiPaxos {
                 break;
             }
             if s <= self.commit || s <= self.snapshot.index || self.chosen_above.contains(&s) {
-                match self.log.get(&s) {
+                match self.log_get(s) {
                     Some(x) if x.ballot > 0 => known.push(Entry {
                         index: s,
                         term: x.ballot,
@@ -1061,12 +1192,11 @@ impl MultiPaxos {
                 }
                 continue;
             }
-            if self.log.get(&s).is_some_and(|x| x.ballot > b) {
+            if self.log_get(s).is_some_and(|x| x.ballot > b) {
                 continue;
             }
             if self
-                .log
-                .get(&s)
+                .log_get(s)
                 .is_none_or(|x| x.ballot != b || x.payload != e.payload)
             {
                 self.write_slot(s, b, e.payload);
@@ -1104,7 +1234,7 @@ impl MultiPaxos {
         let limit = commit.min(self.gap_limit());
         while s <= limit {
             let ok =
-                self.chosen_above.contains(&s) || self.log.get(&s).is_some_and(|x| x.ballot == b);
+                self.chosen_above.contains(&s) || self.log_get(s).is_some_and(|x| x.ballot == b);
             if !ok {
                 break;
             }
@@ -1170,7 +1300,7 @@ impl MultiPaxos {
                 term: meta.term,
                 conf_state: self.conf.clone(),
             };
-            self.log.retain(|&i, _| i > index);
+            self.log_trim(index);
             self.chosen_above.retain(|&i| i > index);
             if self.front_slot.is_some_and(|f| f <= index) {
                 // Basic mode: the slot where this node's front value went out
@@ -1218,7 +1348,7 @@ impl MultiPaxos {
         }
         let first = their_commit + 1;
         let b = self.promised;
-        if !self.log.contains_key(&first) {
+        if self.log_get(first).is_none() {
             if self.snapshot.index >= first {
                 let meta = self.snapshot.clone();
                 if let Some(p) = self.peers.get_mut(&to) {
@@ -1230,7 +1360,7 @@ impl MultiPaxos {
         }
         let mut size = 0;
         let mut entries = Vec::new();
-        for (&index, s) in self.log.range(first..=self.commit) {
+        for (index, s) in self.log_range(first, self.commit) {
             if s.ballot == 0 {
                 break;
             }
@@ -1330,7 +1460,7 @@ impl MultiPaxos {
         self.next_slot = max_slot + 1;
         self.sent_upto = self.commit;
         self.proposals.clear();
-        self.votes.clear();
+        self.acks.clear();
         self.inflight.clear();
         self.heartbeat_elapsed = 0;
         for p in self.peers.values_mut() {
@@ -1338,17 +1468,15 @@ impl MultiPaxos {
             p.heard = false;
             p.snapshot_elapsed = None;
         }
+        self.prop_first = self.commit + 1;
         for s in self.commit + 1..=max_slot {
             let payload = best.remove(&s).map_or(EntryPayload::Empty, |(_, v)| v);
-            self.proposals.insert(s, payload);
-            self.votes.insert(s, BTreeSet::new());
+            self.push_proposal(payload);
         }
         let mut queued = std::mem::take(&mut self.queue);
         for p in queued.drain(..) {
-            let s = self.next_slot;
             self.next_slot += 1;
-            self.proposals.insert(s, p.payload);
-            self.votes.insert(s, BTreeSet::new());
+            self.push_proposal(p.payload);
         }
         self.accept_own(self.commit + 1, self.next_slot - 1);
         self.flush();
@@ -1360,13 +1488,13 @@ impl MultiPaxos {
             return;
         }
         let b = self.ballot;
-        let entries: Vec<Entry> = self
-            .proposals
-            .range(first..=last)
-            .map(|(&index, p)| Entry {
-                index,
-                term: b,
-                payload: p.clone(),
+        let entries: Vec<Entry> = (first..=last)
+            .filter_map(|index| {
+                self.proposal(index).map(|p| Entry {
+                    index,
+                    term: b,
+                    payload: p.payload.clone(),
+                })
             })
             .collect();
         let commit = self.commit;
@@ -1379,8 +1507,7 @@ impl MultiPaxos {
         }
         let s = self.next_slot;
         self.next_slot += 1;
-        self.proposals.insert(s, payload);
-        self.votes.insert(s, BTreeSet::new());
+        self.push_proposal(payload);
         self.accept_own(s, s);
         self.flush();
         Ok(Proposed::Appended {
@@ -1389,14 +1516,33 @@ impl MultiPaxos {
         })
     }
 
+    /// The proposal at slot `s`, if this leader holds one.
+    fn proposal(&self, s: Index) -> Option<&Proposal> {
+        let offset = s.checked_sub(self.prop_first)?;
+        self.proposals.get(usize::try_from(offset).ok()?)
+    }
+
+    /// Appends the proposal at slot `prop_first + proposals.len()` (the
+    /// caller has moved `next_slot` past it).
+    fn push_proposal(&mut self, payload: EntryPayload) {
+        self.proposals.push_back(Proposal {
+            payload,
+            votes: 0,
+            open: true,
+        });
+    }
+
     fn accept_batch(&self, first: Index) -> Vec<Entry> {
         let b = self.ballot;
         let mut size = 0;
         let mut out = Vec::new();
-        for (&index, p) in self.proposals.range(first..self.next_slot) {
-            if index != first + out.len() as u64 {
-                break;
-            }
+        let skip = match first.checked_sub(self.prop_first) {
+            Some(o) => usize::try_from(o).unwrap_or(usize::MAX),
+            // Below the proposals held: nothing to send from there.
+            None => return out,
+        };
+        for (p, index) in self.proposals.iter().skip(skip).zip(first..) {
+            let p = &p.payload;
             size += payload_size(p);
             if !out.is_empty() && size > self.cfg.max_size_per_msg {
                 break;
@@ -1434,12 +1580,29 @@ impl MultiPaxos {
     /// not acknowledged yet (accepts may have been lost).
     fn resend(&mut self) {
         let ids: Vec<NodeId> = self.peers.keys().copied().collect();
+        let end = self.sent_upto.min(self.next_slot.saturating_sub(1));
         for id in ids {
-            let missing = self
-                .proposals
-                .range(..=self.sent_upto)
-                .map(|(&s, _)| s)
-                .find(|s| self.votes.get(s).is_some_and(|v| !v.contains(&id)));
+            // The first open proposal sent that `id` did not acknowledge.
+            let set = self.acks.get(&id).map_or(&[][..], Vec::as_slice);
+            let (mut s, mut i) = (self.prop_first, 0);
+            let missing = loop {
+                if s > end {
+                    break None;
+                }
+                while set.get(i).is_some_and(|&(_, hi)| hi < s) {
+                    i += 1;
+                }
+                if let Some(&(lo, hi)) = set.get(i)
+                    && lo <= s
+                {
+                    s = hi + 1;
+                    continue;
+                }
+                if self.proposal(s).is_some_and(|p| p.open) {
+                    break Some(s);
+                }
+                s += 1;
+            };
             if let Some(first) = missing {
                 let entries = self.accept_batch(first);
                 if !entries.is_empty() {
@@ -1460,20 +1623,34 @@ impl MultiPaxos {
         }
         let lo = first.max(self.commit + 1);
         let hi = last.min(self.next_slot.saturating_sub(1));
-        let mut chosen = Vec::new();
+        let lo = lo.max(self.prop_first);
         if lo <= hi {
-            for (&s, v) in self.votes.range_mut(lo..=hi) {
-                v.insert(from);
-                if v.len() >= self.quorum {
-                    chosen.push(s);
+            // Each acceptor's acknowledgement counts once per slot.
+            let (prop_first, proposals) = (self.prop_first, &mut self.proposals);
+            let set = self.acks.entry(from).or_default();
+            add_range(set, lo, hi, |a, z| {
+                for s in a..=z {
+                    let p = usize::try_from(s - prop_first)
+                        .ok()
+                        .and_then(|o| proposals.get_mut(o));
+                    if let Some(p) = p.filter(|p| p.open) {
+                        p.votes += 1;
+                    }
+                }
+            });
+            // The values are only borrowed: the leader's own acceptor holds
+            // them already (accepted in `b`), so most need no copy.
+            let mut proposals = std::mem::take(&mut self.proposals);
+            let first = usize::try_from(lo - prop_first).unwrap_or(usize::MAX);
+            for (p, s) in proposals.iter_mut().skip(first).zip(lo..=hi) {
+                if p.open && p.votes >= self.quorum {
+                    p.open = false;
+                    if !self.learn_held(s, b, &p.payload) {
+                        self.learn_value(s, b, p.payload.clone());
+                    }
                 }
             }
-        }
-        for s in chosen {
-            if let Some(p) = self.proposals.get(&s).cloned() {
-                self.votes.remove(&s);
-                self.learn_value(s, b, p);
-            }
+            self.proposals = proposals;
         }
         self.advance_commit();
         self.flush();
@@ -1560,7 +1737,7 @@ impl MultiPaxos {
         if let Some(inst) = &self.instance {
             let s = inst.slot;
             if s <= self.commit || self.chosen_above.contains(&s) {
-                let chosen = self.log.get(&s).map(|x| x.payload.clone());
+                let chosen = self.log_get(s).map(|x| x.payload.clone());
                 let ours = match (&inst.value, chosen) {
                     (Some((v, true)), Some(c)) => *v == c,
                     _ => false,
@@ -1584,7 +1761,7 @@ impl MultiPaxos {
             // now (completed by another proposer, perhaps): it is done if it
             // is the value chosen there.
             self.front_slot = None;
-            let chosen = self.log.get(&s0).map(|x| &x.payload);
+            let chosen = self.log_get(s0).map(|x| &x.payload);
             if chosen.is_some() && chosen == self.queue.front().map(|p| &p.payload) {
                 self.finish_own(s0);
             }
@@ -1763,9 +1940,8 @@ impl MultiPaxos {
         if let Some(from) = self.unstable_from.take() {
             let from = from.max(self.snapshot.index + 1);
             rd.entries = self
-                .log
-                .range(from..)
-                .map(|(&index, s)| Entry {
+                .log_range(from, MAX_INDEX)
+                .map(|(index, s)| Entry {
                     index,
                     term: s.ballot,
                     payload: s.payload.clone(),
@@ -1776,9 +1952,8 @@ impl MultiPaxos {
         rd.persisted_messages = std::mem::take(&mut self.persisted_msgs);
         if self.commit > self.handed {
             rd.committed_entries = self
-                .log
-                .range(self.handed + 1..=self.commit)
-                .map(|(&index, s)| Entry {
+                .log_range(self.handed + 1, self.commit)
+                .map(|(index, s)| Entry {
                     index,
                     term: s.ballot,
                     payload: s.payload.clone(),
