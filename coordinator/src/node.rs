@@ -1501,29 +1501,38 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
                     Ok(image)
                 })
                 .await?;
-            // Opened now: the file stays readable for the restore even if
-            // a newer snapshot replaces this one meanwhile.
-            let reader = image
-                .open()
-                .map_err(|e| format!("opening snapshot image: {e}"))?;
-            // The state machine restores it on the apply task, in log
-            // order (after what was handed to it before). This node
-            // acknowledges the snapshot (step 4) only once it is restored,
-            // as before: a leader that counts it caught up (to promote it,
-            // say) finds its state there. Its own loop waits meanwhile; the
-            // group does not.
-            self.work
-                .send(ApplyWork::Restore {
-                    meta: meta.clone(),
-                    image: reader,
-                })
-                .map_err(|_| "the apply task stopped")?;
-            self.handed = self.handed.max(meta.index);
-            self.unapplied.push_back((meta.index, 0));
+            // A state machine that keeps its own applied index may be past
+            // the snapshot already: after a restart the core's durable
+            // commit index can trail it, so the core takes a snapshot it
+            // does not need. The state machine has (or is handed, in
+            // order) every entry the snapshot covers, and more: it is not
+            // restored, which would take it back to the snapshot while the
+            // entries after it are not handed to it again.
+            if meta.index > self.handed {
+                // Opened now: the file stays readable for the restore even
+                // if a newer snapshot replaces this one meanwhile.
+                let reader = image
+                    .open()
+                    .map_err(|e| format!("opening snapshot image: {e}"))?;
+                // The state machine restores it on the apply task, in log
+                // order (after what was handed to it before).
+                self.work
+                    .send(ApplyWork::Restore {
+                        meta: meta.clone(),
+                        image: reader,
+                    })
+                    .map_err(|_| "the apply task stopped")?;
+                self.handed = meta.index;
+                self.unapplied.push_back((meta.index, 0));
+            }
             // The log restarts after it.
             self.log_bytes = 0;
             self.last_snapshot_index = meta.index;
             self.latest_snapshot = Some((meta.clone(), image));
+            // This node acknowledges the snapshot (step 4) only once its
+            // state machine is there: a leader that counts it caught up (to
+            // promote it, say) finds its state there. Its own loop waits
+            // meanwhile; the group does not.
             while self.applied < meta.index {
                 match events.recv().await {
                     Some(ev) => self.on_event(ev).await?,

@@ -1262,3 +1262,87 @@ async fn two_images_of_one_snapshot_arriving_together_install_once() {
     drop(tx);
     node.shutdown().await;
 }
+
+/// A state machine that keeps its own applied index can be ahead of the
+/// core after a restart (the durable commit index trails it), so the core
+/// installs a snapshot the state machine is already past. Restoring it took
+/// the state machine back to the snapshot while the entries after it, which
+/// it had applied, were not handed to it again: it lost them (found by the
+/// chaos test on Multi-Paxos after every gateway was killed at once).
+#[tokio::test]
+async fn a_snapshot_behind_the_state_machine_does_not_take_it_back() {
+    use coordinator::engine::EngineKind;
+    use coordinator::paxos::{Message as PaxosMessage, MessageKind as PaxosKind, ballot};
+    use coordinator::types::{Entry, EntryPayload};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (storage, rec) =
+        Storage::open(dir.path().join("2"), StorageOptions::default()).expect("open");
+    let init = rec.into_initial_state(ConfState::with_voters([1, 2, 3]));
+    let value = |i: Index| format!("v{i}");
+    // Applied up to 20 before the crash; the log and commit index kept
+    // nothing of it.
+    let log = Log::default();
+    *log.0.lock().expect("log") = ((1..=20).map(value).collect(), 20);
+    let b = ballot(4, 3);
+    let mut staged = StagedImage::create_in(dir.path()).expect("stage");
+    let text = (1..=10).map(value).collect::<Vec<_>>().join("\n");
+    std::io::Write::write_all(&mut staged, text.as_bytes()).expect("write");
+    staged.seal().expect("seal");
+    let meta = SnapshotMeta {
+        index: 10,
+        term: b,
+        conf_state: ConfState::with_voters([1, 2, 3]),
+    };
+    let (tx, rx) = mpsc::channel(16);
+    let snapshot = PaxosMessage {
+        from: 3,
+        to: 2,
+        ballot: b,
+        kind: PaxosKind::Snapshot { meta },
+    };
+    tx.send(Inbound::Snapshot {
+        msg: snapshot,
+        image: staged,
+    })
+    .await
+    .expect("queue");
+    let entries = (11..=22)
+        .map(|index| Entry {
+            index,
+            term: b,
+            payload: EntryPayload::Normal(value(index).into_bytes()),
+        })
+        .collect();
+    let learn = PaxosMessage {
+        from: 3,
+        to: 2,
+        ballot: b,
+        kind: PaxosKind::Learn { entries },
+    };
+    tx.send(Inbound::Message(learn)).await.expect("queue");
+    struct Nowhere;
+    impl PeerSender<PaxosMessage> for Nowhere {
+        fn send(&self, _: PaxosMessage) {}
+        fn send_snapshot(&self, _: PaxosMessage, _: SnapshotImage) {}
+    }
+    let mut cfg = config(2);
+    cfg.engine = EngineKind::MultiPaxos;
+    let node = Node::start::<coordinator::paxos::MultiPaxos, _, _, _>(
+        cfg,
+        init,
+        storage,
+        Arc::new(Nowhere),
+        rx,
+        log.clone(),
+    )
+    .await
+    .expect("start");
+    node.wait_applied(22, Duration::from_secs(10))
+        .await
+        .expect("the values are applied");
+    assert!(node.status().fatal.is_none(), "{:?}", node.status().fatal);
+    let want: Vec<String> = (1..=22).map(value).collect();
+    assert_eq!(log.0.lock().expect("log").0, want);
+    drop(tx);
+    node.shutdown().await;
+}
