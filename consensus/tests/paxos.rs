@@ -742,3 +742,19 @@ fn an_acceptor_that_knows_slots_chosen_teaches_them_to_a_new_leader() {
         "answers: {out:?}"
     );
 }
+
+/// Followers learn that a value is chosen as soon as the leader does, not
+/// at its next heartbeat: a write answered by a follower's gateway waited
+/// for a tick (at one client, 36 writes/s and a median of 39 ms through
+/// the gateway, against Raft's 1,100/s).
+#[test]
+fn followers_learn_a_chosen_value_without_waiting_for_a_heartbeat() {
+    let mut net = group(&[1, 2, 3], Mode::Multi);
+    elect(&mut net, 1);
+    net.tick_all();
+    // Only messages, no ticks, from here.
+    net.propose(1, b"a").unwrap();
+    for id in [1, 2, 3] {
+        assert_eq!(values(&net, id), vec![b"a".to_vec()], "node {id}");
+    }
+}

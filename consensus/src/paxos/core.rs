@@ -1617,6 +1617,7 @@ impl MultiPaxos {
         if self.role != Role::Leader || b != self.ballot {
             return;
         }
+        let commit_before = self.commit;
         if let Some(p) = self.peers.get_mut(&from) {
             p.acked = p.acked.max(last.min(self.sent_upto));
             p.heard = true;
@@ -1653,7 +1654,21 @@ impl MultiPaxos {
             self.proposals = proposals;
         }
         self.advance_commit();
+        let sent_before = self.sent_upto;
         self.flush();
+        // Followers learn the new chosen prefix now, not at the next
+        // heartbeat: an accept just sent carries it; otherwise a commit
+        // message does (a write answered by a follower waited for a tick).
+        if self.commit > commit_before && self.sent_upto == sent_before && self.quorum > 1 {
+            let (b, commit, seq) = (self.ballot, self.commit, self.read_seq);
+            self.broadcast(
+                b,
+                MessageKind::Commit {
+                    commit,
+                    read_seq: seq,
+                },
+            );
+        }
     }
 
     fn leader_read(&mut self, ctx: Vec<u8>, to: Option<NodeId>) {
