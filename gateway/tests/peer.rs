@@ -193,6 +193,7 @@ async fn a_single_gateway_generates_its_secret_and_the_listener_reveals_nothing(
             stream: peer_client::Stream::Messages,
             nonce: [1; 32],
             app_format: peer_client::APP_FORMAT,
+            engine: peer_client::ENGINE.into(),
         }),
     )
     .await;

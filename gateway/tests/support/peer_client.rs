@@ -15,14 +15,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// The protocol version spoken.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
+/// The consensus engine announced in the `Hello` (the gateway's default).
+pub const ENGINE: &str = "raft";
 /// The gateway's log entry format, announced in the `Hello`.
 pub const APP_FORMAT: u32 = gateway::ops::ENTRY_FORMAT as u32;
 /// Bound on any one read.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a side refused (wire order matters).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Refusal {
     Version { supported: u32 },
     ClusterId,
@@ -31,6 +33,9 @@ pub enum Refusal {
     Authentication,
     Protocol,
     AppFormat { supported: u32 },
+    TlsRequired,
+    Certificate,
+    Engine { supported: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +53,7 @@ pub struct Hello {
     pub stream: Stream,
     pub nonce: [u8; 32],
     pub app_format: u32,
+    pub engine: String,
 }
 
 /// Every frame, in wire order.
@@ -116,6 +122,8 @@ pub fn transcript_mac(secret: &[u8], label: &[u8], hello: &Hello, nonce_a: &[u8;
     }]);
     mac.update(&hello.nonce);
     mac.update(&hello.app_format.to_be_bytes());
+    mac.update(&(hello.engine.len() as u64).to_be_bytes());
+    mac.update(hello.engine.as_bytes());
     mac.update(nonce_a);
     mac.finalize().into_bytes().into()
 }
@@ -165,6 +173,7 @@ pub async fn handshake_as(
         stream: Stream::Messages,
         nonce: [0x42; 32],
         app_format,
+        engine: ENGINE.into(),
     };
     send(&mut s, &Frame::Hello(hello.clone())).await;
     let nonce_a = match recv(&mut s).await {
