@@ -1195,6 +1195,36 @@ async fn a_proposal_chosen_under_a_later_term_is_answered_with_its_result() {
     node.shutdown().await;
 }
 
+/// Member 2 of a Multi-Paxos group of three, alone: its storage in
+/// `dir/2`, nothing it sends delivered, its inbound messages those the test
+/// queued in `inbound`.
+async fn start_lone_paxos_member(
+    dir: &std::path::Path,
+    inbound: mpsc::Receiver<Inbound<coordinator::paxos::Message>>,
+    log: Log,
+) -> Node<usize> {
+    use coordinator::paxos::Message as PaxosMessage;
+    struct Nowhere;
+    impl PeerSender<PaxosMessage> for Nowhere {
+        fn send(&self, _: PaxosMessage) {}
+        fn send_snapshot(&self, _: PaxosMessage, _: SnapshotImage) {}
+    }
+    let (storage, rec) = Storage::open(dir.join("2"), StorageOptions::default()).expect("open");
+    let init = rec.into_initial_state(ConfState::with_voters([1, 2, 3]));
+    let mut cfg = config(2);
+    cfg.engine = coordinator::engine::EngineKind::MultiPaxos;
+    Node::start::<coordinator::paxos::MultiPaxos, _, _, _>(
+        cfg,
+        init,
+        storage,
+        Arc::new(Nowhere),
+        inbound,
+        log,
+    )
+    .await
+    .expect("start")
+}
+
 /// Two members send a lagging Multi-Paxos member the same snapshot at once,
 /// labelled with different ballots (each labels the slot with the ballot it
 /// holds there). The engine installs the first; the image it is installed
@@ -1203,12 +1233,8 @@ async fn a_proposal_chosen_under_a_later_term_is_answered_with_its_result() {
 /// without its image") — found by the chaos run on Multi-Paxos.
 #[tokio::test]
 async fn two_images_of_one_snapshot_arriving_together_install_once() {
-    use coordinator::engine::EngineKind;
     use coordinator::paxos::{Message as PaxosMessage, MessageKind as PaxosKind, ballot};
     let dir = tempfile::tempdir().expect("tempdir");
-    let (storage, rec) =
-        Storage::open(dir.path().join("2"), StorageOptions::default()).expect("open");
-    let init = rec.into_initial_state(ConfState::with_voters([1, 2, 3]));
     let (tx, rx) = mpsc::channel(16);
     let image = |text: &str| {
         let mut staged = StagedImage::create_in(dir.path()).expect("stage");
@@ -1236,24 +1262,8 @@ async fn two_images_of_one_snapshot_arriving_together_install_once() {
         .await
         .expect("queue");
     }
-    struct Nowhere;
-    impl PeerSender<PaxosMessage> for Nowhere {
-        fn send(&self, _: PaxosMessage) {}
-        fn send_snapshot(&self, _: PaxosMessage, _: SnapshotImage) {}
-    }
-    let mut cfg = config(2);
-    cfg.engine = EngineKind::MultiPaxos;
     let log = Log::default();
-    let node = Node::start::<coordinator::paxos::MultiPaxos, _, _, _>(
-        cfg,
-        init,
-        storage,
-        Arc::new(Nowhere),
-        rx,
-        log.clone(),
-    )
-    .await
-    .expect("start");
+    let node = start_lone_paxos_member(dir.path(), rx, log.clone()).await;
     node.wait_applied(10, Duration::from_secs(10))
         .await
         .expect("the snapshot is installed");
@@ -1271,13 +1281,9 @@ async fn two_images_of_one_snapshot_arriving_together_install_once() {
 /// chaos test on Multi-Paxos after every gateway was killed at once).
 #[tokio::test]
 async fn a_snapshot_behind_the_state_machine_does_not_take_it_back() {
-    use coordinator::engine::EngineKind;
     use coordinator::paxos::{Message as PaxosMessage, MessageKind as PaxosKind, ballot};
     use coordinator::types::{Entry, EntryPayload};
     let dir = tempfile::tempdir().expect("tempdir");
-    let (storage, rec) =
-        Storage::open(dir.path().join("2"), StorageOptions::default()).expect("open");
-    let init = rec.into_initial_state(ConfState::with_voters([1, 2, 3]));
     let value = |i: Index| format!("v{i}");
     // Applied up to 20 before the crash; the log and commit index kept
     // nothing of it.
@@ -1320,23 +1326,7 @@ async fn a_snapshot_behind_the_state_machine_does_not_take_it_back() {
         kind: PaxosKind::Learn { entries },
     };
     tx.send(Inbound::Message(learn)).await.expect("queue");
-    struct Nowhere;
-    impl PeerSender<PaxosMessage> for Nowhere {
-        fn send(&self, _: PaxosMessage) {}
-        fn send_snapshot(&self, _: PaxosMessage, _: SnapshotImage) {}
-    }
-    let mut cfg = config(2);
-    cfg.engine = EngineKind::MultiPaxos;
-    let node = Node::start::<coordinator::paxos::MultiPaxos, _, _, _>(
-        cfg,
-        init,
-        storage,
-        Arc::new(Nowhere),
-        rx,
-        log.clone(),
-    )
-    .await
-    .expect("start");
+    let node = start_lone_paxos_member(dir.path(), rx, log.clone()).await;
     node.wait_applied(22, Duration::from_secs(10))
         .await
         .expect("the values are applied");

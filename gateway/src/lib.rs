@@ -445,7 +445,7 @@ fn check_engine_record(dir: &std::path::Path, engine: EngineKind) -> Result<(), 
             .then(|| EngineKind::Raft.name().to_owned()),
         Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
     };
-    match recorded {
+    match &recorded {
         Some(name) if name == engine.name() => {}
         Some(name) => {
             return Err(GatewayError::Config(format!(
@@ -457,6 +457,9 @@ fn check_engine_record(dir: &std::path::Path, engine: EngineKind) -> Result<(), 
             )));
         }
         None => {}
+    }
+    if path.exists() && recorded.is_some() {
+        return Ok(());
     }
     // Written aside and renamed, so a crash never leaves a partial record.
     let tmp = dir.join(format!("{ENGINE_RECORD}.tmp"));
