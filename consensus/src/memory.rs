@@ -230,7 +230,7 @@ impl<E: Engine> MemNode<E> {
     pub fn apply(&mut self, rd: &Ready<E::Message>) {
         for e in &rd.committed_entries {
             if let EntryPayload::Normal(data) = &e.payload {
-                self.applied.push((e.index, data.clone()));
+                self.applied.push((e.index, data.to_vec()));
             }
         }
         self.read_states.extend(rd.read_states.iter().cloned());

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 
+pub use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Identifies one member of the group. `0` is never a valid id.
@@ -56,8 +57,10 @@ impl Entry {
 pub enum EntryPayload {
     /// The no-op a new leader appends to commit entries of earlier terms (§5.4.2, §8).
     Empty,
-    /// Opaque application bytes; the core never looks inside.
-    Normal(Vec<u8>),
+    /// Opaque application bytes; the core never looks inside. Shared, not
+    /// copied, between the log, the messages that carry it and the entries
+    /// handed to the application (encoded exactly as a `Vec<u8>` would be).
+    Normal(Bytes),
     /// A membership change, applied by the core when it commits.
     ConfChange(ConfChange),
 }

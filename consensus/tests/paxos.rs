@@ -58,7 +58,7 @@ fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
     Entry {
         index,
         term,
-        payload: EntryPayload::Normal(data.to_vec()),
+        payload: EntryPayload::Normal(data.to_vec().into()),
     }
 }
 
@@ -729,7 +729,7 @@ fn an_acceptor_that_knows_slots_chosen_teaches_them_to_a_new_leader() {
             MessageKind::Learn { entries } => entries
                 .iter()
                 .filter_map(|x| match &x.payload {
-                    EntryPayload::Normal(d) => Some((x.index, d.clone())),
+                    EntryPayload::Normal(d) => Some((x.index, d.to_vec())),
                     _ => None,
                 })
                 .collect(),
@@ -756,5 +756,35 @@ fn followers_learn_a_chosen_value_without_waiting_for_a_heartbeat() {
     net.propose(1, b"a").unwrap();
     for id in [1, 2, 3] {
         assert_eq!(values(&net, id), vec![b"a".to_vec()], "node {id}");
+    }
+}
+
+/// The proposals a leader takes between two `ready`s leave in one accept
+/// per acceptor (as Raft's appends), not one accept per proposal: the
+/// engine's throughput under load was a third of Raft's.
+#[test]
+fn proposals_made_between_two_readies_travel_in_one_accept_per_acceptor() {
+    let mut net = group(&[1, 2, 3], Mode::Multi);
+    elect(&mut net, 1);
+    net.propose(1, b"warm").unwrap();
+    for i in 0..10u8 {
+        net.raft_mut(1).propose(vec![i]).unwrap();
+    }
+    let out = net.node_mut(1).handle_ready();
+    for to in [2, 3] {
+        let accepts: Vec<usize> = out
+            .iter()
+            .filter(|e| e.msg.to == to)
+            .filter_map(|e| match &e.msg.kind {
+                MessageKind::Accept { entries, .. } => Some(entries.len()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(accepts, vec![10], "accepts to {to}");
+    }
+    net.deliver(out);
+    net.stabilize();
+    for id in [1, 2, 3] {
+        assert_eq!(values(&net, id).len(), 11, "node {id}");
     }
 }

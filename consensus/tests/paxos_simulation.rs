@@ -261,7 +261,7 @@ impl Checker {
                     self.learned.insert(e.index, e.payload.clone());
                     if let EntryPayload::Normal(d) = &e.payload
                         && self.unique_values
-                        && let Some(prev) = self.applied_values.insert(d.clone(), e.index)
+                        && let Some(prev) = self.applied_values.insert(d.to_vec(), e.index)
                     {
                         return Err(format!(
                             "value {:?} chosen twice, at slots {prev} and {}",

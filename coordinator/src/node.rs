@@ -70,6 +70,7 @@ use crate::raft::{
 use crate::transport::gate::{LogLimiter, RepeatLimiter};
 use consensus::engine::{Engine, EngineKind, EngineMessage};
 use consensus::ready::Ready;
+use consensus::types::Bytes;
 
 /// An error from storage or the state machine, boxed at the boundary.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -142,8 +143,8 @@ pub struct Committed {
     pub index: Index,
     /// The term it was proposed in.
     pub term: Term,
-    /// The application bytes.
-    pub data: Vec<u8>,
+    /// The application bytes (shared with the log's copy, not copied).
+    pub data: Bytes,
 }
 
 /// The application's replicated state machine.
@@ -1654,13 +1655,13 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
                 continue;
             }
             match decode_proposal(&bytes) {
-                Some((node, inc, seq, data)) => {
+                Some((node, inc, seq, _)) => {
                     let mine = node == self.id && inc == self.incarnation;
                     owners.push(mine.then_some(seq));
                     batch.push(Committed {
                         index: e.index,
                         term: e.term,
-                        data: data.to_vec(),
+                        data: bytes.slice(HEADER..),
                     });
                 }
                 None => {

@@ -99,7 +99,7 @@ impl StateMachine for Log {
         let mut g = self.0.lock().expect("log");
         let mut out = Vec::new();
         for e in entries {
-            g.0.push(String::from_utf8(e.data)?);
+            g.0.push(String::from_utf8(e.data.to_vec())?);
             out.push(g.0.len());
         }
         g.1 = last;
@@ -421,7 +421,7 @@ async fn messages_from_non_members_are_refused_and_counted() {
             entries: vec![Entry {
                 term: 0,
                 index: 0,
-                payload: EntryPayload::Normal(b"from a stranger".to_vec()),
+                payload: EntryPayload::Normal(b"from a stranger".to_vec().into()),
             }],
         },
     };
@@ -491,7 +491,7 @@ async fn malformed_messages_from_a_member_are_refused_and_counted() {
             entries: vec![Entry {
                 term,
                 index: 5,
-                payload: EntryPayload::Normal(b"out of place".to_vec()),
+                payload: EntryPayload::Normal(b"out of place".to_vec().into()),
             }],
             commit: 0,
         },
@@ -1316,7 +1316,7 @@ async fn a_snapshot_behind_the_state_machine_does_not_take_it_back() {
         .map(|index| Entry {
             index,
             term: b,
-            payload: EntryPayload::Normal(value(index).into_bytes()),
+            payload: EntryPayload::Normal(value(index).into_bytes().into()),
         })
         .collect();
     let learn = PaxosMessage {

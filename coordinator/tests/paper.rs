@@ -38,7 +38,7 @@ fn ent(index: Index, term: Term) -> Entry {
     Entry {
         term,
         index,
-        payload: EntryPayload::Normal(format!("{index}@{term}").into_bytes()),
+        payload: EntryPayload::Normal(format!("{index}@{term}").into_bytes().into()),
     }
 }
 
@@ -908,7 +908,7 @@ fn leader_start_replication() {
     let want = Entry {
         term: 1,
         index: li + 1,
-        payload: EntryPayload::Normal(b"some data".to_vec()),
+        payload: EntryPayload::Normal(b"some data".to_vec().into()),
     };
     assert_eq!(out.entries, vec![want.clone()]);
     for to in [2, 3] {
@@ -984,7 +984,7 @@ fn leader_commits_preceding_entries() {
         want.push(Entry {
             term: 3,
             index: li + 2,
-            payload: EntryPayload::Normal(b"some data".to_vec()),
+            payload: EntryPayload::Normal(b"some data".to_vec().into()),
         });
         assert_eq!(out.committed, want, "log {log:?}");
         assert_eq!(r.commit_index(), li + 2);

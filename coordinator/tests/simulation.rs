@@ -1653,7 +1653,7 @@ impl Checker {
             );
             match &e.payload {
                 EntryPayload::Normal(d) => {
-                    committed_payloads.insert(d.clone());
+                    committed_payloads.insert(d.to_vec());
                 }
                 EntryPayload::ConfChange(cc) => conf_commits.push((i, *cc)),
                 EntryPayload::Empty => {}

@@ -27,7 +27,8 @@ fn entry(index: u64, op: Op) -> Committed {
             op,
             by: Some("device:pump-1".into()),
         }
-        .encode(),
+        .encode()
+        .into(),
     }
 }
 

@@ -97,7 +97,7 @@ async fn a_non_member_cannot_get_a_proposal_applied_through_the_peer_port() {
             entries: vec![Entry {
                 term: 0,
                 index: 0,
-                payload: EntryPayload::Normal(data),
+                payload: EntryPayload::Normal(data.into()),
             }],
         },
     };

@@ -163,6 +163,10 @@ pub struct MultiPaxos {
     /// as ranges ascending (those up to the chosen prefix trimmed away).
     acks: BTreeMap<NodeId, Vec<(Index, Index)>>,
     inflight: VecDeque<Index>,
+    /// The first of the leader's proposals its own acceptor has not accepted
+    /// yet: proposals wait for the next [`MultiPaxos::ready`], so every one
+    /// made until then is accepted and sent in one batch (as Raft appends).
+    unaccepted_from: Option<Index>,
     read_seq: u64,
     reads: VecDeque<PendingRead>,
 
@@ -321,6 +325,7 @@ impl MultiPaxos {
             prop_first: 0,
             acks: BTreeMap::new(),
             inflight: VecDeque::new(),
+            unaccepted_from: None,
             read_seq: 0,
             reads: VecDeque::new(),
             queue: VecDeque::new(),
@@ -631,7 +636,7 @@ impl MultiPaxos {
         if current.is_none_or(|s| s.ballot != ballot || s.payload != payload) {
             self.write_slot(slot, ballot, payload);
         }
-        self.chosen_above.insert(slot);
+        self.note_chosen(slot);
     }
 
     /// [`MultiPaxos::learn_value`] for a value the caller only borrows:
@@ -647,8 +652,23 @@ impl MultiPaxos {
         {
             return false;
         }
-        self.chosen_above.insert(slot);
+        self.note_chosen(slot);
         true
+    }
+
+    /// Records that the value at `slot` (above the chosen prefix, held in
+    /// the log) is chosen. The next slot extends the prefix at once, so
+    /// values chosen in order never wait in `chosen_above`.
+    fn note_chosen(&mut self, slot: Index) {
+        if slot != self.commit + 1 {
+            self.chosen_above.insert(slot);
+            return;
+        }
+        self.commit = slot;
+        while self.chosen_above.first() == Some(&(self.commit + 1)) {
+            self.chosen_above.pop_first();
+            self.commit += 1;
+        }
     }
 
     fn advance_commit(&mut self) {
@@ -681,6 +701,7 @@ impl MultiPaxos {
         self.proposals.clear();
         self.acks.clear();
         self.inflight.clear();
+        self.unaccepted_from = None;
         self.reads.clear();
         if self.cfg.mode == Mode::Multi {
             self.queue.clear();
@@ -773,6 +794,7 @@ impl MultiPaxos {
         self.proposals.clear();
         self.acks.clear();
         self.inflight.clear();
+        self.unaccepted_from = None;
         self.reads.clear();
         self.elapsed = 0;
         self.timeout = self.random_timeout();
@@ -802,20 +824,20 @@ impl MultiPaxos {
                     return Err(ProposeError::TooMuchUncommitted);
                 }
                 self.queue.push_back(Pending {
-                    payload: EntryPayload::Normal(data),
+                    payload: EntryPayload::Normal(data.into()),
                     read: None,
                 });
                 self.basic_progress();
                 Ok(Proposed::Forwarded { to: self.id })
             }
             Mode::Multi => match self.role {
-                Role::Leader => self.leader_propose(EntryPayload::Normal(data)),
+                Role::Leader => self.leader_propose(EntryPayload::Normal(data.into())),
                 Role::Candidate | Role::PreCandidate => {
                     if self.queue.len() as u64 >= self.cfg.max_slot_gap {
                         return Err(ProposeError::TooMuchUncommitted);
                     }
                     self.queue.push_back(Pending {
-                        payload: EntryPayload::Normal(data),
+                        payload: EntryPayload::Normal(data.into()),
                         read: None,
                     });
                     Ok(Proposed::Forwarded { to: self.id })
@@ -1087,12 +1109,12 @@ impl MultiPaxos {
                 if self.cfg.mode == Mode::Multi {
                     match self.role {
                         Role::Leader => {
-                            let _ = self.leader_propose(EntryPayload::Normal(data));
+                            let _ = self.leader_propose(EntryPayload::Normal(data.into()));
                         }
                         Role::Candidate | Role::PreCandidate => {
                             if (self.queue.len() as u64) < self.cfg.max_slot_gap {
                                 self.queue.push_back(Pending {
-                                    payload: EntryPayload::Normal(data),
+                                    payload: EntryPayload::Normal(data.into()),
                                     read: None,
                                 });
                             }
@@ -1238,7 +1260,7 @@ impl MultiPaxos {
             if !ok {
                 break;
             }
-            self.chosen_above.insert(s);
+            self.note_chosen(s);
             s += 1;
         }
         self.advance_commit();
@@ -1462,6 +1484,7 @@ impl MultiPaxos {
         self.proposals.clear();
         self.acks.clear();
         self.inflight.clear();
+        self.unaccepted_from = None;
         self.heartbeat_elapsed = 0;
         for p in self.peers.values_mut() {
             p.acked = 0;
@@ -1508,8 +1531,7 @@ impl MultiPaxos {
         let s = self.next_slot;
         self.next_slot += 1;
         self.push_proposal(payload);
-        self.accept_own(s, s);
-        self.flush();
+        self.unaccepted_from.get_or_insert(s);
         Ok(Proposed::Appended {
             index: s,
             term: self.ballot,
@@ -1530,6 +1552,18 @@ impl MultiPaxos {
             votes: 0,
             open: true,
         });
+    }
+
+    /// The leader's own acceptor accepts the proposals made since the last
+    /// [`MultiPaxos::ready`], and they go out to the others.
+    fn accept_proposals(&mut self) {
+        let Some(first) = self.unaccepted_from.take() else {
+            return;
+        };
+        if self.role == Role::Leader {
+            self.accept_own(first, self.next_slot - 1);
+            self.flush();
+        }
     }
 
     fn accept_batch(&self, first: Index) -> Vec<Entry> {
@@ -1934,7 +1968,8 @@ impl MultiPaxos {
 
     /// Whether [`MultiPaxos::ready`] has anything.
     pub fn has_ready(&self) -> bool {
-        !self.msgs.is_empty()
+        self.unaccepted_from.is_some()
+            || !self.msgs.is_empty()
             || !self.persisted_msgs.is_empty()
             || !self.self_pending.is_empty()
             || self.unstable_from.is_some()
@@ -1947,6 +1982,7 @@ impl MultiPaxos {
 
     /// Takes the work accumulated since the last call.
     pub fn ready(&mut self) -> Ready<Message> {
+        self.accept_proposals();
         let mut rd = Ready::default();
         let soft = self.soft_state();
         if soft != self.prev_soft {

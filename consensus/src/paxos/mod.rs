@@ -25,8 +25,9 @@
 //! values an acceptor reports as chosen, and for every other slot up to the
 //! highest reported proposes the value with the highest ballot, or a no-op
 //! (`EntryPayload::Empty`) for a hole. Then phase 2 per slot (`Accept`):
-//! proposals are batched and pipelined (`max_inflight_msgs` batches in
-//! flight; what arrives meanwhile goes into the next batch), and a slot is
+//! proposals are batched and pipelined (the proposals made until the next
+//! `ready` are accepted by the leader's own acceptor and sent in one batch,
+//! as Raft appends; `max_inflight_msgs` batches in flight), and a slot is
 //! chosen when a majority accepted it in `b` — the leader's own acceptance
 //! counts only once durable. Followers forward proposals and reads; a
 //! candidate keeps proposals until it leads.

@@ -406,7 +406,7 @@ impl Raft {
     /// Proposes `data` for the log. A leader appends it; a follower forwards
     /// it to the leader it knows (unless forwarding is disabled).
     pub fn propose(&mut self, data: Vec<u8>) -> Result<Proposed, ProposeError> {
-        self.propose_payload(EntryPayload::Normal(data))
+        self.propose_payload(EntryPayload::Normal(data.into()))
     }
 
     /// Proposes a single-server membership change. Refused while another

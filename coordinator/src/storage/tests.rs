@@ -16,7 +16,7 @@ fn ent(index: Index, term: Term) -> Entry {
     Entry {
         term,
         index,
-        payload: EntryPayload::Normal(format!("entry {index} of term {term}").into_bytes()),
+        payload: EntryPayload::Normal(format!("entry {index} of term {term}").into_bytes().into()),
     }
 }
 
@@ -210,12 +210,12 @@ fn all_payload_kinds_round_trip() {
         Entry {
             term: 2,
             index: 3,
-            payload: EntryPayload::Normal(vec![0; 700]),
+            payload: EntryPayload::Normal(vec![0; 700].into()),
         },
         Entry {
             term: 2,
             index: 4,
-            payload: EntryPayload::Normal(Vec::new()),
+            payload: EntryPayload::Normal(Vec::new().into()),
         },
     ];
     st.append(&list).unwrap();
@@ -244,7 +244,7 @@ fn cut_inside_the_last_record_at_every_offset() {
         let replacement = Entry {
             term: 2,
             index: 30,
-            payload: EntryPayload::Normal(b"after the cut".to_vec()),
+            payload: EntryPayload::Normal(b"after the cut".to_vec().into()),
         };
         st.append(std::slice::from_ref(&replacement)).unwrap();
         st.append(&[ent(31, 2)]).unwrap();
@@ -312,7 +312,7 @@ fn large_torn_record_of_repetitive_data_is_cut() {
     let big = Entry {
         term: 1,
         index: 4,
-        payload: EntryPayload::Normal(pattern),
+        payload: EntryPayload::Normal(pattern.into()),
     };
     st.append(std::slice::from_ref(&big)).unwrap();
     st.close().unwrap();
@@ -416,7 +416,7 @@ fn a_record_over_the_maximum_is_refused() {
     let big = Entry {
         term: 1,
         index: 3,
-        payload: EntryPayload::Normal(vec![1; 200]),
+        payload: EntryPayload::Normal(vec![1; 200].into()),
     };
     let err = st.append(&[ent(2, 1), big]).unwrap_err();
     assert!(
@@ -1166,7 +1166,9 @@ fn crash_loses_only_unsynced_entries() {
                 .map(|i| Entry {
                     term,
                     index: i,
-                    payload: EntryPayload::Normal(vec![seed as u8; rng.range(0, 60) as usize]),
+                    payload: EntryPayload::Normal(
+                        vec![seed as u8; rng.range(0, 60) as usize].into(),
+                    ),
                 })
                 .collect();
             st.append(&batch).unwrap();
@@ -1593,4 +1595,40 @@ fn arbitrary_bytes_in_any_file_never_panic_recovery() {
         recovered > 20 && refused > 20,
         "{recovered} recovered, {refused} refused"
     );
+}
+
+/// Entries hold their bytes shared (`Bytes`) since the engines stopped
+/// copying payloads; logs and peers written before encode a `Vec<u8>`.
+/// Both must read the other's bytes: the encoding is the same.
+#[test]
+fn an_entry_is_encoded_as_it_was_when_its_payload_was_a_vec() {
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    enum OldPayload {
+        Empty,
+        Normal(Vec<u8>),
+    }
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct OldEntry {
+        term: u64,
+        index: u64,
+        payload: OldPayload,
+    }
+    let data: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+    let new = Entry {
+        term: 9,
+        index: 70_000,
+        payload: EntryPayload::Normal(data.clone().into()),
+    };
+    let old = OldEntry {
+        term: 9,
+        index: 70_000,
+        payload: OldPayload::Normal(data),
+    };
+    let new_bytes = postcard::to_allocvec(&new).expect("encodes");
+    let old_bytes = postcard::to_allocvec(&old).expect("encodes");
+    assert_eq!(new_bytes, old_bytes);
+    let read: Entry = postcard::from_bytes(&old_bytes).expect("decodes");
+    assert_eq!(read, new);
+    let back: OldEntry = postcard::from_bytes(&new_bytes).expect("decodes");
+    assert_eq!(back, old);
 }

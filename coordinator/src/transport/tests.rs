@@ -71,7 +71,7 @@ fn big_msg(from: NodeId, to: NodeId, size: usize) -> Message {
             entries: vec![Entry {
                 term: 1,
                 index: 1,
-                payload: EntryPayload::Normal(vec![0xAB; size]),
+                payload: EntryPayload::Normal(vec![0xAB; size].into()),
             }],
             commit: 0,
         },
@@ -1577,7 +1577,7 @@ fn arbitrary_frame_bytes_never_panic_the_decoder() {
         .map(|i| Entry {
             term: 2,
             index: i,
-            payload: EntryPayload::Normal(vec![i as u8; 20]),
+            payload: EntryPayload::Normal(vec![i as u8; 20].into()),
         })
         .collect();
     let append = Message {

@@ -26,7 +26,8 @@ fn entry(index: u64, ts_ms: u64, op: Op) -> Committed {
             op,
             by: Some(BY.into()),
         }
-        .encode(),
+        .encode()
+        .into(),
     }
 }
 
@@ -1630,7 +1631,7 @@ async fn an_undecodable_entry_stops_apply_and_applies_nothing_of_its_batch() {
         let bad = Committed {
             index: 3,
             term: 1,
-            data,
+            data: data.into(),
         };
         let batch = vec![
             entry(2, T0, register("d")),
