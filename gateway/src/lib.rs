@@ -13,6 +13,7 @@ pub mod backup;
 pub mod certs;
 pub mod config;
 mod files;
+pub mod jobs;
 pub mod limits;
 pub mod mqtt;
 pub mod ops;

@@ -59,10 +59,11 @@ use sqlx::{Connection, SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, RwLock, broadcast, mpsc, oneshot, watch};
 
 use crate::ops::{Event, OpResult};
-pub use change::{Change, CommandStep, ShadowSide};
+pub use change::{Change, CommandStep, JobStep, ShadowSide};
 
 mod apply;
 mod change;
+mod jobs;
 pub mod merge;
 mod queries;
 pub use queries::TokenAuth;
@@ -221,7 +222,7 @@ impl std::fmt::Debug for Writer {
 }
 
 /// Statements apply keeps prepared (its distinct statements, with room).
-const WRITER_STATEMENTS: usize = 96;
+const WRITER_STATEMENTS: usize = 128;
 
 /// How long opening the writer may wait for sqlx's lock on its handle
 /// (it is free at once: the connection has just been opened).
