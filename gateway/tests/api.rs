@@ -1798,6 +1798,16 @@ async fn jobs_are_listed_canceled_and_refused_as_problems() {
             json!({"command": {"name": ""}, "target": {"devices": ["p1"]}}),
             "name",
         ),
+        // A struct written as an array of its fields is not an object.
+        (
+            json!({"command": {"name": "x"}, "target": {"devices": ["p1"]},
+                "rollout": [null, null]}),
+            "object",
+        ),
+        (
+            json!({"command": ["x", null], "target": {"devices": ["p1"]}}),
+            "object",
+        ),
     ] {
         let r = post(body.clone()).await;
         let detail = r.problem(StatusCode::UNPROCESSABLE_ENTITY);

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
+use serde::de::{self, DeserializeOwned, Deserializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use utoipa::{IntoParams, ToSchema};
@@ -41,11 +42,12 @@ const MAX_START_AT: u64 = 253_402_300_799_999;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewJob {
+    #[serde(deserialize_with = "object")]
     command: NewJobCommand,
     target: Map<String, Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object_opt")]
     rollout: Option<NewRollout>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object_opt")]
     abort: Option<NewAbort>,
     #[serde(default, deserialize_with = "integral_opt")]
     timeout_ms: Option<u64>,
@@ -77,6 +79,26 @@ struct NewAbort {
     failure_percent: u64,
     #[serde(default, deserialize_with = "integral_opt")]
     min_finished: Option<u64>,
+}
+
+/// A struct that must be written as a JSON object (serde would also take
+/// an array of its fields' values).
+fn object<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<T, D::Error> {
+    match Value::deserialize(d)? {
+        v @ Value::Object(_) => serde_json::from_value(v).map_err(de::Error::custom),
+        _ => Err(de::Error::custom("expected an object")),
+    }
+}
+
+/// [`object`], or `null` (or absent) for none.
+fn object_opt<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<Option<T>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        v @ Value::Object(_) => serde_json::from_value(v)
+            .map(Some)
+            .map_err(de::Error::custom),
+        _ => Err(de::Error::custom("expected an object or null")),
+    }
 }
 
 impl utoipa::PartialSchema for NewJob {
