@@ -241,8 +241,9 @@ pub struct FleetArgs {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=HOUR * 1000))]
     pub result_delay_ms: u64,
     /// Probability that a command fails (`"fail": true` in the parameters
-    /// always fails).
-    #[arg(long, default_value_t = 0.0, value_parser = parse_probability)]
+    /// always fails); seeded (--seed). Jobs' commands too: with a job's
+    /// abort rule this exercises it.
+    #[arg(long, alias = "fail-rate", default_value_t = 0.0, value_parser = parse_probability)]
     pub failure_rate: f64,
     /// Random state reports per device per second.
     #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
@@ -294,6 +295,12 @@ pub struct RunArgs {
     /// memory, seconds.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=HOUR))]
     pub settle_secs: u64,
+    /// Follow this job (needs --api): print its progress to stderr while
+    /// the fleet answers its commands, and end the run when the job is
+    /// over (completed, canceled or aborted) — or at --duration-secs or
+    /// Ctrl-C, whichever is first. The summary ends with the job's state.
+    #[arg(long)]
+    pub job: Option<String>,
 }
 
 /// `device-sim bench`.
@@ -413,16 +420,56 @@ async fn run_cmd(a: RunArgs) -> Result<()> {
         status: interactive(),
     };
     let duration = (a.duration_secs > 0).then(|| Duration::from_secs(a.duration_secs));
+    let Some(job) = a.job.as_deref() else {
+        let report = run::run(
+            a.fleet.config(&a.common)?,
+            &creds,
+            api.as_ref(),
+            &options,
+            stop_after(duration),
+        )
+        .await?;
+        return emit(a.common.json, &report.table(), &report);
+    };
+    let Some(api) = api.as_ref() else {
+        bail!("--job reads the job over REST: give --api (and a token)");
+    };
+    let last = std::sync::Mutex::new(None);
+    let stop = async {
+        tokio::select! {
+            j = crate::job::follow(api, job, JOB_POLL) => {
+                if let Ok(j) = j {
+                    *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(j);
+                }
+            }
+            _ = stop_after(duration) => {}
+        }
+    };
     let report = run::run(
         a.fleet.config(&a.common)?,
         &creds,
-        api.as_ref(),
+        Some(api),
         &options,
-        stop_after(duration),
+        stop,
     )
     .await?;
-    emit(a.common.json, &report.table(), &report)
+    let job = match last
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        Some(j) => j,
+        None => api.job(job).await?,
+    };
+    let table = format!("{}{}\n", report.table(), crate::job::progress_line(&job));
+    emit(
+        a.common.json,
+        &table,
+        &serde_json::json!({"run": report, "job": job}),
+    )
 }
+
+/// How often `run --job` reads the job.
+const JOB_POLL: Duration = Duration::from_secs(1);
 
 async fn bench_cmd(a: BenchArgs) -> Result<()> {
     let pool = a.concurrency.max(a.common.register_concurrency);
@@ -559,6 +606,20 @@ mod tests {
         assert_eq!(b.common.gateways.len(), 2);
         assert_eq!(b.api_mode, ApiMode::Leader);
         assert_eq!(b.rate, 1000.0);
+        let cli = Cli::try_parse_from([
+            "device-sim",
+            "run",
+            "--fail-rate",
+            "0.25",
+            "--job",
+            "j-0123",
+        ])
+        .expect("parse");
+        let Command::Run(r) = cli.command else {
+            panic!("run expected");
+        };
+        assert_eq!(r.fleet.failure_rate, 0.25);
+        assert_eq!(r.job.as_deref(), Some("j-0123"));
         for bad in [
             vec!["device-sim", "run", "--failure-rate", "2"],
             vec!["device-sim", "run", "--prefix", "a/b"],
