@@ -17,7 +17,7 @@ use coordinator::raft::Role as RaftRole;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::watch;
 use utoipa::ToSchema;
 
@@ -399,6 +399,15 @@ pub async fn drive(
                 Err(RecvError::Lagged(_)) => {}
                 Err(RecvError::Closed) => return,
             },
+        }
+        // One pass serves every change that came meanwhile (results
+        // arrive in bursts; a pass reads every unfinished job anyway).
+        loop {
+            match changes.try_recv() {
+                Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Closed) => return,
+            }
         }
         if node.status().raft.role != RaftRole::Leader {
             continue;
