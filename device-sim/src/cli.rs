@@ -301,6 +301,15 @@ pub struct RunArgs {
     /// Ctrl-C, whichever is first. The summary ends with the job's state.
     #[arg(long)]
     pub job: Option<String>,
+    /// Once the fleet is connected, create a job over all its devices (at
+    /// most 10,000) launching this many a minute (needs --api), follow it
+    /// as --job does, and report how long its rollout took against the
+    /// time the rate implies.
+    #[arg(long, conflicts_with = "job", value_parser = clap::value_parser!(u32).range(1..=600_000))]
+    pub job_rate: Option<u32>,
+    /// With --job-rate: the job's max_in_flight.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub job_in_flight: u32,
 }
 
 /// `device-sim bench`.
@@ -420,7 +429,7 @@ async fn run_cmd(a: RunArgs) -> Result<()> {
         status: interactive(),
     };
     let duration = (a.duration_secs > 0).then(|| Duration::from_secs(a.duration_secs));
-    let Some(job) = a.job.as_deref() else {
+    if a.job.is_none() && a.job_rate.is_none() {
         let report = run::run(
             a.fleet.config(&a.common)?,
             &creds,
@@ -430,16 +439,38 @@ async fn run_cmd(a: RunArgs) -> Result<()> {
         )
         .await?;
         return emit(a.common.json, &report.table(), &report);
-    };
+    }
     let Some(api) = api.as_ref() else {
-        bail!("--job reads the job over REST: give --api (and a token)");
+        bail!("--job and --job-rate use the REST API: give --api (and a token)");
     };
+    if a.job_rate.is_some() && creds.len() > 10_000 {
+        bail!("--job-rate makes a job over every device: at most 10,000 (a job's limit)");
+    }
+    let id = std::sync::Mutex::new(a.job.clone());
     let last = std::sync::Mutex::new(None);
+    // Runs once the fleet is connected (run::run awaits it then).
     let stop = async {
+        if let Some(rate) = a.job_rate {
+            let body = serde_json::json!({
+                "command": {"name": "sim-job"},
+                "target": {"devices": creds.iter().map(|c| c.id.as_str()).collect::<Vec<_>>()},
+                "rollout": {"max_per_minute": rate, "max_in_flight": a.job_in_flight},
+            });
+            match api.create_job(&body).await {
+                Ok(j) => *lock(&id) = j["id"].as_str().map(str::to_string),
+                Err(e) => {
+                    eprintln!("device-sim: creating the job: {e:#}");
+                    return;
+                }
+            }
+        }
+        let Some(job) = lock(&id).clone() else {
+            return;
+        };
         tokio::select! {
-            j = crate::job::follow(api, job, JOB_POLL) => {
+            j = crate::job::follow(api, &job, JOB_POLL) => {
                 if let Ok(j) = j {
-                    *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(j);
+                    *lock(&last) = Some(j);
                 }
             }
             _ = stop_after(duration) => {}
@@ -453,19 +484,32 @@ async fn run_cmd(a: RunArgs) -> Result<()> {
         stop,
     )
     .await?;
-    let job = match last
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-    {
-        Some(j) => j,
-        None => api.job(job).await?,
+    let Some(job_id) = lock(&id).clone() else {
+        bail!("no job was created");
     };
-    let table = format!("{}{}\n", report.table(), crate::job::progress_line(&job));
+    let followed = lock(&last).clone();
+    let job = match followed {
+        Some(j) => j,
+        None => api.job(&job_id).await?,
+    };
+    let mut table = format!("{}{}\n", report.table(), crate::job::progress_line(&job));
+    if let Some(t) = crate::job::rollout_timing(&job) {
+        table.push_str(&format!("{}\n", t.line()));
+    }
     emit(
         a.common.json,
         &table,
-        &serde_json::json!({"run": report, "job": job}),
+        &serde_json::json!({
+            "run": report,
+            "job": job,
+            "rollout": crate::job::rollout_timing(&job),
+        }),
     )
+}
+
+/// `m` locked, poisoned or not.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// How often `run --job` reads the job.

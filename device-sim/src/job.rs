@@ -62,6 +62,52 @@ pub async fn follow(api: &Api, id: &str, every: Duration) -> Result<Value> {
     }
 }
 
+/// How long a finished job's rollout took against the time its rate
+/// implies.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RolloutTiming {
+    /// Executions launched.
+    pub launched: u64,
+    /// From the job's start to its end, seconds.
+    pub took_secs: f64,
+    /// What `max_per_minute` implies for `launched` executions: one at
+    /// once, then the rate — `(launched − 1) / rate`, seconds.
+    pub implied_secs: f64,
+}
+
+impl RolloutTiming {
+    /// One line for the summary.
+    pub fn line(&self) -> String {
+        let over = if self.implied_secs > 0.0 {
+            format!(
+                " ({:+.1} %)",
+                (self.took_secs / self.implied_secs - 1.0) * 100.0
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "rollout          {} launched in {:.2} s; the rate implies {:.2} s{over}",
+            self.launched, self.took_secs, self.implied_secs
+        )
+    }
+}
+
+/// The timing of a job that started and finished (`None` otherwise).
+pub fn rollout_timing(job: &Value) -> Option<RolloutTiming> {
+    let started = job["started_at"].as_u64()?;
+    let finished = job["finished_at"].as_u64()?;
+    let rate = job["rollout"]["max_per_minute"]
+        .as_u64()
+        .filter(|r| *r > 0)?;
+    let launched = job["launched"].as_u64()?;
+    Some(RolloutTiming {
+        launched,
+        took_secs: finished.saturating_sub(started) as f64 / 1000.0,
+        implied_secs: launched.saturating_sub(1) as f64 * 60.0 / rate as f64,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +129,18 @@ mod tests {
         assert!(is_over(&job));
         assert!(!is_over(&json!({"state": "in_progress"})));
         assert!(!is_over(&json!({})));
+    }
+
+    #[test]
+    fn a_rollouts_time_is_set_against_what_its_rate_implies() {
+        let job = json!({"started_at": 1_000, "finished_at": 11_500, "launched": 101,
+            "rollout": {"max_per_minute": 600}});
+        let t = rollout_timing(&job).expect("timing");
+        assert_eq!((t.took_secs, t.implied_secs), (10.5, 10.0));
+        assert_eq!(
+            t.line(),
+            "rollout          101 launched in 10.50 s; the rate implies 10.00 s (+5.0 %)"
+        );
+        assert_eq!(rollout_timing(&json!({"started_at": 1})), None);
     }
 }
