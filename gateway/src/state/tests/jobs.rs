@@ -508,3 +508,33 @@ async fn deleting_a_device_cancels_its_executions() {
     let j = job_of(db.run(Op::CompleteJob { id: "jdel".into() }).await);
     assert_eq!(j.state, JobState::Completed);
 }
+
+#[tokio::test]
+async fn a_selector_matching_nothing_starts_empty_and_completes() {
+    let mut db = fleet(2).await;
+    let nobody = BTreeMap::from([("site".to_string(), "mars".to_string())]);
+    job_of(
+        db.run(create(
+            "je",
+            JobTarget::Labels(nobody),
+            rollout(60, 1),
+            None,
+        ))
+        .await,
+    );
+    let j = job_of(db.run(Op::StartJob { id: "je".into() }).await);
+    assert_eq!((j.state, j.devices), (JobState::InProgress, 0));
+    assert_eq!(db.run(launch("je", &ids(2))).await, OpResult::Ignored);
+    let j = job_of(db.run(Op::CompleteJob { id: "je".into() }).await);
+    assert_eq!(j.state, JobState::Completed);
+    // An empty selector is refused (the API refuses it first).
+    let r = db
+        .run(create(
+            "jz",
+            JobTarget::Labels(BTreeMap::new()),
+            rollout(60, 1),
+            None,
+        ))
+        .await;
+    assert!(matches!(r, OpResult::Conflict(_)), "{r:?}");
+}
