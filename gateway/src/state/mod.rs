@@ -26,8 +26,13 @@
 //!   changes `{"device", "version", "patch"}` (the merge patch applied and
 //!   the desired version after it: the change, not the documents); a
 //!   batch registration (`devices.registered`, one entry however many
-//!   devices) `{"devices": [ids]}`, in the order of the request; the
-//!   others the device or command after the change.
+//!   devices) `{"devices": [ids]}`, in the order of the request;
+//!   `job.launched` `{"job", "executions": [{"device", "command"}]}`; the
+//!   other job events the job after the change; the others the device or
+//!   command after the change.
+//! - Jobs (`jobs.rs`): executions follow their commands in the command's
+//!   own entry; a job's start, end and abort are entries of their own
+//!   (the leader's), each re-checked at apply time.
 //! - `RegisterDevices` is all or none: every device is checked first (its
 //!   id not registered, its certificate fingerprint no other device's,
 //!   neither shared within the entry); one conflict makes the result
