@@ -241,8 +241,9 @@ pub struct FleetArgs {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=HOUR * 1000))]
     pub result_delay_ms: u64,
     /// Probability that a command fails (`"fail": true` in the parameters
-    /// always fails).
-    #[arg(long, default_value_t = 0.0, value_parser = parse_probability)]
+    /// always fails); seeded (--seed). Jobs' commands too: with a job's
+    /// abort rule this exercises it.
+    #[arg(long, alias = "fail-rate", default_value_t = 0.0, value_parser = parse_probability)]
     pub failure_rate: f64,
     /// Random state reports per device per second.
     #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
@@ -294,6 +295,21 @@ pub struct RunArgs {
     /// memory, seconds.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=HOUR))]
     pub settle_secs: u64,
+    /// Follow this job (needs --api): print its progress to stderr while
+    /// the fleet answers its commands, and end the run when the job is
+    /// over (completed, canceled or aborted) — or at --duration-secs or
+    /// Ctrl-C, whichever is first. The summary ends with the job's state.
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Once the fleet is connected, create a job over all its devices (at
+    /// most 10,000) launching this many a minute (needs --api), follow it
+    /// as --job does, and report how long its rollout took against the
+    /// time the rate implies.
+    #[arg(long, conflicts_with = "job", value_parser = clap::value_parser!(u32).range(1..=600_000))]
+    pub job_rate: Option<u32>,
+    /// With --job-rate: the job's max_in_flight.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub job_in_flight: u32,
 }
 
 /// `device-sim bench`.
@@ -413,16 +429,91 @@ async fn run_cmd(a: RunArgs) -> Result<()> {
         status: interactive(),
     };
     let duration = (a.duration_secs > 0).then(|| Duration::from_secs(a.duration_secs));
+    if a.job.is_none() && a.job_rate.is_none() {
+        let report = run::run(
+            a.fleet.config(&a.common)?,
+            &creds,
+            api.as_ref(),
+            &options,
+            stop_after(duration),
+        )
+        .await?;
+        return emit(a.common.json, &report.table(), &report);
+    }
+    let Some(api) = api.as_ref() else {
+        bail!("--job and --job-rate use the REST API: give --api (and a token)");
+    };
+    if a.job_rate.is_some() && creds.len() > 10_000 {
+        bail!("--job-rate makes a job over every device: at most 10,000 (a job's limit)");
+    }
+    let id = std::sync::Mutex::new(a.job.clone());
+    let last = std::sync::Mutex::new(None);
+    // Runs once the fleet is connected (run::run awaits it then).
+    let stop = async {
+        if let Some(rate) = a.job_rate {
+            let body = serde_json::json!({
+                "command": {"name": "sim-job"},
+                "target": {"devices": creds.iter().map(|c| c.id.as_str()).collect::<Vec<_>>()},
+                "rollout": {"max_per_minute": rate, "max_in_flight": a.job_in_flight},
+            });
+            match api.create_job(&body).await {
+                Ok(j) => *lock(&id) = j["id"].as_str().map(str::to_string),
+                Err(e) => {
+                    eprintln!("device-sim: creating the job: {e:#}");
+                    return;
+                }
+            }
+        }
+        let Some(job) = lock(&id).clone() else {
+            return;
+        };
+        tokio::select! {
+            j = crate::job::follow(api, &job, JOB_POLL) => {
+                if let Ok(j) = j {
+                    *lock(&last) = Some(j);
+                }
+            }
+            _ = stop_after(duration) => {}
+        }
+    };
     let report = run::run(
         a.fleet.config(&a.common)?,
         &creds,
-        api.as_ref(),
+        Some(api),
         &options,
-        stop_after(duration),
+        stop,
     )
     .await?;
-    emit(a.common.json, &report.table(), &report)
+    let Some(job_id) = lock(&id).clone() else {
+        bail!("no job was created");
+    };
+    let followed = lock(&last).clone();
+    let job = match followed {
+        Some(j) => j,
+        None => api.job(&job_id).await?,
+    };
+    let mut table = format!("{}{}\n", report.table(), crate::job::progress_line(&job));
+    if let Some(t) = crate::job::rollout_timing(&job) {
+        table.push_str(&format!("{}\n", t.line()));
+    }
+    emit(
+        a.common.json,
+        &table,
+        &serde_json::json!({
+            "run": report,
+            "job": job,
+            "rollout": crate::job::rollout_timing(&job),
+        }),
+    )
 }
+
+/// `m` locked, poisoned or not.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How often `run --job` reads the job.
+const JOB_POLL: Duration = Duration::from_secs(1);
 
 async fn bench_cmd(a: BenchArgs) -> Result<()> {
     let pool = a.concurrency.max(a.common.register_concurrency);
@@ -559,6 +650,20 @@ mod tests {
         assert_eq!(b.common.gateways.len(), 2);
         assert_eq!(b.api_mode, ApiMode::Leader);
         assert_eq!(b.rate, 1000.0);
+        let cli = Cli::try_parse_from([
+            "device-sim",
+            "run",
+            "--fail-rate",
+            "0.25",
+            "--job",
+            "j-0123",
+        ])
+        .expect("parse");
+        let Command::Run(r) = cli.command else {
+            panic!("run expected");
+        };
+        assert_eq!(r.fleet.failure_rate, 0.25);
+        assert_eq!(r.job.as_deref(), Some("j-0123"));
         for bad in [
             vec!["device-sim", "run", "--failure-rate", "2"],
             vec!["device-sim", "run", "--prefix", "a/b"],

@@ -19,6 +19,7 @@ pub mod creds;
 pub mod device;
 pub mod fleet;
 pub mod ingest;
+pub mod job;
 pub mod mqtt;
 pub mod rest;
 pub mod rng;

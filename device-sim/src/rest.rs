@@ -358,6 +358,36 @@ impl Api {
         res.json().await.context("reading the command")
     }
 
+    /// `POST /v1/jobs` with `body`; the job created.
+    pub async fn create_job(&self, body: &Value) -> Result<Value> {
+        let res = self
+            .request(reqwest::Method::POST, format!("{}/v1/jobs", self.base(0)))
+            .json(body)
+            .send()
+            .await
+            .context("creating a job")?;
+        if !res.status().is_success() {
+            return Err(fail("creating a job", res).await);
+        }
+        res.json().await.context("reading the job")
+    }
+
+    /// `GET /v1/jobs/{id}`: the job with its counts.
+    pub async fn job(&self, id: &str) -> Result<Value> {
+        let res = self
+            .request(
+                reqwest::Method::GET,
+                format!("{}/v1/jobs/{id}", self.base(0)),
+            )
+            .send()
+            .await
+            .with_context(|| format!("reading job {id}"))?;
+        if !res.status().is_success() {
+            return Err(fail(&format!("reading job {id}"), res).await);
+        }
+        res.json().await.context("reading the job")
+    }
+
     /// Every command of `device` (all pages), oldest first.
     pub async fn device_commands(&self, device: &str) -> Result<Vec<Value>> {
         let mut out = Vec::new();

@@ -344,3 +344,67 @@ async fn mqtt5_devices_fail_over_apply_desired_state_and_ingest() {
     assert!(report.errors.is_empty(), "{}", report.table());
     env.gw.stop().await;
 }
+
+/// A job over a fleet that fails its commands is aborted by its abort rule,
+/// and one over a fleet that answers them completes; `job::follow` follows
+/// both to their end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_fleet_trips_a_jobs_abort_rule_and_a_healthy_one_completes_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let mut fleets = Vec::new();
+    for (prefix, failure_rate) in [("bad-", 1.0), ("good-", 0.0)] {
+        let p = Provision {
+            prefix,
+            count: 40,
+            file: None,
+            rotate_existing: false,
+            concurrency: 16,
+        };
+        let creds = provision(Some(&env.api), &p).await.expect("register");
+        let mut config = FleetConfig::new(vec![broker(env.gw.mqtt_addr)]);
+        config.behaviour.result_delay = Duration::from_millis(1);
+        config.behaviour.failure_rate = failure_rate;
+        config.seed = 11;
+        let fleet = Fleet::start(config, &creds).expect("fleet");
+        fleet.wait_subscribed(40, WAIT).await.expect("subscribed");
+        let ids: Vec<String> = creds.iter().map(|c| c.id.clone()).collect();
+        fleets.push((fleet, ids));
+    }
+    let job = |ids: &[String]| {
+        json!({
+            "command": {"name": "update"},
+            "target": {"devices": ids},
+            "rollout": {"max_per_minute": 600000, "max_in_flight": 4},
+            "abort": {"failure_percent": 20, "min_finished": 8},
+        })
+    };
+    let bad = env.api.create_job(&job(&fleets[0].1)).await.expect("job");
+    let good = env.api.create_job(&job(&fleets[1].1)).await.expect("job");
+    let every = Duration::from_millis(50);
+    let bad = tokio::time::timeout(
+        WAIT,
+        device_sim::job::follow(&env.api, bad["id"].as_str().expect("id"), every),
+    )
+    .await
+    .expect("the failing job ended")
+    .expect("job");
+    assert_eq!(bad["state"], "aborted", "{bad}");
+    // At most min_finished plus what was in flight ran before the abort.
+    let launched = bad["launched"].as_u64().expect("launched");
+    assert!((8..=8 + 4).contains(&launched), "{bad}");
+    assert_eq!(bad["counts"]["succeeded"], 0, "{bad}");
+    assert_eq!(bad["counts"]["canceled"], 40 - launched, "{bad}");
+    let good = tokio::time::timeout(
+        WAIT,
+        device_sim::job::follow(&env.api, good["id"].as_str().expect("id"), every),
+    )
+    .await
+    .expect("the healthy job ended")
+    .expect("job");
+    assert_eq!(good["state"], "completed", "{good}");
+    assert_eq!(good["counts"]["succeeded"], 40, "{good}");
+    for (fleet, _) in fleets {
+        fleet.stop(Duration::from_secs(2)).await;
+    }
+}

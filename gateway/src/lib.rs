@@ -13,6 +13,7 @@ pub mod backup;
 pub mod certs;
 pub mod config;
 mod files;
+pub mod jobs;
 pub mod limits;
 pub mod mqtt;
 pub mod ops;
@@ -347,6 +348,7 @@ async fn start_until(
         bootstrap_admin(&node, &db, &config, &mut cancel).await?
     };
     let duties = tokio::spawn(leader_duties(node.clone(), db.clone(), shutdown_rx.clone()));
+    let rollouts = tokio::spawn(jobs::drive(node.clone(), db.clone(), shutdown_rx.clone()));
     let peer_book = tokio::spawn(follow_peer_addresses(
         db.clone(),
         transport.clone(),
@@ -399,7 +401,7 @@ async fn start_until(
         db,
         transport,
         shutdown_tx,
-        tasks: vec![http, duties, peer_book, membership],
+        tasks: vec![http, duties, rollouts, peer_book, membership],
     })
 }
 

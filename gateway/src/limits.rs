@@ -104,6 +104,17 @@ pub enum LimitError {
         /// How many devices it has.
         count: usize,
     },
+    /// A job naming no devices, or more than
+    /// [`crate::jobs::MAX_JOB_DEVICES`]; or a launch of more than
+    /// [`crate::jobs::MAX_LAUNCH`].
+    #[error(
+        "a job targets 1 to {} devices by id ({count} given); target more with a label selector",
+        crate::jobs::MAX_JOB_DEVICES
+    )]
+    JobSize {
+        /// How many devices it names.
+        count: usize,
+    },
     /// The entry would be larger than [`MAX_ENTRY_BYTES`].
     #[error(
         "the log entry would be {size} bytes; an entry may be at most {MAX_ENTRY_BYTES} bytes \
@@ -195,6 +206,27 @@ pub fn check_op(op: &Op) -> Result<(), LimitError> {
             .as_ref()
             .map_or(Ok(()), |a| check_value("attributes", a)),
         Op::IssueCommand { params, .. } => check_value("params", params),
+        Op::CreateJob {
+            command, target, ..
+        } => {
+            check_value("params", &command.params)?;
+            if let crate::jobs::JobTarget::Devices(devices) = target
+                && (devices.is_empty() || devices.len() > crate::jobs::MAX_JOB_DEVICES)
+            {
+                return Err(LimitError::JobSize {
+                    count: devices.len(),
+                });
+            }
+            Ok(())
+        }
+        Op::LaunchExecutions { devices, .. } => {
+            if devices.len() > crate::jobs::MAX_LAUNCH {
+                return Err(LimitError::JobSize {
+                    count: devices.len(),
+                });
+            }
+            Ok(())
+        }
         Op::CommandResult { output, .. } => check_value("the command output", output),
         Op::SetDesired { patch, .. } => check_value("the desired-state patch", patch),
         Op::ReportState { patch, .. } => check_value("the reported-state patch", patch),
@@ -211,7 +243,11 @@ pub fn check_op(op: &Op) -> Result<(), LimitError> {
         | Op::ExpireCommands { .. }
         | Op::Presence { .. }
         | Op::GatewaySessionsLost { .. }
-        | Op::SetPeerAddress { .. } => Ok(()),
+        | Op::SetPeerAddress { .. }
+        | Op::StartJob { .. }
+        | Op::CompleteJob { .. }
+        | Op::AbortJob { .. }
+        | Op::CancelJob { .. } => Ok(()),
     }
 }
 

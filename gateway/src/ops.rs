@@ -337,6 +337,67 @@ pub enum Op {
         /// `host:port` of its peer listener.
         address: String,
     },
+    /// Creates a job (state `scheduled`; the leader starts it with
+    /// [`Op::StartJob`]). For a list of devices, one `queued` execution per
+    /// device is created with it: NotFound naming the ids that are not
+    /// registered (nothing changes). Conflict if the id exists or the group
+    /// holds [`crate::jobs::MAX_ACTIVE_JOBS`] unfinished jobs.
+    CreateJob {
+        /// Job id, chosen by the proposer.
+        id: String,
+        /// The command each device gets.
+        command: crate::jobs::JobCommand,
+        /// Its devices, or a label selector evaluated when it starts.
+        target: crate::jobs::JobTarget,
+        /// The rollout bounds.
+        rollout: crate::jobs::Rollout,
+        /// The abort rule, if any.
+        abort: Option<crate::jobs::AbortRule>,
+        /// Each device's command's time to live (ms).
+        timeout_ms: u64,
+        /// When it may start (ms since the epoch); at once if absent.
+        start_at_ms: Option<u64>,
+    },
+    /// Starts a scheduled job whose start time (if any) is at or before the
+    /// entry's stamp: a label selector is evaluated now (one `queued`
+    /// execution per device matching it, in this entry on every member);
+    /// the job is `in_progress` from the entry's stamp. Anything else is
+    /// ignored.
+    StartJob {
+        /// Job id.
+        id: String,
+    },
+    /// Launches queued executions of an in-progress job (proposed by the
+    /// leader): each one named that is still `queued` gets its command
+    /// (id [`crate::jobs::command_id`]) and becomes `in_progress` — as many
+    /// as `max_in_flight` and the rate (from the job's start to the entry's
+    /// stamp) allow, none if the abort rule trips. Others are skipped, so a
+    /// duplicated or stale proposal launches nothing twice.
+    LaunchExecutions {
+        /// Job id.
+        job: String,
+        /// Devices, in the order to launch them.
+        devices: Vec<String>,
+    },
+    /// Completes an in-progress job all of whose executions finished;
+    /// ignored otherwise.
+    CompleteJob {
+        /// Job id.
+        id: String,
+    },
+    /// Aborts an in-progress job whose abort rule tripped (its queued
+    /// executions are canceled; launched ones finish); ignored otherwise.
+    AbortJob {
+        /// Job id.
+        id: String,
+    },
+    /// Cancels a scheduled or in-progress job: its queued executions are
+    /// canceled; launched ones are left to finish and still record their
+    /// outcome. NotFound, or Conflict if it is already over.
+    CancelJob {
+        /// Job id.
+        id: String,
+    },
 }
 
 /// One device of [`Op::RegisterDevices`]: the fields of
@@ -381,6 +442,12 @@ impl Op {
             Op::Presence { .. } => "device.presence",
             Op::GatewaySessionsLost { .. } => "gateway.sessions_lost",
             Op::SetPeerAddress { .. } => "cluster.peer",
+            Op::CreateJob { .. } => "job.created",
+            Op::StartJob { .. } => "job.started",
+            Op::LaunchExecutions { .. } => "job.launched",
+            Op::CompleteJob { .. } => "job.completed",
+            Op::AbortJob { .. } => "job.aborted",
+            Op::CancelJob { .. } => "job.canceled",
         }
     }
 }
@@ -432,6 +499,8 @@ pub enum OpResult {
     },
     /// The shadow after the operation.
     Shadow(Shadow),
+    /// The job after the operation.
+    Job(Box<crate::jobs::Job>),
     /// The thing named does not exist.
     NotFound(String),
     /// The operation contradicts the current state (the message says how).

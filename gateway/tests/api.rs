@@ -1561,3 +1561,278 @@ async fn an_entry_this_gateway_cannot_decode_stops_its_node() {
         .await;
     assert_eq!(local.status, StatusCode::OK, "{local:?}");
 }
+
+impl Env {
+    /// Polls `GET /v1/jobs/{id}` until `done` holds (at most 10 s).
+    async fn job_until(&self, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = self.get(&format!("/v1/jobs/{id}")).send().await;
+            assert_eq!(r.status, StatusCode::OK, "{r:?}");
+            if done(&r.body) {
+                return r.body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job never got there: {}",
+                r.body
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Answers a command as its device would (through the log).
+    async fn answer(&self, cid: &str, succeeded: bool) {
+        let op = Op::CommandResult {
+            cid: cid.into(),
+            succeeded,
+            output: json!({"ok": succeeded}),
+        };
+        let (_, r) = gateway::propose(self.gw.node(), op).await.expect("result");
+        assert!(matches!(r, OpResult::Command { .. }), "{r:?}");
+    }
+
+    async fn executions(&self, id: &str, query: &str) -> Vec<Value> {
+        let r = self
+            .get(&format!("/v1/jobs/{id}/executions{query}"))
+            .send()
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        r.body["items"].as_array().expect("items").clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_rolls_out_within_its_bounds_and_completes() {
+    let e = env().await;
+    for d in ["d0", "d1", "d2", "d3"] {
+        e.register(d, json!({"site": "north"})).await;
+    }
+    let created = e
+        .op(Method::POST, "/v1/jobs")
+        .json(json!({
+            "command": {"name": "update", "params": {"v": 2}},
+            "target": {"devices": ["d2", "d0", "d1"]},
+            "rollout": {"max_in_flight": 2},
+            "timeout_ms": 60000,
+        }))
+        .send()
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+    let id = created.body["id"].as_str().expect("id").to_string();
+    assert!(id.starts_with("j-"), "{id}");
+    assert_eq!(created.body["state"], "scheduled");
+    assert_eq!(created.body["devices"], 3);
+    assert_eq!(
+        created.body["rollout"],
+        json!({"max_per_minute": 600, "max_in_flight": 2})
+    );
+    created.index();
+    // The leader starts it and launches two, in device order: no more.
+    let job = e
+        .job_until(&id, |j| j["state"] == "in_progress" && j["launched"] == 2)
+        .await;
+    assert_eq!(job["counts"]["queued"], 1);
+    let running = e.executions(&id, "?status=in_progress").await;
+    let devices: Vec<&str> = running
+        .iter()
+        .map(|x| x["device"].as_str().unwrap())
+        .collect();
+    assert_eq!(devices, ["d0", "d1"]);
+    let cid0 = running[0]["command"].as_str().expect("command").to_string();
+    let cmd = e.get(&format!("/v1/commands/{cid0}")).send().await;
+    assert_eq!(cmd.body["name"], "update");
+    assert_eq!(cmd.body["device"], "d0");
+    // Executions page by device id.
+    let page = e
+        .get(&format!("/v1/jobs/{id}/executions?limit=1"))
+        .send()
+        .await;
+    assert_eq!(page.body["next"], "d0", "{page:?}");
+    e.answer(&cid0, true).await;
+    let job = e.job_until(&id, |j| j["launched"] == 3).await;
+    assert_eq!(job["counts"]["succeeded"], 1);
+    for x in e.executions(&id, "?status=in_progress").await {
+        let failed = x["device"] == "d1";
+        e.answer(x["command"].as_str().unwrap(), !failed).await;
+    }
+    let done = e.job_until(&id, |j| j["state"] == "completed").await;
+    assert_eq!(
+        done["counts"],
+        json!({"queued": 0, "in_progress": 0, "succeeded": 2, "failed": 1, "timed_out": 0,
+            "canceled": 0})
+    );
+    assert!(done["finished_at"].as_u64().is_some(), "{done}");
+    let failed = e.executions(&id, "?status=failed").await;
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["device"], "d1");
+    // Over: cancel is a conflict.
+    let r = e
+        .op(Method::POST, &format!("/v1/jobs/{id}/cancel"))
+        .send()
+        .await;
+    assert!(
+        r.problem(StatusCode::CONFLICT).contains("completed"),
+        "{r:?}"
+    );
+    // The job's events, in order.
+    let kinds: Vec<String> =
+        e.gw.db()
+            .events_since(0, u32::MAX)
+            .await
+            .expect("events")
+            .into_iter()
+            .filter(|ev| ev.kind.starts_with("job."))
+            .map(|ev| ev.kind)
+            .collect();
+    // (At 600 a minute, one launches at once, then one every 100 ms:
+    // how many entries launch the three depends on the timing.)
+    let mut steps = kinds.clone();
+    steps.dedup();
+    assert_eq!(
+        steps,
+        [
+            "job.created",
+            "job.started",
+            "job.launched",
+            "job.completed"
+        ],
+        "{kinds:?}"
+    );
+    assert!(kinds.len() >= 5, "{kinds:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_are_listed_canceled_and_refused_as_problems() {
+    let e = env().await;
+    e.register("p1", json!({"site": "north"})).await;
+    let later = gateway::now_ms() + 3_600_000;
+    let body = json!({
+        "command": {"name": "reboot"},
+        "target": {"labels": {"site": "north"}},
+        "abort": {"failure_percent": 10},
+        "start_at": later,
+    });
+    let created = e
+        .op(Method::POST, "/v1/jobs")
+        .json(body.clone())
+        .send()
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+    let id = created.body["id"].as_str().expect("id").to_string();
+    assert_eq!(created.body["selector"], json!({"site": "north"}));
+    assert_eq!(
+        created.body["abort"],
+        json!({"failure_percent": 10, "min_finished": 10})
+    );
+    assert_eq!(created.body["start_at"], later);
+    assert_eq!(
+        created.body["devices"], 0,
+        "a selector is evaluated at the start"
+    );
+    let other = e.op(Method::POST, "/v1/jobs").json(body).send().await;
+    let other = other.body["id"].as_str().expect("id").to_string();
+    // Not due: stays scheduled. Cancel it, twice.
+    let r = e
+        .op(Method::POST, &format!("/v1/jobs/{id}/cancel"))
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.body["state"], "canceled");
+    let r = e
+        .op(Method::POST, &format!("/v1/jobs/{id}/cancel"))
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let listed = e.get("/v1/jobs?state=canceled").send().await;
+    let ids: Vec<&str> = listed.body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [id.as_str()]);
+    let all = e.get("/v1/jobs?limit=1").send().await;
+    assert_eq!(all.body["items"].as_array().map(Vec::len), Some(1));
+    assert_eq!(all.body["next"], id.as_str());
+    let rest = e.get(&format!("/v1/jobs?after={id}")).send().await;
+    assert_eq!(rest.body["items"][0]["id"], other.as_str());
+    assert_eq!(rest.body["items"][0]["state"], "scheduled");
+
+    // Refusals, as problems.
+    let post = |body: Value| e.op(Method::POST, "/v1/jobs").json(body).send();
+    let r = post(json!({"command": {"name": "x"}, "target": {"devices": ["p1", "ghost"]}})).await;
+    assert!(r.problem(StatusCode::NOT_FOUND).contains("ghost"), "{r:?}");
+    for (body, says) in [
+        (
+            json!({"command": {"name": "x"}, "target": {"devices": ["p1", "p1"]}}),
+            "twice",
+        ),
+        (
+            json!({"command": {"name": "x"}, "target": {"devices": []}}),
+            "1 to 10000",
+        ),
+        (
+            json!({"command": {"name": "x"}, "target": {"devices": ["p1"], "labels": {"a": "b"}}}),
+            "target must be",
+        ),
+        (
+            json!({"command": {"name": "x"}, "target": {"labels": {}}}),
+            "1 to 16",
+        ),
+        (
+            json!({"command": {"name": "x"}, "target": {"devices": ["p1"]},
+                "rollout": {"max_in_flight": 0}}),
+            "max_in_flight",
+        ),
+        (
+            json!({"command": {"name": "x"}, "target": {"devices": ["p1"]},
+                "abort": {"failure_percent": 101}}),
+            "failure_percent",
+        ),
+        (
+            json!({"command": {"name": "x"}, "target": {"devices": ["p1"]}, "timeout_ms": 0}),
+            "timeout_ms",
+        ),
+        (
+            json!({"command": {"name": ""}, "target": {"devices": ["p1"]}}),
+            "name",
+        ),
+        // A struct written as an array of its fields is not an object.
+        (
+            json!({"command": {"name": "x"}, "target": {"devices": ["p1"]},
+                "rollout": [null, null]}),
+            "object",
+        ),
+        (
+            json!({"command": ["x", null], "target": {"devices": ["p1"]}}),
+            "object",
+        ),
+    ] {
+        let r = post(body.clone()).await;
+        let detail = r.problem(StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(detail.contains(says), "{body}: {detail}");
+    }
+    let r = call(&e.app, Method::POST, "/v1/jobs")
+        .token(&e.viewer)
+        .json(json!({"command": {"name": "x"}, "target": {"devices": ["p1"]}}))
+        .send()
+        .await;
+    r.problem(StatusCode::FORBIDDEN);
+    e.get("/v1/jobs/j-nope")
+        .send()
+        .await
+        .problem(StatusCode::NOT_FOUND);
+    e.get("/v1/jobs/j-nope/executions")
+        .send()
+        .await
+        .problem(StatusCode::NOT_FOUND);
+    e.op(Method::POST, "/v1/jobs/j-nope/cancel")
+        .send()
+        .await
+        .problem(StatusCode::NOT_FOUND);
+    e.get("/v1/jobs?state=done")
+        .send()
+        .await
+        .problem(StatusCode::BAD_REQUEST);
+}

@@ -143,6 +143,11 @@ const SEEN: &[&str] = &[
     "device.deleted",
     "token.rotated",
     "token.revoked",
+    "job.created",
+    "job.started",
+    "job.launched",
+    "job.completed",
+    "job.canceled",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,6 +326,36 @@ async fn every_event_sent_is_described_by_the_openapi_document() {
     let made = made["id"].as_str().expect("token id").to_string();
     send(Method::POST, &format!("/v1/tokens/{made}/rotate"), None).await;
     send(Method::DELETE, &format!("/v1/tokens/{made}"), None).await;
+    // A job that runs (its one command canceled, so it completes) and one
+    // canceled before its start.
+    let job = send(
+        Method::POST,
+        "/v1/jobs",
+        Some(json!({"command": {"name": "update"}, "target": {"devices": ["pump-2"]}})),
+    )
+    .await;
+    let job = job["id"].as_str().expect("job id").to_string();
+    let deadline = Instant::now() + WAIT;
+    let cid = loop {
+        let page = send(Method::GET, &format!("/v1/jobs/{job}/executions"), None).await;
+        if let Some(cid) = page["items"][0]["command"].as_str() {
+            break cid.to_string();
+        }
+        assert!(Instant::now() < deadline, "the job never launched: {page}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    send(Method::POST, &format!("/v1/commands/{cid}/cancel"), None).await;
+    let later = send(
+        Method::POST,
+        "/v1/jobs",
+        Some(
+            json!({"command": {"name": "update"}, "target": {"labels": {"site": "b"}},
+            "start_at": 32503680000000u64}),
+        ),
+    )
+    .await;
+    let later = later["id"].as_str().expect("job id").to_string();
+    send(Method::POST, &format!("/v1/jobs/{later}/cancel"), None).await;
     until(&mut events, &mut seen, SEEN).await;
 
     // Every event says who made the change: the admin token through REST,

@@ -415,7 +415,9 @@ impl From<LimitError> for ApiError {
             LimitError::TooLarge { .. } | LimitError::EntryTooLarge { .. } => {
                 ApiError::too_large(e.to_string())
             }
-            LimitError::BatchSize { .. } => ApiError::invalid(e.to_string()),
+            LimitError::BatchSize { .. } | LimitError::JobSize { .. } => {
+                ApiError::invalid(e.to_string())
+            }
             LimitError::Malformed { .. } => ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "malformed-json",

@@ -125,6 +125,36 @@ pub(crate) const EVENT_KINDS: &[(&str, &str, &str)] = &[
         "Commands passed their time to live unfinished: each command after it.",
     ),
     (
+        "job.created",
+        "Job",
+        "A job was created (`scheduled`): the job.",
+    ),
+    (
+        "job.started",
+        "Job",
+        "A job started (`in_progress`; a label selector was evaluated): the job after it.",
+    ),
+    (
+        "job.launched",
+        "EventJobLaunched",
+        "Executions of a job were launched: their devices and command ids (each command has the usual lifecycle events after this one; no `command.issued`).",
+    ),
+    (
+        "job.completed",
+        "Job",
+        "Every execution of a job finished: the job after it.",
+    ),
+    (
+        "job.aborted",
+        "Job",
+        "A job's abort rule tripped (its queued executions were canceled): the job after it.",
+    ),
+    (
+        "job.canceled",
+        "Job",
+        "A job was canceled (its queued executions with it): the job after it.",
+    ),
+    (
         "shadow.desired",
         "EventShadowChange",
         "A desired-state patch was applied.",
@@ -177,6 +207,29 @@ pub(crate) struct EventDevicesRegistered {
     /// (1 to 1,000).
     #[schema(value_type = Vec<crate::api::schemas::DeviceId>)]
     devices: Vec<String>,
+}
+
+/// `data` of `job.launched`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct EventJobLaunched {
+    /// The job id.
+    #[schema(value_type = crate::api::schemas::JobId)]
+    job: String,
+    /// The executions launched: each device and its command's id.
+    executions: Vec<EventLaunch>,
+}
+
+/// One execution of `job.launched`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct EventLaunch {
+    /// The device id.
+    #[schema(value_type = crate::api::schemas::DeviceId)]
+    device: String,
+    /// The id of the command launched for it.
+    #[schema(value_type = crate::api::schemas::CommandId)]
+    command: String,
 }
 
 /// `data` of `command.expired`.
@@ -335,6 +388,9 @@ impl ToSchema for StreamEvent {
         add::<EventDeviceRef>(out);
         add::<EventDevicesRegistered>(out);
         add::<EventCommandsExpired>(out);
+        add::<crate::jobs::Job>(out);
+        add::<EventJobLaunched>(out);
+        add::<EventLaunch>(out);
         add::<EventShadowChange>(out);
         add::<EventSessionsLost>(out);
         add::<EventPeerAddress>(out);

@@ -22,6 +22,7 @@ mod error;
 mod events;
 mod extract;
 mod health;
+mod jobs;
 mod openapi;
 mod ratelimit;
 #[cfg(test)]
@@ -192,6 +193,21 @@ fn table() -> Vec<Entry> {
             Some(Operator),
             commands::cancel_command,
         ),
+        entry(POST, jobs::JOBS_PATH, Some(Operator), jobs::create_job),
+        entry(GET, jobs::JOBS_PATH, Some(Viewer), jobs::list_jobs),
+        entry(GET, "/v1/jobs/{id}", Some(Viewer), jobs::get_job),
+        entry(
+            GET,
+            "/v1/jobs/{id}/executions",
+            Some(Viewer),
+            jobs::list_executions,
+        ),
+        entry(
+            POST,
+            "/v1/jobs/{id}/cancel",
+            Some(Operator),
+            jobs::cancel_job,
+        ),
         entry(GET, "/v1/events", Some(Viewer), events::events),
         entry(GET, "/v1/cluster", Some(Viewer), cluster::cluster),
         entry(
@@ -266,7 +282,7 @@ pub fn app(state: AppState) -> Router {
             None => method_router,
         };
         // The batch registration reads bodies up to its own limit.
-        let method_router = if info.path == devices::BATCH_PATH && info.method == "POST" {
+        let method_router = if takes_batch_body(info.path) && info.method == "POST" {
             method_router.layer(DefaultBodyLimit::max(limits.batch))
         } else {
             method_router
@@ -328,16 +344,22 @@ async fn drain_refused_body(body: axum::body::Body) {
     let _ = tokio::time::timeout(REFUSED_BODY_DRAIN_TIME, drain).await;
 }
 
+/// Whether a POST to `path` takes bodies up to the batch limit
+/// (`batch_max_body_bytes`): a batch registration, a job (up to 10,000
+/// device ids).
+fn takes_batch_body(path: &str) -> bool {
+    path == devices::BATCH_PATH || path == jobs::JOBS_PATH
+}
+
 /// Middleware: bounds every request body by the limit of its route — a
 /// declared length over it is refused (413) before anything is read, and
 /// a body that turns out longer fails when read (413 too).
 async fn body_limit(State(limits): State<BodyLimits>, req: Request, next: Next) -> Response {
-    let limit =
-        if req.method() == axum::http::Method::POST && req.uri().path() == devices::BATCH_PATH {
-            limits.batch
-        } else {
-            limits.any
-        };
+    let limit = if req.method() == axum::http::Method::POST && takes_batch_body(req.uri().path()) {
+        limits.batch
+    } else {
+        limits.any
+    };
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)

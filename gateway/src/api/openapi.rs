@@ -10,7 +10,7 @@ use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, cluster, commands, devices, events, health, schemas, shadow, tokens};
+use super::{admin, cluster, commands, devices, events, health, jobs, schemas, shadow, tokens};
 use crate::config::Config;
 
 /// The API description; `/openapi.json` serves it.
@@ -29,7 +29,7 @@ timeout plus 1 s, `?wait=` adds at most the wait asked for; \
 a retryable failure is always a 503 problem with `Retry-After`. \
 Errors are `application/problem+json` (RFC 9457). Every request except the health checks and \
 this document needs `Authorization: Bearer <token>`: `viewer` tokens read, `operator` tokens also \
-manage devices, commands and shadows, `admin` tokens may do everything (including managing \
+manage devices, commands, jobs and shadows, `admin` tokens may do everything (including managing \
 tokens with `/v1/tokens` and the cluster). Every event names who made the change (`by`)."
     ),
     paths(
@@ -46,6 +46,11 @@ tokens with `/v1/tokens` and the cluster). Every event names who made the change
         commands::list_commands,
         commands::get_command,
         commands::cancel_command,
+        jobs::create_job,
+        jobs::list_jobs,
+        jobs::get_job,
+        jobs::list_executions,
+        jobs::cancel_job,
         events::events,
         cluster::cluster,
         cluster::add_member,
@@ -68,6 +73,7 @@ tokens with `/v1/tokens` and the cluster). Every event names who made the change
         (name = "devices", description = "The device registry"),
         (name = "shadow", description = "Desired and reported device state"),
         (name = "commands", description = "Commands to devices"),
+        (name = "jobs", description = "Commands rolled out over many devices"),
         (name = "events", description = "The stream of committed changes"),
         (name = "cluster", description = "The gateway group"),
         (name = "admin", description = "Backups of the replicated state"),

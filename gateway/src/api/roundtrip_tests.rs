@@ -6,7 +6,8 @@
 //! Inputs are generated as raw JSON text (so integer literals beyond 64 bits,
 //! escapes and nesting past the decoder's limit all occur) and go through
 //! the same functions the handlers use: [`parse_body`], then the handler's
-//! op builder (`register_op`, `update_op`, `desired_op`, `issue_op`), then
+//! op builder (`register_op`, `update_op`, `desired_op`, `issue_op`,
+//! `create_op` of jobs), then
 //! the last check of `write` ([`limits::check_op`]). Device messages go
 //! through [`limits::parse_value`] / `check_op`. Inputs refused on the way
 //! are counted, and some of each kind must be accepted and some refused,
@@ -20,6 +21,7 @@ use super::commands::{NewCommand, issue_op};
 use super::devices::{DeviceUpdate, NewDevice, register_op, update_op};
 use super::error::ApiError;
 use super::extract::parse_body;
+use super::jobs::{NewJob, create_op};
 use super::shadow::{ShadowPatch, desired_op};
 use crate::limits::{self, MAX_DEPTH};
 use crate::ops::{Op, Proposal};
@@ -159,6 +161,14 @@ fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
+/// A count as text: mostly a small integer, sometimes any number.
+fn count() -> impl Strategy<Value = String> {
+    prop_oneof![
+        9 => (1u64..2000).prop_map(|n| n.to_string()),
+        1 => number(),
+    ]
+}
+
 /// One input to the gateway.
 #[derive(Debug, Clone)]
 enum Input {
@@ -174,6 +184,8 @@ enum Input {
     Reported(String, String),
     /// A device's command-result payload (`output` part).
     Output(String),
+    /// `POST /v1/jobs` with this body.
+    Job(String),
 }
 
 fn input() -> impl Strategy<Value = Input> {
@@ -196,6 +208,26 @@ fn input() -> impl Strategy<Value = Input> {
         ),
         (id(), object()).prop_map(|(id, p)| Input::Reported(id, p)),
         json().prop_map(Input::Output),
+        (
+            (string(), json()),
+            prop_oneof![
+                prop::collection::vec(id(), 1..4).prop_map(|ids| {
+                    let ids: Vec<String> = ids.iter().map(|i| json_str(i)).collect();
+                    format!("{{\"devices\":[{}]}}", ids.join(","))
+                }),
+                labels().prop_map(|l| format!("{{\"labels\":{l}}}")),
+            ],
+            (count(), count(), 0u64..120, count()),
+            (count(), count()),
+        )
+            .prop_map(|((name, params), target, (rate, flight, pct, min), (timeout, at))| {
+                Input::Job(format!(
+                    "{{\"command\":{{\"name\":{name},\"params\":{params}}},\"target\":{target},\
+                     \"rollout\":{{\"max_per_minute\":{rate},\"max_in_flight\":{flight}}},\
+                     \"abort\":{{\"failure_percent\":{pct},\"min_finished\":{min}}},\
+                     \"timeout_ms\":{timeout},\"start_at\":{at}}}"
+                ))
+            }),
     ]
 }
 
@@ -236,6 +268,11 @@ fn op_for(input: &Input) -> Result<Op, String> {
                 patch,
             }
         }
+        Input::Job(body) => create_op(
+            parse_body::<NewJob>(body.as_bytes()).map_err(api)?,
+            "j-1".into(),
+        )
+        .map_err(api)?,
         Input::Output(payload) => {
             let output: Value = limits::parse_value("the command output", payload.as_bytes())
                 .map_err(|e| e.to_string())?;
@@ -260,6 +297,7 @@ fn every_accepted_input_is_an_entry_that_decodes_to_its_operation() {
         TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &SEED));
     let accepted = std::cell::Cell::new(0u32);
     let refused = std::cell::Cell::new(0u32);
+    let jobs = std::cell::Cell::new(0u32);
     let result = runner.run(&prop::collection::vec(input(), 8), |inputs| {
         for input in inputs {
             let Ok(op) = op_for(&input) else {
@@ -267,6 +305,9 @@ fn every_accepted_input_is_an_entry_that_decodes_to_its_operation() {
                 continue;
             };
             accepted.set(accepted.get() + 1);
+            if matches!(op, Op::CreateJob { .. }) {
+                jobs.set(jobs.get() + 1);
+            }
             let proposal = Proposal {
                 ts_ms: 1,
                 op,
@@ -283,6 +324,7 @@ fn every_accepted_input_is_an_entry_that_decodes_to_its_operation() {
     }
     assert!(accepted.get() > 500, "accepted {}", accepted.get());
     assert!(refused.get() > 200, "refused {}", refused.get());
+    assert!(jobs.get() > 10, "jobs accepted {}", jobs.get());
 }
 
 #[test]

@@ -140,6 +140,15 @@ component!(
 );
 
 component!(
+    /// A job id.
+    JobId => json!({
+        "type": "string", "minLength": 1, "maxLength": MAX_ID, "pattern": id_pattern(),
+        "description": "A job id (the gateway makes them `j-` + hex); the alphabet of device ids",
+        "example": "j-019ac1e2f3a4b5c6d7e8f9a0b1c2",
+    })
+);
+
+component!(
     /// A device's labels.
     Labels => json!({
         "type": "object",
@@ -274,6 +283,8 @@ pub(crate) fn raw() -> Vec<(&'static str, Value)> {
     vec![
         ("DeviceId", DeviceId::json()),
         ("CommandId", CommandId::json()),
+        ("JobId", JobId::json()),
+        ("NewJob", super::jobs::new_job_schema()),
         ("Labels", Labels::json()),
         ("LabelFilter", LabelFilter::json()),
         ("CommandName", CommandName::json()),

@@ -438,6 +438,20 @@ impl Manager {
                 publish_command(&self.endpoint, &self.stats, &cmd);
                 self.mark_sent_at(cmd.id, tokio::time::Instant::now() + SENT_AFTER);
             }
+            // A job's executions launched: their commands, as issued ones.
+            Change::JobLaunched { commands, .. } => {
+                let now = tokio::time::Instant::now();
+                for cmd in commands {
+                    let Some(s) = self.sessions.get(&cmd.device) else {
+                        continue;
+                    };
+                    if !s.wants(&commands_topic(&cmd.device)) {
+                        continue;
+                    }
+                    publish_command(&self.endpoint, &self.stats, &cmd);
+                    self.mark_sent_at(cmd.id, now + SENT_AFTER);
+                }
+            }
             // Answered (or canceled) before its `sent` was due: that mark
             // would say less than what is already committed.
             Change::Command(_, cmd) if self.sent_due.remove(&cmd.id).is_some() => {

@@ -324,6 +324,7 @@ fn apply_op(conn: &Connection, ts: u64, op: &Op) -> Result<Applied, StateError> 
             }
             // The foreign keys cascade too; deleting explicitly keeps this
             // independent of the connection's foreign-key setting.
+            super::jobs::device_deleted(conn, ts, id)?;
             for sql in [
                 "DELETE FROM commands WHERE device = ?",
                 "DELETE FROM shadows WHERE device = ?",
@@ -404,6 +405,7 @@ fn apply_op(conn: &Connection, ts: u64, op: &Op) -> Result<Applied, StateError> 
             } else {
                 CommandStatus::Failed
             };
+            super::jobs::command_finished(conn, ts, cid, status)?;
             transition(conn, ts, cid, status, Some(output), CommandStep::Result)
         }
         Op::CancelCommand { cid } => {
@@ -416,6 +418,7 @@ fn apply_op(conn: &Connection, ts: u64, op: &Op) -> Result<Applied, StateError> 
                     None,
                 ));
             }
+            super::jobs::command_finished(conn, ts, cid, CommandStatus::Canceled)?;
             let step = CommandStep::Canceled;
             transition(conn, ts, cid, CommandStatus::Canceled, None, step)
         }
@@ -429,6 +432,7 @@ fn apply_op(conn: &Connection, ts: u64, op: &Op) -> Result<Applied, StateError> 
                     continue;
                 }
                 set_status(conn, ts, cid, CommandStatus::Expired, None)?;
+                super::jobs::command_finished(conn, ts, cid, CommandStatus::Expired)?;
                 expired.push(must_command(conn, cid)?);
             }
             if expired.is_empty() {
@@ -532,6 +536,33 @@ fn apply_op(conn: &Connection, ts: u64, op: &Op) -> Result<Applied, StateError> 
                 }),
             ))
         }
+        Op::CreateJob {
+            id,
+            command,
+            target,
+            rollout,
+            abort,
+            timeout_ms,
+            start_at_ms,
+        } => {
+            let job = super::jobs::NewJob {
+                id,
+                command,
+                target,
+                rollout,
+                abort: abort.as_ref(),
+                timeout_ms: *timeout_ms,
+                start_at_ms: *start_at_ms,
+            };
+            super::jobs::create_job(conn, ts, &job)
+        }
+        Op::StartJob { id } => super::jobs::start_job(conn, ts, id),
+        Op::LaunchExecutions { job, devices } => {
+            super::jobs::launch_executions(conn, ts, job, devices)
+        }
+        Op::CompleteJob { id } => super::jobs::complete_job(conn, ts, id),
+        Op::AbortJob { id } => super::jobs::abort_job(conn, ts, id),
+        Op::CancelJob { id } => super::jobs::cancel_job(conn, ts, id),
         Op::GatewaySessionsLost { gateway } => {
             let ids = {
                 let mut stmt = conn.prepare_cached(

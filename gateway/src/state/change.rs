@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use super::StateError;
 use super::rows::to_json_value;
+use crate::jobs::Job;
 use crate::ops::{Command, Device, Role, TokenInfo};
 
 /// A step of a command's life that changed it.
@@ -22,6 +23,21 @@ pub enum CommandStep {
     /// The device answered (`command.result`: succeeded or failed).
     Result,
     /// An operator canceled it (`command.canceled`).
+    Canceled,
+}
+
+/// A step of a job's life that changed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobStep {
+    /// Created (`job.created`).
+    Created,
+    /// Started (`job.started`).
+    Started,
+    /// Every execution finished (`job.completed`).
+    Completed,
+    /// Its abort rule tripped (`job.aborted`).
+    Aborted,
+    /// An operator canceled it (`job.canceled`).
     Canceled,
 }
 
@@ -107,6 +123,18 @@ pub enum Change {
         /// The devices that were online there.
         devices: Vec<String>,
     },
+    /// A job moved on (`job.created`, `.started`, `.completed`,
+    /// `.aborted`, `.canceled`): the job after the change.
+    Job(JobStep, Box<Job>),
+    /// Executions of a job were launched (`job.launched`): their commands,
+    /// as issued (the device sessions deliver them as any issued command).
+    /// The public event carries the job and the command and device ids.
+    JobLaunched {
+        /// The job.
+        job: String,
+        /// The commands issued, by device id.
+        commands: Vec<Command>,
+    },
     /// A peer's address was set (`cluster.peer`).
     PeerAddress {
         /// The member's node id.
@@ -148,6 +176,14 @@ impl Change {
             } => "shadow.reported",
             Change::SessionsLost { .. } => "gateway.sessions_lost",
             Change::PeerAddress { .. } => "cluster.peer",
+            Change::Job(step, _) => match step {
+                JobStep::Created => "job.created",
+                JobStep::Started => "job.started",
+                JobStep::Completed => "job.completed",
+                JobStep::Aborted => "job.aborted",
+                JobStep::Canceled => "job.canceled",
+            },
+            Change::JobLaunched { .. } => "job.launched",
         }
     }
 
@@ -179,6 +215,14 @@ impl Change {
                 json!({ "gateway": gateway, "devices": devices })
             }
             Change::PeerAddress { id, address } => json!({ "id": id, "address": address }),
+            Change::Job(_, job) => to_json_value(job)?,
+            Change::JobLaunched { job, commands } => json!({
+                "job": job,
+                "executions": commands
+                    .iter()
+                    .map(|c| json!({ "device": c.device, "command": c.id }))
+                    .collect::<Vec<_>>(),
+            }),
         })
     }
 }

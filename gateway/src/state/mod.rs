@@ -26,8 +26,13 @@
 //!   changes `{"device", "version", "patch"}` (the merge patch applied and
 //!   the desired version after it: the change, not the documents); a
 //!   batch registration (`devices.registered`, one entry however many
-//!   devices) `{"devices": [ids]}`, in the order of the request; the
-//!   others the device or command after the change.
+//!   devices) `{"devices": [ids]}`, in the order of the request;
+//!   `job.launched` `{"job", "executions": [{"device", "command"}]}`; the
+//!   other job events the job after the change; the others the device or
+//!   command after the change.
+//! - Jobs (`jobs.rs`): executions follow their commands in the command's
+//!   own entry; a job's start, end and abort are entries of their own
+//!   (the leader's), each re-checked at apply time.
 //! - `RegisterDevices` is all or none: every device is checked first (its
 //!   id not registered, its certificate fingerprint no other device's,
 //!   neither shared within the entry); one conflict makes the result
@@ -59,10 +64,11 @@ use sqlx::{Connection, SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, RwLock, broadcast, mpsc, oneshot, watch};
 
 use crate::ops::{Event, OpResult};
-pub use change::{Change, CommandStep, ShadowSide};
+pub use change::{Change, CommandStep, JobStep, ShadowSide};
 
 mod apply;
 mod change;
+mod jobs;
 pub mod merge;
 mod queries;
 pub use queries::TokenAuth;
@@ -221,7 +227,7 @@ impl std::fmt::Debug for Writer {
 }
 
 /// Statements apply keeps prepared (its distinct statements, with room).
-const WRITER_STATEMENTS: usize = 96;
+const WRITER_STATEMENTS: usize = 128;
 
 /// How long opening the writer may wait for sqlx's lock on its handle
 /// (it is free at once: the connection has just been opened).

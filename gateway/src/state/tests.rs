@@ -2231,3 +2231,5 @@ async fn thousands_of_small_batches_in_a_row_never_stall() {
     assert_eq!(shadow.desired["n"], 3_000);
     assert_eq!(shadow.version, 2_999);
 }
+
+mod jobs;

@@ -1,0 +1,685 @@
+//! Jobs in the state machine: applying the job operations, keeping each
+//! job's executions and counters in step with its commands, and the reads
+//! the API and the leader's driver make.
+//!
+//! Every decision here reads only the state and the entry (its stamp), so
+//! every member decides alike: the rollout bounds and the abort rule are
+//! checked again at apply time of every launch, whatever the proposer
+//! believed.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use rusqlite::Connection;
+use sqlx::{QueryBuilder, Sqlite};
+
+use super::change::{Change, JobStep};
+use super::rows::sync::{exec, load_command, scalar};
+use super::rows::{Cols, db_int, from_db_int, parse_json, to_json_text};
+use super::{Page, StateDb, StateError};
+use crate::jobs::{
+    AbortRule, Execution, ExecutionStatus, Job, JobCommand, JobCounts, JobState, JobTarget,
+    MAX_ACTIVE_JOBS, MAX_SELECTED_DEVICES, Rollout, command_id, launch_budget,
+};
+use crate::ops::{CommandStatus, OpResult};
+
+/// What one operation did: its result and its change, if any.
+type Applied = (OpResult, Option<Change>);
+
+/// The columns [`job_from_row`] reads, as a literal.
+macro_rules! job_cols {
+    () => {
+        "id, state, command_name, params, selector, max_per_minute, max_in_flight, \
+         abort_percent, abort_min_finished, timeout_ms, start_at, reason, created_at, \
+         started_at, finished_at, updated_at, n_total, n_launched, n_queued, n_in_progress, \
+         n_succeeded, n_failed, n_timed_out, n_canceled"
+    };
+}
+
+/// Columns read by [`job_from_row`].
+const JOB_COLS: &str = job_cols!();
+
+fn u64_col(row: &impl Cols, col: &str) -> Result<u64, StateError> {
+    from_db_int(row.int(col)?, col)
+}
+
+fn opt_u64_col(row: &impl Cols, col: &str) -> Result<Option<u64>, StateError> {
+    row.opt_int(col)?.map(|v| from_db_int(v, col)).transpose()
+}
+
+fn u32_col(row: &impl Cols, col: &str) -> Result<u32, StateError> {
+    let v = row.int(col)?;
+    u32::try_from(v).map_err(|_| StateError::Corrupt(format!("jobs.{col} is {v}")))
+}
+
+/// A job from a row selected with [`JOB_COLS`].
+fn job_from_row(row: &impl Cols) -> Result<Job, StateError> {
+    let state = row.text("state")?;
+    let selector = row
+        .opt_text("selector")?
+        .map(|s| parse_json::<BTreeMap<String, String>>(&s, "jobs.selector"))
+        .transpose()?;
+    let abort = match (
+        row.opt_int("abort_percent")?,
+        row.opt_int("abort_min_finished")?,
+    ) {
+        (Some(p), Some(m)) => Some(AbortRule {
+            failure_percent: u8::try_from(p)
+                .map_err(|_| StateError::Corrupt(format!("jobs.abort_percent is {p}")))?,
+            min_finished: u32::try_from(m)
+                .map_err(|_| StateError::Corrupt(format!("jobs.abort_min_finished is {m}")))?,
+        }),
+        _ => None,
+    };
+    Ok(Job {
+        id: row.text("id")?,
+        state: JobState::parse(&state)
+            .ok_or_else(|| StateError::Corrupt(format!("unknown job state {state:?}")))?,
+        command: JobCommand {
+            name: row.text("command_name")?,
+            params: parse_json(&row.text("params")?, "jobs.params")?,
+        },
+        selector,
+        devices: u64_col(row, "n_total")?,
+        rollout: Rollout {
+            max_per_minute: u32_col(row, "max_per_minute")?,
+            max_in_flight: u32_col(row, "max_in_flight")?,
+        },
+        abort,
+        timeout_ms: u64_col(row, "timeout_ms")?,
+        start_at: opt_u64_col(row, "start_at")?,
+        reason: row.opt_text("reason")?,
+        created_at: u64_col(row, "created_at")?,
+        started_at: opt_u64_col(row, "started_at")?,
+        finished_at: opt_u64_col(row, "finished_at")?,
+        updated_at: u64_col(row, "updated_at")?,
+        launched: u64_col(row, "n_launched")?,
+        counts: JobCounts {
+            queued: u64_col(row, "n_queued")?,
+            in_progress: u64_col(row, "n_in_progress")?,
+            succeeded: u64_col(row, "n_succeeded")?,
+            failed: u64_col(row, "n_failed")?,
+            timed_out: u64_col(row, "n_timed_out")?,
+            canceled: u64_col(row, "n_canceled")?,
+        },
+    })
+}
+
+/// An execution from a row of `job, device, status, command, updated_at`.
+fn execution_from_row(row: &impl Cols) -> Result<Execution, StateError> {
+    let status = row.text("status")?;
+    Ok(Execution {
+        job: row.text("job")?,
+        device: row.text("device")?,
+        status: ExecutionStatus::parse(&status)
+            .ok_or_else(|| StateError::Corrupt(format!("unknown execution status {status:?}")))?,
+        command: row.opt_text("command")?,
+        updated_at: u64_col(row, "updated_at")?,
+    })
+}
+
+/// Loads a job on apply's handle.
+fn load_job(conn: &Connection, id: &str) -> Result<Option<Job>, StateError> {
+    let sql = concat!("SELECT ", job_cols!(), " FROM jobs WHERE id = ?1");
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut rows = stmt.query([id])?;
+    rows.next()?.map(job_from_row).transpose()
+}
+
+fn must_job(conn: &Connection, id: &str) -> Result<Job, StateError> {
+    load_job(conn, id)?.ok_or_else(|| StateError::Corrupt(format!("job {id} vanished")))
+}
+
+fn job_changed(conn: &Connection, id: &str, step: JobStep) -> Result<Applied, StateError> {
+    let job = must_job(conn, id)?;
+    Ok((
+        OpResult::Job(Box::new(job.clone())),
+        Some(Change::Job(step, Box::new(job))),
+    ))
+}
+
+fn not_found_job(id: &str) -> Applied {
+    (OpResult::NotFound(format!("job {id}")), None)
+}
+
+/// The fields of `Op::CreateJob`.
+pub(super) struct NewJob<'a> {
+    pub id: &'a str,
+    pub command: &'a JobCommand,
+    pub target: &'a JobTarget,
+    pub rollout: &'a Rollout,
+    pub abort: Option<&'a AbortRule>,
+    pub timeout_ms: u64,
+    pub start_at_ms: Option<u64>,
+}
+
+/// The most unknown device ids a refused job creation names.
+const UNKNOWN_LISTED: usize = 10;
+
+/// `CreateJob`.
+pub(super) fn create_job(
+    conn: &Connection,
+    ts: u64,
+    j: &NewJob<'_>,
+) -> Result<Applied, StateError> {
+    if scalar::<i64>(conn, "SELECT 1 FROM jobs WHERE id = ?", [j.id])?.is_some() {
+        return Ok((
+            OpResult::Conflict(format!("job {} already exists", j.id)),
+            None,
+        ));
+    }
+    let active = scalar::<i64>(
+        conn,
+        "SELECT COUNT(*) FROM jobs WHERE state IN ('scheduled', 'in_progress')",
+        [],
+    )?
+    .unwrap_or(0);
+    if active >= MAX_ACTIVE_JOBS as i64 {
+        return Ok((
+            OpResult::Conflict(format!(
+                "the group has {MAX_ACTIVE_JOBS} unfinished jobs, the most it may; wait for one \
+                 to finish or cancel one"
+            )),
+            None,
+        ));
+    }
+    let (devices, selector) = match j.target {
+        JobTarget::Devices(ids) => {
+            let ids: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+            let mut unknown = Vec::new();
+            for id in &ids {
+                if scalar::<i64>(conn, "SELECT 1 FROM devices WHERE id = ?", [id])?.is_none() {
+                    unknown.push(*id);
+                }
+            }
+            if !unknown.is_empty() {
+                let listed: Vec<&str> = unknown.iter().take(UNKNOWN_LISTED).copied().collect();
+                return Ok((
+                    OpResult::NotFound(format!(
+                        "{} of the job's devices are not registered: {}{}",
+                        unknown.len(),
+                        listed.join(", "),
+                        if unknown.len() > UNKNOWN_LISTED {
+                            ", …"
+                        } else {
+                            ""
+                        }
+                    )),
+                    None,
+                ));
+            }
+            (ids, None)
+        }
+        JobTarget::Labels(labels) => {
+            if labels.is_empty() {
+                return Ok((
+                    OpResult::Conflict("a job's label selector needs at least one label".into()),
+                    None,
+                ));
+            }
+            (BTreeSet::new(), Some(to_json_text(labels)?))
+        }
+    };
+    let n = db_int(devices.len() as u64);
+    exec(
+        conn,
+        "INSERT INTO jobs (id, state, command_name, params, selector, max_per_minute, \
+         max_in_flight, abort_percent, abort_min_finished, timeout_ms, start_at, created_at, \
+         updated_at, n_total, n_queued) \
+         VALUES (?, 'scheduled', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        rusqlite::params![
+            j.id,
+            j.command.name,
+            to_json_text(&j.command.params)?,
+            selector,
+            i64::from(j.rollout.max_per_minute),
+            i64::from(j.rollout.max_in_flight),
+            j.abort.map(|a| i64::from(a.failure_percent)),
+            j.abort.map(|a| i64::from(a.min_finished)),
+            db_int(j.timeout_ms),
+            j.start_at_ms.map(db_int),
+            db_int(ts),
+            db_int(ts),
+            n,
+            n,
+        ],
+    )?;
+    insert_executions(conn, ts, j.id, devices.iter().copied())?;
+    job_changed(conn, j.id, JobStep::Created)
+}
+
+fn insert_executions<'a>(
+    conn: &Connection,
+    ts: u64,
+    job: &str,
+    devices: impl Iterator<Item = &'a str>,
+) -> Result<(), StateError> {
+    for d in devices {
+        exec(
+            conn,
+            "INSERT INTO job_executions (job, device, status, command, updated_at) \
+             VALUES (?, ?, 'queued', NULL, ?)",
+            (job, d, db_int(ts)),
+        )?;
+    }
+    Ok(())
+}
+
+/// The devices having every label of `selector`, by id, at most `max`
+/// (and whether there were more).
+fn select_devices(
+    conn: &Connection,
+    selector: &BTreeMap<String, String>,
+    max: usize,
+) -> Result<(Vec<String>, bool), StateError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT device FROM device_labels WHERE key = ? AND value = ? ORDER BY device",
+    )?;
+    let mut found: Option<BTreeSet<String>> = None;
+    for (k, v) in selector {
+        let rows = stmt.query_map((k, v), |r| r.get::<_, String>(0))?;
+        let mut these = BTreeSet::new();
+        for d in rows {
+            let d = d?;
+            if found.as_ref().is_none_or(|f| f.contains(&d)) {
+                these.insert(d);
+            }
+        }
+        found = Some(these);
+    }
+    let all = found.unwrap_or_default();
+    let more = all.len() > max;
+    Ok((all.into_iter().take(max).collect(), more))
+}
+
+/// `StartJob`.
+pub(super) fn start_job(conn: &Connection, ts: u64, id: &str) -> Result<Applied, StateError> {
+    let Some(job) = load_job(conn, id)? else {
+        return Ok(not_found_job(id));
+    };
+    if job.state != JobState::Scheduled || job.start_at.is_some_and(|at| at > ts) {
+        return Ok((OpResult::Ignored, None));
+    }
+    if let Some(selector) = &job.selector {
+        let (devices, more) = select_devices(conn, selector, MAX_SELECTED_DEVICES)?;
+        insert_executions(conn, ts, id, devices.iter().map(String::as_str))?;
+        let n = db_int(devices.len() as u64);
+        let reason = more.then(|| {
+            format!(
+                "the selector matched more than {MAX_SELECTED_DEVICES} devices; the job runs on \
+                 the first {MAX_SELECTED_DEVICES} by id"
+            )
+        });
+        exec(
+            conn,
+            "UPDATE jobs SET n_total = n_total + ?, n_queued = n_queued + ?, \
+             reason = COALESCE(?, reason) WHERE id = ?",
+            (n, n, reason, id),
+        )?;
+    }
+    exec(
+        conn,
+        "UPDATE jobs SET state = 'in_progress', started_at = ?, updated_at = ? WHERE id = ?",
+        (db_int(ts), db_int(ts), id),
+    )?;
+    job_changed(conn, id, JobStep::Started)
+}
+
+/// Moves an execution from `from` to `to` (its command set, if given),
+/// with the job's counters.
+fn move_execution(
+    conn: &Connection,
+    ts: u64,
+    job: &str,
+    device: &str,
+    from: ExecutionStatus,
+    to: ExecutionStatus,
+    command: Option<&str>,
+) -> Result<(), StateError> {
+    exec(
+        conn,
+        "UPDATE job_executions SET status = ?, command = COALESCE(?, command), updated_at = ? \
+         WHERE job = ? AND device = ?",
+        (to.as_str(), command, db_int(ts), job, device),
+    )?;
+    let (f, t) = (from.counter(), to.counter());
+    exec(
+        conn,
+        &format!("UPDATE jobs SET {f} = {f} - 1, {t} = {t} + 1, updated_at = ? WHERE id = ?"),
+        (db_int(ts), job),
+    )?;
+    Ok(())
+}
+
+/// `LaunchExecutions`: launches the named executions that are still
+/// queued, in order, as far as the bounds allow at the entry's stamp.
+pub(super) fn launch_executions(
+    conn: &Connection,
+    ts: u64,
+    id: &str,
+    devices: &[String],
+) -> Result<Applied, StateError> {
+    let Some(job) = load_job(conn, id)? else {
+        return Ok(not_found_job(id));
+    };
+    if job.state != JobState::InProgress || job.abort.is_some_and(|a| a.tripped(&job.counts)) {
+        return Ok((OpResult::Ignored, None));
+    }
+    let mut budget = launch_budget(&job, ts);
+    let mut seen = HashSet::new();
+    let mut commands = Vec::new();
+    for device in devices {
+        if budget == 0 {
+            break;
+        }
+        if !seen.insert(device.as_str()) {
+            continue;
+        }
+        let status: Option<String> = scalar(
+            conn,
+            "SELECT status FROM job_executions WHERE job = ? AND device = ?",
+            (id, device),
+        )?;
+        if status.as_deref() != Some(ExecutionStatus::Queued.as_str()) {
+            continue;
+        }
+        let cid = command_id(id, device);
+        let registered =
+            scalar::<i64>(conn, "SELECT 1 FROM devices WHERE id = ?", [device])?.is_some();
+        if !registered || load_command(conn, &cid)?.is_some() {
+            // A device deleted has its executions canceled with it; a
+            // command of this id can only be this execution's. Neither
+            // happens; if it did, the execution must not run.
+            move_execution(
+                conn,
+                ts,
+                id,
+                device,
+                ExecutionStatus::Queued,
+                ExecutionStatus::Canceled,
+                None,
+            )?;
+            continue;
+        }
+        exec(
+            conn,
+            "INSERT INTO commands (id, device, name, params, status, output, idempotency_key, \
+             issued_at, expires_at, updated_at) VALUES (?, ?, ?, ?, 'queued', NULL, ?, ?, ?, ?)",
+            (
+                &cid,
+                device,
+                &job.command.name,
+                to_json_text(&job.command.params)?,
+                None::<&str>,
+                db_int(ts),
+                db_int(ts.saturating_add(job.timeout_ms)),
+                db_int(ts),
+            ),
+        )?;
+        move_execution(
+            conn,
+            ts,
+            id,
+            device,
+            ExecutionStatus::Queued,
+            ExecutionStatus::InProgress,
+            Some(&cid),
+        )?;
+        exec(
+            conn,
+            "UPDATE jobs SET n_launched = n_launched + 1 WHERE id = ?",
+            [id],
+        )?;
+        commands.push(
+            load_command(conn, &cid)?
+                .ok_or_else(|| StateError::Corrupt(format!("command {cid} vanished")))?,
+        );
+        budget -= 1;
+    }
+    if commands.is_empty() {
+        return Ok((OpResult::Ignored, None));
+    }
+    Ok((
+        OpResult::Done,
+        Some(Change::JobLaunched {
+            job: id.to_string(),
+            commands,
+        }),
+    ))
+}
+
+/// Cancels a job's queued executions.
+fn cancel_queued(conn: &Connection, ts: u64, id: &str) -> Result<(), StateError> {
+    exec(
+        conn,
+        "UPDATE job_executions SET status = 'canceled', updated_at = ? \
+         WHERE job = ? AND status = 'queued'",
+        (db_int(ts), id),
+    )?;
+    exec(
+        conn,
+        "UPDATE jobs SET n_canceled = n_canceled + n_queued, n_queued = 0 WHERE id = ?",
+        [id],
+    )?;
+    Ok(())
+}
+
+/// Ends a job in `state` (`completed`, `aborted`, `canceled`).
+fn finish(
+    conn: &Connection,
+    ts: u64,
+    id: &str,
+    state: JobState,
+    reason: Option<String>,
+) -> Result<(), StateError> {
+    exec(
+        conn,
+        "UPDATE jobs SET state = ?, finished_at = ?, updated_at = ?, \
+         reason = COALESCE(?, reason) WHERE id = ?",
+        (state.as_str(), db_int(ts), db_int(ts), reason, id),
+    )?;
+    Ok(())
+}
+
+/// `CompleteJob`.
+pub(super) fn complete_job(conn: &Connection, ts: u64, id: &str) -> Result<Applied, StateError> {
+    let Some(job) = load_job(conn, id)? else {
+        return Ok(not_found_job(id));
+    };
+    if job.state != JobState::InProgress || job.counts.queued > 0 || job.counts.in_progress > 0 {
+        return Ok((OpResult::Ignored, None));
+    }
+    finish(conn, ts, id, JobState::Completed, None)?;
+    job_changed(conn, id, JobStep::Completed)
+}
+
+/// `AbortJob`.
+pub(super) fn abort_job(conn: &Connection, ts: u64, id: &str) -> Result<Applied, StateError> {
+    let Some(job) = load_job(conn, id)? else {
+        return Ok(not_found_job(id));
+    };
+    let Some(rule) = job.abort.filter(|a| a.tripped(&job.counts)) else {
+        return Ok((OpResult::Ignored, None));
+    };
+    if job.state != JobState::InProgress {
+        return Ok((OpResult::Ignored, None));
+    }
+    let c = job.counts;
+    let reason = format!(
+        "{} of {} finished executions failed or timed out, more than {} %",
+        c.failed + c.timed_out,
+        c.failed + c.timed_out + c.succeeded,
+        rule.failure_percent
+    );
+    cancel_queued(conn, ts, id)?;
+    finish(conn, ts, id, JobState::Aborted, Some(reason))?;
+    job_changed(conn, id, JobStep::Aborted)
+}
+
+/// `CancelJob`.
+pub(super) fn cancel_job(conn: &Connection, ts: u64, id: &str) -> Result<Applied, StateError> {
+    let Some(job) = load_job(conn, id)? else {
+        return Ok(not_found_job(id));
+    };
+    if job.state.is_terminal() {
+        return Ok((
+            OpResult::Conflict(format!("job {id} is already {}", job.state.as_str())),
+            None,
+        ));
+    }
+    cancel_queued(conn, ts, id)?;
+    finish(conn, ts, id, JobState::Canceled, None)?;
+    job_changed(conn, id, JobStep::Canceled)
+}
+
+/// A command reached the terminal `status`: if it runs a job's
+/// execution, the execution follows it (`expired` is `timed_out`).
+pub(super) fn command_finished(
+    conn: &Connection,
+    ts: u64,
+    cid: &str,
+    status: CommandStatus,
+) -> Result<(), StateError> {
+    if !cid.starts_with("jc-") {
+        return Ok(());
+    }
+    let row: Option<(String, String, String)> = conn
+        .prepare_cached("SELECT job, device, status FROM job_executions WHERE command = ?")?
+        .query_row([cid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?;
+    let Some((job, device, current)) = row else {
+        return Ok(());
+    };
+    if current != ExecutionStatus::InProgress.as_str() {
+        return Ok(());
+    }
+    let to = match status {
+        CommandStatus::Succeeded => ExecutionStatus::Succeeded,
+        CommandStatus::Failed => ExecutionStatus::Failed,
+        CommandStatus::Expired => ExecutionStatus::TimedOut,
+        CommandStatus::Canceled => ExecutionStatus::Canceled,
+        _ => return Ok(()),
+    };
+    move_execution(
+        conn,
+        ts,
+        &job,
+        &device,
+        ExecutionStatus::InProgress,
+        to,
+        None,
+    )
+}
+
+/// A device was deleted: its unfinished executions are canceled.
+pub(super) fn device_deleted(conn: &Connection, ts: u64, device: &str) -> Result<(), StateError> {
+    let rows: Vec<(String, String)> = {
+        let mut stmt = conn.prepare_cached(
+            "SELECT job, status FROM job_executions \
+             WHERE device = ? AND status IN ('queued', 'in_progress') ORDER BY job",
+        )?;
+        let rows = stmt.query_map([device], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    for (job, status) in rows {
+        let from = ExecutionStatus::parse(&status)
+            .ok_or_else(|| StateError::Corrupt(format!("unknown execution status {status:?}")))?;
+        move_execution(
+            conn,
+            ts,
+            &job,
+            device,
+            from,
+            ExecutionStatus::Canceled,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+impl StateDb {
+    /// A job.
+    pub async fn job(&self, id: &str) -> Result<Option<Job>, StateError> {
+        let pool = self.pool.read().await;
+        let row = sqlx::query(&format!("SELECT {JOB_COLS} FROM jobs WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&*pool)
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    /// Jobs, optionally in one state, by id, one page.
+    pub async fn list_jobs(
+        &self,
+        state: Option<JobState>,
+        page: &Page,
+    ) -> Result<Vec<Job>, StateError> {
+        let mut qb: QueryBuilder<'_, Sqlite> =
+            QueryBuilder::new(format!("SELECT {JOB_COLS} FROM jobs WHERE 1 = 1"));
+        if let Some(state) = state {
+            qb.push(" AND state = ").push_bind(state.as_str());
+        }
+        if let Some(after) = &page.after {
+            qb.push(" AND id > ").push_bind(after.as_str());
+        }
+        qb.push(" ORDER BY id LIMIT ")
+            .push_bind(i64::from(page.limit));
+        let pool = self.pool.read().await;
+        let rows = qb.build().fetch_all(&*pool).await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// A job's executions, optionally of one status, by device id, one
+    /// page (`after` is a device id).
+    pub async fn list_executions(
+        &self,
+        job: &str,
+        status: Option<ExecutionStatus>,
+        page: &Page,
+    ) -> Result<Vec<Execution>, StateError> {
+        let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
+            "SELECT job, device, status, command, updated_at FROM job_executions WHERE job = ",
+        );
+        qb.push_bind(job);
+        if let Some(status) = status {
+            qb.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(after) = &page.after {
+            qb.push(" AND device > ").push_bind(after.as_str());
+        }
+        qb.push(" ORDER BY device LIMIT ")
+            .push_bind(i64::from(page.limit));
+        let pool = self.pool.read().await;
+        let rows = qb.build().fetch_all(&*pool).await?;
+        rows.iter().map(execution_from_row).collect()
+    }
+
+    /// The jobs not finished (scheduled or in progress), by id.
+    pub async fn active_jobs(&self) -> Result<Vec<Job>, StateError> {
+        let pool = self.pool.read().await;
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE state IN ('scheduled', 'in_progress') \
+             ORDER BY id LIMIT ?"
+        ))
+        .bind(db_int(2 * MAX_ACTIVE_JOBS as u64))
+        .fetch_all(&*pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// The first `limit` devices (by id) whose execution of `job` is queued.
+    pub async fn queued_devices(&self, job: &str, limit: u32) -> Result<Vec<String>, StateError> {
+        let pool = self.pool.read().await;
+        Ok(sqlx::query_scalar(
+            "SELECT device FROM job_executions WHERE job = ? AND status = 'queued' \
+             ORDER BY device LIMIT ?",
+        )
+        .bind(job)
+        .bind(i64::from(limit))
+        .fetch_all(&*pool)
+        .await?)
+    }
+}
