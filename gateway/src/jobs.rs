@@ -28,7 +28,8 @@ use crate::state::{Change, StateDb};
 /// The most devices a job's list of device ids names.
 pub const MAX_JOB_DEVICES: usize = 10_000;
 /// The most devices a label selector brings into a job when it starts:
-/// a selector matching more cancels the job at its start (narrow it).
+/// of a selector matching more, the job runs on the first ones by id (its
+/// `reason` says so).
 pub const MAX_SELECTED_DEVICES: usize = 100_000;
 /// The most labels a selector has.
 pub const MAX_SELECTOR_LABELS: usize = 16;

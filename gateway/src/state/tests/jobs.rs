@@ -538,3 +538,146 @@ async fn a_selector_matching_nothing_starts_empty_and_completes() {
         .await;
     assert!(matches!(r, OpResult::Conflict(_)), "{r:?}");
 }
+
+/// Every job's counters against its execution rows, and every launched
+/// execution against its command.
+async fn check_counters(db: &Db, step: usize, op: &str) {
+    let pool = db.db.pool.read().await;
+    let jobs: Vec<(String, i64, i64, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT id, n_total, n_launched, n_queued, n_in_progress, n_succeeded, n_failed, \
+         n_timed_out, n_canceled FROM jobs ORDER BY id",
+    )
+    .fetch_all(&*pool)
+    .await
+    .unwrap();
+    for (id, total, launched, q, ip, s, f, t, c) in jobs {
+        let count = |status: &'static str| {
+            let pool = &*pool;
+            let id = id.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT COUNT(*) FROM job_executions WHERE job = ? AND status = ?",
+                )
+                .bind(id)
+                .bind(status)
+                .fetch_one(pool)
+                .await
+                .unwrap()
+            }
+        };
+        let rows = (
+            count("queued").await,
+            count("in_progress").await,
+            count("succeeded").await,
+            count("failed").await,
+            count("timed_out").await,
+            count("canceled").await,
+        );
+        assert_eq!(
+            (q, ip, s, f, t, c),
+            rows,
+            "step {step} ({op}): job {id}'s counters drifted from its executions"
+        );
+        assert_eq!(
+            total,
+            rows.0 + rows.1 + rows.2 + rows.3 + rows.4 + rows.5,
+            "step {step} ({op}): job {id}"
+        );
+        let with_command: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM job_executions WHERE job = ? AND command IS NOT NULL",
+        )
+        .bind(&id)
+        .fetch_one(&*pool)
+        .await
+        .unwrap();
+        assert_eq!(launched, with_command, "step {step} ({op}): job {id}");
+    }
+    // An execution in progress has its command, not finished.
+    let orphans: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM job_executions x LEFT JOIN commands c ON c.id = x.command \
+         WHERE x.status = 'in_progress' AND (c.id IS NULL OR c.status IN \
+         ('succeeded', 'failed', 'expired', 'canceled'))",
+    )
+    .fetch_one(&*pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        orphans, 0,
+        "step {step} ({op}): in-progress executions without a live command"
+    );
+}
+
+#[tokio::test]
+async fn counters_follow_the_executions_whatever_the_order_of_the_operations() {
+    let n = 6;
+    let mut db = fleet(n).await;
+    let devices = ids(n);
+    let jobs = ["ja", "jb", "jc"];
+    let mut seed: u64 = 0x5eed_1234;
+    let mut rnd = |m: u64| {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 33) % m
+    };
+    let mut ts = T0 + 10_000;
+    for step in 0..600 {
+        ts += rnd(3000);
+        let job = jobs[rnd(3) as usize];
+        let dev = devices[rnd(n as u64) as usize].clone();
+        let subset: Vec<String> = devices.iter().filter(|_| rnd(2) == 0).cloned().collect();
+        let op = match rnd(12) {
+            0 => {
+                let target = if rnd(2) == 0 && !subset.is_empty() {
+                    JobTarget::Devices(subset)
+                } else {
+                    JobTarget::Labels(BTreeMap::from([("kind".into(), "pump".into())]))
+                };
+                let abort = (rnd(2) == 0).then_some(AbortRule {
+                    failure_percent: rnd(60) as u8,
+                    min_finished: 1 + rnd(3) as u32,
+                });
+                // Job ids are reused only once each job ended.
+                create(
+                    &format!("{job}-{}", step / 100),
+                    target,
+                    rollout(1 + rnd(120) as u32, 1 + rnd(4) as u32),
+                    abort,
+                )
+            }
+            1 => Op::StartJob {
+                id: format!("{job}-{}", step / 100),
+            },
+            2 | 3 => launch(&format!("{job}-{}", step / 100), &subset),
+            4 | 5 => result(&format!("{job}-{}", step / 100), &dev, rnd(3) != 0),
+            6 => Op::CancelCommand {
+                cid: command_id(&format!("{job}-{}", step / 100), &dev),
+            },
+            7 => Op::ExpireCommands {
+                cids: devices
+                    .iter()
+                    .map(|d| command_id(&format!("{job}-{}", step / 100), d))
+                    .collect(),
+            },
+            8 => {
+                if rnd(4) == 0 {
+                    Op::DeleteDevice { id: dev }
+                } else {
+                    register_with(&dev, &[("site", "north"), ("kind", "pump")])
+                }
+            }
+            9 => Op::CancelJob {
+                id: format!("{job}-{}", step / 100),
+            },
+            10 => Op::AbortJob {
+                id: format!("{job}-{}", step / 100),
+            },
+            _ => Op::CompleteJob {
+                id: format!("{job}-{}", step / 100),
+            },
+        };
+        let kind = op.kind();
+        db.run_at(ts, op).await;
+        check_counters(&db, step, kind).await;
+    }
+}
