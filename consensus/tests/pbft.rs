@@ -519,3 +519,38 @@ fn ed25519_signs_and_verifies_across_the_group() {
     assert!(c2.verify(2, b"m", &sig));
     assert!(!c2.verify(1, b"m", &sig));
 }
+
+/// Regression (found by the simulation): a replica restarted before its
+/// request executed took the request's timestamp again for its next
+/// proposal, which every replica then dropped as a duplicate.
+#[test]
+fn a_restarted_replica_does_not_reuse_the_timestamp_of_a_request_sent_before() {
+    let mut net = group();
+    for id in [1, 2, 3] {
+        net.cut_one_way(id, 4);
+    }
+    net.raft_mut(4).propose(b"x".to_vec()).expect("propose");
+    net.stabilize();
+    assert_eq!(applied(&net, 1), vec![(1, b"x".to_vec())]);
+    assert!(net.node(4).applied().is_empty());
+    let st = net.remove(4).expect("node 4").crash();
+    let node = MemNode::start(st, |init| Pbft::new(cfg(4), init)).expect("restart");
+    net.insert(node);
+    net.recover();
+    net.propose(1, b"z").expect("propose");
+    for _ in 0..3 {
+        net.tick_all();
+    }
+    assert_eq!(net.node(4).applied().len(), 2, "caught up");
+    net.propose(4, b"y").expect("propose");
+    for _ in 0..3 {
+        net.tick_all();
+    }
+    for id in IDS {
+        assert_eq!(
+            net.node(id).applied().last(),
+            Some(&(3, b"y".to_vec())),
+            "node {id}"
+        );
+    }
+}

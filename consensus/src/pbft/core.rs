@@ -781,8 +781,11 @@ impl Pbft {
         if self.waiting.len() >= self.cfg.max_pending {
             return Err(ProposeError::TooMuchUncommitted);
         }
-        let ts = self.own_ts;
-        self.own_ts += 1;
+        // Above every timestamp of this client executed so far (a request
+        // sent before a restart may have executed since).
+        let executed = self.exec.clients.get(&self.id).map_or(0, |c| c.0);
+        let ts = self.own_ts.max(executed + 1);
+        self.own_ts = ts + 1;
         let r = Signed::sign(
             self.crypto(),
             self.id,
@@ -811,9 +814,8 @@ impl Pbft {
     /// data; once it executes at sequence number `n` a [`ReadState`] with
     /// `index: n` comes out (one full protocol round).
     pub fn read_index(&mut self, ctx: Vec<u8>) -> Result<(), ProposeError> {
-        let ts = self.own_ts;
         self.new_request(true, Bytes::new())?;
-        self.reads.insert(ts, ctx);
+        self.reads.insert(self.own_ts - 1, ctx);
         Ok(())
     }
 
@@ -821,11 +823,10 @@ impl Pbft {
     /// timestamp, as after a restart): propose it again.
     fn reissue(&mut self, r: Signed<Request>) {
         let ctx = self.reads.remove(&r.body.ts);
-        let ts = self.own_ts;
         if self.new_request(r.body.read, r.body.data).is_ok()
             && let Some(ctx) = ctx
         {
-            self.reads.insert(ts, ctx);
+            self.reads.insert(self.own_ts - 1, ctx);
         }
     }
 
