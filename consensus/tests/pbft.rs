@@ -554,3 +554,92 @@ fn a_restarted_replica_does_not_reuse_the_timestamp_of_a_request_sent_before() {
         );
     }
 }
+
+/// Regression (found by the simulation): replicas restarted in a view whose
+/// NEW-VIEW never came waited for it forever, without a view change of
+/// their own, while the replica that had moved on waited for them.
+#[test]
+fn replicas_restarted_in_a_view_that_never_formed_move_on() {
+    let mut net = group();
+    net.isolate(1);
+    net.ignore("NewView");
+    for id in [2, 3, 4] {
+        net.raft_mut(id).campaign();
+    }
+    net.stabilize();
+    // Node 4 gives up on view 1 (a quorum moved there) and moves to view 2.
+    net.tick(4, 20);
+    assert_eq!(net.raft(4).view(), 2);
+    for id in [2, 3] {
+        assert_eq!(net.raft(id).view(), 1);
+        let st = net.remove(id).expect("node").crash();
+        let node = MemNode::start(st, |init| Pbft::new(cfg(id), init)).expect("restart");
+        net.insert(node);
+    }
+    net.recover();
+    net.isolate(1);
+    for _ in 0..60 {
+        net.tick_all();
+    }
+    for id in [2, 3, 4] {
+        assert!(net.raft(id).is_active(), "node {id} entered a view");
+        assert_eq!(net.raft(id).view(), net.raft(2).view());
+    }
+    net.propose(2, b"after").expect("propose");
+    for id in [2, 3, 4] {
+        assert_eq!(applied(&net, id), vec![(1, b"after".to_vec())], "node {id}");
+    }
+}
+
+/// Regression (found by the simulation): a replica cut off alone kept
+/// timing out through the views, so far ahead that it could never rejoin;
+/// now it waits in the first view change until a quorum joins it.
+#[test]
+fn a_replica_cut_off_alone_does_not_run_ahead_through_the_views() {
+    let mut net = group();
+    net.isolate(4);
+    net.raft_mut(4).propose(b"lost".to_vec()).expect("propose");
+    for _ in 0..400 {
+        net.tick(4, 1);
+    }
+    assert_eq!(net.raft(4).view(), 1, "waits in view 1");
+    assert!(!net.raft(4).is_active());
+    net.recover();
+    net.propose(1, b"a").expect("propose");
+    for _ in 0..40 {
+        net.tick_all();
+    }
+    // The others execute node 4's request (retransmitted) in view 0 and
+    // stay there; node 4 waits in view 1 for a quorum to join it and
+    // meanwhile catches up with the committed batches.
+    for id in IDS {
+        assert_eq!(net.node(id).applied().len(), 2, "node {id}");
+        assert_eq!(applied(&net, id), applied(&net, 1), "node {id}");
+    }
+    assert_eq!(net.raft(1).view(), 0);
+    assert_eq!(net.raft(4).view(), 1);
+}
+
+/// Regression (found by the simulation): replicas restarted after executing
+/// had lost the COMMITs of what they executed, so none could hand a
+/// replica behind the committed batches it missed.
+#[test]
+fn restarted_replicas_still_hand_committed_batches_to_one_behind() {
+    let mut net = group();
+    net.isolate(4);
+    for v in ["a", "b", "c"] {
+        net.propose(1, v.as_bytes()).expect("propose");
+    }
+    for id in [1, 2, 3] {
+        let st = net.remove(id).expect("node").crash();
+        let node = MemNode::start(st, |init| Pbft::new(cfg(id), init)).expect("restart");
+        net.insert(node);
+    }
+    net.recover();
+    net.propose(2, b"d").expect("propose");
+    for _ in 0..6 {
+        net.tick_all();
+    }
+    assert_eq!(applied(&net, 4), applied(&net, 2));
+    assert_eq!(net.node(4).applied().len(), 4);
+}

@@ -58,7 +58,7 @@ use consensus::types::{EntryPayload, Index, NodeId};
 
 /// Seeds when `SIM_SEEDS` is not set: the debug-build CI run stays well
 /// under a minute.
-const DEFAULT_SEEDS: u64 = 200;
+const DEFAULT_SEEDS: u64 = 150;
 /// Virtual time units per tick.
 const TICK: u64 = 10;
 /// Ticks of the fault phase.

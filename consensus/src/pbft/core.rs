@@ -1003,7 +1003,10 @@ impl Pbft {
             let commits: Vec<Signed<Vote>> = votes[1].values().take(self.q).cloned().collect();
             let x = self.batches.get_mut(&key).expect("batch");
             if x.committed.is_none() {
+                // Durable with the execution, so that after a restart this
+                // replica can still hand the batch to one that is behind.
                 x.committed = Some(commits);
+                self.mark_unstable(first);
                 self.try_execute();
             }
         }
@@ -1449,7 +1452,22 @@ impl Pbft {
                     self.start_view_change(self.view + 1);
                 }
             }
-        } else {
+        } else if self.my_vc.is_none() {
+            // Restarted in a view it has not seen the NEW-VIEW of (it asks
+            // for it): if none comes, that view never formed; move on.
+            self.vc_elapsed += 1;
+            if self.vc_elapsed >= self.cfg.request_timeout {
+                self.start_view_change(self.view + 1);
+            }
+        } else if self
+            .vcs
+            .values()
+            .filter(|x| x.body.view >= self.view)
+            .count()
+            >= self.q
+        {
+            // TOCS: the timer runs once a quorum moved to this view, so a
+            // replica cut off alone does not run ahead through the views.
             self.vc_elapsed += 1;
             let timeout = self.cfg.request_timeout << self.vc_attempts.min(MAX_DOUBLINGS);
             if self.vc_elapsed >= timeout {
