@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use consensus::engine::EngineMessage;
-use consensus::memory::{MemNode, Network};
+use consensus::memory::{Envelope, MemNode, MemStorage, Network};
 use consensus::pbft::crypto::{Crypto, Ed25519, SimCrypto};
 use consensus::pbft::{
-    Config, Message, MessageKind, NewView, Pbft, PrePrepare, Request, Signed, ViewChange,
-    batch_digest, compute_new_view,
+    CheckpointVote, Config, Message, MessageKind, NewView, Pbft, PrePrepare, Request, Signed,
+    ViewChange, batch_digest, compute_new_view,
 };
 use consensus::types::{InitialState, NodeId, Role};
 
@@ -642,4 +642,35 @@ fn restarted_replicas_still_hand_committed_batches_to_one_behind() {
     }
     assert_eq!(applied(&net, 4), applied(&net, 2));
     assert_eq!(net.node(4).applied().len(), 4);
+}
+
+/// Regression (found by the simulation): a replica that learned a stable
+/// checkpoint before executing up to it forgot it on restart, so its low
+/// watermark went back and its VIEW-CHANGEs, carrying certificates above
+/// the window of that older checkpoint, were refused by everyone.
+#[test]
+fn a_restart_keeps_a_stable_checkpoint_not_yet_executed_to() {
+    let mut node =
+        MemNode::start(MemStorage::bootstrap(&IDS), |init| Pbft::new(cfg(4), init)).expect("start");
+    for signer in [1, 2, 3] {
+        let vote = Signed::sign(
+            crypto(signer).as_ref(),
+            signer,
+            CheckpointVote {
+                n: 4,
+                digest: [7; 32],
+            },
+        );
+        node.step(Envelope {
+            msg: msg(signer, 4, MessageKind::Checkpoint(vote)),
+            image: None,
+        })
+        .expect("step");
+    }
+    node.handle_ready();
+    assert_eq!(node.engine().stable_checkpoint(), 4);
+    assert_eq!(node.engine().commit_index(), 0, "behind it");
+    let node = MemNode::start(node.crash(), |init| Pbft::new(cfg(4), init)).expect("restart");
+    assert_eq!(node.engine().stable_checkpoint(), 4);
+    assert_eq!(node.engine().stable_proof().votes.len(), 3);
 }

@@ -234,16 +234,20 @@ fn genesis_proof() -> CheckpointProof {
 }
 
 fn encode_record(
-    base: Option<(&CheckpointState, &CheckpointProof)>,
+    base: Option<(Option<&CheckpointState>, &CheckpointProof)>,
     batches: &[&Batch],
 ) -> Vec<u8> {
     let mut e = Enc::default();
     e.u8(1);
     match base {
         None => e.u8(0),
-        Some((s, p)) => {
+        Some((Some(s), p)) => {
             e.u8(1);
             s.put(&mut e);
+            put_checkpoint_proof(&mut e, p);
+        }
+        Some((None, p)) => {
+            e.u8(2);
             put_checkpoint_proof(&mut e, p);
         }
     }
@@ -263,7 +267,10 @@ fn encode_record(
     e.0
 }
 
-type DecodedRecord = (Option<(CheckpointState, CheckpointProof)>, Vec<Batch>);
+type DecodedRecord = (
+    Option<(Option<CheckpointState>, CheckpointProof)>,
+    Vec<Batch>,
+);
 
 fn decode_record(bytes: &[u8]) -> Option<DecodedRecord> {
     let mut d = Dec::new(bytes);
@@ -272,7 +279,12 @@ fn decode_record(bytes: &[u8]) -> Option<DecodedRecord> {
     }
     let base = match d.u8()? {
         0 => None,
-        _ => Some((CheckpointState::get(&mut d)?, get_checkpoint_proof(&mut d)?)),
+        1 => Some((
+            Some(CheckpointState::get(&mut d)?),
+            get_checkpoint_proof(&mut d)?,
+        )),
+        2 => Some((None, get_checkpoint_proof(&mut d)?)),
+        _ => return None,
     };
     let batches = d.list(|d| {
         let pp = get_pre_prepare(d)?;
@@ -315,15 +327,18 @@ impl Pbft {
         let f = (n - 1) / 3;
         let q = (n + f) / 2 + 1;
         let snapshot = init.snapshot.clone();
-        let mut bases: BTreeMap<Index, (CheckpointState, CheckpointProof)> = BTreeMap::new();
+        let mut bases: BTreeMap<Index, (Option<CheckpointState>, CheckpointProof)> =
+            BTreeMap::new();
         let mut batches: BTreeMap<BatchKey, Batch> = BTreeMap::new();
         for e in init.entries.iter().filter(|e| e.index > snapshot.index) {
             let EntryPayload::Normal(bytes) = &e.payload else {
                 continue;
             };
             let (base, bs) = decode_record(bytes).ok_or(ConfigError::CorruptRecord(e.index))?;
-            if let Some((s, p)) = base {
-                bases.insert(s.n, (s, p));
+            if let Some((s, p)) = base
+                && s.as_ref().is_none_or(|s| s.n == p.n)
+            {
+                bases.insert(p.n, (s, p));
             }
             for b in bs {
                 let key = (b.pp.body.first, b.pp.body.view, b.pp.body.digest);
@@ -340,13 +355,13 @@ impl Pbft {
         let (snap_state, snap_proof) = if snapshot.index == 0 {
             (CheckpointState::default(), genesis_proof())
         } else {
-            bases
-                .get(&snapshot.index)
-                .cloned()
-                .ok_or(ConfigError::MissingCheckpoint(snapshot.index))?
+            match bases.get(&snapshot.index) {
+                Some((Some(s), p)) => (s.clone(), p.clone()),
+                _ => return Err(ConfigError::MissingCheckpoint(snapshot.index)),
+            }
         };
         let (stable, stable_state) = match bases.last_key_value() {
-            Some((&k, (s, p))) if k > snapshot.index => (p.clone(), Some(s.clone())),
+            Some((&k, (s, p))) if k > snapshot.index => (p.clone(), s.clone()),
             _ => (snap_proof.clone(), Some(snap_state.clone())),
         };
         let view = init.hard_state.term.min(MAX_TERM);
@@ -426,6 +441,12 @@ impl Pbft {
                     payload: payload_of(req.as_ref(), ran),
                 });
             }
+        }
+        if me.stable_state.is_none()
+            && let Some(s) = me.ckpt_states.get(&me.stable.n)
+            && s.digest() == me.stable.digest
+        {
+            me.stable_state = Some(s.clone());
         }
         me.applied = me.applied.max(init.applied.min(me.exec.n));
         me.prev_hs = HardState {
@@ -1100,9 +1121,9 @@ impl Pbft {
         let floor = n.saturating_sub(self.cfg.window);
         self.voted.retain(|k| k.2 > floor);
         self.next_seq = self.next_seq.max(n + 1);
-        if self.stable_state.is_some() {
-            self.mark_unstable(n + 1);
-        }
+        // The proof is durable (with the state when this replica has it),
+        // so a restart never moves the low watermark back.
+        self.mark_unstable(n + 1);
     }
 
     // ---- view changes --------------------------------------------------
@@ -1764,7 +1785,7 @@ impl Pbft {
         if self.snapshot.index > 0 {
             last = last.max(self.snapshot.index + 1);
         }
-        if self.stable_state.is_some() && self.stable.n > 0 {
+        if self.stable.n > 0 {
             last = last.max(self.stable.n + 1);
         }
         last
@@ -1775,11 +1796,11 @@ impl Pbft {
     /// straddling them, with the checkpoint's state and proof).
     fn record_at(&self, p: Index) -> Entry {
         let snap_pos = self.snapshot.index > 0 && p == self.snapshot.index + 1;
-        let stable_pos = self.stable_state.is_some() && self.stable.n > 0 && p == self.stable.n + 1;
+        let stable_pos = self.stable.n > 0 && p == self.stable.n + 1;
         let base = if stable_pos {
-            self.stable_state.as_ref().map(|s| (s, &self.stable))
+            Some((self.stable_state.as_ref(), &self.stable))
         } else if snap_pos {
-            Some((&self.snap_state, &self.snap_proof))
+            Some((Some(&self.snap_state), &self.snap_proof))
         } else {
             None
         };
