@@ -674,3 +674,50 @@ fn a_restart_keeps_a_stable_checkpoint_not_yet_executed_to() {
     assert_eq!(node.engine().stable_checkpoint(), 4);
     assert_eq!(node.engine().stable_proof().votes.len(), 3);
 }
+
+/// Regression (found by the simulation): a replica that missed a NEW-VIEW
+/// (here the old primary, cut off during the view change) asked for it,
+/// but refused it from anyone but the new primary, so the peer it asked
+/// could not hand it on.
+#[test]
+fn a_replica_that_missed_a_new_view_takes_it_from_any_member() {
+    let mut net = group();
+    net.isolate(1);
+    for id in [2, 3, 4] {
+        net.raft_mut(id).campaign();
+    }
+    net.stabilize();
+    assert!(net.raft(2).is_active() && net.raft(2).view() == 1);
+    net.recover();
+    net.propose(3, b"x").expect("propose");
+    assert_eq!(net.raft(1).view(), 0, "it missed the view change");
+    for _ in 0..3 {
+        net.tick_all();
+    }
+    assert_eq!(net.raft(1).view(), 1);
+    assert!(net.raft(1).is_active());
+    assert_eq!(applied(&net, 1), vec![(1, b"x".to_vec())]);
+}
+
+/// A backup that missed the NEW-VIEW learns of the later view from the
+/// signed messages it drops, and asks for it before its request timer
+/// would have told it.
+#[test]
+fn a_backup_that_missed_a_new_view_asks_for_it_at_once() {
+    let mut net = group();
+    net.isolate(4);
+    for id in [1, 2, 3] {
+        net.raft_mut(id).campaign();
+    }
+    net.stabilize();
+    assert!(net.raft(2).is_active() && net.raft(2).view() == 1);
+    net.recover();
+    net.propose(3, b"x").expect("propose");
+    assert_eq!(net.raft(4).view(), 0);
+    for _ in 0..3 {
+        net.tick_all();
+    }
+    assert_eq!(net.raft(4).view(), 1);
+    assert!(net.raft(4).is_active());
+    assert_eq!(applied(&net, 4), vec![(1, b"x".to_vec())]);
+}

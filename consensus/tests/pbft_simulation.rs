@@ -493,6 +493,42 @@ impl Sim {
             _ => {}
         }
         let mut out = vec![m.clone()];
+        if let MessageKind::PrePrepare(pp) = &m.kind
+            && s.forge > 0
+            && s.equivocate
+        {
+            // A quorum for the recipient's variant, in the other members'
+            // names: only a replica that skips signatures would count it.
+            for &o in &self.ids {
+                if o == from || o == to {
+                    continue;
+                }
+                for phase in [Phase::Prepare, Phase::Commit] {
+                    let mut v = Signed::sign(
+                        key.as_ref(),
+                        from,
+                        Vote {
+                            phase,
+                            view: pp.body.view,
+                            first: pp.body.first,
+                            last: pp.body.last(),
+                            digest: pp.body.digest,
+                        },
+                    );
+                    v.signer = o;
+                    let kind = match phase {
+                        Phase::Prepare => MessageKind::Prepare(v),
+                        Phase::Commit => MessageKind::Commit(v),
+                    };
+                    out.push(Message {
+                        from: o,
+                        to,
+                        view: m.view,
+                        kind,
+                    });
+                }
+            }
+        }
         if s.forge > 0 && self.rng.chance(s.forge) {
             let other = self.rng.pick(&self.ids);
             let mut f = m.clone();

@@ -204,6 +204,9 @@ pub struct Pbft {
     vc_attempts: u32,
 
     high_seen: Index,
+    /// The highest view a member signed a message in, if above this
+    /// replica's.
+    later_view: View,
     resend_elapsed: u32,
     fetch_peer: usize,
 
@@ -398,6 +401,7 @@ impl Pbft {
             vc_elapsed: 0,
             vc_attempts: 0,
             high_seen: 0,
+            later_view: 0,
             resend_elapsed: 0,
             fetch_peer: 0,
             stats: PbftStats::default(),
@@ -1257,7 +1261,7 @@ impl Pbft {
         self.enter_view(nv, ckpt, pp);
     }
 
-    fn on_new_view(&mut self, from: NodeId, nv: Signed<NewView>) {
+    fn on_new_view(&mut self, nv: Signed<NewView>) {
         let v = nv.body.view;
         if v < self.view {
             self.stats.wrong_view += 1;
@@ -1266,7 +1270,9 @@ impl Pbft {
         if v == self.view && self.active {
             return;
         }
-        if nv.signer != from || from != self.primary_of(v) || !nv.verify(self.crypto()) {
+        // Any member may hand on a NEW-VIEW: it is the primary's signature
+        // that counts.
+        if nv.signer != self.primary_of(v) || !nv.verify(self.crypto()) {
             self.stats.bad_signature += 1;
             return;
         }
@@ -1286,7 +1292,7 @@ impl Pbft {
         let matches = match (&reissue, &nv.body.pre_prepare) {
             (None, None) => true,
             (Some((first, requests)), Some(pp)) => {
-                pp.signer == from
+                pp.signer == nv.signer
                     && pp.body.view == v
                     && pp.body.first == *first
                     && pp.body.requests == *requests
@@ -1538,7 +1544,7 @@ impl Pbft {
         {
             self.broadcast(MessageKind::Checkpoint(c), false);
         }
-        let behind = self.high_seen > self.exec.n || !self.active;
+        let behind = self.high_seen > self.exec.n || !self.active || self.later_view > self.view;
         let peers = self.peers();
         if behind && !peers.is_empty() {
             self.fetch_peer = (self.fetch_peer + 1) % peers.len();
@@ -1648,7 +1654,7 @@ impl Pbft {
                     self.on_view_change(from, vc);
                 }
             }
-            MessageKind::NewView(nv) => self.on_new_view(from, nv),
+            MessageKind::NewView(nv) => self.on_new_view(nv),
             MessageKind::Fetch { next, active } => self.on_fetch(from, view, next, active),
             MessageKind::Committed(cert) => self.on_committed(cert),
             MessageKind::Snapshot { meta, state, proof } => self.on_snapshot(meta, state, proof),
@@ -1715,6 +1721,9 @@ impl Pbft {
         }
         if b.view != self.view || !self.active {
             self.stats.wrong_view += 1;
+            if b.view > self.view && pp.verify(self.crypto()) {
+                self.later_view = self.later_view.max(b.view);
+            }
             return;
         }
         let h = self.stable.n;
@@ -1749,6 +1758,9 @@ impl Pbft {
         }
         if b.view != self.view || !self.active {
             self.stats.wrong_view += 1;
+            // Signed by a member in a later view: this replica missed a
+            // NEW-VIEW (it asks for it).
+            self.later_view = self.later_view.max(b.view);
             return;
         }
         let h = self.stable.n;
