@@ -721,3 +721,52 @@ fn a_backup_that_missed_a_new_view_asks_for_it_at_once() {
     assert!(net.raft(4).is_active());
     assert_eq!(applied(&net, 4), vec![(1, b"x".to_vec())]);
 }
+
+/// Regression (found by the simulation): a replica restarted before its
+/// request executed proposed again under the same timestamp before it had
+/// caught up; the group dropped the new request as a duplicate, and the
+/// snapshot the replica then installed counted the timestamp as executed,
+/// so the replica gave its request up. The at-most-once table now tells
+/// which request executed under a timestamp.
+#[test]
+fn a_request_whose_timestamp_an_earlier_one_took_is_proposed_again_after_a_snapshot() {
+    let mut net = group();
+    for id in [1, 2, 3] {
+        net.cut_one_way(id, 4);
+    }
+    net.raft_mut(4).propose(b"x".to_vec()).expect("propose");
+    net.stabilize();
+    for v in ["a", "b", "c"] {
+        net.propose(1, v.as_bytes()).expect("propose");
+    }
+    for id in [1, 2, 3] {
+        assert_eq!(net.raft(id).stable_checkpoint(), 4);
+        net.node_mut(id)
+            .snapshot_and_compact_at(4)
+            .expect("compact");
+    }
+    let st = net.remove(4).expect("node 4").crash();
+    let node = MemNode::start(st, |init| Pbft::new(cfg(4), init)).expect("restart");
+    net.insert(node);
+    net.recover();
+    // Proposed before node 4 knows that its timestamp 1 was taken.
+    net.propose(4, b"y").expect("propose");
+    net.propose(1, b"z").expect("propose");
+    for _ in 0..10 {
+        net.tick_all();
+    }
+    assert_eq!(
+        net.raft(4).snapshot_meta().index,
+        4,
+        "caught up by snapshot"
+    );
+    for id in IDS {
+        let values: Vec<Vec<u8>> = net
+            .node(id)
+            .applied()
+            .iter()
+            .map(|(_, d)| d.clone())
+            .collect();
+        assert!(values.contains(&b"y".to_vec()), "node {id}: {values:?}");
+    }
+}

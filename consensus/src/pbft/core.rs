@@ -86,7 +86,13 @@ pub type Reissue = Option<(Index, Vec<Option<Signed<Request>>>)>;
 struct Exec {
     n: Index,
     chain: Digest,
-    clients: BTreeMap<NodeId, (u64, BTreeSet<u64>)>,
+    /// Per client: the highest executed timestamp, and the executed ones
+    /// in the window below it with the first 8 bytes of their digest.
+    clients: BTreeMap<NodeId, (u64, BTreeMap<u64, u64>)>,
+}
+
+fn tag_of(r: &Signed<Request>) -> u64 {
+    u64::from_be_bytes(r.digest()[..8].try_into().expect("8 bytes"))
 }
 
 impl Exec {
@@ -109,7 +115,9 @@ impl Exec {
             clients: self
                 .clients
                 .iter()
-                .map(|(c, (max, recent))| (*c, *max, recent.iter().copied().collect()))
+                .map(|(c, (max, recent))| {
+                    (*c, *max, recent.iter().map(|(t, g)| (*t, *g)).collect())
+                })
                 .collect(),
         }
     }
@@ -117,17 +125,22 @@ impl Exec {
     fn executed(&self, client: NodeId, ts: u64) -> bool {
         self.clients
             .get(&client)
-            .is_some_and(|(max, recent)| ts + CLIENT_WINDOW <= *max || recent.contains(&ts))
+            .is_some_and(|(max, recent)| ts + CLIENT_WINDOW <= *max || recent.contains_key(&ts))
     }
 
-    fn mark(&mut self, client: NodeId, ts: u64) {
+    /// Which request executed as `(client, ts)`, when the window still
+    /// says (the first 8 bytes of its digest).
+    fn executed_tag(&self, client: NodeId, ts: u64) -> Option<u64> {
+        self.clients.get(&client)?.1.get(&ts).copied()
+    }
+
+    fn mark(&mut self, client: NodeId, ts: u64, tag: u64) {
         let (max, recent) = self.clients.entry(client).or_default();
         *max = (*max).max(ts);
-        recent.insert(ts);
-        let floor = max.saturating_sub(CLIENT_WINDOW);
+        recent.insert(ts, tag);
         while recent
-            .first()
-            .is_some_and(|&t| t + CLIENT_WINDOW <= *max || t < floor)
+            .first_key_value()
+            .is_some_and(|(&t, _)| t + CLIENT_WINDOW <= *max)
         {
             recent.pop_first();
         }
@@ -139,7 +152,7 @@ impl Exec {
         let fresh = req.filter(|r| !self.executed(r.body.client, r.body.ts));
         let rd = match fresh {
             Some(r) => {
-                self.mark(r.body.client, r.body.ts);
+                self.mark(r.body.client, r.body.ts, tag_of(r));
                 r.digest()
             }
             None => [0; 32],
@@ -1451,8 +1464,13 @@ impl Pbft {
             .collect();
         for t in mine {
             let r = self.own_reqs.remove(&t).expect("own request");
-            if self.reads.contains_key(&t) {
-                // Its read point is inside the snapshot: ask again.
+            let other = self
+                .exec
+                .executed_tag(self.id, t)
+                .is_some_and(|tag| tag != tag_of(&r));
+            if other || self.reads.contains_key(&t) {
+                // Another request of ours (sent before a restart) took the
+                // timestamp, or the read point is inside the snapshot.
                 self.reissue(r);
             }
         }

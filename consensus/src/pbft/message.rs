@@ -506,9 +506,17 @@ pub struct CheckpointState {
     /// request; `h_0` is zeros).
     pub chain: Digest,
     /// Per client: the highest executed timestamp and the executed ones in
-    /// the window below it, ascending.
-    pub clients: Vec<(NodeId, u64, Vec<u64>)>,
+    /// the window below it, ascending, each with the first 8 bytes of the
+    /// digest of the request that executed under it (so a client restarted
+    /// before it saw its request execute can tell whether that timestamp
+    /// was its new request's).
+    pub clients: Vec<ClientRecord>,
 }
+
+/// One client's entry of the at-most-once table: its id, its highest
+/// executed timestamp, and `(timestamp, digest prefix)` for the executed
+/// ones in the window below it.
+pub type ClientRecord = (NodeId, u64, Vec<(u64, u64)>);
 
 impl CheckpointState {
     pub(crate) fn put(&self, e: &mut Enc) {
@@ -517,14 +525,18 @@ impl CheckpointState {
         e.list(&self.clients, |e, (c, max, recent)| {
             e.u64(*c);
             e.u64(*max);
-            e.list(recent, |e, t| e.u64(*t));
+            e.list(recent, |e, (t, tag)| {
+                e.u64(*t);
+                e.u64(*tag);
+            });
         });
     }
 
     pub(crate) fn get(d: &mut Dec<'_>) -> Option<Self> {
         let n = d.u64()?;
         let chain = d.digest()?;
-        let clients = d.list(|d| Some((d.u64()?, d.u64()?, d.list(|d| d.u64())?)))?;
+        let clients =
+            d.list(|d| Some((d.u64()?, d.u64()?, d.list(|d| Some((d.u64()?, d.u64()?)))?)))?;
         Some(CheckpointState { n, chain, clients })
     }
 

@@ -174,6 +174,7 @@ mod message;
 pub use config::{Config, ConfigError};
 pub use core::{CLIENT_WINDOW, MAX_DOUBLINGS, Pbft, PbftStats, Reissue, compute_new_view};
 pub use message::{
-    CheckpointProof, CheckpointState, CheckpointVote, CommitCert, Message, MessageKind, NewView,
-    Phase, PrePrepare, PreparedCert, Request, Signed, View, ViewChange, Vote, batch_digest,
+    CheckpointProof, CheckpointState, CheckpointVote, ClientRecord, CommitCert, Message,
+    MessageKind, NewView, Phase, PrePrepare, PreparedCert, Request, Signed, View, ViewChange, Vote,
+    batch_digest,
 };
