@@ -580,6 +580,7 @@ impl Sim {
                         0 => MessageKind::Fetch {
                             next: 1 + self.rng.below(100),
                             active: self.rng.chance(500),
+                            stable: self.rng.below(64),
                         },
                         1 => MessageKind::Checkpoint(Signed::sign(
                             key.as_ref(),

@@ -220,6 +220,9 @@ pub struct Pbft {
     /// The highest view a member signed a message in, if above this
     /// replica's.
     later_view: View,
+    /// A member signed a message above the watermark window: the group's
+    /// stable checkpoint is ahead of this replica's.
+    above_window: bool,
     resend_elapsed: u32,
     fetch_peer: usize,
 
@@ -415,6 +418,7 @@ impl Pbft {
             vc_attempts: 0,
             high_seen: 0,
             later_view: 0,
+            above_window: false,
             resend_elapsed: 0,
             fetch_peer: 0,
             stats: PbftStats::default(),
@@ -464,6 +468,23 @@ impl Pbft {
             && s.digest() == me.stable.digest
         {
             me.stable_state = Some(s.clone());
+        }
+        // The CHECKPOINT of the last checkpoint it executed past its stable
+        // one went out before the restart, maybe not to everyone: it is
+        // retransmitted until the checkpoint is stable.
+        if let Some((&n, s)) = me.ckpt_states.last_key_value()
+            && n > me.stable.n
+        {
+            let vote = Signed::sign(
+                me.cfg.crypto.as_ref(),
+                me.id,
+                CheckpointVote {
+                    n,
+                    digest: s.digest(),
+                },
+            );
+            me.my_checkpoint = Some(vote.clone());
+            me.ckpt_votes.entry(n).or_default().insert(me.id, vote);
         }
         me.applied = me.applied.max(init.applied.min(me.exec.n));
         me.prev_hs = HardState {
@@ -1131,6 +1152,7 @@ impl Pbft {
             .filter(|s| s.digest() == proof.digest)
             .cloned();
         self.stable = proof;
+        self.above_window = false;
         self.high_seen = self.high_seen.max(n);
         self.ckpt_states = self.ckpt_states.split_off(&n);
         self.ckpt_votes = self.ckpt_votes.split_off(&(n + 1));
@@ -1562,7 +1584,10 @@ impl Pbft {
         {
             self.broadcast(MessageKind::Checkpoint(c), false);
         }
-        let behind = self.high_seen > self.exec.n || !self.active || self.later_view > self.view;
+        let behind = self.high_seen > self.exec.n
+            || !self.active
+            || self.later_view > self.view
+            || self.above_window;
         let peers = self.peers();
         if behind && !peers.is_empty() {
             self.fetch_peer = (self.fetch_peer + 1) % peers.len();
@@ -1570,6 +1595,7 @@ impl Pbft {
             let kind = MessageKind::Fetch {
                 next: self.exec.n + 1,
                 active: self.active,
+                stable: self.stable.n,
             };
             self.send(to, kind);
         }
@@ -1673,7 +1699,25 @@ impl Pbft {
                 }
             }
             MessageKind::NewView(nv) => self.on_new_view(nv),
-            MessageKind::Fetch { next, active } => self.on_fetch(from, view, next, active),
+            MessageKind::Fetch {
+                next,
+                active,
+                stable,
+            } => {
+                if self.stable.n > stable {
+                    self.send(from, MessageKind::Stable(self.stable.clone()));
+                }
+                self.on_fetch(from, view, next, active)
+            }
+            MessageKind::Stable(proof) => {
+                if proof.n > self.stable.n {
+                    if self.verify_proof(&proof) {
+                        self.adopt_stable(proof);
+                    } else {
+                        self.stats.invalid += 1;
+                    }
+                }
+            }
             MessageKind::Committed(cert) => self.on_committed(cert),
             MessageKind::Snapshot { meta, state, proof } => self.on_snapshot(meta, state, proof),
             MessageKind::NotMember { .. } => {}
@@ -1726,6 +1770,7 @@ impl Pbft {
                 range(c.pre_prepare.body.first, c.pre_prepare.body.last())?;
             }
             MessageKind::Snapshot { meta, .. } => range(meta.index, meta.index)?,
+            MessageKind::Stable(p) => range(p.n.max(1), p.n.max(1))?,
             MessageKind::Request(_) | MessageKind::NotMember { .. } => {}
         }
         Ok(())
@@ -1749,6 +1794,7 @@ impl Pbft {
             if b.last() > h && pp.verify(self.crypto()) {
                 // The group is ahead: ask for what this replica misses.
                 self.high_seen = self.high_seen.max(b.first.saturating_sub(1));
+                self.above_window |= b.last() > h + self.cfg.window;
             }
             self.stats.outside_watermarks += 1;
             return;
@@ -1786,6 +1832,7 @@ impl Pbft {
             self.stats.outside_watermarks += 1;
             if b.last > h {
                 self.high_seen = self.high_seen.max(b.first.saturating_sub(1));
+                self.above_window |= b.last > h + self.cfg.window;
             }
             return;
         }

@@ -586,7 +586,12 @@ pub enum MessageKind {
         next: Index,
         /// Whether it has entered its view (seen its NEW-VIEW).
         active: bool,
+        /// Its stable checkpoint.
+        stable: Index,
     },
+    /// The sender's stable checkpoint with its proof, for a replica whose
+    /// own is older (self-certifying).
+    Stable(CheckpointProof),
     /// A committed batch with its certificate, for a replica behind.
     Committed(CommitCert),
     /// Install the snapshot at a stable checkpoint (the driver ships the
@@ -618,6 +623,7 @@ impl MessageKind {
             MessageKind::ViewChange(_) => "ViewChange",
             MessageKind::NewView(_) => "NewView",
             MessageKind::Fetch { .. } => "Fetch",
+            MessageKind::Stable(_) => "Stable",
             MessageKind::Committed(_) => "Committed",
             MessageKind::Snapshot { .. } => "Snapshot",
             MessageKind::NotMember { .. } => "NotMember",

@@ -56,10 +56,15 @@
 //! least f+1 correct replicas.
 //!
 //! **At most once**: each replica keeps per client the highest executed
-//! timestamp and the executed ones in the [`CLIENT_WINDOW`] below it (older
-//! ones count as executed) — a function of the executed sequence only, so
-//! equal everywhere. A request ordered again (a faulty primary, a
-//! retransmission ordered twice) executes as a null request.
+//! timestamp and the executed ones in the [`CLIENT_WINDOW`] below it, each
+//! with the first 8 bytes of the digest of the request executed under it
+//! (older ones count as executed) — a function of the executed sequence
+//! only, so equal everywhere. A request ordered again (a faulty primary, a
+//! retransmission ordered twice) executes as a null request. A replica
+//! proposes above every executed timestamp of its own; one restarted
+//! before its last requests executed may still reuse a timestamp, and
+//! proposes its request again when it sees another request executed under
+//! it (in the committed entries, or in the table of a snapshot).
 //!
 //! # Checkpoints and watermarks
 //!
@@ -106,8 +111,10 @@
 //!
 //! A replica that sees evidence of sequence numbers beyond what it executed
 //! (signed votes, pre-prepares or checkpoints), or that waits for a
-//! NEW-VIEW, asks one peer at a time (`Fetch`). The answer is the NEW-VIEW
-//! of the peer's view if the asker needs it, committed batches with q
+//! NEW-VIEW, or that sees signed messages above its watermark window, asks
+//! one peer at a time (`Fetch`). The answer is the peer's stable
+//! checkpoint proof if the asker's is older (`Stable`), the NEW-VIEW of the
+//! peer's view if the asker needs it, committed batches with q
 //! signed COMMITs (self-certifying: any replica may hand them on), or —
 //! when the asker is behind the peer's compacted log — a `Snapshot`
 //! message carrying the snapshot's metadata
