@@ -1,14 +1,14 @@
 //! Signatures and digests of the PBFT engine.
 //!
 //! Every protocol message is signed by its sender over a canonical byte
-//! encoding ([`super::message`]): fixed field order, big-endian integers,
+//! encoding (the `message` module): fixed field order, big-endian integers,
 //! length-prefixed byte strings, a tag per message type. The recipient is not
 //! part of what is signed, so one signed message can be broadcast and later
 //! embedded as proof (in VIEW-CHANGE, NEW-VIEW and catch-up messages).
 //!
 //! [`Crypto`] is what the engine needs: sign as itself, verify any member.
 //! [`Ed25519`] is the implementation for real use. A cheap deterministic
-//! scheme for simulations ([`SimCrypto`]) exists behind the `harness`
+//! scheme for simulations (`SimCrypto`) exists behind the `harness`
 //! feature.
 
 use std::collections::BTreeMap;
