@@ -45,23 +45,28 @@ pub enum EngineKind {
     /// Basic Paxos: every value runs both phases, no distinguished
     /// proposer; two round trips per write.
     BasicPaxos,
+    /// PBFT: tolerates f Byzantine members among 3f+1; three message
+    /// phases per batch, every message signed.
+    Pbft,
 }
 
 impl EngineKind {
     /// Every engine, in the order of [`EngineKind::name`]'s documentation.
-    pub const ALL: [EngineKind; 3] = [
+    pub const ALL: [EngineKind; 4] = [
         EngineKind::Raft,
         EngineKind::MultiPaxos,
         EngineKind::BasicPaxos,
+        EngineKind::Pbft,
     ];
 
     /// The engine's name on the command line, in the peer handshake and in
-    /// status: `raft`, `multi-paxos` or `basic-paxos`.
+    /// status: `raft`, `multi-paxos`, `basic-paxos` or `pbft`.
     pub fn name(self) -> &'static str {
         match self {
             EngineKind::Raft => "raft",
             EngineKind::MultiPaxos => "multi-paxos",
             EngineKind::BasicPaxos => "basic-paxos",
+            EngineKind::Pbft => "pbft",
         }
     }
 
@@ -86,7 +91,7 @@ impl std::str::FromStr for EngineKind {
             .into_iter()
             .find(|k| k.name() == s)
             .ok_or_else(|| {
-                format!("unknown consensus engine {s:?}: expected raft, multi-paxos or basic-paxos")
+                format!("unknown consensus engine {s:?}: expected raft, multi-paxos, basic-paxos or pbft")
             })
     }
 }

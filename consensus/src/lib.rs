@@ -9,6 +9,8 @@
 //! * [`engine`] — the contract every engine implements;
 //! * [`raft`] — Raft, the default engine;
 //! * [`paxos`] — Multi-Paxos and basic Paxos;
+//! * [`pbft`] — PBFT, tolerating f Byzantine members among 3f+1 (not yet
+//!   run by the gateway);
 //! * [`types`] and [`ready`] — the vocabulary the engines share with their
 //!   drivers: log entries, hard state, snapshot metadata, membership, and the
 //!   batch of work an engine hands out.
@@ -17,6 +19,7 @@
 
 pub mod engine;
 pub mod paxos;
+pub mod pbft;
 pub mod raft;
 pub mod ready;
 pub mod types;

@@ -255,6 +255,13 @@ impl<E: Engine> MemNode<E> {
     /// compacts the log behind it.
     pub fn snapshot_and_compact(&mut self) -> Result<SnapshotMeta, CompactError> {
         let index = self.raft.applied_index();
+        self.snapshot_and_compact_at(index)
+    }
+
+    /// Takes a snapshot of the state machine at the applied `index` and
+    /// compacts the log behind it (PBFT compacts only at its stable
+    /// checkpoint).
+    pub fn snapshot_and_compact_at(&mut self, index: Index) -> Result<SnapshotMeta, CompactError> {
         let meta = self.raft.compact_keeping(index, 0)?;
         let image: Applied = self
             .applied

@@ -86,6 +86,7 @@ fn run(kind: EngineKind, proposers: usize, duration: Duration, payload: usize) -
             let nodes = (1..=3).map(|id| (id, node(id))).collect();
             run_group(kind, nodes, proposers, duration, payload)
         }
+        EngineKind::Pbft => unreachable!("the benchmark leaves PBFT out (see main)"),
         EngineKind::MultiPaxos | EngineKind::BasicPaxos => {
             let node = |id| {
                 let mut cfg = match kind {
@@ -195,8 +196,11 @@ fn main() {
         "engine", "proposers", "commits/s", "p50 µs", "p99 µs", "max µs", "batch"
     );
     let only = std::env::var("ENGINE_BENCH_ONLY").ok();
+    // PBFT is not measured here yet: its replicas need keys, and node 1
+    // does not lead view 1 (campaigning moves to the next view).
     for (kind, proposers) in EngineKind::ALL
         .into_iter()
+        .filter(|&k| k != EngineKind::Pbft)
         .filter(|k| only.as_deref().is_none_or(|o| o == k.name()))
         .flat_map(|k| [1, 64, 256].map(|p| (k, p)))
     {

@@ -217,6 +217,7 @@ impl BuildEngine for consensus::paxos::MultiPaxos {
             EngineKind::MultiPaxos => Mode::Multi,
             EngineKind::BasicPaxos => Mode::Basic,
             EngineKind::Raft => return Err("the Paxos engine cannot run as raft".into()),
+            EngineKind::Pbft => return Err("the Paxos engine cannot run as pbft".into()),
         };
         let r = &cfg.raft;
         let paxos = Config {

@@ -46,6 +46,10 @@ use coordinator::transport::{PeerBook, Transport, TransportConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Why `--consensus pbft` is refused: the engine exists in the `consensus`
+/// crate, the node driver and transport do not run it yet.
+const PBFT_NOT_WIRED: &str = "--consensus pbft: the PBFT engine is not wired into the node driver yet (use raft, multi-paxos or basic-paxos)";
+
 /// The map: key → (value, index of the write that set it).
 #[derive(Default)]
 struct Kv {
@@ -220,7 +224,10 @@ fn parse_args() -> Result<Args, String> {
             }
             "--secret" => a.secret = val()?,
             "--consensus" => {
-                a.consensus = val()?.parse().map_err(|e| format!("--consensus: {e}"))?
+                a.consensus = val()?.parse().map_err(|e| format!("--consensus: {e}"))?;
+                if a.consensus == EngineKind::Pbft {
+                    return Err(PBFT_NOT_WIRED.into());
+                }
             }
             "--cluster" => a.cluster = val()?,
             "--snapshot-every" => {
@@ -458,6 +465,7 @@ async fn start_node(
         EngineKind::MultiPaxos | EngineKind::BasicPaxos => {
             run_engine::<MultiPaxos>(tcfg, cfg, init, storage, sm).await?
         }
+        EngineKind::Pbft => return Err(PBFT_NOT_WIRED.into()),
     };
     let raft_addr = transport.local_addr();
     let set_peer: PeerSetter = Arc::new(move |id, addr| {

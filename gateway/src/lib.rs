@@ -289,6 +289,11 @@ async fn start_until(
         EngineKind::MultiPaxos | EngineKind::BasicPaxos => {
             run_engine::<MultiPaxos>(tcfg, peer_listener, ncfg, init, storage, machine).await?
         }
+        // `Config::from_args` refuses it too; a caller building the
+        // configuration by hand gets the same answer.
+        EngineKind::Pbft => {
+            return Err(GatewayError::Config(config::PBFT_NOT_WIRED.into()));
+        }
     };
     let raft_addr = transport.local_addr();
 

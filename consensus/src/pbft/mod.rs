@@ -1,0 +1,187 @@
+//! PBFT behind the engine contract: Castro and Liskov, *Practical Byzantine
+//! Fault Tolerance* (OSDI '99), with the view-change and checkpoint rules of
+//! the TOCS 2002 paper.
+//!
+//! A group of n = 3f+1 replicas (f = (n-1)/3) stays safe with up to f
+//! Byzantine members and live once the network delivers. Quorums are q =
+//! ⌊(n+f)/2⌋+1 replicas (2f+1 for 3f+1), so two quorums share at least f+1
+//! members, one of them correct. Membership is fixed at start: membership
+//! changes and leadership transfer answer `Unsupported`.
+//!
+//! # Mapping onto the contract
+//!
+//! * `term()` is the view; the primary of view v is the `v mod n`-th member
+//!   in id order. Its role is `Leader`, the backups' `Follower`, and a
+//!   replica changing views (waiting for a NEW-VIEW) is a `Candidate`.
+//! * Sequence numbers are log indices, **one request per sequence number**.
+//!   The primary orders the requests it holds at each `ready` in
+//!   pre-prepares of up to `max_batch` consecutive sequence numbers:
+//!   `{view, first, requests, digest}`, the digest SHA-256 over `first` and
+//!   the requests' digests. PREPARE and COMMIT name `(view, first, last,
+//!   digest)`.
+//! * `committed_entries` are `Entry { index: n, term: v, payload }` with the
+//!   request's data, or `Empty` for a null request, a read, or a duplicate;
+//!   `commit_index()` is the last executed sequence number.
+//! * `propose(data)` at any replica signs `Request { client: own id, ts,
+//!   data }` (ts above every executed timestamp of that client) and sends
+//!   it to every replica: the primary orders it, backups time it. The
+//!   answer is `Forwarded { to: primary }`; its fate shows in the committed
+//!   entries.
+//! * `read_index(ctx)` orders a read — a request without data — through
+//!   the protocol; when it executes at sequence number n, a `ReadState {
+//!   index: n, ctx }` comes out: everything executed up to n is a
+//!   linearizable view (one full protocol round per read, no leases).
+//!
+//! # Normal case
+//!
+//! A backup accepts a pre-prepare only if the primary of its view signed
+//! it, it is for the replica's current view and the replica is not changing
+//! views, `first..=last` lies within the watermarks `(h, h+L]` (h the
+//! stable checkpoint, L = `window`), the digest matches the requests, every
+//! request carries its client's signature, and the replica has accepted in
+//! that view no other batch overlapping `first..=last` (the same range with
+//! another digest, or another range). It then sends PREPARE. A batch is
+//! *prepared* with the accepted pre-prepare and q-1 (2f) matching PREPAREs
+//! from distinct backups (its own included); the replica then sends
+//! COMMIT. It is *committed-local* with q (2f+1) matching COMMITs, its own
+//! included. Requests execute strictly in sequence order.
+//!
+//! **Why at most one value per (v, n)**: a batch prepared in view v at a
+//! correct replica was accepted by q replicas (the primary and q-1
+//! backups), at least f+1 of them correct; two prepared batches of view v
+//! overlapping at n would need two such quorums, which share a correct
+//! replica — and a correct replica accepts at most one batch covering n in
+//! a view. So two correct replicas never prepare different requests for n
+//! in one view, and a request committed at n in view v was prepared by at
+//! least f+1 correct replicas.
+//!
+//! **At most once**: each replica keeps per client the highest executed
+//! timestamp and the executed ones in the [`CLIENT_WINDOW`] below it, each
+//! with the first 8 bytes of the digest of the request executed under it
+//! (older ones count as executed) — a function of the executed sequence
+//! only, so equal everywhere. A request ordered again (a faulty primary, a
+//! retransmission ordered twice) executes as a null request. A replica
+//! proposes above every executed timestamp of its own; one restarted
+//! before its last requests executed may still reuse a timestamp, and
+//! proposes its request again when it sees another request executed under
+//! it (in the committed entries, or in the table of a snapshot).
+//!
+//! # Checkpoints and watermarks
+//!
+//! Every `checkpoint_interval` sequence numbers (default 128) a replica
+//! signs CHECKPOINT `{n, digest}`: the digest of the [`CheckpointState`] —
+//! the hash chain `h_n = SHA-256(h_{n-1} ‖ n ‖ request digest)` over the
+//! executed history (zeros for a null request) and the at-most-once table —
+//! the same on every correct replica whatever its application does. q
+//! matching CHECKPOINTs make it stable (that set is its proof): the low
+//! watermark h moves there, and the protocol log below it (votes,
+//! checkpoint messages) is collected. The batches themselves are kept until
+//! the driver compacts: `compact_keeping` (and `snapshot_meta_at`) accept
+//! only the stable checkpoint, once its state is durable, and refuse other
+//! indices with `NotApplied` naming the one that would do. The window L
+//! defaults to 2 × `checkpoint_interval`.
+//!
+//! # View changes
+//!
+//! A backup that holds a request not executed within `request_timeout`
+//! ticks moves to view v+1 and sends VIEW-CHANGE `{v+1, its stable
+//! checkpoint with its proof, a prepared certificate (signed pre-prepare +
+//! 2f signed PREPAREs) for every batch prepared above it}` — per sequence
+//! number the certificate of the highest view. The primary of v+1, with q
+//! valid VIEW-CHANGEs (its own included), sends NEW-VIEW `{v+1, those
+//! VIEW-CHANGEs, one re-issued pre-prepare}` computed by
+//! [`compute_new_view`]: min-s is the highest stable checkpoint among them,
+//! max-s the highest prepared sequence number, and every n in (min-s,
+//! max-s] gets the request prepared in the highest view (a null request
+//! where none was), all in one batch from min-s+1. Every replica checks
+//! every VIEW-CHANGE (signatures, checkpoint proof, certificates) and
+//! recomputes the batch; a NEW-VIEW that differs (drops or changes a
+//! prepared request) is rejected. A request committed at n in view v was
+//! prepared by f+1 correct replicas, one of which is in any q VIEW-CHANGEs
+//! and reports it (or a certificate of a later view, which by induction
+//! carries the same request), so the new view re-issues it. A replica that
+//! holds q VIEW-CHANGEs for its view (its own included) and waits in vain
+//! for the NEW-VIEW moves on to the next view, the timeout doubling each
+//! time (up to [`MAX_DOUBLINGS`] times) — without a quorum it waits, so a
+//! replica cut off alone does not run ahead through the views; a replica that
+//! receives VIEW-CHANGEs from f+1 others for views above its own joins the
+//! smallest of them.
+//!
+//! # Catching up
+//!
+//! A replica that sees evidence of sequence numbers beyond what it executed
+//! (signed votes, pre-prepares or checkpoints), or that waits for a
+//! NEW-VIEW, or that sees signed messages above its watermark window, asks
+//! one peer at a time (`Fetch`). The answer is the peer's stable
+//! checkpoint proof if the asker's is older (`Stable`), the NEW-VIEW of the
+//! peer's view if the asker needs it, committed batches with q
+//! signed COMMITs (self-certifying: any replica may hand them on), or —
+//! when the asker is behind the peer's compacted log — a `Snapshot`
+//! message carrying the snapshot's metadata
+//! ([`EngineMessage::snapshot`](crate::engine::EngineMessage::snapshot) —
+//! the driver ships the image), the engine's checkpoint state and the
+//! checkpoint's proof. **What is checked**: the proof (q valid CHECKPOINT
+//! signatures on the digest) and that the state hashes to that digest, so
+//! the hash chain and the at-most-once table are the group's. **What is
+//! not**: the image, which is the application's bytes; a Byzantine peer
+//! can ship a wrong image under a correct proof. (Checking it needs an
+//! application digest in the checkpoint: later work.)
+//!
+//! # Durability
+//!
+//! Persisted before any message that depends on it leaves (those messages
+//! go out in `persisted_messages`): the view and the executed prefix in
+//! `HardState { term: view, vote: None, commit }`, and every batch the
+//! replica accepted, prepared or learned committed, as a record in the
+//! entry at its first sequence number (the entry's term the highest view
+//! covering it; entries inside a batch are `Empty`). A record holds the
+//! signed pre-prepare with its requests and, once it has them, the
+//! prepared certificate and the COMMITs. The entry just above the stable
+//! checkpoint (and above the snapshot) also holds the checkpoint's state
+//! and proof, and the batches straddling it. Persisting entries replaces
+//! every stored entry from the first one's index, so the engine hands the
+//! whole suffix out again whenever it rewrites one. On restart it decodes
+//! the records, replays the executed prefix from the snapshot's checkpoint
+//! state (the application gets the entries after its applied index again)
+//! and restarts in its durable view: view 0 active, a later view as a
+//! replica changing views until a peer hands it that view's NEW-VIEW (it
+//! asks). Because accepted pre-prepares and certificates are durable, a
+//! restarted replica never accepts (so never PREPAREs, COMMITs or reports
+//! in a VIEW-CHANGE) a batch contradicting one it voted for.
+//!
+//! # Signatures
+//!
+//! See [`crypto`]: every message body is signed over a canonical encoding
+//! without the recipient, so signed messages are broadcast as they are and
+//! embedded as proofs. Messages with a bad signature, from a non-member,
+//! for another view, or outside the watermarks are dropped and counted
+//! ([`Pbft::stats`], [`PbftStats`]); `step` answers `Ok` for them and an
+//! error only for shapes no member sends (wrong recipient, sender 0 or
+//! self, sequence numbers or views beyond the contract's limits, empty
+//! batches).
+//!
+//! # What the simulation checks
+//!
+//! `consensus/tests/pbft_simulation.rs`: groups of 4 and 7 with up to f
+//! Byzantine replicas (equivocating primary with colluding votes, forged
+//! signatures, replays, old views, silence, selective delivery, lying and
+//! hiding in VIEW-CHANGE, floods) under loss, duplication, reordering,
+//! partitions and crash-restarts; after every step, over correct replicas:
+//! no two execute different requests at one sequence number, each executes
+//! in order, no value executes twice; after the heal every proposal
+//! executes at every correct replica. With f+1 colluding Byzantine replicas
+//! it finds a violation within a few seeds.
+
+mod config;
+mod core;
+pub mod crypto;
+mod engine;
+mod message;
+
+pub use config::{Config, ConfigError};
+pub use core::{CLIENT_WINDOW, MAX_DOUBLINGS, Pbft, PbftStats, Reissue, compute_new_view};
+pub use message::{
+    CheckpointProof, CheckpointState, CheckpointVote, ClientRecord, CommitCert, Message,
+    MessageKind, NewView, Phase, PrePrepare, PreparedCert, Request, Signed, View, ViewChange, Vote,
+    batch_digest,
+};

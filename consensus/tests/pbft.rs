@@ -1,0 +1,801 @@
+//! The PBFT engine (`consensus::pbft`) through the in-memory driver: the
+//! normal case, batching, the checks a backup makes on a pre-prepare,
+//! dropped Byzantine input, view changes and new-view validation,
+//! checkpoints and garbage collection, restarts, and catching up.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use consensus::engine::EngineMessage;
+use consensus::memory::{Envelope, MemNode, MemStorage, Network};
+use consensus::pbft::crypto::{Crypto, Ed25519, SimCrypto};
+use consensus::pbft::{
+    CheckpointVote, Config, Message, MessageKind, NewView, Pbft, PrePrepare, Request, Signed,
+    ViewChange, batch_digest, compute_new_view,
+};
+use consensus::types::{InitialState, NodeId, Role};
+
+const SEED: u64 = 7;
+const IDS: [NodeId; 4] = [1, 2, 3, 4];
+
+fn crypto(id: NodeId) -> Arc<dyn Crypto> {
+    Arc::new(SimCrypto::new(id, SEED))
+}
+
+fn cfg(id: NodeId) -> Config {
+    Config {
+        checkpoint_interval: 4,
+        window: 8,
+        ..Config::new(id, crypto(id))
+    }
+}
+
+fn group() -> Network<Pbft> {
+    Network::with_engines(&IDS, |id, init| Pbft::new(cfg(id), init))
+}
+
+fn replica(id: NodeId) -> Pbft {
+    Pbft::new(cfg(id), InitialState::bootstrap(IDS)).expect("config")
+}
+
+fn applied(net: &Network<Pbft>, id: NodeId) -> Vec<(u64, Vec<u8>)> {
+    net.node(id).applied().clone()
+}
+
+fn request(client: NodeId, ts: u64, data: &str) -> Signed<Request> {
+    Signed::sign(
+        crypto(client).as_ref(),
+        client,
+        Request {
+            client,
+            ts,
+            read: false,
+            data: Bytes::from(data.to_owned()),
+        },
+    )
+}
+
+fn pre_prepare(
+    primary: NodeId,
+    view: u64,
+    first: u64,
+    reqs: Vec<Signed<Request>>,
+) -> Signed<PrePrepare> {
+    let requests: Vec<Option<Signed<Request>>> = reqs.into_iter().map(Some).collect();
+    Signed::sign(
+        crypto(primary).as_ref(),
+        primary,
+        PrePrepare {
+            view,
+            first,
+            digest: batch_digest(first, &requests),
+            requests,
+        },
+    )
+}
+
+fn msg(from: NodeId, to: NodeId, kind: MessageKind) -> Message {
+    Message {
+        from,
+        to,
+        view: 0,
+        kind,
+    }
+}
+
+fn prepares_sent(r: &mut Pbft) -> usize {
+    let rd = r.ready();
+    r.advance();
+    rd.messages
+        .iter()
+        .chain(rd.persisted_messages.iter())
+        .filter(|m| matches!(m.kind, MessageKind::Prepare(_)))
+        .count()
+}
+
+#[test]
+fn normal_case_commits_everywhere_in_order() {
+    let mut net = group();
+    assert_eq!(net.raft(1).role(), Role::Leader);
+    assert_eq!(net.raft(2).role(), Role::Follower);
+    net.propose(1, b"a").expect("propose at the primary");
+    net.propose(3, b"b").expect("propose at a backup");
+    net.propose(4, b"c").expect("propose at a backup");
+    let want = vec![(1, b"a".to_vec()), (2, b"b".to_vec()), (3, b"c".to_vec())];
+    for id in IDS {
+        assert_eq!(applied(&net, id), want, "node {id}");
+        assert_eq!(net.raft(id).commit_index(), 3);
+        assert_eq!(net.raft(id).stats().bad_signature, 0);
+    }
+}
+
+#[test]
+fn proposals_between_two_readies_go_in_one_pre_prepare() {
+    let mut net = group();
+    for v in ["a", "b", "c", "d", "e"] {
+        net.raft_mut(1)
+            .propose(v.as_bytes().to_vec())
+            .expect("propose");
+    }
+    net.stabilize();
+    let pps: Vec<usize> = net
+        .delivered()
+        .iter()
+        .filter(|m| m.to() == 2)
+        .filter_map(|m| match &m.kind {
+            MessageKind::PrePrepare(pp) => Some(pp.body.requests.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pps, vec![5], "one pre-prepare carries the five requests");
+    for id in IDS {
+        assert_eq!(net.node(id).applied().len(), 5);
+    }
+}
+
+#[test]
+fn backup_refuses_a_second_pre_prepare_overlapping_an_accepted_one() {
+    let mut r = replica(2);
+    let x = pre_prepare(1, 0, 1, vec![request(3, 1, "x")]);
+    r.step(msg(1, 2, MessageKind::PrePrepare(x))).expect("step");
+    assert_eq!(prepares_sent(&mut r), 3, "prepare for the first batch");
+    // The same sequence number with another request.
+    let y = pre_prepare(1, 0, 1, vec![request(3, 2, "y")]);
+    r.step(msg(1, 2, MessageKind::PrePrepare(y))).expect("step");
+    // Another range overlapping it.
+    let z = pre_prepare(1, 0, 1, vec![request(3, 3, "z"), request(3, 4, "w")]);
+    r.step(msg(1, 2, MessageKind::PrePrepare(z))).expect("step");
+    assert_eq!(r.stats().conflicting, 2);
+    assert_eq!(
+        prepares_sent(&mut r),
+        0,
+        "no prepare for a conflicting batch"
+    );
+    // A batch after it is fine.
+    let next = pre_prepare(1, 0, 2, vec![request(3, 5, "v")]);
+    r.step(msg(1, 2, MessageKind::PrePrepare(next)))
+        .expect("step");
+    assert_eq!(prepares_sent(&mut r), 3);
+}
+
+#[test]
+fn byzantine_input_is_dropped_and_counted() {
+    let mut r = replica(2);
+    // A bad signature.
+    let mut bad = pre_prepare(1, 0, 1, vec![request(3, 1, "x")]);
+    let mut sig = bad.sig.to_vec();
+    sig[0] ^= 1;
+    bad.sig = Bytes::from(sig);
+    r.step(msg(1, 2, MessageKind::PrePrepare(bad)))
+        .expect("dropped, not refused");
+    // Node 3 signs a pre-prepare claiming to be the primary.
+    let mut forged = pre_prepare(3, 0, 1, vec![request(3, 1, "x")]);
+    forged.signer = 1;
+    r.step(msg(1, 2, MessageKind::PrePrepare(forged)))
+        .expect("dropped");
+    // A request whose client signature is another member's.
+    let mut req = request(3, 1, "x");
+    req.signer = 4;
+    req.body.client = 4;
+    r.step(msg(4, 2, MessageKind::Request(req)))
+        .expect("dropped");
+    assert_eq!(r.stats().bad_signature, 3);
+    // A non-member.
+    let stranger = pre_prepare(1, 0, 1, vec![request(3, 1, "x")]);
+    r.step(msg(9, 2, MessageKind::PrePrepare(stranger)))
+        .expect("dropped");
+    assert_eq!(r.stats().not_member, 1);
+    // Another view (its primary, node 3, signs it).
+    let later = pre_prepare(3, 2, 1, vec![request(3, 1, "x")]);
+    r.step(msg(3, 2, MessageKind::PrePrepare(later)))
+        .expect("dropped");
+    assert_eq!(r.stats().wrong_view, 1);
+    // Outside the watermarks (window 8 above h = 0).
+    let far = pre_prepare(1, 0, 9, vec![request(3, 1, "x")]);
+    r.step(msg(1, 2, MessageKind::PrePrepare(far)))
+        .expect("dropped");
+    assert_eq!(r.stats().outside_watermarks, 1);
+    assert_eq!(prepares_sent(&mut r), 0, "nothing was accepted");
+    // Malformed shapes are refused.
+    assert!(
+        r.step(msg(
+            1,
+            3,
+            MessageKind::Fetch {
+                next: 1,
+                active: true,
+                stable: 0,
+            }
+        ))
+        .is_err()
+    );
+    assert!(
+        r.step(msg(
+            1,
+            2,
+            MessageKind::Fetch {
+                next: 0,
+                active: true,
+                stable: 0,
+            }
+        ))
+        .is_err()
+    );
+}
+
+/// Prepares "x" at sequence number 1 in view 0 everywhere without letting
+/// it commit.
+fn prepared_but_not_committed() -> Network<Pbft> {
+    let mut net = group();
+    net.ignore("Commit");
+    net.propose(1, b"x").expect("propose");
+    for id in IDS {
+        assert!(net.node(id).applied().is_empty());
+    }
+    net
+}
+
+#[test]
+fn view_change_reissues_a_prepared_request_in_the_new_view() {
+    let mut net = prepared_but_not_committed();
+    for id in [2, 3, 4] {
+        net.raft_mut(id).campaign();
+    }
+    net.stabilize();
+    net.recover();
+    net.isolate(1);
+    for id in [2, 3, 4] {
+        assert_eq!(net.raft(id).view(), 1, "node {id}");
+        assert!(net.raft(id).is_active(), "node {id} entered view 1");
+    }
+    assert_eq!(net.raft(2).role(), Role::Leader);
+    // The commits of view 1 were dropped too; retransmission finishes it.
+    for _ in 0..2 {
+        net.tick_all();
+    }
+    for id in [2, 3, 4] {
+        assert_eq!(applied(&net, id), vec![(1, b"x".to_vec())], "node {id}");
+        assert_eq!(net.raft(id).term_at(1), Some(1), "re-issued in view 1");
+    }
+    // The new primary orders new requests after it.
+    net.propose(3, b"y").expect("propose");
+    assert_eq!(
+        applied(&net, 4),
+        vec![(1, b"x".to_vec()), (2, b"y".to_vec())]
+    );
+}
+
+#[test]
+fn a_new_view_that_drops_a_prepared_request_is_rejected() {
+    let mut net = prepared_but_not_committed();
+    net.ignore("NewView");
+    for id in [2, 3, 4] {
+        net.raft_mut(id).campaign();
+    }
+    net.stabilize();
+    let mut vcs: Vec<Signed<ViewChange>> = Vec::new();
+    for m in net.delivered() {
+        if let MessageKind::ViewChange(vc) = &m.kind
+            && m.to() == 3
+            && !vcs.iter().any(|x| x.signer == vc.signer)
+        {
+            vcs.push(vc.clone());
+        }
+    }
+    let own = net
+        .delivered()
+        .iter()
+        .find_map(|m| match &m.kind {
+            MessageKind::ViewChange(vc) if vc.signer == 3 => Some(vc.clone()),
+            _ => None,
+        })
+        .expect("node 3's view change");
+    vcs.retain(|x| x.signer != 4);
+    vcs.push(own);
+    assert_eq!(vcs.len(), 3);
+    let (_, reissue) = compute_new_view(&vcs);
+    let (first, reqs) = reissue.expect("the prepared request is re-issued");
+    assert_eq!(first, 1);
+    assert_eq!(
+        reqs[0].as_ref().map(|r| r.body.data.clone()),
+        Some(Bytes::from("x"))
+    );
+    let r = net.raft_mut(3);
+    assert!(!r.is_active(), "node 3 waits for the new view");
+    // Node 2, primary of view 1, drops the prepared request.
+    let forged = Signed::sign(
+        crypto(2).as_ref(),
+        2,
+        NewView {
+            view: 1,
+            view_changes: vcs.clone(),
+            pre_prepare: None,
+        },
+    );
+    r.step(msg(2, 3, MessageKind::NewView(forged)))
+        .expect("dropped");
+    assert_eq!(r.stats().invalid_new_view, 1);
+    assert!(!r.is_active());
+    // Or replaces it with a null request.
+    let nulls: Vec<Option<Signed<Request>>> = vec![None];
+    let pp = Signed::sign(
+        crypto(2).as_ref(),
+        2,
+        PrePrepare {
+            view: 1,
+            first: 1,
+            digest: batch_digest(1, &nulls),
+            requests: nulls,
+        },
+    );
+    let forged = Signed::sign(
+        crypto(2).as_ref(),
+        2,
+        NewView {
+            view: 1,
+            view_changes: vcs,
+            pre_prepare: Some(pp),
+        },
+    );
+    r.step(msg(2, 3, MessageKind::NewView(forged)))
+        .expect("dropped");
+    assert_eq!(r.stats().invalid_new_view, 2);
+    assert!(!r.is_active());
+}
+
+#[test]
+fn checkpoint_becomes_stable_and_the_log_is_collected() {
+    let mut net = group();
+    for i in 0..4 {
+        net.propose(1 + i % 4, format!("v{i}").as_bytes())
+            .expect("propose");
+    }
+    for id in IDS {
+        let r = net.raft(id);
+        assert_eq!(r.stable_checkpoint(), 4, "node {id}");
+        assert_eq!(
+            r.protocol_log_len(),
+            0,
+            "votes and checkpoints below 4 collected"
+        );
+        assert_eq!(r.stable_proof().votes.len(), 3, "2f+1 signed checkpoints");
+    }
+    for id in IDS {
+        let node = net.node_mut(id);
+        assert!(
+            node.engine().snapshot_meta_at(3).is_err(),
+            "only at the checkpoint"
+        );
+        let meta = node
+            .snapshot_and_compact()
+            .expect("compact at the stable checkpoint");
+        assert_eq!(meta.index, 4);
+        assert_eq!(node.engine().batches_held(), 0);
+    }
+    // The watermarks moved: more than the window (8) above 0 executes.
+    for i in 4..12 {
+        net.propose(2, format!("v{i}").as_bytes()).expect("propose");
+    }
+    for id in IDS {
+        assert_eq!(net.raft(id).commit_index(), 12);
+        assert_eq!(net.raft(id).stable_checkpoint(), 12);
+    }
+    // A restart from the compacted storage keeps the executed state.
+    let st = net.remove(3).expect("node 3").crash();
+    let node = MemNode::start(st, |init| Pbft::new(cfg(3), init)).expect("restart");
+    assert_eq!(node.engine().commit_index(), 12);
+    net.insert(node);
+    net.propose(4, b"after").expect("propose");
+    assert_eq!(net.node(3).applied().last(), Some(&(13, b"after".to_vec())));
+}
+
+#[test]
+fn a_restarted_replica_keeps_its_view_and_does_not_vote_differently() {
+    let mut net = group();
+    for id in IDS {
+        net.raft_mut(id).campaign();
+    }
+    net.stabilize();
+    assert!(
+        IDS.iter()
+            .all(|&id| net.raft(id).view() == 1 && net.raft(id).is_active())
+    );
+    // Node 3 accepts (and prepares) a batch that does not commit.
+    net.ignore("Commit");
+    net.propose(2, b"x").expect("propose");
+    net.recover();
+    let st = net.remove(3).expect("node 3").crash();
+    assert_eq!(st.hard_state.term, 1);
+    let node = MemNode::start(st, |init| Pbft::new(cfg(3), init)).expect("restart");
+    assert_eq!(node.engine().view(), 1, "the view survives");
+    assert!(
+        !node.engine().is_active(),
+        "until it sees the new view again"
+    );
+    net.insert(node);
+    // It asks for the new view and re-enters it.
+    net.tick(3, 2);
+    assert!(net.raft(3).is_active());
+    // A primary equivocating on the batch it accepted before the crash.
+    let other = pre_prepare(2, 1, 1, vec![request(4, 1, "y")]);
+    let r = net.raft_mut(3);
+    r.step(Message {
+        view: 1,
+        ..msg(2, 3, MessageKind::PrePrepare(other))
+    })
+    .expect("dropped");
+    assert_eq!(r.stats().conflicting, 1);
+    assert_eq!(
+        prepares_sent(r),
+        0,
+        "no PREPARE contradicting the one before"
+    );
+    // The batch it did accept still commits.
+    net.tick_all();
+    net.tick_all();
+    assert_eq!(applied(&net, 3), vec![(1, b"x".to_vec())]);
+}
+
+#[test]
+fn a_lagging_replica_catches_up_with_committed_batches() {
+    let mut net = group();
+    net.isolate(4);
+    for v in ["a", "b", "c"] {
+        net.propose(1, v.as_bytes()).expect("propose");
+    }
+    assert!(net.node(4).applied().is_empty());
+    net.recover();
+    net.propose(2, b"d").expect("propose");
+    for _ in 0..3 {
+        net.tick_all();
+    }
+    assert_eq!(applied(&net, 4), applied(&net, 1));
+    assert_eq!(net.node(4).applied().len(), 4);
+}
+
+#[test]
+fn a_replica_behind_the_stable_checkpoint_installs_a_snapshot() {
+    let mut net = group();
+    net.isolate(4);
+    for i in 0..9 {
+        net.propose(1, format!("v{i}").as_bytes()).expect("propose");
+    }
+    for id in [1, 2, 3] {
+        assert_eq!(net.raft(id).stable_checkpoint(), 8);
+        net.node_mut(id)
+            .snapshot_and_compact_at(8)
+            .expect("compact");
+    }
+    net.recover();
+    net.propose(2, b"last").expect("propose");
+    for _ in 0..4 {
+        net.tick_all();
+    }
+    let r = net.raft(4);
+    assert_eq!(r.snapshot_meta().index, 8, "installed the snapshot");
+    assert_eq!(r.stable_checkpoint(), 8);
+    assert_eq!(r.commit_index(), 10);
+    assert_eq!(applied(&net, 4), applied(&net, 1));
+}
+
+#[test]
+fn a_read_is_answered_at_its_sequence_number() {
+    let mut net = group();
+    net.propose(1, b"a").expect("propose");
+    net.raft_mut(3).read_index(b"r".to_vec()).expect("read");
+    net.stabilize();
+    let rs = net.node(3).read_states();
+    assert_eq!(rs.len(), 1);
+    assert_eq!(rs[0].index, 2);
+    assert_eq!(rs[0].ctx, b"r".to_vec());
+    // The read executes as a null request: nothing applied.
+    assert_eq!(applied(&net, 3), vec![(1, b"a".to_vec())]);
+}
+
+#[test]
+fn ed25519_signs_and_verifies_across_the_group() {
+    let seeds: Vec<[u8; 32]> = (1..=4u8).map(|i| [i; 32]).collect();
+    let group: std::collections::BTreeMap<NodeId, [u8; 32]> = (1..=4u64)
+        .zip(seeds.iter().map(Ed25519::public_key))
+        .collect();
+    let mut net = Network::with_engines(&IDS, |id, init| {
+        let c = Ed25519::new(id, &seeds[id as usize - 1], &group).expect("keys");
+        Pbft::new(
+            Config {
+                checkpoint_interval: 4,
+                window: 8,
+                ..Config::new(id, Arc::new(c))
+            },
+            init,
+        )
+    });
+    net.propose(2, b"signed").expect("propose");
+    for id in IDS {
+        assert_eq!(applied(&net, id), vec![(1, b"signed".to_vec())]);
+    }
+    // A key set without this node's own key is refused.
+    assert!(Ed25519::new(5, &[5; 32], &group).is_err());
+    // Another node's signature does not verify as node 1's.
+    let c2 = Ed25519::new(2, &seeds[1], &group).expect("keys");
+    let sig = c2.sign(b"m");
+    assert!(c2.verify(2, b"m", &sig));
+    assert!(!c2.verify(1, b"m", &sig));
+}
+
+/// Regression (found by the simulation): a replica restarted before its
+/// request executed took the request's timestamp again for its next
+/// proposal, which every replica then dropped as a duplicate.
+#[test]
+fn a_restarted_replica_does_not_reuse_the_timestamp_of_a_request_sent_before() {
+    let mut net = group();
+    for id in [1, 2, 3] {
+        net.cut_one_way(id, 4);
+    }
+    net.raft_mut(4).propose(b"x".to_vec()).expect("propose");
+    net.stabilize();
+    assert_eq!(applied(&net, 1), vec![(1, b"x".to_vec())]);
+    assert!(net.node(4).applied().is_empty());
+    let st = net.remove(4).expect("node 4").crash();
+    let node = MemNode::start(st, |init| Pbft::new(cfg(4), init)).expect("restart");
+    net.insert(node);
+    net.recover();
+    net.propose(1, b"z").expect("propose");
+    for _ in 0..3 {
+        net.tick_all();
+    }
+    assert_eq!(net.node(4).applied().len(), 2, "caught up");
+    net.propose(4, b"y").expect("propose");
+    for _ in 0..3 {
+        net.tick_all();
+    }
+    for id in IDS {
+        assert_eq!(
+            net.node(id).applied().last(),
+            Some(&(3, b"y".to_vec())),
+            "node {id}"
+        );
+    }
+}
+
+/// Regression (found by the simulation): replicas restarted in a view whose
+/// NEW-VIEW never came waited for it forever, without a view change of
+/// their own, while the replica that had moved on waited for them.
+#[test]
+fn replicas_restarted_in_a_view_that_never_formed_move_on() {
+    let mut net = group();
+    net.isolate(1);
+    net.ignore("NewView");
+    for id in [2, 3, 4] {
+        net.raft_mut(id).campaign();
+    }
+    net.stabilize();
+    // Node 4 gives up on view 1 (a quorum moved there) and moves to view 2.
+    net.tick(4, 20);
+    assert_eq!(net.raft(4).view(), 2);
+    for id in [2, 3] {
+        assert_eq!(net.raft(id).view(), 1);
+        let st = net.remove(id).expect("node").crash();
+        let node = MemNode::start(st, |init| Pbft::new(cfg(id), init)).expect("restart");
+        net.insert(node);
+    }
+    net.recover();
+    net.isolate(1);
+    for _ in 0..60 {
+        net.tick_all();
+    }
+    for id in [2, 3, 4] {
+        assert!(net.raft(id).is_active(), "node {id} entered a view");
+        assert_eq!(net.raft(id).view(), net.raft(2).view());
+    }
+    net.propose(2, b"after").expect("propose");
+    for id in [2, 3, 4] {
+        assert_eq!(applied(&net, id), vec![(1, b"after".to_vec())], "node {id}");
+    }
+}
+
+/// Regression (found by the simulation): a replica cut off alone kept
+/// timing out through the views, so far ahead that it could never rejoin;
+/// now it waits in the first view change until a quorum joins it.
+#[test]
+fn a_replica_cut_off_alone_does_not_run_ahead_through_the_views() {
+    let mut net = group();
+    net.isolate(4);
+    net.raft_mut(4).propose(b"lost".to_vec()).expect("propose");
+    for _ in 0..400 {
+        net.tick(4, 1);
+    }
+    assert_eq!(net.raft(4).view(), 1, "waits in view 1");
+    assert!(!net.raft(4).is_active());
+    net.recover();
+    net.propose(1, b"a").expect("propose");
+    for _ in 0..40 {
+        net.tick_all();
+    }
+    // The others execute node 4's request (retransmitted) in view 0 and
+    // stay there; node 4 waits in view 1 for a quorum to join it and
+    // meanwhile catches up with the committed batches.
+    for id in IDS {
+        assert_eq!(net.node(id).applied().len(), 2, "node {id}");
+        assert_eq!(applied(&net, id), applied(&net, 1), "node {id}");
+    }
+    assert_eq!(net.raft(1).view(), 0);
+    assert_eq!(net.raft(4).view(), 1);
+}
+
+/// Regression (found by the simulation): replicas restarted after executing
+/// had lost the COMMITs of what they executed, so none could hand a
+/// replica behind the committed batches it missed.
+#[test]
+fn restarted_replicas_still_hand_committed_batches_to_one_behind() {
+    let mut net = group();
+    net.isolate(4);
+    for v in ["a", "b", "c"] {
+        net.propose(1, v.as_bytes()).expect("propose");
+    }
+    for id in [1, 2, 3] {
+        let st = net.remove(id).expect("node").crash();
+        let node = MemNode::start(st, |init| Pbft::new(cfg(id), init)).expect("restart");
+        net.insert(node);
+    }
+    net.recover();
+    net.propose(2, b"d").expect("propose");
+    for _ in 0..6 {
+        net.tick_all();
+    }
+    assert_eq!(applied(&net, 4), applied(&net, 2));
+    assert_eq!(net.node(4).applied().len(), 4);
+}
+
+/// Regression (found by the simulation): a replica that learned a stable
+/// checkpoint before executing up to it forgot it on restart, so its low
+/// watermark went back and its VIEW-CHANGEs, carrying certificates above
+/// the window of that older checkpoint, were refused by everyone.
+#[test]
+fn a_restart_keeps_a_stable_checkpoint_not_yet_executed_to() {
+    let mut node =
+        MemNode::start(MemStorage::bootstrap(&IDS), |init| Pbft::new(cfg(4), init)).expect("start");
+    for signer in [1, 2, 3] {
+        let vote = Signed::sign(
+            crypto(signer).as_ref(),
+            signer,
+            CheckpointVote {
+                n: 4,
+                digest: [7; 32],
+            },
+        );
+        node.step(Envelope {
+            msg: msg(signer, 4, MessageKind::Checkpoint(vote)),
+            image: None,
+        })
+        .expect("step");
+    }
+    node.handle_ready();
+    assert_eq!(node.engine().stable_checkpoint(), 4);
+    assert_eq!(node.engine().commit_index(), 0, "behind it");
+    let node = MemNode::start(node.crash(), |init| Pbft::new(cfg(4), init)).expect("restart");
+    assert_eq!(node.engine().stable_checkpoint(), 4);
+    assert_eq!(node.engine().stable_proof().votes.len(), 3);
+}
+
+/// Regression (found by the simulation): a replica that missed a NEW-VIEW
+/// (here the old primary, cut off during the view change) asked for it,
+/// but refused it from anyone but the new primary, so the peer it asked
+/// could not hand it on.
+#[test]
+fn a_replica_that_missed_a_new_view_takes_it_from_any_member() {
+    let mut net = group();
+    net.isolate(1);
+    for id in [2, 3, 4] {
+        net.raft_mut(id).campaign();
+    }
+    net.stabilize();
+    assert!(net.raft(2).is_active() && net.raft(2).view() == 1);
+    net.recover();
+    net.propose(3, b"x").expect("propose");
+    assert_eq!(net.raft(1).view(), 0, "it missed the view change");
+    for _ in 0..3 {
+        net.tick_all();
+    }
+    assert_eq!(net.raft(1).view(), 1);
+    assert!(net.raft(1).is_active());
+    assert_eq!(applied(&net, 1), vec![(1, b"x".to_vec())]);
+}
+
+/// A backup that missed the NEW-VIEW learns of the later view from the
+/// signed messages it drops, and asks for it before its request timer
+/// would have told it.
+#[test]
+fn a_backup_that_missed_a_new_view_asks_for_it_at_once() {
+    let mut net = group();
+    net.isolate(4);
+    for id in [1, 2, 3] {
+        net.raft_mut(id).campaign();
+    }
+    net.stabilize();
+    assert!(net.raft(2).is_active() && net.raft(2).view() == 1);
+    net.recover();
+    net.propose(3, b"x").expect("propose");
+    assert_eq!(net.raft(4).view(), 0);
+    for _ in 0..3 {
+        net.tick_all();
+    }
+    assert_eq!(net.raft(4).view(), 1);
+    assert!(net.raft(4).is_active());
+    assert_eq!(applied(&net, 4), vec![(1, b"x".to_vec())]);
+}
+
+/// Regression (found by the simulation): a replica restarted before its
+/// request executed proposed again under the same timestamp before it had
+/// caught up; the group dropped the new request as a duplicate, and the
+/// snapshot the replica then installed counted the timestamp as executed,
+/// so the replica gave its request up. The at-most-once table now tells
+/// which request executed under a timestamp.
+#[test]
+fn a_request_whose_timestamp_an_earlier_one_took_is_proposed_again_after_a_snapshot() {
+    let mut net = group();
+    for id in [1, 2, 3] {
+        net.cut_one_way(id, 4);
+    }
+    net.raft_mut(4).propose(b"x".to_vec()).expect("propose");
+    net.stabilize();
+    for v in ["a", "b", "c"] {
+        net.propose(1, v.as_bytes()).expect("propose");
+    }
+    for id in [1, 2, 3] {
+        assert_eq!(net.raft(id).stable_checkpoint(), 4);
+        net.node_mut(id)
+            .snapshot_and_compact_at(4)
+            .expect("compact");
+    }
+    let st = net.remove(4).expect("node 4").crash();
+    let node = MemNode::start(st, |init| Pbft::new(cfg(4), init)).expect("restart");
+    net.insert(node);
+    net.recover();
+    // Proposed before node 4 knows that its timestamp 1 was taken.
+    net.propose(4, b"y").expect("propose");
+    net.propose(1, b"z").expect("propose");
+    for _ in 0..10 {
+        net.tick_all();
+    }
+    assert_eq!(
+        net.raft(4).snapshot_meta().index,
+        4,
+        "caught up by snapshot"
+    );
+    for id in IDS {
+        let values: Vec<Vec<u8>> = net
+            .node(id)
+            .applied()
+            .iter()
+            .map(|(_, d)| d.clone())
+            .collect();
+        assert!(values.contains(&b"y".to_vec()), "node {id}: {values:?}");
+    }
+}
+
+/// Regression (found by the simulation): replicas restarted after
+/// executing past a checkpoint no longer retransmitted their CHECKPOINT, so
+/// when the first ones were lost the checkpoint never became stable and the
+/// watermark window filled up for good.
+#[test]
+fn restarted_replicas_retransmit_their_checkpoint_until_it_is_stable() {
+    let mut net = group();
+    net.ignore("Checkpoint");
+    for v in ["a", "b", "c", "d"] {
+        net.propose(1, v.as_bytes()).expect("propose");
+    }
+    for id in IDS {
+        assert_eq!(net.raft(id).commit_index(), 4);
+        assert_eq!(net.raft(id).stable_checkpoint(), 0);
+        let st = net.remove(id).expect("node").crash();
+        let node = MemNode::start(st, |init| Pbft::new(cfg(id), init)).expect("restart");
+        net.insert(node);
+    }
+    net.recover();
+    for _ in 0..3 {
+        net.tick_all();
+    }
+    for id in IDS {
+        assert_eq!(net.raft(id).stable_checkpoint(), 4, "node {id}");
+    }
+}
