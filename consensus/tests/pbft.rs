@@ -799,3 +799,101 @@ fn restarted_replicas_retransmit_their_checkpoint_until_it_is_stable() {
         assert_eq!(net.raft(id).stable_checkpoint(), 4, "node {id}");
     }
 }
+
+/// The PRE-PREPAREs signed by `primary` in `view` among the delivered
+/// messages, as (first, last, digest), deduplicated.
+fn pre_prepares_of(net: &Network<Pbft>, primary: NodeId, view: u64) -> Vec<(u64, u64, [u8; 32])> {
+    let mut out: Vec<(u64, u64, [u8; 32])> = Vec::new();
+    for m in net.delivered() {
+        if let MessageKind::PrePrepare(pp) = &m.kind
+            && pp.signer == primary
+            && pp.body.view == view
+        {
+            let k = (pp.body.first, pp.body.last(), pp.body.digest);
+            if !out.contains(&k) {
+                out.push(k);
+            }
+        }
+    }
+    out
+}
+
+/// A primary of a view after 0 that restarts re-enters its view through
+/// the NEW-VIEW a peer hands it; it must go on numbering after the batches
+/// it pre-prepared before the crash, not from the NEW-VIEW's max-s (that
+/// would sign a second batch for sequence numbers it already assigned: an
+/// equivocation by a correct primary, which f Byzantine backups turn into
+/// two prepared certificates of one view for one sequence number).
+#[test]
+fn a_restarted_primary_does_not_pre_prepare_a_sequence_number_twice() {
+    let mut net = group();
+    for id in IDS {
+        net.raft_mut(id).campaign();
+    }
+    net.stabilize();
+    assert_eq!(net.raft(2).role(), Role::Leader);
+    // Node 2, primary of view 1, pre-prepares "x" at 1; it does not commit.
+    net.ignore("Commit");
+    net.propose(2, b"x").expect("propose");
+    net.recover();
+    let st = net.remove(2).expect("node 2").crash();
+    let node = MemNode::start(st, |init| Pbft::new(cfg(2), init)).expect("restart");
+    net.insert(node);
+    // It asks for its view's NEW-VIEW and re-enters view 1 as primary.
+    net.tick(2, 2);
+    assert!(net.raft(2).is_active());
+    assert_eq!(net.raft(2).role(), Role::Leader);
+    net.propose(2, b"y").expect("propose");
+    let pps = pre_prepares_of(&net, 2, 1);
+    for (i, a) in pps.iter().enumerate() {
+        for b in &pps[i + 1..] {
+            assert!(
+                a.1 < b.0 || b.1 < a.0,
+                "node 2 pre-prepared overlapping batches in view 1: {a:?} and {b:?}"
+            );
+        }
+    }
+    for _ in 0..3 {
+        net.tick_all();
+    }
+    for id in IDS {
+        assert_eq!(
+            applied(&net, id),
+            vec![(1, b"x".to_vec()), (2, b"y".to_vec())],
+            "node {id}"
+        );
+    }
+}
+
+/// A member's request with a timestamp near `u64::MAX` (its own signature,
+/// so any Byzantine member can send one) must be dropped or ordered, not
+/// overflow the at-most-once window arithmetic.
+#[test]
+fn a_request_timestamp_near_the_maximum_does_not_panic() {
+    let mut net = group();
+    net.propose(4, b"a").expect("propose");
+    assert_eq!(applied(&net, 1), vec![(1, b"a".to_vec())]);
+    let r = request(4, u64::MAX - 1, "huge");
+    net.raft_mut(1)
+        .step(msg(4, 1, MessageKind::Request(r.clone())))
+        .expect("step");
+    for to in [2, 3] {
+        net.raft_mut(to)
+            .step(msg(4, to, MessageKind::Request(r.clone())))
+            .expect("step");
+    }
+    net.stabilize();
+    for _ in 0..3 {
+        net.tick_all();
+    }
+    // Executed once (a Byzantine primary may also order it): then later
+    // requests of other clients still execute everywhere.
+    net.propose(3, b"b").expect("propose");
+    for id in [1, 2, 3] {
+        assert_eq!(
+            net.node(id).applied().last().map(|e| e.1.clone()),
+            Some(b"b".to_vec()),
+            "node {id}"
+        );
+    }
+}

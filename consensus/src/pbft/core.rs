@@ -123,9 +123,9 @@ impl Exec {
     }
 
     fn executed(&self, client: NodeId, ts: u64) -> bool {
-        self.clients
-            .get(&client)
-            .is_some_and(|(max, recent)| ts + CLIENT_WINDOW <= *max || recent.contains_key(&ts))
+        self.clients.get(&client).is_some_and(|(max, recent)| {
+            max.checked_sub(ts).is_some_and(|d| d >= CLIENT_WINDOW) || recent.contains_key(&ts)
+        })
     }
 
     /// Which request executed as `(client, ts)`, when the window still
@@ -140,7 +140,7 @@ impl Exec {
         recent.insert(ts, tag);
         while recent
             .first_key_value()
-            .is_some_and(|(&t, _)| t + CLIENT_WINDOW <= *max)
+            .is_some_and(|(&t, _)| *max - t >= CLIENT_WINDOW)
         {
             recent.pop_first();
         }
@@ -927,7 +927,10 @@ impl Pbft {
             };
             self.next_seq = body.last() + 1;
             let pp = Signed::sign(self.crypto(), self.id, body);
-            self.accept_pre_prepare(pp.clone());
+            // Never sign two batches for one sequence number in a view.
+            if !self.accept_pre_prepare(pp.clone()) {
+                break;
+            }
             self.broadcast(MessageKind::PrePrepare(pp), true);
         }
     }
@@ -1366,7 +1369,26 @@ impl Pbft {
         }
         let max_s = pp.as_ref().map_or(ckpt.n, |p| p.body.last());
         self.adopt_stable(ckpt);
-        self.next_seq = max_s.max(self.stable.n) + 1;
+        // A primary re-entering its view after a restart (through the
+        // NEW-VIEW a peer hands it) goes on after the batches it
+        // pre-prepared in the view before the crash: numbering from max-s
+        // again would sign a second batch for the same sequence numbers.
+        let mut earlier: Vec<(NodeId, u64)> = Vec::new();
+        let mut after_own = 0;
+        for b in self.batches.values() {
+            if b.accepted && b.pp.body.view == v {
+                after_own = after_own.max(b.last + 1);
+                earlier.extend(
+                    b.pp.body
+                        .requests
+                        .iter()
+                        .flatten()
+                        .map(|r| (r.body.client, r.body.ts)),
+                );
+            }
+        }
+        self.assigned.extend(earlier);
+        self.next_seq = (max_s.max(self.stable.n) + 1).max(after_own);
         if let Some(pp) = pp {
             for r in pp.body.requests.iter().flatten() {
                 self.assigned.insert((r.body.client, r.body.ts));
