@@ -897,3 +897,35 @@ fn a_request_timestamp_near_the_maximum_does_not_panic() {
         );
     }
 }
+
+/// A replica that learns a checkpoint is stable (from the others'
+/// CHECKPOINTs or a `Stable` proof) before it executes up to it has no
+/// state for it yet; once it executes there, the state is the stable one
+/// and the log can be compacted at it. Without that, a replica that is
+/// always a little behind never compacts.
+#[test]
+fn a_stable_checkpoint_adopted_before_executing_becomes_compactable() {
+    let mut net = group();
+    net.isolate(4);
+    for i in 0..4 {
+        net.propose(1 + i % 3, format!("v{i}").as_bytes())
+            .expect("propose");
+    }
+    assert_eq!(net.raft(1).stable_checkpoint(), 4);
+    let proof = net.raft(1).stable_proof().clone();
+    net.raft_mut(4)
+        .step(msg(1, 4, MessageKind::Stable(proof)))
+        .expect("step");
+    net.recover();
+    net.stabilize();
+    assert_eq!(net.raft(4).stable_checkpoint(), 4);
+    for _ in 0..4 {
+        net.tick_all();
+    }
+    assert_eq!(net.raft(4).commit_index(), 4, "caught up");
+    let meta = net
+        .node_mut(4)
+        .snapshot_and_compact()
+        .expect("compact at the stable checkpoint it executed to");
+    assert_eq!(meta.index, 4);
+}

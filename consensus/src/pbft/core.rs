@@ -1116,6 +1116,15 @@ impl Pbft {
                     digest: state.digest(),
                 },
             );
+            if n == self.stable.n
+                && self.stable_state.is_none()
+                && vote.body.digest == self.stable.digest
+            {
+                // Stable before this replica got here: its state is now
+                // known, durable with the record above it, and compactable.
+                self.stable_state = Some(state.clone());
+                self.mark_unstable(n + 1);
+            }
             self.ckpt_states.insert(n, state);
             self.my_checkpoint = Some(vote.clone());
             self.broadcast(MessageKind::Checkpoint(vote.clone()), true);
