@@ -929,3 +929,32 @@ fn a_stable_checkpoint_adopted_before_executing_becomes_compactable() {
         .expect("compact at the stable checkpoint it executed to");
     assert_eq!(meta.index, 4);
 }
+
+/// A Byzantine member that sends its signed request to the backups only
+/// (never to the primary) must not be able to force a view change: a
+/// backup hands a request it has not seen ordered to the primary (as in
+/// PBFT), so a correct primary orders it before the backups' timers run out.
+#[test]
+fn a_request_withheld_from_the_primary_does_not_force_a_view_change() {
+    let mut net = group();
+    net.propose(1, b"a").expect("propose");
+    let r = request(4, 1, "sneaky");
+    for to in [2, 3] {
+        net.raft_mut(to)
+            .step(msg(4, to, MessageKind::Request(r.clone())))
+            .expect("step");
+    }
+    net.stabilize();
+    for _ in 0..25 {
+        net.tick(2, 1);
+        net.tick(3, 1);
+    }
+    for id in [1, 2, 3] {
+        assert_eq!(net.raft(id).view(), 0, "node {id} stays in view 0");
+        assert_eq!(
+            net.node(id).applied().last(),
+            Some(&(2, b"sneaky".to_vec())),
+            "node {id}"
+        );
+    }
+}

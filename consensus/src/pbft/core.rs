@@ -1701,10 +1701,25 @@ impl Pbft {
         let view = m.view;
         match m.kind {
             MessageKind::Request(r) => {
-                if r.signer != from || !self.verify_request(&r) {
+                // The client's signature is what counts: backups forward.
+                if !self.verify_request(&r) {
                     self.stats.bad_signature += 1;
                 } else {
-                    self.add_request(r);
+                    let key = (r.body.client, r.body.ts);
+                    let new = !self.waiting.contains_key(&key);
+                    self.add_request(r.clone());
+                    // A backup hands a request it times to the primary, so
+                    // a client that withholds it from the primary cannot
+                    // make the backups' timers force a view change.
+                    let primary = self.primary_of(self.view);
+                    if new
+                        && self.active
+                        && self.waiting.contains_key(&key)
+                        && primary != self.id
+                        && primary != from
+                    {
+                        self.send(primary, MessageKind::Request(r));
+                    }
                 }
             }
             MessageKind::PrePrepare(pp) => self.on_pre_prepare(from, pp),
