@@ -958,3 +958,86 @@ fn a_request_withheld_from_the_primary_does_not_force_a_view_change() {
         );
     }
 }
+
+/// The recipients of the messages of `kind` (its variant's name) in `msgs`.
+fn recipients(msgs: &[Message], kind: &str) -> Vec<NodeId> {
+    let mut to: Vec<NodeId> = msgs
+        .iter()
+        .filter(|m| format!("{:?}", m.kind).starts_with(kind))
+        .map(|m| m.to)
+        .collect();
+    to.sort_unstable();
+    to.dedup();
+    to
+}
+
+/// Regression (simulation seed 104138): a backup whose request timer
+/// expired moved to view 1 and, in the same tick, retransmitted its
+/// VIEW-CHANGE in the ready's `messages`, ahead of the view's persisting.
+/// It crashed before persisting, restarted in view 0, and prepared and
+/// committed a request there at 12 — while the primary of view 1 counted
+/// its old VIEW-CHANGE (without that request) in a NEW-VIEW with the
+/// Byzantine primary's, which hid it: 12 went to another request, and two
+/// correct replicas executed different requests at 12.
+#[test]
+fn a_view_change_leaves_only_once_its_view_is_durable() {
+    let cfg2 = || Config {
+        resend_tick: 1,
+        ..cfg(2)
+    };
+    let mut node =
+        MemNode::start(MemStorage::bootstrap(&IDS), |init| Pbft::new(cfg2(), init)).expect("start");
+    let req = msg(3, 2, MessageKind::Request(request(3, 1, "x")));
+    node.step(Envelope {
+        msg: req,
+        image: None,
+    })
+    .expect("step");
+    node.handle_ready();
+    for _ in 0..100 {
+        node.engine_mut().tick();
+        if node.engine().view() == 1 {
+            break;
+        }
+        node.handle_ready();
+    }
+    assert_eq!(node.engine().view(), 1, "the request timer moves it on");
+    let rd = node.engine_mut().ready();
+    assert_eq!(rd.hard_state.map(|hs| hs.term), Some(1));
+    assert_eq!(
+        recipients(&rd.messages, "ViewChange"),
+        Vec::<NodeId>::new(),
+        "no VIEW-CHANGE before view 1 is durable"
+    );
+    assert_eq!(
+        recipients(&rd.persisted_messages, "ViewChange"),
+        vec![1, 3, 4]
+    );
+    // A crash before persisting undoes the move: the replica is back in
+    // view 0, where it may still vote — so no VIEW-CHANGE for view 1 may
+    // have left.
+    let node = MemNode::start(node.crash(), |init| Pbft::new(cfg2(), init)).expect("restart");
+    assert_eq!(node.engine().view(), 0);
+}
+
+/// The same rule for the normal case: a PREPARE retransmitted by a tick
+/// before the ready that persists its pre-prepare waits for it.
+#[test]
+fn a_prepare_retransmitted_before_its_record_is_durable_waits_for_it() {
+    let mut r = Pbft::new(
+        Config {
+            resend_tick: 1,
+            ..cfg(2)
+        },
+        InitialState::bootstrap(IDS),
+    )
+    .expect("config");
+    let pp = pre_prepare(1, 0, 1, vec![request(3, 1, "x")]);
+    r.step(msg(1, 2, MessageKind::PrePrepare(pp)))
+        .expect("step");
+    r.tick();
+    let rd = r.ready();
+    assert!(rd.entries.iter().any(|e| e.index == 1), "the record");
+    assert_eq!(recipients(&rd.messages, "Prepare"), Vec::<NodeId>::new());
+    assert_eq!(recipients(&rd.persisted_messages, "Prepare"), vec![1, 3, 4]);
+}

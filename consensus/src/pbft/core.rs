@@ -706,16 +706,37 @@ impl Pbft {
             .collect()
     }
 
+    /// Whether state changed since the last [`Pbft::ready`] waits to be
+    /// persisted (the view, the executed prefix, records, a snapshot).
+    fn unpersisted(&self) -> bool {
+        self.unstable_from.is_some()
+            || self.hard_state() != self.prev_hs
+            || self.pending_snapshot.is_some()
+    }
+
+    /// Queues a message. While state waits to be persisted, every message
+    /// waits with it (in `persisted_messages`): a retransmission in the same
+    /// call as the change it repeats — the VIEW-CHANGE resent in the tick
+    /// that moved the replica to its view — must not leave before that
+    /// change is durable, or a crash undoes what the message promised.
     fn send(&mut self, to: NodeId, kind: MessageKind) {
-        self.msgs.push(Message {
+        let m = Message {
             from: self.id,
             to,
             view: self.view,
             kind,
-        });
+        };
+        if self.unpersisted() {
+            self.persisted_msgs.push(m);
+        } else {
+            self.msgs.push(m);
+        }
     }
 
+    /// Queues `kind` for every peer: in `persisted_messages` with
+    /// `persisted` or while state waits to be persisted (see `send`).
     fn broadcast(&mut self, kind: MessageKind, persisted: bool) {
+        let persisted = persisted || self.unpersisted();
         for to in self.peers() {
             let m = Message {
                 from: self.id,

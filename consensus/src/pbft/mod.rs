@@ -130,7 +130,10 @@
 //! # Durability
 //!
 //! Persisted before any message that depends on it leaves (those messages
-//! go out in `persisted_messages`): the view and the executed prefix in
+//! go out in `persisted_messages`; while such state waits to be persisted,
+//! every message the replica queues waits with it, so a retransmission —
+//! the VIEW-CHANGE resent in the tick that moved the replica to its view —
+//! never overtakes the change it repeats): the view and the executed prefix in
 //! `HardState { term: view, vote: None, commit }`, and every batch the
 //! replica accepted, prepared or learned committed, as a record in the
 //! entry at its first sequence number (the entry's term the highest view
@@ -147,7 +150,10 @@
 //! replica changing views until a peer hands it that view's NEW-VIEW (it
 //! asks). Because accepted pre-prepares and certificates are durable, a
 //! restarted replica never accepts (so never PREPAREs, COMMITs or reports
-//! in a VIEW-CHANGE) a batch contradicting one it voted for.
+//! in a VIEW-CHANGE) a batch contradicting one it voted for. Likewise a
+//! VIEW-CHANGE leaves only once its view is durable: a replica restarted in
+//! the view it had left could still prepare and commit there, after a
+//! NEW-VIEW had counted its VIEW-CHANGE without those batches.
 //!
 //! # Signatures
 //!
