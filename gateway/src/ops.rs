@@ -137,6 +137,46 @@ impl Proposal {
     }
 }
 
+/// The operations whose apply may touch many rows though their entry is
+/// small (a job's start evaluates a selector of up to
+/// [`crate::jobs::MAX_SELECTED_DEVICES`] devices; a launch issues up to
+/// [`crate::jobs::MAX_LAUNCH`] commands; an abort or a cancel cancels every
+/// queued execution; a creation checks and inserts up to
+/// [`crate::jobs::MAX_JOB_DEVICES`]): apply runs a batch holding one where
+/// the runtime expects blocking work, as a large batch.
+const HEAVY_OPS: [&str; 5] = [
+    "create_job",
+    "start_job",
+    "launch_executions",
+    "abort_job",
+    "cancel_job",
+];
+
+/// Whether the entry `bytes` holds one of the operations whose apply is
+/// heavy whatever the entry's size (see [`HEAVY_OPS`]). Reads only the
+/// operation's tag (the rest is skipped, not built); an entry that does not
+/// decode is not heavy (apply refuses it anyway).
+pub fn entry_is_heavy(bytes: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Tag {
+        op: String,
+    }
+    #[derive(Deserialize)]
+    struct Peek {
+        op: Tag,
+    }
+    let peek: Option<Peek> = match bytes.first() {
+        Some(&ENTRY_FORMAT) => {
+            let mut de = rmp_serde::Deserializer::from_read_ref(&bytes[1..]);
+            de.set_max_depth(MAX_DECODE_DEPTH);
+            Peek::deserialize(&mut de).ok()
+        }
+        Some(b'{') => serde_json::from_slice(bytes).ok(),
+        _ => None,
+    };
+    peek.is_some_and(|p| HEAVY_OPS.contains(&p.op.op.as_str()))
+}
+
 /// A replicated operation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -769,6 +809,50 @@ mod format_tests {
             },
             by: Some("token:tok-0123456789abcdef".into()),
         }
+    }
+
+    #[test]
+    fn job_operations_that_touch_many_rows_make_their_entry_heavy() {
+        let entry = |op: Op| Proposal {
+            ts_ms: 1,
+            op,
+            by: None,
+        };
+        let heavy = [
+            Op::StartJob { id: "j-1".into() },
+            Op::LaunchExecutions {
+                job: "j-1".into(),
+                devices: vec!["d-1".into()],
+            },
+            Op::AbortJob { id: "j-1".into() },
+            Op::CancelJob { id: "j-1".into() },
+            Op::CreateJob {
+                id: "j-1".into(),
+                command: crate::jobs::JobCommand {
+                    name: "reboot".into(),
+                    params: serde_json::json!({}),
+                },
+                target: crate::jobs::JobTarget::Labels(
+                    [("site".to_string(), "north".to_string())].into(),
+                ),
+                rollout: crate::jobs::Rollout::default(),
+                abort: None,
+                timeout_ms: 1000,
+                start_at_ms: None,
+            },
+        ];
+        for op in heavy {
+            let p = entry(op);
+            // Small entries, in both formats.
+            assert!(p.encode().len() < 200);
+            assert!(entry_is_heavy(&p.encode()), "{:?}", p.op);
+            assert!(entry_is_heavy(&p.encode_json()), "{:?}", p.op);
+        }
+        for op in [sample().op, Op::CompleteJob { id: "j-1".into() }] {
+            assert!(!entry_is_heavy(&entry(op).encode()));
+        }
+        assert!(!entry_is_heavy(b""));
+        assert!(!entry_is_heavy(&[ENTRY_FORMAT, 0xc1]));
     }
 
     #[test]

@@ -21,7 +21,9 @@ use crate::ops::{
 };
 
 /// Entries (or bytes of entries) from which a batch counts as heavy: it is
-/// applied where the runtime expects blocking work, not inline.
+/// applied where the runtime expects blocking work, not inline. A batch
+/// holding a job operation that may touch many rows
+/// ([`crate::ops::entry_is_heavy`]) is heavy too, whatever its size.
 const HEAVY_ENTRIES: usize = 64;
 const HEAVY_BYTES: usize = 256 * 1024;
 
@@ -62,7 +64,9 @@ impl StateDb {
             empty => empty.insert(super::Writer::open(&self.dir.join(super::DB_FILE)).await?),
         };
         let bytes: usize = entries.iter().map(|e| e.data.len()).sum();
-        let heavy = entries.len() >= HEAVY_ENTRIES || bytes >= HEAVY_BYTES;
+        let heavy = entries.len() >= HEAVY_ENTRIES
+            || bytes >= HEAVY_BYTES
+            || entries.iter().any(|e| crate::ops::entry_is_heavy(&e.data));
         let batch = w
             .run(heavy, move |conn| apply_batch(conn, &entries, last_index))
             .await??;

@@ -265,30 +265,45 @@ fn insert_executions<'a>(
 }
 
 /// The devices having every label of `selector`, by id, at most `max`
-/// (and whether there were more).
-fn select_devices(
+/// (and whether there were more). One query, bounded: SQLite walks the
+/// first label's index in device order and stops after `max + 1` rows, so
+/// neither memory nor time grows with the devices past the bound.
+pub(in crate::state) fn select_devices(
     conn: &Connection,
     selector: &BTreeMap<String, String>,
     max: usize,
 ) -> Result<(Vec<String>, bool), StateError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT device FROM device_labels WHERE key = ? AND value = ? ORDER BY device",
-    )?;
-    let mut found: Option<BTreeSet<String>> = None;
-    for (k, v) in selector {
-        let rows = stmt.query_map((k, v), |r| r.get::<_, String>(0))?;
-        let mut these = BTreeSet::new();
-        for d in rows {
-            let d = d?;
-            if found.as_ref().is_none_or(|f| f.contains(&d)) {
-                these.insert(d);
-            }
-        }
-        found = Some(these);
+    let mut labels = selector.iter();
+    let Some((k0, v0)) = labels.next() else {
+        return Ok((Vec::new(), false));
+    };
+    let mut sql = String::from("SELECT l0.device FROM device_labels l0");
+    let mut args: Vec<&str> = Vec::with_capacity(2 * selector.len());
+    for (i, (k, v)) in labels.enumerate() {
+        let t = i + 1;
+        sql.push_str(&format!(
+            " JOIN device_labels l{t} ON l{t}.device = l0.device AND l{t}.key = ? \
+             AND l{t}.value = ?"
+        ));
+        args.push(k);
+        args.push(v);
     }
-    let all = found.unwrap_or_default();
-    let more = all.len() > max;
-    Ok((all.into_iter().take(max).collect(), more))
+    sql.push_str(" WHERE l0.key = ? AND l0.value = ? ORDER BY l0.device LIMIT ?");
+    args.push(k0);
+    args.push(v0);
+    let limit = db_int(max as u64 + 1);
+    let mut params: Vec<&dyn rusqlite::ToSql> =
+        args.iter().map(|a| a as &dyn rusqlite::ToSql).collect();
+    params.push(&limit);
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params.as_slice(), |r| r.get::<_, String>(0))?;
+    let mut found = Vec::new();
+    for d in rows {
+        found.push(d?);
+    }
+    let more = found.len() > max;
+    found.truncate(max);
+    Ok((found, more))
 }
 
 /// `StartJob`.

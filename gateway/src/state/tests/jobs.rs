@@ -539,11 +539,14 @@ async fn a_selector_matching_nothing_starts_empty_and_completes() {
     assert!(matches!(r, OpResult::Conflict(_)), "{r:?}");
 }
 
+/// A job's id and its counters, as `check_counters` reads them.
+type CounterRow = (String, i64, i64, i64, i64, i64, i64, i64, i64);
+
 /// Every job's counters against its execution rows, and every launched
 /// execution against its command.
 async fn check_counters(db: &Db, step: usize, op: &str) {
     let pool = db.db.pool.read().await;
-    let jobs: Vec<(String, i64, i64, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+    let jobs: Vec<CounterRow> = sqlx::query_as(
         "SELECT id, n_total, n_launched, n_queued, n_in_progress, n_succeeded, n_failed, \
          n_timed_out, n_canceled FROM jobs ORDER BY id",
     )
@@ -680,4 +683,53 @@ async fn counters_follow_the_executions_whatever_the_order_of_the_operations() {
         db.run_at(ts, op).await;
         check_counters(&db, step, kind).await;
     }
+}
+
+#[tokio::test]
+async fn a_selector_keeps_the_first_devices_by_id_in_one_bounded_query() {
+    let db = fleet(6).await;
+    let conn = rusqlite::Connection::open(db.dir.path().join(super::super::DB_FILE)).unwrap();
+    let sel = |labels: &[(&str, &str)]| -> BTreeMap<String, String> {
+        labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let select = |labels: &[(&str, &str)], max: usize| {
+        super::super::jobs::select_devices(&conn, &sel(labels), max).unwrap()
+    };
+    let first = |n: usize| ids(n);
+    assert_eq!(select(&[("kind", "pump")], 3), (first(3), true));
+    assert_eq!(select(&[("kind", "pump")], 6), (first(6), false));
+    assert_eq!(
+        select(&[("kind", "pump"), ("site", "north")], 5),
+        (first(5), false)
+    );
+    assert_eq!(
+        select(&[("kind", "pump"), ("site", "north")], 4),
+        (first(4), true)
+    );
+    assert_eq!(
+        select(&[("site", "south"), ("kind", "pump")], 10),
+        (vec!["d05".to_string()], false)
+    );
+    assert_eq!(select(&[("kind", "valve")], 10), (Vec::new(), false));
+    // The devices come in index order and the query stops at the bound:
+    // no sort of every match (which would read them all first).
+    let mut plan = conn
+        .prepare(
+            "EXPLAIN QUERY PLAN SELECT l0.device FROM device_labels l0 JOIN device_labels l1 \
+             ON l1.device = l0.device AND l1.key = 'a' AND l1.value = 'b' \
+             WHERE l0.key = 'c' AND l0.value = 'd' ORDER BY l0.device LIMIT 3",
+        )
+        .unwrap();
+    let steps: Vec<String> = plan
+        .query_map([], |r| r.get::<_, String>(3))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(
+        !steps.iter().any(|s| s.contains("TEMP B-TREE")),
+        "{steps:?}"
+    );
 }
