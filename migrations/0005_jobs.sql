@@ -28,7 +28,13 @@ CREATE TABLE jobs (
     n_succeeded        INTEGER NOT NULL DEFAULT 0,
     n_failed           INTEGER NOT NULL DEFAULT 0,
     n_timed_out        INTEGER NOT NULL DEFAULT 0,
-    n_canceled         INTEGER NOT NULL DEFAULT 0
+    n_canceled         INTEGER NOT NULL DEFAULT 0,
+    -- Launch credit (a token bucket): in 1/60,000ths of a launch, and the
+    -- entry stamp (ms) it was computed at. Set when the job starts;
+    -- refilled at max_per_minute up to one second's worth, debited by
+    -- each launch (jobs::RateCredit).
+    rate_credit        INTEGER NOT NULL DEFAULT 0,
+    rate_at            INTEGER NOT NULL DEFAULT 0
 );
 
 CREATE INDEX jobs_state ON jobs (state, id);

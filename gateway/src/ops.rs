@@ -410,8 +410,9 @@ pub enum Op {
     /// Launches queued executions of an in-progress job (proposed by the
     /// leader): each one named that is still `queued` gets its command
     /// (id [`crate::jobs::command_id`]) and becomes `in_progress` — as many
-    /// as `max_in_flight` and the rate (from the job's start to the entry's
-    /// stamp) allow, none if the abort rule trips. Others are skipped, so a
+    /// as `max_in_flight` and the job's launch credit
+    /// ([`crate::jobs::RateCredit`], refilled to the entry's stamp and
+    /// debited here) allow, none if the abort rule trips. Others are skipped, so a
     /// duplicated or stale proposal launches nothing twice.
     LaunchExecutions {
         /// Job id.

@@ -18,7 +18,7 @@ use super::rows::{Cols, db_int, from_db_int, parse_json, to_json_text};
 use super::{Page, StateDb, StateError};
 use crate::jobs::{
     AbortRule, Execution, ExecutionStatus, Job, JobCommand, JobCounts, JobState, JobTarget,
-    MAX_ACTIVE_JOBS, MAX_SELECTED_DEVICES, Rollout, command_id, launch_budget,
+    MAX_ACTIVE_JOBS, MAX_SELECTED_DEVICES, RateCredit, Rollout, command_id, launch_budget,
 };
 use crate::ops::{CommandStatus, OpResult};
 
@@ -102,6 +102,24 @@ fn job_from_row(row: &impl Cols) -> Result<Job, StateError> {
             canceled: u64_col(row, "n_canceled")?,
         },
     })
+}
+
+/// A job's launch credit from a row having `rate_credit, rate_at`.
+fn credit_from_row(row: &impl Cols) -> Result<RateCredit, StateError> {
+    Ok(RateCredit {
+        credit: u64_col(row, "rate_credit")?,
+        at_ms: u64_col(row, "rate_at")?,
+    })
+}
+
+/// A job's launch credit, on apply's handle.
+fn load_credit(conn: &Connection, id: &str) -> Result<RateCredit, StateError> {
+    let mut stmt = conn.prepare_cached("SELECT rate_credit, rate_at FROM jobs WHERE id = ?1")?;
+    let mut rows = stmt.query([id])?;
+    match rows.next()? {
+        Some(row) => credit_from_row(row),
+        None => Err(StateError::Corrupt(format!("job {id} vanished"))),
+    }
 }
 
 /// An execution from a row of `job, device, status, command, updated_at`.
@@ -331,10 +349,18 @@ pub(super) fn start_job(conn: &Connection, ts: u64, id: &str) -> Result<Applied,
             (n, n, reason, id),
         )?;
     }
+    let credit = RateCredit::at_start(ts);
     exec(
         conn,
-        "UPDATE jobs SET state = 'in_progress', started_at = ?, updated_at = ? WHERE id = ?",
-        (db_int(ts), db_int(ts), id),
+        "UPDATE jobs SET state = 'in_progress', started_at = ?, updated_at = ?, \
+         rate_credit = ?, rate_at = ? WHERE id = ?",
+        (
+            db_int(ts),
+            db_int(ts),
+            db_int(credit.credit),
+            db_int(credit.at_ms),
+            id,
+        ),
     )?;
     job_changed(conn, id, JobStep::Started)
 }
@@ -379,7 +405,8 @@ pub(super) fn launch_executions(
     if job.state != JobState::InProgress || job.abort.is_some_and(|a| a.tripped(&job.counts)) {
         return Ok((OpResult::Ignored, None));
     }
-    let mut budget = launch_budget(&job, ts);
+    let credit = load_credit(conn, id)?;
+    let mut budget = launch_budget(&job, credit, ts);
     let mut seen = HashSet::new();
     let mut commands = Vec::new();
     for device in devices {
@@ -453,6 +480,15 @@ pub(super) fn launch_executions(
     if commands.is_empty() {
         return Ok((OpResult::Ignored, None));
     }
+    // Only what launched is paid for (a skipped device costs nothing).
+    let credit = credit
+        .refilled(&job.rollout, ts)
+        .debited(commands.len() as u64);
+    exec(
+        conn,
+        "UPDATE jobs SET rate_credit = ?, rate_at = ? WHERE id = ?",
+        (db_int(credit.credit), db_int(credit.at_ms), id),
+    )?;
     Ok((
         OpResult::Done,
         Some(Change::JobLaunched {
@@ -672,17 +708,20 @@ impl StateDb {
         rows.iter().map(execution_from_row).collect()
     }
 
-    /// The jobs not finished (scheduled or in progress), by id.
-    pub async fn active_jobs(&self) -> Result<Vec<Job>, StateError> {
+    /// The jobs not finished (scheduled or in progress), by id, each with
+    /// its launch credit.
+    pub async fn active_jobs(&self) -> Result<Vec<(Job, RateCredit)>, StateError> {
         let pool = self.pool.read().await;
         let rows = sqlx::query(&format!(
-            "SELECT {JOB_COLS} FROM jobs WHERE state IN ('scheduled', 'in_progress') \
-             ORDER BY id LIMIT ?"
+            "SELECT {JOB_COLS}, rate_credit, rate_at FROM jobs \
+             WHERE state IN ('scheduled', 'in_progress') ORDER BY id LIMIT ?"
         ))
         .bind(db_int(2 * MAX_ACTIVE_JOBS as u64))
         .fetch_all(&*pool)
         .await?;
-        rows.iter().map(job_from_row).collect()
+        rows.iter()
+            .map(|r| Ok((job_from_row(r)?, credit_from_row(r)?)))
+            .collect()
     }
 
     /// The first `limit` devices (by id) whose execution of `job` is queued.

@@ -280,7 +280,7 @@ async fn the_rate_bound_holds_at_apply_time_whatever_the_proposal_asks() {
     );
     let start = T0 + 1_000_000;
     job_of(db.run_at(start, Op::StartJob { id: "jr".into() }).await);
-    // 60 a minute: one at once, a second after a second, 5 after 4.5 s.
+    // 60 a minute: one at once, then one a second.
     assert_eq!(db.run_at(start, launch("jr", &all)).await, OpResult::Done);
     assert_eq!(job(&db, "jr").await.launched, 1);
     assert_eq!(
@@ -292,11 +292,17 @@ async fn the_rate_bound_holds_at_apply_time_whatever_the_proposal_asks() {
         OpResult::Done
     );
     assert_eq!(job(&db, "jr").await.launched, 2);
+    for s in [2000, 3000, 4000] {
+        assert_eq!(
+            db.run_at(start + s, launch("jr", &all)).await,
+            OpResult::Done
+        );
+    }
+    assert_eq!(job(&db, "jr").await.launched, 5);
     assert_eq!(
         db.run_at(start + 4500, launch("jr", &all)).await,
-        OpResult::Done
+        OpResult::Ignored
     );
-    assert_eq!(job(&db, "jr").await.launched, 5);
     // A stamp before the start (another leader's clock) allows no more.
     assert_eq!(
         db.run_at(start - 5000, launch("jr", &all)).await,
@@ -310,6 +316,60 @@ async fn the_rate_bound_holds_at_apply_time_whatever_the_proposal_asks() {
         .map(|(d, _)| d)
         .collect();
     assert_eq!(launched, ids(5));
+}
+
+#[tokio::test]
+async fn after_a_stall_a_job_launches_one_seconds_worth_at_most_then_its_rate() {
+    let mut db = fleet(300).await;
+    let all = ids(300);
+    job_of(
+        db.run(create(
+            "js",
+            JobTarget::Devices(all.clone()),
+            rollout(6000, 1000),
+            None,
+        ))
+        .await,
+    );
+    let start = T0 + 1_000_000;
+    job_of(db.run_at(start, Op::StartJob { id: "js".into() }).await);
+    assert_eq!(db.run_at(start, launch("js", &all)).await, OpResult::Done);
+    assert_eq!(job(&db, "js").await.launched, 1);
+    // Ten minutes without a launch (no quorum, say): 100 a second is all
+    // that was saved up, not the 1,000 in flight the bounds allow.
+    let later = start + 600_000;
+    assert_eq!(db.run_at(later, launch("js", &all)).await, OpResult::Done);
+    assert_eq!(job(&db, "js").await.launched, 101);
+    assert_eq!(
+        db.run_at(later, launch("js", &all)).await,
+        OpResult::Ignored
+    );
+    // Then the rate: one each 10 ms.
+    assert_eq!(
+        db.run_at(later + 9, launch("js", &all)).await,
+        OpResult::Ignored
+    );
+    assert_eq!(
+        db.run_at(later + 10, launch("js", &all)).await,
+        OpResult::Done
+    );
+    assert_eq!(job(&db, "js").await.launched, 102);
+    assert_eq!(
+        db.run_at(later + 510, launch("js", &all)).await,
+        OpResult::Done
+    );
+    assert_eq!(job(&db, "js").await.launched, 152);
+    // A launch naming only devices already launched pays for nothing.
+    let done = ids(10);
+    assert_eq!(
+        db.run_at(later + 1510, launch("js", &done)).await,
+        OpResult::Ignored
+    );
+    assert_eq!(
+        db.run_at(later + 1510, launch("js", &all)).await,
+        OpResult::Done
+    );
+    assert_eq!(job(&db, "js").await.launched, 252);
 }
 
 #[tokio::test]
