@@ -478,12 +478,53 @@ pub async fn drive(
                 continue;
             }
         };
-        for (job, credit) in jobs {
-            if let Err(e) = step(&node, &db, &job, credit).await {
-                tracing::debug!(job = job.id, error = %e, "moving a job on");
+        let (node, db) = (&node, &*db);
+        let go_on = pass(jobs, &mut shutdown, |job, credit| async move {
+            // Led no more (a proposal would be forwarded): the next
+            // leader's driver moves the rest on.
+            if node.status().raft.role != RaftRole::Leader {
+                return Ok(());
             }
+            step(node, db, &job, credit).await
+        })
+        .await;
+        if !go_on {
+            return;
         }
     }
+}
+
+/// An error of one job's step.
+type StepError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One pass of the driver: `step` for each job in order, each raced
+/// against `shutdown` (a proposal may wait up to the write timeout, and a
+/// pass may hold [`MAX_ACTIVE_JOBS`] of them one after another), and
+/// nothing started once it is set. `false` when the gateway stops (or its
+/// shutdown sender is gone): the driver returns at once.
+async fn pass<F, Fut>(
+    jobs: Vec<(Job, RateCredit)>,
+    shutdown: &mut watch::Receiver<bool>,
+    mut step: F,
+) -> bool
+where
+    F: FnMut(Job, RateCredit) -> Fut,
+    Fut: std::future::Future<Output = Result<(), StepError>>,
+{
+    for (job, credit) in jobs {
+        if *shutdown.borrow() {
+            return false;
+        }
+        let id = job.id.clone();
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => return false,
+            r = step(job, credit) => if let Err(e) = r {
+                tracing::debug!(job = id, error = %e, "moving a job on");
+            },
+        }
+    }
+    true
 }
 
 /// Whether a change may let a job move on.
@@ -546,7 +587,7 @@ async fn step(
     db: &StateDb,
     job: &Job,
     credit: RateCredit,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(), StepError> {
     let now = now_ms();
     let budget = launch_budget(job, credit, now);
     let queued = if job.state == JobState::InProgress && budget > 0 {
@@ -636,6 +677,84 @@ mod tests {
         };
         assert_eq!(c.refilled(&fastest, u64::MAX).launches(), 10_000);
         assert_eq!(c.debited(u64::MAX).credit, 0);
+    }
+
+    fn a_job(n: usize) -> Job {
+        Job {
+            id: format!("j-{n}"),
+            state: JobState::InProgress,
+            command: JobCommand {
+                name: "reboot".into(),
+                params: serde_json::json!({}),
+            },
+            selector: None,
+            devices: 1,
+            rollout: Rollout::default(),
+            abort: None,
+            timeout_ms: 1000,
+            start_at: None,
+            reason: None,
+            created_at: 1,
+            started_at: Some(1),
+            finished_at: None,
+            updated_at: 1,
+            launched: 0,
+            counts: JobCounts::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pass_gives_up_a_hanging_proposal_and_the_rest_when_the_gateway_stops() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let jobs: Vec<_> = (0..MAX_ACTIVE_JOBS)
+            .map(|n| (a_job(n), RateCredit::default()))
+            .collect();
+        // Stopped before the pass: no job is stepped.
+        let (tx, mut rx) = watch::channel(true);
+        let stepped = Arc::new(AtomicUsize::new(0));
+        let s = stepped.clone();
+        let go_on = pass(jobs.clone(), &mut rx, |_, _| {
+            s.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(Ok(()))
+        })
+        .await;
+        assert!(!go_on);
+        assert_eq!(stepped.load(Ordering::SeqCst), 0);
+        // Every proposal hangs (no quorum, a long write timeout): stopping
+        // ends the pass in the first one.
+        tx.send_replace(false);
+        let s = stepped.clone();
+        let task = tokio::spawn(async move {
+            pass(jobs, &mut rx, |_, _| {
+                s.fetch_add(1, Ordering::SeqCst);
+                std::future::pending()
+            })
+            .await
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while stepped.load(Ordering::SeqCst) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "no step began");
+            tokio::task::yield_now().await;
+        }
+        tx.send_replace(true);
+        let go_on = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the pass ended when the gateway stopped")
+            .expect("join");
+        assert!(!go_on);
+        assert_eq!(stepped.load(Ordering::SeqCst), 1);
+        // Steps that finish: every job, and the driver goes on.
+        let (_tx, mut rx) = watch::channel(false);
+        let jobs: Vec<_> = (0..3).map(|n| (a_job(n), RateCredit::default())).collect();
+        let s = stepped.clone();
+        assert!(
+            pass(jobs, &mut rx, |_, _| {
+                s.fetch_add(1, Ordering::SeqCst);
+                std::future::ready(Err::<(), StepError>("refused".into()))
+            })
+            .await
+        );
+        assert_eq!(stepped.load(Ordering::SeqCst), 4);
     }
 
     #[test]
