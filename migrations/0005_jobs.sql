@@ -16,7 +16,8 @@ CREATE TABLE jobs (
     abort_min_finished INTEGER,
     timeout_ms         INTEGER NOT NULL,
     start_at           INTEGER,             -- ms since the epoch; NULL: at once
-    reason             TEXT,                -- why it was canceled or aborted
+    reason             TEXT,                -- why it was aborted, or ran on part of its selector
+    idempotency_key    TEXT,                -- the client's, if any: one job per key
     created_at         INTEGER NOT NULL,
     started_at         INTEGER,
     finished_at        INTEGER,
@@ -38,6 +39,8 @@ CREATE TABLE jobs (
 );
 
 CREATE INDEX jobs_state ON jobs (state, id);
+CREATE UNIQUE INDEX jobs_idempotency_key ON jobs (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 
 -- One execution per (job, device). `command` is set when it is launched
 -- (its id is derived from the job and the device).

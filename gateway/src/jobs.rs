@@ -354,7 +354,7 @@ pub struct JobCounts {
     "selector":{"site":"north"},"devices":500,
     "rollout":{"max_per_minute":600,"max_in_flight":100},
     "abort":{"failure_percent":20,"min_finished":10},"timeout_ms":600000,"start_at":null,
-    "reason":null,"created_at":1764144000000u64,"started_at":1764144000250u64,
+    "reason":null,"idempotency_key":null,"created_at":1764144000000u64,"started_at":1764144000250u64,
     "finished_at":null,"updated_at":1764144030000u64,"launched":380,
     "counts":{"queued":120,"in_progress":100,"succeeded":270,"failed":10,"timed_out":0,
     "canceled":0}}))]
@@ -380,8 +380,12 @@ pub struct Job {
     pub timeout_ms: u64,
     /// When it starts (ms since the epoch); `null`: at once.
     pub start_at: Option<u64>,
-    /// Why it was canceled or aborted, if it was.
+    /// Why it was aborted (which executions failed), or that its selector
+    /// matched more than [`MAX_SELECTED_DEVICES`] devices and it runs on
+    /// the first ones; `null` otherwise (a cancel sets none).
     pub reason: Option<String>,
+    /// The client's idempotency key, if it was created with one.
+    pub idempotency_key: Option<String>,
     /// Creation time (ms since the epoch).
     pub created_at: u64,
     /// Start time (ms since the epoch), once started.
@@ -694,6 +698,7 @@ mod tests {
             timeout_ms: 1000,
             start_at: None,
             reason: None,
+            idempotency_key: None,
             created_at: 1,
             started_at: Some(1),
             finished_at: None,

@@ -381,7 +381,10 @@ pub enum Op {
     /// [`Op::StartJob`]). For a list of devices, one `queued` execution per
     /// device is created with it: NotFound naming the ids that are not
     /// registered (nothing changes). Conflict if the id exists or the group
-    /// holds [`crate::jobs::MAX_ACTIVE_JOBS`] unfinished jobs.
+    /// holds [`crate::jobs::MAX_ACTIVE_JOBS`] unfinished jobs. If
+    /// `idempotency_key` was already used for a job, nothing changes and
+    /// that job is the result ([`OpResult::JobExisting`]), whatever else
+    /// this operation says; checked first.
     CreateJob {
         /// Job id, chosen by the proposer.
         id: String,
@@ -397,6 +400,10 @@ pub enum Op {
         timeout_ms: u64,
         /// When it may start (ms since the epoch); at once if absent.
         start_at_ms: Option<u64>,
+        /// Optional client key for exactly-once creation (one job per key
+        /// in the group, ever).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<String>,
     },
     /// Starts a scheduled job whose start time (if any) is at or before the
     /// entry's stamp: a label selector is evaluated now (one `queued`
@@ -542,6 +549,9 @@ pub enum OpResult {
     Shadow(Shadow),
     /// The job after the operation.
     Job(Box<crate::jobs::Job>),
+    /// The job created earlier with the idempotency key of a
+    /// [`Op::CreateJob`] (nothing changed).
+    JobExisting(Box<crate::jobs::Job>),
     /// The thing named does not exist.
     NotFound(String),
     /// The operation contradicts the current state (the message says how).
@@ -840,6 +850,7 @@ mod format_tests {
                 abort: None,
                 timeout_ms: 1000,
                 start_at_ms: None,
+                idempotency_key: None,
             },
         ];
         for op in heavy {

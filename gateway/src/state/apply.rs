@@ -548,6 +548,7 @@ fn apply_op(conn: &Connection, ts: u64, op: &Op) -> Result<Applied, StateError> 
             abort,
             timeout_ms,
             start_at_ms,
+            idempotency_key,
         } => {
             let job = super::jobs::NewJob {
                 id,
@@ -557,6 +558,7 @@ fn apply_op(conn: &Connection, ts: u64, op: &Op) -> Result<Applied, StateError> 
                 abort: abort.as_ref(),
                 timeout_ms: *timeout_ms,
                 start_at_ms: *start_at_ms,
+                idempotency_key: idempotency_key.as_deref(),
             };
             super::jobs::create_job(conn, ts, &job)
         }

@@ -31,7 +31,7 @@ macro_rules! job_cols {
         "id, state, command_name, params, selector, max_per_minute, max_in_flight, \
          abort_percent, abort_min_finished, timeout_ms, start_at, reason, created_at, \
          started_at, finished_at, updated_at, n_total, n_launched, n_queued, n_in_progress, \
-         n_succeeded, n_failed, n_timed_out, n_canceled"
+         n_succeeded, n_failed, n_timed_out, n_canceled, idempotency_key"
     };
 }
 
@@ -88,6 +88,7 @@ fn job_from_row(row: &impl Cols) -> Result<Job, StateError> {
         timeout_ms: u64_col(row, "timeout_ms")?,
         start_at: opt_u64_col(row, "start_at")?,
         reason: row.opt_text("reason")?,
+        idempotency_key: row.opt_text("idempotency_key")?,
         created_at: u64_col(row, "created_at")?,
         started_at: opt_u64_col(row, "started_at")?,
         finished_at: opt_u64_col(row, "finished_at")?,
@@ -168,6 +169,7 @@ pub(super) struct NewJob<'a> {
     pub abort: Option<&'a AbortRule>,
     pub timeout_ms: u64,
     pub start_at_ms: Option<u64>,
+    pub idempotency_key: Option<&'a str>,
 }
 
 /// The most unknown device ids a refused job creation names.
@@ -179,6 +181,14 @@ pub(super) fn create_job(
     ts: u64,
     j: &NewJob<'_>,
 ) -> Result<Applied, StateError> {
+    if let Some(key) = j.idempotency_key {
+        let first: Option<String> =
+            scalar(conn, "SELECT id FROM jobs WHERE idempotency_key = ?", [key])?;
+        if let Some(first) = first {
+            let job = must_job(conn, &first)?;
+            return Ok((OpResult::JobExisting(Box::new(job)), None));
+        }
+    }
     if scalar::<i64>(conn, "SELECT 1 FROM jobs WHERE id = ?", [j.id])?.is_some() {
         return Ok((
             OpResult::Conflict(format!("job {} already exists", j.id)),
@@ -242,8 +252,8 @@ pub(super) fn create_job(
         conn,
         "INSERT INTO jobs (id, state, command_name, params, selector, max_per_minute, \
          max_in_flight, abort_percent, abort_min_finished, timeout_ms, start_at, created_at, \
-         updated_at, n_total, n_queued) \
-         VALUES (?, 'scheduled', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         updated_at, n_total, n_queued, idempotency_key) \
+         VALUES (?, 'scheduled', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         rusqlite::params![
             j.id,
             j.command.name,
@@ -259,6 +269,7 @@ pub(super) fn create_job(
             db_int(ts),
             n,
             n,
+            j.idempotency_key,
         ],
     )?;
     insert_executions(conn, ts, j.id, devices.iter().copied())?;

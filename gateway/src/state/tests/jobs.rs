@@ -18,6 +18,7 @@ fn create(id: &str, target: JobTarget, rollout: Rollout, abort: Option<AbortRule
         abort,
         timeout_ms: 60_000,
         start_at_ms: None,
+        idempotency_key: None,
     }
 }
 
