@@ -427,14 +427,17 @@ pub enum Op {
         /// Devices, in the order to launch them.
         devices: Vec<String>,
     },
-    /// Completes an in-progress job all of whose executions finished;
-    /// ignored otherwise.
+    /// Ends an in-progress job all of whose executions finished: apply
+    /// decides how — `aborted` if its abort rule trips (as
+    /// [`Op::AbortJob`]), else `completed`; ignored otherwise.
     CompleteJob {
         /// Job id.
         id: String,
     },
     /// Aborts an in-progress job whose abort rule tripped (its queued
-    /// executions are canceled; launched ones finish); ignored otherwise.
+    /// executions are canceled; launched ones finish). Apply decides as for
+    /// [`Op::CompleteJob`]: a job whose rule does not trip and whose
+    /// executions all finished is `completed`; ignored otherwise.
     AbortJob {
         /// Job id.
         id: String,

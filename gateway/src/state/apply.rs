@@ -139,7 +139,16 @@ fn apply_batch(
         );
         let (result, change) = apply_op(&tx, proposal.ts_ms, &proposal.op)?;
         if let Some(change) = change {
-            debug_assert_eq!(change.kind(), proposal.op.kind());
+            // The event is what happened: a job's end is apply's decision
+            // (`CompleteJob` may abort it, `AbortJob` complete it).
+            debug_assert!(
+                change.kind() == proposal.op.kind()
+                    || (matches!(proposal.op, Op::CompleteJob { .. } | Op::AbortJob { .. })
+                        && matches!(change.kind(), "job.completed" | "job.aborted")),
+                "{} made {}",
+                proposal.op.kind(),
+                change.kind()
+            );
             events.push(Event {
                 index: entry.index,
                 kind: change.kind().to_string(),
@@ -566,8 +575,8 @@ fn apply_op(conn: &Connection, ts: u64, op: &Op) -> Result<Applied, StateError> 
         Op::LaunchExecutions { job, devices } => {
             super::jobs::launch_executions(conn, ts, job, devices)
         }
-        Op::CompleteJob { id } => super::jobs::complete_job(conn, ts, id),
-        Op::AbortJob { id } => super::jobs::abort_job(conn, ts, id),
+        // Apply decides which end (the abort rule first).
+        Op::CompleteJob { id } | Op::AbortJob { id } => super::jobs::end_job(conn, ts, id),
         Op::CancelJob { id } => super::jobs::cancel_job(conn, ts, id),
         Op::GatewaySessionsLost { gateway } => {
             let ids = {

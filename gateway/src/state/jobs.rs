@@ -18,7 +18,8 @@ use super::rows::{Cols, db_int, from_db_int, parse_json, to_json_text};
 use super::{Page, StateDb, StateError};
 use crate::jobs::{
     AbortRule, Execution, ExecutionStatus, Job, JobCommand, JobCounts, JobState, JobTarget,
-    MAX_ACTIVE_JOBS, MAX_SELECTED_DEVICES, RateCredit, Rollout, command_id, launch_budget,
+    MAX_ACTIVE_JOBS, MAX_IN_FLIGHT, MAX_PER_MINUTE, MAX_SELECTED_DEVICES, RateCredit, Rollout,
+    command_id, launch_budget,
 };
 use crate::ops::{CommandStatus, OpResult};
 
@@ -206,6 +207,19 @@ pub(super) fn create_job(
             OpResult::Conflict(format!(
                 "the group has {MAX_ACTIVE_JOBS} unfinished jobs, the most it may; wait for one \
                  to finish or cancel one"
+            )),
+            None,
+        ));
+    }
+    let r = j.rollout;
+    if !(1..=MAX_PER_MINUTE).contains(&r.max_per_minute)
+        || !(1..=MAX_IN_FLIGHT).contains(&r.max_in_flight)
+    {
+        return Ok((
+            OpResult::Conflict(format!(
+                "a job's rollout needs max_per_minute 1 to {MAX_PER_MINUTE} and max_in_flight 1 \
+                 to {MAX_IN_FLIGHT} ({} and {} given)",
+                r.max_per_minute, r.max_in_flight
             )),
             None,
         ));
@@ -542,39 +556,35 @@ fn finish(
     Ok(())
 }
 
-/// `CompleteJob`.
-pub(super) fn complete_job(conn: &Connection, ts: u64, id: &str) -> Result<Applied, StateError> {
+/// `CompleteJob` and `AbortJob`: the proposal says "end this job"; apply
+/// decides how, from the replicated counters alone. An in-progress job
+/// whose abort rule trips ends `aborted` (its queued executions canceled),
+/// whichever of the two was proposed; else one with nothing queued or in
+/// progress ends `completed`; anything else is ignored.
+pub(super) fn end_job(conn: &Connection, ts: u64, id: &str) -> Result<Applied, StateError> {
     let Some(job) = load_job(conn, id)? else {
         return Ok(not_found_job(id));
-    };
-    if job.state != JobState::InProgress || job.counts.queued > 0 || job.counts.in_progress > 0 {
-        return Ok((OpResult::Ignored, None));
-    }
-    finish(conn, ts, id, JobState::Completed, None)?;
-    job_changed(conn, id, JobStep::Completed)
-}
-
-/// `AbortJob`.
-pub(super) fn abort_job(conn: &Connection, ts: u64, id: &str) -> Result<Applied, StateError> {
-    let Some(job) = load_job(conn, id)? else {
-        return Ok(not_found_job(id));
-    };
-    let Some(rule) = job.abort.filter(|a| a.tripped(&job.counts)) else {
-        return Ok((OpResult::Ignored, None));
     };
     if job.state != JobState::InProgress {
         return Ok((OpResult::Ignored, None));
     }
-    let c = job.counts;
-    let reason = format!(
-        "{} of {} finished executions failed or timed out, more than {} %",
-        c.failed + c.timed_out,
-        c.failed + c.timed_out + c.succeeded,
-        rule.failure_percent
-    );
-    cancel_queued(conn, ts, id)?;
-    finish(conn, ts, id, JobState::Aborted, Some(reason))?;
-    job_changed(conn, id, JobStep::Aborted)
+    if let Some(rule) = job.abort.filter(|a| a.tripped(&job.counts)) {
+        let c = job.counts;
+        let reason = format!(
+            "{} of {} finished executions failed or timed out, more than {} %",
+            c.failed + c.timed_out,
+            c.failed + c.timed_out + c.succeeded,
+            rule.failure_percent
+        );
+        cancel_queued(conn, ts, id)?;
+        finish(conn, ts, id, JobState::Aborted, Some(reason))?;
+        return job_changed(conn, id, JobStep::Aborted);
+    }
+    if job.counts.queued > 0 || job.counts.in_progress > 0 {
+        return Ok((OpResult::Ignored, None));
+    }
+    finish(conn, ts, id, JobState::Completed, None)?;
+    job_changed(conn, id, JobStep::Completed)
 }
 
 /// `CancelJob`.

@@ -794,3 +794,99 @@ async fn a_selector_keeps_the_first_devices_by_id_in_one_bounded_query() {
         "{steps:?}"
     );
 }
+
+#[tokio::test]
+async fn apply_refuses_a_rollout_that_could_never_launch() {
+    let mut db = fleet(2).await;
+    for (per_minute, in_flight) in [(0, 10), (10, 0), (0, 0), (600_001, 10), (10, 10_001)] {
+        let r = db
+            .run(create(
+                "jz",
+                JobTarget::Devices(ids(1)),
+                rollout(per_minute, in_flight),
+                None,
+            ))
+            .await;
+        assert!(
+            matches!(&r, OpResult::Conflict(m) if m.contains("max_per_minute")),
+            "{per_minute}/{in_flight}: {r:?}"
+        );
+        assert!(db.db.job("jz").await.unwrap().is_none());
+    }
+    let labels = JobTarget::Labels([("kind".to_string(), "pump".to_string())].into());
+    let r = db.run(create("jz", labels, rollout(0, 1), None)).await;
+    assert!(matches!(r, OpResult::Conflict(_)), "{r:?}");
+    // The bounds themselves are fine.
+    let j = job_of(
+        db.run(create(
+            "jz",
+            JobTarget::Devices(ids(1)),
+            rollout(1, 1),
+            None,
+        ))
+        .await,
+    );
+    assert_eq!(j.rollout, rollout(1, 1));
+}
+
+#[tokio::test]
+async fn apply_decides_how_a_job_ends_whichever_end_was_proposed() {
+    let mut db = fleet(4).await;
+    let abort = AbortRule {
+        failure_percent: 50,
+        min_finished: 2,
+    };
+    // Every execution finished and the rule trips: a CompleteJob (a stale
+    // proposal, made before the last result) aborts it.
+    let two = ids(2);
+    for id in ["jc", "jd"] {
+        job_of(
+            db.run(create(
+                id,
+                JobTarget::Devices(two.clone()),
+                rollout(600_000, 10),
+                Some(abort),
+            ))
+            .await,
+        );
+        job_of(db.run(Op::StartJob { id: id.into() }).await);
+        assert_eq!(db.run(launch(id, &two)).await, OpResult::Done);
+    }
+    command_of(db.run(result("jc", "d00", false)).await);
+    command_of(db.run(result("jc", "d01", false)).await);
+    let j = job_of(db.run(Op::CompleteJob { id: "jc".into() }).await);
+    assert_eq!(j.state, JobState::Aborted);
+    assert!(
+        j.reason.as_deref().is_some_and(|r| r.contains("2 of 2")),
+        "{j:?}"
+    );
+    // The rule does not trip (1 of 2 is 50 %, not above) and everything
+    // finished: an AbortJob completes it.
+    command_of(db.run(result("jd", "d00", false)).await);
+    assert_eq!(
+        db.run(Op::AbortJob { id: "jd".into() }).await,
+        OpResult::Ignored,
+        "one still in progress"
+    );
+    command_of(db.run(result("jd", "d01", true)).await);
+    let j = job_of(db.run(Op::AbortJob { id: "jd".into() }).await);
+    assert_eq!((j.state, j.reason), (JobState::Completed, None));
+    // Over: both are ignored.
+    for op in [
+        Op::CompleteJob { id: "jc".into() },
+        Op::AbortJob { id: "jd".into() },
+    ] {
+        assert_eq!(db.run(op).await, OpResult::Ignored);
+    }
+    // The events say what happened.
+    let kinds: Vec<String> = db
+        .db
+        .events_since(0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .filter(|k| k == "job.aborted" || k == "job.completed")
+        .collect();
+    assert_eq!(kinds, ["job.aborted", "job.completed"]);
+}
