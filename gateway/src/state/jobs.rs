@@ -8,11 +8,12 @@
 //! believed.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 
 use rusqlite::Connection;
 use sqlx::{QueryBuilder, Sqlite};
 
-use super::change::{Change, JobStep};
+use super::change::{Change, JobStep, Launched, LaunchedCommand};
 use super::rows::sync::{exec, load_command, scalar};
 use super::rows::{Cols, db_int, from_db_int, parse_json, to_json_text};
 use super::{Page, StateDb, StateError};
@@ -433,7 +434,7 @@ pub(super) fn launch_executions(
     let credit = load_credit(conn, id)?;
     let mut budget = launch_budget(&job, credit, ts);
     let mut seen = HashSet::new();
-    let mut commands = Vec::new();
+    let mut executions = Vec::new();
     for device in devices {
         if budget == 0 {
             break;
@@ -496,19 +497,19 @@ pub(super) fn launch_executions(
             "UPDATE jobs SET n_launched = n_launched + 1 WHERE id = ?",
             [id],
         )?;
-        commands.push(
-            load_command(conn, &cid)?
-                .ok_or_else(|| StateError::Corrupt(format!("command {cid} vanished")))?,
-        );
+        executions.push(Launched {
+            device: device.clone(),
+            command: cid,
+        });
         budget -= 1;
     }
-    if commands.is_empty() {
+    if executions.is_empty() {
         return Ok((OpResult::Ignored, None));
     }
     // Only what launched is paid for (a skipped device costs nothing).
     let credit = credit
         .refilled(&job.rollout, ts)
-        .debited(commands.len() as u64);
+        .debited(executions.len() as u64);
     exec(
         conn,
         "UPDATE jobs SET rate_credit = ?, rate_at = ? WHERE id = ?",
@@ -518,7 +519,13 @@ pub(super) fn launch_executions(
         OpResult::Done,
         Some(Change::JobLaunched {
             job: id.to_string(),
-            commands,
+            command: Arc::new(LaunchedCommand {
+                name: job.command.name,
+                params: job.command.params,
+                issued_at: ts,
+                expires_at: ts.saturating_add(job.timeout_ms),
+            }),
+            executions,
         }),
     ))
 }

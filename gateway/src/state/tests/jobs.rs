@@ -890,3 +890,54 @@ async fn apply_decides_how_a_job_ends_whichever_end_was_proposed() {
         .collect();
     assert_eq!(kinds, ["job.aborted", "job.completed"]);
 }
+
+#[tokio::test]
+async fn a_launch_change_carries_its_command_once_and_the_executions_by_id() {
+    use crate::state::change::{Change, Launched};
+    let mut db = fleet(3).await;
+    let all = ids(3);
+    job_of(
+        db.run(create(
+            "jl",
+            JobTarget::Devices(all.clone()),
+            rollout(600_000, 10),
+            None,
+        ))
+        .await,
+    );
+    job_of(db.run(Op::StartJob { id: "jl".into() }).await);
+    let mut changes = db.db.changes();
+    let at = T0 + 50_000;
+    assert_eq!(db.run_at(at, launch("jl", &all)).await, OpResult::Done);
+    let Ok(Change::JobLaunched {
+        job,
+        command,
+        executions,
+    }) = changes.try_recv()
+    else {
+        panic!("no launch change");
+    };
+    assert_eq!(job, "jl");
+    let expected: Vec<Launched> = all
+        .iter()
+        .map(|d| Launched {
+            device: d.clone(),
+            command: command_id("jl", d),
+        })
+        .collect();
+    assert_eq!(executions, expected);
+    // What each command is, as stored.
+    for e in &executions {
+        let c = db.db.command(&e.command).await.unwrap().unwrap();
+        assert_eq!(
+            (&c.name, &c.params, c.issued_at, c.expires_at),
+            (
+                &command.name,
+                &command.params,
+                command.issued_at,
+                command.expires_at
+            )
+        );
+        assert_eq!(c.issued_at, at);
+    }
+}
