@@ -16,7 +16,8 @@ CREATE TABLE jobs (
     abort_min_finished INTEGER,
     timeout_ms         INTEGER NOT NULL,
     start_at           INTEGER,             -- ms since the epoch; NULL: at once
-    reason             TEXT,                -- why it was canceled or aborted
+    reason             TEXT,                -- why it was aborted, or ran on part of its selector
+    idempotency_key    TEXT,                -- the client's, if any: one job per key
     created_at         INTEGER NOT NULL,
     started_at         INTEGER,
     finished_at        INTEGER,
@@ -28,10 +29,18 @@ CREATE TABLE jobs (
     n_succeeded        INTEGER NOT NULL DEFAULT 0,
     n_failed           INTEGER NOT NULL DEFAULT 0,
     n_timed_out        INTEGER NOT NULL DEFAULT 0,
-    n_canceled         INTEGER NOT NULL DEFAULT 0
+    n_canceled         INTEGER NOT NULL DEFAULT 0,
+    -- Launch credit (a token bucket): in 1/60,000ths of a launch, and the
+    -- entry stamp (ms) it was computed at. Set when the job starts;
+    -- refilled at max_per_minute up to one second's worth, debited by
+    -- each launch (jobs::RateCredit).
+    rate_credit        INTEGER NOT NULL DEFAULT 0,
+    rate_at            INTEGER NOT NULL DEFAULT 0
 );
 
 CREATE INDEX jobs_state ON jobs (state, id);
+CREATE UNIQUE INDEX jobs_idempotency_key ON jobs (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 
 -- One execution per (job, device). `command` is set when it is launched
 -- (its id is derived from the job and the device).

@@ -2,7 +2,7 @@
 //! stopped when too many fail (docs/ARCHITECTURE.md, "Jobs").
 //!
 //! The domain types the operations carry and the API returns, the rules
-//! both apply and the leader's driver evaluate ([`Rollout::allowed_by`],
+//! both apply and the leader's driver evaluate ([`RateCredit`],
 //! [`AbortRule::tripped`]) — pure functions of replicated values, so every
 //! member decides alike — and the driver itself ([`drive`]): the leader's
 //! task that starts jobs, launches executions within their bounds, and
@@ -79,8 +79,9 @@ pub enum JobTarget {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"max_per_minute":600,"max_in_flight":100}))]
 pub struct Rollout {
-    /// At most this many executions launched per minute since the job
-    /// started (1 to 600000; default 600).
+    /// At most this many executions launched a minute (1 to 600000;
+    /// default 600): one at once, then at this rate, with at most one
+    /// second's worth (and at least one) saved up while launching stalls.
     #[serde(default = "default_per_minute")]
     #[schema(minimum = 1, maximum = 600_000)]
     pub max_per_minute: u32,
@@ -112,16 +113,73 @@ impl Default for Rollout {
     }
 }
 
+/// How much launch credit one launch costs: credit is counted in
+/// 1/60,000 of a launch, so a rate of `max_per_minute` adds exactly
+/// `max_per_minute` units a millisecond (integers, no rounding).
+pub const CREDIT_PER_LAUNCH: u64 = 60_000;
+
 impl Rollout {
-    /// How many executions a job started at `started_ms` may have launched
-    /// in all by `now_ms`: one at once, then `max_per_minute` a minute
-    /// (`1 + ⌊max_per_minute × elapsed / 60 s⌋`). Of replicated values
-    /// only (the start entry's and the launching entry's stamps): every
-    /// member computes the same.
-    pub fn allowed_by(&self, started_ms: u64, now_ms: u64) -> u64 {
-        let elapsed = u128::from(now_ms.saturating_sub(started_ms));
-        let more = u128::from(self.max_per_minute) * elapsed / 60_000;
-        u64::try_from(more).unwrap_or(u64::MAX).saturating_add(1)
+    /// The most launch credit a job holds: one second's worth at its rate,
+    /// and at least one launch. After a stall (no quorum, every in-flight
+    /// slot held by slow devices) a job launches at most this many at
+    /// once, then goes on at its rate.
+    pub fn credit_cap(&self) -> u64 {
+        (u64::from(self.max_per_minute) * 1000).max(CREDIT_PER_LAUNCH)
+    }
+}
+
+/// A job's launch credit: a token bucket held in the replicated job row,
+/// refilled at `max_per_minute` from the entries' stamps (never a local
+/// clock) up to [`Rollout::credit_cap`], and debited by each launch at
+/// apply time, so every member computes the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RateCredit {
+    /// Credit, in [`CREDIT_PER_LAUNCH`]ths of a launch.
+    pub credit: u64,
+    /// The entry stamp it was computed at (ms since the epoch).
+    pub at_ms: u64,
+}
+
+impl RateCredit {
+    /// A job's credit when it starts at `ts_ms`: one launch, at once.
+    pub fn at_start(ts_ms: u64) -> RateCredit {
+        RateCredit {
+            credit: CREDIT_PER_LAUNCH,
+            at_ms: ts_ms,
+        }
+    }
+
+    /// The credit at `now_ms`: `max_per_minute` units for each millisecond
+    /// since `at_ms`, capped at [`Rollout::credit_cap`]. A stamp at or
+    /// before `at_ms` (another leader's clock behind) adds nothing and
+    /// leaves `at_ms` where it was.
+    pub fn refilled(self, rollout: &Rollout, now_ms: u64) -> RateCredit {
+        if now_ms <= self.at_ms {
+            return self;
+        }
+        let gained = u64::from(rollout.max_per_minute).saturating_mul(now_ms - self.at_ms);
+        RateCredit {
+            credit: self
+                .credit
+                .saturating_add(gained)
+                .min(rollout.credit_cap().max(self.credit)),
+            at_ms: now_ms,
+        }
+    }
+
+    /// How many launches the credit pays for.
+    pub fn launches(&self) -> u64 {
+        self.credit / CREDIT_PER_LAUNCH
+    }
+
+    /// The credit after `n` launches.
+    pub fn debited(self, n: u64) -> RateCredit {
+        RateCredit {
+            credit: self
+                .credit
+                .saturating_sub(n.saturating_mul(CREDIT_PER_LAUNCH)),
+            ..self
+        }
     }
 }
 
@@ -296,7 +354,7 @@ pub struct JobCounts {
     "selector":{"site":"north"},"devices":500,
     "rollout":{"max_per_minute":600,"max_in_flight":100},
     "abort":{"failure_percent":20,"min_finished":10},"timeout_ms":600000,"start_at":null,
-    "reason":null,"created_at":1764144000000u64,"started_at":1764144000250u64,
+    "reason":null,"idempotency_key":null,"created_at":1764144000000u64,"started_at":1764144000250u64,
     "finished_at":null,"updated_at":1764144030000u64,"launched":380,
     "counts":{"queued":120,"in_progress":100,"succeeded":270,"failed":10,"timed_out":0,
     "canceled":0}}))]
@@ -322,8 +380,12 @@ pub struct Job {
     pub timeout_ms: u64,
     /// When it starts (ms since the epoch); `null`: at once.
     pub start_at: Option<u64>,
-    /// Why it was canceled or aborted, if it was.
+    /// Why it was aborted (which executions failed), or that its selector
+    /// matched more than [`MAX_SELECTED_DEVICES`] devices and it runs on
+    /// the first ones; `null` otherwise (a cancel sets none).
     pub reason: Option<String>,
+    /// The client's idempotency key, if it was created with one.
+    pub idempotency_key: Option<String>,
     /// Creation time (ms since the epoch).
     pub created_at: u64,
     /// Start time (ms since the epoch), once started.
@@ -420,12 +482,53 @@ pub async fn drive(
                 continue;
             }
         };
-        for job in jobs {
-            if let Err(e) = step(&node, &db, &job).await {
-                tracing::debug!(job = job.id, error = %e, "moving a job on");
+        let (node, db) = (&node, &*db);
+        let go_on = pass(jobs, &mut shutdown, |job, credit| async move {
+            // Led no more (a proposal would be forwarded): the next
+            // leader's driver moves the rest on.
+            if node.status().raft.role != RaftRole::Leader {
+                return Ok(());
             }
+            step(node, db, &job, credit).await
+        })
+        .await;
+        if !go_on {
+            return;
         }
     }
+}
+
+/// An error of one job's step.
+type StepError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One pass of the driver: `step` for each job in order, each raced
+/// against `shutdown` (a proposal may wait up to the write timeout, and a
+/// pass may hold [`MAX_ACTIVE_JOBS`] of them one after another), and
+/// nothing started once it is set. `false` when the gateway stops (or its
+/// shutdown sender is gone): the driver returns at once.
+async fn pass<F, Fut>(
+    jobs: Vec<(Job, RateCredit)>,
+    shutdown: &mut watch::Receiver<bool>,
+    mut step: F,
+) -> bool
+where
+    F: FnMut(Job, RateCredit) -> Fut,
+    Fut: std::future::Future<Output = Result<(), StepError>>,
+{
+    for (job, credit) in jobs {
+        if *shutdown.borrow() {
+            return false;
+        }
+        let id = job.id.clone();
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => return false,
+            r = step(job, credit) => if let Err(e) = r {
+                tracing::debug!(job = id, error = %e, "moving a job on");
+            },
+        }
+    }
+    true
 }
 
 /// Whether a change may let a job move on.
@@ -439,7 +542,12 @@ fn wakes(ch: &Change) -> bool {
 }
 
 /// What the driver proposes for `job` now, if anything.
-pub fn next_op(job: &Job, now: u64, queued: impl FnOnce(usize) -> Vec<String>) -> Option<Op> {
+pub fn next_op(
+    job: &Job,
+    credit: RateCredit,
+    now: u64,
+    queued: impl FnOnce(usize) -> Vec<String>,
+) -> Option<Op> {
     match job.state {
         JobState::Scheduled => {
             (job.start_at.is_none_or(|at| at <= now)).then(|| Op::StartJob { id: job.id.clone() })
@@ -451,7 +559,7 @@ pub fn next_op(job: &Job, now: u64, queued: impl FnOnce(usize) -> Vec<String>) -
             if job.counts.queued == 0 && job.counts.in_progress == 0 {
                 return Some(Op::CompleteJob { id: job.id.clone() });
             }
-            let budget = launch_budget(job, now);
+            let budget = launch_budget(job, credit, now);
             if budget == 0 || job.counts.queued == 0 {
                 return None;
             }
@@ -465,17 +573,15 @@ pub fn next_op(job: &Job, now: u64, queued: impl FnOnce(usize) -> Vec<String>) -
     }
 }
 
-/// How many executions of `job` may be launched at `now`: within
-/// `max_in_flight` and the rate since its start, at most [`MAX_LAUNCH`].
-pub fn launch_budget(job: &Job, now: u64) -> usize {
-    let Some(started) = job.started_at else {
+/// How many executions of `job`, whose launch credit is `credit`, may be
+/// launched at `now`: within `max_in_flight` and the credit refilled to
+/// `now`, at most [`MAX_LAUNCH`].
+pub fn launch_budget(job: &Job, credit: RateCredit, now: u64) -> usize {
+    if job.started_at.is_none() {
         return 0;
-    };
+    }
     let flight = u64::from(job.rollout.max_in_flight).saturating_sub(job.counts.in_progress);
-    let rate = job
-        .rollout
-        .allowed_by(started, now)
-        .saturating_sub(job.launched);
+    let rate = credit.refilled(&job.rollout, now).launches();
     let n = flight.min(rate).min(job.counts.queued);
     usize::try_from(n).unwrap_or(MAX_LAUNCH).min(MAX_LAUNCH)
 }
@@ -484,15 +590,16 @@ async fn step(
     node: &Node<OpResult>,
     db: &StateDb,
     job: &Job,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    credit: RateCredit,
+) -> Result<(), StepError> {
     let now = now_ms();
-    let queued = if job.state == JobState::InProgress && launch_budget(job, now) > 0 {
-        db.queued_devices(&job.id, launch_budget(job, now) as u32)
-            .await?
+    let budget = launch_budget(job, credit, now);
+    let queued = if job.state == JobState::InProgress && budget > 0 {
+        db.queued_devices(&job.id, budget as u32).await?
     } else {
         Vec::new()
     };
-    if let Some(op) = next_op(job, now, |n| queued.into_iter().take(n).collect()) {
+    if let Some(op) = next_op(job, credit, now, |n| queued.into_iter().take(n).collect()) {
         propose(node, op).await?;
     }
     Ok(())
@@ -540,22 +647,119 @@ mod tests {
     }
 
     #[test]
-    fn the_rate_allows_one_at_once_then_the_rate_per_minute() {
+    fn the_credit_allows_one_at_once_then_the_rate_saving_up_one_second_at_most() {
         let r = Rollout {
             max_per_minute: 60,
             max_in_flight: 10,
         };
-        assert_eq!(r.allowed_by(1000, 1000), 1);
-        assert_eq!(r.allowed_by(1000, 1999), 1);
-        assert_eq!(r.allowed_by(1000, 2000), 2);
-        assert_eq!(r.allowed_by(1000, 61_000), 61);
-        // A clock behind the start's never allows more than one.
-        assert_eq!(r.allowed_by(5000, 1000), 1);
+        let start = RateCredit::at_start(1000);
+        assert_eq!(start.refilled(&r, 1000).launches(), 1);
+        let spent = start.debited(1);
+        assert_eq!(spent.refilled(&r, 1999).launches(), 0);
+        assert_eq!(spent.refilled(&r, 2000).launches(), 1);
+        // A minute of stall saves up one second's worth: one launch here.
+        assert_eq!(spent.refilled(&r, 61_000).launches(), 1);
+        // A clock behind the stamp adds nothing and does not move it back.
+        assert_eq!(spent.refilled(&r, 500), spent);
+        // 6,000 a minute: 100 a second is the most saved up.
         let fast = Rollout {
+            max_per_minute: 6000,
+            max_in_flight: 1,
+        };
+        let c = RateCredit::at_start(0).debited(1);
+        assert_eq!(c.refilled(&fast, 10).launches(), 1);
+        assert_eq!(c.refilled(&fast, 505).launches(), 50);
+        assert_eq!(c.refilled(&fast, 3_600_000).launches(), 100);
+        // Refilled in two steps or one: the same credit.
+        assert_eq!(
+            c.refilled(&fast, 123).refilled(&fast, 456),
+            c.refilled(&fast, 456)
+        );
+        let fastest = Rollout {
             max_per_minute: MAX_PER_MINUTE,
             max_in_flight: 1,
         };
-        assert_eq!(fast.allowed_by(0, u64::MAX), u64::MAX);
+        assert_eq!(c.refilled(&fastest, u64::MAX).launches(), 10_000);
+        assert_eq!(c.debited(u64::MAX).credit, 0);
+    }
+
+    fn a_job(n: usize) -> Job {
+        Job {
+            id: format!("j-{n}"),
+            state: JobState::InProgress,
+            command: JobCommand {
+                name: "reboot".into(),
+                params: serde_json::json!({}),
+            },
+            selector: None,
+            devices: 1,
+            rollout: Rollout::default(),
+            abort: None,
+            timeout_ms: 1000,
+            start_at: None,
+            reason: None,
+            idempotency_key: None,
+            created_at: 1,
+            started_at: Some(1),
+            finished_at: None,
+            updated_at: 1,
+            launched: 0,
+            counts: JobCounts::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pass_gives_up_a_hanging_proposal_and_the_rest_when_the_gateway_stops() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let jobs: Vec<_> = (0..MAX_ACTIVE_JOBS)
+            .map(|n| (a_job(n), RateCredit::default()))
+            .collect();
+        // Stopped before the pass: no job is stepped.
+        let (tx, mut rx) = watch::channel(true);
+        let stepped = Arc::new(AtomicUsize::new(0));
+        let s = stepped.clone();
+        let go_on = pass(jobs.clone(), &mut rx, |_, _| {
+            s.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(Ok(()))
+        })
+        .await;
+        assert!(!go_on);
+        assert_eq!(stepped.load(Ordering::SeqCst), 0);
+        // Every proposal hangs (no quorum, a long write timeout): stopping
+        // ends the pass in the first one.
+        tx.send_replace(false);
+        let s = stepped.clone();
+        let task = tokio::spawn(async move {
+            pass(jobs, &mut rx, |_, _| {
+                s.fetch_add(1, Ordering::SeqCst);
+                std::future::pending()
+            })
+            .await
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while stepped.load(Ordering::SeqCst) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "no step began");
+            tokio::task::yield_now().await;
+        }
+        tx.send_replace(true);
+        let go_on = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the pass ended when the gateway stopped")
+            .expect("join");
+        assert!(!go_on);
+        assert_eq!(stepped.load(Ordering::SeqCst), 1);
+        // Steps that finish: every job, and the driver goes on.
+        let (_tx, mut rx) = watch::channel(false);
+        let jobs: Vec<_> = (0..3).map(|n| (a_job(n), RateCredit::default())).collect();
+        let s = stepped.clone();
+        assert!(
+            pass(jobs, &mut rx, |_, _| {
+                s.fetch_add(1, Ordering::SeqCst);
+                std::future::ready(Err::<(), StepError>("refused".into()))
+            })
+            .await
+        );
+        assert_eq!(stepped.load(Ordering::SeqCst), 4);
     }
 
     #[test]

@@ -137,6 +137,46 @@ impl Proposal {
     }
 }
 
+/// The operations whose apply may touch many rows though their entry is
+/// small (a job's start evaluates a selector of up to
+/// [`crate::jobs::MAX_SELECTED_DEVICES`] devices; a launch issues up to
+/// [`crate::jobs::MAX_LAUNCH`] commands; an abort or a cancel cancels every
+/// queued execution; a creation checks and inserts up to
+/// [`crate::jobs::MAX_JOB_DEVICES`]): apply runs a batch holding one where
+/// the runtime expects blocking work, as a large batch.
+const HEAVY_OPS: [&str; 5] = [
+    "create_job",
+    "start_job",
+    "launch_executions",
+    "abort_job",
+    "cancel_job",
+];
+
+/// Whether the entry `bytes` holds one of the operations whose apply is
+/// heavy whatever the entry's size (see [`HEAVY_OPS`]). Reads only the
+/// operation's tag (the rest is skipped, not built); an entry that does not
+/// decode is not heavy (apply refuses it anyway).
+pub fn entry_is_heavy(bytes: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Tag {
+        op: String,
+    }
+    #[derive(Deserialize)]
+    struct Peek {
+        op: Tag,
+    }
+    let peek: Option<Peek> = match bytes.first() {
+        Some(&ENTRY_FORMAT) => {
+            let mut de = rmp_serde::Deserializer::from_read_ref(&bytes[1..]);
+            de.set_max_depth(MAX_DECODE_DEPTH);
+            Peek::deserialize(&mut de).ok()
+        }
+        Some(b'{') => serde_json::from_slice(bytes).ok(),
+        _ => None,
+    };
+    peek.is_some_and(|p| HEAVY_OPS.contains(&p.op.op.as_str()))
+}
+
 /// A replicated operation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -341,7 +381,10 @@ pub enum Op {
     /// [`Op::StartJob`]). For a list of devices, one `queued` execution per
     /// device is created with it: NotFound naming the ids that are not
     /// registered (nothing changes). Conflict if the id exists or the group
-    /// holds [`crate::jobs::MAX_ACTIVE_JOBS`] unfinished jobs.
+    /// holds [`crate::jobs::MAX_ACTIVE_JOBS`] unfinished jobs. If
+    /// `idempotency_key` was already used for a job, nothing changes and
+    /// that job is the result ([`OpResult::JobExisting`]), whatever else
+    /// this operation says; checked first.
     CreateJob {
         /// Job id, chosen by the proposer.
         id: String,
@@ -357,6 +400,10 @@ pub enum Op {
         timeout_ms: u64,
         /// When it may start (ms since the epoch); at once if absent.
         start_at_ms: Option<u64>,
+        /// Optional client key for exactly-once creation (one job per key
+        /// in the group, ever).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<String>,
     },
     /// Starts a scheduled job whose start time (if any) is at or before the
     /// entry's stamp: a label selector is evaluated now (one `queued`
@@ -370,8 +417,9 @@ pub enum Op {
     /// Launches queued executions of an in-progress job (proposed by the
     /// leader): each one named that is still `queued` gets its command
     /// (id [`crate::jobs::command_id`]) and becomes `in_progress` — as many
-    /// as `max_in_flight` and the rate (from the job's start to the entry's
-    /// stamp) allow, none if the abort rule trips. Others are skipped, so a
+    /// as `max_in_flight` and the job's launch credit
+    /// ([`crate::jobs::RateCredit`], refilled to the entry's stamp and
+    /// debited here) allow, none if the abort rule trips. Others are skipped, so a
     /// duplicated or stale proposal launches nothing twice.
     LaunchExecutions {
         /// Job id.
@@ -379,14 +427,17 @@ pub enum Op {
         /// Devices, in the order to launch them.
         devices: Vec<String>,
     },
-    /// Completes an in-progress job all of whose executions finished;
-    /// ignored otherwise.
+    /// Ends an in-progress job all of whose executions finished: apply
+    /// decides how — `aborted` if its abort rule trips (as
+    /// [`Op::AbortJob`]), else `completed`; ignored otherwise.
     CompleteJob {
         /// Job id.
         id: String,
     },
     /// Aborts an in-progress job whose abort rule tripped (its queued
-    /// executions are canceled; launched ones finish); ignored otherwise.
+    /// executions are canceled; launched ones finish). Apply decides as for
+    /// [`Op::CompleteJob`]: a job whose rule does not trip and whose
+    /// executions all finished is `completed`; ignored otherwise.
     AbortJob {
         /// Job id.
         id: String,
@@ -501,6 +552,9 @@ pub enum OpResult {
     Shadow(Shadow),
     /// The job after the operation.
     Job(Box<crate::jobs::Job>),
+    /// The job created earlier with the idempotency key of a
+    /// [`Op::CreateJob`] (nothing changed).
+    JobExisting(Box<crate::jobs::Job>),
     /// The thing named does not exist.
     NotFound(String),
     /// The operation contradicts the current state (the message says how).
@@ -769,6 +823,51 @@ mod format_tests {
             },
             by: Some("token:tok-0123456789abcdef".into()),
         }
+    }
+
+    #[test]
+    fn job_operations_that_touch_many_rows_make_their_entry_heavy() {
+        let entry = |op: Op| Proposal {
+            ts_ms: 1,
+            op,
+            by: None,
+        };
+        let heavy = [
+            Op::StartJob { id: "j-1".into() },
+            Op::LaunchExecutions {
+                job: "j-1".into(),
+                devices: vec!["d-1".into()],
+            },
+            Op::AbortJob { id: "j-1".into() },
+            Op::CancelJob { id: "j-1".into() },
+            Op::CreateJob {
+                id: "j-1".into(),
+                command: crate::jobs::JobCommand {
+                    name: "reboot".into(),
+                    params: serde_json::json!({}),
+                },
+                target: crate::jobs::JobTarget::Labels(
+                    [("site".to_string(), "north".to_string())].into(),
+                ),
+                rollout: crate::jobs::Rollout::default(),
+                abort: None,
+                timeout_ms: 1000,
+                start_at_ms: None,
+                idempotency_key: None,
+            },
+        ];
+        for op in heavy {
+            let p = entry(op);
+            // Small entries, in both formats.
+            assert!(p.encode().len() < 200);
+            assert!(entry_is_heavy(&p.encode()), "{:?}", p.op);
+            assert!(entry_is_heavy(&p.encode_json()), "{:?}", p.op);
+        }
+        for op in [sample().op, Op::CompleteJob { id: "j-1".into() }] {
+            assert!(!entry_is_heavy(&entry(op).encode()));
+        }
+        assert!(!entry_is_heavy(b""));
+        assert!(!entry_is_heavy(&[ENTRY_FORMAT, 0xc1]));
     }
 
     #[test]

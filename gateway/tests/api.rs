@@ -1836,3 +1836,95 @@ async fn jobs_are_listed_canceled_and_refused_as_problems() {
         .await
         .problem(StatusCode::BAD_REQUEST);
 }
+
+/// A client that retries `POST /v1/jobs` after an unknown outcome (503
+/// `write-timeout`) with the same idempotency key gets the first job, not
+/// a second one running every device again: the key is checked at apply
+/// time, as a command's, whether it came as the `Idempotency-Key` header
+/// or as `idempotency_key` in the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_created_again_with_its_idempotency_key_is_the_first_job() {
+    let e = env().await;
+    e.register("p1", json!({"site": "north"})).await;
+    let later = gateway::now_ms() + 3_600_000;
+    let body = |name: &str| json!({"command": {"name": name}, "target": {"devices": ["p1"]}, "start_at": later});
+    let post = |body: Value, key: Option<&str>| {
+        let c = e.op(Method::POST, "/v1/jobs");
+        let c = match key {
+            Some(k) => c.header("idempotency-key", k),
+            None => c,
+        };
+        c.json(body).send()
+    };
+    let first = post(body("update"), Some("rollout-7")).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    let id = first.body["id"].as_str().expect("id").to_string();
+    assert_eq!(first.body["idempotency_key"], "rollout-7");
+    // Again, by header or body field, whatever else the body says: the
+    // first job, 200, nothing new.
+    let again = post(body("something-else"), Some("rollout-7")).await;
+    assert_eq!(again.status, StatusCode::OK, "{again:?}");
+    assert_eq!(again.body["id"], id.as_str());
+    assert_eq!(again.body["command"]["name"], "update");
+    let mut keyed = body("update");
+    keyed["idempotency_key"] = json!("rollout-7");
+    let again = post(keyed.clone(), None).await;
+    assert_eq!(again.status, StatusCode::OK, "{again:?}");
+    assert_eq!(again.body["id"], id.as_str());
+    let again = post(keyed, Some("rollout-7")).await;
+    assert_eq!(again.status, StatusCode::OK, "{again:?}");
+    let all = e.get("/v1/jobs").send().await;
+    assert_eq!(
+        all.body["items"].as_array().map(Vec::len),
+        Some(1),
+        "{all:?}"
+    );
+    // Still the first once it is over.
+    let r = e
+        .op(Method::POST, &format!("/v1/jobs/{id}/cancel"))
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let again = post(body("update"), Some("rollout-7")).await;
+    assert_eq!(again.status, StatusCode::OK, "{again:?}");
+    assert_eq!(again.body["state"], "canceled");
+    // Another key, or none: a new job each time.
+    let other = post(body("update"), Some("rollout-8")).await;
+    assert_eq!(other.status, StatusCode::CREATED, "{other:?}");
+    assert_ne!(other.body["id"], id.as_str());
+    for _ in 0..2 {
+        let r = post(body("update"), None).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+        assert_eq!(r.body["idempotency_key"], Value::Null);
+    }
+    // The rules of a command's key; a header and a body key must agree.
+    let long = "k".repeat(129);
+    let mut mismatched = body("update");
+    mismatched["idempotency_key"] = json!("rollout-9");
+    for (r, says) in [
+        (post(body("update"), Some("")).await, "idempotency_key"),
+        (
+            post(body("update"), Some(long.as_str())).await,
+            "idempotency_key",
+        ),
+        (
+            post(
+                json!({"command": {"name": "x"}, "target": {"devices": ["p1"]},
+                    "idempotency_key": long}),
+                None,
+            )
+            .await,
+            "idempotency_key",
+        ),
+        (post(mismatched, Some("rollout-7")).await, "differ"),
+    ] {
+        let detail = r.problem(StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(detail.contains(says), "{detail}");
+    }
+    let all = e.get("/v1/jobs").send().await;
+    assert_eq!(
+        all.body["items"].as_array().map(Vec::len),
+        Some(4),
+        "{all:?}"
+    );
+}

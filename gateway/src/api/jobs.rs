@@ -53,6 +53,8 @@ pub struct NewJob {
     timeout_ms: Option<u64>,
     #[serde(default, deserialize_with = "integral_opt")]
     start_at: Option<u64>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,8 +156,9 @@ pub(crate) fn new_job_schema() -> Value {
             },
             "rollout": {
                 "type": ["object", "null"],
-                "description": "How fast: at most `max_per_minute` launches a minute since the \
-                    start (one at once) and at most `max_in_flight` launched and unfinished.",
+                "description": "How fast: at most `max_per_minute` launches a minute (one at \
+                    once, then this rate, with at most one second's worth saved up while \
+                    launching stalls) and at most `max_in_flight` launched and unfinished.",
                 "additionalProperties": false,
                 "properties": {
                     "max_per_minute": nullable_int(1, u64::from(MAX_PER_MINUTE), "Default 600."),
@@ -179,6 +182,12 @@ pub(crate) fn new_job_schema() -> Value {
                  An execution whose command has not finished by then is `timed_out`."),
             "start_at": nullable_int(0, MAX_START_AT,
                 "When to start (ms since the epoch); at once if absent or past."),
+            "idempotency_key": {
+                "description": "Optional client key (also the `Idempotency-Key` header): a \
+                    job created with the same key earlier is returned (200) instead of a new \
+                    one, whatever this body says. One job per key in the group, ever.",
+                "oneOf": [{"$ref": "#/components/schemas/IdempotencyKey"}, {"type": "null"}],
+            },
         },
         "example": {
             "command": {"name": "update-firmware", "params": {"version": "2.4.1"}},
@@ -275,6 +284,33 @@ fn path_job_id(id: &str) -> Result<(), ApiError> {
     }
 }
 
+/// The `Idempotency-Key` header of `POST /v1/jobs`.
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct IdempotencyKeyHeader {
+    /// Optional client key, as `idempotency_key` in the body (the same
+    /// rules): the job created earlier with it is returned (200).
+    #[param(rename = "Idempotency-Key", value_type = Option<super::schemas::IdempotencyKey>)]
+    idempotency_key: Option<String>,
+}
+
+/// The `Idempotency-Key` header, if given (once), as text.
+fn header_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(v) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::invalid("give the Idempotency-Key header once"));
+    }
+    let key = v.to_str().map_err(|_| {
+        ApiError::invalid("the Idempotency-Key header must be visible ASCII characters")
+    })?;
+    validate::idempotency_key(key)?;
+    Ok(Some(key.to_string()))
+}
+
 fn job_not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("no job with id {id:?}"))
 }
@@ -282,6 +318,9 @@ fn job_not_found(id: &str) -> ApiError {
 /// Checks a job body and builds the operation that creates it as `id`.
 pub(crate) fn create_op(body: NewJob, id: String) -> Result<Op, ApiError> {
     validate::command_name(&body.command.name)?;
+    if let Some(k) = &body.idempotency_key {
+        validate::idempotency_key(k)?;
+    }
     let params = body
         .command
         .params
@@ -347,6 +386,7 @@ pub(crate) fn create_op(body: NewJob, id: String) -> Result<Op, ApiError> {
         abort,
         timeout_ms,
         start_at_ms: body.start_at,
+        idempotency_key: body.idempotency_key,
     })
 }
 
@@ -420,11 +460,19 @@ fn target(t: Map<String, Value>) -> Result<JobTarget, ApiError> {
 /// with the usual lifecycle, whose time to live is `timeout_ms`. With an
 /// abort rule, the job is `aborted` (its queued executions canceled) when
 /// too many fail; it is `completed` when every execution finished.
+///
+/// 201 when created, 200 when the idempotency key (the `Idempotency-Key`
+/// header or `idempotency_key` in the body) matched an earlier job (which
+/// is returned): a retry after an unknown outcome (503 `write-timeout`)
+/// with the same key creates no second job.
 #[utoipa::path(
     post, path = "/v1/jobs", tag = "jobs",
+    params(IdempotencyKeyHeader),
     request_body = NewJob,
     responses(
         (status = 201, description = "Created (scheduled)", body = Job,
+            headers(("Entente-Index" = u64, description = "Log index of the write"))),
+        (status = 200, description = "The job created earlier with this idempotency key", body = Job,
             headers(("Entente-Index" = u64, description = "Log index of the write"))),
         (status = 400, description = "Invalid JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
@@ -433,18 +481,30 @@ fn target(t: Map<String, Value>) -> Result<JobTarget, ApiError> {
         (status = 409, description = "The group has 100 unfinished jobs, the most it may", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large (the batch limit, 4 MiB by default), or params over 64 KiB as JSON", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields (command, target, rollout, abort rule, timeout, start)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields (command, target, rollout, abort rule, timeout, start, idempotency key — or a header and a body key that differ)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Within twice the write timeout plus 1 s, with `Retry-After`: no leader (`no-leader`, not applied), not committed within the write timeout (`write-timeout`, outcome unknown), leadership changed (`write-dropped`, not applied), the group is busy (`write-refused`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn create_job(
     State(state): State<AppState>,
-    ApiJson(body): ApiJson<NewJob>,
+    headers: HeaderMap,
+    ApiJson(mut body): ApiJson<NewJob>,
 ) -> Result<Response, ApiError> {
+    if let Some(key) = header_key(&headers)? {
+        match &body.idempotency_key {
+            Some(k) if *k != key => {
+                return Err(ApiError::invalid(
+                    "the Idempotency-Key header and the body's idempotency_key differ; give one",
+                ));
+            }
+            _ => body.idempotency_key = Some(key),
+        }
+    }
     let op = create_op(body, new_job_id()?)?;
     let (index, result) = write(&state, op).await?;
     match result {
         OpResult::Job(job) => Ok(reply(StatusCode::CREATED, index, &job)),
+        OpResult::JobExisting(job) => Ok(reply(StatusCode::OK, index, &job)),
         OpResult::NotFound(why) => {
             Err(ApiError::not_found(format!("the job was not created: {why}")).with_index(index))
         }

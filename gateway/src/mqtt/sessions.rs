@@ -439,17 +439,28 @@ impl Manager {
                 self.mark_sent_at(cmd.id, tokio::time::Instant::now() + SENT_AFTER);
             }
             // A job's executions launched: their commands, as issued ones.
-            Change::JobLaunched { commands, .. } => {
+            Change::JobLaunched {
+                command,
+                executions,
+                ..
+            } => {
                 let now = tokio::time::Instant::now();
-                for cmd in commands {
-                    let Some(s) = self.sessions.get(&cmd.device) else {
+                for e in executions {
+                    let Some(s) = self.sessions.get(&e.device) else {
                         continue;
                     };
-                    if !s.wants(&commands_topic(&cmd.device)) {
+                    if !s.wants(&commands_topic(&e.device)) {
                         continue;
                     }
-                    publish_command(&self.endpoint, &self.stats, &cmd);
-                    self.mark_sent_at(cmd.id, now + SENT_AFTER);
+                    let msg = CommandMessage {
+                        id: e.command.clone(),
+                        name: command.name.clone(),
+                        params: command.params.clone(),
+                        issued_at: command.issued_at,
+                        expires_at: command.expires_at,
+                    };
+                    publish_message(&self.endpoint, &self.stats, &e.device, &msg);
+                    self.mark_sent_at(e.command, now + SENT_AFTER);
                 }
             }
             // Answered (or canceled) before its `sent` was due: that mark
@@ -618,11 +629,16 @@ fn publish_command(out: &Shared, stats: &MqttStats, c: &Command) {
         issued_at: c.issued_at,
         expires_at: c.expires_at,
     };
-    let payload = serde_json::to_vec(&msg).unwrap_or_default();
+    publish_message(out, stats, &c.device, &msg);
+}
+
+/// Publishes a command message to `device`'s commands topic.
+fn publish_message(out: &Shared, stats: &MqttStats, device: &str, msg: &CommandMessage) {
+    let payload = serde_json::to_vec(msg).unwrap_or_default();
     stats.commands_published.fetch_add(1, Ordering::Relaxed);
-    let topic = commands_topic(&c.device);
+    let topic = commands_topic(device);
     out.registry.deliver(
-        &c.device,
+        device,
         Message {
             topic,
             payload: payload.into(),

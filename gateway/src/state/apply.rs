@@ -21,7 +21,9 @@ use crate::ops::{
 };
 
 /// Entries (or bytes of entries) from which a batch counts as heavy: it is
-/// applied where the runtime expects blocking work, not inline.
+/// applied where the runtime expects blocking work, not inline. A batch
+/// holding a job operation that may touch many rows
+/// ([`crate::ops::entry_is_heavy`]) is heavy too, whatever its size.
 const HEAVY_ENTRIES: usize = 64;
 const HEAVY_BYTES: usize = 256 * 1024;
 
@@ -62,7 +64,9 @@ impl StateDb {
             empty => empty.insert(super::Writer::open(&self.dir.join(super::DB_FILE)).await?),
         };
         let bytes: usize = entries.iter().map(|e| e.data.len()).sum();
-        let heavy = entries.len() >= HEAVY_ENTRIES || bytes >= HEAVY_BYTES;
+        let heavy = entries.len() >= HEAVY_ENTRIES
+            || bytes >= HEAVY_BYTES
+            || entries.iter().any(|e| crate::ops::entry_is_heavy(&e.data));
         let batch = w
             .run(heavy, move |conn| apply_batch(conn, &entries, last_index))
             .await??;
@@ -135,7 +139,16 @@ fn apply_batch(
         );
         let (result, change) = apply_op(&tx, proposal.ts_ms, &proposal.op)?;
         if let Some(change) = change {
-            debug_assert_eq!(change.kind(), proposal.op.kind());
+            // The event is what happened: a job's end is apply's decision
+            // (`CompleteJob` may abort it, `AbortJob` complete it).
+            debug_assert!(
+                change.kind() == proposal.op.kind()
+                    || (matches!(proposal.op, Op::CompleteJob { .. } | Op::AbortJob { .. })
+                        && matches!(change.kind(), "job.completed" | "job.aborted")),
+                "{} made {}",
+                proposal.op.kind(),
+                change.kind()
+            );
             events.push(Event {
                 index: entry.index,
                 kind: change.kind().to_string(),
@@ -544,6 +557,7 @@ fn apply_op(conn: &Connection, ts: u64, op: &Op) -> Result<Applied, StateError> 
             abort,
             timeout_ms,
             start_at_ms,
+            idempotency_key,
         } => {
             let job = super::jobs::NewJob {
                 id,
@@ -553,6 +567,7 @@ fn apply_op(conn: &Connection, ts: u64, op: &Op) -> Result<Applied, StateError> 
                 abort: abort.as_ref(),
                 timeout_ms: *timeout_ms,
                 start_at_ms: *start_at_ms,
+                idempotency_key: idempotency_key.as_deref(),
             };
             super::jobs::create_job(conn, ts, &job)
         }
@@ -560,8 +575,8 @@ fn apply_op(conn: &Connection, ts: u64, op: &Op) -> Result<Applied, StateError> 
         Op::LaunchExecutions { job, devices } => {
             super::jobs::launch_executions(conn, ts, job, devices)
         }
-        Op::CompleteJob { id } => super::jobs::complete_job(conn, ts, id),
-        Op::AbortJob { id } => super::jobs::abort_job(conn, ts, id),
+        // Apply decides which end (the abort rule first).
+        Op::CompleteJob { id } | Op::AbortJob { id } => super::jobs::end_job(conn, ts, id),
         Op::CancelJob { id } => super::jobs::cancel_job(conn, ts, id),
         Op::GatewaySessionsLost { gateway } => {
             let ids = {

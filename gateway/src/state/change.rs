@@ -26,6 +26,28 @@ pub enum CommandStep {
     Canceled,
 }
 
+/// What the commands of one launch of a job's executions share.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchedCommand {
+    /// Command name.
+    pub name: String,
+    /// Parameters.
+    pub params: Value,
+    /// Issue time (ms since the epoch): the launching entry's stamp.
+    pub issued_at: u64,
+    /// Expiry time (ms since the epoch).
+    pub expires_at: u64,
+}
+
+/// One execution launched: its device and its command's id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launched {
+    /// Device id.
+    pub device: String,
+    /// Command id (`jobs::command_id`).
+    pub command: String,
+}
+
 /// A step of a job's life that changed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobStep {
@@ -132,8 +154,12 @@ pub enum Change {
     JobLaunched {
         /// The job.
         job: String,
-        /// The commands issued, by device id.
-        commands: Vec<Command>,
+        /// What every one of these commands carries, once: a launch issues
+        /// up to `MAX_LAUNCH` commands of one name and params (up to 64 KiB),
+        /// and the change feed holds 4,096 changes.
+        command: std::sync::Arc<LaunchedCommand>,
+        /// The executions launched, in launch order.
+        executions: Vec<Launched>,
     },
     /// A peer's address was set (`cluster.peer`).
     PeerAddress {
@@ -216,11 +242,13 @@ impl Change {
             }
             Change::PeerAddress { id, address } => json!({ "id": id, "address": address }),
             Change::Job(_, job) => to_json_value(job)?,
-            Change::JobLaunched { job, commands } => json!({
+            Change::JobLaunched {
+                job, executions, ..
+            } => json!({
                 "job": job,
-                "executions": commands
+                "executions": executions
                     .iter()
-                    .map(|c| json!({ "device": c.device, "command": c.id }))
+                    .map(|e| json!({ "device": e.device, "command": e.command }))
                     .collect::<Vec<_>>(),
             }),
         })

@@ -8,17 +8,19 @@
 //! believed.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 
 use rusqlite::Connection;
 use sqlx::{QueryBuilder, Sqlite};
 
-use super::change::{Change, JobStep};
+use super::change::{Change, JobStep, Launched, LaunchedCommand};
 use super::rows::sync::{exec, load_command, scalar};
 use super::rows::{Cols, db_int, from_db_int, parse_json, to_json_text};
 use super::{Page, StateDb, StateError};
 use crate::jobs::{
     AbortRule, Execution, ExecutionStatus, Job, JobCommand, JobCounts, JobState, JobTarget,
-    MAX_ACTIVE_JOBS, MAX_SELECTED_DEVICES, Rollout, command_id, launch_budget,
+    MAX_ACTIVE_JOBS, MAX_IN_FLIGHT, MAX_PER_MINUTE, MAX_SELECTED_DEVICES, RateCredit, Rollout,
+    command_id, launch_budget,
 };
 use crate::ops::{CommandStatus, OpResult};
 
@@ -31,7 +33,7 @@ macro_rules! job_cols {
         "id, state, command_name, params, selector, max_per_minute, max_in_flight, \
          abort_percent, abort_min_finished, timeout_ms, start_at, reason, created_at, \
          started_at, finished_at, updated_at, n_total, n_launched, n_queued, n_in_progress, \
-         n_succeeded, n_failed, n_timed_out, n_canceled"
+         n_succeeded, n_failed, n_timed_out, n_canceled, idempotency_key"
     };
 }
 
@@ -88,6 +90,7 @@ fn job_from_row(row: &impl Cols) -> Result<Job, StateError> {
         timeout_ms: u64_col(row, "timeout_ms")?,
         start_at: opt_u64_col(row, "start_at")?,
         reason: row.opt_text("reason")?,
+        idempotency_key: row.opt_text("idempotency_key")?,
         created_at: u64_col(row, "created_at")?,
         started_at: opt_u64_col(row, "started_at")?,
         finished_at: opt_u64_col(row, "finished_at")?,
@@ -102,6 +105,24 @@ fn job_from_row(row: &impl Cols) -> Result<Job, StateError> {
             canceled: u64_col(row, "n_canceled")?,
         },
     })
+}
+
+/// A job's launch credit from a row having `rate_credit, rate_at`.
+fn credit_from_row(row: &impl Cols) -> Result<RateCredit, StateError> {
+    Ok(RateCredit {
+        credit: u64_col(row, "rate_credit")?,
+        at_ms: u64_col(row, "rate_at")?,
+    })
+}
+
+/// A job's launch credit, on apply's handle.
+fn load_credit(conn: &Connection, id: &str) -> Result<RateCredit, StateError> {
+    let mut stmt = conn.prepare_cached("SELECT rate_credit, rate_at FROM jobs WHERE id = ?1")?;
+    let mut rows = stmt.query([id])?;
+    match rows.next()? {
+        Some(row) => credit_from_row(row),
+        None => Err(StateError::Corrupt(format!("job {id} vanished"))),
+    }
 }
 
 /// An execution from a row of `job, device, status, command, updated_at`.
@@ -150,6 +171,7 @@ pub(super) struct NewJob<'a> {
     pub abort: Option<&'a AbortRule>,
     pub timeout_ms: u64,
     pub start_at_ms: Option<u64>,
+    pub idempotency_key: Option<&'a str>,
 }
 
 /// The most unknown device ids a refused job creation names.
@@ -161,6 +183,14 @@ pub(super) fn create_job(
     ts: u64,
     j: &NewJob<'_>,
 ) -> Result<Applied, StateError> {
+    if let Some(key) = j.idempotency_key {
+        let first: Option<String> =
+            scalar(conn, "SELECT id FROM jobs WHERE idempotency_key = ?", [key])?;
+        if let Some(first) = first {
+            let job = must_job(conn, &first)?;
+            return Ok((OpResult::JobExisting(Box::new(job)), None));
+        }
+    }
     if scalar::<i64>(conn, "SELECT 1 FROM jobs WHERE id = ?", [j.id])?.is_some() {
         return Ok((
             OpResult::Conflict(format!("job {} already exists", j.id)),
@@ -178,6 +208,19 @@ pub(super) fn create_job(
             OpResult::Conflict(format!(
                 "the group has {MAX_ACTIVE_JOBS} unfinished jobs, the most it may; wait for one \
                  to finish or cancel one"
+            )),
+            None,
+        ));
+    }
+    let r = j.rollout;
+    if !(1..=MAX_PER_MINUTE).contains(&r.max_per_minute)
+        || !(1..=MAX_IN_FLIGHT).contains(&r.max_in_flight)
+    {
+        return Ok((
+            OpResult::Conflict(format!(
+                "a job's rollout needs max_per_minute 1 to {MAX_PER_MINUTE} and max_in_flight 1 \
+                 to {MAX_IN_FLIGHT} ({} and {} given)",
+                r.max_per_minute, r.max_in_flight
             )),
             None,
         ));
@@ -224,8 +267,8 @@ pub(super) fn create_job(
         conn,
         "INSERT INTO jobs (id, state, command_name, params, selector, max_per_minute, \
          max_in_flight, abort_percent, abort_min_finished, timeout_ms, start_at, created_at, \
-         updated_at, n_total, n_queued) \
-         VALUES (?, 'scheduled', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         updated_at, n_total, n_queued, idempotency_key) \
+         VALUES (?, 'scheduled', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         rusqlite::params![
             j.id,
             j.command.name,
@@ -241,6 +284,7 @@ pub(super) fn create_job(
             db_int(ts),
             n,
             n,
+            j.idempotency_key,
         ],
     )?;
     insert_executions(conn, ts, j.id, devices.iter().copied())?;
@@ -265,30 +309,45 @@ fn insert_executions<'a>(
 }
 
 /// The devices having every label of `selector`, by id, at most `max`
-/// (and whether there were more).
-fn select_devices(
+/// (and whether there were more). One query, bounded: SQLite walks the
+/// first label's index in device order and stops after `max + 1` rows, so
+/// neither memory nor time grows with the devices past the bound.
+pub(in crate::state) fn select_devices(
     conn: &Connection,
     selector: &BTreeMap<String, String>,
     max: usize,
 ) -> Result<(Vec<String>, bool), StateError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT device FROM device_labels WHERE key = ? AND value = ? ORDER BY device",
-    )?;
-    let mut found: Option<BTreeSet<String>> = None;
-    for (k, v) in selector {
-        let rows = stmt.query_map((k, v), |r| r.get::<_, String>(0))?;
-        let mut these = BTreeSet::new();
-        for d in rows {
-            let d = d?;
-            if found.as_ref().is_none_or(|f| f.contains(&d)) {
-                these.insert(d);
-            }
-        }
-        found = Some(these);
+    let mut labels = selector.iter();
+    let Some((k0, v0)) = labels.next() else {
+        return Ok((Vec::new(), false));
+    };
+    let mut sql = String::from("SELECT l0.device FROM device_labels l0");
+    let mut args: Vec<&str> = Vec::with_capacity(2 * selector.len());
+    for (i, (k, v)) in labels.enumerate() {
+        let t = i + 1;
+        sql.push_str(&format!(
+            " JOIN device_labels l{t} ON l{t}.device = l0.device AND l{t}.key = ? \
+             AND l{t}.value = ?"
+        ));
+        args.push(k);
+        args.push(v);
     }
-    let all = found.unwrap_or_default();
-    let more = all.len() > max;
-    Ok((all.into_iter().take(max).collect(), more))
+    sql.push_str(" WHERE l0.key = ? AND l0.value = ? ORDER BY l0.device LIMIT ?");
+    args.push(k0);
+    args.push(v0);
+    let limit = db_int(max as u64 + 1);
+    let mut params: Vec<&dyn rusqlite::ToSql> =
+        args.iter().map(|a| a as &dyn rusqlite::ToSql).collect();
+    params.push(&limit);
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params.as_slice(), |r| r.get::<_, String>(0))?;
+    let mut found = Vec::new();
+    for d in rows {
+        found.push(d?);
+    }
+    let more = found.len() > max;
+    found.truncate(max);
+    Ok((found, more))
 }
 
 /// `StartJob`.
@@ -316,10 +375,18 @@ pub(super) fn start_job(conn: &Connection, ts: u64, id: &str) -> Result<Applied,
             (n, n, reason, id),
         )?;
     }
+    let credit = RateCredit::at_start(ts);
     exec(
         conn,
-        "UPDATE jobs SET state = 'in_progress', started_at = ?, updated_at = ? WHERE id = ?",
-        (db_int(ts), db_int(ts), id),
+        "UPDATE jobs SET state = 'in_progress', started_at = ?, updated_at = ?, \
+         rate_credit = ?, rate_at = ? WHERE id = ?",
+        (
+            db_int(ts),
+            db_int(ts),
+            db_int(credit.credit),
+            db_int(credit.at_ms),
+            id,
+        ),
     )?;
     job_changed(conn, id, JobStep::Started)
 }
@@ -364,9 +431,10 @@ pub(super) fn launch_executions(
     if job.state != JobState::InProgress || job.abort.is_some_and(|a| a.tripped(&job.counts)) {
         return Ok((OpResult::Ignored, None));
     }
-    let mut budget = launch_budget(&job, ts);
+    let credit = load_credit(conn, id)?;
+    let mut budget = launch_budget(&job, credit, ts);
     let mut seen = HashSet::new();
-    let mut commands = Vec::new();
+    let mut executions = Vec::new();
     for device in devices {
         if budget == 0 {
             break;
@@ -429,20 +497,35 @@ pub(super) fn launch_executions(
             "UPDATE jobs SET n_launched = n_launched + 1 WHERE id = ?",
             [id],
         )?;
-        commands.push(
-            load_command(conn, &cid)?
-                .ok_or_else(|| StateError::Corrupt(format!("command {cid} vanished")))?,
-        );
+        executions.push(Launched {
+            device: device.clone(),
+            command: cid,
+        });
         budget -= 1;
     }
-    if commands.is_empty() {
+    if executions.is_empty() {
         return Ok((OpResult::Ignored, None));
     }
+    // Only what launched is paid for (a skipped device costs nothing).
+    let credit = credit
+        .refilled(&job.rollout, ts)
+        .debited(executions.len() as u64);
+    exec(
+        conn,
+        "UPDATE jobs SET rate_credit = ?, rate_at = ? WHERE id = ?",
+        (db_int(credit.credit), db_int(credit.at_ms), id),
+    )?;
     Ok((
         OpResult::Done,
         Some(Change::JobLaunched {
             job: id.to_string(),
-            commands,
+            command: Arc::new(LaunchedCommand {
+                name: job.command.name,
+                params: job.command.params,
+                issued_at: ts,
+                expires_at: ts.saturating_add(job.timeout_ms),
+            }),
+            executions,
         }),
     ))
 }
@@ -480,39 +563,35 @@ fn finish(
     Ok(())
 }
 
-/// `CompleteJob`.
-pub(super) fn complete_job(conn: &Connection, ts: u64, id: &str) -> Result<Applied, StateError> {
+/// `CompleteJob` and `AbortJob`: the proposal says "end this job"; apply
+/// decides how, from the replicated counters alone. An in-progress job
+/// whose abort rule trips ends `aborted` (its queued executions canceled),
+/// whichever of the two was proposed; else one with nothing queued or in
+/// progress ends `completed`; anything else is ignored.
+pub(super) fn end_job(conn: &Connection, ts: u64, id: &str) -> Result<Applied, StateError> {
     let Some(job) = load_job(conn, id)? else {
         return Ok(not_found_job(id));
-    };
-    if job.state != JobState::InProgress || job.counts.queued > 0 || job.counts.in_progress > 0 {
-        return Ok((OpResult::Ignored, None));
-    }
-    finish(conn, ts, id, JobState::Completed, None)?;
-    job_changed(conn, id, JobStep::Completed)
-}
-
-/// `AbortJob`.
-pub(super) fn abort_job(conn: &Connection, ts: u64, id: &str) -> Result<Applied, StateError> {
-    let Some(job) = load_job(conn, id)? else {
-        return Ok(not_found_job(id));
-    };
-    let Some(rule) = job.abort.filter(|a| a.tripped(&job.counts)) else {
-        return Ok((OpResult::Ignored, None));
     };
     if job.state != JobState::InProgress {
         return Ok((OpResult::Ignored, None));
     }
-    let c = job.counts;
-    let reason = format!(
-        "{} of {} finished executions failed or timed out, more than {} %",
-        c.failed + c.timed_out,
-        c.failed + c.timed_out + c.succeeded,
-        rule.failure_percent
-    );
-    cancel_queued(conn, ts, id)?;
-    finish(conn, ts, id, JobState::Aborted, Some(reason))?;
-    job_changed(conn, id, JobStep::Aborted)
+    if let Some(rule) = job.abort.filter(|a| a.tripped(&job.counts)) {
+        let c = job.counts;
+        let reason = format!(
+            "{} of {} finished executions failed or timed out, more than {} %",
+            c.failed + c.timed_out,
+            c.failed + c.timed_out + c.succeeded,
+            rule.failure_percent
+        );
+        cancel_queued(conn, ts, id)?;
+        finish(conn, ts, id, JobState::Aborted, Some(reason))?;
+        return job_changed(conn, id, JobStep::Aborted);
+    }
+    if job.counts.queued > 0 || job.counts.in_progress > 0 {
+        return Ok((OpResult::Ignored, None));
+    }
+    finish(conn, ts, id, JobState::Completed, None)?;
+    job_changed(conn, id, JobStep::Completed)
 }
 
 /// `CancelJob`.
@@ -657,17 +736,20 @@ impl StateDb {
         rows.iter().map(execution_from_row).collect()
     }
 
-    /// The jobs not finished (scheduled or in progress), by id.
-    pub async fn active_jobs(&self) -> Result<Vec<Job>, StateError> {
+    /// The jobs not finished (scheduled or in progress), by id, each with
+    /// its launch credit.
+    pub async fn active_jobs(&self) -> Result<Vec<(Job, RateCredit)>, StateError> {
         let pool = self.pool.read().await;
         let rows = sqlx::query(&format!(
-            "SELECT {JOB_COLS} FROM jobs WHERE state IN ('scheduled', 'in_progress') \
-             ORDER BY id LIMIT ?"
+            "SELECT {JOB_COLS}, rate_credit, rate_at FROM jobs \
+             WHERE state IN ('scheduled', 'in_progress') ORDER BY id LIMIT ?"
         ))
         .bind(db_int(2 * MAX_ACTIVE_JOBS as u64))
         .fetch_all(&*pool)
         .await?;
-        rows.iter().map(job_from_row).collect()
+        rows.iter()
+            .map(|r| Ok((job_from_row(r)?, credit_from_row(r)?)))
+            .collect()
     }
 
     /// The first `limit` devices (by id) whose execution of `job` is queued.

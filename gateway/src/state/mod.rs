@@ -64,7 +64,7 @@ use sqlx::{Connection, SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, RwLock, broadcast, mpsc, oneshot, watch};
 
 use crate::ops::{Event, OpResult};
-pub use change::{Change, CommandStep, JobStep, ShadowSide};
+pub use change::{Change, CommandStep, JobStep, Launched, LaunchedCommand, ShadowSide};
 
 mod apply;
 mod change;

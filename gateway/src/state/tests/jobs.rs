@@ -18,6 +18,7 @@ fn create(id: &str, target: JobTarget, rollout: Rollout, abort: Option<AbortRule
         abort,
         timeout_ms: 60_000,
         start_at_ms: None,
+        idempotency_key: None,
     }
 }
 
@@ -280,7 +281,7 @@ async fn the_rate_bound_holds_at_apply_time_whatever_the_proposal_asks() {
     );
     let start = T0 + 1_000_000;
     job_of(db.run_at(start, Op::StartJob { id: "jr".into() }).await);
-    // 60 a minute: one at once, a second after a second, 5 after 4.5 s.
+    // 60 a minute: one at once, then one a second.
     assert_eq!(db.run_at(start, launch("jr", &all)).await, OpResult::Done);
     assert_eq!(job(&db, "jr").await.launched, 1);
     assert_eq!(
@@ -292,11 +293,17 @@ async fn the_rate_bound_holds_at_apply_time_whatever_the_proposal_asks() {
         OpResult::Done
     );
     assert_eq!(job(&db, "jr").await.launched, 2);
+    for s in [2000, 3000, 4000] {
+        assert_eq!(
+            db.run_at(start + s, launch("jr", &all)).await,
+            OpResult::Done
+        );
+    }
+    assert_eq!(job(&db, "jr").await.launched, 5);
     assert_eq!(
         db.run_at(start + 4500, launch("jr", &all)).await,
-        OpResult::Done
+        OpResult::Ignored
     );
-    assert_eq!(job(&db, "jr").await.launched, 5);
     // A stamp before the start (another leader's clock) allows no more.
     assert_eq!(
         db.run_at(start - 5000, launch("jr", &all)).await,
@@ -310,6 +317,60 @@ async fn the_rate_bound_holds_at_apply_time_whatever_the_proposal_asks() {
         .map(|(d, _)| d)
         .collect();
     assert_eq!(launched, ids(5));
+}
+
+#[tokio::test]
+async fn after_a_stall_a_job_launches_one_seconds_worth_at_most_then_its_rate() {
+    let mut db = fleet(300).await;
+    let all = ids(300);
+    job_of(
+        db.run(create(
+            "js",
+            JobTarget::Devices(all.clone()),
+            rollout(6000, 1000),
+            None,
+        ))
+        .await,
+    );
+    let start = T0 + 1_000_000;
+    job_of(db.run_at(start, Op::StartJob { id: "js".into() }).await);
+    assert_eq!(db.run_at(start, launch("js", &all)).await, OpResult::Done);
+    assert_eq!(job(&db, "js").await.launched, 1);
+    // Ten minutes without a launch (no quorum, say): 100 a second is all
+    // that was saved up, not the 1,000 in flight the bounds allow.
+    let later = start + 600_000;
+    assert_eq!(db.run_at(later, launch("js", &all)).await, OpResult::Done);
+    assert_eq!(job(&db, "js").await.launched, 101);
+    assert_eq!(
+        db.run_at(later, launch("js", &all)).await,
+        OpResult::Ignored
+    );
+    // Then the rate: one each 10 ms.
+    assert_eq!(
+        db.run_at(later + 9, launch("js", &all)).await,
+        OpResult::Ignored
+    );
+    assert_eq!(
+        db.run_at(later + 10, launch("js", &all)).await,
+        OpResult::Done
+    );
+    assert_eq!(job(&db, "js").await.launched, 102);
+    assert_eq!(
+        db.run_at(later + 510, launch("js", &all)).await,
+        OpResult::Done
+    );
+    assert_eq!(job(&db, "js").await.launched, 152);
+    // A launch naming only devices already launched pays for nothing.
+    let done = ids(10);
+    assert_eq!(
+        db.run_at(later + 1510, launch("js", &done)).await,
+        OpResult::Ignored
+    );
+    assert_eq!(
+        db.run_at(later + 1510, launch("js", &all)).await,
+        OpResult::Done
+    );
+    assert_eq!(job(&db, "js").await.launched, 252);
 }
 
 #[tokio::test]
@@ -539,11 +600,14 @@ async fn a_selector_matching_nothing_starts_empty_and_completes() {
     assert!(matches!(r, OpResult::Conflict(_)), "{r:?}");
 }
 
+/// A job's id and its counters, as `check_counters` reads them.
+type CounterRow = (String, i64, i64, i64, i64, i64, i64, i64, i64);
+
 /// Every job's counters against its execution rows, and every launched
 /// execution against its command.
 async fn check_counters(db: &Db, step: usize, op: &str) {
     let pool = db.db.pool.read().await;
-    let jobs: Vec<(String, i64, i64, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+    let jobs: Vec<CounterRow> = sqlx::query_as(
         "SELECT id, n_total, n_launched, n_queued, n_in_progress, n_succeeded, n_failed, \
          n_timed_out, n_canceled FROM jobs ORDER BY id",
     )
@@ -679,5 +743,201 @@ async fn counters_follow_the_executions_whatever_the_order_of_the_operations() {
         let kind = op.kind();
         db.run_at(ts, op).await;
         check_counters(&db, step, kind).await;
+    }
+}
+
+#[tokio::test]
+async fn a_selector_keeps_the_first_devices_by_id_in_one_bounded_query() {
+    let db = fleet(6).await;
+    let conn = rusqlite::Connection::open(db.dir.path().join(super::super::DB_FILE)).unwrap();
+    let sel = |labels: &[(&str, &str)]| -> BTreeMap<String, String> {
+        labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let select = |labels: &[(&str, &str)], max: usize| {
+        super::super::jobs::select_devices(&conn, &sel(labels), max).unwrap()
+    };
+    let first = |n: usize| ids(n);
+    assert_eq!(select(&[("kind", "pump")], 3), (first(3), true));
+    assert_eq!(select(&[("kind", "pump")], 6), (first(6), false));
+    assert_eq!(
+        select(&[("kind", "pump"), ("site", "north")], 5),
+        (first(5), false)
+    );
+    assert_eq!(
+        select(&[("kind", "pump"), ("site", "north")], 4),
+        (first(4), true)
+    );
+    assert_eq!(
+        select(&[("site", "south"), ("kind", "pump")], 10),
+        (vec!["d05".to_string()], false)
+    );
+    assert_eq!(select(&[("kind", "valve")], 10), (Vec::new(), false));
+    // The devices come in index order and the query stops at the bound:
+    // no sort of every match (which would read them all first).
+    let mut plan = conn
+        .prepare(
+            "EXPLAIN QUERY PLAN SELECT l0.device FROM device_labels l0 JOIN device_labels l1 \
+             ON l1.device = l0.device AND l1.key = 'a' AND l1.value = 'b' \
+             WHERE l0.key = 'c' AND l0.value = 'd' ORDER BY l0.device LIMIT 3",
+        )
+        .unwrap();
+    let steps: Vec<String> = plan
+        .query_map([], |r| r.get::<_, String>(3))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(
+        !steps.iter().any(|s| s.contains("TEMP B-TREE")),
+        "{steps:?}"
+    );
+}
+
+#[tokio::test]
+async fn apply_refuses_a_rollout_that_could_never_launch() {
+    let mut db = fleet(2).await;
+    for (per_minute, in_flight) in [(0, 10), (10, 0), (0, 0), (600_001, 10), (10, 10_001)] {
+        let r = db
+            .run(create(
+                "jz",
+                JobTarget::Devices(ids(1)),
+                rollout(per_minute, in_flight),
+                None,
+            ))
+            .await;
+        assert!(
+            matches!(&r, OpResult::Conflict(m) if m.contains("max_per_minute")),
+            "{per_minute}/{in_flight}: {r:?}"
+        );
+        assert!(db.db.job("jz").await.unwrap().is_none());
+    }
+    let labels = JobTarget::Labels([("kind".to_string(), "pump".to_string())].into());
+    let r = db.run(create("jz", labels, rollout(0, 1), None)).await;
+    assert!(matches!(r, OpResult::Conflict(_)), "{r:?}");
+    // The bounds themselves are fine.
+    let j = job_of(
+        db.run(create(
+            "jz",
+            JobTarget::Devices(ids(1)),
+            rollout(1, 1),
+            None,
+        ))
+        .await,
+    );
+    assert_eq!(j.rollout, rollout(1, 1));
+}
+
+#[tokio::test]
+async fn apply_decides_how_a_job_ends_whichever_end_was_proposed() {
+    let mut db = fleet(4).await;
+    let abort = AbortRule {
+        failure_percent: 50,
+        min_finished: 2,
+    };
+    // Every execution finished and the rule trips: a CompleteJob (a stale
+    // proposal, made before the last result) aborts it.
+    let two = ids(2);
+    for id in ["jc", "jd"] {
+        job_of(
+            db.run(create(
+                id,
+                JobTarget::Devices(two.clone()),
+                rollout(600_000, 10),
+                Some(abort),
+            ))
+            .await,
+        );
+        job_of(db.run(Op::StartJob { id: id.into() }).await);
+        assert_eq!(db.run(launch(id, &two)).await, OpResult::Done);
+    }
+    command_of(db.run(result("jc", "d00", false)).await);
+    command_of(db.run(result("jc", "d01", false)).await);
+    let j = job_of(db.run(Op::CompleteJob { id: "jc".into() }).await);
+    assert_eq!(j.state, JobState::Aborted);
+    assert!(
+        j.reason.as_deref().is_some_and(|r| r.contains("2 of 2")),
+        "{j:?}"
+    );
+    // The rule does not trip (1 of 2 is 50 %, not above) and everything
+    // finished: an AbortJob completes it.
+    command_of(db.run(result("jd", "d00", false)).await);
+    assert_eq!(
+        db.run(Op::AbortJob { id: "jd".into() }).await,
+        OpResult::Ignored,
+        "one still in progress"
+    );
+    command_of(db.run(result("jd", "d01", true)).await);
+    let j = job_of(db.run(Op::AbortJob { id: "jd".into() }).await);
+    assert_eq!((j.state, j.reason), (JobState::Completed, None));
+    // Over: both are ignored.
+    for op in [
+        Op::CompleteJob { id: "jc".into() },
+        Op::AbortJob { id: "jd".into() },
+    ] {
+        assert_eq!(db.run(op).await, OpResult::Ignored);
+    }
+    // The events say what happened.
+    let kinds: Vec<String> = db
+        .db
+        .events_since(0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .filter(|k| k == "job.aborted" || k == "job.completed")
+        .collect();
+    assert_eq!(kinds, ["job.aborted", "job.completed"]);
+}
+
+#[tokio::test]
+async fn a_launch_change_carries_its_command_once_and_the_executions_by_id() {
+    use crate::state::change::{Change, Launched};
+    let mut db = fleet(3).await;
+    let all = ids(3);
+    job_of(
+        db.run(create(
+            "jl",
+            JobTarget::Devices(all.clone()),
+            rollout(600_000, 10),
+            None,
+        ))
+        .await,
+    );
+    job_of(db.run(Op::StartJob { id: "jl".into() }).await);
+    let mut changes = db.db.changes();
+    let at = T0 + 50_000;
+    assert_eq!(db.run_at(at, launch("jl", &all)).await, OpResult::Done);
+    let Ok(Change::JobLaunched {
+        job,
+        command,
+        executions,
+    }) = changes.try_recv()
+    else {
+        panic!("no launch change");
+    };
+    assert_eq!(job, "jl");
+    let expected: Vec<Launched> = all
+        .iter()
+        .map(|d| Launched {
+            device: d.clone(),
+            command: command_id("jl", d),
+        })
+        .collect();
+    assert_eq!(executions, expected);
+    // What each command is, as stored.
+    for e in &executions {
+        let c = db.db.command(&e.command).await.unwrap().unwrap();
+        assert_eq!(
+            (&c.name, &c.params, c.issued_at, c.expires_at),
+            (
+                &command.name,
+                &command.params,
+                command.issued_at,
+                command.expires_at
+            )
+        );
+        assert_eq!(c.issued_at, at);
     }
 }
