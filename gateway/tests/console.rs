@@ -1,0 +1,746 @@
+//! The operator console, served at `/`: how it is served (without a token,
+//! with its Content-Security-Policy, revalidated by ETag), and an operator's
+//! session in a real browser — headless Chromium driven over WebDriver
+//! (chromedriver) — against a real gateway and devices connected over MQTT.
+//!
+//! The browser test needs `chromium` and `chromedriver` (Debian:
+//! `chromium`, `chromium-driver`). Without them it says so and passes,
+//! unless `ENTENTE_TEST_CHROMIUM` is set (as `.ci/run` sets it): then a
+//! missing browser is a failure, so CI never skips it silently.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use entente_protocol::{
+    CommandMessage, CommandResultMessage, ResultStatus, accepted_topic, commands_topic,
+    reported_topic, result_topic,
+};
+use gateway::config::Config;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+/// How long the test waits for any one thing in the browser.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A single gateway on loopback listeners, and its admin token.
+async fn gateway(dir: &Path) -> (gateway::Gateway, String) {
+    let mut config = Config::single(
+        dir.to_path_buf(),
+        "127.0.0.1:0".parse().expect("addr"),
+        "127.0.0.1:0".parse().expect("addr"),
+    );
+    config.tick = Duration::from_millis(5);
+    config.report_coalesce = Duration::from_millis(30);
+    let gw = gateway::start_with(config, common::loopback_listeners())
+        .await
+        .expect("start");
+    let file = gw.admin_token_file.clone().expect("admin token file");
+    let token = std::fs::read_to_string(file)
+        .expect("token")
+        .trim()
+        .to_string();
+    (gw, token)
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_is_served_without_a_token_under_a_strict_policy() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (gw, token) = gateway(tmp.path()).await;
+    let base = format!("http://{}", gw.http_addr);
+    let http = http();
+    for (path, ty) in [
+        ("/", "text/html; charset=utf-8"),
+        ("/console/app.js", "text/javascript; charset=utf-8"),
+        ("/console/api.js", "text/javascript; charset=utf-8"),
+        ("/console/charts.js", "text/javascript; charset=utf-8"),
+        ("/console/console.css", "text/css; charset=utf-8"),
+    ] {
+        let r = http.get(format!("{base}{path}")).send().await.expect("get");
+        assert_eq!(r.status(), 200, "{path}");
+        let h = r.headers().clone();
+        assert_eq!(h["content-type"], ty, "{path}");
+        let csp = h["content-security-policy"].to_str().expect("csp");
+        for directive in [
+            "default-src 'none'",
+            "script-src 'self'",
+            "connect-src 'self'",
+        ] {
+            assert!(csp.contains(directive), "{path}: {csp}");
+        }
+        assert!(!csp.contains("unsafe"), "{path}: {csp}");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        assert_eq!(h["cache-control"], "no-cache");
+        let etag = h["etag"].to_str().expect("etag").to_string();
+        assert!(!r.bytes().await.expect("body").is_empty());
+        // Unchanged: revalidated without a body.
+        let r = http
+            .get(format!("{base}{path}"))
+            .header("If-None-Match", &etag)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), 304, "{path}");
+        assert!(r.bytes().await.expect("body").is_empty());
+    }
+    // Any other file is a 404 problem; the API still needs its token.
+    for path in [
+        "/console/secrets.txt",
+        "/console/%2e%2e%2fopenapi.json",
+        "/console/",
+    ] {
+        let r = http.get(format!("{base}{path}")).send().await.expect("get");
+        assert_eq!(r.status(), 404, "{path}");
+        assert_eq!(r.headers()["content-type"], gateway::api::PROBLEM_JSON);
+    }
+    let r = http
+        .get(format!("{base}/v1/devices"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 401);
+    let r = http
+        .get(format!("{base}/v1/devices"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 200);
+    gw.stop().await;
+}
+
+/// A device that reports `{"speed": 1}` once connected and answers every
+/// command it gets (accepted, then succeeded with `{"ok": true}`), until
+/// dropped.
+fn device(id: String, secret: String, addr: std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut opts = MqttOptions::new(&id, addr.ip().to_string(), addr.port());
+        opts.set_credentials(&id, &secret);
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut ev) = AsyncClient::new(opts, 100);
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let c = client.clone();
+                    let id = id.clone();
+                    tokio::spawn(async move {
+                        let _ = c.subscribe(commands_topic(&id), QoS::AtLeastOnce).await;
+                        let _ = c
+                            .publish(
+                                reported_topic(&id),
+                                QoS::AtLeastOnce,
+                                false,
+                                r#"{"speed":1}"#,
+                            )
+                            .await;
+                    });
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let Ok(cmd) = serde_json::from_slice::<CommandMessage>(&p.payload) else {
+                        continue;
+                    };
+                    let result = CommandResultMessage {
+                        status: ResultStatus::Succeeded,
+                        output: json!({"ok": true}),
+                    };
+                    let result = serde_json::to_vec(&result).expect("result");
+                    let (c, id) = (client.clone(), id.clone());
+                    // Not from the polling task, whose loop empties the queue.
+                    tokio::spawn(async move {
+                        let _ = c
+                            .publish(accepted_topic(&id, &cmd.id), QoS::AtLeastOnce, false, "{}")
+                            .await;
+                        let _ = c
+                            .publish(result_topic(&id, &cmd.id), QoS::AtLeastOnce, false, result)
+                            .await;
+                    });
+                }
+                Ok(_) => {}
+                // Reconnects after a pause (bounded by the test's own waits).
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+}
+
+/// The first of `names` found on the PATH.
+fn on_path(names: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    names.iter().find_map(|n| {
+        std::env::split_paths(&path)
+            .map(|d| d.join(n))
+            .find(|p| p.is_file())
+    })
+}
+
+/// chromedriver and the browser, or why the browser test cannot run.
+fn browser_tools() -> Result<(PathBuf, PathBuf), String> {
+    let driver = on_path(&["chromedriver"]).ok_or("no chromedriver on the PATH")?;
+    let browser = on_path(&["chromium", "chromium-browser", "google-chrome"])
+        .ok_or("no chromium on the PATH")?;
+    Ok((driver, browser))
+}
+
+/// A chromedriver process on a port it picked (it prints it), killed on drop.
+struct Driver {
+    child: Child,
+    base: String,
+}
+
+impl Driver {
+    fn start(path: &Path) -> Driver {
+        let mut child = Command::new(path)
+            .arg("--port=0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("started successfully on port ").nth(1) {
+                    let _ = tx.send(rest.trim_end_matches('.').to_string());
+                }
+            }
+        });
+        let port = rx.recv_timeout(WAIT).expect("chromedriver says its port");
+        Driver {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A WebDriver session (W3C protocol over HTTP).
+struct Browser {
+    http: reqwest::Client,
+    session: String,
+    shots: PathBuf,
+}
+
+/// WebDriver's key of an element reference.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl Browser {
+    async fn open(driver: &Driver, browser: &Path, profile: &Path, shots: PathBuf) -> Browser {
+        let http = http();
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": browser,
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                    "--disable-dev-shm-usage", "--window-size=1280,1000",
+                    format!("--user-data-dir={}", profile.display())],
+            },
+            "goog:loggingPrefs": {"browser": "ALL"},
+        }}});
+        let r: Value = http
+            .post(format!("{}/session", driver.base))
+            .json(&caps)
+            .send()
+            .await
+            .expect("new session")
+            .json()
+            .await
+            .expect("session");
+        let session = r["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {r}"))
+            .to_string();
+        Browser {
+            http,
+            session: format!("{}/session/{session}", driver.base),
+            shots,
+        }
+    }
+
+    async fn cmd(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req = self.http.request(method, format!("{}{path}", self.session));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r: Value = req
+            .send()
+            .await
+            .expect("webdriver")
+            .json()
+            .await
+            .expect("webdriver json");
+        if let Some(e) = r["value"]["error"].as_str() {
+            panic!("webdriver {path}: {e}: {}", r["value"]["message"]);
+        }
+        r["value"].clone()
+    }
+
+    async fn goto(&self, url: &str) {
+        self.cmd(reqwest::Method::POST, "/url", Some(json!({"url": url})))
+            .await;
+    }
+
+    /// Runs `script` (a function body; `arguments` are `args`) in the page.
+    async fn js(&self, script: &str, args: Value) -> Value {
+        self.cmd(
+            reqwest::Method::POST,
+            "/execute/sync",
+            Some(json!({"script": script, "args": args})),
+        )
+        .await
+    }
+
+    /// Polls `script` until it returns something other than null or false;
+    /// fails after [`WAIT`], with a screenshot and the page's text.
+    async fn until(&self, what: &str, script: &str, args: Value) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = self.js(script, args.clone()).await;
+            if !v.is_null() && v != json!(false) {
+                return v;
+            }
+            if Instant::now() > deadline {
+                self.shot("failed").await;
+                let text = self.js("return document.body.innerText", json!([])).await;
+                panic!("{what}: not seen in {WAIT:?}; the page says:\n{text}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The text of the first element matching `css`, once it shows some.
+    async fn text_of(&self, css: &str) -> String {
+        self.until(
+            css,
+            "const e = document.querySelector(arguments[0]); \
+             return e && e.innerText.trim() !== '' && e.innerText",
+            json!([css]),
+        )
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+    }
+
+    async fn element(&self, css: &str) -> String {
+        self.until(
+            css,
+            "return document.querySelector(arguments[0]) !== null",
+            json!([css]),
+        )
+        .await;
+        let v = self
+            .cmd(
+                reqwest::Method::POST,
+                "/element",
+                Some(json!({"using": "css selector", "value": css})),
+            )
+            .await;
+        v[ELEMENT].as_str().expect("element id").to_string()
+    }
+
+    async fn click(&self, css: &str) {
+        let e = self.element(css).await;
+        self.cmd(
+            reqwest::Method::POST,
+            &format!("/element/{e}/click"),
+            Some(json!({})),
+        )
+        .await;
+    }
+
+    /// Replaces what the field `css` holds with `text`, typed.
+    async fn type_in(&self, css: &str, text: &str) {
+        let e = self.element(css).await;
+        self.cmd(
+            reqwest::Method::POST,
+            &format!("/element/{e}/clear"),
+            Some(json!({})),
+        )
+        .await;
+        self.cmd(
+            reqwest::Method::POST,
+            &format!("/element/{e}/value"),
+            Some(json!({"text": text})),
+        )
+        .await;
+    }
+
+    async fn select(&self, css: &str, value: &str) {
+        self.js(
+            "const s = document.querySelector(arguments[0]); s.value = arguments[1]; \
+             s.dispatchEvent(new Event('change', {bubbles: true}));",
+            json!([css, value]),
+        )
+        .await;
+    }
+
+    /// Saves a screenshot as `<name>.png` and returns its path.
+    async fn shot(&self, name: &str) -> PathBuf {
+        let v = self.cmd(reqwest::Method::GET, "/screenshot", None).await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().expect("base64"))
+            .expect("png");
+        let path = self.shots.join(format!("{name}.png"));
+        std::fs::write(&path, png).expect("write screenshot");
+        path
+    }
+
+    async fn resize(&self, width: u32, height: u32) {
+        self.cmd(
+            reqwest::Method::POST,
+            "/window/rect",
+            Some(json!({"width": width, "height": height})),
+        )
+        .await;
+    }
+
+    /// The browser's console messages since the last call.
+    async fn log(&self) -> Vec<String> {
+        let v = self
+            .cmd(
+                reqwest::Method::POST,
+                "/se/log",
+                Some(json!({"type": "browser"})),
+            )
+            .await;
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| format!("{} {}", e["level"], e["message"]))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    async fn close(self) {
+        let _ = self.http.delete(&self.session).send().await;
+    }
+}
+
+/// Whether the element `arguments[0]` (a grid) shows one column (the
+/// narrow layout).
+const ONE_COLUMN: &str = "const e = document.querySelector(arguments[0]); \
+    return e !== null && getComputedStyle(e).gridTemplateColumns.split(' ').length === 1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
+    let (driver_path, browser_path) = match browser_tools() {
+        Ok(t) => t,
+        Err(why) if std::env::var_os("ENTENTE_TEST_CHROMIUM").is_some() => {
+            panic!("ENTENTE_TEST_CHROMIUM is set but the browser test cannot run: {why}")
+        }
+        Err(why) => {
+            eprintln!(
+                "skipped the console's browser test: {why} (install chromium and \
+                 chromium-driver; set ENTENTE_TEST_CHROMIUM to make this a failure)"
+            );
+            return;
+        }
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let shots = tempfile::Builder::new()
+        .prefix("entente-console-")
+        .tempdir()
+        .expect("tempdir")
+        .keep();
+    println!("console screenshots in {}", shots.display());
+    let (gw, admin) = gateway(&tmp.path().join("gw")).await;
+    let base = format!("http://{}", gw.http_addr);
+    let api = http();
+
+    // Three devices, two of them labelled site=north, all connected.
+    let mut devices = Vec::new();
+    for (id, site) in [
+        ("pump-1", "north"),
+        ("pump-2", "north"),
+        ("valve-1", "south"),
+    ] {
+        let r: Value = api
+            .post(format!("{base}/v1/devices"))
+            .bearer_auth(&admin)
+            .json(&json!({"id": id, "labels": {"site": site}}))
+            .send()
+            .await
+            .expect("register")
+            .json()
+            .await
+            .expect("registered");
+        let secret = r["secret"].as_str().expect("secret").to_string();
+        devices.push(device(id.to_string(), secret, gw.mqtt_addr.expect("mqtt")));
+    }
+    // The operator's token, revoked at the end.
+    let created: Value = api
+        .post(format!("{base}/v1/tokens"))
+        .bearer_auth(&admin)
+        .json(&json!({"name": "console-operator", "role": "operator"}))
+        .send()
+        .await
+        .expect("token")
+        .json()
+        .await
+        .expect("token json");
+    let token = created["token"].as_str().expect("token").to_string();
+    let token_id = created["id"].as_str().expect("id").to_string();
+
+    let driver = Driver::start(&driver_path);
+    let b = Browser::open(
+        &driver,
+        &browser_path,
+        &tmp.path().join("profile"),
+        shots.clone(),
+    )
+    .await;
+    b.goto(&format!("{base}/")).await;
+
+    // A mistyped token is refused with the API's words.
+    b.type_in("#token", "not-a-token").await;
+    b.click("#signin button[type=submit]").await;
+    let refused = b.text_of("#signin-problem .problem").await;
+    assert!(refused.contains("not known to this gateway"), "{refused}");
+
+    // Signed in: the group, with its leader.
+    b.type_in("#token", &token).await;
+    b.click("#signin button[type=submit]").await;
+    b.until(
+        "the leader in the members",
+        "return document.querySelector('#group-members [data-badge=leader]') !== null",
+        json!([]),
+    )
+    .await;
+    assert_eq!(b.text_of("#group-leader").await, "1");
+    b.shot("group").await;
+    let stored = b
+        .js(
+            "return [sessionStorage.length, localStorage.length, document.cookie]",
+            json!([]),
+        )
+        .await;
+    assert_eq!(
+        stored,
+        json!([1, 0, ""]),
+        "the token is in sessionStorage only"
+    );
+
+    // Devices: a search by id prefix and label finds the two pumps.
+    b.click("nav a[data-view=devices]").await;
+    b.type_in("#device-prefix", "pump").await;
+    b.type_in("#device-labels", "site=north").await;
+    b.click("main form button[type=submit]").await;
+    let found = b
+        .until(
+            "both pumps online",
+            "const rows = [...document.querySelectorAll('#device-list [data-device]')]; \
+             return rows.length === 2 && rows.every(r => r.querySelector('[data-badge=online]')) \
+               && rows.map(r => r.dataset.device)",
+            json!([]),
+        )
+        .await;
+    assert_eq!(found, json!(["pump-1", "pump-2"]));
+
+    // A device's page: presence, then a command followed to its end.
+    b.click("#device-list [data-device=pump-1] a").await;
+    let presence = b.text_of("#device-presence").await;
+    assert!(presence.contains("online"), "{presence}");
+    b.until(
+        "the gateway holding it",
+        "return document.querySelector('#device-presence').innerText.includes('on gateway 1')",
+        json!([]),
+    )
+    .await;
+    b.type_in("#command-name", "reboot").await;
+    b.type_in("#command-params", r#"{"delay_s": 0}"#).await;
+    b.click("#command-form button[type=submit]").await;
+    b.until(
+        "the command succeeded",
+        "return document.querySelector('#command-followed [data-status=succeeded]') !== null",
+        json!([]),
+    )
+    .await;
+    assert!(
+        b.text_of("#command-followed")
+            .await
+            .contains("\"ok\": true")
+    );
+
+    // Desired state: the delta appears against what the device reported.
+    b.until(
+        "the reported speed",
+        "return document.querySelector('#shadow-reported')?.innerText.includes('\"speed\": 1')",
+        json!([]),
+    )
+    .await;
+    let version = b
+        .until(
+            "the shadow's version",
+            "const v = document.querySelector('#desired-version').value; return v !== '' && v",
+            json!([]),
+        )
+        .await;
+    b.type_in("#desired-patch", r#"{"speed": 5}"#).await;
+    b.click("#desired-form button[type=submit]").await;
+    b.until(
+        "the delta",
+        "return document.querySelector('#shadow-delta')?.innerText.includes('\"speed\": 5')",
+        json!([]),
+    )
+    .await;
+    b.shot("device").await;
+    // The version read before that change is stale now: the API's 412.
+    b.type_in("#desired-version", version.as_str().expect("version"))
+        .await;
+    b.type_in("#desired-patch", r#"{"speed": 6}"#).await;
+    b.click("#desired-form button[type=submit]").await;
+    let conflict = b
+        .text_of("#desired-result .problem[data-status='412']")
+        .await;
+    let shadow: Value = api
+        .get(format!("{base}/v1/devices/pump-1/shadow"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("shadow")
+        .json()
+        .await
+        .expect("shadow json");
+    assert_eq!(
+        shadow["desired"],
+        json!({"speed": 5}),
+        "the stale edit was refused"
+    );
+    let expected: Value = api
+        .patch(format!("{base}/v1/devices/pump-1/shadow"))
+        .bearer_auth(&admin)
+        .header("If-Match", version.as_str().expect("version"))
+        .json(&json!({"desired": {"speed": 6}}))
+        .send()
+        .await
+        .expect("stale patch")
+        .json()
+        .await
+        .expect("problem");
+    assert!(
+        conflict.contains(expected["title"].as_str().expect("title"))
+            && conflict.contains(expected["detail"].as_str().expect("detail")),
+        "{conflict} is not {expected}"
+    );
+
+    // Narrow screens get one column (two on a wide one).
+    assert_eq!(b.js(ONE_COLUMN, json!(["main .grid"])).await, json!(false));
+    b.resize(480, 1000).await;
+    b.until("one column", ONE_COLUMN, json!(["main .grid"]))
+        .await;
+    b.shot("device-narrow").await;
+    b.resize(1280, 1000).await;
+
+    // A job over the north site, rolled out to 100 %.
+    b.click("nav a[data-view=jobs]").await;
+    b.type_in("#job-name", "update-firmware").await;
+    b.type_in("#job-params", r#"{"version": "2.4.1"}"#).await;
+    b.select("#job-target-mode", "labels").await;
+    b.type_in("#job-target", "site=north").await;
+    b.type_in("#job-per-minute", "600").await;
+    b.type_in("#job-in-flight", "1").await;
+    b.click("#job-form button[type=submit]").await;
+    b.until(
+        "the job completed at 100 %",
+        "return document.querySelector('#job-progress[data-state=completed] [data-progress=\"100\"]') !== null",
+        json!([]),
+    )
+    .await;
+    let counts = b.text_of("#job-progress [data-count=succeeded]").await;
+    assert_eq!(counts.trim(), "succeeded 2");
+    b.shot("job").await;
+
+    // Live: an event as it happens, and the connected devices charted.
+    b.click("nav a[data-view=live]").await;
+    b.until(
+        "the stream is live",
+        "return document.querySelector('#live-state')?.innerText === 'live'",
+        json!([]),
+    )
+    .await;
+    let r = api
+        .post(format!("{base}/v1/devices/valve-1/commands"))
+        .bearer_auth(&admin)
+        .json(&json!({"name": "close"}))
+        .send()
+        .await
+        .expect("command");
+    assert_eq!(r.status(), 201);
+    b.until(
+        "the command's events",
+        "return document.querySelector('#live-events [data-event=\"command.issued\"]') !== null",
+        json!([]),
+    )
+    .await;
+    b.until(
+        "three connected devices charted",
+        "return document.querySelector('#chart-sessions')?.dataset.last === '3'",
+        json!([]),
+    )
+    .await;
+    b.until(
+        "a command rate charted",
+        "const v = document.querySelector('#chart-commands')?.dataset.last; return v !== undefined && v !== ''",
+        json!([]),
+    )
+    .await;
+    b.shot("live").await;
+
+    // The token is revoked: the console returns to sign-in with the 401's detail.
+    let r = api
+        .delete(format!("{base}/v1/tokens/{token_id}"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("revoke");
+    assert!(r.status().is_success(), "{}", r.status());
+    let why = b
+        .text_of("#signin-problem .problem[data-status='401']")
+        .await;
+    assert!(why.contains("not known to this gateway"), "{why}");
+    let left = b
+        .js("return sessionStorage.getItem('entente.token')", json!([]))
+        .await;
+    assert_eq!(left, Value::Null, "the revoked token is forgotten");
+    b.shot("signed-out").await;
+
+    // Nothing the policy refused, no script error.
+    let log = b.log().await;
+    for line in &log {
+        assert!(
+            !line.contains("Content Security Policy") && !line.contains("Uncaught"),
+            "the browser said: {line}"
+        );
+    }
+
+    // The README's picture.
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/console.png");
+    if std::env::var_os("ENTENTE_UPDATE_SCREENSHOT").is_some() {
+        std::fs::copy(shots.join("device.png"), &docs).expect("copy the screenshot");
+    }
+    b.close().await;
+    drop(driver);
+    for d in devices {
+        d.abort();
+    }
+    gw.stop().await;
+}
