@@ -193,7 +193,9 @@ fn browser_tools() -> Result<(PathBuf, PathBuf), String> {
     Ok((driver, browser))
 }
 
-/// A chromedriver process on a port it picked (it prints it), killed on drop.
+/// A chromedriver process on a port it picked (it prints it), in a process
+/// group of its own with the browser it starts: the group is killed on drop,
+/// so a failed test leaves no browser behind.
 struct Driver {
     child: Child,
     base: String,
@@ -201,8 +203,10 @@ struct Driver {
 
 impl Driver {
     fn start(path: &Path) -> Driver {
+        use std::os::unix::process::CommandExt as _;
         let mut child = Command::new(path)
             .arg("--port=0")
+            .process_group(0)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -226,6 +230,8 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -649,6 +655,55 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
         .await;
     b.shot("device-narrow").await;
     b.resize(1280, 1000).await;
+
+    // The device's commands, listed by status.
+    b.click("nav a[data-view=commands]").await;
+    b.type_in("#commands-device", "pump-1").await;
+    b.select("#commands-status", "succeeded").await;
+    b.click("main form button[type=submit]").await;
+    let listed = b.text_of("#commands-list [data-command]").await;
+    assert!(
+        listed.contains("reboot") && listed.contains("succeeded"),
+        "{listed}"
+    );
+
+    // A job the API refuses: its 422, in the API's words.
+    b.click("nav a[data-view=jobs]").await;
+    b.type_in("#job-name", &"x".repeat(129)).await;
+    b.select("#job-target-mode", "devices").await;
+    b.type_in("#job-target", "pump-1").await;
+    b.click("#job-form button[type=submit]").await;
+    let invalid = b.text_of("main .problem[data-status='422']").await;
+    assert!(
+        invalid.contains("Invalid request body") && invalid.contains("1 to 128 characters"),
+        "{invalid}"
+    );
+
+    // A job launching one device a minute, canceled from its page after
+    // the first.
+    b.type_in("#job-name", "slow-update").await;
+    b.type_in("#job-target", "pump-1, pump-2").await;
+    b.type_in("#job-per-minute", "1").await;
+    b.click("#job-form button[type=submit]").await;
+    b.until(
+        "one execution succeeded",
+        "return document.querySelector('#job-progress[data-state=in_progress] [data-progress=\"50\"]') !== null",
+        json!([]),
+    )
+    .await;
+    b.click("#job-cancel").await;
+    b.until(
+        "the job canceled",
+        "return document.querySelector('#job-progress[data-state=canceled]') !== null",
+        json!([]),
+    )
+    .await;
+    assert_eq!(
+        b.text_of("#job-progress [data-count=canceled]")
+            .await
+            .trim(),
+        "canceled 1"
+    );
 
     // A job over the north site, rolled out to 100 %.
     b.click("nav a[data-view=jobs]").await;
