@@ -135,7 +135,10 @@ function signinView() {
       signinProblem = null;
       try {
         await get("/v1/cluster?consistency=local");
-        location.hash = "#/group";
+        // Back to the page asked for (a link followed before signing in), or the group.
+        const asked = location.hash && location.hash !== "#/signin" ? location.hash : "#/group";
+        if (location.hash === asked) render();
+        else location.hash = asked;
       } catch (err) {
         if (err.status !== 401) showError(msg, err);
       }

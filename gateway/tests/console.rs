@@ -185,6 +185,24 @@ fn on_path(names: &[&str]) -> Option<PathBuf> {
     })
 }
 
+/// chromedriver and the browser; `None` (the test is skipped, saying why)
+/// without them, unless `ENTENTE_TEST_CHROMIUM` is set: then it fails.
+fn browser_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
+    match browser_tools() {
+        Ok(t) => Some(t),
+        Err(why) if std::env::var_os("ENTENTE_TEST_CHROMIUM").is_some() => {
+            panic!("ENTENTE_TEST_CHROMIUM is set but the browser test cannot run: {why}")
+        }
+        Err(why) => {
+            eprintln!(
+                "skipped the console's browser test {test}: {why} (install chromium and \
+                 chromium-driver; set ENTENTE_TEST_CHROMIUM to make this a failure)"
+            );
+            None
+        }
+    }
+}
+
 /// chromedriver and the browser, or why the browser test cannot run.
 fn browser_tools() -> Result<(PathBuf, PathBuf), String> {
     let driver = on_path(&["chromedriver"]).ok_or("no chromedriver on the PATH")?;
@@ -448,18 +466,8 @@ const ONE_COLUMN: &str = "const e = document.querySelector(arguments[0]); \
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
-    let (driver_path, browser_path) = match browser_tools() {
-        Ok(t) => t,
-        Err(why) if std::env::var_os("ENTENTE_TEST_CHROMIUM").is_some() => {
-            panic!("ENTENTE_TEST_CHROMIUM is set but the browser test cannot run: {why}")
-        }
-        Err(why) => {
-            eprintln!(
-                "skipped the console's browser test: {why} (install chromium and \
-                 chromium-driver; set ENTENTE_TEST_CHROMIUM to make this a failure)"
-            );
-            return;
-        }
+    let Some((driver_path, browser_path)) = browser_or_skip("an_operator_runs_the_fleet") else {
+        return;
     };
     let tmp = tempfile::tempdir().expect("tempdir");
     let shots = tempfile::Builder::new()
@@ -515,6 +523,17 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
     )
     .await;
     b.goto(&format!("{base}/")).await;
+
+    // Before sign-in, no navigation.
+    b.element("#signin").await;
+    assert_eq!(
+        b.js(
+            "return getComputedStyle(document.querySelector('#nav')).display",
+            json!([])
+        )
+        .await,
+        json!("none")
+    );
 
     // A mistyped token is refused with the API's words.
     b.type_in("#token", "not-a-token").await;
@@ -798,4 +817,144 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
         d.abort();
     }
     gw.stop().await;
+}
+
+/// Three gateways on loopback listeners, and the admin token (once every
+/// gateway has applied it).
+async fn group(dir: &Path) -> (Vec<gateway::Gateway>, String) {
+    let listeners: Vec<gateway::Listeners> = (0..3).map(|_| common::loopback_listeners()).collect();
+    let peers: Vec<(u64, std::net::SocketAddr)> = listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u64 + 1, common::addr_of(&l.peer)))
+        .collect();
+    let starts: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let id = i as u64 + 1;
+            let mut c = Config::single(
+                dir.join(format!("g{id}")),
+                "127.0.0.1:0".parse().expect("addr"),
+                peers[i].1,
+            );
+            c.node_id = id;
+            c.peers = peers.iter().map(|(id, a)| (*id, (*a).into())).collect();
+            c.cluster_secret = Some("console-test-secret".into());
+            c.tick = Duration::from_millis(5);
+            tokio::spawn(gateway::start_with(c, l))
+        })
+        .collect();
+    let mut gws = Vec::new();
+    for s in starts {
+        gws.push(s.await.expect("join").expect("start"));
+    }
+    let (file, applied) = gws
+        .iter()
+        .find_map(|g| {
+            g.admin_token_file
+                .clone()
+                .map(|f| (f, g.db().applied_index()))
+        })
+        .expect("the first leader wrote the admin token");
+    let token = std::fs::read_to_string(file)
+        .expect("token")
+        .trim()
+        .to_string();
+    let deadline = Instant::now() + WAIT;
+    while gws.iter().any(|g| g.db().applied_index() < applied) {
+        assert!(
+            Instant::now() < deadline,
+            "the admin token was not applied everywhere"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (gws, token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_group_view_warns_of_a_member_the_leader_cannot_reach() {
+    let Some((driver_path, browser_path)) = browser_or_skip("the_group_view") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let shots = tempfile::Builder::new()
+        .prefix("entente-console-group-")
+        .tempdir()
+        .expect("tempdir")
+        .keep();
+    println!("console screenshots in {}", shots.display());
+    let (mut gws, token) = group(&tmp.path().join("group")).await;
+    let api = http();
+    let leader = {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let r: Value = api
+                .get(format!("http://{}/v1/cluster", gws[0].http_addr))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("cluster")
+                .json()
+                .await
+                .expect("cluster json");
+            if let Some(l) = r["leader"].as_u64() {
+                break l;
+            }
+            assert!(Instant::now() < deadline, "no leader");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let at = |id: u64| gws.iter().position(|g| g.node().status().raft.id == id);
+    let base = format!("http://{}", gws[at(leader).expect("the leader")].http_addr);
+
+    let driver = Driver::start(&driver_path);
+    let b = Browser::open(&driver, &browser_path, &tmp.path().join("profile"), shots).await;
+    b.goto(&format!("{base}/#/group")).await;
+    b.type_in("#token", &token).await;
+    b.click("#signin button[type=submit]").await;
+    b.until(
+        "three members, all healthy",
+        "const rows = [...document.querySelectorAll('#group-members [data-member]')]; \
+         return rows.length === 3 && rows.every(r => r.querySelector('[data-badge=ok]'))",
+        json!([]),
+    )
+    .await;
+    assert_eq!(b.text_of("#group-leader").await, leader.to_string());
+    assert_eq!(
+        b.js(
+            "return document.querySelectorAll('#group-warnings .notice').length",
+            json!([])
+        )
+        .await,
+        json!(0)
+    );
+
+    // A follower goes away: the leader's console says it cannot reach it.
+    let follower = gws.remove(
+        gws.iter()
+            .position(|g| g.node().status().raft.id != leader)
+            .expect("a follower"),
+    );
+    let lost = follower.node().status().raft.id;
+    follower.crash().await;
+    b.until(
+        "the warning",
+        "return [...document.querySelectorAll('#group-warnings .notice')] \
+           .some(n => n.innerText === arguments[0])",
+        json!([format!("Member {lost} is unreachable from the leader.")]),
+    )
+    .await;
+    b.until(
+        "the member marked unreachable",
+        "return document.querySelector(`#group-members [data-member='${arguments[0]}'] [data-badge=unreachable]`) !== null",
+        json!([lost]),
+    )
+    .await;
+    b.shot("group-member-lost").await;
+    b.close().await;
+    drop(driver);
+    for g in gws {
+        g.stop().await;
+    }
 }
