@@ -303,6 +303,8 @@ function devicesView(ctx, query) {
 }
 
 const TERMINAL = new Set(["succeeded", "failed", "expired", "canceled"]);
+/** A command's statuses in the order it can go through them. */
+const LIFECYCLE = ["queued", "sent", "accepted", "succeeded", "failed", "expired", "canceled"];
 
 function commandRow(c, ctx, onChange) {
   const cancel = TERMINAL.has(c.status) ? null : el("button.secondary", {
@@ -363,7 +365,7 @@ function deviceView(ctx, id) {
       try {
         const body = { name: name.value.trim(), params: parseJson("Params", params.value, {}) };
         const r = await call("POST", p`/v1/devices/${id}/commands`, { body });
-        follow(r.body.id);
+        follow(r.body.id, Number(r.headers.get("Entente-Index") || 0));
       } catch (e2) {
         showError(followed, e2);
       }
@@ -371,28 +373,59 @@ function deviceView(ctx, id) {
   }, el("h2", { text: "Send a command" }), el("label", {}, "Name", name), el("label", {}, "Params (JSON)", params),
   el("p", {}, el("button", { type: "submit", text: "Send" })), followed);
 
-  let followToken = 0;
-  function follow(cid) {
-    const mine = ++followToken;
+  // The followed command: every status it goes through, from the event
+  // stream replayed from the write that issued it (nothing is missed), and
+  // a read every 2 s in case the stream is refused or cut.
+  let following = null;
+  function follow(cid, index) {
+    if (following) following.abort();
+    const ctrl = new AbortController();
+    following = ctrl;
+    ctx.signal.addEventListener("abort", () => ctrl.abort(), { once: true });
+    const seen = [];
+    let last = null;
     const started = Date.now();
-    const show = (c) => fill(followed, el("div", { "data-followed": cid, "data-status": c.status },
-      el("p", {}, "Command ", el("code", { text: cid }), " ", badge(c.status)),
-      c.output !== null && c.output !== undefined ? el("pre", { text: json(c.output) }) : null));
-    const step = async () => {
-      if (mine !== followToken || ctx.signal.aborted) return;
-      try {
-        // A long poll: answers as soon as the command is over, or after 5 s.
-        const c = await get(p`/v1/commands/${cid}` + "?wait=5000", { signal: ctx.signal });
-        show(c);
-        if (TERMINAL.has(c.status) || Date.now() - started > 10 * 60 * 1000) return;
-      } catch (e) {
-        if (e.name === "AbortError") return;
-        showError(followed, e);
-        await new Promise((r) => setTimeout(r, 1000));
+    let over = false;
+    const show = (c, fromStream = false) => {
+      // Statuses only move forward, so the history is their lifecycle order
+      // whichever source told of each first.
+      if (!seen.includes(c.status)) seen.push(c.status);
+      seen.sort((a, b) => LIFECYCLE.indexOf(a) - LIFECYCLE.indexOf(b));
+      if (!last || LIFECYCLE.indexOf(c.status) >= LIFECYCLE.indexOf(last.status)) last = c;
+      fill(followed, el("div", { "data-followed": cid, "data-status": last.status },
+        el("p", {}, "Command ", el("code", { text: cid }), " ", badge(last.status)),
+        el("p.muted#command-lifecycle", { text: seen.join(" → ") }),
+        last.output !== null && last.output !== undefined ? el("pre", { text: json(last.output) }) : null));
+      if (fromStream && TERMINAL.has(c.status)) ctrl.abort();
+      if ((TERMINAL.has(last.status) || Date.now() - started > 10 * 60 * 1000) && !over) {
+        // Over: the stream has 5 s more to tell the statuses before it.
+        over = true;
+        setTimeout(() => ctrl.abort(), 5000);
       }
-      step();
     };
-    step();
+    followEvents({
+      signal: ctrl.signal,
+      after: index > 0 ? index - 1 : undefined,
+      onState: () => {},
+      onEvent: (ev) => {
+        if (ev.event.startsWith("command.") && ev.data && ev.data.id === cid) show(ev.data, true);
+      },
+    });
+    const poll = async () => {
+      while (!ctrl.signal.aborted && !over) {
+        try {
+          show(await get(p`/v1/commands/${cid}`, { signal: ctrl.signal }));
+        } catch (e) {
+          if (e.name === "AbortError") return;
+          showError(followed, e);
+        }
+        await new Promise((r) => {
+          const t = setTimeout(r, 2000);
+          ctrl.signal.addEventListener("abort", () => { clearTimeout(t); r(); }, { once: true });
+        });
+      }
+    };
+    poll();
   }
 
   function showShadow(s) {

@@ -604,6 +604,16 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
             .await
             .contains("\"ok\": true")
     );
+    // Its lifecycle, from the event stream replayed from its issue: queued
+    // first (the page opened the stream after it), succeeded last (a device
+    // that answers at once skips the sent and accepted steps' own entries).
+    b.until(
+        "the lifecycle",
+        "const t = document.querySelector('#command-lifecycle')?.innerText; \
+         return t && t.startsWith('queued → ') && t.endsWith(' → succeeded')",
+        json!([]),
+    )
+    .await;
 
     // Desired state: the delta appears against what the device reported.
     b.until(
@@ -952,6 +962,44 @@ async fn the_group_view_warns_of_a_member_the_leader_cannot_reach() {
     )
     .await;
     b.shot("group-member-lost").await;
+
+    // The other follower too: no quorum. The leader steps down, and the
+    // console says there is no leader and shows /readyz's 503 detail.
+    let other = gws.remove(
+        gws.iter()
+            .position(|g| g.node().status().raft.id != leader)
+            .expect("the other follower"),
+    );
+    other.crash().await;
+    b.until(
+        "no leader",
+        "return [...document.querySelectorAll('#group-warnings .notice')] \
+           .some(n => n.innerText.startsWith('No leader is known'))",
+        json!([]),
+    )
+    .await;
+    let health = b
+        .until(
+            "readyz failing",
+            "const t = document.querySelector('#group-health')?.innerText; \
+             return t && t.includes('failing') && t",
+            json!([]),
+        )
+        .await;
+    let readyz: Value = api
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .expect("readyz")
+        .json()
+        .await
+        .expect("problem");
+    let detail = readyz["detail"].as_str().expect("detail");
+    assert!(
+        health.as_str().expect("text").contains(detail),
+        "{health} does not show {detail}"
+    );
+    b.shot("group-no-quorum").await;
     b.close().await;
     drop(driver);
     for g in gws {
