@@ -643,10 +643,10 @@ function liveView(ctx) {
   const charts = el("div.grid#live-charts");
   fill(main, el("h1", {}, "Live ", state), err, charts, el("h2", { text: "Events" }), events);
   const lines = [
-    new Sparkline(charts, "Commands sent to devices", "/s"),
-    new Sparkline(charts, "Device state reports", "/s"),
-    new Sparkline(charts, "Connected devices", ""),
-    new Sparkline(charts, "REST write latency (mean)", "ms"),
+    new Sparkline(charts, "Commands sent to devices", "/s", 2),
+    new Sparkline(charts, "Device state reports", "/s", 2),
+    new Sparkline(charts, "Connected devices", "", 0),
+    new Sparkline(charts, "REST write latency (mean)", "ms", 1),
   ];
   lines.forEach((l, i) => { l.card.id = `chart-${["commands", "reports", "sessions", "latency"][i]}`; });
   let prev = null;

@@ -50,8 +50,9 @@ export function figures(prev, cur, dt) {
 
 /** A chart: a title, the last value and a line of the last `max` points. */
 export class Sparkline {
-  constructor(parent, title, unit, max = 60) {
+  constructor(parent, title, unit, digits, max = 60) {
     this.points = [];
+    this.digits = digits;
     this.max = max;
     this.unit = unit;
     const card = document.createElement("div");
@@ -77,8 +78,7 @@ export class Sparkline {
   push(v) {
     this.points.push(v);
     if (this.points.length > this.max) this.points.shift();
-    const digits = v !== null && Math.abs(v) < 10 ? 2 : 0;
-    this.value.textContent = v === null ? "–" : `${v.toFixed(digits)} ${this.unit}`;
+    this.value.textContent = v === null ? "–" : `${v.toFixed(this.digits)} ${this.unit}`;
     this.card.dataset.last = v === null ? "" : String(v);
     this.draw();
   }

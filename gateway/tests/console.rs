@@ -682,6 +682,7 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
     b.resize(480, 1000).await;
     b.until("one column", ONE_COLUMN, json!(["main .grid"]))
         .await;
+    b.js("window.scrollTo(0, 0)", json!([])).await;
     b.shot("device-narrow").await;
     b.resize(1280, 1000).await;
 
