@@ -303,6 +303,25 @@ function devicesView(ctx, query) {
 }
 
 const TERMINAL = new Set(["succeeded", "failed", "expired", "canceled"]);
+/**
+ * The newest `n` items of a listing ordered by id (command and job ids
+ * start with their creation time), newest first. `tail` keeps, between
+ * calls, the cursor just before the last window, so a poll reads from
+ * there instead of from the start; the first walks at most 20 pages.
+ */
+async function newest(path, query, n, tail, signal) {
+  const items = [];
+  let after = tail.after;
+  for (let page = 0; page < 20; page++) {
+    const r = await get(withQuery(path, { ...query, after, limit: 100 }), { signal });
+    items.push(...r.items);
+    if (!r.next) break;
+    after = r.next;
+  }
+  if (items.length > n) tail.after = items[items.length - n - 1].id;
+  return items.slice(-n).reverse();
+}
+
 /** A command's statuses in the order it can go through them. */
 const LIFECYCLE = ["queued", "sent", "accepted", "succeeded", "failed", "expired", "canceled"];
 
@@ -332,6 +351,7 @@ function deviceView(ctx, id) {
   const shadow = el("div.card#device-shadow");
   const recent = el("div.card.scroll#device-commands");
   let version = null;
+  const recentTail = {};
 
   // Desired state, edited as a JSON merge patch with the version read.
   const patch = el("textarea#desired-patch", { spellcheck: "false" }, "{}");
@@ -445,7 +465,7 @@ function deviceView(ctx, id) {
       const [d, s, cmds] = await Promise.all([
         get(p`/v1/devices/${id}`, { signal: ctx.signal }),
         get(p`/v1/devices/${id}/shadow`, { signal: ctx.signal }),
-        get(p`/v1/devices/${id}/commands` + "?limit=20", { signal: ctx.signal }),
+        newest(p`/v1/devices/${id}/commands`, {}, 20, recentTail, ctx.signal),
       ]);
       showError(err, null);
       fill(presence, el("h2", { text: "Presence" }),
@@ -458,7 +478,7 @@ function deviceView(ctx, id) {
       showShadow(s);
       const refresh = (e2) => showError(err, e2);
       fill(recent, el("h2", { text: "Recent commands" }),
-        el("table", {}, commandHead(), el("tbody", {}, cmds.items.slice().reverse().map((c) => commandRow(c, ctx, refresh)))));
+        el("table", {}, commandHead(), el("tbody", {}, cmds.map((c) => commandRow(c, ctx, refresh)))));
     } catch (e) {
       showError(err, e);
     }
@@ -486,12 +506,13 @@ function commandsView(ctx, query) {
     fill(list, el("p.muted", { text: "Commands are listed per device: name one." }));
     return;
   }
+  const tail = {};
   ctx.every(2000, async () => {
     try {
-      const r = await get(withQuery(p`/v1/devices/${dev}/commands`, { status: query.get("status"), limit: 100 }), { signal: ctx.signal });
+      const items = await newest(p`/v1/devices/${dev}/commands`, { status: query.get("status") }, 100, tail, ctx.signal);
       showError(err, null);
-      fill(list, el("table", {}, commandHead(), el("tbody", {}, r.items.slice().reverse().map((c) => commandRow(c, ctx, (e) => showError(err, e))))),
-        r.items.length ? null : el("p.muted", { text: "No command." }));
+      fill(list, el("table", {}, commandHead(), el("tbody", {}, items.map((c) => commandRow(c, ctx, (e) => showError(err, e))))),
+        items.length ? null : el("p.muted", { text: "No command." }));
     } catch (e) {
       showError(err, e);
     }
@@ -577,17 +598,18 @@ function jobsView(ctx, query) {
   const err = el("div");
   const list = el("div.card.scroll#jobs-list");
   fill(main, el("h1", { text: "Jobs" }), err, jobForm(err), el("div.inline.card", {}, el("label", {}, "State", state)), list);
+  const tail = {};
   ctx.every(2000, async () => {
     try {
-      const r = await get(withQuery("/v1/jobs", { state: query.get("state"), limit: 100 }), { signal: ctx.signal });
+      const items = await newest("/v1/jobs", { state: query.get("state") }, 100, tail, ctx.signal);
       showError(err, null);
       fill(list, el("table", {},
         el("thead", {}, el("tr", {}, ...["Id", "State", "Command", "Devices", "Progress"].map((t) => el("th", { text: t })))),
-        el("tbody", {}, r.items.slice().reverse().map((j) => el("tr", { "data-job": j.id },
+        el("tbody", {}, items.map((j) => el("tr", { "data-job": j.id },
           el("td", {}, el("a", { href: `#/job/${encodeURIComponent(j.id)}`, text: j.id })),
           el("td", {}, badge(j.state)), el("td", { text: j.command.name }), el("td.num", { text: j.devices }),
           el("td", {}, progress(j, false)))))),
-      r.items.length ? null : el("p.muted", { text: "No job." }));
+      items.length ? null : el("p.muted", { text: "No job." }));
     } catch (e) {
       showError(err, e);
     }

@@ -754,6 +754,32 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
     assert_eq!(counts.trim(), "succeeded 2");
     b.shot("job").await;
 
+    // A device with more commands than the page lists shows its newest.
+    let mut last = String::new();
+    for i in 0..25 {
+        let r: Value = api
+            .post(format!("{base}/v1/devices/valve-1/commands"))
+            .bearer_auth(&admin)
+            .json(&json!({"name": format!("step-{i}")}))
+            .send()
+            .await
+            .expect("command")
+            .json()
+            .await
+            .expect("command json");
+        last = r["id"].as_str().expect("id").to_string();
+    }
+    b.goto(&format!("{base}/#/device/valve-1")).await;
+    let first = b
+        .until(
+            "the newest command first",
+            "const rows = document.querySelectorAll('#device-commands [data-command]'); \
+             return rows.length === 20 && rows[0].dataset.command",
+            json!([]),
+        )
+        .await;
+    assert_eq!(first, json!(last));
+
     // Live: an event as it happens, and the connected devices charted.
     b.click("nav a[data-view=live]").await;
     b.until(
