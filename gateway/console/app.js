@@ -657,6 +657,9 @@ function jobView(ctx, id) {
 
 /** Events kept on screen. */
 const MAX_EVENTS = 200;
+/** Characters of an event's data shown (a device's attributes can be large). */
+const MAX_EVENT_TEXT = 2000;
+const clip = (t) => (t.length > MAX_EVENT_TEXT ? `${t.slice(0, MAX_EVENT_TEXT)} … (${t.length} characters)` : t);
 
 function liveView(ctx) {
   const state = el("span#live-state.badge", { text: "connecting" });
@@ -700,7 +703,7 @@ function liveView(ctx) {
     onEvent: (ev) => {
       const line = el("div", { "data-event": ev.event },
         el("span.muted", { text: `#${ev.id} ` }), el("span.kind", { text: ev.event }), " ",
-        typeof ev.data === "string" ? ev.data : JSON.stringify(ev.data));
+        clip(typeof ev.data === "string" ? ev.data : JSON.stringify(ev.data)));
       events.prepend(line);
       while (events.childElementCount > MAX_EVENTS) events.lastElementChild.remove();
     },
