@@ -11,12 +11,14 @@
 //!   barrier (consistency levels) and the write helper;
 //! - `devices`, `shadow`, `commands`, `events` (SSE), `cluster`, `admin`
 //!   (backup), `tokens` (API tokens), `health` (healthz, readyz, metrics),
-//!   `openapi`.
+//!   `openapi`; `console` — the operator console's page and files at `/`
+//!   (outside the route table and the OpenAPI document: they are not API).
 
 mod admin;
 mod auth;
 mod cluster;
 mod commands;
+pub mod console;
 mod devices;
 mod error;
 mod events;
@@ -290,6 +292,11 @@ pub fn app(state: AppState) -> Router {
         router = router.route(info.path, method_router);
     }
     router
+        .route("/", axum::routing::get(console::index))
+        .route(
+            &format!("{}/{{file}}", console::ASSETS),
+            axum::routing::get(console::asset),
+        )
         .fallback(|| async { error::ApiError::from_status(StatusCode::NOT_FOUND) })
         .layer(Extension(metrics.clone()))
         .layer(Extension(streams))
