@@ -179,7 +179,10 @@ mod engine;
 mod message;
 
 pub use config::{Config, ConfigError};
-pub use core::{CLIENT_WINDOW, MAX_DOUBLINGS, Pbft, PbftStats, Reissue, compute_new_view};
+pub use core::{
+    CLIENT_WINDOW, MAX_DOUBLINGS, Pbft, PbftStats, Reissue, compute_new_view,
+    conflicting_certificates,
+};
 pub use message::{
     CheckpointProof, CheckpointState, CheckpointVote, ClientRecord, CommitCert, Message,
     MessageKind, NewView, Phase, PrePrepare, PreparedCert, Request, Signed, View, ViewChange, Vote,
