@@ -623,6 +623,15 @@ impl Pbft {
         &self.stable
     }
 
+    /// The executed history's state at [`Pbft::commit_index`]: the hash
+    /// chain over every sequence number executed (request digest, or zeros
+    /// for a null request or a duplicate) and the at-most-once table — what
+    /// a CHECKPOINT at that sequence number signs the digest of. Equal on
+    /// every correct replica at one sequence number.
+    pub fn executed_state(&self) -> CheckpointState {
+        self.exec.state()
+    }
+
     /// The dropped-input counters.
     pub fn stats(&self) -> &PbftStats {
         &self.stats
