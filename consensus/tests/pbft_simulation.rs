@@ -21,11 +21,23 @@
 //!   member, or spoofing the sender); replays of old messages (other
 //!   members' too, with their sender) and so messages of old views;
 //!   silence; selective delivery; lies in VIEW-CHANGE (forged prepared
-//!   certificates it lacks, hiding the ones it has); flooding with junk.
+//!   certificates it lacks, hiding the ones it has); VIEW-CHANGEs of
+//!   genuine but stale evidence (the oldest checkpoint proof it saw and,
+//!   per sequence number, the prepared certificate of the lowest view it
+//!   saw, newer ones hidden — shaped so that replicas accept them); a
+//!   colluding backup that PREPAREs and COMMITs every pre-prepare it is
+//!   sent, each version, while the correct primary of a view after 0
+//!   crashes and restarts now and then (in groups of 4 this backup is the
+//!   one Byzantine replica: an equivocating primary with a Byzantine
+//!   accomplice would be f+1); flooding with junk.
 //! * After **every** step, over correct replicas only: no two execute
-//!   different requests (or a request and a null) at one sequence number,
-//!   each executes in sequence order without gaps (but for snapshots), and
-//!   no client value executes at two sequence numbers.
+//!   different requests (or a request and a null) at one sequence number;
+//!   their executed histories agree — the hash chain at every sequence
+//!   number a replica reports after a ready, and the checkpoint state's
+//!   digest at checkpoint sequence numbers (a null request, a read and a
+//!   duplicate all come out as `Empty`, the chain tells them apart); each
+//!   executes in sequence order without gaps (but for snapshots), and no
+//!   client value executes at two sequence numbers.
 //! * **Liveness**, after the heal (faults stop, crashed replicas restart,
 //!   Byzantine replicas stay Byzantine): every value proposed at a correct
 //!   replica executes everywhere correct within [`LIVENESS_TICKS`].
