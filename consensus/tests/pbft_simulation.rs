@@ -85,12 +85,12 @@ const TRACE_LINES: usize = 300;
 const GROUP_SEED: u64 = 99;
 /// Seeds that once failed, run first every time.
 ///
-/// 2439 and 2539: with the fix for a restarted primary pre-preparing a
-/// sequence number twice reverted, a colluding backup gets two batches of
-/// one view prepared (2539: two correct replicas execute different
-/// requests; 2439: the NEW-VIEW holding both certificates is refused and
-/// the group stalls).
-const REGRESSION_SEEDS: &[u64] = &[2439, 2539];
+/// 2439: with the fix for a restarted primary pre-preparing a sequence
+/// number twice reverted, a colluding backup gets two batches of one view
+/// prepared; the NEW-VIEW holding both certificates is refused and the
+/// group stalls (with that refusal off too, an earlier version of this
+/// simulation saw two correct replicas execute different requests).
+const REGRESSION_SEEDS: &[u64] = &[2439];
 
 struct Rng(SplitMix64);
 
@@ -932,12 +932,13 @@ impl Sim {
         let (crash, partition, propose, compact) = (f.crash, f.partition, f.propose, f.compact);
         let correct = self.correct();
         if self.rng.chance(self.faults.crash_primary) {
-            // The primary of a view after 0, as its backups see it.
+            // The primary of the latest view a replica is in (view 0 too,
+            // which moves the group to later views).
             let views: BTreeSet<(u64, NodeId)> = self
                 .nodes
                 .values()
                 .map(|n| n.engine())
-                .filter(|e| e.view() > 0 && e.is_active())
+                .filter(|e| e.is_active())
                 .map(|e| (e.view(), e.primary_of(e.view())))
                 .collect();
             if let Some(&(v, p)) = views.last()
