@@ -26,7 +26,7 @@
 //!   per sequence number, the prepared certificate of the lowest view it
 //!   saw, newer ones hidden — shaped so that replicas accept them); a
 //!   colluding backup that PREPAREs and COMMITs every pre-prepare it is
-//!   sent, each version, while the correct primary of a view after 0
+//!   sent, each version, while the correct primary of the latest view
 //!   crashes and restarts now and then (in groups of 4 this backup is the
 //!   one Byzantine replica: an equivocating primary with a Byzantine
 //!   accomplice would be f+1); flooding with junk.
@@ -116,8 +116,9 @@ struct Faults {
     partition: u64,
     propose: u64,
     compact: u64,
-    /// Per mille per chaos step: crash the primary of a view after 0 when
-    /// it is correct (the restarted primary re-enters its view).
+    /// Per mille per chaos step: crash the primary of the latest view a
+    /// replica is in when it is correct (restarted in a view after 0, it
+    /// re-enters the view through a NEW-VIEW a peer hands it).
     crash_primary: u64,
 }
 
