@@ -10,8 +10,9 @@ use consensus::engine::EngineMessage;
 use consensus::memory::{Envelope, MemNode, MemStorage, Network};
 use consensus::pbft::crypto::{Crypto, Ed25519, SimCrypto};
 use consensus::pbft::{
-    CheckpointVote, Config, Message, MessageKind, NewView, Pbft, PrePrepare, Request, Signed,
-    ViewChange, batch_digest, compute_new_view,
+    CheckpointProof, CheckpointState, CheckpointVote, Config, Message, MessageKind, NewView, Pbft,
+    Phase, PrePrepare, PreparedCert, Request, Signed, ViewChange, Vote, batch_digest,
+    compute_new_view, conflicting_certificates,
 };
 use consensus::types::{InitialState, NodeId, Role};
 
@@ -1040,4 +1041,179 @@ fn a_prepare_retransmitted_before_its_record_is_durable_waits_for_it() {
     assert!(rd.entries.iter().any(|e| e.index == 1), "the record");
     assert_eq!(recipients(&rd.messages, "Prepare"), Vec::<NodeId>::new());
     assert_eq!(recipients(&rd.persisted_messages, "Prepare"), vec![1, 3, 4]);
+}
+
+/// A prepared certificate for `pp` with PREPAREs signed by `backups`.
+fn cert(pp: &Signed<PrePrepare>, backups: &[NodeId]) -> PreparedCert {
+    let b = &pp.body;
+    let prepares = backups
+        .iter()
+        .map(|&id| {
+            Signed::sign(
+                crypto(id).as_ref(),
+                id,
+                Vote {
+                    phase: Phase::Prepare,
+                    view: b.view,
+                    first: b.first,
+                    last: b.last(),
+                    digest: b.digest,
+                },
+            )
+        })
+        .collect();
+    PreparedCert {
+        pre_prepare: pp.clone(),
+        prepares,
+    }
+}
+
+/// A VIEW-CHANGE of `from` to `view` from the genesis checkpoint.
+fn view_change(from: NodeId, view: u64, prepared: Vec<PreparedCert>) -> Signed<ViewChange> {
+    Signed::sign(
+        crypto(from).as_ref(),
+        from,
+        ViewChange {
+            view,
+            checkpoint: CheckpointProof {
+                n: 0,
+                digest: CheckpointState::default().digest(),
+                votes: Vec::new(),
+            },
+            prepared,
+        },
+    )
+}
+
+fn fetches_sent(r: &mut Pbft) -> usize {
+    let rd = r.ready();
+    r.advance();
+    rd.messages
+        .iter()
+        .chain(rd.persisted_messages.iter())
+        .filter(|m| matches!(m.kind, MessageKind::Fetch { .. }))
+        .count()
+}
+
+/// A VIEW-CHANGE may not carry one valid certificate over and over (each
+/// would cost a signature check per PREPARE): more than one certificate
+/// per sequence number and view, or more than L, is refused before any
+/// signature is verified.
+#[test]
+fn a_view_change_repeating_a_certificate_is_refused_before_its_signatures() {
+    let mut r = replica(2);
+    let pp = pre_prepare(1, 0, 1, vec![request(3, 1, "x")]);
+    let c = cert(&pp, &[3, 4]);
+    let repeated = view_change(4, 1, vec![c.clone(), c.clone(), c.clone()]);
+    r.step(msg(4, 2, MessageKind::ViewChange(repeated)))
+        .expect("dropped");
+    assert_eq!(r.stats().invalid_view_change, 1);
+    // Its outer signature broken too: the shape is what refuses it.
+    let mut forged = view_change(4, 1, vec![c.clone(), c.clone()]);
+    forged.signer = 3;
+    r.step(msg(4, 2, MessageKind::ViewChange(forged)))
+        .expect("dropped");
+    assert_eq!(r.stats().invalid_view_change, 2);
+    assert_eq!(r.stats().bad_signature, 0, "refused before verifying");
+    // More than L certificates, each for another sequence number.
+    let many: Vec<PreparedCert> = (1..=9)
+        .map(|n| cert(&pre_prepare(1, 0, n, vec![request(3, n, "x")]), &[3, 4]))
+        .collect();
+    r.step(msg(4, 2, MessageKind::ViewChange(view_change(4, 1, many))))
+        .expect("dropped");
+    assert_eq!(r.stats().invalid_view_change, 3);
+    // The same certificate once is a valid view change.
+    r.step(msg(
+        4,
+        2,
+        MessageKind::ViewChange(view_change(4, 1, vec![c])),
+    ))
+    .expect("accepted");
+    assert_eq!(r.stats().invalid_view_change, 3);
+    assert_eq!(r.stats().bad_signature, 0);
+}
+
+/// One signed message of a far later view made a replica send a Fetch
+/// every resend tick forever: it now asks every peer once, then forgets
+/// the view, and while such messages keep coming asks only now and then.
+#[test]
+fn a_message_of_a_far_later_view_does_not_make_a_replica_fetch_forever() {
+    let mut r = replica(2);
+    let vote = |view: u64| {
+        Signed::sign(
+            crypto(3).as_ref(),
+            3,
+            Vote {
+                phase: Phase::Commit,
+                view,
+                first: 1,
+                last: 1,
+                digest: [7; 32],
+            },
+        )
+    };
+    r.step(msg(3, 2, MessageKind::Commit(vote(1_000_000))))
+        .expect("step");
+    let mut fetches = 0;
+    for _ in 0..400 {
+        r.tick();
+        fetches += fetches_sent(&mut r);
+    }
+    assert_eq!(fetches, 3, "one fetch to each peer, then it gives up");
+    assert_eq!(r.stats().later_view_given_up, 1);
+    // The member keeps signing messages of later views: fetches are
+    // rate-limited (resend every 2 ticks, one in 16 resends).
+    let mut fetches = 0;
+    for t in 0..640u64 {
+        r.step(msg(3, 2, MessageKind::Commit(vote(1_000_000 + t))))
+            .expect("step");
+        r.tick();
+        fetches += fetches_sent(&mut r);
+    }
+    assert!(fetches <= 320 / 16, "{fetches} fetches in 320 resends");
+    assert_eq!(r.view(), 0);
+    assert!(r.is_active());
+}
+
+/// Two valid prepared certificates of one view for different batches at
+/// one sequence number need f+1 Byzantine replicas; a NEW-VIEW whose
+/// VIEW-CHANGEs carry them is refused and counted rather than resolved by
+/// picking the lower digest.
+#[test]
+fn a_new_view_with_two_certificates_of_one_view_for_one_sequence_number_is_refused() {
+    let a = pre_prepare(1, 0, 1, vec![request(3, 1, "x")]);
+    let b = pre_prepare(1, 0, 1, vec![request(3, 1, "y")]);
+    let vcs = vec![
+        view_change(2, 1, vec![cert(&a, &[2, 3])]),
+        view_change(3, 1, vec![cert(&b, &[3, 4])]),
+        view_change(4, 1, vec![]),
+    ];
+    assert_eq!(conflicting_certificates(&vcs), Some(1));
+    let (_, reissue) = compute_new_view(&vcs);
+    let (first, requests) = reissue.expect("a batch");
+    let pp = Signed::sign(
+        crypto(2).as_ref(),
+        2,
+        PrePrepare {
+            view: 1,
+            first,
+            digest: batch_digest(first, &requests),
+            requests,
+        },
+    );
+    let nv = Signed::sign(
+        crypto(2).as_ref(),
+        2,
+        NewView {
+            view: 1,
+            view_changes: vcs,
+            pre_prepare: Some(pp),
+        },
+    );
+    let mut r = replica(4);
+    r.step(msg(2, 4, MessageKind::NewView(nv)))
+        .expect("dropped");
+    assert_eq!(r.stats().conflicting_certificates, 1);
+    assert_eq!(r.stats().invalid_new_view, 1);
+    assert_eq!(r.view(), 0, "does not enter view 1");
 }

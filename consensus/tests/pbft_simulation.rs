@@ -21,11 +21,23 @@
 //!   member, or spoofing the sender); replays of old messages (other
 //!   members' too, with their sender) and so messages of old views;
 //!   silence; selective delivery; lies in VIEW-CHANGE (forged prepared
-//!   certificates it lacks, hiding the ones it has); flooding with junk.
+//!   certificates it lacks, hiding the ones it has); VIEW-CHANGEs of
+//!   genuine but stale evidence (the oldest checkpoint proof it saw and,
+//!   per sequence number, the prepared certificate of the lowest view it
+//!   saw, newer ones hidden — shaped so that replicas accept them); a
+//!   colluding backup that PREPAREs and COMMITs every pre-prepare it is
+//!   sent, each version, while the correct primary of the latest view
+//!   crashes and restarts now and then (in groups of 4 this backup is the
+//!   one Byzantine replica: an equivocating primary with a Byzantine
+//!   accomplice would be f+1); flooding with junk.
 //! * After **every** step, over correct replicas only: no two execute
-//!   different requests (or a request and a null) at one sequence number,
-//!   each executes in sequence order without gaps (but for snapshots), and
-//!   no client value executes at two sequence numbers.
+//!   different requests (or a request and a null) at one sequence number;
+//!   their executed histories agree — the hash chain at every sequence
+//!   number a replica reports after a ready, and the checkpoint state's
+//!   digest at checkpoint sequence numbers (a null request, a read and a
+//!   duplicate all come out as `Empty`, the chain tells them apart); each
+//!   executes in sequence order without gaps (but for snapshots), and no
+//!   client value executes at two sequence numbers.
 //! * **Liveness**, after the heal (faults stop, crashed replicas restart,
 //!   Byzantine replicas stay Byzantine): every value proposed at a correct
 //!   replica executes everywhere correct within [`LIVENESS_TICKS`].
@@ -50,8 +62,8 @@ use consensus::engine::EngineMessage;
 use consensus::memory::{Envelope, MemNode, MemStorage};
 use consensus::pbft::crypto::{Crypto, SimCrypto};
 use consensus::pbft::{
-    CheckpointVote, Config, Message, MessageKind, Pbft, Phase, PrePrepare, PreparedCert, Request,
-    Signed, ViewChange, Vote, batch_digest,
+    CheckpointProof, CheckpointState, CheckpointVote, Config, Message, MessageKind, Pbft, Phase,
+    PrePrepare, PreparedCert, Request, Signed, ViewChange, Vote, batch_digest,
 };
 use consensus::raft::SplitMix64;
 use consensus::types::{EntryPayload, Index, NodeId};
@@ -72,7 +84,18 @@ const TRACE_LINES: usize = 300;
 /// The group's signature seed.
 const GROUP_SEED: u64 = 99;
 /// Seeds that once failed, run first every time.
-const REGRESSION_SEEDS: &[u64] = &[104_138];
+///
+/// 104138: a VIEW-CHANGE retransmitted in the tick that made it left before
+/// its view was durable; after a crash the replica acted in the old view
+/// again and its stale VIEW-CHANGE helped a NEW-VIEW miss a committed
+/// request.
+///
+/// 2439: with the fix for a restarted primary pre-preparing a sequence
+/// number twice reverted, a colluding backup gets two batches of one view
+/// prepared; the NEW-VIEW holding both certificates is refused and the
+/// group stalls (with that refusal off too, an earlier version of this
+/// simulation saw two correct replicas execute different requests).
+const REGRESSION_SEEDS: &[u64] = &[104_138, 2439];
 
 struct Rng(SplitMix64);
 
@@ -98,6 +121,10 @@ struct Faults {
     partition: u64,
     propose: u64,
     compact: u64,
+    /// Per mille per chaos step: crash the primary of the latest view a
+    /// replica is in when it is correct (restarted in a view after 0, it
+    /// re-enters the view through a NEW-VIEW a peer hands it).
+    crash_primary: u64,
 }
 
 /// What one Byzantine replica does (several may be on).
@@ -109,6 +136,13 @@ struct Strategy {
     silence: u64,
     ignores: BTreeSet<NodeId>,
     lie_in_view_change: bool,
+    /// VIEW-CHANGEs carrying genuine but stale evidence: the oldest valid
+    /// checkpoint proof it saw and, per sequence number, the prepared
+    /// certificate of the lowest view it saw, hiding newer ones.
+    stale_view_change: bool,
+    /// A backup colluding with whatever primary: it PREPAREs and COMMITs
+    /// every pre-prepare it is sent, every version of it.
+    collude: bool,
     flood: u64,
 }
 
@@ -116,11 +150,45 @@ struct Strategy {
 #[derive(Default)]
 struct Checker {
     executed: BTreeMap<Index, EntryPayload>,
+    /// The executed history's hash chain at each sequence number a correct
+    /// replica reported it at, and who reported it first.
+    chains: BTreeMap<Index, ([u8; 32], NodeId)>,
+    /// The checkpoint state's digest at each checkpoint sequence number.
+    checkpoints: BTreeMap<Index, ([u8; 32], NodeId)>,
     value_at: BTreeMap<Vec<u8>, Index>,
     applied_upto: BTreeMap<NodeId, Index>,
 }
 
 impl Checker {
+    /// Compares the executed history itself (not only the payloads, which
+    /// show a null request, a read and a duplicate all as `Empty`): the
+    /// hash chain at `state.n`, and the whole state's digest when that is
+    /// a checkpoint.
+    fn on_state(&mut self, id: NodeId, state: &CheckpointState) -> Result<(), String> {
+        let n = state.n;
+        if n == 0 {
+            return Ok(());
+        }
+        let (chain, first) = *self.chains.entry(n).or_insert((state.chain, id));
+        if chain != state.chain {
+            return Err(format!(
+                "two correct replicas executed different histories up to {n}: \
+                 hash chains differ (nodes {first} and {id})"
+            ));
+        }
+        if n.is_multiple_of(CHECKPOINT_INTERVAL) {
+            let d = state.digest();
+            let (digest, first) = *self.checkpoints.entry(n).or_insert((d, id));
+            if digest != d {
+                return Err(format!(
+                    "two correct replicas have different checkpoint states at {n} \
+                     (nodes {first} and {id})"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn on_apply(
         &mut self,
         id: NodeId,
@@ -176,6 +244,10 @@ struct Sim {
     variants: BTreeMap<(u64, Index, NodeId), Signed<PrePrepare>>,
     /// Messages the Byzantine replicas have seen (for replays).
     pool: VecDeque<Message>,
+    /// Genuine prepared certificates and checkpoint proofs the Byzantine
+    /// replicas have seen (for stale VIEW-CHANGEs).
+    certs_seen: VecDeque<PreparedCert>,
+    proofs_seen: VecDeque<consensus::pbft::CheckpointProof>,
     faults: Faults,
     nodes: BTreeMap<NodeId, MemNode<Pbft>>,
     crashed: BTreeMap<NodeId, (MemStorage, u64)>,
@@ -191,10 +263,15 @@ struct Sim {
     crashes: usize,
 }
 
+/// The simulated group's checkpoint interval.
+const CHECKPOINT_INTERVAL: u64 = 8;
+/// The simulated group's watermark window L.
+const WINDOW: u64 = 16;
+
 fn cfg(id: NodeId) -> Config {
     Config {
-        checkpoint_interval: 8,
-        window: 16,
+        checkpoint_interval: CHECKPOINT_INTERVAL,
+        window: WINDOW,
         request_timeout: 10,
         resend_tick: 2,
         max_batch: 4,
@@ -222,6 +299,7 @@ impl Sim {
             partition: rng.below(8),
             propose: 50 + rng.below(300),
             compact: rng.below(60),
+            crash_primary: 0,
         };
         let mut byz = BTreeMap::new();
         let count = if colluding {
@@ -265,9 +343,18 @@ impl Sim {
                     }
                 }
                 s.lie_in_view_change = rng.chance(400);
+                s.stale_view_change = !s.lie_in_view_change && rng.chance(400);
+                // A colluding backup; in a group of 4 the only Byzantine
+                // replica, so its accomplice is a correct primary restarted
+                // in its view.
+                s.collude = id != 1 && rng.chance(if n == 4 { 300 } else { 400 });
                 s.flood = if rng.chance(300) { rng.below(300) } else { 0 };
             }
             byz.insert(id, s);
+        }
+        let mut faults = faults;
+        if byz.values().any(|s| s.collude) {
+            faults.crash_primary = 20 + rng.below(100);
         }
         let keys = byz
             .keys()
@@ -285,6 +372,8 @@ impl Sim {
             keys,
             variants: BTreeMap::new(),
             pool: VecDeque::new(),
+            certs_seen: VecDeque::new(),
+            proofs_seen: VecDeque::new(),
             faults,
             nodes: BTreeMap::new(),
             crashed: BTreeMap::new(),
@@ -440,6 +529,11 @@ impl Sim {
                     *v = Signed::sign(key.as_ref(), from, body);
                 }
             }
+            MessageKind::ViewChange(vc) if s.stale_view_change => {
+                self.remember(&m_kind_certs(&vc.body));
+                let body = self.stale(vc.body.clone());
+                *vc = Signed::sign(key.as_ref(), from, body);
+            }
             MessageKind::ViewChange(vc) if s.lie_in_view_change => {
                 let mut body = vc.body.clone();
                 if self.rng.chance(500) || body.prepared.is_empty() {
@@ -553,6 +647,135 @@ impl Sim {
         out
     }
 
+    /// What a Byzantine replica `at` learns from a correct member's message:
+    /// certificates and proofs for stale VIEW-CHANGEs; a colluding backup
+    /// PREPAREs and COMMITs every pre-prepare it is sent.
+    fn observe(&mut self, at: NodeId, m: &Message) {
+        match &m.kind {
+            MessageKind::ViewChange(vc) => self.remember(&m_kind_certs(&vc.body)),
+            MessageKind::NewView(nv) => {
+                for vc in &nv.body.view_changes {
+                    self.remember(&m_kind_certs(&vc.body));
+                }
+            }
+            MessageKind::Stable(p) => self.remember(&(Vec::new(), Some(p.clone()))),
+            MessageKind::PrePrepare(pp) if self.byz[&at].collude => {
+                let key = self.key(at);
+                for to in self.correct() {
+                    for phase in [Phase::Prepare, Phase::Commit] {
+                        let vote = Signed::sign(
+                            key.as_ref(),
+                            at,
+                            Vote {
+                                phase,
+                                view: pp.body.view,
+                                first: pp.body.first,
+                                last: pp.body.last(),
+                                digest: pp.body.digest,
+                            },
+                        );
+                        let kind = match phase {
+                            Phase::Prepare => MessageKind::Prepare(vote),
+                            Phase::Commit => MessageKind::Commit(vote),
+                        };
+                        let msg = Message {
+                            from: at,
+                            to,
+                            view: pp.body.view,
+                            kind,
+                        };
+                        self.enqueue(Envelope { msg, image: None }, true);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn remember(&mut self, (certs, proof): &(Vec<PreparedCert>, Option<CheckpointProof>)) {
+        for c in certs {
+            let k = |x: &PreparedCert| {
+                (
+                    x.pre_prepare.body.first,
+                    x.pre_prepare.body.view,
+                    x.pre_prepare.body.digest,
+                )
+            };
+            if !self.certs_seen.iter().any(|x| k(x) == k(c)) {
+                self.certs_seen.push_back(c.clone());
+                if self.certs_seen.len() > 64 {
+                    self.certs_seen.pop_front();
+                }
+            }
+        }
+        if let Some(p) = proof
+            && p.n > 0
+            && !self.proofs_seen.iter().any(|x| x.n == p.n)
+        {
+            self.proofs_seen.push_back(p.clone());
+            if self.proofs_seen.len() > 16 {
+                self.proofs_seen.pop_front();
+            }
+        }
+    }
+
+    /// A VIEW-CHANGE made of genuine but stale evidence: the oldest proof
+    /// seen (no newer than its own), and per sequence number above it the
+    /// certificate of the lowest view seen (the newer ones hidden), some
+    /// dropped; shaped as a correct replica's so that it is accepted.
+    fn stale(&mut self, mut body: ViewChange) -> ViewChange {
+        if let Some(p) = self
+            .proofs_seen
+            .iter()
+            .filter(|p| p.n <= body.checkpoint.n)
+            .min_by_key(|p| p.n)
+        {
+            body.checkpoint = p.clone();
+        }
+        let h = body.checkpoint.n;
+        let mut cands: Vec<PreparedCert> = self
+            .certs_seen
+            .iter()
+            .chain(body.prepared.iter())
+            .filter(|c| {
+                let pp = &c.pre_prepare.body;
+                pp.view < body.view && pp.last() > h && pp.last() <= h + WINDOW
+            })
+            .cloned()
+            .collect();
+        cands.sort_by_key(|c| c.pre_prepare.body.view);
+        let mut covered = BTreeSet::new();
+        let mut chosen = Vec::new();
+        for c in cands {
+            let pp = &c.pre_prepare.body;
+            let range = pp.first.max(h + 1)..=pp.last();
+            if range.clone().all(|n| covered.contains(&n)) || self.rng.chance(200) {
+                continue;
+            }
+            covered.extend(range);
+            chosen.push(c);
+        }
+        chosen.sort_by_key(|c| std::cmp::Reverse(c.pre_prepare.body.view));
+        let mut seen: BTreeMap<Index, u64> = BTreeMap::new();
+        body.prepared = chosen
+            .into_iter()
+            .filter(|c| {
+                let pp = &c.pre_prepare.body;
+                let range = pp.first.max(h + 1)..=pp.last();
+                if range.clone().any(|n| seen.get(&n) == Some(&pp.view))
+                    || range.clone().all(|n| seen.contains_key(&n))
+                {
+                    return false;
+                }
+                for n in range {
+                    seen.entry(n).or_insert(pp.view);
+                }
+                true
+            })
+            .collect();
+        body
+    }
+
     /// The adversary's own initiatives: replays and floods.
     fn adversary(&mut self) {
         let byz: Vec<(NodeId, Strategy)> = self.byz.iter().map(|(k, v)| (*k, v.clone())).collect();
@@ -663,6 +886,8 @@ impl Sim {
             if !self.byz.contains_key(&id) {
                 let snap = rd.snapshot.as_ref().map(|m| m.index);
                 self.checker.on_apply(id, &rd.committed_entries, snap)?;
+                let state = node.engine().executed_state();
+                self.checker.on_state(id, &state)?;
             }
             self.send(id, persisted);
         }
@@ -712,6 +937,22 @@ impl Sim {
         let f = &self.faults;
         let (crash, partition, propose, compact) = (f.crash, f.partition, f.propose, f.compact);
         let correct = self.correct();
+        if self.rng.chance(self.faults.crash_primary) {
+            // The primary of the latest view a replica is in (view 0 too,
+            // which moves the group to later views).
+            let views: BTreeSet<(u64, NodeId)> = self
+                .nodes
+                .values()
+                .map(|n| n.engine())
+                .filter(|e| e.is_active())
+                .map(|e| (e.view(), e.primary_of(e.view())))
+                .collect();
+            if let Some(&(v, p)) = views.last()
+                && correct.contains(&p)
+            {
+                self.crash(p, &format!("as the primary of view {v}"));
+            }
+        }
         let id = self.rng.pick(&correct);
         if self.rng.chance(propose) {
             self.propose(id)?;
@@ -782,6 +1023,7 @@ impl Sim {
                     if self.pool.len() > 256 {
                         self.pool.pop_front();
                     }
+                    self.observe(to, &env.msg);
                 }
                 let Some(node) = self.nodes.get_mut(&to) else {
                     continue;
@@ -944,4 +1186,50 @@ fn f_plus_one_byzantine_replicas_break_safety() {
         }
     }
     panic!("no safety violation found with f+1 Byzantine replicas in 50 seeds");
+}
+
+/// The certificates and checkpoint proof a VIEW-CHANGE carries.
+fn m_kind_certs(vc: &ViewChange) -> (Vec<PreparedCert>, Option<CheckpointProof>) {
+    (vc.prepared.clone(), Some(vc.checkpoint.clone()))
+}
+
+/// The checker compares the executed history, not only the payloads: a
+/// null request at one replica and a read (or a duplicate) at another both
+/// come out as `Empty`, but their hash chains differ.
+#[test]
+fn the_checker_catches_a_divergence_hidden_behind_empty() {
+    let mut c = Checker::default();
+    let empty = [consensus::types::Entry {
+        index: 1,
+        term: 0,
+        payload: EntryPayload::Empty,
+    }];
+    c.on_apply(1, &empty, None).expect("first");
+    c.on_apply(2, &empty, None).expect("the same payload");
+    let null = CheckpointState {
+        n: 1,
+        chain: [1; 32],
+        clients: Vec::new(),
+    };
+    let read = CheckpointState {
+        chain: [2; 32],
+        ..null.clone()
+    };
+    c.on_state(1, &null).expect("first");
+    let e = c.on_state(2, &read).expect_err("different histories");
+    assert!(e.contains("different histories"), "{e}");
+    let at8 = CheckpointState {
+        n: 8,
+        chain: [3; 32],
+        clients: Vec::new(),
+    };
+    let other = CheckpointState {
+        clients: vec![(1, 1, vec![(1, 5)])],
+        ..at8.clone()
+    };
+    c.on_state(1, &at8).expect("first");
+    let e = c
+        .on_state(2, &other)
+        .expect_err("different checkpoint states");
+    assert!(e.contains("checkpoint states"), "{e}");
 }

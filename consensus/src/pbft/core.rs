@@ -29,6 +29,11 @@ pub const MAX_DOUBLINGS: u32 = 4;
 /// Most committed batches sent in answer to one catch-up request.
 const FETCH_BATCHES: usize = 8;
 
+/// Once every peer was asked in vain for a later view some member signed
+/// a message in, a fetch for that reason alone goes out only every this
+/// many resend ticks (until the replica enters a view).
+const LATER_BACKOFF: usize = 16;
+
 /// Byzantine (or stale) input a replica dropped, by reason.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PbftStats {
@@ -56,6 +61,14 @@ pub struct PbftStats {
     pub invalid: u64,
     /// Requests dropped because `max_pending` were waiting.
     pub dropped_requests: u64,
+    /// A set of VIEW-CHANGEs (in a NEW-VIEW, or gathered by the new
+    /// primary) holding two different valid prepared certificates for one
+    /// sequence number in one view: impossible with at most f Byzantine
+    /// replicas, so the set is refused rather than one picked.
+    pub conflicting_certificates: u64,
+    /// Later views forgotten: a member signed a message in a view above
+    /// this replica's and no peer asked handed that view over.
+    pub later_view_given_up: u64,
 }
 
 /// One batch this replica holds: accepted as a pre-prepare in its view,
@@ -220,6 +233,9 @@ pub struct Pbft {
     /// The highest view a member signed a message in, if above this
     /// replica's.
     later_view: View,
+    /// Fetches sent only because of `later_view`: after one to every peer
+    /// without reaching that view it is forgotten.
+    later_fetches: usize,
     /// A member signed a message above the watermark window: the group's
     /// stable checkpoint is ahead of this replica's.
     above_window: bool,
@@ -418,6 +434,7 @@ impl Pbft {
             vc_attempts: 0,
             high_seen: 0,
             later_view: 0,
+            later_fetches: 0,
             above_window: false,
             resend_elapsed: 0,
             fetch_peer: 0,
@@ -604,6 +621,15 @@ impl Pbft {
     /// The stable checkpoint's proof.
     pub fn stable_proof(&self) -> &CheckpointProof {
         &self.stable
+    }
+
+    /// The executed history's state at [`Pbft::commit_index`]: the hash
+    /// chain over every sequence number executed (request digest, or zeros
+    /// for a null request or a duplicate) and the at-most-once table — what
+    /// a CHECKPOINT at that sequence number signs the digest of. Equal on
+    /// every correct replica at one sequence number.
+    pub fn executed_state(&self) -> CheckpointState {
+        self.exec.state()
     }
 
     /// The dropped-input counters.
@@ -822,10 +848,56 @@ impl Pbft {
         signers.len() >= self.q
     }
 
+    /// The shape a correct replica's VIEW-CHANGE has (as `prepared_certs`
+    /// builds it), checked before any signature: at most L
+    /// certificates, in views that never increase, each within the window
+    /// above its checkpoint, none overlapping an earlier one of the same
+    /// view, and each the first to cover one of its sequence numbers — so
+    /// there is at most one per sequence number and view, and none repeated.
+    fn view_change_shape_ok(&self, b: &ViewChange) -> bool {
+        let h = b.checkpoint.n;
+        let window = self.cfg.window;
+        if b.prepared.len() as u64 > window {
+            return false;
+        }
+        let mut covered: BTreeMap<Index, View> = BTreeMap::new();
+        let mut prev_view = View::MAX;
+        for c in &b.prepared {
+            let pp = &c.pre_prepare.body;
+            if pp.requests.is_empty()
+                || pp.view > prev_view
+                || pp.first == 0
+                || pp.last() <= h
+                || pp.last() > h.saturating_add(window)
+                || pp.last() - pp.first >= window
+            {
+                return false;
+            }
+            prev_view = pp.view;
+            let lo = pp.first.max(h + 1);
+            let mut new = false;
+            for n in lo..=pp.last() {
+                match covered.get(&n) {
+                    Some(&v) if v == pp.view => return false,
+                    Some(_) => {}
+                    None => {
+                        covered.insert(n, pp.view);
+                        new = true;
+                    }
+                }
+            }
+            if !new {
+                return false;
+            }
+        }
+        true
+    }
+
     fn verify_view_change(&self, vc: &Signed<ViewChange>) -> bool {
         let b = &vc.body;
         let h = b.checkpoint.n;
         self.is_member(vc.signer)
+            && self.view_change_shape_ok(b)
             && vc.verify(self.crypto())
             && self.verify_proof(&b.checkpoint)
             && b.prepared.iter().all(|c| {
@@ -1303,6 +1375,12 @@ impl Pbft {
         if chosen.len() < self.q {
             return;
         }
+        if conflicting_certificates(&chosen).is_some() {
+            // Impossible with at most f Byzantine replicas (module docs):
+            // no NEW-VIEW rather than one that picks between them.
+            self.stats.conflicting_certificates += 1;
+            return;
+        }
         let (ckpt, reissue) = compute_new_view(&chosen);
         let pp = reissue.map(|(first, requests)| {
             Signed::sign(
@@ -1356,6 +1434,11 @@ impl Pbft {
             self.stats.invalid_new_view += 1;
             return;
         }
+        if conflicting_certificates(vcs).is_some() {
+            self.stats.conflicting_certificates += 1;
+            self.stats.invalid_new_view += 1;
+            return;
+        }
         let (ckpt, reissue) = compute_new_view(vcs);
         let matches = match (&reissue, &nv.body.pre_prepare) {
             (None, None) => true,
@@ -1387,6 +1470,10 @@ impl Pbft {
         self.active = true;
         self.vc_elapsed = 0;
         self.vc_attempts = 0;
+        self.later_fetches = 0;
+        if self.later_view <= self.view {
+            self.later_view = 0;
+        }
         self.votes.clear();
         self.voted.clear();
         self.my_vc = None;
@@ -1587,6 +1674,12 @@ impl Pbft {
         {
             // TOCS: the timer runs once a quorum moved to this view, so a
             // replica cut off alone does not run ahead through the views.
+            // VIEW-CHANGEs for later views count too: a sender that timed
+            // out here replaced the one it sent for this view, which may
+            // have been lost (counting only this view, correct replicas
+            // spread over a few views wait for each other forever). f
+            // members claiming high views gain nothing they could not get
+            // by signing VIEW-CHANGEs for exactly this view.
             self.vc_elapsed += 1;
             let timeout = self.cfg.request_timeout << self.vc_attempts.min(MAX_DOUBLINGS);
             if self.vc_elapsed >= timeout {
@@ -1636,11 +1729,24 @@ impl Pbft {
         {
             self.broadcast(MessageKind::Checkpoint(c), false);
         }
-        let behind = self.high_seen > self.exec.n
-            || !self.active
-            || self.later_view > self.view
-            || self.above_window;
+        let others = self.high_seen > self.exec.n || !self.active || self.above_window;
         let peers = self.peers();
+        let mut later = self.later_view > self.view;
+        if later && !others {
+            // Asked only because a member signed something in a later view
+            // (one message can claim any view): each peer is asked once,
+            // then it is forgotten, and while messages of later views keep
+            // coming a fetch goes out only every `LATER_BACKOFF` resends
+            // until the replica enters a view.
+            self.later_fetches += 1;
+            let k = self.later_fetches;
+            later = k <= peers.len() || k.is_multiple_of(LATER_BACKOFF);
+            if k >= peers.len() {
+                self.later_view = 0;
+                self.stats.later_view_given_up += 1;
+            }
+        }
+        let behind = others || later;
         if behind && !peers.is_empty() {
             self.fetch_peer = (self.fetch_peer + 1) % peers.len();
             let to = peers[self.fetch_peer];
@@ -1759,7 +1865,12 @@ impl Pbft {
                 }
             }
             MessageKind::ViewChange(vc) => {
-                if vc.signer != from || !vc.verify(self.crypto()) {
+                if !self.view_change_shape_ok(&vc.body) {
+                    // Checked before any signature: a certificate repeated
+                    // (or one per sequence number several times over) would
+                    // otherwise cost a verification each.
+                    self.stats.invalid_view_change += 1;
+                } else if vc.signer != from || !vc.verify(self.crypto()) {
                     self.stats.bad_signature += 1;
                 } else {
                     self.on_view_change(from, vc);
@@ -2026,11 +2137,35 @@ fn payload_of(req: Option<&Signed<Request>>, ran: bool) -> EntryPayload {
     }
 }
 
+/// A sequence number for which the VIEW-CHANGEs carry prepared
+/// certificates of one view for different batches, if any. Two valid ones
+/// need two quorums of PREPAREs from backups that share a correct replica
+/// accepting both — or a correct primary signing both — so with at most f
+/// Byzantine replicas there is none; a set that has one is refused.
+pub fn conflicting_certificates(vcs: &[Signed<ViewChange>]) -> Option<Index> {
+    let mut seen: BTreeMap<(Index, View), (Index, Digest)> = BTreeMap::new();
+    for vc in vcs {
+        let h = vc.body.checkpoint.n;
+        for c in &vc.body.prepared {
+            let pp = &c.pre_prepare.body;
+            for n in pp.first.max(h + 1)..=pp.last() {
+                let id = (pp.first, pp.digest);
+                if *seen.entry((n, pp.view)).or_insert(id) != id {
+                    return Some(n);
+                }
+            }
+        }
+    }
+    None
+}
+
 /// The new view a set of VIEW-CHANGEs determines: min-s, the highest stable
 /// checkpoint among them (with its proof), and for every sequence number in
 /// `(min-s, max-s]` (max-s the highest prepared) the request prepared in
-/// the highest view (ties, which need Byzantine quorums, broken by the
-/// lowest digest), else a null request — one batch from min-s + 1.
+/// the highest view, else a null request — one batch from min-s + 1. Two
+/// certificates of one view for different batches at one sequence number
+/// need more than f Byzantine replicas: callers refuse such a set first
+/// ([`conflicting_certificates`]); here the lowest digest would win.
 pub fn compute_new_view(vcs: &[Signed<ViewChange>]) -> (CheckpointProof, Reissue) {
     let ckpt = vcs
         .iter()

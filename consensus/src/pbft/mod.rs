@@ -105,14 +105,37 @@
 //! time (up to [`MAX_DOUBLINGS`] times) — without a quorum it waits, so a
 //! replica cut off alone does not run ahead through the views; a replica that
 //! receives VIEW-CHANGEs from f+1 others for views above its own joins the
-//! smallest of them.
+//! smallest of them. VIEW-CHANGEs for later views count toward the quorum
+//! that starts the timer: their senders timed out in this view and replaced
+//! the VIEW-CHANGE they sent for it (only the latest per member is kept),
+//! and counting only this view leaves correct replicas spread over a few
+//! views waiting for each other; f members claiming high views gain nothing
+//! they could not by signing VIEW-CHANGEs for exactly this view.
+//!
+//! **Shape before signatures**: a VIEW-CHANGE is refused before any
+//! signature is checked unless it is shaped as a correct replica builds it —
+//! at most L certificates, in views that never increase, each within
+//! `(h, h+L]` of its checkpoint, none overlapping another of its view, each
+//! the first to cover one of its sequence numbers (so no certificate is
+//! repeated). **Conflicting certificates**: two valid prepared certificates
+//! of one view for different batches covering one sequence number need two
+//! quorums of PREPAREs whose shared correct backup accepted both, or a
+//! correct primary that signed both — impossible with f Byzantine replicas.
+//! A NEW-VIEW whose VIEW-CHANGEs hold such a pair is refused (and a primary
+//! holding such a set sends none), counted in
+//! [`PbftStats::conflicting_certificates`]: refusing costs nothing with f
+//! faults, and beyond f no choice between them would be safe.
 //!
 //! # Catching up
 //!
 //! A replica that sees evidence of sequence numbers beyond what it executed
 //! (signed votes, pre-prepares or checkpoints), or that waits for a
 //! NEW-VIEW, or that sees signed messages above its watermark window, asks
-//! one peer at a time (`Fetch`). The answer is the peer's stable
+//! one peer at a time (`Fetch`); a later view seen only in signed messages
+//! (one message can claim any view) is asked of every peer once and then
+//! forgotten ([`PbftStats::later_view_given_up`]), and while such messages
+//! keep coming a fetch for that reason goes out every 16th resend until the
+//! replica enters a view. The answer is the peer's stable
 //! checkpoint proof if the asker's is older (`Stable`), the NEW-VIEW of the
 //! peer's view if the asker needs it, committed batches with q
 //! signed COMMITs (self-certifying: any replica may hand them on), or —
@@ -171,10 +194,15 @@
 //! `consensus/tests/pbft_simulation.rs`: groups of 4 and 7 with up to f
 //! Byzantine replicas (equivocating primary with colluding votes, forged
 //! signatures, replays, old views, silence, selective delivery, lying and
-//! hiding in VIEW-CHANGE, floods) under loss, duplication, reordering,
-//! partitions and crash-restarts; after every step, over correct replicas:
-//! no two execute different requests at one sequence number, each executes
-//! in order, no value executes twice; after the heal every proposal
+//! hiding in VIEW-CHANGE, VIEW-CHANGEs of genuine but stale certificates
+//! and checkpoint proofs, a backup preparing every version it is sent while
+//! correct primaries of later views crash and restart, floods) under loss,
+//! duplication, reordering, partitions and crash-restarts; after every
+//! step, over correct replicas: no two execute different requests at one
+//! sequence number, their executed histories agree (the hash chain at every
+//! sequence number a replica reports, the [`CheckpointState`] digest at
+//! checkpoints — a null request, a read and a duplicate all come out as
+//! `Empty`), each executes in order, no value executes twice; after the heal every proposal
 //! executes at every correct replica. With f+1 colluding Byzantine replicas
 //! it finds a violation within a few seeds.
 
@@ -185,7 +213,10 @@ mod engine;
 mod message;
 
 pub use config::{Config, ConfigError};
-pub use core::{CLIENT_WINDOW, MAX_DOUBLINGS, Pbft, PbftStats, Reissue, compute_new_view};
+pub use core::{
+    CLIENT_WINDOW, MAX_DOUBLINGS, Pbft, PbftStats, Reissue, compute_new_view,
+    conflicting_certificates,
+};
 pub use message::{
     CheckpointProof, CheckpointState, CheckpointVote, ClientRecord, CommitCert, Message,
     MessageKind, NewView, Phase, PrePrepare, PreparedCert, Request, Signed, View, ViewChange, Vote,
