@@ -1916,11 +1916,15 @@ async fn a_job_created_again_with_its_idempotency_key_is_the_first_job() {
             .await,
             "idempotency_key",
         ),
-        (post(mismatched, Some("rollout-7")).await, "differ"),
     ] {
         let detail = r.problem(StatusCode::UNPROCESSABLE_ENTITY);
         assert!(detail.contains(says), "{detail}");
     }
+    // Two valid keys that differ: a conflict, not invalid input (each
+    // alone is what the document allows).
+    let r = post(mismatched, Some("rollout-7")).await;
+    let detail = r.problem(StatusCode::CONFLICT);
+    assert!(detail.contains("two different keys"), "{detail}");
     let all = e.get("/v1/jobs").send().await;
     assert_eq!(
         all.body["items"].as_array().map(Vec::len),

@@ -478,10 +478,10 @@ fn target(t: Map<String, Value>) -> Result<JobTarget, ApiError> {
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Needs the operator role", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Devices of `target.devices` are not registered (the first ones are named)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The group has 100 unfinished jobs, the most it may", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The group has 100 unfinished jobs, the most it may; or the `Idempotency-Key` header and the body's `idempotency_key` name two different keys", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large (the batch limit, 4 MiB by default), or params over 64 KiB as JSON", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields (command, target, rollout, abort rule, timeout, start, idempotency key — or a header and a body key that differ)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields (command, target, rollout, abort rule, timeout, start, idempotency key)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Within twice the write timeout plus 1 s, with `Retry-After`: no leader (`no-leader`, not applied), not committed within the write timeout (`write-timeout`, outcome unknown), leadership changed (`write-dropped`, not applied), the group is busy (`write-refused`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -493,8 +493,10 @@ pub(crate) async fn create_job(
     if let Some(key) = header_key(&headers)? {
         match &body.idempotency_key {
             Some(k) if *k != key => {
-                return Err(ApiError::invalid(
-                    "the Idempotency-Key header and the body's idempotency_key differ; give one",
+                // 409, not 422: each key alone is valid (the document
+                // cannot say that two valid keys must agree).
+                return Err(ApiError::conflict(
+                    "the Idempotency-Key header and the body's idempotency_key name two different keys; give one",
                 ));
             }
             _ => body.idempotency_key = Some(key),
