@@ -547,14 +547,7 @@ async fn minority_partition_refuses_writes_and_catches_up_after_heal() {
     let cluster = Cluster::start(tmp.path(), settings, 7).await;
     let http = &cluster.http;
     let token = cluster.token.clone();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let lone = loop {
-        if let Some(l) = cluster.leader().await {
-            break l;
-        }
-        assert!(Instant::now() < deadline, "no leader");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let lone = cluster.wait_leader(Duration::from_secs(30)).await;
     let others: Vec<u64> = cluster.ids().into_iter().filter(|&i| i != lone).collect();
     let register = |g: u64, id: String| {
         let url = format!("{}/v1/devices", cluster.node(g).base());

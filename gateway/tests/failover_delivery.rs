@@ -85,16 +85,7 @@ async fn commands_committed_as_the_leader_dies_reach_their_devices() {
         consensus: "raft".into(),
     };
     let cluster = Arc::new(Cluster::start(tmp.path(), settings, 0x5eed_f00d).await);
-    let leader = {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(l) = cluster.leader().await {
-                break l;
-            }
-            assert!(Instant::now() < deadline, "no leader");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let leader = cluster.wait_leader(Duration::from_secs(30)).await;
     let followers: Vec<u64> = cluster.ids().into_iter().filter(|&i| i != leader).collect();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))

@@ -115,16 +115,7 @@ async fn a_rollout_survives_the_death_of_its_leader_and_runs_each_device_once() 
         consensus: "raft".into(),
     };
     let cluster = Arc::new(Cluster::start(tmp.path(), settings, 0x10b5).await);
-    let leader = {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(l) = cluster.leader().await {
-                break l;
-            }
-            assert!(Instant::now() < deadline, "no leader");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let leader = cluster.wait_leader(Duration::from_secs(30)).await;
     let followers: Vec<u64> = cluster.ids().into_iter().filter(|&i| i != leader).collect();
     let base = cluster.node(followers[0]).base();
     let token = cluster.token.clone();

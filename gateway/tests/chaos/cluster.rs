@@ -487,6 +487,19 @@ impl Cluster {
         None
     }
 
+    /// Waits until a running gateway says it leads (polling its status,
+    /// bounded by `within`); panics with "no leader" past it.
+    pub async fn wait_leader(&self, within: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(l) = self.leader().await {
+                return l;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no leader");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn proxy_connections(&self) -> u64 {
         self.proxies
             .values()
