@@ -9,8 +9,9 @@
 #![deny(missing_docs)]
 
 pub mod image;
+pub mod keys;
 pub mod node;
 pub mod storage;
 pub mod transport;
 
-pub use consensus::{engine, paxos, raft, ready, types};
+pub use consensus::{engine, paxos, pbft, raft, ready, types};
