@@ -245,11 +245,11 @@ impl BuildEngine for consensus::pbft::Pbft {
     /// [`crate::raft::Config::election_tick`] ticks (the longest election
     /// timeout Raft draws) for a request it holds to execute before it
     /// starts a view change (the primary presumed faulty; the timeout
-    /// doubles for each view change that fails), and unfinished work is
-    /// retransmitted every [`crate::raft::Config::heartbeat_tick`] ticks.
-    /// At the defaults (20 ms ticks, 10 and 2) a view change starts 400 ms
-    /// after the first request the dead primary leaves waiting and
-    /// completes within a few retransmissions (40 ms each) after.
+    /// doubles for each view change that fails), and unfinished work
+    /// (requests included, whole) is retransmitted every half
+    /// `election_tick`. At the defaults (20 ms ticks, 10) a view change
+    /// starts 400 ms after the first request the dead primary leaves
+    /// waiting and completes within a retransmission (100 ms) after.
     fn build(cfg: &NodeConfig, init: InitialState) -> Result<Self, String> {
         if cfg.engine != EngineKind::Pbft {
             return Err(format!("the PBFT engine cannot run as {}", cfg.engine));
@@ -263,7 +263,7 @@ impl BuildEngine for consensus::pbft::Pbft {
             checkpoint_interval: PBFT_CHECKPOINT_INTERVAL,
             window: 2 * PBFT_CHECKPOINT_INTERVAL,
             request_timeout: r.election_tick.saturating_mul(2).max(2),
-            resend_tick: r.heartbeat_tick.max(1),
+            resend_tick: (r.election_tick / 2).max(1),
             ..consensus::pbft::Config::new(r.id, crypto)
         };
         consensus::pbft::Pbft::new(pbft, init).map_err(|e| e.to_string())
