@@ -36,16 +36,21 @@ pub struct Member {
 
 /// The group as this gateway sees it.
 #[derive(Debug, Serialize, ToSchema)]
-#[schema(example = json!({"node_id":1,"role":"leader","leader":1,"term":3,"commit":42,
+#[schema(example = json!({"node_id":1,"engine":"raft","role":"leader","leader":1,"term":3,"commit":42,
     "applied":42,"members":[{"id":1,"suffrage":"voter","role":"leader","matched":42,"active":true}]}))]
 pub struct ClusterStatus {
     /// This gateway's node id.
     pub node_id: u64,
-    /// This gateway's role.
+    /// The group's consensus engine: `raft`, `multi-paxos` or `pbft`.
+    pub engine: String,
+    /// This gateway's role. PBFT: `leader` for the primary of its view,
+    /// `follower` for a backup, `candidate` while it changes views.
     pub role: String,
-    /// The leader this gateway knows of, if any.
+    /// The leader this gateway knows of, if any (PBFT: the primary of its
+    /// view; none while it changes views).
     pub leader: Option<u64>,
-    /// This gateway's current term.
+    /// This gateway's current term (Multi-Paxos: its ballot; PBFT: its
+    /// view, from 0).
     pub term: u64,
     /// The highest log index this gateway knows is committed.
     pub commit: u64,
@@ -110,6 +115,7 @@ pub(crate) async fn cluster(State(state): State<AppState>) -> Result<Response, A
         .collect();
     let body = ClusterStatus {
         node_id: raft.id,
+        engine: state.config.consensus.name().into(),
         role: role_name(raft.role).into(),
         leader: raft.leader,
         term: raft.term,
