@@ -567,19 +567,6 @@ impl Config {
             (None, Some(name)) => name.parse()?,
             (None, None) => EngineKind::Raft,
         };
-        if let Some(text) = args.group_keys.or(file.group_keys) {
-            if c.consensus != EngineKind::Pbft {
-                return Err(format!(
-                    "--group-keys is for --consensus pbft (this group runs {})",
-                    c.consensus
-                ));
-            }
-            c.group_keys = coordinator::keys::parse_group_keys(&text)
-                .map_err(|e| format!("--group-keys: {e}"))?;
-        }
-        if c.consensus == EngineKind::Pbft {
-            c.check_group_keys()?;
-        }
         if c.consensus == EngineKind::BasicPaxos {
             return Err(
                 "--consensus basic-paxos has no leader, and a gateway needs one (it bootstraps the \
@@ -594,6 +581,19 @@ impl Config {
                  membership is fixed at start: list every member in --peers)",
                 c.consensus
             ));
+        }
+        if let Some(text) = args.group_keys.or(file.group_keys) {
+            if c.consensus != EngineKind::Pbft {
+                return Err(format!(
+                    "--group-keys is for --consensus pbft (this group runs {})",
+                    c.consensus
+                ));
+            }
+            c.group_keys = coordinator::keys::parse_group_keys(&text)
+                .map_err(|e| format!("--group-keys: {e}"))?;
+        }
+        if c.consensus == EngineKind::Pbft {
+            c.check_group_keys()?;
         }
         // Flags and environment win over the settings file, as a pair: a
         // secret from one place and a file from another are not mixed.
