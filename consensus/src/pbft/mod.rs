@@ -206,6 +206,8 @@
 //! executes at every correct replica. With f+1 colluding Byzantine replicas
 //! it finds a violation within a few seeds.
 
+#[cfg(feature = "byzantine")]
+pub mod byzantine;
 mod config;
 mod core;
 pub mod crypto;
