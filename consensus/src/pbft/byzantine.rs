@@ -144,7 +144,7 @@ impl Byzantine {
 
     fn rewrite(&mut self, mut m: Message) -> Message {
         let me = self.me();
-        let to_even = m.to % 2 == 0;
+        let to_even = m.to.is_multiple_of(2);
         let changed = match &mut m.kind {
             MessageKind::PrePrepare(pp)
                 if self.mode.equivocate
@@ -195,7 +195,7 @@ impl Byzantine {
     /// Its VIEW-CHANGE, with certificates hidden (even views) or invented
     /// (odd views).
     fn lie(&self, mut body: ViewChange) -> ViewChange {
-        if body.view % 2 == 0 || body.view == 0 {
+        if body.view.is_multiple_of(2) {
             body.prepared.clear();
             return body;
         }
