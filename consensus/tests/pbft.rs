@@ -1217,3 +1217,119 @@ fn a_new_view_with_two_certificates_of_one_view_for_one_sequence_number_is_refus
     assert_eq!(r.stats().invalid_new_view, 1);
     assert_eq!(r.view(), 0, "does not enter view 1");
 }
+
+/// Seed 384997: the primary of view 0 restarted after the others had moved
+/// to view 1; the NEW-VIEWs its fetches brought were lost, so it forgot
+/// the later view, and once the group's traffic stopped nothing made it
+/// ask again (a primary runs no request timer). A later view that f+1
+/// members signed messages in is vouched for by a correct replica: the
+/// replica keeps asking (one peer per resend, without leaving its view)
+/// until it enters that view, and then stops.
+#[test]
+fn a_later_view_that_f_plus_1_members_sign_in_is_fetched_until_entered() {
+    let mut r = replica(1);
+    let vote = |from: NodeId| {
+        Signed::sign(
+            crypto(from).as_ref(),
+            from,
+            Vote {
+                phase: Phase::Commit,
+                view: 1,
+                first: 1,
+                last: 1,
+                digest: [7; 32],
+            },
+        )
+    };
+    for from in [3, 4] {
+        r.step(msg(from, 1, MessageKind::Commit(vote(from))))
+            .expect("step");
+    }
+    // Every answer lost: it goes on asking, round the peers.
+    let mut fetched = Vec::new();
+    for _ in 0..400 {
+        r.tick();
+        let rd = r.ready();
+        r.advance();
+        fetched.extend(
+            rd.messages
+                .iter()
+                .chain(rd.persisted_messages.iter())
+                .filter(|m| matches!(m.kind, MessageKind::Fetch { .. }))
+                .map(|m| m.to),
+        );
+    }
+    assert_eq!(fetched.len(), 200, "one fetch every resend (2 ticks)");
+    for peer in [2, 3, 4] {
+        assert!(fetched.iter().filter(|&&to| to == peer).count() >= 60);
+    }
+    assert_eq!(r.stats().later_view_given_up, 0);
+    assert_eq!(r.view(), 0, "it asks; it does not leave its view");
+    assert!(r.is_active());
+    // A peer hands it view 1's NEW-VIEW: it enters the view and stops.
+    let vcs = vec![
+        view_change(2, 1, vec![]),
+        view_change(3, 1, vec![]),
+        view_change(4, 1, vec![]),
+    ];
+    let (_, reissue) = compute_new_view(&vcs);
+    let pre_prepare = reissue.map(|(first, requests)| {
+        Signed::sign(
+            crypto(2).as_ref(),
+            2,
+            PrePrepare {
+                view: 1,
+                first,
+                digest: batch_digest(first, &requests),
+                requests,
+            },
+        )
+    });
+    let nv = Signed::sign(
+        crypto(2).as_ref(),
+        2,
+        NewView {
+            view: 1,
+            view_changes: vcs,
+            pre_prepare,
+        },
+    );
+    r.step(msg(3, 1, MessageKind::NewView(nv))).expect("step");
+    assert_eq!(r.view(), 1);
+    assert!(r.is_active());
+    let mut fetches = 0;
+    for _ in 0..100 {
+        r.tick();
+        fetches += fetches_sent(&mut r);
+    }
+    assert_eq!(fetches, 0, "in view 1 nothing is missing");
+}
+
+/// One member alone signing messages of a later view (it may be the only
+/// Byzantine one) is not enough: the replica still gives the view up.
+#[test]
+fn a_later_view_only_one_member_signs_in_is_still_given_up() {
+    let mut r = replica(1);
+    for view in [1, 2, 3] {
+        let vote = Signed::sign(
+            crypto(3).as_ref(),
+            3,
+            Vote {
+                phase: Phase::Commit,
+                view,
+                first: 1,
+                last: 1,
+                digest: [7; 32],
+            },
+        );
+        r.step(msg(3, 1, MessageKind::Commit(vote))).expect("step");
+    }
+    let mut fetches = 0;
+    for _ in 0..400 {
+        r.tick();
+        fetches += fetches_sent(&mut r);
+    }
+    assert_eq!(fetches, 3, "one fetch to each peer, then it gives up");
+    assert_eq!(r.stats().later_view_given_up, 1);
+    assert_eq!(r.view(), 0);
+}

@@ -66,8 +66,8 @@ pub struct PbftStats {
     /// sequence number in one view: impossible with at most f Byzantine
     /// replicas, so the set is refused rather than one picked.
     pub conflicting_certificates: u64,
-    /// Later views forgotten: a member signed a message in a view above
-    /// this replica's and no peer asked handed that view over.
+    /// Later views forgotten: fewer than f+1 other members signed messages
+    /// in views above this replica's and no peer asked handed one over.
     pub later_view_given_up: u64,
 }
 
@@ -236,6 +236,10 @@ pub struct Pbft {
     /// Fetches sent only because of `later_view`: after one to every peer
     /// without reaching that view it is forgotten.
     later_fetches: usize,
+    /// Per other member, the highest view above this replica's it signed
+    /// a pre-prepare or vote in. A view f+1 of them reached is vouched for
+    /// by a correct replica: it is asked for until the replica enters it.
+    later_claims: BTreeMap<NodeId, View>,
     /// A member signed a message above the watermark window: the group's
     /// stable checkpoint is ahead of this replica's.
     above_window: bool,
@@ -435,6 +439,7 @@ impl Pbft {
             high_seen: 0,
             later_view: 0,
             later_fetches: 0,
+            later_claims: BTreeMap::new(),
             above_window: false,
             resend_elapsed: 0,
             fetch_peer: 0,
@@ -1474,6 +1479,8 @@ impl Pbft {
         if self.later_view <= self.view {
             self.later_view = 0;
         }
+        let v = self.view;
+        self.later_claims.retain(|_, claimed| *claimed > v);
         self.votes.clear();
         self.voted.clear();
         self.my_vc = None;
@@ -1729,15 +1736,18 @@ impl Pbft {
         {
             self.broadcast(MessageKind::Checkpoint(c), false);
         }
-        let others = self.high_seen > self.exec.n || !self.active || self.above_window;
+        let others = self.high_seen > self.exec.n
+            || !self.active
+            || self.above_window
+            || self.vouched_view() > self.view;
         let peers = self.peers();
         let mut later = self.later_view > self.view;
         if later && !others {
-            // Asked only because a member signed something in a later view
-            // (one message can claim any view): each peer is asked once,
-            // then it is forgotten, and while messages of later views keep
-            // coming a fetch goes out only every `LATER_BACKOFF` resends
-            // until the replica enters a view.
+            // Asked only because fewer than f+1 members signed something in
+            // a later view (one message can claim any view): each peer is
+            // asked once, then it is forgotten, and while messages of later
+            // views keep coming a fetch goes out only every `LATER_BACKOFF`
+            // resends until the replica enters a view.
             self.later_fetches += 1;
             let k = self.later_fetches;
             later = k <= peers.len() || k.is_multiple_of(LATER_BACKOFF);
@@ -1757,6 +1767,27 @@ impl Pbft {
             };
             self.send(to, kind);
         }
+    }
+
+    /// Notes that member `from` signed a message in `view`, if above this
+    /// replica's view.
+    fn claim_later_view(&mut self, from: NodeId, view: View) {
+        if view > self.view && from != self.id {
+            let claimed = self.later_claims.entry(from).or_insert(0);
+            *claimed = (*claimed).max(view);
+        }
+    }
+
+    /// The highest view that f+1 other members signed messages in (0 if
+    /// fewer did): at least one of them is correct, so some correct replica
+    /// entered that view and holds its NEW-VIEW (or a later one).
+    fn vouched_view(&self) -> View {
+        let mut claims: Vec<View> = self.later_claims.values().copied().collect();
+        if claims.len() <= self.f {
+            return 0;
+        }
+        claims.sort_unstable_by(|a, b| b.cmp(a));
+        claims[self.f]
     }
 
     /// Starts a view change at once.
@@ -1964,6 +1995,7 @@ impl Pbft {
             self.stats.wrong_view += 1;
             if b.view > self.view && pp.verify(self.crypto()) {
                 self.later_view = self.later_view.max(b.view);
+                self.claim_later_view(from, b.view);
             }
             return;
         }
@@ -2003,6 +2035,7 @@ impl Pbft {
             // Signed by a member in a later view: this replica missed a
             // NEW-VIEW (it asks for it).
             self.later_view = self.later_view.max(b.view);
+            self.claim_later_view(from, b.view);
             return;
         }
         let h = self.stable.n;

@@ -131,11 +131,19 @@
 //! A replica that sees evidence of sequence numbers beyond what it executed
 //! (signed votes, pre-prepares or checkpoints), or that waits for a
 //! NEW-VIEW, or that sees signed messages above its watermark window, asks
-//! one peer at a time (`Fetch`); a later view seen only in signed messages
-//! (one message can claim any view) is asked of every peer once and then
-//! forgotten ([`PbftStats::later_view_given_up`]), and while such messages
-//! keep coming a fetch for that reason goes out every 16th resend until the
-//! replica enters a view. The answer is the peer's stable
+//! one peer at a time (`Fetch`). So does one that saw signed pre-prepares
+//! or votes of later views from f+1 other members, until it enters the
+//! (f+1)-th highest of the views they claimed: one of them is correct, so
+//! a correct replica holds that view's NEW-VIEW or a later one, and asking
+//! round the peers reaches it once the network delivers — without this, a
+//! restarted primary of an old view whose answers were lost stays there
+//! for good once the group's traffic stops (it runs no request timer).
+//! Fewer members claiming a later view (one message can claim any view)
+//! make it ask every peer once, after which the view is forgotten
+//! ([`PbftStats::later_view_given_up`]); while such messages keep coming a
+//! fetch for that reason goes out every 16th resend until the replica
+//! enters a view. Either way the replica only asks: it neither leaves its
+//! view nor starts a view change for it. The answer is the peer's stable
 //! checkpoint proof if the asker's is older (`Stable`), the NEW-VIEW of the
 //! peer's view if the asker needs it, committed batches with q
 //! signed COMMITs (self-certifying: any replica may hand them on), or —
