@@ -206,6 +206,7 @@
 //! executes at every correct replica. With f+1 colluding Byzantine replicas
 //! it finds a violation within a few seeds.
 
+pub mod certificate;
 mod config;
 mod core;
 pub mod crypto;
@@ -219,6 +220,6 @@ pub use core::{
 };
 pub use message::{
     CheckpointProof, CheckpointState, CheckpointVote, ClientRecord, CommitCert, Message,
-    MessageKind, NewView, Phase, PrePrepare, PreparedCert, Request, Signed, View, ViewChange, Vote,
-    batch_digest,
+    MessageKind, NewView, Phase, PrePrepare, PreparedCert, Reply, Request, Signed, View,
+    ViewChange, Vote, batch_digest,
 };
