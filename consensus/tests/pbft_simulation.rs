@@ -592,16 +592,16 @@ impl Sim {
                     *v = Signed::sign(key.as_ref(), from, body);
                 }
             }
-            MessageKind::Reply(r) if s.wrong_replies > 0 => {
-                if self.reply_rng.chance(s.wrong_replies) {
-                    let mut body = r.body.clone();
-                    match self.reply_rng.below(3) {
-                        0 => body.history[0] ^= 1,
-                        1 => body.n += 1,
-                        _ => body.request[0] ^= 1,
-                    }
-                    *r = Signed::sign(key.as_ref(), from, body);
+            MessageKind::Reply(r)
+                if s.wrong_replies > 0 && self.reply_rng.chance(s.wrong_replies) =>
+            {
+                let mut body = r.body.clone();
+                match self.reply_rng.below(3) {
+                    0 => body.history[0] ^= 1,
+                    1 => body.n += 1,
+                    _ => body.request[0] ^= 1,
                 }
+                *r = Signed::sign(key.as_ref(), from, body);
             }
             MessageKind::ViewChange(vc) if s.stale_view_change => {
                 self.remember(&m_kind_certs(&vc.body));
