@@ -29,18 +29,24 @@
 //!   sent, each version, while the correct primary of the latest view
 //!   crashes and restarts now and then (in groups of 4 this backup is the
 //!   one Byzantine replica: an equivocating primary with a Byzantine
-//!   accomplice would be f+1); flooding with junk.
+//!   accomplice would be f+1); flooding with junk; wrong REPLYs (another
+//!   history, sequence number or request digest, alike from every
+//!   Byzantine replica) and made-up ones.
 //! * After **every** step, over correct replicas only: no two execute
 //!   different requests (or a request and a null) at one sequence number;
 //!   their executed histories agree — the hash chain at every sequence
 //!   number a replica reports after a ready, and the checkpoint state's
 //!   digest at checkpoint sequence numbers (a null request, a read and a
 //!   duplicate all come out as `Empty`, the chain tells them apart); each
-//!   executes in sequence order without gaps (but for snapshots), and no
-//!   client value executes at two sequence numbers.
+//!   executes in sequence order without gaps (but for snapshots), no
+//!   client value executes at two sequence numbers, and every commit
+//!   certificate a correct replica assembles verifies with the group's
+//!   keys and names the request correct replicas executed at its index
+//!   (payload and hash chain).
 //! * **Liveness**, after the heal (faults stop, crashed replicas restart,
 //!   Byzantine replicas stay Byzantine): every value proposed at a correct
-//!   replica executes everywhere correct within [`LIVENESS_TICKS`].
+//!   replica executes everywhere correct, and is certified at the replica
+//!   that proposed it, within [`LIVENESS_TICKS`].
 //! * **The bound is tight**: with f+1 colluding Byzantine replicas among
 //!   3f+1 the checker finds two correct replicas executing different
 //!   requests at one sequence number within a few seeds

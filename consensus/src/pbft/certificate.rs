@@ -71,8 +71,8 @@ pub const VERSION: u32 = 1;
 
 /// Data up to this many bytes is carried in the certificate; larger data
 /// only by its length (the request digest still covers it). Keeps the
-/// `Entente-Certificate` header of a 4-member group under about 2.5 KiB.
-pub const MAX_INLINE_DATA: usize = 1024;
+/// `Entente-Certificate` header of a 4- or 7-member group under 2.5 KiB.
+pub const MAX_INLINE_DATA: usize = 768;
 
 /// Most signatures a certificate may list (more is not a certificate a
 /// replica writes: it lists f+1).
