@@ -155,3 +155,40 @@ fn a_primary_lying_in_view_changes_does_not_lose_a_request() {
         );
     }
 }
+
+#[test]
+fn wrong_replies_do_not_make_a_certificate_and_are_counted() {
+    use consensus::pbft::certificate;
+    let mode = Mode {
+        wrong_replies: true,
+        ..Mode::default()
+    };
+    // Node 1's replies reach the client (node 4) before the others'.
+    let mut net = group(1, mode);
+    for (i, v) in [b"a", b"b", b"c"].iter().enumerate() {
+        net.raft_mut(4)
+            .propose(v.to_vec())
+            .unwrap_or_else(|e| panic!("propose {i}: {e}"));
+    }
+    settle(&mut net, &[2, 3, 4], &[b"a", b"b", b"c"]);
+    for _ in 0..10 {
+        net.tick_all();
+    }
+    assert!(net.raft(1).rewritten() > 0, "it sent no reply");
+    let certs = net.node(4).certificates().to_vec();
+    assert_eq!(certs.len(), 3, "one certificate per request");
+    let checker = crypto(4);
+    for c in &certs {
+        let v = certificate::verify_with(&c.bytes, &IDS, checker.as_ref())
+            .unwrap_or_else(|e| panic!("certificate at {}: {e}", c.index));
+        assert!(
+            !v.signers.contains(&1),
+            "the lying replica's reply was counted at {}",
+            c.index
+        );
+    }
+    assert!(
+        net.raft(4).inner().stats().bad_replies > 0,
+        "the wrong replies were not counted"
+    );
+}

@@ -29,18 +29,24 @@
 //!   sent, each version, while the correct primary of the latest view
 //!   crashes and restarts now and then (in groups of 4 this backup is the
 //!   one Byzantine replica: an equivocating primary with a Byzantine
-//!   accomplice would be f+1); flooding with junk.
+//!   accomplice would be f+1); flooding with junk; wrong REPLYs (another
+//!   history, sequence number or request digest, alike from every
+//!   Byzantine replica) and made-up ones.
 //! * After **every** step, over correct replicas only: no two execute
 //!   different requests (or a request and a null) at one sequence number;
 //!   their executed histories agree — the hash chain at every sequence
 //!   number a replica reports after a ready, and the checkpoint state's
 //!   digest at checkpoint sequence numbers (a null request, a read and a
 //!   duplicate all come out as `Empty`, the chain tells them apart); each
-//!   executes in sequence order without gaps (but for snapshots), and no
-//!   client value executes at two sequence numbers.
+//!   executes in sequence order without gaps (but for snapshots), no
+//!   client value executes at two sequence numbers, and every commit
+//!   certificate a correct replica assembles verifies with the group's
+//!   keys and names the request correct replicas executed at its index
+//!   (payload and hash chain).
 //! * **Liveness**, after the heal (faults stop, crashed replicas restart,
 //!   Byzantine replicas stay Byzantine): every value proposed at a correct
-//!   replica executes everywhere correct within [`LIVENESS_TICKS`].
+//!   replica executes everywhere correct, and is certified at the replica
+//!   that proposed it, within [`LIVENESS_TICKS`].
 //! * **The bound is tight**: with f+1 colluding Byzantine replicas among
 //!   3f+1 the checker finds two correct replicas executing different
 //!   requests at one sequence number within a few seeds
@@ -63,7 +69,7 @@ use consensus::memory::{Envelope, MemNode, MemStorage};
 use consensus::pbft::crypto::{Crypto, SimCrypto};
 use consensus::pbft::{
     CheckpointProof, CheckpointState, CheckpointVote, Config, Message, MessageKind, Pbft, Phase,
-    PrePrepare, PreparedCert, Request, Signed, ViewChange, Vote, batch_digest,
+    PrePrepare, PreparedCert, Reply, Request, Signed, ViewChange, Vote, batch_digest, certificate,
 };
 use consensus::raft::SplitMix64;
 use consensus::types::{EntryPayload, Index, NodeId};
@@ -150,6 +156,12 @@ struct Strategy {
     /// every pre-prepare it is sent, every version of it.
     collude: bool,
     flood: u64,
+    /// Per mille: a REPLY it sends is made wrong (another history,
+    /// sequence number or request digest, re-signed with its own key, the
+    /// same way by every Byzantine replica so that they match each other),
+    /// and (a quarter as often) it sends a made-up REPLY to a correct
+    /// replica.
+    wrong_replies: u64,
 }
 
 /// The safety checker over correct replicas.
@@ -163,6 +175,10 @@ struct Checker {
     checkpoints: BTreeMap<Index, ([u8; 32], NodeId)>,
     value_at: BTreeMap<Vec<u8>, Index>,
     applied_upto: BTreeMap<NodeId, Index>,
+    /// Values a correct replica holds a commit certificate for.
+    certified: BTreeSet<Vec<u8>>,
+    /// Certificates checked.
+    certificates: usize,
 }
 
 impl Checker {
@@ -192,6 +208,49 @@ impl Checker {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// A commit certificate a correct replica assembled: it verifies with
+    /// the group's keys, and names exactly the request correct replicas
+    /// executed at its index (the payload, and the hash chain there).
+    fn on_certificate(
+        &mut self,
+        id: NodeId,
+        ids: &[NodeId],
+        c: &consensus::ready::Certificate,
+    ) -> Result<(), String> {
+        let verifier = SimCrypto::new(ids[0], GROUP_SEED);
+        let v = certificate::verify_with(&c.bytes, ids, &verifier)
+            .map_err(|e| format!("node {id} assembled a certificate that does not verify: {e}"))?;
+        if v.index != c.index || v.client != id {
+            return Err(format!(
+                "node {id}'s certificate names index {} client {} (handed out for {})",
+                v.index, v.client, c.index
+            ));
+        }
+        let data = v.data.clone().ok_or("small values are carried inline")?;
+        match self.executed.get(&v.index) {
+            Some(EntryPayload::Normal(d)) if d[..] == data[..] => {}
+            other => {
+                return Err(format!(
+                    "node {id} certified {:?} at {}, correct replicas executed {other:?}",
+                    String::from_utf8_lossy(&data),
+                    v.index
+                ));
+            }
+        }
+        let (chain, first) = *self.chains.entry(v.index).or_insert((v.history, id));
+        if chain != v.history {
+            return Err(format!(
+                "node {id} certified history {:?} at {}, node {first} executed {:?}",
+                &v.history[..4],
+                v.index,
+                &chain[..4]
+            ));
+        }
+        self.certified.insert(data);
+        self.certificates += 1;
         Ok(())
     }
 
@@ -242,6 +301,9 @@ impl Checker {
 
 struct Sim {
     rng: Rng,
+    /// Draws of the reply adversary, apart from `rng` so that the
+    /// strategies and faults a seed picked before it existed stay the same.
+    reply_rng: Rng,
     ids: Vec<NodeId>,
     byz: BTreeMap<NodeId, Strategy>,
     /// Byzantine replicas' keys (colluders share them).
@@ -358,6 +420,12 @@ impl Sim {
             }
             byz.insert(id, s);
         }
+        let mut reply_rng = Rng(SplitMix64::new(seed ^ 0x7265_706c_7921));
+        for s in byz.values_mut() {
+            if reply_rng.chance(600) {
+                s.wrong_replies = 100 + reply_rng.below(900);
+            }
+        }
         let mut faults = faults;
         if byz.values().any(|s| s.collude) {
             faults.crash_primary = 20 + rng.below(100);
@@ -373,6 +441,7 @@ impl Sim {
             .collect();
         let mut sim = Sim {
             rng,
+            reply_rng,
             ids: ids.clone(),
             byz,
             keys,
@@ -534,6 +603,17 @@ impl Sim {
                     };
                     *v = Signed::sign(key.as_ref(), from, body);
                 }
+            }
+            MessageKind::Reply(r)
+                if s.wrong_replies > 0 && self.reply_rng.chance(s.wrong_replies) =>
+            {
+                let mut body = r.body.clone();
+                match self.reply_rng.below(3) {
+                    0 => body.history[0] ^= 1,
+                    1 => body.n += 1,
+                    _ => body.request[0] ^= 1,
+                }
+                *r = Signed::sign(key.as_ref(), from, body);
             }
             MessageKind::ViewChange(vc) if s.stale_view_change => {
                 self.remember(&m_kind_certs(&vc.body));
@@ -801,6 +881,29 @@ impl Sim {
                     );
                 }
             }
+            if s.wrong_replies > 0 && self.reply_rng.chance(s.wrong_replies / 4) {
+                // A REPLY for a request the target may have sent: right
+                // client, a plausible timestamp, made-up contents.
+                let to = correct[self.reply_rng.below(correct.len() as u64) as usize];
+                let mut digest = [0u8; 32];
+                digest[..8].copy_from_slice(&self.reply_rng.below(u64::MAX).to_be_bytes());
+                let body = Reply {
+                    view: 0,
+                    n: 1 + self.reply_rng.below(60),
+                    client: to,
+                    ts: 1 + self.reply_rng.below(20),
+                    request: digest,
+                    history: digest,
+                };
+                let kind = MessageKind::Reply(Signed::sign(self.key(id).as_ref(), id, body));
+                let msg = Message {
+                    from: id,
+                    to,
+                    view: 0,
+                    kind,
+                };
+                self.enqueue(Envelope { msg, image: None }, false);
+            }
             if s.flood > 0 && self.rng.chance(s.flood) {
                 let key = self.key(id);
                 for _ in 0..3 {
@@ -872,7 +975,7 @@ impl Sim {
                 return Ok(());
             };
             if !node.engine().has_ready() {
-                return Ok(());
+                return self.check_certificates(id);
             }
             let mut rd = node.engine_mut().ready();
             let msgs = node.envelopes(std::mem::take(&mut rd.messages));
@@ -896,7 +999,25 @@ impl Sim {
                 self.checker.on_state(id, &state)?;
             }
             self.send(id, persisted);
+            self.check_certificates(id)?;
         }
+    }
+
+    /// Checks the certificates replica `id` assembled (after its executed
+    /// entries went to the checker).
+    fn check_certificates(&mut self, id: NodeId) -> Result<(), String> {
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return Ok(());
+        };
+        let certs = node.engine_mut().take_certificates();
+        if self.byz.contains_key(&id) {
+            return Ok(());
+        }
+        for c in &certs {
+            self.checker.on_certificate(id, &self.ids, c)?;
+            self.log(format!("certificate at {id} for {}", c.index));
+        }
+        Ok(())
     }
 
     fn crash(&mut self, id: NodeId, why: &str) {
@@ -1098,7 +1219,10 @@ impl Sim {
                     values.push(v);
                 }
             }
-            if values.len() == LIVENESS_VALUES && values.iter().all(|v| self.executed_everywhere(v))
+            if values.len() == LIVENESS_VALUES
+                && values
+                    .iter()
+                    .all(|v| self.executed_everywhere(v) && self.checker.certified.contains(v))
             {
                 return Ok(());
             }
@@ -1106,6 +1230,11 @@ impl Sim {
         let missing: Vec<String> = values
             .iter()
             .filter(|v| !self.executed_everywhere(v))
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        let uncertified: Vec<String> = values
+            .iter()
+            .filter(|v| !self.checker.certified.contains(*v))
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .collect();
         let state: Vec<String> = self
@@ -1125,7 +1254,8 @@ impl Sim {
             })
             .collect();
         Err(format!(
-            "liveness: after {LIVENESS_TICKS} ticks healed, not executed everywhere: {missing:?}; {state:#?}"
+            "liveness: after {LIVENESS_TICKS} ticks healed, not executed everywhere: {missing:?}, \
+             without a certificate at the replica proposing it: {uncertified:?}; {state:#?}"
         ))
     }
 }
@@ -1134,12 +1264,14 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-/// Runs one seed; on success, how many sequence numbers were executed.
-fn run_seed(seed: u64, colluding: bool, verbose: bool) -> Result<usize, String> {
+/// Runs one seed; on success, how many sequence numbers were executed and
+/// how many certificates correct replicas assembled (all checked).
+fn run_seed(seed: u64, colluding: bool, verbose: bool) -> Result<(usize, usize), String> {
     let mut sim = Sim::new(seed, colluding, verbose);
     let r = panic::catch_unwind(AssertUnwindSafe(|| sim.run(!colluding)))
         .unwrap_or_else(|p| Err(format!("panic: {p:?}")));
-    r.map(|()| sim.checker.executed.len()).map_err(|e| {
+    r.map(|()| (sim.checker.executed.len(), sim.checker.certificates))
+        .map_err(|e| {
         let trace: Vec<String> = sim.trace.iter().cloned().collect();
         format!(
             "seed {seed} failed: {e}\nreplay: SIM_SEED={seed} cargo test -p consensus --test pbft_simulation -- --nocapture\nlast trace lines:\n{}",
@@ -1160,6 +1292,7 @@ fn pbft_simulation() {
     let first = env_u64("SIM_SEED_START").unwrap_or(0);
     let started = Instant::now();
     let mut executed = 0;
+    let mut certified = 0;
     for &seed in REGRESSION_SEEDS {
         if let Err(e) = run_seed(seed, false, false) {
             panic!("regression {e}");
@@ -1167,16 +1300,21 @@ fn pbft_simulation() {
     }
     for seed in first..first + seeds {
         match run_seed(seed, false, false) {
-            Ok(n) => executed += n,
+            Ok((n, c)) => {
+                executed += n;
+                certified += c;
+            }
             Err(e) => panic!("{e}"),
         }
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{seeds} seeds from {first}: {:.1} seeds/s, {executed} sequence numbers executed",
+        "{seeds} seeds from {first}: {:.1} seeds/s, {executed} sequence numbers executed, \
+         {certified} commit certificates checked",
         seeds as f64 / secs
     );
     assert!(executed as u64 >= seeds * LIVENESS_VALUES as u64);
+    assert!(certified as u64 >= seeds * LIVENESS_VALUES as u64);
 }
 
 /// With f+1 Byzantine replicas among 3f+1 (an equivocating primary and a

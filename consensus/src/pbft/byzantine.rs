@@ -17,6 +17,9 @@
 //!   it forges in the other members' names (in odd views); as the new
 //!   primary, its NEW-VIEW re-issues a null request in place of the first
 //!   re-issued one.
+//! * **wrong replies**: every REPLY it sends names another history (the
+//!   hash chain with its bits flipped), so a client that counted its word
+//!   would certify a state the group never reached.
 //!
 //! A correct replica refuses all of it or is not harmed by it: the tests
 //! that run a group with one such member check that every client of a
@@ -42,21 +45,26 @@ pub struct Mode {
     /// Hides and invents prepared certificates in VIEW-CHANGE and drops a
     /// request from its NEW-VIEW.
     pub lie_in_view_change: bool,
+    /// Signs REPLYs naming a history the group never reached.
+    pub wrong_replies: bool,
 }
 
 impl std::str::FromStr for Mode {
     type Err = String;
 
-    /// A comma-separated list of `equivocate` and `lie-in-view-change`.
+    /// A comma-separated list of `equivocate`, `lie-in-view-change` and
+    /// `wrong-replies`.
     fn from_str(s: &str) -> Result<Self, String> {
         let mut m = Mode::default();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part {
                 "equivocate" => m.equivocate = true,
                 "lie-in-view-change" => m.lie_in_view_change = true,
+                "wrong-replies" => m.wrong_replies = true,
                 other => {
                     return Err(format!(
-                        "unknown Byzantine behaviour {other:?}: expected equivocate or lie-in-view-change"
+                        "unknown Byzantine behaviour {other:?}: expected equivocate, \
+                         lie-in-view-change or wrong-replies"
                     ));
                 }
             }
@@ -173,6 +181,14 @@ impl Byzantine {
             MessageKind::ViewChange(vc) if self.mode.lie_in_view_change && vc.signer == me => {
                 let body = self.lie(vc.body.clone());
                 *vc = Signed::sign(self.crypto.as_ref(), self.me(), body);
+                true
+            }
+            MessageKind::Reply(r) if self.mode.wrong_replies && r.signer == me => {
+                let mut body = r.body.clone();
+                for b in body.history.iter_mut() {
+                    *b = !*b;
+                }
+                *r = Signed::sign(self.crypto.as_ref(), self.me(), body);
                 true
             }
             MessageKind::NewView(nv) if self.mode.lie_in_view_change && nv.signer == me => {
@@ -330,5 +346,11 @@ impl Engine for Byzantine {
     }
     fn advance(&mut self) {
         Engine::advance(&mut self.inner)
+    }
+    fn certifies(&self) -> bool {
+        Engine::certifies(&self.inner)
+    }
+    fn take_certificates(&mut self) -> Vec<crate::ready::Certificate> {
+        Engine::take_certificates(&mut self.inner)
     }
 }
