@@ -670,10 +670,11 @@ function liveView(ctx) {
   const lines = [
     new Sparkline(charts, "Commands sent to devices", "/s", 2),
     new Sparkline(charts, "Device state reports", "/s", 2),
+    new Sparkline(charts, "Device messages", "/s", 2),
     new Sparkline(charts, "Connected devices", "", 0),
     new Sparkline(charts, "REST write latency (mean)", "ms", 1),
   ];
-  lines.forEach((l, i) => { l.card.id = `chart-${["commands", "reports", "sessions", "latency"][i]}`; });
+  lines.forEach((l, i) => { l.card.id = `chart-${["commands", "reports", "messages", "sessions", "latency"][i]}`; });
   let prev = null;
   let prevAt = 0;
   ctx.every(2000, async () => {
@@ -682,7 +683,7 @@ function liveView(ctx) {
       const now = performance.now();
       const cur = parseMetrics(text);
       const f = figures(prev, cur, (now - prevAt) / 1000);
-      [f.commands, f.reports, f.sessions, f.latency].forEach((v, i) => lines[i].push(v));
+      [f.commands, f.reports, f.messages, f.sessions, f.latency].forEach((v, i) => lines[i].push(v));
       prev = cur;
       prevAt = now;
     } catch (e) {

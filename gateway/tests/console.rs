@@ -814,6 +814,12 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
         json!([]),
     )
     .await;
+    b.until(
+        "a device message rate charted",
+        "const v = document.querySelector('#chart-messages')?.dataset.last; return v !== undefined && v !== ''",
+        json!([]),
+    )
+    .await;
     b.shot("live").await;
 
     // The token is revoked: the console returns to sign-in with the 401's detail.
