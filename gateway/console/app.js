@@ -488,28 +488,34 @@ function deviceView(ctx, id) {
 // ---- commands -------------------------------------------------------------------
 
 function commandsView(ctx, query) {
-  const device = el("input#commands-device", { value: query.get("device") || "", placeholder: "device id", required: true });
+  const device = el("input#commands-device", { value: query.get("device") || "", placeholder: "any device" });
   const status = el("select#commands-status", {}, el("option", { value: "", text: "any" }),
-    ...["queued", "sent", "accepted", "succeeded", "failed", "expired", "canceled"].map((s) => el("option", { value: s, text: s })));
+    ...LIFECYCLE.map((s) => el("option", { value: s, text: s })));
   status.value = query.get("status") || "";
+  const job = el("input#commands-job", { value: query.get("job") || "", placeholder: "any job" });
+  const since = el("input#commands-since", { type: "datetime-local", value: query.get("since") || "" });
   const err = el("div");
   const list = el("div.card.scroll#commands-list");
   const form = el("form.inline.card", {
     onsubmit: (e) => {
       e.preventDefault();
-      location.hash = `#/commands?${new URLSearchParams({ device: device.value.trim(), status: status.value })}`;
+      const q = { device: device.value.trim(), status: status.value, job: job.value.trim(), since: since.value };
+      location.hash = `#/commands?${new URLSearchParams(Object.entries(q).filter(([, v]) => v))}`;
     },
-  }, el("label", {}, "Device", device), el("label", {}, "Status", status), el("button", { type: "submit", text: "Show" }));
+  }, el("label", {}, "Device", device), el("label", {}, "Status", status), el("label", {}, "Job", job),
+  el("label", {}, "Issued after", since), el("button", { type: "submit", text: "Show" }));
   fill(main, el("h1", { text: "Commands" }), form, err, list);
-  const dev = query.get("device");
-  if (!dev) {
-    fill(list, el("p.muted", { text: "Commands are listed per device: name one." }));
-    return;
-  }
+  const sinceMs = query.get("since") ? new Date(query.get("since")).getTime() : NaN;
+  const filters = {
+    device: query.get("device") || undefined,
+    status: query.get("status") || undefined,
+    job: query.get("job") || undefined,
+    created_after: Number.isFinite(sinceMs) ? sinceMs : undefined,
+  };
   const tail = {};
   ctx.every(2000, async () => {
     try {
-      const items = await newest(p`/v1/devices/${dev}/commands`, { status: query.get("status") }, 100, tail, ctx.signal);
+      const items = await newest("/v1/commands", filters, 100, tail, ctx.signal);
       showError(err, null);
       fill(list, el("table", {}, commandHead(), el("tbody", {}, items.map((c) => commandRow(c, ctx, (e) => showError(err, e))))),
         items.length ? null : el("p.muted", { text: "No command." }));
