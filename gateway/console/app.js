@@ -155,9 +155,6 @@ function signinView() {
 
 // ---- group --------------------------------------------------------------------
 
-/** A member lagging by more than this many entries gets a warning. */
-const LAG_WARN = 100;
-
 function groupView(ctx) {
   const summary = el("div.card#group-summary");
   const members = el("div.card.scroll#group-members");
@@ -177,38 +174,32 @@ function groupView(ctx) {
           el("tr", {}, el("th", { text: "Term" }), el("td.num", { text: c.term })),
           el("tr", {}, el("th", { text: "Commit index" }), el("td.num", { text: c.commit })),
           el("tr", {}, el("th", { text: "Applied index" }), el("td.num", { text: c.applied })))));
-      const warn = [];
-      if (c.leader === null || c.leader === undefined) warn.push("No leader is known: writes fail (503) until the group elects one.");
-      if (c.commit - c.applied > LAG_WARN) warn.push(`This gateway applies behind its commit index by ${c.commit - c.applied} entries.`);
       const onLeader = c.role === "leader";
-      const rows = c.members.map((m) => {
-        const lag = m.matched === null || m.matched === undefined ? null : c.commit - m.matched;
-        let state = badge("ok");
-        if (m.active === false) {
-          state = badge("unreachable", "bad");
-          warn.push(`Member ${m.id} is unreachable from the leader.`);
-        } else if (lag !== null && lag > LAG_WARN) {
-          state = badge("lagging", "warn");
-          warn.push(`Member ${m.id} lags the commit index by ${lag} entries.`);
-        } else if (!onLeader) {
-          state = el("span.muted", { text: "seen from the leader" });
-        }
-        return el("tr", { "data-member": m.id },
-          el("td.num", { text: m.id }),
-          el("td", { text: m.suffrage }),
-          el("td", {}, m.role ? badge(m.role) : el("span.muted", { text: "–" })),
-          el("td.num", { text: m.matched ?? "–" }),
-          el("td.num", { text: lag ?? "–" }),
-          el("td", {}, state));
-      });
+      const shown = (v) => (v === null || v === undefined ? el("span.muted", { text: "unknown" }) : String(v));
+      const HEALTH = { ok: "ok", lagging: "warn", unreachable: "bad", unknown: "muted" };
+      const rows = c.members.map((m) => el("tr", { "data-member": m.id, "data-health": m.health },
+        el("td.num", { text: m.id }),
+        el("td", { text: m.suffrage }),
+        el("td", {}, m.role ? badge(m.role) : el("span.muted", { text: "–" })),
+        el("td.num", {}, shown(m.commit)),
+        el("td.num", {}, shown(m.applied)),
+        el("td.num", {}, shown(m.matched)),
+        el("td.num", {}, shown(m.lag)),
+        el("td", {}, badge(m.health, HEALTH[m.health] || "muted"))));
       fill(members,
         el("h2", { text: "Members" }),
-        onLeader ? null : el("p.muted", { text: `Replication progress is known on the leader (gateway ${c.leader ?? "?"}); open its console for it.` }),
+        el("p.muted", {
+          text: (onLeader
+            ? "Matched index and lag: this leader's replication progress for each member. "
+            : `Matched index and lag are known on the leader (gateway ${c.leader ?? "?"}); open its console for them. `) +
+            `Commit and applied index: each gateway's own, shown for this one. A member more than ${c.lag_warning} entries behind is lagging.`,
+        }),
         el("table", {}, el("thead", {}, el("tr", {},
           el("th.num", { text: "Id" }), el("th", { text: "Suffrage" }), el("th", { text: "Role" }),
+          el("th.num", { text: "Commit index" }), el("th.num", { text: "Applied index" }),
           el("th.num", { text: "Matched index" }), el("th.num", { text: "Lag" }), el("th", { text: "Health" }))),
         el("tbody", {}, rows)));
-      fill(warnings, warn.map((w) => el("div.notice", { text: w })));
+      fill(warnings, c.warnings.map((w) => el("div.notice", { text: w })));
     } catch (e) {
       showError(err, e);
     }

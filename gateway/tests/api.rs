@@ -1279,8 +1279,11 @@ async fn cluster_health_and_metrics() {
         cluster.body["members"],
         json!([{"id":1,"suffrage":"voter","role":"leader",
             "matched": cluster.body["members"][0]["matched"],
-            "active": cluster.body["members"][0]["active"]}])
+            "active": cluster.body["members"][0]["active"],
+            "lag": 0, "commit": commit, "applied": applied, "health": "ok"}])
     );
+    assert_eq!(cluster.body["lag_warning"], 100);
+    assert_eq!(cluster.body["warnings"], json!([]));
 
     let health = call(&e.app, Method::GET, "/healthz").send().await;
     assert_eq!(health.status, StatusCode::OK);
