@@ -403,7 +403,8 @@ pub enum Op {
         /// When it may start (ms since the epoch); at once if absent.
         start_at_ms: Option<u64>,
         /// Optional client key for exactly-once creation (one job per key
-        /// in the group, ever).
+        /// in the group, for as long as that job is kept: a pruned job's
+        /// key names no job any more).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idempotency_key: Option<String>,
     },
