@@ -50,7 +50,10 @@
 //! * **The bound is tight**: with f+1 colluding Byzantine replicas among
 //!   3f+1 the checker finds two correct replicas executing different
 //!   requests at one sequence number within a few seeds
-//!   (`f_plus_one_byzantine_replicas_break_safety`).
+//!   (`f_plus_one_byzantine_replicas_break_safety`), and so it does with
+//!   one Byzantine replica among three — n = 3f, quorums of n − f = 2
+//!   (`three_replicas_with_one_byzantine_break_safety`). Each prints the
+//!   trace it found.
 //!
 //! Environment: `SIM_SEEDS` (how many seeds, default [`DEFAULT_SEEDS`]),
 //! `SIM_SEED_START` (first seed, default 0), `SIM_SEED` (run exactly this
@@ -349,13 +352,19 @@ fn cfg(id: NodeId) -> Config {
 }
 
 impl Sim {
-    /// A run of `seed`; `colluding` puts f+1 Byzantine replicas (the first
-    /// primary among them) into a group of 4.
-    fn new(seed: u64, colluding: bool, verbose: bool) -> Sim {
+    /// A run of `seed`; `colluding: Some(n)` makes the group n replicas
+    /// with f+1 Byzantine ones among them (f = (n-1)/3 as the engine
+    /// computes it; the first primary is one of them), beyond what PBFT
+    /// tolerates.
+    fn new(seed: u64, colluding: Option<u64>, verbose: bool) -> Sim {
         let mut rng = Rng(SplitMix64::new(
             seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5bf7,
         ));
-        let n: u64 = if !colluding && seed % 5 == 4 { 7 } else { 4 };
+        let n: u64 = match colluding {
+            Some(n) => n,
+            None if seed % 5 == 4 => 7,
+            None => 4,
+        };
         let ids: Vec<NodeId> = (1..=n).collect();
         let f = ((n - 1) / 3) as usize;
         let faults = Faults {
@@ -370,7 +379,7 @@ impl Sim {
             crash_primary: 0,
         };
         let mut byz = BTreeMap::new();
-        let count = if colluding {
+        let count = if colluding.is_some() {
             f + 1
         } else if rng.chance(850) {
             f
@@ -380,7 +389,7 @@ impl Sim {
         let mut pool_ids = ids.clone();
         for k in 0..count {
             // The first primary is Byzantine in half the runs (always when colluding).
-            let id = if k == 0 && (colluding || rng.chance(500)) {
+            let id = if k == 0 && (colluding.is_some() || rng.chance(500)) {
                 1
             } else {
                 pool_ids.retain(|&x| x != 1 || !byz.contains_key(&1));
@@ -392,7 +401,7 @@ impl Sim {
                 rng.pick(&cands)
             };
             let mut s = Strategy::default();
-            if colluding {
+            if colluding.is_some() {
                 s.equivocate = true;
             } else {
                 s.equivocate = rng.chance(500);
@@ -1266,9 +1275,9 @@ fn env_u64(name: &str) -> Option<u64> {
 
 /// Runs one seed; on success, how many sequence numbers were executed and
 /// how many certificates correct replicas assembled (all checked).
-fn run_seed(seed: u64, colluding: bool, verbose: bool) -> Result<(usize, usize), String> {
+fn run_seed(seed: u64, colluding: Option<u64>, verbose: bool) -> Result<(usize, usize), String> {
     let mut sim = Sim::new(seed, colluding, verbose);
-    let r = panic::catch_unwind(AssertUnwindSafe(|| sim.run(!colluding)))
+    let r = panic::catch_unwind(AssertUnwindSafe(|| sim.run(colluding.is_none())))
         .unwrap_or_else(|p| Err(format!("panic: {p:?}")));
     r.map(|()| (sim.checker.executed.len(), sim.checker.certificates))
         .map_err(|e| {
@@ -1283,7 +1292,7 @@ fn run_seed(seed: u64, colluding: bool, verbose: bool) -> Result<(usize, usize),
 #[test]
 fn pbft_simulation() {
     if let Some(seed) = env_u64("SIM_SEED") {
-        if let Err(e) = run_seed(seed, false, true) {
+        if let Err(e) = run_seed(seed, None, true) {
             panic!("{e}");
         }
         return;
@@ -1294,12 +1303,12 @@ fn pbft_simulation() {
     let mut executed = 0;
     let mut certified = 0;
     for &seed in REGRESSION_SEEDS {
-        if let Err(e) = run_seed(seed, false, false) {
+        if let Err(e) = run_seed(seed, None, false) {
             panic!("regression {e}");
         }
     }
     for seed in first..first + seeds {
-        match run_seed(seed, false, false) {
+        match run_seed(seed, None, false) {
             Ok((n, c)) => {
                 executed += n;
                 certified += c;
@@ -1323,13 +1332,30 @@ fn pbft_simulation() {
 #[test]
 fn f_plus_one_byzantine_replicas_break_safety() {
     for seed in 0..50 {
-        if let Err(e) = run_seed(seed, true, false) {
+        if let Err(e) = run_seed(seed, Some(4), false) {
             assert!(e.contains("different requests"), "{e}");
             println!("found at seed {seed}:\n{e}");
             return;
         }
     }
     panic!("no safety violation found with f+1 Byzantine replicas in 50 seeds");
+}
+
+/// The other side of the bound: three replicas cannot tolerate one
+/// Byzantine member. With n = 3 the engine's quorums are 2 = n − f for
+/// f = 1 (it computes f = 0), and an equivocating primary whose votes
+/// follow the variant each backup got makes the two backups commit
+/// different requests at one sequence number; the checker must find it.
+#[test]
+fn three_replicas_with_one_byzantine_break_safety() {
+    for seed in 0..50 {
+        if let Err(e) = run_seed(seed, Some(3), false) {
+            assert!(e.contains("different requests"), "{e}");
+            println!("found at seed {seed}:\n{e}");
+            return;
+        }
+    }
+    panic!("no safety violation found with n = 3f in 50 seeds");
 }
 
 /// The certificates and checkpoint proof a VIEW-CHANGE carries.
