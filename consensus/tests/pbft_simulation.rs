@@ -52,6 +52,9 @@
 //!   other, changes nothing
 //!   (`a_backup_sent_two_batches_for_one_sequence_number_accepts_one`, 24
 //!   seeds): a backup that accepted both would stall the group or worse.
+//!   Likewise a Byzantine primary of a new view whose NEW-VIEW re-issues a
+//!   null request in place of a prepared one is refused
+//!   (`a_new_view_dropping_a_prepared_request_is_refused`, 24 seeds).
 //! * **The bound is tight**: with f+1 colluding Byzantine replicas among
 //!   3f+1 the checker finds two correct replicas executing different
 //!   requests at one sequence number within a few seeds
@@ -175,6 +178,11 @@ struct Strategy {
     /// one batch per sequence number and view and refuses the other. Only
     /// in `a_backup_sent_two_batches_for_one_sequence_number_accepts_one`.
     both_versions: bool,
+    /// As the primary of a new view, its NEW-VIEW re-issues a null request
+    /// in place of the first re-issued request: correct replicas recompute
+    /// the batch and refuse it. Only in
+    /// `a_new_view_dropping_a_prepared_request_is_refused`.
+    drop_from_new_view: bool,
 }
 
 /// The safety checker over correct replicas.
@@ -325,6 +333,8 @@ struct Sim {
     variants: BTreeMap<(u64, Index, NodeId), Signed<PrePrepare>>,
     /// Second versions of pre-prepares sent (`Strategy::both_versions`).
     both_sent: u64,
+    /// NEW-VIEWs sent with a request dropped (`Strategy::drop_from_new_view`).
+    new_views_dropping: u64,
     /// Messages the Byzantine replicas have seen (for replays).
     pool: VecDeque<Message>,
     /// Genuine prepared certificates and checkpoint proofs the Byzantine
@@ -468,6 +478,7 @@ impl Sim {
             keys,
             variants: BTreeMap::new(),
             both_sent: 0,
+            new_views_dropping: 0,
             pool: VecDeque::new(),
             certs_seen: VecDeque::new(),
             proofs_seen: VecDeque::new(),
@@ -661,6 +672,19 @@ impl Sim {
                     _ => body.request[0] ^= 1,
                 }
                 *r = Signed::sign(key.as_ref(), from, body);
+            }
+            MessageKind::NewView(nv) if s.drop_from_new_view && nv.signer == from => {
+                let mut body = nv.body.clone();
+                if let Some(pp) = body.pre_prepare.as_ref()
+                    && let Some(i) = pp.body.requests.iter().position(Option::is_some)
+                {
+                    let mut p = pp.body.clone();
+                    p.requests[i] = None;
+                    p.digest = batch_digest(p.first, &p.requests);
+                    body.pre_prepare = Some(Signed::sign(key.as_ref(), from, p));
+                    *nv = Signed::sign(key.as_ref(), from, body);
+                    self.new_views_dropping += 1;
+                }
             }
             MessageKind::ViewChange(vc) if s.stale_view_change => {
                 self.remember(&m_kind_certs(&vc.body));
@@ -1423,6 +1447,29 @@ fn a_backup_sent_two_batches_for_one_sequence_number_accepts_one() {
     }
     println!("{sent} second versions of pre-prepares sent");
     assert!(sent > 100, "only {sent} second versions sent");
+}
+
+/// A Byzantine primary of a new view whose NEW-VIEW re-issues a null
+/// request in place of a prepared one (re-signed, so only recomputing the
+/// batch shows it): correct replicas refuse it and move on to the next
+/// view, or a committed request is lost and correct replicas diverge. The
+/// main run has no such primary.
+#[test]
+fn a_new_view_dropping_a_prepared_request_is_refused() {
+    let mut sent = 0;
+    for seed in 0..24 {
+        let mut sim = Sim::new(seed, None, false);
+        for s in sim.byz.values_mut() {
+            s.drop_from_new_view = true;
+        }
+        let r = run_sim(&mut sim, seed, None);
+        sent += sim.new_views_dropping;
+        if let Err(e) = r {
+            panic!("{e}");
+        }
+    }
+    println!("{sent} NEW-VIEWs dropping a request sent");
+    assert!(sent > 10, "only {sent} NEW-VIEWs dropping a request sent");
 }
 
 /// The certificates and checkpoint proof a VIEW-CHANGE carries.
