@@ -1645,3 +1645,47 @@ fn verify_rejects_what_is_not_a_commit_certificate() {
         Err(CertificateError::EmptyGroup)
     );
 }
+
+/// The new primary computes its NEW-VIEW from all q VIEW-CHANGEs, not from
+/// its own: here only the other backups prepared "x" at 1 in view 0, and
+/// the primary of view 1 (which never saw it) must still re-issue it.
+#[test]
+fn a_new_primary_reissues_a_request_only_other_replicas_prepared() {
+    let x = pre_prepare(1, 0, 1, vec![request(3, 1, "x")]);
+    let mut r = replica(2);
+    r.campaign();
+    assert_eq!(r.view(), 1);
+    assert!(!r.is_active());
+    let _ = r.ready();
+    r.advance();
+    for from in [3, 4] {
+        let vc = view_change(from, 1, vec![cert(&x, &[3, 4])]);
+        r.step(msg(from, 2, MessageKind::ViewChange(vc)))
+            .expect("a valid view change");
+    }
+    assert!(r.is_active(), "the primary entered view 1");
+    let rd = r.ready();
+    r.advance();
+    let nv = rd
+        .messages
+        .iter()
+        .chain(rd.persisted_messages.iter())
+        .find_map(|m| match &m.kind {
+            MessageKind::NewView(nv) => Some(nv.clone()),
+            _ => None,
+        })
+        .expect("a NEW-VIEW");
+    assert_eq!(nv.body.view_changes.len(), 3);
+    let pp = nv
+        .body
+        .pre_prepare
+        .expect("the prepared request is re-issued");
+    assert_eq!((pp.body.view, pp.body.first), (1, 1));
+    let data: Vec<Option<Bytes>> = pp
+        .body
+        .requests
+        .iter()
+        .map(|r| r.as_ref().map(|r| r.body.data.clone()))
+        .collect();
+    assert_eq!(data, vec![Some(Bytes::from("x"))]);
+}

@@ -47,6 +47,14 @@
 //!   Byzantine replicas stay Byzantine): every value proposed at a correct
 //!   replica executes everywhere correct, and is certified at the replica
 //!   that proposed it, within [`LIVENESS_TICKS`].
+//! * **One batch per sequence number and view**: an equivocating primary
+//!   that sends backups both versions of a pre-prepare, one after the
+//!   other, changes nothing
+//!   (`a_backup_sent_two_batches_for_one_sequence_number_accepts_one`, 24
+//!   seeds): a backup that accepted both would stall the group or worse.
+//!   Likewise a Byzantine primary of a new view whose NEW-VIEW re-issues a
+//!   null request in place of a prepared one is refused
+//!   (`a_new_view_dropping_a_prepared_request_is_refused`, 24 seeds).
 //! * **The bound is tight**: with f+1 colluding Byzantine replicas among
 //!   3f+1 the checker finds two correct replicas executing different
 //!   requests at one sequence number within a few seeds
@@ -165,6 +173,16 @@ struct Strategy {
     /// and (a quarter as often) it sends a made-up REPLY to a correct
     /// replica.
     wrong_replies: u64,
+    /// As an equivocating primary, it sends a backup that got a variant of
+    /// a pre-prepare the original right after it: a correct backup accepts
+    /// one batch per sequence number and view and refuses the other. Only
+    /// in `a_backup_sent_two_batches_for_one_sequence_number_accepts_one`.
+    both_versions: bool,
+    /// As the primary of a new view, its NEW-VIEW re-issues a null request
+    /// in place of the first re-issued request: correct replicas recompute
+    /// the batch and refuse it. Only in
+    /// `a_new_view_dropping_a_prepared_request_is_refused`.
+    drop_from_new_view: bool,
 }
 
 /// The safety checker over correct replicas.
@@ -313,6 +331,10 @@ struct Sim {
     keys: BTreeMap<NodeId, Arc<dyn Crypto>>,
     /// Equivocation: the variant of `(view, first)` each recipient got.
     variants: BTreeMap<(u64, Index, NodeId), Signed<PrePrepare>>,
+    /// Second versions of pre-prepares sent (`Strategy::both_versions`).
+    both_sent: u64,
+    /// NEW-VIEWs sent with a request dropped (`Strategy::drop_from_new_view`).
+    new_views_dropping: u64,
     /// Messages the Byzantine replicas have seen (for replays).
     pool: VecDeque<Message>,
     /// Genuine prepared certificates and checkpoint proofs the Byzantine
@@ -455,6 +477,8 @@ impl Sim {
             byz,
             keys,
             variants: BTreeMap::new(),
+            both_sent: 0,
+            new_views_dropping: 0,
             pool: VecDeque::new(),
             certs_seen: VecDeque::new(),
             proofs_seen: VecDeque::new(),
@@ -597,10 +621,35 @@ impl Sim {
         }
         let to = m.to;
         let key = self.key(from);
+        let mut second = None;
         match &mut m.kind {
             MessageKind::PrePrepare(pp) if s.equivocate && pp.signer == from => {
                 let v = self.variant(from, pp, to);
-                *pp = v;
+                if s.both_versions {
+                    // The other version: the original after a variant, a
+                    // variant another backup got after the original.
+                    let other = if v.body.digest != pp.body.digest {
+                        Some(pp.clone())
+                    } else {
+                        self.variants
+                            .range(
+                                (pp.body.view, pp.body.first, 0)
+                                    ..=(pp.body.view, pp.body.first, NodeId::MAX),
+                            )
+                            .map(|(_, x)| x)
+                            .find(|x| x.body.digest != pp.body.digest)
+                            .cloned()
+                    };
+                    if let Some(o) = other {
+                        let mut x = m.clone();
+                        x.kind = MessageKind::PrePrepare(o);
+                        second = Some(x);
+                        self.both_sent += 1;
+                    }
+                }
+                if let MessageKind::PrePrepare(pp) = &mut m.kind {
+                    *pp = v;
+                }
             }
             MessageKind::Prepare(v) | MessageKind::Commit(v) if s.equivocate => {
                 // Vote for the variant the recipient got (colluders share the map).
@@ -623,6 +672,19 @@ impl Sim {
                     _ => body.request[0] ^= 1,
                 }
                 *r = Signed::sign(key.as_ref(), from, body);
+            }
+            MessageKind::NewView(nv) if s.drop_from_new_view && nv.signer == from => {
+                let mut body = nv.body.clone();
+                if let Some(pp) = body.pre_prepare.as_ref()
+                    && let Some(i) = pp.body.requests.iter().position(Option::is_some)
+                {
+                    let mut p = pp.body.clone();
+                    p.requests[i] = None;
+                    p.digest = batch_digest(p.first, &p.requests);
+                    body.pre_prepare = Some(Signed::sign(key.as_ref(), from, p));
+                    *nv = Signed::sign(key.as_ref(), from, body);
+                    self.new_views_dropping += 1;
+                }
             }
             MessageKind::ViewChange(vc) if s.stale_view_change => {
                 self.remember(&m_kind_certs(&vc.body));
@@ -682,6 +744,7 @@ impl Sim {
             _ => {}
         }
         let mut out = vec![m.clone()];
+        out.extend(second);
         if let MessageKind::PrePrepare(pp) = &m.kind
             && s.forge > 0
             && s.equivocate
@@ -1276,7 +1339,10 @@ fn env_u64(name: &str) -> Option<u64> {
 /// Runs one seed; on success, how many sequence numbers were executed and
 /// how many certificates correct replicas assembled (all checked).
 fn run_seed(seed: u64, colluding: Option<u64>, verbose: bool) -> Result<(usize, usize), String> {
-    let mut sim = Sim::new(seed, colluding, verbose);
+    run_sim(&mut Sim::new(seed, colluding, verbose), seed, colluding)
+}
+
+fn run_sim(sim: &mut Sim, seed: u64, colluding: Option<u64>) -> Result<(usize, usize), String> {
     let r = panic::catch_unwind(AssertUnwindSafe(|| sim.run(colluding.is_none())))
         .unwrap_or_else(|p| Err(format!("panic: {p:?}")));
     r.map(|()| (sim.checker.executed.len(), sim.checker.certificates))
@@ -1356,6 +1422,54 @@ fn three_replicas_with_one_byzantine_break_safety() {
         }
     }
     panic!("no safety violation found with n = 3f in 50 seeds");
+}
+
+/// An equivocating primary that sends a backup both batches for one
+/// sequence number, one after the other: the backup must accept the first
+/// and refuse the second (it accepts one batch per sequence number and
+/// view), or it prepares both and correct replicas diverge. In the main
+/// run a backup only ever gets one version, so a backup that skipped this
+/// check went unnoticed there.
+#[test]
+fn a_backup_sent_two_batches_for_one_sequence_number_accepts_one() {
+    let mut sent = 0;
+    for seed in 0..24 {
+        let mut sim = Sim::new(seed, None, false);
+        for s in sim.byz.values_mut() {
+            s.equivocate = true;
+            s.both_versions = true;
+        }
+        let r = run_sim(&mut sim, seed, None);
+        sent += sim.both_sent;
+        if let Err(e) = r {
+            panic!("{e}");
+        }
+    }
+    println!("{sent} second versions of pre-prepares sent");
+    assert!(sent > 100, "only {sent} second versions sent");
+}
+
+/// A Byzantine primary of a new view whose NEW-VIEW re-issues a null
+/// request in place of a prepared one (re-signed, so only recomputing the
+/// batch shows it): correct replicas refuse it and move on to the next
+/// view, or a committed request is lost and correct replicas diverge. The
+/// main run has no such primary.
+#[test]
+fn a_new_view_dropping_a_prepared_request_is_refused() {
+    let mut sent = 0;
+    for seed in 0..24 {
+        let mut sim = Sim::new(seed, None, false);
+        for s in sim.byz.values_mut() {
+            s.drop_from_new_view = true;
+        }
+        let r = run_sim(&mut sim, seed, None);
+        sent += sim.new_views_dropping;
+        if let Err(e) = r {
+            panic!("{e}");
+        }
+    }
+    println!("{sent} NEW-VIEWs dropping a request sent");
+    assert!(sent > 10, "only {sent} NEW-VIEWs dropping a request sent");
 }
 
 /// The certificates and checkpoint proof a VIEW-CHANGE carries.
