@@ -30,7 +30,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use crate::raft::{ProgressState, ProgressStatus, Status};
-use crate::ready::{CompactError, ProposeError, Proposed, Ready, StepError, TransferError};
+use crate::ready::{
+    Certificate, CompactError, ProposeError, Proposed, Ready, StepError, TransferError,
+};
 use crate::types::{ConfChange, ConfState, HardState, Index, NodeId, Role, SnapshotMeta, Term};
 
 /// The consensus algorithm a group runs. Every member of a group runs the
@@ -212,4 +214,20 @@ pub trait Engine: fmt::Debug + Send + 'static {
     fn ready(&mut self) -> Ready<Self::Message>;
     /// Acknowledges that the last [`Ready`] was handled.
     fn advance(&mut self);
+
+    /// Whether this engine assembles commit certificates for its own
+    /// proposals (PBFT). A driver that answers a proposal only with its
+    /// certificate waits for one only from such an engine.
+    fn certifies(&self) -> bool {
+        false
+    }
+    /// Takes the commit certificates assembled since the last call (none
+    /// for an engine that does not certify). They come out of inputs
+    /// (`step`, `tick`) for entries already handed out as committed, and
+    /// do not make [`Engine::has_ready`] true: a driver takes them after
+    /// each round of inputs. An engine keeps a bounded number for a driver
+    /// that does not take them.
+    fn take_certificates(&mut self) -> Vec<Certificate> {
+        Vec::new()
+    }
 }

@@ -12,7 +12,7 @@ use crate::raft::{
     CompactError, Config, ConfigError, Entry, EntryPayload, HardState, Index, InitialState,
     Message, NodeId, Raft, SnapshotMeta, StepError, Term,
 };
-use crate::ready::{ReadState, Ready};
+use crate::ready::{Certificate, ReadState, Ready};
 
 /// The state machine of the in-memory driver: every applied normal entry,
 /// with its index, in order.
@@ -97,6 +97,7 @@ pub struct MemNode<E: Engine = Raft> {
     applied: Applied,
     read_states: Vec<ReadState>,
     received_images: BTreeMap<(Index, Term), Arc<Applied>>,
+    certificates: Vec<Certificate>,
 }
 
 impl MemNode<Raft> {
@@ -131,6 +132,7 @@ impl<E: Engine> MemNode<E> {
             applied,
             read_states: Vec::new(),
             received_images: BTreeMap::new(),
+            certificates: Vec::new(),
         })
     }
 
@@ -236,9 +238,16 @@ impl<E: Engine> MemNode<E> {
         self.read_states.extend(rd.read_states.iter().cloned());
     }
 
+    /// Every commit certificate the engine assembled, in order.
+    pub fn certificates(&self) -> &[Certificate] {
+        &self.certificates
+    }
+
     /// Runs one whole `ready` / `advance` cycle if there is work, and
     /// returns the messages to deliver, in the order they may leave.
+    /// Takes the engine's commit certificates too.
     pub fn handle_ready(&mut self) -> Vec<Envelope<E::Message>> {
+        self.certificates.extend(self.raft.take_certificates());
         if !self.raft.has_ready() {
             return Vec::new();
         }

@@ -21,6 +21,19 @@ pub struct ReadState {
     pub ctx: Vec<u8>,
 }
 
+/// A commit certificate the engine assembled for one of this node's own
+/// proposals (PBFT: f+1 matching signed replies, see
+/// [`crate::pbft::certificate`]). Taken with
+/// [`Engine::take_certificates`](crate::engine::Engine::take_certificates).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Certificate {
+    /// The log index (sequence number) the proposal executed at.
+    pub index: Index,
+    /// The encoded certificate (for PBFT the JSON document of
+    /// [`crate::pbft::certificate`]).
+    pub bytes: Vec<u8>,
+}
+
 /// A batch of work for the driver. Handle it in this order, then call
 /// [`crate::raft::Raft::advance`], without calling any other input of the core in
 /// between:

@@ -11,6 +11,13 @@
 //! | Multi-Paxos, steady state              | 2      | 1           |
 //! | Multi-Paxos, first write after takeover| 4      | 2           |
 //! | basic Paxos                            | 4      | 2           |
+//! | PBFT, proposal at the primary          | 3      | 1.5         |
+//! | PBFT, proposal at a backup             | 4      | 2           |
+//!
+//! PBFT (four replicas, f = 1): PRE-PREPARE, PREPARE and COMMIT are one
+//! delay each; a backup's request first travels to the primary. (A client
+//! outside the group would add one delay for its request and one for the
+//! replies.)
 //!
 //! The takeover case counts from a proposal at the new leader made when it
 //! starts its takeover, so the value waits for phase 1.
@@ -22,6 +29,7 @@ use std::collections::BTreeMap;
 use consensus::engine::Engine;
 use consensus::memory::{Envelope, MemNode, Network};
 use consensus::paxos::{self, Mode, MultiPaxos};
+use consensus::pbft::{self, Pbft, crypto::SimCrypto};
 use consensus::raft::{self, Raft};
 use consensus::types::{NodeId, Role};
 
@@ -31,8 +39,9 @@ const MAX_DELAYS: u64 = 20;
 
 /// Takes every node out of `net` to run them in lock step.
 fn nodes<E: Engine>(mut net: Network<E>) -> BTreeMap<NodeId, MemNode<E>> {
-    IDS.iter()
-        .map(|&id| (id, net.remove(id).expect("node")))
+    net.ids()
+        .into_iter()
+        .map(|id| (id, net.remove(id).expect("node")))
         .collect()
 }
 
@@ -125,6 +134,26 @@ fn basic_delays() -> u64 {
     })
 }
 
+fn pbft_delays(at: NodeId) -> u64 {
+    let ids = [1, 2, 3, 4];
+    let mut net = Network::with_engines(&ids, |id, init| {
+        Pbft::new(
+            pbft::Config::new(id, std::sync::Arc::new(SimCrypto::new(id, 3))),
+            init,
+        )
+    });
+    assert_eq!(
+        net.raft(1).role(),
+        Role::Leader,
+        "node 1 is the primary of view 0"
+    );
+    net.propose(1, b"warm").unwrap();
+    let mut nodes = nodes(net);
+    delays_until_applied(&mut nodes, at, b"v", |p| {
+        p.propose(b"v".to_vec()).unwrap();
+    })
+}
+
 #[test]
 fn message_delays_from_proposal_to_commit() {
     let rows = [
@@ -136,6 +165,8 @@ fn message_delays_from_proposal_to_commit() {
             4,
         ),
         ("basic Paxos", basic_delays(), 4),
+        ("PBFT, proposal at the primary", pbft_delays(1), 3),
+        ("PBFT, proposal at a backup", pbft_delays(2), 4),
     ];
     println!("{:<42} {:>6} {:>8}", "engine", "delays", "expected");
     for (name, got, want) in rows {

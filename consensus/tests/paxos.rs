@@ -788,3 +788,27 @@ fn proposals_made_between_two_readies_travel_in_one_accept_per_acceptor() {
         assert_eq!(values(&net, id).len(), 11, "node {id}");
     }
 }
+
+#[test]
+fn the_leader_reports_a_member_it_stopped_hearing_from_as_not_connected() {
+    let mut net = group(&[1, 2, 3], Mode::Multi);
+    elect(&mut net, 1);
+    net.propose(1, b"a").unwrap();
+    net.tick_all();
+    let connected =
+        |net: &Network<MultiPaxos>, id: NodeId| Engine::status(net.raft(1)).progress[&id].connected;
+    assert!(connected(&net, 2) && connected(&net, 3));
+    // Two heartbeat rounds without an answer: no longer connected.
+    net.isolate(3);
+    for _ in 0..3 {
+        net.tick_all();
+        assert!(connected(&net, 2));
+    }
+    assert!(!connected(&net, 3));
+    // It answers again: connected again.
+    net.recover();
+    for _ in 0..2 {
+        net.tick_all();
+    }
+    assert!(connected(&net, 3));
+}

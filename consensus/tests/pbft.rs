@@ -1217,3 +1217,475 @@ fn a_new_view_with_two_certificates_of_one_view_for_one_sequence_number_is_refus
     assert_eq!(r.stats().invalid_new_view, 1);
     assert_eq!(r.view(), 0, "does not enter view 1");
 }
+
+/// Seed 384997: the primary of view 0 restarted after the others had moved
+/// to view 1; the NEW-VIEWs its fetches brought were lost, so it forgot
+/// the later view, and once the group's traffic stopped nothing made it
+/// ask again (a primary runs no request timer). A later view that f+1
+/// members signed messages in is vouched for by a correct replica: the
+/// replica keeps asking (one peer per resend, without leaving its view)
+/// until it enters that view, and then stops.
+#[test]
+fn a_later_view_that_f_plus_1_members_sign_in_is_fetched_until_entered() {
+    let mut r = replica(1);
+    let vote = |from: NodeId| {
+        Signed::sign(
+            crypto(from).as_ref(),
+            from,
+            Vote {
+                phase: Phase::Commit,
+                view: 1,
+                first: 1,
+                last: 1,
+                digest: [7; 32],
+            },
+        )
+    };
+    for from in [3, 4] {
+        r.step(msg(from, 1, MessageKind::Commit(vote(from))))
+            .expect("step");
+    }
+    // Every answer lost: it goes on asking, round the peers.
+    let mut fetched = Vec::new();
+    for _ in 0..400 {
+        r.tick();
+        let rd = r.ready();
+        r.advance();
+        fetched.extend(
+            rd.messages
+                .iter()
+                .chain(rd.persisted_messages.iter())
+                .filter(|m| matches!(m.kind, MessageKind::Fetch { .. }))
+                .map(|m| m.to),
+        );
+    }
+    assert_eq!(fetched.len(), 200, "one fetch every resend (2 ticks)");
+    for peer in [2, 3, 4] {
+        assert!(fetched.iter().filter(|&&to| to == peer).count() >= 60);
+    }
+    assert_eq!(r.stats().later_view_given_up, 0);
+    assert_eq!(r.view(), 0, "it asks; it does not leave its view");
+    assert!(r.is_active());
+    // A peer hands it view 1's NEW-VIEW: it enters the view and stops.
+    let vcs = vec![
+        view_change(2, 1, vec![]),
+        view_change(3, 1, vec![]),
+        view_change(4, 1, vec![]),
+    ];
+    let (_, reissue) = compute_new_view(&vcs);
+    let pre_prepare = reissue.map(|(first, requests)| {
+        Signed::sign(
+            crypto(2).as_ref(),
+            2,
+            PrePrepare {
+                view: 1,
+                first,
+                digest: batch_digest(first, &requests),
+                requests,
+            },
+        )
+    });
+    let nv = Signed::sign(
+        crypto(2).as_ref(),
+        2,
+        NewView {
+            view: 1,
+            view_changes: vcs,
+            pre_prepare,
+        },
+    );
+    r.step(msg(3, 1, MessageKind::NewView(nv))).expect("step");
+    assert_eq!(r.view(), 1);
+    assert!(r.is_active());
+    let mut fetches = 0;
+    for _ in 0..100 {
+        r.tick();
+        fetches += fetches_sent(&mut r);
+    }
+    assert_eq!(fetches, 0, "in view 1 nothing is missing");
+}
+
+/// One member alone signing messages of a later view (it may be the only
+/// Byzantine one) is not enough: the replica still gives the view up.
+#[test]
+fn a_later_view_only_one_member_signs_in_is_still_given_up() {
+    let mut r = replica(1);
+    for view in [1, 2, 3] {
+        let vote = Signed::sign(
+            crypto(3).as_ref(),
+            3,
+            Vote {
+                phase: Phase::Commit,
+                view,
+                first: 1,
+                last: 1,
+                digest: [7; 32],
+            },
+        );
+        r.step(msg(3, 1, MessageKind::Commit(vote))).expect("step");
+    }
+    let mut fetches = 0;
+    for _ in 0..400 {
+        r.tick();
+        fetches += fetches_sent(&mut r);
+    }
+    assert_eq!(fetches, 3, "one fetch to each peer, then it gives up");
+    assert_eq!(r.stats().later_view_given_up, 1);
+    assert_eq!(r.view(), 0);
+}
+
+// ---- replies and commit certificates ------------------------------------
+
+use consensus::pbft::Reply;
+use consensus::pbft::certificate::{self, CertificateError, CommitCertificate};
+use std::collections::BTreeMap;
+
+/// A group of four signing with Ed25519, and its public keys.
+fn ed25519_group() -> (Network<Pbft>, BTreeMap<NodeId, [u8; 32]>) {
+    let seeds: Vec<[u8; 32]> = (1..=4u8).map(|i| [i; 32]).collect();
+    let keys: BTreeMap<NodeId, [u8; 32]> = (1..=4u64)
+        .zip(seeds.iter().map(Ed25519::public_key))
+        .collect();
+    let k = keys.clone();
+    let net = Network::with_engines(&IDS, move |id, init| {
+        let c = Ed25519::new(id, &seeds[id as usize - 1], &k).expect("keys");
+        Pbft::new(
+            Config {
+                checkpoint_interval: 4,
+                window: 8,
+                ..Config::new(id, Arc::new(c))
+            },
+            init,
+        )
+    });
+    (net, keys)
+}
+
+fn reply(signer: NodeId, body: Reply) -> Signed<Reply> {
+    Signed::sign(crypto(signer).as_ref(), signer, body)
+}
+
+/// The REPLY replica `id` would sign for the request executed at `n`
+/// (its hash chain now at `h_n`).
+fn correct_reply(net: &Network<Pbft>, id: NodeId, r: &Signed<Request>, n: u64) -> Reply {
+    let state = net.raft(id).executed_state();
+    assert_eq!(state.n, n);
+    Reply {
+        view: 0,
+        n,
+        client: r.body.client,
+        ts: r.body.ts,
+        request: r.digest(),
+        history: state.chain,
+    }
+}
+
+/// The request replica `client` signed for its first proposal `data`.
+fn first_request(client: NodeId, data: &[u8]) -> Signed<Request> {
+    Signed::sign(
+        crypto(client).as_ref(),
+        client,
+        Request {
+            client,
+            ts: 1,
+            read: false,
+            data: Bytes::copy_from_slice(data),
+        },
+    )
+}
+
+#[test]
+fn a_commit_certificate_forms_from_f_plus_one_matching_replies_and_verifies() {
+    let (mut net, keys) = ed25519_group();
+    net.propose(2, b"write").expect("propose");
+    let certs = net.node(2).certificates().to_vec();
+    assert_eq!(certs.len(), 1, "one certificate for the one own request");
+    assert_eq!(certs[0].index, 1);
+    for id in [1, 3, 4] {
+        assert!(
+            net.node(id).certificates().is_empty(),
+            "node {id} proposed nothing"
+        );
+    }
+    let v = certificate::verify(&certs[0].bytes, &keys).expect("verifies");
+    assert_eq!((v.index, v.client, v.ts), (1, 2, 1));
+    assert_eq!(v.data.as_deref(), Some(&b"write"[..]));
+    assert_eq!(v.faults, 1);
+    assert_eq!(v.signers.len(), 2, "f+1 signers: {:?}", v.signers);
+    assert_eq!(v.history, net.raft(1).executed_state().chain);
+    assert!(v.matches_data(b"write") && !v.matches_data(b"other"));
+    // Through the HTTP header and back.
+    let header = certificate::to_header(&certs[0].bytes);
+    assert!(
+        !header.contains(['+', '/', '=']),
+        "base64url without padding"
+    );
+    assert_eq!(
+        certificate::from_header(&header).expect("decodes"),
+        certs[0].bytes
+    );
+    assert_eq!(net.raft(2).stats().certificates, 1);
+    assert_eq!(net.raft(2).awaiting_certificates(), 0);
+}
+
+#[test]
+fn a_large_write_is_certified_by_its_length_and_digest_only() {
+    let (mut net, keys) = ed25519_group();
+    let big = vec![7u8; certificate::MAX_INLINE_DATA + 1];
+    net.propose(3, &big).expect("propose");
+    let cert = net.node(3).certificates()[0].clone();
+    let v = certificate::verify(&cert.bytes, &keys).expect("verifies");
+    assert_eq!(v.data, None);
+    assert_eq!(v.data_len, big.len() as u64);
+    assert!(v.matches_data(&big));
+    // At the inline limit the header stays small (four members, f+1 = 2:
+    // 2,098 bytes).
+    net.propose(3, &big[1..]).expect("propose");
+    let cert = net.node(3).certificates()[1].clone();
+    let header = certificate::to_header(&cert.bytes);
+    assert!(header.len() < 2200, "header of {} bytes", header.len());
+}
+
+#[test]
+fn a_reply_with_a_wrong_history_or_digest_does_not_count() {
+    let mut net = group();
+    net.ignore("Reply");
+    net.propose(2, b"x").expect("propose");
+    assert!(net.node(2).certificates().is_empty(), "only its own reply");
+    let r = first_request(2, b"x");
+    let good = correct_reply(&net, 3, &r, 1);
+    // A Byzantine member vouches for another history, another for another
+    // request under the same timestamp, another sequence number.
+    let forged = [
+        (
+            3,
+            Reply {
+                history: [9; 32],
+                ..good.clone()
+            },
+        ),
+        (
+            4,
+            Reply {
+                request: [8; 32],
+                ..good.clone()
+            },
+        ),
+        (
+            1,
+            Reply {
+                n: 2,
+                ..good.clone()
+            },
+        ),
+    ];
+    for (from, body) in forged {
+        let m = msg(from, 2, MessageKind::Reply(reply(from, body)));
+        net.raft_mut(2).step(m).expect("step");
+    }
+    net.stabilize();
+    assert!(net.node(2).certificates().is_empty());
+    assert_eq!(net.raft(2).stats().bad_replies, 3);
+    // One correct reply makes f+1 with its own.
+    let m = msg(4, 2, MessageKind::Reply(reply(4, good)));
+    net.raft_mut(2).step(m).expect("step");
+    net.stabilize();
+    let certs = net.node(2).certificates();
+    assert_eq!(certs.len(), 1);
+    let v = certificate::verify_with(&certs[0].bytes, &IDS, crypto(1).as_ref()).expect("valid");
+    assert_eq!(v.signers, vec![2, 4]);
+}
+
+#[test]
+fn replies_from_non_members_or_with_bad_signatures_are_dropped_and_counted() {
+    let mut net = group();
+    net.ignore("Reply");
+    net.propose(2, b"x").expect("propose");
+    let r = first_request(2, b"x");
+    let good = correct_reply(&net, 3, &r, 1);
+    let before = *net.raft(2).stats();
+    // A non-member.
+    let m = msg(9, 2, MessageKind::Reply(reply(9, good.clone())));
+    net.raft_mut(2).step(m).expect("step");
+    // Signed by another member than the sender.
+    let m = msg(3, 2, MessageKind::Reply(reply(4, good.clone())));
+    net.raft_mut(2).step(m).expect("step");
+    // A signature that does not verify.
+    let mut bad = reply(3, good.clone());
+    bad.sig = Bytes::from_static(&[0; 32]);
+    net.raft_mut(2)
+        .step(msg(3, 2, MessageKind::Reply(bad)))
+        .expect("step");
+    // Not for an own request: another client's, and an unknown timestamp.
+    let other = Reply {
+        client: 1,
+        ..good.clone()
+    };
+    let m = msg(3, 2, MessageKind::Reply(reply(3, other)));
+    net.raft_mut(2).step(m).expect("step");
+    let unknown = Reply { ts: 5, ..good };
+    let m = msg(3, 2, MessageKind::Reply(reply(3, unknown)));
+    net.raft_mut(2).step(m).expect("step");
+    net.stabilize();
+    let after = *net.raft(2).stats();
+    assert_eq!(after.not_member - before.not_member, 1);
+    assert_eq!(after.bad_replies - before.bad_replies, 2);
+    assert_eq!(after.stray_replies - before.stray_replies, 2);
+    assert!(net.node(2).certificates().is_empty());
+    assert_eq!(net.raft(2).awaiting_certificates(), 1);
+}
+
+#[test]
+fn lost_replies_are_recovered_by_asking_again() {
+    let mut net = group();
+    net.ignore("Reply");
+    net.propose(2, b"x").expect("propose");
+    assert!(net.node(2).certificates().is_empty());
+    net.recover();
+    net.clear_delivered();
+    // A resend round passes first (replies may be on their way), then the
+    // client asks the members whose replies it lacks.
+    let resend = net.raft(2).config().resend_tick;
+    net.tick(2, 2 * resend);
+    let asked: Vec<NodeId> = net
+        .delivered()
+        .iter()
+        .filter(|m| matches!(m.kind, MessageKind::ReplyAsk { n: 1, ts: 1 }))
+        .map(|m| m.to)
+        .collect();
+    assert_eq!(asked, vec![1, 3, 4]);
+    let certs = net.node(2).certificates();
+    assert_eq!(certs.len(), 1, "recovered");
+    certificate::verify_with(&certs[0].bytes, &IDS, crypto(1).as_ref()).expect("valid");
+    assert_eq!(net.raft(2).awaiting_certificates(), 0);
+    // Nothing left to ask for.
+    net.clear_delivered();
+    net.tick(2, 4 * resend);
+    assert!(
+        !net.delivered()
+            .iter()
+            .any(|m| matches!(m.kind, MessageKind::ReplyAsk { .. }))
+    );
+}
+
+#[test]
+fn verify_rejects_what_is_not_a_commit_certificate() {
+    let (mut net, keys) = ed25519_group();
+    net.propose(2, b"write").expect("propose");
+    let bytes = net.node(2).certificates()[0].bytes.clone();
+    let doc: CommitCertificate = serde_json::from_slice(&bytes).expect("json");
+    let check =
+        |d: &CommitCertificate| certificate::verify(&serde_json::to_vec(d).expect("json"), &keys);
+    check(&doc).expect("the original verifies");
+
+    let mut d = doc.clone();
+    d.signatures.pop();
+    assert_eq!(
+        check(&d),
+        Err(CertificateError::TooFewSignatures { have: 1, need: 2 })
+    );
+
+    let mut d = doc.clone();
+    d.signatures[1] = d.signatures[0].clone();
+    assert_eq!(
+        check(&d),
+        Err(CertificateError::TooFewSignatures { have: 1, need: 2 }),
+        "a duplicate signer counts once"
+    );
+
+    // The signatures are over the reply's fields: another index, view or
+    // history is not what they signed.
+    let mut d = doc.clone();
+    d.index += 1;
+    let first = d.signatures[0].node;
+    assert_eq!(check(&d), Err(CertificateError::BadSignature(first)));
+    let mut d = doc.clone();
+    d.signatures[1].view += 1;
+    assert_eq!(
+        check(&d),
+        Err(CertificateError::BadSignature(d.signatures[1].node))
+    );
+    let mut d = doc.clone();
+    d.history = "00".repeat(32);
+    assert_eq!(check(&d), Err(CertificateError::BadSignature(first)));
+
+    let mut d = doc.clone();
+    d.signatures[0].node = 9;
+    assert_eq!(check(&d), Err(CertificateError::UnknownMember(9)));
+
+    // Other data than the request digest names; another client or
+    // timestamp for the same data.
+    let mut d = doc.clone();
+    d.data = Some("b3RoZXI=".into());
+    assert_eq!(check(&d), Err(CertificateError::RequestDigestMismatch));
+    let mut d = doc.clone();
+    d.ts += 1;
+    assert_eq!(check(&d), Err(CertificateError::RequestDigestMismatch));
+    let mut d = doc.clone();
+    d.request = "11".repeat(32);
+    assert_eq!(check(&d), Err(CertificateError::RequestDigestMismatch));
+
+    // Another group's keys; garbage.
+    let mut other = keys.clone();
+    other.insert(2, Ed25519::public_key(&[42; 32]));
+    assert!(matches!(
+        certificate::verify(&bytes, &other),
+        Err(CertificateError::BadSignature(_))
+    ));
+    assert!(matches!(
+        certificate::verify(b"{", &keys),
+        Err(CertificateError::Malformed(_))
+    ));
+    assert!(matches!(
+        certificate::from_header("not*base64"),
+        Err(CertificateError::Malformed(_))
+    ));
+    assert_eq!(
+        certificate::verify(&bytes, &BTreeMap::new()),
+        Err(CertificateError::EmptyGroup)
+    );
+}
+
+/// The new primary computes its NEW-VIEW from all q VIEW-CHANGEs, not from
+/// its own: here only the other backups prepared "x" at 1 in view 0, and
+/// the primary of view 1 (which never saw it) must still re-issue it.
+#[test]
+fn a_new_primary_reissues_a_request_only_other_replicas_prepared() {
+    let x = pre_prepare(1, 0, 1, vec![request(3, 1, "x")]);
+    let mut r = replica(2);
+    r.campaign();
+    assert_eq!(r.view(), 1);
+    assert!(!r.is_active());
+    let _ = r.ready();
+    r.advance();
+    for from in [3, 4] {
+        let vc = view_change(from, 1, vec![cert(&x, &[3, 4])]);
+        r.step(msg(from, 2, MessageKind::ViewChange(vc)))
+            .expect("a valid view change");
+    }
+    assert!(r.is_active(), "the primary entered view 1");
+    let rd = r.ready();
+    r.advance();
+    let nv = rd
+        .messages
+        .iter()
+        .chain(rd.persisted_messages.iter())
+        .find_map(|m| match &m.kind {
+            MessageKind::NewView(nv) => Some(nv.clone()),
+            _ => None,
+        })
+        .expect("a NEW-VIEW");
+    assert_eq!(nv.body.view_changes.len(), 3);
+    let pp = nv
+        .body
+        .pre_prepare
+        .expect("the prepared request is re-issued");
+    assert_eq!((pp.body.view, pp.body.first), (1, 1));
+    let data: Vec<Option<Bytes>> = pp
+        .body
+        .requests
+        .iter()
+        .map(|r| r.as_ref().map(|r| r.body.data.clone()))
+        .collect();
+    assert_eq!(data, vec![Some(Bytes::from("x"))]);
+}

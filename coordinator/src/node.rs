@@ -369,6 +369,12 @@ pub struct Applied<O> {
     pub index: Index,
     /// What the state machine returned.
     pub output: O,
+    /// The commit certificate of the entry, for an engine that assembles
+    /// them (PBFT: f+1 matching signed replies, the JSON document of
+    /// `consensus::pbft::certificate`); `None` for Raft and Paxos, and when
+    /// it did not come by the proposal's deadline ([`NodeConfig::request_timeout`]
+    /// after it was made; counted in [`NodeStatus::uncertified`]).
+    pub certificate: Option<Vec<u8>>,
 }
 
 /// What the driver publishes after each cycle.
@@ -393,6 +399,11 @@ pub struct NodeStatus {
     pub snapshots_built: u64,
     /// The last one: how long from its start to stored, and its image's size.
     pub last_snapshot: Option<(Duration, u64)>,
+    /// Proposals of an engine that certifies (PBFT) answered without a
+    /// certificate: applied here (so executed by this replica, a correct
+    /// one if the operator trusts it), but f+1 matching replies did not
+    /// come by the proposal's deadline.
+    pub uncertified: u64,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
@@ -562,6 +573,7 @@ impl<O: Send + 'static> Node<O> {
             fatal: None,
             snapshots_built: 0,
             last_snapshot: None,
+            uncertified: 0,
         });
         let mut incarnation = [0u8; 8];
         getrandom::fill(&mut incarnation).map_err(|e| NodeError::Fatal(e.to_string()))?;
@@ -591,6 +603,9 @@ impl<O: Send + 'static> Node<O> {
             cfg: cfg.clone(),
             seq: 0,
             proposals: HashMap::new(),
+            certified: BTreeMap::new(),
+            awaiting_certificate: BTreeMap::new(),
+            uncertified: 0,
             appended: BTreeMap::new(),
             reads: HashMap::new(),
             reads_waiting_apply: Vec::new(),
@@ -733,6 +748,16 @@ impl<O: Send + 'static> Node<O> {
     }
 }
 
+/// Most certificates kept for entries not yet applied here.
+const CERTIFICATE_BACKLOG: usize = 4096;
+
+/// An applied proposal waiting for its commit certificate.
+struct AwaitingCertificate<O> {
+    reply: Reply<Applied<O>>,
+    output: O,
+    deadline: Instant,
+}
+
 struct PendingProposal<O> {
     reply: Reply<Applied<O>>,
     deadline: Instant,
@@ -787,6 +812,16 @@ struct Driver<E: Engine, S: LogStore, P, M: StateMachine> {
     cfg: NodeConfig,
     seq: u64,
     proposals: HashMap<u64, PendingProposal<M::Output>>,
+    /// Certificates the engine assembled whose entries this node has not
+    /// applied yet, by index (at most [`CERTIFICATE_BACKLOG`]; dropped
+    /// once applied without a waiting proposal).
+    certified: BTreeMap<Index, Vec<u8>>,
+    /// Own proposals applied and waiting for their certificate, by index:
+    /// the reply, the output, and when to answer without one.
+    awaiting_certificate: BTreeMap<Index, AwaitingCertificate<M::Output>>,
+    /// Proposals answered without a certificate (see
+    /// [`NodeStatus::uncertified`]).
+    uncertified: u64,
     /// Locally appended proposals: index → seq, to fail fast when another
     /// entry commits at that index (told apart by the proposal header, not
     /// the term: an engine may choose the same value under a later term, as
@@ -928,6 +963,11 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
                 result = self.cycle(&mut events).await;
             }
             if result.is_ok() {
+                // Certificates come out of the inputs above (replies from
+                // peers), not out of `ready`.
+                for c in self.raft.take_certificates() {
+                    self.on_certificate(c.index, c.bytes);
+                }
                 result = self.maybe_snapshot();
             }
             if result.is_ok() {
@@ -984,6 +1024,15 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
     }
 
     fn fail_all(&mut self, err: NodeError) {
+        // Applied already: answered with their outputs, without certificate.
+        for (index, a) in std::mem::take(&mut self.awaiting_certificate) {
+            self.uncertified += 1;
+            let _ = a.reply.send(Ok(Applied {
+                index,
+                output: a.output,
+                certificate: None,
+            }));
+        }
         for (_, p) in self.proposals.drain() {
             let _ = p.reply.send(Err(err.clone()));
         }
@@ -1005,6 +1054,29 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
     }
 
     fn expire(&mut self, now: Instant) {
+        let late: Vec<Index> = self
+            .awaiting_certificate
+            .iter()
+            .filter(|(_, a)| a.deadline <= now)
+            .map(|(&i, _)| i)
+            .collect();
+        for index in late {
+            if let Some(a) = self.awaiting_certificate.remove(&index) {
+                self.uncertified += 1;
+                tracing::warn!(
+                    node = self.id,
+                    index,
+                    "no commit certificate within the request timeout after applying; answered without one"
+                );
+                // Counted before the answer leaves.
+                self.publish_status();
+                let _ = a.reply.send(Ok(Applied {
+                    index,
+                    output: a.output,
+                    certificate: None,
+                }));
+            }
+        }
         let expired: Vec<u64> = self
             .proposals
             .iter()
@@ -1636,6 +1708,23 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
         Ok(())
     }
 
+    /// A commit certificate from the engine: answers the proposal applied
+    /// at its index, or is kept until it is applied.
+    fn on_certificate(&mut self, index: Index, bytes: Vec<u8>) {
+        if let Some(a) = self.awaiting_certificate.remove(&index) {
+            let _ = a.reply.send(Ok(Applied {
+                index,
+                output: a.output,
+                certificate: Some(bytes),
+            }));
+        } else if index > self.applied {
+            self.certified.insert(index, bytes);
+            while self.certified.len() > CERTIFICATE_BACKLOG {
+                self.certified.pop_first();
+            }
+        }
+    }
+
     /// Answers the reads whose index the state machine has applied.
     fn serve_reads(&mut self) {
         let applied = self.applied;
@@ -1771,14 +1860,43 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
     ) -> Result<(), BoxError> {
         match ev {
             ApplyEvent::Applied { applied, outputs } => {
+                let certifies = self.raft.certifies();
                 for (owner, index, output) in outputs {
                     if let Some(seq) = owner
                         && let Some(p) = self.proposals.remove(&seq)
                     {
-                        let _ = p.reply.send(Ok(Applied { index, output }));
+                        if !certifies {
+                            let _ = p.reply.send(Ok(Applied {
+                                index,
+                                output,
+                                certificate: None,
+                            }));
+                        } else if let Some(cert) = self.certified.remove(&index) {
+                            let _ = p.reply.send(Ok(Applied {
+                                index,
+                                output,
+                                certificate: Some(cert),
+                            }));
+                        } else {
+                            // Answered once f+1 matching replies are in, or
+                            // without them at the proposal's deadline (the
+                            // caller's wait ends there too).
+                            self.awaiting_certificate.insert(
+                                index,
+                                AwaitingCertificate {
+                                    reply: p.reply,
+                                    output,
+                                    deadline: p.deadline,
+                                },
+                            );
+                        }
                     }
                 }
                 self.note_applied(applied);
+                // Certificates of entries applied without a waiting
+                // proposal (it timed out, or came from a snapshot) go.
+                let applied = self.applied;
+                self.certified.retain(|&i, _| i > applied);
             }
             ApplyEvent::Restored { applied } => self.note_applied(applied),
             ApplyEvent::View(view) => {
@@ -2169,7 +2287,9 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
         let (syncs, entries_persisted) = (self.syncs, self.entries_persisted);
         let (refused_non_member, refused_malformed) =
             (self.refused_non_member, self.refused_malformed);
+        let uncertified = self.uncertified;
         self.status.send_modify(|s| {
+            s.uncertified = uncertified;
             s.raft = raft;
             s.syncs = syncs;
             s.entries_persisted = entries_persisted;

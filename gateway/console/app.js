@@ -155,9 +155,6 @@ function signinView() {
 
 // ---- group --------------------------------------------------------------------
 
-/** A member lagging by more than this many entries gets a warning. */
-const LAG_WARN = 100;
-
 function groupView(ctx) {
   const summary = el("div.card#group-summary");
   const members = el("div.card.scroll#group-members");
@@ -177,38 +174,32 @@ function groupView(ctx) {
           el("tr", {}, el("th", { text: "Term" }), el("td.num", { text: c.term })),
           el("tr", {}, el("th", { text: "Commit index" }), el("td.num", { text: c.commit })),
           el("tr", {}, el("th", { text: "Applied index" }), el("td.num", { text: c.applied })))));
-      const warn = [];
-      if (c.leader === null || c.leader === undefined) warn.push("No leader is known: writes fail (503) until the group elects one.");
-      if (c.commit - c.applied > LAG_WARN) warn.push(`This gateway applies behind its commit index by ${c.commit - c.applied} entries.`);
       const onLeader = c.role === "leader";
-      const rows = c.members.map((m) => {
-        const lag = m.matched === null || m.matched === undefined ? null : c.commit - m.matched;
-        let state = badge("ok");
-        if (m.active === false) {
-          state = badge("unreachable", "bad");
-          warn.push(`Member ${m.id} is unreachable from the leader.`);
-        } else if (lag !== null && lag > LAG_WARN) {
-          state = badge("lagging", "warn");
-          warn.push(`Member ${m.id} lags the commit index by ${lag} entries.`);
-        } else if (!onLeader) {
-          state = el("span.muted", { text: "seen from the leader" });
-        }
-        return el("tr", { "data-member": m.id },
-          el("td.num", { text: m.id }),
-          el("td", { text: m.suffrage }),
-          el("td", {}, m.role ? badge(m.role) : el("span.muted", { text: "–" })),
-          el("td.num", { text: m.matched ?? "–" }),
-          el("td.num", { text: lag ?? "–" }),
-          el("td", {}, state));
-      });
+      const shown = (v) => (v === null || v === undefined ? el("span.muted", { text: "unknown" }) : String(v));
+      const HEALTH = { ok: "ok", lagging: "warn", unreachable: "bad", unknown: "muted" };
+      const rows = c.members.map((m) => el("tr", { "data-member": m.id, "data-health": m.health },
+        el("td.num", { text: m.id }),
+        el("td", { text: m.suffrage }),
+        el("td", {}, m.role ? badge(m.role) : el("span.muted", { text: "–" })),
+        el("td.num", {}, shown(m.commit)),
+        el("td.num", {}, shown(m.applied)),
+        el("td.num", {}, shown(m.matched)),
+        el("td.num", {}, shown(m.lag)),
+        el("td", {}, badge(m.health, HEALTH[m.health] || "muted"))));
       fill(members,
         el("h2", { text: "Members" }),
-        onLeader ? null : el("p.muted", { text: `Replication progress is known on the leader (gateway ${c.leader ?? "?"}); open its console for it.` }),
+        el("p.muted", {
+          text: (onLeader
+            ? "Matched index and lag: this leader's replication progress for each member. "
+            : `Matched index and lag are known on the leader (gateway ${c.leader ?? "?"}); open its console for them. `) +
+            `Commit and applied index: each gateway's own, shown for this one. A member more than ${c.lag_warning} entries behind is lagging.`,
+        }),
         el("table", {}, el("thead", {}, el("tr", {},
           el("th.num", { text: "Id" }), el("th", { text: "Suffrage" }), el("th", { text: "Role" }),
+          el("th.num", { text: "Commit index" }), el("th.num", { text: "Applied index" }),
           el("th.num", { text: "Matched index" }), el("th.num", { text: "Lag" }), el("th", { text: "Health" }))),
         el("tbody", {}, rows)));
-      fill(warnings, warn.map((w) => el("div.notice", { text: w })));
+      fill(warnings, c.warnings.map((w) => el("div.notice", { text: w })));
     } catch (e) {
       showError(err, e);
     }
@@ -488,28 +479,34 @@ function deviceView(ctx, id) {
 // ---- commands -------------------------------------------------------------------
 
 function commandsView(ctx, query) {
-  const device = el("input#commands-device", { value: query.get("device") || "", placeholder: "device id", required: true });
+  const device = el("input#commands-device", { value: query.get("device") || "", placeholder: "any device" });
   const status = el("select#commands-status", {}, el("option", { value: "", text: "any" }),
-    ...["queued", "sent", "accepted", "succeeded", "failed", "expired", "canceled"].map((s) => el("option", { value: s, text: s })));
+    ...LIFECYCLE.map((s) => el("option", { value: s, text: s })));
   status.value = query.get("status") || "";
+  const job = el("input#commands-job", { value: query.get("job") || "", placeholder: "any job" });
+  const since = el("input#commands-since", { type: "datetime-local", value: query.get("since") || "" });
   const err = el("div");
   const list = el("div.card.scroll#commands-list");
   const form = el("form.inline.card", {
     onsubmit: (e) => {
       e.preventDefault();
-      location.hash = `#/commands?${new URLSearchParams({ device: device.value.trim(), status: status.value })}`;
+      const q = { device: device.value.trim(), status: status.value, job: job.value.trim(), since: since.value };
+      location.hash = `#/commands?${new URLSearchParams(Object.entries(q).filter(([, v]) => v))}`;
     },
-  }, el("label", {}, "Device", device), el("label", {}, "Status", status), el("button", { type: "submit", text: "Show" }));
+  }, el("label", {}, "Device", device), el("label", {}, "Status", status), el("label", {}, "Job", job),
+  el("label", {}, "Issued after", since), el("button", { type: "submit", text: "Show" }));
   fill(main, el("h1", { text: "Commands" }), form, err, list);
-  const dev = query.get("device");
-  if (!dev) {
-    fill(list, el("p.muted", { text: "Commands are listed per device: name one." }));
-    return;
-  }
+  const sinceMs = query.get("since") ? new Date(query.get("since")).getTime() : NaN;
+  const filters = {
+    device: query.get("device") || undefined,
+    status: query.get("status") || undefined,
+    job: query.get("job") || undefined,
+    created_after: Number.isFinite(sinceMs) ? sinceMs : undefined,
+  };
   const tail = {};
   ctx.every(2000, async () => {
     try {
-      const items = await newest(p`/v1/devices/${dev}/commands`, { status: query.get("status") }, 100, tail, ctx.signal);
+      const items = await newest("/v1/commands", filters, 100, tail, ctx.signal);
       showError(err, null);
       fill(list, el("table", {}, commandHead(), el("tbody", {}, items.map((c) => commandRow(c, ctx, (e) => showError(err, e))))),
         items.length ? null : el("p.muted", { text: "No command." }));
@@ -670,10 +667,11 @@ function liveView(ctx) {
   const lines = [
     new Sparkline(charts, "Commands sent to devices", "/s", 2),
     new Sparkline(charts, "Device state reports", "/s", 2),
+    new Sparkline(charts, "Device messages", "/s", 2),
     new Sparkline(charts, "Connected devices", "", 0),
     new Sparkline(charts, "REST write latency (mean)", "ms", 1),
   ];
-  lines.forEach((l, i) => { l.card.id = `chart-${["commands", "reports", "sessions", "latency"][i]}`; });
+  lines.forEach((l, i) => { l.card.id = `chart-${["commands", "reports", "messages", "sessions", "latency"][i]}`; });
   let prev = null;
   let prevAt = 0;
   ctx.every(2000, async () => {
@@ -682,7 +680,7 @@ function liveView(ctx) {
       const now = performance.now();
       const cur = parseMetrics(text);
       const f = figures(prev, cur, (now - prevAt) / 1000);
-      [f.commands, f.reports, f.sessions, f.latency].forEach((v, i) => lines[i].push(v));
+      [f.commands, f.reports, f.messages, f.sessions, f.latency].forEach((v, i) => lines[i].push(v));
       prev = cur;
       prevAt = now;
     } catch (e) {

@@ -42,6 +42,7 @@ export function figures(prev, cur, dt) {
   }
   return {
     commands: rate("entente_mqtt_commands_published_total"),
+    messages: rate("entente_mqtt_publishes_received_total"),
     reports: rate("entente_mqtt_reports_received_total"),
     sessions: total(cur, "entente_mqtt_sessions"),
     latency,

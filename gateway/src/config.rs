@@ -165,6 +165,11 @@ pub struct Args {
     /// this wait. 0: as soon as the one before committed.
     #[arg(long, env = "ENTENTE_REPORT_COALESCE_MS")]
     pub report_coalesce_ms: Option<u64>,
+    /// How long finished jobs (completed, canceled, aborted) and their
+    /// executions are kept before the leader deletes them (ms, default
+    /// 604,800,000: 7 days). 0: kept forever.
+    #[arg(long, env = "ENTENTE_JOB_RETENTION_MS")]
+    pub job_retention_ms: Option<u64>,
     /// Most REST connections open at once (default: a quarter of the
     /// open-file limit, 64 to 1,024). At the limit a new connection replaces
     /// the one idle longest; if every one has a request in flight it is
@@ -305,6 +310,7 @@ struct FileConfig {
     mqtt_max_connections: Option<usize>,
     session_grace_ms: Option<u64>,
     report_coalesce_ms: Option<u64>,
+    job_retention_ms: Option<u64>,
     http_max_connections: Option<usize>,
     http_header_timeout_ms: Option<u64>,
     http_send_timeout_ms: Option<u64>,
@@ -395,6 +401,9 @@ pub struct Config {
     /// together with the rest of its window (zero: as soon as the proposal
     /// before committed).
     pub report_coalesce: Duration,
+    /// How long finished jobs are kept before the leader prunes them
+    /// (zero: forever).
+    pub job_retention: Duration,
     /// Largest MQTT packet a device may send; a bigger one disconnects it.
     pub mqtt_max_packet: usize,
     /// Largest payload the gateway acts on; a bigger one (up to
@@ -517,6 +526,7 @@ impl Config {
             mqtt_connect_timeout: Duration::from_secs(10),
             session_grace: Duration::from_secs(10),
             report_coalesce: Duration::from_millis(50),
+            job_retention: crate::jobs::DEFAULT_JOB_RETENTION,
             mqtt_max_packet: 256 * 1024,
             mqtt_max_payload: 64 * 1024,
             mqtt_max_connections: default_mqtt_max_connections(),
@@ -677,6 +687,9 @@ impl Config {
         }
         if let Some(ms) = args.report_coalesce_ms.or(file.report_coalesce_ms) {
             c.report_coalesce = Duration::from_millis(ms);
+        }
+        if let Some(ms) = args.job_retention_ms.or(file.job_retention_ms) {
+            c.job_retention = Duration::from_millis(ms);
         }
         if let Some(n) = args.http_max_connections.or(file.http_max_connections) {
             if n == 0 {

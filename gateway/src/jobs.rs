@@ -38,6 +38,13 @@ pub const MAX_SELECTOR_LABELS: usize = 16;
 pub const MAX_ACTIVE_JOBS: usize = 100;
 /// The most executions one [`Op::LaunchExecutions`] launches.
 pub const MAX_LAUNCH: usize = 500;
+/// Most finished jobs one [`Op::PruneJobs`] deletes.
+pub const PRUNE_MAX_JOBS: usize = 100;
+/// Most executions one [`Op::PruneJobs`] deletes (a job with more is
+/// deleted over several entries).
+pub const PRUNE_MAX_EXECUTIONS: usize = 10_000;
+/// How long finished jobs are kept by default (7 days).
+pub const DEFAULT_JOB_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The highest `rollout.max_per_minute`.
 pub const MAX_PER_MINUTE: u32 = 600_000;
 /// The highest `rollout.max_in_flight`.
@@ -444,11 +451,17 @@ const DRIVE_TICK: Duration = Duration::from_millis(250);
 /// the bounds. Apply checks every one of these again, so a proposal that
 /// is stale, duplicated, or made by a deposed leader changes nothing it
 /// should not. Wakes on job and command changes, and every 250 ms.
+///
+/// At most once every [`PRUNE_EVERY`] it also proposes [`Op::PruneJobs`]
+/// when a finished job is older than `retention` (zero: never): every
+/// member deletes the same jobs.
 pub async fn drive(
     node: Node<crate::ops::OpResult>,
     db: Arc<StateDb>,
+    retention: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut last_prune: Option<tokio::time::Instant> = None;
     let mut changes = db.changes();
     let mut every = tokio::time::interval(DRIVE_TICK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -475,6 +488,17 @@ pub async fn drive(
         if node.status().raft.role != RaftRole::Leader {
             continue;
         }
+        if !retention.is_zero() && last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            last_prune = Some(tokio::time::Instant::now());
+            let prune = prune(&node, &db, retention);
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => return,
+                r = prune => if let Err(e) = r {
+                    tracing::debug!(error = %e, "pruning finished jobs");
+                },
+            }
+        }
         let jobs = match db.active_jobs().await {
             Ok(jobs) => jobs,
             Err(e) => {
@@ -500,6 +524,24 @@ pub async fn drive(
 
 /// An error of one job's step.
 type StepError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How often the leader's driver looks for finished jobs to prune.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
+/// Proposes [`Op::PruneJobs`] if a job finished more than `retention` ago.
+async fn prune(node: &Node<OpResult>, db: &StateDb, retention: Duration) -> Result<(), StepError> {
+    let before = now_ms().saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+    if db.prunable_jobs(before).await? {
+        propose(
+            node,
+            Op::PruneJobs {
+                finished_before: before,
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
 
 /// One pass of the driver: `step` for each job in order, each raced
 /// against `shutdown` (a proposal may wait up to the write timeout, and a

@@ -355,7 +355,12 @@ async fn start_until(
         bootstrap_admin(&node, &db, &config, &mut cancel).await?
     };
     let duties = tokio::spawn(leader_duties(node.clone(), db.clone(), shutdown_rx.clone()));
-    let rollouts = tokio::spawn(jobs::drive(node.clone(), db.clone(), shutdown_rx.clone()));
+    let rollouts = tokio::spawn(jobs::drive(
+        node.clone(),
+        db.clone(),
+        config.job_retention,
+        shutdown_rx.clone(),
+    ));
     let peer_book = tokio::spawn(follow_peer_addresses(
         db.clone(),
         transport.clone(),

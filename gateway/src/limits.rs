@@ -231,6 +231,7 @@ pub fn check_op(op: &Op) -> Result<(), LimitError> {
         Op::SetDesired { patch, .. } => check_value("the desired-state patch", patch),
         Op::ReportState { patch, .. } => check_value("the reported-state patch", patch),
         Op::BootstrapAdmin { .. }
+        | Op::PruneJobs { .. }
         | Op::CreateToken { .. }
         | Op::RevokeToken { .. }
         | Op::RotateToken { .. }

@@ -142,14 +142,16 @@ impl Proposal {
 /// [`crate::jobs::MAX_SELECTED_DEVICES`] devices; a launch issues up to
 /// [`crate::jobs::MAX_LAUNCH`] commands; an abort or a cancel cancels every
 /// queued execution; a creation checks and inserts up to
-/// [`crate::jobs::MAX_JOB_DEVICES`]): apply runs a batch holding one where
-/// the runtime expects blocking work, as a large batch.
-const HEAVY_OPS: [&str; 5] = [
+/// [`crate::jobs::MAX_JOB_DEVICES`]; a pruning deletes up to
+/// [`crate::jobs::PRUNE_MAX_EXECUTIONS`] executions): apply runs a batch
+/// holding one where the runtime expects blocking work, as a large batch.
+const HEAVY_OPS: [&str; 6] = [
     "create_job",
     "start_job",
     "launch_executions",
     "abort_job",
     "cancel_job",
+    "prune_jobs",
 ];
 
 /// Whether the entry `bytes` holds one of the operations whose apply is
@@ -401,7 +403,8 @@ pub enum Op {
         /// When it may start (ms since the epoch); at once if absent.
         start_at_ms: Option<u64>,
         /// Optional client key for exactly-once creation (one job per key
-        /// in the group, ever).
+        /// in the group, for as long as that job is kept: a pruned job's
+        /// key names no job any more).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idempotency_key: Option<String>,
     },
@@ -448,6 +451,20 @@ pub enum Op {
     CancelJob {
         /// Job id.
         id: String,
+    },
+    /// Deletes finished jobs (`completed`, `canceled`, `aborted`) that
+    /// finished before `finished_before` (ms since the epoch; apply uses
+    /// the entry's stamp if that is earlier) with their executions, oldest
+    /// first (by finish time, then id): at most
+    /// [`crate::jobs::PRUNE_MAX_JOBS`] jobs and
+    /// [`crate::jobs::PRUNE_MAX_EXECUTIONS`] executions an entry. A job
+    /// whose executions do not all fit keeps the rest for the next entry
+    /// and is deleted with its last one. The commands the jobs launched
+    /// stay. Proposed by the leader ([`crate::jobs::drive`]); Ignored when
+    /// there is nothing to delete.
+    PruneJobs {
+        /// Jobs that finished at or after this time stay.
+        finished_before: u64,
     },
 }
 
@@ -499,6 +516,7 @@ impl Op {
             Op::CompleteJob { .. } => "job.completed",
             Op::AbortJob { .. } => "job.aborted",
             Op::CancelJob { .. } => "job.canceled",
+            Op::PruneJobs { .. } => "jobs.pruned",
         }
     }
 }
@@ -840,6 +858,7 @@ mod format_tests {
             },
             Op::AbortJob { id: "j-1".into() },
             Op::CancelJob { id: "j-1".into() },
+            Op::PruneJobs { finished_before: 1 },
             Op::CreateJob {
                 id: "j-1".into(),
                 command: crate::jobs::JobCommand {

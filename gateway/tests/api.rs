@@ -803,6 +803,131 @@ async fn commands_idempotency_listing_and_cancel() {
     e.gw.stop().await;
 }
 
+/// `GET /v1/commands`: every device's commands by id, filtered by status,
+/// device, job and issue time, paged like the other lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_wide_command_list_filters_and_pages() {
+    let e = env().await;
+    e.register("pump", json!({})).await;
+    e.register("valve", json!({})).await;
+    let mut issued = Vec::new();
+    for (device, name) in [("pump", "reboot"), ("pump", "blink"), ("valve", "open")] {
+        let r = e.issue(device, json!({"name": name})).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+        issued.push(r.body.clone());
+    }
+    let id = |i: usize| issued[i]["id"].as_str().expect("id").to_string();
+    let list = |query: &str| {
+        let path = format!("/v1/commands{query}");
+        let e = &e;
+        async move {
+            let r = e.get(&path).send().await;
+            assert_eq!(r.status, StatusCode::OK, "{path}: {r:?}");
+            let ids: Vec<String> = r.body["items"]
+                .as_array()
+                .expect("items")
+                .iter()
+                .map(|c| c["id"].as_str().expect("id").to_string())
+                .collect();
+            (ids, r.body["next"].clone())
+        }
+    };
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let (all, next) = list("").await;
+    assert_eq!(
+        all,
+        sorted(vec![id(0), id(1), id(2)]),
+        "every device's, by id"
+    );
+    assert_eq!(next, Value::Null);
+    // Pages of one, each `next` the last id of its page.
+    let mut paged = Vec::new();
+    let mut after = String::new();
+    loop {
+        let (ids, next) = list(&format!("?limit=1{after}")).await;
+        paged.extend(ids.clone());
+        match next.as_str() {
+            Some(n) => {
+                assert_eq!(ids, [n.to_string()]);
+                after = format!("&after={n}");
+            }
+            None => break,
+        }
+    }
+    assert_eq!(paged, all);
+    // Filters, alone and together.
+    assert_eq!(list("?device=pump").await.0, sorted(vec![id(0), id(1)]));
+    let canceled = e
+        .op(Method::POST, &format!("/v1/commands/{}/cancel", id(1)))
+        .send()
+        .await;
+    assert_eq!(canceled.status, StatusCode::OK, "{canceled:?}");
+    assert_eq!(list("?status=canceled").await.0, [id(1)]);
+    assert_eq!(list("?status=queued&device=pump").await.0, [id(0)]);
+    assert!(list("?status=queued&device=ghost").await.0.is_empty());
+    let last_issue = issued
+        .iter()
+        .map(|c| c["issued_at"].as_u64().expect("issued_at"))
+        .max()
+        .expect("issued");
+    let valve_issued = issued[2]["issued_at"].as_u64().expect("issued_at");
+    let (recent, _) = list(&format!("?created_after={}", valve_issued - 1)).await;
+    assert!(recent.contains(&id(2)), "{recent:?}");
+    for c in &issued {
+        let at = c["issued_at"].as_u64().expect("issued_at");
+        assert_eq!(
+            recent.contains(&c["id"].as_str().expect("id").to_string()),
+            at >= valve_issued
+        );
+    }
+    assert!(
+        list(&format!("?created_after={last_issue}"))
+            .await
+            .0
+            .is_empty()
+    );
+
+    // A job's commands: the one it launched on its device.
+    let created = e
+        .op(Method::POST, "/v1/jobs")
+        .json(json!({"command": {"name": "update"}, "target": {"devices": ["valve"]}}))
+        .send()
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+    let job = created.body["id"].as_str().expect("id").to_string();
+    e.job_until(&job, |j| j["launched"] == 1).await;
+    let launched = e.executions(&job, "").await[0]["command"]
+        .as_str()
+        .expect("command")
+        .to_string();
+    assert_eq!(list(&format!("?job={job}")).await.0, vec![launched.clone()]);
+    assert_eq!(
+        list(&format!("?job={job}&device=pump")).await.0,
+        Vec::<String>::new()
+    );
+    assert!(list("?job=j-none").await.0.is_empty());
+    assert!(list("").await.0.contains(&launched));
+
+    // Malformed filters are 400s naming what is wrong.
+    for (query, needle) in [
+        ("?status=bogus", "status"),
+        ("?device=a%20b", "device id"),
+        ("?job=a%20b", "job id"),
+        ("?after=a%20b", "command id"),
+        ("?created_after=soon", "created_after"),
+        ("?limit=0", "limit"),
+        ("?colour=red", "colour"),
+    ] {
+        let r = e.get(&format!("/v1/commands{query}")).send().await;
+        let detail = r.problem(StatusCode::BAD_REQUEST);
+        assert!(detail.contains(needle), "{query}: {detail}");
+    }
+    e.gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waits_end_when_the_command_is_terminal() {
     let e = env().await;
@@ -1167,8 +1292,11 @@ async fn cluster_health_and_metrics() {
         cluster.body["members"],
         json!([{"id":1,"suffrage":"voter","role":"leader",
             "matched": cluster.body["members"][0]["matched"],
-            "active": cluster.body["members"][0]["active"]}])
+            "active": cluster.body["members"][0]["active"],
+            "lag": 0, "commit": commit, "applied": applied, "health": "ok"}])
     );
+    assert_eq!(cluster.body["lag_warning"], 100);
+    assert_eq!(cluster.body["warnings"], json!([]));
 
     let health = call(&e.app, Method::GET, "/healthz").send().await;
     assert_eq!(health.status, StatusCode::OK);

@@ -59,6 +59,7 @@ const ENGINE_AGNOSTIC: &[&str] = &[
     "logging_in_on_a_second_gateway_takes_the_session_over",
     "delete_and_rotate_end_the_session_within_a_second_wherever_it_is",
     "tokens_are_managed_through_any_gateway_and_revocation_holds_on_each",
+    "the_group_view_gives_each_members_progress_and_health_and_warns_of_a_lost_one",
 ];
 
 /// Of those, the ones that do not pass on PBFT yet: with the gateway that
@@ -769,6 +770,66 @@ async fn a_removed_gateway_knows_it_and_serves_again_when_added_back() {
     let cid = c.command(other, "valve", "open").await;
     assert_eq!(answer(&mut d2, "valve").await, cid);
     c.wait_status(leader, &cid, "succeeded").await;
+    c.stop().await;
+}
+
+/// `GET /v1/cluster`: on the leader, every member's replication progress
+/// (matched index, lag behind the leader's commit index) and health; each
+/// gateway's own commit and applied index on its own row only; elsewhere
+/// what a follower cannot know is absent and `unknown`. A member the leader
+/// cannot reach is `unreachable`, with a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_group_view_gives_each_members_progress_and_health_and_warns_of_a_lost_one() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = three(tmp.path()).await;
+    let leader = c.leader();
+    c.register(leader, "progress").await;
+    c.until_cluster(leader, "every member healthy", |v| {
+        v["members"].as_array().is_some_and(|ms| {
+            ms.len() == 3
+                && ms
+                    .iter()
+                    .all(|m| m["health"] == "ok" && m["active"] == true)
+        })
+    })
+    .await;
+    let v = c.get(leader, "/v1/cluster").await;
+    assert_eq!(v["lag_warning"], 100, "{v}");
+    assert_eq!(v["warnings"], json!([]), "{v}");
+    let commit = v["commit"].as_u64().expect("commit");
+    for m in v["members"].as_array().expect("members") {
+        let matched = m["matched"].as_u64().expect("matched on the leader");
+        assert_eq!(m["lag"], json!(commit.saturating_sub(matched)), "{m}");
+        if m["id"] == leader {
+            assert_eq!((&m["commit"], &m["applied"]), (&v["commit"], &v["applied"]));
+        } else {
+            assert_eq!((&m["commit"], &m["applied"]), (&Value::Null, &Value::Null));
+        }
+    }
+
+    // A follower knows its own indexes, not the others' progress.
+    let follower = *c.gws.keys().find(|&&id| id != leader).expect("a follower");
+    let f = c.get(follower, "/v1/cluster").await;
+    for m in f["members"].as_array().expect("members") {
+        if m["id"] == follower {
+            assert_eq!((&m["commit"], &m["applied"]), (&f["commit"], &f["applied"]));
+            assert_eq!(m["health"], "ok", "{f}");
+        } else {
+            assert_eq!(m["health"], "unknown", "{f}");
+            assert_eq!((&m["matched"], &m["lag"]), (&Value::Null, &Value::Null));
+        }
+    }
+
+    // The follower goes away: the leader says it cannot reach it.
+    c.gws.remove(&follower).expect("the follower").stop().await;
+    let warning = format!("Member {follower} is unreachable from the leader.");
+    c.until_cluster(leader, "the member unreachable", |v| {
+        member(v, follower)["health"] == "unreachable"
+            && v["warnings"]
+                .as_array()
+                .is_some_and(|w| w.contains(&json!(warning)))
+    })
+    .await;
     c.stop().await;
 }
 

@@ -814,6 +814,12 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
         json!([]),
     )
     .await;
+    b.until(
+        "a device message rate charted",
+        "const v = document.querySelector('#chart-messages')?.dataset.last; return v !== undefined && v !== ''",
+        json!([]),
+    )
+    .await;
     b.shot("live").await;
 
     // The token is revoked: the console returns to sign-in with the 401's detail.
@@ -958,6 +964,29 @@ async fn the_group_view_warns_of_a_member_the_leader_cannot_reach() {
     )
     .await;
     assert_eq!(b.text_of("#group-leader").await, leader.to_string());
+    // The leader's own commit and applied index are shown on its row; a
+    // follower's own are unknown here (each gateway reports its own).
+    let a_follower = gws
+        .iter()
+        .map(|g| g.node().status().raft.id)
+        .find(|&id| id != leader)
+        .expect("a follower");
+    let row = |id: u64| {
+        b.js(
+            "return document.querySelector(`#group-members [data-member='${arguments[0]}']`).innerText",
+            json!([id]),
+        )
+    };
+    let follower_row = row(a_follower).await;
+    assert!(
+        follower_row.as_str().is_some_and(|t| t.contains("unknown")),
+        "{follower_row}"
+    );
+    let leader_row = row(leader).await;
+    assert!(
+        leader_row.as_str().is_some_and(|t| !t.contains("unknown")),
+        "{leader_row}"
+    );
     assert_eq!(
         b.js(
             "return document.querySelectorAll('#group-warnings .notice').length",

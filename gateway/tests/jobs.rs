@@ -7,6 +7,13 @@
 //! job completes, and every device ran the job's command exactly once —
 //! counted at the devices, which (as the protocol says) may get a command
 //! again and de-duplicate it by id.
+//!
+//! Finished jobs are pruned after the retention, running ones are not.
+
+mod common;
+
+#[path = "support/ports.rs"]
+mod ports;
 
 #[allow(dead_code)]
 mod chaos {
@@ -255,4 +262,96 @@ async fn a_rollout_survives_the_death_of_its_leader_and_runs_each_device_once() 
     for d in devices {
         d.abort();
     }
+}
+
+/// A finished job older than the retention (`--job-retention-ms`, short
+/// here) disappears from `GET /v1/jobs` with its executions, pruned by the
+/// leader through the log; a running job stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_job_is_pruned_after_the_retention_and_a_running_one_is_not() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let raft = ports::reserve_ports(1)[0];
+    let mut config = gateway::Config::single(
+        tmp.path().join("g1"),
+        "127.0.0.1:0".parse().expect("addr"),
+        raft,
+    );
+    config.job_retention = Duration::from_millis(300);
+    let gw = gateway::start(config).await.expect("start");
+    let token = std::fs::read_to_string(gw.admin_token_file.clone().expect("admin token"))
+        .expect("token")
+        .trim()
+        .to_string();
+    let base = format!("http://{}", gw.http_addr);
+    let http = reqwest::Client::new();
+    let send = |method: reqwest::Method, path: &str, body: Value| {
+        let req = http
+            .request(method, format!("{base}{path}"))
+            .bearer_auth(&token)
+            .json(&body);
+        async move {
+            let r = req.send().await.expect("send");
+            assert!(r.status().is_success(), "{}", r.status());
+            r.json::<Value>().await.expect("json")
+        }
+    };
+    use reqwest::Method;
+    send(
+        Method::POST,
+        "/v1/devices/batch",
+        json!({"devices": [{"id": "pump-1"}, {"id": "pump-2"}]}),
+    )
+    .await;
+    let job = |devices: Value| {
+        json!({"command": {"name": "update"}, "target": {"devices": devices},
+               "timeout_ms": 600_000})
+    };
+    // One job left running (its device is not connected, so its command
+    // stays unanswered), then, newer, one canceled at once (finished).
+    let running = send(Method::POST, "/v1/jobs", job(json!(["pump-2"]))).await;
+    let running = running["id"].as_str().expect("id").to_string();
+    let canceled = send(Method::POST, "/v1/jobs", job(json!(["pump-1"]))).await;
+    let canceled = canceled["id"].as_str().expect("id").to_string();
+    send(
+        Method::POST,
+        &format!("/v1/jobs/{canceled}/cancel"),
+        json!({}),
+    )
+    .await;
+
+    let listed = |v: &Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|j| j["id"].as_str().expect("id").to_string())
+            .collect()
+    };
+    let deadline = Instant::now() + common::WAIT;
+    loop {
+        let jobs = get(&http, &base, &token, "/v1/jobs").await.expect("jobs");
+        let ids = listed(&jobs);
+        assert!(ids.contains(&running), "the running job is gone: {jobs}");
+        if !ids.contains(&canceled) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the finished job was not pruned: {jobs}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = http
+        .get(format!("{base}/v1/jobs/{canceled}"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 404);
+    // The running job, older than the one pruned, is still running.
+    let j = get(&http, &base, &token, &format!("/v1/jobs/{running}"))
+        .await
+        .expect("the running job");
+    assert_eq!(j["state"], json!("in_progress"), "{j}");
+    gw.stop().await;
 }

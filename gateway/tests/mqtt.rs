@@ -374,6 +374,12 @@ async fn a_command_answered_at_once_costs_two_entries() {
     let m = env.metrics().await;
     assert_eq!(metric(&m, "entente_mqtt_accepted_folded_total"), 1);
     assert_eq!(metric(&m, "entente_mqtt_sent_skipped_total"), 1);
+    // Every PUBLISH the device sent is counted: its accepted and its result.
+    assert_eq!(
+        metric(&m, "entente_mqtt_publishes_received_total"),
+        2,
+        "{m}"
+    );
 
     // A device slower than that still has every step recorded: an accepted
     // whose result does not follow is committed on its own, and a command

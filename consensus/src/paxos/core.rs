@@ -112,6 +112,8 @@ struct Peer {
     snapshot_elapsed: Option<u32>,
     /// Heard from since the last heartbeat.
     recent: bool,
+    /// Heard from between the two heartbeats before the last one.
+    previous: bool,
     /// Heard from at least once in this ballot.
     heard: bool,
 }
@@ -455,7 +457,11 @@ impl MultiPaxos {
                             paused: self.inflight.len() >= self.cfg.max_inflight_msgs,
                             recent_active: peer.recent,
                             learner: false,
-                            connected: peer.heard,
+                            // As on Raft: it answered in this ballot, and
+                            // within the current or the previous heartbeat
+                            // round (so a member that stops answering is
+                            // no longer connected two heartbeats later).
+                            connected: peer.heard && (peer.recent || peer.previous),
                         },
                     )
                 })
@@ -740,6 +746,7 @@ impl MultiPaxos {
                             },
                         );
                         for p in self.peers.values_mut() {
+                            p.previous = p.recent;
                             p.recent = false;
                         }
                         self.resend();
@@ -1489,6 +1496,7 @@ impl MultiPaxos {
         for p in self.peers.values_mut() {
             p.acked = 0;
             p.heard = false;
+            p.previous = false;
             p.snapshot_elapsed = None;
         }
         self.prop_first = self.commit + 1;

@@ -8,12 +8,14 @@ use super::config::{Config, ConfigError};
 use super::crypto::{Crypto, Digest, sha256};
 use super::message::{
     CheckpointProof, CheckpointState, CheckpointVote, CommitCert, Dec, Enc, Message, MessageKind,
-    NewView, Phase, PrePrepare, PreparedCert, Request, Signed, View, ViewChange, Vote,
+    NewView, Phase, PrePrepare, PreparedCert, Reply, Request, Signed, View, ViewChange, Vote,
     batch_digest, get_checkpoint_proof, get_pre_prepare, get_vote, put_checkpoint_proof,
     put_pre_prepare, put_vote,
 };
 use crate::raft::Status;
-use crate::ready::{CompactError, ProposeError, Proposed, ReadState, Ready, SoftState, StepError};
+use crate::ready::{
+    Certificate, CompactError, ProposeError, Proposed, ReadState, Ready, SoftState, StepError,
+};
 use crate::types::{
     ConfState, Entry, EntryPayload, HardState, Index, InitialState, MAX_INDEX, MAX_TERM, NodeId,
     Role, SnapshotMeta, Term,
@@ -66,9 +68,34 @@ pub struct PbftStats {
     /// sequence number in one view: impossible with at most f Byzantine
     /// replicas, so the set is refused rather than one picked.
     pub conflicting_certificates: u64,
-    /// Later views forgotten: a member signed a message in a view above
-    /// this replica's and no peer asked handed that view over.
+    /// Later views forgotten: fewer than f+1 other members signed messages
+    /// in views above this replica's and no peer asked handed one over.
     pub later_view_given_up: u64,
+    /// REPLYs dropped: a bad signature or a signer other than the sender,
+    /// or not matching this replica's own execution of the request (another
+    /// sequence number or history) or the request it names.
+    pub bad_replies: u64,
+    /// REPLYs for no own request waiting for its certificate (late ones
+    /// after the certificate formed are counted here too).
+    pub stray_replies: u64,
+    /// Certificates assembled for own requests.
+    pub certificates: u64,
+    /// Own executed requests given up without a certificate because
+    /// `max_pending` others waited for theirs.
+    pub certificates_dropped: u64,
+}
+
+/// The replies gathered for one own request.
+#[derive(Clone, Debug)]
+struct ReplySet {
+    req: Signed<Request>,
+    digest: Digest,
+    /// This replica's own execution: sequence number and history.
+    executed: Option<(Index, Digest)>,
+    /// One reply per signer (the first valid one), this replica's included.
+    replies: BTreeMap<NodeId, Signed<Reply>>,
+    /// Resend rounds since it executed (the first passes without asking).
+    rounds: u32,
 }
 
 /// One batch this replica holds: accepted as a pre-prepare in its view,
@@ -222,6 +249,13 @@ pub struct Pbft {
     own_ts: u64,
     own_reqs: BTreeMap<u64, Signed<Request>>,
     reads: BTreeMap<u64, Vec<u8>>,
+    /// Own requests (by timestamp) waiting for their commit certificate.
+    replies: BTreeMap<u64, ReplySet>,
+    /// The REPLYs this replica signed for its recent executions (the last
+    /// `window` sequence numbers), to answer a client that lost one.
+    executions: BTreeMap<Index, Signed<Reply>>,
+    /// Certificates assembled and not yet taken (at most `max_pending`).
+    certs: Vec<Certificate>,
 
     vcs: BTreeMap<NodeId, Signed<ViewChange>>,
     my_vc: Option<Signed<ViewChange>>,
@@ -236,6 +270,10 @@ pub struct Pbft {
     /// Fetches sent only because of `later_view`: after one to every peer
     /// without reaching that view it is forgotten.
     later_fetches: usize,
+    /// Per other member, the highest view above this replica's it signed
+    /// a pre-prepare or vote in. A view f+1 of them reached is vouched for
+    /// by a correct replica: it is asked for until the replica enters it.
+    later_claims: BTreeMap<NodeId, View>,
     /// A member signed a message above the watermark window: the group's
     /// stable checkpoint is ahead of this replica's.
     above_window: bool,
@@ -427,6 +465,9 @@ impl Pbft {
             own_ts: 1,
             own_reqs: BTreeMap::new(),
             reads: BTreeMap::new(),
+            replies: BTreeMap::new(),
+            executions: BTreeMap::new(),
+            certs: Vec::new(),
             vcs: BTreeMap::new(),
             my_vc: None,
             new_view: None,
@@ -435,6 +476,7 @@ impl Pbft {
             high_seen: 0,
             later_view: 0,
             later_fetches: 0,
+            later_claims: BTreeMap::new(),
             above_window: false,
             resend_elapsed: 0,
             fetch_peer: 0,
@@ -469,6 +511,25 @@ impl Pbft {
                 break;
             };
             let ran = me.exec.step(n, req.as_ref());
+            if let Some(r) = req.as_ref().filter(|r| ran && !r.body.read)
+                && n.saturating_add(me.cfg.window) > commit
+            {
+                // Its REPLY may have been lost with the restart: kept for
+                // a client that asks again.
+                let reply = Signed::sign(
+                    me.cfg.crypto.as_ref(),
+                    me.id,
+                    Reply {
+                        view: v,
+                        n,
+                        client: r.body.client,
+                        ts: r.body.ts,
+                        request: r.digest(),
+                        history: me.exec.chain,
+                    },
+                );
+                me.executions.insert(n, reply);
+            }
             if me.exec.n.is_multiple_of(me.cfg.checkpoint_interval) {
                 me.ckpt_states.insert(n, me.exec.state());
             }
@@ -949,6 +1010,19 @@ impl Pbft {
             },
         );
         self.own_reqs.insert(ts, r.clone());
+        if !read {
+            self.replies.insert(
+                ts,
+                ReplySet {
+                    digest: r.digest(),
+                    req: r.clone(),
+                    executed: None,
+                    replies: BTreeMap::new(),
+                    rounds: 0,
+                },
+            );
+            self.bound_replies();
+        }
         self.add_request(r.clone());
         self.broadcast(MessageKind::Request(r), false);
         Ok(Proposed::Forwarded {
@@ -1167,6 +1241,168 @@ impl Pbft {
         }
     }
 
+    // ---- replies and certificates ---------------------------------------
+
+    /// Signs the REPLY for `r`, executed at `n` in `view` (the hash chain
+    /// now at `h_n`), keeps it for a client that asks again, and sends it
+    /// to the client (or counts it, for an own request).
+    fn reply_executed(&mut self, n: Index, view: View, r: &Signed<Request>) {
+        let reply = Signed::sign(
+            self.crypto(),
+            self.id,
+            Reply {
+                view,
+                n,
+                client: r.body.client,
+                ts: r.body.ts,
+                request: r.digest(),
+                history: self.exec.chain,
+            },
+        );
+        self.executions.insert(n, reply.clone());
+        let keep_from = n.saturating_sub(self.cfg.window);
+        while self
+            .executions
+            .first_key_value()
+            .is_some_and(|(&k, _)| k <= keep_from)
+        {
+            self.executions.pop_first();
+        }
+        if r.body.client == self.id {
+            if let Some(set) = self.replies.get_mut(&r.body.ts)
+                && set.digest == reply.body.request
+            {
+                set.executed = Some((n, reply.body.history));
+                let before = set.replies.len();
+                set.replies
+                    .retain(|_, x| (x.body.n, x.body.history) == (n, reply.body.history));
+                self.stats.bad_replies += (before - set.replies.len()) as u64;
+                set.replies.insert(self.id, reply);
+                self.try_certify(r.body.ts);
+            }
+        } else {
+            self.send(r.body.client, MessageKind::Reply(reply));
+        }
+    }
+
+    /// A REPLY from `from`.
+    fn on_reply(&mut self, from: NodeId, reply: Signed<Reply>) {
+        let b = &reply.body;
+        let Some(set) = self.replies.get(&b.ts).filter(|_| b.client == self.id) else {
+            self.stats.stray_replies += 1;
+            return;
+        };
+        if set.replies.contains_key(&from) {
+            return;
+        }
+        let matches =
+            b.request == set.digest && set.executed.is_none_or(|(n, h)| (b.n, b.history) == (n, h));
+        if reply.signer != from || !matches || !reply.verify(self.crypto()) {
+            self.stats.bad_replies += 1;
+            return;
+        }
+        let ts = b.ts;
+        if let Some(set) = self.replies.get_mut(&ts) {
+            set.replies.insert(from, reply);
+        }
+        self.try_certify(ts);
+    }
+
+    /// Assembles the certificate of own request `ts` once f+1 replies
+    /// match this replica's own execution.
+    fn try_certify(&mut self, ts: u64) {
+        let Some(set) = self.replies.get(&ts) else {
+            return;
+        };
+        let Some((n, h)) = set.executed else {
+            return;
+        };
+        let matching: Vec<&Signed<Reply>> = set
+            .replies
+            .values()
+            .filter(|r| (r.body.n, r.body.history, r.body.request) == (n, h, set.digest))
+            .take(self.f + 1)
+            .collect();
+        if matching.len() <= self.f {
+            return;
+        }
+        let bytes = super::certificate::build(&set.req, &matching);
+        self.certs.push(Certificate { index: n, bytes });
+        if self.certs.len() > self.cfg.max_pending {
+            // Nobody takes them: the oldest go.
+            self.certs.remove(0);
+        }
+        self.stats.certificates += 1;
+        self.replies.remove(&ts);
+    }
+
+    /// At most `max_pending` own requests wait for replies: the oldest
+    /// executed ones go first.
+    fn bound_replies(&mut self) {
+        while self.replies.len() > self.cfg.max_pending {
+            let oldest = self
+                .replies
+                .iter()
+                .find(|(_, s)| s.executed.is_some())
+                .map(|(&t, _)| t)
+                .or_else(|| self.replies.keys().next().copied());
+            let Some(t) = oldest else { break };
+            if self
+                .replies
+                .remove(&t)
+                .is_some_and(|s| s.executed.is_some())
+            {
+                self.stats.certificates_dropped += 1;
+            }
+        }
+    }
+
+    /// A client asks again for the REPLY of its request `ts` executed at `n`.
+    fn on_reply_ask(&mut self, from: NodeId, n: Index, ts: u64) {
+        if let Some(r) = self.executions.get(&n)
+            && r.body.client == from
+            && r.body.ts == ts
+        {
+            let r = r.clone();
+            self.send(from, MessageKind::Reply(r));
+        }
+    }
+
+    /// Asks the members whose replies are missing for own requests that
+    /// executed here a resend round ago and still lack a certificate.
+    fn ask_replies(&mut self) {
+        let peers = self.peers();
+        let mut asks = Vec::new();
+        for set in self.replies.values_mut() {
+            let Some((n, _)) = set.executed else { continue };
+            set.rounds += 1;
+            if set.rounds < 2 {
+                continue;
+            }
+            for &p in &peers {
+                if !set.replies.contains_key(&p) {
+                    asks.push((p, n, set.req.body.ts));
+                }
+            }
+            if asks.len() >= 64 * peers.len() {
+                break;
+            }
+        }
+        for (to, n, ts) in asks {
+            self.send(to, MessageKind::ReplyAsk { n, ts });
+        }
+    }
+
+    /// Takes the certificates assembled since the last call.
+    pub fn take_certificates(&mut self) -> Vec<Certificate> {
+        std::mem::take(&mut self.certs)
+    }
+
+    /// Own requests waiting for their certificate (executed or not).
+    pub fn awaiting_certificates(&self) -> usize {
+        self.replies.len()
+    }
+
     /// Executes committed requests in sequence order.
     fn try_execute(&mut self) {
         loop {
@@ -1180,6 +1416,9 @@ impl Pbft {
 
     fn execute(&mut self, n: Index, req: Option<Signed<Request>>, view: View) {
         let ran = self.exec.step(n, req.as_ref());
+        if let Some(r) = req.as_ref().filter(|r| ran && !r.body.read) {
+            self.reply_executed(n, view, r);
+        }
         if let Some(r) = &req {
             let key = (r.body.client, r.body.ts);
             self.waiting.remove(&key);
@@ -1188,6 +1427,7 @@ impl Pbft {
             {
                 if !ran || mine.digest() != r.digest() {
                     // Another request of ours took this timestamp.
+                    self.replies.remove(&r.body.ts);
                     self.reissue(mine);
                 } else if let Some(ctx) = self.reads.remove(&r.body.ts) {
                     self.read_states.push(ReadState { index: n, ctx });
@@ -1474,6 +1714,8 @@ impl Pbft {
         if self.later_view <= self.view {
             self.later_view = 0;
         }
+        let v = self.view;
+        self.later_claims.retain(|_, claimed| *claimed > v);
         self.votes.clear();
         self.voted.clear();
         self.my_vc = None;
@@ -1624,6 +1866,9 @@ impl Pbft {
             .copied()
             .collect();
         for t in mine {
+            // Executed inside the snapshot: this replica cannot name its
+            // sequence number, so it certifies none.
+            self.replies.remove(&t);
             let r = self.own_reqs.remove(&t).expect("own request");
             let other = self
                 .exec
@@ -1701,6 +1946,7 @@ impl Pbft {
         for r in own {
             self.broadcast(MessageKind::Request(r), false);
         }
+        self.ask_replies();
         if self.active {
             let primary = self.primary_of(self.view) == self.id;
             let mut out = Vec::new();
@@ -1729,15 +1975,18 @@ impl Pbft {
         {
             self.broadcast(MessageKind::Checkpoint(c), false);
         }
-        let others = self.high_seen > self.exec.n || !self.active || self.above_window;
+        let others = self.high_seen > self.exec.n
+            || !self.active
+            || self.above_window
+            || self.vouched_view() > self.view;
         let peers = self.peers();
         let mut later = self.later_view > self.view;
         if later && !others {
-            // Asked only because a member signed something in a later view
-            // (one message can claim any view): each peer is asked once,
-            // then it is forgotten, and while messages of later views keep
-            // coming a fetch goes out only every `LATER_BACKOFF` resends
-            // until the replica enters a view.
+            // Asked only because fewer than f+1 members signed something in
+            // a later view (one message can claim any view): each peer is
+            // asked once, then it is forgotten, and while messages of later
+            // views keep coming a fetch goes out only every `LATER_BACKOFF`
+            // resends until the replica enters a view.
             self.later_fetches += 1;
             let k = self.later_fetches;
             later = k <= peers.len() || k.is_multiple_of(LATER_BACKOFF);
@@ -1757,6 +2006,27 @@ impl Pbft {
             };
             self.send(to, kind);
         }
+    }
+
+    /// Notes that member `from` signed a message in `view`, if above this
+    /// replica's view.
+    fn claim_later_view(&mut self, from: NodeId, view: View) {
+        if view > self.view && from != self.id {
+            let claimed = self.later_claims.entry(from).or_insert(0);
+            *claimed = (*claimed).max(view);
+        }
+    }
+
+    /// The highest view that f+1 other members signed messages in (0 if
+    /// fewer did): at least one of them is correct, so some correct replica
+    /// entered that view and holds its NEW-VIEW (or a later one).
+    fn vouched_view(&self) -> View {
+        let mut claims: Vec<View> = self.later_claims.values().copied().collect();
+        if claims.len() <= self.f {
+            return 0;
+        }
+        claims.sort_unstable_by(|a, b| b.cmp(a));
+        claims[self.f]
     }
 
     /// Starts a view change at once.
@@ -1898,6 +2168,8 @@ impl Pbft {
             }
             MessageKind::Committed(cert) => self.on_committed(cert),
             MessageKind::Snapshot { meta, state, proof } => self.on_snapshot(meta, state, proof),
+            MessageKind::Reply(r) => self.on_reply(from, r),
+            MessageKind::ReplyAsk { n, ts } => self.on_reply_ask(from, n, ts),
             MessageKind::NotMember { .. } => {}
         }
         Ok(())
@@ -1949,6 +2221,13 @@ impl Pbft {
             }
             MessageKind::Snapshot { meta, .. } => range(meta.index, meta.index)?,
             MessageKind::Stable(p) => range(p.n.max(1), p.n.max(1))?,
+            MessageKind::Reply(r) => {
+                if r.body.view > MAX_TERM {
+                    return Err(malformed(from, "view beyond MAX_TERM"));
+                }
+                range(r.body.n, r.body.n)?;
+            }
+            MessageKind::ReplyAsk { n, .. } => range(*n, *n)?,
             MessageKind::Request(_) | MessageKind::NotMember { .. } => {}
         }
         Ok(())
@@ -1964,6 +2243,7 @@ impl Pbft {
             self.stats.wrong_view += 1;
             if b.view > self.view && pp.verify(self.crypto()) {
                 self.later_view = self.later_view.max(b.view);
+                self.claim_later_view(from, b.view);
             }
             return;
         }
@@ -2003,6 +2283,7 @@ impl Pbft {
             // Signed by a member in a later view: this replica missed a
             // NEW-VIEW (it asks for it).
             self.later_view = self.later_view.max(b.view);
+            self.claim_later_view(from, b.view);
             return;
         }
         let h = self.stable.n;

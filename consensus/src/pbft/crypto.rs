@@ -7,12 +7,19 @@
 //! embedded as proof (in VIEW-CHANGE, NEW-VIEW and catch-up messages).
 //!
 //! [`Crypto`] is what the engine needs: sign as itself, verify any member.
-//! [`Ed25519`] is the implementation for real use. A cheap deterministic
+//! [`Ed25519`] is the implementation for real use. It remembers the last
+//! few thousand signatures it verified (by a SHA-256 of signer, signature
+//! and message), so the same signed request or pre-prepare — received
+//! directly, then inside a pre-prepare, a prepared certificate or a
+//! NEW-VIEW — costs one Ed25519 verification per replica, not one per
+//! appearance. Only successes are remembered: a signature that verified
+//! for exactly these bytes verifies forever. A cheap deterministic
 //! scheme for simulations (`SimCrypto`) exists behind the `harness`
 //! feature.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
+use std::sync::Mutex;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use sha2::{Digest as _, Sha256};
@@ -67,6 +74,32 @@ pub struct Ed25519 {
     id: NodeId,
     key: SigningKey,
     group: BTreeMap<NodeId, VerifyingKey>,
+    verified: Mutex<Verified>,
+}
+
+/// Signatures verified lately, in two generations of at most
+/// [`VERIFIED_GENERATION`] each: when the newer one is full it becomes the
+/// older and the older is forgotten.
+#[derive(Default)]
+struct Verified {
+    new: HashSet<Digest>,
+    old: HashSet<Digest>,
+}
+
+/// See [`Verified`] (small in unit tests, where signing is slow).
+const VERIFIED_GENERATION: usize = if cfg!(test) { 64 } else { 8192 };
+
+impl Verified {
+    fn contains(&self, k: &Digest) -> bool {
+        self.new.contains(k) || self.old.contains(k)
+    }
+
+    fn insert(&mut self, k: Digest) {
+        if self.new.len() >= VERIFIED_GENERATION {
+            self.old = std::mem::take(&mut self.new);
+        }
+        self.new.insert(k);
+    }
 }
 
 impl fmt::Debug for Ed25519 {
@@ -104,6 +137,7 @@ impl Ed25519 {
             id,
             key,
             group: keys,
+            verified: Mutex::new(Verified::default()),
         })
     }
 }
@@ -117,10 +151,24 @@ impl Crypto for Ed25519 {
         let Some(vk) = self.group.get(&signer) else {
             return false;
         };
-        let Ok(sig) = Signature::from_slice(sig) else {
+        let mut h = Sha256::new();
+        h.update(signer.to_be_bytes());
+        h.update((sig.len() as u64).to_be_bytes());
+        h.update(sig);
+        h.update(msg);
+        let k: Digest = h.finalize().into();
+        let seen = |v: &Mutex<Verified>| v.lock().map(|v| v.contains(&k)).unwrap_or(false);
+        if seen(&self.verified) {
+            return true;
+        }
+        let Ok(parsed) = Signature::from_slice(sig) else {
             return false;
         };
-        vk.verify(msg, &sig).is_ok()
+        let ok = vk.verify(msg, &parsed).is_ok();
+        if ok && let Ok(mut v) = self.verified.lock() {
+            v.insert(k);
+        }
+        ok
     }
 }
 
@@ -163,5 +211,58 @@ impl Crypto for SimCrypto {
 
     fn verify(&self, signer: NodeId, msg: &[u8], sig: &[u8]) -> bool {
         signer != 0 && sig == self.tag(signer, msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Ed25519, Ed25519) {
+        let group: BTreeMap<NodeId, [u8; 32]> = [
+            (1, Ed25519::public_key(&[1; 32])),
+            (2, Ed25519::public_key(&[2; 32])),
+        ]
+        .into();
+        (
+            Ed25519::new(1, &[1; 32], &group).expect("keys"),
+            Ed25519::new(2, &[2; 32], &group).expect("keys"),
+        )
+    }
+
+    #[test]
+    fn a_remembered_signature_verifies_only_for_its_signer_and_bytes() {
+        let (a, b) = pair();
+        let sig = a.sign(b"pre-prepare");
+        assert!(b.verify(1, b"pre-prepare", &sig));
+        // Remembered now: the same triple verifies again ...
+        assert!(b.verify(1, b"pre-prepare", &sig));
+        // ... and nothing that differs in any part does.
+        assert!(!b.verify(2, b"pre-prepare", &sig), "another signer");
+        assert!(!b.verify(1, b"pre-prepare!", &sig), "other bytes");
+        let mut bad = sig.clone();
+        bad[0] ^= 1;
+        assert!(!b.verify(1, b"pre-prepare", &bad), "another signature");
+        assert!(
+            !b.verify(1, b"pre-prepare", &sig[..63]),
+            "a short signature"
+        );
+        // A failure is not remembered as a success either.
+        assert!(!b.verify(1, b"pre-prepare", &bad));
+    }
+
+    #[test]
+    fn the_memory_of_verified_signatures_is_bounded() {
+        let (a, b) = pair();
+        for i in 0..(2 * VERIFIED_GENERATION + 10) as u64 {
+            let m = i.to_be_bytes();
+            assert!(b.verify(1, &m, &a.sign(&m)));
+        }
+        let v = b.verified.lock().expect("lock");
+        assert!(v.new.len() <= VERIFIED_GENERATION && v.old.len() <= VERIFIED_GENERATION);
+        assert!(
+            v.new.len() + v.old.len() > VERIFIED_GENERATION,
+            "both generations hold some"
+        );
     }
 }

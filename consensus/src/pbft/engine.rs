@@ -2,7 +2,7 @@
 
 use super::{Message, MessageKind, Pbft};
 use crate::engine::{Engine, EngineKind, EngineMessage, Status};
-use crate::ready::{CompactError, ProposeError, Proposed, Ready, StepError};
+use crate::ready::{Certificate, CompactError, ProposeError, Proposed, Ready, StepError};
 use crate::types::{ConfChange, ConfState, HardState, Index, NodeId, Role, SnapshotMeta, Term};
 
 impl EngineMessage for Message {
@@ -121,5 +121,11 @@ impl Engine for Pbft {
     }
     fn advance(&mut self) {
         Pbft::advance(self)
+    }
+    fn certifies(&self) -> bool {
+        true
+    }
+    fn take_certificates(&mut self) -> Vec<Certificate> {
+        Pbft::take_certificates(self)
     }
 }

@@ -549,6 +549,46 @@ impl CheckpointState {
     }
 }
 
+/// REPLY: a replica executed the request `request` of `client` (timestamp
+/// `ts`) at sequence number `n` in `view`, and its hash chain then stood at
+/// `history` (`h_n`, see [`CheckpointState::chain`]). Sent to the client;
+/// f+1 matching ones (same `n`, `request`, `history`) from distinct members
+/// are a commit certificate (the `certificate` module).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The view of the batch the request executed in.
+    pub view: View,
+    /// The sequence number it executed at.
+    pub n: Index,
+    /// The request's client.
+    pub client: NodeId,
+    /// The request's timestamp.
+    pub ts: u64,
+    /// The request's digest ([`Signed::<Request>::digest`]).
+    pub request: Digest,
+    /// The hash chain after executing it: `h_n`.
+    pub history: Digest,
+}
+
+impl Body for Reply {
+    const TAG: u8 = 7;
+    fn signed_bytes(&self, e: &mut Enc) {
+        e.u64(self.view);
+        e.u64(self.n);
+        e.u64(self.client);
+        e.u64(self.ts);
+        e.digest(&self.request);
+        e.digest(&self.history);
+    }
+}
+
+/// The bytes a member signs for `body` (tag, signer, canonical body): what
+/// a certificate verifier checks signatures over.
+#[allow(private_bounds)]
+pub(crate) fn signed_message_bytes<T: Body>(signer: NodeId, body: &T) -> Vec<u8> {
+    Signed::<T>::message_bytes(signer, body)
+}
+
 /// One message between replicas.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -604,6 +644,17 @@ pub enum MessageKind {
         /// The quorum's CHECKPOINTs for it.
         proof: CheckpointProof,
     },
+    /// REPLY to the request's client.
+    Reply(Signed<Reply>),
+    /// A client asks for the REPLY of its request executed at `n` with
+    /// timestamp `ts` (a reply was lost); answered from the bounded cache
+    /// of recent executions.
+    ReplyAsk {
+        /// The sequence number the client executed it at.
+        n: Index,
+        /// The request's timestamp.
+        ts: u64,
+    },
     /// The sender's membership does not list the recipient (sent by drivers).
     NotMember {
         /// The sender's executed prefix.
@@ -626,6 +677,8 @@ impl MessageKind {
             MessageKind::Stable(_) => "Stable",
             MessageKind::Committed(_) => "Committed",
             MessageKind::Snapshot { .. } => "Snapshot",
+            MessageKind::Reply(_) => "Reply",
+            MessageKind::ReplyAsk { .. } => "ReplyAsk",
             MessageKind::NotMember { .. } => "NotMember",
         }
     }

@@ -131,11 +131,19 @@
 //! A replica that sees evidence of sequence numbers beyond what it executed
 //! (signed votes, pre-prepares or checkpoints), or that waits for a
 //! NEW-VIEW, or that sees signed messages above its watermark window, asks
-//! one peer at a time (`Fetch`); a later view seen only in signed messages
-//! (one message can claim any view) is asked of every peer once and then
-//! forgotten ([`PbftStats::later_view_given_up`]), and while such messages
-//! keep coming a fetch for that reason goes out every 16th resend until the
-//! replica enters a view. The answer is the peer's stable
+//! one peer at a time (`Fetch`). So does one that saw signed pre-prepares
+//! or votes of later views from f+1 other members, until it enters the
+//! (f+1)-th highest of the views they claimed: one of them is correct, so
+//! a correct replica holds that view's NEW-VIEW or a later one, and asking
+//! round the peers reaches it once the network delivers — without this, a
+//! restarted primary of an old view whose answers were lost stays there
+//! for good once the group's traffic stops (it runs no request timer).
+//! Fewer members claiming a later view (one message can claim any view)
+//! make it ask every peer once, after which the view is forgotten
+//! ([`PbftStats::later_view_given_up`]); while such messages keep coming a
+//! fetch for that reason goes out every 16th resend until the replica
+//! enters a view. Either way the replica only asks: it neither leaves its
+//! view nor starts a view change for it. The answer is the peer's stable
 //! checkpoint proof if the asker's is older (`Stable`), the NEW-VIEW of the
 //! peer's view if the asker needs it, committed batches with q
 //! signed COMMITs (self-certifying: any replica may hand them on), or —
@@ -189,6 +197,35 @@
 //! self, sequence numbers or views beyond the contract's limits, empty
 //! batches).
 //!
+//! # Replies and certificates
+//!
+//! A replica that executes a request (not a null request, not a read) at
+//! n signs REPLY `{view, n, client, ts, request digest, h_n}` — h_n the
+//! hash chain after it — and sends it to the request's client; a
+//! client's own reply counts for it. The client replica keeps the replies
+//! of its own requests waiting for their certificate (at most
+//! `max_pending`; the oldest executed ones go first,
+//! [`PbftStats::certificates_dropped`]), one per signer. Once it has
+//! executed the request itself, replies must match its execution (n, the
+//! request digest and h_n): the others are dropped
+//! ([`PbftStats::bad_replies`], with bad signatures and signers other than
+//! the sender; replies for no waiting own request are
+//! [`PbftStats::stray_replies`]). With f+1 matching replies from distinct
+//! members, its own included, it has a **commit certificate**
+//! ([`certificate`]), taken with [`Pbft::take_certificates`]
+//! (`Engine::take_certificates`; at most `max_pending` kept untaken).
+//! **Why it proves the commit**: at most f signers are Byzantine, so one
+//! is correct and executed exactly that request at n after the history
+//! h_n; a Byzantine reply with another history, number or digest never
+//! matches the client's own execution. **Lost replies**: from the second
+//! resend round after executing, while replies are missing, the client
+//! sends REPLY-ASK `{n, ts}` to the members it lacks; a replica answers
+//! from the replies it signed for the last `window` sequence numbers (also
+//! for requests it executed from `Committed` batches, and after a restart
+//! for the replayed ones; not part of the checkpoint state). An own request
+//! executed inside an installed snapshot gets no certificate (the client
+//! cannot name its sequence number).
+//!
 //! # What the simulation checks
 //!
 //! `consensus/tests/pbft_simulation.rs`: groups of 4 and 7 with up to f
@@ -202,10 +239,17 @@
 //! sequence number, their executed histories agree (the hash chain at every
 //! sequence number a replica reports, the [`CheckpointState`] digest at
 //! checkpoints — a null request, a read and a duplicate all come out as
-//! `Empty`), each executes in order, no value executes twice; after the heal every proposal
-//! executes at every correct replica. With f+1 colluding Byzantine replicas
+//! `Empty`), each executes in order, no value executes twice, and every
+//! commit certificate a correct replica assembles verifies with the
+//! group's keys and names the request correct replicas executed at its
+//! index (with Byzantine replicas sending wrong and made-up REPLYs); after
+//! the heal every proposal executes at every correct replica and is
+//! certified at the replica that proposed it. With f+1 colluding Byzantine replicas
 //! it finds a violation within a few seeds.
 
+#[cfg(feature = "byzantine")]
+pub mod byzantine;
+pub mod certificate;
 mod config;
 mod core;
 pub mod crypto;
@@ -219,6 +263,6 @@ pub use core::{
 };
 pub use message::{
     CheckpointProof, CheckpointState, CheckpointVote, ClientRecord, CommitCert, Message,
-    MessageKind, NewView, Phase, PrePrepare, PreparedCert, Request, Signed, View, ViewChange, Vote,
-    batch_digest,
+    MessageKind, NewView, Phase, PrePrepare, PreparedCert, Reply, Request, Signed, View,
+    ViewChange, Vote, batch_digest,
 };

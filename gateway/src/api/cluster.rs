@@ -32,12 +32,37 @@ pub struct Member {
     /// and recently (within about two election timeouts). The membership
     /// guards count only such members.
     pub active: Option<bool>,
+    /// On the leader: how many entries it trails the leader's commit index
+    /// by (`commit` − `matched`, 0 when it holds them all).
+    pub lag: Option<u64>,
+    /// Its own commit index, as it reports it: known for this gateway only
+    /// (ask another gateway's `GET /v1/cluster` for its own).
+    pub commit: Option<u64>,
+    /// Its own applied index, as it reports it: known for this gateway only.
+    pub applied: Option<u64>,
+    /// `ok`; `lagging` — on the leader, trails its commit index by more than
+    /// `lag_warning` entries, or (this gateway) applies that far behind its
+    /// own commit index; `unreachable` — on the leader, not connected
+    /// (`active` false); `unknown` — another member seen from a gateway
+    /// that does not lead (only the leader tracks replication).
+    pub health: String,
 }
+
+/// A member trailing the leader's commit index (or applying behind its own)
+/// by more than this many entries is `lagging`.
+pub const LAG_WARNING: u64 = 100;
 
 /// The group as this gateway sees it.
 #[derive(Debug, Serialize, ToSchema)]
-#[schema(example = json!({"node_id":1,"engine":"raft","role":"leader","leader":1,"term":3,"commit":42,
-    "applied":42,"members":[{"id":1,"suffrage":"voter","role":"leader","matched":42,"active":true}]}))]
+#[schema(example = json!({"node_id":1,"engine":"raft","role":"leader","leader":1,"term":3,"commit":542,
+    "applied":542,"members":[
+        {"id":1,"suffrage":"voter","role":"leader","matched":542,"active":true,"lag":0,
+         "commit":542,"applied":542,"health":"ok"},
+        {"id":2,"suffrage":"voter","role":"follower","matched":540,"active":true,"lag":2,
+         "commit":null,"applied":null,"health":"ok"},
+        {"id":3,"suffrage":"voter","role":"follower","matched":310,"active":false,"lag":232,
+         "commit":null,"applied":null,"health":"unreachable"}],
+    "lag_warning":100,"warnings":["Member 3 is unreachable from the leader."]}))]
 pub struct ClusterStatus {
     /// This gateway's node id.
     pub node_id: u64,
@@ -58,6 +83,12 @@ pub struct ClusterStatus {
     pub applied: u64,
     /// The members (voters, then learners), by id.
     pub members: Vec<Member>,
+    /// The lag, in entries, beyond which a member is `lagging`.
+    pub lag_warning: u64,
+    /// What an operator should look at, in words: no leader known, a
+    /// member unreachable or lagging. Empty when all is well (as far as
+    /// this gateway can tell).
+    pub warnings: Vec<String>,
 }
 
 /// The name of a Raft role in the API.
@@ -98,21 +129,42 @@ pub(crate) async fn cluster(State(state): State<AppState>) -> Result<Response, A
         } else {
             None
         };
+        let own = id == raft.id;
+        let lag = if is_leader {
+            progress.map(|p| raft.commit.saturating_sub(p.matched))
+        } else {
+            None
+        };
+        let behind = raft.commit.saturating_sub(raft.applied);
+        let health = if progress.is_some_and(|p| !p.connected) && !own {
+            "unreachable"
+        } else if lag.is_some_and(|l| l > LAG_WARNING) || (own && behind > LAG_WARNING) {
+            "lagging"
+        } else if own || progress.is_some() {
+            "ok"
+        } else {
+            "unknown"
+        };
         Member {
             id,
             suffrage: if learner { "learner" } else { "voter" }.into(),
             role: role.map(Into::into),
             matched: progress.map(|p| p.matched),
             active: progress.map(|p| p.connected),
+            lag,
+            commit: own.then_some(raft.commit),
+            applied: own.then_some(raft.applied),
+            health: health.into(),
         }
     };
     let conf = &raft.conf_state;
-    let members = conf
+    let members: Vec<Member> = conf
         .voters
         .iter()
         .map(|id| member(*id, false))
         .chain(conf.learners.iter().map(|id| member(*id, true)))
         .collect();
+    let warnings = warnings(raft.leader, &members, raft.id);
     let body = ClusterStatus {
         node_id: raft.id,
         engine: state.config.consensus.name().into(),
@@ -122,8 +174,36 @@ pub(crate) async fn cluster(State(state): State<AppState>) -> Result<Response, A
         commit: raft.commit,
         applied: raft.applied,
         members,
+        lag_warning: LAG_WARNING,
+        warnings,
     };
     Ok(reply(StatusCode::OK, state.db.applied_index(), &body))
+}
+
+/// The warnings of `GET /v1/cluster`, from the members' health as this
+/// gateway (`me`) sees it.
+fn warnings(leader: Option<u64>, members: &[Member], me: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    if leader.is_none() {
+        out.push("No leader is known: writes fail (503) until the group elects one.".to_string());
+    }
+    for m in members {
+        match m.health.as_str() {
+            "unreachable" => out.push(format!("Member {} is unreachable from the leader.", m.id)),
+            "lagging" if m.id == me => out.push(format!(
+                "Member {} (this gateway) applies {} entries behind its commit index.",
+                m.id,
+                m.commit.unwrap_or(0).saturating_sub(m.applied.unwrap_or(0))
+            )),
+            "lagging" => out.push(format!(
+                "Member {} lags the leader's commit index by {} entries.",
+                m.id,
+                m.lag.unwrap_or(0)
+            )),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// What a member is to become.

@@ -94,8 +94,40 @@ pub struct ListCommandsQuery {
     pub consistency: Option<Consistency>,
 }
 
+/// Query of `GET /v1/commands`: every filter given must hold.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ListAllCommandsQuery {
+    /// Only commands in this state.
+    #[param(inline)]
+    pub status: Option<CommandStatus>,
+    /// Only this device's commands.
+    #[param(value_type = Option<DeviceId>)]
+    pub device: Option<String>,
+    /// Only the commands a job launched (one per device it reached; a job's
+    /// queued executions have none yet). A job that was pruned, or never
+    /// existed, has none.
+    #[param(value_type = Option<super::schemas::JobId>)]
+    pub job: Option<String>,
+    /// Only commands issued strictly after this time (ms since the epoch).
+    pub created_after: Option<u64>,
+    /// The `next` cursor of the previous page.
+    #[param(value_type = Option<CommandId>)]
+    pub after: Option<String>,
+    /// Page size (default 100, at most the gateway's `max_page`).
+    pub limit: Option<u32>,
+    /// `linearizable` (default) or `local`.
+    #[param(inline)]
+    pub consistency: Option<Consistency>,
+}
+
 /// One page of commands.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"items":[{"id":"c-019ac1e2f3a4b5c6d7e8f9a0","device":"pump-7",
+    "name":"reboot","params":{"delay_s":5},"status":"succeeded","output":{"ok":true},
+    "idempotency_key":null,"issued_at":1764144000000u64,"expires_at":1764144060000u64,
+    "updated_at":1764144000900u64}],"next":"c-019ac1e2f3a4b5c6d7e8f9a0"}))]
 pub struct CommandPage {
     /// The commands, by id (ids start with their issue time, so this is
     /// roughly issue order).
@@ -286,6 +318,62 @@ pub(crate) async fn list_commands(
     }
     let page = page_query(q.after, limit);
     let items = state.db.list_commands(&device, q.status, &page).await?;
+    let (items, next) = split_page(items, limit, |c| &c.id);
+    Ok(reply(
+        StatusCode::OK,
+        ctx.index,
+        &CommandPage { items, next },
+    ))
+}
+
+/// List the commands of every device (fleet-wide), by id, filtered by
+/// status, device, job and issue time.
+///
+/// Ids start with their issue time for commands issued here (`c-`);
+/// commands launched by a job have ids derived from the job and the device
+/// (`jc-`), so they sort after every `c-` id, not by time. Page with
+/// `?after=` the `next` of the previous page.
+#[utoipa::path(
+    get, path = "/v1/commands", tag = "commands",
+    params(ListAllCommandsQuery, MinIndexHeader),
+    responses(
+        (status = 200, description = "One page", body = CommandPage,
+            headers(("Entente-Index" = u64, description = "Applied log index the read reflects"))),
+        (status = 400, description = "Invalid query (a device, job or command id that is not an id, an unknown status), or an `Entente-Min-Index` that is not a log index", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`Entente-Min-Index` was never issued (`min-index-not-issued`; `Entente-Index` is the group's commit index): more than 1000 entries beyond the group's commit index, refused at once; or, on the leader, still beyond it when the wait (the write timeout) is over", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Within twice the write timeout, with `Retry-After`: no leader or no quorum for a linearizable read (`no-leader`, `read-timeout`), `Entente-Min-Index` not reached here within the write timeout (`min-index-not-reached`), or far beyond this gateway's log while the group cannot be asked (`min-index-unknown`), or shutting down (`shutting-down`), or the request deadline passed (`request-timeout`)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn list_all_commands(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<ListAllCommandsQuery>,
+) -> Result<Response, ApiError> {
+    let limit = validate::limit(q.limit, state.config.max_page)?;
+    if let Some(after) = &q.after {
+        validate::path_command_id(after)?;
+    }
+    if let Some(device) = &q.device {
+        validate::path_device_id(device)?;
+    }
+    if let Some(job) = &q.job
+        && !crate::shared::id_ok(job)
+    {
+        return Err(ApiError::bad_request(format!(
+            "job id {} is not valid: use 1 to 64 characters from A-Z, a-z, 0-9, '_', '.' and '-'",
+            validate::quoted(job)
+        )));
+    }
+    let ctx = read_barrier(&state, q.consistency, &headers).await?;
+    let filter = crate::state::CommandFilter {
+        status: q.status,
+        device: q.device,
+        job: q.job,
+        created_after: q.created_after,
+    };
+    let page = page_query(q.after, limit);
+    let items = state.db.list_all_commands(&filter, &page).await?;
     let (items, next) = split_page(items, limit, |c| &c.id);
     Ok(reply(
         StatusCode::OK,

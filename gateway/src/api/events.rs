@@ -155,6 +155,11 @@ pub(crate) const EVENT_KINDS: &[(&str, &str, &str)] = &[
         "A job was canceled (its queued executions with it): the job after it.",
     ),
     (
+        "jobs.pruned",
+        "EventJobsPruned",
+        "Finished jobs were deleted with their executions, past the group leader's retention (`--job-retention-ms`): their ids.",
+    ),
+    (
         "shadow.desired",
         "EventShadowChange",
         "A desired-state patch was applied.",
@@ -218,6 +223,16 @@ pub(crate) struct EventJobLaunched {
     job: String,
     /// The executions launched: each device and its command's id.
     executions: Vec<EventLaunch>,
+}
+
+/// `data` of `jobs.pruned`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct EventJobsPruned {
+    /// The ids of the jobs deleted (up to 100), oldest first. Empty when
+    /// only part of a large job's executions were deleted.
+    #[schema(value_type = Vec<crate::api::schemas::JobId>)]
+    jobs: Vec<String>,
 }
 
 /// One execution of `job.launched`.
@@ -390,6 +405,7 @@ impl ToSchema for StreamEvent {
         add::<EventCommandsExpired>(out);
         add::<crate::jobs::Job>(out);
         add::<EventJobLaunched>(out);
+        add::<EventJobsPruned>(out);
         add::<EventLaunch>(out);
         add::<EventShadowChange>(out);
         add::<EventSessionsLost>(out);

@@ -185,7 +185,9 @@ pub(crate) fn new_job_schema() -> Value {
             "idempotency_key": {
                 "description": "Optional client key (also the `Idempotency-Key` header): a \
                     job created with the same key earlier is returned (200) instead of a new \
-                    one, whatever this body says. One job per key in the group, ever.",
+                    one, whatever this body says. One job per key in the group for as long as \
+                    that job is kept (a finished job is pruned after the retention, 7 days by \
+                    default; its key then names no job).",
                 "oneOf": [{"$ref": "#/components/schemas/IdempotencyKey"}, {"type": "null"}],
             },
         },

@@ -185,6 +185,12 @@ fn table() -> Vec<Entry> {
         ),
         entry(
             GET,
+            "/v1/commands",
+            Some(Viewer),
+            commands::list_all_commands,
+        ),
+        entry(
+            GET,
             "/v1/commands/{cid}",
             Some(Viewer),
             commands::get_command,

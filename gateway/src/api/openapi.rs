@@ -44,6 +44,7 @@ tokens with `/v1/tokens` and the cluster). Every event names who made the change
         shadow::patch_shadow,
         commands::issue_command,
         commands::list_commands,
+        commands::list_all_commands,
         commands::get_command,
         commands::cancel_command,
         jobs::create_job,

@@ -1372,6 +1372,10 @@ async fn on_packet(
             qos,
             pkid,
         } => {
+            shared
+                .stats
+                .publishes_received
+                .fetch_add(1, Ordering::Relaxed);
             let Some(kind) = parse_device_publish(&conn.device, &topic) else {
                 let what = format!("publish to {:?}", truncated(&topic));
                 return Err(Some(shared.violation(conn, &what)));

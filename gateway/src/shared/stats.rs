@@ -31,6 +31,10 @@ pub struct MqttStats {
     pub ignored_messages: AtomicU64,
     /// Commands published to devices.
     pub commands_published: AtomicU64,
+    /// PUBLISH packets received from logged-in devices (every one read,
+    /// before its topic is checked: the device messages a second on the
+    /// console's live view).
+    pub publishes_received: AtomicU64,
     /// Reported-state patches received from devices (before coalescing).
     pub reports_received: AtomicU64,
     /// `ReportState` proposals made from them (after coalescing).
@@ -67,7 +71,7 @@ pub struct MqttStats {
 impl MqttStats {
     /// Appends the counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        let rows: [(&str, &str, &str, &AtomicU64); 22] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 23] = [
             (
                 "entente_mqtt_sessions",
                 "gauge",
@@ -127,6 +131,12 @@ impl MqttStats {
                 "counter",
                 "Commands published to devices.",
                 &self.commands_published,
+            ),
+            (
+                "entente_mqtt_publishes_received_total",
+                "counter",
+                "MQTT PUBLISH packets received from devices.",
+                &self.publishes_received,
             ),
             (
                 "entente_mqtt_reports_received_total",

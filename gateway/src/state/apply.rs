@@ -578,6 +578,9 @@ fn apply_op(conn: &Connection, ts: u64, op: &Op) -> Result<Applied, StateError> 
         // Apply decides which end (the abort rule first).
         Op::CompleteJob { id } | Op::AbortJob { id } => super::jobs::end_job(conn, ts, id),
         Op::CancelJob { id } => super::jobs::cancel_job(conn, ts, id),
+        Op::PruneJobs { finished_before } => {
+            super::jobs::prune_jobs(conn, (*finished_before).min(ts))
+        }
         Op::GatewaySessionsLost { gateway } => {
             let ids = {
                 let mut stmt = conn.prepare_cached(

@@ -161,6 +161,11 @@ pub enum Change {
         /// The executions launched, in launch order.
         executions: Vec<Launched>,
     },
+    /// Finished jobs were deleted with their executions (`jobs.pruned`).
+    JobsPruned {
+        /// The jobs deleted, in the order they were.
+        jobs: Vec<String>,
+    },
     /// A peer's address was set (`cluster.peer`).
     PeerAddress {
         /// The member's node id.
@@ -210,6 +215,7 @@ impl Change {
                 JobStep::Canceled => "job.canceled",
             },
             Change::JobLaunched { .. } => "job.launched",
+            Change::JobsPruned { .. } => "jobs.pruned",
         }
     }
 
@@ -242,6 +248,7 @@ impl Change {
             }
             Change::PeerAddress { id, address } => json!({ "id": id, "address": address }),
             Change::Job(_, job) => to_json_value(job)?,
+            Change::JobsPruned { jobs } => json!({ "jobs": jobs }),
             Change::JobLaunched {
                 job, executions, ..
             } => json!({

@@ -19,8 +19,8 @@ use super::rows::{Cols, db_int, from_db_int, parse_json, to_json_text};
 use super::{Page, StateDb, StateError};
 use crate::jobs::{
     AbortRule, Execution, ExecutionStatus, Job, JobCommand, JobCounts, JobState, JobTarget,
-    MAX_ACTIVE_JOBS, MAX_IN_FLIGHT, MAX_PER_MINUTE, MAX_SELECTED_DEVICES, RateCredit, Rollout,
-    command_id, launch_budget,
+    MAX_ACTIVE_JOBS, MAX_IN_FLIGHT, MAX_PER_MINUTE, MAX_SELECTED_DEVICES, PRUNE_MAX_EXECUTIONS,
+    PRUNE_MAX_JOBS, RateCredit, Rollout, command_id, launch_budget,
 };
 use crate::ops::{CommandStatus, OpResult};
 
@@ -610,6 +610,65 @@ pub(super) fn cancel_job(conn: &Connection, ts: u64, id: &str) -> Result<Applied
     job_changed(conn, id, JobStep::Canceled)
 }
 
+/// `PruneJobs`: deletes the finished jobs that finished before
+/// `finished_before`, oldest first, with their executions, within
+/// [`PRUNE_MAX_JOBS`] jobs and [`PRUNE_MAX_EXECUTIONS`] executions. A job
+/// whose executions do not all fit is left with the rest (deleted by a
+/// later entry). Reads only the state: every member deletes the same rows.
+pub(super) fn prune_jobs(conn: &Connection, finished_before: u64) -> Result<Applied, StateError> {
+    prune_within(conn, finished_before, PRUNE_MAX_JOBS, PRUNE_MAX_EXECUTIONS)
+}
+
+/// [`prune_jobs`] within `max_jobs` jobs and `max_executions` executions.
+pub(in crate::state) fn prune_within(
+    conn: &Connection,
+    finished_before: u64,
+    max_jobs: usize,
+    max_executions: usize,
+) -> Result<Applied, StateError> {
+    let ids: Vec<String> = {
+        let mut stmt = conn.prepare_cached(
+            "SELECT id FROM jobs WHERE state IN ('completed', 'canceled', 'aborted') \
+             AND finished_at IS NOT NULL AND finished_at < ? \
+             ORDER BY finished_at, id LIMIT ?",
+        )?;
+        let rows = stmt.query_map((db_int(finished_before), db_int(max_jobs as u64)), |r| {
+            r.get::<_, String>(0)
+        })?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let mut budget = max_executions;
+    let mut pruned = Vec::new();
+    let mut executions = 0;
+    for id in ids {
+        let deleted = exec(
+            conn,
+            "DELETE FROM job_executions WHERE job = ?1 AND device IN \
+             (SELECT device FROM job_executions WHERE job = ?1 ORDER BY device LIMIT ?2)",
+            (id.as_str(), db_int(budget as u64)),
+        )?;
+        executions += deleted;
+        budget -= deleted;
+        let left: Option<i64> = scalar(
+            conn,
+            "SELECT 1 FROM job_executions WHERE job = ? LIMIT 1",
+            [id.as_str()],
+        )?;
+        if left.is_some() {
+            break;
+        }
+        exec(conn, "DELETE FROM jobs WHERE id = ?", [id.as_str()])?;
+        pruned.push(id);
+        if budget == 0 {
+            break;
+        }
+    }
+    if pruned.is_empty() && executions == 0 {
+        return Ok((OpResult::Ignored, None));
+    }
+    Ok((OpResult::Done, Some(Change::JobsPruned { jobs: pruned })))
+}
+
 /// A command reached the terminal `status`: if it runs a job's
 /// execution, the execution follows it (`expired` is `timed_out`).
 pub(super) fn command_finished(
@@ -750,6 +809,20 @@ impl StateDb {
         rows.iter()
             .map(|r| Ok((job_from_row(r)?, credit_from_row(r)?)))
             .collect()
+    }
+
+    /// Whether a finished job finished before `finished_before` (ms since
+    /// the epoch): one [`crate::ops::Op::PruneJobs`] would delete something.
+    pub async fn prunable_jobs(&self, finished_before: u64) -> Result<bool, StateError> {
+        let pool = self.pool.read().await;
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM jobs WHERE state IN ('completed', 'canceled', 'aborted') \
+             AND finished_at < ? LIMIT 1",
+        )
+        .bind(db_int(finished_before))
+        .fetch_optional(&*pool)
+        .await?;
+        Ok(found.is_some())
     }
 
     /// The first `limit` devices (by id) whose execution of `job` is queued.

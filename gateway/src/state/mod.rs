@@ -160,6 +160,20 @@ pub struct Page {
     pub limit: u32,
 }
 
+/// Filters of the fleet-wide command list ([`StateDb::list_all_commands`]):
+/// every one given must hold.
+#[derive(Debug, Clone, Default)]
+pub struct CommandFilter {
+    /// Only commands in this state.
+    pub status: Option<crate::ops::CommandStatus>,
+    /// Only this device's commands.
+    pub device: Option<String>,
+    /// Only the commands this job launched.
+    pub job: Option<String>,
+    /// Only commands issued strictly after this time (ms since the epoch).
+    pub created_after: Option<u64>,
+}
+
 /// The state database. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct StateDb {

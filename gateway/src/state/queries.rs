@@ -135,6 +135,39 @@ impl StateDb {
         rows.iter().map(command_from_row).collect()
     }
 
+    /// Every device's commands that pass `filter`, ordered by id, one page.
+    pub async fn list_all_commands(
+        &self,
+        filter: &super::CommandFilter,
+        page: &Page,
+    ) -> Result<Vec<Command>, StateError> {
+        let mut qb: QueryBuilder<'_, Sqlite> =
+            QueryBuilder::new(format!("SELECT {COMMAND_COLS} FROM commands WHERE 1 = 1"));
+        if let Some(status) = filter.status {
+            qb.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(device) = &filter.device {
+            qb.push(" AND device = ").push_bind(device.clone());
+        }
+        if let Some(job) = &filter.job {
+            qb.push(" AND id IN (SELECT command FROM job_executions WHERE job = ")
+                .push_bind(job.clone())
+                .push(" AND command IS NOT NULL)");
+        }
+        if let Some(t) = filter.created_after {
+            qb.push(" AND issued_at > ")
+                .push_bind(i64::try_from(t).unwrap_or(i64::MAX));
+        }
+        if let Some(after) = &page.after {
+            qb.push(" AND id > ").push_bind(after.clone());
+        }
+        qb.push(" ORDER BY id LIMIT ")
+            .push_bind(i64::from(page.limit));
+        let pool = self.pool.read().await;
+        let rows = qb.build().fetch_all(&*pool).await?;
+        rows.iter().map(command_from_row).collect()
+    }
+
     /// Commands still waiting for their device (`queued`, `sent` or
     /// `accepted`) whose last change is older than `before_ms`, oldest
     /// first, at most `limit`: what the MQTT side delivers again to devices

@@ -941,3 +941,184 @@ async fn a_launch_change_carries_its_command_once_and_the_executions_by_id() {
         assert_eq!(c.issued_at, at);
     }
 }
+
+/// Creates job `id` on `devices` and cancels it at `ts`.
+async fn canceled_at(db: &mut Db, id: &str, devices: &[String], ts: u64) {
+    job_of(
+        db.run(create(
+            id,
+            JobTarget::Devices(devices.to_vec()),
+            rollout(600, 10),
+            None,
+        ))
+        .await,
+    );
+    let j = job_of(db.run_at(ts, Op::CancelJob { id: id.into() }).await);
+    assert_eq!((j.state, j.finished_at), (JobState::Canceled, Some(ts)));
+}
+
+async fn job_ids(db: &Db) -> Vec<String> {
+    db.db
+        .list_jobs(None, &page(1000))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect()
+}
+
+#[tokio::test]
+async fn pruning_deletes_finished_jobs_older_than_the_cutoff_with_their_executions() {
+    use crate::state::change::Change;
+    let mut db = fleet(4).await;
+    let all = ids(4);
+    canceled_at(&mut db, "old-1", &all, T0 + 1_000).await;
+    canceled_at(&mut db, "old-2", &all[..2], T0 + 2_000).await;
+    canceled_at(&mut db, "new", &all, T0 + 10_000).await;
+    // One in progress and one scheduled: never pruned, however old.
+    job_of(
+        db.run(create(
+            "running",
+            JobTarget::Devices(all.clone()),
+            rollout(600_000, 1),
+            None,
+        ))
+        .await,
+    );
+    job_of(
+        db.run(Op::StartJob {
+            id: "running".into(),
+        })
+        .await,
+    );
+    assert_eq!(
+        db.run_at(T0 + 3_000, launch("running", &all)).await,
+        OpResult::Done
+    );
+    job_of(
+        db.run(create(
+            "waiting",
+            JobTarget::Devices(all.clone()),
+            rollout(600, 10),
+            None,
+        ))
+        .await,
+    );
+    // The completed kind too: a job all of whose executions finished.
+    job_of(
+        db.run(create(
+            "done",
+            JobTarget::Devices(all[..1].to_vec()),
+            rollout(600_000, 10),
+            None,
+        ))
+        .await,
+    );
+    job_of(db.run(Op::StartJob { id: "done".into() }).await);
+    assert_eq!(
+        db.run_at(T0 + 3_000, launch("done", &all[..1])).await,
+        OpResult::Done
+    );
+    db.run(result("done", "d00", true)).await;
+    let done = job_of(
+        db.run_at(T0 + 4_000, Op::CompleteJob { id: "done".into() })
+            .await,
+    );
+    assert_eq!(done.state, JobState::Completed);
+
+    let mut changes = db.db.changes();
+    let r = db
+        .run_at(
+            T0 + 50_000,
+            Op::PruneJobs {
+                finished_before: T0 + 5_000,
+            },
+        )
+        .await;
+    assert_eq!(r, OpResult::Done);
+    let Ok(Change::JobsPruned { jobs }) = changes.try_recv() else {
+        panic!("no pruning change");
+    };
+    // Oldest first.
+    assert_eq!(jobs, ["old-1", "old-2", "done"]);
+    assert_eq!(job_ids(&db).await, ["new", "running", "waiting"]);
+    for gone in ["old-1", "old-2", "done"] {
+        assert!(statuses(&db, gone).await.is_empty(), "{gone}");
+    }
+    assert_eq!(statuses(&db, "new").await.len(), 4);
+    // The commands the jobs launched stay.
+    assert!(
+        db.db
+            .command(&command_id("done", "d00"))
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    // Nothing more to delete below the cutoff.
+    let again = Op::PruneJobs {
+        finished_before: T0 + 5_000,
+    };
+    assert_eq!(db.run_at(T0 + 50_000, again).await, OpResult::Ignored);
+    // A cutoff beyond the entry's stamp is the stamp: "new" finished after
+    // this entry's time, so it stays.
+    let ahead = Op::PruneJobs {
+        finished_before: u64::MAX,
+    };
+    assert_eq!(
+        db.run_at(T0 + 9_000, ahead.clone()).await,
+        OpResult::Ignored
+    );
+    assert_eq!(job_ids(&db).await, ["new", "running", "waiting"]);
+    // Later it goes; the unfinished ones never do.
+    assert_eq!(db.run_at(T0 + 60_000, ahead).await, OpResult::Done);
+    assert_eq!(job_ids(&db).await, ["running", "waiting"]);
+    assert_eq!(job(&db, "running").await.state, JobState::InProgress);
+}
+
+#[tokio::test]
+async fn pruning_is_bounded_per_entry_and_finishes_a_large_job_over_several() {
+    let mut db = fleet(5).await;
+    let all = ids(5);
+    canceled_at(&mut db, "big", &all, T0 + 1_000).await;
+    canceled_at(&mut db, "small", &all[..1], T0 + 2_000).await;
+    let conn = rusqlite::Connection::open(db.dir.path().join(super::super::DB_FILE)).unwrap();
+    let prune = |max_jobs, max_executions| {
+        super::super::jobs::prune_within(&conn, T0 + 5_000, max_jobs, max_executions)
+            .unwrap()
+            .0
+    };
+    let left = |job: &str| -> i64 {
+        conn.query_row(
+            "SELECT COUNT(*) FROM job_executions WHERE job = ?",
+            [job],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let exists = |job: &str| -> bool {
+        conn.query_row("SELECT COUNT(*) FROM jobs WHERE id = ?", [job], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap()
+            == 1
+    };
+    // Three executions an entry: the big job loses three and stays.
+    assert_eq!(prune(100, 3), OpResult::Done);
+    assert_eq!((left("big"), exists("big")), (2, true));
+    assert_eq!((left("small"), exists("small")), (1, true));
+    // The rest of it, and the job; then the small one in the same entry.
+    assert_eq!(prune(100, 3), OpResult::Done);
+    assert_eq!((left("big"), exists("big")), (0, false));
+    assert_eq!((left("small"), exists("small")), (0, false));
+    assert_eq!(prune(100, 3), OpResult::Ignored);
+
+    // At most `max_jobs` jobs an entry.
+    for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+        canceled_at(&mut db, id, &all[..1], T0 + 3_000 + i as u64).await;
+    }
+    assert_eq!(prune(2, 100), OpResult::Done);
+    assert_eq!(job_ids(&db).await, ["c"]);
+    assert_eq!(prune(2, 100), OpResult::Done);
+    assert!(job_ids(&db).await.is_empty());
+}
