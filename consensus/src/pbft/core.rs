@@ -285,6 +285,10 @@ pub struct Pbft {
     msgs: Vec<Message>,
     persisted_msgs: Vec<Message>,
     unstable_from: Option<Index>,
+    /// The last record position handed to storage (what the stored log
+    /// ends at): the next records written start at most one after it, so
+    /// the log never has a gap (storage refuses one).
+    written_last: Index,
     out_entries: Vec<Entry>,
     read_states: Vec<ReadState>,
     pending_snapshot: Option<SnapshotMeta>,
@@ -400,6 +404,10 @@ impl Pbft {
         let f = (n - 1) / 3;
         let q = (n + f) / 2 + 1;
         let snapshot = init.snapshot.clone();
+        let written_last = init
+            .entries
+            .last()
+            .map_or(snapshot.index, |e| e.index.max(snapshot.index));
         let mut bases: BTreeMap<Index, (Option<CheckpointState>, CheckpointProof)> =
             BTreeMap::new();
         let mut batches: BTreeMap<BatchKey, Batch> = BTreeMap::new();
@@ -484,6 +492,7 @@ impl Pbft {
             msgs: Vec::new(),
             persisted_msgs: Vec::new(),
             unstable_from: None,
+            written_last,
             out_entries: Vec::new(),
             read_states: Vec::new(),
             pending_snapshot: None,
@@ -2386,10 +2395,25 @@ impl Pbft {
             self.prev_hs = hs;
         }
         rd.snapshot = self.pending_snapshot.take();
+        if let Some(meta) = &rd.snapshot {
+            // Installing it discards the stored log: the records after it
+            // are written again.
+            self.written_last = meta.index;
+            if self.record_last() > meta.index {
+                self.mark_unstable(meta.index + 1);
+            }
+        }
         if let Some(from) = self.unstable_from.take() {
-            let from = from.max(self.snapshot.index + 1);
+            // A record can change ahead of the stored log (a pre-prepare
+            // for a later sequence number arriving first): the positions in
+            // between are written too, empty or not, so the log stays
+            // contiguous.
+            let from = from.min(self.written_last + 1).max(self.snapshot.index + 1);
             let last = self.record_last();
             rd.entries = (from..=last).map(|p| self.record_at(p)).collect();
+            if last >= from {
+                self.written_last = last;
+            }
             let s = self.stable.n;
             if self.stable_state.is_some() && s > 0 && from <= s + 1 && s < last {
                 self.base_inflight = Some(s);
