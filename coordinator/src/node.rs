@@ -270,6 +270,27 @@ impl BuildEngine for consensus::pbft::Pbft {
     }
 }
 
+/// A PBFT member that misbehaves as [`NodeConfig::byzantine`] says (tests
+/// only): the correct core [`consensus::pbft::Pbft`] builds, with the same
+/// timing and keys, wrapped so that what it sends is rewritten and signed
+/// with this member's own key.
+#[cfg(feature = "byzantine")]
+impl BuildEngine for consensus::pbft::byzantine::Byzantine {
+    fn build(cfg: &NodeConfig, init: InitialState) -> Result<Self, String> {
+        let mode = cfg
+            .byzantine
+            .ok_or("the Byzantine engine needs its behaviours (NodeConfig::byzantine)")?;
+        let crypto = cfg.pbft_crypto.clone().ok_or(
+            "PBFT signs every message: this node's signing key and the members' public keys \
+             are needed (NodeConfig::pbft_crypto)",
+        )?;
+        let inner = <consensus::pbft::Pbft as BuildEngine>::build(cfg, init)?;
+        Ok(consensus::pbft::byzantine::Byzantine::new(
+            inner, crypto, mode,
+        ))
+    }
+}
+
 /// Settings of the driver.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -300,6 +321,10 @@ pub struct NodeConfig {
     /// PBFT only: signs as this node and verifies the members (see
     /// [`crate::keys`]). Required when [`NodeConfig::engine`] is PBFT.
     pub pbft_crypto: Option<Arc<dyn consensus::pbft::crypto::Crypto>>,
+    /// Tests only (feature `byzantine`): how this PBFT member misbehaves
+    /// when the driver runs [`consensus::pbft::byzantine::Byzantine`].
+    #[cfg(feature = "byzantine")]
+    pub byzantine: Option<consensus::pbft::byzantine::Mode>,
 }
 
 impl NodeConfig {
@@ -321,6 +346,8 @@ impl NodeConfig {
             apply_queue_bytes: 16 << 20,
             request_timeout: Duration::from_secs(5),
             pbft_crypto: None,
+            #[cfg(feature = "byzantine")]
+            byzantine: None,
         }
     }
 }

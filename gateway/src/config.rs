@@ -62,6 +62,12 @@ pub struct Args {
     /// gateway uses its own key.
     #[arg(long, env = "ENTENTE_GROUP_KEYS")]
     pub group_keys: Option<String>,
+    /// Tests only (built with the `byzantine` feature, never in a release
+    /// build): this PBFT member misbehaves on purpose, a comma-separated
+    /// list of `equivocate`, `lie-in-view-change` and `wrong-replies`.
+    #[cfg(feature = "byzantine")]
+    #[arg(long, hide = true, value_name = "MODES")]
+    pub byzantine: Option<String>,
     /// Where the Raft log and the state database live.
     #[arg(long, env = "ENTENTE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -339,6 +345,10 @@ pub struct Config {
     /// PBFT: every member's Ed25519 public key (empty: a single gateway,
     /// which uses its own key from its data directory).
     pub group_keys: BTreeMap<u64, [u8; 32]>,
+    /// Tests only (feature `byzantine`): how this PBFT member misbehaves
+    /// (`--byzantine`); `None` runs the correct engine.
+    #[cfg(feature = "byzantine")]
+    pub byzantine: Option<coordinator::pbft::byzantine::Mode>,
     /// Data directory.
     pub data_dir: PathBuf,
     /// REST listen address (port 0 picks one).
@@ -501,6 +511,8 @@ impl Config {
             join: false,
             consensus: EngineKind::Raft,
             group_keys: BTreeMap::new(),
+            #[cfg(feature = "byzantine")]
+            byzantine: None,
             data_dir,
             http_listen,
             raft_listen,
@@ -604,6 +616,24 @@ impl Config {
         }
         if c.consensus == EngineKind::Pbft {
             c.check_group_keys()?;
+        }
+        #[cfg(feature = "byzantine")]
+        if let Some(modes) = args.byzantine {
+            if c.consensus != EngineKind::Pbft {
+                return Err(format!(
+                    "--byzantine makes a PBFT member misbehave: it needs --consensus pbft (this \
+                     group runs {})",
+                    c.consensus
+                ));
+            }
+            let mode: coordinator::pbft::byzantine::Mode =
+                modes.parse().map_err(|e| format!("--byzantine: {e}"))?;
+            if mode == coordinator::pbft::byzantine::Mode::default() {
+                return Err("--byzantine: name at least one behaviour (equivocate, \
+                            lie-in-view-change, wrong-replies)"
+                    .into());
+            }
+            c.byzantine = Some(mode);
         }
         // Flags and environment win over the settings file, as a pair: a
         // secret from one place and a file from another are not mixed.
@@ -1157,6 +1187,59 @@ mod tests {
         );
         parse(&["--consensus", "pbft"]).expect("a single PBFT gateway uses its own key");
         assert!(Args::try_parse_from(["gateway", "--consensus", "pbf"]).is_err());
+    }
+
+    /// The Byzantine test mode: the flag exists in test builds (this
+    /// crate's tests turn the feature on), parses every behaviour, and is
+    /// refused on an engine other than PBFT and with an unknown behaviour.
+    #[cfg(feature = "byzantine")]
+    #[test]
+    fn byzantine_flag_parses_in_test_builds_and_needs_pbft() {
+        use coordinator::pbft::byzantine::Mode;
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["gateway"];
+            argv.extend_from_slice(extra);
+            Config::from_args(Args::try_parse_from(argv).expect("parse"))
+        };
+        assert_eq!(parse(&[]).expect("default").byzantine, None);
+        let c = parse(&[
+            "--consensus",
+            "pbft",
+            "--byzantine",
+            "equivocate,lie-in-view-change,wrong-replies",
+        ])
+        .expect("every behaviour");
+        assert_eq!(
+            c.byzantine,
+            Some(Mode {
+                equivocate: true,
+                lie_in_view_change: true,
+                wrong_replies: true,
+            })
+        );
+        let c = parse(&["--consensus", "pbft", "--byzantine", "wrong-replies"]).expect("one");
+        assert_eq!(
+            c.byzantine,
+            Some(Mode {
+                wrong_replies: true,
+                ..Mode::default()
+            })
+        );
+        let e = parse(&["--byzantine", "equivocate"]).expect_err("raft");
+        assert!(
+            e.contains("needs --consensus pbft") && e.contains("raft"),
+            "{e}"
+        );
+        let e = parse(&["--consensus", "pbft", "--byzantine", "equivocate,lie"])
+            .expect_err("unknown behaviour");
+        assert!(e.contains("--byzantine") && e.contains("\"lie\""), "{e}");
+        let e = parse(&["--consensus", "pbft", "--byzantine", ""]).expect_err("none");
+        assert!(e.contains("at least one behaviour"), "{e}");
+        // Hidden from --help: a user of a test build is not invited to it.
+        let help = <Args as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        assert!(!help.contains("--byzantine"), "{help}");
     }
 
     #[test]

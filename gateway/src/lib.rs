@@ -293,6 +293,25 @@ async fn start_until(
         EngineKind::MultiPaxos | EngineKind::BasicPaxos => {
             run_engine::<MultiPaxos>(tcfg, peer_listener, ncfg, init, storage, machine).await?
         }
+        #[cfg(feature = "byzantine")]
+        EngineKind::Pbft if config.byzantine.is_some() => {
+            tracing::warn!(
+                node = config.node_id,
+                behaviours = ?config.byzantine,
+                "BYZANTINE TEST MODE: this gateway misbehaves on purpose (a test build's \
+                 --byzantine); it must never serve a real group"
+            );
+            ncfg.byzantine = config.byzantine;
+            run_engine::<coordinator::pbft::byzantine::Byzantine>(
+                tcfg,
+                peer_listener,
+                ncfg,
+                init,
+                storage,
+                machine,
+            )
+            .await?
+        }
         EngineKind::Pbft => {
             run_engine::<Pbft>(tcfg, peer_listener, ncfg, init, storage, machine).await?
         }
