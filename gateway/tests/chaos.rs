@@ -13,8 +13,10 @@
 //! Every run prints its seed first; the fault schedule and every workload
 //! choice come from it (the processes' timing does not). Settings:
 //! `CHAOS_SEED` (a number, or `random`; default a fixed seed), `CHAOS_MINUTES` (minutes of faults; default 1.5),
-//! `CHAOS_NODES` (3 or 5; default 3), `CHAOS_CLIENTS` (default 6),
-//! `CHAOS_ENGINE` (`raft` or `multi-paxos`; default both, one after the other),
+//! `CHAOS_NODES` (3 or 5, default 3; on PBFT 3f+1: 4 or 7, default 4),
+//! `CHAOS_CLIENTS` (default 6), `CHAOS_ENGINE` (`raft`, `multi-paxos` or
+//! `pbft`; default all three, one after the other; PBFT with 1 minute of
+//! faults unless `CHAOS_MINUTES` says otherwise),
 //! `CHAOS_LOG` (the gateways' `RUST_LOG`, default `info`), `CHAOS_KEEP=1`
 //! (keep the data directories and logs even when the run passes; a failing
 //! run always keeps them and prints where).
@@ -27,8 +29,26 @@
 //! commands: every command whose device held one connection to a gateway no
 //! fault affected for the 8 s before the command's TTL ended must end
 //! `succeeded`, `failed` or `canceled`, never `expired`.
+//!
+//! # PBFT: one Byzantine gateway
+//!
+//! On PBFT every gateway gets a key pair in its data directory and the
+//! group's keys (`--group-keys`), and gateway 1 — the primary of view 0 —
+//! runs the test build's `--byzantine equivocate,lie-in-view-change,wrong-replies`.
+//! REST clients and MQTT devices talk only to the correct gateways, and
+//! everything is checked on them: what the checks claim is about the
+//! clients of correct members (the Byzantine gateway's own database is not
+//! compared). The fault schedule is the same and may hit any gateway, the
+//! Byzantine one included; safety must hold whatever it does. Liveness is
+//! claimed only where PBFT promises it: a fault that touches a correct
+//! gateway leaves f+1 members faulty, so for the delivery check it affects
+//! every gateway, while a fault on the Byzantine gateway alone affects
+//! only it (the three correct ones must go on delivering). Every
+//! `Entente-Certificate` header on a successful write is checked at the end
+//! against the group's public keys (`chaos/certs.rs`).
 
 mod chaos {
+    pub mod certs;
     pub mod check;
     pub mod cluster;
     pub mod delivery;
@@ -48,6 +68,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::time::Instant;
 
+use chaos::certs;
 use chaos::check::{self, Verdict};
 use chaos::cluster::{Cluster, Settings, tail};
 use chaos::delivery::{self as delivery_check, Clock};
@@ -68,6 +89,13 @@ fn env_u64(name: &str) -> Option<u64> {
 
 /// The fault schedule CI runs.
 const DEFAULT_SEED: u64 = 0x00e7_7e7e_c4a0_5eed;
+
+/// Minutes of faults of the PBFT run by default.
+const PBFT_MINUTES: f64 = 1.0;
+
+/// What the Byzantine gateway of the PBFT run does: everything the test
+/// build's `--byzantine` knows.
+const BYZANTINE_MODES: &str = "equivocate,lie-in-view-change,wrong-replies";
 
 fn fresh_seed() -> u64 {
     let t = std::time::SystemTime::now()
@@ -127,8 +155,8 @@ async fn open_commands(cluster: &Cluster, g: u64) -> Option<Vec<String>> {
     Some(open)
 }
 
-/// Waits until every gateway reports the same applied index, equal to its
-/// commit index, three times in a row.
+/// Waits until every correct gateway reports the same applied index, equal
+/// to its commit index, three times in a row.
 async fn quiesce(cluster: &Cluster, limit: Duration) -> Result<u64, String> {
     let deadline = Instant::now() + limit;
     let mut last = None;
@@ -136,7 +164,7 @@ async fn quiesce(cluster: &Cluster, limit: Duration) -> Result<u64, String> {
     let mut seen = Vec::new();
     while Instant::now() < deadline {
         seen.clear();
-        for id in cluster.ids() {
+        for id in cluster.correct_ids() {
             let s = cluster.status(id).await;
             seen.push(s.map(|s| (s["applied"].as_u64(), s["commit"].as_u64())));
         }
@@ -161,12 +189,13 @@ async fn quiesce(cluster: &Cluster, limit: Duration) -> Result<u64, String> {
 }
 
 /// The chaos run, on each consensus engine a gateway runs in turn (Raft,
-/// then Multi-Paxos), or on the one `CHAOS_ENGINE` names.
+/// Multi-Paxos, then PBFT with one Byzantine gateway), or on the one
+/// `CHAOS_ENGINE` names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos() {
     let engines: Vec<String> = match std::env::var("CHAOS_ENGINE") {
         Ok(name) => vec![name],
-        Err(_) => vec!["raft".into(), "multi-paxos".into()],
+        Err(_) => vec!["raft".into(), "multi-paxos".into(), "pbft".into()],
     };
     for engine in engines {
         chaos_on(&engine).await;
@@ -181,11 +210,20 @@ async fn chaos_on(engine: &str) {
         Ok("random") => fresh_seed(),
         _ => env_u64("CHAOS_SEED").unwrap_or(DEFAULT_SEED),
     };
+    let pbft = engine == "pbft";
+    // PBFT's run is shorter by default: four gateways that sign and check
+    // every message cost more per write on CI's two cores.
     let minutes: f64 = std::env::var("CHAOS_MINUTES")
         .ok()
         .and_then(|m| m.parse().ok())
-        .unwrap_or(1.5);
-    let nodes = env_u64("CHAOS_NODES").unwrap_or(3);
+        .unwrap_or(if pbft { PBFT_MINUTES } else { 1.5 });
+    let nodes = env_u64("CHAOS_NODES").unwrap_or(if pbft { 4 } else { 3 });
+    assert!(
+        !pbft || (nodes >= 4 && (nodes - 1).is_multiple_of(3)),
+        "CHAOS_NODES={nodes}: PBFT runs 3f+1 gateways (4, 7, ...)"
+    );
+    // PBFT: gateway 1, the primary of view 0, is Byzantine.
+    let byzantine = pbft.then(|| (1, BYZANTINE_MODES.to_owned()));
     let clients = env_u64("CHAOS_CLIENTS").unwrap_or(6) as usize;
     let keep = std::env::var("CHAOS_KEEP").is_ok_and(|v| v == "1");
     eprintln!(
@@ -205,6 +243,7 @@ async fn chaos_on(engine: &str) {
         snapshot_every: 300,
         log_filter: std::env::var("CHAOS_LOG").unwrap_or_else(|_| "info".into()),
         consensus: engine.to_owned(),
+        byzantine: byzantine.clone(),
     };
     let timeouts = Timeouts {
         // The gateway answers within 2 × write timeout + 1 s (its own deadline).
@@ -217,12 +256,26 @@ async fn chaos_on(engine: &str) {
         started.elapsed().as_secs_f64(),
         tmp.path().display()
     );
+    if let Some((b, modes)) = &byzantine {
+        eprintln!(
+            "chaos: gw{b} is Byzantine ({modes}); clients and devices use gw{:?}",
+            cluster.correct_ids()
+        );
+        // The flag took: the gateway runs the misbehaving engine.
+        let log = std::fs::read_to_string(&cluster.node(*b).log).unwrap_or_default();
+        assert!(
+            log.contains("BYZANTINE TEST MODE"),
+            "gw{b} was started with --byzantine but does not say it misbehaves:\n{}",
+            tail(&cluster.node(*b).log, 20)
+        );
+    }
     let history = Arc::new(History::new(started));
     let world = Arc::new(Mutex::new(World::default()));
 
-    // Devices: two simulated ones per gateway, three that never connect.
+    // Devices: two simulated ones per correct gateway, three that never
+    // connect.
     let mut sims = Vec::new();
-    for i in 1..=2 * nodes {
+    for i in 1..=2 * cluster.correct_ids().len() {
         let id = format!("d{i}");
         let secret = register_setup_device(&cluster, &history, &id)
             .await
@@ -290,7 +343,7 @@ async fn chaos_on(engine: &str) {
     let deadline = Instant::now() + finish_within;
     let mut open = Vec::new();
     loop {
-        let g = cluster.ids()[0];
+        let g = cluster.correct_ids()[0];
         if let Some(o) = open_commands(&cluster, g).await {
             open = o;
             if open.is_empty() {
@@ -318,13 +371,13 @@ async fn chaos_on(engine: &str) {
     let stops = stop_all(&cluster).await;
     problems.extend(stops);
 
-    // The databases: the same on every gateway, row by row.
+    // The databases: the same on every correct gateway, row by row.
     let mut violations = world.lock().expect("world").violations.clone();
     for e in world.lock().expect("world").server_errors.iter().take(10) {
         problems.push(format!("server error: {e}"));
     }
     let mut dumps = Vec::new();
-    for id in cluster.ids() {
+    for id in cluster.correct_ids() {
         let (d, integrity) = check::dump(&cluster.node(id).db_path()).await;
         if integrity != "ok" {
             violations.push(format!(
@@ -334,7 +387,8 @@ async fn chaos_on(engine: &str) {
         dumps.push((id, d));
     }
     check::compare(&dumps, &mut violations);
-    let fin = check::final_state(&cluster.node(1).db_path()).await;
+    let first = cluster.correct_ids()[0];
+    let fin = check::final_state(&cluster.node(first).db_path()).await;
     let records = history.records();
     let world_snapshot = std::mem::take(&mut *world.lock().expect("world"));
     let deliveries = deliveries.lock().expect("deliveries").clone();
@@ -344,7 +398,7 @@ async fn chaos_on(engine: &str) {
     // the window before its TTL ended is not left to expire.
     let delivered = delivery_check::check(&fin, &live, &connections, &nemesis.log.spans, clock);
     if !delivered.violations.is_empty() {
-        let events = match delivery_check::read_events(&cluster.node(1).db_path()).await {
+        let events = match delivery_check::read_events(&cluster.node(first).db_path()).await {
             Ok(e) => e,
             Err(e) => {
                 problems.push(e);
@@ -373,6 +427,11 @@ async fn chaos_on(engine: &str) {
             ));
         }
     }
+
+    // Commit certificates: every one a correct gateway sent with a
+    // successful write must verify with the group's keys.
+    let certificates = world_snapshot.certificates.clone();
+    let certified = certs::check(&certificates, &cluster.group_keys, &mut violations);
 
     // The history.
     let check_started = Instant::now();
@@ -465,6 +524,13 @@ async fn chaos_on(engine: &str) {
         fin.devices.len(),
         fin.commands.len()
     );
+    if pbft {
+        eprintln!(
+            "chaos: commit certificates: {} on successful writes, {} verified with the group's keys",
+            certificates.len(),
+            certified
+        );
+    }
     eprintln!(
         "chaos: delivery: {} commands for connecting devices checked, {} qualified (device \
          connected to a live gateway for the {} s before expiry): {:?}; not delivered: {}; \
@@ -543,6 +609,7 @@ async fn minority_partition_refuses_writes_and_catches_up_after_heal() {
         snapshot_every: 10_000,
         log_filter: "warn".into(),
         consensus: "raft".into(),
+        byzantine: None,
     };
     let cluster = Cluster::start(tmp.path(), settings, 7).await;
     let http = &cluster.http;

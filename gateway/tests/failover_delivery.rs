@@ -83,6 +83,7 @@ async fn commands_committed_as_the_leader_dies_reach_their_devices() {
         snapshot_every: 100_000,
         log_filter: "info".into(),
         consensus: "raft".into(),
+        byzantine: None,
     };
     let cluster = Arc::new(Cluster::start(tmp.path(), settings, 0x5eed_f00d).await);
     let leader = cluster.wait_leader(Duration::from_secs(30)).await;

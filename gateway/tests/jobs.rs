@@ -120,6 +120,7 @@ async fn a_rollout_survives_the_death_of_its_leader_and_runs_each_device_once() 
         snapshot_every: 100_000,
         log_filter: "info".into(),
         consensus: "raft".into(),
+        byzantine: None,
     };
     let cluster = Arc::new(Cluster::start(tmp.path(), settings, 0x10b5).await);
     let leader = cluster.wait_leader(Duration::from_secs(30)).await;

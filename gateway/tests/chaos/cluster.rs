@@ -53,6 +53,9 @@ pub struct Settings {
     pub log_filter: String,
     /// The consensus engine (`--consensus`).
     pub consensus: String,
+    /// PBFT: a gateway that runs `--byzantine <modes>` (a test build's
+    /// member that misbehaves on purpose), and its modes.
+    pub byzantine: Option<(u64, String)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -144,6 +147,10 @@ pub struct Cluster {
     pub token: String,
     settings: Settings,
     secret: String,
+    /// PBFT: every gateway's public key (each created in its data
+    /// directory before the first start), what `--group-keys` names and
+    /// commit certificates are checked with; empty for Raft and Paxos.
+    pub group_keys: BTreeMap<u64, [u8; 32]>,
     pub http: reqwest::Client,
 }
 
@@ -194,12 +201,24 @@ impl Cluster {
                 }
             }
         }
+        // PBFT: a key pair per gateway, created in its data directory as
+        // `gateway keys` does.
+        let mut group_keys = BTreeMap::new();
+        if settings.consensus == "pbft" {
+            for (i, node) in nodes.iter().enumerate() {
+                std::fs::create_dir_all(&node.dir).expect("data dir");
+                let (key, _) =
+                    coordinator::keys::load_or_create(&node.dir).expect("a gateway's key pair");
+                group_keys.insert(i as u64 + 1, key.public());
+            }
+        }
         let mut cluster = Cluster {
             nodes,
             proxies,
             token: String::new(),
             settings,
             secret: format!("chaos-secret-{seed:x}"),
+            group_keys,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(2))
                 .build()
@@ -243,6 +262,22 @@ impl Cluster {
         (1..=self.settings.nodes).collect()
     }
 
+    /// The Byzantine gateway, if the run has one.
+    pub fn byzantine(&self) -> Option<u64> {
+        self.settings.byzantine.as_ref().map(|(id, _)| *id)
+    }
+
+    /// The gateways that run the correct engine: the only ones clients and
+    /// devices talk to, and whose state is checked (the checks are claims
+    /// about the clients of correct members).
+    pub fn correct_ids(&self) -> Vec<u64> {
+        let byzantine = self.byzantine();
+        self.ids()
+            .into_iter()
+            .filter(|id| Some(*id) != byzantine)
+            .collect()
+    }
+
     /// Starts gateway `id`'s process (not waiting for it to be up).
     fn spawn(&self, id: u64) {
         let node = self.node(id);
@@ -264,6 +299,20 @@ impl Cluster {
             ports.http, ports.raft, ports.mqtt
         );
         let s = &self.settings;
+        let mut extra: Vec<String> = Vec::new();
+        if !self.group_keys.is_empty() {
+            let keys: Vec<String> = self
+                .group_keys
+                .iter()
+                .map(|(id, k)| format!("{id}={}", coordinator::keys::encode_public(k)))
+                .collect();
+            extra.extend(["--group-keys".into(), keys.join(",")]);
+        }
+        if let Some((b, modes)) = &s.byzantine
+            && *b == id
+        {
+            extra.extend(["--byzantine".into(), modes.clone()]);
+        }
         let mut child = Command::new(BIN)
             .args(["--node-id", &id.to_string(), "--peers", &peers.join(",")])
             .arg("--data-dir")
@@ -290,6 +339,7 @@ impl Cluster {
                 "--consensus",
                 &s.consensus,
             ])
+            .args(&extra)
             .env("RUST_LOG", &s.log_filter)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -180,7 +180,7 @@ async fn run_device(
     mut stop: watch::Receiver<bool>,
 ) {
     let stats = rec.stats.clone();
-    let ids = cluster.ids();
+    let ids = cluster.correct_ids();
     let mut gateway = ids[(index as usize) % ids.len()];
     let topic = commands_topic(&id);
     // (cid, result) of the latest answers, re-published on reconnect.

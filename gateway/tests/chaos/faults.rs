@@ -22,6 +22,13 @@
 //! both ends of a one-way partition; every gateway for what acts on the
 //! whole group (delay, flaky links, crash-all). The delivery check trusts
 //! only gateways outside every span.
+//!
+//! With a Byzantine gateway (the PBFT run) the same faults hit any gateway,
+//! the Byzantine one included: safety must hold whatever happens. But PBFT
+//! promises liveness only while at most f members are faulty, and the
+//! Byzantine gateway is one: a fault that touches a correct gateway leaves
+//! the group without that promise, so its span affects every gateway. A
+//! fault on the Byzantine gateway alone affects only it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -71,7 +78,12 @@ pub struct Nemesis<'a> {
 impl Nemesis<'_> {
     /// Records a fault about to be injected that affects `gateways`; its
     /// span ends when [`Nemesis::run`] healed it.
-    fn note(&mut self, kind: &'static str, what: String, gateways: Vec<u64>) {
+    fn note(&mut self, kind: &'static str, what: String, mut gateways: Vec<u64>) {
+        if let Some(b) = self.cluster.byzantine()
+            && gateways.iter().any(|g| *g != b)
+        {
+            gateways = self.cluster.ids();
+        }
         *self.log.counts.entry(kind).or_insert(0) += 1;
         let t = self.start.elapsed().as_secs_f64();
         eprintln!("chaos: [{t:>8.3}s] {what}");

@@ -50,6 +50,18 @@ pub const MAX_TTL_MS: u64 = LONG_TTL_MS.1;
 /// The newest objects a client picks from.
 const HOT: usize = 4;
 
+/// The response header carrying a write's commit certificate (PBFT).
+pub const CERTIFICATE_HEADER: &str = "entente-certificate";
+
+/// A commit certificate a gateway answered a write with.
+#[derive(Debug, Clone)]
+pub struct Certificate {
+    /// The request it came with, for the report.
+    pub what: String,
+    /// The header's value as sent.
+    pub header: String,
+}
+
 /// A command object: one issue request, or every request with one key.
 #[derive(Debug, Clone)]
 pub struct CmdObj {
@@ -83,6 +95,9 @@ pub struct World {
     /// Answers with a 5xx status other than 503 (the gateway failing
     /// rather than reporting unavailability).
     pub server_errors: Vec<String>,
+    /// Every `Entente-Certificate` header on a successful answer (checked
+    /// at the end: `certs.rs`).
+    pub certificates: Vec<Certificate>,
     next: u64,
 }
 
@@ -106,6 +121,8 @@ enum Sent {
         status: u16,
         index: Option<u64>,
         body: Value,
+        /// The `Entente-Certificate` header, if the answer has one.
+        certificate: Option<String>,
     },
     /// The request never reached a gateway.
     NotSent(String),
@@ -123,11 +140,16 @@ async fn call(req: reqwest::RequestBuilder) -> Sent {
                 .get("entente-index")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
+            let certificate = r
+                .headers()
+                .get(CERTIFICATE_HEADER)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
             match r.json::<Value>().await {
                 Ok(body) => Sent::Reply {
                     status,
                     index,
                     body,
+                    certificate,
                 },
                 Err(e) => Sent::Unknown(format!("status {status}, body unreadable: {e}")),
             }
@@ -211,7 +233,7 @@ impl Client {
     }
 
     fn gateway(&mut self) -> u64 {
-        let ids = self.cluster.ids();
+        let ids = self.cluster.correct_ids();
         *self.rng.pick(&ids)
     }
 
@@ -249,9 +271,28 @@ impl Client {
         })
     }
 
-    /// Sends a request; answers with 5xx other than 503 are noted.
+    /// Sends a request; answers with 5xx other than 503 are noted, and the
+    /// certificate of a successful one recorded.
     async fn send(&self, req: reqwest::RequestBuilder, what: &str, gateway: u64) -> Sent {
         let sent = call(req).await;
+        if let Sent::Reply {
+            status,
+            index,
+            certificate: Some(header),
+            ..
+        } = &sent
+            && (200..300).contains(status)
+        {
+            let at = self.history.start_elapsed();
+            self.world
+                .lock()
+                .expect("world")
+                .certificates
+                .push(Certificate {
+                    what: format!("[{at:.3}s] {what} on gw{gateway}, index {index:?}"),
+                    header: header.clone(),
+                });
+        }
         if let Sent::Reply { status, body, .. } = &sent
             && *status >= 500
             && *status != 503
@@ -398,6 +439,7 @@ impl Client {
                 status: 200,
                 index,
                 body,
+                ..
             } => {
                 let label = body["labels"]["op"].as_str().map(str::to_string);
                 self.history.complete(
@@ -523,6 +565,7 @@ impl Client {
                     status: status @ (200 | 201),
                     index,
                     body: c,
+                    ..
                 } => {
                     let cid = c["id"].as_str().unwrap_or("").to_string();
                     let st = c["status"].as_str().and_then(Status::parse);
@@ -678,6 +721,7 @@ impl Client {
                 status: 200,
                 index,
                 body,
+                ..
             } => match body["status"].as_str().and_then(Status::parse) {
                 Some(s) => {
                     self.history
@@ -693,6 +737,7 @@ impl Client {
                 status: 404,
                 index,
                 body,
+                ..
             } if body["type"] == "urn:entente:problem:not-found" => {
                 self.history
                     .complete(p, Outcome::Ok(Ret::Command(CmdRet::NotFound)), index)
@@ -735,6 +780,7 @@ impl Client {
                 status: 200,
                 index,
                 body,
+                ..
             } => {
                 if body["status"] != "canceled" {
                     self.violation(format!("cancel of {cid} answered 200 with {body}"));
@@ -747,6 +793,7 @@ impl Client {
                 status: 409,
                 index,
                 body,
+                ..
             } => {
                 let detail = body["detail"].as_str().unwrap_or("");
                 let st = detail
@@ -761,6 +808,7 @@ impl Client {
                 status: 404,
                 index,
                 body,
+                ..
             } if body["type"] == "urn:entente:problem:not-found" => {
                 self.history
                     .complete(p, Outcome::Ok(Ret::Command(CmdRet::NotFound)), index)
@@ -843,6 +891,7 @@ impl Client {
                 status: 200,
                 index,
                 body,
+                ..
             } => {
                 let version = body["version"].as_u64().unwrap_or(0);
                 if body["desired"]["x"] != value {
@@ -862,6 +911,7 @@ impl Client {
                 status: 412,
                 index,
                 body,
+                ..
             } => {
                 let current = body["current_version"].as_u64().unwrap_or(u64::MAX);
                 self.versions.insert(device, current);
@@ -924,6 +974,7 @@ impl Client {
                 status: 200,
                 index,
                 body,
+                ..
             } => {
                 let version = body["version"].as_u64().unwrap_or(u64::MAX);
                 let value = body["desired"]["x"].as_u64();
@@ -963,7 +1014,8 @@ pub async fn register_setup_device(
     loop {
         attempt += 1;
         let tag = format!("setup-{id}-{attempt}");
-        let g = cluster.ids()[attempt % cluster.ids().len()];
+        let correct = cluster.correct_ids();
+        let g = correct[attempt % correct.len()];
         let p = history.invoke(Invoke {
             client: usize::MAX,
             thread: (u64::MAX - 1 - attempt as u64, 0),
@@ -986,6 +1038,7 @@ pub async fn register_setup_device(
                 status: 201,
                 index,
                 body,
+                ..
             } => {
                 history.complete(p, Outcome::Ok(Ret::Device(WORegisterRet::WriteOk)), index);
                 return Ok(body["secret"].as_str().unwrap_or("").to_string());
