@@ -13,4 +13,4 @@ pub mod node;
 pub mod storage;
 pub mod transport;
 
-pub use consensus::{engine, paxos, raft, ready, types};
+pub use consensus::{engine, paxos, pbft, raft, ready, types};
