@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod image;
+pub mod keys;
 pub mod node;
 pub mod storage;
 pub mod transport;

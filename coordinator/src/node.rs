@@ -235,6 +235,41 @@ impl BuildEngine for consensus::paxos::MultiPaxos {
     }
 }
 
+/// A PBFT group's checkpoint interval as the driver runs it: the engine
+/// signs a checkpoint every this many sequence numbers and compacts only at
+/// its stable checkpoint, so snapshots stand at multiples of it.
+pub const PBFT_CHECKPOINT_INTERVAL: u64 = 128;
+
+impl BuildEngine for consensus::pbft::Pbft {
+    /// Ticks map as for the other engines: a backup waits twice
+    /// [`crate::raft::Config::election_tick`] ticks (the longest election
+    /// timeout Raft draws) for a request it holds to execute before it
+    /// starts a view change (the primary presumed faulty; the timeout
+    /// doubles for each view change that fails), and unfinished work
+    /// (requests included, whole) is retransmitted every half
+    /// `election_tick`. At the defaults (20 ms ticks, 10) a view change
+    /// starts 400 ms after the first request the dead primary leaves
+    /// waiting and completes within a retransmission (100 ms) after.
+    fn build(cfg: &NodeConfig, init: InitialState) -> Result<Self, String> {
+        if cfg.engine != EngineKind::Pbft {
+            return Err(format!("the PBFT engine cannot run as {}", cfg.engine));
+        }
+        let crypto = cfg.pbft_crypto.clone().ok_or(
+            "PBFT signs every message: this node's signing key and the members' public keys \
+             are needed (NodeConfig::pbft_crypto)",
+        )?;
+        let r = &cfg.raft;
+        let pbft = consensus::pbft::Config {
+            checkpoint_interval: PBFT_CHECKPOINT_INTERVAL,
+            window: 2 * PBFT_CHECKPOINT_INTERVAL,
+            request_timeout: r.election_tick.saturating_mul(2).max(2),
+            resend_tick: (r.election_tick / 2).max(1),
+            ..consensus::pbft::Config::new(r.id, crypto)
+        };
+        consensus::pbft::Pbft::new(pbft, init).map_err(|e| e.to_string())
+    }
+}
+
 /// Settings of the driver.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -262,6 +297,9 @@ pub struct NodeConfig {
     /// How long a proposal, read or membership change may take before it
     /// fails with [`NodeError::Timeout`].
     pub request_timeout: Duration,
+    /// PBFT only: signs as this node and verifies the members (see
+    /// [`crate::keys`]). Required when [`NodeConfig::engine`] is PBFT.
+    pub pbft_crypto: Option<Arc<dyn consensus::pbft::crypto::Crypto>>,
 }
 
 impl NodeConfig {
@@ -282,6 +320,7 @@ impl NodeConfig {
             snapshot_keep: 1_000,
             apply_queue_bytes: 16 << 20,
             request_timeout: Duration::from_secs(5),
+            pbft_crypto: None,
         }
     }
 }
@@ -444,6 +483,9 @@ const APPLY_MERGE_ENTRIES: usize = 4096;
 const INCOMING_SNAPSHOTS: usize = 4;
 /// After a snapshot build failed, the next is tried this much later.
 const SNAPSHOT_RETRY: Duration = Duration::from_secs(5);
+/// How long a snapshot built at a PBFT checkpoint waits for the group to
+/// make that checkpoint stable before it is dropped.
+const STABLE_CHECKPOINT_WAIT: Duration = Duration::from_secs(30);
 
 fn encode_proposal(node: NodeId, incarnation: u64, seq: u64, data: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(HEADER + data.len());
@@ -553,6 +595,7 @@ impl<O: Send + 'static> Node<O> {
             unapplied_bytes: 0,
             log_bytes,
             build: None,
+            snapshot_target: None,
             snapshot_retry_at: None,
             snapshot_asked: false,
             snapshot_sends: HashMap::new(),
@@ -752,6 +795,10 @@ struct Driver<E: Engine, S: LogStore, P, M: StateMachine> {
     log_bytes: u64,
     /// The snapshot being built, if any.
     build: Option<Build>,
+    /// A snapshot is due and will be built once the entries up to this
+    /// index are handed to the state machine (see
+    /// [`Driver::snapshot_align`]).
+    snapshot_target: Option<Index>,
     /// After a failed build: no other before this.
     snapshot_retry_at: Option<Instant>,
     /// A snapshot was asked for ([`Node::request_snapshot`]) and no build
@@ -1117,8 +1164,12 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
             return;
         }
         self.view = view;
+        // PBFT: every replica holds a proposal and its proposer sends it
+        // again until it executes, whatever the view; it is not orphaned
+        // by a view change (it waits for its result or the request timeout).
+        let orphans = self.cfg.engine != EngineKind::Pbft;
         let by = Instant::now() + self.election_timeout();
-        for p in self.proposals.values_mut() {
+        for p in self.proposals.values_mut().filter(|_| orphans) {
             if p.view != view && !p.orphaned {
                 p.orphaned = true;
                 p.deadline = p.deadline.min(by);
@@ -1690,7 +1741,28 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
 
     /// Hands committed entries to the apply task (membership waiters are
     /// answered here, at commit).
-    fn hand_off(&mut self, committed: Vec<Entry>) -> Result<(), BoxError> {
+    fn hand_off(&mut self, mut committed: Vec<Entry>) -> Result<(), BoxError> {
+        if let Some(target) = self.snapshot_target
+            && target > self.handed
+            && committed.last().is_some_and(|e| e.index >= target)
+            && self.build.is_none()
+        {
+            // A snapshot due at `target` (a PBFT checkpoint): the state
+            // machine takes its view right after applying it.
+            let at = committed.partition_point(|e| e.index <= target);
+            let rest = committed.split_off(at);
+            self.hand_off_batch(committed)?;
+            self.snapshot_target = None;
+            if self.handed == target {
+                self.start_build()?;
+            }
+            return self.hand_off_batch(rest);
+        }
+        self.hand_off_batch(committed)
+    }
+
+    /// Hands one run of committed entries to the apply task.
+    fn hand_off_batch(&mut self, committed: Vec<Entry>) -> Result<(), BoxError> {
         let Some(last) = committed.last().map(|e| e.index) else {
             return Ok(());
         };
@@ -1874,8 +1946,19 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
     /// own writes the image into a staged file; the loop goes on meanwhile
     /// ([`Driver::store_snapshot`] takes the result).
     fn maybe_snapshot(&mut self) -> Result<(), BoxError> {
+        if self.build.as_ref().is_some_and(|b| b.waiting.is_some()) {
+            return self.retry_waiting_snapshot();
+        }
         if self.build.is_some() || self.snapshot_retry_at.is_some_and(|at| Instant::now() < at) {
             return Ok(());
+        }
+        if let Some(target) = self.snapshot_target {
+            if target > self.handed {
+                // Started when the entries up to it are handed over.
+                return Ok(());
+            }
+            // Overtaken (by a snapshot from a peer, say): choose again.
+            self.snapshot_target = None;
         }
         let entries = self.handed.saturating_sub(self.last_snapshot_index);
         let due = self.snapshot_asked
@@ -1889,6 +1972,34 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
             self.snapshot_asked = false;
             return Ok(());
         }
+        let align = self.snapshot_align();
+        if align > 1 {
+            // The image must stand exactly at a checkpoint: it is taken
+            // once the entries up to the next one are handed over.
+            let target = self.handed.div_ceil(align).saturating_mul(align);
+            if target > self.handed {
+                self.snapshot_target = Some(target);
+                return Ok(());
+            }
+        }
+        self.snapshot_target = None;
+        self.start_build()
+    }
+
+    /// The index a snapshot may stand at is a multiple of this: 1, but
+    /// for PBFT, which compacts only at its stable checkpoint, the
+    /// checkpoint interval. Such a snapshot is built when the entries up to
+    /// the next checkpoint are handed to the state machine, and stored once
+    /// the group has made that checkpoint stable.
+    fn snapshot_align(&self) -> u64 {
+        match self.cfg.engine {
+            EngineKind::Pbft => PBFT_CHECKPOINT_INTERVAL,
+            _ => 1,
+        }
+    }
+
+    /// Starts building a snapshot of the state as handed so far.
+    fn start_build(&mut self) -> Result<(), BoxError> {
         let Some(storage) = self.storage.as_ref() else {
             return Ok(());
         };
@@ -1916,8 +2027,31 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
             task: None,
             log_bytes: self.log_bytes,
             started: Instant::now(),
+            waiting: None,
         });
         Ok(())
+    }
+
+    /// An image built at a PBFT checkpoint waits until the checkpoint is
+    /// stable (at most [`STABLE_CHECKPOINT_WAIT`]); this tries again.
+    fn retry_waiting_snapshot(&mut self) -> Result<(), BoxError> {
+        let Some((staged, index, since)) = self.build.as_mut().and_then(|b| b.waiting.take())
+        else {
+            return Ok(());
+        };
+        if since.elapsed() > STABLE_CHECKPOINT_WAIT {
+            tracing::warn!(
+                node = self.id,
+                index,
+                waited_ms = since.elapsed().as_millis() as u64,
+                stable = self.raft.snapshot_meta().index,
+                "dropping a snapshot built at a checkpoint the group did not make stable in time"
+            );
+            self.build = None;
+            self.snapshot_retry_at = Some(Instant::now() + SNAPSHOT_RETRY);
+            return Ok(());
+        }
+        self.prepare_snapshot_since(staged, index, since)
     }
 
     /// A snapshot was built at `index`: makes it durable beside the
@@ -1925,8 +2059,28 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
     /// otherwise hold up the loop while the disk is busy, as it is right
     /// after writing an image).
     fn prepare_snapshot(&mut self, staged: StagedImage, index: Index) -> Result<(), BoxError> {
+        self.prepare_snapshot_since(staged, index, Instant::now())
+    }
+
+    /// [`Driver::prepare_snapshot`] of an image built at `index` and
+    /// waiting since `since` for its checkpoint to be stable.
+    fn prepare_snapshot_since(
+        &mut self,
+        staged: StagedImage,
+        index: Index,
+        since: Instant,
+    ) -> Result<(), BoxError> {
         let meta = match self.raft.snapshot_meta_at(index) {
             Ok(meta) => meta,
+            Err(consensus::ready::CompactError::NotApplied { applied, .. })
+                if self.snapshot_align() > 1 && applied < index =>
+            {
+                // PBFT: the checkpoint at `index` is not stable yet.
+                if let Some(b) = self.build.as_mut() {
+                    b.waiting = Some((staged, index, since));
+                }
+                return Ok(());
+            }
             Err(e) => {
                 // A snapshot from the leader overtook it.
                 tracing::debug!(
@@ -1990,6 +2144,26 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
         }
         let keep = self.cfg.snapshot_keep;
         let index = meta.index;
+        if let Err(e) = self.raft.snapshot_meta_at(index) {
+            // PBFT: the group made a later checkpoint stable while the image
+            // was being made durable, and the engine compacts only at its
+            // stable checkpoint. The storage keeps the image (its files are
+            // pruned with the older snapshots) but neither the log nor the
+            // engine is compacted behind it; the next snapshot is tried
+            // later.
+            tracing::info!(
+                node = self.id,
+                index,
+                error = %e,
+                "a snapshot was overtaken by the next stable checkpoint; the log is not compacted \
+                 behind it"
+            );
+            let _ = self
+                .with_storage(move |s| s.register_snapshot(prepared).map(|_| ()))
+                .await;
+            self.snapshot_retry_at = Some(Instant::now() + SNAPSHOT_RETRY);
+            return Ok(());
+        }
         let started = Instant::now();
         let image = self
             .with_storage(move |s| {
@@ -2143,6 +2317,9 @@ struct Build {
     /// [`Driver::log_bytes`] when it was started.
     log_bytes: u64,
     started: Instant,
+    /// PBFT: the image, built at a checkpoint that is not stable yet, and
+    /// since when it waits for it (see [`Driver::snapshot_align`]).
+    waiting: Option<(StagedImage, Index, Instant)>,
 }
 
 /// Work for the apply task, in log order.

@@ -5,11 +5,15 @@
 //! ```text
 //! entente-kv --id 1 --data-dir /tmp/kv1 --raft-listen 127.0.0.1:7001 \
 //!     --client-listen 127.0.0.1:8001 --peers 2=127.0.0.1:7002,3=127.0.0.1:7003 \
-//!     --voters 1,2,3 --secret s3cret [--consensus raft|multi-paxos|basic-paxos]
+//!     --voters 1,2,3 --secret s3cret [--consensus raft|multi-paxos|basic-paxos|pbft] \
+//!     [--group-keys 1=<key>,2=<key>,3=<key>,4=<key>]
 //! ```
 //!
 //! `--consensus` picks the group's consensus engine (default `raft`); every
-//! member must run the same one.
+//! member must run the same one. PBFT (3f+1 members, f Byzantine) signs
+//! every message with each member's Ed25519 key, kept in its data directory
+//! and created on first start: `entente-kv keys <data-dir>` prints it, and
+//! `--group-keys` lists every voter's (required with more than one voter).
 //!
 //! Clients speak a line protocol on `--client-listen`:
 //!
@@ -40,15 +44,12 @@ use coordinator::node::{
     BoxError, BuildEngine, Committed, Node, NodeConfig, SnapshotView, StateMachine,
 };
 use coordinator::paxos::MultiPaxos;
+use coordinator::pbft::Pbft;
 use coordinator::raft::{ConfState, Index, InitialState, NodeId, Raft, SnapshotMeta};
 use coordinator::storage::{Storage, StorageOptions};
 use coordinator::transport::{PeerBook, Transport, TransportConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-
-/// Why `--consensus pbft` is refused: the engine exists in the `consensus`
-/// crate, the node driver and transport do not run it yet.
-const PBFT_NOT_WIRED: &str = "--consensus pbft: the PBFT engine is not wired into the node driver yet (use raft, multi-paxos or basic-paxos)";
 
 /// The map: key → (value, index of the write that set it).
 #[derive(Default)]
@@ -176,6 +177,7 @@ struct Args {
     cluster: String,
     snapshot_every: u64,
     consensus: EngineKind,
+    group_keys: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -190,6 +192,7 @@ fn parse_args() -> Result<Args, String> {
         cluster: "entente-kv".into(),
         snapshot_every: 10_000,
         consensus: EngineKind::Raft,
+        group_keys: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -225,10 +228,8 @@ fn parse_args() -> Result<Args, String> {
             "--secret" => a.secret = val()?,
             "--consensus" => {
                 a.consensus = val()?.parse().map_err(|e| format!("--consensus: {e}"))?;
-                if a.consensus == EngineKind::Pbft {
-                    return Err(PBFT_NOT_WIRED.into());
-                }
             }
+            "--group-keys" => a.group_keys = Some(val()?),
             "--cluster" => a.cluster = val()?,
             "--snapshot-every" => {
                 a.snapshot_every = val()?
@@ -379,6 +380,22 @@ async fn main() {
     if argv.first().is_some_and(|a| a == "request") {
         std::process::exit(client(&argv[1..]).await);
     }
+    if argv.first().map(String::as_str) == Some("keys") {
+        let Some(dir) = argv.get(1) else {
+            eprintln!("usage: entente-kv keys <data-dir>");
+            std::process::exit(2);
+        };
+        match coordinator::keys::load_or_create(std::path::Path::new(dir)) {
+            Ok((key, _)) => {
+                println!("{}", key.public_text());
+                std::process::exit(0);
+            }
+            Err(e) => {
+                eprintln!("entente-kv: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -435,6 +452,22 @@ async fn run_engine<E: BuildEngine>(
     Ok((transport, node))
 }
 
+/// PBFT: this member's key (created in its data directory on first start)
+/// and the voters' public keys (`--group-keys`; a group of one may omit it).
+fn pbft_crypto(args: &Args) -> Result<Arc<dyn coordinator::pbft::crypto::Crypto>, BoxError> {
+    let (key, _) = coordinator::keys::load_or_create(&args.data_dir)?;
+    let keys = match &args.group_keys {
+        Some(text) => {
+            coordinator::keys::parse_group_keys(text).map_err(|e| format!("--group-keys: {e}"))?
+        }
+        None if args.voters == [args.id] => BTreeMap::from([(args.id, key.public())]),
+        None => return Err("--consensus pbft with more than one voter needs --group-keys".into()),
+    };
+    coordinator::keys::check_group_keys(&keys, args.voters.iter().copied(), args.id, &key)
+        .map_err(|e| format!("--group-keys: {e}"))?;
+    Ok(key.crypto(args.id, &keys)?)
+}
+
 /// Opens the durable log, starts the transport and the node.
 async fn start_node(
     args: &Args,
@@ -465,7 +498,10 @@ async fn start_node(
         EngineKind::MultiPaxos | EngineKind::BasicPaxos => {
             run_engine::<MultiPaxos>(tcfg, cfg, init, storage, sm).await?
         }
-        EngineKind::Pbft => return Err(PBFT_NOT_WIRED.into()),
+        EngineKind::Pbft => {
+            cfg.pbft_crypto = Some(pbft_crypto(args)?);
+            run_engine::<Pbft>(tcfg, cfg, init, storage, sm).await?
+        }
     };
     let raft_addr = transport.local_addr();
     let set_peer: PeerSetter = Arc::new(move |id, addr| {

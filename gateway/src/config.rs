@@ -11,18 +11,13 @@ use coordinator::engine::EngineKind;
 use coordinator::transport::PeerAddr;
 use serde::Deserialize;
 
-/// Why a gateway refuses `--consensus pbft` (the engine exists in the
-/// `consensus` crate; the driver and transport do not run it yet).
-pub const PBFT_NOT_WIRED: &str = "--consensus pbft: the PBFT engine is not wired into the gateway yet \
-     (use raft or multi-paxos)";
-
 /// Command-line flags. Every flag can also come from an `ENTENTE_*`
 /// environment variable or the TOML file given with `--config`.
 #[derive(Debug, Parser, Default)]
 #[command(
     name = "gateway",
     version,
-    about = "Entente edge gateway: device registry, commands and shadows, agreed by Raft.",
+    about = "Entente edge gateway: device registry, commands and shadows, agreed by Raft (or Multi-Paxos, or PBFT).",
     long_about = "Entente edge gateway.\n\nWith no flags it runs a single-node group: data in ./data, REST on 0.0.0.0:8080, \
 peers on 127.0.0.1:7000. On first start it creates an admin token and prints the file it is in.\n\n\
 A single gateway with no cluster secret generates one in <data-dir>/cluster-secret (mode 0600) \
@@ -51,14 +46,22 @@ pub struct Args {
     /// lists the running members and this one.
     #[arg(long, env = "ENTENTE_JOIN")]
     pub join: bool,
-    /// The consensus engine the group runs: `raft` (the default) or
-    /// `multi-paxos`. Every member must run the same one (a member running
-    /// another is refused at the handshake); Raft alone changes membership
-    /// at run time. (`basic-paxos`, which has no leader, runs in the example
-    /// group and the benchmarks, not in a gateway; `pbft` is refused: the
-    /// PBFT engine is not wired into the gateway yet.)
+    /// The consensus engine the group runs: `raft` (the default),
+    /// `multi-paxos` or `pbft`. Every member must run the same one (a
+    /// member running another is refused at the handshake); Raft alone
+    /// changes membership at run time. PBFT tolerates f Byzantine members
+    /// among 3f+1 (four gateways for f = 1), signs every message with each
+    /// gateway's Ed25519 key (`gateway keys`) and needs --group-keys.
+    /// (`basic-paxos`, which has no leader, runs in the example group and
+    /// the benchmarks, not in a gateway.)
     #[arg(long, env = "ENTENTE_CONSENSUS")]
     pub consensus: Option<EngineKind>,
+    /// PBFT: every member's Ed25519 public key, `id=key` comma-separated
+    /// (`gateway keys --data-dir D` prints a gateway's). Required with
+    /// `--consensus pbft` when the group has more than one member; a single
+    /// gateway uses its own key.
+    #[arg(long, env = "ENTENTE_GROUP_KEYS")]
+    pub group_keys: Option<String>,
     /// Where the Raft log and the state database live.
     #[arg(long, env = "ENTENTE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -225,6 +228,18 @@ pub enum Command {
     /// as private files (0600) in --out; print what was written and the
     /// flags each gateway takes. Refuses to overwrite a file.
     Certs(crate::certs::CertsArgs),
+    /// Print this gateway's Ed25519 public key (PBFT signs every message
+    /// with it), creating the key pair in --data-dir (mode 0600) if it has
+    /// none. Give every member `id=<key>` of each in --group-keys.
+    Keys(KeysArgs),
+}
+
+/// `gateway keys`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KeysArgs {
+    /// The gateway's data directory (default ./data).
+    #[arg(long, env = "ENTENTE_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
 }
 
 /// How the gateway writes its log (`--log-format`).
@@ -269,6 +284,7 @@ struct FileConfig {
     peers: Option<String>,
     join: Option<bool>,
     consensus: Option<String>,
+    group_keys: Option<String>,
     data_dir: Option<PathBuf>,
     http_listen: Option<SocketAddr>,
     raft_listen: Option<SocketAddr>,
@@ -320,6 +336,9 @@ pub struct Config {
     pub join: bool,
     /// The consensus engine the group runs.
     pub consensus: EngineKind,
+    /// PBFT: every member's Ed25519 public key (empty: a single gateway,
+    /// which uses its own key from its data directory).
+    pub group_keys: BTreeMap<u64, [u8; 32]>,
     /// Data directory.
     pub data_dir: PathBuf,
     /// REST listen address (port 0 picks one).
@@ -481,6 +500,7 @@ impl Config {
             peers: BTreeMap::from([(1, raft_listen.into())]),
             join: false,
             consensus: EngineKind::Raft,
+            group_keys: BTreeMap::new(),
             data_dir,
             http_listen,
             raft_listen,
@@ -557,9 +577,6 @@ impl Config {
             (None, Some(name)) => name.parse()?,
             (None, None) => EngineKind::Raft,
         };
-        if c.consensus == EngineKind::Pbft {
-            return Err(PBFT_NOT_WIRED.into());
-        }
         if c.consensus == EngineKind::BasicPaxos {
             return Err(
                 "--consensus basic-paxos has no leader, and a gateway needs one (it bootstraps the \
@@ -574,6 +591,19 @@ impl Config {
                  membership is fixed at start: list every member in --peers)",
                 c.consensus
             ));
+        }
+        if let Some(text) = args.group_keys.or(file.group_keys) {
+            if c.consensus != EngineKind::Pbft {
+                return Err(format!(
+                    "--group-keys is for --consensus pbft (this group runs {})",
+                    c.consensus
+                ));
+            }
+            c.group_keys = coordinator::keys::parse_group_keys(&text)
+                .map_err(|e| format!("--group-keys: {e}"))?;
+        }
+        if c.consensus == EngineKind::Pbft {
+            c.check_group_keys()?;
         }
         // Flags and environment win over the settings file, as a pair: a
         // secret from one place and a file from another are not mixed.
@@ -689,6 +719,49 @@ impl Config {
 }
 
 impl Config {
+    /// PBFT: the group's public keys name every member of `peers` and no
+    /// one else; a group of more than one member must list them. (That the
+    /// key of this gateway is the one in its data directory is checked at
+    /// start.)
+    pub fn check_group_keys(&self) -> Result<(), String> {
+        if self.group_keys.is_empty() {
+            if self.peers.len() > 1 {
+                return Err(format!(
+                    "--consensus pbft with {} members needs --group-keys: every member's public \
+                     key, id=key comma-separated (`gateway keys --data-dir D` prints a gateway's)",
+                    self.peers.len()
+                ));
+            }
+            return Ok(());
+        }
+        if let Some(m) = self.peers.keys().find(|m| !self.group_keys.contains_key(m)) {
+            return Err(format!("--group-keys has no key for member {m}"));
+        }
+        if let Some(k) = self.group_keys.keys().find(|k| !self.peers.contains_key(k)) {
+            return Err(format!(
+                "--group-keys lists node {k}, which is not a member (not in --peers)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// PBFT: the group's public keys, checked against this gateway's key
+    /// (a single gateway with none given: its own key alone).
+    pub fn group_keys_with(
+        &self,
+        own: &coordinator::keys::NodeKey,
+    ) -> Result<BTreeMap<u64, [u8; 32]>, String> {
+        self.check_group_keys()?;
+        let keys = if self.group_keys.is_empty() {
+            BTreeMap::from([(self.node_id, own.public())])
+        } else {
+            self.group_keys.clone()
+        };
+        coordinator::keys::check_group_keys(&keys, self.peers.keys().copied(), self.node_id, own)
+            .map_err(|e| format!("--group-keys: {e}"))?;
+        Ok(keys)
+    }
+
     /// Whether the TLS device listener is to open: a certificate and a key
     /// are given (and a listen address).
     pub fn mqtt_tls_enabled(&self) -> bool {
@@ -1082,8 +1155,73 @@ mod tests {
             join.contains("--join") && join.contains("multi-paxos"),
             "{join}"
         );
-        let pbft = parse(&["--consensus", "pbft"]).expect_err("not wired");
-        assert!(pbft.contains("not wired into the gateway yet"), "{pbft}");
+        parse(&["--consensus", "pbft"]).expect("a single PBFT gateway uses its own key");
         assert!(Args::try_parse_from(["gateway", "--consensus", "pbf"]).is_err());
+    }
+
+    #[test]
+    fn pbft_needs_every_members_key_and_no_other() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec![
+                "gateway",
+                "--consensus",
+                "pbft",
+                "--cluster-secret",
+                "s",
+                "--peers",
+                "1=127.0.0.1:7000,2=127.0.0.1:7001,3=127.0.0.1:7002,4=127.0.0.1:7003",
+            ];
+            argv.extend_from_slice(extra);
+            Config::from_args(Args::try_parse_from(argv).expect("parse"))
+        };
+        let key = |seed: u8| coordinator::keys::NodeKey::from_seed([seed; 32]).public_text();
+        let keys = |ids: &[u64]| {
+            ids.iter()
+                .map(|&i| format!("{i}={}", key(i as u8)))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let missing = parse(&[]).expect_err("no keys");
+        assert!(missing.contains("needs --group-keys"), "{missing}");
+        let c = parse(&["--group-keys", &keys(&[1, 2, 3, 4])]).expect("all four");
+        assert_eq!(c.group_keys.len(), 4);
+        let e = parse(&["--group-keys", &keys(&[1, 2, 3])]).expect_err("one missing");
+        assert!(e.contains("no key for member 4"), "{e}");
+        let e = parse(&["--group-keys", &keys(&[1, 2, 3, 4, 5])]).expect_err("non-member");
+        assert!(e.contains("node 5, which is not a member"), "{e}");
+        let bad = format!("{},4=ed25519:AAAA", keys(&[1, 2, 3]));
+        let e = parse(&["--group-keys", &bad]).expect_err("malformed");
+        assert!(e.contains("the key of node 4"), "{e}");
+        // This gateway's key must be the one of its key file.
+        let c = parse(&["--group-keys", &keys(&[1, 2, 3, 4])]).expect("all four");
+        let own = coordinator::keys::NodeKey::from_seed([9; 32]);
+        let e = c.group_keys_with(&own).expect_err("not its key");
+        assert!(e.contains("not the key in its data directory"), "{e}");
+        let own = coordinator::keys::NodeKey::from_seed([1; 32]);
+        assert_eq!(c.group_keys_with(&own).expect("its key").len(), 4);
+        // Membership is fixed under PBFT.
+        let join = Config::from_args(
+            Args::try_parse_from([
+                "gateway",
+                "--consensus",
+                "pbft",
+                "--join",
+                "--cluster-secret",
+                "s",
+                "--peers",
+                "1=127.0.0.1:7000,2=127.0.0.1:7001",
+            ])
+            .expect("parse"),
+        )
+        .expect_err("join");
+        assert!(join.contains("--join") && join.contains("pbft"), "{join}");
+        let raft = Config::from_args(
+            Args::try_parse_from(["gateway", "--group-keys", &keys(&[1])]).expect("parse"),
+        )
+        .expect_err("raft");
+        assert!(
+            raft.contains("--group-keys is for --consensus pbft"),
+            "{raft}"
+        );
     }
 }

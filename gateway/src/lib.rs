@@ -33,6 +33,7 @@ use coordinator::engine::EngineKind;
 use coordinator::node::BuildEngine;
 use coordinator::node::{Node, NodeConfig, NodeError};
 use coordinator::paxos::MultiPaxos;
+use coordinator::pbft::Pbft;
 use coordinator::raft::Raft;
 use coordinator::raft::{ConfState, Role as RaftRole};
 use coordinator::storage::{Storage, StorageOptions};
@@ -278,6 +279,9 @@ async fn start_until(
     ncfg.snapshot_every = config.snapshot_every;
     ncfg.request_timeout = config.write_timeout;
     ncfg.raft.seed ^= now_ms();
+    if config.consensus == EngineKind::Pbft {
+        ncfg.pbft_crypto = Some(pbft_keys(&config)?);
+    }
     let machine = state::Machine(db.clone());
     let peer_listener = listeners.peer;
     let (transport, node) = match config.consensus {
@@ -289,10 +293,8 @@ async fn start_until(
         EngineKind::MultiPaxos | EngineKind::BasicPaxos => {
             run_engine::<MultiPaxos>(tcfg, peer_listener, ncfg, init, storage, machine).await?
         }
-        // `Config::from_args` refuses it too; a caller building the
-        // configuration by hand gets the same answer.
         EngineKind::Pbft => {
-            return Err(GatewayError::Config(config::PBFT_NOT_WIRED.into()));
+            run_engine::<Pbft>(tcfg, peer_listener, ncfg, init, storage, machine).await?
         }
     };
     let raft_addr = transport.local_addr();
@@ -441,6 +443,25 @@ where
 /// The file in the data directory naming the consensus engine its log
 /// was written by.
 const ENGINE_RECORD: &str = "consensus";
+
+/// PBFT: this gateway's key pair from its data directory (created on
+/// first start, mode 0600; a key file that does not read is an error naming
+/// it) and the group's public keys, checked against it.
+fn pbft_keys(config: &Config) -> Result<Arc<dyn coordinator::pbft::crypto::Crypto>, GatewayError> {
+    let (key, created) =
+        coordinator::keys::load_or_create(&config.data_dir).map_err(GatewayError::Config)?;
+    if created {
+        tracing::info!(
+            node = config.node_id,
+            file = %coordinator::keys::key_path(&config.data_dir).display(),
+            public_key = %key.public_text(),
+            "created this gateway's PBFT signing key"
+        );
+    }
+    let keys = config.group_keys_with(&key).map_err(GatewayError::Config)?;
+    key.crypto(config.node_id, &keys)
+        .map_err(|e| GatewayError::Config(format!("--group-keys: {e}")))
+}
 
 /// Refuses a data directory whose log another consensus engine wrote (its
 /// terms, votes and entries mean something else to another engine), and

@@ -51,6 +51,24 @@ async fn main() {
             }
         }
     }
+    if let Some(gateway::config::Command::Keys(keys)) = &args.command {
+        match coordinator::keys::load_or_create(&keys.data_dir) {
+            Ok((key, created)) => {
+                if created {
+                    eprintln!(
+                        "gateway keys: created {}",
+                        coordinator::keys::key_path(&keys.data_dir).display()
+                    );
+                }
+                println!("{}", key.public_text());
+                std::process::exit(0);
+            }
+            Err(e) => {
+                eprintln!("gateway keys: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let format = match args.log_format() {
         Ok(f) => f,
         Err(e) => {

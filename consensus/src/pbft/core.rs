@@ -1196,9 +1196,9 @@ impl Pbft {
         }
         let last = b.last;
         let primary = self.primary_of(view);
-        let Some(votes) = self.votes.get(&(first, last, digest)) else {
-            return;
-        };
+        // The primary of a group of one has no vote yet: it needs none.
+        let no_votes = VoteSets::default();
+        let votes = self.votes.get(&(first, last, digest)).unwrap_or(&no_votes);
         if b.prepared.is_none() {
             let prepares: Vec<Signed<Vote>> = votes[0]
                 .values()

@@ -54,7 +54,7 @@ pub const LAG_WARNING: u64 = 100;
 
 /// The group as this gateway sees it.
 #[derive(Debug, Serialize, ToSchema)]
-#[schema(example = json!({"node_id":1,"role":"leader","leader":1,"term":3,"commit":542,
+#[schema(example = json!({"node_id":1,"engine":"raft","role":"leader","leader":1,"term":3,"commit":542,
     "applied":542,"members":[
         {"id":1,"suffrage":"voter","role":"leader","matched":542,"active":true,"lag":0,
          "commit":542,"applied":542,"health":"ok"},
@@ -66,11 +66,16 @@ pub const LAG_WARNING: u64 = 100;
 pub struct ClusterStatus {
     /// This gateway's node id.
     pub node_id: u64,
-    /// This gateway's role.
+    /// The group's consensus engine: `raft`, `multi-paxos` or `pbft`.
+    pub engine: String,
+    /// This gateway's role. PBFT: `leader` for the primary of its view,
+    /// `follower` for a backup, `candidate` while it changes views.
     pub role: String,
-    /// The leader this gateway knows of, if any.
+    /// The leader this gateway knows of, if any (PBFT: the primary of its
+    /// view; none while it changes views).
     pub leader: Option<u64>,
-    /// This gateway's current term.
+    /// This gateway's current term (Multi-Paxos: its ballot; PBFT: its
+    /// view, from 0).
     pub term: u64,
     /// The highest log index this gateway knows is committed.
     pub commit: u64,
@@ -162,6 +167,7 @@ pub(crate) async fn cluster(State(state): State<AppState>) -> Result<Response, A
     let warnings = warnings(raft.leader, &members, raft.id);
     let body = ClusterStatus {
         node_id: raft.id,
+        engine: state.config.consensus.name().into(),
         role: role_name(raft.role).into(),
         leader: raft.leader,
         term: raft.term,

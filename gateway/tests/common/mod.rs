@@ -31,6 +31,17 @@ pub fn engine_under_test() -> coordinator::engine::EngineKind {
 /// Raft does); fails if any fails there or fewer than `expected` pass.
 /// Does nothing inside such a run.
 pub fn rerun_on_every_other_engine(tests: Option<&[&str]>, skip: &[&str], expected: usize) {
+    rerun_on_every_other_engine_but(tests, skip, expected, &[]);
+}
+
+/// [`rerun_on_every_other_engine`], leaving out on PBFT the tests named in
+/// `not_on_pbft` (each caller says why).
+pub fn rerun_on_every_other_engine_but(
+    tests: Option<&[&str]>,
+    skip: &[&str],
+    expected: usize,
+    not_on_pbft: &[&str],
+) {
     use coordinator::engine::EngineKind;
     if std::env::var_os("ENTENTE_TEST_CONSENSUS").is_some() {
         return;
@@ -38,22 +49,23 @@ pub fn rerun_on_every_other_engine(tests: Option<&[&str]>, skip: &[&str], expect
     let exe = std::env::current_exe().expect("test binary");
     let others = EngineKind::ALL
         .into_iter()
-        // PBFT is not wired into the gateway yet.
-        .filter(|k| {
-            !matches!(
-                k,
-                EngineKind::Raft | EngineKind::BasicPaxos | EngineKind::Pbft
-            )
-        });
+        .filter(|k| !matches!(k, EngineKind::Raft | EngineKind::BasicPaxos));
     for engine in others {
         let mut cmd = std::process::Command::new(&exe);
         cmd.env("ENTENTE_TEST_CONSENSUS", engine.name());
+        let left_out: &[&str] = if engine == EngineKind::Pbft {
+            not_on_pbft
+        } else {
+            &[]
+        };
+        let expected = expected - left_out.len();
         match tests {
             Some(names) => {
-                cmd.arg("--exact").args(names);
+                cmd.arg("--exact")
+                    .args(names.iter().filter(|n| !left_out.contains(n)));
             }
             None => {
-                for name in skip {
+                for name in skip.iter().chain(left_out) {
                     cmd.args(["--skip", name]);
                 }
             }
@@ -75,6 +87,31 @@ pub fn rerun_on_every_other_engine(tests: Option<&[&str]>, skip: &[&str], expect
             "on {engine}, {passed} tests passed, not {expected}:\n{stdout}"
         );
     }
+}
+
+/// The node ids of a group of the smallest size that tolerates one
+/// faulty member on `engine`: three (2f+1 crashes), or four for PBFT
+/// (3f+1 Byzantine members).
+pub fn group_ids(engine: coordinator::engine::EngineKind) -> &'static [u64] {
+    match engine {
+        coordinator::engine::EngineKind::Pbft => &[1, 2, 3, 4],
+        _ => &[1, 2, 3],
+    }
+}
+
+/// PBFT: creates each member's key pair in its data directory
+/// (`data_dir(id)`), as a gateway does on first start, and returns every
+/// member's public key, what `--group-keys` names.
+pub fn group_keys(
+    ids: &[u64],
+    data_dir: impl Fn(u64) -> std::path::PathBuf,
+) -> std::collections::BTreeMap<u64, [u8; 32]> {
+    ids.iter()
+        .map(|&id| {
+            let (key, _) = coordinator::keys::load_or_create(&data_dir(id)).expect("a key pair");
+            (id, key.public())
+        })
+        .collect()
 }
 
 /// How long a test waits for any one thing.
