@@ -1901,3 +1901,79 @@ fn the_certificate_header_stays_bounded_with_the_longest_paths() {
     assert!(four < 3500, "4 members: {four} bytes");
     assert!(seven < 4400, "7 members: {seven} bytes");
 }
+
+/// A replica's signature scheme that counts the REPLY signatures it checks.
+#[derive(Debug)]
+struct CountingReplies {
+    inner: Arc<dyn Crypto>,
+    checked: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Crypto for CountingReplies {
+    fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        self.inner.sign(msg)
+    }
+    fn verify(&self, signer: NodeId, msg: &[u8], sig: &[u8]) -> bool {
+        // The canonical bytes start with the body's tag: 7 is a REPLY.
+        if msg.first() == Some(&7) {
+            self.checked
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.inner.verify(signer, msg, sig)
+    }
+}
+
+#[test]
+fn one_reply_covering_several_own_requests_costs_one_signature_check() {
+    let checked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = checked.clone();
+    let mut net = Network::with_engines(&IDS, move |id, init| {
+        let c: Arc<dyn Crypto> = if id == 2 {
+            Arc::new(CountingReplies {
+                inner: crypto(id),
+                checked: counter.clone(),
+            })
+        } else {
+            crypto(id)
+        };
+        Pbft::new(
+            Config {
+                checkpoint_interval: 4,
+                window: 8,
+                ..Config::new(id, c)
+            },
+            init,
+        )
+    });
+    net.ignore("Reply");
+    net.propose(2, b"a").expect("propose");
+    let l1 = correct_leaf(&net, 3, &request(2, 1, "a"), 1);
+    net.propose(2, b"b").expect("propose");
+    let l2 = correct_leaf(&net, 3, &request(2, 2, "b"), 2);
+    net.propose(2, b"c").expect("propose");
+    let l3 = correct_leaf(&net, 3, &request(2, 3, "c"), 3);
+    let before = checked.load(std::sync::atomic::Ordering::SeqCst);
+    net.raft_mut(2)
+        .step(msg(3, 2, MessageKind::Reply(reply(3, 2, vec![l1, l2, l3]))))
+        .expect("step");
+    net.stabilize();
+    assert_eq!(
+        checked.load(std::sync::atomic::Ordering::SeqCst) - before,
+        1,
+        "one check for three leaves"
+    );
+    let certs = net.node(2).certificates().to_vec();
+    assert_eq!(certs.len(), 3);
+    for c in &certs {
+        let v = certificate::verify_with(&c.bytes, &IDS, crypto(1).as_ref()).expect("valid");
+        assert_eq!(v.signers, vec![2, 3]);
+    }
+    // The same REPLY again names no request still waiting: no check.
+    net.raft_mut(2)
+        .step(msg(3, 2, MessageKind::Reply(reply(3, 2, vec![l1, l2, l3]))))
+        .expect("step");
+    assert_eq!(
+        checked.load(std::sync::atomic::Ordering::SeqCst) - before,
+        1
+    );
+}
