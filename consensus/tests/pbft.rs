@@ -1376,8 +1376,8 @@ fn a_later_view_only_one_member_signs_in_is_still_given_up() {
 
 // ---- replies and commit certificates ------------------------------------
 
-use consensus::pbft::Reply;
 use consensus::pbft::certificate::{self, CertificateError, CommitCertificate};
+use consensus::pbft::{MAX_REPLY_LEAVES, Replies, Reply, ReplyLeaf};
 use std::collections::BTreeMap;
 
 /// A group of four signing with Ed25519, and its public keys.
@@ -1401,19 +1401,31 @@ fn ed25519_group() -> (Network<Pbft>, BTreeMap<NodeId, [u8; 32]>) {
     (net, keys)
 }
 
-fn reply(signer: NodeId, body: Reply) -> Signed<Reply> {
-    Signed::sign(crypto(signer).as_ref(), signer, body)
+/// The REPLY message `signer` signs for `client` over `leaves` (the root
+/// computed from them, `first..=last` the leaves' range).
+fn reply(signer: NodeId, client: NodeId, leaves: Vec<ReplyLeaf>) -> Replies {
+    let hashes: Vec<_> = leaves.iter().map(|l| l.hash(client)).collect();
+    let body = Reply {
+        view: 0,
+        client,
+        first: leaves[0].n,
+        last: leaves[leaves.len() - 1].n,
+        root: certificate::merkle_root(&hashes).expect("a leaf"),
+        count: leaves.len() as u64,
+    };
+    Replies {
+        reply: Signed::sign(crypto(signer).as_ref(), signer, body),
+        leaves,
+    }
 }
 
-/// The REPLY replica `id` would sign for the request executed at `n`
-/// (its hash chain now at `h_n`).
-fn correct_reply(net: &Network<Pbft>, id: NodeId, r: &Signed<Request>, n: u64) -> Reply {
+/// The leaf replica `id` signs for the request executed at `n` (its hash
+/// chain now at `h_n`).
+fn correct_leaf(net: &Network<Pbft>, id: NodeId, r: &Signed<Request>, n: u64) -> ReplyLeaf {
     let state = net.raft(id).executed_state();
     assert_eq!(state.n, n);
-    Reply {
-        view: 0,
+    ReplyLeaf {
         n,
-        client: r.body.client,
         ts: r.body.ts,
         request: r.digest(),
         history: state.chain,
@@ -1478,12 +1490,13 @@ fn a_large_write_is_certified_by_its_length_and_digest_only() {
     assert_eq!(v.data, None);
     assert_eq!(v.data_len, big.len() as u64);
     assert!(v.matches_data(&big));
-    // At the inline limit the header stays small (four members, f+1 = 2:
-    // 2,098 bytes).
+    // At the inline limit the header stays small (four members, f+1 = 2,
+    // one leaf per reply: 2,236 bytes).
     net.propose(3, &big[1..]).expect("propose");
     let cert = net.node(3).certificates()[1].clone();
     let header = certificate::to_header(&cert.bytes);
-    assert!(header.len() < 2200, "header of {} bytes", header.len());
+    eprintln!("header at the inline limit: {} bytes", header.len());
+    assert!(header.len() < 2300, "header of {} bytes", header.len());
 }
 
 #[test]
@@ -1493,41 +1506,36 @@ fn a_reply_with_a_wrong_history_or_digest_does_not_count() {
     net.propose(2, b"x").expect("propose");
     assert!(net.node(2).certificates().is_empty(), "only its own reply");
     let r = first_request(2, b"x");
-    let good = correct_reply(&net, 3, &r, 1);
+    let good = correct_leaf(&net, 3, &r, 1);
     // A Byzantine member vouches for another history, another for another
-    // request under the same timestamp, another sequence number.
+    // request under the same timestamp, another sequence number — each a
+    // valid signature over the root of its wrong leaf.
     let forged = [
         (
             3,
-            Reply {
+            ReplyLeaf {
                 history: [9; 32],
-                ..good.clone()
+                ..good
             },
         ),
         (
             4,
-            Reply {
+            ReplyLeaf {
                 request: [8; 32],
-                ..good.clone()
+                ..good
             },
         ),
-        (
-            1,
-            Reply {
-                n: 2,
-                ..good.clone()
-            },
-        ),
+        (1, ReplyLeaf { n: 2, ..good }),
     ];
-    for (from, body) in forged {
-        let m = msg(from, 2, MessageKind::Reply(reply(from, body)));
+    for (from, leaf) in forged {
+        let m = msg(from, 2, MessageKind::Reply(reply(from, 2, vec![leaf])));
         net.raft_mut(2).step(m).expect("step");
     }
     net.stabilize();
     assert!(net.node(2).certificates().is_empty());
     assert_eq!(net.raft(2).stats().bad_replies, 3);
     // One correct reply makes f+1 with its own.
-    let m = msg(4, 2, MessageKind::Reply(reply(4, good)));
+    let m = msg(4, 2, MessageKind::Reply(reply(4, 2, vec![good])));
     net.raft_mut(2).step(m).expect("step");
     net.stabilize();
     let certs = net.node(2).certificates();
@@ -1542,29 +1550,25 @@ fn replies_from_non_members_or_with_bad_signatures_are_dropped_and_counted() {
     net.ignore("Reply");
     net.propose(2, b"x").expect("propose");
     let r = first_request(2, b"x");
-    let good = correct_reply(&net, 3, &r, 1);
+    let good = correct_leaf(&net, 3, &r, 1);
     let before = *net.raft(2).stats();
     // A non-member.
-    let m = msg(9, 2, MessageKind::Reply(reply(9, good.clone())));
+    let m = msg(9, 2, MessageKind::Reply(reply(9, 2, vec![good])));
     net.raft_mut(2).step(m).expect("step");
     // Signed by another member than the sender.
-    let m = msg(3, 2, MessageKind::Reply(reply(4, good.clone())));
+    let m = msg(3, 2, MessageKind::Reply(reply(4, 2, vec![good])));
     net.raft_mut(2).step(m).expect("step");
     // A signature that does not verify.
-    let mut bad = reply(3, good.clone());
-    bad.sig = Bytes::from_static(&[0; 32]);
+    let mut bad = reply(3, 2, vec![good]);
+    bad.reply.sig = Bytes::from_static(&[0; 32]);
     net.raft_mut(2)
         .step(msg(3, 2, MessageKind::Reply(bad)))
         .expect("step");
     // Not for an own request: another client's, and an unknown timestamp.
-    let other = Reply {
-        client: 1,
-        ..good.clone()
-    };
-    let m = msg(3, 2, MessageKind::Reply(reply(3, other)));
+    let m = msg(3, 2, MessageKind::Reply(reply(3, 1, vec![good])));
     net.raft_mut(2).step(m).expect("step");
-    let unknown = Reply { ts: 5, ..good };
-    let m = msg(3, 2, MessageKind::Reply(reply(3, unknown)));
+    let unknown = ReplyLeaf { ts: 5, ..good };
+    let m = msg(3, 2, MessageKind::Reply(reply(3, 2, vec![unknown])));
     net.raft_mut(2).step(m).expect("step");
     net.stabilize();
     let after = *net.raft(2).stats();
@@ -1633,12 +1637,13 @@ fn verify_rejects_what_is_not_a_commit_certificate() {
         "a duplicate signer counts once"
     );
 
-    // The signatures are over the reply's fields: another index, view or
-    // history is not what they signed.
+    // The signatures are over the reply's fields and the root the leaf's
+    // path leads to: another view or history is not what they signed, an
+    // index outside the reply's range not what it covers.
     let mut d = doc.clone();
     d.index += 1;
     let first = d.signatures[0].node;
-    assert_eq!(check(&d), Err(CertificateError::BadSignature(first)));
+    assert_eq!(check(&d), Err(CertificateError::BadPath(first)));
     let mut d = doc.clone();
     d.signatures[1].view += 1;
     assert_eq!(
@@ -1652,6 +1657,29 @@ fn verify_rejects_what_is_not_a_commit_certificate() {
     let mut d = doc.clone();
     d.signatures[0].node = 9;
     assert_eq!(check(&d), Err(CertificateError::UnknownMember(9)));
+
+    // Each signer's reply covers this one request: a position not below
+    // the count, a path of the wrong length for the tree, one too long to
+    // read, another count or range than signed.
+    let mut d = doc.clone();
+    d.signatures[0].position = 1;
+    assert_eq!(check(&d), Err(CertificateError::BadPath(first)));
+    let mut d = doc.clone();
+    d.signatures[0].path.push("00".repeat(32));
+    assert_eq!(check(&d), Err(CertificateError::BadPath(first)));
+    let mut d = doc.clone();
+    d.signatures[0].path = vec!["00".repeat(32); certificate::MAX_PATH + 1];
+    d.signatures[0].count = u64::MAX;
+    assert_eq!(check(&d), Err(CertificateError::BadPath(first)));
+    let mut d = doc.clone();
+    d.signatures[0].count = 2;
+    assert_eq!(check(&d), Err(CertificateError::BadPath(first)));
+    let mut d = doc.clone();
+    d.signatures[0].last += 1;
+    assert_eq!(check(&d), Err(CertificateError::BadSignature(first)));
+    let mut d = doc.clone();
+    d.signatures[0].path = vec!["zz".repeat(32)];
+    assert!(matches!(check(&d), Err(CertificateError::Malformed(_))));
 
     // Other data than the request digest names; another client or
     // timestamp for the same data.
@@ -1728,4 +1756,308 @@ fn a_new_primary_reissues_a_request_only_other_replicas_prepared() {
         .map(|r| r.as_ref().map(|r| r.body.data.clone()))
         .collect();
     assert_eq!(data, vec![Some(Bytes::from("x"))]);
+}
+
+#[test]
+fn leaves_that_do_not_hash_to_the_signed_root_or_break_its_shape_are_refused_and_counted() {
+    let mut net = group();
+    net.ignore("Reply");
+    net.propose(2, b"x").expect("propose");
+    let r = first_request(2, b"x");
+    let good = correct_leaf(&net, 3, &r, 1);
+    let before = net.raft(2).stats().bad_replies;
+    // Signed over one history, the leaf then rewritten to another (and to
+    // the client's own, which would match): the root gives it away.
+    let mut swapped = reply(
+        3,
+        2,
+        vec![ReplyLeaf {
+            history: [9; 32],
+            ..good
+        }],
+    );
+    swapped.leaves[0].history = good.history;
+    // Shapes a correct replica never signs, each validly signed: a count
+    // other than the leaves', a leaf outside first..=last, leaves out of
+    // order, more leaves than a reply may cover.
+    let other = ReplyLeaf {
+        n: 3,
+        ts: 9,
+        ..good
+    };
+    let mut miscounted = reply(3, 2, vec![good]);
+    miscounted.reply.body.count = 2;
+    miscounted.reply = Signed::sign(crypto(3).as_ref(), 3, miscounted.reply.body);
+    let mut outside = reply(3, 2, vec![good, other]);
+    outside.reply.body.last = 2;
+    outside.reply = Signed::sign(crypto(3).as_ref(), 3, outside.reply.body);
+    let mut unordered = reply(3, 2, vec![other, good]);
+    unordered.reply.body.first = 1;
+    unordered.reply.body.last = 3;
+    unordered.reply = Signed::sign(crypto(3).as_ref(), 3, unordered.reply.body);
+    let many: Vec<ReplyLeaf> = (0..=MAX_REPLY_LEAVES as u64)
+        .map(|i| ReplyLeaf { n: 1 + i, ..good })
+        .collect();
+    let too_many = reply(3, 2, many);
+    let refused = [swapped, miscounted, outside, unordered, too_many];
+    let count = refused.len() as u64;
+    for m in refused {
+        net.raft_mut(2)
+            .step(msg(3, 2, MessageKind::Reply(m)))
+            .expect("step");
+    }
+    net.stabilize();
+    assert!(net.node(2).certificates().is_empty());
+    assert_eq!(net.raft(2).stats().bad_replies - before, count);
+    // The sender's correct reply still counts.
+    net.raft_mut(2)
+        .step(msg(3, 2, MessageKind::Reply(reply(3, 2, vec![good]))))
+        .expect("step");
+    net.stabilize();
+    assert_eq!(net.node(2).certificates().len(), 1);
+}
+
+#[test]
+fn a_certificate_verifies_when_its_signers_grouped_the_request_differently() {
+    let (mut net, keys) = ed25519_group();
+    net.ignore("Reply");
+    // Two own requests, executed here one step each.
+    net.propose(2, b"a").expect("propose");
+    let h1 = correct_leaf(&net, 3, &request(2, 1, "a"), 1);
+    net.propose(2, b"b").expect("propose");
+    let h2 = correct_leaf(&net, 3, &request(2, 2, "b"), 2);
+    assert!(net.node(2).certificates().is_empty());
+    // Node 3 executed both in one step and signs one reply over both
+    // leaves (Ed25519: the group's real keys).
+    let seed = [3u8; 32];
+    let signer = Ed25519::new(3, &seed, &keys).expect("keys");
+    let leaves = vec![h1, h2];
+    let hashes: Vec<_> = leaves.iter().map(|l| l.hash(2)).collect();
+    let body = Reply {
+        view: 0,
+        client: 2,
+        first: 1,
+        last: 2,
+        root: certificate::merkle_root(&hashes).expect("leaves"),
+        count: 2,
+    };
+    let m = Replies {
+        reply: Signed::sign(&signer, 3, body),
+        leaves,
+    };
+    let before = *net.raft(2).stats();
+    net.raft_mut(2)
+        .step(msg(3, 2, MessageKind::Reply(m)))
+        .expect("step");
+    net.stabilize();
+    let after = *net.raft(2).stats();
+    assert_eq!(after.bad_replies, before.bad_replies);
+    let certs = net.node(2).certificates().to_vec();
+    assert_eq!(certs.len(), 2, "one reply certified both requests");
+    for (i, c) in certs.iter().enumerate() {
+        let v = certificate::verify(&c.bytes, &keys).expect("verifies");
+        assert_eq!((v.index, v.signers.clone()), (i as u64 + 1, vec![2, 3]));
+        let doc: CommitCertificate = serde_json::from_slice(&c.bytes).expect("json");
+        let mine = doc.signatures.iter().find(|s| s.node == 2).expect("own");
+        let theirs = doc.signatures.iter().find(|s| s.node == 3).expect("3's");
+        assert_eq!((mine.count, mine.path.len()), (1, 0), "own: one leaf");
+        assert_eq!(
+            (theirs.first, theirs.last, theirs.count, theirs.position),
+            (1, 2, 2, i as u64)
+        );
+        assert_eq!(theirs.path.len(), 1);
+        // A tampered path or position no longer leads to the signed root.
+        let mut d = doc.clone();
+        let t = d.signatures.iter_mut().find(|s| s.node == 3).expect("3's");
+        t.path[0] = "00".repeat(32);
+        let bytes = serde_json::to_vec(&d).expect("json");
+        assert_eq!(
+            certificate::verify(&bytes, &keys),
+            Err(CertificateError::BadSignature(3))
+        );
+        let mut d = doc.clone();
+        let t = d.signatures.iter_mut().find(|s| s.node == 3).expect("3's");
+        t.position = 1 - t.position;
+        let bytes = serde_json::to_vec(&d).expect("json");
+        assert_eq!(
+            certificate::verify(&bytes, &keys),
+            Err(CertificateError::BadSignature(3))
+        );
+    }
+}
+
+#[test]
+fn merkle_paths_lead_every_leaf_to_the_root_and_nothing_else_does() {
+    let mut rng = consensus::raft::SplitMix64::new(7);
+    for count in 1..=17usize {
+        let leaves: Vec<[u8; 32]> = (0..count)
+            .map(|_| {
+                let mut h = [0u8; 32];
+                for c in h.chunks_mut(8) {
+                    c.copy_from_slice(&rng.next_u64().to_be_bytes());
+                }
+                h
+            })
+            .collect();
+        let levels = certificate::merkle_levels(&leaves);
+        let root = certificate::merkle_root(&leaves).expect("a leaf");
+        if count == 1 {
+            assert_eq!(root, leaves[0], "one leaf is its own root");
+        }
+        let n = count as u64;
+        for (p, leaf) in leaves.iter().enumerate() {
+            let path = certificate::merkle_path(&levels, p);
+            assert!(path.len() <= 5, "count {count}: path of {}", path.len());
+            let pos = p as u64;
+            assert_eq!(certificate::merkle_walk(*leaf, pos, n, &path), Some(root));
+            // Another position, a tampered sibling, a missing or an extra
+            // hash: not the root.
+            for q in (0..n).filter(|&q| q != pos) {
+                assert_ne!(certificate::merkle_walk(*leaf, q, n, &path), Some(root));
+            }
+            for i in 0..path.len() {
+                let mut t = path.clone();
+                t[i][0] ^= 1;
+                assert_ne!(certificate::merkle_walk(*leaf, pos, n, &t), Some(root));
+                let mut short = path.clone();
+                short.remove(i);
+                assert_eq!(certificate::merkle_walk(*leaf, pos, n, &short), None);
+            }
+            let mut long = path.clone();
+            long.push(root);
+            assert_eq!(certificate::merkle_walk(*leaf, pos, n, &long), None);
+            assert_eq!(certificate::merkle_walk(*leaf, n, n, &path), None);
+        }
+    }
+    // An odd node is carried up: of three leaves the third's path is the
+    // hash of the first two.
+    let l = [[1u8; 32], [2; 32], [3; 32]];
+    let levels = certificate::merkle_levels(&l);
+    assert_eq!(certificate::merkle_path(&levels, 2), vec![levels[1][0]]);
+    assert_eq!(levels[1][1], l[2]);
+    assert_eq!(certificate::merkle_root(&[]), None);
+    assert_eq!(
+        certificate::merkle_walk([0; 32], 0, 1, &vec![[0; 32]; certificate::MAX_PATH + 1]),
+        None
+    );
+}
+
+/// Builds a certificate document as a replica would: `members` signers,
+/// each with a path of `path` hashes, at the inline data limit.
+fn widest_certificate(members: usize, path: usize) -> Vec<u8> {
+    use base64::Engine as _;
+    let doc = CommitCertificate {
+        version: certificate::VERSION,
+        index: u32::MAX as u64,
+        client: 7,
+        ts: u32::MAX as u64,
+        request: "ab".repeat(32),
+        history: "cd".repeat(32),
+        data_len: certificate::MAX_INLINE_DATA as u64,
+        data: Some(
+            base64::engine::general_purpose::STANDARD.encode(vec![0; certificate::MAX_INLINE_DATA]),
+        ),
+        signatures: (0..members as u64)
+            .map(|node| certificate::SignatureEntry {
+                node,
+                view: 3,
+                first: u32::MAX as u64 - 40,
+                last: u32::MAX as u64 + 23,
+                count: 64,
+                position: 40,
+                path: vec!["ef".repeat(32); path],
+                sig: "01".repeat(64),
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&doc).expect("json")
+}
+
+#[test]
+fn the_certificate_header_stays_bounded_with_the_longest_paths() {
+    // f+1 signers: 2 of 4, 3 of 7; a reply of 64 leaves has paths of 6.
+    let four = certificate::to_header(&widest_certificate(2, 6)).len();
+    let seven = certificate::to_header(&widest_certificate(3, 6)).len();
+    let four_one = certificate::to_header(&widest_certificate(2, 0)).len();
+    eprintln!("header: 4 members {four_one} (one leaf) / {four} (64 leaves); 7 members {seven}");
+    // Well under the 8 KiB a header commonly may take.
+    assert!(four_one < 2400, "4 members, one leaf: {four_one} bytes");
+    assert!(four < 3500, "4 members: {four} bytes");
+    assert!(seven < 4400, "7 members: {seven} bytes");
+}
+
+/// A replica's signature scheme that counts the REPLY signatures it checks.
+#[derive(Debug)]
+struct CountingReplies {
+    inner: Arc<dyn Crypto>,
+    checked: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Crypto for CountingReplies {
+    fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        self.inner.sign(msg)
+    }
+    fn verify(&self, signer: NodeId, msg: &[u8], sig: &[u8]) -> bool {
+        // The canonical bytes start with the body's tag: 7 is a REPLY.
+        if msg.first() == Some(&7) {
+            self.checked
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.inner.verify(signer, msg, sig)
+    }
+}
+
+#[test]
+fn one_reply_covering_several_own_requests_costs_one_signature_check() {
+    let checked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = checked.clone();
+    let mut net = Network::with_engines(&IDS, move |id, init| {
+        let c: Arc<dyn Crypto> = if id == 2 {
+            Arc::new(CountingReplies {
+                inner: crypto(id),
+                checked: counter.clone(),
+            })
+        } else {
+            crypto(id)
+        };
+        Pbft::new(
+            Config {
+                checkpoint_interval: 4,
+                window: 8,
+                ..Config::new(id, c)
+            },
+            init,
+        )
+    });
+    net.ignore("Reply");
+    net.propose(2, b"a").expect("propose");
+    let l1 = correct_leaf(&net, 3, &request(2, 1, "a"), 1);
+    net.propose(2, b"b").expect("propose");
+    let l2 = correct_leaf(&net, 3, &request(2, 2, "b"), 2);
+    net.propose(2, b"c").expect("propose");
+    let l3 = correct_leaf(&net, 3, &request(2, 3, "c"), 3);
+    let before = checked.load(std::sync::atomic::Ordering::SeqCst);
+    net.raft_mut(2)
+        .step(msg(3, 2, MessageKind::Reply(reply(3, 2, vec![l1, l2, l3]))))
+        .expect("step");
+    net.stabilize();
+    assert_eq!(
+        checked.load(std::sync::atomic::Ordering::SeqCst) - before,
+        1,
+        "one check for three leaves"
+    );
+    let certs = net.node(2).certificates().to_vec();
+    assert_eq!(certs.len(), 3);
+    for c in &certs {
+        let v = certificate::verify_with(&c.bytes, &IDS, crypto(1).as_ref()).expect("valid");
+        assert_eq!(v.signers, vec![2, 3]);
+    }
+    // The same REPLY again names no request still waiting: no check.
+    net.raft_mut(2)
+        .step(msg(3, 2, MessageKind::Reply(reply(3, 2, vec![l1, l2, l3]))))
+        .expect("step");
+    assert_eq!(
+        checked.load(std::sync::atomic::Ordering::SeqCst) - before,
+        1
+    );
 }

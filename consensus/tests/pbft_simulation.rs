@@ -29,9 +29,10 @@
 //!   sent, each version, while the correct primary of the latest view
 //!   crashes and restarts now and then (in groups of 4 this backup is the
 //!   one Byzantine replica: an equivocating primary with a Byzantine
-//!   accomplice would be f+1); flooding with junk; wrong REPLYs (another
-//!   history, sequence number or request digest, alike from every
-//!   Byzantine replica) and made-up ones.
+//!   accomplice would be f+1); flooding with junk; wrong REPLYs (a leaf
+//!   with another history, sequence number or request digest under a
+//!   re-signed Merkle root, or under the old root it no longer hashes to,
+//!   alike from every Byzantine replica) and made-up ones.
 //! * After **every** step, over correct replicas only: no two execute
 //!   different requests (or a request and a null) at one sequence number;
 //!   their executed histories agree — the hash chain at every sequence
@@ -80,7 +81,8 @@ use consensus::memory::{Envelope, MemNode, MemStorage};
 use consensus::pbft::crypto::{Crypto, SimCrypto};
 use consensus::pbft::{
     CheckpointProof, CheckpointState, CheckpointVote, Config, Message, MessageKind, Pbft, Phase,
-    PrePrepare, PreparedCert, Reply, Request, Signed, ViewChange, Vote, batch_digest, certificate,
+    PrePrepare, PreparedCert, Replies, Reply, ReplyLeaf, Request, Signed, ViewChange, Vote,
+    batch_digest, certificate,
 };
 use consensus::raft::SplitMix64;
 use consensus::types::{EntryPayload, Index, NodeId};
@@ -665,13 +667,23 @@ impl Sim {
             MessageKind::Reply(r)
                 if s.wrong_replies > 0 && self.reply_rng.chance(s.wrong_replies) =>
             {
-                let mut body = r.body.clone();
+                // One leaf made wrong; the root re-signed over the wrong
+                // leaves (a valid signature), or, one time in four, left
+                // as it was (leaves that do not hash to the signed root).
+                let i = self.reply_rng.below(r.leaves.len() as u64) as usize;
+                let leaf = &mut r.leaves[i];
                 match self.reply_rng.below(3) {
-                    0 => body.history[0] ^= 1,
-                    1 => body.n += 1,
-                    _ => body.request[0] ^= 1,
+                    0 => leaf.history[0] ^= 1,
+                    1 => leaf.n += 1,
+                    _ => leaf.request[0] ^= 1,
                 }
-                *r = Signed::sign(key.as_ref(), from, body);
+                if !self.reply_rng.chance(250) {
+                    let mut body = r.reply.body.clone();
+                    let hashes: Vec<_> = r.leaves.iter().map(|l| l.hash(body.client)).collect();
+                    body.root = certificate::merkle_root(&hashes).expect("a leaf");
+                    body.last = body.last.max(r.leaves[r.leaves.len() - 1].n);
+                    r.reply = Signed::sign(key.as_ref(), from, body);
+                }
             }
             MessageKind::NewView(nv) if s.drop_from_new_view && nv.signer == from => {
                 let mut body = nv.body.clone();
@@ -959,15 +971,23 @@ impl Sim {
                 let to = correct[self.reply_rng.below(correct.len() as u64) as usize];
                 let mut digest = [0u8; 32];
                 digest[..8].copy_from_slice(&self.reply_rng.below(u64::MAX).to_be_bytes());
-                let body = Reply {
-                    view: 0,
-                    n: 1 + self.reply_rng.below(60),
-                    client: to,
+                let n = 1 + self.reply_rng.below(60);
+                let leaves = vec![ReplyLeaf {
+                    n,
                     ts: 1 + self.reply_rng.below(20),
                     request: digest,
                     history: digest,
+                }];
+                let body = Reply {
+                    view: 0,
+                    client: to,
+                    first: n,
+                    last: n,
+                    root: leaves[0].hash(to),
+                    count: 1,
                 };
-                let kind = MessageKind::Reply(Signed::sign(self.key(id).as_ref(), id, body));
+                let reply = Signed::sign(self.key(id).as_ref(), id, body);
+                let kind = MessageKind::Reply(Replies { reply, leaves });
                 let msg = Message {
                     from: id,
                     to,

@@ -238,6 +238,24 @@ pub enum Command {
     /// with it), creating the key pair in --data-dir (mode 0600) if it has
     /// none. Give every member `id=<key>` of each in --group-keys.
     Keys(KeysArgs),
+    /// Check a write's commit certificate — the `Entente-Certificate`
+    /// header a PBFT group's gateway answers a write with — against the
+    /// group's public keys alone, and print what it proves (exit status 0)
+    /// or why it is not valid (1).
+    VerifyCertificate(VerifyArgs),
+}
+
+/// `gateway verify-certificate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VerifyArgs {
+    /// Every member's public key, `id=ed25519:<base64>` comma-separated
+    /// (the group's --group-keys).
+    #[arg(long, env = "ENTENTE_GROUP_KEYS")]
+    pub group_keys: String,
+    /// The header's value (or the whole `Entente-Certificate: ...` line);
+    /// `-`, the default, reads it from standard input.
+    #[arg(default_value = "-")]
+    pub certificate: String,
 }
 
 /// `gateway keys`.

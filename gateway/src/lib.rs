@@ -21,6 +21,7 @@ pub mod recover;
 mod server;
 pub mod shared;
 pub mod state;
+pub mod verify;
 
 use std::future::Future;
 use std::io::Write as _;

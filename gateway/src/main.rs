@@ -51,6 +51,18 @@ async fn main() {
             }
         }
     }
+    if let Some(gateway::config::Command::VerifyCertificate(v)) = &args.command {
+        match gateway::verify::run(v) {
+            Ok(report) => {
+                print!("{report}");
+                std::process::exit(0);
+            }
+            Err(e) => {
+                eprintln!("gateway verify-certificate: not valid: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     if let Some(gateway::config::Command::Keys(keys)) = &args.command {
         match coordinator::keys::load_or_create(&keys.data_dir) {
             Ok((key, created)) => {

@@ -60,6 +60,7 @@ const ENGINE_AGNOSTIC: &[&str] = &[
     "delete_and_rotate_end_the_session_within_a_second_wherever_it_is",
     "tokens_are_managed_through_any_gateway_and_revocation_holds_on_each",
     "the_group_view_gives_each_members_progress_and_health_and_warns_of_a_lost_one",
+    "a_write_on_pbft_carries_a_commit_certificate_anyone_can_check",
 ];
 
 /// Of those, the ones that do not pass on PBFT yet: with the gateway that
@@ -1808,4 +1809,97 @@ async fn membership_endpoints_answer_409_on_an_engine_with_a_fixed_membership() 
     .await;
     assert_eq!(status, 201);
     applied_everywhere(&c, index).await;
+}
+
+/// On PBFT a write's answer carries its commit certificate, and the
+/// `gateway verify-certificate` subcommand checks it with the group's
+/// public keys alone (no gateway asked): valid as given, refused when one
+/// character changes or when checked against another group's keys. The
+/// other engines make none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_pbft_carries_a_commit_certificate_anyone_can_check() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let c = three(tmp.path()).await;
+    let backup = *c.gws.keys().last().expect("a member");
+    let r = c
+        .http
+        .post(format!("{}/v1/devices", c.base(backup)))
+        .bearer_auth(&c.token)
+        .json(&json!({"id": "certified-1", "labels": {"site": "north"}}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    let certs: Vec<String> = r
+        .headers()
+        .get_all("entente-certificate")
+        .iter()
+        .map(|v| v.to_str().expect("ascii").to_owned())
+        .collect();
+    if common::engine_under_test() != EngineKind::Pbft {
+        assert!(certs.is_empty(), "{certs:?}");
+        return;
+    }
+    assert_eq!(certs.len(), 1, "one write, one certificate");
+    let index: u64 = r
+        .headers()
+        .get("entente-index")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .expect("Entente-Index");
+    let keys = common::group_keys(&c.gws.keys().copied().collect::<Vec<_>>(), |id| {
+        tmp.path().join(format!("g{id}"))
+    });
+    let keys_text = |keys: &BTreeMap<u64, [u8; 32]>| {
+        keys.iter()
+            .map(|(id, k)| format!("{id}={}", coordinator::keys::encode_public(k)))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let verify = |cert: &str, keys: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["verify-certificate", "--group-keys", keys, cert])
+            .env_remove("ENTENTE_GROUP_KEYS")
+            .output()
+            .expect("run gateway verify-certificate")
+    };
+    let out = verify(&certs[0], &keys_text(&keys));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("log index {index}")),
+        "the certificate names the write's index {index}: {stdout}"
+    );
+    assert!(
+        stdout.contains("certified-1"),
+        "it shows the write: {stdout}"
+    );
+    // One character changed in the middle of the document.
+    let mut tampered = certs[0].clone().into_bytes();
+    let mid = tampered.len() / 2;
+    tampered[mid] = if tampered[mid] == b'A' { b'B' } else { b'A' };
+    let out = verify(
+        &String::from_utf8(tampered).expect("ascii"),
+        &keys_text(&keys),
+    );
+    assert!(!out.status.success(), "a tampered certificate was accepted");
+    // Another group's keys.
+    let other: BTreeMap<u64, [u8; 32]> = keys
+        .keys()
+        .map(|&id| {
+            let (k, _) = coordinator::keys::load_or_create(&tmp.path().join(format!("other{id}")))
+                .expect("a key");
+            (id, k.public())
+        })
+        .collect();
+    let out = verify(&certs[0], &keys_text(&other));
+    assert!(!out.status.success(), "verified with another group's keys");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not valid"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -17,9 +17,10 @@
 //!   it forges in the other members' names (in odd views); as the new
 //!   primary, its NEW-VIEW re-issues a null request in place of the first
 //!   re-issued one.
-//! * **wrong replies**: every REPLY it sends names another history (the
-//!   hash chain with its bits flipped), so a client that counted its word
-//!   would certify a state the group never reached.
+//! * **wrong replies**: every REPLY it sends names another history in each
+//!   leaf (the hash chain with its bits flipped) and signs the Merkle root
+//!   of those leaves, so its signature verifies but a client that counted
+//!   its word would certify a state the group never reached.
 //!
 //! A correct replica refuses all of it or is not harmed by it: the tests
 //! that run a group with one such member check that every client of a
@@ -183,12 +184,17 @@ impl Byzantine {
                 *vc = Signed::sign(self.crypto.as_ref(), self.me(), body);
                 true
             }
-            MessageKind::Reply(r) if self.mode.wrong_replies && r.signer == me => {
-                let mut body = r.body.clone();
-                for b in body.history.iter_mut() {
-                    *b = !*b;
+            MessageKind::Reply(r) if self.mode.wrong_replies && r.reply.signer == me => {
+                for leaf in &mut r.leaves {
+                    for b in leaf.history.iter_mut() {
+                        *b = !*b;
+                    }
                 }
-                *r = Signed::sign(self.crypto.as_ref(), self.me(), body);
+                let client = r.reply.body.client;
+                let hashes: Vec<_> = r.leaves.iter().map(|l| l.hash(client)).collect();
+                let mut body = r.reply.body.clone();
+                body.root = super::certificate::merkle_root(&hashes).unwrap_or(body.root);
+                r.reply = Signed::sign(self.crypto.as_ref(), self.me(), body);
                 true
             }
             MessageKind::NewView(nv) if self.mode.lie_in_view_change && nv.signer == me => {

@@ -2,22 +2,23 @@
 //! alone, that the group — not just the replica a client talked to —
 //! executed a request at a sequence number.
 //!
-//! A replica that executes a request (not a null request, not a read)
-//! signs a REPLY `{view, n, client, ts, request digest, history}` and sends
-//! it to the request's client; the client replica holds a certificate once
-//! f+1 distinct members sent replies matching its own execution in `n`,
-//! the request digest and `history` (the hash chain value `h_n`). With at
-//! most f Byzantine members, one of the signers is correct: the request
-//! really executed at `n` after exactly the history `h_n` names.
+//! A replica signs one REPLY per client per execution step: the Merkle
+//! root over the leaves `(n, ts, request digest, history)` of that
+//! client's requests it executed in the step (see [`ReplyLeaf`]). The
+//! client replica holds a certificate once f+1 distinct members signed a
+//! root whose leaf for its request matches its own execution in `n`, the
+//! request digest and `history` (the hash chain value `h_n`). With at most
+//! f Byzantine members, one of the signers is correct: the request really
+//! executed at `n` after exactly the history `h_n` names.
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //!
 //! A JSON object; integers are JSON numbers (u64), digests and signatures
 //! lowercase hex:
 //!
 //! ```json
 //! {
-//!   "version": 1,
+//!   "version": 2,
 //!   "index": 42,                  // the sequence number (log index)
 //!   "client": 1,                  // the replica the request was proposed at
 //!   "ts": 7,                      // the client's timestamp of the request
@@ -26,15 +27,33 @@
 //!   "data_len": 18,               // length of the request's data
 //!   "data": "<base64>",           // the data (standard base64), only when
 //!                                 // at most MAX_INLINE_DATA bytes
-//!   "signatures": [ { "node": 2, "view": 0, "sig": "<128 hex>" }, ... ]
+//!   "signatures": [ {
+//!     "node": 2, "view": 0,       // the signer and its REPLY's view
+//!     "first": 40, "last": 47,    // the sequence numbers its REPLY covers
+//!     "count": 5,                 // the leaves under its root
+//!     "position": 2,              // this request's leaf among them
+//!     "path": ["<64 hex>", ...],  // the Merkle path from the leaf up
+//!     "sig": "<128 hex>"
+//!   }, ... ]
 //! }
 //! ```
 //!
+//! **The leaf** is `SHA-256(0x00 ‖ client ‖ index ‖ ts ‖ request ‖
+//! history)` ([`leaf_hash`]). **The tree** over `count` leaves in
+//! increasing sequence numbers: each level pairs neighbours from the left,
+//! a node is `SHA-256(0x01 ‖ left ‖ right)`, and the last node of a level
+//! with an odd number of nodes is carried up unchanged; the root is the
+//! one node left (a single leaf is its own root). **The path** lists the
+//! siblings from the leaf up, skipping the levels where the node was
+//! carried up; [`merkle_walk`] recomputes the root from the leaf, its
+//! position, the count and the path. Each signer has its own path: replicas
+//! may group a request with different others (a replica that caught up
+//! executes many batches in one step).
+//!
 //! Each signature is `node`'s Ed25519 signature over the canonical REPLY
-//! bytes the engine signs: `0x07 ‖ node ‖ view ‖ index ‖ client ‖ ts ‖
-//! request ‖ history` (integers as 8 bytes big-endian, digests as their 32
-//! bytes). The view is per signature: replicas may execute the same request
-//! at the same sequence number in batches of different views.
+//! bytes the engine signs: `0x07 ‖ node ‖ view ‖ client ‖ first ‖ last ‖
+//! root ‖ count` (integers as 8 bytes big-endian, the root as its 32
+//! bytes), the root being the one the entry's path leads to.
 //!
 //! The request digest is SHA-256 of the canonical signed request: `0x01 ‖
 //! client ‖ client ‖ ts ‖ 0x00 ‖ len(data) ‖ data` (the signer is the
@@ -50,7 +69,10 @@
 //!
 //! [`verify`] takes the document and the group's public keys (node id →
 //! 32-byte Ed25519 key; the whole group, as n = group size fixes f =
-//! (n-1)/3): every signature must be a member's and valid, at least f+1
+//! (n-1)/3): every entry must be a member's, its `first..=last` must hold
+//! `index`, its `position` lie below `count`, its path be at most
+//! [`MAX_PATH`] hashes and exactly as long as the tree shape asks, and its
+//! signature verify over the root the path leads to; at least f+1
 //! distinct members must have signed (a member listed twice counts once),
 //! and the data, when present, must hash to the request digest.
 
@@ -63,15 +85,16 @@ use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use super::crypto::{Crypto, Digest, sha256};
-use super::message::{Reply, Request, Signed, signed_message_bytes};
+use super::message::{Reply, ReplyLeaf, Request, Signed, signed_message_bytes};
 use crate::types::{Index, NodeId};
 
 /// The format version this module writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Data up to this many bytes is carried in the certificate; larger data
 /// only by its length (the request digest still covers it). Keeps the
-/// `Entente-Certificate` header of a 4- or 7-member group under 2.5 KiB.
+/// `Entente-Certificate` header of a 4- or 7-member group small (see
+/// `docs/ARCHITECTURE.md` for measured sizes).
 pub const MAX_INLINE_DATA: usize = 768;
 
 /// Most signatures a certificate may list (more is not a certificate a
@@ -80,6 +103,10 @@ pub const MAX_SIGNATURES: usize = 256;
 
 /// Most bytes of a certificate document [`verify`] reads.
 pub const MAX_DOCUMENT: usize = 64 * 1024;
+
+/// Most hashes a Merkle path may hold (a tree of up to 2^16 leaves; a
+/// replica signs at most `MAX_REPLY_LEAVES` = 64, a path of 6).
+pub const MAX_PATH: usize = 16;
 
 /// The HTTP header a certificate travels in.
 pub const HEADER: &str = "Entente-Certificate";
@@ -91,6 +118,16 @@ pub struct SignatureEntry {
     pub node: NodeId,
     /// The view of its reply.
     pub view: u64,
+    /// The lowest sequence number its reply covers.
+    pub first: Index,
+    /// The highest sequence number its reply covers.
+    pub last: Index,
+    /// The number of leaves under its reply's root.
+    pub count: u64,
+    /// The position of the request's leaf among them.
+    pub position: u64,
+    /// The Merkle path from the leaf to the root, hex hashes.
+    pub path: Vec<String>,
     /// The Ed25519 signature, hex.
     pub sig: String,
 }
@@ -165,8 +202,12 @@ pub enum CertificateError {
     /// A signature names a node that is not a member of the group.
     UnknownMember(NodeId),
     /// A member's signature does not verify over the reply the certificate
-    /// states.
+    /// states (the root its path leads to).
     BadSignature(NodeId),
+    /// A member's entry does not place the request in its reply: the index
+    /// outside `first..=last`, the position not below the count, or a path
+    /// too long or not as long as the tree shape asks.
+    BadPath(NodeId),
     /// Fewer distinct members signed than f+1.
     TooFewSignatures {
         /// Distinct valid signers.
@@ -200,6 +241,12 @@ impl fmt::Display for CertificateError {
             }
             CertificateError::BadSignature(n) => {
                 write!(f, "the signature of node {n} does not verify")
+            }
+            CertificateError::BadPath(n) => {
+                write!(
+                    f,
+                    "the entry of node {n} does not place the request in its reply"
+                )
             }
             CertificateError::TooFewSignatures { have, need } => write!(
                 f,
@@ -266,25 +313,129 @@ fn unhex_vec(s: &str, what: &str) -> Result<Vec<u8>, CertificateError> {
         .collect()
 }
 
-/// Builds the certificate document of the replies (the engine's side).
-pub(crate) fn build(req: &Signed<Request>, replies: &[&Signed<Reply>]) -> Vec<u8> {
-    let first = &replies[0].body;
+/// The hash of the leaf of `client`'s request `ts` with digest `request`,
+/// executed at `index` leaving the hash chain at `history`.
+pub fn leaf_hash(
+    client: NodeId,
+    index: Index,
+    ts: u64,
+    request: &Digest,
+    history: &Digest,
+) -> Digest {
+    ReplyLeaf {
+        n: index,
+        ts,
+        request: *request,
+        history: *history,
+    }
+    .hash(client)
+}
+
+fn node_hash(left: &Digest, right: &Digest) -> Digest {
+    let mut b = [0u8; 65];
+    b[0] = 1;
+    b[1..33].copy_from_slice(left);
+    b[33..].copy_from_slice(right);
+    sha256(&b)
+}
+
+/// The levels of the Merkle tree over `leaves` (see the [module
+/// documentation](self)), the leaves first and the root last; empty for no
+/// leaves.
+pub fn merkle_levels(leaves: &[Digest]) -> Vec<Vec<Digest>> {
+    if leaves.is_empty() {
+        return Vec::new();
+    }
+    let mut levels = vec![leaves.to_vec()];
+    while let Some(level) = levels.last().filter(|l| l.len() > 1) {
+        let up = level
+            .chunks(2)
+            .map(|c| match c {
+                [l, r] => node_hash(l, r),
+                [one] => *one,
+                _ => unreachable!("chunks of two"),
+            })
+            .collect();
+        levels.push(up);
+    }
+    levels
+}
+
+/// The root of the Merkle tree over `leaves` (`None` for no leaves).
+pub fn merkle_root(leaves: &[Digest]) -> Option<Digest> {
+    merkle_levels(leaves).last().map(|l| l[0])
+}
+
+/// The Merkle path of leaf `position` in the tree of `levels`
+/// ([`merkle_levels`]).
+pub fn merkle_path(levels: &[Vec<Digest>], position: usize) -> Vec<Digest> {
+    let mut path = Vec::new();
+    let mut idx = position;
+    for level in levels.iter().take(levels.len().saturating_sub(1)) {
+        if let Some(sibling) = level.get(idx ^ 1) {
+            path.push(*sibling);
+        }
+        idx /= 2;
+    }
+    path
+}
+
+/// The root that `leaf` at `position` of `count` leaves leads to along
+/// `path`; `None` when the position is not below the count or the path is
+/// longer than [`MAX_PATH`] or not as long as the tree shape asks.
+pub fn merkle_walk(leaf: Digest, position: u64, count: u64, path: &[Digest]) -> Option<Digest> {
+    if position >= count || path.len() > MAX_PATH {
+        return None;
+    }
+    let (mut h, mut idx, mut width, mut used) = (leaf, position, count, 0);
+    while width > 1 {
+        if (idx ^ 1) < width {
+            let sibling = path.get(used)?;
+            used += 1;
+            h = if idx.is_multiple_of(2) {
+                node_hash(&h, sibling)
+            } else {
+                node_hash(sibling, &h)
+            };
+        }
+        idx /= 2;
+        width = width.div_ceil(2);
+    }
+    (used == path.len()).then_some(h)
+}
+
+/// One signer's part of a certificate: its signed REPLY, the position of
+/// the request's leaf under its root and the leaf's Merkle path.
+pub(crate) struct Member<'a> {
+    pub(crate) reply: &'a Signed<Reply>,
+    pub(crate) position: u64,
+    pub(crate) path: &'a [Digest],
+}
+
+/// Builds the certificate document of the request `req` executed as `leaf`
+/// from the signers' replies (the engine's side).
+pub(crate) fn build(req: &Signed<Request>, leaf: &ReplyLeaf, members: &[Member<'_>]) -> Vec<u8> {
     let data = &req.body.data;
     let doc = CommitCertificate {
         version: VERSION,
-        index: first.n,
-        client: first.client,
-        ts: first.ts,
-        request: hex(&first.request),
-        history: hex(&first.history),
+        index: leaf.n,
+        client: req.body.client,
+        ts: leaf.ts,
+        request: hex(&leaf.request),
+        history: hex(&leaf.history),
         data_len: data.len() as u64,
         data: (data.len() <= MAX_INLINE_DATA).then(|| STANDARD.encode(data)),
-        signatures: replies
+        signatures: members
             .iter()
-            .map(|r| SignatureEntry {
-                node: r.signer,
-                view: r.body.view,
-                sig: hex(&r.sig),
+            .map(|m| SignatureEntry {
+                node: m.reply.signer,
+                view: m.reply.body.view,
+                first: m.reply.body.first,
+                last: m.reply.body.last,
+                count: m.reply.body.count,
+                position: m.position,
+                path: m.path.iter().map(|h| hex(h)).collect(),
+                sig: hex(&m.reply.sig),
             })
             .collect(),
     };
@@ -391,21 +542,35 @@ fn check(
             Some(data)
         }
     };
+    let leaf = leaf_hash(doc.client, doc.index, doc.ts, &request, &history);
     let mut signers = BTreeSet::new();
     for s in &doc.signatures {
         if !members.contains(&s.node) {
             return Err(CertificateError::UnknownMember(s.node));
         }
+        if !(s.first..=s.last).contains(&doc.index)
+            || s.position >= s.count
+            || s.path.len() > MAX_PATH
+        {
+            return Err(CertificateError::BadPath(s.node));
+        }
+        let path = s
+            .path
+            .iter()
+            .map(|h| unhex::<32>(h, "a path hash"))
+            .collect::<Result<Vec<Digest>, _>>()?;
+        let root = merkle_walk(leaf, s.position, s.count, &path)
+            .ok_or(CertificateError::BadPath(s.node))?;
         let sig = unhex_vec(&s.sig, "a signature")?;
         let msg = signed_message_bytes(
             s.node,
             &Reply {
                 view: s.view,
-                n: doc.index,
                 client: doc.client,
-                ts: doc.ts,
-                request,
-                history,
+                first: s.first,
+                last: s.last,
+                root,
+                count: s.count,
             },
         );
         if !sig_ok(s.node, &msg, &sig) {

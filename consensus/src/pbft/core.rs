@@ -1,16 +1,17 @@
 //! The PBFT replica.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::config::{Config, ConfigError};
 use super::crypto::{Crypto, Digest, sha256};
 use super::message::{
-    CheckpointProof, CheckpointState, CheckpointVote, CommitCert, Dec, Enc, Message, MessageKind,
-    NewView, Phase, PrePrepare, PreparedCert, Reply, Request, Signed, View, ViewChange, Vote,
-    batch_digest, get_checkpoint_proof, get_pre_prepare, get_vote, put_checkpoint_proof,
-    put_pre_prepare, put_vote,
+    CheckpointProof, CheckpointState, CheckpointVote, CommitCert, Dec, Enc, MAX_REPLY_LEAVES,
+    Message, MessageKind, NewView, Phase, PrePrepare, PreparedCert, Replies, Reply, ReplyLeaf,
+    Request, Signed, View, ViewChange, Vote, batch_digest, get_checkpoint_proof, get_pre_prepare,
+    get_vote, put_checkpoint_proof, put_pre_prepare, put_vote,
 };
 use crate::raft::Status;
 use crate::ready::{
@@ -71,12 +72,14 @@ pub struct PbftStats {
     /// Later views forgotten: fewer than f+1 other members signed messages
     /// in views above this replica's and no peer asked handed one over.
     pub later_view_given_up: u64,
-    /// REPLYs dropped: a bad signature or a signer other than the sender,
-    /// or not matching this replica's own execution of the request (another
-    /// sequence number or history) or the request it names.
+    /// REPLYs dropped: a bad signature, a signer other than the sender,
+    /// leaves that do not hash to the signed root or break its shape; and
+    /// leaves (one each) not matching this replica's own execution of the
+    /// request (another sequence number or history) or the request it
+    /// names.
     pub bad_replies: u64,
-    /// REPLYs for no own request waiting for its certificate (late ones
-    /// after the certificate formed are counted here too).
+    /// REPLYs with no leaf for an own request waiting for its certificate
+    /// (late ones after the certificate formed are counted here too).
     pub stray_replies: u64,
     /// Certificates assembled for own requests.
     pub certificates: u64,
@@ -93,9 +96,19 @@ struct ReplySet {
     /// This replica's own execution: sequence number and history.
     executed: Option<(Index, Digest)>,
     /// One reply per signer (the first valid one), this replica's included.
-    replies: BTreeMap<NodeId, Signed<Reply>>,
+    replies: BTreeMap<NodeId, ReplyProof>,
     /// Resend rounds since it executed (the first passes without asking).
     rounds: u32,
+}
+
+/// A signer's word on one own request: its signed REPLY, the request's
+/// leaf under its root, and the leaf's position and Merkle path.
+#[derive(Clone, Debug)]
+struct ReplyProof {
+    reply: Arc<Signed<Reply>>,
+    leaf: ReplyLeaf,
+    position: u64,
+    path: Vec<Digest>,
 }
 
 /// One batch this replica holds: accepted as a pre-prepare in its view,
@@ -251,9 +264,13 @@ pub struct Pbft {
     reads: BTreeMap<u64, Vec<u8>>,
     /// Own requests (by timestamp) waiting for their commit certificate.
     replies: BTreeMap<u64, ReplySet>,
-    /// The REPLYs this replica signed for its recent executions (the last
-    /// `window` sequence numbers), to answer a client that lost one.
-    executions: BTreeMap<Index, Signed<Reply>>,
+    /// The REPLYs this replica signed for its recent executions, by each
+    /// sequence number they cover (the last `window`), to answer a client
+    /// that lost one.
+    executions: BTreeMap<Index, Arc<Replies>>,
+    /// The leaves of the current execution step, per client and view, not
+    /// yet signed.
+    step_leaves: BTreeMap<(NodeId, View), Vec<ReplyLeaf>>,
     /// Certificates assembled and not yet taken (at most `max_pending`).
     certs: Vec<Certificate>,
 
@@ -475,6 +492,7 @@ impl Pbft {
             reads: BTreeMap::new(),
             replies: BTreeMap::new(),
             executions: BTreeMap::new(),
+            step_leaves: BTreeMap::new(),
             certs: Vec::new(),
             vcs: BTreeMap::new(),
             my_vc: None,
@@ -523,21 +541,10 @@ impl Pbft {
             if let Some(r) = req.as_ref().filter(|r| ran && !r.body.read)
                 && n.saturating_add(me.cfg.window) > commit
             {
-                // Its REPLY may have been lost with the restart: kept for
+                // Its REPLY may have been lost with the restart: signed
+                // again (one per client for the whole replay) and kept for
                 // a client that asks again.
-                let reply = Signed::sign(
-                    me.cfg.crypto.as_ref(),
-                    me.id,
-                    Reply {
-                        view: v,
-                        n,
-                        client: r.body.client,
-                        ts: r.body.ts,
-                        request: r.digest(),
-                        history: me.exec.chain,
-                    },
-                );
-                me.executions.insert(n, reply);
+                me.add_leaf(n, v, r);
             }
             if me.exec.n.is_multiple_of(me.cfg.checkpoint_interval) {
                 me.ckpt_states.insert(n, me.exec.state());
@@ -550,6 +557,7 @@ impl Pbft {
                 });
             }
         }
+        me.flush_replies(false);
         if me.stable_state.is_none()
             && let Some(s) = me.ckpt_states.get(&me.stable.n)
             && s.digest() == me.stable.digest
@@ -1252,69 +1260,158 @@ impl Pbft {
 
     // ---- replies and certificates ---------------------------------------
 
-    /// Signs the REPLY for `r`, executed at `n` in `view` (the hash chain
-    /// now at `h_n`), keeps it for a client that asks again, and sends it
-    /// to the client (or counts it, for an own request).
-    fn reply_executed(&mut self, n: Index, view: View, r: &Signed<Request>) {
-        let reply = Signed::sign(
-            self.crypto(),
-            self.id,
-            Reply {
-                view,
+    /// Notes the leaf of `r`, executed at `n` in `view` (the hash chain now
+    /// at `h_n`), for the REPLY of this execution step.
+    fn add_leaf(&mut self, n: Index, view: View, r: &Signed<Request>) {
+        self.step_leaves
+            .entry((r.body.client, view))
+            .or_default()
+            .push(ReplyLeaf {
                 n,
-                client: r.body.client,
                 ts: r.body.ts,
                 request: r.digest(),
                 history: self.exec.chain,
-            },
-        );
-        self.executions.insert(n, reply.clone());
-        let keep_from = n.saturating_sub(self.cfg.window);
-        while self
-            .executions
-            .first_key_value()
-            .is_some_and(|(&k, _)| k <= keep_from)
-        {
-            self.executions.pop_first();
-        }
-        if r.body.client == self.id {
-            if let Some(set) = self.replies.get_mut(&r.body.ts)
-                && set.digest == reply.body.request
-            {
-                set.executed = Some((n, reply.body.history));
-                let before = set.replies.len();
-                set.replies
-                    .retain(|_, x| (x.body.n, x.body.history) == (n, reply.body.history));
-                self.stats.bad_replies += (before - set.replies.len()) as u64;
-                set.replies.insert(self.id, reply);
-                self.try_certify(r.body.ts);
+            });
+    }
+
+    /// Signs one REPLY per client (and view) over the leaves of the
+    /// execution step — at most [`MAX_REPLY_LEAVES`] each —, keeps it for
+    /// a client that asks again, and sends it to the client when `send`
+    /// (or counts it, for own requests).
+    fn flush_replies(&mut self, send: bool) {
+        let step = std::mem::take(&mut self.step_leaves);
+        for ((client, view), leaves) in step {
+            for chunk in leaves.chunks(MAX_REPLY_LEAVES) {
+                let hashes: Vec<Digest> = chunk.iter().map(|l| l.hash(client)).collect();
+                let levels = super::certificate::merkle_levels(&hashes);
+                let root = levels.last().expect("a leaf")[0];
+                let (first, last) = (chunk[0].n, chunk[chunk.len() - 1].n);
+                let reply = Signed::sign(
+                    self.crypto(),
+                    self.id,
+                    Reply {
+                        view,
+                        client,
+                        first,
+                        last,
+                        root,
+                        count: chunk.len() as u64,
+                    },
+                );
+                let msg = Arc::new(Replies {
+                    reply,
+                    leaves: chunk.to_vec(),
+                });
+                for l in chunk {
+                    self.executions.insert(l.n, msg.clone());
+                }
+                let keep_from = last.saturating_sub(self.cfg.window);
+                while self
+                    .executions
+                    .first_key_value()
+                    .is_some_and(|(&k, _)| k <= keep_from)
+                {
+                    self.executions.pop_first();
+                }
+                if client == self.id {
+                    let reply = Arc::new(msg.reply.clone());
+                    for (i, leaf) in chunk.iter().enumerate() {
+                        let Some(set) = self.replies.get_mut(&leaf.ts) else {
+                            continue;
+                        };
+                        if set.digest != leaf.request {
+                            continue;
+                        }
+                        set.executed = Some((leaf.n, leaf.history));
+                        let before = set.replies.len();
+                        set.replies
+                            .retain(|_, x| (x.leaf.n, x.leaf.history) == (leaf.n, leaf.history));
+                        self.stats.bad_replies += (before - set.replies.len()) as u64;
+                        set.replies.insert(
+                            self.id,
+                            ReplyProof {
+                                reply: reply.clone(),
+                                leaf: *leaf,
+                                position: i as u64,
+                                path: super::certificate::merkle_path(&levels, i),
+                            },
+                        );
+                        self.try_certify(leaf.ts);
+                    }
+                } else if send {
+                    self.send(client, MessageKind::Reply(Replies::clone(&msg)));
+                }
             }
-        } else {
-            self.send(r.body.client, MessageKind::Reply(reply));
         }
     }
 
-    /// A REPLY from `from`.
-    fn on_reply(&mut self, from: NodeId, reply: Signed<Reply>) {
-        let b = &reply.body;
-        let Some(set) = self.replies.get(&b.ts).filter(|_| b.client == self.id) else {
+    /// A REPLY from `from`: one signature check for all its leaves.
+    fn on_reply(&mut self, from: NodeId, msg: Replies) {
+        let b = &msg.reply.body;
+        if b.client != self.id {
             self.stats.stray_replies += 1;
             return;
-        };
-        if set.replies.contains_key(&from) {
-            return;
         }
-        let matches =
-            b.request == set.digest && set.executed.is_none_or(|(n, h)| (b.n, b.history) == (n, h));
-        if reply.signer != from || !matches || !reply.verify(self.crypto()) {
+        let shaped = msg.reply.signer == from
+            && !msg.leaves.is_empty()
+            && msg.leaves.len() <= MAX_REPLY_LEAVES
+            && b.count == msg.leaves.len() as u64
+            && msg.leaves.iter().all(|l| (b.first..=b.last).contains(&l.n))
+            && msg.leaves.windows(2).all(|w| w[0].n < w[1].n);
+        if !shaped {
             self.stats.bad_replies += 1;
             return;
         }
-        let ts = b.ts;
-        if let Some(set) = self.replies.get_mut(&ts) {
-            set.replies.insert(from, reply);
+        // The leaves for own requests still waiting for this signer: the
+        // signature is checked only if there are any.
+        let mut stray = false;
+        let wanted: Vec<usize> = (0..msg.leaves.len())
+            .filter(|&i| match self.replies.get(&msg.leaves[i].ts) {
+                None => {
+                    stray = true;
+                    false
+                }
+                Some(set) => !set.replies.contains_key(&from),
+            })
+            .collect();
+        if wanted.is_empty() {
+            if stray {
+                self.stats.stray_replies += 1;
+            }
+            return;
         }
-        self.try_certify(ts);
+        let hashes: Vec<Digest> = msg.leaves.iter().map(|l| l.hash(b.client)).collect();
+        let levels = super::certificate::merkle_levels(&hashes);
+        // Leaves that do not hash to the signed root: a bad signature.
+        if levels.last().expect("a leaf")[0] != b.root || !msg.reply.verify(self.crypto()) {
+            self.stats.bad_replies += 1;
+            return;
+        }
+        let reply = Arc::new(msg.reply);
+        for i in wanted {
+            let leaf = msg.leaves[i];
+            let Some(set) = self.replies.get_mut(&leaf.ts) else {
+                continue;
+            };
+            let matches = leaf.request == set.digest
+                && set
+                    .executed
+                    .is_none_or(|(n, h)| (leaf.n, leaf.history) == (n, h));
+            if !matches {
+                self.stats.bad_replies += 1;
+                continue;
+            }
+            set.replies.insert(
+                from,
+                ReplyProof {
+                    reply: reply.clone(),
+                    leaf,
+                    position: i as u64,
+                    path: super::certificate::merkle_path(&levels, i),
+                },
+            );
+            self.try_certify(leaf.ts);
+        }
     }
 
     /// Assembles the certificate of own request `ts` once f+1 replies
@@ -1326,16 +1423,27 @@ impl Pbft {
         let Some((n, h)) = set.executed else {
             return;
         };
-        let matching: Vec<&Signed<Reply>> = set
+        let matching: Vec<super::certificate::Member<'_>> = set
             .replies
             .values()
-            .filter(|r| (r.body.n, r.body.history, r.body.request) == (n, h, set.digest))
+            .filter(|p| (p.leaf.n, p.leaf.history, p.leaf.request) == (n, h, set.digest))
             .take(self.f + 1)
+            .map(|p| super::certificate::Member {
+                reply: &p.reply,
+                position: p.position,
+                path: &p.path,
+            })
             .collect();
         if matching.len() <= self.f {
             return;
         }
-        let bytes = super::certificate::build(&set.req, &matching);
+        let leaf = ReplyLeaf {
+            n,
+            ts,
+            request: set.digest,
+            history: h,
+        };
+        let bytes = super::certificate::build(&set.req, &leaf, &matching);
         self.certs.push(Certificate { index: n, bytes });
         if self.certs.len() > self.cfg.max_pending {
             // Nobody takes them: the oldest go.
@@ -1366,13 +1474,15 @@ impl Pbft {
         }
     }
 
-    /// A client asks again for the REPLY of its request `ts` executed at `n`.
+    /// A client asks again for the REPLY covering its request `ts`
+    /// executed at `n`: the whole signed REPLY of that step, with its
+    /// leaves.
     fn on_reply_ask(&mut self, from: NodeId, n: Index, ts: u64) {
         if let Some(r) = self.executions.get(&n)
-            && r.body.client == from
-            && r.body.ts == ts
+            && r.reply.body.client == from
+            && r.leaves.iter().any(|l| l.n == n && l.ts == ts)
         {
-            let r = r.clone();
+            let r = Replies::clone(r);
             self.send(from, MessageKind::Reply(r));
         }
     }
@@ -1421,12 +1531,13 @@ impl Pbft {
             };
             self.execute(n, req, view);
         }
+        self.flush_replies(true);
     }
 
     fn execute(&mut self, n: Index, req: Option<Signed<Request>>, view: View) {
         let ran = self.exec.step(n, req.as_ref());
         if let Some(r) = req.as_ref().filter(|r| ran && !r.body.read) {
-            self.reply_executed(n, view, r);
+            self.add_leaf(n, view, r);
         }
         if let Some(r) = &req {
             let key = (r.body.client, r.body.ts);
@@ -2231,10 +2342,10 @@ impl Pbft {
             MessageKind::Snapshot { meta, .. } => range(meta.index, meta.index)?,
             MessageKind::Stable(p) => range(p.n.max(1), p.n.max(1))?,
             MessageKind::Reply(r) => {
-                if r.body.view > MAX_TERM {
+                if r.reply.body.view > MAX_TERM {
                     return Err(malformed(from, "view beyond MAX_TERM"));
                 }
-                range(r.body.n, r.body.n)?;
+                range(r.reply.body.first, r.reply.body.last)?;
             }
             MessageKind::ReplyAsk { n, .. } => range(*n, *n)?,
             MessageKind::Request(_) | MessageKind::NotMember { .. } => {}

@@ -549,19 +549,51 @@ impl CheckpointState {
     }
 }
 
-/// REPLY: a replica executed the request `request` of `client` (timestamp
-/// `ts`) at sequence number `n` in `view`, and its hash chain then stood at
-/// `history` (`h_n`, see [`CheckpointState::chain`]). Sent to the client;
-/// f+1 matching ones (same `n`, `request`, `history`) from distinct members
-/// are a commit certificate (the `certificate` module).
+/// Most leaves one REPLY covers (a replica that executed more requests of
+/// one client in one step signs several).
+pub const MAX_REPLY_LEAVES: usize = 64;
+
+/// REPLY: in `view` a replica executed, in one step, `count` requests of
+/// `client` at sequence numbers within `first..=last`; `root` is the
+/// Merkle root over their [`ReplyLeaf`]s (see the `certificate` module).
+/// One signature covers all of them. Sent to the client with the leaves
+/// ([`Replies`]); f+1 signers whose leaves for one request match (same
+/// `n`, request digest, `history`) are a commit certificate.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reply {
-    /// The view of the batch the request executed in.
+    /// The view of the batches the requests executed in.
     pub view: View,
+    /// The requests' client.
+    pub client: NodeId,
+    /// The lowest sequence number a leaf may name.
+    pub first: Index,
+    /// The highest sequence number a leaf may name.
+    pub last: Index,
+    /// The Merkle root over the leaves.
+    pub root: Digest,
+    /// How many leaves the tree has.
+    pub count: u64,
+}
+
+impl Body for Reply {
+    const TAG: u8 = 7;
+    fn signed_bytes(&self, e: &mut Enc) {
+        e.u64(self.view);
+        e.u64(self.client);
+        e.u64(self.first);
+        e.u64(self.last);
+        e.digest(&self.root);
+        e.u64(self.count);
+    }
+}
+
+/// One executed request under a REPLY's Merkle root: the client's request
+/// `request` (timestamp `ts`) executed at `n`, after which the hash chain
+/// stood at `history` (`h_n`, see [`CheckpointState::chain`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyLeaf {
     /// The sequence number it executed at.
     pub n: Index,
-    /// The request's client.
-    pub client: NodeId,
     /// The request's timestamp.
     pub ts: u64,
     /// The request's digest ([`Signed::<Request>::digest`]).
@@ -570,16 +602,29 @@ pub struct Reply {
     pub history: Digest,
 }
 
-impl Body for Reply {
-    const TAG: u8 = 7;
-    fn signed_bytes(&self, e: &mut Enc) {
-        e.u64(self.view);
+impl ReplyLeaf {
+    /// The leaf's hash in the tree of `client`'s REPLY:
+    /// `SHA-256(0x00 ‖ client ‖ n ‖ ts ‖ request ‖ history)`.
+    pub fn hash(&self, client: NodeId) -> Digest {
+        let mut e = Enc::default();
+        e.u8(0);
+        e.u64(client);
         e.u64(self.n);
-        e.u64(self.client);
         e.u64(self.ts);
         e.digest(&self.request);
         e.digest(&self.history);
+        sha256(&e.0)
     }
+}
+
+/// A REPLY message: the signed body and the leaves, in increasing sequence
+/// numbers, whose Merkle root it signs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replies {
+    /// The signed REPLY.
+    pub reply: Signed<Reply>,
+    /// The leaves (`reply.body.count` of them).
+    pub leaves: Vec<ReplyLeaf>,
 }
 
 /// The bytes a member signs for `body` (tag, signer, canonical body): what
@@ -644,11 +689,11 @@ pub enum MessageKind {
         /// The quorum's CHECKPOINTs for it.
         proof: CheckpointProof,
     },
-    /// REPLY to the request's client.
-    Reply(Signed<Reply>),
-    /// A client asks for the REPLY of its request executed at `n` with
-    /// timestamp `ts` (a reply was lost); answered from the bounded cache
-    /// of recent executions.
+    /// REPLY to the requests' client, with its leaves.
+    Reply(Replies),
+    /// A client asks for the REPLY covering its request executed at `n`
+    /// with timestamp `ts` (a reply was lost); answered from the bounded
+    /// cache of recent executions.
     ReplyAsk {
         /// The sequence number the client executed it at.
         n: Index,

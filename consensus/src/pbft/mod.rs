@@ -199,28 +199,40 @@
 //!
 //! # Replies and certificates
 //!
-//! A replica that executes a request (not a null request, not a read) at
-//! n signs REPLY `{view, n, client, ts, request digest, h_n}` — h_n the
-//! hash chain after it — and sends it to the request's client; a
-//! client's own reply counts for it. The client replica keeps the replies
-//! of its own requests waiting for their certificate (at most
-//! `max_pending`; the oldest executed ones go first,
-//! [`PbftStats::certificates_dropped`]), one per signer. Once it has
-//! executed the request itself, replies must match its execution (n, the
-//! request digest and h_n): the others are dropped
-//! ([`PbftStats::bad_replies`], with bad signatures and signers other than
-//! the sender; replies for no waiting own request are
-//! [`PbftStats::stray_replies`]). With f+1 matching replies from distinct
-//! members, its own included, it has a **commit certificate**
-//! ([`certificate`]), taken with [`Pbft::take_certificates`]
-//! (`Engine::take_certificates`; at most `max_pending` kept untaken).
+//! For each request (not a null request, not a read) a replica executes
+//! it notes the leaf `(n, ts, request digest, h_n)` — h_n the hash chain
+//! after it. At the end of an execution step (one pass of the execution
+//! loop, normal path and `Committed` catch-up alike; the whole replay after
+//! a restart) it signs, per client and view, ONE REPLY `{view, client,
+//! first, last, root, count}` over the Merkle root of that client's leaves
+//! (at most [`MAX_REPLY_LEAVES`], more are split; see [`certificate`] for
+//! the tree) and sends it with the leaves ([`Replies`]) to the client; a
+//! client's own reply counts for it. Replicas need not group alike. The
+//! receiver checks the shape (signer is the sender, 1 to
+//! [`MAX_REPLY_LEAVES`] leaves, `count` of them, in increasing n within
+//! `first..=last`), recomputes the root and verifies the one signature —
+//! only when some leaf names an own request still lacking this signer.
+//! The client replica keeps, per own request waiting for its certificate
+//! (at most `max_pending`; the oldest executed ones go first,
+//! [`PbftStats::certificates_dropped`]) and per signer, the signed REPLY,
+//! the leaf's position and Merkle path. Once it has executed the request
+//! itself, leaves must match its execution (n, the request digest and
+//! h_n): the others are dropped ([`PbftStats::bad_replies`], one per leaf,
+//! with bad signatures, leaves not hashing to the signed root, bad shapes
+//! and signers other than the sender; REPLYs with no leaf for a waiting own
+//! request are [`PbftStats::stray_replies`]). With f+1 distinct members
+//! whose leaves match, its own included, it has a **commit certificate**
+//! ([`certificate`]; each member with its own path), taken with
+//! [`Pbft::take_certificates`] (`Engine::take_certificates`; at most
+//! `max_pending` kept untaken).
 //! **Why it proves the commit**: at most f signers are Byzantine, so one
 //! is correct and executed exactly that request at n after the history
-//! h_n; a Byzantine reply with another history, number or digest never
+//! h_n; a Byzantine leaf with another history, number or digest never
 //! matches the client's own execution. **Lost replies**: from the second
 //! resend round after executing, while replies are missing, the client
 //! sends REPLY-ASK `{n, ts}` to the members it lacks; a replica answers
-//! from the replies it signed for the last `window` sequence numbers (also
+//! with the whole signed REPLY and leaves covering n, from those it signed
+//! for the last `window` sequence numbers (also
 //! for requests it executed from `Committed` batches, and after a restart
 //! for the replayed ones; not part of the checkpoint state). An own request
 //! executed inside an installed snapshot gets no certificate (the client
@@ -262,7 +274,7 @@ pub use core::{
     conflicting_certificates,
 };
 pub use message::{
-    CheckpointProof, CheckpointState, CheckpointVote, ClientRecord, CommitCert, Message,
-    MessageKind, NewView, Phase, PrePrepare, PreparedCert, Reply, Request, Signed, View,
-    ViewChange, Vote, batch_digest,
+    CheckpointProof, CheckpointState, CheckpointVote, ClientRecord, CommitCert, MAX_REPLY_LEAVES,
+    Message, MessageKind, NewView, Phase, PrePrepare, PreparedCert, Replies, Reply, ReplyLeaf,
+    Request, Signed, View, ViewChange, Vote, batch_digest,
 };

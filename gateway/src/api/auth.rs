@@ -119,7 +119,9 @@ pub async fn require(
         token_hash: token_hash.into(),
         token_id: found.id.into(),
     });
-    AUDIT_BY.scope(by, next.run(req)).await
+    AUDIT_BY
+        .scope(by, super::extract::certified(next.run(req)))
+        .await
 }
 
 /// Adapter for `axum::middleware::from_fn_with_state`.

@@ -307,12 +307,59 @@ pub async fn write(state: &AppState, op: Op) -> Result<(u64, OpResult), ApiError
     )
     .await;
     match r {
-        Ok(r) => Ok(r),
+        Ok((index, output, certificate)) => {
+            if let Some(c) = certificate {
+                record_certificate(&c);
+            }
+            Ok((index, output))
+        }
         Err(e) => {
             tracing::debug!(error = %e, kind, "write failed");
             Err(write_error(e, state.config.write_timeout))
         }
     }
+}
+
+tokio::task_local! {
+    /// The commit certificates of the writes the current request made
+    /// (header values), gathered by [`write`] for [`certified`].
+    static CERTIFICATES: std::cell::RefCell<Vec<HeaderValue>>;
+}
+
+/// The response header that carries a write's commit certificate.
+pub const ENTENTE_CERTIFICATE: &str = "entente-certificate";
+
+/// Most certificates one response carries (a batch of writes carries the
+/// first ones).
+const MAX_CERTIFICATES: usize = 16;
+
+fn record_certificate(document: &[u8]) {
+    let value = coordinator::pbft::certificate::to_header(document);
+    let Ok(value) = HeaderValue::from_str(&value) else {
+        return;
+    };
+    let _ = CERTIFICATES.try_with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() < MAX_CERTIFICATES {
+            c.push(value);
+        }
+    });
+}
+
+/// Runs a request's handler and adds to its response one
+/// `Entente-Certificate` header per commit certificate of the writes it
+/// made (on PBFT; none on the other engines).
+pub async fn certified(handler: impl std::future::Future<Output = Response>) -> Response {
+    CERTIFICATES
+        .scope(std::cell::RefCell::new(Vec::new()), async {
+            let mut res = handler.await;
+            let certs = CERTIFICATES.with(|c| std::mem::take(&mut *c.borrow_mut()));
+            for v in certs {
+                res.headers_mut().append(ENTENTE_CERTIFICATE, v);
+            }
+            res
+        })
+        .await
 }
 
 /// An operation result this endpoint cannot produce (a bug): logged, 500.

@@ -21,7 +21,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 
 pub use propose::{
-    Ended, PROPOSAL_ATTEMPTS, leader_known, propose, propose_as, propose_placed, propose_retrying,
+    Ended, PROPOSAL_ATTEMPTS, leader_known, propose, propose_as, propose_certified, propose_placed,
+    propose_retrying,
 };
 pub use stats::MqttStats;
 

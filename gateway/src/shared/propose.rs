@@ -33,6 +33,19 @@ pub async fn propose_as(
     op: Op,
     by: String,
 ) -> Result<(u64, OpResult), NodeError> {
+    propose_certified(node, op, by)
+        .await
+        .map(|(index, output, _)| (index, output))
+}
+
+/// [`propose_as`] that also returns the write's commit certificate, when
+/// the group's engine makes one (PBFT: f+1 members' signed replies; see
+/// `consensus::pbft::certificate`).
+pub async fn propose_certified(
+    node: &Node<OpResult>,
+    op: Op,
+    by: String,
+) -> Result<(u64, OpResult, Option<Vec<u8>>), NodeError> {
     if let Err(e) = limits::check_op(&op) {
         tracing::warn!(kind = op.kind(), "operation refused before proposing: {e}");
         return Err(NodeError::Refused(e.to_string()));
@@ -43,10 +56,10 @@ pub async fn propose_as(
         by: Some(by),
     };
     let applied = node.propose(p.encode()).await?;
-    Ok((applied.index, applied.output))
+    Ok((applied.index, applied.output, applied.certificate))
 }
 
-/// [`propose`] for a caller waiting for the answer (a REST write): tried
+/// [`propose_certified`] for a caller waiting for the answer (a REST write): tried
 /// once more only if it was not placed at all (no leader), as soon as a
 /// leader is known — within `leader_wait`, and not past `shutdown`. An
 /// outcome that is unknown (a timeout, a dropped entry) is never retried
@@ -57,12 +70,12 @@ pub async fn propose_placed(
     by: String,
     leader_wait: Duration,
     shutdown: &watch::Receiver<bool>,
-) -> Result<(u64, OpResult), NodeError> {
-    let r = propose_as(node, op.clone(), by.clone()).await;
+) -> Result<(u64, OpResult, Option<Vec<u8>>), NodeError> {
+    let r = propose_certified(node, op.clone(), by.clone()).await;
     // Not placed at all: safe to retry once a leader is known (an election
     // usually takes a fraction of a second).
     if matches!(r, Err(NodeError::NoLeader)) && leader_known(node, leader_wait, shutdown).await {
-        return propose_as(node, op, by).await;
+        return propose_certified(node, op, by).await;
     }
     r
 }
