@@ -63,17 +63,21 @@ mod tests {
     }
 
     /// The header of a certificate for index 42 signed by `signers` (each
-    /// with its own key, as the engine's replies are).
+    /// with its own key, as the engine's replies are: one REPLY whose
+    /// Merkle tree holds this request's leaf alone).
     fn header(signers: &[u64]) -> String {
         let group = group();
         let (client, ts, index) = (2, 7, 42);
+        let request = certificate::request_digest(client, ts, DATA);
+        let history = [9; 32];
+        let leaf = certificate::leaf_hash(client, index, ts, &request, &history);
         let reply = Reply {
             view: 0,
-            n: index,
             client,
-            ts,
-            request: certificate::request_digest(client, ts, DATA),
-            history: [9; 32],
+            first: index,
+            last: index,
+            root: leaf,
+            count: 1,
         };
         let signatures = signers
             .iter()
@@ -85,6 +89,11 @@ mod tests {
                 SignatureEntry {
                     node,
                     view: 0,
+                    first: index,
+                    last: index,
+                    count: 1,
+                    position: 0,
+                    path: Vec::new(),
                     sig: certificate::hex(&signed.sig),
                 }
             })
@@ -94,8 +103,8 @@ mod tests {
             index,
             client,
             ts,
-            request: certificate::hex(&reply.request),
-            history: certificate::hex(&reply.history),
+            request: certificate::hex(&request),
+            history: certificate::hex(&history),
             data_len: DATA.len() as u64,
             data: Some(base64::engine::general_purpose::STANDARD.encode(DATA)),
             signatures,

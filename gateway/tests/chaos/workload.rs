@@ -121,8 +121,9 @@ enum Sent {
         status: u16,
         index: Option<u64>,
         body: Value,
-        /// The `Entente-Certificate` header, if the answer has one.
-        certificate: Option<String>,
+        /// The `Entente-Certificate` headers of the answer (one per write
+        /// the request made, on an engine that certifies).
+        certificates: Vec<String>,
     },
     /// The request never reached a gateway.
     NotSent(String),
@@ -140,16 +141,18 @@ async fn call(req: reqwest::RequestBuilder) -> Sent {
                 .get("entente-index")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
-            let certificate = r
+            let certificates = r
                 .headers()
-                .get(CERTIFICATE_HEADER)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                .get_all(CERTIFICATE_HEADER)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect();
             match r.json::<Value>().await {
                 Ok(body) => Sent::Reply {
                     status,
                     index,
                     body,
-                    certificate,
+                    certificates,
                 },
                 Err(e) => Sent::Unknown(format!("status {status}, body unreadable: {e}")),
             }
@@ -278,20 +281,20 @@ impl Client {
         if let Sent::Reply {
             status,
             index,
-            certificate: Some(header),
+            certificates,
             ..
         } = &sent
             && (200..300).contains(status)
+            && !certificates.is_empty()
         {
             let at = self.history.start_elapsed();
-            self.world
-                .lock()
-                .expect("world")
-                .certificates
-                .push(Certificate {
+            let mut w = self.world.lock().expect("world");
+            for header in certificates {
+                w.certificates.push(Certificate {
                     what: format!("[{at:.3}s] {what} on gw{gateway}, index {index:?}"),
                     header: header.clone(),
                 });
+            }
         }
         if let Sent::Reply { status, body, .. } = &sent
             && *status >= 500
