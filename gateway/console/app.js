@@ -35,6 +35,17 @@ function el(spec, attrs = {}, ...children) {
   return e;
 }
 
+/**
+ * Makes `e`, a box whose content may scroll, a named region reachable with
+ * the keyboard (so it can be scrolled without a mouse).
+ */
+function scrollable(e, name) {
+  e.tabIndex = 0;
+  e.setAttribute("role", "region");
+  e.setAttribute("aria-label", name);
+  return e;
+}
+
 const badge = (text, cls = text) => el(`span.badge.${cls}`, { "data-badge": text }, text);
 const json = (v) => JSON.stringify(v, null, 2);
 const when = (ms) => (ms ? new Date(ms).toLocaleString() : "–");
@@ -157,7 +168,7 @@ function signinView() {
 
 function groupView(ctx) {
   const summary = el("div.card#group-summary");
-  const members = el("div.card.scroll#group-members");
+  const members = scrollable(el("div.card.scroll#group-members"), "Members");
   const warnings = el("div#group-warnings");
   const err = el("div");
   const health = el("div.card#group-health");
@@ -260,7 +271,7 @@ function devicesView(ctx, query) {
     el("option", { value: "false", text: "offline" }));
   online.value = query.get("online") || "";
   const err = el("div");
-  const list = el("div.card.scroll#device-list");
+  const list = scrollable(el("div.card.scroll#device-list"), "Devices found");
   const form = el("form.inline.card", {
     onsubmit: (e) => {
       e.preventDefault();
@@ -333,14 +344,14 @@ function commandRow(c, ctx, onChange) {
     el("td", {}, cancel));
 }
 
-const commandHead = () => el("thead", {}, el("tr", {}, ...["Id", "Device", "Name", "Status", "Updated", "Output", ""]
-  .map((t) => el("th", { text: t }))));
+const commandHead = () => el("thead", {}, el("tr", {}, ...["Id", "Device", "Name", "Status", "Updated", "Output"]
+  .map((t) => el("th", { text: t })), el("th", {}, el("span.visually-hidden", { text: "Action" }))));
 
 function deviceView(ctx, id) {
   const err = el("div");
   const presence = el("div.card#device-presence");
   const shadow = el("div.card#device-shadow");
-  const recent = el("div.card.scroll#device-commands");
+  const recent = scrollable(el("div.card.scroll#device-commands"), "Recent commands");
   let version = null;
   const recentTail = {};
 
@@ -363,7 +374,7 @@ function deviceView(ctx, id) {
     },
   }, el("h2", { text: "Edit desired state" }),
   el("p.muted", { text: "A JSON merge patch of desired (null removes a key). The version is the one you read: if the shadow changed since, the gateway refuses (412)." }),
-  patch, el("div.inline", {}, el("label", {}, "If-Match version", ifMatch), " ",
+  el("label", {}, "Patch (JSON)", patch), el("div.inline", {}, el("label", {}, "If-Match version", ifMatch), " ",
     el("button", { type: "submit", text: "Save desired" })), shadowMsg);
 
   // A command, followed until it is over.
@@ -406,7 +417,7 @@ function deviceView(ctx, id) {
       fill(followed, el("div", { "data-followed": cid, "data-status": last.status },
         el("p", {}, "Command ", el("code", { text: cid }), " ", badge(last.status)),
         el("p.muted#command-lifecycle", { text: seen.join(" → ") }),
-        last.output !== null && last.output !== undefined ? el("pre", { text: json(last.output) }) : null));
+        last.output !== null && last.output !== undefined ? el("pre", { tabindex: "0", text: json(last.output) }) : null));
       if (fromStream && TERMINAL.has(c.status)) ctrl.abort();
       if ((TERMINAL.has(last.status) || Date.now() - started > 10 * 60 * 1000) && !over) {
         // Over: the stream has 5 s more to tell the statuses before it.
@@ -444,9 +455,9 @@ function deviceView(ctx, id) {
     if (document.activeElement !== ifMatch) ifMatch.value = String(version);
     fill(shadow, el("h2", {}, "Shadow ", el("span.muted", { text: `version ${s.version}` })),
       el("div.grid.three", {},
-        el("div", {}, el("h2", { text: "Desired" }), el("pre#shadow-desired", { text: json(s.desired) })),
-        el("div", {}, el("h2", { text: "Reported" }), el("pre#shadow-reported", { text: json(s.reported) })),
-        el("div", {}, el("h2", { text: "Delta" }), el("pre#shadow-delta", { text: json(s.delta) }))));
+        el("div", {}, el("h2", { text: "Desired" }), el("pre#shadow-desired", { tabindex: "0", text: json(s.desired) })),
+        el("div", {}, el("h2", { text: "Reported" }), el("pre#shadow-reported", { tabindex: "0", text: json(s.reported) })),
+        el("div", {}, el("h2", { text: "Delta" }), el("pre#shadow-delta", { tabindex: "0", text: json(s.delta) }))));
   }
 
   fill(main, el("h1", {}, "Device ", el("code", { text: id })), err,
@@ -486,7 +497,7 @@ function commandsView(ctx, query) {
   const job = el("input#commands-job", { value: query.get("job") || "", placeholder: "any job" });
   const since = el("input#commands-since", { type: "datetime-local", value: query.get("since") || "" });
   const err = el("div");
-  const list = el("div.card.scroll#commands-list");
+  const list = scrollable(el("div.card.scroll#commands-list"), "Commands found");
   const form = el("form.inline.card", {
     onsubmit: (e) => {
       e.preventDefault();
@@ -532,7 +543,7 @@ function doneShare(job) {
 function progress(job, withLegend = true) {
   const c = job.counts;
   const all = EXEC_STATES.reduce((a, s) => a + c[s], 0);
-  const bar = el("div.bar", { role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100",
+  const bar = el("div.bar", { role: "progressbar", "aria-label": "Executions finished", "aria-valuemin": "0", "aria-valuemax": "100",
     "aria-valuenow": String(Math.round(doneShare(job) * 100)) });
   for (const s of EXEC_STATES) {
     if (!c[s] || s === "queued") continue;
@@ -593,7 +604,7 @@ function jobsView(ctx, query) {
   state.value = query.get("state") || "";
   state.addEventListener("change", () => { location.hash = `#/jobs?${new URLSearchParams({ state: state.value })}`; });
   const err = el("div");
-  const list = el("div.card.scroll#jobs-list");
+  const list = scrollable(el("div.card.scroll#jobs-list"), "Jobs found");
   fill(main, el("h1", { text: "Jobs" }), err, jobForm(err), el("div.inline.card", {}, el("label", {}, "State", state)), list);
   const tail = {};
   ctx.every(2000, async () => {
@@ -616,7 +627,7 @@ function jobsView(ctx, query) {
 function jobView(ctx, id) {
   const err = el("div");
   const head = el("div.card#job-detail");
-  const execs = el("div.card.scroll#job-executions");
+  const execs = scrollable(el("div.card.scroll#job-executions"), "Executions");
   fill(main, el("h1", {}, "Job ", el("code", { text: id })), err, head, execs);
   ctx.every(1000, async () => {
     try {
@@ -661,7 +672,7 @@ const clip = (t) => (t.length > MAX_EVENT_TEXT ? `${t.slice(0, MAX_EVENT_TEXT)} 
 function liveView(ctx) {
   const state = el("span#live-state.badge", { text: "connecting" });
   const err = el("div");
-  const events = el("div.card.events#live-events");
+  const events = scrollable(el("div.card.events#live-events"), "Events");
   const charts = el("div.grid#live-charts");
   fill(main, el("h1", {}, "Live ", state), err, charts, el("h2", { text: "Events" }), events);
   const lines = [

@@ -7,6 +7,12 @@
 //! `chromium`, `chromium-driver`). Without them it says so and passes,
 //! unless `ENTENTE_TEST_CHROMIUM` is set (as `.ci/run` sets it): then a
 //! missing browser is a failure, so CI never skips it silently.
+//!
+//! The session test also checks every view with axe-core (WCAG 2.0 and 2.1,
+//! levels A and AA) in the same browser: no violation of impact `serious`
+//! or `critical`. `ENTENTE_TEST_AXE` names axe-core's `axe.min.js` (`.ci/run`
+//! fetches it, pinned by its SHA-256); without it the checks are skipped,
+//! saying so, unless `ENTENTE_TEST_CHROMIUM` is set: then the test fails.
 
 mod common;
 
@@ -209,6 +215,131 @@ fn browser_tools() -> Result<(PathBuf, PathBuf), String> {
     let browser = on_path(&["chromium", "chromium-browser", "google-chrome"])
         .ok_or("no chromium on the PATH")?;
     Ok((driver, browser))
+}
+
+/// axe-core's script, from the file `ENTENTE_TEST_AXE` names; `None` (the
+/// accessibility checks are skipped, saying why) without it, unless
+/// `ENTENTE_TEST_CHROMIUM` is set: then it fails, as CI always sets both.
+fn axe_or_skip(test: &str) -> Option<String> {
+    let Some(path) = std::env::var_os("ENTENTE_TEST_AXE") else {
+        if std::env::var_os("ENTENTE_TEST_CHROMIUM").is_some() {
+            panic!(
+                "ENTENTE_TEST_CHROMIUM is set but ENTENTE_TEST_AXE does not name axe-core's \
+                 axe.min.js, so the console's accessibility cannot be checked (.ci/run fetches \
+                 it and sets ENTENTE_TEST_AXE)"
+            );
+        }
+        eprintln!(
+            "skipped the accessibility checks of {test}: ENTENTE_TEST_AXE does not name \
+             axe-core's axe.min.js (.ci/run fetches it; set ENTENTE_TEST_CHROMIUM to make \
+             this a failure)"
+        );
+        return None;
+    };
+    let script = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "ENTENTE_TEST_AXE names {}, which cannot be read: {e}",
+            Path::new(&path).display()
+        )
+    });
+    assert!(
+        script.contains("axe"),
+        "ENTENTE_TEST_AXE names {}, which is not axe-core",
+        Path::new(&path).display()
+    );
+    Some(script)
+}
+
+/// Runs axe-core in the page: the WCAG 2.0 and 2.1 rules of levels A and
+/// AA, over the whole document. Every violation is printed (its rule,
+/// impact, help and the first elements it names); those of impact
+/// `serious` or `critical` are kept, to fail the test once every view has
+/// been checked.
+struct Audit {
+    script: Option<String>,
+    serious: Vec<String>,
+    views: usize,
+}
+
+/// What axe-core reports, as lines: `impact|rule: help (n elements: a, b, c)`.
+const AXE_RUN: &str = "const done = arguments[arguments.length - 1]; \
+    axe.run(document, {runOnly: {type: 'tag', \
+        values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa']}, resultTypes: ['violations']}) \
+      .then(r => done({violations: r.violations.map(v => ({id: v.id, impact: v.impact, \
+          help: v.help, nodes: v.nodes.length, \
+          targets: v.nodes.slice(0, 3).map(n => n.target.join(' '))}))}), \
+        e => done({error: String(e)}));";
+
+impl Audit {
+    fn new(script: Option<String>) -> Audit {
+        Audit {
+            script,
+            serious: Vec::new(),
+            views: 0,
+        }
+    }
+
+    /// Checks the page as it is now, named `view` in what is printed.
+    async fn check(&mut self, b: &Browser, view: &str) {
+        let Some(script) = &self.script else {
+            return;
+        };
+        // Injected once per document (the console changes views without
+        // loading a new one).
+        let loaded = b
+            .js("return typeof window.axe !== 'undefined'", json!([]))
+            .await;
+        if loaded != json!(true) {
+            b.js(script, json!([])).await;
+        }
+        let r = b
+            .cmd(
+                reqwest::Method::POST,
+                "/execute/async",
+                Some(json!({"script": AXE_RUN, "args": []})),
+            )
+            .await;
+        if let Some(e) = r["error"].as_str() {
+            panic!("axe-core failed on the {view} view: {e}");
+        }
+        let violations = r["violations"].as_array().expect("violations");
+        println!(
+            "accessibility of the {view} view: {} violated rule(s)",
+            violations.len()
+        );
+        for v in violations {
+            let impact = v["impact"].as_str().unwrap_or("unknown");
+            let targets: Vec<&str> = v["targets"]
+                .as_array()
+                .map(|t| t.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let line = format!(
+                "{view}: {impact} {}: {} ({} element(s): {})",
+                v["id"].as_str().unwrap_or("?"),
+                v["help"].as_str().unwrap_or(""),
+                v["nodes"],
+                targets.join(", ")
+            );
+            println!("  {line}");
+            if impact == "serious" || impact == "critical" {
+                self.serious.push(line);
+            }
+        }
+        self.views += 1;
+    }
+
+    /// Fails unless every view checked was free of serious and critical
+    /// violations (and `views` were checked, when axe-core is at hand).
+    fn assert_clean(&self, views: usize) {
+        assert!(
+            self.serious.is_empty(),
+            "serious or critical accessibility violations:\n{}",
+            self.serious.join("\n")
+        );
+        if self.script.is_some() {
+            assert_eq!(self.views, views, "views checked");
+        }
+    }
 }
 
 /// A chromedriver process on a port it picked (it prints it), in a process
@@ -469,6 +600,7 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
     let Some((driver_path, browser_path)) = browser_or_skip("an_operator_runs_the_fleet") else {
         return;
     };
+    let mut audit = Audit::new(axe_or_skip("an_operator_runs_the_fleet"));
     let tmp = tempfile::tempdir().expect("tempdir");
     let shots = tempfile::Builder::new()
         .prefix("entente-console-")
@@ -540,6 +672,7 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
     b.click("#signin button[type=submit]").await;
     let refused = b.text_of("#signin-problem .problem").await;
     assert!(refused.contains("not known to this gateway"), "{refused}");
+    audit.check(&b, "sign-in (a token refused)").await;
 
     // Signed in: the group, with its leader.
     b.type_in("#token", &token).await;
@@ -552,6 +685,7 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
     .await;
     assert_eq!(b.text_of("#group-leader").await, "1");
     b.shot("group").await;
+    audit.check(&b, "group").await;
     let stored = b
         .js(
             "return [sessionStorage.length, localStorage.length, document.cookie]",
@@ -579,6 +713,7 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
         )
         .await;
     assert_eq!(found, json!(["pump-1", "pump-2"]));
+    audit.check(&b, "devices").await;
 
     // A device's page: presence, then a command followed to its end.
     b.click("#device-list [data-device=pump-1] a").await;
@@ -638,6 +773,7 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
     )
     .await;
     b.shot("device").await;
+    audit.check(&b, "device").await;
     // The version read before that change is stale now: the API's 412.
     b.type_in("#desired-version", version.as_str().expect("version"))
         .await;
@@ -684,6 +820,15 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
         .await;
     b.js("window.scrollTo(0, 0)", json!([])).await;
     b.shot("device-narrow").await;
+    // A phone's width: the same checks.
+    b.resize(390, 844).await;
+    b.until(
+        "the window 390 px wide",
+        "return window.innerWidth <= 390",
+        json!([]),
+    )
+    .await;
+    audit.check(&b, "device at 390×844").await;
     b.resize(1280, 1000).await;
 
     // The device's commands, listed by status.
@@ -696,6 +841,7 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
         listed.contains("reboot") && listed.contains("succeeded"),
         "{listed}"
     );
+    audit.check(&b, "commands").await;
 
     // A job the API refuses: its 422, in the API's words.
     b.click("nav a[data-view=jobs]").await;
@@ -708,6 +854,7 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
         invalid.contains("Invalid request body") && invalid.contains("1 to 128 characters"),
         "{invalid}"
     );
+    audit.check(&b, "jobs (a job refused)").await;
 
     // A job launching one device a minute, canceled from its page after
     // the first.
@@ -753,6 +900,10 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
     let counts = b.text_of("#job-progress [data-count=succeeded]").await;
     assert_eq!(counts.trim(), "succeeded 2");
     b.shot("job").await;
+    audit.check(&b, "job").await;
+    b.click("nav a[data-view=jobs]").await;
+    b.element("#jobs-list [data-job] [role=progressbar]").await;
+    audit.check(&b, "jobs").await;
 
     // A device with more commands than the page lists shows its newest.
     let mut last = String::new();
@@ -821,6 +972,7 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
     )
     .await;
     b.shot("live").await;
+    audit.check(&b, "live").await;
 
     // The token is revoked: the console returns to sign-in with the 401's detail.
     let r = api
@@ -839,6 +991,7 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
         .await;
     assert_eq!(left, Value::Null, "the revoked token is forgotten");
     b.shot("signed-out").await;
+    audit.check(&b, "sign-in (signed out)").await;
 
     // Nothing the policy refused, no script error.
     let log = b.log().await;
@@ -848,6 +1001,9 @@ async fn an_operator_runs_the_fleet_from_the_console_in_a_browser() {
             "the browser said: {line}"
         );
     }
+
+    // Every view: no serious or critical accessibility violation.
+    audit.assert_clean(11);
 
     // The README's picture.
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/console.png");
