@@ -10,8 +10,8 @@ use consensus::engine::EngineMessage;
 use consensus::memory::{Envelope, MemNode, MemStorage, Network};
 use consensus::pbft::crypto::{Crypto, Ed25519, SimCrypto};
 use consensus::pbft::{
-    CheckpointProof, CheckpointState, CheckpointVote, Config, Message, MessageKind, NewView, Pbft,
-    Phase, PrePrepare, PreparedCert, Request, Signed, ViewChange, Vote, batch_digest,
+    Alive, CheckpointProof, CheckpointState, CheckpointVote, Config, Message, MessageKind, NewView,
+    Pbft, Phase, PrePrepare, PreparedCert, Request, Signed, ViewChange, Vote, batch_digest,
     compute_new_view, conflicting_certificates,
 };
 use consensus::types::{InitialState, NodeId, Role};
@@ -986,7 +986,10 @@ fn a_request_withheld_from_the_primary_does_not_force_a_view_change() {
             .expect("step");
     }
     net.stabilize();
+    // The primary lives (it signs signs of life): only the request timer
+    // could move the backups.
     for _ in 0..25 {
+        net.tick(1, 1);
         net.tick(2, 1);
         net.tick(3, 1);
     }
@@ -1125,6 +1128,17 @@ fn view_change(from: NodeId, view: u64, prepared: Vec<PreparedCert>) -> Signed<V
     )
 }
 
+/// A sign of life from `from` in `view`: the primary of the view keeps a
+/// replica ticked alone from starting a view change.
+fn alive(from: NodeId, to: NodeId, view: u64) -> Message {
+    let a = Alive { view, executed: 0 };
+    msg(
+        from,
+        to,
+        MessageKind::Alive(Signed::sign(crypto(from).as_ref(), from, a)),
+    )
+}
+
 fn fetches_sent(r: &mut Pbft) -> usize {
     let rd = r.ready();
     r.advance();
@@ -1196,6 +1210,7 @@ fn a_message_of_a_far_later_view_does_not_make_a_replica_fetch_forever() {
         .expect("step");
     let mut fetches = 0;
     for _ in 0..400 {
+        r.step(alive(1, 2, 0)).expect("step");
         r.tick();
         fetches += fetches_sent(&mut r);
     }
@@ -1207,6 +1222,7 @@ fn a_message_of_a_far_later_view_does_not_make_a_replica_fetch_forever() {
     for t in 0..640u64 {
         r.step(msg(3, 2, MessageKind::Commit(vote(1_000_000 + t))))
             .expect("step");
+        r.step(alive(1, 2, 0)).expect("step");
         r.tick();
         fetches += fetches_sent(&mut r);
     }
@@ -1339,6 +1355,7 @@ fn a_later_view_that_f_plus_1_members_sign_in_is_fetched_until_entered() {
     assert!(r.is_active());
     let mut fetches = 0;
     for _ in 0..100 {
+        r.step(alive(2, 1, 1)).expect("step");
         r.tick();
         fetches += fetches_sent(&mut r);
     }
@@ -2060,4 +2077,132 @@ fn one_reply_covering_several_own_requests_costs_one_signature_check() {
         checked.load(std::sync::atomic::Ordering::SeqCst) - before,
         1
     );
+}
+
+/// An idle group kept a dead primary: with no request waiting no timer ran,
+/// so nothing replaced it until the next write. A live primary with nothing
+/// to order signs a sign of life every resend round and keeps its view; a
+/// dead one is replaced by the backups' idle timer, without any request.
+#[test]
+fn an_idle_group_replaces_a_dead_primary_without_any_request() {
+    let mut net = group();
+    net.propose(2, b"a").expect("propose");
+    // Idle, primary alive: many request timeouts pass in view 0.
+    for _ in 0..100 {
+        net.tick_all();
+    }
+    for id in IDS {
+        assert_eq!(net.raft(id).view(), 0, "node {id} keeps its live primary");
+        assert_eq!(net.raft(id).stats().idle_view_changes, 0);
+    }
+    // The primary dies; nobody writes.
+    net.isolate(1);
+    let mut ticks = 0;
+    while [2, 3, 4]
+        .iter()
+        .any(|&id| net.raft(id).view() == 0 || !net.raft(id).is_active())
+    {
+        ticks += 1;
+        assert!(ticks <= 60, "no new primary within 60 ticks");
+        for id in [2, 3, 4] {
+            net.raft_mut(id).tick();
+        }
+        net.stabilize();
+    }
+    for id in [2, 3, 4] {
+        assert_eq!(net.raft(id).view(), 1, "node {id}");
+        assert_eq!(net.raft(id).leader(), Some(2));
+        assert_eq!(net.raft(id).stats().idle_view_changes, 1);
+    }
+    assert!(ticks >= 20, "not before request_timeout ticks: {ticks}");
+    // The new view orders at once.
+    net.propose(3, b"b").expect("propose");
+    for id in [2, 3, 4] {
+        assert_eq!(applied(&net, id).last(), Some(&(2, b"b".to_vec())));
+    }
+}
+
+/// The sign of life does not shield a primary that orders nothing: the
+/// request timer still replaces it.
+#[test]
+fn a_primary_signing_signs_of_life_but_ordering_nothing_is_still_replaced() {
+    let mut net = group();
+    net.ignore("PrePrepare");
+    net.propose(3, b"a").expect("propose");
+    for _ in 0..30 {
+        net.tick_all();
+    }
+    for id in [2, 3, 4] {
+        assert!(net.raft(id).view() >= 1, "node {id} left view 0");
+        assert_eq!(net.raft(id).stats().idle_view_changes, 0, "node {id}");
+    }
+    net.recover();
+    for _ in 0..40 {
+        net.tick_all();
+    }
+    for id in IDS {
+        assert_eq!(applied(&net, id), vec![(1, b"a".to_vec())], "node {id}");
+    }
+}
+
+/// Only the primary of the replica's view keeps its idle timer: signs of
+/// life from another member, or from the primary for another view, do not.
+#[test]
+fn only_the_primary_of_the_view_keeps_a_backup_in_it() {
+    let mut r = replica(2);
+    for _ in 0..20 {
+        r.step(alive(3, 2, 0)).expect("step");
+        r.step(alive(1, 2, 7)).expect("step");
+        r.tick();
+    }
+    assert_eq!(r.view(), 1, "silent primary replaced");
+    assert!(!r.is_active());
+    assert_eq!(r.stats().idle_view_changes, 1);
+    // Waiting for a NEW-VIEW that does not come, it does not spin: without
+    // a quorum of VIEW-CHANGEs it stays in view 1.
+    for _ in 0..200 {
+        r.tick();
+    }
+    assert_eq!(r.view(), 1);
+    // A forged sign of life (signer not the sender) counts as a bad
+    // signature and keeps nothing.
+    let mut r = replica(3);
+    let mut forged = alive(1, 3, 0);
+    forged.from = 4;
+    r.step(forged).expect("dropped");
+    assert_eq!(r.stats().bad_signature, 1);
+}
+
+/// Every replica, not only the primary, reports which members it heard a
+/// valid signed message from within the last `request_timeout` ticks — an
+/// idle group included — and stops reporting one that went away.
+#[test]
+fn every_replica_reports_which_members_it_heard_from_recently() {
+    let mut net = group();
+    net.propose(1, b"a").expect("propose");
+    for _ in 0..50 {
+        net.tick_all();
+    }
+    for id in IDS {
+        let st = net.raft(id).status();
+        assert_eq!(st.progress.len(), 4, "node {id}");
+        for (m, p) in &st.progress {
+            assert!(p.recent_active && p.connected, "node {id} hears {m}");
+            assert_eq!(p.matched, 1, "node {id} on {m}");
+        }
+    }
+    net.isolate(3);
+    for _ in 0..25 {
+        for id in [1, 2, 4] {
+            net.raft_mut(id).tick();
+        }
+        net.stabilize();
+    }
+    for id in [1, 2, 4] {
+        let st = net.raft(id).status();
+        for (&m, p) in &st.progress {
+            assert_eq!(p.recent_active, m != 3, "node {id} on {m}");
+            assert_eq!(p.connected, m != 3, "node {id} on {m}");
+        }
+    }
 }

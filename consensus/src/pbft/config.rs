@@ -22,11 +22,16 @@ pub struct Config {
     pub window: u64,
     /// Ticks a backup waits for a request it knows of to execute before it
     /// starts a view change; also the first view change's timeout, doubled
-    /// for each successive one without a new view (default 20).
+    /// for each successive one without a new view, how long a backup waits
+    /// for any signed message of its view from the primary before it starts
+    /// one, and how recently a member must have been heard to count as
+    /// active in the status (default 20).
     pub request_timeout: u32,
     /// Ticks between retransmissions of the messages of unfinished work
-    /// (own requests, pre-prepares, votes, checkpoints, view changes) and
-    /// between catch-up requests of a replica that is behind (default 2).
+    /// (own requests, pre-prepares, votes, checkpoints, view changes),
+    /// between catch-up requests of a replica that is behind, and between
+    /// the signs of life (ALIVE) of an active replica with nothing else to
+    /// send (default 2).
     pub resend_tick: u32,
     /// Most requests in one pre-prepare of the normal case (default 64).
     pub max_batch: usize,

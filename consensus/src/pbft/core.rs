@@ -8,12 +8,12 @@ use bytes::Bytes;
 use super::config::{Config, ConfigError};
 use super::crypto::{Crypto, Digest, sha256};
 use super::message::{
-    CheckpointProof, CheckpointState, CheckpointVote, CommitCert, Dec, Enc, MAX_REPLY_LEAVES,
-    Message, MessageKind, NewView, Phase, PrePrepare, PreparedCert, Replies, Reply, ReplyLeaf,
-    Request, Signed, View, ViewChange, Vote, batch_digest, get_checkpoint_proof, get_pre_prepare,
-    get_vote, put_checkpoint_proof, put_pre_prepare, put_vote,
+    Alive, CheckpointProof, CheckpointState, CheckpointVote, CommitCert, Dec, Enc,
+    MAX_REPLY_LEAVES, Message, MessageKind, NewView, Phase, PrePrepare, PreparedCert, Replies,
+    Reply, ReplyLeaf, Request, Signed, View, ViewChange, Vote, batch_digest, get_checkpoint_proof,
+    get_pre_prepare, get_vote, put_checkpoint_proof, put_pre_prepare, put_vote,
 };
-use crate::raft::Status;
+use crate::raft::{ProgressState, ProgressStatus, Status};
 use crate::ready::{
     Certificate, CompactError, ProposeError, Proposed, ReadState, Ready, SoftState, StepError,
 };
@@ -86,6 +86,20 @@ pub struct PbftStats {
     /// Own executed requests given up without a certificate because
     /// `max_pending` others waited for theirs.
     pub certificates_dropped: u64,
+    /// View changes a backup started because the primary of its view sent
+    /// no valid signed message naming the view (pre-prepare, COMMIT, ALIVE)
+    /// for `request_timeout` ticks, with no request of its own waiting.
+    pub idle_view_changes: u64,
+}
+
+/// What a replica last heard from another member: a valid signed message.
+#[derive(Clone, Copy, Debug, Default)]
+struct Heard {
+    /// The tick (of this replica's clock) it arrived at.
+    at: u64,
+    /// The highest sequence number the member signed a COMMIT or CHECKPOINT
+    /// for or reported executed in an ALIVE.
+    upto: Index,
 }
 
 /// The replies gathered for one own request.
@@ -296,6 +310,16 @@ pub struct Pbft {
     above_window: bool,
     resend_elapsed: u32,
     fetch_peer: usize,
+    /// Ticks since this replica started.
+    now: u64,
+    /// Per other member, the last valid signed message from it.
+    heard: BTreeMap<NodeId, Heard>,
+    /// When this replica last heard the primary of its view (a valid signed
+    /// message naming the view), or entered the view.
+    primary_heard: u64,
+    /// A PRE-PREPARE, PREPARE or COMMIT went out since the last resend
+    /// round: no ALIVE is needed.
+    busy: bool,
 
     stats: PbftStats,
 
@@ -506,6 +530,10 @@ impl Pbft {
             above_window: false,
             resend_elapsed: 0,
             fetch_peer: 0,
+            now: 0,
+            heard: BTreeMap::new(),
+            primary_heard: 0,
+            busy: false,
             stats: PbftStats::default(),
             msgs: Vec::new(),
             persisted_msgs: Vec::new(),
@@ -764,8 +792,60 @@ impl Pbft {
             last_index: self.record_last(),
             snapshot_index: self.snapshot.index,
             conf_state: self.conf.clone(),
-            progress: BTreeMap::new(),
+            progress: self.progress(),
             removed: None,
+        }
+    }
+
+    /// Per member, on every replica (any member may need it, not only the
+    /// primary): `recent_active` and `connected` when a valid signed message
+    /// from it arrived within the last `request_timeout` ticks (an active
+    /// member sends one at least every `resend_tick`: ALIVE when it has
+    /// nothing else to send), `matched` the highest sequence number it
+    /// signed a COMMIT or CHECKPOINT for or reported executed. This replica
+    /// itself is always active, `matched` its executed prefix.
+    fn progress(&self) -> BTreeMap<NodeId, ProgressStatus> {
+        self.members
+            .iter()
+            .map(|&id| {
+                let (upto, recent) = if id == self.id {
+                    (self.exec.n, true)
+                } else {
+                    let h = self.heard.get(&id);
+                    (
+                        h.map_or(0, |h| h.upto),
+                        h.is_some_and(|h| self.now - h.at < u64::from(self.cfg.request_timeout)),
+                    )
+                };
+                (
+                    id,
+                    ProgressStatus {
+                        matched: upto,
+                        next: self.exec.n + 1,
+                        state: ProgressState::Replicate,
+                        inflight: 0,
+                        paused: false,
+                        recent_active: recent,
+                        learner: false,
+                        connected: recent,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Notes a valid signed message from `from` (`upto` as for [`Heard`]).
+    fn hear(&mut self, from: NodeId, upto: Index) {
+        let h = self.heard.entry(from).or_default();
+        h.at = self.now;
+        h.upto = h.upto.max(upto);
+    }
+
+    /// Notes a valid signed message naming `view` from `from`: if it is the
+    /// primary of this replica's (active) view, the primary is alive.
+    fn hear_in_view(&mut self, from: NodeId, view: View) {
+        if self.active && view == self.view && from == self.primary_of(view) {
+            self.primary_heard = self.now;
         }
     }
 
@@ -841,6 +921,10 @@ impl Pbft {
     /// `persisted` or while state waits to be persisted (see `send`).
     fn broadcast(&mut self, kind: MessageKind, persisted: bool) {
         let persisted = persisted || self.unpersisted();
+        self.busy |= matches!(
+            kind,
+            MessageKind::PrePrepare(_) | MessageKind::Prepare(_) | MessageKind::Commit(_)
+        );
         for to in self.peers() {
             let m = Message {
                 from: self.id,
@@ -1831,6 +1915,7 @@ impl Pbft {
         self.vc_elapsed = 0;
         self.vc_attempts = 0;
         self.later_fetches = 0;
+        self.primary_heard = self.now;
         if self.later_view <= self.view {
             self.later_view = 0;
         }
@@ -2012,6 +2097,7 @@ impl Pbft {
     /// One logical clock tick: request and view-change timers,
     /// retransmissions and catch-up.
     pub fn tick(&mut self) {
+        self.now += 1;
         if self.active {
             if self.primary_of(self.view) != self.id {
                 let mut expired = false;
@@ -2019,7 +2105,16 @@ impl Pbft {
                     w.age += 1;
                     expired |= w.age >= self.cfg.request_timeout;
                 }
-                if expired {
+                // An idle group notices a dead primary too: a live one
+                // sends something signed naming the view every resend
+                // round (ALIVE when it has nothing to order). The request
+                // timer above still catches one that sends signs of life
+                // but orders nothing.
+                let silent = self.now - self.primary_heard >= u64::from(self.cfg.request_timeout);
+                if expired || silent {
+                    if !expired {
+                        self.stats.idle_view_changes += 1;
+                    }
                     self.start_view_change(self.view + 1);
                 }
             }
@@ -2062,6 +2157,7 @@ impl Pbft {
     /// Retransmits what unfinished work depends on, and asks a peer for
     /// what this replica misses.
     fn resend(&mut self) {
+        let quiet = !std::mem::take(&mut self.busy);
         let own: Vec<Signed<Request>> = self.own_reqs.values().take(64).cloned().collect();
         for r in own {
             self.broadcast(MessageKind::Request(r), false);
@@ -2086,6 +2182,20 @@ impl Pbft {
             }
             for k in out {
                 self.broadcast(k, false);
+            }
+            if quiet {
+                // Nothing signed naming the view went out since the last
+                // round: a sign of life, so the backups keep an idle
+                // primary and every member knows who is reachable.
+                let alive = Signed::sign(
+                    self.crypto(),
+                    self.id,
+                    Alive {
+                        view: self.view,
+                        executed: self.exec.n,
+                    },
+                );
+                self.broadcast(MessageKind::Alive(alive), false);
             }
         } else if let Some(vc) = self.my_vc.clone() {
             self.broadcast(MessageKind::ViewChange(vc), false);
@@ -2246,11 +2356,14 @@ impl Pbft {
                 if v.signer != from || !v.verify(self.crypto()) {
                     self.stats.bad_signature += 1;
                 } else if !v.body.n.is_multiple_of(self.cfg.checkpoint_interval) {
+                    self.hear(from, 0);
                     self.stats.invalid += 1;
                 } else if v.body.n > self.stable.n + 4 * self.cfg.window {
+                    self.hear(from, 0);
                     self.stats.outside_watermarks += 1;
                     self.high_seen = self.high_seen.max(self.stable.n + 1);
                 } else {
+                    self.hear(from, v.body.n);
                     self.on_checkpoint_vote(v);
                 }
             }
@@ -2263,6 +2376,7 @@ impl Pbft {
                 } else if vc.signer != from || !vc.verify(self.crypto()) {
                     self.stats.bad_signature += 1;
                 } else {
+                    self.hear(from, 0);
                     self.on_view_change(from, vc);
                 }
             }
@@ -2291,6 +2405,7 @@ impl Pbft {
             MessageKind::Reply(r) => self.on_reply(from, r),
             MessageKind::ReplyAsk { n, ts } => self.on_reply_ask(from, n, ts),
             MessageKind::NotMember { .. } => {}
+            MessageKind::Alive(a) => self.on_alive(from, a),
         }
         Ok(())
     }
@@ -2348,9 +2463,30 @@ impl Pbft {
                 range(r.reply.body.first, r.reply.body.last)?;
             }
             MessageKind::ReplyAsk { n, .. } => range(*n, *n)?,
+            MessageKind::Alive(a) => {
+                if a.body.view > MAX_TERM || a.body.executed > MAX_INDEX {
+                    return Err(malformed(from, "alive beyond MAX_TERM or MAX_INDEX"));
+                }
+            }
             MessageKind::Request(_) | MessageKind::NotMember { .. } => {}
         }
         Ok(())
+    }
+
+    /// A sign of life: the sender is reachable (and, from the primary of
+    /// this replica's view, that primary is alive); a later view makes this
+    /// replica ask for it as a later pre-prepare or vote would.
+    fn on_alive(&mut self, from: NodeId, a: Signed<Alive>) {
+        if a.signer != from || !a.verify(self.crypto()) {
+            self.stats.bad_signature += 1;
+            return;
+        }
+        self.hear(from, a.body.executed);
+        self.hear_in_view(from, a.body.view);
+        if a.body.view > self.view {
+            self.later_view = self.later_view.max(a.body.view);
+            self.claim_later_view(from, a.body.view);
+        }
     }
 
     fn on_pre_prepare(&mut self, from: NodeId, pp: Signed<PrePrepare>) {
@@ -2381,6 +2517,8 @@ impl Pbft {
             self.stats.bad_signature += 1;
             return;
         }
+        self.hear(from, 0);
+        self.hear_in_view(from, b.view);
         if !self.verify_pre_prepare(&pp) {
             self.stats.invalid += 1;
             return;
@@ -2393,6 +2531,13 @@ impl Pbft {
             self.stats.bad_signature += 1;
             return;
         }
+        let upto = if v.body.phase == Phase::Commit {
+            v.body.last
+        } else {
+            0
+        };
+        self.hear(from, upto);
+        self.hear_in_view(from, v.body.view);
         let b = &v.body;
         if b.phase != phase || (phase == Phase::Prepare && from == self.primary_of(b.view)) {
             self.stats.invalid += 1;

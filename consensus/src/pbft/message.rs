@@ -277,6 +277,25 @@ impl Body for CheckpointVote {
     }
 }
 
+/// ALIVE: a sign of life from an active replica that sent no PRE-PREPARE,
+/// PREPARE or COMMIT since its last resend round. It keeps a live but idle
+/// primary from being replaced and tells every member who is reachable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alive {
+    /// The view the sender is active in.
+    pub view: View,
+    /// The last sequence number it executed.
+    pub executed: Index,
+}
+
+impl Body for Alive {
+    const TAG: u8 = 8;
+    fn signed_bytes(&self, e: &mut Enc) {
+        e.u64(self.view);
+        e.u64(self.executed);
+    }
+}
+
 /// A stable checkpoint and its proof: matching CHECKPOINTs from a quorum
 /// (none for the initial checkpoint at 0).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -705,6 +724,8 @@ pub enum MessageKind {
         /// The sender's executed prefix.
         commit: Index,
     },
+    /// ALIVE: a sign of life (see [`Alive`]).
+    Alive(Signed<Alive>),
 }
 
 impl MessageKind {
@@ -725,6 +746,7 @@ impl MessageKind {
             MessageKind::Reply(_) => "Reply",
             MessageKind::ReplyAsk { .. } => "ReplyAsk",
             MessageKind::NotMember { .. } => "NotMember",
+            MessageKind::Alive(_) => "Alive",
         }
     }
 }

@@ -112,6 +112,23 @@
 //! views waiting for each other; f members claiming high views gain nothing
 //! they could not by signing VIEW-CHANGEs for exactly this view.
 //!
+//! **Idle primaries**: with no request waiting the request timer does not
+//! run, so a dead primary of an idle group would stay until the next
+//! request. An active replica that sent no PRE-PREPARE, PREPARE or COMMIT
+//! since its last resend round signs and broadcasts ALIVE `{view,
+//! executed}` ([`Alive`]) in this one (every `resend_tick`). A backup that
+//! received no valid signed message naming its view from the primary of
+//! that view (a pre-prepare, a COMMIT, an ALIVE) for `request_timeout`
+//! ticks (counted from entering the view) starts a view change exactly as
+//! its request timer would ([`PbftStats::idle_view_changes`]). Nothing is
+//! weakened: the request timer runs regardless, so a faulty primary that
+//! signs ALIVEs but orders nothing is replaced as before; the idle timer
+//! fires at most once per view entered and the view-change rules above
+//! then apply (no quorum, no further view), so no member — a replayed or
+//! forged ALIVE, a member other than the primary — can make a backup spin
+//! through views; a replayed ALIVE of the primary can only delay the idle
+//! timer.
+//!
 //! **Shape before signatures**: a VIEW-CHANGE is refused before any
 //! signature is checked unless it is shaped as a correct replica builds it —
 //! at most L certificates, in views that never increase, each within
@@ -185,6 +202,18 @@
 //! VIEW-CHANGE leaves only once its view is durable: a replica restarted in
 //! the view it had left could still prepare and commit there, after a
 //! NEW-VIEW had counted its VIEW-CHANGE without those batches.
+//!
+//! # Who is reachable
+//!
+//! Every replica (not only the primary: any member may need it) reports
+//! per member in [`Pbft::status`]`.progress`: `recent_active` and
+//! `connected` when a valid signed message from it (a pre-prepare, vote,
+//! CHECKPOINT, VIEW-CHANGE or ALIVE) arrived within the last
+//! `request_timeout` ticks — an active member signs one every resend round
+//! at least — and `matched` the highest sequence number it signed a COMMIT
+//! or CHECKPOINT for or reported executed in an ALIVE. Itself: always
+//! active, `matched` its executed prefix. An ALIVE of a later view counts
+//! toward the later-view claims of catch-up as a pre-prepare or vote does.
 //!
 //! # Signatures
 //!
@@ -274,7 +303,7 @@ pub use core::{
     conflicting_certificates,
 };
 pub use message::{
-    CheckpointProof, CheckpointState, CheckpointVote, ClientRecord, CommitCert, MAX_REPLY_LEAVES,
-    Message, MessageKind, NewView, Phase, PrePrepare, PreparedCert, Replies, Reply, ReplyLeaf,
-    Request, Signed, View, ViewChange, Vote, batch_digest,
+    Alive, CheckpointProof, CheckpointState, CheckpointVote, ClientRecord, CommitCert,
+    MAX_REPLY_LEAVES, Message, MessageKind, NewView, Phase, PrePrepare, PreparedCert, Replies,
+    Reply, ReplyLeaf, Request, Signed, View, ViewChange, Vote, batch_digest,
 };
