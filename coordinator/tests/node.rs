@@ -4,151 +4,21 @@
 //! node restarted from its directory has everything it acknowledged.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use coordinator::image::{ImageReader, SnapshotImage, StagedImage};
-use coordinator::node::{
-    BoxError, Committed, Inbound, Node, NodeConfig, NodeError, PeerSender, SnapshotView,
-    StateMachine,
-};
+use coordinator::image::{SnapshotImage, StagedImage};
+use coordinator::node::{Inbound, Node, NodeConfig, NodeError, PeerSender};
 use coordinator::raft::{ConfChange, ConfState, Index, Message, NodeId, Role, SnapshotMeta};
 use coordinator::storage::{Storage, StorageOptions};
 use tokio::sync::mpsc;
 
-/// Routes messages between in-process nodes.
-#[derive(Default)]
-struct Hub {
-    routes: Mutex<BTreeMap<NodeId, mpsc::Sender<Inbound>>>,
-    /// Nodes cut off: nothing from or to them is delivered.
-    down: Mutex<std::collections::BTreeSet<NodeId>>,
-}
+mod support;
 
-impl Hub {
-    fn cut(&self, a: NodeId, b: NodeId) -> bool {
-        let down = self.down.lock().expect("down");
-        down.contains(&a) || down.contains(&b)
-    }
-}
+use support::{Gates, Log, start_node};
 
-struct HubSender {
-    hub: Arc<Hub>,
-    from: NodeId,
-}
-
-impl HubSender {
-    fn route(&self, to: NodeId, inbound: Inbound) -> bool {
-        let tx = self.hub.routes.lock().expect("routes").get(&to).cloned();
-        tx.is_some_and(|tx| tx.try_send(inbound).is_ok())
-    }
-}
-
-impl PeerSender<Message> for HubSender {
-    fn send(&self, msg: Message) {
-        let to = msg.to;
-        if self.hub.cut(self.from, to) || !self.route(to, Inbound::Message(msg)) {
-            self.route(self.from, Inbound::Unreachable(to));
-        }
-    }
-
-    fn send_snapshot(&self, msg: Message, image: SnapshotImage) {
-        let to = msg.to;
-        // The receiver gets its own copy of the file, as over the network.
-        let copy = || -> std::io::Result<StagedImage> {
-            let mut staged = StagedImage::create_in(&std::env::temp_dir())?;
-            std::io::copy(&mut image.open()?, &mut staged)?;
-            staged.seal()?;
-            Ok(staged)
-        };
-        let ok = !self.hub.cut(self.from, to)
-            && match copy() {
-                Ok(image) => self.route(to, Inbound::Snapshot { msg, image }),
-                Err(_) => false,
-            };
-        self.route(self.from, Inbound::SnapshotStatus { to, ok });
-    }
-}
-
-/// A log of applied strings; the output of each apply is its position.
-#[derive(Default, Clone)]
-struct Log(Arc<Mutex<(Vec<String>, Index)>>, Gates);
-
-/// Ways for a test to hold the state machine up: while a test holds a
-/// gate's write lock, applying (or writing a snapshot image) waits.
-#[derive(Default, Clone)]
-struct Gates {
-    apply: Arc<tokio::sync::RwLock<()>>,
-    snapshot: Arc<tokio::sync::RwLock<()>>,
-    /// Snapshot views taken.
-    views: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl StateMachine for Log {
-    type Output = usize;
-
-    fn applied_index(&self) -> Index {
-        self.0.lock().expect("log").1
-    }
-
-    async fn apply(
-        &mut self,
-        entries: Vec<Committed>,
-        last: Index,
-    ) -> Result<Vec<usize>, BoxError> {
-        drop(self.1.apply.read().await);
-        let mut g = self.0.lock().expect("log");
-        let mut out = Vec::new();
-        for e in entries {
-            g.0.push(String::from_utf8(e.data.to_vec())?);
-            out.push(g.0.len());
-        }
-        g.1 = last;
-        Ok(out)
-    }
-
-    type Snapshot = LogView;
-
-    async fn snapshot(&mut self) -> Result<LogView, BoxError> {
-        self.1
-            .views
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let g = self.0.lock().expect("log");
-        Ok(LogView(
-            g.0.join("\n").into_bytes(),
-            g.1,
-            self.1.snapshot.clone(),
-        ))
-    }
-
-    async fn restore(
-        &mut self,
-        meta: &SnapshotMeta,
-        mut image: ImageReader,
-    ) -> Result<(), BoxError> {
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut image, &mut data)?;
-        let text = String::from_utf8(data)?;
-        let items = if text.is_empty() {
-            Vec::new()
-        } else {
-            text.split('\n').map(String::from).collect()
-        };
-        *self.0.lock().expect("log") = (items, meta.index);
-        Ok(())
-    }
-}
-
-/// The log as of its applied index, written out later (once the snapshot
-/// gate lets it).
-struct LogView(Vec<u8>, Index, Arc<tokio::sync::RwLock<()>>);
-
-impl SnapshotView for LogView {
-    async fn write_to(self, dest: std::path::PathBuf) -> Result<Index, BoxError> {
-        drop(self.2.read().await);
-        std::fs::write(dest, &self.0)?;
-        Ok(self.1)
-    }
-}
+/// Routes Raft's messages between in-process nodes.
+type Hub = support::Hub<Message>;
 
 fn config(id: NodeId) -> NodeConfig {
     let mut c = NodeConfig::new(id);
@@ -177,18 +47,7 @@ async fn start_with(
     sm: Log,
     cfg: NodeConfig,
 ) -> Node<usize> {
-    let (storage, rec) =
-        Storage::open(dir.join(id.to_string()), StorageOptions::default()).expect("open");
-    let init = rec.into_initial_state(ConfState::with_voters(voters.iter().copied()));
-    let (tx, rx) = mpsc::channel(4096);
-    hub.routes.lock().expect("routes").insert(id, tx);
-    let peers = Arc::new(HubSender {
-        hub: hub.clone(),
-        from: id,
-    });
-    Node::start::<coordinator::raft::Raft, _, _, _>(cfg, init, storage, peers, rx, sm)
-        .await
-        .expect("start")
+    start_node::<coordinator::raft::Raft, _>(hub, dir, id, voters, cfg, sm).await
 }
 
 async fn leader_of(nodes: &BTreeMap<NodeId, Node<usize>>) -> NodeId {
@@ -1163,19 +1022,8 @@ impl coordinator::node::BuildEngine for Reballot {
 async fn a_proposal_chosen_under_a_later_term_is_answered_with_its_result() {
     let dir = tempfile::tempdir().expect("tempdir");
     let hub = Arc::new(Hub::default());
-    let (storage, rec) =
-        Storage::open(dir.path().join("1"), StorageOptions::default()).expect("open");
-    let init = rec.into_initial_state(ConfState::with_voters([1]));
-    let (tx, rx) = mpsc::channel(4096);
-    hub.routes.lock().expect("routes").insert(1, tx);
-    let peers = Arc::new(HubSender {
-        hub: hub.clone(),
-        from: 1,
-    });
     let log = Log::default();
-    let node = Node::start::<Reballot, _, _, _>(config(1), init, storage, peers, rx, log.clone())
-        .await
-        .expect("start");
+    let node = start_node::<Reballot, _>(&hub, dir.path(), 1, &[1], config(1), log.clone()).await;
     let mut status = node.watch_status();
     tokio::time::timeout(
         Duration::from_secs(10),

@@ -5,127 +5,21 @@
 //! behind them, and a member restarted from its directory has its state.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use coordinator::engine::EngineKind;
-use coordinator::image::{ImageReader, SnapshotImage, StagedImage};
 use coordinator::keys::NodeKey;
-use coordinator::node::{
-    BoxError, Committed, Inbound, Node, NodeConfig, PBFT_CHECKPOINT_INTERVAL, PeerSender,
-    SnapshotView, StateMachine,
-};
+use coordinator::node::{Node, NodeConfig, PBFT_CHECKPOINT_INTERVAL};
 use coordinator::pbft::{Message, Pbft};
-use coordinator::raft::{ConfState, Index, NodeId, SnapshotMeta};
-use coordinator::storage::{Storage, StorageOptions};
-use tokio::sync::mpsc;
+use coordinator::raft::NodeId;
 
-/// Routes messages between in-process nodes.
-#[derive(Default)]
-struct Hub {
-    routes: Mutex<BTreeMap<NodeId, mpsc::Sender<Inbound<Message>>>>,
-    /// Nodes cut off: nothing from or to them is delivered.
-    down: Mutex<std::collections::BTreeSet<NodeId>>,
-}
+mod support;
 
-struct HubSender {
-    hub: Arc<Hub>,
-    from: NodeId,
-}
+use support::{Log, start_node};
 
-impl HubSender {
-    fn route(&self, to: NodeId, inbound: Inbound<Message>) -> bool {
-        let down = self.hub.down.lock().expect("down");
-        if down.contains(&to) || down.contains(&self.from) {
-            return false;
-        }
-        drop(down);
-        let tx = self.hub.routes.lock().expect("routes").get(&to).cloned();
-        tx.is_some_and(|tx| tx.try_send(inbound).is_ok())
-    }
-}
-
-impl PeerSender<Message> for HubSender {
-    fn send(&self, msg: Message) {
-        let to = msg.to;
-        self.route(to, Inbound::Message(msg));
-    }
-
-    fn send_snapshot(&self, msg: Message, image: SnapshotImage) {
-        let to = msg.to;
-        let copy = || -> std::io::Result<StagedImage> {
-            let mut staged = StagedImage::create_in(&std::env::temp_dir())?;
-            std::io::copy(&mut image.open()?, &mut staged)?;
-            staged.seal()?;
-            Ok(staged)
-        };
-        let ok = match copy() {
-            Ok(image) => self.route(to, Inbound::Snapshot { msg, image }),
-            Err(_) => false,
-        };
-        self.route(self.from, Inbound::SnapshotStatus { to, ok });
-    }
-}
-
-/// A log of applied strings; the output of each apply is its position.
-#[derive(Default, Clone)]
-struct Log(Arc<Mutex<(Vec<String>, Index)>>);
-
-impl StateMachine for Log {
-    type Output = usize;
-
-    fn applied_index(&self) -> Index {
-        self.0.lock().expect("log").1
-    }
-
-    async fn apply(
-        &mut self,
-        entries: Vec<Committed>,
-        last: Index,
-    ) -> Result<Vec<usize>, BoxError> {
-        let mut g = self.0.lock().expect("log");
-        let mut out = Vec::new();
-        for e in entries {
-            g.0.push(String::from_utf8(e.data.to_vec())?);
-            out.push(g.0.len());
-        }
-        g.1 = last;
-        Ok(out)
-    }
-
-    type Snapshot = LogView;
-
-    async fn snapshot(&mut self) -> Result<LogView, BoxError> {
-        let g = self.0.lock().expect("log");
-        Ok(LogView(g.0.join("\n").into_bytes(), g.1))
-    }
-
-    async fn restore(
-        &mut self,
-        meta: &SnapshotMeta,
-        mut image: ImageReader,
-    ) -> Result<(), BoxError> {
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut image, &mut data)?;
-        let text = String::from_utf8(data)?;
-        let items = if text.is_empty() {
-            Vec::new()
-        } else {
-            text.split('\n').map(String::from).collect()
-        };
-        *self.0.lock().expect("log") = (items, meta.index);
-        Ok(())
-    }
-}
-
-struct LogView(Vec<u8>, Index);
-
-impl SnapshotView for LogView {
-    async fn write_to(self, dest: std::path::PathBuf) -> Result<Index, BoxError> {
-        std::fs::write(dest, &self.0)?;
-        Ok(self.1)
-    }
-}
+/// Routes PBFT's messages between in-process nodes.
+type Hub = support::Hub<Message>;
 
 /// Member `id`'s key: fixed seeds, so the group's keys are known up front.
 fn key(id: NodeId) -> NodeKey {
@@ -151,18 +45,7 @@ async fn start(
     voters: &[NodeId],
     sm: Log,
 ) -> Node<usize> {
-    let (storage, rec) =
-        Storage::open(dir.join(id.to_string()), StorageOptions::default()).expect("open");
-    let init = rec.into_initial_state(ConfState::with_voters(voters.iter().copied()));
-    let (tx, rx) = mpsc::channel(4096);
-    hub.routes.lock().expect("routes").insert(id, tx);
-    let peers = Arc::new(HubSender {
-        hub: hub.clone(),
-        from: id,
-    });
-    Node::start::<Pbft, _, _, _>(config(id, voters), init, storage, peers, rx, sm)
-        .await
-        .expect("start")
+    start_node::<Pbft, _>(hub, dir, id, voters, config(id, voters), sm).await
 }
 
 /// A group of one: writes and reads go through the protocol with no peer.
@@ -303,21 +186,9 @@ async fn a_write_at_a_backup_outlives_the_primary() {
     let voters = [1, 2, 3, 4];
     let mut nodes = BTreeMap::new();
     for id in voters {
-        let (storage, rec) =
-            Storage::open(tmp.path().join(id.to_string()), StorageOptions::default())
-                .expect("open");
-        let init = rec.into_initial_state(ConfState::with_voters(voters));
-        let (tx, rx) = mpsc::channel(4096);
-        hub.routes.lock().expect("routes").insert(id, tx);
-        let peers = Arc::new(HubSender {
-            hub: hub.clone(),
-            from: id,
-        });
         let mut cfg = config(id, &voters);
         cfg.tick = Duration::from_millis(20);
-        let node = Node::start::<Pbft, _, _, _>(cfg, init, storage, peers, rx, Log::default())
-            .await
-            .expect("start");
+        let node = start_node::<Pbft, _>(&hub, tmp.path(), id, &voters, cfg, Log::default()).await;
         nodes.insert(id, node);
     }
     let a = nodes[&2].propose(b"one".to_vec()).await.expect("write");

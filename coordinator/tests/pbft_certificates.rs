@@ -13,16 +13,16 @@ use consensus::pbft::certificate;
 use consensus::pbft::crypto::Ed25519;
 use consensus::pbft::{Config, Message, MessageKind, Pbft};
 use coordinator::engine::{Engine, EngineKind, Status};
-use coordinator::image::SnapshotImage;
 use coordinator::node::{
-    BoxError, BuildEngine, Committed, Inbound, Node, NodeConfig, PeerSender, SnapshotView,
-    StateMachine,
+    BoxError, BuildEngine, Committed, Node, NodeConfig, SnapshotView, StateMachine,
 };
 use coordinator::raft::{ConfState, Index, NodeId, SnapshotMeta};
 use coordinator::ready::{Certificate, CompactError, ProposeError, Proposed, Ready, StepError};
-use coordinator::storage::{Storage, StorageOptions};
 use coordinator::types::{HardState, InitialState, Role};
-use tokio::sync::mpsc;
+
+mod support;
+
+use support::{Hub, start_node};
 
 const IDS: [NodeId; 4] = [1, 2, 3, 4];
 
@@ -133,58 +133,22 @@ impl Engine for TestPbft {
     }
 }
 
-/// Routes messages between in-process nodes; can drop every REPLY (and
-/// request for one) addressed to the nodes in `no_replies_to`.
+/// The replies the hub drops: every REPLY (and request for one) addressed
+/// to the nodes in `no_replies_to`.
 #[derive(Default)]
-struct Hub {
-    routes: Mutex<BTreeMap<NodeId, mpsc::Sender<Inbound<Message>>>>,
+struct Replies {
     no_replies_to: Mutex<BTreeSet<NodeId>>,
     dropped_replies: AtomicBool,
 }
 
-struct HubSender {
-    hub: Arc<Hub>,
-    from: NodeId,
-}
-
-impl PeerSender<Message> for HubSender {
-    fn send(&self, msg: Message) {
+impl Replies {
+    fn lose(&self, msg: &Message) -> bool {
         let reply = matches!(msg.kind, MessageKind::Reply(_));
-        if reply
-            && self
-                .hub
-                .no_replies_to
-                .lock()
-                .expect("lock")
-                .contains(&msg.to)
-        {
-            self.hub.dropped_replies.store(true, Ordering::SeqCst);
-            return;
+        if reply && self.no_replies_to.lock().expect("lock").contains(&msg.to) {
+            self.dropped_replies.store(true, Ordering::SeqCst);
+            return true;
         }
-        let tx = self
-            .hub
-            .routes
-            .lock()
-            .expect("routes")
-            .get(&msg.to)
-            .cloned();
-        if let Some(tx) = tx {
-            let _ = tx.try_send(Inbound::Message(msg));
-        }
-    }
-
-    fn send_snapshot(&self, msg: Message, _image: SnapshotImage) {
-        let to = msg.to;
-        let tx = self
-            .hub
-            .routes
-            .lock()
-            .expect("routes")
-            .get(&self.from)
-            .cloned();
-        if let Some(tx) = tx {
-            let _ = tx.try_send(Inbound::SnapshotStatus { to, ok: false });
-        }
+        false
     }
 }
 
@@ -233,36 +197,29 @@ impl SnapshotView for Empty {
     }
 }
 
-async fn group(dir: &std::path::Path, request_timeout: Duration) -> (Arc<Hub>, Vec<Node<Index>>) {
-    let hub = Arc::new(Hub::default());
+async fn group(
+    dir: &std::path::Path,
+    request_timeout: Duration,
+) -> (Arc<Replies>, Vec<Node<Index>>) {
+    let replies = Arc::new(Replies::default());
+    let lose = replies.clone();
+    let hub = Arc::new(Hub::losing(move |msg: &Message| lose.lose(msg)));
     let mut nodes = Vec::new();
     for id in IDS {
-        let (storage, rec) =
-            Storage::open(dir.join(id.to_string()), StorageOptions::default()).expect("open");
-        let init = rec.into_initial_state(ConfState::with_voters(IDS));
-        let (tx, rx) = mpsc::channel(4096);
-        hub.routes.lock().expect("routes").insert(id, tx);
         let mut cfg = NodeConfig::new(id);
         cfg.engine = EngineKind::Pbft;
         cfg.tick = Duration::from_millis(5);
         cfg.request_timeout = request_timeout;
-        let peers = Arc::new(HubSender {
-            hub: hub.clone(),
-            from: id,
-        });
-        let node =
-            Node::start::<TestPbft, _, _, _>(cfg, init, storage, peers, rx, Counter::default())
-                .await
-                .expect("start");
+        let node = start_node::<TestPbft, _>(&hub, dir, id, &IDS, cfg, Counter::default()).await;
         nodes.push(node);
     }
-    (hub, nodes)
+    (replies, nodes)
 }
 
 #[tokio::test]
 async fn a_pbft_proposal_is_answered_with_a_commit_certificate_that_verifies() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_hub, nodes) = group(dir.path(), Duration::from_secs(10)).await;
+    let (_replies, nodes) = group(dir.path(), Duration::from_secs(10)).await;
     let keys = keys();
     for (i, at) in [1usize, 2, 3].into_iter().enumerate() {
         let body = format!("write {i}").into_bytes();
@@ -290,23 +247,23 @@ async fn without_replies_a_pbft_proposal_is_answered_after_the_timeout_without_o
     // Long enough for a write to commit on a loaded machine (each PBFT
     // phase waits for an fsync).
     let timeout = Duration::from_secs(4);
-    let (hub, nodes) = group(dir.path(), timeout).await;
+    let (replies, nodes) = group(dir.path(), timeout).await;
     // The group orders a first write (certified), then node 2 hears no
     // replies.
     let first = nodes[1].propose(b"first".to_vec()).await.expect("applied");
     assert!(first.certificate.is_some());
-    hub.no_replies_to.lock().expect("lock").insert(2);
+    replies.no_replies_to.lock().expect("lock").insert(2);
     let started = tokio::time::Instant::now();
     let applied = nodes[1].propose(b"lonely".to_vec()).await.expect("applied");
     assert!(applied.certificate.is_none());
-    assert!(hub.dropped_replies.load(Ordering::SeqCst));
+    assert!(replies.dropped_replies.load(Ordering::SeqCst));
     assert!(
         started.elapsed() >= timeout,
         "answered at the proposal's deadline, not at the apply"
     );
     assert_eq!(nodes[1].status().uncertified, 1);
     // Once replies flow again, the next write is certified.
-    hub.no_replies_to.lock().expect("lock").clear();
+    replies.no_replies_to.lock().expect("lock").clear();
     let applied = nodes[1].propose(b"again".to_vec()).await.expect("applied");
     let cert = applied.certificate.expect("a certificate");
     certificate::verify(&cert, &keys()).expect("verifies");
