@@ -25,7 +25,7 @@
 #                            for the CPUs to be at most 25 % busy (0: do not wait)
 #   BENCH_PROFILE=1          0 skips the perf profiles
 #   BENCH_MATCHED_FAILOVER=1 0 skips etcd's extra failover run with Entente's timings
-#   BENCH_PORT_BASE=23000    ports BASE+101 .. BASE+1103 on 127.0.0.1
+#   BENCH_PORT_BASE=23000    ports BASE+101 .. BASE+1424 on 127.0.0.1
 #   BENCH_DIR=...            data and results (default: a new directory under target/)
 #   BENCH_OUT=bench/BENCHMARKS.md, BENCH_CHART=bench/chart.png
 #   BENCH_NO_INSTALL=1       do not run apt-get (the tools must be there)
@@ -40,6 +40,28 @@
 #                            writes against it and the (Raft) main group in
 #                            turn at each level, and its failover (ports
 #                            BASE+761 .. 1103); appended to the report
+#   BENCH_PBFT=1             0 skips the PBFT group: four gateways on
+#                            --consensus pbft (f = 1; each key made with
+#                            `gateway keys` in its data directory, every
+#                            member started with the four in --group-keys),
+#                            closed-loop writes against it and the (Raft)
+#                            main group in turn at each level (writes/s,
+#                            p50/p99, server CPU per write, the primary's
+#                            fsyncs per write), then $BENCH_KILLS kills of its
+#                            primary, each timed to the first write through
+#                            a survivor (ports BASE+1111 .. 1424); appended
+#                            to the report with the PBFT/Raft ratio per level
+#   BENCH_PBFT_KILLS_PER_GROUP=1  primary kills per group of four fresh PBFT
+#                            gateways (each killed primary restarted on its
+#                            data before the next kill); the kills are
+#                            spread over as many groups as it takes. 1:
+#                            every kill is of a settled group's first primary
+#   BENCH_ONLY=engines       only the engine comparison: the Entente groups
+#                            (Raft, and Multi-Paxos / PBFT as switched on
+#                            above), their writes and failovers; no etcd,
+#                            Mosquitto, reads, ingest or profiles. The
+#                            report holds the engine sections only and goes
+#                            to BENCH_OUT (default: engines.md in the results)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -48,7 +70,7 @@ STARTED=$(date +%s)
 COMMAND="bench/run.sh"
 for k in BENCH_SECS BENCH_WARMUP BENCH_QUICK BENCH_CLIENTS BENCH_KILLS BENCH_INGEST_CLIENTS \
          BENCH_INGEST_INFLIGHT BENCH_SPREAD BENCH_PROFILE BENCH_MATCHED_FAILOVER BENCH_QUIET_WAIT \
-         BENCH_PEER_TLS BENCH_ENGINES; do
+         BENCH_PEER_TLS BENCH_ENGINES BENCH_PBFT BENCH_PBFT_KILLS_PER_GROUP BENCH_ONLY; do
   if [ -n "${!k:-}" ]; then COMMAND="$k=\"${!k}\" $COMMAND"; fi
 done
 
@@ -67,10 +89,19 @@ fi
 INFLIGHT=${BENCH_INGEST_INFLIGHT:-"1 10"}
 PEER_TLS=${BENCH_PEER_TLS:-0}
 ENGINES=${BENCH_ENGINES:-1}
+PBFT=${BENCH_PBFT:-1}
+PBFT_KILLS_PER_GROUP=${BENCH_PBFT_KILLS_PER_GROUP:-1}
+[ "$PBFT_KILLS_PER_GROUP" -ge 1 ] 2>/dev/null || { echo "bench/run.sh: BENCH_PBFT_KILLS_PER_GROUP must be 1 or more" >&2; exit 1; }
+ONLY=${BENCH_ONLY:-}
+case "$ONLY" in
+  "") ;;
+  engines) PROFILE=0; MATCHED=0; OPEN_FRACTIONS="" ;;
+  *) printf 'bench/run.sh: BENCH_ONLY is empty or engines, not %s\n' "$ONLY" >&2; exit 1 ;;
+esac
 SPREAD=${BENCH_SPREAD:-rotate}
 QUIET_WAIT=${BENCH_QUIET_WAIT:-20}
 BASE=${BENCH_PORT_BASE:-23000}
-OUT=${BENCH_OUT:-bench/BENCHMARKS.md}
+OUT=${BENCH_OUT:-}
 CHART=${BENCH_CHART:-bench/chart.png}
 
 log() { printf '\n[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -78,10 +109,12 @@ die() { printf 'bench/run.sh: %s\n' "$*" >&2; exit 1; }
 
 # --- 1. Tools -----------------------------------------------------------------
 need_pkgs=()
-command -v etcd >/dev/null || need_pkgs+=(etcd-server)
-command -v mosquitto >/dev/null || need_pkgs+=(mosquitto)
-command -v mosquitto_pub >/dev/null || need_pkgs+=(mosquitto-clients)
-command -v gnuplot >/dev/null || need_pkgs+=(gnuplot-nox)
+if [ -z "$ONLY" ]; then
+  command -v etcd >/dev/null || need_pkgs+=(etcd-server)
+  command -v mosquitto >/dev/null || need_pkgs+=(mosquitto)
+  command -v mosquitto_pub >/dev/null || need_pkgs+=(mosquitto-clients)
+  command -v gnuplot >/dev/null || need_pkgs+=(gnuplot-nox)
+fi
 if [ "$PROFILE" = 1 ] && ! command -v perf >/dev/null; then need_pkgs+=(linux-perf); fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   [ "${BENCH_NO_INSTALL:-0}" = 1 ] && die "missing: ${need_pkgs[*]} (and BENCH_NO_INSTALL=1)"
@@ -113,7 +146,7 @@ log "building gateway, loadgen and device-sim (release)"
 cargo build --release -p gateway -p loadgen -p device-sim
 BIN="$ROOT/target/release"
 GATEWAY="$BIN/gateway"; LOADGEN="$BIN/loadgen"; DEVSIM="$BIN/device-sim"
-ETCD=$(command -v etcd); MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+ETCD=$(command -v etcd || echo etcd); MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 [ -x "$MOSQUITTO" ] || MOSQUITTO=/usr/sbin/mosquitto
 
 # --- 3. Directories, cleanup ----------------------------------------------------
@@ -121,6 +154,9 @@ mkdir -p "$ROOT/target"
 DIR=${BENCH_DIR:-$(mktemp -d "$ROOT/target/bench.XXXXXX")}
 mkdir -p "$DIR"
 RES="$DIR/results"; mkdir -p "$RES"
+if [ -z "$OUT" ]; then
+  if [ -z "$ONLY" ]; then OUT=bench/BENCHMARKS.md; else OUT="$RES/engines.md"; fi
+fi
 PIDS=()
 SAMPLER=""
 cleanup() {
@@ -170,6 +206,13 @@ USED_PORTS+=" $((BASE + 701))"
 if [ "$ENGINES" = 1 ]; then
   for p in 760 800; do for o in 1 2 3 101 102 103 201 202 203 301 302 303; do USED_PORTS+=" $((BASE + p + o))"; done; done
 fi
+# The PBFT groups (BENCH_PBFT=1), four gateways: P = 1110 (writes), 1120
+# (failover), HTTP P+1..4, peers P+101..104, MQTT P+201..204 and P+301..304.
+if [ "$PBFT" = 1 ]; then
+  for p in 1110 1120; do for o in 1 2 3 4 101 102 103 104 201 202 203 204 301 302 303 304; do
+    USED_PORTS+=" $((BASE + p + o))"
+  done; done
+fi
 # The peer-TLS group (BENCH_PEER_TLS=1): P = 340.
 if [ "$PEER_TLS" = 1 ]; then
   for o in 1 2 3 101 102 103 201 202 203 301 302 303; do USED_PORTS+=" $((BASE + 340 + o))"; done
@@ -181,6 +224,8 @@ case "$DIR" in *" "*) die "the data directory $DIR has a space in its path";; es
 
 # --- 4. The machine -------------------------------------------------------------
 phase "machine"
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "load average before the run: $LOAD_BEFORE" >"$RES/load.txt"
 fstype=$(stat -f -c %T "$DIR" 2>/dev/null || echo "?")
 "$LOADGEN" machine --dir "$DIR" --out "$RES/machine.json" >/dev/null
 SID=$(ps -o sid= -p $$ | tr -d ' ')
@@ -222,18 +267,21 @@ E_EP=$(etcd_endpoints $EB); G_EP=$(gw_endpoints $GB); G_TOK=$(gw_tokens "$GDATA"
 phase "start groups"
 ETCD_PIDS=(); GW_PIDS=()
 for i in 1 2 3; do
-  # shellcheck disable=SC2046
-  $(etcd_cmd $i $EB "$EDATA") >"$DIR/logs/etcd$i.log" 2>&1 &
-  ETCD_PIDS+=($!); PIDS+=($!)
+  if [ -z "$ONLY" ]; then
+    # shellcheck disable=SC2046
+    $(etcd_cmd $i $EB "$EDATA") >"$DIR/logs/etcd$i.log" 2>&1 &
+    ETCD_PIDS+=($!); PIDS+=($!)
+  fi
   # shellcheck disable=SC2046
   $(gw_cmd $i $GB "$GDATA") >"$DIR/logs/gw$i.log" 2>&1 &
   GW_PIDS+=($!); PIDS+=($!)
 done
-E_LEADER=$("$LOADGEN" ready --target etcd --endpoints "$E_EP")
+E_LEADER=-1
+[ -z "$ONLY" ] && E_LEADER=$("$LOADGEN" ready --target etcd --endpoints "$E_EP")
 G_LEADER=$("$LOADGEN" ready --target entente --endpoints "$G_EP" --token-file "$G_TOK")
 log "etcd leader: member $((E_LEADER + 1)); Entente leader: gateway $((G_LEADER + 1))"
 MAXC=1; for c in $CLIENTS; do [ "$c" -gt "$MAXC" ] && MAXC=$c; done
-"$LOADGEN" setup --target etcd --endpoints "$E_EP" --clients "$MAXC"
+[ -z "$ONLY" ] && "$LOADGEN" setup --target etcd --endpoints "$E_EP" --clients "$MAXC"
 "$LOADGEN" setup --target entente --endpoints "$G_EP" --token-file "$G_TOK" --clients "$MAXC"
 
 E_PIDS=$(IFS=,; echo "${ETCD_PIDS[*]}"); N_PIDS=$(IFS=,; echo "${GW_PIDS[*]}")
@@ -260,14 +308,16 @@ order() {
 }
 
 # --- 7. Replicated writes -----------------------------------------------------------
-phase "writes (closed loop)"
 n=0
-for c in $CLIENTS; do
-  for s in $(order $n); do
-    lg "$s" write --clients "$c" --out "$RES/write-$s-c$c.json"
+if [ -z "$ONLY" ]; then
+  phase "writes (closed loop)"
+  for c in $CLIENTS; do
+    for s in $(order $n); do
+      lg "$s" write --clients "$c" --out "$RES/write-$s-c$c.json"
+    done
+    n=$((n + 1))
   done
-  n=$((n + 1))
-done
+fi
 if [ -n "$OPEN_FRACTIONS" ]; then
   phase "writes (open loop)"
   PEAK=$("$LOADGEN" peak --results "$RES")
@@ -344,6 +394,100 @@ if [ "$ENGINES" = 1 ]; then
   done
   stop_pids "${PAXOS_PIDS[@]}"
 fi
+
+# --- 7d. Writes on PBFT (BENCH_PBFT=1) ----------------------------------------------------
+# Four gateways on --consensus pbft (f = 1) against the main (Raft) group:
+# the same closed-loop writes, the two taking turns at each level. Results
+# stay out of $RES; a summary is appended to the report.
+PBFT_SUMMARY="$DIR/pbft/summary.txt"
+# PBFT gateway i of four: http $2+i, peers $2+100+i, mqtt $2+200+i, mqtt5 $2+300+i.
+pbft_cmd() { # i port_base data_root group_keys extra...
+  local i=$1 pb=$2 root=$3 keys=$4; shift 4
+  local peers="1=127.0.0.1:$((pb + 101)),2=127.0.0.1:$((pb + 102)),3=127.0.0.1:$((pb + 103)),4=127.0.0.1:$((pb + 104))"
+  echo "$GATEWAY --consensus pbft --group-keys $keys --node-id $i --peers $peers --data-dir $root/g$i" \
+       "--http-listen 127.0.0.1:$((pb + i)) --raft-listen 127.0.0.1:$((pb + 100 + i))" \
+       "--cluster-secret entente-bench-secret --rest-rate-limit 0" \
+       "--mqtt-listen 127.0.0.1:$((pb + 200 + i)) --mqtt5-listen 127.0.0.1:$((pb + 300 + i)) $*"
+}
+# Makes each member's key in its data directory (`gateway keys`) and
+# prints the --group-keys value built from what it printed.
+pbft_keys() { # data_root
+  local root=$1 i k keys=""
+  for i in 1 2 3 4; do
+    mkdir -p "$root/g$i"
+    k=$("$GATEWAY" keys --data-dir "$root/g$i" 2>>"$DIR/logs/keys.log") || die "gateway keys --data-dir $root/g$i failed"
+    case "$k" in ed25519:*) ;; *) die "gateway keys printed '$k', not ed25519:<base64>";; esac
+    keys+="${keys:+,}$i=$k"
+  done
+  echo "$keys"
+}
+pbft_endpoints() { echo "$(gw_endpoints "$1"),http://127.0.0.1:$(($1 + 4))"; }
+pbft_tokens() { echo "$(gw_tokens "$1"),$1/g4/admin-token"; }
+# The PBFT/Raft table of the write runs in $DIR/pbft.
+pbft_table() {
+  python3 - "$DIR/pbft" "$CLIENTS" <<'PY'
+import json, os, sys
+d, levels = sys.argv[1], sys.argv[2].split()
+def load(engine, c):
+    p = os.path.join(d, "write-%s-c%s.json" % (engine, c))
+    return json.load(open(p)) if os.path.exists(p) else None
+def cells(r):
+    if r is None:
+        return "–", "–", "–", "–", "–"
+    f = r.get("leader_fsyncs_per_op")
+    cpu = r.get("server_cpu_us_per_op")
+    return ("%.0f" % r["throughput"], "%.2f / %.2f" % (r["latency"]["p50"], r["latency"]["p99"]),
+            "–" if cpu is None else "%.0f" % cpu, "–" if f is None else "%.2f" % f,
+            str(sum(r["errors"].values())))
+print("clients | Raft 3: writes/s, p50 / p99 ms, CPU µs/write, leader fsyncs/write, errors"
+      " | PBFT 4: writes/s, p50 / p99 ms, CPU µs/write, primary fsyncs/write, errors | PBFT/Raft")
+for c in levels:
+    r, p = load("raft", c), load("pbft", c)
+    ratio = "%.2f×" % (p["throughput"] / r["throughput"]) if r and p and r["throughput"] > 0 else "–"
+    print("%7s | %s | %s | %s" % (c, ", ".join(cells(r)), ", ".join(cells(p)), ratio))
+PY
+}
+if [ "$PBFT" = 1 ]; then
+  phase "writes on Raft and on PBFT"
+  FB=$((BASE + 1110)); mkdir -p "$DIR/pbft"; F_EP=$(pbft_endpoints $FB)
+  # A group whose members do not all settle within a minute (one can stop
+  # on its first entries: "cannot append entry N: it leaves a gap after the
+  # last stored entry") is noted in the summary and replaced, twice at most.
+  for try in 1 2 3; do
+    FDATA="$DIR/gw-pbft-$try"; mkdir -p "$FDATA"
+    F_KEYS=$(pbft_keys "$FDATA")
+    PBFT_PIDS=()
+    for i in 1 2 3 4; do
+      # shellcheck disable=SC2046
+      $(pbft_cmd $i $FB "$FDATA" "$F_KEYS") >"$DIR/logs/gw-pbft$try-$i.log" 2>&1 &
+      PBFT_PIDS+=($!); PIDS+=($!)
+    done
+    F_TOK=$(pbft_tokens "$FDATA"); F_PIDS=$(IFS=,; echo "${PBFT_PIDS[*]}")
+    "$LOADGEN" ready --target entente --endpoints "$F_EP" --token-file "$F_TOK" >/dev/null \
+      2>>"$DIR/pbft/ready.log" && break
+    echo "pbft group $try did not settle: $(grep -h 'ERROR' "$DIR"/logs/gw-pbft"$try"-*.log | head -1 | sed 's/^.*ERROR //')" \
+      | tee -a "$DIR/pbft/failed-groups.txt" >&2
+    stop_pids "${PBFT_PIDS[@]}"
+    [ "$try" = 3 ] && die "no PBFT group settled in three tries (see $DIR/logs/gw-pbft*.log)"
+  done
+  "$LOADGEN" setup --target entente --endpoints "$F_EP" --token-file "$F_TOK" --clients "$MAXC"
+  for c in $CLIENTS; do
+    for s in $(order $n); do
+      if [ "$s" = etcd ]; then engine=raft ep=$G_EP tok=$G_TOK pids=$N_PIDS
+      else engine=pbft ep=$F_EP tok=$F_TOK pids=$F_PIDS; fi
+      line=$("$LOADGEN" write --target entente --endpoints "$ep" --token-file "$tok" --pids "$pids" \
+        --warmup-secs "$WARMUP" --duration-secs "$SECS" --spread "$SPREAD" --clients "$c" \
+        --out "$DIR/pbft/write-$engine-c$c.json" 2>&1 >/dev/null | tail -1)
+      printf '%-6s %s\n' "$engine:" "$line" | tee -a "$DIR/pbft/runs.txt" >&2
+    done
+    n=$((n + 1))
+  done
+  stop_pids "${PBFT_PIDS[@]}"
+  pbft_table >"$PBFT_SUMMARY"
+fi
+
+# Sections 8 to 10 (etcd, Mosquitto) are skipped with BENCH_ONLY=engines.
+if [ -z "$ONLY" ]; then
 
 # --- 8. Reads -----------------------------------------------------------------------
 for cons in linearizable local; do
@@ -423,6 +567,7 @@ if [ "$PROFILE" = 1 ]; then
     ingest entente "$PI" 1 $((PSECS + 3))
 fi
 stop_pids "$MOSQ_PID"
+fi # BENCH_ONLY
 stop_pids "${ETCD_PIDS[@]}" "${GW_PIDS[@]}"
 
 # --- 11. Failover -----------------------------------------------------------------------
@@ -443,7 +588,7 @@ failover() { # system slug label port_base extra-flags...
   fi
 }
 phase "failover"
-failover etcd defaults defaults $((BASE + 710))
+[ -z "$ONLY" ] && failover etcd defaults defaults $((BASE + 710))
 failover entente defaults defaults $((BASE + 730))
 if [ "$ENGINES" = 1 ]; then
   # The Multi-Paxos group's failover, reported beside the summary above.
@@ -454,6 +599,54 @@ if [ "$ENGINES" = 1 ]; then
     --label "multi-paxos" --out "$DIR/engines/failover-multi-paxos.json" >/dev/null
   python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("multi-paxos failover: kill -> first write p50 %.0f ms, p99 %.0f ms over %d kills" % (r["p50_ms"], r["p99_ms"], len(r["trials_ms"])))' \
     "$DIR/engines/failover-multi-paxos.json" | tee -a "$ENGINES_SUMMARY" >&2
+fi
+if [ "$PBFT" = 1 ]; then
+  # The PBFT group's view changes: kill the primary (the member whose
+  # /v1/cluster says leader), time to the first write through a survivor.
+  # BENCH_PBFT_KILLS_PER_GROUP kills per group of fresh processes (a
+  # restarted PBFT gateway can stop while catching up, "cannot append
+  # entry N: it leaves a gap after the last stored entry", and a group
+  # short of one member has no quorum left for the next kill).
+  # A group that fails (it does not settle) is logged, counted in the
+  # summary and replaced by a new one, up to $KILLS times.
+  left=$KILLS; g=0; failed_groups=0
+  while [ "$left" -gt 0 ] && [ "$failed_groups" -le "$KILLS" ]; do
+    k=$PBFT_KILLS_PER_GROUP; [ "$k" -gt "$left" ] && k=$left
+    g=$((g + 1)); d="$DIR/failover-entente-pbft-$g"; mkdir -p "$d/data"
+    keys=$(pbft_keys "$d/data")
+    cmds=(); for i in 1 2 3 4; do cmds+=(--member-cmd "$(pbft_cmd $i $((BASE + 1120)) "$d/data" "$keys")"); done
+    if "$LOADGEN" failover --target entente --endpoints "$(pbft_endpoints $((BASE + 1120)))" \
+      --token-file "$(pbft_tokens "$d/data")" "${cmds[@]}" --log-dir "$d" --trials "$k" \
+      --label "pbft" --out "$DIR/pbft/failover-pbft-$g.json" >/dev/null 2>>"$DIR/pbft/failover.log"; then
+      left=$((left - k))
+    else
+      failed_groups=$((failed_groups + 1))
+      log "PBFT failover group $g failed (see $d/member*.log, $DIR/pbft/failover.log)"
+      echo "pbft failover group $g failed: $(grep -h 'ERROR' "$d"/member*.log | head -1 | sed 's/^.*ERROR //')" \
+        >>"$DIR/pbft/failed-groups.txt"
+    fi
+    [ "${BENCH_KEEP:-0}" = 1 ] || rm -rf "$d/data"
+  done
+  [ -s "$DIR/pbft/failed-groups.txt" ] && cat "$DIR/pbft/failed-groups.txt" >>"$PBFT_SUMMARY" 
+  python3 -c 'import glob, json, math, os, sys
+d, raft = sys.argv[1], sys.argv[2]
+trials, failed, groups = [], 0, 0
+for p in sorted(glob.glob(os.path.join(d, "failover-pbft-*.json"))):
+    r = json.load(open(p)); trials += r["trials_ms"]; failed += r["failed_attempts"]; groups += 1
+q = lambda s, p: s[min(max(math.ceil(len(s) * p), 1), len(s)) - 1]
+if trials:
+    s = sorted(trials)
+    print("pbft failover: kill -> first write p50 %.0f ms, p99 %.0f ms, max %.0f ms over %d kills in %d groups (%d failed attempts)"
+          % (q(s, 0.5), q(s, 0.99), s[-1], len(s), groups, failed))
+    json.dump({"kind": "failover", "label": "pbft", "trials_ms": trials, "p50_ms": q(s, 0.5), "p99_ms": q(s, 0.99),
+               "max_ms": s[-1], "failed_attempts": failed}, open(os.path.join(d, "failover-pbft.json"), "w"))
+else:
+    print("pbft failover: no kill completed (see failover.log)")
+if os.path.exists(raft):
+    r = json.load(open(raft))
+    print("raft failover: kill -> first write p50 %.0f ms, p99 %.0f ms, max %.0f ms over %d kills (%d failed attempts)"
+          % (r["p50_ms"], r["p99_ms"], r["max_ms"], len(r["trials_ms"]), r["failed_attempts"]))' \
+    "$DIR/pbft" "$RES/failover-entente-defaults.json" | tee -a "$PBFT_SUMMARY" >&2
 fi
 if [ "$MATCHED" = 1 ]; then
   failover etcd matched "Entente's timings: --heartbeat-interval 40 --election-timeout 200" $((BASE + 720)) \
@@ -471,6 +664,16 @@ spread_desc=$(case $SPREAD in
   client) echo "client i sends every request to member i mod 3";;
   leader) echo "every request goes to the member leading when the run starts";;
 esac)
+if [ -n "$ONLY" ]; then
+  # The engine comparison alone: its sections, under a short header.
+  {
+    echo "# Entente's consensus engines side by side"
+    echo
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), Entente $rev (release build), \`$COMMAND\`,"
+    echo "$((ELAPSED / 60)) min $((ELAPSED % 60)) s; every process on this machine's $(nproc) CPUs"
+    echo "(load average before the run: $LOAD_BEFORE)."
+  } >"$OUT"
+else
 cat >"$RES/meta.txt" <<EOF
 date=$(date -u '+%Y-%m-%d %H:%M UTC')
 command=$COMMAND
@@ -522,6 +725,7 @@ NOTES="$ROOT/bench/NOTES.md"
 "$LOADGEN" report --results "$RES" --out "$OUT" --chart-data "$DIR/chart" \
   --chart-out "$CHART_ABS" --chart-link "$CHART_LINK" --notes "$NOTES"
 gnuplot "$DIR/chart/chart.gp" || log "gnuplot failed; the chart was not drawn"
+fi # BENCH_ONLY
 if [ "$PEER_TLS" = 1 ] && [ -s "$PEER_TLS_SUMMARY" ]; then
   {
     echo
@@ -549,5 +753,31 @@ if [ "$ENGINES" = 1 ] && [ -s "$ENGINES_SUMMARY" ]; then
     cat "$ENGINES_SUMMARY"
     echo '```'
   } >>"$OUT"
+fi
+if [ "$PBFT" = 1 ] && [ -s "$PBFT_SUMMARY" ]; then
+  {
+    echo
+    echo "## Entente writes on Raft and on PBFT (BENCH_PBFT=1)"
+    echo
+    echo "The main three-gateway group (Raft) and four gateways started with \`--consensus pbft\`"
+    echo "(f = 1; keys from \`gateway keys\`, every member given the four in \`--group-keys\`);"
+    echo "closed-loop writes (\`loadgen write\`, as for etcd) against each in turn at every level"
+    echo "($SECS s each, after $WARMUP s warm-up). CPU is the server processes' together (3 or 4) per committed"
+    echo "write; fsyncs are the leader's (PBFT: the primary's) log fsyncs per write. Then $KILLS"
+    echo "kills of the PBFT primary ($PBFT_KILLS_PER_GROUP per group of fresh gateways), each timed"
+    echo "to the first write through a survivor (the view change), beside the Raft group's leader"
+    echo "kills (as in Failover):"
+    echo
+    echo '```'
+    cat "$PBFT_SUMMARY"
+    echo '```'
+    echo
+    echo "The gateways count no peer messages in \`/metrics\`; messages per committed write per"
+    echo "engine come from \`cargo bench -p coordinator --bench engines\` (see docs/THEORY.md)."
+  } >>"$OUT"
+fi
+if [ -n "$ONLY" ]; then
+  log "wrote $OUT ($((ELAPSED / 60)) min $((ELAPSED % 60)) s); raw results in $DIR"
+  exit 0
 fi
 log "wrote $OUT and $CHART ($((ELAPSED / 60)) min $((ELAPSED % 60)) s); raw results in $RES"

@@ -1,6 +1,7 @@
-//! Failover: start a three-member group of real processes from the command
-//! lines given, then `trials` times: wait until every member applied what
-//! the leader has, SIGKILL the leader, and time until the first write that
+//! Failover: start a group of real processes (three or more) from the
+//! command lines given, then `trials` times: wait until every member names
+//! the same leader and applied what it has, SIGKILL the leader (PBFT: the
+//! primary), and time until the first write that
 //! succeeds through a survivor. The killed member is restarted (same data
 //! directory) and caught up before the next trial.
 //!
@@ -146,15 +147,10 @@ pub async fn run(mut sys: Sys, spec: &FailoverSpec) -> Result<FailoverResult> {
     let mut failed = 0u64;
     let mut seq = 1u64;
     for trial in 0..spec.trials {
-        let leader = sys
-            .wait_settled(&http, &all, Duration::from_secs(60))
-            .await?;
+        let leader = settle(&sys, &http, &all, &mut seq).await?;
         tokio::time::sleep(spec.settle).await;
         // The leader may have changed during the pause.
-        let leader = sys
-            .wait_settled(&http, &all, Duration::from_secs(60))
-            .await
-            .unwrap_or(leader);
+        let leader = settle(&sys, &http, &all, &mut seq).await.unwrap_or(leader);
         let survivors: Vec<usize> = all.iter().copied().filter(|&e| e != leader).collect();
         let t0 = Instant::now();
         members.kill(leader);
@@ -185,6 +181,37 @@ pub async fn run(mut sys: Sys, spec: &FailoverSpec) -> Result<FailoverResult> {
         failed_attempts: failed,
         commands: spec.commands.clone(),
     })
+}
+
+/// Waits (up to 60 s) until the group is settled (every member names the
+/// same leader and applied what it has: [`Sys::wait_settled`]), with a
+/// write through the leader every 2 s it is not. A member restarted after
+/// a kill may only hear that the group moved on from the traffic of a
+/// write: a PBFT replica comes back in the view it was killed in, leading
+/// it in its own eyes, and learns of the later view from the next
+/// request's messages.
+async fn settle(
+    sys: &Arc<Sys>,
+    http: &reqwest::Client,
+    all: &[usize],
+    seq: &mut u64,
+) -> Result<usize> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match sys
+            .wait_settled(http, all, left.min(Duration::from_secs(2)))
+            .await
+        {
+            Ok(leader) => return Ok(leader),
+            Err(e) if left <= Duration::from_secs(2) => return Err(e),
+            Err(_) => {
+                let ep = sys.leader(http, all).await.unwrap_or(0);
+                *seq += 1;
+                let _ = sys.send(http, Op::Write, ep, 0, *seq).await;
+            }
+        }
+    }
 }
 
 /// Starts write attempts every `probe_every` until one succeeds; the time

@@ -82,6 +82,40 @@ pub struct NodeView {
     pub index: u64,
     /// Applied index.
     pub applied: u64,
+    /// This member's id (etcd `member_id`, Entente `node_id`).
+    pub me: u64,
+    /// The leader it names (0: none).
+    pub leader_id: u64,
+    /// Its term (Entente PBFT: its view).
+    pub term: u64,
+}
+
+/// The leader among `views`: of the members that say they lead, the one
+/// in the highest term. A member that restarted may still lead a term (a
+/// PBFT view) the others left; the current leader is in a later one.
+pub fn leader_of<'a>(views: impl IntoIterator<Item = (usize, &'a NodeView)>) -> Option<usize> {
+    views
+        .into_iter()
+        .filter(|(_, v)| v.is_leader)
+        .max_by_key(|(ep, v)| (v.term, std::cmp::Reverse(*ep)))
+        .map(|(ep, _)| ep)
+}
+
+/// Whether `views` (every member's) are settled: all answer, all name the
+/// same leader, which says it leads, and all applied what it has.
+pub fn settled(views: &[(usize, Option<NodeView>)]) -> Option<usize> {
+    let leader = leader_of(
+        views
+            .iter()
+            .filter_map(|(ep, v)| v.as_ref().map(|v| (*ep, v))),
+    )?;
+    let lv = views.iter().find(|(ep, _)| *ep == leader)?.1?;
+    views
+        .iter()
+        .all(|(_, v)| {
+            v.is_some_and(|v| v.has_leader && v.leader_id == lv.me && v.applied >= lv.index)
+        })
+        .then_some(leader)
 }
 
 /// A system: its endpoints, and for Entente the bearer token.
@@ -256,6 +290,9 @@ impl Sys {
                     has_leader: leader != 0,
                     index: num(&v["raftIndex"]),
                     applied: num(&v["raftAppliedIndex"]),
+                    me,
+                    leader_id: leader,
+                    term: num(&v["raftTerm"]),
                 })
             }
             Target::Entente => {
@@ -273,25 +310,28 @@ impl Sys {
                     has_leader: !v["leader"].is_null() && num(&v["leader"]) != 0,
                     index: num(&v["commit"]),
                     applied: num(&v["applied"]),
+                    me: num(&v["node_id"]),
+                    leader_id: num(&v["leader"]),
+                    term: num(&v["term"]),
                 })
             }
         }
     }
 
-    /// Index of the leading endpoint, if one says it leads.
+    /// Index of the leading endpoint, if one says it leads (of several,
+    /// the one in the highest term: see [`leader_of`]).
     pub async fn leader(&self, http: &reqwest::Client, among: &[usize]) -> Option<usize> {
+        let mut views = Vec::new();
         for &ep in among {
-            if let Some(v) = self.view(http, ep).await
-                && v.is_leader
-            {
-                return Some(ep);
+            if let Some(v) = self.view(http, ep).await {
+                views.push((ep, v));
             }
         }
-        None
+        leader_of(views.iter().map(|(ep, v)| (*ep, v)))
     }
 
-    /// Waits until every endpoint in `among` answers, one leads, and all
-    /// have applied what the leader has; returns the leader.
+    /// Waits until every endpoint in `among` answers, all name the same
+    /// leader, and all have applied what it has; returns the leader.
     pub async fn wait_settled(
         &self,
         http: &reqwest::Client,
@@ -304,14 +344,7 @@ impl Sys {
             for &ep in among {
                 views.push((ep, self.view(http, ep).await));
             }
-            let leader = views
-                .iter()
-                .find_map(|(ep, v)| v.filter(|v| v.is_leader).map(|v| (*ep, v.index)));
-            if let Some((ep, index)) = leader
-                && views
-                    .iter()
-                    .all(|(_, v)| v.is_some_and(|v| v.has_leader && v.applied >= index))
-            {
+            if let Some(ep) = settled(&views) {
                 return Ok(ep);
             }
             if Instant::now() >= deadline {
@@ -440,6 +473,45 @@ impl Sys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pbft_view(me: u64, view: u64, primary: u64, applied: u64) -> NodeView {
+        NodeView {
+            is_leader: me == primary,
+            has_leader: true,
+            index: applied,
+            applied,
+            me,
+            leader_id: primary,
+            term: view,
+        }
+    }
+
+    #[test]
+    fn a_restarted_member_leading_an_old_view_is_not_the_leader() {
+        // Member 1, the primary of view 0, was killed and restarted: it is
+        // back in view 0, primary in its own eyes, while members 2..4 moved
+        // to view 1 (primary 2). The first member saying it leads is the
+        // stale one; the leader is member 2, and the group is not settled
+        // until member 1 follows it.
+        let mut views = vec![
+            (0, Some(pbft_view(1, 0, 1, 40))),
+            (1, Some(pbft_view(2, 1, 2, 41))),
+            (2, Some(pbft_view(3, 1, 2, 41))),
+            (3, Some(pbft_view(4, 1, 2, 41))),
+        ];
+        assert_eq!(
+            leader_of(views.iter().map(|(e, v)| (*e, v.as_ref().unwrap()))),
+            Some(1)
+        );
+        assert_eq!(settled(&views), None, "member 1 names another leader");
+        views[0].1 = Some(pbft_view(1, 1, 2, 41));
+        assert_eq!(settled(&views), Some(1));
+        // One behind on what it applied, or one not answering: not settled.
+        views[2].1 = Some(pbft_view(3, 1, 2, 40));
+        assert_eq!(settled(&views), None);
+        views[2].1 = None;
+        assert_eq!(settled(&views), None);
+    }
 
     #[test]
     fn payloads_are_json_of_the_asked_size() {
