@@ -84,6 +84,38 @@ fn msg(from: NodeId, to: NodeId, kind: MessageKind) -> Message {
     }
 }
 
+/// The NEW-VIEW `primary` sends for `view` from `vcs`, its batch the one
+/// [`compute_new_view`] re-issues (if any), signed as a correct primary
+/// signs it.
+fn new_view_as_computed(
+    primary: NodeId,
+    view: u64,
+    vcs: Vec<Signed<ViewChange>>,
+) -> Signed<NewView> {
+    let (_, reissue) = compute_new_view(&vcs);
+    let pre_prepare = reissue.map(|(first, requests)| {
+        Signed::sign(
+            crypto(primary).as_ref(),
+            primary,
+            PrePrepare {
+                view,
+                first,
+                digest: batch_digest(first, &requests),
+                requests,
+            },
+        )
+    });
+    Signed::sign(
+        crypto(primary).as_ref(),
+        primary,
+        NewView {
+            view,
+            view_changes: vcs,
+            pre_prepare,
+        },
+    )
+}
+
 fn prepares_sent(r: &mut Pbft) -> usize {
     let rd = r.ready();
     r.advance();
@@ -1245,27 +1277,8 @@ fn a_new_view_with_two_certificates_of_one_view_for_one_sequence_number_is_refus
         view_change(4, 1, vec![]),
     ];
     assert_eq!(conflicting_certificates(&vcs), Some(1));
-    let (_, reissue) = compute_new_view(&vcs);
-    let (first, requests) = reissue.expect("a batch");
-    let pp = Signed::sign(
-        crypto(2).as_ref(),
-        2,
-        PrePrepare {
-            view: 1,
-            first,
-            digest: batch_digest(first, &requests),
-            requests,
-        },
-    );
-    let nv = Signed::sign(
-        crypto(2).as_ref(),
-        2,
-        NewView {
-            view: 1,
-            view_changes: vcs,
-            pre_prepare: Some(pp),
-        },
-    );
+    assert!(compute_new_view(&vcs).1.is_some(), "a batch");
+    let nv = new_view_as_computed(2, 1, vcs);
     let mut r = replica(4);
     r.step(msg(2, 4, MessageKind::NewView(nv)))
         .expect("dropped");
@@ -1328,28 +1341,7 @@ fn a_later_view_that_f_plus_1_members_sign_in_is_fetched_until_entered() {
         view_change(3, 1, vec![]),
         view_change(4, 1, vec![]),
     ];
-    let (_, reissue) = compute_new_view(&vcs);
-    let pre_prepare = reissue.map(|(first, requests)| {
-        Signed::sign(
-            crypto(2).as_ref(),
-            2,
-            PrePrepare {
-                view: 1,
-                first,
-                digest: batch_digest(first, &requests),
-                requests,
-            },
-        )
-    });
-    let nv = Signed::sign(
-        crypto(2).as_ref(),
-        2,
-        NewView {
-            view: 1,
-            view_changes: vcs,
-            pre_prepare,
-        },
-    );
+    let nv = new_view_as_computed(2, 1, vcs);
     r.step(msg(3, 1, MessageKind::NewView(nv))).expect("step");
     assert_eq!(r.view(), 1);
     assert!(r.is_active());
