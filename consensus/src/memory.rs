@@ -52,8 +52,25 @@ impl MemStorage {
     }
 
     /// Appends entries, dropping any stored at or after the first new index.
+    ///
+    /// # Panics
+    ///
+    /// If the entries would leave a gap — after the last stored entry, or
+    /// between each other —, as the durable storage refuses them (fatally
+    /// for its node): an engine must never ask for that, and the tests that
+    /// run on this storage must notice when one does.
     pub fn append(&mut self, entries: &[Entry]) {
         let Some(first) = entries.first() else { return };
+        assert!(
+            first.index <= self.last_index() + 1,
+            "entries from {} after a log that ends at {}: a gap",
+            first.index,
+            self.last_index()
+        );
+        assert!(
+            entries.windows(2).all(|w| w[1].index == w[0].index + 1),
+            "entries that are not consecutive: a gap"
+        );
         let keep = first.index.saturating_sub(self.snapshot.index + 1) as usize;
         self.entries.truncate(keep);
         self.entries.extend_from_slice(entries);
