@@ -253,6 +253,9 @@ fn byzantine_input_is_dropped_and_counted() {
     r.step(msg(4, 2, MessageKind::Request(req)))
         .expect("dropped");
     assert_eq!(r.stats().bad_signature, 3);
+    // What operators see: the status reports the same counts by reason.
+    let dropped = r.status().dropped;
+    assert!(dropped.contains(&("bad_signature", 3)), "{dropped:?}");
     // A non-member.
     let stranger = pre_prepare(1, 0, 1, vec![request(3, 1, "x")]);
     r.step(msg(9, 2, MessageKind::PrePrepare(stranger)))

@@ -1325,6 +1325,15 @@ async fn cluster_health_and_metrics() {
     ] {
         assert!(text.contains(needle), "metrics lack {needle:?}:\n{text}");
     }
+    // PBFT counts the peer messages it drops, by reason (a single gateway
+    // has no peers: all zero); the other engines refuse through the driver
+    // and have no such family.
+    let dropped = "entente_consensus_dropped_total{reason=\"bad_signature\"} 0";
+    assert_eq!(
+        text.contains(dropped),
+        engine == coordinator::engine::EngineKind::Pbft,
+        "{dropped:?} on {engine}:\n{text}"
+    );
     call(&e.app, Method::GET, "/metrics")
         .send()
         .await

@@ -496,6 +496,7 @@ impl MultiPaxos {
             conf_state: self.conf.clone(),
             progress,
             removed: None,
+            dropped: Vec::new(),
         }
     }
 

@@ -92,6 +92,27 @@ pub struct PbftStats {
     pub idle_view_changes: u64,
 }
 
+impl PbftStats {
+    /// The messages dropped, by reason, as [`Status::dropped`] reports
+    /// them (the counters of valid work — certificates — left out).
+    pub fn dropped(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("bad_signature", self.bad_signature),
+            ("not_member", self.not_member),
+            ("wrong_view", self.wrong_view),
+            ("outside_watermarks", self.outside_watermarks),
+            ("conflicting", self.conflicting),
+            ("invalid_view_change", self.invalid_view_change),
+            ("invalid_new_view", self.invalid_new_view),
+            ("invalid", self.invalid),
+            ("dropped_requests", self.dropped_requests),
+            ("conflicting_certificates", self.conflicting_certificates),
+            ("bad_replies", self.bad_replies),
+            ("stray_replies", self.stray_replies),
+        ]
+    }
+}
+
 /// What a replica last heard from another member: a valid signed message.
 #[derive(Clone, Copy, Debug, Default)]
 struct Heard {
@@ -794,6 +815,7 @@ impl Pbft {
             conf_state: self.conf.clone(),
             progress: self.progress(),
             removed: None,
+            dropped: self.stats.dropped(),
         }
     }
 

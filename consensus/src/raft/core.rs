@@ -46,6 +46,11 @@ pub struct Status {
     /// Set while a member's word stands that a configuration committed at
     /// this index no longer lists this node (see [`Raft::removed`]).
     pub removed: Option<Index>,
+    /// Peer messages the engine dropped and counted since it started, by
+    /// reason (PBFT: a bad signature, a sender that is not a member, another
+    /// view, outside the watermarks, ...); empty for engines that refuse
+    /// through the driver instead (Raft, Paxos).
+    pub dropped: Vec<(&'static str, u64)>,
 }
 
 /// A sans-IO Raft node.
@@ -311,6 +316,7 @@ impl Raft {
             conf_state: self.conf.clone(),
             progress,
             removed: self.removed(),
+            dropped: Vec::new(),
         }
     }
 

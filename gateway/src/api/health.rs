@@ -420,6 +420,20 @@ pub(crate) async fn metrics(
          following their previous entry).",
         st.refused_malformed,
     );
+    if !st.raft.dropped.is_empty() {
+        let _ = writeln!(
+            out,
+            "# HELP entente_consensus_dropped_total Peer messages the consensus engine dropped, by \
+             reason (PBFT: bad signatures, non-members, other views, outside the watermarks, ...)."
+        );
+        let _ = writeln!(out, "# TYPE entente_consensus_dropped_total counter");
+        for (reason, n) in &st.raft.dropped {
+            let _ = writeln!(
+                out,
+                "entente_consensus_dropped_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+    }
     gauge(
         &mut out,
         "entente_state_applied_index",
