@@ -16,16 +16,16 @@
 
 mod common;
 
+#[path = "support/answer.rs"]
+mod answer;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine as _;
-use entente_protocol::{
-    CommandMessage, CommandResultMessage, ResultStatus, accepted_topic, commands_topic,
-    reported_topic, result_topic,
-};
+use entente_protocol::{CommandMessage, commands_topic, reported_topic};
 use gateway::config::Config;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
@@ -157,21 +157,7 @@ fn device(id: String, secret: String, addr: std::net::SocketAddr) -> tokio::task
                     let Ok(cmd) = serde_json::from_slice::<CommandMessage>(&p.payload) else {
                         continue;
                     };
-                    let result = CommandResultMessage {
-                        status: ResultStatus::Succeeded,
-                        output: json!({"ok": true}),
-                    };
-                    let result = serde_json::to_vec(&result).expect("result");
-                    let (c, id) = (client.clone(), id.clone());
-                    // Not from the polling task, whose loop empties the queue.
-                    tokio::spawn(async move {
-                        let _ = c
-                            .publish(accepted_topic(&id, &cmd.id), QoS::AtLeastOnce, false, "{}")
-                            .await;
-                        let _ = c
-                            .publish(result_topic(&id, &cmd.id), QoS::AtLeastOnce, false, result)
-                            .await;
-                    });
+                    answer::answer_succeeded(&client, &id, &cmd.id);
                 }
                 Ok(_) => {}
                 // Reconnects after a pause (bounded by the test's own waits).

@@ -22,15 +22,15 @@ mod chaos {
     pub mod rng;
 }
 
+#[path = "support/answer.rs"]
+mod answer;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chaos::cluster::{Cluster, Settings, tail};
-use entente_protocol::{
-    CommandMessage, CommandResultMessage, ResultStatus, accepted_topic, commands_topic,
-    result_topic,
-};
+use entente_protocol::{CommandMessage, commands_topic};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -69,22 +69,7 @@ fn device(
                         .entry(id.clone())
                         .or_default()
                         .insert(cmd.id.clone());
-                    let result = CommandResultMessage {
-                        status: ResultStatus::Succeeded,
-                        output: json!({"ok": true}),
-                    };
-                    let result = serde_json::to_vec(&result).expect("result");
-                    let (c, id2) = (client.clone(), id.clone());
-                    // Not from the polling task: a full request queue would
-                    // otherwise stop the event loop that empties it.
-                    tokio::spawn(async move {
-                        let _ = c
-                            .publish(accepted_topic(&id2, &cmd.id), QoS::AtLeastOnce, false, "{}")
-                            .await;
-                        let _ = c
-                            .publish(result_topic(&id2, &cmd.id), QoS::AtLeastOnce, false, result)
-                            .await;
-                    });
+                    answer::answer_succeeded(&client, &id, &cmd.id);
                 }
                 Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
