@@ -67,6 +67,7 @@ use crate::raft::{
     ConfChange, ConfState, Entry, EntryPayload, HardState, Index, InitialState, NodeId,
     ProposeError, Proposed, Raft, Role, SnapshotMeta, Status, Term,
 };
+use crate::transport::PeerStatus;
 use crate::transport::gate::{LogLimiter, RepeatLimiter};
 use consensus::engine::{Engine, EngineKind, EngineMessage};
 use consensus::ready::Ready;
@@ -132,6 +133,12 @@ pub trait PeerSender<Msg>: Send + Sync + 'static {
     /// [`Inbound::SnapshotStatus`]: the driver starts no other send to that
     /// peer until it does.
     fn send_snapshot(&self, msg: Msg, image: SnapshotImage);
+    /// Sends this node's status report to member `to`, best effort (a
+    /// report that cannot go is dropped, and the engine not told). Does
+    /// nothing by default.
+    fn send_status(&self, to: NodeId, status: PeerStatus) {
+        let _ = (to, status);
+    }
 }
 
 pub use crate::transport::Inbound;
@@ -318,6 +325,10 @@ pub struct NodeConfig {
     /// How long a proposal, read or membership change may take before it
     /// fails with [`NodeError::Timeout`].
     pub request_timeout: Duration,
+    /// How often this node sends each member its status report (commit
+    /// and applied index, term, role; see [`Node::peer_reports`]). Default
+    /// 250 ms; zero sends none.
+    pub status_interval: Duration,
     /// PBFT only: signs as this node and verifies the members (see
     /// [`crate::keys`]). Required when [`NodeConfig::engine`] is PBFT.
     pub pbft_crypto: Option<Arc<dyn consensus::pbft::crypto::Crypto>>,
@@ -345,6 +356,7 @@ impl NodeConfig {
             snapshot_keep: 1_000,
             apply_queue_bytes: 16 << 20,
             request_timeout: Duration::from_secs(5),
+            status_interval: STATUS_INTERVAL,
             pbft_crypto: None,
             #[cfg(feature = "byzantine")]
             byzantine: None,
@@ -387,6 +399,20 @@ pub enum NodeError {
     /// Storage or the state machine failed; the node stopped.
     #[error("the node stopped after a fatal error: {0}")]
     Fatal(String),
+}
+
+/// The default [`NodeConfig::status_interval`].
+pub const STATUS_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The latest status report a member sent about itself, and when it
+/// arrived. What the member says, unchecked against the group (on PBFT a
+/// Byzantine member may lie): for display, never for a safety decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerReport {
+    /// The report.
+    pub status: PeerStatus,
+    /// When this node received it.
+    pub at: Instant,
 }
 
 /// A proposal that was applied.
@@ -435,6 +461,10 @@ pub struct NodeStatus {
 
 type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
 
+/// The latest status report of each member, shared by the driver (which
+/// writes it) and the [`Node`] handles (which read it).
+type Reports = Arc<std::sync::Mutex<BTreeMap<NodeId, PeerReport>>>;
+
 enum Command<O> {
     Propose(Vec<u8>, Reply<Applied<O>>),
     ReadIndex(Reply<Index>),
@@ -449,6 +479,7 @@ enum Command<O> {
 pub struct Node<O> {
     cmd: mpsc::Sender<Command<O>>,
     status: watch::Receiver<NodeStatus>,
+    reports: Reports,
     timeout: Duration,
     task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
@@ -458,6 +489,7 @@ impl<O> Clone for Node<O> {
         Node {
             cmd: self.cmd.clone(),
             status: self.status.clone(),
+            reports: self.reports.clone(),
             timeout: self.timeout,
             task: self.task.clone(),
         }
@@ -604,6 +636,7 @@ impl<O: Send + 'static> Node<O> {
         });
         let mut incarnation = [0u8; 8];
         getrandom::fill(&mut incarnation).map_err(|e| NodeError::Fatal(e.to_string()))?;
+        let reports: Reports = Arc::default();
         let (work_tx, work_rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let apply_task = tokio::spawn(apply_loop(sm, work_rx, events_tx.clone()));
@@ -657,11 +690,15 @@ impl<O: Send + 'static> Node<O> {
             announced_conf: ConfState::default(),
             told_not_member: HashMap::new(),
             listed,
+            reports: reports.clone(),
+            next_status_at: Instant::now(),
+            status_refusal_log: RepeatLimiter::new(REFUSAL_LOG_PER_PEER, 64),
         };
         let task = tokio::spawn(driver.run(cmd_rx, inbound, events_rx));
         Ok(Node {
             cmd: cmd_tx,
             status: status_rx,
+            reports,
             timeout: cfg.request_timeout,
             task: Arc::new(std::sync::Mutex::new(Some(task))),
         })
@@ -750,6 +787,17 @@ impl<O: Send + 'static> Node<O> {
     /// A receiver that sees every new status.
     pub fn watch_status(&self) -> watch::Receiver<NodeStatus> {
         self.status.clone()
+    }
+
+    /// The latest status report of each other member of this node's
+    /// configuration, with when it arrived: what each says about itself
+    /// (its own commit and applied index, term, role), sent every
+    /// [`NodeConfig::status_interval`]. A member never heard from since
+    /// this node started has none; one removed from the configuration is
+    /// forgotten within an interval. Informational only (see
+    /// [`PeerReport`]).
+    pub fn peer_reports(&self) -> BTreeMap<NodeId, PeerReport> {
+        lock_reports(&self.reports).clone()
     }
 
     /// Waits until `applied_index >= index` on this node, or the timeout.
@@ -897,6 +945,12 @@ struct Driver<E: Engine, S: LogStore, P, M: StateMachine> {
     /// Whether this node's membership, as last logged, lists it (and no
     /// member said it was removed).
     listed: bool,
+    /// The members' latest status reports (see [`Node::peer_reports`]).
+    reports: Reports,
+    /// When this node next sends its own status report to the members.
+    next_status_at: Instant,
+    /// Bounds the warnings about status reports from non-members.
+    status_refusal_log: RepeatLimiter<NodeId>,
 }
 
 impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<E, S, P, M> {
@@ -925,6 +979,7 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
                     }
                     self.watch_view();
                     self.expire(Instant::now());
+                    self.send_status_reports(Instant::now());
                     if self.apply_task.as_ref().is_some_and(|t| t.is_finished()) {
                         // It ends only when told to, or after reporting a
                         // failure (taken first): otherwise it panicked.
@@ -1476,6 +1531,10 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
             Inbound::SnapshotStatus { to, ok } => {
                 self.snapshot_sends.remove(&to);
                 self.raft.report_snapshot(to, ok);
+                Ok(())
+            }
+            Inbound::Status(status) => {
+                self.on_status_report(status);
                 Ok(())
             }
         };
@@ -2306,6 +2365,58 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
         self.announced_conf = new.clone();
     }
 
+    /// Every status interval: this node's own status report to each other
+    /// member of its configuration (best effort; the engine is not
+    /// involved), and the reports of those no longer members forgotten.
+    fn send_status_reports(&mut self, now: Instant) {
+        let every = self.cfg.status_interval;
+        if every.is_zero() || now < self.next_status_at {
+            return;
+        }
+        self.next_status_at = now + every;
+        let conf = self.raft.conf_state();
+        let status = PeerStatus {
+            from: self.id,
+            term: self.raft.term(),
+            commit: self.raft.commit_index(),
+            applied: self.applied,
+            role: self.raft.role(),
+        };
+        for to in conf.members().filter(|&id| id != self.id) {
+            self.peers.send_status(to, status);
+        }
+        lock_reports(&self.reports).retain(|id, _| conf.contains(*id));
+    }
+
+    /// A member's status report about itself (the transport checked it is
+    /// the sender's own and within bounds): kept, with when it arrived, if
+    /// the sender is a member of this node's configuration; otherwise
+    /// ignored (logged once a minute per sender).
+    fn on_status_report(&mut self, status: PeerStatus) {
+        let from = status.from;
+        if from == self.id {
+            return;
+        }
+        if !self.raft.conf_state().contains(from) {
+            if let Some(repeated) = self.status_refusal_log.allow(from) {
+                tracing::warn!(
+                    node = self.id,
+                    peer = from,
+                    repeated,
+                    "status report from a node that is not a member; ignored"
+                );
+            }
+            return;
+        }
+        lock_reports(&self.reports).insert(
+            from,
+            PeerReport {
+                status,
+                at: Instant::now(),
+            },
+        );
+    }
+
     fn publish_status(&mut self) {
         let mut raft = self.raft.status();
         // What the state machine has applied, not what the core handed out.
@@ -2324,6 +2435,12 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
             s.refused_malformed = refused_malformed;
         });
     }
+}
+
+/// Locks the members' status reports, ignoring poisoning (a map of plain
+/// values stays consistent).
+fn lock_reports(r: &Reports) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, PeerReport>> {
+    r.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Bytes an entry is counted for (see [`NodeConfig::snapshot_log_bytes`]).

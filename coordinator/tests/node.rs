@@ -235,6 +235,120 @@ async fn goes_on_unchanged(
     }
 }
 
+/// Polls `check` until it holds (bounded: 10 s).
+async fn until(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Each member hears every other's status report — its own commit and
+/// applied index, term and role — within a few status intervals, followers
+/// included; a report from a node outside the configuration is ignored;
+/// a member cut off stops being heard (its last report stays, aging).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_member_hears_every_others_status_and_ignores_a_strangers() {
+    use coordinator::node::PeerReport;
+    use coordinator::transport::PeerStatus;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let hub = Arc::new(Hub::default());
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        let mut cfg = config(id);
+        cfg.status_interval = Duration::from_millis(20);
+        nodes.insert(
+            id,
+            start_with(&hub, tmp.path(), id, &[1, 2, 3], Log::default(), cfg).await,
+        );
+    }
+    let leader = leader_of(&nodes).await;
+    let mut last = 0;
+    for n in 0..3 {
+        last = nodes[&leader]
+            .propose(format!("w{n}").into_bytes())
+            .await
+            .expect("propose")
+            .index;
+    }
+    // Every node has every other's report, up to the last write.
+    until("every member's report, up to the last write", || {
+        nodes.iter().all(|(&me, n)| {
+            let r = n.peer_reports();
+            r.len() == 2
+                && !r.contains_key(&me)
+                && r.values()
+                    .all(|p| p.status.commit >= last && p.status.applied >= last)
+        })
+    })
+    .await;
+    let term = nodes[&leader].status().raft.term;
+    for (&me, n) in &nodes {
+        for (&id, p) in &n.peer_reports() {
+            assert_eq!(p.status.from, id, "on {me}");
+            assert_eq!(p.status.term, term, "on {me}");
+            let role = if id == leader {
+                Role::Leader
+            } else {
+                Role::Follower
+            };
+            assert_eq!(p.status.role, role, "{id} on {me}");
+        }
+    }
+
+    // A stranger's report is ignored. Node `quiet` is cut off, so that
+    // the report injected after the stranger's is the only one from it:
+    // once it is kept, the stranger's (handed over before) was handled.
+    let follower = (1..=3).find(|&i| i != leader).expect("a follower");
+    let quiet = (1..=3)
+        .find(|&i| i != leader && i != follower)
+        .expect("the other follower");
+    hub.down.lock().expect("down").insert(quiet);
+    let cut_at = tokio::time::Instant::now();
+    let tx = hub.routes.lock().expect("routes")[&follower].clone();
+    let status = |from, term| PeerStatus {
+        from,
+        term,
+        commit: 1,
+        applied: 1,
+        role: Role::Candidate,
+    };
+    tx.try_send(Inbound::Status(status(9, 1))).expect("room");
+    tx.try_send(Inbound::Status(status(quiet, term + 77)))
+        .expect("room");
+    until("the member's injected report kept", || {
+        nodes[&follower]
+            .peer_reports()
+            .get(&quiet)
+            .is_some_and(|p| p.status.term == term + 77)
+    })
+    .await;
+    assert!(!nodes[&follower].peer_reports().contains_key(&9));
+
+    // On the leader, the member cut off is no longer heard: its last
+    // report stays as it was, while the other follower's keep coming
+    // (reports are handled in order, so once one sent after the cut is
+    // in, any sent before it is too).
+    let heard_after = |t: tokio::time::Instant| {
+        let leader = &nodes[&leader];
+        move || leader.peer_reports()[&follower].at > t
+    };
+    until(
+        "the other follower heard after the cut",
+        heard_after(cut_at),
+    )
+    .await;
+    let before: PeerReport = nodes[&leader].peer_reports()[&quiet];
+    assert!(before.at <= cut_at, "{before:?}");
+    let later = tokio::time::Instant::now() + Duration::from_millis(100);
+    until("the other follower heard again, later", heard_after(later)).await;
+    assert_eq!(nodes[&leader].peer_reports()[&quiet], before);
+    for n in nodes.values() {
+        n.shutdown().await;
+    }
+}
+
 /// Hands `msg` to node `to` as if its transport had received it.
 fn inject(hub: &Hub, msg: Message) {
     let tx = hub.routes.lock().expect("routes")[&msg.to].clone();

@@ -6,6 +6,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::error::FrameError;
+use super::status::StatusWire;
 use crate::raft::NodeId;
 
 /// Length of a handshake nonce in bytes.
@@ -257,6 +258,10 @@ pub(crate) enum Frame<M> {
         /// HMAC-SHA256 under the cluster secret, acceptor role.
         mac: [u8; MAC_LEN],
     },
+    /// The sender's status report (message streams only; protocol 5): its
+    /// commit and applied index, term and role, for the group view. Not an
+    /// engine message: the driver keeps the latest per member.
+    Status(StatusWire),
 }
 
 /// A message type with no values: the handshake's frames never carry one.
@@ -282,6 +287,7 @@ impl<M> Frame<M> {
             Frame::SnapshotAck { .. } => "SnapshotAck",
             Frame::Nonce { .. } => "Nonce",
             Frame::Welcome { .. } => "Welcome",
+            Frame::Status(_) => "Status",
         }
     }
 }

@@ -48,8 +48,11 @@ type HmacSha256 = Hmac<Sha256>;
 /// MAC before the dialer had proved anything). Version 3: the `Hello`
 /// announces the embedder's data format (`app_format`), which must match.
 /// Version 4: the `Hello` names the consensus engine the dialer runs
-/// (`engine`), which must match.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// (`engine`), which must match. Version 5: message streams also carry
+/// `Status` frames (each member's status report about itself), which a
+/// version 4 peer could not decode: the version says so, and a mixed pair
+/// refuses each other naming it instead of dropping connections.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Role label mixed into the acceptor's MAC.
 const LABEL_ACCEPTOR: &[u8] = b"entente/transport/handshake/acceptor";

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
@@ -21,6 +22,7 @@ use super::frame::{
 use super::gate::Slot;
 use super::handshake::accept_checked;
 use super::shared::{Context, lock};
+use super::status::PeerStatus;
 use super::tls::{PeerStream, TLS_HANDSHAKE_RECORD, names_node};
 use crate::image::StagedImage;
 use crate::raft::NodeId;
@@ -285,6 +287,34 @@ async fn read_messages<M: EngineMessage>(
                 return;
             }
             Ok(Some(Frame::<M>::Message(msg))) => msg,
+            Ok(Some(Frame::<M>::Status(wire))) => {
+                // Best effort and never in the way: a bad report is
+                // ignored (logged once a minute per peer and reason), a
+                // good one dropped if the driver is behind; the
+                // connection goes on either way.
+                match PeerStatus::from_wire(wire, peer) {
+                    Ok(status) => match inbound.try_send(Inbound::Status(status)) {
+                        Ok(()) => {}
+                        Err(TrySendError::Full(_)) => {
+                            debug!(peer, "inbound queue full; status report dropped")
+                        }
+                        Err(TrySendError::Closed(_)) => return,
+                    },
+                    Err(reason) => {
+                        if let Some(repeated) = ctx.status_log.allow((peer, reason)) {
+                            warn!(
+                                peer,
+                                peer_addr = %addr,
+                                claimed_from = wire.from,
+                                reason,
+                                repeated,
+                                "status report from peer refused; ignored"
+                            );
+                        }
+                    }
+                }
+                continue;
+            }
             Ok(Some(other)) => {
                 warn!(peer, peer_addr = %addr, frame = other.name(), "unexpected frame on a message stream; dropping connection");
                 return;

@@ -60,6 +60,7 @@
 //! | 8 `SnapshotAck` | `ok: bool` | snapshot connections, acceptor |
 //! | 9 `Nonce` | `nonce: [u8; 32]` | handshake, acceptor |
 //! | 10 `Welcome` | `mac: [u8; 32]` | handshake, acceptor |
+//! | 11 `Status` | `from: u64, term: u64, commit: u64, applied: u64, role: u8` | message connections (protocol 5) |
 //!
 //! A payload longer than the maximum frame size (`max_frame_size`, default
 //! 16 MiB; 4 KiB until the handshake has completed), a stream that ends
@@ -114,6 +115,26 @@
 //! else shares `max_pending_handshakes` (64), at most
 //! `max_pending_handshakes_per_ip` (8) per IP address. Idle or slow sockets
 //! from strangers, from however many addresses, cannot keep a member out.
+//!
+//! # Status reports
+//!
+//! Besides the engine's messages, a message connection carries the
+//! dialer's status reports ([`Transport::send_status`]; the node driver
+//! sends one to each member every 250 ms): its own term, commit index,
+//! applied index and role (`0` follower, `1` pre-candidate, `2` candidate,
+//! `3` leader). Not an engine message, the same for every engine. The
+//! acceptor delivers a report as [`Inbound::Status`] only if it names the
+//! authenticated peer as its sender, a known role, and a term and indexes
+//! no group reaches ([`MAX_TERM`](crate::raft::MAX_TERM),
+//! [`MAX_INDEX`](crate::raft::MAX_INDEX)); any other is ignored with a
+//! warning naming the peer and the reason (once a minute per peer and
+//! reason) and the connection goes on. Best effort both ways: a report
+//! that finds the peer's queue full, the peer not connected, or the
+//! driver's inbound channel full is dropped, and the engine is never told
+//! of it. What a report says is the sender's word about itself: on PBFT a
+//! Byzantine member may lie. It is for display only. Protocol 5 added the
+//! frame; a version 4 peer would fail to decode it, so the versions refuse
+//! each other at the handshake.
 //!
 //! After the handshake the acceptor drops (and logs) every message whose
 //! `from` is not the authenticated id, whose `to` is not its own id, or that
@@ -197,6 +218,7 @@
 //!         Inbound::Snapshot { msg, image } => { /* keep `image`, then raft.step(msg) */ }
 //!         Inbound::Unreachable(id) => { /* raft.report_unreachable(id) */ }
 //!         Inbound::SnapshotStatus { to, ok } => { /* raft.report_snapshot(to, ok) */ }
+//!         Inbound::Status(report) => { /* keep the peer's word about itself */ }
 //!     }
 //! }
 //! transport.shutdown().await;
@@ -214,6 +236,7 @@ mod listener;
 mod peer;
 mod shared;
 mod snapshot;
+mod status;
 #[cfg(test)]
 mod tests;
 mod tls;
@@ -235,13 +258,14 @@ pub use addr::{InvalidPeerAddr, PeerAddr, Resolve, ResolveFuture, SystemResolver
 pub use config::TransportConfig;
 pub use error::TransportError;
 pub use handshake::PROTOCOL_VERSION;
+pub use status::PeerStatus;
 pub use tls::{PeerTls, peer_tls_name};
 
 use crate::image::{SnapshotImage, StagedImage};
 use crate::raft::{Message, NodeId};
 use consensus::engine::EngineMessage;
 use handshake::Identity;
-use peer::PeerHandle;
+use peer::{Outgoing, PeerHandle};
 use shared::{Context, Reporter, lock};
 use snapshot::SnapshotJob;
 
@@ -271,6 +295,10 @@ pub enum Inbound<M = Message> {
         /// Whether the peer received and acknowledged it.
         ok: bool,
     },
+    /// A peer's status report about itself (checked: its own, a known
+    /// role, numbers within bounds). Best effort: dropped when the inbound
+    /// channel is full. Informational only (see [`PeerStatus`]).
+    Status(PeerStatus),
 }
 
 impl<M: fmt::Debug> fmt::Debug for Inbound<M> {
@@ -289,6 +317,7 @@ impl<M: fmt::Debug> fmt::Debug for Inbound<M> {
                 .field("to", to)
                 .field("ok", ok)
                 .finish(),
+            Inbound::Status(s) => f.debug_tuple("Status").field(s).finish(),
         }
     }
 }
@@ -429,6 +458,7 @@ impl<M: EngineMessage> Transport<M> {
             gate: Arc::new(gate::Gate::new(&config)),
             refusal_log: gate::LogLimiter::new(REFUSAL_LOG_WINDOW, REFUSAL_LOG_BURST),
             repeat_log: gate::RepeatLimiter::new(REPEAT_LOG_EVERY, REPEAT_LOG_KEYS),
+            status_log: gate::RepeatLimiter::new(REPEAT_LOG_EVERY, REPEAT_LOG_KEYS),
             config: config.clone(),
         });
         let reporter = Reporter::new(
@@ -584,7 +614,7 @@ impl<M: EngineMessage> Transport<M> {
             return;
         }
         match state.peers.get(&to) {
-            Some(peer) => match peer.queue.try_send(msg) {
+            Some(peer) => match peer.queue.try_send(Outgoing::Message(msg)) {
                 Ok(()) => {}
                 Err(TrySendError::Full(msg)) => {
                     debug!(
@@ -604,6 +634,40 @@ impl<M: EngineMessage> Transport<M> {
                 );
                 reporter.unreachable(to);
             }
+        }
+    }
+
+    /// Queues this node's status report for peer `to`. Never blocks and
+    /// never waits. Best effort: dropped without a report (the engine is
+    /// not told of it) when the peer is unknown, not connected or its queue
+    /// full; a report whose `from` is not this node is dropped with a
+    /// warning.
+    pub fn send_status(&self, to: NodeId, status: PeerStatus) {
+        if status.from != self.node_id {
+            warn!(
+                from = status.from,
+                to, "status report not from this node; dropped"
+            );
+            return;
+        }
+        let state = lock(&self.state);
+        if state.reporter.is_none() {
+            return;
+        }
+        match state.peers.get(&to) {
+            Some(peer) => {
+                if peer
+                    .queue
+                    .try_send(Outgoing::Status(status.to_wire()))
+                    .is_err()
+                {
+                    debug!(
+                        peer = to,
+                        "peer queue full or closed; status report dropped"
+                    );
+                }
+            }
+            None => debug!(peer = to, "unknown peer; status report dropped"),
         }
     }
 
@@ -749,5 +813,9 @@ impl<M: EngineMessage> crate::node::PeerSender<M> for Transport<M> {
 
     fn send_snapshot(&self, msg: M, image: SnapshotImage) {
         Transport::send_snapshot(self, msg, image);
+    }
+
+    fn send_status(&self, to: NodeId, status: PeerStatus) {
+        Transport::send_status(self, to, status);
     }
 }

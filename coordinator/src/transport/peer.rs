@@ -16,6 +16,7 @@ use super::error::FrameError;
 use super::frame::{Frame, StreamKind, encode_frame};
 use super::gate::RepeatLimiter;
 use super::shared::{Context, Reporter, connect};
+use super::status::StatusWire;
 use super::tls::PeerStream;
 use crate::raft::NodeId;
 use consensus::engine::EngineMessage;
@@ -30,11 +31,31 @@ const WRITE_BUFFER: usize = 64 * 1024;
 /// attempts in between are logged at debug level).
 const FAILURE_WARN_EVERY: Duration = Duration::from_secs(60);
 
+/// What a writer sends: an engine message, or this node's status report.
+#[derive(Debug)]
+pub(crate) enum Outgoing<M> {
+    /// An engine message (`Frame::Message`).
+    Message(M),
+    /// A status report (`Frame::Status`): best effort, so dropping one is
+    /// not reported to the engine as an unreachable peer.
+    Status(StatusWire),
+}
+
+impl<M: EngineMessage> Outgoing<M> {
+    /// A short name for logs.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Outgoing::Message(m) => m.name(),
+            Outgoing::Status(_) => "Status",
+        }
+    }
+}
+
 /// The transport's handle on one peer's writer.
 #[derive(Debug)]
 pub(crate) struct PeerHandle<M> {
     /// The peer's queue.
-    pub queue: mpsc::Sender<M>,
+    pub queue: mpsc::Sender<Outgoing<M>>,
     /// The peer's address; the writer redials when it changes.
     pub addr: watch::Sender<PeerAddr>,
     /// The writer task.
@@ -86,7 +107,7 @@ struct Writer<M> {
     peer: NodeId,
     ctx: Arc<Context>,
     reporter: Reporter<M>,
-    queue: mpsc::Receiver<M>,
+    queue: mpsc::Receiver<Outgoing<M>>,
     addr: watch::Receiver<PeerAddr>,
     shutdown: watch::Receiver<bool>,
     backoff: Backoff,
@@ -179,22 +200,22 @@ impl<M: EngineMessage> Writer<M> {
                         }
                         break;
                     }
-                    m = self.queue.recv() => {
-                        if m.is_none() {
-                            return;
-                        }
-                        self.reporter.unreachable(peer);
-                    }
+                    m = self.queue.recv() => match m {
+                        None => return,
+                        Some(Outgoing::Message(_)) => self.reporter.unreachable(peer),
+                        Some(Outgoing::Status(_)) => {}
+                    },
                 }
             }
         }
     }
 
-    /// Drops every queued message, reporting the peer unreachable if any.
+    /// Drops every queued message, reporting the peer unreachable if any
+    /// (status reports do not count).
     fn drop_queued(&mut self) {
         let mut dropped = false;
-        while self.queue.try_recv().is_ok() {
-            dropped = true;
+        while let Ok(m) = self.queue.try_recv() {
+            dropped |= matches!(m, Outgoing::Message(_));
         }
         if dropped {
             self.reporter.unreachable(self.peer);
@@ -266,8 +287,8 @@ impl<M: EngineMessage> Writer<M> {
 /// Writes `first` and whatever else is queued (up to a batch), then flushes.
 async fn write_batch<M: EngineMessage>(
     wr: &mut BufWriter<WriteHalf<PeerStream>>,
-    first: M,
-    queue: &mut mpsc::Receiver<M>,
+    first: Outgoing<M>,
+    queue: &mut mpsc::Receiver<Outgoing<M>>,
     ctx: &Context,
     reporter: &Reporter<M>,
     peer: NodeId,
@@ -285,19 +306,25 @@ async fn write_batch<M: EngineMessage>(
 /// Writes one message frame into the buffer.
 async fn write_one<M: EngineMessage>(
     wr: &mut BufWriter<WriteHalf<PeerStream>>,
-    msg: M,
+    out: Outgoing<M>,
     ctx: &Context,
     reporter: &Reporter<M>,
     peer: NodeId,
 ) -> Result<(), FrameError> {
-    let kind = msg.name();
-    match encode_frame(&Frame::Message(msg), ctx.config.max_frame_size) {
+    let kind = out.name();
+    let (frame, is_message) = match out {
+        Outgoing::Message(m) => (Frame::Message(m), true),
+        Outgoing::Status(s) => (Frame::Status(s), false),
+    };
+    match encode_frame(&frame, ctx.config.max_frame_size) {
         Ok(bytes) => wr.write_all(&bytes).await.map_err(FrameError::Io),
         Err(e) => {
             // A local problem with this one message: drop it, keep the
             // connection.
             warn!(peer, kind, error = %e, "cannot send message; dropped");
-            reporter.unreachable(peer);
+            if is_message {
+                reporter.unreachable(peer);
+            }
             Ok(())
         }
     }

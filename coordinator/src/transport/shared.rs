@@ -40,6 +40,8 @@ pub(crate) struct Context {
     /// And about the same refusal from the same address, which a
     /// misconfigured member repeats on every redial.
     pub repeat_log: RepeatLimiter<(std::net::IpAddr, String)>,
+    /// Refused status reports: each peer and reason logged once a minute.
+    pub status_log: RepeatLimiter<(NodeId, &'static str)>,
 }
 
 /// Locks a mutex, ignoring poisoning: the data behind our locks stays

@@ -23,7 +23,7 @@ use super::frame::{
 /// Frames as the Raft engine's members exchange them.
 type Frame = super::frame::Frame<Message>;
 use super::handshake::{Identity, accept, dial};
-use super::{Inbound, PROTOCOL_VERSION, Transport, TransportConfig, TransportError};
+use super::{Inbound, PROTOCOL_VERSION, PeerStatus, Transport, TransportConfig, TransportError};
 use crate::raft::{ConfState, Entry, EntryPayload, Message, MessageKind, NodeId, SnapshotMeta};
 
 const CLUSTER: &str = "test-cluster";
@@ -301,6 +301,13 @@ fn frames_round_trip() {
         Frame::SnapshotAck { ok: true },
         Frame::Nonce { nonce: [4; 32] },
         Frame::Welcome { mac: [5; 32] },
+        Frame::Status(super::status::StatusWire {
+            from: 1,
+            term: 2,
+            commit: 300,
+            applied: 299,
+            role: 3,
+        }),
     ];
     for frame in frames {
         let bytes = encode_frame(&frame, 1 << 20).expect("encode");
@@ -1232,6 +1239,113 @@ async fn spoofed_sender_is_dropped() {
     logs.wait_for(&["WARN", "snapshot message without its image"])
         .await;
     a.shutdown().await;
+}
+
+/// Status reports are hostile input like the rest: one that names another
+/// sender, a role this version does not know, or a term or index beyond
+/// any a group reaches is ignored with a warning naming the peer and the
+/// reason (once a minute per peer and reason), and the connection goes on.
+#[tokio::test]
+async fn odd_status_reports_are_ignored_with_a_warning_and_the_connection_goes_on() {
+    use super::status::StatusWire;
+    use crate::raft::{MAX_INDEX, MAX_TERM, Role};
+    let (logs, _guard) = Logs::install();
+    let (a, mut rx_a) = start(config(1));
+    let mut s = raw_dial(a.local_addr(), 2, 1, StreamKind::Messages).await;
+    let max = 1 << 20;
+    let report = |from, role, term, commit, applied| {
+        Frame::Status(StatusWire {
+            from,
+            term,
+            commit,
+            applied,
+            role,
+        })
+    };
+    let odd = [
+        report(3, 0, 1, 1, 1),
+        report(2, 4, 1, 1, 1),
+        report(2, 0, MAX_TERM + 1, 1, 1),
+        report(2, 0, 1, MAX_INDEX + 1, 1),
+        report(2, 0, 1, 1, u64::MAX),
+    ];
+    for _ in 0..2 {
+        for f in &odd {
+            send_frame(&mut s, f, max).await.expect("write");
+        }
+    }
+    send_frame(&mut s, &report(2, 3, 4, 10, 9), max)
+        .await
+        .expect("write");
+    send_frame(&mut s, &Frame::Message(msg(2, 1, 3)), max)
+        .await
+        .expect("write");
+    assert_eq!(
+        next(&mut rx_a).await,
+        Inbound::Status(PeerStatus {
+            from: 2,
+            term: 4,
+            commit: 10,
+            applied: 9,
+            role: Role::Leader,
+        })
+    );
+    assert_eq!(next(&mut rx_a).await, Inbound::Message(msg(2, 1, 3)));
+    let line = logs
+        .wait_for(&["WARN", "status report from peer refused", "another sender"])
+        .await;
+    assert!(
+        line.contains("peer=2") && line.contains("claimed_from=3"),
+        "{line}"
+    );
+    for reason in ["unknown role code", "term beyond", "index beyond"] {
+        logs.wait_for(&["WARN", "status report from peer refused", reason])
+            .await;
+    }
+    // Sent twice, logged once per reason (the two bad indexes share one).
+    let refused = logs
+        .contents()
+        .matches("status report from peer refused")
+        .count();
+    assert_eq!(refused, 4, "{}", logs.contents());
+    a.shutdown().await;
+}
+
+/// `send_status` carries a report to a peer as `Inbound::Status`; one for
+/// an unknown peer is dropped without telling the engine (no
+/// `Unreachable`), and one not from this node is not sent.
+#[tokio::test]
+async fn status_reports_travel_between_transports_best_effort() {
+    use crate::raft::Role;
+    let (logs, _guard) = Logs::install();
+    let mut nodes = cluster(&[1, 2]);
+    let report = |from| PeerStatus {
+        from,
+        term: 3,
+        commit: 12,
+        applied: 11,
+        role: Role::Follower,
+    };
+    nodes[0].0.send_status(9, report(1));
+    nodes[0].0.send_status(2, report(7));
+    nodes[0].0.send_status(2, report(1));
+    let got = loop {
+        match next(&mut nodes[1].1).await {
+            Inbound::Status(s) => break s,
+            Inbound::Unreachable(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(got, report(1));
+    logs.wait_for(&["WARN", "status report not from this node"])
+        .await;
+    // The next event on node 1 is the report of a message to an unknown
+    // peer, not one for the status report dropped before it.
+    nodes[0].0.send(msg(1, 8, 1));
+    assert_eq!(next(&mut nodes[0].1).await, Inbound::Unreachable(8));
+    for (t, _) in &nodes {
+        t.shutdown().await;
+    }
 }
 
 // ------------------------------------------------------- failures and recovery

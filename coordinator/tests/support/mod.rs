@@ -17,6 +17,7 @@ use coordinator::node::{
 };
 use coordinator::raft::{ConfState, Index, NodeId, SnapshotMeta};
 use coordinator::storage::{Storage, StorageOptions};
+use coordinator::transport::PeerStatus;
 use tokio::sync::mpsc;
 
 /// A message the hub loses on the way, without telling its sender.
@@ -109,6 +110,14 @@ impl<M: EngineMessage> PeerSender<M> for HubSender<M> {
                 Err(_) => false,
             };
         self.route(self.from, Inbound::SnapshotStatus { to, ok });
+    }
+
+    fn send_status(&self, to: NodeId, status: PeerStatus) {
+        // Best effort, as over the network: lost when cut off, never
+        // reported.
+        if !self.hub.cut(self.from, to) {
+            self.route(to, Inbound::Status(status));
+        }
     }
 }
 

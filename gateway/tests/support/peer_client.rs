@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// The protocol version spoken.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// The consensus engine announced in the `Hello` (the gateway's default).
 pub const ENGINE: &str = "raft";
 /// The gateway's log entry format, announced in the `Hello`.
@@ -60,16 +60,45 @@ pub struct Hello {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Frame {
     Hello(Hello),
-    Challenge { nonce: [u8; 32], mac: [u8; 32] },
-    Auth { mac: [u8; 32] },
-    Refused { reason: Refusal },
+    Challenge {
+        nonce: [u8; 32],
+        mac: [u8; 32],
+    },
+    Auth {
+        mac: [u8; 32],
+    },
+    Refused {
+        reason: Refusal,
+    },
     Message(Message),
-    SnapshotBegin { msg: Message, total_len: u64 },
-    SnapshotChunk { data: Vec<u8> },
-    SnapshotEnd { digest: [u8; 32] },
-    SnapshotAck { ok: bool },
-    Nonce { nonce: [u8; 32] },
-    Welcome { mac: [u8; 32] },
+    SnapshotBegin {
+        msg: Message,
+        total_len: u64,
+    },
+    SnapshotChunk {
+        data: Vec<u8>,
+    },
+    SnapshotEnd {
+        digest: [u8; 32],
+    },
+    SnapshotAck {
+        ok: bool,
+    },
+    Nonce {
+        nonce: [u8; 32],
+    },
+    Welcome {
+        mac: [u8; 32],
+    },
+    /// A member's status report about itself (protocol 5); `role`: 0
+    /// follower, 1 pre-candidate, 2 candidate, 3 leader.
+    Status {
+        from: u64,
+        term: u64,
+        commit: u64,
+        applied: u64,
+        role: u8,
+    },
 }
 
 pub async fn send(s: &mut TcpStream, frame: &Frame) {
