@@ -413,6 +413,10 @@ pub struct PeerReport {
     pub status: PeerStatus,
     /// When this node received it.
     pub at: Instant,
+    /// This node's commit index when it arrived: how far the member's
+    /// applied index trailed what this node knew was committed, at the
+    /// same moment, is `commit_here - status.applied`.
+    pub commit_here: Index,
 }
 
 /// A proposal that was applied.
@@ -480,6 +484,7 @@ pub struct Node<O> {
     cmd: mpsc::Sender<Command<O>>,
     status: watch::Receiver<NodeStatus>,
     reports: Reports,
+    started: Instant,
     timeout: Duration,
     task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
@@ -490,6 +495,7 @@ impl<O> Clone for Node<O> {
             cmd: self.cmd.clone(),
             status: self.status.clone(),
             reports: self.reports.clone(),
+            started: self.started,
             timeout: self.timeout,
             task: self.task.clone(),
         }
@@ -699,6 +705,7 @@ impl<O: Send + 'static> Node<O> {
             cmd: cmd_tx,
             status: status_rx,
             reports,
+            started: Instant::now(),
             timeout: cfg.request_timeout,
             task: Arc::new(std::sync::Mutex::new(Some(task))),
         })
@@ -798,6 +805,12 @@ impl<O: Send + 'static> Node<O> {
     /// [`PeerReport`]).
     pub fn peer_reports(&self) -> BTreeMap<NodeId, PeerReport> {
         lock_reports(&self.reports).clone()
+    }
+
+    /// When this node started (so a member never heard from can be told
+    /// apart from one this node has not had time to hear from).
+    pub fn started(&self) -> Instant {
+        self.started
     }
 
     /// Waits until `applied_index >= index` on this node, or the timeout.
@@ -2413,6 +2426,7 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
             PeerReport {
                 status,
                 at: Instant::now(),
+                commit_here: self.raft.commit_index(),
             },
         );
     }

@@ -188,12 +188,17 @@ function groupView(ctx) {
       const onLeader = c.role === "leader";
       const shown = (v) => (v === null || v === undefined ? el("span.muted", { text: "unknown" }) : String(v));
       const HEALTH = { ok: "ok", lagging: "warn", unreachable: "bad", unknown: "muted" };
+      // How long ago a member reported its own indexes: "now" for this gateway's row.
+      const age = (ms) => (ms === null || ms === undefined ? el("span.muted", { text: "unknown" })
+        : ms === 0 ? "now" : ms < 1000 ? `${ms} ms ago` : `${(ms / 1000).toFixed(1)} s ago`);
       const rows = c.members.map((m) => el("tr", { "data-member": m.id, "data-health": m.health },
         el("td.num", { text: m.id }),
         el("td", { text: m.suffrage }),
         el("td", {}, m.role ? badge(m.role) : el("span.muted", { text: "–" })),
-        el("td.num", {}, shown(m.commit)),
-        el("td.num", {}, shown(m.applied)),
+        el("td.num", { "data-field": "commit" }, shown(m.commit)),
+        el("td.num", { "data-field": "applied" }, shown(m.applied)),
+        el("td.num", { "data-field": "term" }, shown(m.term)),
+        el("td.num", { "data-field": "reported" }, age(m.reported_ms_ago)),
         el("td.num", {}, shown(m.matched)),
         el("td.num", {}, shown(m.lag)),
         el("td", {}, badge(m.health, HEALTH[m.health] || "muted"))));
@@ -203,11 +208,13 @@ function groupView(ctx) {
           text: (onLeader
             ? "Matched index and lag: this leader's replication progress for each member. "
             : `Matched index and lag are known on the leader (gateway ${c.leader ?? "?"}); open its console for them. `) +
-            `Commit and applied index: each gateway's own, shown for this one. A member more than ${c.lag_warning} entries behind is lagging.`,
+            `Commit index, applied index and term: each member's own, as it last reported them (every member reports to the others every 250 ms; "reported" says how long ago). ` +
+            `A member more than ${c.lag_warning} entries behind is lagging; one silent for more than ${c.unreachable_after_ms / 1000} s is unreachable.`,
         }),
         el("table", {}, el("thead", {}, el("tr", {},
           el("th.num", { text: "Id" }), el("th", { text: "Suffrage" }), el("th", { text: "Role" }),
           el("th.num", { text: "Commit index" }), el("th.num", { text: "Applied index" }),
+          el("th.num", { text: "Term" }), el("th.num", { text: "Reported" }),
           el("th.num", { text: "Matched index" }), el("th.num", { text: "Lag" }), el("th", { text: "Health" }))),
         el("tbody", {}, rows)));
       fill(warnings, c.warnings.map((w) => el("div.notice", { text: w })));

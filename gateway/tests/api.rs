@@ -1293,9 +1293,11 @@ async fn cluster_health_and_metrics() {
         json!([{"id":1,"suffrage":"voter","role":"leader",
             "matched": cluster.body["members"][0]["matched"],
             "active": cluster.body["members"][0]["active"],
-            "lag": 0, "commit": commit, "applied": applied, "health": "ok"}])
+            "lag": 0, "commit": commit, "applied": applied,
+            "term": cluster.body["term"], "reported_ms_ago": 0, "health": "ok"}])
     );
     assert_eq!(cluster.body["lag_warning"], 100);
+    assert_eq!(cluster.body["unreachable_after_ms"], 3000);
     assert_eq!(cluster.body["warnings"], json!([]));
 
     let health = call(&e.app, Method::GET, "/healthz").send().await;

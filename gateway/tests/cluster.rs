@@ -794,8 +794,31 @@ async fn the_group_view_gives_each_members_progress_and_health_and_warns_of_a_lo
         })
     })
     .await;
+    // Every gateway, followers included, shows every member's own commit
+    // and applied index and term, as that member reported them, and how
+    // long ago.
+    let ids: Vec<u64> = c.gws.keys().copied().collect();
+    let reported_everywhere = |at_least: u64| {
+        move |v: &Value| {
+            v["members"].as_array().is_some_and(|ms| {
+                ms.len() == size
+                    && ms.iter().all(|m| {
+                        m["health"] == "ok"
+                            && m["applied"].as_u64().is_some_and(|a| a >= at_least)
+                            && m["commit"].as_u64().is_some_and(|c| c >= at_least)
+                            && m["term"].is_u64()
+                            && m["reported_ms_ago"].is_u64()
+                    })
+            })
+        }
+    };
+    for &g in &ids {
+        c.until_cluster(g, "every member's own indexes", reported_everywhere(1))
+            .await;
+    }
     let v = c.get(leader, "/v1/cluster").await;
     assert_eq!(v["lag_warning"], 100, "{v}");
+    assert_eq!(v["unreachable_after_ms"], 3000, "{v}");
     assert_eq!(v["warnings"], json!([]), "{v}");
     let commit = v["commit"].as_u64().expect("commit");
     for m in v["members"].as_array().expect("members") {
@@ -803,38 +826,65 @@ async fn the_group_view_gives_each_members_progress_and_health_and_warns_of_a_lo
         assert_eq!(m["lag"], json!(commit.saturating_sub(matched)), "{m}");
         if m["id"] == leader {
             assert_eq!((&m["commit"], &m["applied"]), (&v["commit"], &v["applied"]));
+            assert_eq!((&m["term"], &m["reported_ms_ago"]), (&v["term"], &json!(0)));
         } else {
-            assert_eq!((&m["commit"], &m["applied"]), (&Value::Null, &Value::Null));
+            // A report is at most a few intervals old (250 ms each).
+            let age = m["reported_ms_ago"].as_u64().expect("age");
+            assert!(age <= 3000, "{m}");
+            assert!(m["applied"].as_u64() <= Some(commit), "{v}");
         }
     }
 
-    // A follower knows its own indexes, not the others' progress; on PBFT
-    // every replica hears every member (signed messages, signs of life
-    // when idle), so a follower reports them reachable too (no lag: that
-    // is the leader's).
+    // A follower knows its own indexes and every other member's as they
+    // reported them, not the others' replication progress; on PBFT every
+    // replica hears every member (signed messages, signs of life when
+    // idle), so a follower reports them reachable too (no lag: that is
+    // the leader's).
     let pbft = common::engine_under_test() == EngineKind::Pbft;
     let follower = *c.gws.keys().find(|&&id| id != leader).expect("a follower");
     let f = c.get(follower, "/v1/cluster").await;
     for m in f["members"].as_array().expect("members") {
+        assert_eq!(m["health"], "ok", "{f}");
         if m["id"] == follower {
             assert_eq!((&m["commit"], &m["applied"]), (&f["commit"], &f["applied"]));
-            assert_eq!(m["health"], "ok", "{f}");
+            assert_eq!(m["reported_ms_ago"], 0, "{f}");
         } else if pbft {
-            assert_eq!(
-                (&m["health"], &m["active"]),
-                (&json!("ok"), &json!(true)),
-                "{f}"
-            );
+            assert_eq!(m["active"], true, "{f}");
             assert!(m["matched"].is_u64(), "{f}");
             assert_eq!(m["lag"], Value::Null, "{f}");
         } else {
-            assert_eq!(m["health"], "unknown", "{f}");
             assert_eq!((&m["matched"], &m["lag"]), (&Value::Null, &Value::Null));
+            // Its role, from its report where nothing else tells.
+            let role = if m["id"] == leader {
+                "leader"
+            } else {
+                "follower"
+            };
+            assert_eq!(m["role"], role, "{f}");
         }
     }
 
-    // The follower goes away: the leader says it cannot reach it.
-    c.gws.remove(&follower).expect("the follower").stop().await;
+    // Writes: every gateway sees every member's numbers advance past them.
+    for n in 0..3 {
+        c.register(follower, &format!("progress-{n}")).await;
+    }
+    let after = c.get(leader, "/v1/cluster").await["commit"]
+        .as_u64()
+        .expect("commit");
+    assert!(after > commit, "{after} > {commit}");
+    for &g in &ids {
+        c.until_cluster(
+            g,
+            "every member's indexes past the writes",
+            reported_everywhere(after),
+        )
+        .await;
+    }
+
+    // The follower is killed: the leader says it cannot reach it; every
+    // other survivor, within `unreachable_after_ms`, marks it unreachable
+    // too, with the last numbers it reported.
+    c.gws.remove(&follower).expect("the follower").crash().await;
     let warning = format!("Member {follower} is unreachable from the leader.");
     c.until_cluster(leader, "the member unreachable", |v| {
         member(v, follower)["health"] == "unreachable"
@@ -843,6 +893,32 @@ async fn the_group_view_gives_each_members_progress_and_health_and_warns_of_a_lo
                 .is_some_and(|w| w.contains(&json!(warning)))
     })
     .await;
+    let others: Vec<u64> = c.gws.keys().copied().filter(|&g| g != leader).collect();
+    for g in others.into_iter().chain([leader]) {
+        c.until_cluster(g, "the killed member unreachable, its report stale", |v| {
+            let m = member(v, follower);
+            m["health"] == "unreachable"
+                && m["reported_ms_ago"].as_u64().is_some_and(|a| a > 3000)
+                && v["warnings"].as_array().is_some_and(|w| {
+                    w.iter().any(|w| {
+                        w.as_str()
+                            .is_some_and(|w| w.starts_with(&format!("Member {follower} ")))
+                    })
+                })
+        })
+        .await;
+        let m = member(&c.get(g, "/v1/cluster").await, follower);
+        assert!(m["applied"].as_u64() >= Some(after), "on {g}: {m}");
+        assert!(m["commit"].as_u64() >= Some(after), "on {g}: {m}");
+        assert!(m["term"].is_u64(), "on {g}: {m}");
+        // The others are still heard.
+        let v = c.get(g, "/v1/cluster").await;
+        for m in v["members"].as_array().expect("members") {
+            if m["id"] != follower {
+                assert_eq!(m["health"], "ok", "on {g}: {v}");
+            }
+        }
+    }
     c.stop().await;
 }
 

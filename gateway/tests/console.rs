@@ -1106,8 +1106,35 @@ async fn the_group_view_warns_of_a_member_the_leader_cannot_reach() {
     )
     .await;
     assert_eq!(b.text_of("#group-leader").await, leader.to_string());
-    // The leader's own commit and applied index are shown on its row; a
-    // follower's own are unknown here (each gateway reports its own).
+    // Every member's own commit and applied index and term are shown on
+    // its row, as it reported them (followers' too), with how long ago:
+    // "now" on the leader's own row.
+    const CELLS: &str = "const r = document.querySelector(`#group-members [data-member='${arguments[0]}']`); \
+         const v = r && Object.fromEntries(['commit', 'applied', 'term', 'reported'] \
+           .map(f => [f, r.querySelector(`[data-field=${f}]`).innerText])); \
+         return v && /^(now|.* ago)$/.test(v.reported) && v";
+    let numeric = |v: &Value, f: &str| v[f].as_str().is_some_and(|t| t.parse::<u64>().is_ok());
+    for g in &gws {
+        let id = g.node().status().raft.id;
+        let v = b
+            .until(
+                "a member's reported indexes and their age",
+                CELLS,
+                json!([id]),
+            )
+            .await;
+        for f in ["commit", "applied", "term"] {
+            assert!(numeric(&v, f), "member {id}: {v}");
+        }
+        if id == leader {
+            assert_eq!(v["reported"], "now", "{v}");
+        } else {
+            assert!(
+                v["reported"].as_str().is_some_and(|t| t.ends_with(" ago")),
+                "{v}"
+            );
+        }
+    }
     let a_follower = gws
         .iter()
         .map(|g| g.node().status().raft.id)
@@ -1121,13 +1148,10 @@ async fn the_group_view_warns_of_a_member_the_leader_cannot_reach() {
     };
     let follower_row = row(a_follower).await;
     assert!(
-        follower_row.as_str().is_some_and(|t| t.contains("unknown")),
+        follower_row
+            .as_str()
+            .is_some_and(|t| !t.contains("unknown")),
         "{follower_row}"
-    );
-    let leader_row = row(leader).await;
-    assert!(
-        leader_row.as_str().is_some_and(|t| !t.contains("unknown")),
-        "{leader_row}"
     );
     assert_eq!(
         b.js(
@@ -1159,6 +1183,11 @@ async fn the_group_view_warns_of_a_member_the_leader_cannot_reach() {
         json!([lost]),
     )
     .await;
+    // Its row keeps the last numbers it reported, aging.
+    let last = b.until("its last numbers", CELLS, json!([lost])).await;
+    for f in ["commit", "applied", "term"] {
+        assert!(numeric(&last, f), "member {lost}: {last}");
+    }
     b.shot("group-member-lost").await;
 
     // The other follower too: no quorum. The leader steps down, and the

@@ -2,6 +2,8 @@
 //! (admin): add a learner, promote it, remove a member, transfer leadership.
 //! Any gateway takes them: a follower forwards the change to the leader.
 
+use std::time::Duration;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -23,8 +25,9 @@ pub struct Member {
     /// `voter` (counts towards quorums) or `learner` (receives the log only).
     pub suffrage: String,
     /// `leader`, `follower`, `candidate`, `pre_candidate` or `learner`, where
-    /// this gateway knows it (its own role, the leader's, and — on the
-    /// leader — every member's); otherwise absent.
+    /// this gateway knows it (its own role, the leader's, on the leader
+    /// every member's, and otherwise the role a member gave in a status
+    /// report received within `unreachable_after_ms`); otherwise absent.
     pub role: Option<String>,
     /// On the leader: the highest log index known to be replicated to it.
     pub matched: Option<u64>,
@@ -35,16 +38,31 @@ pub struct Member {
     /// On the leader: how many entries it trails the leader's commit index
     /// by (`commit` − `matched`, 0 when it holds them all).
     pub lag: Option<u64>,
-    /// Its own commit index, as it reports it: known for this gateway only
-    /// (ask another gateway's `GET /v1/cluster` for its own).
+    /// Its own commit index, as it reports it: this gateway's own, and
+    /// every other member's from the last status report it sent this
+    /// gateway (every 250 ms; see `reported_ms_ago`). Absent for a member
+    /// not heard from since this gateway started. What the member says of
+    /// itself (on PBFT a faulty member may lie): for display only.
     pub commit: Option<u64>,
-    /// Its own applied index, as it reports it: known for this gateway only.
+    /// Its own applied index, as it reports it (like `commit`).
     pub applied: Option<u64>,
-    /// `ok`; `lagging` — on the leader, trails its commit index by more than
-    /// `lag_warning` entries, or (this gateway) applies that far behind its
-    /// own commit index; `unreachable` — on the leader, not connected
-    /// (`active` false); `unknown` — another member seen from a gateway
-    /// that does not lead (only the leader tracks replication).
+    /// Its own term (Multi-Paxos: ballot; PBFT: view), as it reports it
+    /// (like `commit`).
+    pub term: Option<u64>,
+    /// How many milliseconds ago this gateway received the status report
+    /// that `commit`, `applied` and `term` come from: 0 for this gateway's
+    /// own row; absent for a member not heard from since this gateway
+    /// started. A member that stopped reporting keeps its last numbers,
+    /// with their age.
+    pub reported_ms_ago: Option<u64>,
+    /// `ok`; `lagging` — trails by more than `lag_warning` entries: on the
+    /// leader, its commit index (`lag`); this gateway's own applied index
+    /// its own commit index; another member's reported applied index this
+    /// gateway's commit index when the report arrived; `unreachable` — on
+    /// the leader, not connected (`active` false), or no status report
+    /// from it for more than `unreachable_after_ms` (or none since this
+    /// gateway started that long ago); `unknown` — nothing heard yet, this
+    /// gateway having started less than `unreachable_after_ms` ago.
     pub health: String,
 }
 
@@ -52,17 +70,22 @@ pub struct Member {
 /// by more than this many entries is `lagging`.
 pub const LAG_WARNING: u64 = 100;
 
+/// A member whose last status report is older than this (members send one
+/// every 250 ms) is `unreachable`.
+pub const UNREACHABLE_AFTER: Duration = Duration::from_secs(3);
+
 /// The group as this gateway sees it.
 #[derive(Debug, Serialize, ToSchema)]
-#[schema(example = json!({"node_id":1,"engine":"raft","role":"leader","leader":1,"term":3,"commit":542,
+#[schema(example = json!({"node_id":2,"engine":"raft","role":"follower","leader":1,"term":3,"commit":542,
     "applied":542,"members":[
-        {"id":1,"suffrage":"voter","role":"leader","matched":542,"active":true,"lag":0,
-         "commit":542,"applied":542,"health":"ok"},
-        {"id":2,"suffrage":"voter","role":"follower","matched":540,"active":true,"lag":2,
-         "commit":null,"applied":null,"health":"ok"},
-        {"id":3,"suffrage":"voter","role":"follower","matched":310,"active":false,"lag":232,
-         "commit":null,"applied":null,"health":"unreachable"}],
-    "lag_warning":100,"warnings":["Member 3 is unreachable from the leader."]}))]
+        {"id":1,"suffrage":"voter","role":"leader","matched":null,"active":null,"lag":null,
+         "commit":542,"applied":541,"term":3,"reported_ms_ago":120,"health":"ok"},
+        {"id":2,"suffrage":"voter","role":"follower","matched":null,"active":null,"lag":null,
+         "commit":542,"applied":542,"term":3,"reported_ms_ago":0,"health":"ok"},
+        {"id":3,"suffrage":"voter","role":null,"matched":null,"active":null,"lag":null,
+         "commit":310,"applied":310,"term":3,"reported_ms_ago":48210,"health":"unreachable"}],
+    "lag_warning":100,"unreachable_after_ms":3000,
+    "warnings":["Member 3 has sent no status report for 48 s (its last: commit 310, applied 310)."]}))]
 pub struct ClusterStatus {
     /// This gateway's node id.
     pub node_id: u64,
@@ -85,6 +108,9 @@ pub struct ClusterStatus {
     pub members: Vec<Member>,
     /// The lag, in entries, beyond which a member is `lagging`.
     pub lag_warning: u64,
+    /// How long, in milliseconds, without a status report from a member
+    /// before it is `unreachable`.
+    pub unreachable_after_ms: u64,
     /// What an operator should look at, in words: no leader known, a
     /// member unreachable or lagging. Empty when all is well (as far as
     /// this gateway can tell).
@@ -102,6 +128,11 @@ pub(crate) fn role_name(r: RaftRole) -> &'static str {
 }
 
 /// Show the group's members, leader, term and indexes.
+///
+/// Every member's own commit and applied index and term come from the
+/// status report it sends every other member every 250 ms (this gateway's
+/// own are its own), with their age (`reported_ms_ago`): what each member
+/// says of itself, for display only.
 #[utoipa::path(
     get, path = "/v1/cluster", tag = "cluster",
     responses(
@@ -113,11 +144,23 @@ pub(crate) fn role_name(r: RaftRole) -> &'static str {
 )]
 pub(crate) async fn cluster(State(state): State<AppState>) -> Result<Response, ApiError> {
     let st = state.node.status();
+    let reports = state.node.peer_reports();
+    let now = tokio::time::Instant::now();
+    let up = now.saturating_duration_since(state.node.started());
     let raft = &st.raft;
     let is_leader = raft.role == RaftRole::Leader;
-    let member = |id: u64, learner: bool| {
+    let mut warnings = Vec::new();
+    if raft.leader.is_none() {
+        warnings
+            .push("No leader is known: writes fail (503) until the group elects one.".to_string());
+    }
+    let mut member = |id: u64, learner: bool| {
         let progress = raft.progress.get(&id);
-        let role = if id == raft.id && !(learner && raft.role == RaftRole::Follower) {
+        let own = id == raft.id;
+        let report = reports.get(&id).filter(|_| !own);
+        let age = report.map(|r| now.saturating_duration_since(r.at));
+        let fresh = age.is_some_and(|a| a <= UNREACHABLE_AFTER);
+        let role = if own && !(learner && raft.role == RaftRole::Follower) {
             Some(role_name(raft.role))
         } else if Some(id) == raft.leader {
             Some("leader")
@@ -126,25 +169,88 @@ pub(crate) async fn cluster(State(state): State<AppState>) -> Result<Response, A
         } else if is_leader {
             // The leader knows its voters follow it (or are unreachable).
             Some("follower")
+        } else if fresh {
+            report.map(|r| role_name(r.status.role))
         } else {
             None
         };
-        let own = id == raft.id;
         let lag = if is_leader {
             progress.map(|p| raft.commit.saturating_sub(p.matched))
         } else {
             None
         };
-        let behind = raft.commit.saturating_sub(raft.applied);
-        let health = if progress.is_some_and(|p| !p.connected) && !own {
-            "unreachable"
-        } else if lag.is_some_and(|l| l > LAG_WARNING) || (own && behind > LAG_WARNING) {
-            "lagging"
-        } else if own || progress.is_some() {
-            "ok"
+        let (commit, applied, term, reported_ms_ago) = if own {
+            (
+                Some(raft.commit),
+                Some(raft.applied),
+                Some(raft.term),
+                Some(0),
+            )
         } else {
-            "unknown"
+            (
+                report.map(|r| r.status.commit),
+                report.map(|r| r.status.applied),
+                report.map(|r| r.status.term),
+                age.map(|a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX)),
+            )
         };
+        // How far its applied index trailed: this gateway's own behind
+        // its commit index; another's, as reported, behind this gateway's
+        // commit index when the report arrived.
+        let behind = if own {
+            Some(raft.commit.saturating_sub(raft.applied))
+        } else {
+            report
+                .filter(|_| fresh)
+                .map(|r| r.commit_here.saturating_sub(r.status.applied))
+        };
+        let cut_off = progress.is_some_and(|p| !p.connected) && !own;
+        let silent = !own
+            && match age {
+                Some(a) => a > UNREACHABLE_AFTER,
+                None => up > UNREACHABLE_AFTER,
+            };
+        let last = match (commit, applied) {
+            (Some(c), Some(a)) => format!(" (its last: commit {c}, applied {a})"),
+            _ => String::new(),
+        };
+        let (health, warning) = if cut_off {
+            (
+                "unreachable",
+                Some(format!("Member {id} is unreachable from the leader.")),
+            )
+        } else if silent {
+            let w = match age {
+                Some(a) => format!(
+                    "Member {id} has sent no status report for {} s{last}.",
+                    a.as_secs()
+                ),
+                None => format!(
+                    "Member {id} has sent no status report since this gateway started {} s ago.",
+                    up.as_secs()
+                ),
+            };
+            ("unreachable", Some(w))
+        } else if let Some(l) = lag.filter(|&l| l > LAG_WARNING) {
+            (
+                "lagging",
+                Some(format!(
+                    "Member {id} lags the leader's commit index by {l} entries."
+                )),
+            )
+        } else if let Some(b) = behind.filter(|&b| b > LAG_WARNING) {
+            let w = if own {
+                format!("Member {id} (this gateway) applies {b} entries behind its commit index.")
+            } else {
+                format!("Member {id} applies {b} entries behind this gateway's commit index.")
+            };
+            ("lagging", Some(w))
+        } else if own || progress.is_some() || fresh {
+            ("ok", None)
+        } else {
+            ("unknown", None)
+        };
+        warnings.extend(warning);
         Member {
             id,
             suffrage: if learner { "learner" } else { "voter" }.into(),
@@ -152,19 +258,21 @@ pub(crate) async fn cluster(State(state): State<AppState>) -> Result<Response, A
             matched: progress.map(|p| p.matched),
             active: progress.map(|p| p.connected),
             lag,
-            commit: own.then_some(raft.commit),
-            applied: own.then_some(raft.applied),
+            commit,
+            applied,
+            term,
+            reported_ms_ago,
             health: health.into(),
         }
     };
     let conf = &raft.conf_state;
-    let members: Vec<Member> = conf
-        .voters
-        .iter()
-        .map(|id| member(*id, false))
-        .chain(conf.learners.iter().map(|id| member(*id, true)))
-        .collect();
-    let warnings = warnings(raft.leader, &members, raft.id);
+    let mut members = Vec::with_capacity(conf.voters.len() + conf.learners.len());
+    for id in &conf.voters {
+        members.push(member(*id, false));
+    }
+    for id in &conf.learners {
+        members.push(member(*id, true));
+    }
     let body = ClusterStatus {
         node_id: raft.id,
         engine: state.config.consensus.name().into(),
@@ -175,35 +283,10 @@ pub(crate) async fn cluster(State(state): State<AppState>) -> Result<Response, A
         applied: raft.applied,
         members,
         lag_warning: LAG_WARNING,
+        unreachable_after_ms: UNREACHABLE_AFTER.as_millis() as u64,
         warnings,
     };
     Ok(reply(StatusCode::OK, state.db.applied_index(), &body))
-}
-
-/// The warnings of `GET /v1/cluster`, from the members' health as this
-/// gateway (`me`) sees it.
-fn warnings(leader: Option<u64>, members: &[Member], me: u64) -> Vec<String> {
-    let mut out = Vec::new();
-    if leader.is_none() {
-        out.push("No leader is known: writes fail (503) until the group elects one.".to_string());
-    }
-    for m in members {
-        match m.health.as_str() {
-            "unreachable" => out.push(format!("Member {} is unreachable from the leader.", m.id)),
-            "lagging" if m.id == me => out.push(format!(
-                "Member {} (this gateway) applies {} entries behind its commit index.",
-                m.id,
-                m.commit.unwrap_or(0).saturating_sub(m.applied.unwrap_or(0))
-            )),
-            "lagging" => out.push(format!(
-                "Member {} lags the leader's commit index by {} entries.",
-                m.id,
-                m.lag.unwrap_or(0)
-            )),
-            _ => {}
-        }
-    }
-    out
 }
 
 /// What a member is to become.
