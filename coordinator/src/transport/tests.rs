@@ -329,6 +329,30 @@ fn chunk_bytes_are_encoded_compactly() {
     );
 }
 
+/// A status report costs a few bytes on the wire (it goes to every member
+/// four times a second): a group of billions of entries' worth of numbers
+/// still fits in 48 bytes with the length prefix.
+#[test]
+fn a_status_frame_is_a_few_bytes() {
+    use super::status::StatusWire;
+    let size = |commit: u64| {
+        encode_frame::<Message>(
+            &Frame::Status(StatusWire {
+                from: 3,
+                term: 12,
+                commit,
+                applied: commit,
+                role: 0,
+            }),
+            1 << 20,
+        )
+        .expect("encode")
+        .len()
+    };
+    assert_eq!(size(100_000), 14);
+    assert!(size(1 << 40) <= 48, "{}", size(1 << 40));
+}
+
 #[test]
 fn encode_refuses_oversize() {
     let frame = Frame::Message(big_msg(1, 2, 5000));
