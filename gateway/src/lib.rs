@@ -369,12 +369,41 @@ async fn start_until(
         shutdown_rx.clone(),
     ));
 
-    let admin_token_file = if config.join {
-        None
+    // A gateway that joins a running group never creates the first token;
+    // a new group's is tried for ten seconds here (a gateway leading from
+    // the start returns its file), then in the background until the group
+    // holds one.
+    let first_token = if config.join {
+        Bootstrap::NotHere
     } else {
-        bootstrap_admin(&node, &db, &config, &mut cancel).await?
+        bootstrap_admin(
+            &node,
+            &db,
+            &config,
+            &mut cancel,
+            Some(Duration::from_secs(10)),
+        )
+        .await?
+    };
+    let pending_bootstrap = matches!(first_token, Bootstrap::Pending);
+    let admin_token_file = match first_token {
+        Bootstrap::Written(path) => Some(path),
+        Bootstrap::NotHere | Bootstrap::Pending => None,
     };
     let duties = tokio::spawn(leader_duties(node.clone(), db.clone(), shutdown_rx.clone()));
+    let bootstrap = tokio::spawn({
+        let (node, db, config, shutdown) = (
+            node.clone(),
+            db.clone(),
+            config.clone(),
+            shutdown_rx.clone(),
+        );
+        async move {
+            if pending_bootstrap {
+                bootstrap_admin_later(node, db, config, shutdown).await;
+            }
+        }
+    });
     let rollouts = tokio::spawn(jobs::drive(
         node.clone(),
         db.clone(),
@@ -433,7 +462,7 @@ async fn start_until(
         db,
         transport,
         shutdown_tx,
-        tasks: vec![http, duties, rollouts, peer_book, membership],
+        tasks: vec![http, duties, bootstrap, rollouts, peer_book, membership],
     })
 }
 
@@ -802,54 +831,202 @@ async fn forget_own_sessions(
 
 /// On first start of a group, the gateway that leads creates an admin token
 /// (only if the group has none) and writes it to `<data-dir>/admin-token`.
+///
+/// The token is generated once and kept in `<data-dir>/admin-token.pending`
+/// (0600) before it is proposed, and the same token is proposed again after
+/// a failed or unanswered proposal: a proposal whose outcome was unknown may
+/// still have committed, and a token the group holds but nobody can read
+/// would leave the group with no way to administer it. Once the group holds
+/// a token, the pending file becomes `admin-token` if the group's bootstrap
+/// token is this one, and is removed otherwise.
+///
+/// Tries for `bound` at most (the start waits that long, so that a gateway
+/// that leads from the start returns its token file); after that,
+/// [`bootstrap_admin_later`] goes on in the background.
 async fn bootstrap_admin(
     node: &Node<OpResult>,
     db: &StateDb,
     config: &Config,
     cancel: &mut watch::Receiver<bool>,
-) -> Result<Option<PathBuf>, GatewayError> {
+    bound: Option<Duration>,
+) -> Result<Bootstrap, GatewayError> {
     let path = config.data_dir.join("admin-token");
     if path.exists() {
-        return Ok(Some(path));
+        return Ok(Bootstrap::Written(path));
     }
-    // Wait (bounded) for a leader; a cluster still forming is left alone.
-    // `wait_for` returns a guard on the node's status; it must be dropped at
-    // once (kept across the proposal below it would block the node driver's
-    // status updates until the proposal timed out).
-    // Stopping meanwhile gives up the wait (the proposal below, once made,
-    // is seen through: its token must reach the file).
+    let pending = config.data_dir.join("admin-token.pending");
+    let deadline = bound.map(|b| tokio::time::Instant::now() + b);
+    let mut token: Option<String> = None;
     let mut status = node.watch_status();
-    let leader_known = tokio::select! {
-        r = tokio::time::timeout(
-            Duration::from_secs(10),
-            status.wait_for(|s| s.raft.leader.is_some()),
-        ) => r.is_ok_and(|r| r.is_ok()),
-        _ = cancel.wait_for(|c| *c) => false,
-    };
-    if !leader_known || node.status().raft.role != RaftRole::Leader {
-        return Ok(None);
-    }
-    if db.has_tokens().await? {
-        return Ok(None);
-    }
-    let token = random_token()?;
-    match propose(
-        node,
-        Op::BootstrapAdmin {
-            token_hash: hash_secret(&token),
-        },
-    )
-    .await
-    {
-        Ok((_, OpResult::Done)) => {
-            write_private(&path, &format!("{token}\n"))?;
-            Ok(Some(path))
+    loop {
+        // Does the group hold a token yet? Then this is settled either way.
+        if db.has_tokens().await? {
+            let ours = match read_pending(&pending)? {
+                Some(t) => db.token_hash_exists(&hash_secret(&t)).await?,
+                None => false,
+            };
+            if ours {
+                std::fs::rename(&pending, &path).map_err(io(format!(
+                    "moving {} to {}",
+                    pending.display(),
+                    path.display()
+                )))?;
+                sync_dir(&config.data_dir)?;
+                return Ok(Bootstrap::Written(path));
+            }
+            remove_if_present(&pending)?;
+            return Ok(Bootstrap::NotHere);
         }
-        Ok(_) => Ok(None),
-        Err(e) => {
-            tracing::warn!(error = %e, "could not create the first admin token; it will be retried on the next start");
-            Ok(None)
+        if node.status().raft.role == RaftRole::Leader {
+            let t = match token.take() {
+                Some(t) => t,
+                None => match read_pending(&pending)? {
+                    Some(t) => t,
+                    None => {
+                        let t = random_token()?;
+                        write_private_atomic(&pending, &format!("{t}\n"))?;
+                        t
+                    }
+                },
+            };
+            let hash = hash_secret(&t);
+            token = Some(t);
+            let proposal = propose(node, Op::BootstrapAdmin { token_hash: hash });
+            // Past the bound the start goes on; the proposal may still
+            // commit, which the pending file covers.
+            let answer = match deadline {
+                Some(d) => match tokio::time::timeout_at(d, proposal).await {
+                    Ok(a) => a,
+                    Err(_) => return Ok(Bootstrap::Pending),
+                },
+                None => proposal.await,
+            };
+            match answer {
+                // Settled at the top of the loop: `Done` made it ours,
+                // `Ignored` means the group already held a token (ours, from
+                // an earlier proposal whose answer was lost, or another's).
+                Ok(_) => continue,
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "could not create the first admin token yet; trying again"
+                ),
+            }
         }
+        // Look again when the node's status changes (a new role, entries
+        // applied: the group's token may have come by replication), at most
+        // every 50 ms and at least every second, until the bound or the stop.
+        let wake = tokio::time::Instant::now() + Duration::from_secs(1);
+        let wake = deadline.map_or(wake, |d| d.min(wake));
+        let changed = tokio::select! {
+            _ = tokio::time::sleep_until(wake) => false,
+            changed = status.changed() => {
+                if changed.is_err() {
+                    // The node is gone: so is this gateway.
+                    return Ok(Bootstrap::Pending);
+                }
+                true
+            }
+            _ = cancel.wait_for(|c| *c) => return Ok(Bootstrap::Pending),
+        };
+        if changed {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return Ok(Bootstrap::Pending);
+        }
+    }
+}
+
+/// What [`bootstrap_admin`] came to.
+enum Bootstrap {
+    /// This gateway holds the group's first admin token in this file.
+    Written(PathBuf),
+    /// The group has its first admin token; this gateway does not hold it.
+    NotHere,
+    /// The group has no token yet (no leader, or its proposal has not
+    /// committed yet).
+    Pending,
+}
+
+/// The first admin token, after the start: tried until the group holds a
+/// token or the gateway stops; the gateway that writes it says so on
+/// standard output as the start does.
+async fn bootstrap_admin_later(
+    node: Node<OpResult>,
+    db: Arc<StateDb>,
+    config: Arc<Config>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    match bootstrap_admin(&node, &db, &config, &mut shutdown, None).await {
+        Ok(Bootstrap::Written(path)) => {
+            tracing::info!(admin_token_file = %path.display(), "created the first admin token");
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "admin token: {} (use it as 'Authorization: Bearer <token>')",
+                path.display()
+            );
+            let _ = out.flush();
+        }
+        Ok(Bootstrap::NotHere | Bootstrap::Pending) => {}
+        Err(e) => tracing::error!(error = %e, "could not create the first admin token"),
+    }
+}
+
+/// The token in a pending admin-token file, if there is one. A file that is
+/// not a token (damaged by a crash while it was written) is an error naming
+/// it: it is never silently replaced, as its token may be the group's.
+fn read_pending(path: &std::path::Path) -> Result<Option<String>, GatewayError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let t = text.trim();
+            if t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+                Ok(Some(t.to_string()))
+            } else {
+                Err(GatewayError::Config(format!(
+                    "{} does not hold an admin token (64 hex digits); if the group \
+                     has no admin token yet, remove the file and start again",
+                    path.display()
+                )))
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(format!("reading {}", path.display()))(e)),
+    }
+}
+
+/// Writes `text` to `path` (0600) whole or not at all: into a temporary file
+/// beside it, synced, then renamed over it, and the directory synced.
+fn write_private_atomic(path: &std::path::Path, text: &str) -> Result<(), GatewayError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    remove_if_present(&tmp)?;
+    write_private(&tmp, text)?;
+    std::fs::rename(&tmp, path).map_err(io(format!(
+        "moving {} to {}",
+        tmp.display(),
+        path.display()
+    )))?;
+    match path.parent() {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
+    }
+}
+
+fn sync_dir(dir: &std::path::Path) -> Result<(), GatewayError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(format!("syncing the directory {}", dir.display())))
+}
+
+fn remove_if_present(path: &std::path::Path) -> Result<(), GatewayError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(io(format!("removing {}", path.display()))(e))
+        }
+        _ => Ok(()),
     }
 }
 

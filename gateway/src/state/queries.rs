@@ -299,6 +299,17 @@ impl StateDb {
             .collect())
     }
 
+    /// Whether a token with this hash exists.
+    pub async fn token_hash_exists(&self, token_hash: &str) -> Result<bool, StateError> {
+        let pool = self.pool.read().await;
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tokens WHERE token_hash = ?)")
+                .bind(token_hash)
+                .fetch_one(&*pool)
+                .await?,
+        )
+    }
+
     /// Whether any token exists.
     pub async fn has_tokens(&self) -> Result<bool, StateError> {
         let pool = self.pool.read().await;
