@@ -197,6 +197,12 @@ impl Device {
         matches!(self.phase, Phase::Connected { .. })
     }
 
+    /// Whether it is offline on request ([`Device::disconnect`]), the
+    /// connection closed.
+    pub fn is_parked(&self) -> bool {
+        self.phase == Phase::Parked
+    }
+
     /// Whether it is connected with its subscriptions in force.
     pub fn is_subscribed(&self) -> bool {
         self.phase == Phase::Connected { subscribed: true }
