@@ -125,7 +125,8 @@ pub struct Device {
     handed: VecDeque<Sent>,
     /// Sent with a packet id, waiting for their PUBACK.
     inflight: HashMap<u16, Sent>,
-    events: VecDeque<Event>,
+    /// The event the last poll produced (one at most), not yet returned.
+    event: Option<Event>,
     backoff: Backoff,
     rng: Rng,
     counters: Option<Arc<Counters>>,
@@ -179,7 +180,7 @@ impl Device {
             ctl: VecDeque::new(),
             handed: VecDeque::new(),
             inflight: HashMap::new(),
-            events: VecDeque::new(),
+            event: None,
             backoff: Backoff::new(config.backoff_base, config.backoff_max),
             rng: Rng::new(config.seed),
             counters: config.counters,
@@ -310,7 +311,7 @@ impl Device {
     /// something else.
     pub async fn next_event(&mut self) -> Event {
         loop {
-            if let Some(e) = self.events.pop_front() {
+            if let Some(e) = self.event.take() {
                 return e;
             }
             self.flush();
@@ -319,13 +320,37 @@ impl Device {
                 Phase::Waiting(t) => Some(t),
                 _ => None,
             };
-            let report = self.state.report_due().filter(|_| self.is_subscribed());
+            // The pending report waits for a subscribed connection and for
+            // room in the outbox (which PUBACKs make: no busy loop meanwhile).
+            let report = self
+                .state
+                .report_due()
+                .filter(|_| self.is_subscribed() && self.state.has_room());
+            // One timer for both (a device in a large fleet keeps this
+            // future, and each timer is ~100 bytes, while it waits).
+            let timer = match (wake, report) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             tokio::select! {
                 p = self.link.next(), if polling => self.on_polled(p),
-                _ = sleep_until_opt(wake) => self.phase = Phase::Connecting,
-                _ = sleep_until_opt(report) => self.state.release_report(Instant::now()),
+                _ = sleep_until_opt(timer) => {
+                    let now = Instant::now();
+                    if wake.is_some_and(|t| t <= now) {
+                        self.phase = Phase::Connecting;
+                    }
+                    if report.is_some_and(|t| t <= now) {
+                        self.state.release_report(now);
+                    }
+                }
             }
         }
+    }
+
+    /// Keeps the event for [`Device::next_event`] to return. A poll makes
+    /// one event at most, and the next poll only starts once it was taken.
+    fn emit(&mut self, e: Event) {
+        self.event = Some(e);
     }
 
     fn count(&self, f: impl FnOnce(&Counters)) {
@@ -349,7 +374,7 @@ impl Device {
                 if self.want_offline {
                     self.ctl.push_back(Ctl::Disconnect);
                 }
-                self.events.push_back(Event::Connected(Connected {
+                self.emit(Event::Connected(Connected {
                     gateway: self.gateways[self.gateway].clone(),
                     session_present,
                     took: now.saturating_duration_since(started),
@@ -357,30 +382,28 @@ impl Device {
                 }));
             }
             Ok(Ev::SubAck { refused }) => match refused {
-                Some(code) => self
-                    .events
-                    .push_back(Event::Refused(Error::SubscriptionRefused { code })),
+                Some(code) => self.emit(Event::Refused(Error::SubscriptionRefused { code })),
                 None => {
                     if self.phase == (Phase::Connected { subscribed: false }) {
                         self.phase = Phase::Connected { subscribed: true };
-                        self.events.push_back(Event::Subscribed);
+                        self.emit(Event::Subscribed);
                     }
                 }
             },
             Ok(Ev::Publish { topic, payload }) => match self.state.on_message(&topic, &payload) {
                 Incoming::Command(c) => {
                     self.count(|c| Counters::bump(&c.commands));
-                    self.events.push_back(Event::Command(c));
+                    self.emit(Event::Command(c));
                 }
-                Incoming::Delta(d) => self.events.push_back(Event::Delta(d)),
+                Incoming::Delta(d) => self.emit(Event::Delta(d)),
                 Incoming::Duplicate(id) => {
                     self.count(|c| Counters::bump(&c.duplicates));
-                    self.events.push_back(Event::Duplicate(id));
+                    self.emit(Event::Duplicate(id));
                 }
                 Incoming::Nothing => {}
                 Incoming::Ignored(why) => {
                     self.count(|c| Counters::bump(&c.ignored));
-                    self.events.push_back(Event::Ignored(why));
+                    self.emit(Event::Ignored(why));
                 }
             },
             Ok(Ev::Sent { pkid }) => {
@@ -401,10 +424,10 @@ impl Device {
                 let command = command.map(String::from);
                 if reason < 0x80 {
                     self.count(|c| Counters::bump(&c.delivered[kind.index()]));
-                    self.events.push_back(Event::Delivered { kind, command });
+                    self.emit(Event::Delivered { kind, command });
                 } else {
                     self.count(|c| Counters::bump(&c.refused));
-                    self.events.push_back(Event::Refused(Error::MessageRefused {
+                    self.emit(Event::Refused(Error::MessageRefused {
                         kind,
                         command,
                         code: reason,
@@ -440,7 +463,7 @@ impl Device {
             self.phase = Phase::Waiting(now + delay);
             Some(delay)
         };
-        self.events.push_back(Event::Disconnected(Disconnected {
+        self.emit(Event::Disconnected(Disconnected {
             gateway,
             error,
             was_connected,

@@ -569,6 +569,11 @@ impl DeviceState {
         self.outbox.pop_front()
     }
 
+    /// Whether the outbox can take another message.
+    pub fn has_room(&self) -> bool {
+        self.outbox.len() < self.outbox_limit
+    }
+
     /// Messages waiting.
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()

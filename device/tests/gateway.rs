@@ -577,3 +577,83 @@ async fn refusals_come_as_typed_errors() {
     assert!(d.was_connected && d.error.is_transient());
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_logs_in_by_client_certificate_over_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    use sha2::{Digest, Sha256};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "entente-device test CA");
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("CA");
+    let server_key = KeyPair::generate().expect("key");
+    let server = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("params")
+        .signed_by(&server_key, &ca)
+        .expect("server certificate");
+    let client_key = KeyPair::generate().expect("key");
+    let client = CertificateParams::new(vec!["valve-5".to_string()])
+        .expect("params")
+        .signed_by(&client_key, &ca)
+        .expect("client certificate");
+    let file = |name: &str, text: String| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    };
+    let ca_file = file("ca.pem", ca.pem());
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let mut config = gateway_config(&tmp.path().join("gw"), any, any, any);
+    config.mqtt_tls_cert = Some(file("server.pem", server.pem()));
+    config.mqtt_tls_key = Some(file("server.key", server_key.serialize_pem()));
+    config.mqtt_tls_client_ca = Some(ca_file.clone());
+    let gw = gateway::start(config).await.expect("start");
+    let rest = Rest::new(gw.http_addr, &token_of(&gw));
+    let fingerprint: String = Sha256::digest(client.der())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    rest.call(
+        reqwest::Method::POST,
+        "/v1/devices",
+        Some(json!({"id": "valve-5", "cert_sha256": fingerprint, "auth": "certificate"})),
+    )
+    .await;
+    let tls_addr = gw.mqtt_tls_addr.expect("TLS listener");
+    let gateways: Arc<[BrokerAddr]> = vec![broker(tls_addr)].into();
+
+    // Without the certificate (and no password): refused, typed.
+    let mut c = Config::with_addresses("valve-5", None, gateways.clone());
+    c.tls = Some(entente_device::Tls::trusting(&ca_file).expect("CA"));
+    let mut d = Device::new(c).expect("device");
+    match tokio::time::timeout(WAIT, d.next_event())
+        .await
+        .expect("an event")
+    {
+        Event::Disconnected(d) => assert_eq!(d.error, Error::Refused(Refusal::BadCredentials)),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // With it: in, and a command answered.
+    let mut c = Config::with_addresses("valve-5", None, gateways);
+    c.tls = Some(
+        entente_device::Tls::with_client_certificate(
+            &ca_file,
+            &file("client.pem", client.pem()),
+            &file("client.key", client_key.serialize_pem()),
+        )
+        .expect("client certificate"),
+    );
+    let app = App::start(c);
+    app.until("subscribed over TLS", |t| t.subscribed >= 1)
+        .await;
+    let cid = rest.issue("valve-5", "open").await;
+    assert_eq!(rest.final_status(&cid).await, "succeeded");
+    assert_eq!(app.seen().get(&cid), Some(&1));
+    drop(app);
+    gw.stop().await;
+}
