@@ -149,7 +149,7 @@ pub struct Common {
 impl Common {
     /// The TLS settings of `--tls-ca`, if given.
     fn tls(&self) -> Result<Option<Tls>> {
-        self.tls_ca.as_deref().map(Tls::trusting).transpose()
+        Ok(self.tls_ca.as_deref().map(Tls::trusting).transpose()?)
     }
 
     fn protocol(&self) -> Protocol {

@@ -2,14 +2,14 @@
 //! each with its own MQTT connection (persistent session, client id =
 //! username = device id, password = its secret).
 //!
-//! Each task owns its rumqttc event loop through a [`Link`] and reacts to
-//! its events with [`DeviceLogic`]; what a device publishes goes through a
-//! small outbox with non-blocking `try_publish`, so a full request channel
-//! never blocks the task that must poll. Connection attempts take a permit
-//! of a shared gate (`connect_concurrency`), so 10,000 devices connect
-//! without a SYN storm. On connection loss a device waits (capped
-//! exponential backoff with jitter) and reconnects to the next gateway in
-//! the list; its unacknowledged messages go with it.
+//! Each task owns one [`Device`] of the device library (`entente-device`):
+//! the simulator runs what a real device runs — connection, failover with
+//! back-off, commands de-duplicated, answers sent until acknowledged,
+//! shadow, reports — and adds only the simulated choices
+//! ([`crate::device`]: when and how a command ends, random reports) and
+//! churn. Connection attempts take a permit of a shared gate
+//! (`connect_concurrency`), so 10,000 devices connect without a SYN storm;
+//! the devices' traffic is counted in one shared [`Counters`].
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,18 +17,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use entente_device::{Config, Counters, Device, Error, Event, MessageKind};
 use entente_protocol::ResultStatus;
 use serde::Serialize;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::backoff::Backoff;
 use crate::creds::Credentials;
-use crate::device::{Behaviour, DeviceLogic, OutKind, Outgoing};
-use crate::mqtt::{
-    BrokerAddr, Client, ClientSettings, Ev, Link, Polled, Protocol, Tls, new_client,
-};
+use crate::device::{Behaviour, output, random_report};
+use crate::mqtt::{BrokerAddr, Protocol, Tls};
 use crate::rng::Rng;
 use crate::sleep_until_opt;
 use crate::stats::{Latency, LatencySummary};
@@ -38,6 +36,8 @@ use crate::stats::{Latency, LatencySummary};
 const DEVICE_INFLIGHT: u16 = 8;
 /// First reconnect delay.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Commands a device remembers for de-duplication.
+const DEDUP_CAPACITY: usize = 64;
 
 /// How the fleet behaves.
 #[derive(Debug, Clone)]
@@ -124,8 +124,8 @@ pub struct FleetStats {
     results_failed: AtomicU64,
     ignored_messages: AtomicU64,
     subscriptions_refused: AtomicU64,
-    published: [AtomicU64; 3],
-    acked: [AtomicU64; 3],
+    /// What the devices sent and had acknowledged, by the library.
+    counters: Arc<Counters>,
     last_error: Mutex<Option<String>>,
     /// Each device's first connection: connect attempt → CONNACK.
     connect_latency: Mutex<Latency>,
@@ -206,8 +206,7 @@ impl FleetStats {
             results_failed: AtomicU64::new(0),
             ignored_messages: AtomicU64::new(0),
             subscriptions_refused: AtomicU64::new(0),
-            published: Default::default(),
-            acked: Default::default(),
+            counters: Arc::new(Counters::default()),
             last_error: Mutex::new(None),
             connect_latency: Mutex::new(Latency::new()),
             changed: Notify::new(),
@@ -264,10 +263,11 @@ impl FleetStats {
     /// The counters now.
     pub fn snapshot(&self) -> FleetSnapshot {
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let c = &self.counters;
         let (acc, res, rep) = (
-            OutKind::Accepted.index(),
-            OutKind::Result.index(),
-            OutKind::Reported.index(),
+            MessageKind::Accepted,
+            MessageKind::Result,
+            MessageKind::Reported,
         );
         FleetSnapshot {
             devices: self.devices,
@@ -283,12 +283,12 @@ impl FleetStats {
             commands_duplicate: l(&self.commands_duplicate),
             results_succeeded: l(&self.results_succeeded),
             results_failed: l(&self.results_failed),
-            accepted_sent: l(&self.published[acc]),
-            accepted_acked: l(&self.acked[acc]),
-            results_sent: l(&self.published[res]),
-            results_acked: l(&self.acked[res]),
-            reports_sent: l(&self.published[rep]),
-            reports_acked: l(&self.acked[rep]),
+            accepted_sent: c.sent(acc),
+            accepted_acked: c.delivered(acc),
+            results_sent: c.sent(res),
+            results_acked: c.delivered(res),
+            reports_sent: c.sent(rep),
+            reports_acked: c.delivered(rep),
             ignored_messages: l(&self.ignored_messages),
             subscriptions_refused: l(&self.subscriptions_refused),
             last_error: self.last_error.lock().ok().and_then(|g| g.clone()),
@@ -300,6 +300,8 @@ impl FleetStats {
 #[derive(Debug)]
 struct Shared {
     config: FleetConfig,
+    /// The gateways, shared by every device's configuration.
+    gateways: Arc<[BrokerAddr]>,
     stats: Arc<FleetStats>,
     gate: Arc<Semaphore>,
 }
@@ -331,6 +333,7 @@ impl Fleet {
         }
         let stats = Arc::new(FleetStats::new(devices.len()));
         let shared = Arc::new(Shared {
+            gateways: config.gateways.clone().into(),
             gate: Arc::new(Semaphore::new(config.connect_concurrency.max(1))),
             config,
             stats: stats.clone(),
@@ -341,7 +344,7 @@ impl Fleet {
         for (i, creds) in devices.iter().enumerate() {
             let (tx, rx) = mpsc::channel(4);
             controls.push(tx);
-            let task = DeviceTask::new(shared.clone(), i, creds);
+            let task = DeviceTask::new(shared.clone(), i, creds)?;
             tasks.spawn(task.run(rx, shutdown_rx.clone()));
         }
         Ok(Fleet {
@@ -446,93 +449,66 @@ impl Fleet {
     }
 }
 
-/// Something a device task hands to its client.
+/// A command answered after the simulated delay.
 #[derive(Debug)]
-enum Out {
-    Publish(Outgoing),
-    Subscribe,
-    Disconnect,
+struct PendingResult {
+    due: Instant,
+    cid: Box<str>,
+    status: ResultStatus,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// A connection attempt is (or is about to be) in progress.
-    Connecting,
-    /// Connected; whether the SUBACK arrived.
-    Connected { subscribed: bool },
-    /// Waiting to reconnect.
-    Waiting(Instant),
-    /// Offline on request.
-    Parked,
-}
-
-/// One device's task state.
+/// One device's task state: the library's device and the simulation.
 struct DeviceTask {
     shared: Arc<Shared>,
-    settings: ClientSettings,
-    logic: DeviceLogic,
-    client: Client,
-    link: Link,
-    gateway: usize,
-    phase: Phase,
-    outbox: VecDeque<Out>,
-    /// Kinds of the publishes handed to the client, oldest first; each
-    /// PUBACK settles the front one (the counts by kind are approximate when
-    /// a gateway acknowledges a result before an earlier report; the totals
-    /// are exact).
-    ledger: VecDeque<OutKind>,
-    backoff: Backoff,
+    device: Device,
+    pending: VecDeque<PendingResult>,
     rng: Rng,
     next_report: Option<Instant>,
     next_churn: Option<Instant>,
-    want_offline: bool,
+    connected: bool,
+    subscribed: bool,
     offline_acks: Vec<oneshot::Sender<()>>,
     online_acks: Vec<oneshot::Sender<()>>,
     ever_connected: bool,
     ever_subscribed: bool,
 }
 
+/// When a result that found the device's queue full is tried again.
+const RETRY_FULL: Duration = Duration::from_millis(50);
+
 impl DeviceTask {
-    fn new(shared: Arc<Shared>, index: usize, creds: &Credentials) -> DeviceTask {
+    fn new(shared: Arc<Shared>, index: usize, creds: &Credentials) -> Result<DeviceTask> {
         let c = &shared.config;
-        let settings = ClientSettings {
-            protocol: c.protocol,
-            client_id: creds.id.clone(),
-            credentials: Some((creds.id.clone(), creds.secret.clone())),
-            keep_alive: c.keep_alive,
-            clean_session: false,
-            inflight: DEVICE_INFLIGHT,
-            channel_capacity: DEVICE_INFLIGHT as usize,
-            attempt_timeout: c.attempt_timeout,
-            tls: c.tls.clone(),
-        };
-        let gateway = index % c.gateways.len().max(1);
-        let (client, conn) = new_client(&settings, &c.gateways[gateway]);
-        let logic = DeviceLogic::new(
-            &creds.id,
-            c.behaviour.clone(),
-            Rng::derive(c.seed, 2 * index as u64),
-        );
-        DeviceTask {
-            link: Link::new(conn, Some(shared.gate.clone())),
-            backoff: Backoff::new(BACKOFF_BASE, c.backoff_max),
+        let mut config =
+            Config::with_addresses(&creds.id, Some(&creds.secret), shared.gateways.clone());
+        config.first_gateway = index % c.gateways.len().max(1);
+        config.protocol = c.protocol;
+        config.tls = c.tls.clone();
+        config.keep_alive = c.keep_alive;
+        config.attempt_timeout = c.attempt_timeout;
+        config.backoff_base = BACKOFF_BASE;
+        config.backoff_max = c.backoff_max;
+        config.inflight = DEVICE_INFLIGHT;
+        config.channel_capacity = DEVICE_INFLIGHT as usize;
+        config.dedup_capacity = DEDUP_CAPACITY;
+        config.seed = Rng::derive(c.seed, 2 * index as u64).next_u64();
+        config.connect_gate = Some(shared.gate.clone());
+        config.counters = Some(shared.stats.counters.clone());
+        let device = Device::new(config).with_context(|| format!("device {}", creds.id))?;
+        Ok(DeviceTask {
             rng: Rng::derive(c.seed, 2 * index as u64 + 1),
             shared,
-            settings,
-            logic,
-            client,
-            gateway,
-            phase: Phase::Connecting,
-            outbox: VecDeque::new(),
-            ledger: VecDeque::new(),
+            device,
+            pending: VecDeque::new(),
             next_report: None,
             next_churn: None,
-            want_offline: false,
+            connected: false,
+            subscribed: false,
             offline_acks: Vec::new(),
             online_acks: Vec::new(),
             ever_connected: false,
             ever_subscribed: false,
-        }
+        })
     }
 
     fn stats(&self) -> &FleetStats {
@@ -541,28 +517,32 @@ impl DeviceTask {
 
     async fn run(mut self, mut ctl: mpsc::Receiver<Control>, mut shutdown: watch::Receiver<bool>) {
         loop {
-            let polling = matches!(self.phase, Phase::Connecting | Phase::Connected { .. });
-            let connected = matches!(self.phase, Phase::Connected { .. });
-            let wake = match self.phase {
-                Phase::Waiting(t) => Some(t),
-                _ => None,
-            };
-            let due = self.logic.next_due();
-            let report = self.next_report.filter(|_| connected);
-            let churn = self.next_churn.filter(|_| connected);
+            let due = self.pending.front().map(|p| p.due);
+            let report = self.next_report.filter(|_| self.connected);
+            let churn = self.next_churn.filter(|_| self.connected);
+            // One timer for the three (each is ~100 bytes of every idle
+            // device's task).
+            let timer = [due, report, churn].into_iter().flatten().min();
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => break,
                 c = ctl.recv() => match c {
                     Some(c) => self.control(c),
                     None => break,
                 },
-                p = self.link.next(), if polling => self.on_polled(p),
-                _ = sleep_until_opt(due) => self.results_due(),
-                _ = sleep_until_opt(report) => self.report(),
-                _ = sleep_until_opt(churn) => self.churn(),
-                _ = sleep_until_opt(wake) => self.phase = Phase::Connecting,
+                e = self.device.next_event() => self.on_event(e),
+                _ = sleep_until_opt(timer) => {
+                    let now = Instant::now();
+                    if due.is_some_and(|t| t <= now) {
+                        self.results_due();
+                    }
+                    if report.is_some_and(|t| t <= now) {
+                        self.report();
+                    }
+                    if churn.is_some_and(|t| t <= now) {
+                        self.churn();
+                    }
+                }
             }
-            self.flush();
         }
         self.finish().await;
     }
@@ -570,81 +550,91 @@ impl DeviceTask {
     fn control(&mut self, c: Control) {
         match c {
             Control::Disconnect(ack) => {
-                self.want_offline = true;
-                match self.phase {
-                    Phase::Connected { .. } => {
-                        self.outbox.push_back(Out::Disconnect);
-                        self.offline_acks.push(ack);
-                    }
-                    // The CONNACK (then DISCONNECT) or the failure will come.
-                    Phase::Connecting => self.offline_acks.push(ack),
-                    Phase::Waiting(_) | Phase::Parked => {
-                        self.phase = Phase::Parked;
-                        let _ = ack.send(());
-                    }
+                self.device.disconnect();
+                if self.device.is_parked() {
+                    let _ = ack.send(());
+                } else {
+                    // The CONNACK (then DISCONNECT) or the loss will come.
+                    self.offline_acks.push(ack);
                 }
             }
             Control::Connect(ack) => {
-                self.want_offline = false;
-                match self.phase {
-                    Phase::Connected { subscribed: true } => {
-                        let _ = ack.send(());
-                    }
-                    Phase::Parked | Phase::Waiting(_) => {
-                        self.phase = Phase::Connecting;
-                        self.online_acks.push(ack);
-                    }
-                    _ => self.online_acks.push(ack),
+                self.device.connect();
+                if self.device.is_subscribed() {
+                    let _ = ack.send(());
+                } else {
+                    self.online_acks.push(ack);
                 }
             }
         }
     }
 
-    fn on_polled(&mut self, p: Polled) {
+    fn on_event(&mut self, e: Event) {
         let now = Instant::now();
-        if let Some(t) = p.connect_started
-            && !self.ever_connected
-        {
-            let ns = ns_since(self.stats().epoch, t);
-            self.stats()
-                .first_connect_ns
-                .fetch_min(ns, Ordering::Relaxed);
-        }
-        match p.event {
-            Ok(Ev::ConnAck { .. }) => {
-                if let Some(t) = p.connect_started
-                    && !self.ever_connected
-                    && let Ok(mut l) = self.stats().connect_latency.lock()
-                {
-                    l.record(now.saturating_duration_since(t));
-                }
-                self.on_connack(now)
-            }
-            Ok(Ev::SubAck { ok }) => self.on_suback(ok),
-            Ok(Ev::Publish { topic, payload }) => {
-                let r = self.logic.on_message(&topic, &payload, now);
-                let stats = &self.shared.stats;
-                if let Some(cid) = r.new_command {
-                    FleetStats::bump(&stats.commands_received);
-                    if let Some(obs) = &self.shared.config.observer {
-                        let _ = obs.send(CommandSeen { cid, at: now });
+        match e {
+            Event::Connected(c) => {
+                if !self.ever_connected {
+                    let stats = self.stats();
+                    stats
+                        .first_connect_ns
+                        .fetch_min(ns_since(stats.epoch, c.started), Ordering::Relaxed);
+                    if let Ok(mut l) = stats.connect_latency.lock() {
+                        l.record(c.took);
                     }
                 }
-                if r.duplicate {
-                    FleetStats::bump(&stats.commands_duplicate);
-                }
-                if r.ignored.is_some() {
-                    FleetStats::bump(&stats.ignored_messages);
-                }
-                self.outbox.extend(r.out.into_iter().map(Out::Publish));
+                self.on_connack(now);
             }
-            Ok(Ev::PubAck) => {
-                if let Some(kind) = self.ledger.pop_front() {
-                    FleetStats::bump(&self.stats().acked[kind.index()]);
+            Event::Subscribed => self.on_suback(),
+            Event::Disconnected(d) => {
+                if !self.ever_connected
+                    && let Some(t) = d.attempt_started
+                {
+                    let stats = self.stats();
+                    stats
+                        .first_connect_ns
+                        .fetch_min(ns_since(stats.epoch, t), Ordering::Relaxed);
+                }
+                self.on_lost(&d.error, d.was_connected, d.retry_in.is_none());
+            }
+            Event::Command(cmd) => {
+                let stats = &self.shared.stats;
+                FleetStats::bump(&stats.commands_received);
+                let status = self
+                    .shared
+                    .config
+                    .behaviour
+                    .outcome(&cmd.params, &mut self.rng);
+                if let Err(e) = self.device.accept(&cmd.id) {
+                    stats.note_error(&format!("{}: {e}", self.device.id()));
+                }
+                self.pending.push_back(PendingResult {
+                    due: now + self.shared.config.behaviour.result_delay,
+                    cid: cmd.id.as_str().into(),
+                    status,
+                });
+                if let Some(obs) = &self.shared.config.observer {
+                    let _ = obs.send(CommandSeen {
+                        cid: cmd.id,
+                        at: now,
+                    });
                 }
             }
-            Ok(Ev::Other) => {}
-            Err(e) => self.on_lost(now, &e),
+            Event::Duplicate(_) => FleetStats::bump(&self.stats().commands_duplicate),
+            Event::Ignored(_) => FleetStats::bump(&self.stats().ignored_messages),
+            Event::Delta(d) => {
+                if let Err(e) = self.device.report(serde_json::Value::Object(d.state)) {
+                    self.stats()
+                        .note_error(&format!("{}: {e}", self.device.id()));
+                }
+            }
+            Event::Refused(e) => {
+                if matches!(e, Error::SubscriptionRefused { .. }) {
+                    FleetStats::bump(&self.stats().subscriptions_refused);
+                }
+                self.stats()
+                    .note_error(&format!("{}: {e}", self.device.id()));
+            }
+            Event::Delivered { .. } => {}
         }
     }
 
@@ -652,6 +642,8 @@ impl DeviceTask {
         let stats = &self.shared.stats;
         FleetStats::bump(&stats.connects);
         FleetStats::bump(&stats.connected);
+        self.connected = true;
+        self.subscribed = false;
         if !self.ever_connected {
             self.ever_connected = true;
             FleetStats::bump(&stats.initially_connected);
@@ -660,29 +652,15 @@ impl DeviceTask {
                 .fetch_max(ns_since(stats.epoch, now), Ordering::Relaxed);
         }
         stats.changed.notify_waiters();
-        self.phase = Phase::Connected { subscribed: false };
-        self.backoff.reset();
-        self.logic.session_started();
-        self.outbox.push_front(Out::Subscribe);
-        if self.want_offline {
-            self.outbox.push_back(Out::Disconnect);
-        }
         let c = &self.shared.config;
         self.next_report = self.rng.exp_interval(c.report_rate).map(|d| now + d);
         self.next_churn = self.rng.exp_interval(c.churn_rate).map(|d| now + d);
     }
 
-    fn on_suback(&mut self, ok: bool) {
+    fn on_suback(&mut self) {
         let stats = &self.shared.stats;
-        if !ok {
-            FleetStats::bump(&stats.subscriptions_refused);
-            stats.note_error("the gateway refused a subscription");
-            return;
-        }
-        if let Phase::Connected { subscribed } = &mut self.phase
-            && !*subscribed
-        {
-            *subscribed = true;
+        if self.connected && !self.subscribed {
+            self.subscribed = true;
             FleetStats::bump(&stats.subscribed);
             if !self.ever_subscribed {
                 self.ever_subscribed = true;
@@ -695,53 +673,68 @@ impl DeviceTask {
         }
     }
 
-    fn on_lost(&mut self, now: Instant, error: &str) {
+    fn on_lost(&mut self, error: &Error, was_connected: bool, parked: bool) {
         let stats = &self.shared.stats;
-        match self.phase {
-            Phase::Connected { subscribed } => {
-                FleetStats::drop_one(&stats.connected);
-                if subscribed {
-                    FleetStats::drop_one(&stats.subscribed);
-                }
-                FleetStats::bump(&stats.disconnects);
+        if was_connected {
+            FleetStats::drop_one(&stats.connected);
+            if self.subscribed {
+                FleetStats::drop_one(&stats.subscribed);
             }
-            _ => {
-                FleetStats::bump(&stats.connect_errors);
-                stats.note_error(&format!("{}: {error}", self.logic.id()));
-            }
+            FleetStats::bump(&stats.disconnects);
+        } else {
+            FleetStats::bump(&stats.connect_errors);
+            stats.note_error(&format!("{}: {error}", self.device.id()));
         }
+        self.connected = false;
+        self.subscribed = false;
         stats.changed.notify_waiters();
-        // Requests for the old connection are void; messages are kept.
-        self.outbox.retain(|o| matches!(o, Out::Publish(_)));
-        if self.want_offline {
-            self.phase = Phase::Parked;
+        if parked {
             for ack in self.offline_acks.drain(..) {
                 let _ = ack.send(());
             }
-            return;
         }
-        let gateways = &self.shared.config.gateways;
-        self.gateway = (self.gateway + 1) % gateways.len().max(1);
-        self.link
-            .set_address(&self.settings, &gateways[self.gateway]);
-        let delay = self.backoff.next_delay(&mut self.rng);
-        self.phase = Phase::Waiting(now + delay);
     }
 
     fn results_due(&mut self) {
-        for (out, status) in self.logic.take_due(Instant::now()) {
-            let counter = match status {
-                ResultStatus::Succeeded => &self.shared.stats.results_succeeded,
-                ResultStatus::Failed => &self.shared.stats.results_failed,
+        let now = Instant::now();
+        while self.pending.front().is_some_and(|p| p.due <= now) {
+            let Some(p) = self.pending.pop_front() else {
+                break;
             };
-            FleetStats::bump(counter);
-            self.outbox.push_back(Out::Publish(out));
+            let out = output(p.status);
+            let done = match p.status {
+                ResultStatus::Succeeded => self.device.succeed(&p.cid, out),
+                ResultStatus::Failed => self.device.fail(&p.cid, out),
+            };
+            match done {
+                Ok(()) => {
+                    let counter = match p.status {
+                        ResultStatus::Succeeded => &self.shared.stats.results_succeeded,
+                        ResultStatus::Failed => &self.shared.stats.results_failed,
+                    };
+                    FleetStats::bump(counter);
+                }
+                Err(Error::QueueFull(_)) => {
+                    // Answered once the gateway has taken some of the rest.
+                    self.pending.push_front(PendingResult {
+                        due: now + RETRY_FULL,
+                        ..p
+                    });
+                    break;
+                }
+                Err(e) => self
+                    .stats()
+                    .note_error(&format!("{}: {e}", self.device.id())),
+            }
         }
     }
 
     fn report(&mut self) {
-        if let Some(out) = self.logic.random_report() {
-            self.outbox.push_back(Out::Publish(out));
+        if let Some(patch) = random_report(self.device.desired(), &mut self.rng)
+            && let Err(e) = self.device.report(patch)
+        {
+            self.stats()
+                .note_error(&format!("{}: {e}", self.device.id()));
         }
         let rate = self.shared.config.report_rate;
         self.next_report = self.rng.exp_interval(rate).map(|d| Instant::now() + d);
@@ -750,46 +743,18 @@ impl DeviceTask {
     fn churn(&mut self) {
         FleetStats::bump(&self.shared.stats.churned);
         self.next_churn = None;
-        self.outbox.push_back(Out::Disconnect);
-    }
-
-    /// Hands queued requests to the client until its channel is full.
-    fn flush(&mut self) {
-        while let Some(front) = self.outbox.front() {
-            let queued = match front {
-                Out::Publish(o) => self.client.try_publish(&o.topic, &o.payload),
-                Out::Subscribe => self.client.try_subscribe(&self.logic.filters()),
-                Out::Disconnect => self.client.try_disconnect(),
-            };
-            if queued.is_err() {
-                break;
-            }
-            if let Some(Out::Publish(o)) = self.outbox.pop_front() {
-                FleetStats::bump(&self.shared.stats.published[o.kind.index()]);
-                self.ledger.push_back(o.kind);
-            }
-        }
+        self.device.reconnect();
     }
 
     /// Shutdown: DISCONNECT if connected, and wait briefly for the close.
-    async fn finish(mut self) {
-        if !matches!(self.phase, Phase::Connected { .. }) {
-            return;
-        }
-        self.outbox.retain(|o| matches!(o, Out::Publish(_)));
-        self.outbox.push_front(Out::Disconnect);
-        self.flush();
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while let Ok(p) = tokio::time::timeout_at(deadline, self.link.next()).await {
-            if p.event.is_err() {
-                break;
-            }
-        }
-        let stats = &self.shared.stats;
-        if let Phase::Connected { subscribed } = self.phase {
-            FleetStats::drop_one(&stats.connected);
+    async fn finish(self) {
+        let stats = self.shared.clone();
+        let (connected, subscribed) = (self.connected, self.subscribed);
+        self.device.close(Duration::from_secs(2)).await;
+        if connected {
+            FleetStats::drop_one(&stats.stats.connected);
             if subscribed {
-                FleetStats::drop_one(&stats.subscribed);
+                FleetStats::drop_one(&stats.stats.subscribed);
             }
         }
     }

@@ -381,7 +381,7 @@ impl ClientRun {
                             self.shared.changed.notify_waiters();
                         }
                     }
-                    Ok(Ev::PubAck) => {
+                    Ok(Ev::PubAck { .. }) => {
                         // Only acknowledgements inside the window count.
                         if let Some(sent_at) = ledger.pop_front()
                             && t0.is_some()

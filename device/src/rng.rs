@@ -1,6 +1,6 @@
-//! A small seeded random number generator (SplitMix64), so a run with the
-//! same `--seed` makes the same choices (which commands fail, when devices
-//! report or churn, backoff jitter).
+//! A small seeded random number generator (SplitMix64): the back-off
+//! jitter, and the choices of simulators (which commands fail, when devices
+//! report or churn), so a run with the same seed makes the same choices.
 
 use std::time::Duration;
 

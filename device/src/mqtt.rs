@@ -1,6 +1,6 @@
 //! One MQTT client, whichever protocol version: a thin layer over rumqttc's
-//! 3.1.1 and 5 clients so the fleet and the ingest benchmark are written
-//! once.
+//! 3.1.1 and 5 clients, so [`Device`](crate::Device) (and load generators
+//! such as `device-sim ingest`) are written once.
 //!
 //! rumqttc facts this layer is built around:
 //! - The event loop must be polled continuously, and awaiting
@@ -29,12 +29,14 @@ use rumqttc::{Packet as Packet4, QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-/// Largest packet a simulated client accepts. Buffers grow only as needed,
+use crate::Error;
+
+/// Largest packet a client accepts. Buffers grow only as needed,
 /// so a generous limit costs nothing until a large packet arrives; the
 /// gateway itself refuses payloads over 64 KiB.
 pub const MAX_INCOMING_PACKET: usize = 128 * 1024;
-/// Largest packet a simulated client sends (its messages are small).
-pub const MAX_OUTGOING_PACKET: usize = 16 * 1024;
+/// Largest packet a client sends (a gateway refuses payloads over 64 KiB).
+pub const MAX_OUTGOING_PACKET: usize = 66 * 1024;
 
 /// Which MQTT version to speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -98,10 +100,12 @@ impl std::fmt::Display for BrokerAddr {
     }
 }
 
-/// TLS towards the gateways: trust the CA certificates of a PEM file (and
-/// present no client certificate). The broker address's host is the name
-/// the server's certificate must carry (an IP address is checked against
-/// its IP addresses).
+/// TLS towards the gateways: trust the CA certificates of a PEM file and,
+/// optionally, present a client certificate (the gateway's TLS listener
+/// with `--mqtt-tls-client-ca` logs a device in by its registered
+/// certificate fingerprint, without a password). The broker address's host
+/// is the name the server's certificate must carry (an IP address is
+/// checked against its IP addresses).
 #[derive(Clone)]
 pub struct Tls(Arc<tokio_rustls::rustls::ClientConfig>);
 
@@ -111,29 +115,72 @@ impl std::fmt::Debug for Tls {
     }
 }
 
+fn tls_error(file: &std::path::Path, what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Config(format!("TLS: {what} {}: {e}", file.display()))
+}
+
 impl Tls {
-    /// Trusts the CA certificates (PEM) in `ca_file`.
-    pub fn trusting(ca_file: &std::path::Path) -> anyhow::Result<Tls> {
-        use anyhow::Context as _;
-        use rustls_pki_types::CertificateDer;
+    /// Trusts the CA certificates (PEM) in `ca_file`; no client certificate.
+    pub fn trusting(ca_file: &std::path::Path) -> Result<Tls, Error> {
+        Tls::build(ca_file, None)
+    }
+
+    /// Trusts the CA certificates in `ca_file` and presents the certificate
+    /// chain in `cert_file` (PEM, leaf first) with its private key in
+    /// `key_file` (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub fn with_client_certificate(
+        ca_file: &std::path::Path,
+        cert_file: &std::path::Path,
+        key_file: &std::path::Path,
+    ) -> Result<Tls, Error> {
+        Tls::build(ca_file, Some((cert_file, key_file)))
+    }
+
+    fn build(
+        ca_file: &std::path::Path,
+        client: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<Tls, Error> {
         use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
         use tokio_rustls::rustls;
-        let what = || format!("reading the CA certificates in {}", ca_file.display());
+        let reading = "reading the CA certificates in";
         let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(ca_file).with_context(what)? {
-            roots.add(cert.with_context(what)?).with_context(what)?;
+        for cert in
+            CertificateDer::pem_file_iter(ca_file).map_err(|e| tls_error(ca_file, reading, e))?
+        {
+            let cert = cert.map_err(|e| tls_error(ca_file, reading, e))?;
+            roots
+                .add(cert)
+                .map_err(|e| tls_error(ca_file, reading, e))?;
         }
         if roots.is_empty() {
-            anyhow::bail!("{} holds no CA certificate (PEM)", ca_file.display());
+            return Err(tls_error(ca_file, "no CA certificate (PEM) in", "empty"));
         }
         // ring: the gateway's provider too (builds with the C compiler alone).
         #[allow(deprecated)]
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .context("TLS protocol versions")?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .map_err(|e| Error::Config(format!("TLS protocol versions: {e}")))?
+            .with_root_certificates(roots);
+        let config = match client {
+            None => builder.with_no_client_auth(),
+            Some((cert_file, key_file)) => {
+                let reading = "reading the client certificate in";
+                let chain = CertificateDer::pem_file_iter(cert_file)
+                    .map_err(|e| tls_error(cert_file, reading, e))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| tls_error(cert_file, reading, e))?;
+                if chain.is_empty() {
+                    return Err(tls_error(cert_file, "no certificate (PEM) in", "empty"));
+                }
+                let key = PrivateKeyDer::from_pem_file(key_file)
+                    .map_err(|e| tls_error(key_file, "reading the private key in", e))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| tls_error(key_file, "using the key in", e))?
+            }
+        };
         Ok(Tls(Arc::new(config)))
     }
 
@@ -183,10 +230,11 @@ pub enum Ev {
         /// Whether the broker resumed an earlier session.
         session_present: bool,
     },
-    /// A subscription was answered; `ok` is false if any filter was refused.
+    /// A subscription was answered.
     SubAck {
-        /// Every filter was granted.
-        ok: bool,
+        /// The reason code of the first filter refused (3.1.1: 0x80), if
+        /// any was.
+        refused: Option<u8>,
     },
     /// A message arrived.
     Publish {
@@ -195,13 +243,150 @@ pub enum Ev {
         /// Its payload.
         payload: Bytes,
     },
+    /// One of our QoS 1 publishes went out with this packet id (again, if
+    /// the id was seen before: a retransmission).
+    Sent {
+        /// Its packet id.
+        pkid: u16,
+    },
     /// The broker acknowledged one of our QoS 1 publishes. Brokers that
     /// acknowledge on receipt do so in order; an Entente gateway does once
     /// the message is committed, in order for a device's reported state, but
     /// a command result may be acknowledged before an earlier report.
-    PubAck,
-    /// Anything else (pings, outgoing packets).
+    PubAck {
+        /// The packet id it answers.
+        pkid: u16,
+        /// Its reason code (MQTT 5; 0 = success, and always 0 in 3.1.1).
+        reason: u8,
+    },
+    /// Anything else (pings, other outgoing packets).
     Other,
+}
+
+/// Why a connection attempt or a connection ended, as rumqttc reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkError {
+    /// The CONNACK refused the connection with this return code (3.1.1)
+    /// or reason code (MQTT 5).
+    Refused {
+        /// The code.
+        code: u8,
+        /// Whether the code is an MQTT 5 reason code.
+        v5: bool,
+    },
+    /// The broker sent DISCONNECT (MQTT 5) with this reason code.
+    ServerDisconnect {
+        /// The reason code.
+        code: u8,
+        /// Its Reason String, if it sent one.
+        reason: Option<String>,
+    },
+    /// Anything else: network, TLS, timeouts, protocol errors.
+    Other(String),
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::Refused { code, v5: false } => {
+                write!(f, "connection refused, return code {code}")
+            }
+            LinkError::Refused { code, v5: true } => {
+                write!(f, "connection refused, reason code {code:#04x}")
+            }
+            LinkError::ServerDisconnect { code, reason } => {
+                write!(f, "the server disconnected, reason code {code:#04x}")?;
+                if let Some(r) = reason {
+                    write!(f, " ({r})")?;
+                }
+                Ok(())
+            }
+            LinkError::Other(e) => f.write_str(e),
+        }
+    }
+}
+
+fn connack_code_v4(c: rumqttc::ConnectReturnCode) -> u8 {
+    use rumqttc::ConnectReturnCode as C;
+    match c {
+        C::Success => 0,
+        C::RefusedProtocolVersion => 1,
+        C::BadClientId => 2,
+        C::ServiceUnavailable => 3,
+        C::BadUserNamePassword => 4,
+        C::NotAuthorized => 5,
+    }
+}
+
+fn connack_code_v5(c: rumqttc::v5::mqttbytes::v5::ConnectReturnCode) -> u8 {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
+    match c {
+        C::Success => 0x00,
+        C::RefusedProtocolVersion | C::UnsupportedProtocolVersion => 0x84,
+        C::BadClientId | C::ClientIdentifierNotValid => 0x85,
+        C::ServiceUnavailable | C::ServerUnavailable => 0x88,
+        C::UnspecifiedError => 0x80,
+        C::MalformedPacket => 0x81,
+        C::ProtocolError => 0x82,
+        C::ImplementationSpecificError => 0x83,
+        C::BadUserNamePassword => 0x86,
+        C::NotAuthorized => 0x87,
+        C::ServerBusy => 0x89,
+        C::Banned => 0x8A,
+        C::BadAuthenticationMethod => 0x8C,
+        C::TopicNameInvalid => 0x90,
+        C::PacketTooLarge => 0x95,
+        C::QuotaExceeded => 0x97,
+        C::PayloadFormatInvalid => 0x99,
+        C::RetainNotSupported => 0x9A,
+        C::QoSNotSupported => 0x9B,
+        C::UseAnotherServer => 0x9C,
+        C::ServerMoved => 0x9D,
+        C::ConnectionRateExceeded => 0x9F,
+    }
+}
+
+fn link_error_v4(e: rumqttc::ConnectionError) -> LinkError {
+    match e {
+        rumqttc::ConnectionError::ConnectionRefused(c) => LinkError::Refused {
+            code: connack_code_v4(c),
+            v5: false,
+        },
+        e => LinkError::Other(e.to_string()),
+    }
+}
+
+fn link_error_v5(e: rumqttc::v5::ConnectionError) -> LinkError {
+    use rumqttc::v5::{ConnectionError as E, StateError as S};
+    match e {
+        E::ConnectionRefused(c) | E::MqttState(S::ConnFail { reason: c }) => LinkError::Refused {
+            code: connack_code_v5(c),
+            v5: true,
+        },
+        E::MqttState(S::ServerDisconnect {
+            reason_code,
+            reason_string,
+        }) => LinkError::ServerDisconnect {
+            code: reason_code as u8,
+            reason: reason_string,
+        },
+        e => LinkError::Other(e.to_string()),
+    }
+}
+
+fn puback_code_v5(r: rumqttc::v5::mqttbytes::v5::PubAckReason) -> u8 {
+    use rumqttc::v5::mqttbytes::v5::PubAckReason as R;
+    match r {
+        R::Success => 0x00,
+        R::NoMatchingSubscribers => 0x10,
+        R::UnspecifiedError => 0x80,
+        R::ImplementationSpecificError => 0x83,
+        R::NotAuthorized => 0x87,
+        R::TopicNameInvalid => 0x90,
+        R::PacketIdentifierInUse => 0x91,
+        R::QuotaExceeded => 0x97,
+        R::PayloadFormatInvalid => 0x99,
+    }
 }
 
 /// Why a non-blocking request was not queued.
@@ -333,68 +518,95 @@ pub fn new_client(settings: &ClientSettings, addr: &BrokerAddr) -> (Client, Conn
             let (c, mut el) = rumqttc::AsyncClient::new(options_v4(settings, addr), cap);
             el.network_options
                 .set_connection_timeout(settings.attempt_timeout_secs());
+            // rumqttc allocates its event queue for 100 events (14 KiB in
+            // 3.1.1, 39 KiB in MQTT 5) per connection; it holds one or two
+            // at a time here (polled one event at a time), so it starts
+            // empty and grows only as needed.
+            el.state.events = VecDeque::new();
             (Client::V4(c), Conn::V4(Box::new(el)))
         }
         Protocol::V5 => {
-            let (c, el) = rumqttc::v5::AsyncClient::new(options_v5(settings, addr), cap);
+            let (c, mut el) = rumqttc::v5::AsyncClient::new(options_v5(settings, addr), cap);
+            el.state.events = VecDeque::new();
             (Client::V5(c), Conn::V5(Box::new(el)))
         }
     }
 }
 
-fn suback_ok_v4(codes: &[SubscribeReasonCode]) -> bool {
+fn suback_refused_v4(codes: &[SubscribeReasonCode]) -> Option<u8> {
     codes
         .iter()
-        .all(|c| matches!(c, SubscribeReasonCode::Success(_)))
+        .find(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+        .map(|_| 0x80)
 }
 
-fn suback_ok_v5(codes: &[rumqttc::v5::mqttbytes::v5::SubscribeReasonCode]) -> bool {
-    codes.iter().all(|c| {
-        matches!(
-            c,
-            rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
-        )
+fn suback_refused_v5(codes: &[rumqttc::v5::mqttbytes::v5::SubscribeReasonCode]) -> Option<u8> {
+    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as R;
+    codes.iter().find_map(|c| match c {
+        R::Success(_) => None,
+        R::Failure | R::Unspecified => Some(0x80),
+        R::ImplementationSpecific => Some(0x83),
+        R::NotAuthorized => Some(0x87),
+        R::TopicFilterInvalid => Some(0x8F),
+        R::PkidInUse => Some(0x91),
+        R::QuotaExceeded => Some(0x97),
+        R::SharedSubscriptionsNotSupported => Some(0x9E),
+        R::SubscriptionIdNotSupported => Some(0xA1),
+        R::WildcardSubscriptionsNotSupported => Some(0xA2),
     })
 }
 
 impl Conn {
     /// Polls the event loop once (connecting first if need be).
-    pub async fn poll(&mut self) -> Result<Ev, String> {
+    pub async fn poll(&mut self) -> Result<Ev, LinkError> {
         match self {
             Conn::V4(el) => {
-                use rumqttc::Event;
+                use rumqttc::{Event, Outgoing};
                 match el.poll().await {
                     Ok(Event::Incoming(Packet4::ConnAck(a))) => Ok(Ev::ConnAck {
                         session_present: a.session_present,
                     }),
                     Ok(Event::Incoming(Packet4::SubAck(a))) => Ok(Ev::SubAck {
-                        ok: suback_ok_v4(&a.return_codes),
+                        refused: suback_refused_v4(&a.return_codes),
                     }),
                     Ok(Event::Incoming(Packet4::Publish(p))) => Ok(Ev::Publish {
                         topic: p.topic,
                         payload: p.payload,
                     }),
-                    Ok(Event::Incoming(Packet4::PubAck(_))) => Ok(Ev::PubAck),
+                    Ok(Event::Incoming(Packet4::PubAck(a))) => Ok(Ev::PubAck {
+                        pkid: a.pkid,
+                        reason: 0,
+                    }),
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
+                        Ok(Ev::Sent { pkid })
+                    }
                     Ok(_) => Ok(Ev::Other),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(link_error_v4(e)),
                 }
             }
             Conn::V5(el) => {
+                use rumqttc::Outgoing;
                 use rumqttc::v5::Event;
                 match el.poll().await {
                     Ok(Event::Incoming(Packet5::ConnAck(a))) => Ok(Ev::ConnAck {
                         session_present: a.session_present,
                     }),
                     Ok(Event::Incoming(Packet5::SubAck(a))) => Ok(Ev::SubAck {
-                        ok: suback_ok_v5(&a.return_codes),
+                        refused: suback_refused_v5(&a.return_codes),
                     }),
                     Ok(Event::Incoming(Packet5::Publish(p))) => Ok(Ev::Publish {
                         topic: String::from_utf8_lossy(&p.topic).into_owned(),
                         payload: p.payload,
                     }),
-                    Ok(Event::Incoming(Packet5::PubAck(_))) => Ok(Ev::PubAck),
+                    Ok(Event::Incoming(Packet5::PubAck(a))) => Ok(Ev::PubAck {
+                        pkid: a.pkid,
+                        reason: puback_code_v5(a.reason),
+                    }),
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
+                        Ok(Ev::Sent { pkid })
+                    }
                     Ok(_) => Ok(Ev::Other),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(link_error_v5(e)),
                 }
             }
         }
@@ -450,7 +662,7 @@ fn prepend<T>(queue: &mut VecDeque<T>, items: Vec<T>) {
 #[derive(Debug)]
 pub struct Polled {
     /// The event, or why the connection failed.
-    pub event: Result<Ev, String>,
+    pub event: Result<Ev, LinkError>,
     /// When this poll began a connection attempt (after waiting for the
     /// connect gate), if it did.
     pub connect_started: Option<Instant>,
@@ -596,6 +808,32 @@ mod tests {
         let list = BrokerAddr::parse_list("a:1, b:2,").expect("list");
         assert_eq!(list.len(), 2);
         assert!(BrokerAddr::parse_list(" , ").is_err());
+    }
+
+    /// rumqttc's per-connection event queue is made for 100 events (14 KiB
+    /// in 3.1.1, 39 KiB in MQTT 5); a client here starts with none, so a
+    /// fleet of 10,000 does not hold them.
+    #[test]
+    fn a_new_client_holds_no_event_queue_of_a_hundred() {
+        for protocol in [Protocol::V4, Protocol::V5] {
+            let settings = ClientSettings {
+                protocol,
+                client_id: "d1".into(),
+                credentials: Some(("d1".into(), "s".into())),
+                keep_alive: Duration::from_secs(30),
+                clean_session: false,
+                inflight: 8,
+                channel_capacity: 8,
+                attempt_timeout: Duration::from_secs(5),
+                tls: None,
+            };
+            let addr = BrokerAddr::parse("127.0.0.1:1").expect("addr");
+            let capacity = match new_client(&settings, &addr).1 {
+                Conn::V4(el) => el.state.events.capacity(),
+                Conn::V5(el) => el.state.events.capacity(),
+            };
+            assert!(capacity < 8, "{protocol:?}: {capacity}");
+        }
     }
 
     #[test]
