@@ -228,10 +228,7 @@ pub fn document_with(servers: &[Server]) -> Value {
         );
     }
 
-    let mut server_map = Map::new();
-    for s in servers {
-        server_map.insert(s.name.clone(), server(s));
-    }
+    let server_map = servers_json(servers);
 
     json!({
         "asyncapi": ASYNCAPI_VERSION,
@@ -263,9 +260,10 @@ pub fn document_with(servers: &[Server]) -> Value {
                 "secret": {
                     "type": "userPassword",
                     "description": "Username = client id = the device id; password = the device's secret \
-                        (returned once at registration or rotation). Refused: CONNACK 3.1.1 return code 4, \
-                        MQTT 5 0x86 (a client id that is not a registered device: 2 / 0x85). Failed logins \
-                        are throttled per address and per id (3 / 0x9F).",
+                        (returned once at registration or rotation). An unknown device or a wrong secret is \
+                        refused with CONNACK 3.1.1 return code 4, MQTT 5 0x86; a username other than the \
+                        client id, or a client id that is not a valid device id, with 2 / 0x85. Failed \
+                        logins are throttled per address and per id (3 / 0x9F).",
                 },
                 "certificate": {
                     "type": "X509",
@@ -278,6 +276,17 @@ pub fn document_with(servers: &[Server]) -> Value {
         },
         "x-entente-reason-codes": reason_codes_json(),
     })
+}
+
+/// The document's `servers` member for `servers` (to put a gateway's own
+/// listeners into a document built once).
+pub fn servers_json(servers: &[Server]) -> Value {
+    Value::Object(
+        servers
+            .iter()
+            .map(|s| (s.name.clone(), server(s)))
+            .collect(),
+    )
 }
 
 fn generator(contract: Contract) -> SchemaGenerator {

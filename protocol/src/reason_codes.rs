@@ -92,14 +92,14 @@ pub const ALL: &[ReasonCode] = &[
         Some(0x85),
         Some(2),
         "Client Identifier not valid",
-        "The client id is not a registered device id, or the username is neither empty nor the client id.",
+        "The username is not the client id (it may be empty only with a client certificate), or the client id is not a valid device id.",
     ),
     code(
         Connack,
         Some(0x86),
         Some(4),
         "Bad User Name or Password",
-        "Wrong or missing secret (a device registered for certificates only has none). Do not retry at once: failed logins are throttled.",
+        "No such device, or a wrong or missing secret (a device registered for certificates only has none). Do not retry at once: failed logins are throttled.",
     ),
     code(
         Connack,

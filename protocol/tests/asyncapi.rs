@@ -351,3 +351,239 @@ fn servers_describe_the_listeners() {
         "X509"
     );
 }
+
+const REFERENCE_BEGIN: &str =
+    "<!-- reference: written by protocol/tests/asyncapi.rs from the AsyncAPI document -->\n";
+const REFERENCE_END: &str = "<!-- end of reference -->";
+
+/// A schema's type, for a table.
+fn type_of(schema: &Value) -> String {
+    if let Some(r) = schema["allOf"][0]["$ref"]
+        .as_str()
+        .or(schema["$ref"].as_str())
+    {
+        let name = r.rsplit('/').next().unwrap_or(r);
+        return format!("[`{name}`](#{})", name.to_lowercase());
+    }
+    match (schema["type"].as_str(), schema["format"].as_str()) {
+        (Some(t), Some(f)) => format!("{t} ({f})"),
+        (Some(t), None) => t.to_owned(),
+        _ => "any JSON".to_owned(),
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace('|', "\\|")
+}
+
+/// The reference part of the device guide, rendered from the document.
+fn render_reference(doc: &Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "## How a session goes\n");
+    let _ = writeln!(
+        out,
+        "{}\n",
+        doc["info"]["description"].as_str().unwrap_or_default()
+    );
+
+    let _ = writeln!(out, "## Topics\n");
+    let _ = writeln!(
+        out,
+        "Every topic is under `devices/{{deviceId}}/`; a device may use no other. \
+         QoS 1 both ways, nothing retained.\n"
+    );
+    let _ = writeln!(out, "| topic | the device | payload | what |");
+    let _ = writeln!(out, "|---|---|---|---|");
+    // In the order a device meets them (the crate's list); all from the
+    // document.
+    for topic in Topic::ALL {
+        let (id, channel) = doc["channels"]
+            .as_object()
+            .expect("channels")
+            .iter()
+            .find(|(_, c)| c["address"] == topic.template().as_str())
+            .expect("channel");
+        let op = doc["operations"]
+            .as_object()
+            .expect("operations")
+            .values()
+            .find(|o| o["channel"]["$ref"] == format!("#/channels/{id}"))
+            .expect("operation");
+        let message = channel["messages"]
+            .as_object()
+            .and_then(|m| m.values().next())
+            .and_then(|m| m["$ref"].as_str())
+            .and_then(|r| doc.pointer(r.trim_start_matches('#')))
+            .expect("message");
+        let payload = type_of(&message["payload"]);
+        let _ = writeln!(
+            out,
+            "| `{}` | {} | {} | {} |",
+            channel["address"].as_str().unwrap_or_default(),
+            if op["action"] == "send" {
+                "publishes"
+            } else {
+                "subscribes"
+            },
+            payload,
+            one_line(channel["description"].as_str().unwrap_or_default())
+        );
+    }
+    let _ = writeln!(out);
+
+    let _ = writeln!(out, "## Payloads\n");
+    let _ = writeln!(out, "JSON (UTF-8). Unknown fields are ignored.\n");
+    let messages = doc["components"]["messages"].as_object().expect("messages");
+    for (name, schema) in doc["components"]["schemas"].as_object().expect("schemas") {
+        let _ = writeln!(out, "### {name}\n");
+        let _ = writeln!(
+            out,
+            "{}\n",
+            one_line(schema["description"].as_str().unwrap_or_default())
+        );
+        if let Some(props) = schema["properties"].as_object() {
+            let required: Vec<&str> = schema["required"]
+                .as_array()
+                .map(|r| r.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let _ = writeln!(out, "| field | type | required | meaning |");
+            let _ = writeln!(out, "|---|---|---|---|");
+            for (field, p) in props {
+                let _ = writeln!(
+                    out,
+                    "| `{field}` | {} | {} | {} |",
+                    type_of(p),
+                    if required.contains(&field.as_str()) {
+                        "yes"
+                    } else {
+                        "no"
+                    },
+                    one_line(p["description"].as_str().unwrap_or_default())
+                );
+            }
+            let _ = writeln!(out);
+        }
+        if let Some(alternatives) = schema["oneOf"].as_array() {
+            for a in alternatives {
+                let _ = writeln!(
+                    out,
+                    "- `{}`: {}",
+                    a["const"],
+                    one_line(a["description"].as_str().unwrap_or_default())
+                );
+            }
+            let _ = writeln!(out);
+        }
+        let reference = format!("#/components/schemas/{name}");
+        for m in messages
+            .values()
+            .filter(|m| m["payload"]["$ref"] == reference.as_str())
+        {
+            for e in m["examples"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "Example ({}, {}):\n\n```json\n{}\n```\n",
+                    m["name"].as_str().unwrap_or_default(),
+                    e["summary"].as_str().unwrap_or_default().to_lowercase(),
+                    e["payload"]
+                );
+            }
+        }
+    }
+
+    let _ = writeln!(out, "## Logging in\n");
+    for (name, s) in doc["components"]["securitySchemes"]
+        .as_object()
+        .expect("schemes")
+    {
+        let _ = writeln!(
+            out,
+            "- **{name}** (`{}`): {}",
+            s["type"].as_str().unwrap_or_default(),
+            one_line(s["description"].as_str().unwrap_or_default())
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "Listeners of a gateway on its default settings:\n");
+    let _ = writeln!(out, "| server | host | protocol | log in with |");
+    let _ = writeln!(out, "|---|---|---|---|");
+    for (name, s) in doc["servers"].as_object().expect("servers") {
+        let security: Vec<String> = s["security"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["$ref"].as_str())
+            .map(|r| r.rsplit('/').next().unwrap_or(r).to_owned())
+            .collect();
+        let _ = writeln!(
+            out,
+            "| `{name}` | `{}` | {} (MQTT {}; 3.1.1 and 5 both served) | {} |",
+            s["host"].as_str().unwrap_or_default(),
+            s["protocol"].as_str().unwrap_or_default(),
+            s["protocolVersion"].as_str().unwrap_or_default(),
+            security.join(" or ")
+        );
+    }
+    let _ = writeln!(out);
+
+    let _ = writeln!(out, "## Reason codes\n");
+    let _ = writeln!(
+        out,
+        "What the gateway answers with (MQTT 3.1.1 has no code where the column is empty).\n"
+    );
+    let _ = writeln!(out, "| packet | MQTT 5 | MQTT 3.1.1 | name | when |");
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    for c in doc["x-entente-reason-codes"].as_array().expect("codes") {
+        let code = |v: &Value| v.as_str().map(|s| format!("`{s}`")).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            c["packet"].as_str().unwrap_or_default(),
+            code(&c["mqtt5"]),
+            code(&c["mqtt311"]),
+            c["name"].as_str().unwrap_or_default(),
+            one_line(c["meaning"].as_str().unwrap_or_default())
+        );
+    }
+    out
+}
+
+/// `docs/DEVICES.md` prints the document: its reference part is rendered
+/// from it and must be current (`ENTENTE_BLESS=1` rewrites it).
+#[test]
+fn the_device_guide_prints_the_document() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/DEVICES.md");
+    let guide = std::fs::read_to_string(&path).expect("read docs/DEVICES.md");
+    let start = guide
+        .find(REFERENCE_BEGIN)
+        .expect("docs/DEVICES.md has no reference block")
+        + REFERENCE_BEGIN.len();
+    let end = start
+        + guide[start..]
+            .find(REFERENCE_END)
+            .expect("docs/DEVICES.md: the reference block is not closed");
+    let rendered = render_reference(&asyncapi::document());
+    if guide[start..end] == rendered {
+        return;
+    }
+    if std::env::var_os("ENTENTE_BLESS").is_some() {
+        std::fs::write(
+            &path,
+            format!("{}{rendered}{}", &guide[..start], &guide[end..]),
+        )
+        .expect("write docs/DEVICES.md");
+        return;
+    }
+    let first = guide[start..end]
+        .lines()
+        .zip(rendered.lines())
+        .position(|(a, b)| a != b);
+    panic!(
+        "docs/DEVICES.md does not print the current AsyncAPI document (first differing line: \
+         {first:?}); ENTENTE_BLESS=1 cargo test -p entente-protocol --test asyncapi rewrites it"
+    );
+}
