@@ -129,6 +129,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn servers_follow_the_listeners() {
+        let mut config = Config::single(
+            "unused".into(),
+            "0.0.0.0:8080".parse().expect("addr"),
+            "127.0.0.1:7000".parse().expect("addr"),
+        );
+        config.mqtt_listen = Some("0.0.0.0:1883".parse().expect("addr"));
+        config.mqtt5_listen = Some("10.0.0.1:1884".parse().expect("addr"));
+        config.mqtt_tls_listen = Some("0.0.0.0:8883".parse().expect("addr"));
+        // No certificate: no TLS listener.
+        let s = servers(&config, None, Some("gw1.example"));
+        let names: Vec<&str> = s.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["mqtt", "mqtt5"]);
+        assert_eq!(
+            s[0].host,
+            Host::AnyInterface {
+                port: 1883,
+                default: "gw1.example".into()
+            }
+        );
+        assert_eq!(s[1].host, Host::Fixed("10.0.0.1:1884".into()));
+        // A certificate and a client CA: mqtts, with certificates.
+        config.mqtt_tls_cert = Some("cert.pem".into());
+        config.mqtt_tls_client_ca = Some("ca.pem".into());
+        let s = servers(&config, None, None);
+        let tls = s.iter().find(|s| s.name == "mqtts").expect("mqtts");
+        assert!(tls.tls && tls.client_certificates);
+        assert_eq!(
+            tls.host,
+            Host::AnyInterface {
+                port: 8883,
+                default: "localhost".into()
+            }
+        );
+        // Bound addresses win over the configuration; port 0 is left out.
+        let bound = Bound {
+            mqtt: Some("127.0.0.1:41883".parse().expect("addr")),
+            mqtt5: Some("127.0.0.1:0".parse().expect("addr")),
+            tls: None,
+        };
+        let s = servers(&config, Some(bound), None);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].host, Host::Fixed("127.0.0.1:41883".into()));
+    }
+
+    #[test]
     fn only_plain_hosts_are_echoed() {
         let h = |v: &str| {
             let mut m = HeaderMap::new();
