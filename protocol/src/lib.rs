@@ -5,9 +5,9 @@
 //! | topic | direction | payload |
 //! |---|---|---|
 //! | `devices/{id}/commands` | gateway → device | [`CommandMessage`] |
-//! | `devices/{id}/commands/{cid}/accepted` | device → gateway | `{}` |
+//! | `devices/{id}/commands/{cid}/accepted` | device → gateway | [`AcceptedMessage`] (`{}`) |
 //! | `devices/{id}/commands/{cid}/result` | device → gateway | [`CommandResultMessage`] |
-//! | `devices/{id}/shadow/reported` | device → gateway | JSON merge patch (object) |
+//! | `devices/{id}/shadow/reported` | device → gateway | [`ReportedPatch`] (JSON merge patch, an object) |
 //! | `devices/{id}/shadow/desired` | gateway → device | [`ShadowDocument`] (full desired) |
 //! | `devices/{id}/shadow/delta` | gateway → device | [`ShadowDocument`] (desired ≠ reported) |
 //!
