@@ -500,6 +500,52 @@ async fn the_guides_session_transcript_is_what_the_gateway_does() {
     env.gw.stop().await;
 }
 
+/// The login refusals the guide lists (`reason_codes`): an unknown device
+/// or a wrong secret is 0x86, a username other than the client id 0x85.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_are_refused_with_the_codes_the_guide_gives() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = boot(dir.path()).await;
+    let addr: SocketAddr = env.gw.mqtt5_addr.expect("mqtt5 listener");
+    let reg = env
+        .call(reqwest::Method::POST, "/v1/devices", json!({"id": DEVICE}))
+        .await;
+    let secret = reg["secret"].as_str().expect("secret").to_owned();
+    let refusal = |client: &str, user: &str, password: &str| {
+        let mut opts = MqttOptions::new(client, addr.ip().to_string(), addr.port());
+        opts.set_credentials(user, password);
+        let (_client, mut events) = AsyncClient::new(opts, 4);
+        async move {
+            let deadline = Instant::now() + STEP;
+            loop {
+                match timeout_at(deadline, events.poll()).await {
+                    Ok(Ok(Event::Incoming(Packet::ConnAck(c)))) => {
+                        panic!("logged in: {c:?}")
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(rumqttc::v5::ConnectionError::ConnectionRefused(code))) => return code,
+                    Ok(Err(e)) => panic!("expected a refusal, got {e}"),
+                    Err(_) => panic!("no answer within {STEP:?}"),
+                }
+            }
+        }
+    };
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
+    assert_eq!(
+        refusal("nobody", "nobody", &secret).await,
+        C::BadUserNamePassword
+    );
+    assert_eq!(
+        refusal(DEVICE, DEVICE, "wrong").await,
+        C::BadUserNamePassword
+    );
+    assert_eq!(
+        refusal(DEVICE, "someone-else", &secret).await,
+        C::ClientIdentifierNotValid
+    );
+    env.gw.stop().await;
+}
+
 /// `GET /asyncapi.json` needs no token (as `/openapi.json`), is the
 /// protocol crate's document, and names this gateway's bound device
 /// listeners as its servers.
