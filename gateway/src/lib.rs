@@ -353,7 +353,10 @@ async fn start_until(
         );
     }
     let http_stats = Arc::new(server::HttpStats::default());
-    let router = api::app(app_state).layer(axum::Extension(http_stats.clone()));
+    let device_listeners = api::DeviceListeners::default();
+    let router = api::app(app_state)
+        .layer(axum::Extension(http_stats.clone()))
+        .layer(axum::Extension(device_listeners.clone()));
     let limits = server::Limits {
         max_connections: config.http_max_connections.max(1),
         header_timeout: config.http_header_timeout,
@@ -427,6 +430,11 @@ async fn start_until(
         shutdown_rx.clone(),
     )
     .await?;
+    device_listeners.set(api::BoundDeviceListeners {
+        mqtt: mqtt.v4_addr,
+        mqtt5: mqtt.v5_addr,
+        tls: mqtt.tls_addr,
+    });
     let membership = tokio::spawn(follow_membership(
         node.clone(),
         mqtt.listeners.clone(),

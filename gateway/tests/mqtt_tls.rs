@@ -451,6 +451,21 @@ async fn devices_log_in_with_their_client_certificate() {
         "{}",
         schemas["DeviceAuth"]
     );
+    // So does the device contract: the TLS listener is a server whose
+    // devices may log in by certificate or secret.
+    let (status, doc) = env.call(reqwest::Method::GET, "/asyncapi.json", None).await;
+    assert_eq!(status, 200);
+    let mqtts = &doc["servers"]["mqtts"];
+    assert_eq!(mqtts["host"], env.tls().to_string(), "{mqtts}");
+    assert_eq!(mqtts["protocol"], "secure-mqtt", "{mqtts}");
+    assert_eq!(
+        mqtts["security"],
+        json!([
+            {"$ref": "#/components/securitySchemes/secret"},
+            {"$ref": "#/components/securitySchemes/certificate"}
+        ]),
+        "{mqtts}"
+    );
 
     // Its own certificate, no username or password: in.
     let mut d = tls_v4(

@@ -55,6 +55,7 @@ fn the_readme_gateway_commands_work() {
         "\"name\":\"reboot\"",
         "\"devices\":[{\"id\":\"pump-8\",\"secret\":",
         "{\"openapi\":",
+        "{\"asyncapi\":\"3.0.0\"",
         "\"suffrage\":\"learner\"",
         "\"suffrage\":\"voter\"",
         "\"suffrage\":\"removed\"",

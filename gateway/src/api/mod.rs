@@ -11,10 +11,11 @@
 //!   barrier (consistency levels) and the write helper;
 //! - `devices`, `shadow`, `commands`, `events` (SSE), `cluster`, `admin`
 //!   (backup), `tokens` (API tokens), `health` (healthz, readyz, metrics),
-//!   `openapi`; `console` — the operator console's page and files at `/`
+//!   `openapi`; `asyncapi` (the device contract, `/asyncapi.json`); `console` — the operator console's page and files at `/`
 //!   (outside the route table and the OpenAPI document: they are not API).
 
 mod admin;
+mod asyncapi;
 mod auth;
 mod cluster;
 mod commands;
@@ -52,6 +53,7 @@ use crate::config::Config;
 use crate::ops::{OpResult, Role};
 use crate::state::StateDb;
 
+pub(crate) use asyncapi::{Bound as BoundDeviceListeners, DeviceListeners};
 pub(crate) use error::ApiError;
 pub use error::{ENTENTE_INDEX, PROBLEM_JSON, Problem};
 pub use extract::ENTENTE_MIN_INDEX;
@@ -250,6 +252,7 @@ fn table() -> Vec<Entry> {
         entry(GET, "/readyz", None, health::readyz),
         entry(GET, "/metrics", Some(Viewer), health::metrics),
         entry(GET, "/openapi.json", None, openapi::openapi_json),
+        entry(GET, "/asyncapi.json", None, asyncapi::asyncapi_json),
     ]
 }
 

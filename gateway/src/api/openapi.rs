@@ -10,7 +10,9 @@ use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, cluster, commands, devices, events, health, jobs, schemas, shadow, tokens};
+use super::{
+    admin, asyncapi, cluster, commands, devices, events, health, jobs, schemas, shadow, tokens,
+};
 use crate::config::Config;
 
 /// The API description; `/openapi.json` serves it.
@@ -66,6 +68,7 @@ tokens with `/v1/tokens` and the cluster). Every event names who made the change
         health::readyz,
         health::metrics,
         openapi_json,
+        asyncapi::asyncapi_json,
     ),
     components(schemas(super::error::Problem, crate::ops::Event, crate::ops::Role)),
     modifiers(&BearerAuth, &ValidationSchemas),

@@ -6,7 +6,8 @@
 //! that needs a token), keyed by the token's hash, so it is per token and
 //! per gateway: the table holds only tokens that exist, and requests with
 //! an unknown token are refused (401) before they reach it. Requests that
-//! need no token (`/healthz`, `/readyz`, `/openapi.json`) are not limited.
+//! need no token (`/healthz`, `/readyz`, `/openapi.json`,
+//! `/asyncapi.json`) are not limited.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;

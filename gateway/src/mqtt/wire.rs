@@ -709,6 +709,190 @@ fn write_v5(packet: Outgoing<'_>, adv: Advertised, out: &mut BytesMut) -> Result
 mod tests {
     use super::*;
 
+    /// Every refusal, every close reason and every acknowledgement code,
+    /// listed through a match so that a new variant must be added here.
+    fn every_refusal() -> Vec<Option<Refusal>> {
+        let all = [
+            Refusal::BadCredentials,
+            Refusal::NotAuthorized,
+            Refusal::BadClientId,
+            Refusal::RateExceeded,
+            Refusal::Unavailable,
+        ];
+        for r in all {
+            match r {
+                Refusal::BadCredentials
+                | Refusal::NotAuthorized
+                | Refusal::BadClientId
+                | Refusal::RateExceeded
+                | Refusal::Unavailable => {}
+            }
+        }
+        std::iter::once(None).chain(all.map(Some)).collect()
+    }
+
+    fn every_close_reason() -> Vec<CloseReason> {
+        use CloseReason as C;
+        let all = [
+            C::TakenOver,
+            C::Revoked,
+            C::ShuttingDown,
+            C::UseAnotherServer,
+            C::KeepAliveTimeout,
+            C::SlowConsumer,
+            C::ProtocolError,
+            C::NotAuthorized,
+            C::Malformed,
+            C::TooLarge,
+            C::NotCommitted,
+            C::RetainNotSupported,
+            C::QosNotSupported,
+            C::TopicAliasInvalid,
+            C::SharedNotSupported,
+            C::SubscriptionIdsNotSupported,
+        ];
+        for r in all {
+            match r {
+                C::TakenOver
+                | C::Revoked
+                | C::ShuttingDown
+                | C::UseAnotherServer
+                | C::KeepAliveTimeout
+                | C::SlowConsumer
+                | C::ProtocolError
+                | C::NotAuthorized
+                | C::Malformed
+                | C::TooLarge
+                | C::NotCommitted
+                | C::RetainNotSupported
+                | C::QosNotSupported
+                | C::TopicAliasInvalid
+                | C::SharedNotSupported
+                | C::SubscriptionIdsNotSupported => {}
+            }
+        }
+        all.to_vec()
+    }
+
+    fn every_ack_code() -> Vec<AckCode> {
+        let all = [
+            AckCode::Success,
+            AckCode::Refused,
+            AckCode::TooLarge,
+            AckCode::Malformed,
+        ];
+        for c in all {
+            match c {
+                AckCode::Success | AckCode::Refused | AckCode::TooLarge | AckCode::Malformed => {}
+            }
+        }
+        all.to_vec()
+    }
+
+    /// The variable header and payload of the one packet in `out`.
+    fn packet_body(out: &BytesMut) -> &[u8] {
+        let (mut len, mut shift, mut i) = (0usize, 0, 1);
+        loop {
+            let b = out[i];
+            len |= usize::from(b & 0x7F) << shift;
+            i += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+        assert_eq!(out.len(), i + len, "one packet: {out:?}");
+        &out[i..]
+    }
+
+    /// The codes this endpoint writes are exactly those the device contract
+    /// lists (`entente_protocol::reason_codes`, printed in the AsyncAPI
+    /// document and the device guide), packet by packet, in both versions.
+    #[test]
+    fn the_codes_written_are_the_ones_the_contract_lists() {
+        use entente_protocol::reason_codes::{ALL, Packet};
+        use std::collections::BTreeSet;
+        let adv = Advertised {
+            receive_max: 10,
+            max_packet: 1024,
+        };
+        let encode = |version, packet: Outgoing<'_>| {
+            let mut out = BytesMut::new();
+            write(version, packet, adv, &mut out);
+            out
+        };
+        let mut written: [BTreeSet<(Packet, u8)>; 2] = Default::default();
+        for (i, version) in [Version::V4, Version::V5].into_iter().enumerate() {
+            let codes = &mut written[i];
+            for refusal in every_refusal() {
+                let out = encode(
+                    version,
+                    Outgoing::ConnAck {
+                        refusal,
+                        session_present: false,
+                        server_keep_alive: None,
+                    },
+                );
+                // Flags, then the code.
+                codes.insert((Packet::Connack, packet_body(&out)[1]));
+            }
+            let granted = [Some(0), Some(1), None];
+            let out = encode(
+                version,
+                Outgoing::SubAck {
+                    pkid: 1,
+                    granted: &granted,
+                },
+            );
+            // Packet id, (MQTT 5: no properties), then a code per filter.
+            let skip = if version == Version::V5 { 3 } else { 2 };
+            for &c in &packet_body(&out)[skip..] {
+                codes.insert((Packet::Suback, c));
+            }
+            if version == Version::V5 {
+                let out = encode(
+                    version,
+                    Outgoing::UnsubAck {
+                        pkid: 1,
+                        existed: &[true, false],
+                    },
+                );
+                for &c in &packet_body(&out)[3..] {
+                    codes.insert((Packet::Unsuback, c));
+                }
+                for ack in every_ack_code() {
+                    for out in [
+                        encode(version, Outgoing::PubAck(1, ack)),
+                        encode(version, Outgoing::PubRec(1, ack)),
+                    ] {
+                        // Packet id, then the code (absent: success).
+                        let body = packet_body(&out);
+                        codes.insert((Packet::Puback, body.get(2).copied().unwrap_or(0)));
+                    }
+                }
+                for reason in every_close_reason() {
+                    let out = encode(version, Outgoing::Disconnect(reason));
+                    codes.insert((Packet::Disconnect, packet_body(&out)[0]));
+                }
+            }
+        }
+        // The endpoint refuses an MQTT 3.1 CONNECT itself (endpoint.rs).
+        written[0].insert((
+            Packet::Connack,
+            v4::ConnectReturnCode::RefusedProtocolVersion as u8,
+        ));
+        let listed311: BTreeSet<_> = ALL
+            .iter()
+            .filter_map(|c| c.mqtt311.map(|n| (c.packet, n)))
+            .collect();
+        let listed5: BTreeSet<_> = ALL
+            .iter()
+            .filter_map(|c| c.mqtt5.map(|n| (c.packet, n)))
+            .collect();
+        assert_eq!(written[0], listed311, "MQTT 3.1.1");
+        assert_eq!(written[1], listed5, "MQTT 5");
+    }
+
     fn connect_bytes(level: u8) -> Vec<u8> {
         let mut c = v4::Connect::new("dev");
         c.set_login("dev", "pw");
