@@ -5,6 +5,8 @@
 //! gateway a device is on in a three-gateway group; the shadow converges
 //! both ways with reports coalesced; refusals come as typed errors.
 //! Every wait is on a condition with a deadline.
+//! The same failover against real `gateway` processes (SIGKILL) is in the
+//! gateway crate, which builds the binary: `gateway/tests/device_failover.rs`.
 
 #[path = "../../gateway/tests/support/group.rs"]
 mod group;
