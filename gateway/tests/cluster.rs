@@ -42,7 +42,14 @@ fn config(dir: &Path, id: u64, peers: &BTreeMap<u64, SocketAddr>) -> Config {
     c.node_id = id;
     c.peers = peers.iter().map(|(id, a)| (*id, (*a).into())).collect();
     c.cluster_secret = Some("cluster-test-secret".into());
-    c.tick = Duration::from_millis(5);
+    // PBFT's timers are multiples of the tick (a backup replaces a primary
+    // it hears nothing from within 2 x 10 ticks); at 5 ms a 100 ms stall of
+    // a loaded machine is enough for one backup to start a view change of
+    // its own. It runs at its production tick.
+    c.tick = match common::engine_under_test() {
+        coordinator::engine::EngineKind::Pbft => Duration::from_millis(20),
+        _ => Duration::from_millis(5),
+    };
     c.session_grace = Duration::from_millis(400);
     c.report_coalesce = Duration::from_millis(10);
     c.consensus = common::engine_under_test();
@@ -120,14 +127,23 @@ async fn group(dir: &Path, ids: &[u64], tweak: impl Fn(&mut Config)) -> Cluster 
             *bound
         );
     }
-    let (file, applied) = gws
-        .values()
-        .find_map(|g| {
-            g.admin_token_file
-                .clone()
-                .map(|f| (f, g.db().applied_index()))
-        })
-        .expect("the first leader wrote the admin token");
+    // Whoever leads writes the admin token: at its start, or (if the lead
+    // moved while the group formed) in the background a moment later.
+    let deadline = Instant::now() + WAIT;
+    let (file, applied) = loop {
+        let found = gws.iter().find_map(|(id, g)| {
+            let f = dir.join(format!("g{id}")).join("admin-token");
+            f.exists().then(|| (f, g.db().applied_index()))
+        });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no gateway wrote the admin token"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let token = std::fs::read_to_string(file)
         .expect("token")
         .trim()
