@@ -970,16 +970,21 @@ async fn bootstrap_admin_later(
             tracing::info!(admin_token_file = %path.display(), "created the first admin token");
             use std::io::Write;
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(
-                out,
-                "admin token: {} (use it as 'Authorization: Bearer <token>')",
-                path.display()
-            );
+            let _ = writeln!(out, "{}", admin_token_line(&path));
             let _ = out.flush();
         }
         Ok(Bootstrap::NotHere | Bootstrap::Pending) => {}
         Err(e) => tracing::error!(error = %e, "could not create the first admin token"),
     }
+}
+
+/// What the gateway that holds the first admin token prints (at its start,
+/// or when it writes the file later).
+fn admin_token_line(path: &std::path::Path) -> String {
+    format!(
+        "admin token: {} (use it as 'Authorization: Bearer <token>')",
+        path.display()
+    )
 }
 
 /// The token in a pending admin-token file, if there is one. A file that is
@@ -1143,11 +1148,7 @@ fn print_addresses(gw: &Gateway, plain: bool) {
         let _ = writeln!(out, "cluster secret: {} (generated)", f.display());
     }
     if let Some(f) = &gw.admin_token_file {
-        let _ = writeln!(
-            out,
-            "admin token: {} (use it as 'Authorization: Bearer <token>')",
-            f.display()
-        );
+        let _ = writeln!(out, "{}", admin_token_line(f));
     }
     let _ = out.flush();
 }
