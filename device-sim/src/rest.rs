@@ -504,6 +504,95 @@ impl Api {
     }
 }
 
+/// How often [`Api::settle`] reads the gateways' metrics.
+const SETTLE_POLL: Duration = Duration::from_millis(50);
+/// The most CPU the gateways may use, together, and still count as idle:
+/// a tenth of one core.
+const IDLE_CPU: f64 = 0.1;
+
+/// One reading of the gateways for [`Api::settle`].
+#[derive(Debug)]
+struct Reading {
+    at: tokio::time::Instant,
+    /// (last, commit, applied) index of every gateway.
+    logs: Vec<(f64, f64, f64)>,
+    /// CPU seconds of all of them (`None` if one does not say).
+    cpu: Option<f64>,
+}
+
+impl Api {
+    /// Waits until the gateways are idle: for `quiet`, no log grew, all of
+    /// it was committed and applied, and together they used under a tenth
+    /// of a core (`process_cpu_seconds_total`, where reported). A fleet
+    /// that just connected leaves work behind on the gateway — presence to
+    /// replicate, each subscribed device's queued commands and shadow
+    /// documents to read and deliver — and a benchmark that starts
+    /// meanwhile measures that, not its own load. Returns how long it took;
+    /// fails after `timeout` saying what was still busy.
+    pub async fn settle(&self, quiet: Duration, timeout: Duration) -> Result<Duration> {
+        let started = tokio::time::Instant::now();
+        let deadline = started + timeout;
+        let mut window: std::collections::VecDeque<Reading> = std::collections::VecDeque::new();
+        loop {
+            let mut logs = Vec::with_capacity(self.bases.len());
+            let mut cpu = Some(0.0);
+            for i in 0..self.bases.len() {
+                let m = self.metrics(i).await?;
+                let g = |n: &str| m.get(n).unwrap_or(0.0);
+                logs.push((
+                    g("entente_raft_last_index"),
+                    g("entente_raft_commit_index"),
+                    g("entente_raft_applied_index"),
+                ));
+                cpu = cpu
+                    .zip(m.get("process_cpu_seconds_total"))
+                    .map(|(a, b)| a + b);
+            }
+            let now = Reading {
+                at: tokio::time::Instant::now(),
+                logs,
+                cpu,
+            };
+            let caught_up = now.logs.iter().all(|(l, c, a)| l == c && c == a);
+            if !caught_up || window.back().is_some_and(|r| r.logs != now.logs) {
+                window.clear();
+            }
+            // The oldest reading still `quiet` or more before this one.
+            while window
+                .get(1)
+                .is_some_and(|r| now.at.duration_since(r.at) >= quiet)
+            {
+                window.pop_front();
+            }
+            if let Some(first) = window.front()
+                && now.at.duration_since(first.at) >= quiet
+            {
+                let span = now.at.duration_since(first.at).as_secs_f64();
+                let busy = match (first.cpu, now.cpu) {
+                    (Some(a), Some(b)) => (b - a) / span,
+                    _ => 0.0,
+                };
+                if busy <= IDLE_CPU {
+                    return Ok(now.at.duration_since(started));
+                }
+            }
+            if now.at >= deadline {
+                bail!(
+                    "the gateways did not settle within {:.1} s (last, commit, applied index per \
+                     gateway: {:?}; CPU seconds: {:?})",
+                    timeout.as_secs_f64(),
+                    now.logs,
+                    now.cpu
+                );
+            }
+            if caught_up {
+                window.push_back(now);
+            }
+            tokio::time::sleep(SETTLE_POLL).await;
+        }
+    }
+}
+
 /// Prometheus text-format samples without labels, by name.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics(HashMap<String, f64>);
@@ -580,5 +669,71 @@ mod tests {
         assert!(!not_applied(&problem("write-timeout")));
         assert!(!not_applied(&problem("outcome-unknown")));
         assert!(!not_applied("not json"));
+    }
+}
+
+#[cfg(test)]
+mod settle_tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A `/metrics` endpoint whose log is still and whose CPU counter
+    /// grows by `cpu_ms_per_read` at every read (a read every 50 ms).
+    async fn gateway(cpu_ms_per_read: u64) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let cpu_ms = Arc::new(AtomicU64::new(0));
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let cpu_ms = cpu_ms.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    loop {
+                        // One request per read is enough for reqwest's GETs.
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        let cpu = cpu_ms.fetch_add(cpu_ms_per_read, Ordering::Relaxed);
+                        let body = format!(
+                            "entente_raft_last_index 7\nentente_raft_commit_index 7\n\
+                             entente_raft_applied_index 7\nprocess_cpu_seconds_total {}\n",
+                            cpu as f64 / 1000.0
+                        );
+                        let head =
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                        if s.write_all((head + &body).as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    fn api(base: String) -> Api {
+        Api::new(&[base], None, Duration::from_secs(5), 4).expect("api")
+    }
+
+    #[tokio::test]
+    async fn a_still_log_on_a_busy_gateway_is_not_idle() {
+        // 40 ms of CPU every 50 ms: 0.8 of a core.
+        let err = api(gateway(40).await)
+            .settle(Duration::from_millis(200), Duration::from_millis(800))
+            .await
+            .expect_err("busy");
+        assert!(err.to_string().contains("did not settle"), "{err:#}");
+        // No CPU used: settles once the window has passed.
+        let took = api(gateway(0).await)
+            .settle(Duration::from_millis(200), Duration::from_secs(10))
+            .await
+            .expect("idle");
+        assert!(took >= Duration::from_millis(200), "{took:?}");
     }
 }

@@ -408,3 +408,55 @@ async fn a_failing_fleet_trips_a_jobs_abort_rule_and_a_healthy_one_completes_it(
         fleet.stop(Duration::from_secs(2)).await;
     }
 }
+
+/// `bench` starts only once the gateway is idle: after a fleet connected,
+/// `settle` returns once the gateway's log and CPU are still; while writes
+/// keep the log moving it does not settle, and says so. (The CPU rule is
+/// checked against canned metrics in `rest.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_settles_after_a_fleet_connects_and_not_under_load() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let p = Provision {
+        prefix: "settle-",
+        count: 200,
+        file: None,
+        rotate_existing: false,
+        concurrency: 16,
+    };
+    let creds = provision(Some(&env.api), &p).await.expect("register");
+    let config = FleetConfig::new(vec![broker(env.gw.mqtt_addr)]);
+    let fleet = Fleet::start(config, &creds).expect("fleet");
+    fleet
+        .wait_subscribed(creds.len(), WAIT)
+        .await
+        .expect("all subscribed");
+    env.api
+        .settle(Duration::from_millis(200), WAIT)
+        .await
+        .expect("an idle gateway settles");
+
+    // Under a steady stream of writes the log never stays still.
+    let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+    let api = env.api.clone();
+    let device = creds[0].id.clone();
+    let load = tokio::spawn(async move {
+        let body = json!({ "name": "load" });
+        let mut issued = 0u64;
+        while !*stop.borrow_and_update() {
+            if api.issue_command(0, &device, &body).await.is_ok() {
+                issued += 1;
+            }
+        }
+        issued
+    });
+    let err = env
+        .api
+        .settle(Duration::from_millis(200), Duration::from_millis(1500))
+        .await
+        .expect_err("no settling under load");
+    assert!(err.to_string().contains("did not settle"), "{err:#}");
+    stop_tx.send(true).expect("stop");
+    assert!(load.await.expect("load") > 0, "the load issued commands");
+    fleet.stop(Duration::from_secs(2)).await;
+}
