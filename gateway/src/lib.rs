@@ -728,6 +728,8 @@ impl Standing {
 /// connected here are disconnected (MQTT 5: "use another server") and
 /// connect to another gateway. When it is added (again), they open again
 /// where they were; a listener that cannot bind is retried every second.
+/// A node stopped after a fatal error closes them for good: this gateway
+/// can commit nothing for its devices (its REST API stays up to say why).
 async fn follow_membership(
     node: Node<OpResult>,
     listeners: Option<Arc<mqtt::Listeners>>,
@@ -741,8 +743,11 @@ async fn follow_membership(
     let mut retry = false;
     let mut failures: u64 = 0;
     loop {
-        let standing = Standing::of(&status.borrow_and_update().raft);
-        let member = standing == Standing::Member;
+        let (standing, fatal) = {
+            let st = status.borrow_and_update();
+            (Standing::of(&st.raft), st.fatal.clone())
+        };
+        let member = standing == Standing::Member && fatal.is_none();
         if member && (!serving || retry) {
             match listeners.reopen() {
                 Ok(()) => {
@@ -764,6 +769,12 @@ async fn follow_membership(
             serving = false;
             retry = false;
             match standing {
+                _ if fatal.is_some() => tracing::error!(
+                    error = fatal.as_deref().unwrap_or_default(),
+                    "the consensus node stopped: device listeners closed and device sessions \
+                     ended (devices connect to another gateway); restart this gateway once the \
+                     cause is fixed"
+                ),
                 Standing::NotAdded => tracing::info!(
                     "device listeners closed until this gateway is added to the group \
                      (POST /v1/cluster/members)"

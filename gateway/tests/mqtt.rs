@@ -1219,3 +1219,42 @@ async fn connections_over_the_limit_are_closed_at_once() {
     }
     gw.stop().await;
 }
+
+/// A gateway whose consensus node stops after a fatal error (here: a
+/// committed entry it cannot decode) lets its devices go: they are told
+/// (MQTT 5: DISCONNECT 0x9C, use another server) and its device listeners
+/// close, so devices reconnect to another member; its REST API stays up to
+/// say why. Before, it kept its devices connected, and took new ones, while
+/// it could commit nothing for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_node_stops_lets_its_devices_go() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let secret = env.register("orphan").await;
+    let mut d = connect_v5(env.v5(), "orphan", &secret);
+    d.expect_connack().await;
+    // An entry of a format this version does not read (a version byte).
+    env.gw
+        .node()
+        .propose(vec![0x07, 0, 1, 2])
+        .await
+        .expect_err("the node cannot apply it");
+    let told = tokio::time::timeout(WAIT, d.next()).await.expect("told");
+    assert!(matches!(told, Seen::Disconnect(0x9C)), "{told:?}");
+    for addr in [env.v4(), env.v5()] {
+        // The listener closes right after the sessions end.
+        let deadline = Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            assert!(Instant::now() < deadline, "{addr} still takes devices");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let ready = env
+        .http
+        .get(format!("{}/readyz", env.base))
+        .send()
+        .await
+        .expect("REST still answers");
+    assert_eq!(ready.status(), 503);
+    env.gw.stop().await;
+}
