@@ -4,42 +4,11 @@
 
 mod common;
 
-use std::path::Path;
-use std::time::Duration;
-
 use common::{SseStream, connect_v4};
-use gateway::{Config, Gateway};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-struct Env {
-    gw: Gateway,
-    base: String,
-    token: String,
-    http: reqwest::Client,
-}
-
-async fn boot(dir: &Path, tweak: impl FnOnce(&mut Config)) -> Env {
-    let mut config = Config::single(
-        dir.to_path_buf(),
-        "127.0.0.1:0".parse().expect("addr"),
-        "127.0.0.1:0".parse().expect("addr"),
-    );
-    config.tick = Duration::from_millis(5);
-    tweak(&mut config);
-    let gw = gateway::start(config).await.expect("start");
-    let file = gw.admin_token_file.clone().expect("admin token file");
-    let token = std::fs::read_to_string(file)
-        .expect("token")
-        .trim()
-        .to_string();
-    Env {
-        base: format!("http://{}", gw.http_addr),
-        gw,
-        token,
-        http: reqwest::Client::new(),
-    }
-}
+type Env = common::Single;
 
 impl Env {
     /// Sends a request with the admin token; the status and the body (JSON,
@@ -163,7 +132,7 @@ impl Rng {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_devices_register_in_one_entry_and_log_in_with_their_secrets() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let e = boot(dir.path(), |_| {}).await;
+    let e = common::single(dir.path(), |_| {}).await;
     let mqtt = e.gw.mqtt_addr.expect("mqtt listener");
     let devices = fleet("pump-", 1000);
     let body = json!({ "devices": devices }).to_string();
@@ -252,7 +221,7 @@ async fn a_thousand_devices_register_in_one_entry_and_log_in_with_their_secrets(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_device_refuses_the_whole_batch_naming_its_position() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let e = boot(dir.path(), |_| {}).await;
+    let e = common::single(dir.path(), |_| {}).await;
     let before = e.gw.db().applied_index();
     let with = |i: usize, bad: Value| {
         let mut devices = fleet("v-", 20);
@@ -333,7 +302,7 @@ async fn an_invalid_device_refuses_the_whole_batch_naming_its_position() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflict_refuses_the_whole_batch_with_409_and_registers_none() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let e = boot(dir.path(), |_| {}).await;
+    let e = common::single(dir.path(), |_| {}).await;
     let cert = "ab".repeat(32);
     for body in [
         json!({"id": "c-0004"}),
@@ -385,7 +354,7 @@ async fn a_conflict_refuses_the_whole_batch_with_409_and_registers_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_batches_are_refused_with_413_naming_the_limit() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let e = boot(dir.path(), |_| {}).await;
+    let e = common::single(dir.path(), |_| {}).await;
     let limit = 4 * 1024 * 1024;
     // A declared length over the limit: refused before the body is sent.
     let head = format!(
@@ -427,7 +396,7 @@ async fn oversize_batches_are_refused_with_413_naming_the_limit() {
 
     // A gateway that takes larger bodies still proposes no entry over 8 MiB.
     let dir = tempfile::tempdir().expect("tempdir");
-    let e = boot(dir.path(), |c| c.batch_max_body_bytes = 32 * 1024 * 1024).await;
+    let e = common::single(dir.path(), |c| c.batch_max_body_bytes = 32 * 1024 * 1024).await;
     let before = e.gw.db().applied_index();
     let big: Vec<Value> = (0..200)
         .map(|i| json!({"id": format!("o-{i}"), "attributes": {"blob": "x".repeat(45_000)}}))
@@ -455,7 +424,7 @@ async fn oversize_batches_are_refused_with_413_naming_the_limit() {
 async fn a_device_named_batch_is_still_read_updated_and_deleted() {
     use reqwest::Method;
     let dir = tempfile::tempdir().expect("tempdir");
-    let e = boot(dir.path(), |_| {}).await;
+    let e = common::single(dir.path(), |_| {}).await;
     let (status, r) = e
         .call(Method::POST, "/v1/devices", Some(json!({"id": "batch"})))
         .await;

@@ -11,12 +11,13 @@
 //! the transcript in the guide differs. `ENTENTE_BLESS=1` rewrites it
 //! instead (then review the diff).
 
+mod common;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gateway::{Config, Gateway};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
     ConnAck, Filter, Packet, PubAck, PubAckReason, Publish, SubAck, SubscribeReasonCode,
@@ -30,33 +31,7 @@ const STEP: Duration = Duration::from_secs(15);
 
 const DEVICE: &str = "pump-7";
 
-struct Env {
-    gw: Gateway,
-    base: String,
-    token: String,
-    http: reqwest::Client,
-}
-
-async fn boot(dir: &Path) -> Env {
-    let mut config = Config::single(
-        dir.to_path_buf(),
-        "127.0.0.1:0".parse().expect("addr"),
-        "127.0.0.1:0".parse().expect("addr"),
-    );
-    config.tick = Duration::from_millis(5);
-    let gw = gateway::start(config).await.expect("start");
-    let file = gw.admin_token_file.clone().expect("admin token file");
-    let token = std::fs::read_to_string(file)
-        .expect("token")
-        .trim()
-        .to_string();
-    Env {
-        base: format!("http://{}", gw.http_addr),
-        gw,
-        token,
-        http: reqwest::Client::new(),
-    }
-}
+type Env = common::Single;
 
 impl Env {
     async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
@@ -343,7 +318,7 @@ fn check_guide(lines: &[String]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_guides_session_transcript_is_what_the_gateway_does() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let env = boot(dir.path()).await;
+    let env = common::single(dir.path(), |_| {}).await;
     let addr: SocketAddr = env.gw.mqtt5_addr.expect("mqtt5 listener");
 
     // Offline: the device is registered and a command queued for it.
@@ -505,7 +480,7 @@ async fn the_guides_session_transcript_is_what_the_gateway_does() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logins_are_refused_with_the_codes_the_guide_gives() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let env = boot(dir.path()).await;
+    let env = common::single(dir.path(), |_| {}).await;
     let addr: SocketAddr = env.gw.mqtt5_addr.expect("mqtt5 listener");
     let reg = env
         .call(reqwest::Method::POST, "/v1/devices", json!({"id": DEVICE}))
@@ -552,7 +527,7 @@ async fn logins_are_refused_with_the_codes_the_guide_gives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_serves_its_asyncapi_document() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let env = boot(dir.path()).await;
+    let env = common::single(dir.path(), |_| {}).await;
     let r = env
         .http
         .get(format!("{}/asyncapi.json", env.base))

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use gateway::{Config, Gateway};
+use gateway::Config;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -18,33 +18,16 @@ mod common;
 
 use common::{SseStream, WAIT, connect_v4, metric};
 
-struct Env {
-    gw: Gateway,
-    base: String,
-    token: String,
-    http: reqwest::Client,
-}
+type Env = common::Single;
 
+/// A gateway changed by `tweak`, and a client that gives up after [`WAIT`].
 async fn boot(dir: &Path, tweak: impl FnOnce(&mut Config)) -> Env {
-    let any = "127.0.0.1:0".parse().expect("addr");
-    let mut config = Config::single(dir.to_path_buf(), any, any);
-    config.tick = Duration::from_millis(5);
-    tweak(&mut config);
-    let gw = gateway::start(config).await.expect("start");
-    let file = gw.admin_token_file.clone().expect("admin token file");
-    let token = std::fs::read_to_string(file)
-        .expect("token")
-        .trim()
-        .to_string();
-    Env {
-        base: format!("http://{}", gw.http_addr),
-        gw,
-        token,
-        http: reqwest::Client::builder()
-            .timeout(WAIT)
-            .build()
-            .expect("client"),
-    }
+    let mut env = common::single(dir, tweak).await;
+    env.http = reqwest::Client::builder()
+        .timeout(WAIT)
+        .build()
+        .expect("client");
+    env
 }
 
 impl Env {

@@ -19,40 +19,18 @@ use std::time::Duration;
 
 use common::{Device, Seen, WAIT};
 use entente_protocol::{CommandMessage, ShadowDocument};
-use gateway::{Config, Gateway};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::{Instant, timeout, timeout_at};
 
-struct Env {
-    gw: Gateway,
-    base: String,
-    token: String,
-    http: reqwest::Client,
-}
+type Env = common::Single;
 
+/// A gateway on listeners bound here, reports coalesced over 10 ms.
 async fn boot(dir: &Path) -> Env {
-    let mut config = Config::single(
-        dir.to_path_buf(),
-        "127.0.0.1:0".parse().expect("addr"),
-        "127.0.0.1:0".parse().expect("addr"),
-    );
-    config.tick = Duration::from_millis(5);
-    config.report_coalesce = Duration::from_millis(10);
-    let gw = gateway::start_with(config, common::loopback_listeners())
-        .await
-        .expect("start");
-    let file = gw.admin_token_file.clone().expect("admin token file");
-    let token = std::fs::read_to_string(file)
-        .expect("token")
-        .trim()
-        .to_string();
-    Env {
-        base: format!("http://{}", gw.http_addr),
-        gw,
-        token,
-        http: reqwest::Client::new(),
-    }
+    common::single_with(dir, common::loopback_listeners(), |c| {
+        c.report_coalesce = Duration::from_millis(10);
+    })
+    .await
 }
 
 /// The two device listeners, with the version each test speaks on it

@@ -7,7 +7,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use entente_protocol::{CommandMessage, ShadowDocument};
-use gateway::{Config, Gateway};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, timeout_at};
@@ -22,35 +21,17 @@ fn every_test_passes_on_every_engine() {
     common::rerun_on_every_other_engine(None, &["every_test_passes_on_every_engine"], 16);
 }
 
-struct Env {
-    gw: Gateway,
-    base: String,
-    token: String,
-    http: reqwest::Client,
-}
+type Env = common::Single;
 
+/// A gateway on the engine under test, reports coalesced over 30 ms, MQTT
+/// payloads of at most 1 KiB.
 async fn boot(dir: &Path) -> Env {
-    let mut config = Config::single(
-        dir.to_path_buf(),
-        "127.0.0.1:0".parse().expect("addr"),
-        "127.0.0.1:0".parse().expect("addr"),
-    );
-    config.tick = Duration::from_millis(5);
-    config.report_coalesce = Duration::from_millis(30);
-    config.mqtt_max_payload = 1024;
-    config.consensus = common::engine_under_test();
-    let gw = gateway::start(config).await.expect("start");
-    let file = gw.admin_token_file.clone().expect("admin token file");
-    let token = std::fs::read_to_string(file)
-        .expect("token")
-        .trim()
-        .to_string();
-    Env {
-        base: format!("http://{}", gw.http_addr),
-        gw,
-        token,
-        http: reqwest::Client::new(),
-    }
+    common::single(dir, |c| {
+        c.report_coalesce = Duration::from_millis(30);
+        c.mqtt_max_payload = 1024;
+        c.consensus = common::engine_under_test();
+    })
+    .await
 }
 
 impl Env {
@@ -1184,15 +1165,12 @@ async fn takeover_and_persistent_sessions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_over_the_limit_are_closed_at_once() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut config = Config::single(
-        tmp.path().to_path_buf(),
-        "127.0.0.1:0".parse().expect("addr"),
-        "127.0.0.1:0".parse().expect("addr"),
-    );
-    config.tick = Duration::from_millis(5);
-    config.mqtt_max_connections = 3;
-    config.consensus = common::engine_under_test();
-    let gw = gateway::start(config).await.expect("start");
+    let gw = common::single(tmp.path(), |c| {
+        c.mqtt_max_connections = 3;
+        c.consensus = common::engine_under_test();
+    })
+    .await
+    .gw;
     let addr = gw.mqtt_addr.expect("listener");
     let mut held = Vec::new();
     for _ in 0..3 {

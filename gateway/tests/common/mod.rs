@@ -1,5 +1,6 @@
 //! Test support shared by the multi-gateway and MQTT tests: listeners bound
-//! on loopback before a gateway starts, MQTT test devices (rumqttc, v4 and
+//! on loopback before a gateway starts, a single gateway with its admin
+//! token and a REST client ([`single`]), MQTT test devices (rumqttc, v4 and
 //! v5), a Server-Sent Events reader and a metrics parser. (Each test binary
 //! uses a different part of it.)
 #![allow(dead_code)]
@@ -141,6 +142,52 @@ pub fn addr_of(l: &Option<std::net::TcpListener>) -> SocketAddr {
         .expect("a listener")
         .local_addr()
         .expect("its address")
+}
+
+/// One gateway in this process on a temp dir (`Config::single`, port-0
+/// listeners, a 5 ms tick), its REST base URL, its first admin token and a
+/// client: the setup of the single-gateway REST and MQTT tests. A test file
+/// adds its own calls with `type Env = common::Single;` and `impl Env`.
+pub struct Single {
+    /// The gateway.
+    pub gw: gateway::Gateway,
+    /// `http://` and its REST address.
+    pub base: String,
+    /// The admin token it created on first start.
+    pub token: String,
+    /// A client for its REST API (no timeout; a test may replace it).
+    pub http: reqwest::Client,
+}
+
+/// Starts a [`Single`] gateway with its data in `dir`, its configuration
+/// changed by `tweak` before it starts (`gateway::start`).
+pub async fn single(dir: &std::path::Path, tweak: impl FnOnce(&mut gateway::Config)) -> Single {
+    single_with(dir, gateway::Listeners::default(), tweak).await
+}
+
+/// [`single`] on listeners the caller bound (`gateway::start_with`), such
+/// as [`loopback_listeners`].
+pub async fn single_with(
+    dir: &std::path::Path,
+    listeners: gateway::Listeners,
+    tweak: impl FnOnce(&mut gateway::Config),
+) -> Single {
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let mut config = gateway::Config::single(dir.to_path_buf(), any, any);
+    config.tick = Duration::from_millis(5);
+    tweak(&mut config);
+    let gw = gateway::start_with(config, listeners).await.expect("start");
+    let file = gw.admin_token_file.clone().expect("admin token file");
+    let token = std::fs::read_to_string(file)
+        .expect("token")
+        .trim()
+        .to_string();
+    Single {
+        base: format!("http://{}", gw.http_addr),
+        gw,
+        token,
+        http: reqwest::Client::new(),
+    }
 }
 
 pub type ByteStream =
