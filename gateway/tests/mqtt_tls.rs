@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use entente_protocol::CommandMessage;
-use gateway::{Config, Gateway};
+use gateway::Config;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair,
@@ -173,39 +173,19 @@ fn tls_v5(
     connect_v5_with(opts)
 }
 
-struct Env {
-    gw: Gateway,
-    base: String,
-    token: String,
-    http: reqwest::Client,
-}
+type Env = common::Single;
 
 /// A gateway with its TLS listener on (server certificate from `pki`,
 /// client certificates of `pki` asked for), changed further by `tune`.
 async fn boot(dir: &Path, pki: &Pki, tune: impl FnOnce(&mut Config)) -> Env {
     let server = pki.server();
-    let mut config = Config::single(
-        dir.join("data"),
-        "127.0.0.1:0".parse().expect("addr"),
-        "127.0.0.1:0".parse().expect("addr"),
-    );
-    config.tick = Duration::from_millis(5);
-    config.mqtt_tls_cert = Some(server.cert);
-    config.mqtt_tls_key = Some(server.key);
-    config.mqtt_tls_client_ca = Some(pki.ca_file());
-    tune(&mut config);
-    let gw = gateway::start(config).await.expect("start");
-    let file = gw.admin_token_file.clone().expect("admin token file");
-    let token = std::fs::read_to_string(file)
-        .expect("token")
-        .trim()
-        .to_string();
-    Env {
-        base: format!("http://{}", gw.http_addr),
-        gw,
-        token,
-        http: reqwest::Client::new(),
-    }
+    common::single(&dir.join("data"), |config| {
+        config.mqtt_tls_cert = Some(server.cert);
+        config.mqtt_tls_key = Some(server.key);
+        config.mqtt_tls_client_ca = Some(pki.ca_file());
+        tune(config);
+    })
+    .await
 }
 
 impl Env {
