@@ -478,9 +478,8 @@ pub(crate) async fn metrics(
     Ok(res)
 }
 
-/// This process's resident set size, from `/proc/self/statm` (Linux only;
-/// `None` elsewhere).
-/// CPU time of this process, user and system, in seconds.
+/// CPU time of this process, user and system, in seconds, from
+/// `/proc/self/stat` (Linux only; `None` elsewhere).
 fn cpu_seconds() -> Option<f64> {
     parse_cpu_seconds(&std::fs::read_to_string("/proc/self/stat").ok()?)
 }
@@ -498,6 +497,8 @@ fn parse_cpu_seconds(stat: &str) -> Option<f64> {
     Some((utime + stime) as f64 / 100.0)
 }
 
+/// This process's resident set size, from `/proc/self/statm` (Linux only;
+/// `None` elsewhere).
 fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
