@@ -322,6 +322,7 @@ pub(crate) async fn start(
         redelivered: HashMap::new(),
         sent_due: HashMap::new(),
         sent_tasks: tokio::task::JoinSet::new(),
+        deliveries: None,
         published: {
             let (tx, rx) = mpsc::channel(sessions::PUBLISHED_BATCHES);
             (tx, Some(rx))

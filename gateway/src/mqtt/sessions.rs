@@ -17,7 +17,7 @@
 //!   [`Ingest`], which proposes it and answers each message once what it
 //!   causes is committed (see `ingest`), and polls its proposals.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -122,7 +122,30 @@ pub(crate) struct Manager {
         mpsc::Sender<Vec<String>>,
         Option<mpsc::Receiver<Vec<String>>>,
     ),
+    /// Deliveries on subscribe, to the task that makes them in batches
+    /// (set by [`Manager::run`]).
+    pub(crate) deliveries: Option<mpsc::Sender<Delivery>>,
 }
+
+/// What a device that subscribed is to be sent: its open commands, its
+/// desired document, its delta (each if its filters cover it).
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    device: String,
+    commands: bool,
+    desired: bool,
+    delta: bool,
+}
+
+/// Deliveries waiting for the batching task; past it a delivery runs on a
+/// task of its own, as one device's would.
+const DELIVERY_QUEUE: usize = 16_384;
+/// Devices looked up together: one query finds which of them have open
+/// commands (most have none) ...
+const DELIVERY_BATCH: usize = 256;
+/// ... and one reads the shadows of this many (two 64 KiB documents at
+/// most each).
+const SHADOW_BATCH: usize = 32;
 
 /// Batches of published command ids waiting for the manager (each batch is
 /// one page of a device's queued commands, at most 500).
@@ -184,6 +207,15 @@ impl Manager {
             self.endpoint.clone(),
             shadows.clone(),
         ));
+        let (deliver_tx, deliver_rx) = mpsc::channel(DELIVERY_QUEUE);
+        self.deliveries = Some(deliver_tx);
+        let deliverer = tokio::spawn(deliver_in_batches(
+            self.db.clone(),
+            self.endpoint.clone(),
+            self.stats.clone(),
+            self.published.0.clone(),
+            deliver_rx,
+        ));
         loop {
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => break,
@@ -243,6 +275,7 @@ impl Manager {
         self.ingest.tasks.abort_all();
         self.sent_tasks.abort_all();
         publisher.abort();
+        deliverer.abort();
     }
 
     /// Marks command `cid` `sent` at `at` unless its device answers first
@@ -349,8 +382,30 @@ impl Manager {
     }
 
     /// Sends a device what it should have: commands still queued or sent,
-    /// and/or its desired document and delta.
+    /// and/or its desired document and delta — through the batching task
+    /// (a fleet that reconnects at once costs a few queries per hundreds
+    /// of devices, not four per device), or on a task of its own if that
+    /// one is far behind.
     fn spawn_delivery(&self, device: String, commands: bool, desired: bool, delta: bool) {
+        let d = Delivery {
+            device,
+            commands,
+            desired,
+            delta,
+        };
+        let d = match &self.deliveries {
+            Some(tx) => match tx.try_send(d) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d)) => d,
+            },
+            None => d,
+        };
+        let Delivery {
+            device,
+            commands,
+            desired,
+            delta,
+        } = d;
         let (db, out, stats, published) = (
             self.db.clone(),
             self.endpoint.clone(),
@@ -676,6 +731,69 @@ fn publish_shadow(out: &Shared, sh: &Shadow, desired: bool, delta: bool) {
 /// device answers first (see [`SENT_AFTER`]). (An accepted command whose
 /// result never reached the group is delivered again: the device, which
 /// deduplicates by id, answers with its result again.)
+/// Makes the deliveries on subscribe in batches: whatever queued up while
+/// the last batch ran goes next, so one device alone waits for nothing.
+async fn deliver_in_batches(
+    db: Arc<StateDb>,
+    out: Arc<Shared>,
+    stats: Arc<MqttStats>,
+    published: mpsc::Sender<Vec<String>>,
+    mut rx: mpsc::Receiver<Delivery>,
+) {
+    let mut batch = Vec::with_capacity(DELIVERY_BATCH);
+    while rx.recv_many(&mut batch, DELIVERY_BATCH).await > 0 {
+        deliver_batch(&db, &out, &stats, &published, &batch).await;
+        batch.clear();
+    }
+}
+
+/// One batch: which devices have open commands (one query), those
+/// delivered one by one as before; then the shadows, [`SHADOW_BATCH`] per
+/// query. A device gets its commands before its shadow, as before.
+async fn deliver_batch(
+    db: &StateDb,
+    out: &Shared,
+    stats: &MqttStats,
+    published: &mpsc::Sender<Vec<String>>,
+    batch: &[Delivery],
+) {
+    let asking: Vec<String> = batch
+        .iter()
+        .filter(|d| d.commands)
+        .map(|d| d.device.clone())
+        .collect();
+    let open: HashSet<String> = match db.devices_with_open_commands(&asking).await {
+        Ok(devices) => devices.into_iter().collect(),
+        Err(e) => {
+            // Each is looked at on its own then.
+            tracing::warn!(error = %e, "finding the devices with commands to deliver");
+            asking.into_iter().collect()
+        }
+    };
+    for d in batch
+        .iter()
+        .filter(|d| d.commands && open.contains(&d.device))
+    {
+        deliver_pending_commands(db, out, stats, published, &d.device).await;
+    }
+    let wanting: Vec<&Delivery> = batch.iter().filter(|d| d.desired || d.delta).collect();
+    for chunk in wanting.chunks(SHADOW_BATCH) {
+        let devices: Vec<String> = chunk.iter().map(|d| d.device.clone()).collect();
+        match db.shadows(&devices).await {
+            Ok(found) => {
+                for sh in &found {
+                    // A device may be in the batch twice (it subscribed
+                    // again): each delivery is made.
+                    for d in chunk.iter().filter(|d| d.device == sh.device) {
+                        publish_shadow(out, sh, d.desired, d.delta);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading shadows to deliver"),
+        }
+    }
+}
+
 async fn deliver_pending_commands(
     db: &StateDb,
     out: &Shared,

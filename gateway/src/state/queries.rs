@@ -7,8 +7,8 @@ use coordinator::raft::Index;
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::rows::{
-    COMMAND_COLS, DEVICE_COLS, command_from_row, db_int, device_from_row, from_db_int,
-    load_applied_index, load_command, load_device, load_shadow, parse_json,
+    COMMAND_COLS, DEVICE_COLS, SHADOW_COLS, command_from_row, db_int, device_from_row, from_db_int,
+    load_applied_index, load_command, load_device, load_shadow, parse_json, shadow_from_row,
 };
 use super::{DeviceCredentials, DeviceFilter, Page, StateDb, StateError, resumable_after};
 use crate::ops::{Command, CommandStatus, Device, Event, Role, Shadow, TokenInfo};
@@ -102,6 +102,59 @@ impl StateDb {
         Ok(load_shadow(&mut conn, device)
             .await?
             .map(|s| s.into_shadow()))
+    }
+
+    /// The shadows of those of `devices` that exist (one query; keep the
+    /// list short: each shadow holds up to two 64 KiB documents).
+    pub async fn shadows(&self, devices: &[String]) -> Result<Vec<Shadow>, StateError> {
+        if devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new(format!(
+            "SELECT {SHADOW_COLS} FROM shadows WHERE device IN ("
+        ));
+        let mut list = qb.separated(", ");
+        for d in devices {
+            list.push_bind(d.as_str());
+        }
+        qb.push(")");
+        let pool = self.pool.read().await;
+        let rows = qb.build().fetch_all(&*pool).await?;
+        rows.iter()
+            .map(|r| shadow_from_row(r).map(|s| s.into_shadow()))
+            .collect()
+    }
+
+    /// Those of `devices` that have commands a device is sent again when it
+    /// subscribes (`queued`, `sent` or `accepted`), in one query.
+    pub async fn devices_with_open_commands(
+        &self,
+        devices: &[String],
+    ) -> Result<Vec<String>, StateError> {
+        if devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut qb: QueryBuilder<'_, Sqlite> =
+            QueryBuilder::new("SELECT DISTINCT device FROM commands WHERE device IN (");
+        let mut list = qb.separated(", ");
+        for d in devices {
+            list.push_bind(d.as_str());
+        }
+        qb.push(") AND status IN (");
+        let mut list = qb.separated(", ");
+        for s in [
+            CommandStatus::Queued,
+            CommandStatus::Sent,
+            CommandStatus::Accepted,
+        ] {
+            list.push_bind(s.as_str());
+        }
+        qb.push(")");
+        let pool = self.pool.read().await;
+        let rows = qb.build().fetch_all(&*pool).await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("device").map_err(StateError::from))
+            .collect()
     }
 
     /// A command.

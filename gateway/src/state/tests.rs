@@ -2233,3 +2233,61 @@ async fn thousands_of_small_batches_in_a_row_never_stall() {
 }
 
 mod jobs;
+
+/// The batched lookups of the deliveries on subscribe: which devices have
+/// commands to be sent again (queued, sent or accepted — not finished
+/// ones), and the shadows of many devices at once (unknown ones left out).
+#[tokio::test]
+async fn deliveries_find_open_commands_and_shadows_of_many_devices_at_once() {
+    let mut t = Db::new().await;
+    for d in ["q", "s", "a", "done", "none"] {
+        t.run(register(d)).await;
+    }
+    for (cid, d) in [("c-q", "q"), ("c-s", "s"), ("c-a", "a"), ("c-done", "done")] {
+        t.run(issue(cid, d, 60_000, None)).await;
+    }
+    t.run(Op::CommandSent {
+        cid: "c-s".into(),
+        gateway: 1,
+    })
+    .await;
+    t.run(Op::CommandAccepted { cid: "c-a".into() }).await;
+    t.run(Op::CommandResult {
+        cid: "c-done".into(),
+        succeeded: true,
+        output: json!(null),
+    })
+    .await;
+    let ask: Vec<String> = ["q", "s", "a", "done", "none", "unknown"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut open = t.db.devices_with_open_commands(&ask).await.unwrap();
+    open.sort();
+    assert_eq!(open, ["a", "q", "s"]);
+    assert!(
+        t.db.devices_with_open_commands(&[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    t.run(set_desired("q", json!({"valve": "open"}), None))
+        .await;
+    t.run(report("s", json!({"valve": "shut"}))).await;
+    let mut shadows = t.db.shadows(&ask).await.unwrap();
+    shadows.sort_by(|a, b| a.device.cmp(&b.device));
+    let mut each = Vec::new();
+    for d in &ask {
+        if let Some(s) = t.db.shadow(d).await.unwrap() {
+            each.push(s);
+        }
+    }
+    each.sort_by(|a, b| a.device.cmp(&b.device));
+    assert_eq!(shadows, each, "the same as one query per device");
+    assert_eq!(
+        shadows.iter().find(|s| s.device == "q").unwrap().delta,
+        json!({"valve": "open"})
+    );
+    assert!(t.db.shadows(&[]).await.unwrap().is_empty());
+}
