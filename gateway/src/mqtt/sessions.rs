@@ -141,9 +141,9 @@ pub(crate) struct Delivery {
 /// task of its own, as one device's would.
 const DELIVERY_QUEUE: usize = 16_384;
 /// Devices looked up together: one query finds which of them have open
-/// commands (most have none) ...
+/// commands (most have none).
 const DELIVERY_BATCH: usize = 256;
-/// ... and one reads the shadows of this many (two 64 KiB documents at
+/// Shadows the outbox's task reads with one query (two 64 KiB documents at
 /// most each).
 const SHADOW_BATCH: usize = 32;
 
@@ -214,6 +214,7 @@ impl Manager {
             self.endpoint.clone(),
             self.stats.clone(),
             self.published.0.clone(),
+            shadows.clone(),
             deliver_rx,
         ));
         loop {
@@ -383,9 +384,9 @@ impl Manager {
 
     /// Sends a device what it should have: commands still queued or sent,
     /// and/or its desired document and delta — through the batching task
-    /// (a fleet that reconnects at once costs a few queries per hundreds
-    /// of devices, not four per device), or on a task of its own if that
-    /// one is far behind.
+    /// (a fleet that reconnects at once costs a query per hundreds of
+    /// devices, not four per device; see [`deliver_batch`]), or on a task
+    /// of its own if that one is far behind.
     fn spawn_delivery(&self, device: String, commands: bool, desired: bool, delta: bool) {
         let d = Delivery {
             device,
@@ -400,30 +401,13 @@ impl Manager {
             },
             None => d,
         };
-        let Delivery {
-            device,
-            commands,
-            desired,
-            delta,
-        } = d;
-        let (db, out, stats, published) = (
+        spawn_one_delivery(
             self.db.clone(),
             self.endpoint.clone(),
             self.stats.clone(),
             self.published.0.clone(),
+            d,
         );
-        tokio::spawn(async move {
-            if commands {
-                deliver_pending_commands(&db, &out, &stats, &published, &device).await;
-            }
-            if desired || delta {
-                match db.shadow(&device).await {
-                    Ok(Some(sh)) => publish_shadow(&out, &sh, desired, delta),
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(device, error = %e, "reading a shadow to deliver"),
-                }
-            }
-        });
     }
 
     /// Delivers again the commands still `queued`, `sent` or `accepted`
@@ -630,11 +614,33 @@ impl ShadowOutbox {
 async fn publish_shadows(db: Arc<StateDb>, out: Arc<Shared>, outbox: Arc<ShadowOutbox>) {
     loop {
         outbox.ready.notified().await;
-        for (device, (desired, delta)) in outbox.take() {
-            match db.shadow(&device).await {
-                Ok(Some(sh)) => publish_shadow(&out, &sh, desired, delta),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(device, error = %e, "reading a shadow to deliver"),
+        let due: Vec<(String, (bool, bool))> = outbox.take().into_iter().collect();
+        for chunk in due.chunks(SHADOW_BATCH) {
+            let devices: Vec<String> = chunk.iter().map(|(d, _)| d.clone()).collect();
+            match db.shadows(&devices).await {
+                Ok(found) => {
+                    for sh in &found {
+                        if let Some((_, (desired, delta))) =
+                            chunk.iter().find(|(d, _)| *d == sh.device)
+                        {
+                            publish_shadow(&out, sh, *desired, *delta);
+                        }
+                    }
+                }
+                Err(e) => {
+                    // One by one then: a row that cannot be read costs
+                    // only its own device.
+                    tracing::warn!(error = %e, "reading shadows to deliver; reading them one by one");
+                    for (device, (desired, delta)) in chunk {
+                        match db.shadow(device).await {
+                            Ok(Some(sh)) => publish_shadow(&out, &sh, *desired, *delta),
+                            Ok(None) => {}
+                            Err(e) => {
+                                tracing::warn!(device, error = %e, "reading a shadow to deliver")
+                            }
+                        }
+                    }
+                }
             }
         }
     }
@@ -726,11 +732,6 @@ fn publish_shadow(out: &Shared, sh: &Shadow, desired: bool, delta: bool) {
     }
 }
 
-/// Publishes every command still queued, sent or accepted for `device`, and
-/// hands the queued ones to the manager, which marks them `sent` unless the
-/// device answers first (see [`SENT_AFTER`]). (An accepted command whose
-/// result never reached the group is delivered again: the device, which
-/// deduplicates by id, answers with its result again.)
 /// Makes the deliveries on subscribe in batches: whatever queued up while
 /// the last batch ran goes next, so one device alone waits for nothing.
 async fn deliver_in_batches(
@@ -738,30 +739,37 @@ async fn deliver_in_batches(
     out: Arc<Shared>,
     stats: Arc<MqttStats>,
     published: mpsc::Sender<Vec<String>>,
+    shadows: Arc<ShadowOutbox>,
     mut rx: mpsc::Receiver<Delivery>,
 ) {
     let mut batch = Vec::with_capacity(DELIVERY_BATCH);
     while rx.recv_many(&mut batch, DELIVERY_BATCH).await > 0 {
-        deliver_batch(&db, &out, &stats, &published, &batch).await;
-        batch.clear();
+        deliver_batch(&db, &out, &stats, &published, &shadows, &mut batch).await;
     }
 }
 
-/// One batch: which devices have open commands (one query), those
-/// delivered one by one as before; then the shadows, [`SHADOW_BATCH`] per
-/// query. A device gets its commands before its shadow, as before.
+/// One batch. One query finds which of its devices have commands to be
+/// sent again (most have none): each of those gets its delivery on a task
+/// of its own, exactly as one device alone (its commands, then its
+/// documents; a device with a long backlog holds up nobody else). The
+/// others' documents go to the shadow outbox, whose one task reads them
+/// [`SHADOW_BATCH`] per query, in order with the documents that changes
+/// make due (so a device never gets an older document after a newer).
 async fn deliver_batch(
-    db: &StateDb,
-    out: &Shared,
-    stats: &MqttStats,
+    db: &Arc<StateDb>,
+    out: &Arc<Shared>,
+    stats: &Arc<MqttStats>,
     published: &mpsc::Sender<Vec<String>>,
-    batch: &[Delivery],
+    shadows: &ShadowOutbox,
+    batch: &mut Vec<Delivery>,
 ) {
-    let asking: Vec<String> = batch
+    let mut asking: Vec<String> = batch
         .iter()
         .filter(|d| d.commands)
         .map(|d| d.device.clone())
         .collect();
+    asking.sort();
+    asking.dedup();
     let open: HashSet<String> = match db.devices_with_open_commands(&asking).await {
         Ok(devices) => devices.into_iter().collect(),
         Err(e) => {
@@ -770,30 +778,45 @@ async fn deliver_batch(
             asking.into_iter().collect()
         }
     };
-    for d in batch
-        .iter()
-        .filter(|d| d.commands && open.contains(&d.device))
-    {
-        deliver_pending_commands(db, out, stats, published, &d.device).await;
-    }
-    let wanting: Vec<&Delivery> = batch.iter().filter(|d| d.desired || d.delta).collect();
-    for chunk in wanting.chunks(SHADOW_BATCH) {
-        let devices: Vec<String> = chunk.iter().map(|d| d.device.clone()).collect();
-        match db.shadows(&devices).await {
-            Ok(found) => {
-                for sh in &found {
-                    // A device may be in the batch twice (it subscribed
-                    // again): each delivery is made.
-                    for d in chunk.iter().filter(|d| d.device == sh.device) {
-                        publish_shadow(out, sh, d.desired, d.delta);
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "reading shadows to deliver"),
+    for d in batch.drain(..) {
+        if d.commands && open.contains(&d.device) {
+            spawn_one_delivery(db.clone(), out.clone(), stats.clone(), published.clone(), d);
+        } else if d.desired || d.delta {
+            shadows.push(&d.device, d.desired, d.delta);
         }
     }
 }
 
+/// One device's delivery on a task of its own: its commands still to be
+/// sent, then its documents.
+fn spawn_one_delivery(
+    db: Arc<StateDb>,
+    out: Arc<Shared>,
+    stats: Arc<MqttStats>,
+    published: mpsc::Sender<Vec<String>>,
+    d: Delivery,
+) {
+    tokio::spawn(async move {
+        if d.commands {
+            deliver_pending_commands(&db, &out, &stats, &published, &d.device).await;
+        }
+        if d.desired || d.delta {
+            match db.shadow(&d.device).await {
+                Ok(Some(sh)) => publish_shadow(&out, &sh, d.desired, d.delta),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(device = d.device, error = %e, "reading a shadow to deliver")
+                }
+            }
+        }
+    });
+}
+
+/// Publishes every command still queued, sent or accepted for `device`, and
+/// hands the queued ones to the manager, which marks them `sent` unless the
+/// device answers first (see [`SENT_AFTER`]). (An accepted command whose
+/// result never reached the group is delivered again: the device, which
+/// deduplicates by id, answers with its result again.)
 async fn deliver_pending_commands(
     db: &StateDb,
     out: &Shared,

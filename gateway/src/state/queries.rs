@@ -104,29 +104,29 @@ impl StateDb {
             .map(|s| s.into_shadow()))
     }
 
-    /// The shadows of those of `devices` that exist (one query; keep the
-    /// list short: each shadow holds up to two 64 KiB documents).
+    /// The shadows of those of `devices` that exist, in one query (keep
+    /// the list short: each shadow holds up to two 64 KiB documents). The
+    /// list is bound as one JSON array, so the statement's text, and the
+    /// one statement cached for it, is the same for every length.
     pub async fn shadows(&self, devices: &[String]) -> Result<Vec<Shadow>, StateError> {
         if devices.is_empty() {
             return Ok(Vec::new());
         }
-        let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new(format!(
-            "SELECT {SHADOW_COLS} FROM shadows WHERE device IN ("
-        ));
-        let mut list = qb.separated(", ");
-        for d in devices {
-            list.push_bind(d.as_str());
-        }
-        qb.push(")");
+        let list =
+            serde_json::to_string(devices).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        let sql = format!(
+            "SELECT {SHADOW_COLS} FROM shadows WHERE device IN (SELECT value FROM json_each(?))"
+        );
         let pool = self.pool.read().await;
-        let rows = qb.build().fetch_all(&*pool).await?;
+        let rows = sqlx::query(&sql).bind(list).fetch_all(&*pool).await?;
         rows.iter()
             .map(|r| shadow_from_row(r).map(|s| s.into_shadow()))
             .collect()
     }
 
     /// Those of `devices` that have commands a device is sent again when it
-    /// subscribes (`queued`, `sent` or `accepted`), in one query.
+    /// subscribes (`queued`, `sent` or `accepted`), in one query (the list
+    /// bound as one JSON array, as in [`StateDb::shadows`]).
     pub async fn devices_with_open_commands(
         &self,
         devices: &[String],
@@ -134,24 +134,21 @@ impl StateDb {
         if devices.is_empty() {
             return Ok(Vec::new());
         }
-        let mut qb: QueryBuilder<'_, Sqlite> =
-            QueryBuilder::new("SELECT DISTINCT device FROM commands WHERE device IN (");
-        let mut list = qb.separated(", ");
-        for d in devices {
-            list.push_bind(d.as_str());
-        }
-        qb.push(") AND status IN (");
-        let mut list = qb.separated(", ");
-        for s in [
-            CommandStatus::Queued,
-            CommandStatus::Sent,
-            CommandStatus::Accepted,
-        ] {
-            list.push_bind(s.as_str());
-        }
-        qb.push(")");
-        let pool = self.pool.read().await;
-        let rows = qb.build().fetch_all(&*pool).await?;
+        let list =
+            serde_json::to_string(devices).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        let rows = {
+            let pool = self.pool.read().await;
+            sqlx::query(
+                "SELECT DISTINCT device FROM commands \
+                 WHERE device IN (SELECT value FROM json_each(?)) AND status IN (?, ?, ?)",
+            )
+            .bind(list)
+            .bind(CommandStatus::Queued.as_str())
+            .bind(CommandStatus::Sent.as_str())
+            .bind(CommandStatus::Accepted.as_str())
+            .fetch_all(&*pool)
+            .await?
+        };
         rows.iter()
             .map(|r| r.try_get::<String, _>("device").map_err(StateError::from))
             .collect()

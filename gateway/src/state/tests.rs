@@ -2258,7 +2258,8 @@ async fn deliveries_find_open_commands_and_shadows_of_many_devices_at_once() {
         output: json!(null),
     })
     .await;
-    let ask: Vec<String> = ["q", "s", "a", "done", "none", "unknown"]
+    // Ids are bound as one JSON array: quotes and backslashes are data.
+    let ask: Vec<String> = ["q", "s", "a", "done", "none", "un\"known\\", "q' OR 1=1 --"]
         .iter()
         .map(|s| s.to_string())
         .collect();
