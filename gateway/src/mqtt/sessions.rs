@@ -581,12 +581,12 @@ impl Manager {
     }
 }
 
-/// Shadow documents to publish after shadow changes: per device, whether
-/// its desired document and/or its delta are due. One task
-/// ([`publish_shadows`]) reads each device's shadow and publishes, one
-/// device after the other, so a device never gets an older document after
-/// a newer one, and a burst of changes costs one read. Holds at most one
-/// entry per device with a session here.
+/// Shadow documents to publish after shadow changes, and on subscribe:
+/// per device, whether its desired document and/or its delta are due. One
+/// task ([`publish_shadows`]) reads the shadows ([`SHADOW_BATCH`] per
+/// query) and publishes, one batch after the other, so a device never gets
+/// an older document after a newer one, and a burst of changes costs one
+/// read. Holds at most one entry per device with a session here.
 #[derive(Default)]
 pub(crate) struct ShadowOutbox {
     due: std::sync::Mutex<HashMap<String, (bool, bool)>>,
