@@ -14,40 +14,15 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use entente_protocol::CommandMessage;
-use gateway::{Config, Gateway};
 use mqtt_raw::{Pkt, RawDevice, connect4, connect5, disconnect5_with_expiry};
 use rumqttc::mqttbytes::{QoS as QoS4, v4};
 use rumqttc::v5::mqttbytes::{QoS, v5};
 use serde_json::{Value, json};
 
-struct Env {
-    gw: Gateway,
-    base: String,
-    token: String,
-    http: reqwest::Client,
-}
+type Env = common::Single;
 
 async fn boot(dir: &std::path::Path) -> Env {
-    let mut config = Config::single(
-        dir.to_path_buf(),
-        "127.0.0.1:0".parse().expect("addr"),
-        "127.0.0.1:0".parse().expect("addr"),
-    );
-    config.tick = Duration::from_millis(5);
-    let gw = gateway::start_with(config, common::loopback_listeners())
-        .await
-        .expect("start");
-    let file = gw.admin_token_file.clone().expect("admin token file");
-    let token = std::fs::read_to_string(file)
-        .expect("token")
-        .trim()
-        .to_string();
-    Env {
-        base: format!("http://{}", gw.http_addr),
-        gw,
-        token,
-        http: reqwest::Client::new(),
-    }
+    common::single_with(dir, common::loopback_listeners(), |_| {}).await
 }
 
 impl Env {
