@@ -512,11 +512,6 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// How long the gateways' logs must stay still before `bench` offers load.
-const SETTLE_QUIET: Duration = Duration::from_millis(300);
-/// The longest `bench` waits for that.
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// How often `run --job` reads the job.
 const JOB_POLL: Duration = Duration::from_secs(1);
 
@@ -539,7 +534,10 @@ async fn bench_cmd(a: BenchArgs) -> Result<()> {
         return Err(e);
     }
     eprintln!("device-sim: {} devices connected", creds.len());
-    match api.settle(SETTLE_QUIET, SETTLE_TIMEOUT).await {
+    match api
+        .settle(crate::rest::SETTLE_QUIET, crate::rest::SETTLE_TIMEOUT)
+        .await
+    {
         Ok(took) => eprintln!(
             "device-sim: gateways idle after {} ms (logs still and applied, CPU under a tenth of a core)",
             took.as_millis()

@@ -481,6 +481,9 @@ pub struct GatewaySample {
     pub report_proposals: f64,
     /// `entente_mqtt_sessions`.
     pub sessions: f64,
+    /// CPU seconds (`process_cpu_seconds_total`); `None` if a gateway does
+    /// not report it.
+    pub cpu: Option<f64>,
 }
 
 impl Api {
@@ -488,6 +491,7 @@ impl Api {
     pub async fn sample(&self) -> Result<GatewaySample> {
         let mut s = GatewaySample {
             rss: Some(0.0),
+            cpu: Some(0.0),
             ..GatewaySample::default()
         };
         for i in 0..self.bases.len() {
@@ -499,11 +503,20 @@ impl Api {
             s.reports_received += m.get("entente_mqtt_reports_received_total").unwrap_or(0.0);
             s.report_proposals += m.get("entente_mqtt_report_proposals_total").unwrap_or(0.0);
             s.sessions += m.get("entente_mqtt_sessions").unwrap_or(0.0);
+            s.cpu = s
+                .cpu
+                .zip(m.get("process_cpu_seconds_total"))
+                .map(|(a, b)| a + b);
         }
         Ok(s)
     }
 }
 
+/// How long the gateways' logs must stay still, and their CPU low, for
+/// [`Api::settle`] as the benchmarks call it ...
+pub const SETTLE_QUIET: Duration = Duration::from_millis(300);
+/// ... and the longest they wait for that.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often [`Api::settle`] reads the gateways' metrics.
 const SETTLE_POLL: Duration = Duration::from_millis(50);
 /// The most CPU the gateways may use, together, and still count as idle:

@@ -56,6 +56,13 @@ pub struct RunReport {
     pub gateway_rss_after: Option<f64>,
     /// The difference per connected idle device.
     pub gateway_bytes_per_device: Option<f64>,
+    /// From every device connected and subscribed to the gateways idle
+    /// again (logs still and applied, CPU low: `Api::settle`), seconds: the
+    /// rest of the connection work (presence, deliveries on subscribe).
+    pub gateway_idle_after_secs: Option<f64>,
+    /// CPU the gateways spent from before the fleet started until then,
+    /// seconds.
+    pub gateway_connect_cpu_secs: Option<f64>,
     /// Seconds the connected fleet ran.
     pub duration_secs: f64,
     /// `shadow/reported` messages sent in that time, per second.
@@ -96,6 +103,13 @@ impl RunReport {
             "connect latency  p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (attempt to CONNACK)\n",
             l.p50, l.p99, l.max
         ));
+        if let Some(idle) = self.gateway_idle_after_secs {
+            s.push_str(&format!(
+                "gateway work     idle {:.2} s after the last subscription; {} of gateway CPU for the connect\n",
+                idle,
+                opt(self.gateway_connect_cpu_secs.map(|c| format!("{c:.2} s")))
+            ));
+        }
         s.push_str(&format!(
             "sim memory       {} -> {}: {} per device\n",
             opt(self.sim_rss_before.map(|b| mib(b as f64))),
@@ -174,6 +188,23 @@ pub async fn run(
         return Err(e);
     }
     let sim_after = own_rss_bytes();
+    let idle = match api {
+        Some(a) => match a
+            .settle(crate::rest::SETTLE_QUIET, crate::rest::SETTLE_TIMEOUT)
+            .await
+        {
+            Ok(took) => Some(took),
+            Err(e) => {
+                eprintln!("warning: {e:#}");
+                None
+            }
+        },
+        None => None,
+    };
+    let gw_idle = match idle {
+        Some(_) => sample(api).await,
+        None => None,
+    };
     let (window, connected) = fleet
         .stats()
         .connect_window()
@@ -219,6 +250,12 @@ pub async fn run(
         gateway_bytes_per_device: gw_rss_before
             .zip(gw_rss_after)
             .and_then(|(a, b)| per_device(a, b)),
+        gateway_idle_after_secs: idle.map(|d| d.as_secs_f64()),
+        gateway_connect_cpu_secs: gw_before
+            .as_ref()
+            .and_then(|g| g.cpu)
+            .zip(gw_idle.as_ref().and_then(|g| g.cpu))
+            .map(|(a, b)| b - a),
         duration_secs: secs,
         reports_sent_per_sec: per_sec(s1.reports_sent.saturating_sub(s0.reports_sent), secs),
         reports_acked_per_sec: per_sec(s1.reports_acked.saturating_sub(s0.reports_acked), secs),

@@ -460,3 +460,36 @@ async fn the_gateway_settles_after_a_fleet_connects_and_not_under_load() {
     assert!(load.await.expect("load") > 0, "the load issued commands");
     fleet.stop(Duration::from_secs(2)).await;
 }
+
+/// `run` reports when the gateway was idle again after the fleet connected,
+/// and the CPU the gateway spent on the connect (here the gateway runs in
+/// this process, so that CPU includes the simulator's: the wiring is what
+/// is checked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_reports_when_the_gateway_was_idle_again_and_its_cpu() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let env = boot(tmp.path()).await;
+    let p = Provision {
+        prefix: "idle-",
+        count: 50,
+        file: None,
+        rotate_existing: false,
+        concurrency: 16,
+    };
+    let creds = provision(Some(&env.api), &p).await.expect("register");
+    let options = device_sim::run::RunOptions {
+        connect_timeout: WAIT,
+        settle: Duration::ZERO,
+        status: false,
+    };
+    let config = FleetConfig::new(vec![broker(env.gw.mqtt_addr)]);
+    let report = device_sim::run::run(config, &creds, Some(&env.api), &options, async {})
+        .await
+        .expect("run");
+    assert_eq!(report.connected, 50);
+    let idle = report.gateway_idle_after_secs.expect("the gateway settled");
+    assert!(idle >= 0.3, "at least the quiet window: {idle}");
+    let cpu = report.gateway_connect_cpu_secs.expect("CPU read");
+    assert!(cpu > 0.0, "{cpu}");
+    assert!(report.table().contains("idle"), "{}", report.table());
+}
