@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use device_sim::bench::{self, ApiMode, BenchConfig};
-use device_sim::creds::{Provision, provision};
+use device_sim::creds::{Credentials, Provision, provision};
 use device_sim::fleet::{Fleet, FleetConfig};
 use device_sim::ingest::{self, IngestClient, IngestConfig};
 use device_sim::mqtt::{BrokerAddr, Protocol};
@@ -53,6 +53,18 @@ fn broker(addr: Option<SocketAddr>) -> BrokerAddr {
         host: a.ip().to_string(),
         port: a.port(),
     }
+}
+
+/// `count` new devices named `prefix` and an index, registered over REST.
+async fn fresh(api: &Api, prefix: &str, count: usize) -> Vec<Credentials> {
+    let p = Provision {
+        prefix,
+        count,
+        file: None,
+        rotate_existing: false,
+        concurrency: 16,
+    };
+    provision(Some(api), &p).await.expect("register")
 }
 
 async fn status(api: &Api, cid: &str) -> String {
@@ -354,14 +366,7 @@ async fn a_failing_fleet_trips_a_jobs_abort_rule_and_a_healthy_one_completes_it(
     let env = boot(tmp.path()).await;
     let mut fleets = Vec::new();
     for (prefix, failure_rate) in [("bad-", 1.0), ("good-", 0.0)] {
-        let p = Provision {
-            prefix,
-            count: 40,
-            file: None,
-            rotate_existing: false,
-            concurrency: 16,
-        };
-        let creds = provision(Some(&env.api), &p).await.expect("register");
+        let creds = fresh(&env.api, prefix, 40).await;
         let mut config = FleetConfig::new(vec![broker(env.gw.mqtt_addr)]);
         config.behaviour.result_delay = Duration::from_millis(1);
         config.behaviour.failure_rate = failure_rate;
@@ -417,14 +422,7 @@ async fn a_failing_fleet_trips_a_jobs_abort_rule_and_a_healthy_one_completes_it(
 async fn the_gateway_settles_after_a_fleet_connects_and_not_under_load() {
     let tmp = tempfile::tempdir().expect("tmp");
     let env = boot(tmp.path()).await;
-    let p = Provision {
-        prefix: "settle-",
-        count: 200,
-        file: None,
-        rotate_existing: false,
-        concurrency: 16,
-    };
-    let creds = provision(Some(&env.api), &p).await.expect("register");
+    let creds = fresh(&env.api, "settle-", 200).await;
     let config = FleetConfig::new(vec![broker(env.gw.mqtt_addr)]);
     let fleet = Fleet::start(config, &creds).expect("fleet");
     fleet
@@ -471,14 +469,7 @@ async fn the_gateway_settles_after_a_fleet_connects_and_not_under_load() {
 async fn a_run_reports_when_the_gateway_was_idle_again_and_its_cpu() {
     let tmp = tempfile::tempdir().expect("tmp");
     let env = boot(tmp.path()).await;
-    let p = Provision {
-        prefix: "idle-",
-        count: 50,
-        file: None,
-        rotate_existing: false,
-        concurrency: 16,
-    };
-    let creds = provision(Some(&env.api), &p).await.expect("register");
+    let creds = fresh(&env.api, "idle-", 50).await;
     let options = device_sim::run::RunOptions {
         connect_timeout: WAIT,
         settle: Duration::ZERO,

@@ -31,21 +31,6 @@ async fn boot(dir: &Path, tweak: impl FnOnce(&mut Config)) -> Env {
 }
 
 impl Env {
-    /// Registers a device; its secret.
-    async fn register(&self, id: &str) -> String {
-        let r = self
-            .http
-            .post(format!("{}/v1/devices", self.base))
-            .bearer_auth(&self.token)
-            .json(&json!({ "id": id }))
-            .send()
-            .await
-            .expect("register");
-        assert_eq!(r.status(), 201, "registering {id}");
-        let body: Value = r.json().await.expect("json");
-        body["secret"].as_str().expect("secret").to_string()
-    }
-
     async fn metrics(&self) -> String {
         let r = self
             .http

@@ -56,17 +56,6 @@ impl Env {
         r.json().await.expect("json")
     }
 
-    async fn register(&self, id: &str) -> String {
-        let body = self
-            .call(
-                reqwest::Method::POST,
-                "/v1/devices",
-                Some(json!({ "id": id })),
-            )
-            .await;
-        body["secret"].as_str().expect("secret").to_string()
-    }
-
     async fn command(&self, device: &str, name: &str) -> String {
         let path = format!("/v1/devices/{device}/commands");
         let body = Some(json!({ "name": name }));

@@ -43,20 +43,6 @@ impl Env {
         self.gw.mqtt5_addr.expect("mqtt5 listener")
     }
 
-    async fn register(&self, id: &str) -> String {
-        let r = self
-            .http
-            .post(format!("{}/v1/devices", self.base))
-            .bearer_auth(&self.token)
-            .json(&json!({ "id": id }))
-            .send()
-            .await
-            .expect("register");
-        assert_eq!(r.status(), 201);
-        let body: Value = r.json().await.expect("json");
-        body["secret"].as_str().expect("secret").to_string()
-    }
-
     async fn get(&self, path: &str) -> Value {
         let r = self
             .http

@@ -47,11 +47,6 @@ impl Env {
         r.json().await.expect("json")
     }
 
-    async fn register(&self, id: &str) -> String {
-        let body = self.post("/v1/devices", json!({ "id": id })).await;
-        body["secret"].as_str().expect("secret").to_string()
-    }
-
     async fn command(&self, device: &str, body: Value) -> String {
         let c = self
             .post(&format!("/v1/devices/{device}/commands"), body)

@@ -209,7 +209,7 @@ impl Env {
     }
 
     /// Registers a device; its secret, if it got one.
-    async fn register(&self, body: Value) -> Option<String> {
+    async fn register_with(&self, body: Value) -> Option<String> {
         let (status, body) = self
             .call(reqwest::Method::POST, "/v1/devices", Some(body))
             .await;
@@ -280,7 +280,7 @@ async fn devices_log_in_with_their_secret_over_tls_and_get_commands() {
     let pki = Pki::new(tmp.path(), "main");
     let env = boot(tmp.path(), &pki, |_| {}).await;
     assert_ne!(Some(env.tls()), env.gw.mqtt_addr);
-    let secret = env.register(json!({"id": "pump-1"})).await.expect("secret");
+    let secret = env.register("pump-1").await;
     let mut d = tls_v4(
         env.tls(),
         "pump-1",
@@ -390,7 +390,7 @@ async fn devices_log_in_with_their_client_certificate() {
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["device"]["cert_sha256"], json!(cam2.sha256));
     let secret = env
-        .register(json!({"id": "both", "cert_sha256": both.sha256}))
+        .register_with(json!({"id": "both", "cert_sha256": both.sha256}))
         .await
         .expect("a device with a certificate still gets a secret by default");
     // Refused: a fingerprint that is not one, a certificate-only device
@@ -536,7 +536,7 @@ async fn a_changed_fingerprint_ends_the_certificate_session() {
     let env = boot(tmp.path(), &pki, |_| {}).await;
     let (old, new) = (pki.client("old"), pki.client("new"));
     let secret = env
-        .register(json!({"id": "dev", "cert_sha256": old.sha256}))
+        .register_with(json!({"id": "dev", "cert_sha256": old.sha256}))
         .await
         .expect("secret");
     let mut d = tls_v5(
@@ -641,7 +641,10 @@ async fn a_burst_in_one_tls_write_is_read_to_the_end() {
     let tmp = tempfile::tempdir().expect("tmp");
     let pki = Pki::new(tmp.path(), "main");
     let env = boot(tmp.path(), &pki, |_| {}).await;
-    let secret = env.register(json!({"id": "burst"})).await.expect("secret");
+    let secret = env
+        .register_with(json!({"id": "burst"}))
+        .await
+        .expect("secret");
     let connector = tokio_rustls::TlsConnector::from(client_tls(&pki.ca_pem(), None));
     let tcp = TcpStream::connect(env.tls()).await.expect("connect");
     let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
@@ -756,7 +759,10 @@ async fn tls_garbage_and_silent_clients_end_alone_and_are_counted() {
     let tmp = tempfile::tempdir().expect("tmp");
     let pki = Pki::new(tmp.path(), "main");
     let env = boot(tmp.path(), &pki, |c| c.mqtt_connect_timeout = DEADLINE).await;
-    let secret = env.register(json!({"id": "ok"})).await.expect("secret");
+    let secret = env
+        .register_with(json!({"id": "ok"}))
+        .await
+        .expect("secret");
 
     let opened = Instant::now();
     let mut silent = Vec::new();
@@ -836,7 +842,10 @@ async fn tls_connections_count_against_the_connection_cap() {
         c.mqtt_connect_timeout = Duration::from_secs(1);
     })
     .await;
-    let secret = env.register(json!({"id": "ok"})).await.expect("secret");
+    let secret = env
+        .register_with(json!({"id": "ok"}))
+        .await
+        .expect("secret");
     let held = [
         TcpStream::connect(env.tls()).await.expect("connect"),
         TcpStream::connect(env.tls()).await.expect("connect"),
@@ -884,7 +893,7 @@ async fn mosquitto_clients_use_the_tls_listener() {
     let env = boot(tmp.path(), &pki, |_| {}).await;
     let cert = pki.client("mosq");
     let secret = env
-        .register(json!({"id": "mosq", "cert_sha256": cert.sha256}))
+        .register_with(json!({"id": "mosq", "cert_sha256": cert.sha256}))
         .await
         .expect("secret");
     let port = env.tls().port().to_string();

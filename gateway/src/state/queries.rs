@@ -13,6 +13,12 @@ use super::rows::{
 use super::{DeviceCredentials, DeviceFilter, Page, StateDb, StateError, resumable_after};
 use crate::ops::{Command, CommandStatus, Device, Event, Role, Shadow, TokenInfo};
 
+/// `devices` as one JSON array, bound as a single parameter and read with
+/// `json_each`: a query's text is the same for every list length.
+fn json_list(devices: &[String]) -> Result<String, StateError> {
+    serde_json::to_string(devices).map_err(|e| StateError::Corrupt(e.to_string()))
+}
+
 /// What authenticating a request needs of a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenAuth {
@@ -112,8 +118,7 @@ impl StateDb {
         if devices.is_empty() {
             return Ok(Vec::new());
         }
-        let list =
-            serde_json::to_string(devices).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        let list = json_list(devices)?;
         let sql = format!(
             "SELECT {SHADOW_COLS} FROM shadows WHERE device IN (SELECT value FROM json_each(?))"
         );
@@ -134,8 +139,7 @@ impl StateDb {
         if devices.is_empty() {
             return Ok(Vec::new());
         }
-        let list =
-            serde_json::to_string(devices).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        let list = json_list(devices)?;
         let rows = {
             let pool = self.pool.read().await;
             sqlx::query(

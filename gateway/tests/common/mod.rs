@@ -190,6 +190,23 @@ pub async fn single_with(
     }
 }
 
+impl Single {
+    /// Registers device `id` with the admin token; its secret.
+    pub async fn register(&self, id: &str) -> String {
+        let r = self
+            .http
+            .post(format!("{}/v1/devices", self.base))
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({ "id": id }))
+            .send()
+            .await
+            .expect("register");
+        assert_eq!(r.status(), 201, "registering {id}");
+        let body: Value = r.json().await.expect("json");
+        body["secret"].as_str().expect("secret").to_string()
+    }
+}
+
 pub type ByteStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
 
