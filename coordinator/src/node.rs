@@ -109,8 +109,16 @@ pub trait LogStore: Send + 'static {
     /// while the storage goes on taking the log).
     fn snapshot_preparer(&self) -> Preparer<Self::Prepared>;
     /// Takes a prepared snapshot as the latest and returns its image.
-    /// Should not wait for the disk: the loop waits for it.
+    /// Should not wait for the disk: the loop waits for it. Until then a
+    /// prepared snapshot must not be found as the latest one by a restart:
+    /// the core may refuse it (PBFT, whose stable checkpoint moved on
+    /// meanwhile), and could not start from it.
     fn register_snapshot(&mut self, prepared: Self::Prepared) -> Result<SnapshotImage, BoxError>;
+    /// Drops a prepared snapshot the core did not take.
+    /// Should not wait for the disk.
+    fn discard_snapshot(&mut self, prepared: Self::Prepared) {
+        drop(prepared);
+    }
     /// The latest snapshot and its image, if any.
     fn load_snapshot(&self) -> Result<Option<(SnapshotMeta, SnapshotImage)>, BoxError>;
     /// Makes everything durable, including a hard state whose write was
@@ -456,6 +464,10 @@ pub struct NodeStatus {
     pub snapshots_built: u64,
     /// The last one: how long from its start to stored, and its image's size.
     pub last_snapshot: Option<(Duration, u64)>,
+    /// Snapshots this node built and discarded because the core had moved
+    /// past them while their image was made durable (PBFT: a later stable
+    /// checkpoint).
+    pub snapshots_overtaken: u64,
     /// Proposals of an engine that certifies (PBFT) answered without a
     /// certificate: applied here (so executed by this replica, a correct
     /// one if the operator trusts it), but f+1 matching replies did not
@@ -638,6 +650,7 @@ impl<O: Send + 'static> Node<O> {
             fatal: None,
             snapshots_built: 0,
             last_snapshot: None,
+            snapshots_overtaken: 0,
             uncertified: 0,
         });
         let mut incarnation = [0u8; 8];
@@ -2216,6 +2229,9 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
         prepared: Result<S::Prepared, String>,
     ) -> Result<(), BoxError> {
         let Some(build) = self.build.take() else {
+            if let Ok(p) = prepared {
+                self.discard_snapshot(p);
+            }
             return Ok(());
         };
         let prepared = match prepared {
@@ -2233,11 +2249,8 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
             }
         };
         if meta.index <= self.raft.snapshot_meta().index {
-            // A snapshot from the leader overtook it: the storage refuses
-            // it and removes its files.
-            let _ = self
-                .with_storage(move |s| s.register_snapshot(prepared).map(|_| ()))
-                .await;
+            // A snapshot from the leader overtook it.
+            self.discard_snapshot(prepared);
             self.snapshot_retry_at = Some(Instant::now() + SNAPSHOT_RETRY);
             return Ok(());
         }
@@ -2246,20 +2259,17 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
         if let Err(e) = self.raft.snapshot_meta_at(index) {
             // PBFT: the group made a later checkpoint stable while the image
             // was being made durable, and the engine compacts only at its
-            // stable checkpoint. The storage keeps the image (its files are
-            // pruned with the older snapshots) but neither the log nor the
-            // engine is compacted behind it; the next snapshot is tried
-            // later.
+            // stable checkpoint, and could not start from this image after
+            // a restart (the log need not hold that checkpoint's state any
+            // more). The image goes; the next snapshot is tried later.
             tracing::info!(
                 node = self.id,
                 index,
                 error = %e,
-                "a snapshot was overtaken by the next stable checkpoint; the log is not compacted \
-                 behind it"
+                "a snapshot was overtaken by the next stable checkpoint; it is discarded"
             );
-            let _ = self
-                .with_storage(move |s| s.register_snapshot(prepared).map(|_| ()))
-                .await;
+            self.discard_snapshot(prepared);
+            self.status.send_modify(|s| s.snapshots_overtaken += 1);
             self.snapshot_retry_at = Some(Instant::now() + SNAPSHOT_RETRY);
             return Ok(());
         }
@@ -2292,6 +2302,14 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
         self.latest_snapshot = Some((meta, image));
         self.publish_status();
         Ok(())
+    }
+
+    /// Drops a prepared snapshot the core did not take (the storage removes
+    /// its files on a thread of its own).
+    fn discard_snapshot(&mut self, prepared: S::Prepared) {
+        if let Some(s) = self.storage.as_mut() {
+            s.discard_snapshot(prepared);
+        }
     }
 
     /// Answers the transfers whose target leads, once an entry of its term

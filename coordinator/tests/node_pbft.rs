@@ -5,18 +5,22 @@
 //! behind them, and a member restarted from its directory has its state.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use coordinator::engine::EngineKind;
+use coordinator::image::{SnapshotImage, StagedImage};
 use coordinator::keys::NodeKey;
-use coordinator::node::{Node, NodeConfig, PBFT_CHECKPOINT_INTERVAL};
+use coordinator::node::{BoxError, LogStore, Node, NodeConfig, PBFT_CHECKPOINT_INTERVAL, Preparer};
 use coordinator::pbft::{Message, Pbft};
-use coordinator::raft::NodeId;
+use coordinator::raft::{Entry, HardState, Index, NodeId, SnapshotMeta};
+use coordinator::storage::Storage;
 
 mod support;
 
-use support::{Log, start_node};
+use support::{Log, start_node, start_node_on};
 
 /// Routes PBFT's messages between in-process nodes.
 type Hub = support::Hub<Message>;
@@ -231,6 +235,188 @@ async fn a_write_at_a_backup_outlives_the_primary() {
         .expect("join")
         .expect("the write is applied once the group enters a view again");
     assert_eq!(a.output, 3);
+    for n in nodes.values() {
+        n.shutdown().await;
+    }
+}
+
+/// Real storage whose snapshot preparer waits while the test holds `gate`
+/// (an image being made durable while the group moves on), and tells at
+/// which index it was entered.
+struct GatedStore {
+    inner: Storage,
+    gate: Arc<tokio::sync::RwLock<()>>,
+    entered: Arc<AtomicU64>,
+}
+
+impl LogStore for GatedStore {
+    fn append(&mut self, entries: &[Entry]) -> Result<(), BoxError> {
+        LogStore::append(&mut self.inner, entries)
+    }
+    fn set_hard_state(&mut self, hs: HardState) -> Result<(), BoxError> {
+        LogStore::set_hard_state(&mut self.inner, hs)
+    }
+    fn sync(&mut self) -> Result<(), BoxError> {
+        LogStore::sync(&mut self.inner)
+    }
+    fn staging_dir(&self) -> PathBuf {
+        LogStore::staging_dir(&self.inner)
+    }
+    fn save_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        image: StagedImage,
+    ) -> Result<SnapshotImage, BoxError> {
+        LogStore::save_snapshot(&mut self.inner, meta, image)
+    }
+    fn compact(&mut self, index: Index) -> Result<(), BoxError> {
+        LogStore::compact(&mut self.inner, index)
+    }
+    type Prepared = <Storage as LogStore>::Prepared;
+    fn snapshot_preparer(&self) -> Preparer<Self::Prepared> {
+        let prepare = LogStore::snapshot_preparer(&self.inner);
+        let (gate, entered) = (self.gate.clone(), self.entered.clone());
+        Box::new(move |meta, staged| {
+            entered.store(meta.index, Ordering::SeqCst);
+            drop(gate.blocking_read());
+            prepare(meta, staged)
+        })
+    }
+    fn register_snapshot(&mut self, prepared: Self::Prepared) -> Result<SnapshotImage, BoxError> {
+        LogStore::register_snapshot(&mut self.inner, prepared)
+    }
+    fn discard_snapshot(&mut self, prepared: Self::Prepared) {
+        LogStore::discard_snapshot(&mut self.inner, prepared)
+    }
+    fn load_snapshot(&self) -> Result<Option<(SnapshotMeta, SnapshotImage)>, BoxError> {
+        LogStore::load_snapshot(&self.inner)
+    }
+    fn flush(&mut self) -> Result<(), BoxError> {
+        LogStore::flush(&mut self.inner)
+    }
+}
+
+/// `count` writes spread over the members, 16 at a time; the highest
+/// index they were applied at.
+async fn write_many(nodes: &BTreeMap<NodeId, Node<usize>>, tag: &str, count: u64) -> Index {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(16));
+    let members: Vec<NodeId> = nodes.keys().copied().collect();
+    let tasks: Vec<_> = (0..count)
+        .map(|i| {
+            let at = members[i as usize % members.len()];
+            let node = nodes[&at].clone();
+            let in_flight = in_flight.clone();
+            let data = format!("{tag}{i}").into_bytes();
+            tokio::spawn(async move {
+                let _permit = in_flight.acquire().await.expect("semaphore");
+                node.propose(data)
+                    .await
+                    .map(|a| a.index)
+                    .map_err(|e| format!("write {i} at {at}: {e}"))
+            })
+        })
+        .collect();
+    let mut last = 0;
+    for t in tasks {
+        last = last.max(t.await.expect("join").unwrap_or_else(|e| panic!("{e}")));
+    }
+    last
+}
+
+/// Waits (at most 20 s) until `done` holds.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A member builds a snapshot at a stable checkpoint, and while its image
+/// is being made durable the group makes later checkpoints stable there
+/// too: the engine, which compacts only at its stable checkpoint, does not
+/// take it. The image used to be stored all the same, as the newest
+/// snapshot on disk; the engine cannot start from a snapshot whose
+/// checkpoint state the log may no longer hold, so a member stopped then
+/// could be unable to start again (a SIGKILLed gateway of a chaos run
+/// refused every restart). Now such an image is discarded and never found
+/// on disk: the member restarts from its previous snapshot and log and
+/// catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_snapshot_was_overtaken_by_a_later_checkpoint_restarts() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let hub = Arc::new(Hub::default());
+    let voters = [1, 2, 3, 4];
+    let gate = Arc::new(tokio::sync::RwLock::new(()));
+    let entered = Arc::new(AtomicU64::new(0));
+    let held = gate.clone().write_owned().await;
+    let mut nodes = BTreeMap::new();
+    for id in [1, 2, 3] {
+        nodes.insert(
+            id,
+            start(&hub, tmp.path(), id, &voters, Log::default()).await,
+        );
+    }
+    let wrap = {
+        let (gate, entered) = (gate.clone(), entered.clone());
+        |inner| GatedStore {
+            inner,
+            gate,
+            entered,
+        }
+    };
+    let cfg = config(4, &voters);
+    let node =
+        start_node_on::<Pbft, _, _>(&hub, tmp.path(), 4, &voters, cfg, Log::default(), wrap).await;
+    nodes.insert(4, node);
+
+    // Past the first checkpoint: member 4 builds its snapshot there and
+    // is held making it durable.
+    write_many(&nodes, "a", PBFT_CHECKPOINT_INTERVAL + 10).await;
+    until("member 4 prepares a snapshot", || {
+        entered.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let held_at = entered.load(Ordering::SeqCst);
+    assert_eq!(held_at % PBFT_CHECKPOINT_INTERVAL, 0, "{held_at}");
+    // Member 4 executes past its high watermark of then (the window is
+    // two checkpoint intervals): it can only once a later checkpoint is
+    // stable there.
+    let last = write_many(&nodes, "b", 2 * PBFT_CHECKPOINT_INTERVAL + 20).await;
+    assert!(last > held_at + 2 * PBFT_CHECKPOINT_INTERVAL, "{last}");
+    nodes[&4]
+        .wait_applied(last, Duration::from_secs(20))
+        .await
+        .expect("member 4 applies");
+    drop(held);
+    until("member 4 drops its overtaken snapshot", || {
+        nodes[&4].status().snapshots_overtaken >= 1
+    })
+    .await;
+
+    // Stopped now and started again from its directory, it starts (from
+    // an older snapshot, not the overtaken one) and catches up.
+    nodes.remove(&4).expect("node").shutdown().await;
+    let log = Log::default();
+    let node = start(&hub, tmp.path(), 4, &voters, log.clone()).await;
+    assert_ne!(
+        node.status().raft.snapshot_index,
+        held_at,
+        "the overtaken snapshot is not found on disk"
+    );
+    node.wait_applied(last, Duration::from_secs(20))
+        .await
+        .expect("the restarted member catches up");
+    let a = node.propose(b"after".to_vec()).await.expect("write");
+    assert!(a.index > last);
+    node.wait_applied(a.index, Duration::from_secs(20))
+        .await
+        .expect("applied");
+    assert_eq!(
+        log.0.lock().expect("log").0.last().map(String::as_str),
+        Some("after")
+    );
+    node.shutdown().await;
     for n in nodes.values() {
         n.shutdown().await;
     }

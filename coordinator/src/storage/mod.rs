@@ -69,7 +69,11 @@
 //! A snapshot is written into `snapshots/tmp-…/`, its files and that
 //! directory are fsynced, it is renamed to `snapshots/<index>-<term>/` and
 //! the parent is fsynced. The newest [`StorageOptions::snapshots_to_keep`]
-//! (2) are kept; older ones are renamed to `tmp-…` and removed. The image
+//! (2) are kept; older ones are renamed to `tmp-…` and removed. A snapshot
+//! prepared beside the storage ([`Storage::snapshot_preparer`]) stays in
+//! its `tmp-…` directory until [`Storage::register_snapshot`] renames it
+//! into place (the next compaction fsyncs the parent before removing a
+//! segment); [`Storage::discard_snapshot`] removes it instead. The image
 //! can be streamed in ([`SnapshotWriter`]) and out ([`SnapshotReader`])
 //! without holding it in memory; its length and checksum are in `meta`.
 //!
@@ -353,6 +357,10 @@ pub struct Storage {
     poisoned: bool,
     /// Threads removing pruned snapshots (joined on drop).
     removals: Vec<std::thread::JoinHandle<()>>,
+    /// A snapshot was renamed into place ([`Storage::register_snapshot`])
+    /// and the snapshot directory not fsynced since: compaction fsyncs it
+    /// before it removes a segment.
+    snapshot_renamed: bool,
 }
 
 impl Drop for Storage {
@@ -493,6 +501,7 @@ impl Storage {
             scratch: Vec::new(),
             poisoned: false,
             removals: Vec::new(),
+            snapshot_renamed: false,
         };
         if let (true, Some(meta)) = (restart, &latest) {
             storage.restart_log(meta)?;
@@ -757,6 +766,16 @@ impl Storage {
             return Err(StorageError::CompactBeyondSnapshot { index, snapshot });
         }
         self.flush_hard_state()?;
+        if self.snapshot_renamed
+            && self
+                .sealed
+                .front()
+                .is_some_and(|seg| seg.max_index <= index)
+        {
+            let r = fsutil::sync_dir(&self.snap_dir, &mut self.stats);
+            self.guard(r)?;
+            self.snapshot_renamed = false;
+        }
         let r = self.drop_segments_through(index);
         self.guard(r)?;
         self.terms.compact(index);
@@ -788,8 +807,13 @@ impl Storage {
             return Ok(());
         }
         let wal_dir = self.wal_dir.clone();
+        // The snapshot covering them may have been renamed into place
+        // without an fsync of its directory yet: that comes first.
+        let snap_dir = self.snap_dir.clone();
+        self.snapshot_renamed = false;
         self.in_background(move || {
             let mut stats = StorageStats::default();
+            fsutil::sync_dir(&snap_dir, &mut stats)?;
             for path in doomed {
                 fsutil::remove_file_if_exists(&path)?;
                 fsutil::sync_dir(&wal_dir, &mut stats)?;
@@ -1071,9 +1095,14 @@ impl Storage {
 
     /// A function that makes a local snapshot durable without the storage:
     /// blocking, for another thread, while the storage goes on taking the
-    /// log. It moves the sealed image into a new directory, writes and
-    /// fsyncs its metadata, renames the directory into place and fsyncs the
-    /// snapshot directory. Then [`Storage::register_snapshot`].
+    /// log. It moves the sealed image into a new `tmp-…` directory and
+    /// writes and fsyncs its metadata. The snapshot is not stored yet: it
+    /// is renamed into place by [`Storage::register_snapshot`] (or removed
+    /// by [`Storage::discard_snapshot`]), and a crash before leaves only a
+    /// `tmp-…` directory, removed on open. So a snapshot the consensus core
+    /// did not take (PBFT takes one only at its stable checkpoint, which
+    /// may move on while the image is made durable) is never found on disk
+    /// as the latest one.
     pub fn snapshot_preparer(
         &self,
     ) -> impl FnOnce(
@@ -1092,38 +1121,41 @@ impl Storage {
                     info: None,
                     meta: meta.clone(),
                     stats,
+                    tmp_dir: None,
                 });
             }
             let mut writer = SnapshotWriter::adopt(&snap_dir, meta, staged)?;
             let info = writer.seal(&mut stats)?;
-            fs::rename(&writer.tmp_dir, &final_dir)
-                .map_err(StorageError::io("rename into place", &final_dir))?;
+            let tmp_dir = writer.tmp_dir.clone();
             writer.disarm();
-            fsutil::sync_dir(&snap_dir, &mut stats)?;
             Ok(PreparedSnapshot {
                 info: Some(info),
                 meta: meta.clone(),
                 stats,
+                tmp_dir: Some(tmp_dir),
             })
         }
     }
 
     /// Takes a snapshot that [`Storage::snapshot_preparer`] made durable as
-    /// the latest, keeping the newest [`StorageOptions::snapshots_to_keep`]
-    /// (older ones are renamed aside and removed on a thread of their own).
-    /// Waits for no fsync. The log must hold the snapshot's last entry (a
-    /// snapshot of this node's own state); a stale one is removed and
-    /// refused. Returns the stored image.
+    /// the latest: renames it into place, keeping the newest
+    /// [`StorageOptions::snapshots_to_keep`] (older ones are renamed aside
+    /// and removed on a thread of their own). Waits for no fsync: the
+    /// rename is made durable by the next fsync of the snapshot directory,
+    /// which [`Storage::compact`] and [`Storage::compact_behind`] issue
+    /// before they remove any segment (a crash before leaves the previous
+    /// snapshot the latest, with the log behind it). The log must hold the
+    /// snapshot's last entry (a snapshot of this node's own state); a stale
+    /// one is removed and refused. Returns the stored image.
     pub fn register_snapshot(
         &mut self,
         prepared: PreparedSnapshot,
     ) -> Result<crate::image::SnapshotImage, StorageError> {
         self.check_usable()?;
         let meta = prepared.meta.clone();
-        let Some(info) = prepared.info else {
+        let (Some(info), Some(tmp_dir)) = (prepared.info, prepared.tmp_dir) else {
             return self.snapshot_image(&meta);
         };
-        let dir = self.snapshot_path(&meta);
         let refuse = if let Err(e) = self.check_not_stale(&meta) {
             Some(e)
         } else if self.term(meta.index) != Some(meta.term) {
@@ -1135,19 +1167,43 @@ impl Storage {
             None
         };
         if let Some(e) = refuse {
-            let snap_dir = self.snap_dir.clone();
-            self.in_background(move || {
-                fs::remove_dir_all(&dir).map_err(StorageError::io("remove", &dir))?;
-                fsutil::sync_dir(&snap_dir, &mut StorageStats::default())
-            });
+            self.remove_in_background(tmp_dir);
             return Err(e);
         }
+        let dir = self.snapshot_path(&meta);
+        fs::rename(&tmp_dir, &dir).map_err(StorageError::io("rename into place", &dir))?;
+        self.snapshot_renamed = true;
         self.stats.fsyncs += prepared.stats.fsyncs;
         self.snapshots.push(info);
         self.snapshots.sort_by_key(|s| s.meta.index);
         let r = self.prune_snapshots();
         self.guard(r)?;
         self.snapshot_image(&meta)
+    }
+
+    /// Drops a snapshot that [`Storage::snapshot_preparer`] made durable
+    /// and that is not to be stored (the core did not take it): its
+    /// directory is removed on a thread of its own.
+    pub fn discard_snapshot(&mut self, prepared: PreparedSnapshot) {
+        if let Some(tmp_dir) = prepared.tmp_dir {
+            tracing::debug!(
+                index = prepared.meta.index,
+                dir = %tmp_dir.display(),
+                "discarding a prepared snapshot"
+            );
+            self.remove_in_background(tmp_dir);
+        }
+    }
+
+    /// Removes a snapshot directory that was never stored (a `tmp-…` one)
+    /// on a thread of its own; a crash before leaves it to be removed on
+    /// open.
+    fn remove_in_background(&mut self, dir: PathBuf) {
+        let snap_dir = self.snap_dir.clone();
+        self.in_background(move || {
+            fs::remove_dir_all(&dir).map_err(StorageError::io("remove", &dir))?;
+            fsutil::sync_dir(&snap_dir, &mut StorageStats::default())
+        });
     }
 
     /// A stored snapshot's image: its file, length and checksum.
@@ -1226,13 +1282,17 @@ impl Storage {
 }
 
 /// A snapshot made durable by [`Storage::snapshot_preparer`], to be given
-/// to [`Storage::register_snapshot`].
+/// to [`Storage::register_snapshot`] or [`Storage::discard_snapshot`]
+/// (dropped without either, its directory stays until the storage opens
+/// again).
 #[derive(Debug)]
 pub struct PreparedSnapshot {
     /// `None` if it was stored already.
     info: Option<SnapshotInfo>,
     meta: SnapshotMeta,
     stats: StorageStats,
+    /// Where it waits to be renamed into place (`None` if stored already).
+    tmp_dir: Option<PathBuf>,
 }
 
 /// The sequence number after `seg`'s.
@@ -1311,6 +1371,10 @@ impl crate::node::LogStore for Storage {
         prepared: PreparedSnapshot,
     ) -> Result<crate::image::SnapshotImage, crate::node::BoxError> {
         Ok(Storage::register_snapshot(self, prepared)?)
+    }
+
+    fn discard_snapshot(&mut self, prepared: PreparedSnapshot) {
+        Storage::discard_snapshot(self, prepared)
     }
 
     fn load_snapshot(

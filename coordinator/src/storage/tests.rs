@@ -1427,6 +1427,42 @@ fn staged(st: &Storage, data: &[u8]) -> crate::image::StagedImage {
     s
 }
 
+/// A prepared snapshot is stored only once registered: one the core did
+/// not take (PBFT's stable checkpoint moved on meanwhile) and never
+/// registered — discarded, or the process died before — is not found as
+/// the latest snapshot on the next open (the core could not start from
+/// it), and its files go.
+#[test]
+fn a_prepared_snapshot_that_was_not_registered_is_not_recovered() {
+    let tmp = TempDir::new().unwrap();
+    let (mut st, _) = open(tmp.path());
+    st.append(&ents(1, 60, 1)).unwrap();
+    st.sync().unwrap();
+    let prepare = st.snapshot_preparer();
+    let kept = prepare(&snap(20, 1), staged(&st, b"image at 20")).unwrap();
+    st.register_snapshot(kept).unwrap();
+    st.compact_behind(10).unwrap();
+    // Discarded: its files go at once.
+    let prepare = st.snapshot_preparer();
+    let discarded = prepare(&snap(40, 1), staged(&st, b"image at 40")).unwrap();
+    st.discard_snapshot(discarded);
+    // Never registered: the process dies with it prepared.
+    let prepare = st.snapshot_preparer();
+    let orphan = prepare(&snap(50, 1), staged(&st, b"image at 50")).unwrap();
+    drop(st);
+    drop(orphan);
+
+    let (st, rec) = open(tmp.path());
+    assert_eq!(rec.snapshot, Some(snap(20, 1)));
+    assert_eq!(rec.entries, ents(21, 60, 1));
+    assert_eq!(st.read_snapshot_data(&snap(20, 1)).unwrap(), b"image at 20");
+    let names: Vec<String> = fs::read_dir(tmp.path().join(SNAPSHOT_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, vec![snapshot::dir_name(20, 1)]);
+}
+
 #[test]
 fn a_snapshot_prepared_beside_the_storage_is_registered_and_recovered() {
     let tmp = TempDir::new().unwrap();

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use consensus::engine::EngineMessage;
 use coordinator::image::{ImageReader, SnapshotImage, StagedImage};
 use coordinator::node::{
-    BoxError, BuildEngine, Committed, Inbound, Node, NodeConfig, PeerSender, SnapshotView,
-    StateMachine,
+    BoxError, BuildEngine, Committed, Inbound, LogStore, Node, NodeConfig, PeerSender,
+    SnapshotView, StateMachine,
 };
 use coordinator::raft::{ConfState, Index, NodeId, SnapshotMeta};
 use coordinator::storage::{Storage, StorageOptions};
@@ -137,13 +137,33 @@ where
     S: StateMachine,
     S::Output: Send + 'static,
 {
+    start_node_on::<E, _, _>(hub, dir, id, voters, cfg, sm, |s| s).await
+}
+
+/// [`start_node`] on the storage as `wrap` wraps it.
+pub async fn start_node_on<E, S, L>(
+    hub: &Arc<Hub<E::Message>>,
+    dir: &std::path::Path,
+    id: NodeId,
+    voters: &[NodeId],
+    cfg: NodeConfig,
+    sm: S,
+    wrap: impl FnOnce(Storage) -> L,
+) -> Node<S::Output>
+where
+    E: BuildEngine,
+    E::Message: EngineMessage,
+    S: StateMachine,
+    S::Output: Send + 'static,
+    L: LogStore,
+{
     let (storage, rec) =
         Storage::open(dir.join(id.to_string()), StorageOptions::default()).expect("open");
     let init = rec.into_initial_state(ConfState::with_voters(voters.iter().copied()));
     let (tx, rx) = mpsc::channel(4096);
     hub.routes.lock().expect("routes").insert(id, tx);
     let peers = Arc::new(HubSender::new(hub, id));
-    Node::start::<E, _, _, _>(cfg, init, storage, peers, rx, sm)
+    Node::start::<E, _, _, _>(cfg, init, wrap(storage), peers, rx, sm)
         .await
         .expect("start")
 }
