@@ -91,12 +91,19 @@ pub trait LogStore: Send + 'static {
     /// stores them; it should be on the storage's file system, so storing
     /// is a rename.
     fn staging_dir(&self) -> PathBuf;
-    /// Stores a snapshot durably, taking over its sealed image file (the
-    /// image is never read into memory). Returns the stored image.
+    /// Installs a snapshot from another member durably, taking over its
+    /// sealed image file (the image is never read into memory), with the
+    /// entries the core holds after it (`following`, contiguous from its
+    /// index + 1: the core replaced its whole log with the snapshot and
+    /// them). A restart must find either the snapshot with `following`
+    /// or neither (PBFT's engine cannot start from a snapshot without the
+    /// entry after it, which holds its checkpoint's state). Returns the
+    /// stored image.
     fn save_snapshot(
         &mut self,
         meta: &SnapshotMeta,
         image: StagedImage,
+        following: &[Entry],
     ) -> Result<SnapshotImage, BoxError>;
     /// Drops log entries at or below `index` (covered by the latest
     /// snapshot). Should not wait for the disk: the loop waits for it.
@@ -1731,13 +1738,22 @@ impl<E: Engine, S: LogStore, P: PeerSender<E::Message>, M: StateMachine> Driver<
                 }
             };
             let m2 = meta.clone();
+            // The entries after it go with it (every engine hands out the
+            // whole log after an installed snapshot again).
+            let following = if rd.entries.first().map(|e| e.index) == meta.index.checked_add(1) {
+                std::mem::take(&mut rd.entries)
+            } else {
+                Vec::new()
+            };
+            let n = following.len() as u64;
             let image = self
                 .with_storage(move |s| {
-                    let image = s.save_snapshot(&m2, staged)?;
+                    let image = s.save_snapshot(&m2, staged, &following)?;
                     s.compact(m2.index)?;
                     Ok(image)
                 })
                 .await?;
+            self.entries_persisted += n;
             // A state machine that keeps its own applied index may be past
             // the snapshot already: after a restart the core's durable
             // commit index can trail it, so the core takes a snapshot it

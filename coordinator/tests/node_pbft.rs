@@ -242,11 +242,39 @@ async fn a_write_at_a_backup_outlives_the_primary() {
 
 /// Real storage whose snapshot preparer waits while the test holds `gate`
 /// (an image being made durable while the group moves on), and tells at
-/// which index it was entered.
+/// which index it was entered; and which, if given `crash_copy`, copies
+/// its directory there right after the first snapshot installed from a
+/// peer is stored: what a crash at that moment would leave on disk.
 struct GatedStore {
     inner: Storage,
     gate: Arc<tokio::sync::RwLock<()>>,
     entered: Arc<AtomicU64>,
+    crash_copy: Option<PathBuf>,
+}
+
+impl GatedStore {
+    fn new(inner: Storage) -> Self {
+        GatedStore {
+            inner,
+            gate: Arc::default(),
+            entered: Arc::default(),
+            crash_copy: None,
+        }
+    }
+}
+
+/// Copies the directory tree `src` to `dst`.
+fn copy_tree(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).expect("mkdir");
+    for e in std::fs::read_dir(src).expect("read dir") {
+        let e = e.expect("entry");
+        let to = dst.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_tree(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).expect("copy");
+        }
+    }
 }
 
 impl LogStore for GatedStore {
@@ -266,8 +294,13 @@ impl LogStore for GatedStore {
         &mut self,
         meta: &SnapshotMeta,
         image: StagedImage,
+        following: &[Entry],
     ) -> Result<SnapshotImage, BoxError> {
-        LogStore::save_snapshot(&mut self.inner, meta, image)
+        let image = LogStore::save_snapshot(&mut self.inner, meta, image, following)?;
+        if let Some(to) = self.crash_copy.take() {
+            copy_tree(self.inner.dir(), &to);
+        }
+        Ok(image)
     }
     fn compact(&mut self, index: Index) -> Result<(), BoxError> {
         LogStore::compact(&mut self.inner, index)
@@ -360,9 +393,9 @@ async fn a_member_whose_snapshot_was_overtaken_by_a_later_checkpoint_restarts() 
     let wrap = {
         let (gate, entered) = (gate.clone(), entered.clone());
         |inner| GatedStore {
-            inner,
             gate,
             entered,
+            ..GatedStore::new(inner)
         }
     };
     let cfg = config(4, &voters);
@@ -409,6 +442,88 @@ async fn a_member_whose_snapshot_was_overtaken_by_a_later_checkpoint_restarts() 
         .expect("the restarted member catches up");
     let a = node.propose(b"after".to_vec()).await.expect("write");
     assert!(a.index > last);
+    node.wait_applied(a.index, Duration::from_secs(20))
+        .await
+        .expect("applied");
+    assert_eq!(
+        log.0.lock().expect("log").0.last().map(String::as_str),
+        Some("after")
+    );
+    node.shutdown().await;
+    for n in nodes.values() {
+        n.shutdown().await;
+    }
+}
+
+/// A member cut off while the group moved on catches up by installing a
+/// snapshot from a peer; a crash right after the snapshot is stored (its
+/// directory copied at that moment) leaves a member that starts and
+/// catches up. The entry just above a PBFT snapshot holds its checkpoint's
+/// state, without which the engine refuses to start; the driver used to
+/// write the entries after an installed snapshot only once the state
+/// machine had restored it, so a member killed meanwhile could never start
+/// again. Now they are stored with the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_killed_right_after_installing_a_snapshot_restarts() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let crashed = tempfile::tempdir().expect("tmp");
+    let hub = Arc::new(Hub::default());
+    let voters = [1, 2, 3, 4];
+    let mut nodes = BTreeMap::new();
+    for id in [1, 2, 3] {
+        nodes.insert(
+            id,
+            start(&hub, tmp.path(), id, &voters, Log::default()).await,
+        );
+    }
+    let copy = crashed.path().join("4");
+    let wrap = |inner| GatedStore {
+        crash_copy: Some(copy.clone()),
+        ..GatedStore::new(inner)
+    };
+    let cfg = config(4, &voters);
+    let node =
+        start_node_on::<Pbft, _, _>(&hub, tmp.path(), 4, &voters, cfg, Log::default(), wrap).await;
+    nodes.insert(4, node);
+    write_many(&nodes, "a", 5).await;
+
+    // Member 4 is cut off while the group passes several checkpoints and
+    // compacts behind them; back, it installs a snapshot.
+    hub.down.lock().expect("down").insert(4);
+    let up: BTreeMap<NodeId, Node<usize>> = nodes
+        .iter()
+        .filter(|(id, _)| **id != 4)
+        .map(|(id, n)| (*id, n.clone()))
+        .collect();
+    let last = write_many(&up, "b", 4 * PBFT_CHECKPOINT_INTERVAL).await;
+    hub.down.lock().expect("down").remove(&4);
+    nodes[&4]
+        .wait_applied(last, Duration::from_secs(30))
+        .await
+        .expect("member 4 catches up");
+    assert!(
+        copy.exists(),
+        "member 4 caught up without installing a snapshot: {:?}",
+        nodes[&4].status().raft
+    );
+    for n in nodes.values() {
+        n.shutdown().await;
+    }
+
+    // Member 4 as a crash right after the install left it.
+    let mut nodes = BTreeMap::new();
+    for id in [1, 2, 3] {
+        nodes.insert(
+            id,
+            start(&hub, tmp.path(), id, &voters, Log::default()).await,
+        );
+    }
+    let log = Log::default();
+    let node = start(&hub, crashed.path(), 4, &voters, log.clone()).await;
+    node.wait_applied(last, Duration::from_secs(30))
+        .await
+        .expect("the member restarted from the crash catches up");
+    let a = node.propose(b"after".to_vec()).await.expect("write");
     node.wait_applied(a.index, Duration::from_secs(20))
         .await
         .expect("applied");

@@ -48,6 +48,11 @@
 //! received from the leader), the log restarts after it: a segment starting
 //! with a restart marker is written (as `*.wal.tmp`, fsynced, renamed), then
 //! every older segment is deleted, oldest first.
+//! [`Storage::install_snapshot_image`] (the node driver's way) always
+//! restarts the log, with the entries that follow the snapshot in the
+//! restart segment, and writes that segment before the snapshot is renamed
+//! into place: a crash between leaves a restart without its snapshot, which
+//! open rolls back.
 //!
 //! [`Storage::compact`] deletes whole segments, oldest first, while every
 //! index they mention is covered by the snapshot (never the active segment).
@@ -97,6 +102,10 @@
 //!   the latest snapshot; an unreadable or damaged `hardstate` or snapshot
 //!   `meta`, or an image whose length differs from its `meta`. No entry is
 //!   ever dropped to get past such damage, and none is invented.
+//! * A last segment that restarts the log after a snapshot that is not
+//!   stored (newer than the latest) is an interrupted
+//!   [`Storage::install_snapshot_image`]: it is removed (logged), and the
+//!   log is the one before it.
 //! * Entries at or below the latest snapshot are dropped; the first entry
 //!   kept is the snapshot's index + 1. If the log ends before the snapshot,
 //!   or holds another term at the snapshot's index (a crash after a snapshot
@@ -394,6 +403,26 @@ impl Storage {
         let hard_state = hardstate::read(&dir)?.unwrap_or_default();
         let snapshots = snapshot::scan(&snap_dir, &mut stats)?;
         let mut replayed = wal::replay(&wal_dir, options.max_record_size)?;
+        let newest = snapshots.last().map_or(0, |s| s.meta.index);
+        if let Some(i) = replayed.restart_segment
+            && replayed.base > newest
+            && i > 0
+            && i + 1 == replayed.segments.len()
+        {
+            // An interrupted install (`Storage::install_snapshot_image`):
+            // the log's restart after a snapshot was written, the snapshot
+            // never renamed into place. The segments before it still hold
+            // the log that follows the previous snapshot: back to that.
+            let path = wal_dir.join(replayed.segments[i].name());
+            tracing::warn!(
+                file = %path.display(),
+                snapshot_index = replayed.base,
+                "rolling back an interrupted snapshot install: its snapshot was never stored"
+            );
+            fs::remove_file(&path).map_err(StorageError::io("remove", &path))?;
+            fsutil::sync_dir(&wal_dir, &mut stats)?;
+            replayed = wal::replay(&wal_dir, options.max_record_size)?;
+        }
 
         if let (Some((offset, kind)), Some(seg)) = (replayed.torn.take(), replayed.segments.last())
         {
@@ -859,6 +888,20 @@ impl Storage {
     }
 
     fn restart_log_inner(&mut self, meta: &SnapshotMeta) -> Result<(), StorageError> {
+        self.write_restart_segment(meta, &[])?;
+        self.drop_segments_through(Index::MAX)
+    }
+
+    /// Starts a new active segment with a restart marker after `meta` and
+    /// the `following` entries (contiguous from `meta.index + 1`): written
+    /// as `*.wal.tmp`, fsynced and renamed into place, so it is there whole
+    /// or not at all. The older segments stay (sealed) until the caller
+    /// removes them.
+    fn write_restart_segment(
+        &mut self,
+        meta: &SnapshotMeta,
+        following: &[Entry],
+    ) -> Result<(), StorageError> {
         let active_path = self.wal_dir.join(self.active.seg.name());
         let mut seg = Segment {
             seq: next_seq(&self.active.seg, &active_path)?,
@@ -880,6 +923,17 @@ impl Storage {
                 }
             },
         )?;
+        let max = self.options.max_record_size;
+        for e in following {
+            record::append_frame(&mut buf, &RecordRef::Entry(e), max).map_err(|err| match err {
+                FrameError::Encode(err) => StorageError::Encode(err),
+                FrameError::TooLarge(len) => StorageError::RecordTooLarge {
+                    index: e.index,
+                    len,
+                    max,
+                },
+            })?;
+        }
         let name = seg.name();
         let path = self.wal_dir.join(&name);
         let tmp = self.wal_dir.join(format!("{name}.tmp"));
@@ -892,7 +946,10 @@ impl Storage {
             .map_err(StorageError::io("open", &path))?;
         seg.len = buf.len() as u64;
         seg.synced_len = seg.len;
+        let last = following.last().map_or(meta.index, |e| e.index);
+        seg.max_index = last;
         self.stats.bytes_written += seg.len;
+        self.stats.entries_written += following.len() as u64;
         let old_active = std::mem::replace(
             &mut self.active,
             Active {
@@ -901,14 +958,18 @@ impl Storage {
             },
         );
         self.sealed.push_back(old_active.seg);
-        self.last_index = meta.index;
+        self.last_index = last;
         self.terms.reset(meta.index);
+        for e in following {
+            self.terms.push(e.index, e.term);
+        }
         tracing::info!(
             snapshot_index = meta.index,
             snapshot_term = meta.term,
-            "the log restarts after a snapshot it does not hold"
+            entries = following.len(),
+            "the log restarts after a snapshot"
         );
-        self.drop_segments_through(Index::MAX)
+        Ok(())
     }
 
     // ---- hard state -----------------------------------------------------
@@ -1091,6 +1152,79 @@ impl Storage {
             self.flush_hard_state()?;
         }
         self.snapshot_image(meta)
+    }
+
+    /// Installs a snapshot received from another member, with its sealed
+    /// image in `staged`, and the entries the core holds after it
+    /// (`following`, contiguous from `meta.index + 1`; every core replaces
+    /// its whole log with an installed snapshot and what follows it). The
+    /// log restarts after the snapshot with `following` in one segment,
+    /// written and fsynced *before* the snapshot is renamed into place;
+    /// then the older segments go. A crash in between leaves a restart
+    /// whose snapshot was never stored, which [`Storage::open`] rolls back
+    /// (the previous snapshot and log are still whole): so a snapshot is
+    /// never found without the entries that followed it — PBFT's engine
+    /// keeps the state of the checkpoint a snapshot stands at in the entry
+    /// just after it, and could not start from the snapshot alone. When
+    /// this returns, `following` is durable. Installing the snapshot that
+    /// is stored already keeps its image and writes `following` after it.
+    pub fn install_snapshot_image(
+        &mut self,
+        meta: &SnapshotMeta,
+        staged: crate::image::StagedImage,
+        following: &[Entry],
+    ) -> Result<crate::image::SnapshotImage, StorageError> {
+        self.check_usable()?;
+        self.check_not_stale(meta)?;
+        for (k, e) in following.iter().enumerate() {
+            if Some(e.index) != meta.index.checked_add(1 + k as u64) {
+                return Err(StorageError::InvalidAppend {
+                    index: e.index,
+                    reason: "the entries do not follow the snapshot",
+                });
+            }
+        }
+        if self
+            .snapshots
+            .iter()
+            .any(|s| (s.meta.index, s.meta.term) == (meta.index, meta.term))
+        {
+            drop(staged);
+            self.append(following)?;
+            self.sync()?;
+            self.flush_hard_state()?;
+            return self.snapshot_image(meta);
+        }
+        let mut writer = SnapshotWriter::adopt(&self.snap_dir, meta, staged)?;
+        let info = writer.seal(&mut self.stats)?;
+        let r = self.install_sealed(meta, &mut writer, info, following);
+        self.guard(r)?;
+        self.snapshot_image(meta)
+    }
+
+    fn install_sealed(
+        &mut self,
+        meta: &SnapshotMeta,
+        writer: &mut SnapshotWriter,
+        info: SnapshotInfo,
+        following: &[Entry],
+    ) -> Result<(), StorageError> {
+        self.write_restart_segment(meta, following)?;
+        let final_dir = self.snapshot_path(meta);
+        fs::rename(&writer.tmp_dir, &final_dir)
+            .map_err(StorageError::io("rename into place", &final_dir))?;
+        writer.disarm();
+        fsutil::sync_dir(&self.snap_dir, &mut self.stats)?;
+        self.snapshot_renamed = false;
+        self.snapshots.push(info);
+        self.snapshots.sort_by_key(|s| s.meta.index);
+        self.drop_segments_through(Index::MAX)?;
+        if self.hard_state != self.durable_hard_state {
+            let hs = self.hard_state;
+            hardstate::write(&self.dir, &hs, &mut self.stats)?;
+            self.durable_hard_state = hs;
+        }
+        self.prune_snapshots()
     }
 
     /// A function that makes a local snapshot durable without the storage:
@@ -1351,8 +1485,11 @@ impl crate::node::LogStore for Storage {
         &mut self,
         meta: &SnapshotMeta,
         image: crate::image::StagedImage,
+        following: &[Entry],
     ) -> Result<crate::image::SnapshotImage, crate::node::BoxError> {
-        Ok(Storage::save_snapshot_image(self, meta, image)?)
+        Ok(Storage::install_snapshot_image(
+            self, meta, image, following,
+        )?)
     }
 
     fn compact(&mut self, index: Index) -> Result<(), crate::node::BoxError> {

@@ -792,6 +792,82 @@ fn snapshot_beyond_the_log_restarts_it() {
     assert_eq!(rec.entries, ents(101, 130, 3));
 }
 
+/// An installed snapshot (one from another member) comes with the entries
+/// the core holds after it: the log restarts after the snapshot with them,
+/// durable when the install returns (no sync, no close before the "crash"
+/// here), whether or not the log held the snapshot's index; and what the
+/// log held after it is gone, as the core dropped it.
+#[test]
+fn an_installed_snapshot_and_the_entries_after_it_are_durable_together() {
+    for held in [30, 150] {
+        let (tmp, _) = written(held);
+        let (mut st, _) = open(tmp.path());
+        let meta = snap(100, 1);
+        let image = staged(&st, b"from a peer");
+        st.install_snapshot_image(&meta, image, &ents(101, 104, 2))
+            .unwrap();
+        assert_eq!(st.last_index(), 104);
+        drop(st);
+        let (st, rec) = open(tmp.path());
+        assert_eq!(rec.snapshot, Some(meta.clone()), "log held {held}");
+        assert_eq!(rec.entries, ents(101, 104, 2), "log held {held}");
+        assert_eq!(st.read_snapshot_data(&meta).unwrap(), b"from a peer");
+    }
+    // Entries that do not follow it are refused before anything is
+    // written.
+    let (tmp, _) = written(30);
+    let (mut st, _) = open(tmp.path());
+    let image = staged(&st, b"x");
+    assert!(matches!(
+        st.install_snapshot_image(&snap(100, 1), image, &ents(102, 103, 1)),
+        Err(StorageError::InvalidAppend { index: 102, .. })
+    ));
+    assert_eq!(st.snapshot(), None);
+    st.append(&ents(31, 32, 1)).unwrap();
+}
+
+/// A crash in the middle of an install: the segment restarting the log
+/// after the snapshot is written, the snapshot not yet renamed into place.
+/// Open rolls the install back — the restart goes, the previous snapshot
+/// and the log after it are what they were — where it used to refuse to
+/// open ("the log starts after the latest snapshot").
+#[test]
+fn an_interrupted_install_is_rolled_back_on_open() {
+    let tmp = TempDir::new().unwrap();
+    let (mut st, _) = open(tmp.path());
+    st.append(&ents(1, 30, 1)).unwrap();
+    st.sync().unwrap();
+    let prepare = st.snapshot_preparer();
+    let prepared = prepare(&snap(10, 1), staged(&st, b"image at 10")).unwrap();
+    st.register_snapshot(prepared).unwrap();
+    st.close().unwrap();
+    let before = TempDir::new().unwrap();
+    copy_tree(tmp.path(), before.path());
+
+    // The install, completed, in the original directory.
+    let (mut st, _) = open(tmp.path());
+    let image = staged(&st, b"image at 50");
+    st.install_snapshot_image(&snap(50, 2), image, &ents(51, 55, 2))
+        .unwrap();
+    drop(st);
+    let restart = segments(tmp.path());
+    assert_eq!(restart.len(), 1);
+
+    // The crash: the old log and snapshots, plus the restart segment.
+    let crashed = before.path();
+    let name = restart[0].file_name().unwrap();
+    fs::copy(&restart[0], crashed.join(WAL_DIR).join(name)).unwrap();
+    let (mut st, rec) = open(crashed);
+    assert_eq!(rec.snapshot, Some(snap(10, 1)));
+    assert_eq!(rec.entries, ents(11, 30, 1));
+    assert!(!crashed.join(WAL_DIR).join(name).exists());
+    // The log goes on from there.
+    st.append(&ents(31, 33, 1)).unwrap();
+    st.close().unwrap();
+    let (_, rec) = open(crashed);
+    assert_eq!(rec.entries, ents(11, 33, 1));
+}
+
 #[test]
 fn snapshot_conflicting_with_the_log_discards_the_conflicting_entries() {
     let (tmp, _) = written(150);

@@ -92,6 +92,9 @@ pub(crate) struct Replayed {
     pub(crate) entries: Vec<Entry>,
     /// A damaged tail of the last segment, to be cut off: offset and why.
     pub(crate) torn: Option<(u64, Corruption)>,
+    /// The position in `segments` of the last segment that starts with a
+    /// restart marker, if any.
+    pub(crate) restart_segment: Option<usize>,
 }
 
 impl Replayed {
@@ -183,6 +186,9 @@ fn replay_segment(
         if !seen_record {
             check_start(out, &rec, first, path)?;
             seen_record = true;
+            if matches!(rec, Record::Restart { .. }) {
+                out.restart_segment = Some(out.segments.len());
+            }
         }
         match rec {
             Record::Entry(entry) => {
