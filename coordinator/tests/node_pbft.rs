@@ -92,29 +92,7 @@ async fn four_pbft_nodes_write_anywhere_snapshot_at_checkpoints_and_restart() {
     // Past two checkpoints, writes spread over every member, many at once
     // (the primary orders them in batches).
     let writes = 2 * PBFT_CHECKPOINT_INTERVAL + 20;
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(16));
-    let tasks: Vec<_> = (0..writes)
-        .map(|i| {
-            let at = 1 + i % 4;
-            let node = nodes[&at].clone();
-            let in_flight = in_flight.clone();
-            tokio::spawn(async move {
-                let _permit = in_flight.acquire().await.expect("semaphore");
-                node.propose(format!("w{i}").into_bytes())
-                    .await
-                    .map(|a| a.index)
-                    .map_err(|e| format!("write {i} at {at}: {e}"))
-            })
-        })
-        .collect();
-    let mut last = 0;
-    for t in tasks {
-        let index = t.await.expect("join").unwrap_or_else(|e| {
-            let views: Vec<_> = nodes.values().map(|n| n.status().raft).collect();
-            panic!("{e}: {views:#?}")
-        });
-        last = last.max(index);
-    }
+    let last = write_many(&nodes, "w", writes).await;
     for (id, n) in &nodes {
         n.wait_applied(last, Duration::from_secs(10))
             .await
@@ -159,19 +137,7 @@ async fn four_pbft_nodes_write_anywhere_snapshot_at_checkpoints_and_restart() {
     nodes.remove(&backup).expect("node").shutdown().await;
     let log = Log::default();
     let node = start(&hub, tmp.path(), backup, &voters, log.clone()).await;
-    node.wait_applied(last, Duration::from_secs(10))
-        .await
-        .expect("the restarted member has its state");
-    let a = node.propose(b"after".to_vec()).await.expect("write");
-    assert!(a.index > last);
-    assert_eq!(
-        log.0.lock().expect("log").0.last().map(String::as_str),
-        Some("after")
-    );
-    node.shutdown().await;
-    for n in nodes.values() {
-        n.shutdown().await;
-    }
+    catches_up_and_takes_a_write(node, &log, last, &nodes).await;
 }
 
 /// The primary dies and the primary of the next view is cut off for a
@@ -365,6 +331,32 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// A restarted member (`node`, applying into `log`) catches up to `last`
+/// and takes a write; then it and `others` stop.
+async fn catches_up_and_takes_a_write(
+    node: Node<usize>,
+    log: &Log,
+    last: Index,
+    others: &BTreeMap<NodeId, Node<usize>>,
+) {
+    node.wait_applied(last, Duration::from_secs(20))
+        .await
+        .expect("the restarted member catches up");
+    let a = node.propose(b"after".to_vec()).await.expect("write");
+    assert!(a.index > last);
+    node.wait_applied(a.index, Duration::from_secs(20))
+        .await
+        .expect("applied");
+    assert_eq!(
+        log.0.lock().expect("log").0.last().map(String::as_str),
+        Some("after")
+    );
+    node.shutdown().await;
+    for n in others.values() {
+        n.shutdown().await;
+    }
+}
+
 /// A member builds a snapshot at a stable checkpoint, and while its image
 /// is being made durable the group makes later checkpoints stable there
 /// too: the engine, which compacts only at its stable checkpoint, does not
@@ -437,22 +429,7 @@ async fn a_member_whose_snapshot_was_overtaken_by_a_later_checkpoint_restarts() 
         held_at,
         "the overtaken snapshot is not found on disk"
     );
-    node.wait_applied(last, Duration::from_secs(20))
-        .await
-        .expect("the restarted member catches up");
-    let a = node.propose(b"after".to_vec()).await.expect("write");
-    assert!(a.index > last);
-    node.wait_applied(a.index, Duration::from_secs(20))
-        .await
-        .expect("applied");
-    assert_eq!(
-        log.0.lock().expect("log").0.last().map(String::as_str),
-        Some("after")
-    );
-    node.shutdown().await;
-    for n in nodes.values() {
-        n.shutdown().await;
-    }
+    catches_up_and_takes_a_write(node, &log, last, &nodes).await;
 }
 
 /// A member cut off while the group moved on catches up by installing a
@@ -520,19 +497,5 @@ async fn a_member_killed_right_after_installing_a_snapshot_restarts() {
     }
     let log = Log::default();
     let node = start(&hub, crashed.path(), 4, &voters, log.clone()).await;
-    node.wait_applied(last, Duration::from_secs(30))
-        .await
-        .expect("the member restarted from the crash catches up");
-    let a = node.propose(b"after".to_vec()).await.expect("write");
-    node.wait_applied(a.index, Duration::from_secs(20))
-        .await
-        .expect("applied");
-    assert_eq!(
-        log.0.lock().expect("log").0.last().map(String::as_str),
-        Some("after")
-    );
-    node.shutdown().await;
-    for n in nodes.values() {
-        n.shutdown().await;
-    }
+    catches_up_and_takes_a_write(node, &log, last, &nodes).await;
 }
