@@ -229,11 +229,15 @@ impl GatedStore {
     }
 }
 
-/// Copies the directory tree `src` to `dst`.
+/// Copies the directory tree `src` to `dst`, but for `tmp-*` entries
+/// (images being staged meanwhile, which a restart removes anyway).
 fn copy_tree(src: &std::path::Path, dst: &std::path::Path) {
     std::fs::create_dir_all(dst).expect("mkdir");
     for e in std::fs::read_dir(src).expect("read dir") {
         let e = e.expect("entry");
+        if e.file_name().to_string_lossy().starts_with("tmp-") {
+            continue;
+        }
         let to = dst.join(e.file_name());
         if e.file_type().expect("type").is_dir() {
             copy_tree(&e.path(), &to);

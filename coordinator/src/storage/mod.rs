@@ -74,7 +74,11 @@
 //! A snapshot is written into `snapshots/tmp-…/`, its files and that
 //! directory are fsynced, it is renamed to `snapshots/<index>-<term>/` and
 //! the parent is fsynced. The newest [`StorageOptions::snapshots_to_keep`]
-//! (2) are kept; older ones are renamed to `tmp-…` and removed. A snapshot
+//! (2) are kept; older ones are renamed to `tmp-…` and removed, on a
+//! background thread, after an fsync of the snapshot directory. Background
+//! removals (pruned snapshots, compacted segments) run one after another
+//! in the order they were started, so a crash leaves no gap in the log;
+//! anything that removes segments itself waits for them first. A snapshot
 //! prepared beside the storage ([`Storage::snapshot_preparer`]) stays in
 //! its `tmp-…` directory until [`Storage::register_snapshot`] renames it
 //! into place (the next compaction fsyncs the parent before removing a
@@ -121,9 +125,11 @@
 //!   [`Storage::read_snapshot_data`] (or [`Storage::open_snapshot`]) of
 //!   [`Recovered::snapshot`], then `Raft::new(config,
 //!   recovered.into_initial_state(initial_membership))`.
-//! * Each [`Ready`](crate::raft::Ready), step 2: [`Storage::save_snapshot`]
-//!   (or [`Storage::save_snapshot_image`], for an image received into a
-//!   file) with the received image (the log restarts after it if needed). Step 3:
+//! * Each [`Ready`](crate::raft::Ready), step 2:
+//!   [`Storage::install_snapshot_image`] with the received image and the
+//!   `Ready`'s entries that follow it (the node driver's way; or
+//!   [`Storage::save_snapshot`] / [`Storage::save_snapshot_image`], after
+//!   which the log restarts if it does not hold the snapshot). Step 3:
 //!   [`Storage::append`] the entries and [`Storage::set_hard_state`]; then
 //!   one [`Storage::sync`] may cover the entries of several `Ready`s, and
 //!   `persisted_messages` may leave, and `advance` be called, only after it.
@@ -364,8 +370,17 @@ pub struct Storage {
     stats: StorageStats,
     scratch: Vec<u8>,
     poisoned: bool,
-    /// Threads removing pruned snapshots (joined on drop).
-    removals: Vec<std::thread::JoinHandle<()>>,
+    /// The last of the background jobs (removals of compacted segments
+    /// and pruned snapshots), which run one after another in the order
+    /// they were started (each joins the one before), so a crash never
+    /// leaves a newer segment removed and an older one not: a gap open
+    /// refuses. Joined on drop, and before anything removes segments
+    /// synchronously.
+    removals: Option<std::thread::JoinHandle<()>>,
+    /// Set by a background job that failed: the later ones skip their
+    /// removals (the files stay, to be compacted again after a restart)
+    /// rather than leave a gap.
+    removal_failed: Arc<std::sync::atomic::AtomicBool>,
     /// A snapshot was renamed into place ([`Storage::register_snapshot`])
     /// and the snapshot directory not fsynced since: compaction fsyncs it
     /// before it removes a segment.
@@ -374,9 +389,7 @@ pub struct Storage {
 
 impl Drop for Storage {
     fn drop(&mut self) {
-        for r in self.removals.drain(..) {
-            let _ = r.join();
-        }
+        self.wait_background();
     }
 }
 
@@ -529,7 +542,8 @@ impl Storage {
             stats,
             scratch: Vec::new(),
             poisoned: false,
-            removals: Vec::new(),
+            removals: None,
+            removal_failed: Arc::default(),
             snapshot_renamed: false,
         };
         if let (true, Some(meta)) = (restart, &latest) {
@@ -795,6 +809,8 @@ impl Storage {
             return Err(StorageError::CompactBeyondSnapshot { index, snapshot });
         }
         self.flush_hard_state()?;
+        // Removals go in order: the background ones first.
+        self.wait_background();
         if self.snapshot_renamed
             && self
                 .sealed
@@ -854,15 +870,32 @@ impl Storage {
     }
 
     /// Runs `job` on a thread of its own (file removals that need not hold
-    /// anything up); a failure is logged. Joined when the storage is
+    /// anything up), after the jobs started before it; a failure is logged,
+    /// and the jobs after it are skipped. Joined when the storage is
     /// dropped.
     fn in_background(&mut self, job: impl FnOnce() -> Result<(), StorageError> + Send + 'static) {
-        self.removals.retain(|r| !r.is_finished());
-        self.removals.push(std::thread::spawn(move || {
+        let before = self.removals.take();
+        let failed = self.removal_failed.clone();
+        self.removals = Some(std::thread::spawn(move || {
+            if let Some(h) = before {
+                let _ = h.join();
+            }
+            if failed.load(std::sync::atomic::Ordering::SeqCst) {
+                tracing::warn!("skipping a file removal after an earlier one failed");
+                return;
+            }
             if let Err(e) = job() {
+                failed.store(true, std::sync::atomic::Ordering::SeqCst);
                 tracing::warn!(error = %e, "removing files the storage no longer needs");
             }
         }));
+    }
+
+    /// Waits for the background jobs started so far.
+    fn wait_background(&mut self) {
+        if let Some(h) = self.removals.take() {
+            let _ = h.join();
+        }
     }
 
     fn drop_segments_through(&mut self, index: Index) -> Result<(), StorageError> {
@@ -889,6 +922,7 @@ impl Storage {
 
     fn restart_log_inner(&mut self, meta: &SnapshotMeta) -> Result<(), StorageError> {
         self.write_restart_segment(meta, &[])?;
+        self.wait_background();
         self.drop_segments_through(Index::MAX)
     }
 
@@ -903,6 +937,16 @@ impl Storage {
         following: &[Entry],
     ) -> Result<(), StorageError> {
         let active_path = self.wal_dir.join(self.active.seg.name());
+        if self.active.seg.synced_len < self.active.seg.len {
+            // Sealed from here on, it must replay whole should the restart
+            // be rolled back.
+            self.active
+                .file
+                .sync_data()
+                .map_err(StorageError::io("fdatasync", &active_path))?;
+            self.stats.fsyncs += 1;
+            self.active.seg.synced_len = self.active.seg.len;
+        }
         let mut seg = Segment {
             seq: next_seq(&self.active.seg, &active_path)?,
             first_index: meta.index.saturating_add(1),
@@ -1096,23 +1140,31 @@ impl Storage {
             .snapshots
             .drain(..self.snapshots.len() - keep)
             .collect();
-        let mut doomed = Vec::new();
-        for info in &old {
-            let name = snapshot::dir_name(info.meta.index, info.meta.term);
-            let dir = self.snap_dir.join(&name);
-            let tmp = self
-                .snap_dir
-                .join(format!("{}old-{name}", snapshot::TMP_PREFIX));
-            fs::rename(&dir, &tmp).map_err(StorageError::io("rename", &dir))?;
-            doomed.push(tmp);
-        }
+        let names: Vec<String> = old
+            .iter()
+            .map(|info| snapshot::dir_name(info.meta.index, info.meta.term))
+            .collect();
         // Freeing a large image can take a while, and nothing waits for it:
-        // a thread of its own does it, and makes the renames durable (a
+        // a thread of its own does it. It first makes the snapshot
+        // directory durable (a newer snapshot may have been renamed into
+        // place without an fsync: the older ones go only after it is
+        // there), then renames each old one aside (a crash never leaves
+        // half a snapshot under a valid name), fsyncs, and removes them. A
         // crash before leaves the old snapshot, pruned again on open, or
-        // `tmp-*`, removed on open).
+        // `tmp-*`, removed on open.
         let snap_dir = self.snap_dir.clone();
+        self.snapshot_renamed = false;
         self.in_background(move || {
-            fsutil::sync_dir(&snap_dir, &mut StorageStats::default())?;
+            let mut stats = StorageStats::default();
+            fsutil::sync_dir(&snap_dir, &mut stats)?;
+            let mut doomed = Vec::new();
+            for name in names {
+                let dir = snap_dir.join(&name);
+                let tmp = snap_dir.join(format!("{}old-{name}", snapshot::TMP_PREFIX));
+                fs::rename(&dir, &tmp).map_err(StorageError::io("rename", &dir))?;
+                doomed.push(tmp);
+            }
+            fsutil::sync_dir(&snap_dir, &mut stats)?;
             for dir in doomed {
                 fs::remove_dir_all(&dir).map_err(StorageError::io("remove", &dir))?;
             }
@@ -1218,6 +1270,7 @@ impl Storage {
         self.snapshot_renamed = false;
         self.snapshots.push(info);
         self.snapshots.sort_by_key(|s| s.meta.index);
+        self.wait_background();
         self.drop_segments_through(Index::MAX)?;
         if self.hard_state != self.durable_hard_state {
             let hs = self.hard_state;
@@ -1303,6 +1356,12 @@ impl Storage {
         if let Some(e) = refuse {
             self.remove_in_background(tmp_dir);
             return Err(e);
+        }
+        if self.snapshot_info(&meta).is_ok() {
+            // The same snapshot was stored meanwhile (installed from a
+            // peer): it is kept.
+            self.remove_in_background(tmp_dir);
+            return self.snapshot_image(&meta);
         }
         let dir = self.snapshot_path(&meta);
         fs::rename(&tmp_dir, &dir).map_err(StorageError::io("rename into place", &dir))?;
