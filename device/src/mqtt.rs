@@ -497,6 +497,10 @@ fn options_v5(s: &ClientSettings, addr: &BrokerAddr) -> rumqttc::v5::MqttOptions
         .set_outgoing_inflight_upper_limit(s.inflight.max(1))
         .set_max_packet_size(Some(MAX_INCOMING_PACKET as u32))
         .set_connection_timeout(s.attempt_timeout_secs());
+    // As for 3.1.1 (`new_client`): no Nagle's algorithm.
+    let mut net = o.network_options();
+    net.set_tcp_nodelay(true);
+    o.set_network_options(net);
     if !s.clean_session {
         // MQTT 5 keeps a session only while its expiry interval runs.
         o.set_session_expiry_interval(Some(24 * 3600));
@@ -518,6 +522,11 @@ pub fn new_client(settings: &ClientSettings, addr: &BrokerAddr) -> (Client, Conn
             let (c, mut el) = rumqttc::AsyncClient::new(options_v4(settings, addr), cap);
             el.network_options
                 .set_connection_timeout(settings.attempt_timeout_secs());
+            // A device's messages are small and each waits for its own
+            // acknowledgement: Nagle's algorithm would hold a second one
+            // until the first is ACKed, up to the broker's delayed-ACK
+            // timeout (40 ms on Linux).
+            el.network_options.set_tcp_nodelay(true);
             // rumqttc allocates its event queue for 100 events (14 KiB in
             // 3.1.1, 39 KiB in MQTT 5) per connection; it holds one or two
             // at a time here (polled one event at a time), so it starts
@@ -833,6 +842,60 @@ mod tests {
                 Conn::V5(el) => el.state.events.capacity(),
             };
             assert!(capacity < 8, "{protocol:?}: {capacity}");
+        }
+    }
+
+    /// A client's socket has Nagle's algorithm off (TCP_NODELAY), in
+    /// either protocol: found among this process's descriptors by the
+    /// address a listener of the test saw it connect from.
+    #[tokio::test]
+    async fn a_client_connects_with_tcp_nodelay() {
+        use std::os::fd::BorrowedFd;
+        for protocol in [Protocol::V4, Protocol::V5] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let settings = ClientSettings {
+                protocol,
+                client_id: "d1".into(),
+                credentials: None,
+                keep_alive: Duration::from_secs(30),
+                clean_session: true,
+                inflight: 8,
+                channel_capacity: 8,
+                attempt_timeout: Duration::from_secs(5),
+                tls: None,
+            };
+            let addr =
+                BrokerAddr::parse(&listener.local_addr().expect("addr").to_string()).expect("addr");
+            let (_client, mut conn) = new_client(&settings, &addr);
+            let polling = tokio::spawn(async move { conn.poll().await.is_ok() });
+            let (_server_side, from) = listener.accept().await.expect("accept");
+            let mut found = None;
+            for entry in std::fs::read_dir("/proc/self/fd").expect("fds") {
+                let Ok(fd) = entry
+                    .expect("fd")
+                    .file_name()
+                    .to_string_lossy()
+                    .parse::<i32>()
+                else {
+                    continue;
+                };
+                // SAFETY: the descriptor is only queried (getsockname,
+                // getsockopt), never closed or read through; the client's
+                // stays open meanwhile (its connection is held by the
+                // polling task). Another test thread may close one of the
+                // others in between: the query then fails or names another
+                // address, which does not match the client's.
+                #[allow(unsafe_code)]
+                let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+                let sock = socket2::SockRef::from(&fd);
+                if sock.local_addr().ok().and_then(|a| a.as_socket()) == Some(from) {
+                    found = Some(sock.tcp_nodelay().expect("TCP_NODELAY"));
+                }
+            }
+            polling.abort();
+            assert_eq!(found, Some(true), "{protocol:?}: the client's socket");
         }
     }
 
