@@ -738,16 +738,22 @@ impl Storage {
         Ok(())
     }
 
+    /// Makes everything written to the active segment (at `path`) durable.
+    fn sync_active(&mut self, path: &Path) -> Result<(), StorageError> {
+        self.active
+            .file
+            .sync_data()
+            .map_err(StorageError::io("fsync", path))?;
+        self.stats.fsyncs += 1;
+        self.active.seg.synced_len = self.active.seg.len;
+        Ok(())
+    }
+
     /// Seals the active segment (fsynced) and starts the next one, which
     /// continues the log at `first_index`.
     fn rotate(&mut self, first_index: Index) -> Result<(), StorageError> {
         let path = self.wal_dir.join(self.active.seg.name());
-        self.active
-            .file
-            .sync_data()
-            .map_err(StorageError::io("fsync", &path))?;
-        self.stats.fsyncs += 1;
-        self.active.seg.synced_len = self.active.seg.len;
+        self.sync_active(&path)?;
         let seq = next_seq(&self.active.seg, &path)?;
         let next = create_segment(&self.wal_dir, seq, first_index, &mut self.stats)?;
         let old = std::mem::replace(&mut self.active, next);
@@ -940,12 +946,7 @@ impl Storage {
         if self.active.seg.synced_len < self.active.seg.len {
             // Sealed from here on, it must replay whole should the restart
             // be rolled back.
-            self.active
-                .file
-                .sync_data()
-                .map_err(StorageError::io("fdatasync", &active_path))?;
-            self.stats.fsyncs += 1;
-            self.active.seg.synced_len = self.active.seg.len;
+            self.sync_active(&active_path)?;
         }
         let mut seg = Segment {
             seq: next_seq(&self.active.seg, &active_path)?,
