@@ -815,8 +815,6 @@ impl Storage {
             return Err(StorageError::CompactBeyondSnapshot { index, snapshot });
         }
         self.flush_hard_state()?;
-        // Removals go in order: the background ones first.
-        self.wait_background();
         if self.snapshot_renamed
             && self
                 .sealed
@@ -904,7 +902,10 @@ impl Storage {
         }
     }
 
+    /// Removes the sealed segments up to `index`, oldest first, after the
+    /// background removals started before (removals go in order).
     fn drop_segments_through(&mut self, index: Index) -> Result<(), StorageError> {
+        self.wait_background();
         while let Some(seg) = self.sealed.front() {
             if seg.max_index > index {
                 break;
@@ -928,7 +929,6 @@ impl Storage {
 
     fn restart_log_inner(&mut self, meta: &SnapshotMeta) -> Result<(), StorageError> {
         self.write_restart_segment(meta, &[])?;
-        self.wait_background();
         self.drop_segments_through(Index::MAX)
     }
 
@@ -1110,11 +1110,7 @@ impl Storage {
         if !log_holds_it {
             self.restart_log_inner(&meta)?;
         }
-        if self.hard_state != self.durable_hard_state {
-            let hs = self.hard_state;
-            hardstate::write(&self.dir, &hs, &mut self.stats)?;
-            self.durable_hard_state = hs;
-        }
+        self.flush_hard_state()?;
         self.prune_snapshots()
     }
 
@@ -1271,13 +1267,8 @@ impl Storage {
         self.snapshot_renamed = false;
         self.snapshots.push(info);
         self.snapshots.sort_by_key(|s| s.meta.index);
-        self.wait_background();
         self.drop_segments_through(Index::MAX)?;
-        if self.hard_state != self.durable_hard_state {
-            let hs = self.hard_state;
-            hardstate::write(&self.dir, &hs, &mut self.stats)?;
-            self.durable_hard_state = hs;
-        }
+        self.flush_hard_state()?;
         self.prune_snapshots()
     }
 

@@ -837,9 +837,8 @@ fn an_interrupted_install_is_rolled_back_on_open() {
     let (mut st, _) = open(tmp.path());
     st.append(&ents(1, 30, 1)).unwrap();
     st.sync().unwrap();
-    let prepare = st.snapshot_preparer();
-    let prepared = prepare(&snap(10, 1), staged(&st, b"image at 10")).unwrap();
-    st.register_snapshot(prepared).unwrap();
+    st.register_snapshot(prepared(&st, &snap(10, 1), b"image at 10"))
+        .unwrap();
     st.close().unwrap();
     let before = TempDir::new().unwrap();
     copy_tree(tmp.path(), before.path());
@@ -1048,11 +1047,7 @@ fn keeps_the_newest_two_snapshots_and_removes_unfinished_ones() {
     drop(st);
 
     let snap_dir = tmp.path().join(SNAPSHOT_DIR);
-    let mut names: Vec<String> = fs::read_dir(&snap_dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
+    let names = names_in(&snap_dir);
     assert_eq!(
         names,
         vec![snapshot::dir_name(30, 1), snapshot::dir_name(40, 1)]
@@ -1551,6 +1546,23 @@ fn everything_storage_writes_is_private() {
     }
 }
 
+/// The names in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+/// `data` as the image of a snapshot at `meta`, prepared beside `st`
+/// (made durable, not yet registered).
+fn prepared(st: &Storage, meta: &SnapshotMeta, data: &[u8]) -> PreparedSnapshot {
+    let prepare = st.snapshot_preparer();
+    prepare(meta, staged(st, data)).unwrap()
+}
+
 /// An image written into a staged file in the storage's staging directory.
 fn staged(st: &Storage, data: &[u8]) -> crate::image::StagedImage {
     let mut s = crate::image::StagedImage::create_in(st.staging_dir()).unwrap();
@@ -1570,17 +1582,14 @@ fn a_prepared_snapshot_that_was_not_registered_is_not_recovered() {
     let (mut st, _) = open(tmp.path());
     st.append(&ents(1, 60, 1)).unwrap();
     st.sync().unwrap();
-    let prepare = st.snapshot_preparer();
-    let kept = prepare(&snap(20, 1), staged(&st, b"image at 20")).unwrap();
+    let kept = prepared(&st, &snap(20, 1), b"image at 20");
     st.register_snapshot(kept).unwrap();
     st.compact_behind(10).unwrap();
     // Discarded: its files go at once.
-    let prepare = st.snapshot_preparer();
-    let discarded = prepare(&snap(40, 1), staged(&st, b"image at 40")).unwrap();
+    let discarded = prepared(&st, &snap(40, 1), b"image at 40");
     st.discard_snapshot(discarded);
     // Never registered: the process dies with it prepared.
-    let prepare = st.snapshot_preparer();
-    let orphan = prepare(&snap(50, 1), staged(&st, b"image at 50")).unwrap();
+    let orphan = prepared(&st, &snap(50, 1), b"image at 50");
     drop(st);
     drop(orphan);
 
@@ -1588,10 +1597,7 @@ fn a_prepared_snapshot_that_was_not_registered_is_not_recovered() {
     assert_eq!(rec.snapshot, Some(snap(20, 1)));
     assert_eq!(rec.entries, ents(21, 60, 1));
     assert_eq!(st.read_snapshot_data(&snap(20, 1)).unwrap(), b"image at 20");
-    let names: Vec<String> = fs::read_dir(tmp.path().join(SNAPSHOT_DIR))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let names = names_in(&tmp.path().join(SNAPSHOT_DIR));
     assert_eq!(names, vec![snapshot::dir_name(20, 1)]);
 }
 
@@ -1604,12 +1610,12 @@ fn a_snapshot_prepared_beside_the_storage_is_registered_and_recovered() {
     let prepare = st.snapshot_preparer();
     // Prepared on another thread while the storage goes on.
     let image = staged(&st, b"image at 40");
-    let prepared = std::thread::spawn(move || prepare(&snap(40, 1), image))
+    let forty = std::thread::spawn(move || prepare(&snap(40, 1), image))
         .join()
         .unwrap()
         .unwrap();
     st.append(&ents(61, 70, 1)).unwrap();
-    let stored = st.register_snapshot(prepared).unwrap();
+    let stored = st.register_snapshot(forty).unwrap();
     assert_eq!(st.snapshot(), Some(&snap(40, 1)));
     let mut back = Vec::new();
     stored.open().unwrap().read_to_end(&mut back).unwrap();
@@ -1617,24 +1623,17 @@ fn a_snapshot_prepared_beside_the_storage_is_registered_and_recovered() {
     let before = segments(tmp.path()).len();
     st.compact_behind(30).unwrap();
     // No staged file is left behind.
-    let names: Vec<String> = fs::read_dir(st.staging_dir())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let names = names_in(st.staging_dir());
     assert_eq!(names, vec![snapshot::dir_name(40, 1)]);
 
     // One behind the latest is refused, and its files go.
-    let prepare = st.snapshot_preparer();
-    let stale = prepare(&snap(35, 1), staged(&st, b"stale")).unwrap();
+    let stale = prepared(&st, &snap(35, 1), b"stale");
     assert!(matches!(
         st.register_snapshot(stale),
         Err(StorageError::StaleSnapshot { index: 35, .. })
     ));
     st.close().unwrap();
-    let names: Vec<String> = fs::read_dir(tmp.path().join(SNAPSHOT_DIR))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let names = names_in(&tmp.path().join(SNAPSHOT_DIR));
     assert_eq!(names, vec![snapshot::dir_name(40, 1)]);
 
     // The compacted segments are gone; the rest of the log and the
@@ -1862,19 +1861,15 @@ fn registering_a_snapshot_installed_meanwhile_keeps_the_installed_one() {
     let (mut st, _) = open(tmp.path());
     st.append(&ents(1, 30, 1)).unwrap();
     st.sync().unwrap();
-    let prepare = st.snapshot_preparer();
-    let prepared = prepare(&snap(20, 1), staged(&st, b"built here")).unwrap();
+    let built = prepared(&st, &snap(20, 1), b"built here");
     let image = staged(&st, b"from a peer");
     st.install_snapshot_image(&snap(20, 1), image, &ents(21, 22, 1))
         .unwrap();
-    let stored = st.register_snapshot(prepared).unwrap();
+    let stored = st.register_snapshot(built).unwrap();
     let mut back = Vec::new();
     stored.open().unwrap().read_to_end(&mut back).unwrap();
     assert_eq!(back, b"from a peer");
     st.close().unwrap();
-    let names: Vec<String> = fs::read_dir(tmp.path().join(SNAPSHOT_DIR))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let names = names_in(&tmp.path().join(SNAPSHOT_DIR));
     assert_eq!(names, vec![snapshot::dir_name(20, 1)]);
 }
